@@ -1,0 +1,34 @@
+"""fxlrd: low-rank decomposition of PyTorch models as torch.fx passes, tuned for real speed.
+
+    gm = fxlrd.transform(model, fxlrd.LRDConfig(ratio=2))
+"""
+
+from . import zoo
+from .api import apply, plan, transform
+from .config import LRDConfig
+from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, PlanMismatchError
+from .export import export_onnx
+from .factorized import Factorized
+from .metrics import count_macs, count_params
+from .plan import LayerPlan, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LRDConfig",
+    "Plan",
+    "LayerPlan",
+    "Factorized",
+    "plan",
+    "apply",
+    "transform",
+    "export_onnx",
+    "count_params",
+    "count_macs",
+    "zoo",
+    "FxlrdError",
+    "ConfigError",
+    "CaptureError",
+    "PlanMismatchError",
+    "ExportMismatchError",
+]

@@ -1,0 +1,131 @@
+"""`LRDConfig`: every knob of a decomposition, validated when it is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Sequence
+
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["LRDConfig", "RankRule", "DEFAULT_LAYER_TYPES"]
+
+RankRule = Literal["ratio", "fixed", "energy", "vbmf"]
+RANK_RULES: tuple[str, ...] = ("ratio", "fixed", "energy", "vbmf")
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _as_patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    patterns = tuple(value)
+    if not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"{name} must be glob patterns (non-empty strings), got {value!r}")
+    return patterns
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class LRDConfig:
+    """How to choose ranks and which layers to decompose.
+
+    Args:
+        ratio: compression ratio α of each layer (original params / decomposed params), > 1.
+        rank_rule: ``"ratio"`` (ranks from ``ratio``, paper eq. 7 for Tucker), ``"fixed"``
+            (``rank``), ``"energy"`` (smallest rank keeping ``energy`` of Σσ²) or ``"vbmf"``
+            (empirical variational Bayes matrix factorization).
+        rank: the rank for ``rank_rule="fixed"``: an int, or ``(r1, r2)`` for Tucker
+            (input-side, output-side). Ranks above what a layer allows are clamped.
+        energy: fraction of Σσ² to keep for ``rank_rule="energy"``, in (0, 1].
+        rank_quantum: round ranks down to a multiple of this (a rank below it is left as is);
+            1 gives the paper's exact ranks.
+        min_rank: smallest rank allowed; a layer needing less is kept.
+        beta: r2 / r1 for Tucker-2 (paper eq. 7).
+        include: glob patterns on qualified names; only matching layers are decomposed.
+        exclude: glob patterns on qualified names never decomposed.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; False keeps the layer.
+        layer_types: module types to decompose (subclasses included).
+        tucker_iters: HOOI iterations after the HOSVD initialisation of Tucker-2.
+        allow_larger: decompose even when the factors would hold at least as many
+            parameters as the layer (useful for exactness checks); otherwise such a layer is kept.
+        leaf_modules: module types or qualified names that tracing keeps opaque; the way
+            around code inside them that torch.fx cannot trace.
+    """
+
+    ratio: float = 2.0
+    rank_rule: RankRule = "ratio"
+    rank: int | tuple[int, int] | None = None
+    energy: float | None = None
+    rank_quantum: int = 8
+    min_rank: int = 1
+    beta: float = 1.0
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] = ()
+    filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False)
+    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES
+    tucker_iters: int = 0
+    allow_larger: bool = False
+    leaf_modules: Sequence[type[nn.Module] | str] = ()
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        if not _is_number(self.ratio) or self.ratio <= 1:
+            raise ConfigError(
+                f"ratio must be a number > 1 (original params / decomposed params), got {self.ratio!r}; "
+                "ratio=2 halves each layer"
+            )
+        if self.rank_rule not in RANK_RULES:
+            raise ConfigError(f"rank_rule must be one of {RANK_RULES}, got {self.rank_rule!r}")
+        if self.rank_rule == "fixed" and self.rank is None:
+            raise ConfigError('rank_rule="fixed" needs rank=..., e.g. LRDConfig(rank_rule="fixed", rank=64)')
+        if self.rank is not None:
+            ranks = self.rank if isinstance(self.rank, tuple) else (self.rank,)
+            if not 1 <= len(ranks) <= 2 or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+                raise ConfigError(f"rank must be a positive int or a pair (r1, r2) of them, got {self.rank!r}")
+            if any(r <= 0 for r in ranks):
+                raise ConfigError(f"rank must be >= 1, got {self.rank!r}; to leave a layer alone, exclude it")
+        if self.rank_rule == "energy" and self.energy is None:
+            raise ConfigError('rank_rule="energy" needs energy=... in (0, 1], e.g. energy=0.9')
+        if self.energy is not None and (not _is_number(self.energy) or not 0 < self.energy <= 1):
+            raise ConfigError(f"energy must be in (0, 1] (fraction of sum of squared singular values kept), got {self.energy!r}")
+        for name in ("rank_quantum", "min_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if not _is_number(self.beta) or self.beta <= 0:
+            raise ConfigError(f"beta (r2 / r1 for Tucker) must be a number > 0, got {self.beta!r}")
+        if not isinstance(self.tucker_iters, int) or isinstance(self.tucker_iters, bool) or self.tucker_iters < 0:
+            raise ConfigError(f"tucker_iters must be an int >= 0, got {self.tucker_iters!r}")
+        set_("include", _as_patterns(self.include, "include"))
+        set_("exclude", _as_patterns(self.exclude, "exclude") or ())
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ConfigError(f"filter_fn must be callable(module, qualified_name) -> bool, got {self.filter_fn!r}")
+        layer_types = (self.layer_types,) if isinstance(self.layer_types, type) else tuple(self.layer_types)
+        if not layer_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
+            raise ConfigError(f"layer_types must be nn.Module subclasses, got {self.layer_types!r}")
+        set_("layer_types", layer_types)
+        leaves = (self.leaf_modules,) if isinstance(self.leaf_modules, (str, type)) else tuple(self.leaf_modules)
+        if not all(isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)) for x in leaves):
+            raise ConfigError(f"leaf_modules must be nn.Module types or qualified names, got {self.leaf_modules!r}")
+        set_("leaf_modules", leaves)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (``filter_fn`` is recorded only as present or not)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "filter_fn":
+                value = None if value is None else getattr(value, "__qualname__", repr(value))
+            elif f.name in ("layer_types", "leaf_modules"):
+                value = [v if isinstance(v, str) else v.__name__ for v in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out

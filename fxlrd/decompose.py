@@ -1,0 +1,117 @@
+"""The decomposition math: truncated SVD and Tucker-2. Knows nothing of torch.fx.
+
+Weights are taken in PyTorch's layout: a linear ``W`` is ``(S, C)`` (out x in), a conv ``W``
+is ``(S, C, *kernel)``. Factors are computed in float64 and returned in float32 (float64 for float64 weights);
+callers cast them back to the layer's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorly
+import torch
+from tensorly.decomposition import partial_tucker
+
+__all__ = ["SVDFactors", "TuckerFactors", "leading_svd", "svd_factors", "tucker2_factors", "unfold", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype decompositions run in: float64 stays, everything else goes to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class SVDFactors:
+    """``W ≈ out_factor @ in_factor`` with the singular values split as √Σ on both sides."""
+
+    in_factor: torch.Tensor  # (r, C) = √Σ_r V_rᵀ
+    out_factor: torch.Tensor  # (S, r) = U_r √Σ_r
+
+
+@dataclass(frozen=True)
+class TuckerFactors:
+    """``W ≈ core ×₀ out_factor ×₁ in_factor``; a factor is None where its mode was not truncated."""
+
+    in_factor: torch.Tensor | None  # (C, r1)
+    core: torch.Tensor  # (r2, r1, *kernel), or with C / S in place of a rank not truncated
+    out_factor: torch.Tensor | None  # (S, r2)
+
+
+def leading_svd(matrix: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` leading singular triplets ``(U, s, Vh)`` of a matrix, in float64.
+
+    Computed from the eigendecomposition of the Gram matrix of the short side: layer weights
+    are far from square (C x S·k² unfoldings, 2048 x 512 projections), and this is several
+    times faster than a full SVD on a CPU while exact in float64 for the leading vectors.
+    ``U s Vh`` is always the orthogonal projection of the matrix onto the kept subspace.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    k = min(m.shape) if k is None else min(k, min(m.shape))
+    wide = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    evals, evecs = np.linalg.eigh(gram)
+    order = np.argsort(evals)[::-1][:k]
+    vecs = evecs[:, order]
+    s = np.sqrt(np.clip(evals[order], 0.0, None))
+    safe = np.maximum(s, s[0] * 1e-12 if s.size and s[0] > 0 else 1.0)
+    if wide:
+        return vecs, s, (vecs.T @ m) / safe[:, None]
+    return (m @ vecs) / safe, s, vecs.T
+
+
+def svd_factors(matrix: torch.Tensor, rank: int) -> SVDFactors:
+    """Truncated SVD of a ``(S, C)`` matrix at ``rank`` (the Eckart–Young optimum)."""
+    if not 1 <= rank <= min(matrix.shape):
+        raise ValueError(f"rank {rank} outside [1, {min(matrix.shape)}] for a matrix of shape {tuple(matrix.shape)}")
+    u, s, vh = leading_svd(matrix.detach().to(device="cpu", dtype=torch.float64).numpy(), rank)
+    root = np.sqrt(s)
+    dtype = compute_dtype(matrix.dtype)
+    return SVDFactors(
+        in_factor=torch.from_numpy(root[:, None] * vh).to(dtype), out_factor=torch.from_numpy(u * root).to(dtype)
+    )
+
+
+def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding: that mode's fibres become the rows."""
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def _tensorly_svd(matrix: np.ndarray, n_eigenvecs: int | None = None, **_: object):
+    """`leading_svd` in the form tensorly's ``svd=`` argument takes."""
+    return leading_svd(matrix, n_eigenvecs)
+
+
+def tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 0) -> TuckerFactors:
+    """Tucker-2 of a conv weight ``(S, C, *kernel)`` on its two channel modes, through tensorly.
+
+    Args:
+        weight: the conv weight.
+        ranks: ``(r1, r2)``: input-side and output-side ranks. A rank equal to its mode's size
+            leaves that mode untouched (Tucker-1): no square factor is made.
+        n_iter: HOOI iterations after the HOSVD initialisation (0: plain HOSVD truncation).
+    """
+    r1, r2 = ranks
+    out_channels, in_channels = weight.shape[:2]
+    if not (1 <= r1 <= in_channels and 1 <= r2 <= out_channels):
+        raise ValueError(f"ranks {ranks} outside [1, {in_channels}] x [1, {out_channels}] for weight {tuple(weight.shape)}")
+    modes, mode_ranks = [], []
+    if r2 < out_channels:
+        modes.append(0)
+        mode_ranks.append(r2)
+    if r1 < in_channels:
+        modes.append(1)
+        mode_ranks.append(r1)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    if not modes:
+        return TuckerFactors(in_factor=None, core=w.to(compute_dtype(weight.dtype)), out_factor=None)
+    # tensorly's backend is global state; pin numpy here whatever the user chose.
+    with tensorly.backend_context("numpy"):
+        (core, factors), _ = partial_tucker(
+            w.numpy(), rank=mode_ranks, modes=modes, n_iter_max=n_iter, init="svd", svd=_tensorly_svd, tol=0
+        )
+    by_mode = dict(zip(modes, factors))
+    dtype = compute_dtype(weight.dtype)
+    as_torch = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
+    return TuckerFactors(in_factor=as_torch(by_mode.get(1)), core=as_torch(core), out_factor=as_torch(by_mode.get(0)))

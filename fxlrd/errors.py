@@ -1,0 +1,25 @@
+"""Exceptions raised by fxlrd. Every message names the problem and the way out."""
+
+from __future__ import annotations
+
+__all__ = ["FxlrdError", "ConfigError", "CaptureError", "PlanMismatchError", "ExportMismatchError"]
+
+
+class FxlrdError(Exception):
+    """Base class of every error fxlrd raises on purpose."""
+
+
+class ConfigError(FxlrdError, ValueError):
+    """A configuration value or argument is invalid."""
+
+
+class CaptureError(FxlrdError, RuntimeError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class PlanMismatchError(FxlrdError, ValueError):
+    """A plan does not match the model it is applied to."""
+
+
+class ExportMismatchError(FxlrdError, RuntimeError):
+    """The exported ONNX model disagrees with the PyTorch model."""

@@ -1,0 +1,196 @@
+"""The plan: per layer, how it is decomposed (method, ranks) or why it is kept.
+
+A plan is plain data, separate from the rewrite: it prints as a table, can be edited, and
+round-trips through JSON, so it can be saved and applied again later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import PlanMismatchError
+
+__all__ = ["LayerPlan", "Plan", "METHODS"]
+
+METHODS = ("svd", "tucker2", "keep")
+_FORMAT = "fxlrd.plan/1"
+
+
+@dataclass
+class LayerPlan:
+    """How one layer is treated.
+
+    ``ranks`` is ``(r,)`` for SVD and ``(r1, r2)`` (input side, output side) for Tucker-2; a
+    rank equal to its side's size means that side keeps no factor.
+    """
+
+    name: str
+    layer_type: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    method: str
+    ranks: tuple[int, ...] = ()
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    input_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PlanMismatchError(f"layer {self.name!r}: method must be one of {METHODS}, got {self.method!r}")
+        self.kernel_size = tuple(self.kernel_size)
+        self.ranks = tuple(int(r) for r in self.ranks)
+        if self.input_shape is not None:
+            self.input_shape = tuple(self.input_shape)
+        if self.method != "keep":
+            want = 1 if self.method == "svd" else 2
+            if len(self.ranks) != want or any(r < 1 for r in self.ranks):
+                raise PlanMismatchError(
+                    f"layer {self.name!r}: {self.method} needs {want} rank(s) >= 1, got {self.ranks}"
+                )
+
+    @property
+    def decomposed(self) -> bool:
+        return self.method != "keep"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(before: int | None, after: int | None) -> str:
+    return f"{before / after:.2f}x" if before and after else "-"
+
+
+@dataclass
+class Plan:
+    """The decomposition plan of a model: `LayerPlan` by qualified name, in graph order."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    model_params: int | None = None
+
+    def __iter__(self) -> Iterator[LayerPlan]:
+        return iter(self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        return self.layers[name]
+
+    @property
+    def decomposed(self) -> list[LayerPlan]:
+        return [lp for lp in self if lp.decomposed]
+
+    def params_after_model(self) -> int | None:
+        """Parameters of the whole model after decomposition (needs ``model_params``)."""
+        if self.model_params is None:
+            return None
+        return self.model_params - sum(lp.params_before - lp.params_after for lp in self.decomposed)
+
+    def totals(self) -> dict[str, int | None]:
+        """Sums over all planned layers (kept layers count the same before and after)."""
+        def total(attr: str) -> int | None:
+            values = [getattr(lp, attr) for lp in self]
+            return None if any(v is None for v in values) else sum(values)
+
+        return {k: total(k) for k in ("params_before", "params_after", "macs_before", "macs_after")}
+
+    def table(self) -> str:
+        """The plan as a fixed-width text table with a totals line."""
+        head = ("layer", "type", "C->S", "kernel", "method", "ranks", "params", "MACs", "note")
+        rows = []
+        for lp in self:
+            kernel = "x".join(map(str, lp.kernel_size)) or "-"
+            after_p = lp.params_after if lp.decomposed else lp.params_before
+            after_m = lp.macs_after if lp.decomposed else lp.macs_before
+            rows.append((
+                lp.name, lp.layer_type, f"{lp.in_channels}->{lp.out_channels}", kernel, lp.method,
+                ",".join(map(str, lp.ranks)) or "-",
+                f"{_count(lp.params_before)}->{_count(after_p)}",
+                f"{_count(lp.macs_before)}->{_count(after_m)}" if lp.macs_before is not None else "-",
+                lp.reason,
+            ))  # fmt: skip
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+        t = self.totals()
+        n_by = {m: sum(lp.method == m for lp in self) for m in METHODS}
+        out.append(
+            f"{len(self)} layers: {n_by['svd']} svd, {n_by['tucker2']} tucker2, {n_by['keep']} kept; "
+            f"layer params {_count(t['params_before'])} -> {_count(t['params_after'])} "
+            f"({_ratio(t['params_before'], t['params_after'])})"
+            + (
+                f"; layer MACs {_count(t['macs_before'])} -> {_count(t['macs_after'])} "
+                f"({_ratio(t['macs_before'], t['macs_after'])})"
+                if t["macs_before"] is not None
+                else ""
+            )
+        )
+        if self.model_params is not None:
+            after = self.params_after_model()
+            out.append(f"model params {_count(self.model_params)} -> {_count(after)} ({_ratio(self.model_params, after)})")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "settings": self.settings,
+            "model_params": self.model_params,
+            "layers": [asdict(lp) for lp in self],
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The plan as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise PlanMismatchError(
+                f"not an fxlrd plan (expected a JSON object with format {_FORMAT!r}); "
+                "make one with fxlrd.plan(model).to_json()"
+            )
+        names = {f.name for f in fields(LayerPlan)}
+        layers = {}
+        for item in data.get("layers", []):
+            unknown = set(item) - names
+            if unknown:
+                raise PlanMismatchError(f"plan layer entry has unknown keys {sorted(unknown)}: {item}")
+            try:
+                lp = LayerPlan(**item)
+            except TypeError as exc:
+                raise PlanMismatchError(f"plan layer entry is incomplete ({exc}): {item}") from exc
+            layers[lp.name] = lp
+        return cls(layers=layers, settings=dict(data.get("settings", {})), model_params=data.get("model_params"))
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> "Plan":
+        """Read a plan from JSON text or from a file path."""
+        text = str(source)
+        if not (isinstance(source, str) and text.lstrip().startswith("{")):
+            text = Path(source).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanMismatchError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,20 @@
+"""Reference models in torchvision's layout and parameter names, for tests and benchmarks.
+
+torchvision does not install beside the CPU torch of every machine, so fxlrd carries its own
+definitions; a torchvision state dict loads into them with ``strict=True``.
+"""
+
+from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet152
+from .vit import VisionTransformer, vit_b_16
+
+__all__ = ["ResNet", "Bottleneck", "VisionTransformer", "resnet50", "resnet101", "resnet152", "vit_b_16", "get"]
+
+_MODELS = {"resnet50": resnet50, "resnet101": resnet101, "resnet152": resnet152, "vit_b_16": vit_b_16}
+
+
+def get(name: str, **kwargs):
+    """A zoo model by name (``resnet50``, ``resnet101``, ``resnet152``, ``vit_b_16``)."""
+    try:
+        return _MODELS[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of {sorted(_MODELS)}") from None

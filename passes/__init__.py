@@ -1,0 +1,10 @@
+"""FX passes of fxlrd, installed as ``fxlrd.passes``.
+
+Each pass is a ``torch.fx.passes.infra.pass_base.PassBase``: ``call(gm)`` returns a
+``PassResult``, the graph is linted and recompiled, and a second run reports
+``modified=False``.
+"""
+
+from .decompose import DecomposePass
+
+__all__ = ["DecomposePass"]
