@@ -58,7 +58,13 @@ def leading_svd(matrix: np.ndarray, k: int | None = None) -> tuple[np.ndarray, n
     safe = np.maximum(s, s[0] * 1e-12 if s.size and s[0] > 0 else 1.0)
     if wide:
         return vecs, s, (vecs.T @ m) / safe[:, None]
-    return (m @ vecs) / safe, s, vecs.T
+    u = (m @ vecs) / safe
+    if s.size and s[-1] < s[0] * 1e-6:
+        # Rank-deficient: columns for σ ≈ 0 are noise. Orthonormalise them (QR keeps the good
+        # columns, which are orthonormal already, up to sign), as Tucker needs orthonormal factors.
+        q, r = np.linalg.qr(u)
+        u = q * np.where(np.diag(r) < 0, -1.0, 1.0)
+    return u, s, vecs.T
 
 
 def svd_factors(matrix: torch.Tensor, rank: int) -> SVDFactors:

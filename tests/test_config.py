@@ -1,0 +1,60 @@
+import math
+import re
+
+import pytest
+from torch import nn
+
+from fxlrd import ConfigError, LRDConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"ratio": 1.0}, "ratio must be a number > 1"),
+        ({"ratio": 0.5}, "ratio must be a number > 1"),
+        ({"ratio": math.nan}, "ratio must be a number > 1"),
+        ({"ratio": "2"}, "ratio must be a number > 1"),
+        ({"rank_rule": "magic"}, "rank_rule must be one of"),
+        ({"rank_rule": "fixed"}, "needs rank="),
+        ({"rank_rule": "fixed", "rank": 0}, "rank must be >= 1"),
+        ({"rank_rule": "fixed", "rank": -3}, "rank must be >= 1"),
+        ({"rank_rule": "fixed", "rank": (4, 0)}, "rank must be >= 1"),
+        ({"rank_rule": "fixed", "rank": 2.5}, "positive int"),
+        ({"rank_rule": "energy"}, "needs energy="),
+        ({"rank_rule": "energy", "energy": 0.0}, "energy must be in (0, 1]"),
+        ({"rank_rule": "energy", "energy": 1.5}, "energy must be in (0, 1]"),
+        ({"rank_quantum": 0}, "rank_quantum must be an int >= 1"),
+        ({"min_rank": 0}, "min_rank must be an int >= 1"),
+        ({"beta": 0}, "beta"),
+        ({"include": [""]}, "include must be glob patterns"),
+        ({"filter_fn": 3}, "filter_fn must be callable"),
+        ({"layer_types": (int,)}, "layer_types must be nn.Module subclasses"),
+        ({"tucker_iters": -1}, "tucker_iters"),
+    ],
+)
+def test_bad_values_name_the_problem(kwargs, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        LRDConfig(**kwargs)
+
+
+def test_config_is_frozen_and_normalised():
+    cfg = LRDConfig(include="layer1.*", exclude=["fc"], layer_types=nn.Linear)
+    assert cfg.include == ("layer1.*",)
+    assert cfg.exclude == ("fc",)
+    assert cfg.layer_types == (nn.Linear,)
+    with pytest.raises(AttributeError):
+        cfg.ratio = 3.0  # type: ignore[misc]
+
+
+def test_config_errors_are_value_errors():
+    with pytest.raises(ValueError):
+        LRDConfig(ratio=1)
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    d = LRDConfig(filter_fn=lambda m, n: True).to_dict()
+    json.dumps(d)
+    assert d["layer_types"] == ["Linear", "Conv1d", "Conv2d"]
+    assert d["ratio"] == 2.0

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from fxlrd.decompose import leading_svd, svd_factors, tucker2_factors, unfold
+
+
+def _tucker_rebuild(t, weight):
+    core = t.core.double()
+    if t.out_factor is not None:
+        core = torch.einsum("sr,r...->s...", t.out_factor.double(), core)
+    if t.in_factor is not None:
+        core = torch.einsum("cq,sq...->sc...", t.in_factor.double(), core)
+    return core
+
+
+def _hosvd_truncation(weight, r1, r2):
+    """Plain HOSVD truncation computed independently with torch.linalg.svd."""
+    w = weight.double()
+    u_out = torch.linalg.svd(unfold(w, 0), full_matrices=False)[0][:, :r2]
+    u_in = torch.linalg.svd(unfold(w, 1), full_matrices=False)[0][:, :r1]
+    core = torch.einsum("sc...,sr,cq->rq...", w, u_out, u_in)
+    return torch.einsum("rq...,sr,cq->sc...", core, u_out, u_in)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(40, 70), (90, 30), (64, 64)])
+@pytest.mark.parametrize("rank", [1, 7, 29])
+def test_truncated_svd_error_is_the_eckart_young_bound(shape, rank, dtype, tol):
+    w = torch.randn(shape, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, shape[1], dtype=torch.float64))
+    w = w.to(dtype)
+    f = svd_factors(w, rank)
+    assert f.in_factor.shape == (rank, shape[1]) and f.out_factor.shape == (shape[0], rank)
+    err = torch.linalg.norm(w.double() - f.out_factor.double() @ f.in_factor.double()) / torch.linalg.norm(w.double())
+    s = torch.linalg.svdvals(w.double())
+    bound = torch.sqrt((s[rank:] ** 2).sum() / (s**2).sum())
+    assert err.item() == pytest.approx(bound.item(), rel=tol * 100, abs=tol)
+
+
+def test_svd_split_is_balanced():
+    w = torch.randn(30, 50, dtype=torch.float64)
+    f = svd_factors(w, 10)
+    # √Σ on both sides: both factors carry the same singular values.
+    torch.testing.assert_close(torch.linalg.svdvals(f.in_factor), torch.linalg.svdvals(f.out_factor))
+
+
+def test_leading_svd_matches_torch_svd_on_tall_and_wide():
+    for shape in [(20, 300), (300, 20)]:
+        m = torch.randn(shape, dtype=torch.float64)
+        u, s, vh = leading_svd(m.numpy(), 5)
+        torch.testing.assert_close(torch.from_numpy(s), torch.linalg.svdvals(m)[:5])
+        approx = torch.from_numpy(u * s) @ torch.from_numpy(vh)
+        uu, ss, vv = torch.linalg.svd(m, full_matrices=False)
+        torch.testing.assert_close(approx, (uu[:, :5] * ss[:5]) @ vv[:5])
+
+
+@pytest.mark.parametrize("shape, ranks", [((32, 24, 3, 3), (10, 12)), ((16, 16, 5), (6, 6)), ((48, 8, 3, 3), (8, 20))])
+def test_tucker_error_no_worse_than_hosvd_truncation(shape, ranks):
+    w = torch.randn(shape)
+    ref = _hosvd_truncation(w, *ranks)
+    base = torch.linalg.norm(w.double() - ref)
+    for iters in (0, 3):
+        t = tucker2_factors(w, ranks, n_iter=iters)
+        err = torch.linalg.norm(w.double() - _tucker_rebuild(t, w))
+        assert err <= base * (1 + 1e-6), (iters, err, base)
+    # With no HOOI iteration it is the HOSVD truncation itself.
+    torch.testing.assert_close(_tucker_rebuild(tucker2_factors(w, ranks, 0), w), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tucker_of_an_exact_low_multilinear_rank_tensor_is_exact():
+    core = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    u_out, u_in = torch.randn(20, 5, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+    w = torch.einsum("rq...,sr,cq->sc...", core, u_out, u_in)
+    t = tucker2_factors(w, (4, 5))
+    assert t.core.shape == (5, 4, 3, 3) and t.in_factor.shape == (12, 4) and t.out_factor.shape == (20, 5)
+    torch.testing.assert_close(_tucker_rebuild(t, w), w, rtol=1e-9, atol=1e-9)
+
+
+def test_tucker_full_mode_keeps_no_factor():
+    w = torch.randn(16, 3, 7, 7)
+    t = tucker2_factors(w, (3, 8))
+    assert t.in_factor is None and t.out_factor.shape == (16, 8) and t.core.shape == (8, 3, 7, 7)
+
+
+def test_rank_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match="outside"):
+        svd_factors(torch.randn(4, 5), 0)
+    with pytest.raises(ValueError, match="outside"):
+        tucker2_factors(torch.randn(4, 5, 3, 3), (6, 2))
+
+
+def test_tensorly_backend_of_the_user_is_left_alone():
+    import tensorly
+
+    before = tensorly.get_backend()
+    tucker2_factors(torch.randn(8, 8, 3, 3), (4, 4))
+    assert tensorly.get_backend() == before

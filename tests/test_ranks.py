@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxlrd.ranks import energy_rank, quantize_rank, svd_rank_for_ratio, tucker_ranks_for_ratio, vbmf_rank
+
+
+# The paper's Table 2 (ResNet-152, α = 2): the formulas must give these exactly.
+@pytest.mark.parametrize("c, s, want", [(64, 64, 16), (64, 256, 25), (2048, 512, 204), (512, 2048, 204), (2048, 1000, 335)])
+def test_svd_ratio_rank_matches_paper_table2(c, s, want):
+    assert svd_rank_for_ratio(c, s, 2.0) == want
+
+
+@pytest.mark.parametrize("c, want", [(64, 38), (512, 309)])
+def test_tucker_ratio_rank_matches_paper_table2(c, want):
+    assert tucker_ranks_for_ratio(c, c, 9, 2.0) == (want, want)
+
+
+@given(
+    c=st.integers(4, 600), s=st.integers(4, 600), k=st.sampled_from([1, 3, 5, 7, 9, 25]),
+    ratio=st.floats(1.1, 8.0), beta=st.sampled_from([0.5, 1.0, 2.0]),
+)  # fmt: skip
+def test_tucker_ratio_ranks_respect_the_budget(c, s, k, ratio, beta):
+    r1, r2 = tucker_ranks_for_ratio(c, s, k, ratio, beta)
+    assert 0 <= r1 <= c and 0 <= r2 <= s
+    params = (c * r1 if r1 < c else 0) + r1 * r2 * k + (r2 * s if r2 < s else 0)
+    assert params <= c * s * k / ratio + 1e-6
+
+
+def test_thin_stem_conv_becomes_tucker1():
+    # ResNet's 3→64 7×7 stem: r1 would exceed C = 3, so the input mode stays whole.
+    r1, r2 = tucker_ranks_for_ratio(3, 64, 49, 2.0)
+    assert r1 == 3
+    assert r2 == math.floor(3 * 64 * 49 / (2 * (3 * 49 + 64)))
+
+
+@pytest.mark.parametrize("rank, q, want", [(309, 8, 304), (16, 8, 16), (5, 8, 5), (25, 1, 25), (335, 32, 320)])
+def test_quantize_rounds_down_but_never_below_one_quantum(rank, q, want):
+    assert quantize_rank(rank, q) == want
+
+
+def test_energy_rank():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # squares 9, 4, 1: total 14
+    assert energy_rank(s, 9 / 14) == 1
+    assert energy_rank(s, 9 / 14 + 1e-3) == 2
+    assert energy_rank(s, 13 / 14) == 2
+    assert energy_rank(s, 1.0) == 3
+
+
+@pytest.mark.parametrize("true_rank", [3, 8, 15])
+@pytest.mark.parametrize("shape", [(60, 100), (120, 50)])
+def test_vbmf_finds_the_rank_of_a_noisy_low_rank_matrix(true_rank, shape):
+    g = torch.Generator().manual_seed(true_rank)
+    m, n = shape
+    signal = torch.randn(m, true_rank, generator=g, dtype=torch.float64) @ torch.randn(true_rank, n, generator=g, dtype=torch.float64)
+    noisy = signal + 0.05 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    assert vbmf_rank(noisy) == true_rank
+
+
+def test_vbmf_of_pure_noise_is_small():
+    noise = torch.randn(80, 120, dtype=torch.float64)
+    assert vbmf_rank(noise) <= 2
