@@ -1,0 +1,304 @@
+"""fxlrd.plan / apply / transform end to end, and the errors users meet."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fxlrd
+from fxlrd import CaptureError, ConfigError, LRDConfig, Plan, PlanMismatchError, zoo
+from fxlrd.factorized import Factorized
+
+from conftest import rel_err
+
+FULL = LRDConfig(rank_rule="fixed", rank=100_000, allow_larger=True)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=4))
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.up(self.dw(self.body(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# --- the paper's numbers -------------------------------------------------------------------------
+
+
+def test_paper_table2_ranks_on_resnet152():
+    plan = fxlrd.plan(zoo.resnet152(), LRDConfig(ratio=2, rank_quantum=1))
+    want = {
+        "layer1.0.conv1": (16,), "layer1.0.conv2": (38, 38), "layer1.0.conv3": (25,),
+        "layer4.2.conv1": (204,), "layer4.2.conv2": (309, 309), "layer4.2.conv3": (204,), "fc": (335,),
+    }  # fmt: skip
+    assert {name: plan[name].ranks for name in want} == want
+    assert plan["layer1.0.conv2"].method == "tucker2" and plan["fc"].method == "svd"
+
+
+def test_resnet50_at_ratio_2_has_half_the_parameters():
+    model = zoo.resnet50()
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1))
+    assert fxlrd.count_params(model) == 25_557_032
+    assert abs(fxlrd.count_params(gm) - 25.557032e6 / 2) <= 0.01 * 25.557032e6 / 2
+    assert gm.fxlrd_plan.params_after_model() == fxlrd.count_params(gm)
+
+
+# --- full rank reproduces whole models ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size", [("resnet50", 64), ("vit_b_16", 32)])
+def test_full_rank_reproduces_zoo_models(name, size):
+    model = zoo.get(name, **({"image_size": size} if name == "vit_b_16" else {})).eval()
+    x = torch.randn(2, 3, size, size)
+    gm = fxlrd.transform(model, FULL)
+    assert len(gm.fxlrd_plan.decomposed) >= 5
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+# --- structure: names, meta, state dict, passes -----------------------------------------------------
+
+
+def test_hierarchy_names_and_meta_are_kept():
+    model = zoo.resnet50()
+    gm = fxlrd.transform(model)
+    fact = gm.get_submodule("layer1.0.conv2")
+    assert isinstance(fact, Factorized) and fact.method == "tucker2"
+    keys = set(gm.state_dict())
+    assert {"layer1.0.conv2.in_proj.weight", "layer1.0.conv2.core.weight", "layer1.0.conv2.out_proj.weight"} <= keys
+    assert {"fc.in_proj.weight", "fc.out_proj.weight", "fc.out_proj.bias", "layer1.0.bn1.running_mean"} <= keys
+    # Every key keeps the original module prefix.
+    originals = {k.rsplit(".", 1)[0] for k in model.state_dict()}
+    assert all(any(k.startswith(p + ".") for p in originals) for k in keys)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    core = nodes["layer1.0.conv2.core"]
+    assert core.meta["fxlrd"] == {"source": "layer1.0.conv2", "method": "tucker2", "role": "core", "ranks": fact.ranks}
+    assert "nn_module_stack" in core.meta and "layer1.0.conv2" not in nodes
+
+
+def test_transform_does_not_touch_the_input_model():
+    model = zoo.resnet50()
+    model.train()
+    before = _snapshot(model)
+    fxlrd.transform(model, example_inputs=torch.randn(2, 3, 64, 64))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise, BN statistics included
+    assert model.training and isinstance(model.layer1[0].conv2, nn.Conv2d)
+
+
+def test_inplace_decomposes_the_model_itself():
+    model = Small().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxlrd.transform(model, FULL, inplace=True)
+    assert isinstance(model.stem, Factorized) and isinstance(model.head, Factorized)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gm(x))
+
+
+def test_graph_module_input_is_accepted():
+    model = Small().eval()
+    traced = fx.symbolic_trace(model)
+    gm = fxlrd.transform(traced, FULL)
+    assert isinstance(gm.get_submodule("stem"), Factorized)
+    assert not isinstance(traced.get_submodule("stem"), Factorized)
+
+
+def test_kept_layers_say_why():
+    plan = fxlrd.plan(Small(), LRDConfig(exclude=["head"]))
+    assert plan["body.2"].method == "keep" and "grouped convolution (groups=4)" in plan["body.2"].reason
+    assert "depthwise" in plan["dw"].reason
+    assert "transposed" in plan["up"].reason
+    assert plan["head"].reason == "matched by exclude"
+    table = plan.table()
+    assert "depthwise" in table and "stem" in table
+
+
+def test_layer_that_would_not_shrink_is_kept():
+    plan = fxlrd.plan(nn.Sequential(nn.Linear(4, 64)), LRDConfig(rank_rule="fixed", rank=4))
+    assert plan["0"].method == "keep" and "would not shrink" in plan["0"].reason
+
+
+def test_include_filter_fn_and_layer_types():
+    model = zoo.resnet50()
+    plan = fxlrd.plan(model, LRDConfig(include=["layer4.*"], filter_fn=lambda m, n: not n.endswith("conv3")))
+    done = {lp.name for lp in plan.decomposed}
+    assert done and all(n.startswith("layer4.") and not n.endswith("conv3") for n in done)
+    plan = fxlrd.plan(model, LRDConfig(layer_types=[nn.Linear]))
+    assert [lp.name for lp in plan.decomposed] == ["fc"]
+
+
+def test_plan_json_round_trip_and_apply(tmp_path):
+    model = Small().eval()
+    plan = fxlrd.plan(model, FULL, example_inputs=torch.randn(1, 3, 8, 8))
+    path = tmp_path / "plan.json"
+    plan.to_json(path)
+    again = Plan.from_json(path)
+    assert again.to_dict() == plan.to_dict()
+    assert Plan.from_json(plan.to_json()).to_dict() == plan.to_dict()
+    gm = fxlrd.apply(model, again)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+def test_edited_plan_is_applied():
+    model = zoo.resnet50()
+    plan = fxlrd.plan(model)
+    plan["fc"].ranks = (64,)
+    plan["layer1.0.conv2"].method, plan["layer1.0.conv2"].ranks = "keep", ()
+    gm = fxlrd.apply(model, plan)
+    assert gm.fc.in_proj.out_features == 64
+    assert isinstance(gm.get_submodule("layer1.0.conv2"), nn.Conv2d)
+
+
+def test_plan_records_macs_with_example_inputs():
+    plan = fxlrd.plan(zoo.resnet50(), example_inputs=torch.randn(1, 3, 224, 224))
+    lp = plan["layer1.0.conv2"]  # 64→64 3×3 at 56×56
+    assert lp.input_shape == (1, 64, 56, 56)
+    assert lp.macs_before == 56 * 56 * 64 * 64 * 9
+    assert 0 < lp.macs_after < lp.macs_before
+    assert plan["fc"].macs_before == 2048 * 1000
+
+
+def test_shared_module_called_twice_is_replaced_at_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    model = Twice().eval()
+    gm = fxlrd.transform(model, FULL)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets.count("lin.out_proj") == 2
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+# --- bad input: a clear error, the model untouched -----------------------------------------------------
+
+
+def test_non_module_is_rejected():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        fxlrd.transform(zoo.resnet50().state_dict())
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        fxlrd.plan("resnet50.pt")
+
+
+def test_wrong_config_type_is_rejected():
+    with pytest.raises(ConfigError, match="LRDConfig"):
+        fxlrd.transform(Small(), {"ratio": 2})
+
+
+def test_nan_weights_are_named():
+    model = Small()
+    with torch.no_grad():
+        model.body[0].weight[0, 0] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'body.0' has NaN or infinite weights.*exclude"):
+        fxlrd.transform(model)
+    assert all(torch.equal(before[k], v) or torch.isnan(v).any() for k, v in model.state_dict().items())
+    # Excluding it is the way out.
+    fxlrd.transform(model, LRDConfig(exclude=["body.0"]))
+
+
+def test_include_matching_nothing_is_an_error():
+    with pytest.raises(ConfigError, match=r"include pattern 'layer9\.\*' matches no conv/linear layer"):
+        fxlrd.plan(zoo.resnet50(), LRDConfig(include=["layer9.*"]))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return -x
+
+
+def test_untraceable_model_names_the_code_and_the_way_out():
+    model = Untraceable()
+    before = _snapshot(model)
+    with pytest.raises(CaptureError) as info:
+        fxlrd.transform(model)
+    msg = str(info.value)
+    assert "test_api.py" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_leaf_modules_get_an_untraceable_model_through():
+    model = Untraceable().eval()
+    gm = fxlrd.transform(model, LRDConfig(leaf_modules=[Gate], rank_rule="fixed", rank=100, allow_larger=True))
+    assert isinstance(gm.get_submodule("conv"), Factorized)
+    assert isinstance(gm.get_submodule("gate.lin"), nn.Linear)  # inside the leaf: untouched
+    gm2 = fxlrd.transform(model, LRDConfig(leaf_modules=["gate"]))
+    assert "gate.lin" not in gm2.fxlrd_plan.layers
+
+
+def test_plan_from_another_model_is_rejected_and_model_untouched():
+    plan = fxlrd.plan(zoo.resnet50())
+    other = Small()
+    before = _snapshot(other)
+    with pytest.raises(PlanMismatchError, match="the plan decomposes 'conv1'"):
+        fxlrd.apply(other, plan, inplace=True)
+    assert not any(isinstance(m, Factorized) for m in other.modules())
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_plan_with_other_shapes_is_rejected():
+    plan = fxlrd.plan(nn.Sequential(nn.Linear(16, 32)))
+    with pytest.raises(PlanMismatchError, match=r"plan does not match the model at '0'.*16->32.*8->32"):
+        fxlrd.apply(nn.Sequential(nn.Linear(8, 32)), plan)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"format": "other"}', "{not json", json.dumps({"format": "fxlrd.plan/1", "layers": [{"name": "x"}]})]
+)
+def test_bad_plan_json_is_reported(text):
+    with pytest.raises(PlanMismatchError):
+        Plan.from_json(text)
+
+
+def test_rank_zero_in_an_edited_plan_is_rejected():
+    plan = fxlrd.plan(nn.Sequential(nn.Linear(16, 32)))
+    d = plan.to_dict()
+    d["layers"][0]["ranks"] = [0]
+    with pytest.raises(PlanMismatchError, match="rank"):
+        Plan.from_dict(d)
+
+
+def test_deepcopy_and_rerun_of_result():
+    gm = fxlrd.transform(Small())
+    gm2 = copy.deepcopy(gm)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), gm2(x))

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxlrd
+from fxlrd import ExportMismatchError, LRDConfig
+from fxlrd.export import max_relative_error, onnx_session
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+
+
+def test_export_matches_onnxruntime_with_dynamic_batch(tmp_path):
+    gm = fxlrd.transform(_model(), LRDConfig(ratio=1.5, rank_quantum=1))
+    x = torch.randn(2, 3, 16, 16)
+    path = fxlrd.export_onnx(gm, x, tmp_path / "m.onnx")
+    assert path.exists()
+    session = onnx_session(path)
+    x5 = torch.randn(5, 3, 16, 16)
+    (got,) = session.run(None, {"input": x5.numpy()})
+    with torch.no_grad():
+        want = gm(x5).numpy()
+    assert got.shape == (5, 10)
+    assert max_relative_error(got, want) <= 1e-4
+    assert gm.training is False
+
+
+def test_export_keeps_training_flag(tmp_path):
+    gm = fxlrd.transform(_model()).train()
+    fxlrd.export_onnx(gm, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", dynamic_batch=False)
+    assert gm.training
+
+
+def test_failed_check_leaves_existing_file_alone(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"precious")
+    with pytest.raises(ExportMismatchError, match="was not written"):
+        fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), path, rtol=-1.0)  # no error can pass
+    assert path.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left behind
+
+
+def test_max_relative_error():
+    assert max_relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == pytest.approx(0.2)
