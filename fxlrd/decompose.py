@@ -1,8 +1,8 @@
 """The decomposition math: truncated SVD and Tucker-2. Knows nothing of torch.fx.
 
 Weights are taken in PyTorch's layout: a linear ``W`` is ``(S, C)`` (out x in), a conv ``W``
-is ``(S, C, *kernel)``. Factors are computed in float64 and returned in float32 (float64 for float64 weights);
-callers cast them back to the layer's dtype.
+is ``(S, C, *kernel)``. Factors are computed and returned in float64, whatever the weight's
+dtype (bfloat16 and float32 included); callers cast them back to the layer's dtype.
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ import tensorly
 import torch
 from tensorly.decomposition import partial_tucker
 
-__all__ = ["SVDFactors", "TuckerFactors", "leading_svd", "svd_factors", "tucker2_factors", "unfold", "compute_dtype"]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype decompositions run in: float64 stays, everything else goes to float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["SVDFactors", "TuckerFactors", "leading_svd", "svd_factors", "tucker2_factors", "unfold"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +68,7 @@ def svd_factors(matrix: torch.Tensor, rank: int) -> SVDFactors:
         raise ValueError(f"rank {rank} outside [1, {min(matrix.shape)}] for a matrix of shape {tuple(matrix.shape)}")
     u, s, vh = leading_svd(matrix.detach().to(device="cpu", dtype=torch.float64).numpy(), rank)
     root = np.sqrt(s)
-    dtype = compute_dtype(matrix.dtype)
-    return SVDFactors(
-        in_factor=torch.from_numpy(root[:, None] * vh).to(dtype), out_factor=torch.from_numpy(u * root).to(dtype)
-    )
+    return SVDFactors(in_factor=torch.from_numpy(root[:, None] * vh), out_factor=torch.from_numpy(u * root))
 
 
 def unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
@@ -111,13 +103,12 @@ def tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 
         mode_ranks.append(r1)
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     if not modes:
-        return TuckerFactors(in_factor=None, core=w.to(compute_dtype(weight.dtype)), out_factor=None)
+        return TuckerFactors(in_factor=None, core=w, out_factor=None)
     # tensorly's backend is global state; pin numpy here whatever the user chose.
     with tensorly.backend_context("numpy"):
         (core, factors), _ = partial_tucker(
             w.numpy(), rank=mode_ranks, modes=modes, n_iter_max=n_iter, init="svd", svd=_tensorly_svd, tol=0
         )
     by_mode = dict(zip(modes, factors))
-    dtype = compute_dtype(weight.dtype)
-    as_torch = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
+    as_torch = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return TuckerFactors(in_factor=as_torch(by_mode.get(1)), core=as_torch(core), out_factor=as_torch(by_mode.get(0)))

@@ -148,11 +148,11 @@ def decompose_layer(layer: nn.Module, method: str, ranks: tuple[int, ...], *, tu
     ``method="tucker2"``: ``ranks=(r1, r2)`` (input side, output side); kernel, stride,
     padding, dilation and padding mode on ``core``. The bias always goes on the last factor.
     """
-    fact = factorized_like(layer, method, ranks)
+    # Built on meta then materialised: no time spent initialising weights about to be overwritten.
+    fact = factorized_like(layer, method, ranks, device="meta").to_empty(device=layer.weight.device)
     weights = _matrices(layer, method, ranks, tucker_iters)
     for role, module in fact.named_children():
-        value = weights[role]
-        module.weight.copy_(value.reshape(module.weight.shape).to(module.weight.dtype))
+        module.weight.copy_(weights[role].reshape(module.weight.shape))  # copy_ casts to the layer's dtype
         if module.bias is not None:
             module.bias.copy_(layer.bias)
     return fact
