@@ -93,3 +93,32 @@ def test_same_keys_as_installed_torchvision(name):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision not installed")
+@pytest.mark.parametrize("name", ["resnet50", "vit_b_16"])
+def test_full_rank_reproduces_torchvision_models(name):
+    import torchvision
+
+    import fxlrd
+
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    gm = fxlrd.transform(model, fxlrd.LRDConfig(rank_rule="fixed", rank=100_000, allow_larger=True))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm not installed")
+def test_full_rank_reproduces_a_timm_model():
+    import timm
+
+    import fxlrd
+
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    gm = fxlrd.transform(model, fxlrd.LRDConfig(rank_rule="fixed", rank=100_000, allow_larger=True))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
