@@ -9,6 +9,7 @@ from typing import Any, Callable, Literal, Sequence
 from torch import nn
 
 from .errors import ConfigError
+from .latency import LatencyConfig
 
 __all__ = ["LRDConfig", "RankRule", "DEFAULT_LAYER_TYPES"]
 
@@ -57,6 +58,11 @@ class LRDConfig:
             parameters as the layer (useful for exactness checks); otherwise such a layer is kept.
         leaf_modules: module types or qualified names that tracing keeps opaque; the way
             around code inside them that torch.fx cannot trace.
+        latency: choose ranks by measured latency on a backend (`LatencyConfig`); needs
+            ``example_inputs``. ``rank_quantum`` is then ignored: ``latency.quantum`` applies.
+        target_speedup: global mode: choose every layer's ranks (or keep it) so the model's
+            predicted latency is ``1 / target_speedup`` of the original with the least total
+            truncation error. Implies ``latency=LatencyConfig()`` when that is not given.
     """
 
     ratio: float = 2.0
@@ -73,6 +79,8 @@ class LRDConfig:
     tucker_iters: int = 0
     allow_larger: bool = False
     leaf_modules: Sequence[type[nn.Module] | str] = ()
+    latency: LatencyConfig | None = None
+    target_speedup: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -115,6 +123,13 @@ class LRDConfig:
         if not all(isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)) for x in leaves):
             raise ConfigError(f"leaf_modules must be nn.Module types or qualified names, got {self.leaf_modules!r}")
         set_("leaf_modules", leaves)
+        if self.latency is not None and not isinstance(self.latency, LatencyConfig):
+            raise ConfigError(f"latency must be an fxlrd.LatencyConfig, got {type(self.latency).__name__}")
+        if self.target_speedup is not None:
+            if not _is_number(self.target_speedup) or self.target_speedup <= 1:
+                raise ConfigError(f"target_speedup must be a number > 1 (e.g. 1.8 for 1.8x faster), got {self.target_speedup!r}")
+            if self.latency is None:
+                set_("latency", LatencyConfig())
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (``filter_fn`` is recorded only as present or not)."""
@@ -123,6 +138,8 @@ class LRDConfig:
             value = getattr(self, f.name)
             if f.name == "filter_fn":
                 value = None if value is None else getattr(value, "__qualname__", repr(value))
+            elif f.name == "latency":
+                value = None if value is None else value.to_dict()
             elif f.name in ("layer_types", "leaf_modules"):
                 value = [v if isinstance(v, str) else v.__name__ for v in value]
             elif isinstance(value, tuple):

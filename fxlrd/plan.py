@@ -41,6 +41,7 @@ class LayerPlan:
     macs_before: int | None = None
     macs_after: int | None = None
     input_shape: tuple[int, ...] | None = None
+    latency: dict[str, Any] | None = None  # the latency search's record: timings, choice, note
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -122,7 +123,7 @@ class Plan:
                 ",".join(map(str, lp.ranks)) or "-",
                 f"{_count(lp.params_before)}->{_count(after_p)}",
                 f"{_count(lp.macs_before)}->{_count(after_m)}" if lp.macs_before is not None else "-",
-                lp.reason,
+                lp.reason or (lp.latency or {}).get("note", ""),
             ))  # fmt: skip
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731

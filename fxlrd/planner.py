@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -102,20 +103,48 @@ def _tucker_ranks(weight: torch.Tensor, spec: LayerSpec, config: LRDConfig) -> t
     return vbmf_rank(unfold(w, 1)), vbmf_rank(unfold(w, 0))
 
 
-def _choose(name: str, module: nn.Module, spec: LayerSpec, config: LRDConfig) -> tuple[str, tuple[int, ...], str]:
-    """(method, ranks, reason to keep or "")."""
+def _target_ranks(module: nn.Module, spec: LayerSpec, config: LRDConfig) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(method, ranks from the rank rule, the most each rank may be)."""
     full = (spec.in_channels, spec.out_channels)
     if spec.pointwise:
-        method, ranks = "svd", (_svd_rank(module.weight, spec, config),)
-        caps = (min(full),)
+        method, ranks, caps = "svd", (_svd_rank(module.weight, spec, config),), (min(full),)
     else:
-        method, ranks = "tucker2", _tucker_ranks(module.weight, spec, config)
-        caps = full
-    ranks = tuple(r if r >= cap else quantize_rank(r, config.rank_quantum) for r, cap in zip(ranks, caps))
-    ranks = tuple(min(r, cap) for r, cap in zip(ranks, caps))
+        method, ranks, caps = "tucker2", _tucker_ranks(module.weight, spec, config), full
+    # A latency search applies its own quantum to its candidates.
+    quantum = 1 if config.latency is not None else config.rank_quantum
+    ranks = tuple(r if r >= cap else quantize_rank(r, quantum) for r, cap in zip(ranks, caps))
+    return method, tuple(min(r, cap) for r, cap in zip(ranks, caps)), caps
+
+
+@dataclass
+class _Todo:
+    """A layer the rank rule decomposes, waiting for its final ranks."""
+
+    lp: LayerPlan
+    module: nn.Module
+    method: str
+    ranks: tuple[int, ...]
+    caps: tuple[int, ...]
+    call_sites: list[fx.Node]
+
+
+def _fill(todo: _Todo, ranks: tuple[int, ...] | None, config: LRDConfig, reason: str = "") -> None:
+    """Set the layer's final ranks (None: keep it, for ``reason``) with params and MACs."""
+    lp = todo.lp
+    if ranks is None:
+        lp.reason = reason
+        return
     if min(ranks) < config.min_rank:
-        return method, ranks, f"rank {min(ranks)} < min_rank {config.min_rank}"
-    return method, ranks, ""
+        lp.ranks, lp.reason = ranks, f"rank {min(ranks)} < min_rank {config.min_rank}"
+        return
+    skeleton = factorized_like(todo.module, todo.method, ranks, device="meta")
+    after = count_params(skeleton)
+    if after >= lp.params_before and not config.allow_larger:
+        lp.ranks, lp.reason = ranks, f"would not shrink ({lp.params_before} -> {after} params)"
+        return
+    lp.method, lp.ranks, lp.params_after = todo.method, ranks, after
+    if lp.input_shape is not None:
+        lp.macs_after = sum(layer_macs(skeleton, _node_input_shape(n)) for n in todo.call_sites)
 
 
 def make_plan(
@@ -124,9 +153,14 @@ def make_plan(
     """Plan every conv/linear ``call_module`` of ``gm`` under ``config``.
 
     Raises:
-        ConfigError: an include pattern matches no layer.
+        ConfigError: an include pattern matches no layer, or a latency search lacks inputs.
         ValueError: a layer to decompose has NaN or infinite weights.
     """
+    if config.latency is not None and example_inputs is None:
+        raise ConfigError(
+            "choosing ranks by latency needs example_inputs=... (each layer is timed at its real input "
+            "shape), e.g. fxlrd.plan(model, config, example_inputs=torch.randn(1, 3, 224, 224))"
+        )
     nodes = candidate_nodes(gm)
     if example_inputs is not None:
         input_shapes(gm, example_inputs)
@@ -140,6 +174,7 @@ def make_plan(
                 )
     tied = _tied_targets(gm)
     plan = Plan(settings=config.to_dict(), model_params=count_params(gm))
+    todos: list[_Todo] = []
     for name, call_sites in nodes.items():
         module = gm.get_submodule(name)
         spec = layer_spec(module) if isinstance(module, _SUPPORTED) else None
@@ -148,14 +183,11 @@ def make_plan(
             reason = "its parameters are also read outside the layer (tied weights)"
         if not reason and any(len(n.args) != 1 or n.kwargs for n in call_sites):
             reason = "called with other than one positional input"
-        method, ranks = "keep", ()
-        if not reason:
-            if not torch.isfinite(module.weight).all():
-                raise ValueError(
-                    f"layer {name!r} has NaN or infinite weights; decomposing it would spread them. "
-                    f"Fix the weights or leave the layer out with LRDConfig(exclude=[{name!r}])"
-                )
-            method, ranks, reason = _choose(name, module, spec, config)
+        if not reason and not torch.isfinite(module.weight).all():
+            raise ValueError(
+                f"layer {name!r} has NaN or infinite weights; decomposing it would spread them. "
+                f"Fix the weights or leave the layer out with LRDConfig(exclude=[{name!r}])"
+            )
         shape = _node_input_shape(call_sites[0])
         before = count_params(module)
         lp = LayerPlan(
@@ -167,16 +199,32 @@ def make_plan(
         )  # fmt: skip
         if shape is not None:
             lp.macs_before = lp.macs_after = sum(layer_macs(module, _node_input_shape(n)) for n in call_sites)
-        if not reason:
-            skeleton = factorized_like(module, method, ranks, device="meta")
-            after = count_params(skeleton)
-            if after >= before and not config.allow_larger:
-                lp.ranks, lp.reason = ranks, f"would not shrink ({before} -> {after} params)"
-            else:
-                lp.method, lp.ranks, lp.params_after = method, ranks, after
-                if shape is not None:
-                    lp.macs_after = sum(layer_macs(skeleton, _node_input_shape(n)) for n in call_sites)
-        elif method != "keep":
-            lp.ranks = ranks
         plan.layers[name] = lp
+        if not reason:
+            todos.append(_Todo(lp, module, *_target_ranks(module, spec, config), call_sites))
+    if config.target_speedup is not None:
+        from .global_search import plan_globally
+
+        for todo, ranks, why in plan_globally(gm, todos, config, example_inputs, plan):
+            _fill(todo, ranks, config, why)
+    elif config.latency is not None:
+        _search(todos, config)
+    else:
+        for todo in todos:
+            _fill(todo, todo.ranks, config)
     return plan
+
+
+def _search(todos: list[_Todo], config: LRDConfig) -> None:
+    from .rank_search import RankSearcher
+
+    searcher = RankSearcher(config.latency)
+    searcher.progress(len(todos))
+    try:
+        for todo in todos:
+            result = searcher.search(todo.module, todo.method, todo.ranks, todo.caps, todo.lp.input_shape)
+            todo.lp.latency = result.record(config.latency.backend)
+            _fill(todo, result.ranks, config, result.note)
+            searcher.cache.flush()
+    finally:
+        searcher.close()

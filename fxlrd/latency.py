@@ -1,0 +1,287 @@
+"""Timing one layer on a target backend, and a disk cache of those timings.
+
+Latency depends only on shapes, so layers are timed with random weights at their real input
+shape. Identical layers (ResNet repeats its blocks) share a cache key and are timed once per
+machine. This module knows nothing of ranks or plans; `fxlrd.rank_search` uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "LatencyConfig",
+    "LayerTimer",
+    "TorchTimer",
+    "OnnxRuntimeTimer",
+    "make_timer",
+    "LatencyCache",
+    "default_cache_path",
+    "median_call_time",
+]
+
+Backend = Literal["onnxruntime", "eager", "compile", "cuda"]
+BACKENDS = ("onnxruntime", "eager", "compile", "cuda")
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How ranks are chosen by measured latency (paper Algorithm 1, DESIGN.md §2).
+
+    Args:
+        backend: where the model will run: ``"onnxruntime"`` (CPU execution provider, CUDA
+            provider when present), ``"eager"`` (torch on CPU), ``"compile"`` (torch.compile,
+            inductor) or ``"cuda"`` (torch eager on the GPU).
+        window: candidates span ``[ceil((1 - window)·R), R]`` below the target rank R.
+        quantum: candidates are multiples of this (plus R itself); 1 scans every rank.
+        tolerance: the chosen rank is the largest whose time is within ``(1 + tolerance)``
+            of the fastest candidate.
+        repeats: timed samples per measurement (the median is used).
+        warmup: untimed calls before measuring.
+        threads: intra-op threads of the backend (default: torch's current setting).
+        cache_path: the timing cache file (default: ``$XDG_CACHE_HOME/fxlrd/latency.json``).
+        cache: set False to time everything afresh and write nothing.
+        time_budget_s: stop searching after this many seconds; the remaining layers get
+            data-free quantized ranks, and the plan says so.
+        progress: show a progress bar on stderr.
+    """
+
+    backend: Backend = "onnxruntime"
+    window: float = 0.25
+    quantum: int = 8
+    tolerance: float = 0.02
+    repeats: int = 15
+    warmup: int = 3
+    threads: int | None = None
+    cache_path: str | os.PathLike | None = None
+    cache: bool = True
+    time_budget_s: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"latency backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.window, (int, float)) or not 0 <= self.window < 1:
+            raise ConfigError(f"window must be in [0, 1), got {self.window!r}")
+        if not isinstance(self.quantum, int) or self.quantum < 1:
+            raise ConfigError(f"quantum must be an int >= 1, got {self.quantum!r}")
+        if not isinstance(self.tolerance, (int, float)) or self.tolerance < 0:
+            raise ConfigError(f"tolerance must be >= 0, got {self.tolerance!r}")
+        for name in ("repeats", "warmup"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "repeats" else 0):
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be an int >= 1 or None, got {self.threads!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"time_budget_s must be > 0 seconds or None, got {self.time_budget_s!r}")
+        if self.backend == "cuda" and not torch.cuda.is_available():
+            raise ConfigError('backend="cuda" needs a CUDA device and a CUDA build of torch; use "eager" or "onnxruntime" on CPU')
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cache_path"] = None if self.cache_path is None else str(self.cache_path)
+        return d
+
+
+def median_call_time(fn: Callable[[], object], *, repeats: int, warmup: int, min_sample_s: float = 5e-4) -> float:
+    """Median seconds per call of ``fn``: ``repeats`` samples, each of enough calls to last
+    at least ``min_sample_s`` (so timer overhead does not dominate microsecond layers)."""
+    for _ in range(max(warmup, 1)):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(min_sample_s / once))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) / number)
+    return statistics.median(samples)
+
+
+def _cpu_name() -> str:
+    from .timing import environment
+
+    return str(environment()["processor"])
+
+
+class LayerTimer:
+    """Times a module at an input shape on one backend. Subclasses set ``backend`` and
+    ``context`` (device, versions, dtype, threads: everything the cache key needs)."""
+
+    backend: str = ""
+    context: str = ""
+
+    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TorchTimer(LayerTimer):
+    """torch eager or torch.compile (inductor), on CPU or CUDA, through torch.utils.benchmark."""
+
+    def __init__(self, config: LatencyConfig, *, compiled: bool = False, device: str = "cpu"):
+        self.config, self.compiled, self.device = config, compiled, torch.device(device)
+        self.threads = config.threads or torch.get_num_threads()
+        self.backend = ("compile" if compiled else "eager") + ("-cuda" if self.device.type == "cuda" else "")
+        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
+        self.context = f"{where}|torch={torch.__version__}|threads={self.threads}"
+
+    @torch.no_grad()
+    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+        from torch.utils import benchmark
+
+        module = module.to(self.device).eval()
+        x = torch.randn(tuple(input_shape), device=self.device, dtype=next(module.parameters()).dtype)
+        if self.compiled:
+            module = torch.compile(module)
+            module(x)  # compile outside the timing
+        timer = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=self.threads)
+        timer.timeit(self.config.warmup or 1)
+        number = max(1, int(5e-4 / max(timer.timeit(1).mean, 1e-7)))  # samples of >= 0.5 ms
+        return statistics.median(timer.timeit(number).mean for _ in range(self.config.repeats))
+
+
+class OnnxRuntimeTimer(LayerTimer):
+    """onnxruntime (CUDA execution provider when present, else CPU): export the layer alone, time it."""
+
+    def __init__(self, config: LatencyConfig):
+        import onnxruntime as ort
+
+        self.config = config
+        available = ort.get_available_providers()
+        self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.threads = config.threads or torch.get_num_threads()
+        self.backend = "onnxruntime"
+        where = "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()
+        self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"
+
+    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+        import onnxruntime as ort
+
+        module = module.cpu().eval()
+        x = torch.randn(tuple(input_shape), dtype=next(module.parameters()).dtype)
+        model_bytes = onnx_bytes(module, x)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model_bytes, options, providers=self.providers)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        return median_call_time(lambda: session.run(None, feed), repeats=self.config.repeats, warmup=self.config.warmup)
+
+
+def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
+    """A small module as ONNX bytes: the TorchScript exporter is ~20x faster for one layer;
+    the torch.export-based exporter takes over where that one is gone."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            buf = io.BytesIO()
+            torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["input"])
+            return buf.getvalue()
+        except Exception:  # noqa: BLE001  (legacy exporter removed or unable: use the new one)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "layer.onnx"
+                torch.onnx.export(module, (x,), str(path), dynamo=True, input_names=["input"], external_data=False)
+                return path.read_bytes()
+
+
+def make_timer(config: LatencyConfig) -> LayerTimer:
+    """The `LayerTimer` of ``config.backend``."""
+    if config.backend == "onnxruntime":
+        return OnnxRuntimeTimer(config)
+    if config.backend == "cuda":
+        return TorchTimer(config, device="cuda")
+    return TorchTimer(config, compiled=config.backend == "compile")
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fxlrd" / "latency.json"
+
+
+_CACHE_FORMAT = "fxlrd.latency-cache/1"
+
+
+class LatencyCache:
+    """Layer timings on disk, keyed by strings that hold everything the time depends on.
+
+    Writes merge with what is on disk under a file lock and replace the file atomically, so
+    two processes can fill the same cache at once. A corrupt file is reported and rebuilt.
+    """
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = None if path is None else Path(path)
+        self.entries: dict[str, float] = {}
+        self.hits = self.misses = 0
+        self._dirty: dict[str, float] = {}
+        if self.path is not None:
+            self.entries = self._read()
+
+    def _read(self) -> dict[str, float]:
+        assert self.path is not None
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != _CACHE_FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, not {_CACHE_FORMAT!r}")
+            return {str(k): float(v) for k, v in data["entries"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", stacklevel=2)
+            return {}
+
+    def get(self, key: str) -> float | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, seconds: float) -> None:
+        self.entries[key] = seconds
+        self._dirty[key] = seconds
+
+    def flush(self) -> None:
+        """Merge this process's new entries into the file."""
+        if self.path is None or not self._dirty:
+            return
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = self._read() | self._dirty
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency.", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": _CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        self.entries |= merged
+        self._dirty.clear()
+
+    def timed(self, key: str, measure: Callable[[], float]) -> float:
+        """The cached time under ``key``, measuring (and storing) it on a miss."""
+        value = self.get(key)
+        if value is None:
+            value = measure()
+            self.put(key, value)
+        return value
