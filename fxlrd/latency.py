@@ -236,7 +236,7 @@ class LatencyCache:
         if self.path is not None:
             self.entries = self._read()
 
-    def _read(self) -> dict[str, float]:
+    def _read(self, warn: bool = True) -> dict[str, float]:
         assert self.path is not None
         if not self.path.exists():
             return {}
@@ -246,7 +246,8 @@ class LatencyCache:
                 raise ValueError(f"format is {data.get('format')!r}, not {_CACHE_FORMAT!r}")
             return {str(k): float(v) for k, v in data["entries"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", stacklevel=2)
+            if warn:
+                warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", stacklevel=3)
             return {}
 
     def get(self, key: str) -> float | None:
@@ -270,7 +271,7 @@ class LatencyCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            merged = self._read() | self._dirty
+            merged = self._read(warn=False) | self._dirty
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency.", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump({"format": _CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)

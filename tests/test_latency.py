@@ -1,0 +1,93 @@
+"""Timing backends and the disk cache of layer timings."""
+
+import json
+import multiprocessing as mp
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fxlrd.latency import LatencyCache, LatencyConfig, OnnxRuntimeTimer, TorchTimer, median_call_time
+
+
+def test_median_call_time_is_positive_and_ordered():
+    fast = median_call_time(lambda: sum(range(10)), repeats=5, warmup=1)
+    slow = median_call_time(lambda: sum(range(100_000)), repeats=5, warmup=1)
+    assert 0 < fast < slow
+
+
+@pytest.mark.parametrize("timer_cls", [OnnxRuntimeTimer, TorchTimer])
+def test_backends_time_a_layer(timer_cls):
+    timer = timer_cls(LatencyConfig(repeats=3, warmup=1, threads=1))
+    small = timer.time(nn.Conv2d(16, 16, 1), (1, 16, 8, 8))
+    big = timer.time(nn.Conv2d(256, 256, 3, padding=1), (1, 256, 32, 32))
+    assert 0 < small < big
+    assert "threads=1" in timer.context
+
+
+def test_search_times_a_copy_of_the_users_layer(tmp_path):
+    from fxlrd.rank_search import RankSearcher
+
+    layer = nn.Conv2d(8, 8, 3).train()
+    before = layer.weight.clone()
+    searcher = RankSearcher(LatencyConfig(repeats=2, warmup=1, cache_path=tmp_path / "c.json", progress=False))
+    assert searcher.time_layer(layer, (1, 8, 8, 8)) > 0
+    assert layer.training and torch.equal(layer.weight, before)
+
+
+def test_cache_hit_miss_and_persistence(tmp_path):
+    path = tmp_path / "lat.json"
+    cache = LatencyCache(path)
+    calls = []
+    assert cache.timed("k1", lambda: calls.append(1) or 0.5) == 0.5
+    assert cache.timed("k1", lambda: calls.append(1) or 9.9) == 0.5
+    assert calls == [1] and (cache.hits, cache.misses) == (1, 1)
+    cache.flush()
+    again = LatencyCache(path)
+    assert again.get("k1") == 0.5 and again.get("k2") is None
+
+
+def test_key_change_is_a_miss(tmp_path):
+    from fxlrd.rank_search import RankSearcher
+
+    layer = nn.Conv2d(8, 8, 3)
+    a = RankSearcher(LatencyConfig(threads=1, cache_path=tmp_path / "c.json", progress=False))
+    b = RankSearcher(LatencyConfig(threads=2, cache_path=tmp_path / "c.json", progress=False))
+    assert a._key(layer, (1, 8, 8, 8)) != b._key(layer, (1, 8, 8, 8))
+    assert a._key(layer, (1, 8, 8, 8)) != a._key(layer, (2, 8, 8, 8))
+    assert a._key(layer, (1, 8, 8, 8)) != a._key(nn.Conv2d(8, 8, 3, stride=2), (1, 8, 8, 8))
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": "other", "entries": {}}', '{"format": "fxlrd.latency-cache/1"}', "[]"])
+def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, content):
+    path = tmp_path / "lat.json"
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="unreadable.*rebuilding"):
+        cache = LatencyCache(path)
+    cache.put("k", 1.0)
+    cache.flush()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LatencyCache(path).get("k") == 1.0
+    assert json.loads(path.read_text())["format"] == "fxlrd.latency-cache/1"
+
+
+def _writer(path, prefix, n):
+    cache = LatencyCache(path)
+    for i in range(n):
+        cache.put(f"{prefix}{i}", float(i))
+        cache.flush()
+
+
+def test_two_writers_lose_nothing(tmp_path):
+    path = tmp_path / "lat.json"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, p, 40)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert {f"{p}{i}" for p in "ab" for i in range(40)} <= set(entries)

@@ -1,0 +1,179 @@
+"""Latency-quantized ranks: the selection rule, candidates, global solver, search in the planner."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxlrd
+from fxlrd import ConfigError, LRDConfig
+from fxlrd.latency import LatencyConfig, LayerTimer
+from fxlrd.rank_search import candidate_ranks, select_ranks, solve_global
+
+
+# --- the selection rule on synthetic timing tables ------------------------------------------------
+
+
+def test_picks_largest_rank_within_tolerance_of_fastest():
+    # The paper's Fig. 2 shape: a cliff after 256.
+    timings = {(232,): 1.00, (240,): 1.01, (248,): 1.015, (256,): 1.019, (264,): 1.30, (309,): 1.35}
+    assert select_ranks(2.0, timings, tolerance=0.02) == (256,)
+    assert select_ranks(2.0, timings, tolerance=0.0) == (232,)
+
+
+def test_keeps_the_original_when_no_candidate_is_faster():
+    timings = {(8,): 1.2, (16,): 1.1}
+    assert select_ranks(1.0, timings, 0.02) is None
+    assert select_ranks(1.1, timings, 0.02) is None  # as fast is not faster
+
+
+def test_ties_go_to_the_largest_rank():
+    assert select_ranks(5.0, {(8, 8): 1.0, (16, 16): 1.0, (24, 24): 1.0}, 0.0) == (24, 24)
+
+
+def test_candidates_window_quantum_and_target():
+    assert candidate_ranks("svd", (309,), (512,), 0.25, 8) == [(r,) for r in (232, 240, 248, 256, 264, 272, 280, 288, 296, 304, 309)]
+    assert candidate_ranks("svd", (10,), (64,), 0.25, 1) == [(8,), (9,), (10,)]
+    assert candidate_ranks("svd", (5,), (64,), 0.25, 8) == [(5,)]
+
+
+def test_tucker_candidates_follow_the_ray():
+    cands = candidate_ranks("tucker2", (40, 80), (128, 256), 0.25, 8)
+    assert (40, 80) in cands and all(r2 == 2 * r1 for r1, r2 in cands if (r1, r2) != (40, 80))
+    # Tucker-1: the full mode stays whole.
+    assert all(r1 == 3 for r1, _ in candidate_ranks("tucker2", (3, 22), (3, 64), 0.25, 8))
+
+
+# --- global solver ----------------------------------------------------------------------------------
+
+option_tables = st.lists(
+    st.dictionaries(st.one_of(st.none(), st.tuples(st.integers(1, 64))), st.tuples(st.floats(0.1, 10), st.floats(0, 1)),
+                    min_size=1, max_size=4),
+    min_size=1, max_size=5,
+)  # fmt: skip
+
+
+@given(option_tables, st.floats(0.5, 40))
+def test_global_solution_fits_the_budget_and_is_near_optimal(options, budget):
+    choices, met = solve_global(options, budget)
+    total_t = sum(o[c][0] for o, c in zip(options, choices))
+    total_e = sum(o[c][1] for o, c in zip(options, choices))
+    feasible = [combo for combo in itertools.product(*[list(o) for o in options])
+                if sum(o[c][0] for o, c in zip(options, combo)) <= budget]  # fmt: skip
+    assert met == bool(feasible)
+    if feasible:
+        assert total_t <= budget + 1e-9
+        best = min(sum(o[c][1] for o, c in zip(options, combo)) for combo in feasible)
+        # Lagrangian relaxation can miss the optimum by at most one layer's error range.
+        slack = max(max(v[1] for v in o.values()) - min(v[1] for v in o.values()) for o in options)
+        assert total_e <= best + slack + 1e-9
+
+
+@given(option_tables, st.floats(0.5, 20), st.floats(0, 20))
+def test_more_budget_never_costs_more_error(options, budget, extra):
+    a, met_a = solve_global(options, budget)
+    b, met_b = solve_global(options, budget + extra)
+    err = lambda ch: sum(o[c][1] for o, c in zip(options, ch))  # noqa: E731
+    if met_a:
+        assert err(b) <= err(a) + 1e-9
+
+
+# --- search inside the planner, with a synthetic timer ---------------------------------------------
+
+
+class CostTimer(LayerTimer):
+    """Time = parameter count, plus a cliff for ranks that are not multiples of 16."""
+
+    backend, context = "synthetic", "test"
+
+    def __init__(self):
+        self.calls = 0
+
+    def time(self, module, input_shape):
+        self.calls += 1
+        params = sum(p.numel() for p in module.parameters())
+        odd = any(m.weight.shape[0] % 16 for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        return params * (1.5 if odd else 1.0) * 1e-9
+
+
+@pytest.fixture
+def cost_timer(monkeypatch):
+    timer = CostTimer()
+    monkeypatch.setattr("fxlrd.rank_search.make_timer", lambda config: timer)
+    return timer
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 1), nn.Flatten(), nn.Linear(128 * 8 * 8, 100))  # fmt: skip
+
+
+def test_search_records_timings_and_chooses_by_them(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", quantum=8, progress=False)
+    plan = fxlrd.plan(_model(), LRDConfig(latency=lat), example_inputs=x)
+    lp = plan["2"]
+    assert lp.latency["backend"] == "onnxruntime" and lp.latency["original_ms"] > 0
+    cands = {tuple(r): t for r, t in lp.latency["candidates_ms"]}
+    assert len(cands) >= 2
+    expected = select_ranks(lp.latency["original_ms"], cands, lat.tolerance)
+    assert (lp.ranks if lp.decomposed else None) == expected
+    assert all(r % 16 == 0 for r in lp.ranks)  # avoids the synthetic cliff
+
+
+def test_warm_cache_times_nothing(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    cfg = LRDConfig(latency=LatencyConfig(cache_path=tmp_path / "c.json", progress=False))
+    first = fxlrd.plan(_model(), cfg, example_inputs=x)
+    calls = cost_timer.calls
+    second = fxlrd.plan(_model(), cfg, example_inputs=x)
+    assert calls > 0 and cost_timer.calls == calls
+    assert first.to_dict() == second.to_dict()
+
+
+def test_layers_outside_the_search_are_untouched(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False)
+    plain = fxlrd.plan(_model(), LRDConfig(exclude=["6"]), example_inputs=x)
+    searched = fxlrd.plan(_model(), LRDConfig(exclude=["6"], latency=lat), example_inputs=x)
+    assert searched["6"] == plain["6"] and searched["6"].latency is None
+    assert searched["6"].method == "keep"
+
+
+def test_time_budget_falls_back_to_quantized_ranks(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", time_budget_s=1e-9, quantum=8, progress=False)
+    plan = fxlrd.plan(_model(), LRDConfig(latency=lat), example_inputs=x)
+    for lp in plan.decomposed:
+        assert "time budget" in lp.latency["note"]
+    assert "time budget" in plan.table()
+    assert cost_timer.calls == 0
+
+
+def test_missing_example_inputs_is_a_clear_error():
+    with pytest.raises(ConfigError, match="needs example_inputs"):
+        fxlrd.plan(_model(), LRDConfig(latency=LatencyConfig()))
+
+
+def test_global_mode_meets_its_predicted_target(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False)
+    plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.5, latency=lat), example_inputs=x)
+    g = plan.settings["global_search"]
+    assert g["met"] and g["predicted_speedup"] >= 1.5
+    hard = fxlrd.plan(_model(), LRDConfig(target_speedup=1000, latency=lat), example_inputs=x)
+    assert not hard.settings["global_search"]["met"]
+
+
+@pytest.mark.parametrize("kwargs", [{"backend": "tpu"}, {"window": 1.0}, {"quantum": 0}, {"tolerance": -1}, {"time_budget_s": 0}])
+def test_bad_latency_config(kwargs):
+    with pytest.raises(ConfigError):
+        LatencyConfig(**kwargs)
+
+
+def test_bad_target_speedup():
+    with pytest.raises(ConfigError, match="target_speedup must be a number > 1"):
+        LRDConfig(target_speedup=0.9)
