@@ -9,6 +9,8 @@ from .config import LRDConfig
 from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, PlanMismatchError
 from .export import export_onnx
 from .factorized import Factorized
+from .freeze import SequentialFreezer, freeze, param_groups
+from .latency import LatencyConfig
 from .metrics import count_macs, count_params
 from .plan import LayerPlan, Plan
 
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRDConfig",
+    "LatencyConfig",
     "Plan",
     "LayerPlan",
     "Factorized",
@@ -23,6 +26,9 @@ __all__ = [
     "apply",
     "transform",
     "export_onnx",
+    "freeze",
+    "param_groups",
+    "SequentialFreezer",
     "count_params",
     "count_macs",
     "zoo",

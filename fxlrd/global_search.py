@@ -11,15 +11,16 @@
    Lagrangian relaxation (`fxlrd.rank_search.solve_global`). Layers timed alone cost more
    than inside the model (no fusion with their norm and activation, one run call each), so
    times are used as fractions of the layers' total ``Σ t0``, not as absolute seconds.
-
-The prediction assumes layer times add up; the benchmark measures the real speed-up.
+4. Close the loop: build the chosen model, time it whole on the backend, and scale the
+   internal target by ``target / measured`` (up to 3 rounds). The least-error choice whose
+   *measured* speed-up reaches the target is kept; the rounds are recorded in the plan.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import fx
@@ -76,51 +77,81 @@ def truncation_errors(weight: torch.Tensor, method: str):
 
 
 def plan_globally(
-    gm: fx.GraphModule, todos: "list[_Todo]", config: "LRDConfig", example_inputs: Sequence[torch.Tensor], plan: "Plan"
-) -> Iterator[tuple["_Todo", tuple[int, ...] | None, str]]:
-    """Yield ``(todo, ranks or None, reason)`` for every layer, meeting ``config.target_speedup``."""
+    gm: fx.GraphModule, todos: "list[_Todo]", config: "LRDConfig", example_inputs: Sequence[torch.Tensor],
+    plan: "Plan", fill: Callable[["_Todo", tuple[int, ...] | None, str], None], max_rounds: int = 3,
+) -> None:
+    """Choose every layer's ranks (or keep) for ``config.target_speedup``, calling ``fill``.
+
+    Closed loop: solve on the layer timings, build the model, measure it whole on the backend,
+    and correct the internal target by the measured/predicted gap, up to ``max_rounds``
+    times; the least-error choice that measured at or above the target wins.
+    """
+    from fxlrd.passes import DecomposePass
+
     if len(example_inputs) != 1:
         raise ConfigError("target_speedup (global mode) supports models with one input tensor for now")
+    target = config.target_speedup
+    shape = tuple(example_inputs[0].shape)
     searcher = RankSearcher(config.latency)
-    searcher.progress(len(todos) + 1)
+    searcher.progress(len(todos))
     try:
-        model_s = searcher.timer.time(copy.deepcopy(gm), tuple(example_inputs[0].shape))
-        options, records = [], []
+        model_s = searcher.timer.time(copy.deepcopy(gm), shape)
+        options = []
         for todo in todos:
-            shape = todo.lp.input_shape
             calls = len(todo.call_sites)
-            t0 = searcher.time_layer(todo.module, shape) * calls
+            t0 = searcher.time_layer(todo.module, todo.lp.input_shape) * calls
             error = truncation_errors(todo.module.weight, todo.method)
             opts: dict = {None: (t0, 0.0)}
             for ranks in global_candidates(todo.method, todo.ranks, todo.caps, config.latency.quantum):
                 if count_params(factorized_like(todo.module, todo.method, ranks, device="meta")) >= todo.lp.params_before:
                     continue  # not a compression
-                opts[ranks] = (searcher.time_ranks(todo.module, todo.method, ranks, shape) * calls, error(ranks))
+                opts[ranks] = (searcher.time_ranks(todo.module, todo.method, ranks, todo.lp.input_shape) * calls, error(ranks))
             options.append(opts)
             searcher.cache.flush()
             searcher._tick()
-        # Layers timed alone cost more than inside the model (no fusion, a run call each), so
-        # their sum can exceed the model's time: work in fractions of the layers' total.
-        layers_s = sum(opt[None][0] for opt in options)
-        other = max(0.0, model_s - layers_s) / model_s  # fraction of the model outside the layers
-        keep_fraction = (1 / config.target_speedup - other) / (1 - other)
-        budget_s = layers_s * keep_fraction if keep_fraction > 0 else 0.0
-        choices, met = solve_global(options, budget_s)
-        chosen_s = sum(opt[c][0] for opt, c in zip(options, choices))
-        predicted = 1 / (other + (1 - other) * chosen_s / layers_s)
     finally:
         searcher.close()
+    # Layers timed alone cost more than inside the model (no fusion, a run call each), so
+    # their sum can exceed the model's time: work in fractions of the layers' total.
+    layers_s = sum(opt[None][0] for opt in options)
+    other = max(0.0, model_s - layers_s) / model_s
+
+    def solve(internal_target: float):
+        keep_fraction = (1 / internal_target - other) / (1 - other)
+        choices, met = solve_global(options, layers_s * keep_fraction if keep_fraction > 0 else 0.0)
+        chosen_s = sum(opt[c][0] for opt, c in zip(options, choices))
+        return choices, 1 / (other + (1 - other) * chosen_s / layers_s)
+
+    def apply_choices(choices) -> None:
+        for todo, choice in zip(todos, choices):
+            fill(todo, choice, "" if choice is not None else "global: kept (least error for the target)")
+
+    rounds, internal, best = [], target, None
+    for _ in range(max_rounds):
+        choices, predicted = solve(internal)
+        apply_choices(choices)
+        trial = DecomposePass(plan)(copy.deepcopy(gm)).graph_module
+        measured = model_s / searcher.timer.time(trial, shape)
+        error = sum(opt[c][1] for opt, c in zip(options, choices))
+        rounds.append({"internal_target": internal, "predicted_speedup": predicted, "measured_speedup": measured, "total_error": error})
+        if measured >= target and (best is None or error < best[1]):
+            best = (choices, error, len(rounds) - 1)
+        if target <= measured <= target * 1.05:
+            break
+        internal = max(1.0 + 1e-3, internal * target / measured)
+    if best is None:  # never reached: the fastest measured
+        i = max(range(len(rounds)), key=lambda k: rounds[k]["measured_speedup"])
+        best = (solve(rounds[i]["internal_target"])[0], rounds[i]["total_error"], i)
+    choices, error, index = best
+    apply_choices(choices)
     plan.settings["global_search"] = {
-        "target_speedup": config.target_speedup, "predicted_speedup": predicted, "met": met,
-        "model_original_ms": model_s * 1e3, "layers_original_ms": layers_s * 1e3, "other_fraction": other,
-        "layers_budget_ms": budget_s * 1e3, "layers_chosen_ms": chosen_s * 1e3,
-        "total_error": sum(opt[c][1] for opt, c in zip(options, choices)),
+        "target_speedup": target, "measured_speedup": rounds[index]["measured_speedup"],
+        "met": rounds[index]["measured_speedup"] >= target, "model_original_ms": model_s * 1e3,
+        "layers_original_ms": layers_s * 1e3, "other_fraction": other, "rounds": rounds, "chosen_round": index,
     }  # fmt: skip
     for todo, opts, choice in zip(todos, options, choices):
         todo.lp.latency = {
             "backend": config.latency.backend, "original_ms": opts[None][0] * 1e3,
             "candidates_ms": [[list(r), t * 1e3, e] for r, (t, e) in opts.items() if r is not None],
-            "chosen": None if choice is None else list(choice),
-            "note": "" if choice is not None else "global: kept (cheapest error for the target)",
+            "chosen": None if choice is None else list(choice), "note": "" if choice is not None else "global: kept",
         }  # fmt: skip
-        yield todo, choice, "" if choice is not None else "global: kept (cheapest error for the target)"

@@ -174,16 +174,11 @@ class OnnxRuntimeTimer(LayerTimer):
         self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"
 
     def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
-        import onnxruntime as ort
+        from .export import onnx_session
 
         module = module.cpu().eval()
         x = torch.randn(tuple(input_shape), dtype=next(module.parameters()).dtype)
-        model_bytes = onnx_bytes(module, x)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model_bytes, options, providers=self.providers)
+        session = onnx_session(onnx_bytes(module, x), threads=self.threads, providers=self.providers)
         feed = {session.get_inputs()[0].name: x.numpy()}
         return median_call_time(lambda: session.run(None, feed), repeats=self.config.repeats, warmup=self.config.warmup)
 

@@ -131,6 +131,7 @@ class _Todo:
 def _fill(todo: _Todo, ranks: tuple[int, ...] | None, config: LRDConfig, reason: str = "") -> None:
     """Set the layer's final ranks (None: keep it, for ``reason``) with params and MACs."""
     lp = todo.lp
+    lp.method, lp.ranks, lp.reason, lp.params_after, lp.macs_after = "keep", (), "", lp.params_before, lp.macs_before
     if ranks is None:
         lp.reason = reason
         return
@@ -205,8 +206,7 @@ def make_plan(
     if config.target_speedup is not None:
         from .global_search import plan_globally
 
-        for todo, ranks, why in plan_globally(gm, todos, config, example_inputs, plan):
-            _fill(todo, ranks, config, why)
+        plan_globally(gm, todos, config, example_inputs, plan, lambda todo, ranks, why: _fill(todo, ranks, config, why))
     elif config.latency is not None:
         _search(todos, config)
     else:

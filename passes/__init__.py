@@ -6,5 +6,6 @@ Each pass is a ``torch.fx.passes.infra.pass_base.PassBase``: ``call(gm)`` return
 """
 
 from .decompose import DecomposePass
+from .freeze import FreezePass
 
-__all__ = ["DecomposePass"]
+__all__ = ["DecomposePass", "FreezePass"]

@@ -1,0 +1,195 @@
+"""Freezing: policies, parameter groups, the sequential schedule, and DDP."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+import fxlrd
+from fxlrd import SequentialFreezer, param_groups, zoo
+from fxlrd.freeze import factor_nodes
+from fxlrd.passes import FreezePass
+
+
+def _factors(gm):
+    return {node.target: (node.meta["fxlrd"], module) for node, module in factor_nodes(gm)}
+
+
+def _grad_flags(gm):
+    return {name: all(p.requires_grad for p in m.parameters()) for name, (_, m) in _factors(gm).items()}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return fxlrd.transform(zoo.resnet50())
+
+
+def test_paper_policy(resnet):
+    gm = fxlrd.freeze(resnet, "paper")
+    flags = _grad_flags(gm)
+    assert flags["layer1.0.conv1.in_proj"] is False and flags["layer1.0.conv1.out_proj"] is True
+    assert flags["layer1.0.conv2.core"] is True
+    assert flags["layer1.0.conv2.in_proj"] is False and flags["layer1.0.conv2.out_proj"] is False
+    assert flags["conv1.core"] is True and flags["conv1.out_proj"] is False  # Tucker-1 stem
+    assert flags["fc.out_proj"] is True and flags["fc.in_proj"] is False
+    assert all(p.requires_grad for p in gm.get_submodule("layer1.0.bn1").parameters())  # not a factor: untouched
+    for name, (info, _) in _factors(gm).items():
+        assert info["trainable"] == flags[name]
+    fxlrd.freeze(gm, "none")
+    assert all(_grad_flags(gm).values())
+
+
+def test_mapping_policy_patterns_win_over_roles(resnet):
+    gm = fxlrd.freeze(resnet, {"core": False, "in_proj": True, "layer4.*.core": True})
+    flags = _grad_flags(gm)
+    assert flags["layer1.0.conv2.core"] is False and flags["layer4.0.conv2.core"] is True
+    assert flags["layer1.0.conv2.in_proj"] is True and flags["layer1.0.conv2.out_proj"] is True
+
+
+def test_freeze_pass_is_idempotent_in_pass_manager(resnet):
+    fxlrd.freeze(resnet, "none")
+    result = PassManager(passes=[FreezePass("paper")])(resnet)
+    assert result.modified
+    assert not FreezePass("paper")(result.graph_module).modified
+
+
+@pytest.mark.parametrize("policy", ["some", {"core": "yes"}, 3])
+def test_bad_policy(policy):
+    with pytest.raises(ValueError, match="freeze policy"):
+        FreezePass(policy)
+
+
+def test_param_groups_partition_the_parameters(resnet):
+    gm = fxlrd.freeze(resnet, "paper")
+    groups = param_groups(gm, lr=0.1)
+    assert [g["name"] for g in groups] == ["factors_trainable", "factors_frozen", "other"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(gm.parameters()))
+    assert all(p.requires_grad for p in groups[0]["params"]) and not any(p.requires_grad for p in groups[1]["params"])
+    assert all(g["lr"] == 0.1 for g in groups)
+    torch.optim.SGD(groups, momentum=0.9)  # usable as is
+
+
+def _small():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))  # fmt: skip
+    return fxlrd.transform(model, fxlrd.LRDConfig(ratio=1.5, rank_quantum=1))
+
+
+def _train_step(gm, opt):
+    opt.zero_grad()
+    gm(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    opt.step()
+
+
+def test_frozen_factors_are_not_updated():
+    gm = fxlrd.freeze(_small(), "paper")
+    opt = torch.optim.SGD(param_groups(gm), lr=0.1, momentum=0.9)
+    frozen = {n: m.weight.clone() for n, (_, m) in _factors(gm).items() if not m.weight.requires_grad}
+    for _ in range(3):
+        _train_step(gm, opt)
+    assert frozen
+    for name, w in frozen.items():
+        assert torch.equal(_factors(gm)[name][1].weight, w)
+
+
+def test_sequential_phases_switch_every_period():
+    gm = _small()
+    freezer = SequentialFreezer(gm, period=2)
+    phase0 = _grad_flags(gm)
+    assert phase0["3.out_proj"] and not phase0["3.in_proj"] and phase0["0.core"] and not phase0["0.out_proj"]
+    assert [freezer.step() for _ in range(5)] == [False, True, False, True, False]
+    freezer.steps = 2
+    freezer._apply(freezer.phase)
+    phase1 = _grad_flags(gm)
+    assert phase1["3.in_proj"] and not phase1["3.out_proj"] and phase1["0.out_proj"] and not phase1["0.core"]
+
+
+def test_switch_leaves_no_stale_gradient_or_optimizer_state():
+    gm = _small()
+    opt = torch.optim.Adam(param_groups(gm), lr=0.01)
+    freezer = SequentialFreezer(gm, period=1, optimizer=opt)
+    _train_step(gm, opt)
+    trained = [m.weight for _, (_, m) in _factors(gm).items() if m.weight.requires_grad]
+    assert all(w.grad is not None and w in opt.state for w in trained)
+    assert freezer.step()
+    for w in trained:
+        assert not w.requires_grad and w.grad is None and w not in opt.state
+    before = [w.clone() for w in trained]
+    _train_step(gm, opt)
+    assert all(torch.equal(w, b) for w, b in zip(trained, before))
+
+
+def test_resume_continues_the_same_phase():
+    gm = _small()
+    freezer = SequentialFreezer(gm, period=3)
+    for _ in range(4):
+        freezer.step()
+    state = freezer.state_dict()
+    flags = _grad_flags(gm)
+    gm2 = _small()
+    resumed = SequentialFreezer(gm2, period=3)
+    resumed.load_state_dict(state)
+    assert resumed.phase == freezer.phase == 1 and _grad_flags(gm2) == flags
+    with pytest.raises(ValueError, match="period"):
+        SequentialFreezer(_small(), period=2).load_state_dict(state)
+
+
+def test_freezer_needs_a_decomposed_model():
+    with pytest.raises(ValueError, match="no decomposed factors"):
+        SequentialFreezer(torch.fx.symbolic_trace(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="period"):
+        SequentialFreezer(_small(), period=0)
+
+
+# --- DistributedDataParallel ---------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    gm = _small()
+    freezer = SequentialFreezer(gm, period=2)
+    model = DDP(gm)
+    opt = torch.optim.SGD(param_groups(gm), lr=0.05, momentum=0.9)
+    torch.manual_seed(100 + rank)  # each rank sees different data
+    switches = 0
+    for _ in range(7):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        opt.step()
+        if freezer.step():
+            switches += 1
+            model = DDP(gm)  # re-wrap: DDP hooks only parameters that require grad when built
+    # Parameters only: batch-norm buffers legitimately differ (each rank's last forward updates its own).
+    params = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    torch.save({"state": params, "switches": switches}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sequential_freezing_under_ddp_keeps_ranks_identical():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init")
+        mp.spawn(_ddp_worker, args=(2, init, tmp), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
+    assert r0["switches"] == r1["switches"] == 3
+    start = _small_state()
+    for key, value in r0["state"].items():
+        torch.testing.assert_close(value, r1["state"][key], rtol=0, atol=0)
+    changed = [k for k, v in r0["state"].items() if not torch.equal(v, start[k])]
+    assert any(k.endswith("in_proj.weight") for k in changed) and any(k.endswith("out_proj.weight") for k in changed)
+
+
+def _small_state():
+    torch.manual_seed(0)
+    return _small().state_dict()
