@@ -15,6 +15,7 @@ from . import zoo
 from .api import plan as make_plan
 from .api import transform
 from .config import LRDConfig
+from .latency import BACKENDS, LatencyConfig
 from .export import export_onnx, onnx_session
 from .metrics import count_macs, count_params
 from .timing import environment, median_times
@@ -23,7 +24,11 @@ __all__ = ["main"]
 
 
 def _config(args: argparse.Namespace) -> LRDConfig:
-    return LRDConfig(ratio=args.ratio, rank_quantum=args.quantum, beta=args.beta)
+    latency = None
+    if args.latency or args.target_speedup:
+        latency = LatencyConfig(backend=args.latency or "onnxruntime", threads=getattr(args, "threads", None))
+    return LRDConfig(ratio=args.ratio, rank_quantum=args.quantum, beta=args.beta, latency=latency,
+                     target_speedup=args.target_speedup)  # fmt: skip
 
 
 def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor]:
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--size", type=int, default=224, help="input height and width")
         p.add_argument("--json", default=None, help="also write the result as JSON here")
+        p.add_argument("--latency", choices=BACKENDS, default=None, help="choose ranks by timing layers on this backend")
+        p.add_argument("--target-speedup", type=float, default=None, help="global mode: whole-model speed-up to reach")
     demo = sub.choices["demo"]
     demo.add_argument("--out", default="build", help="folder for the ONNX files")
     demo.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads (default: all cores)")

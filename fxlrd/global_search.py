@@ -131,7 +131,7 @@ def plan_globally(
         choices, predicted = solve(internal)
         apply_choices(choices)
         trial = DecomposePass(plan)(copy.deepcopy(gm)).graph_module
-        measured = model_s / searcher.timer.time(trial, shape)
+        measured = searcher.timer.speedup(copy.deepcopy(gm), trial, shape)
         error = sum(opt[c][1] for opt, c in zip(options, choices))
         rounds.append({"internal_target": internal, "predicted_speedup": predicted, "measured_speedup": measured, "total_error": error})
         if measured >= target and (best is None or error < best[1]):

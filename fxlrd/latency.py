@@ -130,8 +130,22 @@ class LayerTimer:
     backend: str = ""
     context: str = ""
 
-    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:  # pragma: no cover - interface
+    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:  # pragma: no cover
+        """A zero-argument callable running ``module`` once on a random input of that shape."""
         raise NotImplementedError
+
+    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+        """Median seconds of one run of ``module`` at ``input_shape``."""
+        return median_call_time(self.runner(module, input_shape), repeats=self.config.repeats, warmup=self.config.warmup)
+
+    def speedup(self, original: nn.Module, other: nn.Module, input_shape: Sequence[int]) -> float:
+        """How many times faster ``other`` runs than ``original``, the two timed taking turns
+        so the machine's drift cancels out of the ratio."""
+        from .timing import median_times
+
+        runs = {"original": self.runner(original, input_shape), "other": self.runner(other, input_shape)}
+        times = median_times(runs, repeats=self.config.repeats, warmup=self.config.warmup)
+        return times["original"]["median"] / times["other"]["median"]
 
 
 class TorchTimer(LayerTimer):
@@ -144,15 +158,35 @@ class TorchTimer(LayerTimer):
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
         self.context = f"{where}|torch={torch.__version__}|threads={self.threads}"
 
-    @torch.no_grad()
-    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
-        from torch.utils import benchmark
-
+    def _prepare(self, module: nn.Module, input_shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
         module = module.to(self.device).eval()
         x = torch.randn(tuple(input_shape), device=self.device, dtype=next(module.parameters()).dtype)
         if self.compiled:
             module = torch.compile(module)
-            module(x)  # compile outside the timing
+            with torch.no_grad():
+                module(x)  # compile outside the timing
+        return module, x
+
+    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+        module, x = self._prepare(module, input_shape)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        threads = self.threads
+
+        def run() -> None:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                module(x)
+            sync()
+            torch.set_num_threads(previous)
+
+        return run
+
+    @torch.no_grad()
+    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+        from torch.utils import benchmark
+
+        module, x = self._prepare(module, input_shape)
         timer = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=self.threads)
         timer.timeit(self.config.warmup or 1)
         number = max(1, int(5e-4 / max(timer.timeit(1).mean, 1e-7)))  # samples of >= 0.5 ms
@@ -173,14 +207,14 @@ class OnnxRuntimeTimer(LayerTimer):
         where = "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()
         self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"
 
-    def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
         from .export import onnx_session
 
         module = module.cpu().eval()
         x = torch.randn(tuple(input_shape), dtype=next(module.parameters()).dtype)
         session = onnx_session(onnx_bytes(module, x), threads=self.threads, providers=self.providers)
         feed = {session.get_inputs()[0].name: x.numpy()}
-        return median_call_time(lambda: session.run(None, feed), repeats=self.config.repeats, warmup=self.config.warmup)
+        return lambda: session.run(None, feed)
 
 
 def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:

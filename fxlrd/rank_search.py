@@ -173,7 +173,8 @@ def solve_global(options: list[dict[Ranks | None, tuple[float, float]]], budget_
 
     ``options[i]`` maps a choice (ranks, or None for the original layer) to ``(time_s, error)``.
     For a price λ on time, each layer independently takes ``argmin error + λ·time``; λ is
-    bisected to the smallest price whose choices fit the budget. Returns the choices and
+    bisected to the smallest price whose choices fit the budget, then time left over is spent
+    greedily on lower-error options. Returns the choices and
     whether the budget was met (if not, the fastest choice of every layer).
     """
     def pick(lam: float) -> list[Ranks | None]:
@@ -198,4 +199,24 @@ def solve_global(options: list[dict[Ranks | None, tuple[float, float]]], budget_
             hi = mid
         else:
             lo = mid
-    return pick(hi), True
+    return _spend_slack(options, pick(hi), budget_s), True
+
+
+def _spend_slack(options, choice, budget_s: float):
+    """Greedy repair after the relaxation: while time is left in the budget, move a layer to a
+    lower-error option that still fits (best error saved per second first). Identical layers
+    switch at the same price, so the relaxation alone leaves such slack unused."""
+    choice = list(choice)
+    while True:
+        slack = budget_s - sum(opt[c][0] for opt, c in zip(options, choice))
+        best, best_gain = None, 0.0
+        for i, opt in enumerate(options):
+            t_now, e_now = opt[choice[i]]
+            for k, (t, e) in opt.items():
+                if e < e_now and t - t_now <= slack + 1e-15:
+                    gain = (e_now - e) / max(t - t_now, 1e-12)
+                    if best is None or gain > best_gain:
+                        best, best_gain = (i, k), gain
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]

@@ -98,6 +98,9 @@ class CostTimer(LayerTimer):
         odd = any(m.weight.shape[0] % 16 for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
         return params * (1.5 if odd else 1.0) * 1e-9
 
+    def speedup(self, original, other, input_shape):
+        return self.time(original, input_shape) / self.time(other, input_shape)
+
 
 @pytest.fixture
 def cost_timer(monkeypatch):
