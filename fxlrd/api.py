@@ -51,10 +51,17 @@ def plan(model: nn.Module, config: LRDConfig | None = None, *, example_inputs: I
     return make_plan(gm, config, _as_tuple(example_inputs))
 
 
-def _apply_to_graph(gm: fx.GraphModule, plan_: Plan) -> fx.GraphModule:
-    from fxlrd.passes import DecomposePass
+def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None) -> fx.GraphModule:
+    """DecomposePass, then the BranchPass and MergePass the plan's settings ask for."""
+    from fxlrd.passes import BranchPass, DecomposePass, MergePass
 
-    return DecomposePass(plan_)(gm).graph_module
+    gm = DecomposePass(plan_)(gm).graph_module
+    branches = int(plan_.settings.get("branches", 1) or 1)
+    if branches > 1:
+        gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
+    if plan_.settings.get("merge"):
+        gm = MergePass(plan_.settings["merge"])(gm).graph_module
+    return gm
 
 
 def _mirror_into(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -84,7 +91,7 @@ def apply(
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an fxlrd.Plan, got {type(plan).__name__}; use fxlrd.plan(model) or Plan.from_json")
     gm = capture(model, leaf_modules=leaf_modules, copy_model=not inplace)
-    gm = _apply_to_graph(gm, plan)
+    gm = _apply_to_graph(gm, plan, reference=None if inplace else model)
     if inplace and gm is not model:
         _mirror_into(model, gm)
     return gm
@@ -106,7 +113,7 @@ def transform(
     check_module(model)
     gm = capture(model, leaf_modules=config.leaf_modules, copy_model=not inplace)
     plan_ = make_plan(gm, config, _as_tuple(example_inputs))
-    gm = _apply_to_graph(gm, plan_)
+    gm = _apply_to_graph(gm, plan_, reference=None if inplace else model)
     if inplace and gm is not model:
         _mirror_into(model, gm)
     gm.fxlrd_plan = plan_

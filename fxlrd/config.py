@@ -63,6 +63,13 @@ class LRDConfig:
         target_speedup: global mode: choose every layer's ranks (or keep it) so the model's
             predicted latency is ``1 / target_speedup`` of the original with the least total
             truncation error. Implies ``latency=LatencyConfig()`` when that is not given.
+        merge: ``None``, ``"exact"`` or ``"approximate"``: run `fxlrd.passes.MergePass` after
+            decomposing (paper 2.3).
+        branches: N > 1 makes Tucker cores grouped convs with N branches (paper 2.4).
+        branch_init: ``"btd"`` (block-term ALS) or ``"truncate"`` (diagonal blocks).
+        decompose_pointwise: decompose Linear and 1×1 convs too. Default: yes, unless
+            ``merge`` is set (the paper's merged ResNet decomposes only the k×k convs and
+            merges their factors into the 1×1 convs around them).
     """
 
     ratio: float = 2.0
@@ -81,6 +88,10 @@ class LRDConfig:
     leaf_modules: Sequence[type[nn.Module] | str] = ()
     latency: LatencyConfig | None = None
     target_speedup: float | None = None
+    merge: str | None = None
+    branches: int = 1
+    branch_init: str = "btd"
+    decompose_pointwise: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -125,6 +136,14 @@ class LRDConfig:
         set_("leaf_modules", leaves)
         if self.latency is not None and not isinstance(self.latency, LatencyConfig):
             raise ConfigError(f"latency must be an fxlrd.LatencyConfig, got {type(self.latency).__name__}")
+        if self.merge not in (None, "exact", "approximate"):
+            raise ConfigError(f"merge must be None, 'exact' or 'approximate', got {self.merge!r}")
+        if not isinstance(self.branches, int) or isinstance(self.branches, bool) or self.branches < 1:
+            raise ConfigError(f"branches must be an int >= 1, got {self.branches!r}")
+        if self.branch_init not in ("btd", "truncate"):
+            raise ConfigError(f"branch_init must be 'btd' or 'truncate', got {self.branch_init!r}")
+        if self.decompose_pointwise is None:
+            set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:
             if not _is_number(self.target_speedup) or self.target_speedup <= 1:
                 raise ConfigError(f"target_speedup must be a number > 1 (e.g. 1.8 for 1.8x faster), got {self.target_speedup!r}")

@@ -68,6 +68,8 @@ def _keep_reason(name: str, module: nn.Module, spec: LayerSpec | None, config: L
         return "matched by exclude"
     if config.filter_fn is not None and not config.filter_fn(module, name):
         return "filter_fn returned False"
+    if spec is not None and spec.pointwise and not config.decompose_pointwise:
+        return "pointwise layer kept (decompose_pointwise=False)"
     return ""
 
 

@@ -5,7 +5,9 @@ Each pass is a ``torch.fx.passes.infra.pass_base.PassBase``: ``call(gm)`` return
 ``modified=False``.
 """
 
+from .branch import BranchPass
 from .decompose import DecomposePass
 from .freeze import FreezePass
+from .merge import MergePass
 
-__all__ = ["DecomposePass", "FreezePass"]
+__all__ = ["DecomposePass", "MergePass", "BranchPass", "FreezePass"]

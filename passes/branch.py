@@ -1,0 +1,96 @@
+"""`BranchPass`: turn Tucker-2 cores into grouped convs with N branches (paper 2.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxlrd.branch import fit_btd, truncate_blocks
+from fxlrd.factorized import Factorized
+
+from ._graph import set_submodule
+
+__all__ = ["BranchPass"]
+
+
+class BranchPass(PassBase):
+    """Make every Tucker-2 layer (with both ``in_proj`` and ``out_proj``) N-branched.
+
+    Ranks are rounded down to multiples of ``branches``; the core becomes a conv with
+    ``groups=branches``. ``init="truncate"`` keeps the core's diagonal blocks;
+    ``init="btd"`` fits the blocks by block-term ALS (`fxlrd.branch.fit_btd`) to the
+    original layer's weight when ``reference`` (the model before decomposition) is given,
+    else to the current Tucker weight. Tucker-1 layers are left alone.
+    """
+
+    def __init__(self, branches: int = 2, init: str = "btd", reference: nn.Module | None = None, sweeps: int = 5):
+        if not isinstance(branches, int) or branches < 2:
+            raise ValueError(f"branches must be an int >= 2, got {branches!r}")
+        if init not in ("btd", "truncate"):
+            raise ValueError(f"init must be 'btd' or 'truncate', got {init!r}")
+        super().__init__()
+        self.branches, self.init, self.reference, self.sweeps = branches, init, reference, sweeps
+
+    def _targets(self, gm: fx.GraphModule) -> list[str]:
+        names = []
+        for name, m in gm.named_modules():
+            if isinstance(m, Factorized) and m.method == "tucker2":
+                kids = dict(m.named_children())
+                if {"in_proj", "core", "out_proj"} <= kids.keys() and kids["core"].groups == 1:
+                    if min(kids["core"].in_channels, kids["core"].out_channels) >= self.branches:
+                        names.append(name)
+        return names
+
+    @torch.no_grad()
+    def _branch(self, name: str, fact: Factorized) -> dict[str, nn.Module]:
+        n = self.branches
+        inp, core, out = fact.in_proj, fact.core, fact.out_proj
+        v = inp.weight.reshape(inp.out_channels, -1).T.double()  # C × r1
+        u = out.weight.reshape(out.out_channels, -1).double()  # S × r2
+        g = core.weight.double()
+        blocks = truncate_blocks(v, g, u, n)
+        if self.init == "btd":
+            target = None
+            if self.reference is not None:
+                try:
+                    target = self.reference.get_submodule(name).weight.detach().double()
+                except AttributeError:
+                    target = None
+            if target is None or target.shape[:2] != (u.shape[0], v.shape[0]):
+                target = torch.einsum("rq...,sr,cq->sc...", g, u, v)
+            blocks = fit_btd(target.cpu(), blocks, sweeps=self.sweeps)
+        r1, r2 = blocks.cores[0].shape[1], blocks.cores[0].shape[0]
+        kw = {"device": core.weight.device, "dtype": core.weight.dtype}
+        conv = type(core) if type(core) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else nn.Conv2d
+        new_in = conv(inp.in_channels, n * r1, 1, bias=False, **kw)
+        new_core = conv(n * r1, n * r2, core.kernel_size, stride=core.stride, padding=core.padding, dilation=core.dilation,
+                        groups=n, padding_mode=core.padding_mode, bias=False, **kw)  # fmt: skip
+        new_out = conv(n * r2, out.out_channels, 1, bias=out.bias is not None, **kw)
+        new_in.weight.copy_(torch.cat(blocks.in_factors, 1).T.reshape(new_in.weight.shape))
+        new_core.weight.copy_(torch.cat(blocks.cores, 0).reshape(new_core.weight.shape))
+        new_out.weight.copy_(torch.cat(blocks.out_factors, 1).reshape(new_out.weight.shape))
+        if out.bias is not None:
+            new_out.bias.copy_(out.bias)
+        return {"in_proj": new_in, "core": new_core, "out_proj": new_out}
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        targets = self._targets(gm)
+        if not targets:
+            return PassResult(gm, False)
+        replacements = {name: self._branch(name, gm.get_submodule(name)) for name in targets}
+        for name, modules in replacements.items():
+            fact = gm.get_submodule(name)
+            for role, module in modules.items():
+                set_submodule(gm, f"{name}.{role}", module)
+            fact.ranks = (modules["core"].in_channels, modules["core"].out_channels)
+            for node in gm.graph.nodes:
+                info = node.meta.get("fxlrd", {})
+                if node.op == "call_module" and info.get("source") == name and "role" in info:
+                    info["ranks"], info["branches"] = fact.ranks, self.branches
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+

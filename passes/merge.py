@@ -1,0 +1,145 @@
+"""`MergePass`: merge a pointwise layer with an adjacent decomposed factor (paper 2.3).
+
+After Tucker-2 of a bottleneck's 3×3 conv, ``conv1 → bn1 → relu → in_proj`` and
+``out_proj → bn2 → relu → conv3`` are pairs of pointwise layers around a norm and an
+activation. Merging each pair gives the block its original depth with a narrower bottleneck.
+
+- ``mode="exact"``: only pairs with nothing nonlinear between; the norm (eval statistics)
+  is folded in and ``B ∘ N ∘ A`` becomes one layer that computes the same function.
+- ``mode="approximate"``: pairs across an elementwise activation too. The layers are
+  composed as if the activation were not there, and the norm and activation move to the
+  narrow side of the merged layer: after it when it narrows (``conv1`` + ``in_proj``),
+  before it when it widens (``out_proj`` + ``conv3``). The moved norm is new (its statistics
+  must be re-estimated: `fxlrd.recover.reestimate_norms`) and the model needs fine-tuning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxlrd.fusion import ACTIVATIONS, compose_pointwise, fold_norm, is_pointwise
+
+from ._graph import set_submodule
+
+__all__ = ["MergePass"]
+
+_ACT_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, torch.sigmoid, torch.tanh, F.leaky_relu}
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), ACTIVATIONS)
+    if node.op == "call_function":
+        return node.target in _ACT_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_", "sigmoid", "tanh")
+
+
+def _single_input(node: fx.Node) -> fx.Node | None:
+    arg = node.args[0] if node.args else None
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def _same_family(a: nn.Module, b: nn.Module) -> bool:
+    if isinstance(a, nn.Linear) or isinstance(b, nn.Linear):
+        return isinstance(a, nn.Linear) and isinstance(b, nn.Linear)
+    return isinstance(a, nn.Conv2d) == isinstance(b, nn.Conv2d)
+
+
+class MergePass(PassBase):
+    """Merge pointwise layers with adjacent decomposed factors; see the module docstring."""
+
+    def __init__(self, mode: str = "exact") -> None:
+        if mode not in ("exact", "approximate"):
+            raise ValueError(f"merge mode must be 'exact' or 'approximate', got {mode!r}")
+        super().__init__()
+        self.mode = mode
+
+    def _match(self, gm: fx.GraphModule, b: fx.Node):
+        """``(a, norm, act, b)`` if ``b`` ends a mergeable chain, else None."""
+        mb = _module(gm, b)
+        if mb is None or not is_pointwise(mb) or len(b.args) != 1 or b.kwargs:
+            return None
+        cur, act, norm = _single_input(b), None, None
+        if cur is not None and _is_activation(gm, cur) and len(cur.users) == 1:
+            act, cur = cur, _single_input(cur)
+        if cur is not None and isinstance(_module(gm, cur), _NORMS) and len(cur.users) == 1:
+            norm, cur = cur, _single_input(cur)
+        if cur is None or len(cur.users) != 1 or len(cur.args) != 1 or cur.kwargs:
+            return None
+        ma = _module(gm, cur)
+        if ma is None or not is_pointwise(ma) or not _same_family(ma, mb) or ma.weight.shape[0] != mb.weight.shape[1]:
+            return None
+        fa, fb = cur.meta.get("fxlrd", {}), b.meta.get("fxlrd", {})
+        if "role" not in fa and "role" not in fb:
+            return None  # neither is a decomposed factor
+        if "role" in fa and "role" in fb and fa.get("source") == fb.get("source"):
+            return None  # two factors of one layer: merging would undo the decomposition
+        if act is not None and self.mode != "approximate":
+            return None
+        if act is not None and act.op == "call_function" and (len(act.args) != 1 or act.kwargs):
+            return None
+        return cur, norm, act, b
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm, modified = graph_module, False
+        while True:
+            match = next((m for n in list(gm.graph.nodes) if n.op == "call_module" and (m := self._match(gm, n))), None)
+            if match is None:
+                break
+            self._merge(gm, *match)
+            modified = True
+        if modified:
+            gm.delete_all_unused_submodules()
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _merge(self, gm: fx.GraphModule, a: fx.Node, norm: fx.Node | None, act: fx.Node | None, b: fx.Node) -> None:
+        ma, mb = _module(gm, a), _module(gm, b)
+        first = fold_norm(ma, _module(gm, norm)) if norm is not None else ma
+        merged = compose_pointwise(first, mb)
+        info = {"merged_from": [a.target, b.target], "exact": act is None}
+        if act is None:  # exact: A → [N] → B is one layer
+            set_submodule(gm, a.target, merged)
+            b.replace_all_uses_with(a)
+            gm.graph.erase_node(b)
+            if norm is not None:
+                norm.replace_all_uses_with(a)
+                gm.graph.erase_node(norm)
+            a.meta["fxlrd"] = info
+            return
+        out_ch, in_ch = merged.weight.shape[:2]
+        after = out_ch <= in_ch  # the norm and activation go on the narrow side
+        info["placement"] = "after" if after else "before"
+        new_norm = None
+        if norm is not None:
+            old = _module(gm, norm)
+            new_norm = type(old)(out_ch if after else in_ch, eps=old.eps, momentum=old.momentum,
+                                 device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
+            set_submodule(gm, norm.target, new_norm)
+            norm.meta["fxlrd"] = {"moved_norm": True, "merge": a.target if after else b.target}
+            info["norm"] = norm.target
+        if after:  # A → N → F → B  becomes  M → N' → F
+            set_submodule(gm, a.target, merged)
+            b.replace_all_uses_with(act)
+            gm.graph.erase_node(b)
+            a.meta["fxlrd"] = info
+        else:  # A → N → F → B  becomes  N' → F → M
+            head = norm if norm is not None else act
+            head.args = (a.args[0],)
+            set_submodule(gm, b.target, merged)
+            gm.graph.erase_node(a)
+            b.meta["fxlrd"] = info
+        for node in (norm, act):
+            if node is not None:
+                for key in ("tensor_meta", "val"):
+                    node.meta.pop(key, None)
+

@@ -1,0 +1,150 @@
+"""MergePass and recovery: exact merges are exact, approximate ones have the intended shape."""
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+import fxlrd
+from fxlrd import LRDConfig, zoo
+from fxlrd.passes import MergePass
+from fxlrd.recover import merged_nodes, reestimate_norms, refit_merged
+
+from conftest import rel_err
+
+
+def _layers(gm):
+    return sum(isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear, nn.Conv1d))
+               for n in gm.graph.nodes if n.op == "call_module")  # fmt: skip
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+class Chain(nn.Module):
+    def __init__(self, act: bool):
+        super().__init__()
+        self.a = nn.Conv2d(16, 64, 1)
+        self.bn = nn.BatchNorm2d(64)
+        self.act = nn.ReLU() if act else nn.Identity()
+        self.b = nn.Conv2d(64, 48, 1, stride=2)
+        self.c = nn.Conv2d(48, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(self.b(self.act(self.bn(self.a(x)))))
+
+
+def _decomposed(act: bool):
+    model = _randomize_bn(Chain(act)).eval()
+    gm = fxlrd.transform(model, LRDConfig(include=["b"], rank_rule="fixed", rank=12))
+    return model, gm
+
+
+def test_exact_merge_equals_the_unmerged_graph():
+    model, gm = _decomposed(act=False)
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        want = gm(x)
+    n_before = _layers(gm)
+    result = MergePass("exact")(gm)
+    assert result.modified and _layers(result.graph_module) == n_before - 1
+    merged = merged_nodes(result.graph_module)
+    assert [n.meta["fxlrd"]["merged_from"] for n in merged] == [["a", "b.in_proj"]]
+    assert result.graph_module.get_submodule("a").stride == (2, 2)  # strides of 1×1 convs compose
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_mode_does_not_cross_an_activation():
+    _, gm = _decomposed(act=True)
+    assert not MergePass("exact")(gm).modified
+
+
+def test_factors_of_one_layer_are_not_merged_back():
+    gm = fxlrd.transform(nn.Sequential(nn.Conv2d(32, 32, 1)).eval())
+    assert not MergePass("approximate")(gm).modified
+
+
+def test_approximate_merge_moves_norm_to_the_narrow_side():
+    _, gm = _decomposed(act=True)
+    result = PassManager(passes=[MergePass("approximate")])(gm)
+    gm = result.graph_module
+    a, bn = gm.get_submodule("a"), gm.get_submodule("bn")
+    assert (a.in_channels, a.out_channels) == (16, 12) and bn.num_features == 12  # narrows: norm after
+    order = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert order == ["a", "bn", "act", "b.out_proj", "c"]
+    assert not MergePass("approximate")(gm).modified  # idempotent
+
+
+@pytest.mark.slow
+def test_resnet50_merged_gets_its_depth_back():
+    model = zoo.resnet50().eval()
+    original = _layers(fx.symbolic_trace(model))
+    vanilla = _layers(fxlrd.transform(model, LRDConfig(ratio=2)))
+    tucker_only = _layers(fxlrd.transform(model, LRDConfig(ratio=2, decompose_pointwise=False)))
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, merge="approximate"))
+    assert original == 54 and vanilla > 110 and tucker_only == 54 + 2 * 16
+    assert _layers(gm) == original
+    conv1, bn1, fact = (gm.get_submodule(f"layer1.1.{n}") for n in ("conv1", "bn1", "conv2"))
+    r1 = fact.core.in_channels
+    assert (conv1.in_channels, conv1.out_channels, bn1.num_features) == (256, r1, r1)
+    assert [n for n, _ in fact.named_children()] == ["core"]
+    conv3, bn2 = gm.get_submodule("layer1.1.conv3"), gm.get_submodule("layer1.1.bn2")
+    assert conv3.in_channels == fact.core.out_channels == bn2.num_features
+    assert fxlrd.count_params(gm) < 0.55 * fxlrd.count_params(model)
+    with torch.no_grad():
+        assert gm(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def _bottleneck_model():
+    torch.manual_seed(0)
+    return _randomize_bn(nn.Sequential(
+        nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32),
+        nn.ReLU(), nn.Conv2d(32, 16, 1),
+    )).eval()  # fmt: skip
+
+
+def test_bn_reestimation_sets_statistics_of_the_moved_norms():
+    model = _bottleneck_model()
+    cfg = LRDConfig(rank_rule="fixed", rank=8, merge="approximate")
+    gm = fxlrd.transform(model, cfg)
+    moved = [n.target for n in gm.graph.nodes if n.meta.get("fxlrd", {}).get("moved_norm")]
+    assert sorted(moved) == ["1", "4"]
+    bn = gm.get_submodule("1")
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    batches = [torch.randn(4, 8, 6, 6) for _ in range(3)]
+    seen = []
+    hook = bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    assert sorted(reestimate_norms(gm, batches)) == ["1", "4"]
+    hook.remove()
+    inputs = torch.cat(seen)
+    torch.testing.assert_close(bn.running_mean, inputs.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not gm.training and not bn.training
+
+
+def test_refit_recovers_output_error():
+    model = _bottleneck_model()
+    reference = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, decompose_pointwise=False))
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, merge="approximate"))
+    calib = [torch.randn(8, 8, 6, 6) for _ in range(4)]
+    x = torch.randn(8, 8, 6, 6)
+    with torch.no_grad():
+        want = reference(x)
+        naive = rel_err(gm(x), want)
+        reestimate_norms(gm, calib)
+        after_bn = rel_err(gm(x), want)
+        report = refit_merged(gm, reference, calib)
+        after_refit = rel_err(gm(x), want)
+    assert set(report) == {"0", "6"}
+    assert all(r["after"] <= r["before"] for r in report.values())
+    assert after_refit < after_bn and after_refit < naive
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="merge mode"):
+        MergePass("sometimes")
