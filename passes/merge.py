@@ -47,6 +47,11 @@ def _single_input(node: fx.Node) -> fx.Node | None:
     return arg if isinstance(arg, fx.Node) else None
 
 
+def _sources(info: dict) -> set[str]:
+    """The decomposed layers whose factors a node is or has absorbed."""
+    return {info["source"]} if "role" in info else set(info.get("sources", ()))
+
+
 def _same_family(a: nn.Module, b: nn.Module) -> bool:
     if isinstance(a, nn.Linear) or isinstance(b, nn.Linear):
         return isinstance(a, nn.Linear) and isinstance(b, nn.Linear)
@@ -62,16 +67,28 @@ class MergePass(PassBase):
         super().__init__()
         self.mode = mode
 
+    @staticmethod
+    def _skip_identity(gm: fx.GraphModule, node: fx.Node | None) -> fx.Node | None:
+        """Step over ``nn.Identity`` nodes (removing them: they compute nothing)."""
+        while node is not None and isinstance(_module(gm, node), nn.Identity) and len(node.users) == 1:
+            prev = _single_input(node)
+            if prev is None:
+                return node
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+            node = prev
+        return node
+
     def _match(self, gm: fx.GraphModule, b: fx.Node):
         """``(a, norm, act, b)`` if ``b`` ends a mergeable chain, else None."""
         mb = _module(gm, b)
         if mb is None or not is_pointwise(mb) or len(b.args) != 1 or b.kwargs:
             return None
-        cur, act, norm = _single_input(b), None, None
+        cur, act, norm = self._skip_identity(gm, _single_input(b)), None, None
         if cur is not None and _is_activation(gm, cur) and len(cur.users) == 1:
-            act, cur = cur, _single_input(cur)
+            act, cur = cur, self._skip_identity(gm, _single_input(cur))
         if cur is not None and isinstance(_module(gm, cur), _NORMS) and len(cur.users) == 1:
-            norm, cur = cur, _single_input(cur)
+            norm, cur = cur, self._skip_identity(gm, _single_input(cur))
         if cur is None or len(cur.users) != 1 or len(cur.args) != 1 or cur.kwargs:
             return None
         ma = _module(gm, cur)
@@ -80,8 +97,8 @@ class MergePass(PassBase):
         fa, fb = cur.meta.get("fxlrd", {}), b.meta.get("fxlrd", {})
         if "role" not in fa and "role" not in fb:
             return None  # neither is a decomposed factor
-        if "role" in fa and "role" in fb and fa.get("source") == fb.get("source"):
-            return None  # two factors of one layer: merging would undo the decomposition
+        if _sources(fa) & _sources(fb):
+            return None  # factors of one layer: merging would undo the decomposition
         if act is not None and self.mode != "approximate":
             return None
         if act is not None and act.op == "call_function" and (len(act.args) != 1 or act.kwargs):
@@ -106,7 +123,8 @@ class MergePass(PassBase):
         ma, mb = _module(gm, a), _module(gm, b)
         first = fold_norm(ma, _module(gm, norm)) if norm is not None else ma
         merged = compose_pointwise(first, mb)
-        info = {"merged_from": [a.target, b.target], "exact": act is None}
+        sources = sorted(_sources(a.meta.get("fxlrd", {})) | _sources(b.meta.get("fxlrd", {})))
+        info = {"merged_from": [a.target, b.target], "exact": act is None, "sources": sources}
         if act is None:  # exact: A → [N] → B is one layer
             set_submodule(gm, a.target, merged)
             b.replace_all_uses_with(a)
@@ -123,7 +141,7 @@ class MergePass(PassBase):
         if norm is not None:
             old = _module(gm, norm)
             new_norm = type(old)(out_ch if after else in_ch, eps=old.eps, momentum=old.momentum,
-                                 device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
+                                 device=old.weight.device, dtype=old.weight.dtype).train(old.training)  # fmt: skip
             set_submodule(gm, norm.target, new_norm)
             norm.meta["fxlrd"] = {"moved_norm": True, "merge": a.target if after else b.target}
             info["norm"] = norm.target
