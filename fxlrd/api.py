@@ -90,6 +90,8 @@ def apply(
     check_module(model)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an fxlrd.Plan, got {type(plan).__name__}; use fxlrd.plan(model) or Plan.from_json")
+    if inplace and plan.settings.get("merge"):
+        raise ConfigError("inplace=True cannot be combined with a plan that merges layers; use inplace=False")
     gm = capture(model, leaf_modules=leaf_modules, copy_model=not inplace)
     gm = _apply_to_graph(gm, plan, reference=None if inplace else model)
     if inplace and gm is not model:
@@ -111,6 +113,11 @@ def transform(
     """
     config = _check_config(config)
     check_module(model)
+    if inplace and config.merge is not None:
+        raise ConfigError(
+            "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "
+            "so the model object could not follow; use inplace=False and the returned GraphModule"
+        )
     gm = capture(model, leaf_modules=config.leaf_modules, copy_model=not inplace)
     plan_ = make_plan(gm, config, _as_tuple(example_inputs))
     gm = _apply_to_graph(gm, plan_, reference=None if inplace else model)

@@ -150,3 +150,11 @@ def test_refit_recovers_output_error():
 def test_bad_mode():
     with pytest.raises(ValueError, match="merge mode"):
         MergePass("sometimes")
+
+
+def test_inplace_merge_is_refused_and_model_untouched():
+    model = _bottleneck_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxlrd.ConfigError, match="inplace=True cannot be combined with merge"):
+        fxlrd.transform(model, LRDConfig(merge="approximate"), inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
