@@ -118,6 +118,8 @@ def main() -> None:
         md.append(f"Target: merged ResNet-50 ≥ 2.0× original on onnxruntime CPU, batch 1: {'met' if s >= 2.0 else 'MISSED'} "
                   f"(best merged variant {s:.2f}×)")
     name = "merge_branch" if args.models == ["resnet50"] else "merge_branch_" + "_".join(args.models)
+    if all(c.startswith("eager") for c in args.cases) and args.models != ["resnet50"]:
+        name += "_eager"
     write(name, {"environment": env, "settings": settings, "results": results}, "\n".join(md))
 
 
