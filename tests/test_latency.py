@@ -91,3 +91,12 @@ def test_two_writers_lose_nothing(tmp_path):
         assert p.exitcode == 0
     entries = json.loads(path.read_text())["entries"]
     assert {f"{p}{i}" for p in "ab" for i in range(40)} <= set(entries)
+
+
+@pytest.mark.slow
+def test_compile_backend_times_an_inductor_compiled_layer():
+    from fxlrd.latency import make_timer
+
+    timer = make_timer(LatencyConfig(backend="compile", repeats=3, warmup=1, threads=1))
+    assert timer.backend == "compile" and "torch=" in timer.context
+    assert timer.time(nn.Conv2d(16, 16, 1), (1, 16, 8, 8)) > 0
