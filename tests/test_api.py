@@ -302,3 +302,24 @@ def test_deepcopy_and_rerun_of_result():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), gm2(x))
+
+
+@pytest.mark.parametrize("cfg", [LRDConfig(rank_rule="energy", energy=0.9), LRDConfig(rank_rule="fixed", rank=(4, 8))])
+def test_energy_and_fixed_rules_end_to_end(cfg):
+    model = Small().eval()
+    plan = fxlrd.plan(model, cfg)
+    done = {lp.name for lp in plan.decomposed}
+    assert done and done <= {"stem", "body.0", "head"}
+    gm = fxlrd.apply(model, plan)
+    with torch.no_grad():
+        assert gm(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+
+
+def test_vbmf_keeps_noise_and_finds_the_rank_of_a_low_rank_layer():
+    noise = fxlrd.plan(nn.Sequential(nn.Linear(64, 96)), LRDConfig(rank_rule="vbmf"))
+    assert noise["0"].method == "keep" and "rank 0 < min_rank" in noise["0"].reason
+    layer = nn.Linear(64, 96)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 6) @ torch.randn(6, 64) + 0.01 * torch.randn(96, 64))
+    plan = fxlrd.plan(nn.Sequential(layer), LRDConfig(rank_rule="vbmf", rank_quantum=1))
+    assert plan["0"].method == "svd" and plan["0"].ranks == (6,)
