@@ -47,6 +47,11 @@ def _single_input(node: fx.Node) -> fx.Node | None:
     return arg if isinstance(arg, fx.Node) else None
 
 
+def _is_foldable_norm(m: nn.Module | None) -> bool:
+    """A batch norm with running statistics (folding needs them)."""
+    return isinstance(m, _NORMS) and m.track_running_stats and m.running_mean is not None
+
+
 def _sources(info: dict) -> set[str]:
     """The decomposed layers whose factors a node is or has absorbed."""
     return {info["source"]} if "role" in info else set(info.get("sources", ()))
@@ -87,7 +92,7 @@ class MergePass(PassBase):
         cur, act, norm = self._skip_identity(gm, _single_input(b)), None, None
         if cur is not None and _is_activation(gm, cur) and len(cur.users) == 1:
             act, cur = cur, self._skip_identity(gm, _single_input(cur))
-        if cur is not None and isinstance(_module(gm, cur), _NORMS) and len(cur.users) == 1:
+        if cur is not None and _is_foldable_norm(_module(gm, cur)) and len(cur.users) == 1:
             norm, cur = cur, self._skip_identity(gm, _single_input(cur))
         if cur is None or len(cur.users) != 1 or len(cur.args) != 1 or cur.kwargs:
             return None
@@ -140,8 +145,8 @@ class MergePass(PassBase):
         new_norm = None
         if norm is not None:
             old = _module(gm, norm)
-            new_norm = type(old)(out_ch if after else in_ch, eps=old.eps, momentum=old.momentum,
-                                 device=old.weight.device, dtype=old.weight.dtype).train(old.training)  # fmt: skip
+            new_norm = type(old)(out_ch if after else in_ch, eps=old.eps, momentum=old.momentum, affine=old.affine,
+                                 device=merged.weight.device, dtype=merged.weight.dtype).train(old.training)  # fmt: skip
             set_submodule(gm, norm.target, new_norm)
             norm.meta["fxlrd"] = {"moved_norm": True, "merge": a.target if after else b.target}
             info["norm"] = norm.target

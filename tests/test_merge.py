@@ -158,3 +158,13 @@ def test_inplace_merge_is_refused_and_model_untouched():
     with pytest.raises(fxlrd.ConfigError, match="inplace=True cannot be combined with merge"):
         fxlrd.transform(model, LRDConfig(merge="approximate"), inplace=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_norm_without_affine_or_statistics():
+    for norm, merges in ((nn.BatchNorm2d(64, affine=False), True), (nn.BatchNorm2d(64, track_running_stats=False), False)):
+        model = nn.Sequential(nn.Conv2d(16, 64, 1), norm, nn.ReLU(), nn.Conv2d(64, 48, 1)).eval()
+        gm = fxlrd.transform(model, LRDConfig(include=["3"], rank_rule="fixed", rank=12, rank_quantum=1))
+        result = MergePass("approximate")(gm)
+        assert result.modified == merges
+        with torch.no_grad():
+            assert result.graph_module(torch.randn(1, 16, 4, 4)).shape == (1, 48, 4, 4)
