@@ -1,5 +1,6 @@
 """Freezing: policies, parameter groups, the sequential schedule, and DDP."""
 
+import gc
 import os
 import tempfile
 
@@ -167,10 +168,16 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         opt.step()
         if freezer.step():
             switches += 1
-            model = DDP(gm)  # re-wrap: DDP hooks only parameters that require grad when built
+            # Re-wrap: DDP hooks only parameters that require grad when built. Drop the old
+            # wrapper first so its reducer's hooks are gone before the new one's are set.
+            del model
+            gc.collect()
+            model = DDP(gm)
     # Parameters only: batch-norm buffers legitimately differ (each rank's last forward updates its own).
     params = {n: p.detach().clone() for n, p in gm.named_parameters()}
     torch.save({"state": params, "switches": switches}, os.path.join(out_dir, f"rank{rank}.pt"))
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 
