@@ -7,6 +7,9 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "fxlrd", deadline=None, max_examples=int(os.environ.get("FXLRD_HYPOTHESIS_EXAMPLES", "40")),
     suppress_health_check=[HealthCheck.too_slow],
+    # CI gets the same examples every run (a red CI must mean a change broke something);
+    # locally each run explores new ones.
+    derandomize=bool(os.environ.get("CI")),
 )  # fmt: skip
 settings.load_profile("fxlrd")
 
