@@ -86,6 +86,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxlrd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,15 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ratio", type=float, default=2.0, help="compression ratio per layer (> 1)")
         p.add_argument("--quantum", type=int, default=8, help="round ranks down to a multiple of this")
         p.add_argument("--beta", type=float, default=1.0, help="Tucker r2/r1")
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--size", type=int, default=224, help="input height and width")
+        p.add_argument("--batch", type=_positive_int, default=1)
+        p.add_argument("--size", type=_positive_int, default=224, help="input height and width")
         p.add_argument("--json", default=None, help="also write the result as JSON here")
         p.add_argument("--latency", choices=BACKENDS, default=None, help="choose ranks by timing layers on this backend")
         p.add_argument("--target-speedup", type=float, default=None, help="global mode: whole-model speed-up to reach")
     demo = sub.choices["demo"]
     demo.add_argument("--out", default="build", help="folder for the ONNX files")
-    demo.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads (default: all cores)")
-    demo.add_argument("--repeats", type=int, default=30)
+    demo.add_argument("--threads", type=_positive_int, default=os.cpu_count(), help="onnxruntime intra-op threads (default: all cores)")
+    demo.add_argument("--repeats", type=_positive_int, default=30)
     return parser
 
 

@@ -43,7 +43,21 @@ def input_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError("example_inputs must be tensors (a tensor or a tuple of tensors)")
+    try:
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    except Exception as exc:  # noqa: BLE001  (any failure here means the inputs do not fit the model)
+        shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:  # the innermost error says why
+            root = root.__cause__ or root.__context__
+        text = str(root).strip()
+        first = text.splitlines()[0] if text else type(root).__name__
+        raise ValueError(
+            f"example_inputs of shape {shapes} do not run through the model: {first}. "
+            "Pass inputs the model accepts, e.g. the shape of one real batch"
+        ) from exc
 
 
 def _node_input_shape(node: fx.Node) -> tuple[int, ...] | None:

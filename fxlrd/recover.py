@@ -52,6 +52,13 @@ def reestimate_norms(gm: fx.GraphModule, batches: Iterable, which: str = "moved"
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _NORMS)
         and (which == "all" or n.meta.get("fxlrd", {}).get("moved_norm"))
     ]  # fmt: skip
+    _reestimate(gm, names, _batches(batches))
+    return names
+
+
+def _reestimate(gm: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
+    """Reset and recompute the running statistics of the norms ``names``; the rest of the
+    model runs in eval mode, and every module's mode and momentum are restored."""
     modes = {name: m.training for name, m in gm.named_modules()}
     momenta = {}
     gm.eval()
@@ -62,14 +69,13 @@ def reestimate_norms(gm: fx.GraphModule, batches: Iterable, which: str = "moved"
         bn.momentum = None  # cumulative moving average: every batch counts the same
         bn.train()
     try:
-        for b in _batches(batches):
+        for b in batches:
             gm(*b)
     finally:
         for name, m in gm.named_modules():
             m.train(modes.get(name, m.training))
         for name, momentum in momenta.items():
             gm.get_submodule(name).momentum = momentum
-    return names
 
 
 def _flatten_channels(t: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -130,26 +136,11 @@ def refit_merged(
                 layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
             layer.bias.copy_(w_new[:, -1])
             norm_name = info.get("norm")
-            if info.get("placement") == "after" and norm_name:
+            if info.get("placement") == "after" and norm_name and gm.get_submodule(norm_name).affine:
                 bn = gm.get_submodule(norm_name)
-                reestimate_norms_one(gm, bn, batches)
+                _reestimate(gm, [norm_name], batches)
                 bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
                 bn.bias.copy_(bn.running_mean)
     finally:
         gm.train(gm_modes)
     return report
-
-
-@torch.no_grad()
-def reestimate_norms_one(gm: nn.Module, bn: nn.Module, batches: Sequence) -> None:
-    """Running statistics of one norm, recomputed on ``batches`` (model in eval otherwise)."""
-    momentum, mode = bn.momentum, bn.training
-    bn.reset_running_stats()
-    bn.momentum = None
-    bn.train()
-    try:
-        for b in batches:
-            gm(*b)
-    finally:
-        bn.momentum = momentum
-        bn.train(mode)

@@ -323,3 +323,11 @@ def test_vbmf_keeps_noise_and_finds_the_rank_of_a_low_rank_layer():
         layer.weight.copy_(torch.randn(96, 6) @ torch.randn(6, 64) + 0.01 * torch.randn(96, 64))
     plan = fxlrd.plan(nn.Sequential(layer), LRDConfig(rank_rule="vbmf", rank_quantum=1))
     assert plan["0"].method == "svd" and plan["0"].ranks == (6,)
+
+
+def test_example_inputs_that_do_not_fit_the_model_are_named():
+    model = zoo.resnet50()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"example_inputs of shape \(1, 4, 64, 64\) do not run through the model"):
+        fxlrd.plan(model, example_inputs=torch.randn(1, 4, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -15,3 +15,11 @@ def test_bad_ratio_is_one_clear_line(capsys):
     assert main(["plan", "--ratio", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fxlrd: error: ratio must be a number > 1") and "Traceback" not in err
+
+
+def test_non_positive_batch_is_rejected_by_the_parser(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--batch", "0"])
+    assert info.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
