@@ -1,32 +1,22 @@
-"""The public entry points: `plan`, `apply`, `transform`."""
+"""The public verbs: `plan`, `apply`, `transform` (and `save`/`load` in `fxlrd.io`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
-import torch
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .capture import capture, check_module
+from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, inputs_from_signature, normalize_inputs
 from .config import LRDConfig
-from .errors import ConfigError
+from .errors import ConfigError, PlanMismatchError
 from .factorized import Factorized
 from .plan import Plan
 from .planner import make_plan
 
 __all__ = ["plan", "apply", "transform"]
 
-Inputs = torch.Tensor | Sequence[torch.Tensor] | None
-
-
-def _as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+Inputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
 
 
 def _check_config(config: LRDConfig | None) -> LRDConfig:
@@ -37,25 +27,58 @@ def _check_config(config: LRDConfig | None) -> LRDConfig:
     return config
 
 
-def plan(model: nn.Module, config: LRDConfig | None = None, *, example_inputs: Inputs = None) -> Plan:
+def _capture(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str, dynamic_shapes: Any,
+             copy_model: bool) -> Captured:  # fmt: skip
+    if mode not in CAPTURE_MODES:
+        raise ConfigError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
+    return capture(model, inputs=inputs, mode=mode, leaf_modules=config.leaf_modules, dynamic_shapes=dynamic_shapes,
+                   attention=config.attention, copy_model=copy_model)  # fmt: skip
+
+
+def _calibration_stats(captured: Captured, config: LRDConfig, calibration: Iterable | None, inputs: Args | None):
+    if calibration is None:
+        return None
+    from .calibrate import collect_stats
+
+    return collect_stats(captured.gm, calibration, example=inputs)
+
+
+def plan(
+    model: nn.Module,
+    config: LRDConfig | None = None,
+    *,
+    example_inputs: Inputs = None,
+    capture: str = "auto",
+    dynamic_shapes: Any = None,
+    calibration: Iterable | None = None,
+) -> Plan:
     """Plan the decomposition of ``model`` without changing it.
 
     Args:
-        model: an ``nn.Module`` (traced with torch.fx) or a ``GraphModule``.
+        model: an ``nn.Module`` or a ``GraphModule``.
         config: the settings; ``LRDConfig()`` (α = 2) when None.
-        example_inputs: inputs of a forward pass; with them the plan records each layer's
-            input shape and MACs (shapes are propagated without computing).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            of one forward pass; with them the plan records each layer's input shape and MACs
+            (propagated without computing). Needed for ``capture="export"`` and latency searches.
+        capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
+        dynamic_shapes: passed to ``torch.export.export`` (default: dynamic batch/sequence).
+        calibration: an iterable of inputs (each like ``example_inputs``): the layers are then
+            planned data-aware (ranks and errors from the output error on this data).
     """
     config = _check_config(config)
-    gm = capture(model, leaf_modules=config.leaf_modules, copy_model=False)
-    return make_plan(gm, config, _as_tuple(example_inputs))
+    check_module(model)
+    inputs = normalize_inputs(example_inputs)
+    captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
+    stats = _calibration_stats(captured, config, calibration, inputs)
+    return make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
 
 
-def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None) -> fx.GraphModule:
+def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, *, stats=None,
+                    factors=None) -> fx.GraphModule:  # fmt: skip
     """DecomposePass, then the BranchPass and MergePass the plan's settings ask for."""
     from fxlrd.passes import BranchPass, DecomposePass, MergePass
 
-    gm = DecomposePass(plan_)(gm).graph_module
+    gm = DecomposePass(plan_, stats=stats, factors=factors)(gm).graph_module
     branches = int(plan_.settings.get("branches", 1) or 1)
     if branches > 1:
         gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
@@ -66,23 +89,56 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
 
 def _mirror_into(model: nn.Module, gm: fx.GraphModule) -> None:
     """For ``inplace=True``: put the factorized containers into the user's model as well."""
-    from fxlrd.passes._graph import set_submodule
+    from .sites import set_submodule
 
     for name, module in gm.named_modules():
         if isinstance(module, Factorized):
             set_submodule(model, name, module)
 
 
+def _check_inplace(captured: Captured, plan_: Plan) -> None:
+    if captured.mode != "fx" or captured.notes:
+        raise ConfigError(
+            "inplace=True needs a model torch.fx traces as it is (this one was captured with "
+            f"{captured.mode}{' and rewritten' if captured.notes else ''}); use inplace=False and the returned GraphModule"
+        )
+    functional = [lp.name for lp in plan_.decomposed if lp.site != "module"]
+    if functional:
+        raise ConfigError(
+            f"inplace=True cannot decompose functional layers ({functional[0]!r} calls F.linear/F.conv directly): "
+            "the model's own forward would still use the dense weight; use inplace=False and the returned GraphModule"
+        )
+
+
+def _finish(gm: fx.GraphModule, plan_: Plan, captured: Captured) -> fx.GraphModule:
+    """Attach the plan and the capture record; they survive deepcopy (preserved attributes)."""
+    gm.fxlrd_plan = plan_
+    gm.fxlrd_capture = captured.record()
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(fxlrd_plan=plan_, fxlrd_capture=gm.fxlrd_capture)
+    return gm
+
+
 def apply(
-    model: nn.Module, plan: Plan, *, inplace: bool = False, leaf_modules: Sequence[type[nn.Module] | str] = ()
+    model: nn.Module,
+    plan: Plan,
+    *,
+    example_inputs: Inputs = None,
+    inplace: bool = False,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    calibration: Iterable | None = None,
 ) -> fx.GraphModule:
     """Decompose ``model`` as ``plan`` says and return the ``GraphModule``.
+
+    The model is captured the way the plan records (fx or export); an export capture uses
+    ``example_inputs`` or, when they are not given, zeros of the plan's recorded input shapes.
 
     Args:
         model: the model the plan was made for.
         plan: a `Plan`, e.g. from `fxlrd.plan` or `Plan.from_json`.
+        example_inputs: as in `plan`.
         inplace: modify ``model`` itself (its layers are replaced too) instead of a copy.
         leaf_modules: as in `LRDConfig`, when the model needs them to be traced.
+        calibration: calibration inputs for the plan's data-aware layers.
 
     Raises:
         PlanMismatchError: the plan names layers the model lacks or has with other shapes.
@@ -92,11 +148,22 @@ def apply(
         raise TypeError(f"plan must be an fxlrd.Plan, got {type(plan).__name__}; use fxlrd.plan(model) or Plan.from_json")
     if inplace and plan.settings.get("merge"):
         raise ConfigError("inplace=True cannot be combined with a plan that merges layers; use inplace=False")
-    gm = capture(model, leaf_modules=leaf_modules, copy_model=not inplace)
-    gm = _apply_to_graph(gm, plan, reference=None if inplace else model)
+    recorded = plan.settings.get("capture") or {}
+    mode = recorded.get("mode", "fx") if not isinstance(model, fx.GraphModule) else "auto"
+    inputs = normalize_inputs(example_inputs)
+    if inputs is None and mode == "export" and plan.settings.get("inputs"):
+        inputs = inputs_from_signature(plan.settings["inputs"])
+    config = LRDConfig(leaf_modules=leaf_modules, attention=plan.settings.get("attention", "packed"))
+    captured = _capture(model, config, inputs, mode, None, copy_model=not inplace)
+    if inplace:
+        _check_inplace(captured, plan)
+    if any(lp.data_aware for lp in plan.decomposed) and calibration is None:
+        raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
+    stats = _calibration_stats(captured, config, calibration, inputs)
+    gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats)
     if inplace and gm is not model:
         _mirror_into(model, gm)
-    return gm
+    return _finish(gm, plan, captured)
 
 
 def transform(
@@ -105,11 +172,25 @@ def transform(
     *,
     example_inputs: Inputs = None,
     inplace: bool = False,
+    capture: str = "auto",
+    dynamic_shapes: Any = None,
+    calibration: Iterable | None = None,
 ) -> fx.GraphModule:
     """Plan and apply in one call: capture ``model``, decompose its conv/linear layers.
 
-    The returned ``GraphModule`` carries the plan as ``gm.fxlrd_plan``. ``model`` is left
-    untouched unless ``inplace=True``.
+    Args:
+        model: the model (left untouched unless ``inplace=True``).
+        config: the settings; ``LRDConfig()`` (α = 2) when None.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        inplace: also swap the decomposed layers into ``model`` (fx capture, module layers only).
+        capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
+        dynamic_shapes: passed to ``torch.export.export``.
+        calibration: an iterable of inputs (each like ``example_inputs``): decompose
+            data-aware (each layer fitted to its output on this data).
+
+    Returns:
+        The ``GraphModule``, called like ``model``; it carries the plan as ``gm.fxlrd_plan``
+        and how it was captured as ``gm.fxlrd_capture``.
     """
     config = _check_config(config)
     check_module(model)
@@ -118,10 +199,20 @@ def transform(
             "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "
             "so the model object could not follow; use inplace=False and the returned GraphModule"
         )
-    gm = capture(model, leaf_modules=config.leaf_modules, copy_model=not inplace)
-    plan_ = make_plan(gm, config, _as_tuple(example_inputs))
-    gm = _apply_to_graph(gm, plan_, reference=None if inplace else model)
+    inputs = normalize_inputs(example_inputs)
+    captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=not inplace)
+    stats = _calibration_stats(captured, config, calibration, inputs)
+    plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
+    if inplace:
+        _check_inplace(captured, plan_)
+    factors = None
+    if config.sequential:
+        if calibration is None:
+            raise ConfigError("sequential=True needs calibration data: transform(..., calibration=batches)")
+        from .calibrate import sequential_factors
+
+        factors = sequential_factors(captured.gm, plan_, calibration, example=inputs)
+    gm = _apply_to_graph(captured.gm, plan_, reference=None if inplace else model, stats=stats, factors=factors)
     if inplace and gm is not model:
         _mirror_into(model, gm)
-    gm.fxlrd_plan = plan_
-    return gm
+    return _finish(gm, plan_, captured)

@@ -1,20 +1,44 @@
-"""Capture: an ``nn.Module`` becomes a ``torch.fx.GraphModule``, or a clear error says why not."""
+"""Capture: an ``nn.Module`` becomes a ``torch.fx.GraphModule``, or a clear error says why not.
+
+Two ways in, tried in this order by ``capture="auto"``:
+
+- ``"fx"``: ``torch.fx.symbolic_trace`` (with fxlrd's tracer). Keeps the model's modules, so
+  conv and linear layers are ``call_module`` nodes. Needs no example inputs.
+- ``"export"``: ``torch.export.export(..., strict=False)`` on the example inputs, for models fx
+  cannot trace (Hugging Face transformers and most models with Python control flow). Layers
+  become ``aten`` calls on ``get_attr`` weights with the owners' qualified names; the batch
+  dimension (and the sequence dimension of integer token inputs) is dynamic where the model
+  allows. The result is a plain ``GraphModule`` called like the original: same argument
+  names, keyword arguments, and the same output structure (a Hugging Face ``ModelOutput``
+  stays one).
+
+``nn.MultiheadAttention`` modules are first swapped for `fxlrd.attention.MultiheadAttention`
+(same parameters, same results) so both capture modes see their projections as layers.
+"""
 
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 import os
 import traceback
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 
-__all__ = ["capture", "check_module"]
+__all__ = ["capture", "check_module", "Captured", "FxlrdTracer", "normalize_inputs", "flat_inputs", "CAPTURE_MODES",
+           "input_signature", "inputs_from_signature"]  # fmt: skip
 
+log = logging.getLogger("fxlrd")
 _TORCH_DIR = os.path.dirname(torch.__file__)
+CAPTURE_MODES = ("auto", "fx", "export")
+Args = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def check_module(model: object, what: str = "model") -> nn.Module:
@@ -27,9 +51,100 @@ def check_module(model: object, what: str = "model") -> nn.Module:
     return model
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str]):
-        super().__init__()
+def normalize_inputs(example_inputs: Any) -> Args | None:
+    """``(args, kwargs)`` from a tensor, a tuple/list of positional inputs or a dict of
+    keyword inputs (None stays None)."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping):
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise TypeError("a dict of example_inputs must have the forward's argument names as keys")
+        return (), dict(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):  # pragma: no cover  (builtins)
+        return None
+
+
+def bind_inputs(model: nn.Module, inputs: Args) -> inspect.BoundArguments | None:
+    """Check the inputs against ``model.forward``'s signature; a clear error if they do not fit."""
+    sig = _forward_signature(model)
+    if sig is None:
+        return None
+    args, kwargs = inputs
+    try:
+        return sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        names = [n for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise ConfigError(
+            f"example_inputs do not fit {type(model).__name__}.forward({', '.join(names)}): {exc}. "
+            "Pass a tensor, a tuple in the forward's order, or a dict keyed by its argument names"
+        ) from exc
+
+
+def flat_inputs(gm: fx.GraphModule, inputs: Args) -> list[Any]:
+    """The values of ``gm``'s placeholders, in order, for ``inputs`` given as the original
+    model takes them (an export capture flattens them by its input spec)."""
+    args, kwargs = inputs
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:
+        import torch.fx._pytree as fx_pytree
+
+        bound = _bind_for_spec(gm, args, kwargs)
+        return list(fx_pytree.tree_flatten_spec(bound, in_spec))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.target for n in placeholders]
+    values: list[Any] = list(args[: len(names)])
+    for n in placeholders[len(values):]:
+        if n.target in kwargs:
+            values.append(kwargs[n.target])
+        elif n.args:
+            values.append(n.args[0])  # the default
+        else:
+            raise ConfigError(f"input {n.target!r} of the model is missing from example_inputs")
+    return values
+
+
+def _bind_for_spec(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple:
+    """Arrange ``(args, kwargs)`` as the export capture's input spec expects them."""
+    spec = gm._in_spec
+    try:
+        arg_spec, kw_spec = spec.children_specs if hasattr(spec, "children_specs") else spec.children()
+        kw_names = list(kw_spec.context) if kw_spec.context is not None else []
+    except Exception:  # noqa: BLE001  (an unusual spec: pass through as given)
+        return (args, kwargs)
+    n_args = arg_spec.num_children if hasattr(arg_spec, "num_children") else len(args)
+    if len(args) > n_args:  # positional inputs the capture took by keyword
+        names = getattr(gm, "_fxlrd_arg_names", [])
+        kwargs = {**dict(zip(names[n_args:], args[n_args:])), **kwargs}
+        args = args[:n_args]
+    missing = [k for k in kw_names if k not in kwargs]
+    if missing:
+        raise ConfigError(f"inputs {missing} were given at capture and are missing now; pass them as keyword inputs")
+    return (args, {k: kwargs[k] for k in kw_names})
+
+
+# -- the tracer --------------------------------------------------------------------------------
+class FxlrdTracer(fx.Tracer):
+    """fx tracing with leaf modules chosen by type or qualified name.
+
+    Also the tracer unpickling re-traces a GraphModule with: for an export capture it puts
+    back the pytree calling convention (keyword inputs, ``ModelOutput`` results).
+    """
+
+    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = (), **kwargs: Any):
+        super().__init__(**kwargs)
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {n for n in leaf_modules if isinstance(n, str)}
 
@@ -38,45 +153,316 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root, concrete_args=None):  # noqa: ANN001
+        graph = super().trace(root, concrete_args)
+        in_spec, out_spec = getattr(root, "_in_spec", None), getattr(root, "_out_spec", None)
+        if in_spec is not None and out_spec is not None and isinstance(root, nn.Module):
+            _restore_pytree_codegen(graph, in_spec, out_spec)
+        return graph
 
+
+def _restore_pytree_codegen(graph: fx.Graph, in_spec, out_spec) -> None:
+    """After re-tracing generated pytree code, the output is the unflattened structure:
+    flatten it again and let the graph's codegen unflatten it, as export made it."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = pytree.tree_leaves(output.args[0])
+    output.args = (tuple(leaves),)
+    names = [n.target for n in graph.nodes if n.op == "placeholder"]
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
+
+
+# -- errors ------------------------------------------------------------------------------------
 def _user_frame(exc: BaseException) -> str:
-    """The innermost frame of the failing trace that is not inside torch: the user's code."""
+    """The innermost frame of the failing trace that is not inside torch or fxlrd: the user's code."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
     frames = [f for f in frames if os.sep + "fxlrd" + os.sep not in f.filename]
     if not frames:
         return ""
     f = frames[-1]
-    return f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return f"at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    root = exc
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    return root
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:400]
+
+
+def inputs_error(model: nn.Module, inputs: Args, exc: BaseException) -> ValueError:
+    """The error for example inputs the model cannot run."""
+    args, kwargs = inputs
+    shapes = [f"{k}={_describe(v)}" for k, v in kwargs.items()] + [_describe(a) for a in args]
+    frame = _user_frame(exc)
+    return ValueError(
+        f"example_inputs ({', '.join(shapes)}) do not run through {type(model).__name__}: "
+        f"{_one_line(_innermost(exc))}" + (f"\n  {frame}" if frame else "")
+        + "\nPass inputs the model accepts, e.g. one real batch (right shapes and dtypes: token ids are int64)"
+    )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
+    return type(value).__name__
+
+
+def _check_runs(model: nn.Module, inputs: Args) -> None:
+    """Run the model once on fake copies of the inputs (no compute, nothing of the model
+    changes); a model that cannot take them gets `inputs_error`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    unsupported = []
+    for name in ("DataDependentOutputException", "DynamicOutputShapeException", "UnsupportedOperatorException"):
+        import torch._subclasses.fake_tensor as ft
+
+        if hasattr(ft, name):
+            unsupported.append(getattr(ft, name))
+    try:
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+        unsupported.append(GuardOnDataDependentSymNode)
+    except ImportError:  # pragma: no cover
+        pass
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs)
+    try:
+        with mode, torch.no_grad():
+            model(*args, **kwargs)
+    except tuple(unsupported):
+        return  # fake tensors cannot say; capture will
+    except Exception as exc:  # noqa: BLE001
+        raise inputs_error(model, inputs, exc) from exc
+
+
+# -- capture -----------------------------------------------------------------------------------
+@dataclass
+class Captured:
+    """A captured model: the graph, how it was captured and why."""
+
+    gm: fx.GraphModule
+    mode: str  # "fx" or "export"
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        return {"mode": self.mode, "reason": self.reason, "notes": list(self.notes)}
+
+
+def _trace_fx(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str]) -> fx.GraphModule:
+    tracer = FxlrdTracer(leaf_modules)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _dynamic_spec(value: Any, batch: int | None) -> Any:
+    from torch.export import Dim
+
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    spec = {}
+    if batch is not None and value.shape[0] == batch:
+        spec[0] = Dim.AUTO
+    if not value.is_floating_point() and value.dim() >= 2:
+        spec[1] = Dim.AUTO  # token inputs: (batch, sequence)
+    return spec or None
+
+
+def _auto_dynamic_shapes(bound: inspect.BoundArguments, batch: int | None) -> dict[str, Any]:
+    out = {}
+    for name, value in bound.arguments.items():
+        param = bound.signature.parameters[name]
+        if param.kind == param.VAR_KEYWORD:
+            out[name] = {k: pytree.tree_map(lambda v: _dynamic_spec(v, batch), v) for k, v in value.items()}
+        elif param.kind == param.VAR_POSITIONAL:
+            out[name] = tuple(pytree.tree_map(lambda v: _dynamic_spec(v, batch), v) for v in value)
+        else:
+            out[name] = pytree.tree_map(lambda v: _dynamic_spec(v, batch), value, is_leaf=lambda v: isinstance(v, torch.Tensor))
+    return out
+
+
+def _batch_size(inputs: Args) -> int | None:
+    sizes = {t.shape[0] for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:
+    notes: list[str] = []
+    args, kwargs = inputs
+    bound = bind_inputs(model, inputs)
+    batch = _batch_size(inputs)
+    if dynamic_shapes is None and bound is not None:
+        if batch == 1:  # export specializes size-1 dimensions: capture at batch 2 to keep it dynamic
+            args, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: t.expand(2, *t.shape[1:]).clone() if t.dim() > 0 and t.shape[0] == 1 else t, (args, kwargs)
+            )
+            batch = 2
+            bound = bind_inputs(model, (args, kwargs))
+        dynamic_shapes = _auto_dynamic_shapes(bound, batch)
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        if _is_cache_output_error(exc) and getattr(getattr(model, "config", None), "use_cache", False):
+            model.config.use_cache = False
+            notes.append("config.use_cache set to False on the captured copy (a KV cache in the output cannot be exported)")
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        else:
+            raise
+    exported = ep.module()
+    graph = exported.graph
+    for node in list(graph.nodes):  # input guards of the exported program: shapes are checked by the ops themselves
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    gm = fx.GraphModule(exported, graph, type(model).__name__)
+    gm._tracer_cls = FxlrdTracer  # what unpickling re-traces with (export's own tracer cannot be rebuilt)
+    gm._tracer_extras = {}
+    if bound is not None:
+        gm._fxlrd_arg_names = [n for n in bound.signature.parameters]
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, notes
+
+
+def _is_cache_output_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Cache" in text and "not a known type" in text
 
 
 def capture(
-    model: nn.Module, *, leaf_modules: Sequence[type[nn.Module] | str] = (), copy_model: bool = True
-) -> fx.GraphModule:
-    """Trace ``model`` with ``torch.fx`` symbolic tracing.
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    inputs: Args | None = None,
+    mode: str = "auto",
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    dynamic_shapes: Any = None,
+    attention: str = "packed",
+    copy_model: bool = True,
+) -> Captured:
+    """Capture ``model`` as a ``GraphModule`` (see the module docstring).
 
     Args:
-        model: the model; an already traced ``GraphModule`` is taken as it is.
-        leaf_modules: module types or qualified names to keep opaque while tracing.
-        copy_model: trace a deep copy, so the result shares no module with ``model``.
+        model: the model; an already captured ``GraphModule`` is taken as it is.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs;
+            needed for ``"export"`` (and for ``"auto"`` when fx fails).
+        inputs: the example inputs already as ``(args, kwargs)`` (instead of ``example_inputs``).
+        mode: ``"auto"``, ``"fx"`` or ``"export"``.
+        leaf_modules: module types or qualified names fx keeps opaque.
+        dynamic_shapes: passed to ``torch.export.export`` (default: dynamic batch and sequence).
+        attention: how ``nn.MultiheadAttention`` projections become layers: ``"packed"`` (one
+            q/k/v projection) or ``"separate"`` (q, k and v each); see `fxlrd.attention`.
+        copy_model: capture a deep copy, so the result shares no module with ``model``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        CaptureError: tracing failed; the message names the user code that failed.
+        ValueError: the example inputs do not run through the model.
+        CaptureError: the model cannot be captured; the message names each failure, the
+            user's code that failed, and the ways out.
     """
+    from .attention import swap_attention
+
     check_module(model)
+    if mode not in CAPTURE_MODES:
+        raise ConfigError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
+    if inputs is None:
+        inputs = normalize_inputs(example_inputs)
+    if isinstance(model, fx.GraphModule):
+        gm = copy.deepcopy(model) if copy_model else model
+        previous = getattr(model, "fxlrd_capture", None) or {}
+        return Captured(gm, previous.get("mode", "fx"), "already a GraphModule")
+    if inputs is not None:
+        bind_inputs(model, inputs)
     if copy_model:
         model = copy.deepcopy(model)
-    if isinstance(model, fx.GraphModule):
-        return model
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # noqa: BLE001  (any tracing failure is reported the same way)
+    swapped = swap_attention(model, attention)
+    notes = [f"{swapped} nn.MultiheadAttention swapped for fxlrd.attention.MultiheadAttention ({attention})"] if swapped else []
+    fx_error: BaseException | None = None
+    if mode in ("auto", "fx"):
+        try:
+            return Captured(_trace_fx(model, leaf_modules), "fx", "symbolic_trace succeeded", notes)
+        except Exception as exc:  # noqa: BLE001  (any tracing failure is reported the same way)
+            fx_error = exc
+            if mode == "fx":
+                raise CaptureError(_fx_message(model, exc)) from exc
+    if inputs is None:
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}{_user_frame(exc)}\n"
-            "Way out: mark the submodule holding that code as a leaf, "
-            "LRDConfig(leaf_modules=[TheSubmoduleType or 'its.qualified.name']) "
-            "(layers inside a leaf are not decomposed), or make the code traceable "
-            "(no Python control flow on tensor values)."
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+            _fx_message(model, fx_error)
+            + "\nWith example_inputs=... (a tensor, tuple or dict of one batch) fxlrd captures it with torch.export instead."
+        ) from fx_error
+    _check_runs(model, inputs)
+    try:
+        gm, export_notes = _export(model, inputs, dynamic_shapes)
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(_both_message(model, fx_error, exc)) from exc
+    reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
+    log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
+    return Captured(gm, "export", reason, notes + export_notes)
+
+
+def _fx_message(model: nn.Module, exc: BaseException | None) -> str:
+    frame = _user_frame(exc) if exc is not None else ""
+    return (
+        f"torch.fx could not trace {type(model).__name__}: {_one_line(exc) if exc else ''}"
+        + (f"\n  {frame}" if frame else "")
+        + "\nWays out: mark the submodule holding that code as a leaf, LRDConfig(leaf_modules=[TheSubmoduleType or "
+        "'its.qualified.name']) (layers inside a leaf are not decomposed), make the code traceable (no Python "
+        "control flow on tensor values), or capture with torch.export (capture='export' with example_inputs)."
+    )
+
+
+def _both_message(model: nn.Module, fx_error: BaseException | None, export_error: BaseException) -> str:
+    lines = [f"fxlrd could not capture {type(model).__name__}:"]
+    if fx_error is not None:
+        frame = _user_frame(fx_error)
+        lines.append(f"- torch.fx.symbolic_trace: {_one_line(fx_error)}" + (f"\n    {frame}" if frame else ""))
+    frame = _user_frame(export_error)
+    lines.append(f"- torch.export.export(strict=False): {_one_line(_innermost(export_error))}" + (f"\n    {frame}" if frame else ""))
+    lines.append(
+        "Ways out: make the failing code traceable (torch.cond or plain tensor ops instead of Python `if` on tensor "
+        "values), mark the submodule holding it as a leaf for fx (LRDConfig(leaf_modules=[...]); its layers are then "
+        "kept), or pass dynamic_shapes=... / other example_inputs if export failed on shapes."
+    )
+    return "\n".join(lines)
+
+
+# -- input signatures (save/load, plans) ----------------------------------------------------------
+def input_signature(inputs: Args | None) -> dict[str, Any] | None:
+    """The example inputs' structure, shapes and dtypes, as JSON-ready data."""
+    if inputs is None:
+        return None
+
+    def one(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return {"value": value}
+        raise TypeError(f"example input of type {type(value).__name__} cannot be recorded")
+
+    args, kwargs = inputs
+    try:
+        return {"args": [pytree.tree_map(one, a) for a in args], "kwargs": {k: pytree.tree_map(one, v) for k, v in kwargs.items()}}
+    except TypeError:
+        return None
+
+
+def inputs_from_signature(signature: Mapping[str, Any]) -> Args:
+    """Example inputs (zeros) of a recorded `input_signature`."""
+
+    def leaf(d: Any) -> bool:
+        return isinstance(d, dict) and ("shape" in d or "value" in d)
+
+    def make(d: Any) -> Any:
+        if "value" in d:
+            return d["value"]
+        return torch.zeros(d["shape"], dtype=getattr(torch, d["dtype"]))
+
+    args = tuple(pytree.tree_map(make, a, is_leaf=leaf) for a in signature.get("args", []))
+    kwargs = {k: pytree.tree_map(make, v, is_leaf=leaf) for k, v in signature.get("kwargs", {}).items()}
+    return args, kwargs

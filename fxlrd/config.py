@@ -70,6 +70,20 @@ class LRDConfig:
         decompose_pointwise: decompose Linear and 1×1 convs too. Default: yes, unless
             ``merge`` is set (the paper's merged ResNet decomposes only the k×k convs and
             merges their factors into the 1×1 convs around them).
+        linear_method: the method for Linear and 1×1 conv layers (default ``"svd"``).
+        conv_method: the method for k×k convolutions: ``"tucker2"`` (default) or ``"cp"``
+            (any method registered in `fxlrd.methods`).
+        attention: how ``nn.MultiheadAttention`` projections are decomposed: ``"packed"``
+            (q, k, v as one matrix, the default) or ``"separate"`` (see `fxlrd.attention`).
+        target_params: a size budget for the whole model: a parameter count (int), or a
+            fraction of the model's parameters (float in (0, 1)). Each layer's ranks (or keep)
+            are then chosen together so the budget is met with the least total error (output
+            error when calibration data is given). With ``target_speedup``: the least-error
+            model that is that fast *and* that small.
+        allocation: ``"uniform"`` (every layer at ``ratio``, the default) or ``"global"``
+            (``ratio`` applies to the decomposed layers as a whole; ranks allocated by error).
+        sequential: with calibration data, compress layers in graph order, each fitted to the
+            inputs the already-compressed layers produce (error compensation).
     """
 
     ratio: float = 2.0
@@ -92,6 +106,12 @@ class LRDConfig:
     branches: int = 1
     branch_init: str = "btd"
     decompose_pointwise: bool | None = None
+    linear_method: str = "svd"
+    conv_method: str = "tucker2"
+    attention: str = "packed"
+    target_params: int | float | None = None
+    allocation: str = "uniform"
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -142,6 +162,32 @@ class LRDConfig:
             raise ConfigError(f"branches must be an int >= 1, got {self.branches!r}")
         if self.branch_init not in ("btd", "truncate"):
             raise ConfigError(f"branch_init must be 'btd' or 'truncate', got {self.branch_init!r}")
+        from .attention import ATTENTION_LAYOUTS
+        from .methods import get_method, methods
+
+        for name in ("linear_method", "conv_method"):
+            value = getattr(self, name)
+            if value not in methods():
+                raise ConfigError(f"{name} must be one of the registered methods {methods()}, got {value!r}")
+            if self.rank_rule not in get_method(value).rank_rules:
+                raise ConfigError(
+                    f"rank_rule={self.rank_rule!r} is not defined for {name}={value!r}; "
+                    f"it takes {get_method(value).rank_rules}"
+                )
+        if self.attention not in ATTENTION_LAYOUTS:
+            raise ConfigError(f"attention must be one of {ATTENTION_LAYOUTS}, got {self.attention!r}")
+        if self.target_params is not None:
+            tp = self.target_params
+            if isinstance(tp, bool) or not _is_number(tp) or tp <= 0 or (isinstance(tp, float) and not tp < 1 and tp != int(tp)):
+                raise ConfigError(
+                    f"target_params must be a parameter count (int > 0) or a fraction of the model in (0, 1), got {tp!r}"
+                )
+            if isinstance(tp, float) and tp >= 1:
+                object.__setattr__(self, "target_params", int(tp))
+        if self.allocation not in ("uniform", "global"):
+            raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:
@@ -149,6 +195,10 @@ class LRDConfig:
                 raise ConfigError(f"target_speedup must be a number > 1 (e.g. 1.8 for 1.8x faster), got {self.target_speedup!r}")
             if self.latency is None:
                 set_("latency", LatencyConfig())
+
+    def method_for(self, spec: Any) -> str:
+        """The method for a layer of ``spec`` (a `fxlrd.factorized.LayerSpec`)."""
+        return self.linear_method if spec.pointwise else self.conv_method
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (``filter_fn`` is recorded only as present or not)."""

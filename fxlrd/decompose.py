@@ -1,4 +1,4 @@
-"""The decomposition math: truncated SVD and Tucker-2. Knows nothing of torch.fx.
+"""The decomposition math: truncated SVD, Tucker-2, CP, and input whitening. Knows nothing of torch.fx.
 
 Weights are taken in PyTorch's layout: a linear ``W`` is ``(S, C)`` (out x in), a conv ``W``
 is ``(S, C, *kernel)``. Factors are computed and returned in float64, whatever the weight's
@@ -7,6 +7,7 @@ dtype (bfloat16 and float32 included); callers cast them back to the layer's dty
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,10 @@ import tensorly
 import torch
 from tensorly.decomposition import partial_tucker
 
-__all__ = ["SVDFactors", "TuckerFactors", "leading_svd", "svd_factors", "tucker2_factors", "unfold"]
+__all__ = [
+    "SVDFactors", "TuckerFactors", "CPFactors", "Whitening", "leading_svd", "svd_factors", "tucker2_factors",
+    "cp_factors", "unfold", "whitening",
+]
 
 
 @dataclass(frozen=True)
@@ -112,3 +116,85 @@ def tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 
     by_mode = dict(zip(modes, factors))
     as_torch = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return TuckerFactors(in_factor=as_torch(by_mode.get(1)), core=as_torch(core), out_factor=as_torch(by_mode.get(0)))
+
+
+@dataclass(frozen=True)
+class CPFactors:
+    """``W ≈ Σ_r out[:, r] ⊗ in[:, r] ⊗ k_1[:, r] ⊗ …``: one factor per mode of the weight,
+    norms balanced across the modes (the scale of each rank-1 term shared equally)."""
+
+    out_factor: torch.Tensor  # (S, R)
+    in_factor: torch.Tensor  # (C, R)
+    kernel_factors: tuple[torch.Tensor, ...]  # (k_i, R) per spatial dimension
+
+
+def cp_factors(weight: torch.Tensor, rank: int, n_iter: int = 100, seed: int = 0) -> CPFactors:
+    """CP (CANDECOMP/PARAFAC) decomposition of a conv weight ``(S, C, *kernel)`` through
+    tensorly's ``parafac`` (SVD initialisation, alternating least squares), in float64."""
+    from tensorly.decomposition import parafac
+
+    if rank < 1:
+        raise ValueError(f"CP rank must be >= 1, got {rank}")
+    w = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    with tensorly.backend_context("numpy"):
+        init = "svd" if rank <= min(w.shape) else "random"
+        cp = parafac(w, rank=rank, n_iter_max=max(n_iter, 1), init=init, tol=1e-10, random_state=seed,
+                     svd=_tensorly_svd if init == "svd" else "truncated_svd")  # fmt: skip
+    weights, factors = cp
+    factors = [np.asarray(f, dtype=np.float64) for f in factors]
+    # Balance: each rank-1 term's scale (λ times the factor norms) shared equally by the modes.
+    norms = np.stack([np.linalg.norm(f, axis=0) for f in factors])  # (modes, R)
+    norms = np.where(norms > 0, norms, 1.0)
+    scale = (np.abs(np.asarray(weights)) * norms.prod(0)) ** (1.0 / len(factors))
+    sign = np.sign(np.asarray(weights, dtype=np.float64))
+    sign = np.where(sign == 0, 1.0, sign)
+    balanced = [f / n * scale for f, n in zip(factors, norms)]
+    balanced[0] = balanced[0] * sign
+    t = [torch.from_numpy(np.ascontiguousarray(f)) for f in balanced]
+    return CPFactors(out_factor=t[0], in_factor=t[1], kernel_factors=tuple(t[2:]))
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """``G ≈ S Sᵀ`` for an input Gram matrix ``G`` (C×C), and how it was obtained."""
+
+    factor: torch.Tensor  # S, (C, C), float64, invertible
+    method: str  # "cholesky" or "eigh"
+    damping: float  # λ added to the diagonal, relative to mean(diag G)
+    note: str = ""
+
+    def inverse(self) -> torch.Tensor:
+        eye = torch.eye(self.factor.shape[0], dtype=self.factor.dtype)
+        if self.method == "cholesky":
+            return torch.linalg.solve_triangular(self.factor, eye, upper=False)
+        return torch.linalg.solve(self.factor, eye)
+
+
+def whitening(gram: torch.Tensor, *, max_damping: float = 1e-2) -> Whitening:
+    """A square root ``S`` of the input Gram matrix with ``S Sᵀ = G + λ·mean(diag G)·I``.
+
+    Cholesky first with no damping; on failure (singular ``G``: constant channels, fewer
+    samples than channels) the damping grows from 1e-10 by ×10 only as far as needed, up to
+    ``max_damping``; past that, an eigendecomposition with eigenvalues floored at
+    ``max_damping·mean(diag G)``. Always float64.
+    """
+    g = gram.detach().to(dtype=torch.float64, device="cpu")
+    g = (g + g.T) / 2
+    n = g.shape[0]
+    scale = float(g.diagonal().mean())
+    if not math.isfinite(scale):
+        raise ValueError("the calibration Gram matrix has NaN or infinite entries")
+    if scale <= 0:  # all-zero inputs: any S works; the identity keeps the data-free result
+        return Whitening(torch.eye(n, dtype=torch.float64), "eigh", 0.0, "all-zero inputs: identity used")
+    eye = torch.eye(n, dtype=torch.float64)
+    damping = 0.0
+    while damping <= max_damping:
+        factor, info = torch.linalg.cholesky_ex(g + damping * scale * eye)
+        if int(info) == 0 and bool(torch.isfinite(factor).all()) and float(factor.diagonal().min()) > 0:
+            note = "" if damping == 0 else f"Gram matrix singular: damping {damping:g}·mean(diag) added"
+            return Whitening(factor, "cholesky", damping, note)
+        damping = 1e-10 if damping == 0 else damping * 10
+    evals, evecs = torch.linalg.eigh(g)
+    floor = max_damping * scale
+    factor = evecs * evals.clamp_min(floor).sqrt()
+    return Whitening(factor, "eigh", max_damping, f"Cholesky failed: eigendecomposition, eigenvalues floored at {max_damping:g}·mean(diag)")

@@ -9,15 +9,19 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import ExportMismatchError
 
-__all__ = ["export_onnx", "onnx_session", "max_relative_error"]
+if TYPE_CHECKING:
+    from .capture import Args
+
+__all__ = ["export_onnx", "export_onnx_file", "onnx_session", "onnx_feed", "max_relative_error"]
 
 
 def onnx_session(path: str | os.PathLike | bytes, *, threads: int | None = None, providers: Sequence[str] | None = None):
@@ -59,12 +63,74 @@ def _quiet():
             lg.setLevel(level)
 
 
+def _input_names(inputs: "Args") -> list[str]:
+    """ONNX input names for the tensor inputs: keyword names, ``input`` / ``input_i`` for positional ones."""
+    args, kwargs = inputs
+    names = []
+    positional = [a for a in args if isinstance(a, torch.Tensor)]
+    for i, _ in enumerate(positional):
+        names.append("input" if len(positional) == 1 and not kwargs else f"input_{i}")
+    names += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return names
+
+
+def _tensors(inputs: "Args") -> list[torch.Tensor]:
+    args, kwargs = inputs
+    return [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+
+
+def _dynamic_axes(inputs: "Args", names: list[str], batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
+    if not (batch or sequence):
+        return None
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in zip(names, _tensors(inputs)):
+        dims: dict[int, str] = {}
+        if batch and t.dim() > 0:
+            dims[0] = "batch"
+        if sequence and not t.is_floating_point() and t.dim() >= 2:
+            dims[1] = "sequence"
+        if dims:
+            axes[name] = dims
+    return axes
+
+
+def onnx_feed(session, inputs: "Args") -> dict[str, np.ndarray]:
+    """The feed dict of an onnxruntime session for ``inputs`` (tensor inputs matched by name,
+    else in order)."""
+    tensors = _tensors(inputs)
+    names = [i.name for i in session.get_inputs()]
+    by_name = dict(zip(_input_names(inputs), tensors))
+    if set(names) <= set(by_name):
+        return {n: by_name[n].detach().cpu().numpy() for n in names}
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, *, dynamic_batch: bool = True,
+                     dynamic_sequence: bool = True, opset_version: int | None = None,
+                     dynamic_shapes=None) -> None:  # fmt: skip
+    """Export without checking (the model as it is, eval mode is the caller's business)."""
+    args, kwargs = inputs
+    names = _input_names(inputs)
+    extra = {}
+    if dynamic_shapes is not None:
+        extra["dynamic_shapes"] = dynamic_shapes
+    else:
+        extra["dynamic_axes"] = _dynamic_axes(inputs, names, dynamic_batch, dynamic_sequence)
+    with _quiet():
+        torch.onnx.export(
+            model, args, str(path), kwargs=kwargs or None, input_names=names, opset_version=opset_version,
+            external_data=False, dynamo=True, verbose=False, **extra,
+        )  # fmt: skip
+
+
 def export_onnx(
     gm: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: Any,
     path: str | os.PathLike,
     *,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = True,
+    dynamic_shapes: Any = None,
     opset_version: int | None = None,
     check: bool = True,
     rtol: float = 1e-4,
@@ -77,12 +143,16 @@ def export_onnx(
 
     Args:
         gm: the model (a decomposed GraphModule or any module torch.onnx can export).
-        example_inputs: a tensor or tuple of tensors; their shapes fix the graph's shapes.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (e.g. ``{"input_ids": ..., "attention_mask": ...}``); their shapes fix the graph's
+            other shapes.
         path: where the ``.onnx`` file goes (weights inside the file).
-        dynamic_batch: make dimension 0 of every input and output dynamic.
+        dynamic_batch: make dimension 0 of every input dynamic (named ``batch``).
+        dynamic_sequence: make dimension 1 of integer (token) inputs dynamic (``sequence``).
+        dynamic_shapes: torch.export dynamic shapes, instead of the two flags above.
         opset_version: ONNX opset; the exporter's default when None.
         check: run onnxruntime on ``example_inputs`` and compare with PyTorch.
-        rtol: largest allowed ``max|ort - torch| / max|torch|`` (float32 default 1e-4).
+        rtol: largest allowed ``max|ort - torch| / max|torch|`` per output (float32 default 1e-4).
 
     Returns:
         ``path`` as a ``Path``.
@@ -90,30 +160,30 @@ def export_onnx(
     Raises:
         ExportMismatchError: onnxruntime's outputs differ from PyTorch's by more than ``rtol``.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    from .capture import normalize_inputs
+
+    inputs = normalize_inputs(example_inputs)
+    args, kwargs = inputs
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    input_names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            expected = gm(*inputs)
-        outputs = expected if isinstance(expected, (tuple, list)) else (expected,)
-        output_names = [f"output_{i}" if len(outputs) > 1 else "output" for i in range(len(outputs))]
-        dynamic_axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
+            expected = gm(*args, **kwargs)
+        outputs = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
         fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}.")
         os.close(fd)
         try:
-            with _quiet():
-                torch.onnx.export(
-                    gm, inputs, tmp, input_names=input_names, output_names=output_names,
-                    dynamic_axes=dynamic_axes, opset_version=opset_version, external_data=False,
-                    dynamo=True, verbose=False,
-                )  # fmt: skip
+            export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
+                             opset_version=opset_version, dynamic_shapes=dynamic_shapes)  # fmt: skip
             if check:
                 session = onnx_session(tmp)
-                got = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)})
+                got = session.run(None, onnx_feed(session, inputs))
+                if len(got) != len(outputs):
+                    raise ExportMismatchError(
+                        f"onnxruntime gives {len(got)} outputs, PyTorch {len(outputs)}; {path} was not written"
+                    )
                 for i, (g, e) in enumerate(zip(got, outputs)):
                     err = max_relative_error(g, e.detach().float().cpu().numpy())
                     if not err <= rtol:

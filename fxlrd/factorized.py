@@ -2,35 +2,56 @@
 
 `Factorized` is an ``nn.Sequential`` whose children are named by role (``in_proj``, ``core``,
 ``out_proj``), so a decomposed ``layer1.0.conv2`` keeps its name as a container and its
-state-dict keys keep their prefix (``layer1.0.conv2.core.weight``).
+state-dict keys keep their prefix (``layer1.0.conv2.core.weight``). The container records
+its method, ranks and source layer as plain attributes: they survive ``copy.deepcopy``,
+pickling and re-tracing, and are where factor roles are read from.
+
+Which factors a method makes, and their weights, come from the method's handler
+(`fxlrd.methods`); this module only builds and fills the modules.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from .decompose import svd_factors, tucker2_factors
-
-__all__ = ["Factorized", "LayerSpec", "layer_spec", "factorized_like", "decompose_layer", "ROLES"]
+__all__ = [
+    "Factorized",
+    "LayerSpec",
+    "layer_spec",
+    "make_layer",
+    "factorized_like",
+    "decompose_layer",
+    "skeleton",
+    "fill",
+    "ROLES",
+]
 
 ROLES = ("in_proj", "core", "out_proj")
-_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class Factorized(nn.Sequential):
     """A layer replaced by its factors, applied in order: ``in_proj``, ``core``, ``out_proj``.
 
-    Only the factors that exist are children: a mode kept whole has no factor.
+    Only the factors that exist are children: a mode kept whole has no factor. ``method``,
+    ``ranks`` and ``source`` (the qualified name of the layer it replaced) are plain
+    attributes, so they survive deepcopy, ``torch.save`` and re-tracing.
     """
 
-    def __init__(self, factors: "OrderedDict[str, nn.Module]", *, method: str, ranks: tuple[int, ...]):
+    def __init__(self, factors: "OrderedDict[str, nn.Module]", *, method: str, ranks: tuple[int, ...], source: str = ""):
         super().__init__(factors)
         self.method = method
         self.ranks = tuple(ranks)
+        self.source = source
+
+    def roles(self) -> list[str]:
+        """The roles of the factors present, in order."""
+        return [name for name, _ in self.named_children()]
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, ranks={self.ranks}"
@@ -38,14 +59,23 @@ class Factorized(nn.Sequential):
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What the decomposition needs to know of a Linear or ConvNd layer."""
+    """What the decomposition needs to know of a linear or convolution layer.
+
+    Built from an ``nn.Linear``/``nn.ConvNd`` module, or from the arguments of a functional
+    call (``F.linear``, ``aten.convolution``...), so module and functional layers are one thing.
+    """
 
     kind: str  # "linear" or "conv"
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, ...]  # () for linear
+    kernel_size: tuple[int, ...] = ()  # () for linear
     groups: int = 1
     bias: bool = True
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
+    transposed: bool = False  # a transposed convolution (never decomposed)
 
     @property
     def kernel_numel(self) -> int:
@@ -55,104 +85,164 @@ class LayerSpec:
         return n
 
     @property
+    def dims(self) -> int:
+        """Spatial dimensions: 0 for linear, 1–3 for convolutions."""
+        return len(self.kernel_size)
+
+    @property
     def pointwise(self) -> bool:
-        """Linear or 1×1 conv: decomposed by SVD."""
+        """Linear or 1×1 conv."""
         return self.kernel_numel == 1
+
+    def with_channels(self, in_channels: int, out_channels: int, **changes: Any) -> "LayerSpec":
+        return replace(self, in_channels=in_channels, out_channels=out_channels, **changes)
+
+
+def _as_tuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(int(v) for v in value)
 
 
 def layer_spec(layer: nn.Module) -> LayerSpec:
-    """The `LayerSpec` of a Linear or Conv1d/2d/3d (subclasses included)."""
+    """The `LayerSpec` of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (subclasses included)."""
     if isinstance(layer, nn.Linear):
         return LayerSpec("linear", layer.in_features, layer.out_features, (), 1, layer.bias is not None)
-    if isinstance(layer, _CONV_TYPES):
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        dims = len(layer.kernel_size)
+        padding = layer.padding if isinstance(layer.padding, str) else _as_tuple(layer.padding, dims)
         return LayerSpec(
-            "conv", layer.in_channels, layer.out_channels, tuple(layer.kernel_size), layer.groups, layer.bias is not None
-        )
+            "conv", layer.in_channels, layer.out_channels, tuple(layer.kernel_size), layer.groups,
+            layer.bias is not None, _as_tuple(layer.stride, dims), padding, _as_tuple(layer.dilation, dims),
+            layer.padding_mode, bool(layer.transposed),
+        )  # fmt: skip
     raise TypeError(f"{type(layer).__name__} is neither nn.Linear nor nn.Conv1d/2d/3d")
 
 
-def _conv_class(layer: nn.Module) -> type[nn.Module]:
-    return next(t for t in _CONV_TYPES if isinstance(layer, t))
+def make_layer(
+    spec: LayerSpec,
+    in_channels: int,
+    out_channels: int,
+    *,
+    kernel_size: tuple[int, ...] | None = None,
+    spatial: bool = False,
+    groups: int = 1,
+    bias: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **conv: Any,
+) -> nn.Module:
+    """One factor module for a layer of ``spec``'s kind.
 
-
-def _factor_chain(layer: nn.Module, method: str, ranks: tuple[int, ...]) -> list[tuple[str, int, int, bool]]:
-    """The factors as (role, in, out, spatial) where ``spatial`` marks the one carrying the
-    layer's kernel, stride, padding and dilation. A rank equal to its side's size drops that factor."""
-    spec = layer_spec(layer)
-    c, s = spec.in_channels, spec.out_channels
-    if method == "svd":
-        (r,) = ranks
-        if r < c and r < s:
-            return [("in_proj", c, r, True), ("out_proj", r, s, False)]
-        return [("out_proj", c, s, True)]  # a full-rank side: the product is one C→S layer
-    if method == "tucker2":
-        r1, r2 = ranks
-        chain = [("in_proj", c, r1, False)] if r1 < c else []
-        chain.append(("core", r1, r2, True))
-        chain += [("out_proj", r2, s, False)] if r2 < s else []
-        return chain
-    raise ValueError(f"unknown method {method!r}; expected 'svd' or 'tucker2'")
-
-
-def factorized_like(
-    layer: nn.Module, method: str, ranks: tuple[int, ...], *, device: torch.device | str | None = None
-) -> Factorized:
-    """Factor modules of the right shapes for ``layer`` at ``ranks``, weights uninitialised.
-
-    With ``device="meta"`` this costs nothing: the planner uses it to count parameters and MACs.
+    ``spatial=True`` carries the layer's kernel, stride, padding, dilation and padding mode;
+    otherwise a conv factor is 1×1 (unless ``kernel_size`` and ``conv`` keywords say more).
     """
-    weight = layer.weight
-    device = weight.device if device is None else device
-    kw = {"device": device, "dtype": weight.dtype}
-    chain = _factor_chain(layer, method, ranks)
-    spec = layer_spec(layer)
-    modules: OrderedDict[str, nn.Module] = OrderedDict()
-    for i, (role, cin, cout, spatial) in enumerate(chain):
-        bias = spec.bias and i == len(chain) - 1
-        if spec.kind == "linear":
-            modules[role] = nn.Linear(cin, cout, bias=bias, **kw)
-        elif spatial:
-            modules[role] = _conv_class(layer)(
-                cin, cout, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                dilation=layer.dilation, padding_mode=layer.padding_mode, bias=bias, **kw,
-            )  # fmt: skip
-        else:
-            modules[role] = _conv_class(layer)(cin, cout, 1, bias=bias, **kw)
-    return Factorized(modules, method=method, ranks=ranks)
+    kw = {"device": device, "dtype": dtype}
+    if spec.kind == "linear":
+        return nn.Linear(in_channels, out_channels, bias=bias, **kw)
+    conv_cls = _CONV_BY_DIMS[spec.dims]
+    if spatial:
+        args = {"stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation, "padding_mode": spec.padding_mode}
+        kernel = spec.kernel_size
+    else:
+        args = {}
+        kernel = (1,) * spec.dims
+    if kernel_size is not None:
+        kernel = kernel_size
+    args.update(conv)
+    return conv_cls(in_channels, out_channels, kernel, groups=groups, bias=bias, **args, **kw)
 
 
-def _matrices(layer: nn.Module, method: str, ranks: tuple[int, ...], tucker_iters: int) -> dict[str, torch.Tensor]:
-    """Each factor's weight as computed by the math, keyed by role (kernel dims folded in later)."""
-    w = layer.weight.detach()
-    s, c = w.shape[:2]
-    if method == "svd":
-        (r,) = ranks
-        f = svd_factors(w.reshape(s, c), r)
-        if r < c and r < s:
-            return {"in_proj": f.in_factor, "out_proj": f.out_factor}
-        return {"out_proj": f.out_factor @ f.in_factor}
-    t = tucker2_factors(w, ranks, n_iter=tucker_iters)
-    out = {"core": t.core}
-    if t.in_factor is not None:
-        out["in_proj"] = t.in_factor.T
-    if t.out_factor is not None:
-        out["out_proj"] = t.out_factor
-    return out
+def skeleton(
+    spec: LayerSpec, method: str, ranks: tuple[int, ...], *, device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None, source: str = "",
+) -> Factorized:
+    """Factor modules of the right shapes for a layer of ``spec`` at ``ranks``, weights
+    uninitialised. With ``device="meta"`` this costs nothing (parameter and MAC counts)."""
+    from .methods import get_method
+
+    handler = get_method(method)
+    modules = handler.modules(spec, tuple(ranks), device=device, dtype=dtype)
+    last = next(reversed(modules))
+    if spec.bias:  # the bias always goes on the last factor
+        _add_bias(modules[last], device=device, dtype=dtype)
+    return Factorized(modules, method=method, ranks=tuple(ranks), source=source)
+
+
+def _add_bias(module: nn.Module, *, device, dtype) -> None:
+    target = module
+    if isinstance(module, nn.Sequential):
+        target = module[-1]
+    if getattr(target, "bias", None) is None:
+        out = target.weight.shape[0]
+        target.bias = nn.Parameter(torch.empty(out, device=device if device is not None else target.weight.device,
+                                               dtype=dtype or target.weight.dtype))  # fmt: skip
 
 
 @torch.no_grad()
-def decompose_layer(layer: nn.Module, method: str, ranks: tuple[int, ...], *, tucker_iters: int = 0) -> Factorized:
+def fill(fact: Factorized, weights: dict[str, torch.Tensor], bias: torch.Tensor | None) -> Factorized:
+    """Copy ``weights`` (parameter name in ``fact`` → tensor) and ``bias`` into ``fact``.
+
+    ``copy_`` casts to the factor's dtype, so the math may run in float64.
+    """
+    params = dict(fact.named_parameters())
+    for name, value in weights.items():
+        if name not in params:
+            raise KeyError(f"the method produced a weight {name!r} that its factors do not have: {sorted(params)}")
+        params[name].copy_(value.reshape(params[name].shape))
+    if bias is not None:
+        last = list(fact.children())[-1]
+        last = last[-1] if isinstance(last, nn.Sequential) else last
+        last.bias.copy_(bias)
+    return fact
+
+
+def _weight_and_spec(layer: nn.Module) -> tuple[torch.Tensor, LayerSpec]:
+    return layer.weight.detach(), layer_spec(layer)
+
+
+def factorized_like(
+    layer: nn.Module | LayerSpec, method: str, ranks: tuple[int, ...], *, device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Factorized:
+    """`skeleton` for an ``nn.Linear``/``nn.ConvNd`` module (or a `LayerSpec`)."""
+    if isinstance(layer, LayerSpec):
+        return skeleton(layer, method, ranks, device=device, dtype=dtype)
+    weight, spec = _weight_and_spec(layer)
+    return skeleton(spec, method, ranks, device=weight.device if device is None else device, dtype=dtype or weight.dtype)
+
+
+@torch.no_grad()
+def decompose_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec, method: str, ranks: tuple[int, ...], *,
+    stats: Any = None, options: dict[str, Any] | None = None, source: str = "",
+) -> tuple[Factorized, dict[str, Any]]:
+    """Decompose one layer given its weight ``(S, C, *kernel)`` and bias.
+
+    Returns the filled `Factorized` (on the weight's device and dtype) and the method's
+    report (e.g. what whitening did). The math runs in float64 on the CPU.
+    """
+    from .methods import get_method
+
+    handler = get_method(method)
+    report: dict[str, Any] = {}
+    weights = handler.factorize(weight.detach(), spec, tuple(ranks), stats=stats, options=options or {}, report=report)
+    fact = skeleton(spec, method, ranks, device="meta", dtype=weight.dtype, source=source)
+    fact = fact.to_empty(device=weight.device)
+    return fill(fact, weights, None if bias is None else bias.detach()), report
+
+
+def decompose_layer(
+    layer: nn.Module, method: str, ranks: tuple[int, ...], *, tucker_iters: int = 0, stats: Any = None, source: str = ""
+) -> Factorized:
     """Decompose ``layer`` (Linear or ConvNd) into a `Factorized` at ``ranks``.
 
     ``method="svd"``: ``ranks=(r,)``, the √Σ split, stride and padding on the first factor.
     ``method="tucker2"``: ``ranks=(r1, r2)`` (input side, output side); kernel, stride,
-    padding, dilation and padding mode on ``core``. The bias always goes on the last factor.
+    padding, dilation and padding mode on ``core``. ``method="cp"``: ``ranks=(r,)``. The bias
+    always goes on the last factor.
     """
-    # Built on meta then materialised: no time spent initialising weights about to be overwritten.
-    fact = factorized_like(layer, method, ranks, device="meta").to_empty(device=layer.weight.device)
-    weights = _matrices(layer, method, ranks, tucker_iters)
-    for role, module in fact.named_children():
-        module.weight.copy_(weights[role].reshape(module.weight.shape))  # copy_ casts to the layer's dtype
-        if module.bias is not None:
-            module.bias.copy_(layer.bias)
+    weight, spec = _weight_and_spec(layer)
+    fact, _ = decompose_weight(weight, layer.bias, spec, method, ranks, stats=stats,
+                               options={"tucker_iters": tucker_iters}, source=source)  # fmt: skip
     return fact

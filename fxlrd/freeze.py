@@ -3,6 +3,11 @@
 Frozen factors need no weight gradients, so backward gets cheaper. Policies say which factor
 roles stay trainable; `SequentialFreezer` alternates them on a schedule so every factor is
 trained while each step computes weight gradients for only part of them.
+
+Which module is which factor is read from the `Factorized` containers (their children are
+named by role and they record their method), not from graph metadata: it survives deepcopy,
+``torch.save``/``torch.load`` and re-tracing. What the paper's policy trains per method is
+declared by each method's handler (`fxlrd.methods`).
 """
 
 from __future__ import annotations
@@ -13,36 +18,36 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["PAPER_POLICY", "factor_nodes", "is_trainable", "freeze", "param_groups", "SequentialFreezer", "DEFAULT_ORDER"]
+from .factorized import Factorized
+from .methods import all_roles, get_method
+from .sites import factor_modules
 
-# Paper 2.2: train out_proj of SVD pairs and the core of Tucker triples, freeze the rest.
-PAPER_POLICY: Mapping[str, Mapping[str, bool]] = {
-    "svd": {"in_proj": False, "out_proj": True},
-    "tucker2": {"in_proj": False, "core": True, "out_proj": False},
-}
-
-# Sequential freezing: the roles trainable in each phase, per method. Phase 0 is the paper's
-# freezing; phase 1 trains the factors phase 0 froze.
-DEFAULT_ORDER: Sequence[Mapping[str, Sequence[str]]] = (
-    {"svd": ("out_proj",), "tucker2": ("core",)},
-    {"svd": ("in_proj",), "tucker2": ("in_proj", "out_proj")},
-)
+__all__ = ["factor_nodes", "factors", "is_trainable", "check_policy", "freeze", "param_groups", "SequentialFreezer"]
 
 Policy = str | Mapping[str, bool]
 
 
+def factors(model: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Module]]:
+    """Every factor of the model: ``(qualified name, role, container, module)``."""
+    yield from factor_modules(model)
+
+
 def factor_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module]]:
-    """``call_module`` nodes that are factors of a decomposed layer, with their modules (once each)."""
+    """``call_module`` nodes that run a factor (or part of one), with the factor's module,
+    once per factor; the node's ``meta["fxlrd"]`` is filled in from the container."""
+    by_target = {name: (role, fact, module) for name, role, fact, module in factor_modules(gm)}
     seen = set()
     for node in gm.graph.nodes:
-        info = node.meta.get("fxlrd")
-        if node.op == "call_module" and info and "role" in info and node.target not in seen:
-            seen.add(node.target)
-            yield node, gm.get_submodule(node.target)
-
-
-def _sibling_count(gm: fx.GraphModule, source: str) -> int:
-    return len(list(gm.get_submodule(source).children()))
+        if node.op != "call_module":
+            continue
+        name = next((n for n in by_target if node.target == n or node.target.startswith(n + ".")), None)
+        if name is None or name in seen:
+            continue
+        seen.add(name)
+        role, fact, module = by_target[name]
+        info = node.meta.setdefault("fxlrd", {})
+        info.update({"source": name.rpartition(".")[0], "method": fact.method, "role": role, "ranks": fact.ranks})
+        yield node, module
 
 
 def is_trainable(policy: Policy, name: str, role: str, method: str, n_factors: int) -> bool:
@@ -55,9 +60,10 @@ def is_trainable(policy: Policy, name: str, role: str, method: str, n_factors: i
     if n_factors <= 1 or policy == "none":
         return True
     if policy == "paper":
-        return PAPER_POLICY.get(method, {}).get(role, True)
+        return get_method(method).paper_trainable.get(role, True)
+    roles = set(all_roles())
     for pattern, trainable in policy.items():
-        if pattern not in ("in_proj", "core", "out_proj") and fnmatch.fnmatchcase(name, pattern):
+        if pattern not in roles and fnmatch.fnmatchcase(name, pattern):
             return bool(trainable)
     return bool(policy.get(role, True))
 
@@ -74,11 +80,28 @@ def check_policy(policy: Any) -> Policy:
     )
 
 
-def freeze(gm: fx.GraphModule, policy: Policy = "paper") -> fx.GraphModule:
-    """Apply a freeze policy to the factors of a decomposed ``gm`` (in place) and return it."""
+def apply_policy(model: nn.Module, policy: Policy) -> dict[str, bool]:
+    """Set ``requires_grad`` of every factor by ``policy``; returns factor name → trainable.
+    A factor that becomes frozen loses its ``.grad``."""
+    out = {}
+    for name, role, fact, module in factor_modules(model):
+        train = is_trainable(policy, name, role, fact.method, len(fact.roles()))
+        out[name] = train
+        for p in module.parameters():
+            if p.requires_grad and not train:
+                p.grad = None
+            p.requires_grad_(train)
+    return out
+
+
+def freeze(gm: nn.Module, policy: Policy = "paper") -> nn.Module:
+    """Apply a freeze policy to the factors of a decomposed model (in place) and return it."""
     from fxlrd.passes import FreezePass
 
-    return FreezePass(policy)(gm).graph_module
+    if isinstance(gm, fx.GraphModule):
+        return FreezePass(policy)(gm).graph_module
+    apply_policy(gm, check_policy(policy))
+    return gm
 
 
 def param_groups(gm: nn.Module, **options: Any) -> list[dict[str, Any]]:
@@ -88,16 +111,22 @@ def param_groups(gm: nn.Module, **options: Any) -> list[dict[str, Any]]:
     `SequentialFreezer` can unfreeze them later without a new optimizer. ``options`` (e.g.
     ``lr``) are added to every group; empty groups are left out. Each group has a ``name``.
     """
-    factors: list[nn.Parameter] = []
-    if isinstance(gm, fx.GraphModule):
-        factors = [p for _, m in factor_nodes(gm) for p in m.parameters()]
-    ids = {id(p) for p in factors}
+    factor_params = [p for _, _, _, m in factor_modules(gm) for p in m.parameters()]
+    ids = {id(p) for p in factor_params}
     groups = [
-        ("factors_trainable", [p for p in factors if p.requires_grad]),
-        ("factors_frozen", [p for p in factors if not p.requires_grad]),
+        ("factors_trainable", [p for p in factor_params if p.requires_grad]),
+        ("factors_frozen", [p for p in factor_params if not p.requires_grad]),
         ("other", [p for p in gm.parameters() if id(p) not in ids]),
     ]
     return [{"params": params, "name": name, **options} for name, params in groups if params]
+
+
+def _default_order() -> tuple[dict[str, tuple[str, ...]], ...]:
+    """Phase 0: each method's paper freezing; phase 1: the factors phase 0 froze."""
+    from .methods import methods
+
+    phases = {m: get_method(m).phases() for m in methods()}
+    return tuple({m: tuple(sorted(p[i])) for m, p in phases.items()} for i in (0, 1))
 
 
 class SequentialFreezer:
@@ -108,24 +137,25 @@ class SequentialFreezer:
     with ``optimizer``, their optimizer state), so nothing stale acts on them.
 
     Args:
-        gm: a decomposed GraphModule.
+        gm: a decomposed model.
         period: steps per phase (>= 1).
-        order: phases, each a mapping method -> trainable roles; default `DEFAULT_ORDER`.
+        order: phases, each a mapping method -> trainable roles; default: each method's
+            paper freezing, then the factors it froze.
         optimizer: if given, state of parameters frozen at a switch is dropped.
 
     With DistributedDataParallel, re-wrap the model when `step()` returns True: DDP registers
     gradient hooks only for parameters that require grad when it is built.
     """
 
-    def __init__(self, gm: fx.GraphModule, period: int = 1, order: Sequence[Mapping[str, Sequence[str]]] | None = None,
+    def __init__(self, gm: nn.Module, period: int = 1, order: Sequence[Mapping[str, Sequence[str]]] | None = None,
                  optimizer: torch.optim.Optimizer | None = None):  # fmt: skip
         if not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an int >= 1 (steps per phase), got {period!r}")
         self.gm, self.period, self.optimizer = gm, period, optimizer
-        self.order = tuple(order if order is not None else DEFAULT_ORDER)
+        self.order = tuple(order if order is not None else _default_order())
         if not self.order:
             raise ValueError("order must list at least one phase")
-        self.factors = list(factor_nodes(gm))
+        self.factors = list(factor_modules(gm))
         if not self.factors:
             raise ValueError("the model has no decomposed factors; run fxlrd.transform first")
         self.steps = 0
@@ -139,24 +169,24 @@ class SequentialFreezer:
         """Factor name -> trainable in ``phase``."""
         roles = self.order[phase]
         out = {}
-        for node, _ in self.factors:
-            info = node.meta["fxlrd"]
-            policy = {r: r in roles.get(info["method"], ()) for r in ("in_proj", "core", "out_proj")}
-            out[node.target] = is_trainable(policy, node.target, info["role"], info["method"],
-                                            _sibling_count(self.gm, info["source"]))  # fmt: skip
+        for name, role, fact, _ in self.factors:
+            policy = {r: r in roles.get(fact.method, ()) for r in all_roles()}
+            out[name] = is_trainable(policy, name, role, fact.method, len(fact.roles()))
         return out
 
     def _apply(self, phase: int) -> None:
         flags = self.trainable(phase)
-        for node, module in self.factors:
-            train = flags[node.target]
-            node.meta["fxlrd"]["trainable"] = train
+        for name, _, _, module in self.factors:
+            train = flags[name]
             for p in module.parameters():
                 if p.requires_grad and not train:
                     p.grad = None
                     if self.optimizer is not None:
                         self.optimizer.state.pop(p, None)
                 p.requires_grad_(train)
+        if isinstance(self.gm, fx.GraphModule):
+            for node, _ in factor_nodes(self.gm):
+                node.meta["fxlrd"]["trainable"] = flags.get(_factor_name(node.target, flags), True)
 
     def step(self) -> bool:
         """Advance one step; True when this switched the phase."""
@@ -178,3 +208,7 @@ class SequentialFreezer:
             )
         self.steps = int(state["steps"])
         self._apply(self.phase)
+
+
+def _factor_name(target: str, names: Mapping[str, Any]) -> str:
+    return next((n for n in names if target == n or target.startswith(n + ".")), target)

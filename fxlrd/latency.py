@@ -17,12 +17,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .capture import Args
 
 __all__ = [
     "LatencyConfig",
@@ -147,6 +150,22 @@ class LayerTimer:
         times = median_times(runs, repeats=self.config.repeats, warmup=self.config.warmup)
         return times["original"]["median"] / times["other"]["median"]
 
+    def model_runner(self, model: nn.Module, inputs: "Args") -> Callable[[], object]:  # pragma: no cover
+        """A zero-argument callable running a whole model once on ``inputs`` (``(args, kwargs)``)."""
+        raise NotImplementedError
+
+    def time_model(self, model: nn.Module, inputs: "Args") -> float:
+        """Median seconds of one run of a whole model on ``inputs``."""
+        return median_call_time(self.model_runner(model, inputs), repeats=self.config.repeats, warmup=self.config.warmup)
+
+    def speedup_model(self, original: nn.Module, other: nn.Module, inputs: "Args") -> float:
+        """`speedup` for whole models on their real inputs (any number, keyword inputs too)."""
+        from .timing import median_times
+
+        runs = {"original": self.model_runner(original, inputs), "other": self.model_runner(other, inputs)}
+        times = median_times(runs, repeats=self.config.repeats, warmup=self.config.warmup)
+        return times["original"]["median"] / times["other"]["median"]
+
 
 class TorchTimer(LayerTimer):
     """torch eager or torch.compile (inductor), on CPU or CUDA, through torch.utils.benchmark."""
@@ -166,6 +185,27 @@ class TorchTimer(LayerTimer):
             with torch.no_grad():
                 module(x)  # compile outside the timing
         return module, x
+
+    def model_runner(self, model: nn.Module, inputs: "Args") -> Callable[[], object]:
+        model = model.to(self.device).eval()
+        args, kwargs = (tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in inputs[0]),
+                        {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs[1].items()})  # fmt: skip
+        if self.compiled:
+            model = torch.compile(model)
+            with torch.no_grad():
+                model(*args, **kwargs)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        threads = self.threads
+
+        def run() -> None:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                model(*args, **kwargs)
+            sync()
+            torch.set_num_threads(previous)
+
+        return run
 
     def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
         module, x = self._prepare(module, input_shape)
@@ -214,6 +254,17 @@ class OnnxRuntimeTimer(LayerTimer):
         x = torch.randn(tuple(input_shape), dtype=next(module.parameters()).dtype)
         session = onnx_session(onnx_bytes(module, x), threads=self.threads, providers=self.providers)
         feed = {session.get_inputs()[0].name: x.numpy()}
+        return lambda: session.run(None, feed)
+
+    def model_runner(self, model: nn.Module, inputs: "Args") -> Callable[[], object]:
+        from .export import export_onnx_file, onnx_feed, onnx_session
+
+        model = model.cpu().eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx_file(model, inputs, path)
+            session = onnx_session(path.read_bytes(), threads=self.threads, providers=self.providers)
+        feed = onnx_feed(session, inputs)
         return lambda: session.run(None, feed)
 
 

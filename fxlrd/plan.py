@@ -14,9 +14,8 @@ from typing import Any, Iterator
 
 from .errors import PlanMismatchError
 
-__all__ = ["LayerPlan", "Plan", "METHODS"]
+__all__ = ["LayerPlan", "Plan"]
 
-METHODS = ("svd", "tucker2", "keep")
 _FORMAT = "fxlrd.plan/1"
 
 
@@ -24,8 +23,12 @@ _FORMAT = "fxlrd.plan/1"
 class LayerPlan:
     """How one layer is treated.
 
-    ``ranks`` is ``(r,)`` for SVD and ``(r1, r2)`` (input side, output side) for Tucker-2; a
-    rank equal to its side's size means that side keeps no factor.
+    ``method`` is a registered method (`fxlrd.methods`) or ``"keep"``. ``ranks`` is ``(r,)``
+    for SVD and CP and ``(r1, r2)`` (input side, output side) for Tucker-2; a rank equal to
+    its side's size means that side keeps no factor. ``site`` says how the layer appears in
+    the graph (``"module"`` or ``"function"``); ``data_aware`` that its factors are fitted to
+    calibration data (input whitening); ``error`` the estimated relative squared error
+    (of the weight, or of the output on calibration data when data-aware).
     """
 
     name: str
@@ -42,16 +45,24 @@ class LayerPlan:
     macs_after: int | None = None
     input_shape: tuple[int, ...] | None = None
     latency: dict[str, Any] | None = None  # the latency search's record: timings, choice, note
+    site: str = "module"
+    data_aware: bool = False
+    error: float | None = None
+    notes: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise PlanMismatchError(f"layer {self.name!r}: method must be one of {METHODS}, got {self.method!r}")
+        from .methods import get_method, methods
+
+        if self.method != "keep" and self.method not in methods():
+            raise PlanMismatchError(
+                f"layer {self.name!r}: method must be one of {(*methods(), 'keep')}, got {self.method!r}"
+            )
         self.kernel_size = tuple(self.kernel_size)
         self.ranks = tuple(int(r) for r in self.ranks)
         if self.input_shape is not None:
             self.input_shape = tuple(self.input_shape)
         if self.method != "keep":
-            want = 1 if self.method == "svd" else 2
+            want = get_method(self.method).n_ranks
             if len(self.ranks) != want or any(r < 1 for r in self.ranks):
                 raise PlanMismatchError(
                     f"layer {self.name!r}: {self.method} needs {want} rank(s) >= 1, got {self.ranks}"
@@ -129,9 +140,12 @@ class Plan:
         line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
         t = self.totals()
-        n_by = {m: sum(lp.method == m for lp in self) for m in METHODS}
+        n_by: dict[str, int] = {}
+        for lp in self:
+            n_by[lp.method] = n_by.get(lp.method, 0) + 1
+        kept = n_by.pop("keep", 0)
         out.append(
-            f"{len(self)} layers: {n_by['svd']} svd, {n_by['tucker2']} tucker2, {n_by['keep']} kept; "
+            f"{len(self)} layers: " + "".join(f"{n} {m}, " for m, n in n_by.items()) + f"{kept} kept; "
             f"layer params {_count(t['params_before'])} -> {_count(t['params_after'])} "
             f"({_ratio(t['params_before'], t['params_after'])})"
             + (

@@ -1,41 +1,40 @@
-"""Where ranks are chosen: walk the captured graph and plan every conv and linear layer."""
+"""Where ranks are chosen: walk the captured graph's layer sites and plan each one.
+
+For every conv/linear site the planner asks the method's handler (`fxlrd.methods`) whether
+it applies, what ranks the rank rule gives and what they cost, then settles the final ranks
+one of four ways: the rule's ranks quantized (default), the latency search of paper Alg. 1
+(`fxlrd.ranks.search`), a latency target for the whole model (global mode), or a parameter
+budget for the whole model (`fxlrd.ranks.allocate`). It never rewrites the graph: the passes
+do, from the plan.
+"""
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .capture import Args, flat_inputs, input_signature
 from .config import LRDConfig
-from .decompose import unfold
 from .errors import ConfigError
-from .factorized import Factorized, LayerSpec, factorized_like, layer_spec
+from .factorized import LayerSpec, make_layer, skeleton
+from .methods import Method, get_method
 from .metrics import count_params, layer_macs
 from .plan import LayerPlan, Plan
-from .ranks import energy_rank, quantize_rank, svd_rank_for_ratio, tucker_ranks_for_ratio, vbmf_rank
+from .ranks.allocate import closed_loop, solve_budget
+from .sites import Site, find_sites
 
-__all__ = ["make_plan", "candidate_nodes", "input_shapes"]
+__all__ = ["make_plan", "input_shapes", "LayerTask"]
 
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CANDIDATES = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-def candidate_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """``call_module`` nodes of conv and linear layers, by target, in graph order."""
-    found: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, _CANDIDATES) and not isinstance(module, Factorized):
-                found.setdefault(node.target, []).append(node)
-    return found
+_LAYER_TYPE_OF_SPEC = {0: nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def input_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+def input_shapes(gm: fx.GraphModule, inputs: Args) -> None:
     """Record every node's output shape in ``node.meta['tensor_meta']`` without computing.
 
     Runs ShapeProp under a FakeTensorMode: no real compute, and the model's buffers (batch
@@ -43,204 +42,309 @@ def input_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError("example_inputs must be tensors (a tensor or a tuple of tensors)")
+    from .capture import inputs_error
+
+    values = flat_inputs(gm, inputs)
     try:
-        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
     except Exception as exc:  # noqa: BLE001  (any failure here means the inputs do not fit the model)
-        shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
-        root = exc
-        while root.__cause__ is not None or root.__context__ is not None:  # the innermost error says why
-            root = root.__cause__ or root.__context__
-        text = str(root).strip()
-        first = text.splitlines()[0] if text else type(root).__name__
-        raise ValueError(
-            f"example_inputs of shape {shapes} do not run through the model: {first}. "
-            "Pass inputs the model accepts, e.g. the shape of one real batch"
-        ) from exc
+        raise inputs_error(gm, inputs, exc) from exc
 
 
-def _node_input_shape(node: fx.Node) -> tuple[int, ...] | None:
-    arg = node.args[0] if node.args else None
-    meta = getattr(arg, "meta", {}).get("tensor_meta") if isinstance(arg, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def _shape_of(node: fx.Node | None) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _keep_reason(name: str, module: nn.Module, spec: LayerSpec | None, config: LRDConfig) -> str:
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+@dataclass
+class LayerTask:
+    """A layer the rank rule decomposes, waiting for its final ranks."""
+
+    lp: LayerPlan
+    site: Site
+    spec: LayerSpec
+    handler: Method
+    weight: torch.Tensor
+    ranks: tuple[int, ...]
+    caps: tuple[int, ...]
+    stats: Any = None
+
+    @property
+    def calls(self) -> list[tuple[int, ...] | None]:
+        return [_shape_of(self.site.input(n)) for n in self.site.nodes]
+
+    def layer(self, gm: nn.Module) -> nn.Module:
+        """A standalone copy of the layer (for timing)."""
+        return self.site.layer(gm, share=False)
+
+
+def _equivalent_type(spec: LayerSpec) -> type[nn.Module]:
+    return _LAYER_TYPE_OF_SPEC.get(spec.dims, nn.Module)
+
+
+def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | None, config: LRDConfig) -> str:
+    spec = site.spec
+    if site.reason:
+        return site.reason
+    if spec is None:
+        return f"{site.op}: not supported"
+    if spec.transposed:
         return "transposed convolution: not supported"
-    if not isinstance(module, tuple(config.layer_types)):
-        return f"{type(module).__name__} not in layer_types"
-    if not isinstance(module, _SUPPORTED):
-        return f"{type(module).__name__}: not supported"
-    if spec is not None and spec.groups > 1:
-        kind = "depthwise" if spec.groups == spec.in_channels else "grouped"
-        return f"{kind} convolution (groups={spec.groups}): not supported"
+    layer_type = type(gm.get_submodule(name)) if site.kind == "module" else _equivalent_type(spec)
+    if not issubclass(layer_type, tuple(config.layer_types)):
+        return f"{layer_type.__name__} not in layer_types"
     if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
         return "not matched by include"
     if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
         return "matched by exclude"
-    if config.filter_fn is not None and not config.filter_fn(module, name):
+    if config.filter_fn is not None and not config.filter_fn(site.layer(gm), name):
         return "filter_fn returned False"
-    if spec is not None and spec.pointwise and not config.decompose_pointwise:
+    if spec.pointwise and not config.decompose_pointwise:
         return "pointwise layer kept (decompose_pointwise=False)"
-    return ""
+    why = handler.applies(spec) if handler is not None else "no method"
+    return f"{why}: not supported" if why and not why.endswith("not supported") else why
 
 
-def _tied_targets(gm: fx.GraphModule) -> set[str]:
-    """Modules whose parameters the graph also reads directly (``get_attr``), e.g. tied weights."""
-    return {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+def _macs(spec: LayerSpec, module: nn.Module | None, shapes: list[tuple[int, ...] | None], dtype: torch.dtype) -> int | None:
+    if any(s is None for s in shapes):
+        return None
+    if module is None:
+        module = make_layer(spec, spec.in_channels, spec.out_channels, spatial=True, groups=spec.groups,
+                            bias=spec.bias, device="meta", dtype=dtype)  # fmt: skip
+    return sum(layer_macs(module, s) for s in shapes)
 
 
-def _svd_rank(weight: torch.Tensor, spec: LayerSpec, config: LRDConfig) -> int:
-    c, s = spec.in_channels, spec.out_channels
-    if config.rank_rule == "ratio":
-        return svd_rank_for_ratio(c, s, config.ratio)
-    if config.rank_rule == "fixed":
-        rank = config.rank if isinstance(config.rank, int) else config.rank[0]
-        return min(rank, c, s)
-    matrix = weight.detach().float().reshape(s, c)
-    if config.rank_rule == "energy":
-        return energy_rank(torch.linalg.svdvals(matrix), config.energy)
-    return vbmf_rank(matrix)
-
-
-def _tucker_ranks(weight: torch.Tensor, spec: LayerSpec, config: LRDConfig) -> tuple[int, int]:
-    c, s = spec.in_channels, spec.out_channels
-    if config.rank_rule == "ratio":
-        return tucker_ranks_for_ratio(c, s, spec.kernel_numel, config.ratio, config.beta)
-    if config.rank_rule == "fixed":
-        r1, r2 = (config.rank, config.rank) if isinstance(config.rank, int) else (config.rank + config.rank)[:2]
-        return min(r1, c), min(r2, s)
-    w = weight.detach().float()
-    if config.rank_rule == "energy":
-        sv = lambda mode: torch.linalg.svdvals(unfold(w, mode))  # noqa: E731
-        return energy_rank(sv(1), config.energy), energy_rank(sv(0), config.energy)
-    return vbmf_rank(unfold(w, 1)), vbmf_rank(unfold(w, 0))
-
-
-def _target_ranks(module: nn.Module, spec: LayerSpec, config: LRDConfig) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """(method, ranks from the rank rule, the most each rank may be)."""
-    full = (spec.in_channels, spec.out_channels)
-    if spec.pointwise:
-        method, ranks, caps = "svd", (_svd_rank(module.weight, spec, config),), (min(full),)
-    else:
-        method, ranks, caps = "tucker2", _tucker_ranks(module.weight, spec, config), full
-    # A latency search applies its own quantum to its candidates.
-    quantum = 1 if config.latency is not None else config.rank_quantum
-    ranks = tuple(r if r >= cap else quantize_rank(r, quantum) for r, cap in zip(ranks, caps))
-    return method, tuple(min(r, cap) for r, cap in zip(ranks, caps)), caps
-
-
-@dataclass
-class _Todo:
-    """A layer the rank rule decomposes, waiting for its final ranks."""
-
-    lp: LayerPlan
-    module: nn.Module
-    method: str
-    ranks: tuple[int, ...]
-    caps: tuple[int, ...]
-    call_sites: list[fx.Node]
-
-
-def _fill(todo: _Todo, ranks: tuple[int, ...] | None, config: LRDConfig, reason: str = "") -> None:
+def _fill(task: LayerTask, ranks: tuple[int, ...] | None, config: LRDConfig, reason: str = "") -> None:
     """Set the layer's final ranks (None: keep it, for ``reason``) with params and MACs."""
-    lp = todo.lp
+    lp = task.lp
     lp.method, lp.ranks, lp.reason, lp.params_after, lp.macs_after = "keep", (), "", lp.params_before, lp.macs_before
+    lp.data_aware, lp.error = False, None
     if ranks is None:
         lp.reason = reason
         return
     if min(ranks) < config.min_rank:
         lp.ranks, lp.reason = ranks, f"rank {min(ranks)} < min_rank {config.min_rank}"
         return
-    skeleton = factorized_like(todo.module, todo.method, ranks, device="meta")
-    after = count_params(skeleton)
+    meta = skeleton(task.spec, task.handler.name, ranks, device="meta", dtype=task.weight.dtype)
+    after = count_params(meta)
     if after >= lp.params_before and not config.allow_larger:
         lp.ranks, lp.reason = ranks, f"would not shrink ({lp.params_before} -> {after} params)"
         return
-    lp.method, lp.ranks, lp.params_after = todo.method, ranks, after
-    if lp.input_shape is not None:
-        lp.macs_after = sum(layer_macs(skeleton, _node_input_shape(n)) for n in todo.call_sites)
+    lp.method, lp.ranks, lp.params_after = task.handler.name, tuple(ranks), after
+    lp.data_aware = task.stats is not None and task.handler.data_aware
+    if lp.macs_before is not None:
+        lp.macs_after = _macs(task.spec, meta, task.calls, task.weight.dtype)
+
+
+def _params_of(task: LayerTask, ranks: tuple[int, ...]) -> int:
+    return count_params(skeleton(task.spec, task.handler.name, ranks, device="meta", dtype=task.weight.dtype))
 
 
 def make_plan(
-    gm: fx.GraphModule, config: LRDConfig, example_inputs: Sequence[torch.Tensor] | None = None
+    gm: fx.GraphModule,
+    config: LRDConfig,
+    inputs: Args | None = None,
+    *,
+    capture: Mapping[str, Any] | None = None,
+    stats: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Plan every conv/linear ``call_module`` of ``gm`` under ``config``.
+    """Plan every conv/linear site of ``gm`` under ``config``.
+
+    Args:
+        gm: the captured model.
+        config: the settings.
+        inputs: example inputs as ``(args, kwargs)``: with them each layer's input shape and
+            MACs are recorded; latency searches need them.
+        capture: how ``gm`` was captured (recorded in the plan).
+        stats: calibration statistics by site name: data-aware ranks and errors.
 
     Raises:
         ConfigError: an include pattern matches no layer, or a latency search lacks inputs.
         ValueError: a layer to decompose has NaN or infinite weights.
     """
-    if config.latency is not None and example_inputs is None:
+    if config.latency is not None and inputs is None:
         raise ConfigError(
             "choosing ranks by latency needs example_inputs=... (each layer is timed at its real input "
             "shape), e.g. fxlrd.plan(model, config, example_inputs=torch.randn(1, 3, 224, 224))"
         )
-    nodes = candidate_nodes(gm)
-    if example_inputs is not None:
-        input_shapes(gm, example_inputs)
+    sites = find_sites(gm)
+    if inputs is not None:
+        input_shapes(gm, inputs)
     if config.include is not None:
         for pattern in config.include:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in nodes):
-                sample = ", ".join(repr(n) for n in list(nodes)[:4])
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in sites):
+                sample = ", ".join(repr(n) for n in list(sites)[:4])
                 raise ConfigError(
                     f"include pattern {pattern!r} matches no conv/linear layer of the model; "
                     f"names look like {sample} (print fxlrd.plan(model) to see them all)"
                 )
-    tied = _tied_targets(gm)
-    plan = Plan(settings=config.to_dict(), model_params=count_params(gm))
-    todos: list[_Todo] = []
-    for name, call_sites in nodes.items():
-        module = gm.get_submodule(name)
-        spec = layer_spec(module) if isinstance(module, _SUPPORTED) else None
-        reason = _keep_reason(name, module, spec, config)
-        if not reason and name in tied:
-            reason = "its parameters are also read outside the layer (tied weights)"
-        if not reason and any(len(n.args) != 1 or n.kwargs for n in call_sites):
-            reason = "called with other than one positional input"
-        if not reason and not torch.isfinite(module.weight).all():
+    settings = config.to_dict()
+    if capture is not None:
+        settings["capture"] = dict(capture)
+    if inputs is not None:
+        settings["inputs"] = input_signature(inputs)
+    plan = Plan(settings=settings, model_params=count_params(gm))
+    tasks: list[LayerTask] = []
+    for name, site in sites.items():
+        spec = site.spec
+        handler = get_method(config.method_for(spec)) if spec is not None else None
+        reason = _keep_reason(name, site, gm, handler, config)
+        weight = site.weight(gm) if spec is not None else None
+        if not reason and not torch.isfinite(weight).all():
             raise ValueError(
                 f"layer {name!r} has NaN or infinite weights; decomposing it would spread them. "
                 f"Fix the weights or leave the layer out with LRDConfig(exclude=[{name!r}])"
             )
-        shape = _node_input_shape(call_sites[0])
-        before = count_params(module)
+        shapes = [_shape_of(site.input(n)) for n in site.nodes]
+        before = sum(t.numel() for t in site.parameters(gm))
         lp = LayerPlan(
-            name=name, layer_type=type(module).__name__,
-            in_channels=getattr(module, "in_features", getattr(module, "in_channels", 0)),
-            out_channels=getattr(module, "out_features", getattr(module, "out_channels", 0)),
-            kernel_size=tuple(getattr(module, "kernel_size", ())), method="keep", reason=reason,
-            params_before=before, params_after=before, input_shape=shape,
+            name=name, layer_type=site.op,
+            in_channels=spec.in_channels if spec else 0, out_channels=spec.out_channels if spec else 0,
+            kernel_size=spec.kernel_size if spec else (), method="keep", reason=reason,
+            params_before=before, params_after=before, input_shape=shapes[0], site=site.kind,
         )  # fmt: skip
-        if shape is not None:
-            lp.macs_before = lp.macs_after = sum(layer_macs(module, _node_input_shape(n)) for n in call_sites)
+        if spec is not None and weight is not None:
+            module = gm.get_submodule(name) if site.kind == "module" else None
+            lp.macs_before = lp.macs_after = _macs(spec, module, shapes, weight.dtype)
         plan.layers[name] = lp
-        if not reason:
-            todos.append(_Todo(lp, module, *_target_ranks(module, spec, config), call_sites))
-    if config.target_speedup is not None:
-        from .global_search import plan_globally
+        if reason:
+            continue
+        site_stats = (stats or {}).get(name) if handler.data_aware else None
+        ranks = handler.target_ranks(weight, spec, config, site_stats)
+        caps = handler.caps(spec)
+        quantum = 1 if config.latency is not None else config.rank_quantum  # a search applies its own
+        ranks = tuple(min(r, c) for r, c in zip(handler.quantize(tuple(ranks), caps, quantum), caps))
+        tasks.append(LayerTask(lp, site, spec, handler, weight, ranks, caps, site_stats))
 
-        plan_globally(gm, todos, config, example_inputs, plan, lambda todo, ranks, why: _fill(todo, ranks, config, why))
+    fill = lambda task, ranks, why="": _fill(task, ranks, config, why)  # noqa: E731
+    if config.target_speedup is not None:
+        _plan_for_speed(gm, tasks, config, inputs, plan, fill)
     elif config.latency is not None:
-        _search(todos, config)
+        _search(gm, tasks, config, fill)
+    elif config.target_params is not None or config.allocation == "global":
+        _plan_for_size(tasks, config, plan, fill)
     else:
-        for todo in todos:
-            _fill(todo, todo.ranks, config)
+        for task in tasks:
+            fill(task, task.ranks)
+    for task in tasks:  # data-aware layers report their output error (data-free ones: allocation modes only)
+        if task.lp.decomposed and task.lp.error is None and task.lp.data_aware:
+            task.lp.error = task.handler.error_curve(task.weight, task.spec, task.stats)(task.lp.ranks)
     return plan
 
 
-def _search(todos: list[_Todo], config: LRDConfig) -> None:
-    from .rank_search import RankSearcher
+def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill: Callable) -> None:
+    from .ranks.search import RankSearcher
 
     searcher = RankSearcher(config.latency)
-    searcher.progress(len(todos))
+    searcher.progress(len(tasks))
     try:
-        for todo in todos:
-            result = searcher.search(todo.module, todo.method, todo.ranks, todo.caps, todo.lp.input_shape)
-            todo.lp.latency = result.record(config.latency.backend)
-            _fill(todo, result.ranks, config, result.note)
+        for task in tasks:
+            result = searcher.search(task.layer(gm), task.handler.name, task.ranks, task.caps, task.lp.input_shape, task.spec)
+            task.lp.latency = result.record(config.latency.backend)
+            fill(task, result.ranks, result.note)
             searcher.cache.flush()
     finally:
         searcher.close()
+
+
+def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | None], float], error) -> dict:
+    """Keep, or each global candidate that compresses, as choice -> (cost, error)."""
+    opts: dict = {None: (cost(None), 0.0)}
+    for ranks in task.handler.global_candidates(task.ranks, task.caps, quantum):
+        if ranks in opts or _params_of(task, ranks) >= task.lp.params_before:
+            continue  # not a compression
+        opts[ranks] = (cost(ranks), error(ranks))
+    return opts
+
+
+def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tuple[float, str]:
+    """Parameters the decomposable layers may keep, from ``target_params`` or a global ``ratio``."""
+    layers = sum(t.lp.params_before for t in tasks)
+    if config.target_params is not None:
+        target = config.target_params
+        whole = target * plan.model_params if isinstance(target, float) and target < 1 else float(target)
+        return whole - (plan.model_params - layers), f"model params <= {whole:.0f}"
+    return layers / config.ratio, f"decomposable layers' params <= 1/{config.ratio:g} of {layers}"
+
+
+def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: Callable) -> None:
+    """Global allocation under a parameter budget with the least total (data-aware) error."""
+    quantum = config.rank_quantum
+    budget, what = _layer_budget(tasks, config, plan)
+    options = []
+    for task in tasks:
+        curve = task.handler.error_curve(task.weight, task.spec, task.stats)
+        options.append(_options(task, quantum, lambda r, t=task: t.lp.params_before if r is None else _params_of(t, r), curve))
+    choices, met = solve_budget(options, budget)
+    for task, opts, choice in zip(tasks, options, choices):
+        fill(task, choice, "" if choice is not None else "global allocation: kept (least error for the budget)")
+        if choice is not None:
+            task.lp.error = opts[choice][1]
+    used = sum(opts[c][0] for opts, c in zip(options, choices))
+    plan.settings["allocation_result"] = {
+        "budget": what, "layer_params_budget": budget, "layer_params_chosen": used, "met": met,
+        "objective": "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error",
+    }  # fmt: skip
+    if not met:
+        raise ConfigError(
+            f"the parameter budget ({what}) cannot be met even by the smallest ranks tried "
+            f"({used:.0f} > {budget:.0f} parameters in the decomposable layers); ask for fewer savings "
+            "or decompose more layers"
+        )
+
+
+def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,
+                    fill: Callable) -> None:  # fmt: skip
+    """Global mode: every layer's ranks (or keep) for ``config.target_speedup``, least total
+    error, closed loop on the measured whole-model speed-up."""
+    from fxlrd.passes import DecomposePass
+
+    from .ranks.search import RankSearcher
+
+    searcher = RankSearcher(config.latency)
+    searcher.progress(len(tasks))
+    try:
+        model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
+        options = []
+        for task in tasks:
+            layer = task.layer(gm)
+            calls = len(task.site.nodes)
+            t0 = searcher.time_layer(layer, task.lp.input_shape) * calls
+            curve = task.handler.error_curve(task.weight, task.spec, task.stats)
+            cost = lambda r, t=task, lay=layer, t0=t0: t0 if r is None else \
+                searcher.time_ranks(lay, t.handler.name, r, t.lp.input_shape, t.spec) * calls  # noqa: E731
+            options.append(_options(task, config.latency.quantum, cost, curve))
+            searcher.cache.flush()
+            searcher._tick()
+    finally:
+        searcher.close()
+    budget_params = None
+    if config.target_params is not None:
+        budget_params, _ = _layer_budget(tasks, config, plan)
+
+    def apply_choices(choices) -> None:
+        for task, choice in zip(tasks, choices):
+            fill(task, choice, "" if choice is not None else "global: kept (least error for the target)")
+
+    def measure(choices) -> float:
+        apply_choices(choices)
+        trial = DecomposePass(plan, stats={t.lp.name: t.stats for t in tasks if t.stats is not None})(copy.deepcopy(gm))
+        return searcher.timer.speedup_model(copy.deepcopy(gm), trial.graph_module, inputs)
+
+    def within_size(choices) -> bool:
+        if budget_params is None:
+            return True
+        return sum(t.lp.params_before if c is None else _params_of(t, c) for t, c in zip(tasks, choices)) <= budget_params
+
+    choices, record = closed_loop(options, config.target_speedup, model_s, measure, extra_budget=within_size)
+    apply_choices(choices)
+    record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
+    plan.settings["global_search"] = record
+    for task, opts, choice in zip(tasks, options, choices):
+        task.lp.latency = {
+            "backend": config.latency.backend, "original_ms": opts[None][0] * 1e3,
+            "candidates_ms": [[list(r), t * 1e3, e] for r, (t, e) in opts.items() if r is not None],
+            "chosen": None if choice is None else list(choice), "note": "" if choice is not None else "global: kept",
+        }  # fmt: skip
+        if choice is not None:
+            task.lp.error = opts[choice][1]

@@ -23,8 +23,8 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def merged_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes of layers made by `MergePass`, in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_module" and "merged_from" in n.meta.get("fxlrd", {})]
+    """Nodes of layers made by `MergePass`, in graph order (read from the modules' records)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and getattr(gm.get_submodule(n.target), "fxlrd_merge", None)]
 
 
 def _batches(batches: Iterable) -> list[tuple[torch.Tensor, ...]]:
@@ -50,7 +50,7 @@ def reestimate_norms(gm: fx.GraphModule, batches: Iterable, which: str = "moved"
     names = [
         n.target for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _NORMS)
-        and (which == "all" or n.meta.get("fxlrd", {}).get("moved_norm"))
+        and (which == "all" or getattr(gm.get_submodule(n.target), "fxlrd_moved", False))
     ]  # fmt: skip
     _reestimate(gm, names, _batches(batches))
     return names
@@ -104,7 +104,7 @@ def refit_merged(
     report = {}
     try:
         for node in merged_nodes(gm):
-            info = node.meta["fxlrd"]
+            info = gm.get_submodule(node.target).fxlrd_merge
             if info.get("exact"):
                 continue
             layer = gm.get_submodule(node.target)

@@ -9,7 +9,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxlrd.branch import fit_btd, truncate_blocks
 from fxlrd.factorized import Factorized
 
-from ._graph import set_submodule
+from fxlrd.sites import set_submodule
 
 __all__ = ["BranchPass"]
 
@@ -35,9 +35,11 @@ class BranchPass(PassBase):
     def _targets(self, gm: fx.GraphModule) -> list[str]:
         names = []
         for name, m in gm.named_modules():
-            if isinstance(m, Factorized) and m.method == "tucker2":
+            if isinstance(m, Factorized):  # a Tucker-2 structure: 1x1 in, one k x k core conv, 1x1 out
                 kids = dict(m.named_children())
-                if {"in_proj", "core", "out_proj"} <= kids.keys() and kids["core"].groups == 1:
+                core = kids.get("core")
+                if {"in_proj", "core", "out_proj"} <= kids.keys() and isinstance(core, nn.modules.conv._ConvNd) \
+                        and core.groups == 1:
                     if min(kids["core"].in_channels, kids["core"].out_channels) >= self.branches:
                         names.append(name)
         return names

@@ -1,39 +1,35 @@
-"""`FreezePass`: mark each factor's role and trainability, and set ``requires_grad``."""
+"""`FreezePass`: set each factor's trainability by a policy, and record it on its nodes."""
 
 from __future__ import annotations
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxlrd.freeze import check_policy, factor_nodes, is_trainable
+from fxlrd.freeze import _factor_name, apply_policy, check_policy, factor_nodes
+from fxlrd.sites import factor_modules
 
 __all__ = ["FreezePass"]
 
 
 class FreezePass(PassBase):
-    """Freeze factors of decomposed layers by ``policy``: ``"none"``, ``"paper"`` (freeze
-    ``in_proj`` of SVD pairs, ``in_proj`` and ``out_proj`` of Tucker triples) or a mapping from
-    role (``"in_proj"``, ``"core"``, ``"out_proj"``) or glob pattern on the factor's name to
-    trainable. Records ``trainable`` in ``node.meta["fxlrd"]``; parameters outside factors are
-    not touched."""
+    """Freeze factors of decomposed layers by ``policy``: ``"none"``, ``"paper"`` (each method's
+    handler says which roles train: SVD trains ``out_proj``, Tucker-2 and CP their ``core``) or a
+    mapping from role (``"in_proj"``, ``"core"``, ``"out_proj"``) or glob pattern on the factor's
+    name to trainable. Records ``trainable`` in ``node.meta["fxlrd"]``; parameters outside
+    factors are not touched. Roles are read from the `Factorized` modules, so this works on a
+    model reloaded with ``torch.load`` as well."""
 
     def __init__(self, policy="paper") -> None:
         super().__init__()
         self.policy = check_policy(policy)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        modified = False
-        for node, module in factor_nodes(graph_module):
-            info = node.meta["fxlrd"]
-            siblings = len(list(graph_module.get_submodule(info["source"]).children()))
-            train = is_trainable(self.policy, node.target, info["role"], info["method"], siblings)
-            if info.get("trainable") != train:
-                info["trainable"] = train
+        before = {name: all(p.requires_grad for p in m.parameters()) for name, _, _, m in factor_modules(graph_module)}
+        flags = apply_policy(graph_module, self.policy)
+        modified = flags != before
+        for node, _ in factor_nodes(graph_module):
+            train = flags.get(_factor_name(node.target, flags), True)
+            if node.meta["fxlrd"].get("trainable") != train:
+                node.meta["fxlrd"]["trainable"] = train
                 modified = True
-            for p in module.parameters():
-                if p.requires_grad != train:
-                    if not train:
-                        p.grad = None
-                    p.requires_grad_(train)
-                    modified = True
         return PassResult(graph_module, modified)

@@ -20,18 +20,30 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxlrd.fusion import ACTIVATIONS, compose_pointwise, fold_norm, is_pointwise
+from fxlrd.factorized import Factorized
 
-from ._graph import set_submodule
+from fxlrd.fusion import ACTIVATIONS, compose_pointwise, fold_norm, is_pointwise
+from fxlrd.sites import Site, find_sites, materialize, materialize_norm, set_submodule
 
 __all__ = ["MergePass"]
 
-_ACT_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, torch.sigmoid, torch.tanh, F.leaky_relu}
+aten = torch.ops.aten
+_ACT_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, torch.sigmoid, torch.tanh, F.leaky_relu,
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.hardswish.default, aten.sigmoid.default,
+    aten.tanh.default, aten.leaky_relu.default, aten.relu6.default, aten.hardtanh.default,
+}  # fmt: skip
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FUNCTIONAL_NORMS = {aten.batch_norm.default, F.batch_norm}
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _merge_info(module: nn.Module | None) -> dict:
+    """What a merged layer records of its merge (a plain attribute: survives reloads)."""
+    return getattr(module, "fxlrd_merge", None) or {}
 
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -52,9 +64,25 @@ def _is_foldable_norm(m: nn.Module | None) -> bool:
     return isinstance(m, _NORMS) and m.track_running_stats and m.running_mean is not None
 
 
-def _sources(info: dict) -> set[str]:
-    """The decomposed layers whose factors a node is or has absorbed."""
-    return {info["source"]} if "role" in info else set(info.get("sources", ()))
+def _sources(gm: fx.GraphModule, node: fx.Node) -> set[str]:
+    """The decomposed layers whose factors a node is or has absorbed (read from the modules)."""
+    if node.op != "call_module":
+        return set()
+    parent = node.target.rpartition(".")[0]
+    try:
+        if isinstance(gm.get_submodule(parent), Factorized):
+            return {parent}
+    except AttributeError:
+        pass
+    return set(_merge_info(gm.get_submodule(node.target)).get("sources", ()))
+
+
+def _is_factor(gm: fx.GraphModule, node: fx.Node) -> bool:
+    parent = node.target.rpartition(".")[0] if node.op == "call_module" else ""
+    try:
+        return bool(parent) and isinstance(gm.get_submodule(parent), Factorized)
+    except AttributeError:
+        return False
 
 
 def _same_family(a: nn.Module, b: nn.Module) -> bool:
@@ -84,38 +112,78 @@ class MergePass(PassBase):
             node = prev
         return node
 
-    def _match(self, gm: fx.GraphModule, b: fx.Node):
-        """``(a, norm, act, b)`` if ``b`` ends a mergeable chain, else None."""
-        mb = _module(gm, b)
-        if mb is None or not is_pointwise(mb) or len(b.args) != 1 or b.kwargs:
+    def _layer(self, gm: fx.GraphModule, node: fx.Node | None, sites: dict[fx.Node, Site]) -> nn.Module | None:
+        """The pointwise layer a node runs: its module, or a functional site's equivalent."""
+        if node is None:
             return None
-        cur, act, norm = self._skip_identity(gm, _single_input(b)), None, None
+        if node.op == "call_module":
+            m = _module(gm, node)
+            return m if is_pointwise(m) else None
+        site = sites.get(node)
+        if site is None:
+            return None
+        layer = site.layer(gm)
+        return layer if is_pointwise(layer) else None
+
+    def _is_norm(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return _is_foldable_norm(_module(gm, node))
+        return node.op == "call_function" and node.target in _FUNCTIONAL_NORMS
+
+    def _match(self, gm: fx.GraphModule, b: fx.Node, sites: dict[fx.Node, Site]):
+        """``(a, norm, act, b)`` if ``b`` ends a mergeable chain, else None."""
+        mb = self._layer(gm, b, sites)
+        if mb is None or (b.op == "call_module" and (len(b.args) != 1 or b.kwargs)):
+            return None
+        cur, act, norm = self._skip_identity(gm, sites[b].input(b) if b in sites else _single_input(b)), None, None
         if cur is not None and _is_activation(gm, cur) and len(cur.users) == 1:
             act, cur = cur, self._skip_identity(gm, _single_input(cur))
-        if cur is not None and _is_foldable_norm(_module(gm, cur)) and len(cur.users) == 1:
+        if cur is not None and self._is_norm(gm, cur) and len(cur.users) == 1:
             norm, cur = cur, self._skip_identity(gm, _single_input(cur))
-        if cur is None or len(cur.users) != 1 or len(cur.args) != 1 or cur.kwargs:
+        if cur is None or len(cur.users) != 1:
             return None
-        ma = _module(gm, cur)
-        if ma is None or not is_pointwise(ma) or not _same_family(ma, mb) or ma.weight.shape[0] != mb.weight.shape[1]:
+        ma = self._layer(gm, cur, sites)
+        if ma is None or (cur.op == "call_module" and (len(cur.args) != 1 or cur.kwargs)):
             return None
-        fa, fb = cur.meta.get("fxlrd", {}), b.meta.get("fxlrd", {})
-        if "role" not in fa and "role" not in fb:
+        if not _same_family(ma, mb) or ma.weight.shape[0] != mb.weight.shape[1]:
+            return None
+        if not _is_factor(gm, cur) and not _is_factor(gm, b):
             return None  # neither is a decomposed factor
-        if _sources(fa) & _sources(fb):
+        if _sources(gm, cur) & _sources(gm, b):
             return None  # factors of one layer: merging would undo the decomposition
         if act is not None and self.mode != "approximate":
             return None
-        if act is not None and act.op == "call_function" and (len(act.args) != 1 or act.kwargs):
-            return None
         return cur, norm, act, b
+
+    def _materialize(self, gm: fx.GraphModule, match, sites: dict[fx.Node, Site]) -> bool:
+        """Functional layers and norms of a match become modules; True if any did."""
+        a, norm, _, b = match
+        changed = False
+        for node in (a, b):
+            if node.op != "call_module":
+                materialize(gm, sites[node])
+                changed = True
+        if norm is not None and norm.op != "call_module":
+            if materialize_norm(gm, norm) is None:
+                return changed
+            changed = True
+        return changed
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm, modified = graph_module, False
+        refused: set[fx.Node] = set()
         while True:
-            match = next((m for n in list(gm.graph.nodes) if n.op == "call_module" and (m := self._match(gm, n))), None)
+            sites = {node: site for site in find_sites(gm).values() if not site.reason and site.kind == "function"
+                     for node in site.nodes}  # fmt: skip
+            candidates = [n for n in gm.graph.nodes if (n.op == "call_module" or n in sites) and n not in refused]
+            match = next((m for n in candidates if (m := self._match(gm, n, sites))), None)
             if match is None:
                 break
+            if any(n.op != "call_module" for n in (match[0], match[3])) or (match[1] is not None and match[1].op != "call_module"):
+                if not self._materialize(gm, match, sites):
+                    refused.add(match[3])
+                modified = True
+                continue
             self._merge(gm, *match)
             modified = True
         if modified:
@@ -128,8 +196,9 @@ class MergePass(PassBase):
         ma, mb = _module(gm, a), _module(gm, b)
         first = fold_norm(ma, _module(gm, norm)) if norm is not None else ma
         merged = compose_pointwise(first, mb)
-        sources = sorted(_sources(a.meta.get("fxlrd", {})) | _sources(b.meta.get("fxlrd", {})))
+        sources = sorted(_sources(gm, a) | _sources(gm, b))
         info = {"merged_from": [a.target, b.target], "exact": act is None, "sources": sources}
+        merged.fxlrd_merge = info
         if act is None:  # exact: A → [N] → B is one layer
             set_submodule(gm, a.target, merged)
             b.replace_all_uses_with(a)
@@ -149,6 +218,7 @@ class MergePass(PassBase):
                                  device=merged.weight.device, dtype=merged.weight.dtype).train(old.training)  # fmt: skip
             set_submodule(gm, norm.target, new_norm)
             norm.meta["fxlrd"] = {"moved_norm": True, "merge": a.target if after else b.target}
+            new_norm.fxlrd_moved = True
             info["norm"] = norm.target
         if after:  # A → N → F → B  becomes  M → N' → F
             set_submodule(gm, a.target, merged)
@@ -157,7 +227,7 @@ class MergePass(PassBase):
             a.meta["fxlrd"] = info
         else:  # A → N → F → B  becomes  N' → F → M
             head = norm if norm is not None else act
-            head.args = (a.args[0],)
+            head.args = (a.args[0], *head.args[1:])
             set_submodule(gm, b.target, merged)
             gm.graph.erase_node(a)
             b.meta["fxlrd"] = info

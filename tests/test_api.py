@@ -328,6 +328,7 @@ def test_vbmf_keeps_noise_and_finds_the_rank_of_a_low_rank_layer():
 def test_example_inputs_that_do_not_fit_the_model_are_named():
     model = zoo.resnet50()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"example_inputs of shape \(1, 4, 64, 64\) do not run through the model"):
+    with pytest.raises(ValueError, match=r"example_inputs \(float32\[1, 4, 64, 64\]\) do not run through ResNet: "
+                                         r".*to have 3 channels, but got 4"):
         fxlrd.plan(model, example_inputs=torch.randn(1, 4, 64, 64))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

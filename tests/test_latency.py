@@ -27,7 +27,7 @@ def test_backends_time_a_layer(timer_cls):
 
 
 def test_search_times_a_copy_of_the_users_layer(tmp_path):
-    from fxlrd.rank_search import RankSearcher
+    from fxlrd.ranks.search import RankSearcher
 
     layer = nn.Conv2d(8, 8, 3).train()
     before = layer.weight.clone()
@@ -49,7 +49,7 @@ def test_cache_hit_miss_and_persistence(tmp_path):
 
 
 def test_key_change_is_a_miss(tmp_path):
-    from fxlrd.rank_search import RankSearcher
+    from fxlrd.ranks.search import RankSearcher
 
     layer = nn.Conv2d(8, 8, 3)
     a = RankSearcher(LatencyConfig(threads=1, cache_path=tmp_path / "c.json", progress=False))

@@ -11,7 +11,8 @@ from torch import nn
 import fxlrd
 from fxlrd import ConfigError, LRDConfig
 from fxlrd.latency import LatencyConfig, LayerTimer
-from fxlrd.rank_search import candidate_ranks, select_ranks, solve_global
+from fxlrd.ranks.allocate import solve_global
+from fxlrd.ranks.search import candidate_ranks, select_ranks
 
 
 # --- the selection rule on synthetic timing tables ------------------------------------------------
@@ -101,11 +102,17 @@ class CostTimer(LayerTimer):
     def speedup(self, original, other, input_shape):
         return self.time(original, input_shape) / self.time(other, input_shape)
 
+    def time_model(self, model, inputs):
+        return self.time(model, None)
+
+    def speedup_model(self, original, other, inputs):
+        return self.time(original, None) / self.time(other, None)
+
 
 @pytest.fixture
 def cost_timer(monkeypatch):
     timer = CostTimer()
-    monkeypatch.setattr("fxlrd.rank_search.make_timer", lambda config: timer)
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
     return timer
 
 

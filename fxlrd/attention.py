@@ -1,0 +1,172 @@
+"""``nn.MultiheadAttention`` in a form whose projections are layer sites.
+
+``torch.nn.MultiheadAttention`` hides its q/k/v projection inside a fused functional call
+(and a fast path that is one native op), so neither torch.fx nor torch.export shows it as a
+linear layer. Before capture fxlrd swaps each supported instance for `MultiheadAttention`
+below: the same parameters under the same names, the same results (checked in the tests
+against torch's), with a forward written in plain ops — ``F.linear`` for the projections,
+``F.scaled_dot_product_attention`` for the attention.
+
+Two layouts of the q/k/v projection:
+
+- ``"packed"`` (default): one ``(3E, E)`` projection, ``in_proj_weight`` as torch keeps it.
+  Decomposed as one matrix: ``x → r → 3E``, two GEMMs for q, k and v together, and q, k, v
+  share the input factor. Fastest on CPU (two larger GEMMs instead of six small ones); the
+  shared input subspace costs a little accuracy at equal parameters when q, k and v use
+  different directions of the input. Self-attention only (the projection then reads one
+  input); cross-attention projections are left as they are in this layout.
+- ``"separate"``: three ``(E, E)`` projections ``q_proj``, ``k_proj``, ``v_proj`` (their state-dict
+  keys replace ``in_proj_weight``/``in_proj_bias``), each decomposed on its own: each keeps its own
+  subspace (lower error at equal parameters on trained weights), six GEMMs. Works for
+  cross-attention too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["MultiheadAttention", "swap_attention", "ATTENTION_LAYOUTS"]
+
+ATTENTION_LAYOUTS = ("packed", "separate")
+
+
+@fx.wrap
+def _additive_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """A boolean mask (True = do not attend) or an additive float mask, as a float mask."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(mask, float("-inf"))
+    return mask.to(like.dtype)
+
+
+@fx.wrap
+def _combined_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, q: torch.Tensor,
+                   num_heads: int) -> torch.Tensor | None:  # fmt: skip
+    """``attn_mask`` ((L, S) or (N·H, L, S)) and ``key_padding_mask`` ((N, S)) as one additive
+    mask broadcastable to (N, H, L, S), as ``nn.MultiheadAttention`` combines them."""
+    n = q.shape[0]
+    out = None
+    if attn_mask is not None:
+        m = _additive_mask(attn_mask, q)
+        out = m.view(n, num_heads, m.shape[-2], m.shape[-1]) if m.dim() == 3 else m
+    if key_padding_mask is not None:
+        k = _additive_mask(key_padding_mask, q)[:, None, None, :]
+        out = k if out is None else out + k
+    return out
+
+
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a traceable forward and the same parameters.
+
+    Supports what vision and language models use: ``batch_first`` either way, key/value
+    of the same width as the query, ``key_padding_mask``, ``attn_mask`` (bool or float),
+    ``need_weights`` (averaged or per head), ``is_causal``, dropout.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, layout: str = "packed", device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        if layout not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention layout must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first, self.layout = dropout, batch_first, layout
+        kw = {"device": device, "dtype": dtype}
+        if layout == "packed":
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim, bias=bias, **kw) for _ in range(3))
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, layout: str = "packed") -> "MultiheadAttention":
+        """The same attention as ``mha``, sharing its parameters (``packed``) or copying them
+        into three projections (``separate``)."""
+        bias = mha.in_proj_bias is not None
+        new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=bias, batch_first=mha.batch_first,
+                  layout=layout, device="meta")  # fmt: skip
+        if layout == "packed":
+            new.in_proj_weight, new.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        else:
+            e = mha.embed_dim
+            for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+                proj.weight = nn.Parameter(mha.in_proj_weight.detach()[i * e : (i + 1) * e].clone(),
+                                           requires_grad=mha.in_proj_weight.requires_grad)  # fmt: skip
+                if bias:
+                    proj.bias = nn.Parameter(mha.in_proj_bias.detach()[i * e : (i + 1) * e].clone(),
+                                             requires_grad=mha.in_proj_bias.requires_grad)  # fmt: skip
+        new.out_proj = mha.out_proj
+        new.train(mha.training)
+        return new
+
+    @staticmethod
+    def supports(mha: nn.MultiheadAttention) -> bool:
+        """Whether ``mha`` uses only what this module implements."""
+        return bool(mha._qkv_same_embed_dim) and mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn
+
+    def _project(self, query, key, value):
+        if self.layout == "separate":
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if query is key and key is value:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        w = self.in_proj_weight.chunk(3)
+        b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        return F.linear(query, w[0], b[0]), F.linear(key, w[1], b[1]), F.linear(value, w[2], b[2])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):  # fmt: skip
+        self_attention = query is key and key is value
+        if not self.batch_first:
+            query = query.transpose(0, 1)
+            key = query if self_attention else key.transpose(0, 1)
+            value = query if self_attention else value.transpose(0, 1)
+        q, k, v = self._project(query, key, value)
+        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)  # (N, H, L, D)
+        mask = None
+        if attn_mask is not None or key_padding_mask is not None:  # (a Python check: fine under tracing)
+            mask = _combined_mask(attn_mask, key_padding_mask, q, self.num_heads)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores + _additive_mask(
+                    torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=q.device).triu(1), q
+                )
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=is_causal and mask is None)  # fmt: skip
+        out = self.out_proj(out.transpose(1, 2).flatten(-2))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def swap_attention(model: nn.Module, layout: str = "packed") -> int:
+    """Replace every supported ``nn.MultiheadAttention`` in ``model`` (in place) by
+    `MultiheadAttention`; returns how many were replaced."""
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.MultiheadAttention and MultiheadAttention.supports(module):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if not parent_name and not leaf:
+                continue  # the model itself is the attention: nothing to swap it in
+            setattr(parent, leaf, MultiheadAttention.from_torch(module, layout))
+            count += 1
+    return count

@@ -1,0 +1,139 @@
+"""Allocation: one choice per layer (keep it, or ranks) under a whole-model budget.
+
+Every layer offers options — keep it (its full cost, error 0) or decompose it at one of a dozen
+quantized ranks, each with a cost (seconds on the target backend, or parameters) and an error
+(the method's relative squared truncation error; with calibration data, the output error).
+Choosing one option per layer so the summed cost fits a budget with the least summed error is
+a multiple-choice knapsack, solved here by Lagrangian relaxation (`solve_budget`).
+
+Latency budgets need one more step (`closed_loop`): layers timed alone do not add up to the
+model's time (fixed per-run costs, no fusion), so the chosen model is built and timed whole,
+the internal target is corrected by ``target / measured`` (up to 3 rounds), and the
+least-error choice that *measured* at or above the target is kept.
+
+Pure functions of numbers; the planner measures and builds, this module only chooses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+__all__ = ["solve_budget", "solve_global", "closed_loop"]
+
+Choice = Hashable  # ranks, or None for "keep"
+Options = dict[Choice, tuple[float, float]]  # choice -> (cost, error)
+
+
+def solve_budget(options: Sequence[Options], budget: float) -> tuple[list[Choice], bool]:
+    """Pick one option per layer so that the summed cost fits ``budget`` with the least
+    summed error.
+
+    ``options[i]`` maps a choice to ``(cost, error)``. For a price λ on cost each layer takes
+    ``argmin error + λ·cost`` on its own; λ is bisected to the smallest price whose choices
+    fit, then the budget left over is spent greedily on lower-error options. Returns the
+    choices and whether the budget was met (if not, the cheapest choice of every layer).
+    """
+
+    def pick(lam: float) -> list[Choice]:
+        return [min(opt, key=lambda k: (opt[k][1] + lam * opt[k][0], opt[k][0])) for opt in options]
+
+    def total(choice: list[Choice]) -> float:
+        return sum(opt[c][0] for opt, c in zip(options, choice))
+
+    cheapest = [min(opt, key=lambda k: (opt[k][0], opt[k][1])) for opt in options]
+    if total(cheapest) > budget:
+        return cheapest, False
+    if total(pick(0.0)) <= budget:
+        return pick(0.0), True
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget:
+        hi *= 4
+        if hi > 1e300:
+            return cheapest, True
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if total(pick(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return _spend_slack(options, pick(hi), budget), True
+
+
+solve_global = solve_budget  # the name global mode has always used
+
+
+def _spend_slack(options: Sequence[Options], choice: list[Choice], budget: float) -> list[Choice]:
+    """Greedy repair after the relaxation: while budget is left, move a layer to a lower-error
+    option that still fits (best error saved per unit of cost first). Identical layers switch
+    at the same price, so the relaxation alone leaves such slack unused."""
+    choice = list(choice)
+    while True:
+        slack = budget - sum(opt[c][0] for opt, c in zip(options, choice))
+        best, best_gain = None, 0.0
+        for i, opt in enumerate(options):
+            c_now, e_now = opt[choice[i]]
+            for k, (c, e) in opt.items():
+                if e < e_now and c - c_now <= slack + 1e-15 * max(1.0, abs(budget)):
+                    gain = (e_now - e) / max(c - c_now, 1e-12)
+                    if best is None or gain > best_gain:
+                        best, best_gain = (i, k), gain
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
+
+
+def closed_loop(
+    options: Sequence[Options],
+    target: float,
+    model_s: float,
+    measure: Callable[[list[Choice]], float],
+    *,
+    max_rounds: int = 3,
+    extra_budget: Callable[[list[Choice]], bool] | None = None,
+) -> tuple[list[Choice], dict]:
+    """Choose layers for a whole-model speed-up ``target``, measuring each trial whole.
+
+    Args:
+        options: per layer, choice -> (seconds timed alone, error); ``None`` is "keep".
+        target: the speed-up to reach.
+        model_s: the original model's time.
+        measure: builds the model with the given choices and returns its measured speed-up.
+        extra_budget: a further constraint the choices must meet (e.g. a parameter budget);
+            a trial failing it is not kept.
+
+    Returns the choices and the record of the rounds.
+    """
+    # Layer times measured alone can exceed the model's time: work in fractions of their total.
+    layers_s = sum(opt[None][0] for opt in options) or 1e-12
+    other = max(0.0, model_s - layers_s) / model_s if model_s > 0 else 0.0
+
+    def solve(internal_target: float):
+        keep_fraction = (1 / internal_target - other) / (1 - other) if other < 1 else 0.0
+        choices, _ = solve_budget(options, layers_s * keep_fraction if keep_fraction > 0 else 0.0)
+        chosen_s = sum(opt[c][0] for opt, c in zip(options, choices))
+        return choices, 1 / (other + (1 - other) * chosen_s / layers_s)
+
+    rounds, internal, best = [], target, None
+    for _ in range(max_rounds):
+        choices, predicted = solve(internal)
+        measured = measure(choices)
+        error = sum(opt[c][1] for opt, c in zip(options, choices))
+        allowed = extra_budget is None or extra_budget(choices)
+        rounds.append({"internal_target": internal, "predicted_speedup": predicted, "measured_speedup": measured,
+                       "total_error": error, "within_extra_budget": allowed, "choices": choices})  # fmt: skip
+        if measured >= target and allowed and (best is None or error < rounds[best]["total_error"]):
+            best = len(rounds) - 1
+        if target <= measured <= target * 1.05:
+            break
+        internal = max(1.0 + 1e-3, internal * target / measured)
+    if best is None:  # never reached: the fastest measured
+        best = max(range(len(rounds)), key=lambda k: rounds[k]["measured_speedup"])
+    record = {
+        "target_speedup": target, "measured_speedup": rounds[best]["measured_speedup"],
+        "met": rounds[best]["measured_speedup"] >= target and rounds[best]["within_extra_budget"],
+        "model_original_ms": model_s * 1e3, "layers_original_ms": layers_s * 1e3, "other_fraction": other,
+        "rounds": [{k: v for k, v in r.items() if k != "choices"} for r in rounds], "chosen_round": best,
+    }  # fmt: skip
+    return rounds[best]["choices"], record

@@ -1,0 +1,527 @@
+"""Layer sites: every use of a linear or convolution weight in a graph, in any form.
+
+A site is where a conv/linear layer runs in a captured graph:
+
+- a ``call_module`` of an ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (fx capture);
+- a ``call_function`` of ``F.linear`` / ``F.conv1d/2d/3d`` whose weight (and bias) are
+  ``get_attr`` nodes (a module calling the functional form: EfficientNet's static-same-padding
+  convs, the attention rewrite of `fxlrd.attention`);
+- in graphs from ``torch.export``: ``aten.linear``, ``aten.conv1d/2d/3d``, ``aten.convolution``,
+  and ``aten.addmm`` / ``aten.mm`` with a weight stored transposed (GPT-2's ``Conv1D``) or
+  transposed in the graph.
+
+The planner and every pass see sites. `replace_site` puts a module in a site's place: a
+`Factorized` container at the path that owned the weight, so state-dict keys keep their
+prefixes in both capture modes. A weight that something other than its sites also reads
+(tied embeddings) is reported, so the planner keeps it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .factorized import Factorized, LayerSpec, layer_spec
+
+__all__ = ["Site", "find_sites", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
+
+aten = torch.ops.aten
+
+# Metadata that describes a node's *output value*: wrong for the new inner nodes of a chain.
+_VALUE_META = ("tensor_meta", "val", "example_value")
+
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+_CONV_FUNCTIONS = {
+    torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+    aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+    aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3,
+}  # fmt: skip
+_MM_FUNCTIONS = {aten.addmm.default: True, aten.mm.default: False, torch.addmm: True, torch.mm: False}
+_TRANSPOSES = {aten.t.default, torch.t}
+_STANDARD_FORWARD = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+
+
+@dataclass
+class Site:
+    """One conv/linear layer in a graph: the nodes that run it and where its weight lives.
+
+    Attributes:
+        name: where the decomposed layer goes, and the plan's key: the module's qualified
+            name for a module site; for a functional site the weight's owner module (or a
+            child of it, when the owner holds more than this layer).
+        nodes: the graph nodes running the layer (several for a module called twice).
+        kind: ``"module"`` or ``"function"``.
+        op: what runs it, for people: ``"Linear"``, ``"Conv2d"``, ``"F.linear"``, ``"aten.addmm"``...
+        spec: the layer's shape and convolution settings.
+        weight_path, bias_path: qualified names of the parameters.
+        transposed_weight: the weight is stored ``(in, out)`` (``x @ W``).
+        replace_owner: the decomposed layer takes the owner module's place.
+        reason: why the layer cannot be decomposed here ("" when it can).
+    """
+
+    name: str
+    nodes: list[fx.Node]
+    kind: str
+    op: str
+    spec: LayerSpec | None
+    weight_path: str
+    bias_path: str | None = None
+    transposed_weight: bool = False
+    replace_owner: bool = True
+    reason: str = ""
+    _weight_nodes: list[fx.Node] = field(default_factory=list, repr=False)
+
+    @property
+    def owner(self) -> str:
+        return self.weight_path.rpartition(".")[0]
+
+    def input(self, node: fx.Node) -> fx.Node | None:
+        """The node whose value is the layer's input at ``node``."""
+        if node.op == "call_function" and node.target in _MM_FUNCTIONS:
+            arg = node.args[1] if _MM_FUNCTIONS[node.target] else node.args[0]
+        else:
+            arg = node.args[0] if node.args else node.kwargs.get("input")
+        return arg if isinstance(arg, fx.Node) else None
+
+    def weight(self, gm: nn.Module) -> torch.Tensor:
+        """The weight in PyTorch's layout, ``(out, in, *kernel)``."""
+        w = gm.get_parameter(self.weight_path) if _is_param(gm, self.weight_path) else _get_attr(gm, self.weight_path)
+        return w.T if self.transposed_weight else w
+
+    def bias(self, gm: nn.Module) -> torch.Tensor | None:
+        return None if self.bias_path is None else _get_attr(gm, self.bias_path)
+
+    def parameters(self, gm: nn.Module) -> list[torch.Tensor]:
+        out = [_get_attr(gm, self.weight_path)]
+        if self.bias_path is not None:
+            out.append(_get_attr(gm, self.bias_path))
+        return out
+
+    def layer(self, gm: nn.Module, *, share: bool = True) -> nn.Module:
+        """An ``nn.Linear``/``nn.ConvNd`` computing the same as this site.
+
+        For a module site, the module itself; otherwise a new module whose parameters are the
+        site's own (``share=True``, a transposed weight excepted) or copies of them.
+        """
+        if self.kind == "module":
+            return gm.get_submodule(self.name)
+        return build_layer(self.spec, self.weight(gm), self.bias(gm), share=share and not self.transposed_weight)
+
+
+def _get_attr(root: nn.Module, path: str) -> torch.Tensor:
+    owner, _, leaf = path.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, leaf)
+
+
+def _is_param(root: nn.Module, path: str) -> bool:
+    owner, _, leaf = path.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    return leaf in module._parameters
+
+
+def build_layer(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None, *, share: bool = False) -> nn.Module:
+    """An ``nn.Linear``/``nn.ConvNd`` of ``spec`` holding ``weight`` and ``bias``."""
+    from .factorized import make_layer
+
+    layer = make_layer(spec, spec.in_channels, spec.out_channels, spatial=True, groups=spec.groups,
+                       bias=bias is not None, device="meta", dtype=weight.dtype)  # fmt: skip
+    layer = layer.to_empty(device=weight.device)
+    with torch.no_grad():
+        if share and isinstance(weight, nn.Parameter):
+            layer.weight = weight
+            if bias is not None:
+                layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
+        else:
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    return layer
+
+
+# -- reading a node as a layer -------------------------------------------------------------------
+def _tuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 and n > 1 else value
+
+
+def _param_path(node: Any) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+@dataclass
+class _Use:
+    """How one node reads a weight as a layer (before grouping nodes by weight)."""
+
+    node: fx.Node
+    op: str
+    spec: LayerSpec | None
+    weight_path: str
+    bias_path: str | None
+    transposed: bool
+    weight_node: fx.Node
+    reason: str = ""
+
+
+def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
+    target = node.target
+    if target in _LINEAR_FUNCTIONS:
+        w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        wp, bp = _param_path(w), _param_path(b)
+        if wp is None or (b is not None and bp is None):
+            return None
+        weight = _get_attr(gm, wp)
+        if weight.dim() != 2:
+            return None
+        op = "aten.linear" if target is aten.linear.default else "F.linear"
+        spec = LayerSpec("linear", weight.shape[1], weight.shape[0], (), 1, b is not None)
+        return _Use(node, op, spec, wp, bp, False, w)
+    if target in _CONV_FUNCTIONS:
+        dims = _CONV_FUNCTIONS[target]
+        w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        wp, bp = _param_path(w), _param_path(b)
+        if wp is None or (b is not None and bp is None):
+            return None
+        weight = _get_attr(gm, wp)
+        padding = _arg(node, 4, "padding", 0)
+        padding = padding if isinstance(padding, str) else _tuple(padding, dims)
+        groups = int(_arg(node, 6, "groups", 1))
+        spec = LayerSpec(
+            "conv", weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups, b is not None,
+            _tuple(_arg(node, 3, "stride", 1), dims), padding, _tuple(_arg(node, 5, "dilation", 1), dims),
+        )  # fmt: skip
+        op = ("aten." if str(target).startswith("aten") else "F.") + f"conv{dims}d"
+        return _Use(node, op, spec, wp, bp, False, w)
+    if target is aten.convolution.default:
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+        wp, bp = _param_path(w), _param_path(b)
+        if wp is None or (b is not None and bp is None):
+            return None
+        weight = _get_attr(gm, wp)
+        dims = weight.dim() - 2
+        if transposed:
+            return _Use(node, "aten.convolution", None, wp, bp, False, w, "transposed convolution: not supported")
+        spec = LayerSpec("conv", weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups,
+                         b is not None, _tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims))  # fmt: skip
+        return _Use(node, "aten.convolution", spec, wp, bp, False, w)
+    if target in _MM_FUNCTIONS:
+        has_bias = _MM_FUNCTIONS[target]
+        if has_bias and (len(node.args) > 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+            return None
+        mat2 = node.args[2] if has_bias else node.args[1]
+        b = node.args[0] if has_bias else None
+        bp = _param_path(b)
+        if b is not None and bp is None:
+            return None
+        transposed, wnode = True, mat2  # x @ W with W stored (in, out)
+        if isinstance(mat2, fx.Node) and mat2.op == "call_function" and _is_transpose(mat2):
+            transposed, wnode = False, mat2.args[0]
+        wp = _param_path(wnode)
+        if wp is None:
+            return None
+        weight = _get_attr(gm, wp)
+        if weight.dim() != 2:
+            return None
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        if bp is not None and _get_attr(gm, bp).shape != (out_f,):
+            return None  # a bias that broadcasts differently: not a linear layer's
+        name = str(target).replace("aten.", "aten.").split(".default")[0]
+        op = name if name.startswith("aten") else f"torch.{target.__name__}"
+        spec = LayerSpec("linear", in_f, out_f, (), 1, b is not None)
+        return _Use(node, op, spec, wp, bp, transposed, wnode)
+    return None
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.target in _TRANSPOSES:
+        return True
+    if node.target in (aten.permute.default,) and list(node.args[1]) in ([1, 0], [-1, -2]):
+        return True
+    if node.target in (aten.transpose.int, torch.transpose) and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]:
+        return True
+    return False
+
+
+def _module_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
+    module = gm.get_submodule(node.target)
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_factor_target(gm, node.target):
+        return None
+    spec, reason = None, ""
+    try:
+        spec = layer_spec(module)
+    except TypeError:
+        reason = f"{type(module).__name__}: not supported"
+    if not reason and type(module).forward not in _STANDARD_FORWARD and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        reason = f"{type(module).__name__} has its own forward: trace into it (not a leaf) to decompose its layer"
+    if not reason and (len(node.args) != 1 or node.kwargs):
+        reason = "called with other than one positional input"
+    bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+    return _Use(node, type(module).__name__, spec, f"{node.target}.weight", bias, False, node, reason)
+
+
+def is_factor_target(gm: nn.Module, target: str) -> bool:
+    """Whether the module at ``target`` is (inside) a factor of a `Factorized` container."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            if isinstance(gm.get_submodule(".".join(parts[:i])), Factorized):
+                return True
+        except AttributeError:
+            return False
+    return False
+
+
+def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Module]]:
+    """Every factor of every `Factorized` in ``gm``: ``(qualified name, role, container, module)``.
+
+    Roles come from the modules themselves, so they survive deepcopy, pickling, re-tracing.
+    """
+    for name, fact in gm.named_modules():
+        if isinstance(fact, Factorized):
+            for role, module in fact.named_children():
+                yield (f"{name}.{role}" if name else role), role, fact, module
+
+
+# -- finding sites --------------------------------------------------------------------------------
+def _owner_holds_only(gm: fx.GraphModule, owner: str, paths: set[str]) -> bool:
+    """Whether the module ``owner`` holds nothing but ``paths`` (its weight and bias) that the
+    graph or the state dict would miss if it were replaced."""
+    if not owner:
+        return False
+    module = gm.get_submodule(owner)
+    own = {f"{owner}.{n}" for n in list(module._parameters) + list(module._buffers)}
+    if own - paths or any(True for _ in module.children()):
+        return False
+    prefix = owner + "."
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module") and isinstance(node.target, str):
+            if (node.target == owner or node.target.startswith(prefix)) and node.target not in paths:
+                return False
+    return True
+
+
+def _child_name(gm: fx.GraphModule, weight_path: str) -> str:
+    owner, _, leaf = weight_path.rpartition(".")
+    stem = leaf[: -len("_weight")] if leaf.endswith("_weight") and leaf != "_weight" else f"{leaf}_lrd"
+    module = gm.get_submodule(owner) if owner else gm
+    while hasattr(module, stem):
+        stem += "_lrd"
+    return f"{owner}.{stem}" if owner else stem
+
+
+def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
+    """Every conv/linear site of ``gm`` by name, in graph order (factors of already
+    decomposed layers excluded). A site that cannot be decomposed carries its ``reason``."""
+    uses: list[_Use] = []
+    for node in gm.graph.nodes:
+        use = None
+        if node.op == "call_module":
+            use = _module_use(gm, node)
+        elif node.op == "call_function":
+            use = _function_use(gm, node)
+        if use is not None:
+            uses.append(use)
+
+    # Which parameters are the same tensor under several names (tied weights).
+    aliases: dict[int, set[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), set()).add(name)
+    # Which weights the graph reads other than as a layer's weight.
+    site_nodes = {u.node for u in uses}
+    other_reads: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers = set(node.users)
+            as_weight = {u.node for u in uses if u.weight_node is node}
+            through_t = {u.node for u in uses if isinstance(u.weight_node, fx.Node) and u.weight_node is not node
+                         and _param_path(u.weight_node) == node.target}  # fmt: skip
+            transposes = {r for r in readers if r.op == "call_function" and _is_transpose(r) and set(r.users) <= site_nodes}
+            if readers - as_weight - through_t - transposes - {u.node for u in uses if u.bias_path == node.target}:
+                other_reads.add(node.target)
+
+    by_weight: dict[str, list[_Use]] = {}
+    for use in uses:
+        by_weight.setdefault(use.weight_path, []).append(use)
+    sites: dict[str, Site] = {}
+    for weight_path, group in by_weight.items():
+        first = group[0]
+        kind = "module" if first.node.op == "call_module" else "function"
+        reason = first.reason or next((u.reason for u in group if u.reason), "")
+        if not reason and any((u.spec, u.bias_path, u.transposed, u.op) != (first.spec, first.bias_path, first.transposed, first.op)
+                              for u in group[1:]):  # fmt: skip
+            reason = "the weight is used by layers of different settings"
+        if kind == "module" and len({u.node.target for u in group}) > 1:
+            reason = reason or "the weight is shared by several modules (tied weights)"
+        param = _get_attr(gm, weight_path)
+        names = aliases.get(id(param), {weight_path})
+        if not reason and (weight_path in other_reads or len(names) > 1):
+            others = sorted(names - {weight_path})
+            reason = "tied weights: the weight is also read outside the layer" + (f" (as {others[0]})" if others else "")
+        if not reason and first.bias_path is not None and first.bias_path in other_reads:
+            reason = "tied weights: the bias is also read outside the layer"
+        if kind == "module":
+            name, replace_owner = first.node.target, True
+        else:
+            paths = {weight_path} | ({first.bias_path} if first.bias_path else set())
+            owner = weight_path.rpartition(".")[0]
+            same_owner = first.bias_path is None or first.bias_path.rpartition(".")[0] == owner
+            replace_owner = same_owner and weight_path.endswith(".weight") and _owner_holds_only(gm, owner, paths)
+            name = owner if replace_owner else _child_name(gm, weight_path)
+        sites[name] = Site(name, [u.node for u in group], kind, first.op, first.spec, weight_path, first.bias_path,
+                           first.transposed, replace_owner, reason, [u.weight_node for u in group])  # fmt: skip
+    return sites
+
+
+# -- rewriting ------------------------------------------------------------------------------------
+def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``qualified_name`` (on its parent, so the name is kept), creating
+    empty parents as needed."""
+    parent_name, _, leaf = qualified_name.rpartition(".")
+    parent = root
+    for part in parent_name.split(".") if parent_name else ():
+        child = getattr(parent, part, None)
+        if child is None:
+            child = nn.Module()
+            setattr(parent, part, child)
+        parent = child
+    if leaf in parent._parameters:
+        del parent._parameters[leaf]
+    if leaf in parent._buffers:
+        del parent._buffers[leaf]
+    setattr(parent, leaf, module)
+
+
+def _drop_param(root: nn.Module, path: str) -> None:
+    owner, _, leaf = path.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    module._parameters.pop(leaf, None)
+    module._buffers.pop(leaf, None)
+
+
+def replace_site(gm: fx.GraphModule, site: Site, module: nn.Module, meta: dict[str, Any] | None = None) -> list[fx.Node]:
+    """Run ``module`` in the place of ``site``: register it at ``site.name`` and replace each
+    of the site's nodes by ``call_module`` nodes.
+
+    A `Factorized` is called factor by factor (one node per role, each with
+    ``meta["fxlrd"] = {source, method, role, ranks}`` plus ``meta``), any other module as one
+    node. The dense weight and bias leave the model (the owner module goes when the module
+    takes its place). Returns the new last node of each site node.
+    """
+    if site.kind == "function" and not site.replace_owner:
+        for path in filter(None, (site.weight_path, site.bias_path)):
+            _drop_param(gm, path)
+    set_submodule(gm, site.name, module)
+    if isinstance(module, Factorized):
+        steps = [(f"{site.name}.{role}", role) for role in module.roles()]
+    else:
+        steps = [(site.name, None)]
+    lasts = []
+    for node in site.nodes:
+        value = site.input(node)
+        last = node
+        with gm.graph.inserting_before(node):
+            for i, (target, role) in enumerate(steps):
+                last = gm.graph.call_module(target, (value,))
+                last.meta = {k: v for k, v in node.meta.items() if k not in _VALUE_META or i == len(steps) - 1}
+                if role is not None:
+                    last.meta["fxlrd"] = {"source": site.name, "method": module.method, "role": role,
+                                          "ranks": module.ranks, **(meta or {})}  # fmt: skip
+                value = last
+        node.replace_all_uses_with(last)
+        gm.graph.erase_node(node)
+        lasts.append(last)
+    _erase_dead_reads(gm, site)
+    return lasts
+
+
+def _erase_dead_reads(gm: fx.GraphModule, site: Site) -> None:
+    """Erase the ``get_attr`` (and transpose) nodes of the site's parameters once unused."""
+    paths = {site.weight_path, site.bias_path} - {None}
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and (
+            (node.op == "get_attr" and node.target in paths)
+            or (node.op == "call_function" and _is_transpose(node) and _param_path(node.args[0]) in paths)
+        ):
+            gm.graph.erase_node(node)
+
+
+def materialize(gm: fx.GraphModule, site: Site) -> list[fx.Node]:
+    """Turn a functional site into ``call_module`` nodes of an equivalent ``nn.Linear`` /
+    ``nn.ConvNd`` holding the same parameters (passes that rewrite modules then apply)."""
+    if site.kind == "module":
+        return list(site.nodes)
+    layer = site.layer(gm, share=True)
+    nodes = replace_site(gm, site, layer)
+    site.kind, site.nodes = "module", nodes
+    if not site.replace_owner:
+        site.weight_path = f"{site.name}.weight"
+        site.bias_path = f"{site.name}.bias" if layer.bias is not None else None
+    site.transposed_weight = False
+    return nodes
+
+
+_BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default, F.batch_norm}
+
+
+def materialize_norm(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """Turn a functional batch norm with ``get_attr`` parameters and running statistics into
+    a ``call_module`` of an ``nn.BatchNorm1d/2d`` holding them; None when it is not one."""
+    if node.op != "call_function" or node.target not in _BATCH_NORMS:
+        return None
+    if node.target is F.batch_norm:
+        x, mean, var = node.args[:3]
+        weight, bias = _arg(node, 3, "weight"), _arg(node, 4, "bias")
+        training, momentum, eps = _arg(node, 5, "training", False), _arg(node, 6, "momentum", 0.1), _arg(node, 7, "eps", 1e-5)
+    elif node.target is aten.batch_norm.default:
+        x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
+    else:
+        x, weight, bias, mean, var, momentum, eps = node.args[:7]
+        training = False
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+            return None
+    paths = [_param_path(a) for a in (weight, bias, mean, var)]
+    if any(p is None for p in paths) or training:
+        return None
+    w, b, m, v = (_get_attr(gm, p) for p in paths)
+    value = x.meta.get("val") if isinstance(x, fx.Node) else None
+    dims = value.dim() if value is not None else 4
+    norm_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(dims, nn.BatchNorm2d)
+    owner = paths[0].rpartition(".")[0]
+    if not owner or any(p.rpartition(".")[0] != owner for p in paths):
+        return None
+    bn = norm_cls(w.shape[0], eps=float(eps), momentum=momentum, device=w.device, dtype=w.dtype).eval()
+    bn.weight, bn.bias = (t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach()) for t in (w, b))
+    bn.running_mean, bn.running_var = m, v
+    holder = gm.get_submodule(owner)
+    if any(True for _ in holder.children()):
+        return None
+    tracked = getattr(holder, "num_batches_tracked", None)
+    if tracked is not None:
+        bn.num_batches_tracked = tracked
+    set_submodule(gm, owner, bn)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(owner, (x,))
+    new.meta = dict(node.meta)
+    if node.target is aten._native_batch_norm_legit_no_training.default:
+        for user in list(node.users):
+            user.replace_all_uses_with(new)
+            gm.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op == "get_attr" and not n.users and n.target.rpartition(".")[0] == owner:
+            gm.graph.erase_node(n)
+    return new
