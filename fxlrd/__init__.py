@@ -10,6 +10,7 @@ from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, 
 from .export import export_onnx
 from .factorized import Factorized
 from .freeze import SequentialFreezer, freeze, param_groups
+from .io import load, save
 from .latency import LatencyConfig
 from .metrics import count_macs, count_params
 from .plan import LayerPlan, Plan
@@ -25,6 +26,8 @@ __all__ = [
     "plan",
     "apply",
     "transform",
+    "save",
+    "load",
     "export_onnx",
     "freeze",
     "param_groups",

@@ -40,7 +40,13 @@ def _calibration_stats(captured: Captured, config: LRDConfig, calibration: Itera
         return None
     from .calibrate import collect_stats
 
-    return collect_stats(captured.gm, calibration, example=inputs)
+    if config.rank_rule == "vbmf":
+        raise ConfigError(
+            "rank_rule='vbmf' estimates ranks from the weight's own noise model and cannot use calibration data; "
+            "use 'ratio', 'energy' (of the whitened spectrum), 'fixed', or a global budget (target_params=...)"
+        )
+
+    return collect_stats(captured.gm, calibration, example=inputs, sensitivity=config.sensitivity)
 
 
 def plan(
@@ -211,7 +217,7 @@ def transform(
             raise ConfigError("sequential=True needs calibration data: transform(..., calibration=batches)")
         from .calibrate import sequential_factors
 
-        factors = sequential_factors(captured.gm, plan_, calibration, example=inputs)
+        factors = sequential_factors(captured.gm, plan_, calibration, example=inputs, stats=stats)
     gm = _apply_to_graph(captured.gm, plan_, reference=None if inplace else model, stats=stats, factors=factors)
     if inplace and gm is not model:
         _mirror_into(model, gm)

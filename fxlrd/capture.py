@@ -23,6 +23,7 @@ import inspect
 import logging
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -101,8 +102,10 @@ def flat_inputs(gm: fx.GraphModule, inputs: Args) -> list[Any]:
     if in_spec is not None:
         import torch.fx._pytree as fx_pytree
 
-        bound = _bind_for_spec(gm, args, kwargs)
-        return list(fx_pytree.tree_flatten_spec(bound, in_spec))
+        with warnings.catch_warnings():  # torch's own pytree deprecation notices
+            warnings.simplefilter("ignore", FutureWarning)
+            bound = _bind_for_spec(gm, args, kwargs)
+            return list(fx_pytree.tree_flatten_spec(bound, in_spec))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [n.target for n in placeholders]
     values: list[Any] = list(args[: len(names)])
@@ -145,6 +148,9 @@ class FxlrdTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = (), **kwargs: Any):
         super().__init__(**kwargs)
+        # Buffers read in forward become get_attr nodes, not constants baked at trace time
+        # (unpickling re-traces: a computation on a buffer must stay a computation).
+        self.proxy_buffer_attributes = True
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {n for n in leaf_modules if isinstance(n, str)}
 
@@ -196,13 +202,14 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:400]
 
 
-def inputs_error(model: nn.Module, inputs: Args, exc: BaseException) -> ValueError:
-    """The error for example inputs the model cannot run."""
+def inputs_error(model: nn.Module, inputs: Args, exc: BaseException, what: str = "example_inputs") -> ValueError:
+    """The error for inputs the model cannot run (``what``: how the user passed them)."""
     args, kwargs = inputs
     shapes = [f"{k}={_describe(v)}" for k, v in kwargs.items()] + [_describe(a) for a in args]
     frame = _user_frame(exc)
+    verb = "do" if what.endswith("s") else "does"
     return ValueError(
-        f"example_inputs ({', '.join(shapes)}) do not run through {type(model).__name__}: "
+        f"{what} ({', '.join(shapes)}) {verb} not run through {type(model).__name__}: "
         f"{_one_line(_innermost(exc))}" + (f"\n  {frame}" if frame else "")
         + "\nPass inputs the model accepts, e.g. one real batch (right shapes and dtypes: token ids are int64)"
     )
@@ -379,6 +386,11 @@ def capture(
         return Captured(gm, previous.get("mode", "fx"), "already a GraphModule")
     if inputs is not None:
         bind_inputs(model, inputs)
+    elif mode == "export":
+        raise ConfigError(
+            "capture='export' needs example_inputs=... (a tensor, tuple or dict of one batch): torch.export runs the model"
+        )
+    original = model
     if copy_model:
         model = copy.deepcopy(model)
     swapped = swap_attention(model, attention)
@@ -386,7 +398,9 @@ def capture(
     fx_error: BaseException | None = None
     if mode in ("auto", "fx"):
         try:
-            return Captured(_trace_fx(model, leaf_modules), "fx", "symbolic_trace succeeded", notes)
+            gm = _trace_fx(model, leaf_modules)
+            _keep_non_persistent(original, gm)
+            return Captured(gm, "fx", "symbolic_trace succeeded", notes)
         except Exception as exc:  # noqa: BLE001  (any tracing failure is reported the same way)
             fx_error = exc
             if mode == "fx":
@@ -398,12 +412,30 @@ def capture(
         ) from fx_error
     _check_runs(model, inputs)
     try:
-        gm, export_notes = _export(model, inputs, dynamic_shapes)
+        with warnings.catch_warnings():  # torch's own pytree deprecation notices
+            warnings.simplefilter("ignore", FutureWarning)
+            gm, export_notes = _export(model, inputs, dynamic_shapes)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(_both_message(model, fx_error, exc)) from exc
+    _keep_non_persistent(original, gm)
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
     return Captured(gm, "export", reason, notes + export_notes)
+
+
+def _keep_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Buffers the model keeps out of its state dict (``persistent=False``) stay out of the
+    captured one (GraphModule re-registers the buffers it reads as persistent)."""
+    for owner_name, owner in model.named_modules():
+        for leaf in owner._non_persistent_buffers_set:
+            path = f"{owner_name}.{leaf}" if owner_name else leaf
+            holder_name, _, name = path.rpartition(".")
+            try:
+                holder = gm.get_submodule(holder_name) if holder_name else gm
+            except AttributeError:
+                continue
+            if name in holder._buffers:
+                holder._non_persistent_buffers_set.add(name)
 
 
 def _fx_message(model: nn.Module, exc: BaseException | None) -> str:

@@ -1,130 +1,1374 @@
-"""Command line: ``fxlrd demo`` (compress, export, time) and ``fxlrd plan``."""
+"""The ``fxlrd`` command: compress a model, inspect a result, benchmark variants.
+
+Run ``fxlrd --help`` or ``fxlrd COMMAND --help``; `main` is the entry point (also
+``python -m fxlrd``). Exit status: 0 success; 1 the work failed (a file that cannot be read
+or written, a model that cannot be captured, weights or a save that do not fit); 2 bad
+usage (unknown option or model, malformed value). Errors are one line on stderr,
+``fxlrd: error: ...``; ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import importlib
+import importlib.util
 import json
+import math
 import os
 import sys
+import tempfile
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from torch import fx, nn
 
 from . import zoo
-from .api import plan as make_plan
-from .api import transform
-from .config import LRDConfig
-from .latency import BACKENDS, LatencyConfig
-from .export import export_onnx, onnx_session
-from .metrics import count_macs, count_params
-from .timing import environment, median_times
+from .errors import ConfigError, FxlrdError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "ModelSource", "load_model", "load_weights", "UsageError", "CommandError"]
 
-
-def _config(args: argparse.Namespace) -> LRDConfig:
-    latency = None
-    if args.latency or args.target_speedup:
-        latency = LatencyConfig(backend=args.latency or "onnxruntime", threads=getattr(args, "threads", None))
-    return LRDConfig(ratio=args.ratio, rank_quantum=args.quantum, beta=args.beta, latency=latency,
-                     target_speedup=args.target_speedup)  # fmt: skip
+Batch = Any  # one model input: a tensor (positional) or a dict of keyword tensors
+REPORT_FORMAT = "fxlrd.report/1"
+BENCH_FORMAT = "fxlrd.bench/1"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VARIANTS = ("original", "vanilla", "quantized", "optimized", "merged", "branched")
+DEFAULT_VARIANTS = ("original", "vanilla", "quantized", "merged")
+TIMING_BACKENDS = ("onnxruntime", "eager", "compile")
 
 
-def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor]:
-    torch.manual_seed(0)
-    return (torch.randn(args.batch, 3, args.size, args.size),)
+class UsageError(Exception):
+    """The command was called wrongly (exit status 2)."""
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    model = zoo.get(args.model).eval()
-    p = make_plan(model, _config(args), example_inputs=_inputs(args))
-    print(p.table())
-    if args.json:
-        p.to_json(args.json)
-        print(f"plan written to {args.json}")
-    return 0
+class CommandError(Exception):
+    """The work failed (exit status 1)."""
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    env = environment()
-    print("fxlrd demo: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"settings: model={args.model} (random weights) ratio={args.ratio} quantum={args.quantum} "
-          f"batch={args.batch} size={args.size} ort_threads={args.threads} repeats={args.repeats}\n")  # fmt: skip
-    torch.manual_seed(0)
-    model = zoo.get(args.model).eval()
-    inputs = _inputs(args)
-    config = _config(args)
-    t0 = time.perf_counter()
-    gm = transform(model, config, example_inputs=inputs)
-    transform_s = time.perf_counter() - t0
-    print(gm.fxlrd_plan.table())
-    params = (count_params(model), count_params(gm))
-    macs = (count_macs(model, inputs), count_macs(gm, inputs))
-    print(f"\ntransform: {transform_s:.2f} s")
-    print(f"params: {params[0] / 1e6:.2f} M -> {params[1] / 1e6:.2f} M ({params[0] / params[1]:.2f}x fewer)")
-    print(f"MACs:   {macs[0] / 1e9:.2f} G -> {macs[1] / 1e9:.2f} G ({macs[0] / macs[1]:.2f}x fewer)")
-    out = Path(args.out)
-    paths = {}
-    for name, m in (("original", model), ("decomposed", gm)):
-        t0 = time.perf_counter()
-        paths[name] = export_onnx(m, inputs, out / f"{args.model}_{name}.onnx")
-        print(f"exported {paths[name]} ({time.perf_counter() - t0:.1f} s, checked against onnxruntime)")
-    sessions = {name: onnx_session(p, threads=args.threads) for name, p in paths.items()}
-    feed = {"input": inputs[0].numpy()}
-    times = median_times({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}, repeats=args.repeats)
-    print(f"\nonnxruntime CPU latency, batch {args.batch}, {args.threads} threads, median of {args.repeats}:")
-    for name, t in times.items():
-        print(f"  {name:<10} {t['median'] * 1e3:8.2f} ms  (min {t['min'] * 1e3:.2f}, max {t['max'] * 1e3:.2f})")
-    speedup = times["original"]["median"] / times["decomposed"]["median"]
-    print(f"  speed-up   {speedup:.2f}x  (MAC ratio {macs[0] / macs[1]:.2f}x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "environment": env, "settings": vars(args) | {"func": None}, "transform_s": transform_s,
-            "params": params, "macs": macs, "latency_s": times, "speedup": speedup,
-        }, indent=1, default=str))  # fmt: skip
-    return 0
+# -- small helpers --------------------------------------------------------------------------------
+class _Console:
+    """Progress on stderr (tqdm bars and stage lines) when it is a terminal; ``--quiet`` silences it."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def step(self, text: str) -> None:
+        if not self.quiet and sys.stderr.isatty():
+            print(f"fxlrd: {text}", file=sys.stderr, flush=True)
+
+    def bar(self, total: int | None, desc: str, unit: str = "it"):
+        from tqdm.auto import tqdm
+
+        disable = True if self.quiet else None  # None: only on a terminal
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=disable)
+
+
+def _count(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for suffix, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {suffix}{unit}"
+    return f"{n:g} {unit}".rstrip()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (a temporary file beside ``path``, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_output(path: str | None, option: str, *, directory: bool = False, overwrite: bool = True) -> Path | None:
+    """Fail before the long work if ``path`` cannot be written."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists():
+        if directory and not overwrite:
+            raise UsageError(f"{option} {p} already exists; add --overwrite to replace it or choose another directory")
+        if directory and not p.is_dir():
+            raise CommandError(f"cannot write {option} {p}: it exists and is not a directory")
+        if not directory and p.is_dir():
+            raise CommandError(f"cannot write {option} {p}: it is a directory")
+    ancestor = p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CommandError(f"cannot write {option} {p}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise CommandError(f"cannot write {option} {p}: {ancestor} is not writable")
+    return p
+
+
+# -- models ---------------------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    """A model named on the command line and what is known about its inputs.
+
+    Attributes:
+        model: the module (eval mode).
+        spec: what the user wrote.
+        origin: ``"zoo"``, ``"factory"`` or ``"huggingface"``.
+        kind: ``"vision"`` (image tensors), ``"text"`` (token ids) or ``"tensor"`` (any tensor input).
+        input_shape: default input shape for vision/tensor models (batch first).
+        tokenizer: a Hugging Face tokenizer, when the model directory has one.
+        vocab_size: for text models: the range of random token ids.
+    """
+
+    model: nn.Module
+    spec: str
+    origin: str
+    kind: str = "vision"
+    input_shape: tuple[int, ...] = (1, 3, 224, 224)
+    tokenizer: Any = None
+    vocab_size: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _zoo_names() -> list[str]:
+    return sorted(zoo._MODELS)
+
+
+def _import_factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"model {spec!r}: write a factory as package.module:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UsageError(f"model {spec!r}: {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(f"model {spec!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+        raise CommandError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module):
+        if not callable(obj):
+            raise UsageError(f"model {spec!r}: {attr!r} is neither an nn.Module nor a function returning one")
+        try:
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001  (the user's factory: report, do not crash)
+            raise CommandError(f"calling {spec}() failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+    if not isinstance(obj, nn.Module):
+        raise UsageError(f"model {spec!r}: the factory returned a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
+    try:
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover
+        raise CommandError(f"{directory} looks like a Hugging Face model; install transformers to load it") from exc
+    transformers.logging.set_verbosity_error()  # its notes on unused weights etc. are not the user's business here
+    try:
+        model = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CommandError(
+            f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
+    config = model.config
+    source = ModelSource(model.eval(), str(directory), "huggingface")
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input == "input_ids":
+        source.kind = "text"
+        source.vocab_size = int(getattr(config, "vocab_size", 0) or 0) or None
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+        if any((directory / name).is_file() for name in tokenizer_files):
+            try:
+                source.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            except Exception as exc:  # noqa: BLE001  (a model without a usable tokenizer still works on token ids)
+                source.notes.append(f"tokenizer not loaded ({type(exc).__name__}: {_one_line(exc)[:120]})")
+    elif main_input == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        source.input_shape = (1, int(getattr(config, "num_channels", 3)), *map(int, size))
+    else:
+        source.kind = "tensor"
+    return source
+
+
+def load_model(spec: str, *, weights: str | None = None, quiet: bool = False) -> ModelSource:
+    """The model named by ``spec``: a zoo name, ``package.module:factory`` or a Hugging Face directory.
+
+    Args:
+        spec: a `fxlrd.zoo` name (``resnet50``...), ``package.module:factory`` (imported and
+            called; ``path/to/file.py:factory`` works too) or a local Hugging Face model
+            directory (loaded with ``AutoModel.from_pretrained(dir, local_files_only=True)``,
+            its tokenizer with it when present).
+        weights: a state dict to load strictly (`load_weights`).
+        quiet: keep transformers' logging quiet.
+
+    Raises:
+        UsageError: ``spec`` names no model.
+        CommandError: the model or its weights cannot be loaded.
+    """
+    if spec in zoo._MODELS:
+        source = ModelSource(zoo.get(spec), spec, "zoo", notes=["random weights"] if weights is None else [])
+    elif Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise UsageError(f"model {spec!r} is a directory without config.json: not a Hugging Face model directory")
+        source = _load_huggingface(Path(spec), quiet)
+    elif ":" in spec:
+        source = ModelSource(_import_factory(spec), spec, "factory", kind="tensor")
+    else:
+        raise UsageError(
+            f"unknown model {spec!r}: give a zoo name ({', '.join(_zoo_names())}), a package.module:factory, "
+            "or a Hugging Face model directory"
+        )
+    if weights is not None:
+        load_weights(source.model, weights)
+    source.model.eval()
+    return source
+
+
+def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CommandError(f"{path} does not hold a state dict (names to tensors) but a {type(obj).__name__}")
+    return dict(obj)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict into ``model`` with ``strict=True``.
+
+    Args:
+        model: the model.
+        path: a ``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` file read with
+            ``torch.load(weights_only=True)`` (a checkpoint dict with a ``state_dict`` or
+            ``model`` entry is unwrapped).
+
+    Raises:
+        UsageError: an unknown file type.
+        CommandError: the file is missing or unreadable, or does not fit the model.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise UsageError(f"--weights {p}: use a .safetensors, .pt or .pth file (got {suffix or 'no suffix'})")
+    if not p.is_file():
+        raise CommandError(f"weights file {p} does not exist")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        hint = "" if suffix == ".safetensors" else (
+            " (torch.load with weights_only=True refuses pickled objects: save model.state_dict())")  # fmt: skip
+        raise CommandError(f"cannot read weights file {p}: {type(exc).__name__}: {_one_line(exc)[:200]}{hint}") from exc
+    state = _state_dict_from(state, p)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        groups = (("missing", missing), ("unexpected", unexpected), ("of other shape", shapes))
+        parts = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                 for what, items in groups if items]  # fmt: skip
+        raise CommandError(f"weights {p} do not fit {type(model).__name__}: keys " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _parse_shape(text: str) -> tuple[int, ...]:
+    parts = text.strip().split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected sizes separated by commas, like 1,3,224,224; got {text!r}")
+    shape = tuple(int(p) for p in parts)
+    if any(v < 1 for v in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes separated by commas, like 1,3,224,224; got {text!r}")
+    return shape
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _rank(text: str) -> int | tuple[int, int]:
+    try:
+        ranks = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank like 64 or 32,48 (r1,r2), got {text!r}") from None
+    if len(ranks) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a rank like 64 or 32,48 (r1,r2), got {text!r}")
+    return ranks[0] if len(ranks) == 1 else ranks
+
+
+def _target_params(text: str) -> int | float:
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a parameter count (5000000, 5M) or a fraction (0.4), got {text!r}"
+        ) from None
+    if 0 < value < 1:
+        return value
+    return int(value)
+
+
+class _Inputs:
+    """Makes input batches for a model: random ones, and those read from calibration files."""
+
+    def __init__(self, source: ModelSource, args: argparse.Namespace) -> None:
+        self.source = source
+        self.kind = source.kind
+        batch = getattr(args, "batch", None)
+        if self.kind == "text":
+            if args.input_shape is not None:
+                raise UsageError("--input-shape is for tensor inputs; for a text model use --batch and --seq-len")
+            self.batch, self.seq_len = batch or 1, args.seq_len
+            self.shape = (self.batch, self.seq_len)
+        else:
+            shape = args.input_shape
+            if shape is None:
+                shape = source.input_shape
+                if args.size is not None:
+                    if len(shape) != 4:
+                        raise UsageError("--size is for image models; give --input-shape")
+                    shape = (shape[0], shape[1], args.size, args.size)
+                if batch is not None:
+                    shape = (batch, *shape[1:])
+            elif batch is not None and batch != shape[0]:
+                raise UsageError(f"--batch {batch} contradicts --input-shape {','.join(map(str, shape))} (batch first)")
+            self.shape = tuple(shape)
+            self.batch = self.shape[0]
+
+    def describe(self) -> str:
+        if self.kind == "text":
+            return f"input_ids, attention_mask int64[{self.batch}, {self.seq_len}]"
+        return f"float32[{', '.join(map(str, self.shape))}]"
+
+    def random(self, seed: int) -> Batch:
+        g = torch.Generator().manual_seed(seed)
+        if self.kind == "text":
+            vocab = self.source.vocab_size or 1000
+            ids = torch.randint(min(5, vocab - 1), vocab, self.shape, generator=g)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return torch.randn(self.shape, generator=g)
+
+    # calibration files --------------------------------------------------------------------
+    def read(self, path: Path, limit: int, console: _Console) -> list[Batch]:
+        """Up to ``limit`` batches from a folder of images, a text file or a tensor file."""
+        if not path.exists():
+            raise CommandError(f"calibration data {path} does not exist")
+        if path.is_dir():
+            return self._images(path, limit, console)
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            return self._text(path, limit)
+        if suffix in (".pt", ".pth", ".safetensors"):
+            return self._tensors(path, limit)
+        raise UsageError(
+            f"--calibration {path}: use a folder of images, a .txt file (one text a line) "
+            "or a .pt/.safetensors tensor file"
+        )
+
+    def _images(self, folder: Path, limit: int, console: _Console) -> list[Batch]:
+        if self.kind == "text" or len(self.shape) != 4 or self.shape[1] not in (1, 3):
+            raise UsageError(f"--calibration {folder}: images need an image model, inputs (N, 1 or 3, H, W)")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise UsageError(f"--calibration {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files = files[: limit * self.batch]
+        images = []
+        with console.bar(len(files), "reading images", "img") as bar:
+            for f in files:
+                images.append(self._image(f))
+                bar.update(1)
+        starts = range(0, len(images) - self.batch + 1, self.batch)
+        return [torch.stack(images[i : i + self.batch]) for i in starts] or [torch.stack(images)]
+
+    def _image(self, path: Path) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        _, channels, h, w = self.shape
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB" if channels == 3 else "L")
+                scale = max(h, w) / 0.875 / min(img.size)  # resize like ImageNet's 256 → 224 crop
+                size = (max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale)))
+                img = img.resize(size, Image.BILINEAR)
+                left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+                img = img.crop((left, top, left + w, top + h))
+                array = np.asarray(img, dtype=np.float32) / 255.0
+        except OSError as exc:
+            raise CommandError(f"cannot read image {path}: {exc}") from exc
+        x = torch.from_numpy(array.copy()).reshape(h, w, channels).permute(2, 0, 1)
+        mean = torch.tensor(IMAGENET_MEAN[:channels] if channels == 3 else (0.449,)).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD[:channels] if channels == 3 else (0.226,)).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def _text(self, path: Path, limit: int) -> list[Batch]:
+        if self.kind != "text":
+            raise UsageError(f"--calibration {path}: a text file needs a Hugging Face text model")
+        tokenizer = self.source.tokenizer
+        if tokenizer is None:
+            raise UsageError(
+                f"--calibration {path}: the model directory has no tokenizer; "
+                "give token ids as a .pt/.safetensors tensor"
+            )
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"--calibration {path} has no text lines")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        lines = lines[: limit * self.batch]
+        out = []
+        for i in range(0, len(lines) - self.batch + 1, self.batch):
+            enc = tokenizer(lines[i : i + self.batch], padding="max_length", truncation=True, max_length=self.seq_len,
+                            return_tensors="pt")  # fmt: skip
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        if not out:
+            raise UsageError(f"--calibration {path} has {len(lines)} lines, fewer than one batch of {self.batch}")
+        return out
+
+    def _tensors(self, path: Path, limit: int) -> list[Batch]:
+        try:
+            if path.suffix.lower() == ".safetensors":
+                from safetensors.torch import load_file
+
+                data: Any = load_file(str(path))
+            else:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CommandError(
+                f"cannot read calibration tensors {path}: {type(exc).__name__}: {_one_line(exc)[:200]}"
+            ) from exc
+        if isinstance(data, Mapping) and len(data) == 1:
+            data = next(iter(data.values()))
+        if isinstance(data, torch.Tensor):
+            if self.kind == "text":
+                data = {"input_ids": data.long(), "attention_mask": torch.ones_like(data, dtype=torch.long)}
+            else:
+                if tuple(data.shape[1:]) != tuple(self.shape[1:]):
+                    raise UsageError(
+                        f"--calibration {path} holds samples of shape {list(data.shape[1:])}, the model's inputs are "
+                        f"{list(self.shape[1:])} per sample: pass --input-shape N,{','.join(map(str, data.shape[1:]))}"
+                    )
+                n = min(len(data) // self.batch, limit)
+                return [data[i * self.batch : (i + 1) * self.batch].float() for i in range(n)] or [data.float()]
+        if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise UsageError(f"--calibration {path} must hold one tensor (N, ...) or named tensors (input_ids, ...)")
+        sizes = {len(v) for v in data.values()}
+        if len(sizes) != 1:
+            raise UsageError(f"--calibration {path}: the named tensors have different lengths {sorted(sizes)}")
+        total = sizes.pop()
+        n = min(total // self.batch, limit)
+        batches = [{k: v[i * self.batch : (i + 1) * self.batch] for k, v in data.items()} for i in range(n)]
+        return batches or [dict(data)]
+
+
+@dataclass
+class _Data:
+    example: Batch
+    calibration: list[Batch] | None
+    held_out: list[Batch]
+    note: str
+
+
+def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data:
+    """The example batch, calibration batches (if asked), and held-out batches for fidelity."""
+    example = inputs.random(args.seed)
+    n_eval = args.eval_batches
+    randoms = lambda: [inputs.random(args.seed + 1000 + i) for i in range(n_eval)]  # noqa: E731
+    if not args.calibration:
+        return _Data(example, None, randoms(), f"{n_eval} batches of random inputs")
+    path = Path(args.calibration)
+    n_cal = args.calibration_batches
+    data = inputs.read(path, n_cal + n_eval, console)
+    if len(data) > n_cal:
+        cal, held = data[:n_cal], data[n_cal : n_cal + n_eval]
+        note = f"{len(held)} held-out batches of {path} (not used for calibration)"
+    elif len(data) >= 2:
+        cal, held = data[:-1], data[-1:]
+        note = f"1 held-out batch of {path} (not used for calibration; it has {len(data)} batches in all)"
+    else:
+        cal, held = data, randoms()
+        note = f"{n_eval} batches of random inputs ({path} has only one batch, used for calibration)"
+    return _Data(example, cal, held, note)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def _call(model: nn.Module, batch: Batch) -> Any:
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
+@torch.no_grad()
+def _check_inputs(model: nn.Module, inputs: _Inputs, batch: Batch) -> None:
+    """Run the model once on the example batch, so inputs that do not fit are a usage error
+    named by their option, before any long work."""
+    try:
+        _call(model, batch)
+    except Exception as exc:  # noqa: BLE001
+        option = "--batch/--seq-len" if inputs.kind == "text" else "--input-shape"
+        raise UsageError(
+            f"the model does not take inputs {inputs.describe()} ({type(exc).__name__}: {_one_line(exc)[:300]}); "
+            f"pass {option} with the shape it expects"
+        ) from exc
+
+
+def _main_output(out: Any) -> tuple[str, torch.Tensor]:
+    """The output fidelity is measured on: the tensor itself, ``logits`` or ``last_hidden_state``
+    of a Hugging Face output, else the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return "output", out
+    if isinstance(out, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(out.get(key), torch.Tensor):
+                return key, out[key]
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor):
+                return str(key), value
+    if isinstance(out, (tuple, list)):
+        for value in out:
+            if isinstance(value, torch.Tensor):
+                return "output[0]", value
+    raise CommandError(f"the model's output ({type(out).__name__}) holds no tensor to compare")
+
+
+@torch.no_grad()
+def fidelity(original: nn.Module, compressed: nn.Module, batches: Sequence[Batch]) -> dict[str, Any]:
+    """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
+
+    Returns relative error ``‖y' − y‖ / ‖y‖`` over all outputs, top-1 agreement for 2-D
+    logits, and mean cosine similarity per sample (hidden states of a text model are first
+    mean-pooled over the attention mask).
+    """
+    num = den = 0.0
+    agree = total = 0
+    cosines: list[torch.Tensor] = []
+    name = ""
+    for batch in batches:
+        name, y0 = _main_output(_call(original, batch))
+        _, y1 = _main_output(_call(compressed, batch))
+        y0, y1 = y0.double(), y1.double()
+        num += float(((y1 - y0) ** 2).sum())
+        den += float((y0**2).sum())
+        if y0.dim() == 2 and y0.shape[-1] > 1:
+            agree += int((y0.argmax(-1) == y1.argmax(-1)).sum())
+            total += y0.shape[0]
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if mask is not None and y0.dim() == 3 and tuple(mask.shape) == tuple(y0.shape[:2]):
+            w = mask.to(y0.dtype).unsqueeze(-1)
+            p0, p1 = (y0 * w).sum(1) / w.sum(1).clamp_min(1), (y1 * w).sum(1) / w.sum(1).clamp_min(1)
+            name = f"{name} (mean-pooled over the attention mask)"
+        else:
+            p0, p1 = y0.reshape(len(y0), -1), y1.reshape(len(y1), -1)
+        cosines.append(torch.nn.functional.cosine_similarity(p0, p1, dim=-1))
+    cos = torch.cat(cosines) if cosines else torch.zeros(0)
+    return {
+        "output": name,
+        "relative_error": math.sqrt(num / den) if den > 0 else None,
+        "top1_agreement": agree / total if total else None,
+        "cosine": float(cos.mean()) if len(cos) else None,
+        "batches": len(batches),
+    }
+
+
+@torch.no_grad()
+def _macs(model: nn.Module, batch: Batch) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .metrics import count_macs
+
+    if isinstance(batch, torch.Tensor):
+        return count_macs(model, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        _call(model, batch)
+    return counter.get_total_flops() // 2
+
+
+def _layer_count(model: nn.Module) -> int:
+    """Conv/linear layers that run: modules, factors, and functional layer sites of a graph."""
+    layer_types = (nn.Linear, nn.modules.conv._ConvNd)
+    if isinstance(model, fx.GraphModule):
+        from .sites import find_sites
+
+        modules = sum(isinstance(model.get_submodule(n.target), layer_types)
+                      for n in model.graph.nodes if n.op == "call_module")  # fmt: skip
+        functional = sum(1 for s in find_sites(model).values() if s.kind == "function")
+        return modules + functional
+    return sum(isinstance(m, layer_types) for m in model.modules())
+
+
+def _ort_runner(
+    model: nn.Module, batch: Batch, threads: int, path: Path | None, tmp: Path, name: str
+) -> Callable[[], object]:
+    from .capture import normalize_inputs
+    from .export import export_onnx_file, onnx_feed, onnx_session
+
+    inputs = normalize_inputs(batch)
+    if path is None:
+        path = tmp / f"{name}.onnx"
+        export_onnx_file(model.eval(), inputs, path)
+    session = onnx_session(path, threads=threads)
+    feed = onnx_feed(session, inputs)
+    return lambda: session.run(None, feed)
+
+
+def time_models(
+    models: Mapping[str, nn.Module], batch: Batch, *, backend: str, threads: int, repeats: int, console: _Console,
+    onnx_paths: Mapping[str, Path] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Median/min/max seconds per run of each model on ``batch``, the models taking turns.
+
+    ``onnxruntime``: CPU execution provider, ``threads`` intra-op threads, no spinning
+    (`fxlrd.export.onnx_session`); ``eager``/``compile``: `fxlrd.latency.TorchTimer`.
+    """
+    from .capture import normalize_inputs
+    from .latency import LatencyConfig, make_timer
+    from .timing import median_times
+
+    warmup = 3
+    with tempfile.TemporaryDirectory(prefix="fxlrd-onnx-") as tmp:
+        runners: dict[str, Callable[[], object]] = {}
+        for name, model in models.items():
+            console.step(f"preparing {name} for {backend} timing")
+            if backend == "onnxruntime":
+                runners[name] = _ort_runner(model, batch, threads, (onnx_paths or {}).get(name), Path(tmp), name)
+            else:
+                timer = make_timer(LatencyConfig(backend=backend, threads=threads, progress=False))
+                runners[name] = timer.model_runner(model, normalize_inputs(batch))
+        with console.bar(len(runners) * (repeats + warmup), f"timing ({backend}, taking turns)", "run") as bar:
+            ticking = {n: (lambda fn=fn: (fn(), bar.update(1))) for n, fn in runners.items()}
+            return median_times(ticking, repeats=repeats, warmup=warmup)
+
+
+# -- configuration --------------------------------------------------------------------------------
+def _config(args: argparse.Namespace, **overrides: Any):
+    """The `LRDConfig` of the command-line options (``overrides`` win)."""
+    from .config import LRDConfig
+    from .latency import LatencyConfig
+
+    latency = None
+    target_speedup = getattr(args, "target_speedup", None)
+    if args.latency or target_speedup:
+        latency = LatencyConfig(backend=args.latency or getattr(args, "backend", "onnxruntime"),
+                                threads=getattr(args, "threads", None), progress=not args.quiet)  # fmt: skip
+    values: dict[str, Any] = {
+        "ratio": args.ratio, "rank_rule": args.rank_rule, "rank": args.rank, "energy": args.energy,
+        "rank_quantum": args.quantum, "beta": args.beta, "latency": latency, "target_speedup": target_speedup,
+        "target_params": args.target_params, "merge": getattr(args, "merge", None),
+        "branches": getattr(args, "branches", 1), "conv_method": args.conv_method,
+        "include": args.include, "exclude": args.exclude or (),
+    }  # fmt: skip
+    values.update(overrides)
+    return LRDConfig(**values)
+
+
+@contextlib.contextmanager
+def _blas_single_thread() -> Iterator[None]:
+    """numpy's OpenBLAS with one thread while decomposing.
+
+    Its worker threads busy-wait: on a machine with as many cores as threads and anything
+    else running, a 512×512 ``eigh`` (the SVD of every layer) took 3.9 s with 2 threads and
+    0.05 s with 1. The matrices are too small to gain from more threads anyway.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover  (an optional speed-up)
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _recover_norms(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[str]:
+    """Re-estimate the norms an approximate merge moved (they start with empty statistics)."""
+    from .recover import reestimate_norms
+
+    if not any(getattr(m, "fxlrd_moved", False) for m in gm.modules()):
+        return []
+    if not batches or isinstance(batches[0], Mapping):
+        return []
+    return reestimate_norms(gm, [b if isinstance(b, tuple) else (b,) for b in batches])
+
+
+def _environment(args: argparse.Namespace) -> dict[str, Any]:
+    from .timing import environment
+
+    return {**environment(), "timing_threads": args.threads}
+
+
+# -- compress -------------------------------------------------------------------------------------
+def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
+    """Everything `fxlrd compress` does, returning the report."""
+    from .api import transform
+    from .export import export_onnx
+    from .io import save
+    from .metrics import count_params
+
+    config = _config(args)  # before any long work: bad settings fail at once
+    onnx_path = _check_output(args.onnx, "--onnx")
+    save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
+    report_path = _check_output(args.report, "--report")
+    console.step(f"loading {args.model}")
+    source = load_model(args.model, weights=args.weights, quiet=args.quiet)
+    inputs = _Inputs(source, args)
+    data = _data(args, inputs, console)
+    model = source.model
+    _check_inputs(model, inputs, data.example)
+    console.step(f"compressing {type(model).__name__} (ratio {config.ratio:g}"
+                 + (f", {len(data.calibration)} calibration batches" if data.calibration else "") + ")")  # fmt: skip
+    t0 = time.perf_counter()
+    with _blas_single_thread():
+        gm = transform(model, config, example_inputs=data.example, capture=args.capture, calibration=data.calibration)
+    transform_s = time.perf_counter() - t0
+    recovered = _recover_norms(gm, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
+    console.step("measuring fidelity on held-out inputs")
+    fid = fidelity(model, gm, data.held_out)
+    fid["inputs"] = data.note
+    params = {"original": count_params(model), "compressed": count_params(gm)}
+    macs = {"original": _macs(model, data.example), "compressed": _macs(gm, data.example)}
+    layers = {"original": _layer_count(model), "compressed": _layer_count(gm)}
+    files: dict[str, str] = {}
+    if onnx_path is not None:
+        console.step(f"exporting {onnx_path} (checked against onnxruntime)")
+        export_onnx(gm, data.example, onnx_path)
+        files["onnx"] = str(onnx_path)
+    if save_path is not None:
+        console.step(f"saving {save_path}")
+        save(gm, save_path, overwrite=args.overwrite)
+        files["save"] = str(save_path)
+    latency = None
+    if args.repeats > 0:
+        times = time_models({"original": model, "compressed": gm}, data.example, backend=args.backend,
+                            threads=args.threads, repeats=args.repeats, console=console,
+                            onnx_paths={"compressed": onnx_path} if onnx_path else None)  # fmt: skip
+        latency = {"backend": args.backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch,
+                   **times, "speedup": times["original"]["median"] / times["compressed"]["median"]}  # fmt: skip
+    plan = gm.fxlrd_plan
+    report = {
+        "format": REPORT_FORMAT,
+        "command": ["fxlrd", *getattr(args, "argv", [])],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(args),
+        "model": {"spec": args.model, "origin": source.origin, "class": type(model).__name__, "kind": source.kind,
+                  "inputs": inputs.describe(), "notes": source.notes, "weights": args.weights},  # fmt: skip
+        "capture": getattr(gm, "fxlrd_capture", None),
+        "settings": config.to_dict(),
+        "calibration": {"path": args.calibration, "batches": len(data.calibration or [])},
+        "norms_reestimated": len(recovered),
+        "transform_s": transform_s,
+        "layers": layers,
+        "params": {**params, "ratio": _ratio(params["original"], params["compressed"])},
+        "macs": {**macs, "ratio": _ratio(macs["original"], macs["compressed"])},
+        "latency": latency,
+        "fidelity": fid,
+        "files": files,
+        "plan_table": plan.table(),
+        "plan": plan.to_dict(),
+    }
+    if report_path is not None:
+        _write_json(report_path, report)
+        files["report"] = str(report_path)
+    return report
+
+
+_FILE_KINDS = {
+    "onnx": "ONNX, checked against onnxruntime",
+    "save": "saved model, fxlrd.load reads it",
+    "report": "JSON report",
+}
+
+
+def print_summary(report: Mapping[str, Any], out=None) -> None:
+    """Print a compress report: model, params, MACs, latency, fidelity, files."""
+    out = out or sys.stdout
+    p = lambda text="": print(text, file=out)  # noqa: E731
+    m, params, macs, layers = report["model"], report["params"], report["macs"], report.get("layers") or {}
+    capture = (report.get("capture") or {}).get("mode", "?")
+    p(f"model       {m['spec']} ({m['class']}, {m['origin']}{', ' + ', '.join(m['notes']) if m.get('notes') else ''}); "
+      f"inputs {m['inputs']}; captured with {capture}")  # fmt: skip
+    calibrated = (report.get("calibration") or {}).get("batches")
+    p(f"compress    {report['transform_s']:.2f} s" + (f", {calibrated} calibration batches" if calibrated else ""))
+    if layers:
+        p(f"layers      {layers['original']} -> {layers['compressed']} conv/linear")
+    p(f"params      {_count(params['original'])} -> {_count(params['compressed'])} ({_x(params['ratio'])} fewer)")
+    p(f"MACs        {_count(macs['original'])} -> {_count(macs['compressed'])} ({_x(macs['ratio'])} fewer)")
+    lat = report.get("latency")
+    if lat:
+        env = report.get("environment", {})
+        where = " CPU" if lat["backend"] == "onnxruntime" else ""
+        p(f"latency     {lat['backend']}{where}, batch {lat['batch']}, {lat['threads']} threads, "
+          f"median of {lat['repeats']} (variants taking turns) on {env.get('processor', '?')}")  # fmt: skip
+        for name in ("original", "compressed"):
+            t = lat[name]
+            p(f"  {name:<10} {_ms(t['median'])} ms (min {_ms(t['min'])}, max {_ms(t['max'])})")
+        p(f"  speed-up   {_x(lat['speedup'])} (MAC ratio {_x(macs['ratio'])})")
+    else:
+        p("latency     not measured (--repeats 0)")
+    f = report["fidelity"]
+    parts = []
+    if f.get("relative_error") is not None:
+        parts.append(f"relative error {f['relative_error']:.4f}")
+    if f.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {100 * f['top1_agreement']:.1f}%")
+    if f.get("cosine") is not None:
+        parts.append(f"mean cosine {f['cosine']:.4f}")
+    p(f"fidelity    {', '.join(parts) or 'not measured'} ({f['output']}; {f['inputs']})")
+    if report.get("norms_reestimated"):
+        p(f"            ({report['norms_reestimated']} norms moved by merging were re-estimated)")
+    for what, path in (report.get("files") or {}).items():
+        p(f"wrote       {path} ({_FILE_KINDS.get(what, what)})")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """``fxlrd compress MODEL``."""
+    console = _Console(args.quiet)
+    report = _compress(args, console)
+    print(report["plan_table"])
+    print()
+    print_summary(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``fxlrd demo``: compress a zoo model into ``--out`` (ONNX, save, report)."""
+    out = Path(args.out)
+    args.onnx = str(out / f"{args.model}_lrd.onnx")
+    args.save = str(out / f"{args.model}_lrd")
+    args.report = str(out / f"{args.model}_report.json")
+    args.overwrite = True
+    env = _environment(args)
+    print("fxlrd demo on " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"settings: model={args.model} ratio={args.ratio:g} quantum={args.quantum} backend={args.backend} "
+          f"threads={args.threads} repeats={args.repeats}\n")  # fmt: skip
+    return cmd_compress(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``fxlrd plan MODEL``: print (and write) the plan without decomposing."""
+    from .api import plan as make_plan
+
+    config = _config(args)
+    json_path = _check_output(args.json, "--json")
+    source = load_model(args.model, weights=args.weights, quiet=args.quiet)
+    inputs = _Inputs(source, args)
+    example = inputs.random(args.seed)
+    _check_inputs(source.model, inputs, example)
+    p = make_plan(source.model, config, example_inputs=example, capture=args.capture)
+    print(p.table())
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        p.to_json(json_path)
+        print(f"plan written to {json_path}")
+    return 0
+
+
+# -- inspect --------------------------------------------------------------------------------------
+def _inspect_save(path: Path) -> int:
+    from .io import PLAN_FILE, SavedModelError, read_metadata, verify
+    from .plan import Plan
+
+    meta = read_metadata(path)
+    integrity, status = "ok (sha256 of every file matches)", 0
+    try:
+        verify(path)
+    except SavedModelError as exc:
+        integrity, status = f"FAILED: {_one_line(exc)}", 1
+    capture = meta.get("capture") or {}
+    sig = meta.get("inputs") or {}
+    kwargs, positional = sig.get("kwargs") or {}, sig.get("args") or []
+    shapes = [f"{k}={v.get('dtype')}{v.get('shape')}" for k, v in kwargs.items() if isinstance(v, dict)]
+    shapes += [f"{a.get('dtype')}{a.get('shape')}" for a in positional if isinstance(a, dict) and "shape" in a]
+    mode = "train" if (meta.get("modes") or {}).get("training") else "eval"
+    files = ", ".join(f"{name} {_count(info.get('bytes'), 'B')}" for name, info in (meta.get("files") or {}).items())
+    print(f"fxlrd saved model {path}")
+    print(f"  format      {meta['format']}, written by fxlrd {meta.get('fxlrd', '?')} (torch {meta.get('torch', '?')}, "
+          f"python {meta.get('python', '?')}) at {meta.get('created', '?')}")  # fmt: skip
+    print(f"  model       {meta.get('model_class', '?')}, captured with {capture.get('mode', '?')}; "
+          f"inputs {', '.join(shapes) or 'not recorded'}; {mode} mode")  # fmt: skip
+    print(f"  files       {files}; {meta.get('tensors', '?')} tensors on {meta.get('device', '?')}")
+    print(f"  integrity   {integrity}")
+    plan_file = path / PLAN_FILE
+    if plan_file.is_file():
+        try:
+            plan = Plan.from_json(plan_file)
+        except Exception as exc:  # noqa: BLE001  (a corrupt plan is reported, not raised)
+            print(f"  plan        unreadable: {_one_line(exc)}")
+            return 1
+        s = plan.settings
+        print(f"  settings    ratio={s.get('ratio')} rank_rule={s.get('rank_rule')} quantum={s.get('rank_quantum')} "
+              f"merge={s.get('merge')} branches={s.get('branches')} conv_method={s.get('conv_method')}\n")  # fmt: skip
+        print(plan.table())
+    return status
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``fxlrd inspect PATH``: a saved model's metadata and plan, or a report's summary."""
+    from .plan import Plan
+
+    path = Path(args.path)
+    if path.is_dir():
+        return _inspect_save(path)
+    if not path.is_file():
+        raise CommandError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(
+            f"{path} is not JSON ({exc}); inspect takes a saved model directory or a report/plan JSON"
+        ) from exc
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt == REPORT_FORMAT:
+        print(data.get("plan_table", ""))
+        print()
+        print_summary(data)
+    elif fmt == BENCH_FORMAT:
+        print_bench(data)
+    elif isinstance(fmt, str) and fmt.startswith("fxlrd.plan/"):
+        print(Plan.from_dict(data).table())
+    else:
+        raise UsageError(f"{path} is not an fxlrd report, bench result or plan (format {fmt!r})")
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------------------------
+def _variant_config(args: argparse.Namespace, variant: str):
+    from .latency import LatencyConfig
+
+    if variant == "vanilla":
+        return _config(args, rank_quantum=1)
+    if variant == "quantized":
+        return _config(args)
+    if variant == "optimized":
+        return _config(args, latency=LatencyConfig(backend=args.latency or args.backend, threads=args.threads,
+                                                   progress=not args.quiet))  # fmt: skip
+    if variant == "merged":
+        return _config(args, merge="approximate")
+    if variant == "branched":
+        return _config(args, branches=2)
+    raise UsageError(f"unknown variant {variant!r}")  # pragma: no cover  (the parser checks)
+
+
+def _variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose variants among {', '.join(VARIANTS)} (comma-separated), got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``fxlrd bench MODEL``: variants side by side, timed taking turns."""
+    from .api import transform
+    from .metrics import count_params
+
+    configs = {v: _variant_config(args, v) for v in args.variants if v != "original"}
+    plot_path = _check_output(args.plot, "--plot")
+    report_path = _check_output(args.report, "--report")
+    console = _Console(args.quiet)
+    console.step(f"loading {args.model}")
+    source = load_model(args.model, weights=args.weights, quiet=args.quiet)
+    inputs = _Inputs(source, args)
+    data = _data(args, inputs, console)
+    model = source.model
+    _check_inputs(model, inputs, data.example)
+    models: dict[str, nn.Module] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for variant in args.variants:
+        if variant == "original":
+            models[variant], seconds = model, 0.0
+        else:
+            console.step(f"compressing: {variant}")
+            t0 = time.perf_counter()
+            with _blas_single_thread():
+                gm = transform(model, configs[variant], example_inputs=data.example, capture=args.capture,
+                               calibration=data.calibration)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            _recover_norms(gm, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
+            models[variant] = gm
+        fid = fidelity(model, models[variant], data.held_out) if variant != "original" else {}
+        m = models[variant]
+        rows[variant] = {"layers": _layer_count(m), "params": count_params(m), "macs": _macs(m, data.example),
+                         "transform_s": seconds, "relative_error": fid.get("relative_error"),
+                         "top1_agreement": fid.get("top1_agreement")}  # fmt: skip
+    base = rows[args.variants[0]]
+    times = None
+    if args.repeats > 0:
+        times = time_models(models, data.example, backend=args.backend, threads=args.threads, repeats=args.repeats,
+                            console=console)  # fmt: skip
+    for variant, row in rows.items():
+        row["mac_ratio"] = _ratio(base["macs"], row["macs"])
+        if times is not None:
+            row["latency"] = times[variant]
+            row["speedup"] = _ratio(times[args.variants[0]]["median"], times[variant]["median"])
+            row["speedup_per_mac_ratio"] = _ratio(row["speedup"], row["mac_ratio"])
+    report = {
+        "format": BENCH_FORMAT,
+        "command": ["fxlrd", *getattr(args, "argv", [])],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(args),
+        "model": {"spec": args.model, "class": type(model).__name__, "inputs": inputs.describe(),
+                  "notes": source.notes},  # fmt: skip
+        "baseline": args.variants[0],
+        "timing": {"backend": args.backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch},
+        "fidelity_inputs": data.note,
+        "settings": {v: c.to_dict() for v, c in configs.items()},
+        "variants": rows,
+    }
+    print_bench(report)
+    if plot_path is not None:
+        _plot_bench(report, plot_path)
+        print(f"plot written to {plot_path}")
+    if report_path is not None:
+        _write_json(report_path, report)
+        print(f"report written to {report_path}")
+    return 0
+
+
+def print_bench(report: Mapping[str, Any], out=None) -> None:
+    """Print a bench result as a table."""
+    out = out or sys.stdout
+    timing, rows = report["timing"], report["variants"]
+    head = ("variant", "layers", "params", "MACs", "MAC ratio", "median ms", "min ms", "max ms", "speed-up",
+            "speed-up/MAC ratio", "rel. error")  # fmt: skip
+    table = [head]
+    for name, r in rows.items():
+        lat = r.get("latency") or {}
+        table.append((name, str(r["layers"]), _count(r["params"]), _count(r["macs"]), _x(r.get("mac_ratio")),
+                      _ms(lat.get("median")), _ms(lat.get("min")), _ms(lat.get("max")), _x(r.get("speedup")),
+                      "-" if r.get("speedup_per_mac_ratio") is None else f"{r['speedup_per_mac_ratio']:.2f}",
+                      "-" if r.get("relative_error") is None else f"{r['relative_error']:.4f}"))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    env = report.get("environment", {})
+    print(f"{report['model']['spec']} ({report['model']['class']}), inputs {report['model']['inputs']}; "
+          f"{timing['backend']}, {timing['threads']} threads, median of {timing['repeats']} taking turns "
+          f"on {env.get('processor', '?')} (torch {env.get('torch', '?')})", file=out)  # fmt: skip
+    for i, row in enumerate(table):
+        cells = (v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths)))
+        print("  ".join(cells).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+    print(f"speed-up and MAC ratio against {report['baseline']}; relative output error on {report['fidelity_inputs']}",
+          file=out)  # fmt: skip
+
+
+def _plot_bench(report: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["variants"])
+    speed = [report["variants"][n].get("speedup") or 0 for n in names]
+    macs = [report["variants"][n].get("mac_ratio") or 0 for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], speed, width=0.4, label="speed-up (measured)")
+    ax.bar([x + 0.2 for x in xs], macs, width=0.4, label="MAC ratio")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel(f"× {report['baseline']}")
+    timing = report["timing"]
+    title = f"{report['model']['spec']}: {timing['backend']}, batch {timing['batch']}, {timing['threads']} threads"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- the parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors become one line (`UsageError`) instead of usage + exit."""
+
+    def error(self, message: str):  # noqa: D401
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks and library warnings")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress output on stderr")
+
+
+def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    g = p.add_argument_group("model and inputs")
+    if positional:
+        g.add_argument("model", metavar="MODEL", help=f"a zoo name ({', '.join(_zoo_names())}), "
+                       "package.module:factory, or a Hugging Face model directory")  # fmt: skip
+    else:
+        g.add_argument("--model", default="resnet50", metavar="MODEL", help="as for compress (default: resnet50)")
+    g.add_argument("--weights", metavar="FILE", help="state dict to load with strict=True (.safetensors, .pt, .pth)")
+    g.add_argument("--input-shape", type=_parse_shape, metavar="N,C,H,W",
+                   help="input tensor shape, batch first (default 1,3,224,224 for image models)")  # fmt: skip
+    g.add_argument("--size", type=_positive_int, metavar="PX", help="image height and width (instead of --input-shape)")
+    g.add_argument("--batch", type=_positive_int, metavar="N", help="batch size of every input (default 1)")
+    g.add_argument("--seq-len", type=_positive_int, default=128, metavar="N",
+                   help="sequence length for text models (default 128)")  # fmt: skip
+    g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="torch.fx, torch.export, or fx then export (default auto)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs (default 0)")
+
+
+def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
+    from .latency import BACKENDS
+    from .methods import methods
+
+    g = p.add_argument_group("decomposition")
+    g.add_argument("--ratio", type=float, default=2.0, metavar="A", help="compression ratio per layer, > 1 (default 2)")
+    g.add_argument("--rank-rule", choices=("ratio", "fixed", "energy", "vbmf"), default="ratio",
+                   help="how ranks are chosen (default ratio)")  # fmt: skip
+    g.add_argument("--rank", type=_rank, metavar="R[,R2]", help="rank for --rank-rule fixed: R or R1,R2")
+    g.add_argument("--energy", type=float, metavar="E", help="spectral energy kept for --rank-rule energy, in (0, 1]")
+    g.add_argument("--quantum", type=_positive_int, default=8, metavar="Q",
+                   help="round ranks down to a multiple of this (default 8)")  # fmt: skip
+    g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
+    g.add_argument("--conv-method", choices=methods(), default="tucker2",
+                   help="method for k×k convs (default tucker2)")  # fmt: skip
+    g.add_argument("--include", action="append", metavar="GLOB", help="decompose only layers matching (repeatable)")
+    g.add_argument("--exclude", action="append", metavar="GLOB", help="never decompose layers matching (repeatable)")
+    g.add_argument("--latency", choices=BACKENDS, metavar="BACKEND",
+                   help=f"choose ranks by timing layers on BACKEND ({', '.join(BACKENDS)})")  # fmt: skip
+    g.add_argument("--target-params", type=_target_params, metavar="N",
+                   help="parameter budget for the whole model: a count (5M) or a fraction (0.5)")  # fmt: skip
+    if not variants:
+        g.add_argument("--target-speedup", type=float, metavar="X",
+                       help="global mode: the whole-model speed-up to reach (ranks timed on the timing backend)")
+        g.add_argument("--merge", choices=("exact", "approximate"), help="merge factors into neighbouring 1×1 layers")
+        g.add_argument("--branches", type=_positive_int, default=1, metavar="N",
+                       help="N-branched Tucker cores (default 1)")  # fmt: skip
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration and fidelity")
+    g.add_argument("--calibration", metavar="PATH",
+                   help="data-aware decomposition on: a folder of images, a .txt file (one text a line, needs a "
+                        "tokenizer), or a .pt/.safetensors tensor (N, ...)")  # fmt: skip
+    g.add_argument("--calibration-batches", type=_positive_int, default=16, metavar="N",
+                   help="calibration batches (default 16)")  # fmt: skip
+    g.add_argument("--eval-batches", type=_positive_int, default=4, metavar="N",
+                   help="held-out batches for fidelity, never used for calibration (default 4)")  # fmt: skip
+
+
+def _add_timing(p: argparse.ArgumentParser, repeats: int = 20) -> None:
+    g = p.add_argument_group("timing")
+    g.add_argument("--backend", choices=TIMING_BACKENDS, default="onnxruntime",
+                   help="where models are timed: onnxruntime (CPU), eager torch, or torch.compile "
+                        "(default onnxruntime)")  # fmt: skip
+    g.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                   help="intra-op threads when timing (default: all cores)")  # fmt: skip
+    g.add_argument("--repeats", type=_non_negative_int, default=repeats, metavar="N",
+                   help=f"timed runs per model, taking turns; 0 skips timing (default {repeats})")  # fmt: skip
+
+
+def _add_outputs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outputs")
+    g.add_argument("--onnx", metavar="PATH", help="export the compressed model to ONNX (checked against onnxruntime)")
+    g.add_argument("--save", metavar="DIR", help="save the compressed model (fxlrd.save: plan + safetensors)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    g.add_argument("--report", metavar="JSON", help="write everything measured, with machine info, as JSON")
+
+
+_DESCRIPTION = "Low-rank decomposition of PyTorch models that pays off in wall-clock time."
+_EPILOG = """examples:
+  fxlrd compress resnet50 --ratio 2 --onnx build/r50.onnx --save build/r50
+  fxlrd compress mypkg.nets:make_net --weights net.safetensors --input-shape 1,3,64,64
+  fxlrd compress ./bert-dir --seq-len 64 --calibration sentences.txt --report bert.json
+  fxlrd inspect build/r50          a saved model's metadata and plan (or a report JSON)
+  fxlrd bench resnet50 --plot bench.png
+  fxlrd demo                       what `make demo` runs: compress ResNet-50 into build/
+
+MODEL is a zoo name (%s), package.module:factory (imported
+and called), or a local Hugging Face model directory.
+
+exit status: 0 success, 1 the work failed, 2 bad usage; errors are one line on stderr
+(--debug adds the traceback)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxlrd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help_ in (
-        ("demo", cmd_demo, "compress a zoo model, export ONNX, print the plan and the measured speed-up"),
-        ("plan", cmd_plan, "print the decomposition plan of a zoo model"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        p.set_defaults(func=func)
-        p.add_argument("--model", default="resnet50", choices=sorted(zoo._MODELS))
-        p.add_argument("--ratio", type=float, default=2.0, help="compression ratio per layer (> 1)")
-        p.add_argument("--quantum", type=int, default=8, help="round ranks down to a multiple of this")
-        p.add_argument("--beta", type=float, default=1.0, help="Tucker r2/r1")
-        p.add_argument("--batch", type=_positive_int, default=1)
-        p.add_argument("--size", type=_positive_int, default=224, help="input height and width")
-        p.add_argument("--json", default=None, help="also write the result as JSON here")
-        p.add_argument("--latency", choices=BACKENDS, default=None, help="choose ranks by timing layers on this backend")
-        p.add_argument("--target-speedup", type=float, default=None, help="global mode: whole-model speed-up to reach")
-    demo = sub.choices["demo"]
-    demo.add_argument("--out", default="build", help="folder for the ONNX files")
-    demo.add_argument("--threads", type=_positive_int, default=os.cpu_count(), help="onnxruntime intra-op threads (default: all cores)")
-    demo.add_argument("--repeats", type=_positive_int, default=30)
+    """The ``fxlrd`` argument parser."""
+    from . import __version__
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="fxlrd", description=_DESCRIPTION, epilog=_EPILOG % ", ".join(_zoo_names()),
+                     formatter_class=formatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"fxlrd {__version__}")
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    compress = sub.add_parser(
+        "compress", help="decompose a model; print its plan, params, MACs, latency and fidelity",
+        description="Decompose MODEL's conv and linear layers, print the per-layer plan and a summary: parameters, "
+                    "MACs, latency before and after (taking turns on the timing backend), and fidelity on held-out "
+                    "inputs. Optionally export ONNX, save the model and write a JSON report.",
+    )  # fmt: skip
+    _add_model(compress)
+    _add_config(compress)
+    _add_data(compress)
+    _add_timing(compress)
+    _add_outputs(compress)
+    _add_common(compress)
+    compress.set_defaults(func=cmd_compress)
+
+    inspect = sub.add_parser("inspect", help="show a saved model's plan and metadata, or a report's summary",
+                             description="Print a saved model's metadata (checking its files) and plan table, or the "
+                                         "summary of a compress report, bench result or plan JSON.")  # fmt: skip
+    inspect.add_argument("path", metavar="DIR_OR_REPORT",
+                         help="a directory written by --save, or a JSON from --report/--json")  # fmt: skip
+    _add_common(inspect)
+    inspect.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser(
+        "bench", help="time a model's variants side by side",
+        description="Build the variants of MODEL and time them in one run, taking turns: original, vanilla (paper "
+                    "ranks, quantum 1), quantized (--quantum), optimized (ranks timed on --latency or the timing "
+                    "backend), merged (approximate) and branched (2).",
+    )  # fmt: skip
+    _add_model(bench)
+    _add_config(bench, variants=True)
+    bench.add_argument("--variants", type=_variants, default=list(DEFAULT_VARIANTS), metavar="LIST",
+                       help=f"comma-separated, the first is the baseline (default {','.join(DEFAULT_VARIANTS)}; "
+                            f"choices {','.join(VARIANTS)})")  # fmt: skip
+    _add_data(bench)
+    _add_timing(bench)
+    bench.add_argument("--plot", metavar="PNG", help="bar chart of speed-up and MAC ratio per variant")
+    bench.add_argument("--report", metavar="JSON", help="write the results as JSON")
+    _add_common(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    plan = sub.add_parser("plan", help="print a model's decomposition plan (nothing is decomposed)")
+    plan.add_argument("model_arg", nargs="?", metavar="MODEL", help="as for compress (or --model; default resnet50)")
+    _add_model(plan, positional=False)
+    _add_config(plan)
+    plan.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    _add_common(plan)
+    plan.set_defaults(func=cmd_plan)
+
+    demo = sub.add_parser("demo", help="compress a zoo model into --out: ONNX, saved model, report (make demo)",
+                          description="compress --model with --onnx, --save and --report into --out.")  # fmt: skip
+    _add_model(demo, positional=False)
+    demo.add_argument("--out", default="build", help="output folder (default build)")
+    _add_config(demo)
+    _add_data(demo)
+    _add_timing(demo, repeats=30)
+    _add_common(demo)
+    demo.set_defaults(func=cmd_demo, onnx=None, save=None, report=None, overwrite=True)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def _library_noise(debug: bool) -> Iterator[None]:
+    """Outside ``--debug``, keep library warnings (deprecations in torch's pytree, exporter
+    notes) off the user's terminal."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fxlrd`` command; returns the exit status (0 ok, 1 failure, 2 bad usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
-        return args.func(args)
-    except (ValueError, TypeError) as exc:  # configuration mistakes: one clear line, no traceback
-        print(f"fxlrd: error: {exc}", file=sys.stderr)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except UsageError as exc:
+        print(f"fxlrd: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    args.argv = argv
+    if getattr(args, "model_arg", None) is not None:
+        args.model = args.model_arg
+    try:
+        with _library_noise(args.debug):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fxlrd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every failure: one line; the traceback with --debug)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        usage = isinstance(exc, (UsageError, ConfigError))
+        text = _one_line(exc) if isinstance(exc, (UsageError, CommandError, FxlrdError, OSError)) else (
+            f"{type(exc).__name__}: {_one_line(exc)}")  # fmt: skip
+        expected = usage or isinstance(exc, (CommandError, FxlrdError, OSError))
+        hint = "" if debug or expected else " (--debug shows the traceback)"
+        print(f"fxlrd: error: {text}{hint}", file=sys.stderr)
+        return 2 if usage else 1
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class LRDConfig:
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; False keeps the layer.
         layer_types: module types to decompose (subclasses included).
         tucker_iters: HOOI iterations after the HOSVD initialisation of Tucker-2.
+        cp_iters: ALS iterations of the CP fit (``conv_method="cp"``).
         allow_larger: decompose even when the factors would hold at least as many
             parameters as the layer (useful for exactness checks); otherwise such a layer is kept.
         leaf_modules: module types or qualified names that tracing keeps opaque; the way
@@ -84,6 +85,12 @@ class LRDConfig:
             (``ratio`` applies to the decomposed layers as a whole; ranks allocated by error).
         sequential: with calibration data, compress layers in graph order, each fitted to the
             inputs the already-compressed layers produce (error compensation).
+        sensitivity: with calibration data, also weigh each layer's output channels by how much
+            the model's output depends on them (one backward pass per calibration batch), so
+            factorization and rank allocation minimise the estimated *model* output error
+            rather than each layer's own. False: plain input whitening (SVD-LLM). A callable
+            ``fn(outputs, inputs) -> tensor(s)`` says which function of the outputs to keep
+            (e.g. mean-pooled sentence embeddings); default: every floating output.
     """
 
     ratio: float = 2.0
@@ -98,6 +105,7 @@ class LRDConfig:
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False)
     layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES
     tucker_iters: int = 0
+    cp_iters: int = 300
     allow_larger: bool = False
     leaf_modules: Sequence[type[nn.Module] | str] = ()
     latency: LatencyConfig | None = None
@@ -112,6 +120,7 @@ class LRDConfig:
     target_params: int | float | None = None
     allocation: str = "uniform"
     sequential: bool = False
+    sensitivity: bool | Callable[[Any, Any], Any] = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -140,8 +149,10 @@ class LRDConfig:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if not _is_number(self.beta) or self.beta <= 0:
             raise ConfigError(f"beta (r2 / r1 for Tucker) must be a number > 0, got {self.beta!r}")
-        if not isinstance(self.tucker_iters, int) or isinstance(self.tucker_iters, bool) or self.tucker_iters < 0:
-            raise ConfigError(f"tucker_iters must be an int >= 0, got {self.tucker_iters!r}")
+        for name in ("tucker_iters", "cp_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
         set_("include", _as_patterns(self.include, "include"))
         set_("exclude", _as_patterns(self.exclude, "exclude") or ())
         if self.filter_fn is not None and not callable(self.filter_fn):
@@ -188,6 +199,8 @@ class LRDConfig:
             raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
+        if not isinstance(self.sensitivity, bool) and not callable(self.sensitivity):
+            raise ConfigError(f"sensitivity must be True, False or a callable(outputs, inputs), got {self.sensitivity!r}")
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:
@@ -205,7 +218,9 @@ class LRDConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "filter_fn":
+            if f.name in ("filter_fn", "sensitivity") and callable(value):
+                value = getattr(value, "__qualname__", repr(value))
+            elif f.name == "filter_fn":
                 value = None if value is None else getattr(value, "__qualname__", repr(value))
             elif f.name == "latency":
                 value = None if value is None else value.to_dict()

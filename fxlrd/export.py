@@ -191,6 +191,7 @@ def export_onnx(
                             f"onnxruntime output {i} differs from PyTorch: relative error {err:.3g} > rtol {rtol:g}; "
                             f"{path} was not written"
                         )
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a model file is not
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -198,3 +199,9 @@ def export_onnx(
     finally:
         gm.train(was_training)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,10 +18,14 @@ def count_params(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int:
-    """MACs of one forward pass on ``example_inputs`` (FLOPs / 2, as FlopCounterMode counts them)."""
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """MACs of one forward pass on ``example_inputs`` — a tensor, a tuple of positional inputs
+    or a dict of keyword inputs (FLOPs / 2, as FlopCounterMode counts them)."""
+    from .capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
     with FlopCounterMode(display=False) as counter:
-        model(*example_inputs)
+        model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
 

@@ -10,8 +10,10 @@ do, from the plan.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import io
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -46,9 +48,34 @@ def input_shapes(gm: fx.GraphModule, inputs: Args) -> None:
 
     values = flat_inputs(gm, inputs)
     try:
-        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
     except Exception as exc:  # noqa: BLE001  (any failure here means the inputs do not fit the model)
-        raise inputs_error(gm, inputs, exc) from exc
+        if not _data_dependent(exc):
+            raise inputs_error(gm, inputs, exc) from exc
+        # Fake tensors cannot run code that branches on values (inside a leaf module): run a
+        # copy for real, in eval mode, so nothing of the model changes.
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+                real = copy.deepcopy(gm).eval()
+                ShapeProp(real).propagate(*values)
+        except Exception as exc2:  # noqa: BLE001
+            raise inputs_error(gm, inputs, exc2) from exc2
+        by_name = {n.name: n for n in real.graph.nodes}
+        for node in gm.graph.nodes:
+            if node.name in by_name and "tensor_meta" in by_name[node.name].meta:
+                node.meta["tensor_meta"] = by_name[node.name].meta["tensor_meta"]
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether a fake-tensor failure comes from code that needs real values."""
+    names = {"DataDependentOutputException", "DynamicOutputShapeException", "GuardOnDataDependentSymNode",
+             "UnsupportedOperatorException"}  # fmt: skip
+    while exc is not None:
+        if type(exc).__name__ in names or "data-dependent" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _shape_of(node: fx.Node | None) -> tuple[int, ...] | None:

@@ -1,4 +1,5 @@
-"""Recovery after approximate merges: re-estimate moved norms, refit merged weights.
+"""Recovery: re-estimate moved norms and refit merged weights after approximate merges, and
+distil a compressed model to its original.
 
 An approximate merge drops an activation from between two layers and moves a norm to the
 narrow side; the moved norm has no statistics yet. Two tools, both on calibration batches:
@@ -8,16 +9,23 @@ narrow side; the moved norm has no statistics yet. Two tools, both on calibratio
 - `refit_merged`: refit each merged layer by least squares so that, on the batches, it maps
   its actual input to what the unmerged model computed at that point (the output of the
   second layer of the pair), in graph order so each refit sees the earlier ones.
+
+`distill` then trains the compressed model toward the original's outputs (and optionally its
+decomposed layers' outputs) for a few hundred steps, with any freezing policy.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["reestimate_norms", "refit_merged", "merged_nodes"]
+if TYPE_CHECKING:
+    from .freeze import SequentialFreezer
+
+__all__ = ["reestimate_norms", "refit_merged", "merged_nodes", "distill", "output_loss"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -144,3 +152,149 @@ def refit_merged(
     finally:
         gm.train(gm_modes)
     return report
+
+
+# -- distillation -----------------------------------------------------------------------------------
+def _leaves(out) -> list[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+    """The distillation loss between two outputs (any structure of tensors, e.g. a ModelOutput).
+
+    ``kind="kl"``: KL(teacher ‖ student) of the softmax over the last dimension, ×T² (classifier
+    logits); ``"mse"``: mean squared error relative to the teacher's mean square (hidden states,
+    embeddings); ``"auto"``: KL for 2-D outputs (batch × classes), MSE otherwise.
+    """
+    s_leaves, t_leaves = _leaves(student_out), _leaves(teacher_out)
+    if len(s_leaves) != len(t_leaves) or not s_leaves:
+        raise ValueError(f"student and teacher outputs differ in structure ({len(s_leaves)} vs {len(t_leaves)} tensors)")
+    total = s_leaves[0].new_zeros(())
+    for s, t in zip(s_leaves, t_leaves):
+        k = ("kl" if s.dim() == 2 and s.shape[-1] > 1 else "mse") if kind == "auto" else kind
+        if k == "kl":
+            log_p = F.log_softmax(s / temperature, -1)
+            log_q = F.log_softmax(t / temperature, -1)
+            total = total + F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+        elif k == "mse":
+            total = total + F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+        else:
+            raise ValueError(f"loss kind must be 'auto', 'kl' or 'mse', got {kind!r}")
+    return total
+
+
+def distill(
+    gm: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+    freeze: "str | Mapping[str, bool] | SequentialFreezer | None" = None,
+    loss: "str | Callable[[Any, Any, Any], torch.Tensor]" = "auto",
+    temperature: float = 1.0,
+    features: bool | float = False,
+    weight_decay: float = 0.0,
+    train_mode: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """A short knowledge distillation of the compressed model ``gm`` to the original ``teacher``.
+
+    Cycles over ``batches`` (inputs in the form of ``example_inputs``: tensor, tuple or dict)
+    for ``steps`` Adam steps. The loss is `output_loss` between the two models' outputs
+    (softmax KL for classifier logits, relative MSE for hidden states and embeddings), plus,
+    with ``features``, the relative MSE between each decomposed layer's output and the original
+    layer's output (weighted by ``features`` when a number; layers are matched by name).
+
+    Args:
+        gm: the compressed model (trained in place).
+        teacher: the original model (not changed; run under ``no_grad`` in eval mode).
+        batches: an iterable of inputs, re-iterated as needed.
+        steps: optimizer steps.
+        lr: Adam's learning rate.
+        freeze: a freezing policy for the factors (``"paper"``, ``"none"``, a mapping, see
+            `fxlrd.freeze`) or a `fxlrd.SequentialFreezer` (stepped after every step).
+        loss: ``"auto"``, ``"kl"``, ``"mse"`` (see `output_loss`), or a callable
+            ``loss(student_outputs, teacher_outputs, (args, kwargs)) -> scalar`` (e.g. on
+            mean-pooled sentence embeddings).
+        temperature: softmax temperature for ``"kl"``.
+        features: add per-layer feature matching.
+        weight_decay: Adam's weight decay.
+        train_mode: run the student in train mode (dropout, batch-norm statistics updating);
+            default False: statistics stay as calibrated, gradients flow all the same.
+        progress: a progress bar with the loss.
+
+    Returns:
+        The loss at every step.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from .capture import normalize_inputs
+    from .freeze import SequentialFreezer
+    from .freeze import freeze as apply_freeze
+    from .freeze import param_groups
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    freezer = freeze if isinstance(freeze, SequentialFreezer) else None
+    if freeze is not None and freezer is None:
+        apply_freeze(gm, freeze)
+    data = [normalize_inputs(b) for b in batches]
+    if not data:
+        raise ValueError("distill needs at least one batch of inputs")
+    groups = param_groups(gm, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(groups)
+    if freezer is not None:
+        freezer.optimizer = freezer.optimizer or optimizer
+
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    if features:
+        from .factorized import Factorized
+
+        named = dict(teacher.named_modules())
+        pairs = [(m, named[n]) for n, m in gm.named_modules() if isinstance(m, Factorized) and n in named]
+    feature_weight = float(features) if not isinstance(features, bool) else 1.0
+
+    teacher_modes = {n: m.training for n, m in teacher.named_modules()}
+    student_modes = {n: m.training for n, m in gm.named_modules()}
+    teacher.eval()
+    gm.train(train_mode)
+    curve: list[float] = []
+    bar = tqdm(range(steps), desc="distill", unit="step", disable=None if progress else True, file=sys.stderr, leave=False)
+    try:
+        for step in bar:
+            args, kwargs = data[step % len(data)]
+            captured: dict[int, list[torch.Tensor]] = {}
+            hooks = []
+            for i, (s_mod, t_mod) in enumerate(pairs):
+                hooks.append(s_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(0, o)))
+                hooks.append(t_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(1, o)))
+            try:
+                with torch.no_grad():
+                    target = teacher(*args, **kwargs)
+                out = gm(*args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            value = loss(out, target, (args, kwargs)) if callable(loss) else output_loss(out, target, loss, temperature)
+            for s_out, t_out in captured.values():
+                if s_out is not None and t_out is not None:
+                    value = value + feature_weight * F.mse_loss(s_out, t_out.detach()) / t_out.detach().pow(2).mean().clamp_min(1e-12)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            if freezer is not None:
+                freezer.step()
+            curve.append(float(value.detach()))
+            bar.set_postfix(loss=f"{curve[-1]:.4g}")
+    finally:
+        bar.close()
+        for n, m in teacher.named_modules():
+            m.train(teacher_modes.get(n, m.training))
+        for n, m in gm.named_modules():
+            m.train(student_modes.get(n, m.training))
+    return curve

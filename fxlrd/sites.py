@@ -338,9 +338,17 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
     aliases: dict[int, set[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), set()).add(name)
-    # Which weights the graph reads other than as a layer's weight.
+    # Which weights the graph reads other than as a layer's weight (a get_attr elsewhere, or a
+    # call of a module holding them: an nn.Embedding whose weight a functional layer reuses).
     site_nodes = {u.node for u in uses}
     other_reads: set[str] = set()
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    for use in uses:
+        if use.node.op == "call_module":
+            continue
+        for path in filter(None, (use.weight_path, use.bias_path)):
+            if any(path.startswith(t + ".") for t in called):
+                other_reads.add(path)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             readers = set(node.users)

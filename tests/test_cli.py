@@ -1,25 +1,306 @@
-import json
+"""The fxlrd command: each subcommand's happy path, and errors as one line with the right exit status."""
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxlrd
 from fxlrd.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 
+MODELS_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class SmallNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(32)
+            self.conv2 = nn.Conv2d(32, 64, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(64)
+            self.conv3 = nn.Conv2d(64, 64, 3, padding=1, stride=2)
+            self.conv4 = nn.Conv2d(64, 32, 1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = torch.relu(self.bn2(self.conv2(x)))
+            x = torch.relu(self.conv4(torch.relu(self.conv3(x))))
+            return self.fc(x.mean((2, 3)))
+
+
+    def factory():
+        return SmallNet()
+
+
+    def broken():
+        raise RuntimeError("no weights here")
+    """
+)
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    """``fxlrd_cli_models:factory`` importable, and a safetensors weights file for it."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "fxlrd_cli_models.py").write_text(MODELS_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fxlrd_cli_models", None)
+    import fxlrd_cli_models
+
+    torch.manual_seed(3)
+    model = fxlrd_cli_models.factory()
+    with torch.no_grad():
+        for name in ("bn1", "bn2"):
+            getattr(model, name).running_mean.uniform_(-0.5, 0.5)
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    yield "fxlrd_cli_models:factory", weights, model
+    sys.modules.pop("fxlrd_cli_models", None)
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- compress ------------------------------------------------------------------------------------
+def test_compress_factory_with_weights_onnx_save_and_report(tmp_path, capsys, factory):
+    spec, weights, reference = factory
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, "compress", spec, "--weights", weights, "--input-shape", "2,3,32,32",
+                          "--quantum", 1, "--repeats", 3, "--eval-batches", 2, "--onnx", out_dir / "m.onnx",
+                          "--save", out_dir / "saved", "--report", out_dir / "report.json")  # fmt: skip
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "conv3" in out and "tucker2" in out  # the plan table
+    for label in ("params", "MACs", "speed-up", "relative error", "top-1 agreement", "mean cosine", "onnxruntime CPU"):
+        assert label in out, label
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["format"] == "fxlrd.report/1" and report["environment"]["cpus"]
+    assert report["params"]["compressed"] < report["params"]["original"] and report["macs"]["ratio"] > 1
+    assert report["latency"]["backend"] == "onnxruntime" and report["latency"]["original"]["n"] == 3
+    assert report["latency"]["speedup"] > 0 and report["fidelity"]["batches"] == 2
+    assert 0 <= report["fidelity"]["top1_agreement"] <= 1 and report["fidelity"]["relative_error"] < 1
+    assert (out_dir / "m.onnx").stat().st_size > 0
+    # the saved model loads onto a fresh instance, and carries the --weights (not the factory's init)
+    import fxlrd_cli_models
+
+    loaded = fxlrd.load(fxlrd_cli_models.factory(), out_dir / "saved")
+    assert torch.equal(loaded.get_submodule("bn1").running_mean, reference.bn1.running_mean)
+
+
+@pytest.mark.parametrize("kind", ["pt", "safetensors"])
+def test_compress_with_a_calibration_tensor_file(tmp_path, capsys, factory, kind):
+    spec, _, _ = factory
+    data = torch.randn(10, 3, 32, 32)
+    path = tmp_path / f"calib.{kind}"
+    if kind == "pt":
+        torch.save(data, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"images": data}, str(path))
+    report_path = tmp_path / "r.json"
+    code, out, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
+                          "--calibration-batches", 3, "--eval-batches", 2, "--repeats", 0,
+                          "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["calibration"]["batches"] == 3 and report["latency"] is None
+    assert "2 held-out batches of" in report["fidelity"]["inputs"] and "not used for calibration" in out
+    assert any(lp["data_aware"] for lp in report["plan"]["layers"])
+
+
+def test_compress_with_a_folder_of_images_and_merge(tmp_path, capsys, factory):
+    from PIL import Image
+
+    spec, _, _ = factory
+    folder = tmp_path / "images" / "class_a"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        pixels = torch.randint(0, 256, (40 + i, 50, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    report_path = tmp_path / "r.json"
+    code, out, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", tmp_path / "images",
+                          "--calibration-batches", 2, "--merge", "approximate", "--backend", "eager", "--repeats", 2,
+                          "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["calibration"]["batches"] == 2 and report["settings"]["merge"] == "approximate"
+    assert report["fidelity"]["inputs"].startswith("1 held-out batch")
+    assert report["latency"]["backend"] == "eager" and "eager, batch 2" in out
+
+
+@pytest.mark.slow
+def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    model_dir = tmp_path / "bert"
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(model_dir)
+    words = [f"w{i}" for i in range(90)]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(" ".join(words[(i * 7 + j) % 90] for j in range(3 + i % 5)) for i in range(12)))
+    code, out, err = _run(capsys, "compress", model_dir, "--seq-len", 16, "--batch", 2, "--calibration", lines,
+                          "--calibration-batches", 3, "--eval-batches", 2, "--backend", "eager", "--repeats", 2,
+                          "--save", tmp_path / "saved")  # fmt: skip
+    assert code == 0, err
+    assert "captured with export" in out and "mean-pooled over the attention mask" in out
+    assert "encoder.layer.0.intermediate.dense" in out
+    loaded = fxlrd.load(transformers.AutoModel.from_pretrained(model_dir), tmp_path / "saved")
+    assert loaded.fxlrd_plan.settings["capture"]["mode"] == "export"
+
+
+# -- plan, inspect, bench, demo ------------------------------------------------------------------
 def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "plan.json"
-    assert main(["plan", "--model", "resnet50", "--size", "64", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
+    code, out, _ = _run(capsys, "plan", "--model", "resnet50", "--size", "64", "--json", path)
+    assert code == 0
     assert "layer4.2.conv2" in out and "tucker2" in out and "model params" in out
     assert json.loads(path.read_text())["format"] == "fxlrd.plan/1"
+    code, out2, _ = _run(capsys, "inspect", path)
+    assert code == 0 and "layer4.2.conv2" in out2
 
 
-def test_bad_ratio_is_one_clear_line(capsys):
-    assert main(["plan", "--ratio", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fxlrd: error: ratio must be a number > 1") and "Traceback" not in err
+def test_inspect_a_save_a_report_and_a_corrupt_save(tmp_path, capsys, factory):
+    spec, _, _ = factory
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "1,3,32,32", "--repeats", 0, "--eval-batches", 1,
+                        "--save", tmp_path / "s", "--report", tmp_path / "r.json")  # fmt: skip
+    assert code == 0, err
+    code, out, _ = _run(capsys, "inspect", tmp_path / "s")
+    assert code == 0
+    assert "fxlrd.saved-model/1" in out and "integrity   ok" in out and "captured with fx" in out and "conv3" in out
+    code, out, _ = _run(capsys, "inspect", tmp_path / "r.json")
+    assert code == 0 and "params" in out and "fidelity" in out and "conv3" in out
+    weights = tmp_path / "s" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    code, out, _ = _run(capsys, "inspect", tmp_path / "s")
+    assert code == 1 and "integrity   FAILED" in out and "truncated" in out
+    (tmp_path / "junk.json").write_text("{}")
+    code, _, err = _run(capsys, "inspect", tmp_path / "junk.json")
+    assert code == 2 and err.startswith("fxlrd: error: ") and "not an fxlrd report" in err
 
 
-def test_non_positive_batch_is_rejected_by_the_parser(capsys):
-    import pytest
+def test_bench_times_variants_side_by_side(tmp_path, capsys, factory):
+    spec, _, _ = factory
+    plot, report_path = tmp_path / "bench.png", tmp_path / "bench.json"
+    code, out, err = _run(capsys, "bench", spec, "--input-shape", "1,3,32,32",
+                          "--variants", "original,vanilla,quantized,merged", "--backend", "eager", "--repeats", 3,
+                          "--eval-batches", 1, "--plot", plot, "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    for header in ("variant", "MAC ratio", "median ms", "speed-up/MAC ratio"):
+        assert header in out
+    for variant in ("original", "vanilla", "quantized", "merged"):
+        assert f"\n{variant} " in out
+    report = json.loads(report_path.read_text())
+    rows = report["variants"]
+    assert rows["original"]["speedup"] == pytest.approx(1.0) and rows["original"]["mac_ratio"] == pytest.approx(1.0)
+    assert rows["merged"]["layers"] < rows["quantized"]["layers"]
+    assert all(r["latency"]["n"] == 3 for r in rows.values())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size < 100_000
+    code, out2, _ = _run(capsys, "inspect", report_path)
+    assert code == 0 and "speed-up/MAC ratio" in out2
 
-    with pytest.raises(SystemExit) as info:
-        main(["demo", "--batch", "0"])
-    assert info.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
+
+@pytest.mark.slow
+def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
+    code, out, err = _run(capsys, "demo", "--model", "resnet50", "--size", 64, "--out", tmp_path, "--repeats", 2,
+                          "--eval-batches", 1)  # fmt: skip
+    assert code == 0, err
+    assert "fxlrd demo on" in out and "speed-up" in out and "eager" not in out
+    assert "layer4.2.conv2" in out and "54 -> 124 conv/linear" in out and "random weights" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"resnet50_lrd.onnx", "resnet50_lrd", "resnet50_report.json"}
+    assert fxlrd.io.verify(tmp_path / "resnet50_lrd")["model_class"] == "ResNet"
+    assert "Warning" not in err and "Traceback" not in err
+
+
+# -- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["compress", "no_such_model"], 2, "unknown model 'no_such_model'"),
+        (["compress", "no_such_module_xyz:factory"], 2, "cannot import 'no_such_module_xyz'"),
+        (["compress", "{spec}", "--input-shape", "1,3,x"], 2, "argument --input-shape: expected sizes separated by"),
+        (["compress", "{spec}", "--input-shape", "1,0,32"], 2, "expected positive sizes"),
+        (["compress", "{spec}", "--weights", "{tmp}/gone.safetensors"], 1, "weights file .*gone.* does not exist"),
+        (["compress", "{spec}", "--weights", "{tmp}/w.npz"], 2, "use a .safetensors, .pt or .pth file"),
+        (["compress", "{spec}", "--save", "{tmp}/afile/s"], 1, "cannot write --save .*afile is not a directory"),
+        (["compress", "{spec}", "--onnx", "{tmp}/afile/m.onnx"], 1, "cannot write --onnx .*afile is not a directory"),
+        (["compress", "{spec}", "--onnx", "{tmp}"], 1, "cannot write --onnx .* it is a directory"),
+        (["compress", "{spec}", "--save", "{tmp}"], 2, "--save .* already exists; add --overwrite"),
+        (["compress", "{spec}", "--ratio", "1"], 2, "ratio must be a number > 1"),
+        (["compress", "{spec}", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["compress", "fxlrd_cli_models:broken"], 1, r"calling fxlrd_cli_models:broken\(\) failed: RuntimeError: no"),
+        (["compress", "fxlrd_cli_models:nothing"], 2, "has no attribute 'nothing'"),
+        (["compress", "{spec}", "--input-shape", "1,3"], 2, r"does not take inputs float32\[1, 3\] .*--input-shape"),
+        (["compress", "{spec}", "--batch", "0"], 2, "argument --batch: must be an integer >= 1"),
+        (["compress", "{spec}", "--batch", "2", "--input-shape", "1,3,32,32"], 2, "--batch 2 contradicts --input"),
+        (["compress", "{spec}", "--calibration", "{tmp}/nothing.pt"], 1, "calibration data .*nothing.pt does not"),
+        (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
+        ([], 2, "the following arguments are required: COMMAND"),
+    ],
+)
+def test_errors_are_one_line_with_the_right_exit_status(tmp_path, capsys, factory, argv, code, message):
+    import re
+
+    spec, _, _ = factory
+    (tmp_path / "afile").write_text("a file, not a folder")
+    argv = [a.format(spec=spec, tmp=tmp_path) for a in argv]
+    got, out, err = _run(capsys, *argv)
+    assert got == code, err
+    assert err.startswith("fxlrd: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path, capsys, factory):
+    from safetensors.torch import save_file
+
+    spec, _, model = factory
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "fc.bias"}
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    code, _, err = _run(capsys, "compress", spec, "--weights", tmp_path / "bad.safetensors")
+    assert code == 1 and "do not fit SmallNet: keys 1 missing (fc.bias); 1 unexpected (extra.weight)" in err
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")  # a checkpoint dict is unwrapped
+    code, _, err = _run(capsys, "compress", spec, "--weights", tmp_path / "ckpt.pt", "--input-shape", "1,3,32,32",
+                        "--repeats", 0, "--eval-batches", 1)  # fmt: skip
+    assert code == 0, err
+
+
+def test_debug_shows_the_traceback(capsys, factory):
+    code, _, err = _run(capsys, "compress", "fxlrd_cli_models:broken", "--debug")
+    assert code == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("fxlrd: error: calling")
+
+
+def test_help_reads_well_and_runs_as_a_module():
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "fxlrd", *argv], cwd=ROOT, capture_output=True, text=True,
+                                       timeout=120)  # noqa: E731
+    proc = run("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    for word in ("compress", "inspect", "bench", "demo", "examples:", "exit status"):
+        assert word in proc.stdout
+    proc = run("compress")
+    assert proc.returncode == 2 and proc.stderr.startswith("fxlrd: error: the following arguments are required: MODEL")
+
+
+@pytest.mark.parametrize("command", ["compress", "bench", "inspect", "plan", "demo"])
+def test_each_command_has_help(capsys, command):
+    code, out, _ = _run(capsys, command, "--help")
+    assert code == 0 and out.startswith(f"usage: fxlrd {command}")

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from ..config import LRDConfig
     from ..factorized import LayerSpec
 
-__all__ = ["Method", "Ranks", "window", "along_ray", "tail_energy", "whiten_input", "unwhiten_input"]
+__all__ = [
+    "Method", "Ranks", "window", "along_ray", "tail_energy", "tail_sums", "whiten_input", "unwhiten_input",
+    "weigh_output", "unweigh_output", "output_weights", "data_aware_weight", "error_from_tail",
+]
 
 Ranks = tuple[int, ...]
 _FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5, 1.75, 2.0)
@@ -147,3 +150,47 @@ def unwhiten_input(first_factor: torch.Tensor, w: Whitening) -> torch.Tensor:
     """Map the input-channel mode (dim 1) of the factor that takes the layer's input back from
     whitened coordinates: ``F ×_C S⁻ᵀ``."""
     return torch.einsum("rc...,cd->rd...", first_factor.double(), w.inverse())
+
+
+def output_weights(stats: Any) -> torch.Tensor | None:
+    """The per-output-channel weights of data-aware stats (model-output sensitivity), if any."""
+    get = getattr(stats, "output_weights", None)
+    return get() if callable(get) else None
+
+
+def weigh_output(weight: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Scale output channel s of the weight by ``√w_s`` (errors then count as the model's output sees them)."""
+    if w is None:
+        return weight
+    return weight * w.sqrt().to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def unweigh_output(last_factor: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Undo `weigh_output` on the factor that produces the layer's output (its dim 0)."""
+    if w is None:
+        return last_factor
+    return last_factor.double() / w.sqrt().double().reshape(-1, *([1] * (last_factor.dim() - 1)))
+
+
+def data_aware_weight(weight: torch.Tensor, stats: Any) -> tuple[torch.Tensor, Whitening | None, torch.Tensor | None]:
+    """The weight as data-aware methods decompose it: input mode whitened by the calibration
+    inputs, output mode weighted by the model's sensitivity (when known); float64."""
+    w = weight.detach().double().cpu()
+    if stats is None:
+        return w, None, None
+    white = stats.whitening()
+    out_w = output_weights(stats)
+    return weigh_output(whiten_input(w, white), out_w), white, out_w
+
+
+def error_from_tail(tail_abs: torch.Tensor, total: float, absolute: bool) -> Callable[[int], float]:
+    """Errors from absolute tail energies: as they are when they are already in units of the
+    model's relative output error (sensitivity-weighted), else relative to ``total``."""
+    scale = 1.0 if absolute else 1.0 / max(total, 1e-300)
+    return lambda r: float(tail_abs[min(r, len(tail_abs) - 1)]) * scale
+
+
+def tail_sums(singular_values: torch.Tensor) -> torch.Tensor:
+    """``tail[r] = Σ_{i ≥ r} σ_i²`` for r = 0..len(σ)."""
+    sq = singular_values.double() ** 2
+    return torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..decompose import cp_factors
 from ..factorized import LayerSpec, make_layer
-from .base import Method, Ranks, unwhiten_input, whiten_input
+from .base import Method, Ranks, data_aware_weight, unweigh_output, unwhiten_input
 
 
 def _axis_args(spec: LayerSpec, axis: int) -> dict[str, Any]:
@@ -71,10 +71,8 @@ class CP(Method):
 
     def error_curve(self, weight, spec, stats=None) -> Callable[[Ranks], float]:
         # No closed form: each asked-for rank is fitted (a short ALS) and its error measured.
-        w = weight.detach().double().cpu()
-        if stats is not None:
-            w = whiten_input(w, stats.whitening())
-        total = float((w**2).sum()) or 1.0
+        w, _, out_w = data_aware_weight(weight, stats)
+        total = 1.0 if out_w is not None else (float((w**2).sum()) or 1.0)
 
         @lru_cache(maxsize=None)
         def error(ranks: Ranks) -> float:
@@ -101,18 +99,14 @@ class CP(Method):
     def factorize(self, weight, spec, ranks, *, stats=None, options: Mapping[str, Any] | None = None,
                   report: dict | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         (r,) = ranks
-        w = weight.detach().double().cpu()
-        wh = None
-        if stats is not None:
-            wh = stats.whitening()
-            w = whiten_input(w, wh)
-            if report is not None:
-                report.update(whitening=wh.method, damping=wh.damping, note=wh.note)
+        w, wh, out_w = data_aware_weight(weight, stats)
+        if wh is not None and report is not None:
+            report.update(whitening=wh.method, damping=wh.damping, note=wh.note, output_weighted=out_w is not None)
         f = cp_factors(w, r, n_iter=int((options or {}).get("cp_iters", 100)))
         in_proj = f.in_factor.T  # (R, C)
         if wh is not None:
             in_proj = unwhiten_input(in_proj, wh)
-        out = {"in_proj.weight": in_proj, "out_proj.weight": f.out_factor}
+        out = {"in_proj.weight": in_proj, "out_proj.weight": unweigh_output(f.out_factor, out_w)}
         if spec.dims == 1:
             out["core.weight"] = f.kernel_factors[0].T
         else:

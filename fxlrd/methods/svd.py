@@ -17,7 +17,7 @@ from torch import nn
 from ..decompose import leading_svd, svd_factors
 from ..factorized import LayerSpec, make_layer
 from ..ranks.rules import energy_rank, svd_rank_for_ratio, vbmf_rank
-from .base import Method, Ranks, tail_energy, unwhiten_input, whiten_input
+from .base import Method, Ranks, data_aware_weight, error_from_tail, tail_sums, unweigh_output, unwhiten_input
 
 
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -46,18 +46,15 @@ class SVD(Method):
         elif config.rank_rule == "fixed":
             rank = config.rank if isinstance(config.rank, int) else config.rank[0]
         else:
-            m = _matrix(weight)
-            if stats is not None:
-                m = whiten_input(m, stats.whitening())
+            m = data_aware_weight(_matrix(weight), stats)[0]
             rank = energy_rank(torch.linalg.svdvals(m), config.energy) if config.rank_rule == "energy" else vbmf_rank(m)
         return (min(rank, c, s),)
 
     def error_curve(self, weight, spec, stats=None) -> Callable[[Ranks], float]:
-        m = _matrix(weight)
-        if stats is not None:
-            m = whiten_input(m, stats.whitening())
-        tail = tail_energy(torch.linalg.svdvals(m))
-        return lambda r: float(tail[min(r[0], len(tail) - 1)])
+        m, _, out_w = data_aware_weight(_matrix(weight), stats)
+        tail = tail_sums(torch.linalg.svdvals(m))
+        curve = error_from_tail(tail, float(tail[0]), absolute=out_w is not None)
+        return lambda r: curve(r[0])
 
     def modules(self, spec, ranks, *, device=None, dtype=None) -> "OrderedDict[str, nn.Module]":
         (r,) = ranks
@@ -70,15 +67,11 @@ class SVD(Method):
     def factorize(self, weight, spec, ranks, *, stats=None, options: Mapping[str, Any] | None = None,
                   report: dict | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         (r,) = ranks
-        m = _matrix(weight)
-        w = None
-        if stats is not None:
-            w = stats.whitening()
-            m = whiten_input(m, w)
-            if report is not None:
-                report.update(whitening=w.method, damping=w.damping, note=w.note)
+        m, w, out_w = data_aware_weight(_matrix(weight), stats)
+        if w is not None and report is not None:
+            report.update(whitening=w.method, damping=w.damping, note=w.note, output_weighted=out_w is not None)
         f = svd_factors(m, r)
-        in_f, out_f = f.in_factor, f.out_factor
+        in_f, out_f = f.in_factor, unweigh_output(f.out_factor, out_w)
         if w is not None:
             in_f = unwhiten_input(in_f, w)
         if r < spec.in_channels and r < spec.out_channels:

@@ -18,7 +18,9 @@ from torch import nn
 from ..decompose import tucker2_factors, unfold
 from ..factorized import LayerSpec, make_layer
 from ..ranks.rules import energy_rank, tucker_ranks_for_ratio, vbmf_rank
-from .base import Method, Ranks, _scaled, along_ray, tail_energy, unwhiten_input, whiten_input, window
+from .base import (
+    Method, Ranks, _scaled, along_ray, data_aware_weight, tail_sums, unweigh_output, unwhiten_input, window,
+)
 
 
 class Tucker2(Method):
@@ -38,8 +40,7 @@ class Tucker2(Method):
         return (spec.in_channels, spec.out_channels)
 
     def _weight(self, weight, stats):
-        w = weight.detach().double().cpu()
-        return whiten_input(w, stats.whitening()) if stats is not None else w
+        return data_aware_weight(weight, stats)[0]
 
     def target_ranks(self, weight, spec, config, stats=None) -> Ranks:
         c, s = spec.in_channels, spec.out_channels
@@ -61,10 +62,12 @@ class Tucker2(Method):
         return along_ray(target, caps, lambda r, cap: _scaled(r, cap, quantum), quantum)
 
     def error_curve(self, weight, spec, stats=None) -> Callable[[Ranks], float]:
-        # The HOSVD bound: the discarded energy of both unfoldings (exact when one side is whole).
-        w = self._weight(weight, stats)
-        out_tail, in_tail = tail_energy(torch.linalg.svdvals(unfold(w, 0))), tail_energy(torch.linalg.svdvals(unfold(w, 1)))
-        return lambda r: float(in_tail[min(r[0], len(in_tail) - 1)] + out_tail[min(r[1], len(out_tail) - 1)])
+        # The HOSVD bound: the discarded energy of both unfoldings (exact when one side is whole),
+        # relative to the layer's (weighted) energy, or absolute when sensitivity-weighted.
+        w, _, out_w = data_aware_weight(weight, stats)
+        out_tail, in_tail = tail_sums(torch.linalg.svdvals(unfold(w, 0))), tail_sums(torch.linalg.svdvals(unfold(w, 1)))
+        scale = 1.0 if out_w is not None else 1.0 / max(float(out_tail[0]), 1e-300)
+        return lambda r: scale * float(in_tail[min(r[0], len(in_tail) - 1)] + out_tail[min(r[1], len(out_tail) - 1)])
 
     def modules(self, spec, ranks, *, device=None, dtype=None) -> "OrderedDict[str, nn.Module]":
         r1, r2 = ranks
@@ -80,22 +83,20 @@ class Tucker2(Method):
 
     def factorize(self, weight, spec, ranks, *, stats=None, options: Mapping[str, Any] | None = None,
                   report: dict | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-        w = weight.detach().double().cpu()
-        wh = None
-        if stats is not None:
-            wh = stats.whitening()
-            w = whiten_input(w, wh)
-            if report is not None:
-                report.update(whitening=wh.method, damping=wh.damping, note=wh.note)
+        w, wh, out_w = data_aware_weight(weight, stats)
+        if wh is not None and report is not None:
+            report.update(whitening=wh.method, damping=wh.damping, note=wh.note, output_weighted=out_w is not None)
         t = tucker2_factors(w, tuple(ranks), n_iter=int((options or {}).get("tucker_iters", 0)))
         out = {"core.weight": t.core}
         if t.in_factor is not None:
             out["in_proj.weight"] = t.in_factor.T
         if t.out_factor is not None:
             out["out_proj.weight"] = t.out_factor
-        if wh is not None:  # the factor that takes the layer's input goes back to input coordinates
+        if wh is not None:  # the factors at the layer's input and output go back to its coordinates
             first = "in_proj.weight" if "in_proj.weight" in out else "core.weight"
             out[first] = unwhiten_input(out[first], wh)
+            last = "out_proj.weight" if "out_proj.weight" in out else "core.weight"
+            out[last] = unweigh_output(out[last], out_w)
         return out
 
 

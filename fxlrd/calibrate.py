@@ -1,0 +1,453 @@
+"""Calibration: per-site input statistics streamed over calibration data, and the
+sequential (error-compensating) fit.
+
+Data-free decomposition minimises the weight error ‖W − W′‖. What a user loses is the
+output error on their data, ‖(W − W′)X‖. That needs only the input Gram matrix of each site,
+``G = Σ x xᵀ`` (C×C, float64), and a sample count — never the activations themselves — so
+calibration streams batch by batch with memory bounded by the Gram matrices:
+
+- Linear: ``x`` is each input row (all leading dimensions are samples).
+- 1×1 conv: each input position the conv reads (a strided 1×1 conv reads every s-th one).
+- k×k conv: the input-channel Gram over all positions. The exact Gram of a k×k conv is over
+  unfolded patches (C·k² × C·k²: 170 MB per 512-channel 3×3 layer in float64); the channel
+  Gram is what whitening the *input mode* of Tucker-2 and CP needs, since their first factor
+  is a 1×1 projection of the channels. It treats positions within a patch as uncorrelated:
+  an approximation for the core, exact for the input projection.
+
+Sites reading the same input (q, k and v) share one set of statistics.
+
+`sequential_factors` goes further (SVD-LLM's local update, AA-SVD's anchored objective):
+layers are fitted in graph order, each to the inputs ``X̃`` that the already-compressed layers
+before it produce, so that it maps them to the *original* layer's outputs ``W X``. With
+``G̃ = X̃X̃ᵀ`` and ``C = X X̃ᵀ`` the best full-rank map is ``W* = W C G̃⁻¹`` (least squares), and
+``‖WX − W′X̃‖² = ‖WX − W*X̃‖² + ‖(W* − W′)X̃‖²``, so the whitened truncation of ``W*`` under
+``G̃`` is the exact optimum: the closed-form refit and the whitening in one step.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .capture import Args, flat_inputs, inputs_error, normalize_inputs
+from .decompose import Whitening, whitening
+from .errors import ConfigError
+from .sites import Site, find_sites
+
+__all__ = ["InputStats", "SiteStats", "collect_stats", "sequential_factors", "all_reduce_stats"]
+
+
+@dataclass
+class InputStats:
+    """Streamed second moments of one site's input: ``gram = Σ x xᵀ`` over ``count`` samples.
+
+    ``cross = Σ x x̃ᵀ`` pairs the original model's input ``x`` with the compressed model's
+    ``x̃`` (sequential calibration only).
+    """
+
+    gram: torch.Tensor
+    count: int = 0
+    cross: torch.Tensor | None = None
+    shrink: bool = True  # regularize by `shrinkage` (False: the plain sample second moments)
+    _whitening: Whitening | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def channels(self) -> int:
+        return self.gram.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        """``gram / count``: the mean of ``x xᵀ``."""
+        return self.gram / max(self.count, 1)
+
+    def shrinkage(self) -> float:
+        """The oracle-approximating shrinkage (OAS, Chen et al. 2010) of the second-moment
+        matrix toward a scaled identity, from its trace, its squared Frobenius norm and the
+        sample count alone: near 0 with many samples per channel, near 1 with few (a final
+        layer seeing 32 pooled feature vectors of 1280 channels)."""
+        if not self.shrink:
+            return 0.0
+        p, n = self.channels, max(self.count, 1)
+        cov = self.covariance()
+        tr, tr2 = float(cov.diagonal().sum()), float((cov * cov).sum())
+        den = (n + 1 - 2 / p) * (tr2 - tr * tr / p)
+        if den <= 0:
+            return 0.0 if tr2 * p <= tr * tr * (1 + 1e-12) else 1.0  # already a scaled identity
+        return min(1.0, max(0.0, ((1 - 2 / p) * tr2 + tr * tr) / den))
+
+    def regularized(self) -> torch.Tensor:
+        """The second-moment matrix shrunk by `shrinkage`: what whitening and refits use, so
+        directions the calibration data never visited keep a share of the weight."""
+        cov = self.covariance()
+        rho = self.shrinkage()
+        if rho == 0.0:
+            return cov
+        mu = float(cov.diagonal().mean())
+        return (1 - rho) * cov + rho * mu * torch.eye(cov.shape[0], dtype=cov.dtype)
+
+    def whitening(self) -> Whitening:
+        """``S`` with ``S Sᵀ ≈`` the regularized second moments (cached): see
+        `fxlrd.decompose.whitening` and `shrinkage`."""
+        if self._whitening is None:
+            w = whitening(self.regularized())
+            rho = self.shrinkage()
+            if rho > 1e-3:
+                note = f"shrinkage {rho:.2f} ({self.count} samples, {self.channels} channels)"
+                w = Whitening(w.factor, w.method, w.damping, "; ".join(filter(None, [note, w.note])))
+            self._whitening = w
+        return self._whitening
+
+    def add(self, x: torch.Tensor, x_orig: torch.Tensor | None = None) -> None:
+        """Accumulate samples: ``x`` is ``(n, C)``."""
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+        self.gram += x.T @ x
+        self.count += x.shape[0]
+        if x_orig is not None:
+            xo = x_orig.detach().to(device="cpu", dtype=torch.float64)
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.gram)
+            self.cross += xo.T @ x
+
+
+def _samples(site: Site, x: torch.Tensor) -> torch.Tensor:
+    """A site's input as ``(samples, channels)`` rows, the positions the layer reads."""
+    spec = site.spec
+    if spec.kind == "linear":
+        return x.reshape(-1, x.shape[-1])
+    if spec.pointwise and any(s > 1 for s in spec.stride) and not isinstance(spec.padding, str) and not any(spec.padding):
+        index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)
+        x = x[index]
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def _as_args(item: Any) -> Args:
+    return normalize_inputs(item)
+
+
+def _batches(calibration: Iterable, progress: bool, what: str):
+    from tqdm.auto import tqdm
+
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        raise ConfigError(
+            "calibration must be an iterable of inputs (a list of batches, a DataLoader...), each like example_inputs; "
+            "wrap a single batch in a list: calibration=[batch]"
+        )
+    total = len(calibration) if hasattr(calibration, "__len__") else None
+    return tqdm(calibration, desc=what, unit="batch", total=total, disable=None if progress else True, file=sys.stderr, leave=False)
+
+
+def _site_inputs(sites: Mapping[str, Site]) -> dict[fx.Node, list[str]]:
+    """Input node → the sites that read it (one set of statistics per distinct input)."""
+    out: dict[fx.Node, list[str]] = {}
+    for name, site in sites.items():
+        if site.spec is None or site.reason:
+            continue
+        for node in site.nodes:
+            x = site.input(node)
+            if x is not None:
+                out.setdefault(x, []).append(name)
+    return out
+
+
+@dataclass
+class SiteStats:
+    """What a data-aware method knows of one site: its input statistics (shared with other
+    sites reading the same input) and, optionally, how much the model's output cares about
+    each of its output channels.
+
+    ``output_sensitivity[s]`` estimates the diagonal of ``E[JᵀJ]`` (J: the Jacobian of the
+    model's outputs with respect to this layer's output channel s, summed over positions),
+    divided by the model outputs' energy: an error ``δ`` on channel s costs about
+    ``output_sensitivity[s] · mean(δ²)`` of relative squared model-output error. Estimated
+    with random projections (one backward pass per batch with a Gaussian ``v``:
+    ``E[(Jᵀv)²] = diag JᵀJ``), the same idea as Fisher-weighted SVD.
+    """
+
+    inputs: InputStats
+    output_sensitivity: torch.Tensor | None = None
+    output_energy: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return self.inputs.count
+
+    def whitening(self) -> Whitening:
+        return self.inputs.whitening()
+
+    def output_weights(self, floor: float = 1e-2) -> torch.Tensor | None:
+        """Per-output-channel weights (relative model-output error per unit of mean squared
+        channel error), floored at ``floor`` × their mean so no channel is free; None without
+        sensitivities."""
+        if self.output_sensitivity is None or self.output_energy <= 0:
+            return None
+        w = self.output_sensitivity / self.output_energy
+        return w.clamp_min(floor * float(w.mean())) if float(w.mean()) > 0 else None
+
+
+def _output_channels(site: Site, g: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of a site's output gradient per output channel."""
+    g = g.detach().double()
+    if site.spec.kind == "linear":
+        return g.reshape(-1, g.shape[-1]).pow(2).sum(0)
+    return g.movedim(1, -1).reshape(-1, g.shape[1]).pow(2).sum(0)
+
+
+def collect_stats(
+    gm: fx.GraphModule,
+    calibration: Iterable,
+    *,
+    example: Args | None = None,
+    names: Iterable[str] | None = None,
+    sensitivity: bool | Callable[[Any, Any], Any] = False,
+    progress: bool = True,
+    distributed: bool | None = None,
+    group: Any = None,
+    seed: int = 0,
+) -> dict[str, SiteStats]:
+    """Input statistics of every conv/linear site of ``gm`` over ``calibration``.
+
+    Args:
+        gm: the captured model (it runs in eval mode; its mode, parameters and buffers are
+            left as they were).
+        calibration: an iterable of inputs, each of the same form as ``example_inputs`` (a
+            tensor, a tuple of positional inputs or a dict of keyword inputs).
+        example: the example inputs, for error messages.
+        names: only these sites (default: all).
+        sensitivity: also estimate each site's output sensitivity (`SiteStats`): one backward
+            pass per batch. A callable ``fn(outputs, inputs)`` picks what of the outputs counts.
+        progress: a progress bar over the batches.
+        distributed: all-reduce the statistics over ``torch.distributed`` (default: when a
+            process group is initialised), so each process can see its own shard of the data.
+        group: the process group.
+        seed: for the random projections of ``sensitivity``.
+
+    Returns:
+        Site name → `SiteStats` (sites reading the same input share their `InputStats`).
+
+    Raises:
+        ConfigError: the calibration iterable is empty.
+        ValueError: a calibration item does not run through the model.
+    """
+    sites = find_sites(gm)
+    wanted = set(sites) if names is None else set(names)
+    by_input = {n: [s for s in ss if s in wanted] for n, ss in _site_inputs(sites).items()}
+    by_input = {n: ss for n, ss in by_input.items() if ss}
+    by_output = {node: name for name in wanted if name in sites and not sites[name].reason and sites[name].spec is not None
+                 for node in sites[name].nodes}  # fmt: skip
+    inputs_stats: dict[fx.Node, InputStats] = {}
+    sens: dict[str, torch.Tensor] = {}
+    energy = 0.0
+    site_outputs: list[tuple[str, torch.Tensor]] = []
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            out = super().run_node(node)
+            if node in by_input and isinstance(out, torch.Tensor):
+                site = sites[by_input[node][0]]
+                x = _samples(site, out)
+                if node not in inputs_stats:
+                    inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
+                inputs_stats[node].add(x)
+            if sensitivity and node in by_output and isinstance(out, torch.Tensor) and out.requires_grad:
+                site_outputs.append((by_output[node], out))
+            return out
+
+    modes = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()
+    recorder = Recorder(gm)
+    generator = torch.Generator().manual_seed(seed)
+    n = 0
+    try:
+        for item in _batches(calibration, progress, "calibration"):
+            inputs = _as_args(item)
+            site_outputs.clear()
+            try:
+                with torch.set_grad_enabled(bool(sensitivity)):
+                    result = recorder.run(*flat_inputs(gm, inputs))
+            except (ConfigError, TypeError):
+                raise
+            except Exception as exc:  # noqa: BLE001  (the item does not fit the model)
+                raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
+            if sensitivity and site_outputs:
+                if callable(sensitivity):
+                    with torch.enable_grad():
+                        result = sensitivity(_unflatten_outputs(gm, result), inputs)
+                outs = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                        and t.requires_grad]  # fmt: skip
+                if outs:
+                    vs = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in outs]
+                    grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
+                    for (name, _), g in zip(site_outputs, grads):
+                        if g is not None:
+                            ch = _output_channels(sites[name], g)
+                            sens[name] = sens[name] + ch if name in sens else ch
+                    energy += sum(float(t.detach().double().pow(2).sum()) for t in outs)
+            site_outputs.clear()
+            n += 1
+    finally:
+        for name, m in gm.named_modules():
+            m.train(modes.get(name, m.training))
+    if n == 0:
+        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        all_reduce_stats(list(inputs_stats.values()), group=group)
+        if sensitivity:
+            import torch.distributed as dist
+
+            for name in sorted(sens):
+                dist.all_reduce(sens[name], op=dist.ReduceOp.SUM, group=group)
+            e = torch.tensor([energy], dtype=torch.float64)
+            dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
+            energy = float(e.item())
+    out: dict[str, SiteStats] = {}
+    for node, names_ in by_input.items():
+        if node in inputs_stats:
+            for name in names_:
+                out[name] = SiteStats(inputs_stats[node], sens.get(name), energy)
+    return out
+
+
+def _unflatten_outputs(gm: fx.GraphModule, flat: Any) -> Any:
+    """The model's outputs in their original structure (an export capture returns them flat
+    from the interpreter)."""
+    out_spec = getattr(gm, "_out_spec", None)
+    if out_spec is None:
+        return flat
+    return pytree.tree_unflatten(pytree.tree_leaves(flat), out_spec)
+
+
+def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:
+    """Sum Gram matrices and counts over the processes of ``group`` (in place), so every
+    process holds the statistics of the union of their data."""
+    import torch.distributed as dist
+
+    for s in stats:
+        dist.all_reduce(s.gram, op=dist.ReduceOp.SUM, group=group)
+        count = torch.tensor([s.count], dtype=torch.float64)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        s.count = int(count.item())
+        if s.cross is not None:
+            dist.all_reduce(s.cross, op=dist.ReduceOp.SUM, group=group)
+        s._whitening = None
+
+
+# -- sequential calibration ---------------------------------------------------------------------
+def _compensated_weight(weight: torch.Tensor, stats: InputStats, ridge: float = 1e-6) -> torch.Tensor:
+    """``W* = W C G̃⁻¹`` on the input-channel mode: the full-rank layer mapping the compressed
+    model's inputs to the original layer's outputs (least squares on the shrunk second
+    moments, so few samples do not make it fit noise; the cross term shrinks alike toward
+    the identity map, i.e. toward W itself)."""
+    rho = stats.shrinkage()
+    n = max(stats.count, 1)
+    g = stats.regularized()
+    cross = (1 - rho) * stats.cross / n + rho * float(g.diagonal().mean()) * torch.eye(g.shape[0], dtype=g.dtype)
+    damp = ridge * max(float(g.diagonal().mean()), 1e-300)
+    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    map_ = torch.linalg.solve(g + damp * eye, cross.T).T  # C G̃⁻¹  (C×C)
+    return torch.einsum("sc...,cd->sd...", weight.detach().double().cpu(), map_)
+
+
+@torch.no_grad()
+def sequential_factors(
+    gm: fx.GraphModule,
+    plan: Any,
+    calibration: Iterable,
+    *,
+    example: Args | None = None,
+    stats: Mapping[str, SiteStats] | None = None,
+    progress: bool = True,
+    distributed: bool | None = None,
+    group: Any = None,
+) -> dict[str, nn.Module]:
+    """Fit every decomposed layer of ``plan`` in graph order to the compressed model's own
+    inputs (see the module docstring); returns site name → `Factorized`.
+
+    All calibration batches advance through the graph together, one node at a time, in two
+    versions (original and compressed); a value is freed after its last use, so memory holds
+    the live activations of one stretch of the graph (about one block) for all batches, plus
+    the Gram matrices.
+    """
+    from .factorized import decompose_weight
+
+    stats_by_site = stats
+    sites = find_sites(gm)
+    todo = {name: site for name, site in sites.items() if name in plan.layers and plan[name].decomposed}
+    first_node = {site.nodes[0]: name for name, site in todo.items()}
+    options = {"tucker_iters": int(plan.settings.get("tucker_iters", 0) or 0),
+               "cp_iters": int(plan.settings.get("cp_iters", 300) or 300)}  # fmt: skip
+    batches = [flat_inputs(gm, _as_args(item)) for item in _batches(calibration, False, "calibration")]
+    if not batches:
+        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last_use[arg] = i
+    orig: dict[fx.Node, list[Any]] = {}
+    comp: dict[fx.Node, list[Any]] = {}
+    factors: dict[str, nn.Module] = {}
+    placeholders = iter(range(len(batches[0])))
+    modes = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()
+    interp = fx.Interpreter(gm)
+
+    def run(node: fx.Node, env: dict[fx.Node, list[Any]], i: int) -> Any:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n][i])
+        return getattr(interp, node.op)(node.target, args, kwargs)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="sequential fit", unit="layer", disable=None if progress else True, file=sys.stderr, leave=False)
+    try:
+        for index, node in enumerate(nodes):
+            if node.op == "placeholder":
+                k = next(placeholders)
+                orig[node] = comp[node] = [b[k] for b in batches]
+            elif node.op == "output":
+                break
+            else:
+                orig[node] = [run(node, orig, i) for i in range(len(batches))]
+                same = all(comp[a] is orig[a] for a in node.all_input_nodes)
+                if node in first_node:
+                    name = first_node[node]
+                    site, lp = todo[name], plan[name]
+                    x_node = site.input(node)
+                    local = None
+                    for i in range(len(batches)):
+                        x_c, x_o = _samples(site, comp[x_node][i]), _samples(site, orig[x_node][i])
+                        if local is None:
+                            local = InputStats(torch.zeros(x_c.shape[1], x_c.shape[1], dtype=torch.float64))
+                        local.add(x_c, x_o)
+                    if distributed:
+                        all_reduce_stats([local], group=group)
+                    dense = site.weight(gm)
+                    prior = (stats_by_site or {}).get(name)
+                    site_stats = SiteStats(local, prior.output_sensitivity, prior.output_energy) if prior else SiteStats(local)
+                    fact, _ = decompose_weight(_compensated_weight(dense, local), site.bias(gm), site.spec, lp.method,
+                                               lp.ranks, stats=site_stats, options=options, source=name)  # fmt: skip
+                    fact = fact.to(dtype=dense.dtype, device=dense.device)
+                    factors[name] = fact
+                    comp[node] = [fact(comp[x_node][i]) for i in range(len(batches))]
+                    bar.update(1)
+                elif same:
+                    comp[node] = orig[node]
+                else:
+                    comp[node] = [run(node, comp, i) for i in range(len(batches))]
+            for arg in node.all_input_nodes:
+                if last_use.get(arg) == index:
+                    orig.pop(arg, None)
+                    comp.pop(arg, None)
+    finally:
+        bar.close()
+        for name, m in gm.named_modules():
+            m.train(modes.get(name, m.training))
+    return factors  # a layer used twice (shared) is fitted at its first use

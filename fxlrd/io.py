@@ -1,0 +1,562 @@
+"""Saving and loading decomposed models: plan JSON + safetensors + metadata, no pickle.
+
+A saved model is a directory of three files::
+
+    plan.json          the Plan (gm.fxlrd_plan): every layer's method and ranks, the
+                       LRDConfig, how the model was captured and its input signature
+    model.safetensors  the state dict (tensors only; tied tensors stored once)
+    metadata.json      format version, fxlrd/torch/python versions, the input signature,
+                       sha256 of the other files, train/eval modes, creation time
+
+`save` writes them into a temporary directory beside the target and renames it into place,
+so a reader never sees half a save and an interrupted ``overwrite=True`` leaves the previous
+save as it was. `load` takes the user's *original* model (the one ``fxlrd.transform`` was
+given) and rebuilds the decomposed structure on it without decomposing again: it captures
+the model the way the plan records, puts empty `Factorized` skeletons of the planned ranks
+in place (`fxlrd.passes.DecomposePass` with precomputed factors), replays the branch and
+merge passes the plan's settings name, and loads the saved tensors with ``strict=True``.
+The result equals the saved model bitwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+from .capture import capture, check_module, inputs_from_signature, normalize_inputs
+from .errors import FxlrdError, PlanMismatchError
+from .factorized import Factorized, skeleton
+from .plan import Plan
+
+__all__ = [
+    "save",
+    "load",
+    "verify",
+    "read_metadata",
+    "SavedModelError",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PLAN_FILE",
+    "WEIGHTS_FILE",
+    "METADATA_FILE",
+]
+
+FORMAT_NAME = "fxlrd.saved-model"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "metadata.json"
+_HASHED_FILES = (PLAN_FILE, WEIGHTS_FILE)
+_CHUNK = 1 << 20
+
+
+class SavedModelError(FxlrdError, ValueError):
+    """A saved model directory is missing a file, corrupt, or of a newer format."""
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory entry list) to disk, where the platform allows it."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # pragma: no cover  (directories cannot be opened on some platforms)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (one step, so tests can interrupt a save between two)."""
+    os.rename(src, dst)
+
+
+def _is_saved_model(path: Path) -> bool:
+    try:
+        data = json.loads((path / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT_NAME + "/")
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} already exists; pass overwrite=True to replace it (--overwrite on the command line) "
+            "or choose another directory"
+        )
+    if not target.is_dir() or target.is_symlink():
+        raise FileExistsError(f"{target} exists and is not a directory; refusing to replace it with a saved model")
+    if any(target.iterdir()) and not _is_saved_model(target):
+        raise FileExistsError(
+            f"{target} is a directory with other content than an fxlrd saved model; refusing to replace it "
+            "(overwrite=True only replaces an earlier save or an empty directory)"
+        )
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What makes two state-dict entries the same tensor (a tie): storage, offset, shape, strides."""
+    return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _unique_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous clones of the state dict's tensors, each tied tensor once, and the aliases
+    (dropped key → kept key) of the ties."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"state dict entry {key!r} is a {type(value).__name__}, not a tensor; fxlrd.save stores tensors only "
+                "(a module's get_extra_state cannot be saved without pickle)"
+            )
+        t = value.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"state dict entry {key!r} is on the meta device (it holds no values); nothing to save")
+        if t.numel() > 0:
+            ident = _tensor_key(t)
+            if ident in seen:
+                aliases[key] = seen[ident]
+                continue
+            seen[ident] = key
+        tensors[key] = t.clone(memory_format=torch.contiguous_format)
+    return tensors, aliases
+
+
+def _devices(tensors: Mapping[str, torch.Tensor]) -> tuple[str | None, dict[str, str]]:
+    """The common device of the tensors, and the tensors on another one."""
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        counts[str(t.device)] = counts.get(str(t.device), 0) + 1
+    if not counts:
+        return "cpu", {}
+    common = max(counts, key=counts.get)
+    return common, {k: str(t.device) for k, t in tensors.items() if str(t.device) != common}
+
+
+def _modes(gm: nn.Module) -> dict[str, Any]:
+    """The model's train/eval flag and the modules whose flag differs from it."""
+    training = gm.training
+    return {"training": training, "other": sorted(n for n, m in gm.named_modules() if n and m.training != training)}
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    from . import __version__
+
+    return {"fxlrd": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "safetensors": safetensors.__version__}  # fmt: skip
+
+
+def save(gm: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a decomposed model as ``directory/{plan.json, model.safetensors, metadata.json}``.
+
+    Everything is written into a temporary directory beside ``directory`` and renamed into
+    place. With ``overwrite=True`` an earlier save is moved aside, the new one moved in, and
+    only then the old one deleted: an exception at any point leaves the previous save
+    loadable and no temporary directory behind.
+
+    Args:
+        gm: the ``GraphModule`` returned by `fxlrd.transform` or `fxlrd.apply` (it carries
+            ``gm.fxlrd_plan``), fine-tuned or not.
+        directory: the directory to create (its parents are created as needed).
+        overwrite: replace an existing save (or an empty directory) at ``directory``.
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        TypeError: ``gm`` carries no plan, or its state dict holds something other than tensors.
+        FileExistsError: ``directory`` exists and ``overwrite`` is False, or it is not an
+            earlier save (nothing is written then).
+    """
+    check_module(gm, "gm")
+    plan = getattr(gm, "fxlrd_plan", None)
+    if not isinstance(plan, Plan):
+        raise TypeError(
+            "fxlrd.save needs the GraphModule that fxlrd.transform or fxlrd.apply returned (it carries gm.fxlrd_plan); "
+            f"got a {type(gm).__name__} without a plan"
+        )
+    target = Path(directory)
+    _check_target(target, overwrite)
+    tensors, aliases = _unique_tensors(gm.state_dict())
+    common, other_devices = _devices(tensors)
+    frozen = sorted(n for n, p in gm.named_parameters() if not p.requires_grad)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_files(tmp, gm, plan, tensors, {
+            "aliases": aliases, "device": common, "tensor_devices": other_devices, "frozen": frozen,
+            "modes": _modes(gm),
+        })  # fmt: skip
+        _commit(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_files(tmp: Path, gm: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    files = {}
+    for name in _HASHED_FILES:
+        path = tmp / name
+        _fsync(path)
+        files[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    metadata = {
+        "format": FORMAT,
+        **_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model_class": type(gm).__name__,
+        "capture": plan.settings.get("capture"),
+        "inputs": plan.settings.get("inputs"),
+        "files": files,
+        "tensors": len(tensors),
+        **extra,
+    }
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+    _fsync(tmp / METADATA_FILE)
+    mask = _umask()  # mkdtemp (and safetensors) make private files; a save is ordinary files
+    for path in tmp.iterdir():
+        os.chmod(path, 0o666 & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    _fsync(tmp)
+
+
+def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished save into place (see `save`)."""
+    if not (overwrite and (target.exists() or target.is_symlink())):
+        _move(tmp, target)
+        _fsync(target.parent)
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    _move(target, aside)
+    try:
+        _move(tmp, target)
+    except BaseException:
+        _move(aside, target)
+        raise
+    _fsync(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# -- reading and checking --------------------------------------------------------------------------
+def _missing_dir_message(directory: Path) -> str:
+    message = f"{directory} does not exist"
+    parent = directory.parent
+    if parent.is_dir():
+        aside = sorted(parent.glob(f".{directory.name}.old-*"))
+        if aside:  # a process killed between the two renames of an overwrite
+            message += f"; an earlier save was left at {aside[-1]} (rename it to {directory.name} to use it)"
+    return message
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata.json`` of a saved model, with its format checked (files not hashed).
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        SavedModelError: the metadata is missing or unreadable, not an fxlrd save, or written
+            by a newer fxlrd (a format version this one cannot read).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(_missing_dir_message(directory))
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise SavedModelError(f"{path} is missing: {directory} is not a complete fxlrd saved model")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SavedModelError(f"{path} is not valid JSON ({exc}); the save is corrupt") from exc
+    fmt = data.get("format") if isinstance(data, dict) else None
+    name, _, version = str(fmt).rpartition("/")
+    if name != FORMAT_NAME or not version.isdigit():
+        raise SavedModelError(f"{path} is not fxlrd saved-model metadata (format {fmt!r}, expected {FORMAT!r})")
+    if int(version) > FORMAT_VERSION:
+        raise SavedModelError(
+            f"{directory} was saved in format version {version} (by fxlrd {data.get('fxlrd', '?')}); this fxlrd reads "
+            f"format versions up to {FORMAT_VERSION}: upgrade fxlrd to load it"
+        )
+    return data
+
+
+def verify(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check a saved model's metadata and every file against its recorded size and sha256.
+
+    Returns:
+        The metadata.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        SavedModelError: a file is missing, truncated or changed (the message names it), or
+            the metadata is unreadable or of a newer format.
+    """
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    files = meta.get("files")
+    if not isinstance(files, dict) or any(not isinstance(files.get(name), dict) for name in _HASHED_FILES):
+        raise SavedModelError(
+            f"{directory / METADATA_FILE} does not list the hashes of {list(_HASHED_FILES)}; the save is corrupt"
+        )
+    for name in _HASHED_FILES:
+        path, want = directory / name, files[name]
+        if not path.is_file():
+            raise SavedModelError(f"{path} is missing: the save is incomplete (write it again with fxlrd.save)")
+        size = path.stat().st_size
+        if "bytes" in want and size != want["bytes"]:
+            raise SavedModelError(
+                f"{path} has {size} bytes, the save recorded {want['bytes']}: the file is "
+                f"{'truncated' if size < want['bytes'] else 'changed'}; write the save again"
+            )
+        if _sha256(path) != want.get("sha256"):
+            raise SavedModelError(f"{path} does not match its sha256 in {METADATA_FILE}: the file is corrupt")
+    return meta
+
+
+def _read_plan(directory: Path) -> Plan:
+    try:
+        return Plan.from_json(directory / PLAN_FILE)
+    except PlanMismatchError as exc:
+        raise SavedModelError(f"{directory / PLAN_FILE} is not a valid plan: {exc}") from exc
+
+
+def _read_tensors(
+    directory: Path, meta: Mapping[str, Any], device: str | torch.device | None
+) -> dict[str, torch.Tensor]:
+    """The saved state dict (aliases restored as the same tensor), on the saved devices or ``device``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = directory / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SavedModelError(f"{path} cannot be read as safetensors ({exc}); the file is corrupt") from exc
+    common = meta.get("device") or "cpu"
+    placed: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        saved_on = (meta.get("tensor_devices") or {}).get(key, common)
+        where = torch.device(device if device is not None else saved_on)
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise SavedModelError(f"{directory} was saved with tensors on {where}, and there is no CUDA device here; "
+                                  "load it with device='cpu'")  # fmt: skip
+        placed[key] = t if where.type == "cpu" else t.to(where)
+    for alias, key in (meta.get("aliases") or {}).items():
+        if key not in placed:
+            raise SavedModelError(
+                f"{METADATA_FILE} ties {alias!r} to {key!r}, which {WEIGHTS_FILE} lacks; the save is corrupt"
+            )
+        placed[alias] = placed[key]
+    return placed
+
+
+# -- rebuilding ------------------------------------------------------------------------------------
+def _resolve_leaves(model: nn.Module, recorded: Sequence[str]) -> list[type[nn.Module] | str]:
+    """The plan records leaf modules by type name or qualified name; find them in ``model``."""
+    wanted = set(recorded)
+    out: list[type[nn.Module] | str] = []
+    types = {type(m).__name__: type(m) for m in model.modules()}
+    for name in wanted:
+        if name in types:
+            out.append(types[name])
+        try:
+            model.get_submodule(name)
+            out.append(name)
+        except AttributeError:
+            pass
+    return out
+
+
+def _skeletons(gm: fx.GraphModule, plan: Plan) -> dict[str, Factorized]:
+    """An empty `Factorized` (zeros, planned ranks, the layer's dtype and device) per decomposed site."""
+    from .sites import find_sites
+
+    sites = find_sites(gm)
+    factors: dict[str, Factorized] = {}
+    for lp in plan.decomposed:
+        site = sites.get(lp.name)
+        if site is None or site.spec is None:
+            continue  # DecomposePass names the mismatch
+        spec = site.spec
+        if (spec.in_channels, spec.out_channels, spec.kernel_size) != (
+            lp.in_channels, lp.out_channels, tuple(lp.kernel_size)
+        ):
+            continue  # likewise
+        weight = site.weight(gm)
+        fact = skeleton(spec, lp.method, lp.ranks, device="meta", dtype=weight.dtype, source=lp.name)
+        fact = fact.to_empty(device=weight.device)
+        with torch.no_grad():
+            for t in [*fact.parameters(), *fact.buffers()]:
+                t.zero_()  # deterministic until the saved values arrive
+        factors[lp.name] = fact
+    return factors
+
+
+def _rebuild(
+    model: nn.Module,
+    plan: Plan,
+    meta: Mapping[str, Any],
+    example_inputs: Any,
+    leaf_modules: Sequence[type[nn.Module] | str] | None,
+) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Capture ``model`` as the plan records and give it the saved structure (values: zeros)."""
+    from fxlrd.passes import BranchPass, DecomposePass, MergePass
+
+    recorded = plan.settings.get("capture") or meta.get("capture") or {}
+    mode = "auto" if isinstance(model, fx.GraphModule) else recorded.get("mode", "fx")
+    inputs = normalize_inputs(example_inputs)
+    signature = plan.settings.get("inputs") or meta.get("inputs")
+    if inputs is None and mode == "export":
+        if not signature:
+            raise SavedModelError(
+                "the saved model was captured with torch.export but records no input signature; "
+                "pass example_inputs=... (one batch the model accepts)"
+            )
+        inputs = inputs_from_signature(signature)
+    leaves = leaf_modules
+    if leaves is None:
+        leaves = _resolve_leaves(model, plan.settings.get("leaf_modules") or [])
+    try:
+        captured = capture(model, inputs=inputs, mode=mode, leaf_modules=leaves,
+                           attention=plan.settings.get("attention", "packed"), copy_model=True)  # fmt: skip
+    except ValueError as exc:  # the recorded inputs do not fit: the save is of another model
+        if example_inputs is not None:
+            raise
+        raise PlanMismatchError(
+            f"the saved model's inputs do not fit this {type(model).__name__} ({str(exc).splitlines()[0]}); "
+            f"it was saved from a {meta.get('model_class', 'different model')}: "
+            "load it into the model fxlrd.transform was given"
+        ) from exc
+    gm = captured.gm
+    gm = DecomposePass(plan, factors=_skeletons(gm, plan))(gm).graph_module
+    branches = int(plan.settings.get("branches", 1) or 1)
+    if branches > 1:  # the saved values replace the truncated blocks: no fitting needed
+        gm = BranchPass(branches, "truncate")(gm).graph_module
+    if plan.settings.get("merge"):
+        gm = MergePass(plan.settings["merge"])(gm).graph_module
+    return gm, recorded or captured.record()
+
+
+def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """A `PlanMismatchError` listing what differs between the rebuilt model and the saved tensors."""
+    expected = gm.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    shapes = [f"{k} {list(tensors[k].shape)} saved, {list(v.shape)} here" for k, v in expected.items()
+              if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]  # fmt: skip
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for what, items in (("missing from the save", missing), ("saved but not in the model", unexpected),
+                        ("of other shapes", shapes)):  # fmt: skip
+        if items:
+            parts.append(f"{len(items)} {what} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})")
+    saved_from = meta.get("model_class")
+    raise PlanMismatchError(
+        f"the saved model does not fit this {type(gm).__name__}: tensors " + "; ".join(parts)
+        + (f". It was saved from a {saved_from}" if saved_from and saved_from != type(gm).__name__ else "")
+        + ". Load it into the model fxlrd.transform was given (same architecture); a save records the plan's "
+        "passes only, not graph changes made by hand afterwards"
+    )
+
+
+def load(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    example_inputs: Any = None,
+    leaf_modules: Sequence[type[nn.Module] | str] | None = None,
+    device: str | torch.device | None = None,
+) -> fx.GraphModule:
+    """Load a model saved by `save` onto ``model``, without decomposing again.
+
+    ``model`` is the original (undecomposed) model the save was made from, or any model of
+    the same architecture; its weights are not used and it is never modified. The result
+    equals the saved model bitwise (state dict and outputs).
+
+    Args:
+        model: the original ``nn.Module``.
+        directory: the saved model's directory.
+        example_inputs: for a model captured with torch.export: inputs to capture it with
+            (default: zeros of the recorded input signature).
+        leaf_modules: the leaf modules the model needs to be traced (default: those the plan
+            records, looked up in ``model`` by type name or qualified name).
+        device: put every tensor there (default: where each was when saved).
+
+    Returns:
+        The decomposed ``GraphModule`` with ``gm.fxlrd_plan`` and ``gm.fxlrd_capture``, in
+        the train/eval mode it was saved in.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        SavedModelError: a file is missing, truncated or changed, or of a newer format.
+        PlanMismatchError: the save does not fit ``model`` (another architecture).
+        CaptureError: ``model`` cannot be captured the way the save records.
+    """
+    check_module(model)
+    directory = Path(directory)
+    meta = verify(directory)
+    plan = _read_plan(directory)
+    tensors = _read_tensors(directory, meta, device)
+    gm, capture_record = _rebuild(model, plan, meta, example_inputs, leaf_modules)
+    _check_fits(gm, tensors, meta)
+    with torch.no_grad():
+        for key, current in gm.state_dict(keep_vars=True).items():
+            saved = tensors[key]
+            if (current.dtype, current.device) != (saved.dtype, saved.device):
+                current.data = torch.empty_like(saved)  # same object (ties kept), saved dtype and device
+    gm.load_state_dict(tensors, strict=True)
+    frozen = set(meta.get("frozen") or ())
+    for name, p in gm.named_parameters():  # tied parameters once, under the name save recorded
+        p.requires_grad_(name not in frozen)
+    modes = meta.get("modes") or {}
+    gm.train(bool(modes.get("training", gm.training)))
+    for name in modes.get("other", ()):
+        try:
+            module = gm.get_submodule(name)
+        except AttributeError:
+            continue
+        module.training = not gm.training
+    gm.fxlrd_plan = plan
+    gm.fxlrd_capture = dict(capture_record)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(fxlrd_plan=plan, fxlrd_capture=gm.fxlrd_capture)
+    return gm

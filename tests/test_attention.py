@@ -1,0 +1,247 @@
+"""fxlrd.attention.MultiheadAttention equals torch's nn.MultiheadAttention, and its
+projections are decomposable layer sites in both capture modes."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxlrd
+from fxlrd import Factorized, LRDConfig, zoo
+from fxlrd.attention import MultiheadAttention, swap_attention
+from fxlrd.zoo import VisionTransformer
+
+from conftest import rel_err
+
+E, H, L, S, N = 16, 4, 5, 7, 3
+
+
+def _pair(batch_first: bool, layout: str, bias: bool = True):
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, bias=bias).eval()
+    with torch.no_grad():  # torch initialises the biases to zero: make them matter
+        if bias:
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+    ours = MultiheadAttention.from_torch(mha, layout).eval()
+    return mha, ours
+
+
+def _seq(batch_first: bool, length: int) -> torch.Tensor:
+    return torch.randn(N, length, E) if batch_first else torch.randn(length, N, E)
+
+
+def _check(mha, ours, q, k, v, **kwargs):
+    with torch.no_grad():
+        want_out, want_w = mha(q, k, v, **kwargs)
+        got_out, got_w = ours(q, k, v, **kwargs)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    if want_w is None:
+        assert got_w is None
+    else:
+        assert got_w is not None and got_w.shape == want_w.shape
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+LAYOUTS = ["packed", "separate"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
+def test_self_attention_matches_torch(layout, batch_first, need_weights, average):
+    mha, ours = _pair(batch_first, layout)
+    x = _seq(batch_first, L)
+    _check(mha, ours, x, x, x, need_weights=need_weights, average_attn_weights=average)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("same_kv", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_cross_attention_matches_torch(layout, batch_first, same_kv, need_weights):
+    mha, ours = _pair(batch_first, layout)
+    q = _seq(batch_first, L)
+    k = _seq(batch_first, S)
+    v = k if same_kv else _seq(batch_first, S)
+    _check(mha, ours, q, k, v, need_weights=need_weights)
+
+
+def _masks():
+    bool2 = torch.rand(L, L) < 0.3
+    bool2.fill_diagonal_(False)  # every query keeps at least one key
+    bool3 = torch.rand(N * H, L, L) < 0.3
+    bool3[:, torch.arange(L), torch.arange(L)] = False
+    return {
+        "bool2d": bool2,
+        "bool3d": bool3,
+        "float2d": torch.randn(L, L),
+        "float3d": torch.randn(N * H, L, L),
+    }
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask_kind", ["bool2d", "bool3d", "float2d", "float3d"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_attn_mask_matches_torch(layout, batch_first, mask_kind, need_weights):
+    mha, ours = _pair(batch_first, layout)
+    x = _seq(batch_first, L)
+    _check(mha, ours, x, x, x, attn_mask=_masks()[mask_kind], need_weights=need_weights)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("with_attn_mask", [False, True])
+def test_key_padding_mask_matches_torch(layout, batch_first, need_weights, with_attn_mask):
+    mha, ours = _pair(batch_first, layout)
+    q = _seq(batch_first, L)
+    k = _seq(batch_first, S)
+    pad = torch.zeros(N, S, dtype=torch.bool)
+    pad[0, -2:] = True
+    pad[2, -4:] = True
+    attn_mask = None
+    if with_attn_mask:  # bool like the padding mask (torch deprecates mixing the two); key 0 always visible
+        attn_mask = torch.rand(L, S) < 0.3
+        attn_mask[:, 0] = False
+    _check(mha, ours, q, k, k, key_padding_mask=pad, attn_mask=attn_mask, need_weights=need_weights)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_is_causal_matches_torch(layout, batch_first, need_weights):
+    mha, ours = _pair(batch_first, layout)
+    x = _seq(batch_first, L)
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    # torch needs the mask with the hint; ours takes either.
+    _check(mha, ours, x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
+    with torch.no_grad():
+        want, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
+        got, _ = ours(x, x, x, is_causal=True, need_weights=need_weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_bias_matches_torch(layout):
+    mha, ours = _pair(True, layout, bias=False)
+    x = _seq(True, L)
+    _check(mha, ours, x, x, x)
+
+
+def test_packed_layout_shares_torchs_parameters_and_separate_copies_them():
+    mha, packed = _pair(True, "packed")
+    assert packed.in_proj_weight is mha.in_proj_weight and packed.out_proj is mha.out_proj
+    separate = MultiheadAttention.from_torch(mha, "separate")
+    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight"} <= set(separate.state_dict())
+    assert "in_proj_weight" not in separate.state_dict()
+    torch.testing.assert_close(torch.cat([separate.q_proj.weight, separate.k_proj.weight, separate.v_proj.weight]),
+                               mha.in_proj_weight)  # fmt: skip
+
+
+def test_bad_layout_is_rejected():
+    mha = nn.MultiheadAttention(E, H)
+    with pytest.raises(ValueError, match="layout"):
+        MultiheadAttention.from_torch(mha, "fused")
+    with pytest.raises(ValueError, match="attention"):
+        swap_attention(nn.Sequential(mha), "fused")
+
+
+def test_unsupported_attention_is_left_alone():
+    model = nn.Sequential(nn.MultiheadAttention(E, H, kdim=8, vdim=8))
+    assert swap_attention(model) == 0 and type(model[0]) is nn.MultiheadAttention
+
+
+# --- zoo ViT: attention projections become sites ---------------------------------------------------
+
+FULL = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
+
+
+def _small_vit():
+    """The zoo's VisionTransformer at test size (vit_b_16's code, hidden 32, two blocks)."""
+    return VisionTransformer(32, 8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+
+
+def _attention_sites(plan, block):
+    return plan[f"{block}.in_proj"], plan[f"{block}.out_proj"]
+
+
+def _vit_b_16():
+    model = zoo.vit_b_16(image_size=32, num_classes=10).eval()
+    model.encoder.layers = model.encoder.layers[:1]  # the blocks are identical: one is enough (and fast)
+    return model
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_vit_b_16_attention_projections_are_planned(capture):
+    plan = fxlrd.plan(_vit_b_16(), example_inputs=torch.randn(2, 3, 32, 32), capture=capture)
+    assert plan.settings["capture"]["mode"] == capture
+    in_proj, out_proj = _attention_sites(plan, "encoder.layers.encoder_layer_0.self_attention")
+    assert in_proj.decomposed and out_proj.decomposed, plan.table()
+    assert (in_proj.in_channels, in_proj.out_channels) == (768, 3 * 768)
+    assert (out_proj.in_channels, out_proj.out_channels) == (768, 768)
+    # Every linear and conv layer of the model is a site (nothing is hidden in a fused op).
+    assert {"conv_proj", "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_0.mlp.3",
+            "heads.head"} <= set(plan.layers)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_vit_b_16_attention_projections_are_decomposed(capture):
+    model = _vit_b_16()
+    x = torch.randn(2, 3, 32, 32)
+    cfg = LRDConfig(include=["*self_attention*"], rank_rule="fixed", rank=64)
+    gm = fxlrd.transform(model, cfg, example_inputs=x, capture=capture)
+    assert gm.fxlrd_capture["mode"] == capture
+    block = "encoder.layers.encoder_layer_0.self_attention"
+    in_proj, out_proj = _attention_sites(gm.fxlrd_plan, block)
+    assert in_proj.decomposed and out_proj.decomposed, gm.fxlrd_plan.table()
+    assert in_proj.ranks == out_proj.ranks == (64,)
+    assert isinstance(gm.get_submodule(f"{block}.in_proj"), Factorized)
+    assert isinstance(gm.get_submodule(f"{block}.out_proj"), Factorized)
+    assert {f"{block}.in_proj.in_proj.weight", f"{block}.out_proj.out_proj.bias"} <= set(gm.state_dict())
+    assert f"{block}.in_proj_weight" not in gm.state_dict()
+    with torch.no_grad():
+        assert gm(x).shape == (2, 10)
+        assert torch.isfinite(gm(torch.randn(3, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_vit_attention_sites_full_rank_reproduces(capture):
+    model = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    gm = fxlrd.transform(model, FULL, example_inputs=x, capture=capture)
+    assert gm.fxlrd_capture["mode"] == capture
+    for i in range(2):
+        in_proj, out_proj = _attention_sites(gm.fxlrd_plan, f"encoder.layers.encoder_layer_{i}.self_attention")
+        assert in_proj.decomposed and out_proj.decomposed
+    assert gm.fxlrd_plan["encoder.layers.encoder_layer_0.self_attention.in_proj"].site == "function"
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+        x3 = torch.randn(3, 3, 32, 32)
+        assert rel_err(gm(x3), model(x3)) <= 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_vit_separate_attention_layout_gives_q_k_v_sites(capture):
+    model = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    cfg = LRDConfig(attention="separate", rank_rule="fixed", rank=10**6, allow_larger=True)
+    gm = fxlrd.transform(model, cfg, example_inputs=x, capture=capture)
+    plan = gm.fxlrd_plan
+    block = "encoder.layers.encoder_layer_0.self_attention"
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    assert all(plan[f"{block}.{p}"].decomposed for p in projections)
+    assert all((plan[f"{block}.{p}"].in_channels, plan[f"{block}.{p}"].out_channels) == (32, 32) for p in projections)
+    assert f"{block}.in_proj" not in plan.layers
+    assert f"{block}.q_proj.out_proj.weight" in gm.state_dict()
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+def test_user_model_keeps_torch_attention():
+    model = _small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=torch.randn(1, 3, 32, 32))
+    assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

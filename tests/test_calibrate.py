@@ -1,0 +1,416 @@
+"""Data-aware decomposition: calibration statistics, whitened SVD/Tucker, sequential fitting,
+global allocation by output error, distillation, distributed statistics."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+from conftest import rel_err
+from hypothesis import given
+from hypothesis import strategies as st
+import torch.multiprocessing as mp
+from torch import nn
+
+import fxlrd
+from fxlrd import ConfigError, LRDConfig
+from fxlrd.calibrate import InputStats, collect_stats
+from fxlrd.capture import capture
+from fxlrd.decompose import whitening
+from fxlrd.factorized import LayerSpec, decompose_weight
+from fxlrd.recover import distill
+
+
+def _correlated(n: int, c: int, decay: float = 2.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(c, c, generator=g) * torch.logspace(0, -decay, c)
+    return torch.randn(n, c, generator=g) @ mix.T
+
+
+def _stats(x: torch.Tensor, shrink: bool = True) -> InputStats:
+    s = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), shrink=shrink)
+    s.add(x)
+    return s
+
+
+def _product(fact) -> torch.Tensor:
+    mats = [m.weight.detach().double().reshape(m.weight.shape[0], -1) for m in fact.children()]
+    out = mats[0]
+    for m in mats[1:]:
+        out = m @ out
+    return out
+
+
+# --- the whitened optimum -----------------------------------------------------------------------
+@given(c=st.integers(3, 12), s=st.integers(3, 12), r=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_whitened_svd_is_the_output_error_optimum(c, s, r, seed):
+    """At rank r, whitened SVD minimises ||(W - W')X||_F; the independent optimum is the
+    projection of W X onto its top-r left singular vectors."""
+    x = _correlated(200, c, seed=seed).double()
+    w = torch.randn(s, c, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    spec = LayerSpec("linear", c, s, (), 1, False)
+    fact, report = decompose_weight(w, None, spec, "svd", (r,), stats=_stats(x, shrink=False))
+    got = ((w - _product(fact)) @ x.T).norm()
+    u = torch.linalg.svd(w @ x.T, full_matrices=False).U[:, :r]
+    best = ((w - u @ u.T @ w) @ x.T).norm()
+    assert got <= best * (1 + 1e-3) + 1e-6
+    # and the error curve predicts it (relative squared output error)
+    from fxlrd.methods import get_method
+
+    predicted = get_method("svd").error_curve(w, spec, _stats(x, shrink=False))((r,))
+    actual = float((got / (w @ x.T).norm()) ** 2)
+    assert predicted == pytest.approx(actual, rel=1e-3, abs=1e-9)
+
+
+def test_whitened_beats_data_free_on_correlated_inputs():
+    x = _correlated(1000, 32)
+    w = torch.randn(24, 32)
+    spec = LayerSpec("linear", 32, 24, (), 1, False)
+    free, _ = decompose_weight(w, None, spec, "svd", (6,))
+    aware, _ = decompose_weight(w, None, spec, "svd", (6,), stats=_stats(x))
+    err = lambda f: float(((w.double() - _product(f)) @ x.double().T).norm())  # noqa: E731
+    assert err(aware) < 0.5 * err(free)
+
+
+def test_whitened_tucker_beats_data_free_output_error():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 12, 3, padding=1, bias=False)
+    # inputs using few directions of the channel space
+    x = torch.einsum("nchw,cd->ndhw", torch.randn(32, 4, 8, 8), torch.randn(4, 16)) + 0.01 * torch.randn(32, 16, 8, 8)
+    model = nn.Sequential(conv).eval()
+    cfg = LRDConfig(rank_rule="fixed", rank=(4, 12), rank_quantum=1, sensitivity=False)  # only the input mode truncated
+    free = fxlrd.transform(model, cfg)
+    aware = fxlrd.transform(model, cfg, calibration=[x[:16], x[16:]])
+    assert aware.fxlrd_plan["0"].data_aware and not free.fxlrd_plan["0"].data_aware
+    with torch.no_grad():
+        assert rel_err(aware(x), model(x)) < 0.5 * rel_err(free(x), model(x))
+
+
+# --- numerics -------------------------------------------------------------------------------------
+def test_singular_gram_from_constant_inputs_decomposes_without_nan():
+    x = torch.ones(50, 8)  # every sample the same: rank-1 Gram
+    w = torch.randn(6, 8)
+    spec = LayerSpec("linear", 8, 6, (), 1, True)
+    fact, report = decompose_weight(w, torch.zeros(6), spec, "svd", (2,), stats=_stats(x))
+    assert all(torch.isfinite(p).all() for p in fact.parameters())
+    assert report["whitening"] in ("cholesky", "eigh") and report["note"]  # it says what it did
+    assert "shrinkage" in report["note"] or "damping" in report["note"] or "eigen" in report["note"]
+
+
+def test_fewer_samples_than_channels_shrinks_toward_identity():
+    few = _stats(_correlated(4, 64))
+    many = _stats(_correlated(20_000, 64))
+    assert few.shrinkage() > 0.5 > many.shrinkage()
+    assert torch.isfinite(few.whitening().factor).all()
+
+
+def test_whitening_falls_back_to_an_eigendecomposition():
+    g = torch.zeros(5, 5, dtype=torch.float64)
+    g[0, 0] = 1.0
+    g[1, 1] = -1e-3  # not positive semi-definite: Cholesky fails at every damping tried
+    w = whitening(g, max_damping=1e-6)
+    assert w.method == "eigh" and "eigendecomposition" in w.note
+    assert torch.isfinite(w.inverse()).all()
+
+
+def test_all_zero_inputs_keep_the_data_free_result():
+    w = torch.randn(6, 8)
+    spec = LayerSpec("linear", 8, 6, (), 1, False)
+    free, _ = decompose_weight(w, None, spec, "svd", (3,))
+    zero, report = decompose_weight(w, None, spec, "svd", (3,), stats=_stats(torch.zeros(10, 8)))
+    torch.testing.assert_close(_product(zero), _product(free))
+    assert "identity" in report["note"]
+
+
+# --- streaming ------------------------------------------------------------------------------------
+def test_streaming_statistics_equal_a_one_shot_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Conv1d(16, 4, 1) if False else nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 8)
+    gm = capture(model, x).gm
+    batched = collect_stats(gm, [x[i : i + 8] for i in range(0, 64, 8)], progress=False)
+    whole = collect_stats(gm, [x], progress=False)
+    h = torch.relu(model[0](x)).double()
+    for name, ref in (("0", x.double()), ("2", h)):
+        assert batched[name].count == whole[name].count == 64
+        torch.testing.assert_close(batched[name].inputs.gram, ref.T @ ref)
+        torch.testing.assert_close(whole[name].inputs.gram, ref.T @ ref)
+
+
+def test_conv_statistics_are_over_the_positions_the_layer_reads():
+    conv = nn.Conv2d(3, 5, 1, stride=2)
+    model = nn.Sequential(conv).eval()
+    x = torch.randn(2, 3, 6, 6)
+    stats = collect_stats(capture(model, x).gm, [x], progress=False)["0"]
+    read = x[:, :, ::2, ::2].permute(0, 2, 3, 1).reshape(-1, 3).double()
+    assert stats.count == read.shape[0]
+    torch.testing.assert_close(stats.inputs.gram, read.T @ read)
+
+
+def test_sites_reading_one_input_share_statistics():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    x = torch.randn(4, 8)
+    stats = collect_stats(capture(QKV().eval(), x).gm, [x], progress=False)
+    assert stats["q"].inputs is stats["k"].inputs
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def test_calibration_leaves_the_model_bitwise_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    model.train()  # batch norm would update its statistics if run in train mode
+    before = _state(model)
+    x = torch.randn(4, 3, 8, 8)
+    fxlrd.plan(model, LRDConfig(), example_inputs=x, calibration=[x, x])
+    gm = fxlrd.transform(model, LRDConfig(), example_inputs=x, calibration=[x])
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(m.training for m in model.modules())
+    assert gm.training  # the captured copy keeps the model's mode too
+    # and the calibration pass on the captured graph itself leaves it as it was
+    g = capture(model, x).gm
+    g.train()
+    snap = _state(g)
+    collect_stats(g, [x], sensitivity=True, progress=False)
+    assert g.training and all(torch.equal(snap[k], v) for k, v in g.state_dict().items())
+    assert all(p.grad is None for p in g.parameters())
+
+
+# --- sequential ------------------------------------------------------------------------------------
+def _deep_mlp(width: int = 32, depth: int = 5, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        u, _, v = torch.linalg.svd(torch.randn(width, width, generator=g))
+        lin.weight.data = u @ torch.diag(torch.logspace(0, -1.5, width)) @ v * 2
+        layers += [lin, nn.Tanh()]
+    return nn.Sequential(*layers).eval()
+
+
+def test_sequential_fit_compensates_earlier_errors():
+    model = _deep_mlp()
+    x = _correlated(2000, 32, decay=1.0)
+    cal, held = [x[i : i + 250] for i in range(0, 1000, 250)], x[1000:]
+    base = LRDConfig(rank_rule="fixed", rank=8, rank_quantum=1, sensitivity=False)
+    plain = fxlrd.transform(model, base, calibration=cal, example_inputs=x[:2])
+    seq = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, rank_quantum=1, sensitivity=False, sequential=True),
+                          calibration=cal, example_inputs=x[:2])  # fmt: skip
+    with torch.no_grad():
+        ref = model(held)
+        assert rel_err(seq(held), ref) < rel_err(plain(held), ref)
+
+
+def test_sequential_needs_calibration():
+    with pytest.raises(ConfigError, match="sequential=True needs calibration"):
+        fxlrd.transform(_deep_mlp(), LRDConfig(sequential=True))
+
+
+# --- allocation ------------------------------------------------------------------------------------
+def _mixed_spectra() -> nn.Module:
+    """Layers of one size whose spectra differ: some nearly low-rank, some flat."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(48, 48, bias=False) for _ in range(4)]).eval()
+    for i, lin in enumerate(model):
+        u, _, v = torch.linalg.svd(torch.randn(48, 48, generator=g))
+        decay = [3.0, 0.1, 2.0, 0.2][i]
+        lin.weight.data = u @ torch.diag(torch.logspace(0, -decay, 48)) @ v
+    return model
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_global_allocation_meets_the_budget_and_beats_uniform(calibrated):
+    model = _mixed_spectra()
+    x = torch.randn(512, 48)
+    cal = [x[:256], x[256:]] if calibrated else None
+    uniform = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1, sensitivity=False), calibration=cal, example_inputs=x[:2])
+    budget = fxlrd.count_params(uniform)
+    glob = fxlrd.transform(model, LRDConfig(target_params=budget, rank_quantum=1, sensitivity=False), calibration=cal,
+                           example_inputs=x[:2])  # fmt: skip
+    assert fxlrd.count_params(glob) <= budget
+    assert fxlrd.count_params(glob) >= 0.95 * budget  # it spends the budget
+    result = glob.fxlrd_plan.settings["allocation_result"]
+    assert result["met"] and result["layer_params_chosen"] <= result["layer_params_budget"]
+    total = lambda gm: sum(lp.error or 0.0 for lp in gm.fxlrd_plan.decomposed)  # noqa: E731
+    uniform_err = sum(
+        fxlrd.methods.get_method("svd").error_curve(model[int(lp.name)].weight, LayerSpec("linear", 48, 48, (), 1, False))(lp.ranks)
+        for lp in uniform.fxlrd_plan.decomposed
+    ) if not calibrated else None
+    with torch.no_grad():
+        e_glob, e_uni = rel_err(glob(x), model(x)), rel_err(uniform(x), model(x))
+    assert e_glob < e_uni
+    if uniform_err is not None:
+        assert total(glob) < uniform_err
+
+
+def test_global_ratio_applies_to_the_layers_as_a_whole():
+    model = _mixed_spectra()
+    layers = sum(p.numel() for p in model.parameters())
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, allocation="global", rank_quantum=1))
+    assert fxlrd.count_params(gm) <= layers / 2
+    assert len({lp.ranks for lp in gm.fxlrd_plan.decomposed}) > 1  # not uniform
+
+
+def test_an_unreachable_parameter_budget_is_a_clear_error():
+    with pytest.raises(ConfigError, match="parameter budget"):
+        fxlrd.transform(_mixed_spectra(), LRDConfig(target_params=10))
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, "half", True])
+def test_bad_target_params(value):
+    with pytest.raises(ConfigError, match="target_params"):
+        LRDConfig(target_params=value)
+
+
+# --- sensitivity ------------------------------------------------------------------------------------
+def test_sensitivity_weights_follow_the_model_output():
+    """Output channels of a layer the model's output ignores get (nearly) no weight."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 6), nn.Linear(6, 3)
+    with torch.no_grad():
+        second.weight[:, 3:] = 0.0  # channels 3..5 of `first` never reach the output
+    model = nn.Sequential(first, second).eval()
+    x = torch.randn(256, 8)
+    stats = collect_stats(capture(model, x).gm, [x[:128], x[128:]], sensitivity=True, progress=False)
+    w = stats["0"].output_weights()
+    assert w[:3].min() > 10 * w[3:].max()
+
+
+def test_sensitivity_callable_picks_the_output_that_counts():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(64, 4)
+    gm = capture(model, x).gm
+    only_first = collect_stats(gm, [x], sensitivity=lambda out, inputs: out[:, :1], progress=False)["0"].output_weights()
+    assert only_first[0] > 10 * only_first[1:].max()
+
+
+# --- distillation ----------------------------------------------------------------------------------
+def test_distill_lowers_the_distillation_loss():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x = torch.randn(128, 16)
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    batches = [x[i : i + 32] for i in range(0, 128, 32)]
+    curve = distill(gm, teacher, batches, steps=120, lr=1e-2, progress=False)
+    assert len(curve) == 120
+    assert sum(curve[-4:]) < 0.5 * sum(curve[:4])  # the same four batches, first and last pass
+
+
+def test_distill_keeps_frozen_factors_frozen():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x = torch.randn(64, 16)
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if n.endswith("in_proj.weight")}
+    curve = distill(gm, teacher, [x], steps=30, lr=1e-2, freeze="paper", progress=False)
+    assert curve[-1] < curve[0]
+    params = dict(gm.named_parameters())
+    assert frozen and all(torch.equal(params[n], v) and not params[n].requires_grad for n, v in frozen.items())
+
+
+def test_distill_with_sequential_freezer_and_features():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    x = torch.randn(64, 16)
+    freezer = fxlrd.SequentialFreezer(gm, period=5)
+    curve = distill(gm, teacher, [x], steps=20, lr=1e-2, freeze=freezer, features=True, progress=False)
+    assert freezer.steps == 20 and curve[-1] < curve[0]
+
+
+def test_distill_bad_input():
+    teacher = nn.Sequential(nn.Linear(4, 4))
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=1, rank_quantum=1))
+    with pytest.raises(ValueError, match="at least one batch"):
+        distill(gm, teacher, [], steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        distill(gm, teacher, [torch.randn(2, 4)], steps=0)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def test_empty_calibration_is_a_clear_error():
+    with pytest.raises(ConfigError, match="calibration is empty"):
+        fxlrd.transform(_deep_mlp(), LRDConfig(), calibration=[], example_inputs=torch.randn(2, 32))
+
+
+def test_calibration_items_that_do_not_fit_are_named():
+    model = _deep_mlp()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"calibration item \(float32\[4, 7\]\) does not run through"):
+        fxlrd.transform(model, LRDConfig(), calibration=[torch.randn(4, 7)], example_inputs=torch.randn(2, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_single_tensor_is_not_a_calibration_iterable():
+    with pytest.raises(ConfigError, match="iterable of inputs"):
+        fxlrd.transform(_deep_mlp(), LRDConfig(), calibration=torch.randn(8, 32), example_inputs=torch.randn(2, 32))
+
+
+def test_calibration_with_a_rank_rule_that_cannot_use_it():
+    with pytest.raises(ConfigError, match="vbmf"):
+        fxlrd.transform(_deep_mlp(), LRDConfig(rank_rule="vbmf"), calibration=[torch.randn(8, 32)])
+
+
+def test_a_data_aware_plan_needs_calibration_to_be_applied():
+    model = _deep_mlp()
+    x = torch.randn(16, 32)
+    plan = fxlrd.plan(model, LRDConfig(), calibration=[x], example_inputs=x)
+    assert any(lp.data_aware for lp in plan.decomposed)
+    with pytest.raises(ConfigError, match="calibration"):
+        fxlrd.apply(model, plan)
+    gm = fxlrd.apply(model, plan, calibration=[x])
+    ref = fxlrd.transform(model, LRDConfig(), calibration=[x], example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref(x))
+
+
+# --- distributed ---------------------------------------------------------------------------------------
+def _worker(rank: int, world: int, init: str, out: str) -> None:  # pragma: no cover  (runs in a subprocess)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _deep_mlp(width=16, depth=2)
+        x = _correlated(64, 16, seed=3)
+        shard = x[rank::world]
+        # Gram matrices and counts are all-reduced; sensitivity (random projections) is off so
+        # the comparison can be exact.
+        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1, sensitivity=False),
+                             calibration=[shard[:16], shard[16:]], example_inputs=x[:2])  # fmt: skip
+        torch.save({k: v.clone() for k, v in gm.state_dict().items()}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_statistics_equal_one_process_on_the_union():
+    torch.manual_seed(0)
+    model = _deep_mlp(width=16, depth=2)
+    x = _correlated(64, 16, seed=3)
+    single = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1, sensitivity=False),
+                             calibration=[x[0::2], x[1::2]], example_inputs=x[:2])  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'rendezvous')}"
+        out = os.path.join(tmp, "state")
+        mp.spawn(_worker, args=(2, init, out), nprocs=2, join=True)
+        states = [torch.load(f"{out}.{r}") for r in range(2)]
+    ref = single.state_dict()
+    for state in states:
+        assert state.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-6)

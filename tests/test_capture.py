@@ -1,0 +1,444 @@
+"""Capture: any model in (torch.fx or torch.export), the result called like the model,
+saved and reloaded, and a clear error with the model untouched when it cannot be done."""
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fxlrd
+from fxlrd import CaptureError, ConfigError, Factorized, LRDConfig, PlanMismatchError
+
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+FULL = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
+LOW = LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise
+
+
+class Net(nn.Module):
+    """Traceable by torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class TwoInputs(nn.Module):
+    """Two inputs, one optional; a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(4, 16)
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, x, y=None):
+        h = self.a(x)
+        if y is not None:
+            h = h + self.b(y)
+        return {"logits": self.out(torch.relu(h)), "hidden": (h,)}
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: neither torch.fx nor torch.export takes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.lin(x)
+        if x.sum() > 0:  # the line the error must name
+            return x
+        return -x
+
+
+DATA_DEPENDENT_LINE = next(
+    i for i, line in enumerate(Path(__file__).read_text().splitlines(), 1) if "if x.sum() > 0:  # the line" in line
+)
+
+
+def _bert(layers=1, **kw):
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, **kw)  # fmt: skip
+    return transformers.BertModel(cfg).eval()
+
+
+def _tokens(batch, seq):
+    ids = torch.randint(0, 100, (batch, seq))
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+# --- capture modes and what the plan records --------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, want, reason", [
+    ("auto", "fx", "symbolic_trace succeeded"),
+    ("fx", "fx", "symbolic_trace succeeded"),
+    ("export", "export", "requested"),
+])  # fmt: skip
+def test_capture_mode_and_reason_are_recorded(mode, want, reason):
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    plan = fxlrd.plan(model, FULL, example_inputs=x, capture=mode)
+    assert plan.settings["capture"]["mode"] == want and plan.settings["capture"]["reason"] == reason
+    gm = fxlrd.transform(model, FULL, example_inputs=x, capture=mode)
+    assert gm.fxlrd_capture["mode"] == want and gm.fxlrd_capture["reason"] == reason
+    assert gm.fxlrd_plan.settings["capture"] == gm.fxlrd_capture
+    assert {lp.name for lp in gm.fxlrd_plan.decomposed} == {"conv", "fc"}
+    assert {lp.site for lp in gm.fxlrd_plan} == ({"module"} if want == "fx" else {"function"})
+    assert isinstance(gm.get_submodule("conv"), Factorized) and isinstance(gm.get_submodule("fc"), Factorized)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+def test_auto_falls_back_to_export_and_says_why():
+    model = _bert()
+    plan = fxlrd.plan(model, FULL, example_inputs=_tokens(2, 8))
+    record = plan.settings["capture"]
+    assert record["mode"] == "export"
+    assert record["reason"].startswith("symbolic_trace failed (")
+    assert len(record["reason"]) > len("symbolic_trace failed ()")  # with the cause
+
+
+def test_export_capture_is_a_plain_graph_module_with_aten_sites():
+    gm = fxlrd.transform(Net().eval(), LOW, example_inputs=torch.randn(2, 3, 8, 8), capture="export")
+    assert isinstance(gm, fx.GraphModule)
+    assert {lp.layer_type for lp in gm.fxlrd_plan} <= {"aten.conv2d", "aten.linear", "aten.convolution"}
+    # The state dict keeps the owners' names.
+    assert {"conv.core.weight", "fc.in_proj.weight", "fc.out_proj.bias", "bn.running_mean"} <= set(gm.state_dict())
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form", ["tensor", "tuple", "list", "dict"])
+def test_example_inputs_as_tensor_tuple_or_dict(capture, form):
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    example = {"tensor": x, "tuple": (x,), "list": [x], "dict": {"x": x}}[form]
+    gm = fxlrd.transform(model, FULL, example_inputs=example, capture=capture)
+    assert gm.fxlrd_plan["conv"].input_shape == (2, 3, 8, 8)
+    assert gm.fxlrd_plan["fc"].macs_before == 2 * 16 * 10
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+        assert rel_err(gm(x=x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_two_inputs_positional_and_keyword_with_dict_output(capture):
+    model = TwoInputs().eval()
+    x, y = torch.randn(3, 8), torch.randn(3, 4)
+    gm = fxlrd.transform(model, FULL, example_inputs=(x, y), capture=capture)
+    with torch.no_grad():
+        want = model(x, y)
+        for got in (gm(x, y), gm(x, y=y), gm(x=x, y=y)):
+            assert set(got) == {"logits", "hidden"} and isinstance(got["hidden"], tuple)
+            assert rel_err(got["logits"], want["logits"]) <= 1e-5
+            assert rel_err(got["hidden"][0], want["hidden"][0]) <= 1e-5
+
+
+def test_dict_example_inputs_with_keyword_only_use():
+    model = TwoInputs().eval()
+    x, y = torch.randn(3, 8), torch.randn(3, 4)
+    gm = fxlrd.transform(model, FULL, example_inputs={"x": x, "y": y}, capture="export")
+    assert gm.fxlrd_capture["mode"] == "export"
+    with torch.no_grad():
+        assert rel_err(gm(x=x, y=y)["logits"], model(x, y)["logits"]) <= 1e-5
+        x5, y5 = torch.randn(5, 8), torch.randn(5, 4)  # dynamic batch
+        assert rel_err(gm(x=x5, y=y5)["logits"], model(x5, y5)["logits"]) <= 1e-5
+
+
+# --- export: dynamic dimensions, output structure ---------------------------------------------------
+
+
+def test_export_runs_at_other_batch_and_sequence_lengths():
+    model = _bert(layers=2)
+    gm = fxlrd.transform(model, LOW, example_inputs=_tokens(2, 8))
+    assert gm.fxlrd_capture["mode"] == "export"
+    for batch, seq in [(1, 5), (3, 11), (4, 16)]:
+        inputs = _tokens(batch, seq)
+        with torch.no_grad():
+            out = gm(**inputs)
+        assert out.last_hidden_state.shape == (batch, seq, 32)
+        assert out.pooler_output.shape == (batch, 32)
+
+
+def test_export_at_batch_one_stays_dynamic():
+    model = Net().eval()
+    gm = fxlrd.transform(model, FULL, example_inputs=torch.randn(1, 3, 8, 8), capture="export")
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+def test_hugging_face_model_output_stays_one():
+    model = _bert()
+    inputs = _tokens(2, 8)
+    gm = fxlrd.transform(model, FULL, example_inputs=inputs)
+    with torch.no_grad():
+        got, want = gm(**inputs), model(**inputs)
+    assert type(got) is type(want)
+    assert isinstance(got, transformers.utils.ModelOutput)
+    assert list(got.keys()) == list(want.keys())
+    assert rel_err(got.last_hidden_state, want.last_hidden_state) <= 1e-5
+    assert rel_err(got["pooler_output"], want["pooler_output"]) <= 1e-5
+    assert rel_err(got[0], want[0]) <= 1e-5  # indexable like a tuple too
+
+
+def test_apply_reuses_the_recorded_export_capture():
+    model = _bert()
+    inputs = _tokens(2, 8)
+    plan = fxlrd.plan(model, LOW, example_inputs=inputs)
+    assert plan.settings["inputs"]["kwargs"]["input_ids"] == {"shape": [2, 8], "dtype": "int64"}
+    again = fxlrd.Plan.from_json(plan.to_json())
+    gm = fxlrd.apply(model, again)  # no example inputs: zeros of the recorded shapes
+    assert gm.fxlrd_capture["mode"] == "export"
+    ref = fxlrd.transform(model, LOW, example_inputs=inputs)
+    other = _tokens(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**other).last_hidden_state, ref(**other).last_hidden_state)
+
+
+# --- saving and loading a transformed GraphModule ------------------------------------------------------
+
+
+def _round_trip(gm):
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _train_step_checks(loaded, run, out_of):
+    """Freeze by the paper, take one SGD step; frozen factors stay, trainable ones move."""
+    for node in loaded.graph.nodes:  # roles must come from the Factorized modules, not node meta
+        node.meta.pop("fxlrd", None)
+    fxlrd.freeze(loaded, "paper")
+    facts = {n: m for n, m in loaded.named_modules() if isinstance(m, Factorized)}
+    assert facts
+    for name, fact in facts.items():
+        if fact.method == "svd" and "in_proj" in fact.roles():
+            assert not any(p.requires_grad for p in fact.in_proj.parameters()), name
+            assert all(p.requires_grad for p in fact.out_proj.parameters()), name
+        if fact.method == "tucker2" and len(fact.roles()) > 1:
+            assert all(p.requires_grad for p in fact.core.parameters()), name
+            assert not any(p.requires_grad for roles in ("in_proj", "out_proj") if roles in fact.roles()
+                           for p in getattr(fact, roles).parameters()), name  # fmt: skip
+    groups = fxlrd.param_groups(loaded, lr=0.5)
+    names = {g["name"]: g for g in groups}
+    assert {"factors_trainable", "factors_frozen"} <= set(names)
+    assert all(not p.requires_grad for p in names["factors_frozen"]["params"])
+    opt = torch.optim.SGD(groups, lr=0.5)
+    before = {k: v.clone() for k, v in loaded.named_parameters()}
+    loaded.train()
+    out = out_of(run(loaded))
+    (out * torch.randn_like(out)).sum().backward()
+    opt.step()
+    after = dict(loaded.named_parameters())
+    frozen = [k for k, p in after.items() if not p.requires_grad]
+    moved = [k for k, p in after.items() if p.requires_grad and not torch.equal(before[k], p)]
+    assert frozen and all(torch.equal(before[k], after[k]) and after[k].grad is None for k in frozen)
+    assert any(".out_proj." in k for k in moved)
+
+
+def test_save_load_round_trip_fx_capture():
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxlrd.transform(model, LOW, capture="fx")
+    loaded = _round_trip(gm)
+    assert loaded.fxlrd_capture["mode"] == "fx"
+    assert isinstance(loaded.get_submodule("conv"), Factorized) and loaded.get_submodule("conv").method == "tucker2"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+    _train_step_checks(loaded, lambda m: m(x), lambda out: out)
+
+
+def test_save_load_round_trip_export_capture():
+    model = _bert(layers=2)
+    inputs = _tokens(2, 8)
+    gm = fxlrd.transform(model, LOW, example_inputs=inputs)
+    assert gm.fxlrd_capture["mode"] == "export"
+    loaded = _round_trip(gm)
+    assert loaded.fxlrd_capture == gm.fxlrd_capture
+    assert loaded.fxlrd_plan.to_dict() == gm.fxlrd_plan.to_dict()
+    assert set(gm.state_dict()) <= set(loaded.state_dict())
+    other = _tokens(3, 5)
+    with torch.no_grad():
+        a, b = gm(**inputs), loaded(**inputs)
+        assert type(b) is type(a)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
+        torch.testing.assert_close(loaded(**other).last_hidden_state, gm(**other).last_hidden_state, rtol=0, atol=0)
+    _train_step_checks(loaded, lambda m: m(**inputs), lambda out: out.last_hidden_state)
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("offset", torch.ones(8))
+
+    def forward(self, x):
+        return self.lin(x) + self.offset * 2
+
+
+def test_save_load_of_export_capture_keeps_state_dict_keys_and_buffer_reads():
+    cfg = LRDConfig(rank_rule="fixed", rank=2, rank_quantum=1)
+    gm = fxlrd.transform(WithBuffer().eval(), cfg, example_inputs=torch.randn(2, 8), capture="export")
+    assert isinstance(gm.get_submodule("lin"), Factorized)
+    loaded = _round_trip(gm)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for m in (gm, loaded):
+            m.offset.fill_(5.0)
+        torch.testing.assert_close(loaded(x), gm(x))
+    assert loaded.state_dict().keys() == gm.state_dict().keys()
+    loaded.load_state_dict(gm.state_dict())  # strict
+
+
+# --- bad input: a clear error, the model untouched ---------------------------------------------------
+
+
+class OneInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("capture", ["auto", "fx", "export"])
+@pytest.mark.parametrize("verb", ["plan", "transform"])
+def test_dict_inputs_the_forward_does_not_take(capture, verb):
+    model = OneInput()
+    before = _snapshot(model)
+    with pytest.raises(ConfigError) as info:
+        getattr(fxlrd, verb)(model, LOW, example_inputs={"inputs": torch.randn(2, 8)}, capture=capture)
+    msg = str(info.value)
+    assert "OneInput.forward(x)" in msg and "'x'" in msg
+    _assert_untouched(model, before)
+    assert isinstance(model.lin, nn.Linear)
+
+
+def test_too_many_positional_inputs():
+    model = OneInput()
+    before = _snapshot(model)
+    with pytest.raises(ConfigError, match=r"do not fit OneInput.forward\(x\)"):
+        fxlrd.transform(model, LOW, example_inputs=(torch.randn(2, 8), torch.randn(2, 8)), capture="export")
+    _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("capture", ["auto", "export"])
+def test_float_token_ids_are_named(capture):
+    model = _bert()
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        fxlrd.transform(model, LOW, example_inputs={"input_ids": torch.rand(2, 8) * 10}, capture=capture)
+    msg = str(info.value)
+    assert "input_ids=float32[2, 8]" in msg and "BertModel" in msg
+    assert "int64" in msg and re.search(r"Long|int", msg)
+    _assert_untouched(model, before)
+
+
+def test_wrong_shape_is_named():
+    model = Net()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"float32\[2, 5, 8, 8\].*do not run through Net"):
+        fxlrd.transform(model, LOW, example_inputs=torch.randn(2, 5, 8, 8), capture="export")
+    _assert_untouched(model, before)
+
+
+def test_data_dependent_control_flow_names_the_failure_and_the_users_line():
+    model = DataDependent()
+    before = _snapshot(model)
+    with pytest.raises(CaptureError) as info:
+        fxlrd.transform(model, LOW, example_inputs=torch.randn(2, 8), capture="export")
+    msg = str(info.value)
+    assert "torch.export" in msg and re.search(r"data-dependent|GuardOnDataDependent", msg)
+    assert f"test_capture.py:{DATA_DEPENDENT_LINE}" in msg and "if x.sum() > 0" in msg
+    assert "torch.cond" in msg  # a way out
+    _assert_untouched(model, before)
+
+
+def test_data_dependent_control_flow_in_auto_reports_both_captures():
+    model = DataDependent()
+    before = _snapshot(model)
+    with pytest.raises(CaptureError) as info:
+        fxlrd.plan(model, LOW, example_inputs=torch.randn(2, 8))
+    msg = str(info.value)
+    assert "torch.fx.symbolic_trace" in msg and "torch.export.export" in msg
+    assert msg.count(f"test_capture.py:{DATA_DEPENDENT_LINE}") == 2
+    _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("verb", ["plan", "transform"])
+def test_bogus_capture_mode_is_a_config_error(verb):
+    model = Net()
+    before = _snapshot(model)
+    with pytest.raises(ConfigError, match=r"capture must be one of \('auto', 'fx', 'export'\), got 'bogus'"):
+        getattr(fxlrd, verb)(model, LOW, example_inputs=torch.randn(1, 3, 8, 8), capture="bogus")
+    _assert_untouched(model, before)
+
+
+def test_export_without_example_inputs_says_what_is_missing():
+    model = Net()
+    with pytest.raises((CaptureError, ConfigError)) as info:
+        fxlrd.transform(model, LOW, capture="export")
+    msg = str(info.value)
+    assert "example_inputs" in msg
+    assert "could not trace" not in msg
+
+
+def test_plan_from_an_fx_capture_applied_to_another_model():
+    plan = fxlrd.plan(Net(), LOW, capture="fx")
+    assert plan.settings["capture"]["mode"] == "fx"
+    other = OneInput()
+    before = _snapshot(other)
+    with pytest.raises(PlanMismatchError, match=r"the plan decomposes '(conv|fc)'"):
+        fxlrd.apply(other, plan)
+    _assert_untouched(other, before)
+    assert isinstance(other.lin, nn.Linear)
+
+
+def test_plan_applied_to_a_model_of_other_shapes():
+    plan = fxlrd.plan(Net(), LOW)
+
+    class Wider(Net):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 12)
+
+    other = Wider()
+    before = _snapshot(other)
+    with pytest.raises(PlanMismatchError, match=r"'fc'.*16->10.*16->12"):
+        fxlrd.apply(other, plan)
+    _assert_untouched(other, before)
+
+
+def test_user_model_untouched_by_export_capture():
+    model = _bert(layers=2)
+    model.train()
+    before = _snapshot(model)
+    fxlrd.transform(model, LOW, example_inputs=_tokens(2, 8))
+    _assert_untouched(model, before)
+    assert model.training
+    assert isinstance(model.encoder.layer[0].attention.self.query, nn.Linear)

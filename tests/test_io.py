@@ -1,0 +1,406 @@
+"""fxlrd.save / fxlrd.load: bitwise round trips, refused corrupt saves, atomic writes."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxlrd
+import fxlrd.io as fio
+from fxlrd import Factorized, LRDConfig, PlanMismatchError
+from fxlrd.io import SavedModelError
+from fxlrd.recover import reestimate_norms
+from fxlrd.zoo.resnet import Bottleneck
+
+
+class TinyNet(nn.Module):
+    """A small ResNet: a 3×3 stem, two bottlenecks (one strided with a downsample), a classifier."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        down = nn.Sequential(nn.Conv2d(width, 2 * width, 1, stride=2, bias=False), nn.BatchNorm2d(2 * width))
+        self.block1 = Bottleneck(width, width // 2, 2, down)
+        self.block2 = Bottleneck(2 * width, width // 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _tiny(width: int = 32, classes: int = 10) -> nn.Module:
+    model = TinyNet(width, classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _perturb(gm: nn.Module) -> None:
+    """Stand-in for fine-tuning: the saved values then differ from a fresh decomposition."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def assert_bitwise(gm: nn.Module, loaded: nn.Module) -> None:
+    a, b = gm.state_dict(), loaded.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].device == b[k].device, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under the save's parent (names and bytes): what a refused load must not change."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [LRDConfig(rank_quantum=1), LRDConfig(merge="approximate", rank_quantum=1), LRDConfig(branches=2, rank_quantum=1)],
+    ids=["cnn", "merged", "branched"],
+)
+def test_round_trip_is_bitwise(tmp_path, x, config):
+    model = _tiny()
+    before = _state(model)
+    gm = fxlrd.transform(model, config, example_inputs=x)
+    if config.merge:
+        assert reestimate_norms(gm, [torch.randn(4, 3, 32, 32) for _ in range(2)])  # moved norms get real statistics
+    _perturb(gm)
+    path = fxlrd.save(gm, tmp_path / "saved")
+    assert sorted(os.listdir(path)) == ["metadata.json", "model.safetensors", "plan.json"]
+
+    loaded = fxlrd.load(model, path)
+    assert_bitwise(gm, loaded)
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+    assert loaded.fxlrd_plan.to_dict() == gm.fxlrd_plan.to_dict()
+    assert loaded.fxlrd_capture["mode"] == "fx" and not loaded.training
+    facts = {n: (m.method, m.ranks, m.source) for n, m in loaded.named_modules() if isinstance(m, Factorized)}
+    assert facts == {n: (m.method, m.ranks, m.source) for n, m in gm.named_modules() if isinstance(m, Factorized)}
+    if config.branches > 1:
+        assert loaded.get_submodule("block1.conv2.core").groups == 2
+    # the user's model is untouched
+    assert not any(isinstance(m, Factorized) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bert_captured_with_export_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs={"input_ids": ids, "attention_mask": mask},
+                         capture="export")  # fmt: skip
+    assert gm.fxlrd_plan.settings["capture"]["mode"] == "export"
+    _perturb(gm)
+    path = fxlrd.save(gm, tmp_path / "bert")
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["inputs"]["kwargs"]["input_ids"] == {"shape": [2, 8], "dtype": "int64"}
+
+    loaded = fxlrd.load(model, path)
+    assert_bitwise(gm, loaded)
+    ids2, mask2 = torch.randint(0, 100, (3, 11)), torch.ones(3, 11, dtype=torch.long)  # other batch and length
+    with torch.no_grad():
+        a, b = gm(input_ids=ids2, attention_mask=mask2), loaded(input_ids=ids2, attention_mask=mask2)
+    assert type(a) is type(b)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
+    assert isinstance(loaded.get_submodule("encoder.layer.0.attention.self.query"), Factorized)
+
+
+def test_export_save_into_a_model_with_other_inputs_is_a_plan_mismatch(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    path = fxlrd.save(fxlrd.transform(model, LRDConfig(), example_inputs=inputs, capture="export"), tmp_path / "s")
+    with pytest.raises(PlanMismatchError, match="inputs do not fit this TinyNet .*saved from a BertModel"):
+        fxlrd.load(_tiny(), path)
+
+
+class Gate(nn.Module):
+    """``len`` of a tensor: torch.fx cannot trace it, so it must be a leaf."""
+
+    def forward(self, x):
+        return x / len(x)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _tiny()
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.body(x))
+
+
+def test_recorded_leaf_modules_are_found_again(tmp_path, x):
+    model = Gated().eval()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1, leaf_modules=[Gate]), example_inputs=x, capture="fx")
+    loaded = fxlrd.load(model, fxlrd.save(gm, tmp_path / "s"))  # the plan records "Gate"; load finds the type
+    assert_bitwise(gm, loaded)
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+
+
+def test_dtype_frozen_factors_train_mode_and_ties_survive(tmp_path, x):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _tiny()
+            self.a = nn.Linear(10, 10)
+            self.b = nn.Linear(10, 10)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(self.body(x)))
+
+    model = Tied()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x)
+    assert gm.fxlrd_plan["a"].method == "keep"  # tied: kept
+    gm = gm.double().train()
+    gm.get_submodule("body.bn").eval()
+    fxlrd.freeze(gm, "paper")
+    path = fxlrd.save(gm, tmp_path / "s")
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["aliases"] == {"b.weight": "a.weight"}  # stored once
+
+    loaded = fxlrd.load(model, path)
+    assert_bitwise(gm, loaded)
+    assert loaded.get_submodule("a").weight is loaded.get_submodule("b").weight
+    assert loaded.training and not loaded.get_submodule("body.bn").training
+    flags = lambda m: {n: p.requires_grad for n, p in m.named_parameters()}  # noqa: E731
+    assert flags(loaded) == flags(gm) and not all(flags(gm).values())
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x.double()), loaded.eval()(x.double()))
+
+
+def test_load_into_another_model_is_a_plan_mismatch(tmp_path, x):
+    path = fxlrd.save(fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x), tmp_path / "s")
+    snapshot = _snapshot(tmp_path)
+    other = _tiny(width=48)  # same layer names, other shapes
+    before = _state(other)
+    with pytest.raises(PlanMismatchError, match="plan does not match the model at 'stem'"):
+        fxlrd.load(other, path)
+    with pytest.raises(PlanMismatchError, match="no conv/linear layer there"):
+        fxlrd.load(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), path)
+    assert _snapshot(tmp_path) == snapshot
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_kept_layer_of_another_shape_is_named(tmp_path, x):
+    config = LRDConfig(rank_quantum=1, exclude=["fc"])
+    path = fxlrd.save(fxlrd.transform(_tiny(), config, example_inputs=x), tmp_path / "s")
+    message = r"does not fit this TinyNet: tensors 2 of other shapes \(fc.weight \[10, 64\] saved"
+    with pytest.raises(PlanMismatchError, match=message):
+        fxlrd.load(_tiny(classes=12), path)  # the plan keeps fc: only the tensors tell
+
+
+def _truncate(path: Path) -> None:
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+
+
+def _flip(name: str):
+    def flip(path: Path) -> None:
+        data = bytearray((path / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (path / name).write_bytes(bytes(data))
+
+    return flip
+
+
+def _remove(name: str):
+    return lambda path: (path / name).unlink()
+
+
+def _newer_format(path: Path) -> None:
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["format"] = "fxlrd.saved-model/2"
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def _other_plan(path: Path) -> None:
+    other = fxlrd.transform(_tiny(), LRDConfig(ratio=4, rank_quantum=1), example_inputs=torch.randn(1, 3, 32, 32))
+    (path / "plan.json").write_text(other.fxlrd_plan.to_json() + "\n")
+
+
+@pytest.mark.parametrize(
+    "corrupt, error, message",
+    [
+        (_truncate, SavedModelError, r"model.safetensors has \d+ bytes, the save recorded \d+: the file is truncated"),
+        (_flip("model.safetensors"), SavedModelError, "model.safetensors does not match its sha256"),
+        (_flip("plan.json"), SavedModelError, "plan.json does not match its sha256"),
+        (_remove("plan.json"), SavedModelError, "plan.json is missing"),
+        (_remove("model.safetensors"), SavedModelError, "model.safetensors is missing"),
+        (_remove("metadata.json"), SavedModelError, "metadata.json is missing"),
+        (_other_plan, SavedModelError, "plan.json (has .* bytes|does not match)"),
+        (_newer_format, SavedModelError, "format version 2 .* reads format versions up to 1: upgrade fxlrd"),
+    ],
+    ids=["truncated", "flipped-weights", "flipped-plan", "no-plan", "no-weights", "no-metadata", "other-plan", "newer"],
+)
+def test_corrupt_saves_are_refused_and_nothing_changes(tmp_path, x, corrupt, error, message):
+    model = _tiny()
+    path = fxlrd.save(fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x), tmp_path / "s")
+    corrupt(path)
+    snapshot, before = _snapshot(tmp_path), _state(model)
+    with pytest.raises(error, match=message):
+        fxlrd.load(model, path)
+    assert _snapshot(tmp_path) == snapshot
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_consistent_plan_of_another_model_is_a_plan_mismatch(tmp_path, x):
+    """A plan swapped in with its hash updated: the structure then disagrees with the tensors."""
+    model = _tiny()
+    path = fxlrd.save(fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x), tmp_path / "s")
+    _other_plan(path)
+    meta = json.loads((path / "metadata.json").read_text())
+    plan = path / "plan.json"
+    meta["files"]["plan.json"] = {"sha256": fio._sha256(plan), "bytes": plan.stat().st_size}
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(PlanMismatchError, match=r"does not fit this TinyNet: tensors \d+ of other shapes \(stem.core"):
+        fxlrd.load(model, path)
+
+
+def test_missing_directory_and_not_a_plan_carrier(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fxlrd.load(_tiny(), tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="needs the GraphModule that fxlrd.transform"):
+        fxlrd.save(_tiny(), tmp_path / "s")
+    assert not any(tmp_path.iterdir())
+
+
+def test_existing_directory_needs_overwrite_and_nothing_is_written(tmp_path, x):
+    gm = fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x)
+    path = fxlrd.save(gm, tmp_path / "s")
+    snapshot = _snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        fxlrd.save(gm, path)
+    assert _snapshot(tmp_path) == snapshot and sorted(os.listdir(tmp_path)) == ["s"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="other content than an fxlrd saved model"):
+        fxlrd.save(gm, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_save(tmp_path, x):
+    model = _tiny()
+    first = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x)
+    second = fxlrd.transform(model, LRDConfig(ratio=3, rank_quantum=1), example_inputs=x)
+    path = fxlrd.save(first, tmp_path / "s")
+    fxlrd.save(second, path, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["s"]
+    assert_bitwise(second, fxlrd.load(model, path))
+
+
+def _interrupt_weights(monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def half_then_fail(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+
+
+def _interrupt_move_in(monkeypatch):
+    real = fio._move
+
+    def move(src, dst):
+        if Path(src).name.startswith(".s.tmp-"):  # the new save, after the old one went aside
+            raise OSError("interrupted")
+        real(src, dst)
+
+    monkeypatch.setattr(fio, "_move", move)
+
+
+def _interrupt_metadata(monkeypatch):
+    monkeypatch.setattr(fio, "_sha256", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+@pytest.mark.parametrize("interrupt", [_interrupt_weights, _interrupt_move_in, _interrupt_metadata],
+                         ids=["while-writing-weights", "between-renames", "keyboard-interrupt"])  # fmt: skip
+def test_interrupted_overwrite_leaves_the_previous_save(tmp_path, x, monkeypatch, interrupt):
+    model = _tiny()
+    old = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x)
+    path = fxlrd.save(old, tmp_path / "s")
+    snapshot = _snapshot(tmp_path)
+    new = fxlrd.transform(model, LRDConfig(ratio=3, rank_quantum=1), example_inputs=x)
+    interrupt(monkeypatch)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        fxlrd.save(new, path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["s"]  # no temporary or set-aside directory behind
+    assert _snapshot(tmp_path) == snapshot
+    assert_bitwise(old, fxlrd.load(model, path))
+
+
+def test_interrupted_first_save_leaves_nothing(tmp_path, x, monkeypatch):
+    gm = fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x)
+    _interrupt_weights(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        fxlrd.save(gm, tmp_path / "s")
+    assert not any(tmp_path.iterdir())
+
+
+def test_metadata_records_versions_hashes_and_inputs(tmp_path, x):
+    gm = fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x)
+    path = fxlrd.save(gm, tmp_path / "deep" / "s")  # parents are created
+    meta = fio.verify(path)
+    assert meta["format"] == "fxlrd.saved-model/1" and meta["fxlrd"] == fxlrd.__version__
+    assert meta["torch"] == torch.__version__ and meta["python"] and meta["created"]
+    assert set(meta["files"]) == {"plan.json", "model.safetensors"}
+    assert meta["inputs"] == {"args": [{"shape": [2, 3, 32, 32], "dtype": "float32"}], "kwargs": {}}
+    assert oct((path / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert b"pickle" not in (path / "model.safetensors").read_bytes()[:200]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_loads_on_cuda_or_where_asked(tmp_path, x):
+    model = _tiny()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x).cuda()
+    path = fxlrd.save(gm, tmp_path / "s")
+    assert json.loads((path / "metadata.json").read_text())["device"] == "cuda:0"
+    loaded = fxlrd.load(model, path)  # the CPU model: tensors go where they were saved
+    assert all(t.is_cuda for t in loaded.state_dict().values())
+    assert_bitwise(gm, loaded)
+    with torch.no_grad():
+        assert torch.equal(gm(x.cuda()), loaded(x.cuda()))
+    on_cpu = fxlrd.load(model, path, device="cpu")
+    assert all(t.device.type == "cpu" for t in on_cpu.state_dict().values())

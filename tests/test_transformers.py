@@ -1,0 +1,469 @@
+"""Hugging Face transformers, built from small configs (no downloads), through fxlrd end to end."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import fxlrd
+from fxlrd import Factorized, LRDConfig, zoo
+from fxlrd.capture import capture
+from fxlrd.export import max_relative_error, onnx_session
+
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+aten = torch.ops.aten
+FULL = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
+R = 4
+
+
+def _tokens(batch, seq, mask=True, vocab=100):
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq))}
+    if mask:
+        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        inputs["attention_mask"][0, seq - 2 :] = 0  # some padding
+    return inputs
+
+
+def _pixels(batch, size=32):
+    return {"pixel_values": torch.randn(batch, 3, size, size)}
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return transformers.BertModel(cfg), _tokens(2, 8), _tokens(3, 11)
+
+
+def vit():
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    return transformers.ViTModel(cfg), _pixels(2), _pixels(3)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False)
+    return transformers.GPT2Model(cfg), _tokens(2, 8), _tokens(3, 11)
+
+
+def t5_encoder():
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)
+    return transformers.T5EncoderModel(cfg), _tokens(2, 8), _tokens(3, 11)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False)  # fmt: skip
+    return transformers.LlamaModel(cfg), _tokens(2, 8), _tokens(3, 11)
+
+
+def resnet():
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck")
+    model = transformers.ResNetModel(cfg)
+    _randomize_norms(model)
+    return model, _pixels(2), _pixels(3, size=40)
+
+
+def convnext():
+    cfg = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1])
+    return transformers.ConvNextModel(cfg), _pixels(2), _pixels(3, size=48)
+
+
+MODELS = {"bert": bert, "vit": vit, "gpt2": gpt2, "t5_encoder": t5_encoder, "llama": llama, "resnet": resnet,
+          "convnext": convnext}  # fmt: skip
+# Layers that stay, and why (everything else that is a Linear, Conv1D or Conv2d is decomposed).
+KEPT = {"convnext": {"encoder.stages.0.layers.0.dwconv": "depthwise", "encoder.stages.1.layers.0.dwconv": "depthwise"}}
+
+
+def _randomize_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+
+
+def _build(name):
+    model, example, other = MODELS[name]()
+    return model.eval(), example, other
+
+
+def _leaves(out):
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _assert_outputs_close(got, want, tol):
+    assert type(got) is type(want)
+    g, w = _leaves(got), _leaves(want)
+    assert len(g) == len(w) > 0
+    for a, b in zip(g, w):
+        assert a.shape == b.shape
+        assert rel_err(a, b) <= tol, (a.shape, rel_err(a, b))
+
+
+def _layer_modules(model):
+    """Every conv/linear layer of the model by name (what must become a site)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D))}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def captured(request):
+    """One export capture per model, shared by the tests below (capturing is what costs time)."""
+    name = request.param
+    torch.manual_seed(0)
+    model, example, other = _build(name)
+    cap = capture(model, example)
+    assert cap.mode == "export", cap.reason  # none of these models is fx-traceable
+    return name, model, example, other, cap.gm
+
+
+# --- (a) full rank, (c) every layer a site, (d) other shapes -----------------------------------------
+
+
+def test_full_rank_reproduces_and_runs_at_other_shapes(captured):
+    name, model, example, other, gm0 = captured
+    gm = fxlrd.transform(gm0, FULL)
+    assert len(gm.fxlrd_plan.decomposed) >= 6
+    with torch.no_grad():
+        _assert_outputs_close(gm(**example), model(**example), 1e-5)
+        _assert_outputs_close(gm(**other), model(**other), 1e-5)
+
+
+def test_every_linear_and_conv_is_decomposed_unless_a_reason_is_given(captured):
+    name, model, example, _, gm0 = captured
+    plan = fxlrd.plan(gm0, FULL)
+    layers = _layer_modules(model)
+    assert set(plan.layers) == set(layers), plan.table()
+    kept = KEPT.get(name, {})
+    for lp in plan:
+        if lp.name in kept:
+            assert lp.method == "keep" and kept[lp.name] in lp.reason
+        else:
+            assert lp.decomposed, (lp.name, lp.reason)
+    attention = {"bert": "attention.self.query", "vit": "attention.q_proj", "gpt2": "attn.c_attn",
+                 "t5_encoder": "SelfAttention.q", "llama": "self_attn.k_proj"}  # fmt: skip
+    if name in attention:
+        assert any(lp.name.endswith(attention[name]) for lp in plan.decomposed)
+
+
+def test_default_ratio_compresses_and_runs_at_other_batch_and_sequence(captured):
+    name, model, example, other, gm0 = captured
+    gm = fxlrd.transform(gm0, LRDConfig(ratio=2, rank_quantum=1))
+    assert fxlrd.count_params(gm) < fxlrd.count_params(model)
+    with torch.no_grad():
+        got, want = gm(**other), model(**other)
+    assert type(got) is type(want)
+    assert [t.shape for t in _leaves(got)] == [t.shape for t in _leaves(want)]
+    assert all(torch.isfinite(t).all() for t in _leaves(got))
+
+
+# --- (b) exactly low-rank weights are reproduced, with every factor kept ------------------------------
+
+
+def _make_low_rank(modules, names, r):
+    """Give every named layer (in each of ``modules``) the same weight of exact rank r
+    (Tucker rank (r, r) for k×k convs)."""
+    with torch.no_grad():
+        for name in names:
+            w = modules[0].get_submodule(name).weight
+            std = float(w.std()) or 0.02
+            if w.dim() == 2 or all(k == 1 for k in w.shape[2:]):
+                new = (torch.randn(w.shape[0], r) @ torch.randn(r, w[0].numel())).reshape(w.shape)
+            else:
+                s, c = w.shape[:2]
+                r1, r2 = min(r, c), min(r, s)
+                core = torch.randn(r2, r1, *w.shape[2:])
+                new = torch.einsum("rq...,sr,cq->sc...", core, torch.randn(s, r2), torch.randn(c, r1))
+            new *= std / float(new.std())
+            for module in modules:
+                module.get_submodule(name).weight.copy_(new)
+
+
+def _expected_roles(lp, r):
+    c, s = lp.in_channels, lp.out_channels
+    if lp.method == "svd":
+        return ["in_proj", "out_proj"] if r < min(c, s) else ["out_proj"]
+    return [role for role, present in (("in_proj", r < c), ("core", True), ("out_proj", r < s)) if present]
+
+
+def test_exact_low_rank_weights_are_reproduced_with_every_factor_kept(captured):
+    name, model, example, other, gm0 = captured
+    model, gm0 = copy.deepcopy(model), copy.deepcopy(gm0)
+    names = [lp.name for lp in fxlrd.plan(gm0, FULL).decomposed]
+    _make_low_rank([model, gm0], names, R)
+    gm = fxlrd.transform(gm0, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1))
+    plan = gm.fxlrd_plan
+    assert [lp.name for lp in plan.decomposed] == names
+    for lp in plan.decomposed:
+        want_ranks = (R,) if lp.method == "svd" else (min(R, lp.in_channels), min(R, lp.out_channels))
+        assert lp.ranks == want_ranks, lp.name
+        fact = gm.get_submodule(lp.name)
+        assert isinstance(fact, Factorized) and fact.roles() == _expected_roles(lp, R), lp.name
+    with torch.no_grad():
+        _assert_outputs_close(gm(**example), model(**example), 1e-4)
+        _assert_outputs_close(gm(**other), model(**other), 1e-4)
+
+
+# --- (e) state-dict keys keep their prefixes ---------------------------------------------------------
+
+
+def test_state_dict_keys_keep_their_prefixes(captured):
+    name, model, example, _, gm0 = captured
+    gm = fxlrd.transform(gm0, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1))
+    state = gm.state_dict()
+    original = model.state_dict()
+    decomposed = {lp.name for lp in gm.fxlrd_plan.decomposed}
+    for lp in gm.fxlrd_plan.decomposed:
+        fact = gm.get_submodule(lp.name)
+        for role in fact.roles():
+            assert any(k.startswith(f"{lp.name}.{role}.") for k in state), (lp.name, role)
+        assert f"{lp.name}.weight" not in state
+    # Everything not decomposed is still there under its own name, unchanged.
+    for key, value in original.items():
+        if key.rpartition(".")[0] not in decomposed:
+            assert torch.equal(state[key], value), key
+    # Every key lives on a module of the original model or a factor of a decomposed layer.
+    modules = {n for n, _ in model.named_modules()}
+    for key in state:
+        owner = key.rpartition(".")[0]
+        assert owner in modules or any(owner.startswith(d + ".") for d in decomposed), key
+
+
+def test_bert_state_dict_names():
+    model, example, _ = _build("bert")
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1), example_inputs=example)
+    keys = set(gm.state_dict())
+    assert {
+        "encoder.layer.0.attention.self.query.in_proj.weight",
+        "encoder.layer.0.attention.self.query.out_proj.weight",
+        "encoder.layer.0.attention.self.query.out_proj.bias",
+        "encoder.layer.1.intermediate.dense.in_proj.weight",
+        "pooler.dense.out_proj.bias",
+        "embeddings.word_embeddings.weight",
+        "encoder.layer.0.attention.output.LayerNorm.weight",
+    } <= keys
+    assert "encoder.layer.0.attention.self.query.weight" not in keys
+
+
+# --- model specifics ------------------------------------------------------------------------------------
+
+
+def test_gpt2_conv1d_transposed_weights_are_addmm_sites():
+    model, example, other = _build("gpt2")
+    gm0 = capture(model, example).gm
+    plan = fxlrd.plan(gm0, FULL)
+    lp = plan["h.0.attn.c_attn"]
+    assert lp.layer_type == "aten.addmm" and lp.site == "function"
+    # Conv1D stores (in, out): the site reads it as the usual (out, in).
+    assert (lp.in_channels, lp.out_channels) == (32, 96)
+    assert (plan["h.0.mlp.c_fc"].in_channels, plan["h.0.mlp.c_fc"].out_channels) == (32, 128)
+    gm = fxlrd.transform(gm0, LRDConfig(rank_rule="fixed", rank=8, rank_quantum=1))
+    fact = gm.get_submodule("h.0.attn.c_attn")
+    assert fact.in_proj.weight.shape == (8, 32) and fact.out_proj.weight.shape == (96, 8)
+    # The factors are the truncated SVD of W = Conv1D.weight.T.
+    w = model.get_submodule("h.0.attn.c_attn").weight.detach().T.double()
+    u, s, vh = torch.linalg.svd(w)
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    torch.testing.assert_close((fact.out_proj.weight @ fact.in_proj.weight).double(), best, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_grouped_query_attention_projections():
+    model, example, _ = _build("llama")
+    plan = fxlrd.plan(model, FULL, example_inputs=example)
+    q, k, v = (plan[f"layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert (q.in_channels, q.out_channels) == (32, 32)
+    assert (k.in_channels, k.out_channels) == (v.in_channels, v.out_channels) == (32, 16)  # 2 of 4 heads
+    assert all(plan[f"layers.0.mlp.{p}"].decomposed for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def test_gpt2_lm_head_is_kept_as_tied():
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=4)  # use_cache=True
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    example = _tokens(2, 8)
+    gm = fxlrd.transform(model, FULL, example_inputs=example)
+    lp = gm.fxlrd_plan["lm_head"]
+    assert lp.method == "keep" and "tied weights" in lp.reason
+    assert all(lp.decomposed for lp in gm.fxlrd_plan if lp.name != "lm_head")
+    assert not isinstance(gm.get_submodule("lm_head"), Factorized)
+    assert gm.get_submodule("lm_head").weight is gm.get_submodule("transformer.wte").weight  # still tied
+    assert any("use_cache" in note for note in gm.fxlrd_capture["notes"]) and model.config.use_cache
+    model.config.use_cache = False  # compare like with like (the capture has no cache in its output)
+    with torch.no_grad():
+        _assert_outputs_close(gm(**example), model(**example), 1e-5)
+
+
+def test_decoder_with_kv_cache_enabled_is_captured_without_it():
+    model, example, other = _build("llama")
+    model.config.use_cache = True
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1), example_inputs=example)
+    assert any("use_cache" in note for note in gm.fxlrd_capture["notes"])
+    assert model.config.use_cache is True  # the user's model keeps its setting
+    with torch.no_grad():
+        out = gm(**other)
+    assert out.last_hidden_state.shape == (3, 11, 32)
+
+
+def test_paper_freezing(captured):
+    name, model, example, _, gm0 = captured
+    gm = fxlrd.transform(gm0, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1))
+    fxlrd.freeze(gm, "paper")
+    facts = {n: m for n, m in gm.named_modules() if isinstance(m, Factorized)}
+    assert len(facts) == len(gm.fxlrd_plan.decomposed)
+    for fname, fact in facts.items():
+        roles = fact.roles()
+        if fact.method == "svd" and "in_proj" in roles:
+            assert not any(p.requires_grad for p in fact.in_proj.parameters()), fname
+            assert all(p.requires_grad for p in fact.out_proj.parameters()), fname
+        elif fact.method == "tucker2" and len(roles) > 1:
+            assert all(p.requires_grad for p in fact.core.parameters()), fname
+            assert not any(p.requires_grad for r in roles if r != "core" for p in getattr(fact, r).parameters()), fname
+    factor_params = {id(p) for f in facts.values() for p in f.parameters()}
+    assert all(p.requires_grad for p in gm.parameters() if id(p) not in factor_params)  # the rest is untouched
+    groups = {g["name"]: g["params"] for g in fxlrd.param_groups(gm)}
+    assert groups["factors_frozen"] and groups["factors_trainable"]
+    # Backward: frozen factors get no gradient, trainable ones do.
+    gm.train()
+    out = _leaves(gm(**example))[0]
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(p.grad is None for p in groups["factors_frozen"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["factors_trainable"])
+    if name == "bert":
+        assert len(facts) == 13 and all(f.method == "svd" for f in facts.values())
+        assert gm.get_parameter("encoder.layer.0.attention.self.query.in_proj.weight").grad is None
+        assert not gm.get_parameter("encoder.layer.0.attention.self.query.in_proj.weight").requires_grad
+        assert gm.get_parameter("encoder.layer.0.attention.self.query.out_proj.weight").requires_grad
+        assert gm.get_parameter("encoder.layer.0.output.dense.out_proj.weight").grad is not None
+
+
+# --- MergePass on an exported ResNet (aten.conv2d / aten.batch_norm / aten.relu) ------------------------
+
+
+def _conv_layers(gm):
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
+            n += 1
+        elif node.op == "call_function" and node.target in (aten.conv2d.default, aten.convolution.default):
+            n += 1
+    return n
+
+
+def test_merge_on_hugging_face_resnet():
+    model, example, other = _build("resnet")
+    approx = fxlrd.transform(model, LRDConfig(rank_quantum=1, merge="approximate"), example_inputs=example)
+    assert approx.fxlrd_capture["mode"] == "export"
+    gm0 = capture(model, example).gm  # the other variants share one capture
+    vanilla = fxlrd.transform(gm0, LRDConfig(rank_quantum=1))
+    unmerged = fxlrd.transform(gm0, LRDConfig(rank_quantum=1, decompose_pointwise=False))
+    exact = fxlrd.transform(gm0, LRDConfig(rank_quantum=1, merge="exact"))
+    variants = {"vanilla": vanilla, "unmerged": unmerged, "exact": exact, "approx": approx}
+    n = {k: _conv_layers(g) for k, g in variants.items()}
+    assert n["exact"] < n["vanilla"] and n["approx"] < n["vanilla"]
+    assert n["approx"] < n["unmerged"]  # HF's bottlenecks have a ReLU after every norm: only approximate crosses it
+    merged = [n for n in approx.graph.nodes if n.op == "call_module" and "merged_from" in n.meta.get("fxlrd", {})]
+    assert merged and all(not node.meta["fxlrd"]["exact"] for node in merged)
+    with torch.no_grad():
+        _assert_outputs_close(exact(**example), unmerged(**example), 1e-5)
+        _assert_outputs_close(exact(**other), unmerged(**other), 1e-5)
+        out = approx(**other)
+    assert out.last_hidden_state.shape == model(**other).last_hidden_state.shape
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+class ConvBnConv(nn.Module):
+    """conv → bn → 3×3 conv → bn → conv with no activation between: exact merges apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 32, 1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.c = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        return self.c(self.bn2(self.b(self.bn1(self.a(x)))))
+
+
+def test_exact_merge_on_an_export_capture_is_exact():
+    model = ConvBnConv().eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 8, 6, 6)
+    cfg = dict(rank_rule="fixed", rank=8, rank_quantum=1)
+    unmerged = fxlrd.transform(model, LRDConfig(**cfg, decompose_pointwise=False), example_inputs=x, capture="export")
+    exact = fxlrd.transform(model, LRDConfig(**cfg, merge="exact"), example_inputs=x, capture="export")
+    assert _conv_layers(exact) < _conv_layers(unmerged)
+    assert not any(n.op == "call_function" and n.target is torch.ops.aten.batch_norm.default for n in exact.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), unmerged(x), rtol=1e-4, atol=1e-5)
+
+
+# --- ONNX and torch.compile parity ------------------------------------------------------------------------
+
+
+def _zoo_vit():
+    model = zoo.vit_b_16(image_size=32, num_classes=10).eval()
+    model.encoder.layers = model.encoder.layers[:1]  # one of its identical blocks keeps the test fast
+    return model
+
+
+@pytest.fixture(scope="module", params=["bert", "vit", "zoo_vit"])
+def compressed(request):
+    """A compressed model per family, shared by the ONNX and torch.compile tests."""
+    torch.manual_seed(0)
+    return (request.param, *_compressed(request.param))
+
+
+def _compressed(which):
+    if which == "zoo_vit":
+        model = _zoo_vit()
+        example, other = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+        return fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=64), example_inputs=example), example, other
+    model, example, other = _build(which)
+    return fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8), example_inputs=example), example, other
+
+
+def _call(gm, inputs):
+    return gm(**inputs) if isinstance(inputs, dict) else gm(inputs)
+
+
+@pytest.mark.slow
+def test_onnx_parity_at_other_batch_and_sequence(compressed, tmp_path):
+    which, gm, example, other = compressed
+    path = fxlrd.export_onnx(gm, example, tmp_path / f"{which}.onnx")
+    session = onnx_session(path)
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(example, dict):
+        assert names == list(example)
+        feed = {k: v.numpy() for k, v in other.items()}
+        if which == "bert":
+            shapes = {i.name: i.shape for i in session.get_inputs()}
+            assert shapes["input_ids"] == ["batch", "sequence"]
+    else:
+        feed = {names[0]: other.numpy()}
+    got = session.run(None, feed)
+    with torch.no_grad():
+        want = _leaves(_call(gm, other))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == tuple(w.shape)
+        assert max_relative_error(g, w.numpy()) <= 1e-4
+
+
+@pytest.mark.slow
+def test_torch_compile_parity(compressed):
+    which, gm, example, other = compressed
+    compiled = torch.compile(gm)
+    with torch.no_grad():
+        got, want = _call(compiled, other), _call(gm, other)
+    assert type(got) is type(want)
+    for g, w in zip(_leaves(got), _leaves(want)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
