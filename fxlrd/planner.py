@@ -167,7 +167,16 @@ def _params_of(task: LayerTask, ranks: tuple[int, ...]) -> int:
     return count_params(skeleton(task.spec, task.handler.name, ranks, device="meta", dtype=task.weight.dtype))
 
 
-def make_plan(
+def make_plan(gm: fx.GraphModule, config: LRDConfig, inputs: Args | None = None, **kwargs: Any) -> Plan:
+    """Plan every conv/linear site of ``gm`` under ``config`` (see `_make_plan`); the rank
+    rules and error curves run single-threaded (`fxlrd.decompose.single_threaded`)."""
+    from .decompose import single_threaded
+
+    with single_threaded():
+        return _make_plan(gm, config, inputs, **kwargs)
+
+
+def _make_plan(
     gm: fx.GraphModule,
     config: LRDConfig,
     inputs: Args | None = None,
@@ -274,10 +283,11 @@ def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill:
         searcher.close()
 
 
-def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | None], float], error) -> dict:
+def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | None], float], error, *,
+             every: bool = False) -> dict:  # fmt: skip
     """Keep, or each global candidate that compresses, as choice -> (cost, error)."""
     opts: dict = {None: (cost(None), 0.0)}
-    for ranks in task.handler.global_candidates(task.ranks, task.caps, quantum):
+    for ranks in task.handler.global_candidates(task.ranks, task.caps, quantum, every=every):
         if ranks in opts or _params_of(task, ranks) >= task.lp.params_before:
             continue  # not a compression
         opts[ranks] = (cost(ranks), error(ranks))
@@ -301,7 +311,8 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
     options = []
     for task in tasks:
         curve = task.handler.error_curve(task.weight, task.spec, task.stats)
-        options.append(_options(task, quantum, lambda r, t=task: t.lp.params_before if r is None else _params_of(t, r), curve))
+        options.append(_options(task, quantum, lambda r, t=task: t.lp.params_before if r is None else _params_of(t, r), curve,
+                                every=True))  # fmt: skip
     choices, met = solve_budget(options, budget)
     for task, opts, choice in zip(tasks, options, choices):
         fill(task, choice, "" if choice is not None else "global allocation: kept (least error for the budget)")
@@ -358,12 +369,12 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         trial = DecomposePass(plan, stats={t.lp.name: t.stats for t in tasks if t.stats is not None})(copy.deepcopy(gm))
         return searcher.timer.speedup_model(copy.deepcopy(gm), trial.graph_module, inputs)
 
-    def within_size(choices) -> bool:
-        if budget_params is None:
-            return True
-        return sum(t.lp.params_before if c is None else _params_of(t, c) for t, c in zip(tasks, choices)) <= budget_params
-
-    choices, record = closed_loop(options, config.target_speedup, model_s, measure, extra_budget=within_size)
+    params = [{c: (t.lp.params_before if c is None else _params_of(t, c)) for c in opts} for t, opts in zip(tasks, options)]
+    choices, record = closed_loop(options, config.target_speedup, model_s, measure, params=params,
+                                  param_budget=budget_params)  # fmt: skip
+    if budget_params is not None:
+        record["layer_params_budget"] = budget_params
+        record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
     apply_choices(choices)
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record

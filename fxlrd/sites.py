@@ -430,6 +430,10 @@ def replace_site(gm: fx.GraphModule, site: Site, module: nn.Module, meta: dict[s
     if site.kind == "function" and not site.replace_owner:
         for path in filter(None, (site.weight_path, site.bias_path)):
             _drop_param(gm, path)
+    try:  # the new module runs in the mode of the one it replaces
+        module.train(gm.get_submodule(site.name).training)
+    except AttributeError:
+        module.train(gm.training)
     set_submodule(gm, site.name, module)
     if isinstance(module, Factorized):
         steps = [(f"{site.name}.{role}", role) for role in module.roles()]
@@ -443,7 +447,9 @@ def replace_site(gm: fx.GraphModule, site: Site, module: nn.Module, meta: dict[s
             for i, (target, role) in enumerate(steps):
                 last = gm.graph.call_module(target, (value,))
                 last.meta = {k: v for k, v in node.meta.items() if k not in _VALUE_META or i == len(steps) - 1}
-                if role is not None:
+                if role is not None:  # each factor is its own module for tools that read the stack (PT2E)
+                    last.meta["nn_module_stack"] = _with_module(node.meta.get("nn_module_stack"), target,
+                                                                type(gm.get_submodule(target)))  # fmt: skip
                     last.meta["fxlrd"] = {"source": site.name, "method": module.method, "role": role,
                                           "ranks": module.ranks, **(meta or {})}  # fmt: skip
                 value = last
@@ -452,6 +458,17 @@ def replace_site(gm: fx.GraphModule, site: Site, module: nn.Module, meta: dict[s
         lasts.append(last)
     _erase_dead_reads(gm, site)
     return lasts
+
+
+def _with_module(stack: Any, path: str, cls: type) -> Any:
+    """``nn_module_stack`` with the factor's own module appended, in the stack's own format."""
+    if not isinstance(stack, dict):
+        return stack
+    out = dict(stack)
+    last = next(reversed(out.values()), None)
+    kind = f"{cls.__module__}.{cls.__qualname__}" if isinstance(last, tuple) and last and isinstance(last[-1], str) else cls
+    out[path] = (path, kind)
+    return out
 
 
 def _erase_dead_reads(gm: fx.GraphModule, site: Site) -> None:

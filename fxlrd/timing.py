@@ -8,7 +8,7 @@ import statistics
 import time
 from typing import Callable, Mapping
 
-__all__ = ["median_times", "environment"]
+__all__ = ["median_times", "environment", "cpu_vector_extensions", "default_rank_quantum"]
 
 
 def median_times(
@@ -39,6 +39,7 @@ def environment() -> dict[str, object]:
     info: dict[str, object] = {
         "machine": platform.machine(),
         "processor": _cpu_name(),
+        "vector_extensions": " ".join(cpu_vector_extensions()) or "none found",
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -54,6 +55,41 @@ def environment() -> dict[str, object]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+_VECTOR_FLAGS = {
+    "avx2": "AVX2", "avx512f": "AVX-512F", "avx512_vnni": "AVX-512 VNNI", "avx512_bf16": "AVX-512 BF16",
+    "avx_vnni": "AVX-VNNI", "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16", "asimd": "NEON", "sve": "SVE",
+}  # fmt: skip
+
+
+def cpu_vector_extensions(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's SIMD extensions that matter for kernel speed (AVX2, AVX-512, VNNI, AMX...),
+    read from ``/proc/cpuinfo`` (or the text given)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [name for flag, name in _VECTOR_FLAGS.items() if flag in flags]
+
+
+def default_rank_quantum(extensions: list[str] | None = None) -> int:
+    """Ranks the CPU's vector units fill exactly: 16 float32 lanes with AVX-512, 8 with AVX2,
+    4 otherwise (NEON). onnxruntime's and oneDNN's conv and GEMM kernels block channels by the
+    vector width; a rank between two multiples costs the next multiple's time."""
+    ext = cpu_vector_extensions() if extensions is None else extensions
+    if "AVX-512F" in ext:
+        return 16
+    if "AVX2" in ext:
+        return 8
+    return 4
 
 
 def _cpu_name() -> str:

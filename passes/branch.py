@@ -85,7 +85,7 @@ class BranchPass(PassBase):
         for name, modules in replacements.items():
             fact = gm.get_submodule(name)
             for role, module in modules.items():
-                set_submodule(gm, f"{name}.{role}", module)
+                set_submodule(gm, f"{name}.{role}", module.train(fact.training))
             fact.ranks = (modules["core"].in_channels, modules["core"].out_channels)
             for node in gm.graph.nodes:
                 info = node.meta.get("fxlrd", {})

@@ -195,7 +195,7 @@ class MergePass(PassBase):
     def _merge(self, gm: fx.GraphModule, a: fx.Node, norm: fx.Node | None, act: fx.Node | None, b: fx.Node) -> None:
         ma, mb = _module(gm, a), _module(gm, b)
         first = fold_norm(ma, _module(gm, norm)) if norm is not None else ma
-        merged = compose_pointwise(first, mb)
+        merged = compose_pointwise(first, mb).train(ma.training)
         sources = sorted(_sources(gm, a) | _sources(gm, b))
         info = {"merged_from": [a.target, b.target], "exact": act is None, "sources": sources}
         merged.fxlrd_merge = info

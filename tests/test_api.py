@@ -304,7 +304,7 @@ def test_deepcopy_and_rerun_of_result():
         torch.testing.assert_close(gm(x), gm2(x))
 
 
-@pytest.mark.parametrize("cfg", [LRDConfig(rank_rule="energy", energy=0.9), LRDConfig(rank_rule="fixed", rank=(4, 8))])
+@pytest.mark.parametrize("cfg", [LRDConfig(rank_rule="energy", energy=0.9, rank_quantum=8), LRDConfig(rank_rule="fixed", rank=(4, 8))])
 def test_energy_and_fixed_rules_end_to_end(cfg):
     model = Small().eval()
     plan = fxlrd.plan(model, cfg)

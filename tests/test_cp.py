@@ -188,7 +188,7 @@ def test_planner_gives_cp_ranks_from_the_ratio_rule():
     assert lp.params_after == 16 * 42 + 2 * 3 * 42 + 42 * 32 + 32
     assert lp.params_before == 16 * 32 * 9 + 32
     assert plan["head"].method == "svd"  # pointwise layers keep their own method
-    quantized = fxlrd.plan(Net(), LRDConfig(conv_method="cp", ratio=2))
+    quantized = fxlrd.plan(Net(), LRDConfig(conv_method="cp", ratio=2, rank_quantum=8))
     assert quantized["conv"].ranks == (40,)
 
 

@@ -36,3 +36,30 @@ def test_graph_lints_and_recompiles():
     gm.graph.lint()
     assert "layer1.0.conv2.core" in {n.target for n in gm.graph.nodes}
     assert "conv2.core" in gm.code
+
+
+# The README's chaining example: fxlrd's passes, a PyTorch pass, then torch.compile.
+def fuse_conv_bn(gm: fx.GraphModule) -> PassResult:
+    """PyTorch's conv-BN folding (eval mode) as a pass."""
+    from torch.fx.experimental.optimization import fuse
+
+    return PassResult(fuse(gm, inplace=True), True)
+
+
+@pytest.mark.slow
+def test_chained_passes_then_torch_compile_match_eager():
+    from fxlrd.passes import FreezePass, MergePass
+
+    model = zoo.resnet50(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, merge="exact"), example_inputs=x)
+    gm = fx.symbolic_trace(model)
+    result = PassManager(passes=[DecomposePass(plan), MergePass("exact"), fuse_conv_bn, FreezePass("paper")])(gm)
+    out = result.graph_module.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in out.modules())  # folded
+    compiled = torch.compile(out)
+    with torch.no_grad():
+        eager = out(x)
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
+        unfused = fxlrd.apply(model, plan)
+        torch.testing.assert_close(eager, unfused(x), rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ from torch import nn
 import fxlrd
 from fxlrd import ConfigError, LRDConfig
 from fxlrd.latency import LatencyConfig, LayerTimer
-from fxlrd.ranks.allocate import solve_global
+from fxlrd.ranks.allocate import solve_global, solve_two_budgets
 from fxlrd.ranks.search import candidate_ranks, select_ranks
 
 
@@ -80,6 +80,32 @@ def test_more_budget_never_costs_more_error(options, budget, extra):
     err = lambda ch: sum(o[c][1] for o, c in zip(options, ch))  # noqa: E731
     if met_a:
         assert err(b) <= err(a) + 1e-9
+
+
+triple_tables = st.lists(
+    st.dictionaries(st.one_of(st.none(), st.tuples(st.integers(1, 64))),
+                    st.tuples(st.floats(0.1, 10), st.floats(1, 100), st.floats(0, 1)), min_size=1, max_size=4),
+    min_size=1, max_size=4,
+)  # fmt: skip
+
+
+@given(triple_tables, st.floats(0.5, 40), st.floats(1, 400))
+def test_two_budgets_are_both_met_or_the_fastest_of_that_size(options, time_budget, param_budget):
+    choices, met = solve_two_budgets(options, time_budget, param_budget)
+    total = lambda i, ch: sum(o[c][i] for o, c in zip(options, ch))  # noqa: E731
+    combos = list(itertools.product(*[list(o) for o in options]))
+    both = [c for c in combos if total(0, c) <= time_budget and total(1, c) <= param_budget]
+    sized = [c for c in combos if total(1, c) <= param_budget]
+    if met:
+        assert total(0, choices) <= time_budget + 1e-9 and total(1, choices) <= param_budget + 1e-9
+    elif sized:
+        # the speed is out of reach at this size: the fastest model of this size, nearly
+        assert total(1, choices) <= param_budget + 1e-9
+        slack = max(max(v[0] for v in o.values()) - min(v[0] for v in o.values()) for o in options)
+        assert total(0, choices) <= min(total(0, c) for c in sized) + slack + 1e-9
+    if both and met:
+        slack = max(max(v[2] for v in o.values()) - min(v[2] for v in o.values()) for o in options)
+        assert total(2, choices) <= min(total(2, c) for c in both) + slack * len(options) + 1e-9
 
 
 # --- search inside the planner, with a synthetic timer ---------------------------------------------
@@ -180,6 +206,17 @@ def test_global_mode_meets_its_predicted_target(cost_timer, tmp_path):
     assert timer.time(_model(), None) / timer.time(gm, None) == pytest.approx(g["measured_speedup"])
     hard = fxlrd.plan(_model(), LRDConfig(target_speedup=1000, latency=lat), example_inputs=x)
     assert not hard.settings["global_search"]["met"]
+
+
+def test_global_mode_with_a_size_budget(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8)
+    budget = int(0.4 * fxlrd.count_params(_model()))
+    plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.2, target_params=budget, latency=lat), example_inputs=x)
+    g = plan.settings["global_search"]
+    assert g["layer_params_chosen"] <= g["layer_params_budget"]
+    assert fxlrd.count_params(fxlrd.apply(_model(), plan)) <= budget
+    assert g["met"] and g["measured_speedup"] >= 1.2
 
 
 @pytest.mark.parametrize("kwargs", [{"backend": "tpu"}, {"window": 1.0}, {"quantum": 0}, {"tolerance": -1}, {"time_budget_s": 0}])

@@ -75,9 +75,12 @@ class Method:
         ``[ceil((1 - window)·R), R]`` plus R, smallest first."""
         return [(r,) for r in window(target[0], window_, quantum, caps[0])]
 
-    def global_candidates(self, target: Ranks, caps: Ranks, quantum: int) -> list[Ranks]:
-        """A dozen quantized ranks from R/4 to 2R (global allocation), within the caps."""
-        return [(v,) for v in _scaled(target[0], caps[0], quantum)]
+    def global_candidates(self, target: Ranks, caps: Ranks, quantum: int, *, every: bool = False) -> list[Ranks]:
+        """Quantized ranks for global allocation, within the caps: a dozen from R/4 to 2R (each
+        is timed in latency mode), or with ``every`` every multiple of the quantum (a
+        parameter budget needs only error curves, which are cheap)."""
+        values = _every if every else _scaled
+        return [(v,) for v in values(target[0], caps[0], quantum)]
 
     def error_curve(self, weight: torch.Tensor, spec: "LayerSpec", stats: Any = None) -> Callable[[Ranks], float]:
         """``ranks -> relative squared error`` of the layer's approximation: of the weight,
@@ -112,6 +115,11 @@ def window(target: int, window_: float, quantum: int, cap: int) -> list[int]:
 
 def _scaled(r: int, cap: int, quantum: int) -> list[int]:
     return sorted({min(cap, max(1, quantize_rank(math.floor(r * f), quantum))) for f in _FRACTIONS})
+
+
+def _every(r: int, cap: int, quantum: int) -> list[int]:
+    """Every multiple of ``quantum`` up to ``cap`` (and the ranks below the quantum)."""
+    return sorted(set(range(1, min(quantum, cap + 1))) | set(range(quantum, cap + 1, quantum)) | {cap})
 
 
 def along_ray(target: Ranks, caps: Ranks, values: Callable[[int, int], Sequence[int]], quantum: int) -> list[Ranks]:

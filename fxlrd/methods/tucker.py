@@ -19,7 +19,7 @@ from ..decompose import tucker2_factors, unfold
 from ..factorized import LayerSpec, make_layer
 from ..ranks.rules import energy_rank, tucker_ranks_for_ratio, vbmf_rank
 from .base import (
-    Method, Ranks, _scaled, along_ray, data_aware_weight, tail_sums, unweigh_output, unwhiten_input, window,
+    Method, Ranks, _every, _scaled, along_ray, data_aware_weight, tail_sums, unweigh_output, unwhiten_input, window,
 )
 
 
@@ -58,8 +58,9 @@ class Tucker2(Method):
     def candidates(self, target, caps, window_, quantum) -> list[Ranks]:
         return along_ray(target, caps, lambda r, cap: window(r, window_, quantum, cap), quantum)
 
-    def global_candidates(self, target, caps, quantum) -> list[Ranks]:
-        return along_ray(target, caps, lambda r, cap: _scaled(r, cap, quantum), quantum)
+    def global_candidates(self, target, caps, quantum, *, every: bool = False) -> list[Ranks]:
+        values = _every if every else _scaled
+        return along_ray(target, caps, lambda r, cap: values(r, cap, quantum), quantum)
 
     def error_curve(self, weight, spec, stats=None) -> Callable[[Ranks], float]:
         # The HOSVD bound: the discarded energy of both unfoldings (exact when one side is whole),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Sequence
 
-__all__ = ["solve_budget", "solve_global", "closed_loop"]
+__all__ = ["solve_budget", "solve_global", "solve_two_budgets", "closed_loop"]
 
 Choice = Hashable  # ranks, or None for "keep"
 Options = dict[Choice, tuple[float, float]]  # choice -> (cost, error)
@@ -84,6 +84,49 @@ def _spend_slack(options: Sequence[Options], choice: list[Choice], budget: float
         choice[best[0]] = best[1]
 
 
+def solve_two_budgets(options: Sequence[dict[Choice, tuple[float, float, float]]], time_budget: float,
+                      param_budget: float) -> tuple[list[Choice], bool]:  # fmt: skip
+    """Least summed error with the summed time within ``time_budget`` *and* the summed
+    parameters within ``param_budget``; ``options[i]`` maps a choice to ``(time, params, error)``.
+
+    A price λ on parameters is bisected around `solve_budget` (time budget, error + λ·params).
+    When no choice meets both, the fastest choice within the parameter budget is returned
+    with ``False``: "the fastest model of this size".
+    """
+
+    def inner(lam: float) -> tuple[list[Choice], bool]:
+        return solve_budget([{k: (t, e + lam * p) for k, (t, p, e) in o.items()} for o in options], time_budget)
+
+    def params(choice: list[Choice]) -> float:
+        return sum(o[c][1] for o, c in zip(options, choice))
+
+    choice, met = inner(0.0)
+    if met and params(choice) <= param_budget:
+        return choice, True
+    scale = max((e for o in options for (_, _, e) in o.values()), default=1.0) or 1.0
+    smallest = max(min(p for (_, p, _) in o.values()) for o in options) or 1.0
+    lo, hi = 0.0, scale / smallest
+    for _ in range(60):
+        c, m = inner(hi)
+        if m and params(c) <= param_budget:
+            break
+        hi *= 4
+    else:
+        fastest, fits = solve_budget([{k: (p, t) for k, (t, p, _) in o.items()} for o in options], param_budget)
+        return fastest, False
+    best = inner(hi)[0]
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        c, m = inner(mid)
+        if m and params(c) <= param_budget:
+            hi, best = mid, c
+        else:
+            lo = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return best, True
+
+
 def closed_loop(
     options: Sequence[Options],
     target: float,
@@ -91,7 +134,8 @@ def closed_loop(
     measure: Callable[[list[Choice]], float],
     *,
     max_rounds: int = 3,
-    extra_budget: Callable[[list[Choice]], bool] | None = None,
+    params: Sequence[dict[Choice, float]] | None = None,
+    param_budget: float | None = None,
 ) -> tuple[list[Choice], dict]:
     """Choose layers for a whole-model speed-up ``target``, measuring each trial whole.
 
@@ -100,8 +144,9 @@ def closed_loop(
         target: the speed-up to reach.
         model_s: the original model's time.
         measure: builds the model with the given choices and returns its measured speed-up.
-        extra_budget: a further constraint the choices must meet (e.g. a parameter budget);
-            a trial failing it is not kept.
+        params, param_budget: per layer, choice -> parameters, and the most the layers may
+            hold: the least-error model that is fast enough *and* small enough (or, when the
+            speed is out of reach at that size, the fastest of that size).
 
     Returns the choices and the record of the rounds.
     """
@@ -111,16 +156,25 @@ def closed_loop(
 
     def solve(internal_target: float):
         keep_fraction = (1 / internal_target - other) / (1 - other) if other < 1 else 0.0
-        choices, _ = solve_budget(options, layers_s * keep_fraction if keep_fraction > 0 else 0.0)
+        budget = layers_s * keep_fraction if keep_fraction > 0 else 0.0
+        if params is None or param_budget is None:
+            choices, _ = solve_budget(options, budget)
+        else:
+            triples = [{k: (t, p[k], e) for k, (t, e) in o.items()} for o, p in zip(options, params)]
+            choices, _ = solve_two_budgets(triples, budget, param_budget)
         chosen_s = sum(opt[c][0] for opt, c in zip(options, choices))
         return choices, 1 / (other + (1 - other) * chosen_s / layers_s)
+
+    def within_size(choices) -> bool:
+        return params is None or param_budget is None or \
+            sum(p[c] for p, c in zip(params, choices)) <= param_budget * (1 + 1e-12)
 
     rounds, internal, best = [], target, None
     for _ in range(max_rounds):
         choices, predicted = solve(internal)
         measured = measure(choices)
         error = sum(opt[c][1] for opt, c in zip(options, choices))
-        allowed = extra_budget is None or extra_budget(choices)
+        allowed = within_size(choices)
         rounds.append({"internal_target": internal, "predicted_speedup": predicted, "measured_speedup": measured,
                        "total_error": error, "within_extra_budget": allowed, "choices": choices})  # fmt: skip
         if measured >= target and allowed and (best is None or error < rounds[best]["total_error"]):

@@ -1,0 +1,370 @@
+"""How much faster, for how much accuracy: data-aware decomposition on real pretrained models.
+
+    .venv/bin/python benchmarks/fidelity.py                      # both models, all ratios (~1 h here)
+    .venv/bin/python benchmarks/fidelity.py --models minilm --ratios 1.5 2 --distill-steps 0
+
+Models and data (nothing is downloaded; see benchmarks/_real.py):
+- EfficientNet-Lite1 (ImageNet weights), on views of scikit-learn's sample photographs:
+  fidelity = top-1 agreement with the original and mean KL(original ‖ compressed).
+- all-MiniLM-L6-v2 (sentence-transformer BERT), on first paragraphs of standard-library
+  docstrings: fidelity = mean cosine similarity of the sentence embeddings (mean pooling).
+
+Methods, at each compression ratio α over the decomposed layers (all conv/linear layers of
+the CNN but its depthwise convs; MiniLM's encoder linears):
+- ``data-free``: the weights' truncated SVD / Tucker-2, every layer at α;
+- ``whitened``: input whitening on calibration data (SVD-LLM), every layer at α;
+- ``whitened+seq``: + sequential error compensation;
+- ``global``: whitened + output sensitivity, ranks allocated across layers (α over all of them);
+- ``global+seq``: + sequential error compensation;
+- ``global+seq+distill``: + a short distillation to the original (``--distill-steps``).
+
+Also: each layer's output error, whitened vs data-free at equal rank (the median ratio);
+onnxruntime CPU latency of every variant (variants taking turns, ``--runs`` rounds, median
+[min–max]); a Pareto plot of speed-up against fidelity. Results are appended to
+``results/fidelity.jsonl`` (every run kept); ``results/fidelity.md`` and the PNG are
+regenerated from all runs of this machine kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _real  # noqa: E402
+
+import fxlrd  # noqa: E402
+from fxlrd import LRDConfig  # noqa: E402
+from fxlrd.timing import environment, median_times  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill")
+
+
+# -- models ----------------------------------------------------------------------------------------
+class Case:
+    """A model with its data, its fidelity measure and how to compress it."""
+
+    name: str
+    include: list[str] | None = None
+
+    def fidelity(self, model: torch.nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class EfficientNetCase(Case):
+    name = "efficientnet_lite1"
+
+    def __init__(self, n_calibration: int, n_held_out: int, batch: int = 16):
+        self.model = _real.efficientnet_lite1()
+        views = _real.image_views(n_calibration, seed=1)
+        self.calibration = [views[i : i + batch] for i in range(0, n_calibration, batch)]
+        self.held_out = _real.image_views(n_held_out, seed=2)
+        self.example = self.calibration[0][:1]
+        self.timing_input = self.example
+        self.reference = self._logits(self.model)
+        self.sensitivity = True
+        self.distill_loss = "kl"
+
+    def _logits(self, model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(self.held_out[i : i + 32]) for i in range(0, len(self.held_out), 32)])
+
+    def fidelity(self, model) -> dict[str, float]:
+        out = self._logits(model)
+        kl = F.kl_div(out.log_softmax(-1), self.reference.log_softmax(-1), log_target=True, reduction="batchmean")
+        return {"top1_agreement": float((out.argmax(-1) == self.reference.argmax(-1)).float().mean()), "kl": float(kl)}
+
+    primary = "top1_agreement"
+
+
+def _pooled(outputs, inputs) -> torch.Tensor:
+    mask = inputs[1]["attention_mask"][..., None].to(outputs.last_hidden_state.dtype)
+    return (outputs.last_hidden_state * mask).sum(1) / mask.sum(1)
+
+
+def _cosine_loss(student, teacher, inputs) -> torch.Tensor:
+    return (1 - F.cosine_similarity(_pooled(student, inputs), _pooled(teacher, inputs), dim=-1)).mean()
+
+
+class MiniLMCase(Case):
+    name = "minilm"
+    include = ["encoder.*"]
+
+    def __init__(self, n_calibration: int, n_held_out: int, batch: int = 16):
+        self.model, self.tokenizer = _real.minilm()
+        cal = _real.docstring_sentences(_real.CALIBRATION_MODULES, limit=n_calibration)
+        self.held_out = _real.docstring_sentences(_real.HELD_OUT_MODULES, limit=n_held_out)
+        self.calibration = _real.token_batches(self.tokenizer, cal, batch=batch)
+        self.example = self.calibration[0]
+        enc = self.tokenizer(["a sentence of about the usual length for a docstring, padded"] * 1, padding="max_length",
+                             max_length=128, truncation=True, return_tensors="pt")  # fmt: skip
+        self.timing_input = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        self.reference = _real.embed(self.model, self.tokenizer, self.held_out)
+        self.sensitivity = _pooled
+        self.distill_loss = _cosine_loss
+
+    def fidelity(self, model) -> dict[str, float]:
+        emb = _real.embed(model, self.tokenizer, self.held_out)
+        return {"cosine": float((emb * self.reference).sum(-1).mean())}
+
+    primary = "cosine"
+
+
+# -- methods ---------------------------------------------------------------------------------------
+def _config(case: Case, method: str, ratio: float) -> tuple[LRDConfig, bool]:
+    """The LRDConfig of a method, and whether it uses calibration data."""
+    base = {"ratio": ratio, "include": case.include}
+    if method == "data-free":
+        return LRDConfig(**base), False
+    if method == "whitened":
+        return LRDConfig(**base, sensitivity=False), True
+    if method == "whitened+seq":
+        return LRDConfig(**base, sensitivity=False, sequential=True), True
+    glob = {**base, "allocation": "global", "sensitivity": case.sensitivity}
+    if method == "global":
+        return LRDConfig(**glob), True
+    return LRDConfig(**glob, sequential=True), True  # global+seq (and +distill)
+
+
+def layer_output_errors(case: Case, ratio: float) -> dict[str, Any]:
+    """Each decomposed layer's output error on the calibration data at the plan's ranks:
+    whitened vs data-free (relative squared error of the layer's output)."""
+    from fxlrd.calibrate import collect_stats
+    from fxlrd.capture import capture
+    from fxlrd.factorized import decompose_weight
+    from fxlrd.sites import find_sites
+
+    captured = capture(case.model, case.example)
+    stats = collect_stats(captured.gm, case.calibration, progress=False)
+    plan = fxlrd.plan(case.model, LRDConfig(ratio=ratio, include=case.include), example_inputs=case.example)
+    sites = find_sites(captured.gm)
+    rows = []
+    for lp in plan.decomposed:
+        site, st = sites[lp.name], stats.get(lp.name)
+        if st is None:
+            continue
+        w = site.weight(captured.gm).detach()
+        cov = st.inputs.covariance()
+
+        def error(fact) -> float:
+            # output error of the layer on the calibration inputs: ||(W - W')X||² / ||W X||², through the
+            # channel Gram (exact for linear and 1x1 conv layers, which are all SVD here)
+            mats = [m.weight.detach().double().reshape(m.weight.shape[0], -1) for m in fact.children()]
+            approx = mats[0]
+            for m in mats[1:]:
+                approx = m @ approx
+            wm = w.double().reshape(w.shape[0], -1)
+            if approx.shape != wm.shape:
+                return float("nan")
+            d = wm - approx
+            return float(torch.trace(d @ cov @ d.T) / torch.trace(wm @ cov @ wm.T))
+
+        free, _ = decompose_weight(w, None, site.spec, lp.method, lp.ranks)
+        white, _ = decompose_weight(w, None, site.spec, lp.method, lp.ranks, stats=st.inputs)
+        e_free, e_white = error(free), error(white)
+        if e_free == e_free and e_white == e_white and e_free > 0:
+            rows.append({"layer": lp.name, "ranks": list(lp.ranks), "data_free": e_free, "whitened": e_white})
+    ratios = [r["whitened"] / r["data_free"] for r in rows]
+    return {"ratio": ratio, "layers": rows, "median_whitened_over_data_free": statistics.median(ratios) if ratios else None}
+
+
+# -- latency ---------------------------------------------------------------------------------------
+def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repeats: int, threads: int) -> dict[str, dict]:
+    """onnxruntime CPU latency of each model, all taking turns, ``rounds`` independent rounds
+    (fresh sessions each): per model the median of the round medians with their min and max."""
+    from fxlrd.export import export_onnx_file, onnx_feed, onnx_session
+    from fxlrd.capture import normalize_inputs
+
+    inputs = normalize_inputs(example)
+    paths = {}
+    tmp = tempfile.TemporaryDirectory()
+    for name, model in models.items():
+        paths[name] = Path(tmp.name) / f"{name.replace('+', '_')}.onnx"
+        model.eval()
+        export_onnx_file(model, inputs, paths[name])
+    per_round: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        sessions = {name: onnx_session(p, threads=threads) for name, p in paths.items()}
+        runs = {name: (lambda s=s: s.run(None, onnx_feed(s, inputs))) for name, s in sessions.items()}
+        times = median_times(runs, repeats=repeats, warmup=3)
+        for name, t in times.items():
+            per_round[name].append(t["median"])
+        del sessions
+    tmp.cleanup()
+    return {n: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3, "rounds": len(v)}
+            for n, v in per_round.items()}  # fmt: skip
+
+
+# -- the run -------------------------------------------------------------------------------------
+def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps: int, distill_lr: float,
+             rounds: int, repeats: int, threads: int) -> dict[str, Any]:  # fmt: skip
+    rows = []
+    timed: dict[str, torch.nn.Module] = {"original": case.model}
+    original_params = fxlrd.count_params(case.model)
+    original_macs = fxlrd.count_macs(case.model, case.timing_input)
+    for ratio in ratios:
+        seq_model = None
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == "global+seq+distill":
+                if seq_model is None or distill_steps <= 0:
+                    continue
+                model = copy.deepcopy(seq_model)
+                curve = fxlrd.recover.distill(model, case.model, case.calibration, steps=distill_steps, lr=distill_lr,
+                                              loss=case.distill_loss, progress=False)  # fmt: skip
+                extra = {"distill_steps": distill_steps, "distill_lr": distill_lr,
+                         "distill_loss_first": sum(curve[:10]) / 10, "distill_loss_last": sum(curve[-10:]) / 10}  # fmt: skip
+            else:
+                config, calibrated = _config(case, method, ratio)
+                model = fxlrd.transform(case.model, config, example_inputs=case.example,
+                                        calibration=case.calibration if calibrated else None)  # fmt: skip
+                extra = {}
+                if method == "global+seq":
+                    seq_model = model
+            seconds = time.perf_counter() - t0
+            fid = case.fidelity(model)
+            params, macs = fxlrd.count_params(model), fxlrd.count_macs(model, case.timing_input)
+            key = f"{method}@{ratio:g}"
+            timed[key] = model
+            row = {"ratio": ratio, "method": method, "params": params, "macs": macs, "seconds": seconds, **fid, **extra}
+            rows.append(row)
+            print(f"  α={ratio:<4g} {method:<20} params {params / 1e6:6.2f} M  MACs {macs / 1e9:6.3f} G  "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in fid.items()) + f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
+    print("  timing (onnxruntime CPU, variants taking turns)...", flush=True)
+    lat = latency(timed, case.timing_input, rounds, repeats, threads)
+    base = lat["original"]["median_ms"]
+    for row in rows:
+        t = lat[f"{row['method']}@{row['ratio']:g}"]
+        row.update(latency_ms=t, speedup=base / t["median_ms"], mac_ratio=original_macs / row["macs"],
+                   param_ratio=original_params / row["params"])  # fmt: skip
+    return {"model": case.name, "original": {"params": original_params, "macs": original_macs,
+            "latency_ms": lat["original"], **case.fidelity(case.model)}, "rows": rows}  # fmt: skip
+
+
+def _load_runs() -> list[dict]:
+    path = RESULTS / "fidelity.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report(runs: list[dict]) -> str:
+    """Markdown of every run (newest first), grouped by machine."""
+    out = ["# Fidelity of data-aware decomposition on real pretrained models", "",
+           "Every run of `benchmarks/fidelity.py` is kept in `fidelity.jsonl`; newest first.", ""]  # fmt: skip
+    for run in reversed(runs):
+        env = run["environment"]
+        out += [f"## {run['date']} — {env['processor']} ({env.get('vector_extensions', '?')}), {env['cpus']} cores",
+                "", f"`{run['command']}`; torch {env['torch']}, onnxruntime {env.get('onnxruntime')}; settings: "
+                + ", ".join(f"{k}={v}" for k, v in run["settings"].items()), ""]  # fmt: skip
+        for case in run["cases"]:
+            o = case["original"]
+            metric = "top1_agreement" if "top1_agreement" in (case["rows"][0] if case["rows"] else {}) else "cosine"
+            extra = "KL" if metric == "top1_agreement" else ""
+            out += [f"### {case['model']}: original {o['params'] / 1e6:.2f} M params, {o['macs'] / 1e9:.3f} G MACs, "
+                    f"{o['latency_ms']['median_ms']:.2f} ms", "",
+                    f"| α | method | params (M) | MACs (G) | MAC ratio | latency ms, median [min–max] | speed-up | "
+                    f"speed-up ÷ MAC ratio | {metric} |" + (f" {extra} |" if extra else ""),
+                    "|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]  # fmt: skip
+            for r in case["rows"]:
+                lat = r["latency_ms"]
+                out.append(f"| {r['ratio']:g} | {r['method']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | "
+                           f"{r['mac_ratio']:.2f} | {lat['median_ms']:.2f} [{lat['min_ms']:.2f}–{lat['max_ms']:.2f}] | "
+                           f"{r['speedup']:.2f}x | {r['speedup'] / r['mac_ratio']:.2f} | {r[metric]:.4f} |"
+                           + (f" {r['kl']:.4f} |" if extra else ""))  # fmt: skip
+            out.append("")
+        for err in run.get("layer_errors", []):
+            med = err["median_whitened_over_data_free"]
+            out.append(f"- {err['model']} α={err['ratio']:g}: layer output error, whitened ÷ data-free at equal rank, "
+                       f"median over {len(err['layers'])} layers: **{med:.3f}**" if med is not None else "")  # fmt: skip
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def plot(run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = run["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        metric = "top1_agreement" if case["rows"] and "top1_agreement" in case["rows"][0] else "cosine"
+        for method in METHODS:
+            pts = sorted((r["speedup"], r[metric], r["ratio"]) for r in case["rows"] if r["method"] == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, markersize=4)
+                for x, y, a in pts:
+                    ax.annotate(f"{a:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel("speed-up (onnxruntime CPU, batch 1)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(case["model"], fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{run['environment']['processor']} — labels: α", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite1", "minilm"], choices=["efficientnet_lite1", "minilm"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[1.25, 1.5, 2.0, 3.0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--calibration", type=int, default=128, help="calibration views / sentences")
+    parser.add_argument("--held-out", type=int, default=256, help="held-out views / sentences (at most what exists)")
+    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-lr", type=float, default=3e-5)
+    parser.add_argument("--runs", type=int, default=3, help="independent timing rounds")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-save", action="store_true", help="print only (e.g. while other work loads the machine)")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    env = environment()
+    settings = {k: v for k, v in vars(args).items() if k != "no_save"}
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    cases, layer_errors = [], []
+    for name in args.models:
+        case = (EfficientNetCase if name == "efficientnet_lite1" else MiniLMCase)(args.calibration, args.held_out)
+        print(f"\n{name}: original {case.fidelity(case.model)}", flush=True)
+        for ratio in args.ratios:
+            err = layer_output_errors(case, ratio)
+            layer_errors.append({"model": name, **err})
+            print(f"  α={ratio:g}: layer output error whitened/data-free, median over {len(err['layers'])} layers: "
+                  f"{err['median_whitened_over_data_free']:.3f}", flush=True)  # fmt: skip
+        cases.append(run_case(case, args.ratios, args.methods, args.distill_steps, args.distill_lr, args.runs,
+                              args.repeats, args.threads))  # fmt: skip
+    run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["benchmarks/fidelity.py", *(argv or sys.argv[1:])]),
+           "environment": env, "settings": settings, "cases": cases, "layer_errors": layer_errors}  # fmt: skip
+    if args.no_save:
+        print(report([run]))
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "fidelity.jsonl", "a") as f:
+        f.write(json.dumps(run, default=float) + "\n")
+    (RESULTS / "fidelity.md").write_text(report(_load_runs()))
+    plot(run, RESULTS / "fidelity_pareto.png")
+    print(f"\nappended to {RESULTS / 'fidelity.jsonl'}; wrote fidelity.md and fidelity_pareto.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
