@@ -100,3 +100,30 @@ def test_compile_backend_times_an_inductor_compiled_layer():
     timer = make_timer(LatencyConfig(backend="compile", repeats=3, warmup=1, threads=1))
     assert timer.backend == "compile" and "torch=" in timer.context
     assert timer.time(nn.Conv2d(16, 16, 1), (1, 16, 8, 8)) > 0
+
+
+@pytest.mark.parametrize("method,spec,ranks,shape", [
+    ("tucker2", ("conv", 32, 48, (3, 3), 1, True, (2, 2), (1, 1), (1, 1)), (16, 24), (1, 32, 14, 14)),
+    ("svd", ("linear", 64, 32, (), 1, True), (16,), (2, 64)),
+])  # fmt: skip
+def test_layer_timing_exports_the_operators_deployment_exports(method, spec, ranks, shape, tmp_path):
+    """Layers are timed through the fast TorchScript exporter; deployment uses the dynamo
+    exporter. Both must give onnxruntime the same operators with the same attributes."""
+    import onnx
+
+    from fxlrd.export import export_onnx_file
+    from fxlrd.factorized import LayerSpec, skeleton
+    from fxlrd.latency import onnx_bytes
+
+    module = skeleton(LayerSpec(*spec), method, ranks, device="cpu").eval()
+    x = torch.randn(shape)
+    export_onnx_file(module, ((x,), {}), tmp_path / "m.onnx", dynamic_batch=False)
+
+    def ops(model):  # a bias-free MatMul by a constant is a Gemm to onnxruntime
+        keep = {"kernel_shape", "strides", "pads", "dilations", "group"}
+        return [("Gemm" if n.op_type == "MatMul" else n.op_type,
+                 sorted((a.name, tuple(a.ints) or a.i) for a in n.attribute if a.name in keep))
+                for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]  # fmt: skip
+
+    fast, deployed = ops(onnx.load_from_string(onnx_bytes(module, x))), ops(onnx.load(str(tmp_path / "m.onnx")))
+    assert fast == deployed and len(fast) == len(list(module.children()))
