@@ -1,8 +1,11 @@
 # make demo: compress ResNet-50, export ONNX, print the plan and the measured speed-up.
 # make test: the test suite. Both create their own virtual environment in .venv.
+# make bench: the speed benchmark suite, all of it (hours: run it on a quiet machine);
+#   a piece: make bench BENCH="speed --models resnet50 --backends onnxruntime --batch 1"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BENCH ?=
 STAMP := $(VENV)/.fxlrd-installed
 
 .PHONY: demo test bench venv clean
@@ -24,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/transform_time.py
+	$(PY) -m benchmarks $(BENCH)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

@@ -105,8 +105,9 @@ class MiniLMCase(Case):
 
     def __init__(self, n_calibration: int, n_held_out: int, batch: int = 16):
         self.model, self.tokenizer = _real.minilm()
-        cal = _real.docstring_sentences(_real.CALIBRATION_MODULES, limit=n_calibration)
-        self.held_out = _real.docstring_sentences(_real.HELD_OUT_MODULES, limit=n_held_out)
+        cal_modules, held_modules = _real.text_split()
+        cal = _real.docstring_sentences(cal_modules, limit=n_calibration)
+        self.held_out = _real.docstring_sentences(held_modules, limit=n_held_out)
         self.calibration = _real.token_batches(self.tokenizer, cal, batch=batch)
         self.example = self.calibration[0]
         enc = self.tokenizer(["a sentence of about the usual length for a docstring, padded"] * 1, padding="max_length",
@@ -167,8 +168,8 @@ def layer_output_errors(case: Case, ratio: float) -> dict[str, Any]:
             for m in mats[1:]:
                 approx = m @ approx
             wm = w.double().reshape(w.shape[0], -1)
-            if approx.shape != wm.shape:
-                return float("nan")
+            if approx.shape != wm.shape or cov.shape[0] != wm.shape[1]:
+                return float("nan")  # k x k convs: the channel Gram does not give the output error exactly
             d = wm - approx
             return float(torch.trace(d @ cov @ d.T) / torch.trace(wm @ cov @ wm.T))
 
@@ -326,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite1", "minilm"], choices=["efficientnet_lite1", "minilm"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.25, 1.5, 2.0, 3.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--calibration", type=int, default=128, help="calibration views / sentences")
-    parser.add_argument("--held-out", type=int, default=256, help="held-out views / sentences (at most what exists)")
+    parser.add_argument("--image-calibration", type=int, default=128, help="calibration views of the photographs")
+    parser.add_argument("--image-held-out", type=int, default=256, help="held-out views (another random draw)")
+    parser.add_argument("--text-calibration", type=int, default=1024, help="calibration sentences (at most what exists)")
+    parser.add_argument("--text-held-out", type=int, default=1000, help="held-out sentences (at most what exists)")
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=3e-5)
     parser.add_argument("--runs", type=int, default=3, help="independent timing rounds")
@@ -343,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     cases, layer_errors = [], []
     for name in args.models:
-        case = (EfficientNetCase if name == "efficientnet_lite1" else MiniLMCase)(args.calibration, args.held_out)
+        if name == "efficientnet_lite1":
+            case: Case = EfficientNetCase(args.image_calibration, args.image_held_out)
+        else:
+            case = MiniLMCase(args.text_calibration, args.text_held_out)
         print(f"\n{name}: original {case.fidelity(case.model)}", flush=True)
         for ratio in args.ratios:
             err = layer_output_errors(case, ratio)

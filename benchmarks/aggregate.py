@@ -1,0 +1,191 @@
+"""Figures across runs: each is the median of the per-run values, shown with their min and max.
+
+Ratios (speed-up, MAC ratio, one variant against another) are formed *within* each run, where
+the two were timed taking turns, and only then aggregated across runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from .machine import machine_kind
+from .records import case_key
+
+__all__ = [
+    "EQUAL_PARAMS_TOLERANCE",
+    "Spread",
+    "spread",
+    "VariantSummary",
+    "CaseRuns",
+    "group",
+    "summarize",
+    "equal_params",
+    "Comparison",
+    "equal_param_comparisons",
+]
+
+EQUAL_PARAMS_TOLERANCE = 0.03
+Run = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of some per-run values and their range across runs."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def format(self, fmt: str = "{:.2f}", suffix: str = "") -> str:
+        """``median [low–high]`` with ``fmt`` applied to each (just the median when they print alike)."""
+        med, low, high = fmt.format(self.median), fmt.format(self.low), fmt.format(self.high)
+        return med + suffix if low == high else f"{med}{suffix} [{low}–{high}]"
+
+
+def spread(values: Iterable[float | None]) -> Spread | None:
+    """The `Spread` of ``values`` (None entries ignored); None when there are none.
+
+    Args:
+        values: one value per run.
+    """
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return None
+    return Spread(statistics.median(kept), min(kept), max(kept), len(kept))
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """One variant of one case across runs."""
+
+    name: str
+    latency_s: Spread
+    params: Spread | None = None
+    macs: Spread | None = None
+    speedup: Spread | None = None
+    mac_ratio: Spread | None = None
+    speedup_per_mac_ratio: Spread | None = None
+    extra: dict[str, Spread | None] = field(default_factory=dict)
+
+
+@dataclass
+class CaseRuns:
+    """The runs of one case on one kind of machine."""
+
+    kind: str
+    case: dict[str, Any]
+    threads: int | None
+    runs: list[Run] = field(default_factory=list)
+    failed: list[Run] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        """``model · backend · batch N`` (and the layout for training cases)."""
+        c = self.case
+        parts = [c.get("model"), c.get("backend"), f"batch {c['batch']}" if "batch" in c else None, c.get("layout")]
+        return " · ".join(str(p) for p in parts if p)
+
+
+def group(records: Iterable[Run]) -> list[CaseRuns]:
+    """Runs grouped by machine kind and case, in order of first appearance.
+
+    Args:
+        records: run records of one suite; those with an ``error`` count as failed runs.
+    """
+    groups: dict[tuple[str, str], CaseRuns] = {}
+    for record in records:
+        gpu = record.get("case", {}).get("backend") == "cuda"
+        key = (machine_kind(record.get("machine", {}), gpu=gpu), case_key(record))
+        if key not in groups:
+            threads = record.get("settings", {}).get("threads")
+            groups[key] = CaseRuns(key[0], dict(record.get("case", {})), threads)
+        (groups[key].failed if record.get("error") else groups[key].runs).append(record)
+    return list(groups.values())
+
+
+def _variant_names(runs: Sequence[Run]) -> list[str]:
+    names: dict[str, None] = {}
+    for run in runs:
+        names.update(dict.fromkeys(run.get("variants", {})))
+    return list(names)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def summarize(runs: Sequence[Run], baseline: str | None = "original",
+              extra: Sequence[str] = ()) -> dict[str, VariantSummary]:  # fmt: skip
+    """Per variant: latency, params, MACs and, against ``baseline`` in the same run, speed-up,
+    MAC ratio and speed-up ÷ MAC ratio, each a `Spread` across ``runs``.
+
+    Args:
+        runs: successful run records of one case.
+        baseline: the variant speed-ups are measured against (None: no ratios).
+        extra: other per-variant fields to aggregate the same way (e.g. ``"trainable_params"``).
+
+    Returns:
+        Variant name -> `VariantSummary`, in order of first appearance.
+    """
+    out = {}
+    for name in _variant_names(runs):
+        pairs = [(run["variants"][name], run["variants"].get(baseline) or {}) for run in runs if name in run["variants"]]
+        speedups = [_ratio(base.get("median_s"), v["median_s"]) for v, base in pairs]
+        mac_ratios = [_ratio(base.get("macs"), v.get("macs")) for v, base in pairs]
+        per_mac = [None if s is None or m is None else s / m for s, m in zip(speedups, mac_ratios)]
+        out[name] = VariantSummary(
+            name, spread(v["median_s"] for v, _ in pairs), spread(v.get("params") for v, _ in pairs),
+            spread(v.get("macs") for v, _ in pairs), spread(speedups), spread(mac_ratios), spread(per_mac),
+            {key: spread(v.get(key) for v, _ in pairs) for key in extra},
+        )  # fmt: skip
+    return out
+
+
+def equal_params(a: float, b: float, tolerance: float = EQUAL_PARAMS_TOLERANCE) -> bool:
+    """Whether parameter counts ``a`` and ``b`` are within ``tolerance`` of each other
+    (relative to the smaller, so the test is symmetric)."""
+    return abs(a - b) <= tolerance * min(a, b)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Variant ``a`` against its peer ``b`` over the runs in which both ran at equal parameters."""
+
+    a: str
+    b: str
+    params_a: Spread
+    params_b: Spread
+    speedup: Spread  # how many times faster a ran than b
+
+
+def equal_param_comparisons(runs: Sequence[Run], tolerance: float = EQUAL_PARAMS_TOLERANCE,
+                            exclude: Sequence[str] = ("original",)) -> list[Comparison]:  # fmt: skip
+    """Every pair of variants that ran in the same run with parameter counts within
+    ``tolerance`` of each other, compared within those runs.
+
+    The match is made per run: a searched variant's size can differ from run to run.
+
+    Args:
+        runs: successful run records of one case.
+        tolerance: the relative difference allowed (±3 % by default).
+        exclude: variants not compared (the uncompressed original).
+
+    Returns:
+        One `Comparison` per pair that matched in at least one run: ``a`` the variant that
+        appears later (variants are listed roughly from plain to elaborate), ``b`` its peer.
+    """
+    names = [n for n in _variant_names(runs) if n not in exclude]
+    found: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for run in runs:
+        v = run.get("variants", {})
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                pa, pb = (v.get(a) or {}).get("params"), (v.get(b) or {}).get("params")
+                if pa and pb and equal_params(pa, pb, tolerance):
+                    found.setdefault((b, a), []).append((pb, pa, v[a]["median_s"] / v[b]["median_s"]))
+    return [Comparison(a, b, spread(x[0] for x in xs), spread(x[1] for x in xs), spread(x[2] for x in xs))
+            for (a, b), xs in found.items()]  # fmt: skip
+

@@ -1,0 +1,185 @@
+"""Building a case's variants once per command, before its timed runs.
+
+The prepare step runs in its own process: it builds every variant (searches included), saves it
+with `fxlrd.save` under the command's work directory (and exports it to ONNX for the
+onnxruntime backend, or compiles it once for the compile backend), and writes the case's manifest. Every timed run then loads the very same
+models, so runs differ only in the measurement. Variants whose ranks do not depend on the
+backend or batch are built once per model and shared by its cases.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+import fxlrd
+from fxlrd.latency import LatencyConfig, make_timer
+
+from . import models, variants
+from .variants import BuildContext, Variant
+
+__all__ = ["manifest_path", "prepare", "load_variant", "as_args", "rotated"]
+
+
+def _case_dir(workdir: Path, model: str, backend: str, batch: int) -> Path:
+    return Path(workdir) / model / f"{backend}-b{batch}"
+
+
+def manifest_path(workdir: Path, model: str, backend: str, batch: int) -> Path:
+    """Where the prepare step of a case writes its manifest (variant -> what was built)."""
+    return _case_dir(workdir, model, backend, batch).with_suffix(".json")
+
+
+def _variant_dir(workdir: Path, model: str, variant: Variant, backend: str, batch: int) -> Path:
+    parent = _case_dir(workdir, model, backend, batch) if variant.searched else Path(workdir) / model / "shared"
+    return parent / variant.name.replace("@", "_at_").replace("+", "_")
+
+
+def rotated(names: list[str], run: int) -> list[str]:
+    """``names`` starting at the ``run``-th (1-based, cyclically): each run of a case times its
+    variants in another order, so that no variant always runs first in each round."""
+    k = (run - 1) % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def as_args(inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a tensor or a dict of keyword tensors."""
+    return ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+
+
+def _global_search(gm: nn.Module) -> dict[str, Any] | None:
+    record = getattr(gm, "fxlrd_plan", None) and gm.fxlrd_plan.settings.get("global_search")
+    if not record:
+        return None
+    return {"target_speedup": record.get("target_speedup"), "measured_speedup": record.get("measured_speedup"),
+            "rounds": len(record.get("rounds", []))}  # fmt: skip
+
+
+def _config_summary(config: fxlrd.LRDConfig) -> dict[str, Any]:
+    """The settings that differ from `LRDConfig`'s defaults, and the rank quantum always (its
+    default depends on the CPU); the latency search by backend, threads and quantum only."""
+    defaults = fxlrd.LRDConfig().to_dict()
+    out = {k: v for k, v in config.to_dict().items() if v != defaults[k] or k == "rank_quantum"}
+    if out.get("latency"):
+        out["latency"] = {k: out["latency"][k] for k in ("backend", "threads", "quantum")}
+    return out
+
+
+def _describe(gm: nn.Module, per_sample: Any, variant: Variant, ctx: BuildContext, build_s: float) -> dict[str, Any]:
+    """Size, MACs per sample and how the variant was built."""
+    info: dict[str, Any] = {
+        "params": fxlrd.count_params(gm),
+        "macs": fxlrd.count_macs(gm, per_sample),
+        "weight_layers": sum(p.dim() >= 2 for p in gm.parameters()),
+        "build_s": build_s,
+    }
+    if variant.config is not None:
+        plan = gm.fxlrd_plan
+        info |= {"config": _config_summary(variant.config(ctx)), "decomposed_layers": len(plan.decomposed),
+                 "kept_layers": sum(lp.method == "keep" for lp in plan), "global_search": _global_search(gm)}  # fmt: skip
+    return info
+
+
+def _build(variant: Variant, ctx: BuildContext, where: Path, per_sample: Any) -> dict[str, Any]:
+    """Build, describe and save one variant; a failure is recorded, not raised."""
+    t0 = time.perf_counter()
+    try:
+        gm = variant.build(ctx)
+        build_s = time.perf_counter() - t0
+        reason = variant.skip_reason(gm) if variant.config is not None else None
+        if reason:
+            return {"skipped": reason}
+        info = _describe(gm, per_sample, variant, ctx, build_s)
+        if variant.config is not None:
+            fxlrd.save(gm, where, overwrite=True)
+            info["dir"] = str(where)
+        return info
+    except Exception as exc:  # noqa: BLE001  (a variant that cannot be built is a result: the log keeps why)
+        return {"failed": f"{type(exc).__name__}: {exc}"}
+
+
+def load_variant(spec: models.ModelSpec, original: nn.Module, info: Mapping[str, Any], inputs: Any) -> nn.Module:
+    """The model a manifest entry describes: the original itself, or the saved variant loaded onto it."""
+    if "dir" not in info:
+        return original
+    return fxlrd.load(original, info["dir"], example_inputs=inputs)
+
+
+def _export(spec: models.ModelSpec, original: nn.Module, info: dict[str, Any], inputs: Any, path: Path,
+            calibration: list[Any] | None = None) -> None:  # fmt: skip
+    """Export the variant to ONNX (checked against onnxruntime; int8 when ``calibration`` is given)
+    unless that was done for another case."""
+    if "onnx" in info or "onnx_failed" in info:
+        return
+    try:
+        quantize = {"quantize": "int8", "calibration": calibration} if calibration is not None else {}
+        fxlrd.export_onnx(load_variant(spec, original, info, inputs), inputs, path, **quantize)
+        info["onnx"] = str(path)
+    except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
+        info["onnx_failed"] = f"{type(exc).__name__}: {exc}"
+
+
+def _warm_compile(spec: models.ModelSpec, original: nn.Module, info: dict[str, Any], inputs: Any, threads: int) -> None:
+    """Compile the variant once, so that every timed run finds it in inductor's on-disk cache
+    (a first run compiling from scratch was an outlier), or record why it does not compile."""
+    try:
+        model = load_variant(spec, original, info, inputs)
+        make_timer(LatencyConfig(backend="compile", threads=threads, progress=False)).model_runner(model, as_args(inputs))
+    except Exception as exc:  # noqa: BLE001  (recorded; the timed runs then skip the variant)
+        info["compile_failed"] = f"{type(exc).__name__}: {exc}"
+
+
+def _print(name: str, info: Mapping[str, Any]) -> None:
+    if "failed" in info or "skipped" in info:
+        print(f"  {name:20s} {'FAILED' if 'failed' in info else 'skipped'}: {info.get('failed') or info['skipped']}")
+        return
+    onnx = "".join(f"; {what} FAILED: {info[key]}" for key, what in (("onnx_failed", "ONNX export"), ("compile_failed", "compile"))
+                   if key in info)  # fmt: skip
+    print(f"  {name:20s} {info['params'] / 1e6:8.2f} M params {info['macs'] / 1e9:7.2f} GMACs/sample "
+          f"built in {info['build_s']:.1f} s{onnx}", flush=True)  # fmt: skip
+
+
+def prepare(task: Mapping[str, Any]) -> Path:
+    """Build (or reuse) every variant of a case and write its manifest.
+
+    Args:
+        task: ``model``, ``backend`` (where it will be timed), ``search_backend`` (where
+            searched ranks are timed), ``batch``, ``variants``, ``threads`` and ``workdir``.
+
+    Returns:
+        The manifest's path.
+    """
+    torch.set_num_threads(task["threads"])
+    workdir, name, backend, batch = Path(task["workdir"]), task["model"], task["backend"], task["batch"]
+    spec = models.get(name)
+    original = spec.build()
+    inputs = spec.inputs(batch)
+    ctx = BuildContext(spec, original, inputs, task["search_backend"], task["threads"], workdir / "latency.json")
+    per_sample = spec.inputs(1)
+    print(f"building {name} variants for {backend}, batch {batch} (inputs {models.describe_inputs(inputs)})", flush=True)
+    entries = {}
+    for variant in map(variants.get, task["variants"]):
+        where = _variant_dir(workdir, name, variant, backend, batch)
+        if variant.int8 and backend != "onnxruntime":
+            entries[variant.name] = {"skipped": "int8 variants run in onnxruntime only (PyTorch: the PT2E chain in the README)"}
+            continue
+        info_path = where.with_suffix(".json")
+        info = json.loads(info_path.read_text()) if info_path.exists() else _build(variant, ctx, where, per_sample)
+        built = not ("failed" in info or "skipped" in info)
+        if built and backend == "onnxruntime":  # one file serves every batch (dynamic batch dimension)
+            _export(spec, original, info, inputs, where.with_suffix(".onnx"), ctx.calibration if variant.int8 else None)
+        info_path.parent.mkdir(parents=True, exist_ok=True)
+        info_path.write_text(json.dumps(info, default=str))
+        entry = dict(info)
+        if built and backend == "compile":  # per case: inductor compiles for the batch's shapes
+            _warm_compile(spec, original, entry, inputs, task["threads"])
+        _print(variant.name, entry)
+        entries[variant.name] = entry
+    path = manifest_path(workdir, name, backend, batch)
+    path.write_text(json.dumps({"model": name, "backend": backend, "batch": batch, "variants": entries}, default=str))
+    return path

@@ -1,0 +1,85 @@
+"""The append-only run log: one JSON line per run, per suite (``benchmarks/results/<suite>.jsonl``).
+
+A run is one fresh Python process that timed every variant of one case taking turns. Nothing
+is ever rewritten or dropped: a worse run stays in the log, a crashed run leaves a record with
+its ``error``, and the report aggregates whatever is there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = ["FORMAT", "RESULTS", "SUITES", "log_path", "append", "read", "now", "case_key", "by_invocation"]
+
+FORMAT = "fxlrd.bench-run/1"
+RESULTS = Path(__file__).resolve().parent / "results"
+SUITES = ("speed", "training", "transform")
+
+
+def log_path(results: Path, suite: str) -> Path:
+    """The JSONL file of ``suite`` in the results directory ``results``."""
+    return Path(results) / f"{suite}.jsonl"
+
+
+def now() -> str:
+    """The current UTC time as ISO 8601 (seconds)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def append(path: Path, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path``, under a lock, flushed to disk.
+
+    The file is opened for appending only, so what is there already is never touched, and two
+    processes appending at once interleave whole lines.
+
+    Args:
+        path: the suite's JSONL file (created with its directory if needed).
+        record: a JSON-ready mapping; it must not contain newlines once dumped (JSON never does).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """Every record in ``path`` (none if it does not exist), in the order they were written.
+
+    A line that is not JSON (a run killed mid-write) is reported and skipped, not fatal.
+    """
+    if not Path(path).exists():
+        return []
+    out = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            warnings.warn(f"{path}:{number} is not a JSON record ({exc}); skipped", stacklevel=2)
+    return out
+
+
+def case_key(record: Mapping[str, Any]) -> str:
+    """What must be equal for two runs to be pooled, besides the machine: the case
+    (model, backend, batch, inputs, layout...) and the thread count."""
+    case = dict(record.get("case", {}))
+    case["threads"] = record.get("settings", {}).get("threads")
+    return json.dumps(case, sort_keys=True)
+
+
+def by_invocation(records: Iterable[Mapping[str, Any]], invocation: str) -> list[Mapping[str, Any]]:
+    """The records of one command (all its runs)."""
+    return [r for r in records if r.get("invocation") == invocation]

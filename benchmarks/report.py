@@ -1,0 +1,362 @@
+"""Markdown tables (and the README's table) regenerated from every run in the logs.
+
+Each figure is the median across runs of the per-run figure, with [min–max] across runs;
+speed-ups and other ratios are formed within a run (the variants took turns there) and only
+then aggregated. Runs are pooled only within one machine kind and one case.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .aggregate import (
+    EQUAL_PARAMS_TOLERANCE,
+    CaseRuns,
+    Spread,
+    VariantSummary,
+    equal_param_comparisons,
+    group,
+    summarize,
+)
+from .machine import describe
+from .records import SUITES, log_path, read
+
+__all__ = [
+    "README_START",
+    "README_END",
+    "run_text",
+    "case_markdown",
+    "transform_table",
+    "suite_markdown",
+    "readme_table",
+    "replace_region",
+    "write_reports",
+]
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+MIN_RUNS = 3  # what the suite asks of every figure
+README_SECTION = "### Benchmark suite"
+BACKEND_ORDER = ("onnxruntime", "eager", "compile", "cuda")
+Run = Mapping[str, Any]
+
+
+# -- formatting ------------------------------------------------------------------------------------
+def _scaled(s: Spread | None, k: float) -> Spread | None:
+    return None if s is None else Spread(s.median * k, s.low * k, s.high * k, s.n)
+
+
+def _fmt(s: Spread | None, fmt: str = "{:.2f}", suffix: str = "") -> str:
+    return "-" if s is None else s.format(fmt, suffix)
+
+
+def _range(s: Spread | None, k: float, fmt: str = "{:.2f}") -> str:
+    """A size: one number, or ``low–high`` when it differed between runs (searched ranks)."""
+    if s is None:
+        return "-"
+    return fmt.format(s.median * k) if s.low == s.high else f"{fmt.format(s.low * k)}–{fmt.format(s.high * k)}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _dates(runs: Sequence[Run]) -> str:
+    stamps = sorted(str(r.get("timestamp", ""))[:16].replace("T", " ") for r in runs)
+    return stamps[0] if stamps[0] == stamps[-1] else f"{stamps[0]} – {stamps[-1]}"
+
+
+def _distinct(runs: Sequence[Run], section: str, key: str) -> str:
+    values = list(dict.fromkeys(str(r.get(section, {}).get(key)) for r in runs if r.get(section, {}).get(key) is not None))
+    return ", ".join(values) or "-"
+
+
+# -- one run, as printed by the worker -----------------------------------------------------------------
+def run_text(record: Run) -> str:
+    """One run's figures with its machine, versions and settings (what a worker prints)."""
+    case, settings = record.get("case", {}), record.get("settings", {})
+    title = " · ".join(f"{v}" if k == "model" else f"{k} {v}" for k, v in case.items())
+    lines = [f"{record['suite']} run {record.get('run')}/{record.get('runs')} · {title}", describe(record),
+             "settings: " + " · ".join(f"{k} {v}" for k, v in settings.items()) + f" · command: {record.get('command')}"]  # fmt: skip
+    if record.get("error"):
+        return "\n".join(lines + [f"  FAILED: {record['error']}"])
+    base = record["variants"].get("original", {}).get("median_s")
+    for name, v in record["variants"].items():
+        speedup = f"{base / v['median_s']:5.2f}×" if base else "     -"
+        size = f"  params {v['params'] / 1e6:7.2f} M" if v.get("params") else ""
+        macs = f"  GMACs/sample {v['macs'] / 1e9:6.2f}" if v.get("macs") else ""
+        lines.append(f"  {name:24s} {v['median_s'] * 1e3:10.2f} ms [{v['min_s'] * 1e3:.2f}–{v['max_s'] * 1e3:.2f}]"
+                     f"  {speedup}{size}{macs}")  # fmt: skip
+    lines += [f"  {name:24s} skipped: {why}" for name, why in record.get("skipped", {}).items()]
+    lines += [f"  {name:24s} FAILED: {why}" for name, why in record.get("failed", {}).items()]
+    return "\n".join(lines)
+
+
+# -- one case ------------------------------------------------------------------------------------------
+def _variant_row(s: VariantSummary, training: bool) -> list[str]:
+    row = [s.name, _range(s.params, 1e-6)]
+    if training:
+        row.append(_range(s.extra.get("trainable_params"), 1e-6))
+    row += [_range(s.macs, 1e-9), _fmt(s.mac_ratio, suffix="×"), _fmt(_scaled(s.latency_s, 1e3)),
+            _fmt(s.speedup, suffix="×"), _fmt(s.speedup_per_mac_ratio), str(s.latency_s.n)]  # fmt: skip
+    return row
+
+
+def _equal_params(group_: CaseRuns, summaries: Mapping[str, VariantSummary]) -> list[str]:
+    """Every pair of variants within ±3 % of each other's parameters, one against the other."""
+    comparisons = equal_param_comparisons(group_.runs)
+    paired = {n for c in comparisons for n in (c.a, c.b)}
+    lonely = [n for n, s in summaries.items() if n != "original" and s.params and n not in paired]
+    lines = [f"At equal parameters (±{EQUAL_PARAMS_TOLERANCE:.0%}, matched within each run):", ""]
+    if comparisons:
+        rows = [(c.a, c.b, f"{_range(c.params_a, 1e-6)} / {_range(c.params_b, 1e-6)}", _fmt(c.speedup, suffix="×"),
+                 str(c.speedup.n)) for c in comparisons]  # fmt: skip
+        lines += _table(("variant", "peer", "params (M)", "speed-up over peer", "runs"), rows) + [""]
+    if lonely:
+        lines += [f"No peer within ±{EQUAL_PARAMS_TOLERANCE:.0%} in the same run: {', '.join(lonely)}.", ""]
+    return lines
+
+
+def _over_int8(group_: CaseRuns) -> list[str]:
+    """The int8 variants of compressed models against the int8 original, run by run."""
+    summaries = summarize(group_.runs, baseline="int8")
+    rows = [(s.name, _range(s.params, 1e-6), _fmt(s.mac_ratio, suffix="×"), _fmt(s.speedup, suffix="×"), str(s.speedup.n))
+            for s in summaries.values() if s.name.endswith("+int8") and s.speedup]  # fmt: skip
+    if "int8" not in summaries or not rows:
+        return []
+    lines = ["LRD + int8 against int8 alone (both quantized the same way, matched within each run):", ""]
+    return lines + _table(("variant", "params (M)", "MAC ratio", "speed-up over int8", "runs"), rows) + [""]
+
+
+def _not_timed(group_: CaseRuns) -> list[str]:
+    notes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for run in group_.runs:
+        for kind in ("skipped", "failed"):
+            for name, why in run.get(kind, {}).items():
+                notes[f"{kind}: {name}"][why] += 1
+    lines = [f"- {what} ({why}; {n} of {len(group_.runs)} runs)" for what, c in notes.items() for why, n in c.items()]
+    lines += [f"- failed run {r.get('timestamp')}: {r['error']}" for r in group_.failed]
+    return lines + [""] if lines else []
+
+
+def case_markdown(group_: CaseRuns, training: bool = False) -> list[str]:
+    """The table of one case: per variant its size, MACs, latency and speed-up, then the
+    comparisons at equal parameters, then what was skipped or failed."""
+    head = [f"### {group_.title}", ""]
+    if not group_.runs:
+        return head + [f"No successful run ({len(group_.failed)} failed)."] + _not_timed(group_)
+    runs = group_.runs
+    settings = f"repeats {_distinct(runs, 'settings', 'repeats')}, warmup {_distinct(runs, 'settings', 'warmup')}"
+    head += [f"inputs {group_.case.get('inputs', '?')} · {group_.threads} threads · {_plural(len(runs), 'run')} "
+             f"({_dates(runs)}) · {settings} per run", ""]  # fmt: skip
+    summaries = summarize(runs, extra=("trainable_params",) if training else ())
+    cols = ["variant", "params (M)"] + (["trainable (M)"] if training else [])
+    cols += ["GMACs/sample", "MAC ratio", "step (ms)" if training else "latency (ms)", "speed-up", "speed-up ÷ MAC ratio",
+             "runs"]  # fmt: skip
+    body = _table(cols, (_variant_row(s, training) for s in summaries.values())) + [""]
+    return head + body + _equal_params(group_, summaries) + _over_int8(group_) + _not_timed(group_)
+
+
+def transform_table(groups: Sequence[CaseRuns]) -> list[str]:
+    """The transform suite's table: one row per model (and config) of one machine kind."""
+    rows = []
+    for g in groups:
+        s = summarize(g.runs, baseline=None, extra=("params_before", "layers_decomposed")).get("quantized")
+        if s is None:
+            rows.append((g.case.get("model", "?"), "-", "-", "-", "-", f"0 ({len(g.failed)} failed)"))
+            continue
+        quantum = g.case.get("rank_quantum")
+        rows.append((g.case.get("model", "?"), f"α = {g.case.get('ratio', 2)}, quantum {quantum}",
+                     _range(s.extra["layers_decomposed"], 1, "{:.0f}"),
+                     f"{_range(s.extra['params_before'], 1e-6)} → {_range(s.params, 1e-6)}", _fmt(s.latency_s),
+                     f"{s.latency_s.n} ({_dates(g.runs)})"))  # fmt: skip
+    return _table(("model", "config", "layers decomposed", "params (M)", "transform (s)", "runs"), rows) + [""]
+
+
+# -- a whole suite -------------------------------------------------------------------------------------
+_INTRO = {
+    "speed": "Inference latency of every variant of each (model, backend, batch) case.",
+    "training": "Training step time (forward, backward, SGD step) of the original and of compressed variants under "
+                "each freezing policy; every variant runs in the same memory layout as the original it is "
+                "compared with.",  # fmt: skip
+    "transform": "Time of `fxlrd.transform` (median of the repeats within a run).",
+}
+
+
+_COMPARED = (
+    "A run is one fresh Python process in which the variants of a case took turns. Each figure is the median across "
+    "runs of the per-run figure (the per-run median of the repeats), [min–max] across runs; speed-ups and ratios are "
+    "formed within each run, then aggregated. Sizes that differed between runs (ranks searched again by another "
+    "command) show their range. MACs per sample."
+)
+
+
+def _versions(runs: Sequence[Run]) -> str:
+    names = ("python", "torch", "onnxruntime", "transformers", "fxlrd", "git")
+    return " · ".join(f"{n} {_distinct(runs, 'versions', n)}" for n in names)
+
+
+_METHOD = {
+    "speed": _COMPARED, "training": _COMPARED,
+    "transform": "A run is one fresh Python process that transformed the model `warmup` times untimed, then `repeats` "
+                 "times; each figure is the median across runs of the per-run median, [min–max] across runs.",
+}  # fmt: skip
+
+
+def suite_markdown(suite: str, records: Sequence[Run]) -> str:
+    """The whole report of a suite from all its records, one section per machine kind."""
+    groups = group(records)
+    lines = [f"# {suite}", "", f"Generated by `python -m benchmarks report` from all {len(records)} records of "
+             f"`{suite}.jsonl`; do not edit by hand. {_INTRO[suite]}", "", _METHOD[suite], ""]  # fmt: skip
+    kinds = list(dict.fromkeys(g.kind for g in groups))
+    for kind in kinds:
+        members = [g for g in groups if g.kind == kind]
+        runs = [r for g in members for r in g.runs + g.failed]
+        lines += [f"## {kind}", "", f"Versions: {_versions(runs)}.", ""]
+        imported = list(dict.fromkeys(str(r["imported_from"]) for r in runs if r.get("imported_from")))
+        if imported:
+            lines += [f"Includes runs imported from earlier result files: {', '.join(imported)}.", ""]
+        if suite == "transform":
+            lines += transform_table(members)
+        else:
+            for g in members:
+                lines += case_markdown(g, training=suite == "training")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the README's table ---------------------------------------------------------------------------------
+def _pick_kind(groups: Sequence[CaseRuns], machine: str | None) -> str:
+    """The machine kind named by ``machine`` (a substring), else the one of the newest run."""
+    kinds = list(dict.fromkeys(g.kind for g in groups if g.runs))
+    if not kinds:
+        raise ValueError("no successful speed run to tabulate")
+    if machine is None:
+        return max(((r.get("timestamp", ""), g.kind) for g in groups for r in g.runs))[1]
+    matches = [k for k in kinds if machine.lower() in k.lower()]
+    if len(matches) != 1:
+        raise ValueError(f"--machine {machine!r} matches {len(matches)} machine kinds; choose among: {'; '.join(kinds)}")
+    return matches[0]
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _selected(groups: Sequence[CaseRuns], kind: str, filters: Mapping[str, Sequence[Any] | None]) -> list[CaseRuns]:
+    def keep(g: CaseRuns) -> bool:
+        return g.kind == kind and bool(g.runs) and all(not allowed or g.case.get(f) in allowed for f, allowed in filters.items())
+
+    return [g for g in groups if keep(g)]
+
+
+def readme_table(records: Sequence[Run], *, machine: str | None = None, models: Sequence[str] | None = None,
+                 variants: Sequence[str] | None = None, backends: Sequence[str] | None = None,
+                 batches: Sequence[int] | None = None) -> str:  # fmt: skip
+    """The README's table: speed-up per model and variant (rows) on each backend and batch
+    (columns), for one machine kind, with the machine and the command that reproduces it.
+
+    Args:
+        records: the speed suite's records.
+        machine: a substring of the machine kind (default: the kind of the newest run).
+        models, variants, backends, batches: keep only these (default: all there are).
+
+    Raises:
+        ValueError: no run to show, or ``machine`` names no single machine kind.
+    """
+    groups = group(records)
+    kind = _pick_kind(groups, machine)
+    chosen = _selected(groups, kind, {"model": models, "backend": backends, "batch": batches})
+    columns = sorted({(g.case["backend"], g.case["batch"]) for g in chosen},
+                     key=lambda c: (BACKEND_ORDER.index(c[0]) if c[0] in BACKEND_ORDER else 99, c[1]))  # fmt: skip
+    cells: dict[tuple[str, str], dict[tuple[str, int], VariantSummary]] = collections.defaultdict(dict)
+    for g in chosen:
+        for name, s in summarize(g.runs).items():
+            if not variants or name in variants:
+                cells[(g.case["model"], name)][(g.case["backend"], g.case["batch"])] = s
+    rows = []
+    for (model, name), by_column in cells.items():
+        params = {round(s.params.median / 1e4) / 100 for s in by_column.values() if s.params}
+        size = "-" if not params else f"{min(params):.2f}" if len(params) == 1 else f"{min(params):.2f}–{max(params):.2f}"
+        rows.append([model, name, size] + [_fmt(by_column[c].speedup, suffix="×") if c in by_column else "-" for c in columns])
+    runs = [r for g in chosen for r in g.runs]
+    fewest = min(s.speedup.n for by_column in cells.values() for s in by_column.values() if s.speedup)
+    head = ["model", "variant", "params (M)"] + [f"{b} b{n}" for b, n in columns]
+    selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(n for _, n in cells)),
+                 "backends": list(dict.fromkeys(b for b, _ in columns)), "batch": sorted({n for _, n in columns})}  # fmt: skip
+    repeats = _most_common(r.get("settings", {}).get("repeats") for r in runs)
+    command = (f"python -m benchmarks speed --models {' '.join(selection['models'])} --variants {','.join(selection['variants'])} "
+               f"--backends {' '.join(selection['backends'])} --batch {' '.join(map(str, selection['batch']))} "
+               f"--repeats {repeats} --runs {max(MIN_RUNS, _most_common(r.get('runs') for r in runs))}")  # fmt: skip
+    given = {"models": models, "variants": variants, "backends": backends, "batch": batches}
+    filters = "".join(f" --{k} {' '.join(map(str, v)) if k != 'variants' else ','.join(v)}" for k, v in given.items() if v)
+    machine_flag = f" --machine '{machine}'" if machine else ""
+    text = _table(head, rows) + [
+        "",
+        f"Speed-up over the original, timed in the same process taking turns: median over runs [min–max across "
+        f"runs], at least {_plural(fewest, 'run')} per figure ({_dates(runs)}). Machine: {kind}; "
+        f"{_distinct(runs, 'settings', 'threads')} threads. Versions: {_versions(runs)}.",
+        "",
+        f"Reproduce: `{command}`, then `python -m benchmarks report --readme{filters}{machine_flag}`; every table, "
+        f"the comparisons at equal parameters and the plots are in `benchmarks/results/speed.md`.",
+    ]  # fmt: skip
+    return "\n".join(text)
+
+
+def _section_end(lines: Sequence[str], heading: str) -> int | None:
+    """The index of the line that ends the ``heading`` section (the next heading of its level
+    or higher, outside code fences), len(lines) at the end; None when there is no such heading."""
+    level = len(heading) - len(heading.lstrip("#"))
+    start, fenced = None, False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue
+        if start is None and line.rstrip() == heading:
+            start = i
+        elif start is not None and line.startswith("#"):
+            if len(line) - len(line.lstrip("#")) <= level:
+                return i
+    return None if start is None else len(lines)
+
+
+def replace_region(text: str, body: str, section: str = "## Measured") -> str:
+    """``text`` with ``body`` between the README markers; everything else byte-identical.
+
+    Without the markers, a ``### Benchmark suite`` section holding them is inserted at the end
+    of ``section`` (the README's benchmarks part), or at the end of the text without one.
+    """
+    start, end = text.find(README_START), text.find(README_END)
+    if start != -1 and end > start:
+        return text[: start + len(README_START)] + "\n" + body.strip("\n") + "\n" + text[end:]
+    block = f"{README_SECTION}\n\n{README_START}\n{body.strip(chr(10))}\n{README_END}\n"
+    lines = text.splitlines(keepends=True)
+    where = _section_end([ln.rstrip("\r\n") for ln in lines], section)
+    if where is None or where == len(lines):
+        sep = "" if text.endswith("\n\n") or not text else ("\n" if text.endswith("\n") else "\n\n")
+        return text + sep + block
+    return "".join(lines[:where]) + block + "\n" + "".join(lines[where:])
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def write_reports(results: Path) -> list[Path]:
+    """Regenerate ``<suite>.md`` of every suite with a log in ``results``, and the speed plots."""
+    from .plots import speed_plots
+
+    written = []
+    for suite in SUITES:
+        records = read(log_path(results, suite))
+        if not records:
+            continue
+        path = Path(results) / f"{suite}.md"
+        path.write_text(suite_markdown(suite, records))
+        written.append(path)
+        if suite == "speed":
+            written += speed_plots(group(records), Path(results))
+    return written
+

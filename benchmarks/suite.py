@@ -1,0 +1,169 @@
+"""The parent process of a command: it schedules the cases, and for each case a prepare
+process and ``runs`` timed processes, each a fresh Python (`benchmarks.worker`).
+
+Cases run one after the other; a model's built variants live under the command's work
+directory until its cases are done. The parent times nothing itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import models
+from .aggregate import group
+from .build import manifest_path
+from .machine import ROOT, describe
+from .records import append, by_invocation, log_path, read
+from .report import case_markdown, transform_table
+from .worker import record
+
+__all__ = ["Invocation", "spawn", "run_speed", "run_training", "run_transform", "cuda_available"]
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One command's settings, shared by all its runs.
+
+    Args:
+        results: the results directory (the logs are appended to there).
+        workdir: where this command's built variants live while it runs.
+        command: the command line, recorded with every run.
+        id: identifies this command's runs in the logs.
+        threads: intra-op threads of every backend.
+        runs: timed processes per case.
+        repeats: timed calls per variant in a run (after ``warmup`` untimed ones).
+        warmup: untimed calls per variant before timing.
+    """
+
+    results: Path
+    workdir: Path
+    command: str
+    id: str
+    threads: int
+    runs: int
+    repeats: int
+    warmup: int
+
+    @classmethod
+    def create(cls, results: Path, workdir: Path, argv: Sequence[str], **settings: Any) -> "Invocation":
+        """A new command: its id from the time and process id, its own work directory."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        id_ = f"{stamp}-{os.getpid()}"
+        command = "python -m benchmarks " + shlex.join(argv)
+        return cls(Path(results).resolve(), Path(workdir).resolve() / id_, command, id_, **settings)
+
+    def task(self, step: str, **fields: Any) -> dict[str, Any]:
+        """A worker's task: this command's settings and the step's own fields."""
+        return {"step": step, "invocation": self.id, "command": self.command, "results": str(self.results),
+                "workdir": str(self.workdir), "threads": self.threads, "runs": self.runs, "repeats": self.repeats,
+                "warmup": self.warmup, **fields}  # fmt: skip
+
+
+def spawn(task: Mapping[str, Any]) -> int:
+    """Run one worker step in a fresh Python process (its output streams through); its exit status."""
+    return subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(task)], cwd=ROOT).returncode
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _record_crash(task: Mapping[str, Any], status: int, what: str) -> None:
+    """Log a process that died without leaving its record (killed, out of memory...)."""
+    case = {k: task[k] for k in ("model", "backend", "batch", "layout") if k in task}
+    rec = record(task, case, {"error": f"{what} exited with status {status} without a record; see its output"})
+    append(log_path(Path(task["results"]), task["step"]), rec)
+
+
+def _timed_runs(inv: Invocation, step: str, fields: Mapping[str, Any]) -> None:
+    for run in range(1, inv.runs + 1):
+        task = inv.task(step, run=run, **fields)
+        status = spawn(task)
+        if status != 0:
+            _record_crash(task, status, f"run {run}")
+
+
+def _prepare(inv: Invocation, suite: str, fields: Mapping[str, Any]) -> str | None:
+    """Build a case's variants; the manifest's path, or None (and a logged failure) if that failed."""
+    status = spawn(inv.task("prepare", **fields))
+    if status == 0:
+        return str(manifest_path(inv.workdir, fields["model"], fields["backend"], fields["batch"]))
+    _record_crash(inv.task(suite, run=None, **fields), status, "building the variants")
+    return None
+
+
+def _summary(inv: Invocation, suite: str, case: Mapping[str, Any]) -> None:
+    """Print this command's figures for one case, aggregated across its runs."""
+    mine = by_invocation(read(log_path(inv.results, suite)), inv.id)
+    runs = [r for r in mine if all(r.get("case", {}).get(k) == v for k, v in case.items())]
+    if not runs:
+        return
+    print(f"\n== {suite} summary of this command ({inv.runs} runs per case)\n{describe(runs[-1])}")
+    print(f"settings: threads {inv.threads} · repeats {inv.repeats} · warmup {inv.warmup} · command: {inv.command}\n")
+    for g in group(runs):
+        print("\n".join(transform_table([g]) if suite == "transform" else case_markdown(g, training=suite == "training")))
+
+
+def _cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_speed(inv: Invocation, model_names: Sequence[str], variant_names: Sequence[str], backends: Sequence[str],
+              batches: Sequence[int]) -> None:  # fmt: skip
+    """Time every (model, backend, batch) case: build its variants, then ``inv.runs`` runs."""
+    names = ["original"] + [v for v in variant_names if v != "original"]
+    try:
+        for model in model_names:
+            for backend in backends:
+                for batch in batches:
+                    case = {"model": model, "backend": backend, "batch": batch}
+                    manifest = _prepare(inv, "speed", {**case, "search_backend": backend, "variants": names})
+                    if manifest:
+                        _timed_runs(inv, "speed", {**case, "manifest": manifest})
+                        _summary(inv, "speed", case)
+            _cleanup(inv.workdir / model)
+    finally:
+        _cleanup(inv.workdir)
+
+
+def run_training(inv: Invocation, model_names: Sequence[str], bases: Sequence[str], backends: Sequence[str],
+                 batches: Sequence[int], layouts: Sequence[str]) -> None:  # fmt: skip
+    """Time training steps for every (model, backend, batch, layout) case."""
+    names = ["original"] + [v for v in bases if v != "original"]
+    try:
+        for model in model_names:
+            tokens = models.get(model).tokens
+            for backend in backends:
+                for batch in batches:
+                    case = {"model": model, "backend": backend, "batch": batch}
+                    manifest = _prepare(inv, "training", {**case, "search_backend": backend, "variants": names})
+                    for layout in layouts:
+                        if tokens and layout != "nchw":
+                            print(f"skipping {model} · {layout}: token inputs have no channels_last layout")
+                        elif manifest:
+                            fields = {**case, "layout": layout, "variants": names, "manifest": manifest}
+                            _timed_runs(inv, "training", fields)
+                            _summary(inv, "training", {**case, "layout": layout})
+            _cleanup(inv.workdir / model)
+    finally:
+        _cleanup(inv.workdir)
+
+
+def run_transform(inv: Invocation, model_names: Sequence[str]) -> None:
+    """Time `fxlrd.transform` of every model, ``inv.runs`` processes each."""
+    for model in model_names:
+        _timed_runs(inv, "transform", {"model": model})
+        _summary(inv, "transform", {"model": model})
+

@@ -1,0 +1,159 @@
+"""The variants the suite compares: each a function model -> compressed module, via the public API.
+
+A variant's config may depend on the case: searched variants choose ranks by timing layers on
+the backend the case runs on (at its batch size); data-aware ones use the model's calibration
+data; the "@vanilla" family is held to the parameter count of vanilla LRD so that it has a peer
+at equal size (the report pairs every variant with those within ±3 % of its parameters).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import fx, nn
+
+import fxlrd
+from fxlrd import LatencyConfig, LRDConfig
+
+from .models import ModelSpec
+
+__all__ = ["BuildContext", "Variant", "VARIANTS", "get", "TARGET_SPEEDUP"]
+
+TARGET_SPEEDUP = 2.0
+VANILLA = LRDConfig(ratio=2, rank_quantum=1)
+
+
+@dataclass
+class BuildContext:
+    """What a variant's config may depend on besides the model.
+
+    Args:
+        spec: the model's spec (for its calibration data).
+        model: the original model.
+        example: the case's inputs: latency searches time layers at their shapes.
+        backend: where searched ranks are timed (``onnxruntime``, ``eager``, ``compile``, ``cuda``).
+        threads: intra-op threads of the search.
+        cache: the latency cache file of this command (searches start cold once per command).
+    """
+
+    spec: ModelSpec
+    model: nn.Module
+    example: Any
+    backend: str
+    threads: int
+    cache: Path
+
+    def latency(self) -> LatencyConfig:
+        """The latency search settings for this case's backend."""
+        return LatencyConfig(backend=self.backend, threads=self.threads, cache_path=self.cache, progress=False)
+
+    @functools.cached_property
+    def calibration(self) -> list[Any]:
+        """The model's calibration batches (real data for the pretrained models)."""
+        return self.spec.calibration()
+
+    @functools.cached_property
+    def vanilla_params(self) -> int:
+        """Parameters of the whole model after vanilla LRD (α = 2, the paper's exact ranks)."""
+        return fxlrd.plan(self.model, VANILLA, example_inputs=self.example).params_after_model()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to compress a model.
+
+    Args:
+        name: the name on the command line and in the tables.
+        describe: one line for the reports.
+        config: the `LRDConfig` for a case; None for the original model itself.
+        searched: its ranks depend on the backend and batch (built once per case, not per model).
+        data_aware: decomposed with the model's calibration data.
+        decomposes: it must decompose at least one layer, else it is skipped for that model.
+        needs_method: skipped unless some layer is decomposed with this method (e.g. ``tucker2``).
+        int8: exported with onnxruntime's static int8 quantization (QDQ, per-channel weights,
+            calibrated on the model's calibration batches); onnxruntime backend only.
+    """
+
+    name: str
+    describe: str
+    config: Callable[[BuildContext], LRDConfig] | None
+    searched: bool = False
+    data_aware: bool = False
+    decomposes: bool = True
+    needs_method: str | None = None
+    int8: bool = False
+
+    def build(self, ctx: BuildContext) -> nn.Module:
+        """The compressed model (``ctx.model`` itself for the original)."""
+        if self.config is None:
+            return ctx.model
+        calibration = ctx.calibration if self.data_aware else None
+        return fxlrd.transform(ctx.model, self.config(ctx), example_inputs=ctx.example, calibration=calibration)
+
+    def skip_reason(self, gm: fx.GraphModule) -> str | None:
+        """Why this variant is not worth timing on this model (nothing it changes), or None."""
+        decomposed = gm.fxlrd_plan.decomposed
+        if self.decomposes and not decomposed:
+            return "no layer decomposed with this config"
+        if self.needs_method and not any(lp.method == self.needs_method for lp in decomposed):
+            return f"no layer decomposed with {self.needs_method}"
+        return None
+
+
+def _vanilla_size(ctx: BuildContext) -> LRDConfig:
+    """A global parameter budget: vanilla LRD's parameter count."""
+    return LRDConfig(target_params=ctx.vanilla_params)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("original", "the model as it is", None, decomposes=False),
+        Variant("captured", "captured by fxlrd, nothing decomposed (control: the cost or gain of capture alone)",
+                lambda ctx: LRDConfig(exclude="*"), decomposes=False),  # fmt: skip
+        Variant("vanilla", "α = 2, the paper's exact ranks (rank_quantum=1)", lambda ctx: VANILLA),
+        Variant("quantized", "α = 2, ranks rounded down to multiples of 8 (the default)", lambda ctx: LRDConfig(ratio=2)),
+        Variant("optimized", "α = 2, ranks chosen by timing each layer on the backend (paper Alg. 1)",
+                lambda ctx: LRDConfig(ratio=2, latency=ctx.latency()), searched=True),  # fmt: skip
+        Variant("global", f"global mode: target_speedup={TARGET_SPEEDUP}, least truncation error",
+                lambda ctx: LRDConfig(ratio=2, target_speedup=TARGET_SPEEDUP, latency=ctx.latency()), searched=True),  # fmt: skip
+        Variant("merged", "Tucker-2 of k×k convs, factors merged into the 1×1 convs (approximate)",
+                lambda ctx: LRDConfig(ratio=2, merge="approximate")),  # fmt: skip
+        Variant("merged_optimized", "merged, with latency-searched ranks",
+                lambda ctx: LRDConfig(ratio=2, merge="approximate", latency=ctx.latency()), searched=True),  # fmt: skip
+        Variant("branched2", "Tucker cores as 2-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=2),
+                needs_method="tucker2"),  # fmt: skip
+        Variant("branched4", "Tucker cores as 4-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=4),
+                needs_method="tucker2"),  # fmt: skip
+        Variant("data_aware", "whitened by calibration data, ranks allocated globally (α = 2 overall)",
+                lambda ctx: LRDConfig(ratio=2, allocation="global"), data_aware=True),  # fmt: skip
+        Variant("int8", "the original, int8 (onnxruntime static quantization, QDQ, per-channel weights)", None,
+                decomposes=False, int8=True),  # fmt: skip
+        Variant("quantized+int8", "quantized, then int8 like the original's int8", lambda ctx: LRDConfig(ratio=2), int8=True),
+        Variant("global@vanilla+int8", "global@vanilla, then int8",
+                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
+                searched=True, int8=True),  # fmt: skip
+        Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
+                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
+                searched=True),  # fmt: skip
+        Variant("allocated@vanilla", "ranks allocated globally by weight error at vanilla's parameters",
+                _vanilla_size),  # fmt: skip
+        Variant("data_aware@vanilla", "data-aware, ranks allocated globally at vanilla's parameters",
+                _vanilla_size, data_aware=True),  # fmt: skip
+    )
+}
+
+
+def get(name: str) -> Variant:
+    """The `Variant` called ``name``.
+
+    Raises:
+        KeyError: no such variant (the message lists them).
+    """
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown variant {name!r}; choose among {', '.join(VARIANTS)}") from None

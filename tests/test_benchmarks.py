@@ -1,0 +1,260 @@
+"""The benchmark suite's pure logic: aggregation across runs, the append-only log, matching at
+equal parameters, CPU flags, the reports and the README region. Nothing here times anything."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a directory of the checkout
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks.aggregate import Spread, equal_param_comparisons, equal_params, group, spread, summarize  # noqa: E402
+from benchmarks.build import rotated  # noqa: E402
+from benchmarks.machine import machine, machine_kind  # noqa: E402
+from benchmarks.records import FORMAT, append, log_path, read  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    README_END,
+    README_START,
+    readme_table,
+    replace_region,
+    suite_markdown,
+    write_reports,
+)
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512_vnni amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512_vnni amx_bf16 amx_tile amx_int8
+"""
+MACHINE = {"cpu": "Test CPU", "vector_extensions": ["AVX2"], "cpus": 2, "logical_cpus": 2, "arch": "x86_64", "gpu": None}
+
+
+def make_run(times_ms: dict[str, float], params: dict[str, int] | None = None, *, run: int = 1, threads: int = 2,
+             cpu: str = "Test CPU", model: str = "resnet50", backend: str = "onnxruntime", batch: int = 1,
+             macs: dict[str, int] | None = None) -> dict:  # fmt: skip
+    """A synthetic speed run record."""
+    params = params or {}
+    macs = macs or {}
+    variants = {n: {"median_s": t / 1e3, "min_s": t / 1e3, "max_s": t / 1e3, "params": params.get(n), "macs": macs.get(n)}
+                for n, t in times_ms.items()}  # fmt: skip
+    return {
+        "format": FORMAT, "suite": "speed", "timestamp": f"2026-01-01T00:0{run}:00+00:00", "invocation": "test",
+        "run": run, "runs": 3, "command": "python -m benchmarks speed --models resnet50", "machine": MACHINE | {"cpu": cpu},
+        "versions": {"python": "3.11", "torch": "2.13.0", "onnxruntime": "1.32.0", "fxlrd": "0.1.0", "git": "abc1234"},
+        "settings": {"threads": threads, "repeats": 20, "warmup": 3},
+        "case": {"model": model, "backend": backend, "batch": batch, "inputs": f"{batch}×3×224×224"},
+        "variants": variants, "skipped": {}, "failed": {},
+    }  # fmt: skip
+
+
+THREE_RUNS = [
+    make_run({"original": 10.0, "quantized": 5.0}, {"original": 100, "quantized": 50}, run=1, macs={"original": 40, "quantized": 20}),
+    make_run({"original": 12.0, "quantized": 4.0}, {"original": 100, "quantized": 50}, run=2, macs={"original": 40, "quantized": 20}),
+    make_run({"original": 8.0, "quantized": 8.0}, {"original": 100, "quantized": 50}, run=3, macs={"original": 40, "quantized": 20}),
+]
+
+
+# -- aggregation across runs -----------------------------------------------------------------------------
+def test_spread_is_median_min_max_of_the_values():
+    assert spread([3.0, 1.0, 2.0, None]) == Spread(2.0, 1.0, 3.0, 3)
+    assert spread([]) is None
+    assert Spread(2.0, 1.0, 3.0, 3).format("{:.1f}", "×") == "2.0× [1.0–3.0]"
+    assert Spread(2.0, 2.0, 2.0, 3).format("{:.1f}") == "2.0"
+
+
+def test_summarize_forms_ratios_within_each_run_then_aggregates():
+    s = summarize(THREE_RUNS)["quantized"]
+    assert s.latency_s.median == pytest.approx(5e-3) and s.latency_s.low == pytest.approx(4e-3)
+    assert s.latency_s.high == pytest.approx(8e-3) and s.latency_s.n == 3
+    # per run 2, 3 and 1: the median of ratios, not the ratio of medians (10 / 5 = 2 here too, but 3 and 1 are its range)
+    assert (s.speedup.median, s.speedup.low, s.speedup.high) == pytest.approx((2.0, 1.0, 3.0))
+    assert s.mac_ratio.median == pytest.approx(2.0)
+    assert (s.speedup_per_mac_ratio.low, s.speedup_per_mac_ratio.high) == pytest.approx((0.5, 1.5))
+    assert summarize(THREE_RUNS)["original"].speedup == Spread(1.0, 1.0, 1.0, 3)
+
+
+def test_speedup_skips_runs_without_the_baseline():
+    runs = THREE_RUNS[:2] + [make_run({"quantized": 1.0}, {"quantized": 50}, run=3)]
+    s = summarize(runs)["quantized"]
+    assert s.latency_s.n == 3 and s.speedup.n == 2
+
+
+def test_runs_are_pooled_only_per_machine_kind_and_case():
+    runs = THREE_RUNS + [make_run({"original": 1.0}, cpu="Other CPU"), make_run({"original": 1.0}, threads=1),
+                         make_run({"original": 1.0}, batch=8), {**make_run({"original": 1.0}), "error": "boom"}]  # fmt: skip
+    groups = group(runs)
+    assert [(len(g.runs), len(g.failed)) for g in groups] == [(3, 1), (1, 0), (1, 0), (1, 0)]
+    assert groups[0].threads == 2 and groups[2].threads == 1 and groups[3].case["batch"] == 8
+    assert {g.kind for g in groups} == {machine_kind(MACHINE), machine_kind(MACHINE | {"cpu": "Other CPU"})}
+
+
+def test_each_run_starts_with_another_variant():
+    names = ["original", "vanilla", "quantized"]
+    assert [rotated(names, run)[0] for run in (1, 2, 3, 4)] == ["original", "vanilla", "quantized", "original"]
+    assert sorted(rotated(names, 2)) == sorted(names) and rotated([], 3) == []
+
+
+# -- the append-only log ---------------------------------------------------------------------------------
+def test_a_second_run_appends_and_keeps_the_first(tmp_path):
+    path = log_path(tmp_path / "results", "speed")
+    append(path, THREE_RUNS[0])
+    first = path.read_bytes()
+    append(path, THREE_RUNS[2])  # a worse run is kept as well
+    assert path.read_bytes().startswith(first)
+    assert read(path) == [json.loads(json.dumps(THREE_RUNS[0])), json.loads(json.dumps(THREE_RUNS[2]))]
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_reading_skips_a_torn_line_with_a_warning(tmp_path):
+    path = tmp_path / "speed.jsonl"
+    append(path, THREE_RUNS[0])
+    with open(path, "a") as f:
+        f.write('{"format": "fxlrd.bench-run/1", "suite"')
+    with pytest.warns(UserWarning, match="not a JSON record"):
+        assert len(read(path)) == 1
+    assert read(tmp_path / "missing.jsonl") == []
+
+
+# -- equal parameters ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("a, b, expected", [(100, 103, True), (103, 100, True), (100, 103.1, False), (100, 97.1, True),
+                                            (100, 97, False), (50, 50, True)])  # fmt: skip
+def test_equal_params_is_within_three_percent_of_the_smaller(a, b, expected):
+    assert equal_params(a, b) is expected
+
+
+def test_equal_param_comparisons_match_within_each_run():
+    runs = [
+        make_run({"original": 10, "vanilla": 8, "global@vanilla": 4, "quantized": 6},
+                 {"original": 200, "vanilla": 100, "global@vanilla": 99, "quantized": 90}, run=1),  # fmt: skip
+        make_run({"original": 10, "vanilla": 8, "global@vanilla": 2, "quantized": 6},
+                 {"original": 200, "vanilla": 100, "global@vanilla": 110, "quantized": 90}, run=2),  # fmt: skip
+        make_run({"original": 10, "vanilla": 9, "global@vanilla": 3, "quantized": 6},
+                 {"original": 200, "vanilla": 100, "global@vanilla": 101, "quantized": 90}, run=3),  # fmt: skip
+    ]
+    comparisons = equal_param_comparisons(runs)
+    assert [(c.a, c.b) for c in comparisons] == [("global@vanilla", "vanilla")]  # quantized is 10 % smaller
+    c = comparisons[0]
+    assert c.speedup.n == 2  # run 2's global@vanilla was 10 % larger: not a match there
+    assert (c.speedup.low, c.speedup.high) == pytest.approx((2.0, 3.0))
+    assert (c.params_a.low, c.params_a.high) == (99, 101)
+
+
+# -- CPU flags -------------------------------------------------------------------------------------------
+def test_machine_reads_cpu_model_and_vector_extensions():
+    info = machine(cpuinfo=CPUINFO)
+    assert info["cpu"] == "Intel(R) Xeon(R) Platinum 8480+"
+    for name in ("AVX2", "AVX-512F", "AVX-512 VNNI", "AMX"):
+        assert name in info["vector_extensions"]
+    assert machine(cpuinfo="processor\t: 0\nflags\t: fpu sse2\n")["vector_extensions"] == []
+
+
+def test_machine_kind_names_cpu_cores_extensions_and_gpu_only_when_asked():
+    info = {"cpu": "X", "cpus": 16, "vector_extensions": ["AVX2", "AVX-512F"], "gpu": "H100"}
+    assert machine_kind(info) == "X · 16 CPUs · AVX2, AVX-512F"
+    assert machine_kind(info, gpu=True).endswith("· H100")
+    assert "unknown" in machine_kind({"cpu": "AMD EPYC", "cpus": 2, "vector_extensions": None})
+
+
+# -- reports ---------------------------------------------------------------------------------------------
+def test_report_from_a_synthetic_log(tmp_path):
+    params = {"original": 25_560_000, "vanilla": 12_750_000, "global@vanilla": 12_500_000}
+    macs = {"original": 4_000_000_000, "vanilla": 2_000_000_000, "global@vanilla": 1_600_000_000}
+    runs = [make_run({"original": t0, "vanilla": t1, "global@vanilla": t2}, params, run=i + 1, macs=macs)
+            for i, (t0, t1, t2) in enumerate([(10, 8, 5), (12, 8, 6), (9, 9, 3)])]  # fmt: skip
+    runs[2]["skipped"] = {"merged": "no layer decomposed with this config"}
+    for run in runs + [{**make_run({}, run=4), "error": "RuntimeError: out of memory"}]:
+        append(log_path(tmp_path, "speed"), run)
+    text = suite_markdown("speed", read(log_path(tmp_path, "speed")))
+    assert f"## {machine_kind(MACHINE)}" in text
+    assert "### resnet50 · onnxruntime · batch 1" in text and "3 runs" in text
+    assert "| vanilla | 12.75 | 2.00 | 2.00× | 8.00 [8.00–9.00] | 1.25× [1.00–1.50] |" in text
+    assert "| global@vanilla | vanilla | 12.50 / 12.75 | 1.60× [1.33–3.00] | 3 |" in text  # 8/5, 8/6, 9/3
+    assert "skipped: merged (no layer decomposed with this config; 1 of 3 runs)" in text
+    assert "failed run" in text and "out of memory" in text
+    written = write_reports(tmp_path)
+    assert tmp_path / "speed.md" in written and any(p.suffix == ".png" and p.stat().st_size > 0 for p in written)
+
+
+def test_lrd_plus_int8_is_compared_with_int8_alone_run_by_run():
+    params = {"original": 100, "int8": 100, "quantized": 50, "quantized+int8": 50}
+    runs = [make_run({"original": 10.0, "int8": t8, "quantized": 6.0, "quantized+int8": tq}, params, run=i + 1)
+            for i, (t8, tq) in enumerate([(4.0, 2.0), (5.0, 4.0), (4.0, 3.0)])]  # fmt: skip
+    text = suite_markdown("speed", runs)
+    section = text.split("LRD + int8 against int8 alone")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| quantized+int8 |"))
+    assert "1.33× [1.25–2.00]" in row  # 4/2, 5/4, 4/3: the median of the per-run ratios
+    no_int8 = suite_markdown("speed", [make_run({"original": 10.0, "quantized": 5.0}, params, run=1)])
+    assert "LRD + int8" not in no_int8
+
+
+def test_readme_table_names_the_machine_and_the_command():
+    table = readme_table(THREE_RUNS)
+    assert table.splitlines()[0] == "| model | variant | params (M) | onnxruntime b1 |"
+    assert "| resnet50 | quantized | 0.00 | 2.00× [1.00–3.00] |" in table  # 50 parameters: 0.00 M
+    assert machine_kind(MACHINE) in table
+    assert "python -m benchmarks speed --models resnet50 --variants original,quantized --backends onnxruntime --batch 1 " \
+           "--repeats 20 --runs 3" in table  # fmt: skip
+    with pytest.raises(ValueError, match="matches 0 machine kinds"):
+        readme_table(THREE_RUNS, machine="no such cpu")
+
+
+README = """# project
+
+intro
+
+## Measured
+
+Headline table.
+
+```
+## not a heading (code)
+```
+
+## Layout
+
+tree
+"""
+
+
+def test_readme_region_is_inserted_at_the_end_of_the_benchmarks_part():
+    out = replace_region(README, "| a | b |")
+    head, tail = README.split("## Layout")
+    assert out.startswith(head) and out.endswith("## Layout" + tail)
+    assert f"### Benchmark suite\n\n{README_START}\n| a | b |\n{README_END}\n\n## Layout" in out
+
+
+def test_readme_region_replacement_leaves_the_rest_byte_identical():
+    once = replace_region(README, "old table")
+    twice = replace_region(once, "new\ntable\n")
+    start, end = once.index(README_START) + len(README_START), once.index(README_END)
+    assert twice[:start] == once[:start] and twice.endswith(once[end:])
+    assert twice[start:twice.index(README_END)] == "\nnew\ntable\n"
+    assert replace_region(twice, "new\ntable\n") == twice
+
+
+def test_readme_region_without_the_section_goes_at_the_end():
+    text = "# project\r\n\r\nno benchmarks part"
+    out = replace_region(text, "t")
+    assert out.startswith(text) and out.endswith(f"{README_START}\nt\n{README_END}\n")
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def test_names_accept_commas_and_spaces():
+    assert cli._names(["original,quantized", "vanilla", "quantized"]) == ["original", "quantized", "vanilla"]
+
+
+@pytest.mark.parametrize("argv", [["speed", "--runs", "2"], ["speed", "--models", "resnet5"], ["speed", "--variants", "fast"],
+                                  ["speed", "--batch", "0"]])  # fmt: skip
+def test_command_line_refuses_too_few_runs_and_unknown_names(argv, capsys):
+    p = cli.parser()
+    args = p.parse_args(argv)
+    args.models, args.variants = cli._names(args.models), cli._names(args.variants)
+    with pytest.raises(SystemExit):
+        cli._check(p, args)
