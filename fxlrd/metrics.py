@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,14 +18,32 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@contextlib.contextmanager
+def _countable_attention() -> Iterator[None]:
+    """Attention in ops the FLOP counter sees: torch counts neither the fused fast path of
+    ``nn.MultiheadAttention`` in eval mode nor the CPU flash kernel of
+    ``scaled_dot_product_attention`` (both read as 0 MACs), so count with the fast path off and
+    SDPA's math backend (the same arithmetic, in matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of one forward pass on ``example_inputs`` — a tensor, a tuple of positional inputs
-    or a dict of keyword inputs (FLOPs / 2, as FlopCounterMode counts them)."""
+    or a dict of keyword inputs (FLOPs / 2, as FlopCounterMode counts them; attention included,
+    see `_countable_attention`)."""
     from .capture import normalize_inputs
 
     args, kwargs = normalize_inputs(example_inputs)
-    with FlopCounterMode(display=False) as counter:
+    with _countable_attention(), FlopCounterMode(display=False) as counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
 

@@ -332,3 +332,28 @@ def test_example_inputs_that_do_not_fit_the_model_are_named():
                                          r".*to have 3 channels, but got 4"):
         fxlrd.plan(model, example_inputs=torch.randn(1, 4, 64, 64))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_macs_count_attention_in_every_form():
+    """torch's FLOP counter reads 0 for MultiheadAttention's eval fast path and for SDPA's CPU
+    kernel; count_macs must count the projections and the attention matmuls all the same."""
+    from fxlrd import count_macs
+
+    e, n, heads = 64, 10, 4
+    mha = nn.MultiheadAttention(e, heads, batch_first=True).eval()
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    expected = 4 * n * e * e + 2 * n * n * e  # q, k, v, out projections + QKᵀ and AV
+    x = torch.randn(1, n, e)
+    assert count_macs(SelfAttention(), x) == expected
+    q = torch.randn(1, heads, n, e // heads)
+    sdpa = count_macs(lambda t: torch.nn.functional.scaled_dot_product_attention(t, t, t), q)
+    assert sdpa == 2 * n * n * e
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
