@@ -240,11 +240,15 @@ class CalibrationReader:
     Args:
         input_names: the ONNX model's input names.
         batches: an iterable of batches (tensor, tuple or dict each).
+        input_shapes: the inputs' ONNX shapes (an int per fixed dimension, a name or None per
+            dynamic one); a batch that does not fit a fixed dimension is a `ConfigError`.
     """
 
-    def __init__(self, input_names: Sequence[str], batches: Iterable[Any]):
+    def __init__(self, input_names: Sequence[str], batches: Iterable[Any],
+                 input_shapes: Sequence[Sequence[Any]] | None = None):  # fmt: skip
         self._session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n) for n in input_names])
         self._names = list(input_names)
+        self._shapes = dict(zip(self._names, input_shapes)) if input_shapes is not None else {}
         self._batches = iter(batches)
         self.count = 0
 
@@ -264,6 +268,16 @@ class CalibrationReader:
                 f"{len(self._names)} {self._names}; give each batch in the same form as example_inputs"
             )
         feed = onnx_feed(self._session, (args, kwargs))
+        for name, array in feed.items():
+            want = self._shapes.get(name)
+            if want is not None and (len(want) != array.ndim or any(
+                    isinstance(w, int) and w != d for w, d in zip(want, array.shape))):  # fmt: skip
+                raise ConfigError(
+                    f"calibration batch {self.count}: input {name!r} has shape {tuple(array.shape)}, but the exported "
+                    f"model's is {tuple(want)} (an int is a fixed dimension: the export did not make it dynamic, "
+                    f"e.g. torch's nn.MultiheadAttention fixes the batch size); give calibration batches of that "
+                    f"shape, or transform the model with fxlrd first, whose captures have a dynamic batch dimension"
+                )
         self.count += 1
         return feed
 
@@ -362,9 +376,10 @@ def quantize_onnx_file(
         source = _preprocess(src, Path(work) / "pre.onnx") if config.preprocess else src
         session = onnx_session(source)
         input_names = [i.name for i in session.get_inputs()]
+        input_shapes = [list(i.shape) for i in session.get_inputs()]
         output_names = [o.name for o in session.get_outputs()]
         del session
-        reader = CalibrationReader(input_names, batches)
+        reader = CalibrationReader(input_names, batches, input_shapes)
         quantized = Path(work) / "int8.onnx"
         activation = QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

@@ -186,6 +186,17 @@ def test_calibration_batch_of_the_wrong_form(decomposed_cnn, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_calibration_batch_that_does_not_fit_a_fixed_dimension():
+    from fxlrd.quantize import CalibrationReader
+
+    reader = CalibrationReader(["x"], [torch.zeros(1, 3), torch.zeros(4, 3)], [[1, 3]])
+    assert reader.get_next()["x"].shape == (1, 3)
+    with pytest.raises(ConfigError, match=r"calibration batch 1: input 'x' has shape \(4, 3\).*is \(1, 3\)"):
+        reader.get_next()
+    dynamic = CalibrationReader(["x"], [torch.zeros(4, 3)], [["batch", 3]])
+    assert dynamic.get_next()["x"].shape == (4, 3)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"qtol": 0}, "qtol"), ({"qtol": -1.0}, "qtol"), ({"activations": "fp8"}, "activations"),
