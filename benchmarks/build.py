@@ -110,12 +110,21 @@ def load_variant(spec: models.ModelSpec, original: nn.Module, info: Mapping[str,
     return fxlrd.load(original, info["dir"], example_inputs=inputs)
 
 
+def _rebatched(batches: list[Any], size: int) -> list[Any]:
+    """The calibration samples in batches of ``size``, the batch size the model was exported at
+    (an exported original may have its batch size fixed, e.g. torch's MultiheadAttention)."""
+    if isinstance(batches[0], Mapping):
+        joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        n = next(iter(joined.values())).shape[0]
+        return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, n - size + 1, size)]
+    joined = torch.cat(list(batches))
+    return [joined[i : i + size] for i in range(0, joined.shape[0] - size + 1, size)]
+
+
 def _export(spec: models.ModelSpec, original: nn.Module, info: dict[str, Any], inputs: Any, path: Path,
             calibration: list[Any] | None = None) -> None:  # fmt: skip
-    """Export the variant to ONNX (checked against onnxruntime; int8 when ``calibration`` is given)
-    unless that was done for another case."""
-    if "onnx" in info or "onnx_failed" in info:
-        return
+    """Export the variant to ONNX (checked against onnxruntime; int8 when ``calibration`` is given);
+    its path, or why it failed, goes into ``info``."""
     try:
         quantize = {"quantize": "int8", "calibration": calibration} if calibration is not None else {}
         fxlrd.export_onnx(load_variant(spec, original, info, inputs), inputs, path, **quantize)
@@ -171,11 +180,12 @@ def prepare(task: Mapping[str, Any]) -> Path:
         info_path = where.with_suffix(".json")
         info = json.loads(info_path.read_text()) if info_path.exists() else _build(variant, ctx, where, per_sample)
         built = not ("failed" in info or "skipped" in info)
-        if built and backend == "onnxruntime":  # one file serves every batch (dynamic batch dimension)
-            _export(spec, original, info, inputs, where.with_suffix(".onnx"), ctx.calibration if variant.int8 else None)
         info_path.parent.mkdir(parents=True, exist_ok=True)
         info_path.write_text(json.dumps(info, default=str))
         entry = dict(info)
+        if built and backend == "onnxruntime":  # per batch: an exported original may have a fixed batch size
+            calibration = _rebatched(ctx.calibration, batch) if variant.int8 else None
+            _export(spec, original, entry, inputs, where.with_suffix(f".b{batch}.onnx"), calibration)
         if built and backend == "compile":  # per case: inductor compiles for the batch's shapes
             _warm_compile(spec, original, entry, inputs, task["threads"])
         _print(variant.name, entry)

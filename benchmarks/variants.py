@@ -103,6 +103,19 @@ class Variant:
         return None
 
 
+def _quantized_at_vanilla(ctx: BuildContext) -> LRDConfig:
+    """Quantized ranks at one ratio for every layer, the ratio found by bisection so that the
+    model has vanilla LRD's parameter count (the smallest ratio whose model is not larger)."""
+    lo, hi = 1.05, 4.0  # params fall as the ratio grows (not strictly: ranks are quantized)
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if fxlrd.plan(ctx.model, LRDConfig(ratio=mid), example_inputs=ctx.example).params_after_model() > ctx.vanilla_params:
+            lo = mid
+        else:
+            hi = mid
+    return LRDConfig(ratio=round(hi, 4))
+
+
 def _vanilla_size(ctx: BuildContext) -> LRDConfig:
     """A global parameter budget: vanilla LRD's parameter count."""
     return LRDConfig(target_params=ctx.vanilla_params)
@@ -139,6 +152,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip
+        Variant("quantized@vanilla", "quantized ranks, one ratio for all layers chosen so that the model has "
+                "vanilla's parameters", _quantized_at_vanilla),  # fmt: skip
         Variant("allocated@vanilla", "ranks allocated globally by weight error at vanilla's parameters",
                 _vanilla_size),  # fmt: skip
         Variant("data_aware@vanilla", "data-aware, ranks allocated globally at vanilla's parameters",

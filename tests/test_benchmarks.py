@@ -258,3 +258,30 @@ def test_command_line_refuses_too_few_runs_and_unknown_names(argv, capsys):
     args.models, args.variants = cli._names(args.models), cli._names(args.variants)
     with pytest.raises(SystemExit):
         cli._check(p, args)
+
+
+def test_script_results_keep_every_run_and_the_file_written_before_the_log(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    (tmp_path / "demo.json").write_text(json.dumps({"benchmark": "demo", "results": "the old run"}))
+    _common.write("demo", {"results": "worse"}, "first")
+    _common.write("demo", {"results": "better"}, "second")
+    log = [json.loads(line) for line in (tmp_path / "demo.jsonl").read_text().splitlines()]
+    assert [r["results"] for r in log] == ["the old run", "worse", "better"]
+    assert json.loads((tmp_path / "demo.json").read_text())["results"] == "better"
+    assert "second" in (tmp_path / "demo.md").read_text() and "demo.jsonl" in (tmp_path / "demo.md").read_text()
+
+
+def test_calibration_is_rebatched_to_the_exported_batch_size():
+    import torch
+
+    from benchmarks.build import _rebatched
+
+    images = [torch.arange(8.0).reshape(4, 2), torch.arange(8.0, 16.0).reshape(4, 2)]
+    out = _rebatched(images, 3)
+    assert [b.shape[0] for b in out] == [3, 3] and torch.equal(torch.cat(out), torch.cat(images)[:6])
+    tokens = [{"input_ids": torch.arange(4).reshape(2, 2), "attention_mask": torch.ones(2, 2)}] * 2
+    out = _rebatched(tokens, 1)
+    assert len(out) == 4 and all(b["input_ids"].shape == (1, 2) and set(b) == set(tokens[0]) for b in out)
