@@ -724,6 +724,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "target_params": args.target_params, "merge": getattr(args, "merge", None),
         "branches": getattr(args, "branches", 1), "conv_method": args.conv_method,
         "include": args.include, "exclude": args.exclude or (),
+        "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
     }  # fmt: skip
     values.update(overrides)
     return LRDConfig(**values)
@@ -905,7 +906,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.overwrite = True
     env = _environment(args)
     print("fxlrd demo on " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"settings: model={args.model} ratio={args.ratio:g} quantum={args.quantum} backend={args.backend} "
+    print(f"settings: model={args.model} ratio={args.ratio:g} quantum={_config(args).rank_quantum} backend={args.backend} "
           f"threads={args.threads} repeats={args.repeats}\n")  # fmt: skip
     return cmd_compress(args)
 
@@ -1187,8 +1188,14 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
                    help="how ranks are chosen (default ratio)")  # fmt: skip
     g.add_argument("--rank", type=_rank, metavar="R[,R2]", help="rank for --rank-rule fixed: R or R1,R2")
     g.add_argument("--energy", type=float, metavar="E", help="spectral energy kept for --rank-rule energy, in (0, 1]")
-    g.add_argument("--quantum", type=_positive_int, default=8, metavar="Q",
-                   help="round ranks down to a multiple of this (default 8)")  # fmt: skip
+    g.add_argument("--quantum", type=_positive_int, metavar="Q",
+                   help="round ranks down to a multiple of this (default: the CPU's vector width, "
+                        "16 with AVX-512, 8 with AVX2)")  # fmt: skip
+    g.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="uniform: every layer at --ratio; global: --ratio over the whole model, ranks "
+                        "allocated by (data-aware with --calibration) error (default uniform)")  # fmt: skip
+    g.add_argument("--sequential", action="store_true",
+                   help="with --calibration: fit each layer to the outputs of the already-compressed ones")
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
     g.add_argument("--conv-method", choices=methods(), default="tucker2",
                    help="method for k×k convs (default tucker2)")  # fmt: skip

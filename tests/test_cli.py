@@ -123,6 +123,22 @@ def test_compress_with_a_calibration_tensor_file(tmp_path, capsys, factory, kind
     assert any(lp["data_aware"] for lp in report["plan"]["layers"])
 
 
+def test_compress_with_global_allocation_and_sequential_fitting(tmp_path, capsys, factory):
+    spec, _, _ = factory
+    path = tmp_path / "calib.pt"
+    torch.save(torch.randn(8, 3, 32, 32), path)
+    report_path = tmp_path / "r.json"
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
+                        "--calibration-batches", 3, "--eval-batches", 1, "--repeats", 0, "--ratio", 1.5,
+                        "--allocation", "global", "--sequential", "--quantum", 4, "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    settings = report["settings"]
+    assert settings["allocation"] == "global" and settings["sequential"] is True and settings["rank_quantum"] == 4
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0, "--allocation", "best")
+    assert code == 2 and "--allocation" in err
+
+
 def test_compress_with_a_folder_of_images_and_merge(tmp_path, capsys, factory):
     from PIL import Image
 
