@@ -15,6 +15,7 @@ import datetime
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -1337,10 +1338,20 @@ def _library_noise(debug: bool) -> Iterator[None]:
     if debug:
         yield
         return
-    with warnings.catch_warnings():
-        for category in (FutureWarning, DeprecationWarning, UserWarning):
-            warnings.simplefilter("ignore", category)
-        yield
+    # torchao (imported by transformers when installed) logs its optional CUDA kernels failing
+    # to load and torch's pytree logs deprecations of torchao's registrations: not the user's.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.simplefilter("ignore", category)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
