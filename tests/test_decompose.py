@@ -94,3 +94,63 @@ def test_tensorly_backend_of_the_user_is_left_alone():
     before = tensorly.get_backend()
     tucker2_factors(torch.randn(8, 8, 3, 3), (4, 4))
     assert tensorly.get_backend() == before
+
+
+def test_thread_map_keeps_order_grad_mode_and_the_callers_thread_count():
+    import threading
+    import time
+
+    from fxlrd.decompose import thread_map
+
+    before = torch.get_num_threads()
+    seen = []
+
+    def work(i):
+        seen.append((threading.get_ident(), torch.is_grad_enabled(), torch.get_num_threads()))
+        time.sleep(0.02)  # long enough that every worker gets items
+        return i * i
+
+    with torch.no_grad():
+        assert thread_map(work, range(12)) == [i * i for i in range(12)]
+    assert all(not grad for _, grad, _ in seen)
+    assert torch.get_num_threads() == before
+    if before > 1:  # side by side, each worker single-threaded
+        assert len({ident for ident, _, _ in seen}) > 1
+        assert {threads for _, _, threads in seen} == {1}
+
+
+def test_thread_map_raises_the_workers_exception_and_restores_threads():
+    from fxlrd.decompose import thread_map
+
+    before = torch.get_num_threads()
+
+    def work(i):
+        if i == 3:
+            raise ValueError("layer 3 failed")
+        return i
+
+    with pytest.raises(ValueError, match="layer 3 failed"):
+        thread_map(work, range(6))
+    assert torch.get_num_threads() == before
+
+
+def test_decompose_in_parallel_gives_the_serial_factors_and_keeps_tensorly_backend():
+    import tensorly
+
+    import fxlrd
+    from fxlrd import zoo
+
+    model = zoo.resnet50(num_classes=10).eval()  # svd (1x1, fc) and tucker2 (k x k) sites
+    config = fxlrd.LRDConfig(ratio=2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = fxlrd.transform(model, config).state_dict()
+        torch.set_num_threads(1)
+        serial = fxlrd.transform(model, config).state_dict()
+    finally:
+        torch.set_num_threads(previous)
+    assert parallel.keys() == serial.keys()
+    for key in serial:
+        torch.testing.assert_close(parallel[key], serial[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert tensorly.get_backend() == "numpy"
