@@ -163,19 +163,31 @@ def case_markdown(group_: CaseRuns, training: bool = False) -> list[str]:
 
 
 def transform_table(groups: Sequence[CaseRuns]) -> list[str]:
-    """The transform suite's table: one row per model (and config) of one machine kind."""
+    """The transform suite's table: one row per model (and config) of one machine kind and
+    per version of the code (the git commit it ran from): what is timed is fxlrd itself, so
+    runs of different code are never pooled. Oldest code first."""
     rows = []
     for g in groups:
-        s = summarize(g.runs, baseline=None, extra=("params_before", "layers_decomposed")).get("quantized")
-        if s is None:
-            rows.append((g.case.get("model", "?"), "-", "-", "-", "-", f"0 ({len(g.failed)} failed)"))
-            continue
-        quantum = g.case.get("rank_quantum")
-        rows.append((g.case.get("model", "?"), f"α = {g.case.get('ratio', 2)}, quantum {quantum}",
-                     _range(s.extra["layers_decomposed"], 1, "{:.0f}"),
-                     f"{_range(s.extra['params_before'], 1e-6)} → {_range(s.params, 1e-6)}", _fmt(s.latency_s),
-                     f"{s.latency_s.n} ({_dates(g.runs)})"))  # fmt: skip
-    return _table(("model", "config", "layers decomposed", "params (M)", "transform (s)", "runs"), rows) + [""]
+        by_code: dict[str, list[Run]] = {}
+        for run in sorted(g.runs, key=lambda r: str(r.get("timestamp", ""))):
+            by_code.setdefault(r_git(run).removesuffix("+dirty"), []).append(run)
+        if not by_code:
+            rows.append((g.case.get("model", "?"), "-", "-", "-", "-", "-", f"0 ({len(g.failed)} failed)"))
+        for runs in by_code.values():
+            s = summarize(runs, baseline=None, extra=("params_before", "layers_decomposed"))["quantized"]
+            quantum = g.case.get("rank_quantum")
+            code = ", ".join(dict.fromkeys(r_git(r) for r in runs))
+            rows.append((g.case.get("model", "?"), f"α = {g.case.get('ratio', 2)}, quantum {quantum}", code,
+                         _range(s.extra["layers_decomposed"], 1, "{:.0f}"),
+                         f"{_range(s.extra['params_before'], 1e-6)} → {_range(s.params, 1e-6)}", _fmt(s.latency_s),
+                         f"{s.latency_s.n} ({_dates(runs)})"))  # fmt: skip
+    head = ("model", "config", "code (git)", "layers decomposed", "params (M)", "transform (s)", "runs")
+    return _table(head, rows) + [""]
+
+
+def r_git(run: Run) -> str:
+    """The commit a run's code came from (``+dirty``: with changes not committed), or ``-``."""
+    return run.get("versions", {}).get("git") or "-"
 
 
 # -- a whole suite -------------------------------------------------------------------------------------
