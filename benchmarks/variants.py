@@ -46,9 +46,10 @@ class BuildContext:
     threads: int
     cache: Path
 
-    def latency(self) -> LatencyConfig:
-        """The latency search settings for this case's backend."""
-        return LatencyConfig(backend=self.backend, threads=self.threads, cache_path=self.cache, progress=False)
+    def latency(self, context: str = "layer") -> LatencyConfig:
+        """The latency search settings for this case's backend (``context``: how layers are timed)."""
+        return LatencyConfig(backend=self.backend, threads=self.threads, cache_path=self.cache, progress=False,
+                             context=context)  # fmt: skip
 
     @functools.cached_property
     def calibration(self) -> list[Any]:
@@ -131,12 +132,18 @@ VARIANTS: dict[str, Variant] = {
         Variant("quantized", "α = 2, ranks rounded down to multiples of 8 (the default)", lambda ctx: LRDConfig(ratio=2)),
         Variant("optimized", "α = 2, ranks chosen by timing each layer on the backend (paper Alg. 1)",
                 lambda ctx: LRDConfig(ratio=2, latency=ctx.latency()), searched=True),  # fmt: skip
+        Variant("optimized_ctx", "α = 2, ranks chosen by timing each layer inside its neighbours (the operations "
+                "around it, up to the next layers)", lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours")),
+                searched=True),  # fmt: skip
         Variant("global", f"global mode: target_speedup={TARGET_SPEEDUP}, least truncation error",
                 lambda ctx: LRDConfig(ratio=2, target_speedup=TARGET_SPEEDUP, latency=ctx.latency()), searched=True),  # fmt: skip
         Variant("merged", "Tucker-2 of k×k convs, factors merged into the 1×1 convs (approximate)",
                 lambda ctx: LRDConfig(ratio=2, merge="approximate")),  # fmt: skip
         Variant("merged_optimized", "merged, with latency-searched ranks",
                 lambda ctx: LRDConfig(ratio=2, merge="approximate", latency=ctx.latency()), searched=True),  # fmt: skip
+        Variant("merged_optimized_ctx", "merged, with ranks searched inside each layer's neighbours",
+                lambda ctx: LRDConfig(ratio=2, merge="approximate", latency=ctx.latency("neighbours")),
+                searched=True),  # fmt: skip
         Variant("branched2", "Tucker cores as 2-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=2),
                 needs_method="tucker2"),  # fmt: skip
         Variant("branched4", "Tucker cores as 4-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=4),

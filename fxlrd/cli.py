@@ -718,7 +718,8 @@ def _config(args: argparse.Namespace, **overrides: Any):
     target_speedup = getattr(args, "target_speedup", None)
     if args.latency or target_speedup:
         latency = LatencyConfig(backend=args.latency or getattr(args, "backend", "onnxruntime"),
-                                threads=getattr(args, "threads", None), progress=not args.quiet)  # fmt: skip
+                                threads=getattr(args, "threads", None), progress=not args.quiet,
+                                context=getattr(args, "timing_context", "layer"))  # fmt: skip
     values: dict[str, Any] = {
         "ratio": args.ratio, "rank_rule": args.rank_rule, "rank": args.rank, "energy": args.energy,
         "rank_quantum": args.quantum, "beta": args.beta, "latency": latency, "target_speedup": target_speedup,
@@ -1009,7 +1010,7 @@ def _variant_config(args: argparse.Namespace, variant: str):
         return _config(args)
     if variant == "optimized":
         return _config(args, latency=LatencyConfig(backend=args.latency or args.backend, threads=args.threads,
-                                                   progress=not args.quiet))  # fmt: skip
+                                                   progress=not args.quiet, context=args.timing_context))  # fmt: skip
     if variant == "merged":
         return _config(args, merge="approximate")
     if variant == "branched":
@@ -1204,6 +1205,9 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
     g.add_argument("--exclude", action="append", metavar="GLOB", help="never decompose layers matching (repeatable)")
     g.add_argument("--latency", choices=BACKENDS, metavar="BACKEND",
                    help=f"choose ranks by timing layers on BACKEND ({', '.join(BACKENDS)})")  # fmt: skip
+    g.add_argument("--timing-context", choices=("layer", "neighbours"), default="layer",
+                   help="time each layer alone, or inside its neighbouring operations (batch norm, activation, "
+                        "residual add, up to the next layers) as the deployed model runs it (default layer)")  # fmt: skip
     g.add_argument("--target-params", type=_target_params, metavar="N",
                    help="parameter budget for the whole model: a count (5M) or a fraction (0.5)")  # fmt: skip
     if not variants:

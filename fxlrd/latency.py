@@ -41,6 +41,7 @@ __all__ = [
 
 Backend = Literal["onnxruntime", "eager", "compile", "cuda"]
 BACKENDS = ("onnxruntime", "eager", "compile", "cuda")
+CONTEXTS = ("layer", "neighbours")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class LatencyConfig:
         time_budget_s: stop searching after this many seconds; the remaining layers get
             data-free quantized ranks, and the plan says so.
         progress: show a progress bar on stderr.
+        context: how a layer is timed: ``"layer"``, alone at its input shape; ``"neighbours"``,
+            inside a window of the model's graph with the operations around it (the batch
+            norm, activation and residual add the backend fuses with it, up to the next
+            layers; `fxlrd.ranks.context`), so fusions and layout changes count as in the
+            deployed model. Layers whose window cannot be cut out are timed alone.
+        depth: the most operations a ``"neighbours"`` window takes on each side of the layer.
     """
 
     backend: Backend = "onnxruntime"
@@ -77,10 +84,16 @@ class LatencyConfig:
     cache: bool = True
     time_budget_s: float | None = None
     progress: bool = True
+    context: Literal["layer", "neighbours"] = "layer"
+    depth: int = 3
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"latency backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.context not in CONTEXTS:
+            raise ConfigError(f"latency context must be one of {CONTEXTS}, got {self.context!r}")
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ConfigError(f"depth must be an int >= 0, got {self.depth!r}")
         if not isinstance(self.window, (int, float)) or not 0 <= self.window < 1:
             raise ConfigError(f"window must be in [0, 1), got {self.window!r}")
         if self.quantum is None:
@@ -139,13 +152,22 @@ class LayerTimer:
     backend: str = ""
     context: str = ""
 
-    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:  # pragma: no cover
-        """A zero-argument callable running ``module`` once on a random input of that shape."""
+    def inputs_runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:  # pragma: no cover
+        """A zero-argument callable running ``module(*inputs)`` once (a layer, or a `Window`)."""
         raise NotImplementedError
+
+    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+        """A zero-argument callable running ``module`` once on a random input of that shape."""
+        dtype = next(module.parameters()).dtype
+        return self.inputs_runner(module, (torch.randn(tuple(input_shape), dtype=dtype),))
 
     def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
         """Median seconds of one run of ``module`` at ``input_shape``."""
         return median_call_time(self.runner(module, input_shape), repeats=self.config.repeats, warmup=self.config.warmup)
+
+    def time_inputs(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+        """Median seconds of one run of ``module(*inputs)``."""
+        return median_call_time(self.inputs_runner(module, inputs), repeats=self.config.repeats, warmup=self.config.warmup)
 
     def speedup(self, original: nn.Module, other: nn.Module, input_shape: Sequence[int]) -> float:
         """How many times faster ``other`` runs than ``original``, the two timed taking turns
@@ -213,20 +235,8 @@ class TorchTimer(LayerTimer):
 
         return run
 
-    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
-        module, x = self._prepare(module, input_shape)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        threads = self.threads
-
-        def run() -> None:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                module(x)
-            sync()
-            torch.set_num_threads(previous)
-
-        return run
+    def inputs_runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+        return self.model_runner(module, (tuple(inputs), {}))
 
     @torch.no_grad()
     def time(self, module: nn.Module, input_shape: Sequence[int]) -> float:
@@ -253,13 +263,12 @@ class OnnxRuntimeTimer(LayerTimer):
         where = "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()
         self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"
 
-    def runner(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+    def inputs_runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
         from .export import onnx_session
 
         module = module.cpu().eval()
-        x = torch.randn(tuple(input_shape), dtype=next(module.parameters()).dtype)
-        session = onnx_session(onnx_bytes(module, x), threads=self.threads, providers=self.providers)
-        feed = {session.get_inputs()[0].name: x.numpy()}
+        session = onnx_session(onnx_bytes(module, *inputs), threads=self.threads, providers=self.providers)
+        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
         return lambda: session.run(None, feed)
 
     def model_runner(self, model: nn.Module, inputs: "Args") -> Callable[[], object]:
@@ -274,19 +283,20 @@ class OnnxRuntimeTimer(LayerTimer):
         return lambda: session.run(None, feed)
 
 
-def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
-    """A small module as ONNX bytes: the TorchScript exporter is ~20x faster for one layer;
-    the torch.export-based exporter takes over where that one is gone."""
+def onnx_bytes(module: nn.Module, *inputs: torch.Tensor) -> bytes:
+    """A small module (a layer, a window of layers) as ONNX bytes: the TorchScript exporter is
+    ~20x faster for one layer; the torch.export-based exporter takes over where that one is gone."""
+    names = ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             buf = io.BytesIO()
-            torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["input"])
+            torch.onnx.export(module, tuple(inputs), buf, dynamo=False, input_names=names)
             return buf.getvalue()
         except Exception:  # noqa: BLE001  (legacy exporter removed or unable: use the new one)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "layer.onnx"
-                torch.onnx.export(module, (x,), str(path), dynamo=True, input_names=["input"], external_data=False)
+                torch.onnx.export(module, tuple(inputs), str(path), dynamo=True, input_names=names, external_data=False)
                 return path.read_bytes()
 
 

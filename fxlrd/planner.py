@@ -269,13 +269,18 @@ def _make_plan(
 
 
 def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill: Callable) -> None:
+    from .ranks.context import neighbourhood
     from .ranks.search import RankSearcher
 
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
+    in_context = config.latency.context == "neighbours"
+    site_nodes = {n for site in find_sites(gm).values() for n in site.nodes} if in_context else set()
     try:
         for task in tasks:
-            result = searcher.search(task.layer(gm), task.handler.name, task.ranks, task.caps, task.lp.input_shape, task.spec)
+            window = neighbourhood(gm, task.site, site_nodes, config.latency.depth) if in_context else None
+            result = searcher.search(task.layer(gm), task.handler.name, task.ranks, task.caps, task.lp.input_shape,
+                                     task.spec, window=window)  # fmt: skip
             task.lp.latency = result.record(config.latency.backend)
             fill(task, result.ranks, result.note)
             searcher.cache.flush()

@@ -21,9 +21,10 @@ from typing import Sequence
 
 from torch import nn
 
-from ..factorized import LayerSpec, skeleton
+from ..factorized import Factorized, LayerSpec, skeleton
 from ..latency import LatencyCache, LatencyConfig, LayerTimer, default_cache_path, make_timer
 from ..methods import get_method
+from .context import Window
 
 __all__ = ["candidate_ranks", "select_ranks", "RankSearcher", "SearchResult"]
 
@@ -125,28 +126,56 @@ class RankSearcher:
         dtype = next(layer.parameters()).dtype
         meta = skeleton(spec, method, ranks, device="meta", dtype=dtype)
         key = self._key(meta, input_shape)  # a module repr names no device: the context does
-        if (hit := self.cache.get(key)) is not None:
-            return hit
-        module = skeleton(spec, method, ranks, device="cpu", dtype=dtype)
-        for p in module.parameters():  # random weights: latency depends only on shapes
-            p.data.normal_(0, 0.02)
-        value = self.timer.time(module, input_shape)
-        self.cache.put(key, value)
-        return value
+        return self.cache.timed(key, lambda: self.timer.time(_random_skeleton(spec, method, ranks, dtype), input_shape))
+
+    def _window_key(self, window: Window, site: nn.Module) -> str:
+        dtype = str(next(site.parameters()).dtype).replace("torch.", "")
+        body = " ".join(repr(site).split())
+        return f"{self.timer.backend}|{self.timer.context}|{dtype}|window={window.key}|{body}"
+
+    def time_in_window(self, window: Window, layer: nn.Module, method: str | None = None, ranks: Ranks | None = None,
+                       spec: LayerSpec | None = None) -> float:  # fmt: skip
+        """The window's time with the original ``layer`` in its site (``method=None``), or with
+        the factor chain of ``method`` at ``ranks``; cached by the window's canonical key."""
+        from ..factorized import layer_spec
+
+        dtype = next(layer.parameters()).dtype
+        if method is None:
+            key = self._window_key(window, layer)
+            make = lambda: copy.deepcopy(layer)  # noqa: E731
+        else:
+            spec = spec or layer_spec(layer)
+            key = self._window_key(window, skeleton(spec, method, tuple(ranks), device="meta", dtype=dtype))
+            make = lambda: _random_skeleton(spec, method, tuple(ranks), dtype)  # noqa: E731
+        return self.cache.timed(key, lambda: self.timer.time_inputs(window.with_site(make()), window.example()))
 
     # -- the search -----------------------------------------------------------------------------
     def search(self, layer: nn.Module, method: str, target: Ranks, full: Ranks, input_shape: Sequence[int],
-               spec: LayerSpec | None = None) -> SearchResult:  # fmt: skip
-        """Algorithm 1 for one layer. Past the time budget: data-free quantized ranks."""
+               spec: LayerSpec | None = None, window: Window | None = None) -> SearchResult:  # fmt: skip
+        """Algorithm 1 for one layer, timed alone or, given a ``window``, in its neighbours'
+        company (times are then the window's). Past the time budget: data-free quantized ranks."""
         cfg = self.config
         if self.over_budget:
             ranks = get_method(method).quantize(tuple(target), tuple(full), cfg.quantum)
             self._tick()
             return SearchResult(ranks, None, note=f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized ranks")
-        original = self.time_layer(layer, input_shape)
-        timings = {r: self.time_ranks(layer, method, r, input_shape, spec)
-                   for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum)}  # fmt: skip
+        candidates = candidate_ranks(method, target, full, cfg.window, cfg.quantum)
+        if window is not None:
+            original = self.time_in_window(window, layer)
+            timings = {r: self.time_in_window(window, layer, method, r, spec) for r in candidates}
+        else:
+            original = self.time_layer(layer, input_shape)
+            timings = {r: self.time_ranks(layer, method, r, input_shape, spec) for r in candidates}
         chosen = select_ranks(original, timings, cfg.tolerance)
         note = "" if chosen is not None else f"original is faster ({original * 1e3:.3f} ms vs {min(timings.values()) * 1e3:.3f} ms)"
+        if window is not None:
+            note = f"timed in a window of {window.size} neighbouring operations" + (f"; {note}" if note else "")
         self._tick()
         return SearchResult(chosen, original, timings, note)
+
+
+def _random_skeleton(spec: LayerSpec, method: str, ranks: Ranks, dtype) -> Factorized:
+    module = skeleton(spec, method, ranks, device="cpu", dtype=dtype)
+    for p in module.parameters():  # random weights: latency depends only on shapes
+        p.data.normal_(0, 0.02)
+    return module

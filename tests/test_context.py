@@ -1,0 +1,138 @@
+"""Timing layers in context: windows of neighbouring operations cut out of the graph."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxlrd
+from fxlrd import ConfigError, LRDConfig, zoo
+from fxlrd.capture import capture, normalize_inputs
+from fxlrd.latency import LatencyConfig, LayerTimer
+from fxlrd.planner import input_shapes
+from fxlrd.ranks.context import neighbourhood
+from fxlrd.sites import find_sites
+
+
+def _captured(model, x, mode="fx"):
+    inputs = normalize_inputs(x)
+    gm = capture(model, inputs=inputs, mode=mode).gm
+    input_shapes(gm, inputs)
+    sites = find_sites(gm)
+    return gm, sites, {n for s in sites.values() for n in s.nodes}
+
+
+def test_windows_of_identical_blocks_share_a_key_and_compute_the_models_values():
+    model = zoo.resnet50(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm, sites, nodes = _captured(model, x)
+    w11, w12 = (neighbourhood(gm, sites[f"layer1.{i}.conv3"], nodes) for i in (1, 2))
+    w10 = neighbourhood(gm, sites["layer1.0.conv2"], nodes)
+    assert w11.key == w12.key != w10.key
+    assert w11.size == 5  # bn2, relu before; bn3, add, relu after
+    assert [shape for shape, _ in w11.inputs] == [(1, 64, 16, 16), (1, 256, 16, 16)]
+
+    # The window computes the block's output from the values that flow into it in the model.
+    seen = {}
+    block = model.layer1[1]
+    block.conv2.register_forward_hook(lambda m, i, o: seen.__setitem__("conv2", o))
+    block.register_forward_hook(lambda m, i, o: seen.update(block_in=i[0], block_out=o))
+    with torch.no_grad():
+        model(x)
+        out = w11.with_site(block.conv3)(seen["conv2"], seen["block_in"])
+    torch.testing.assert_close(out, seen["block_out"])
+    assert isinstance(w11.graph_module.get_submodule("site"), nn.Identity)  # with_site left it alone
+
+
+def test_windows_of_an_export_graph_run_attention_included():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    gm, sites, nodes = _captured(model, {"input_ids": ids}, mode="export")  # dynamic batch and sequence
+    shapes = {}
+    for name, site in sites.items():
+        window = neighbourhood(gm, site, nodes)
+        assert window is not None, name  # sizes read off tensors became the example's constants
+        with torch.no_grad():
+            out = window.with_site(site.layer(gm, share=False))(*window.example())
+        assert torch.isfinite(out).all(), name
+        shapes[name.split("layer.0.")[-1]] = tuple(out.shape)
+    assert shapes["intermediate.dense"] == (2, 7, 64)  # linear, then its GELU
+    assert shapes["attention.self.query"] == (2, 2, 7, 16)  # through the heads' view to attention
+
+
+class CostTimer(LayerTimer):
+    """Time = parameters of whatever runs (layer or window), counting calls."""
+
+    backend, context = "synthetic", "test"
+
+    def __init__(self):
+        self.calls, self.windows = 0, 0
+
+    def time(self, module, input_shape):
+        self.calls += 1
+        return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
+
+    def time_inputs(self, module, inputs):
+        self.calls += 1
+        self.windows += 1
+        assert "site" in dict(module.named_children())
+        return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
+
+
+@pytest.fixture
+def cost_timer(monkeypatch):
+    timer = CostTimer()
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
+    return timer
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv1 = nn.Conv2d(64, 64, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 64, 1)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + x)
+        return self.head(y.mean((2, 3)))
+
+
+def test_search_in_context_times_windows_and_reuses_the_cache(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    plan = fxlrd.plan(Residual().eval(), LRDConfig(latency=lat), example_inputs=x)
+    searched = [lp for lp in plan.layers.values() if lp.latency]
+    assert searched and all("timed in a window" in lp.latency["note"] for lp in searched)
+    assert cost_timer.windows == cost_timer.calls > 0
+    calls = cost_timer.calls
+    again = fxlrd.plan(Residual().eval(), LRDConfig(latency=lat), example_inputs=x)
+    assert cost_timer.calls == calls and again.to_dict() == plan.to_dict()
+    # Alone and in context are different measurements: different cache entries.
+    fxlrd.plan(Residual().eval(), LRDConfig(latency=LatencyConfig(cache_path=tmp_path / "c.json", progress=False)),
+               example_inputs=x)  # fmt: skip
+    assert cost_timer.calls > calls and cost_timer.windows == calls
+
+
+@pytest.mark.slow
+def test_search_in_context_on_onnxruntime_builds_a_working_model(tmp_path):
+    model = Residual().eval()
+    x = torch.randn(1, 3, 16, 16)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, repeats=2, warmup=1, context="neighbours")
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, latency=lat), example_inputs=x)
+    notes = [lp.latency["note"] for lp in gm.fxlrd_plan.layers.values() if lp.latency]
+    assert notes and all("window" in note for note in notes)
+    assert gm(x).shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs", [{"context": "model"}, {"depth": -1}, {"depth": 1.5}])
+def test_bad_context_settings(kwargs):
+    with pytest.raises(ConfigError):
+        LatencyConfig(**kwargs)
