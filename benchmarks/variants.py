@@ -137,6 +137,9 @@ VARIANTS: dict[str, Variant] = {
                 searched=True),  # fmt: skip
         Variant("global", f"global mode: target_speedup={TARGET_SPEEDUP}, least truncation error",
                 lambda ctx: LRDConfig(ratio=2, target_speedup=TARGET_SPEEDUP, latency=ctx.latency()), searched=True),  # fmt: skip
+        Variant("global_ctx", f"global mode: target_speedup={TARGET_SPEEDUP}, layers timed inside their neighbours",
+                lambda ctx: LRDConfig(ratio=2, target_speedup=TARGET_SPEEDUP, latency=ctx.latency("neighbours")),
+                searched=True),  # fmt: skip
         Variant("merged", "Tucker-2 of k×k convs, factors merged into the 1×1 convs (approximate)",
                 lambda ctx: LRDConfig(ratio=2, merge="approximate")),  # fmt: skip
         Variant("merged_optimized", "merged, with latency-searched ranks",
@@ -159,6 +162,9 @@ VARIANTS: dict[str, Variant] = {
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip
+        Variant("global@vanilla_ctx", "global@vanilla, layers timed inside their neighbours",
+                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
+                                      latency=ctx.latency("neighbours")), searched=True),  # fmt: skip
         Variant("quantized@vanilla", "quantized ranks, one ratio for all layers chosen so that the model has "
                 "vanilla's parameters", _quantized_at_vanilla),  # fmt: skip
         Variant("allocated@vanilla", "ranks allocated globally by weight error at vanilla's parameters",

@@ -344,8 +344,12 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
 
     from .ranks.search import RankSearcher
 
+    from .ranks.context import neighbourhood
+
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
+    in_context = config.latency.context == "neighbours"
+    site_nodes = {n for site in find_sites(gm).values() for n in site.nodes} if in_context else set()
     try:
         model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
         options = []
@@ -354,8 +358,16 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             calls = len(task.site.nodes)
             t0 = searcher.time_layer(layer, task.lp.input_shape) * calls
             curve = task.handler.error_curve(task.weight, task.spec, task.stats)
-            cost = lambda r, t=task, lay=layer, t0=t0: t0 if r is None else \
-                searcher.time_ranks(lay, t.handler.name, r, t.lp.input_shape, t.spec) * calls  # noqa: E731
+            window = neighbourhood(gm, task.site, site_nodes, config.latency.depth) if in_context else None
+            if window is None:
+                cost = lambda r, t=task, lay=layer, t0=t0: t0 if r is None else \
+                    searcher.time_ranks(lay, t.handler.name, r, t.lp.input_shape, t.spec) * calls  # noqa: E731
+            else:
+                # The layer's own time, changed by what each option changes in its window: the
+                # costs stay additive over layers (windows overlap; their differences do not).
+                w0 = searcher.time_in_window(window, layer)
+                cost = lambda r, t=task, lay=layer, t0=t0, w=window, w0=w0: t0 if r is None else max(
+                    t0 + (searcher.time_in_window(w, lay, t.handler.name, r, t.spec) - w0) * calls, 0.05 * t0)  # noqa: E731
             options.append(_options(task, config.latency.quantum, cost, curve))
             searcher.cache.flush()
             searcher._tick()

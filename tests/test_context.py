@@ -80,6 +80,12 @@ class CostTimer(LayerTimer):
         assert "site" in dict(module.named_children())
         return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
 
+    def time_model(self, model, inputs):
+        return self.time(model, None)
+
+    def speedup_model(self, original, other, inputs):
+        return self.time(original, None) / self.time(other, None)
+
 
 @pytest.fixture
 def cost_timer(monkeypatch):
@@ -119,6 +125,25 @@ def test_search_in_context_times_windows_and_reuses_the_cache(cost_timer, tmp_pa
     fxlrd.plan(Residual().eval(), LRDConfig(latency=LatencyConfig(cache_path=tmp_path / "c.json", progress=False)),
                example_inputs=x)  # fmt: skip
     assert cost_timer.calls > calls and cost_timer.windows == calls
+
+
+def test_global_mode_in_context_prices_options_by_their_windows(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    plan = fxlrd.plan(Residual().eval(), LRDConfig(target_speedup=1.3, latency=lat), example_inputs=x)
+    g = plan.settings["global_search"]
+    assert cost_timer.windows > 0 and g["met"] and g["measured_speedup"] >= 1.3
+    # With this timer a window's time is its parameters, so an option's in-context cost is the
+    # layer's own time plus what its factors change: the same as timing the layer alone.
+    alone = fxlrd.plan(Residual().eval(), LRDConfig(target_speedup=1.3, latency=LatencyConfig(
+        cache_path=tmp_path / "d.json", progress=False, quantum=8)), example_inputs=x)  # fmt: skip
+    for name, lp in plan.layers.items():
+        if lp.latency:
+            ours = {tuple(r): t for r, t, _ in lp.latency["candidates_ms"]}
+            theirs = {tuple(r): t for r, t, _ in alone[name].latency["candidates_ms"]}
+            assert ours.keys() == theirs.keys()
+            for r in ours:
+                assert ours[r] == pytest.approx(theirs[r], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.slow
