@@ -255,8 +255,11 @@ def distill(
     if features:
         from .factorized import Factorized
 
+        # A Factorized container's factors are separate graph nodes (the container itself is
+        # never called): its output is its last factor's.
         named = dict(teacher.named_modules())
-        pairs = [(m, named[n]) for n, m in gm.named_modules() if isinstance(m, Factorized) and n in named]
+        pairs = [(list(m.children())[-1], named[n]) for n, m in gm.named_modules()
+                 if isinstance(m, Factorized) and n in named and len(m)]  # fmt: skip
     feature_weight = float(features) if not isinstance(features, bool) else 1.0
 
     teacher_modes = {n: m.training for n, m in teacher.named_modules()}

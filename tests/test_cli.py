@@ -194,6 +194,18 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert code == 0 and "layer4.2.conv2" in out2
 
 
+def test_plan_with_latency_search_in_context(tmp_path, capsys, factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "plan.json"
+    code, _, err = _run(capsys, "plan", "--model", factory[0], "--input-shape", "1,3,16,16", "--latency", "eager",
+                        "--timing-context", "neighbours", "--quiet", "--json", path)  # fmt: skip
+    assert code == 0, err
+    notes = [lp["latency"]["note"] for lp in json.loads(path.read_text())["layers"].values() if lp.get("latency")]
+    assert notes and all("timed in a window" in note for note in notes)
+    assert json.loads(path.read_text())["settings"]["latency"]["context"] == "neighbours"
+    assert (tmp_path / "cache" / "fxlrd" / "latency.json").exists()
+
+
 def test_inspect_a_save_a_report_and_a_corrupt_save(tmp_path, capsys, factory):
     spec, _, _ = factory
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "1,3,32,32", "--repeats", 0, "--eval-batches", 1,
