@@ -211,7 +211,7 @@ def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repea
 
 # -- the run -------------------------------------------------------------------------------------
 def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps: int, distill_lr: float,
-             rounds: int, repeats: int, threads: int) -> dict[str, Any]:  # fmt: skip
+             rounds: int, repeats: int, threads: int, distill_features: float = 0.0) -> dict[str, Any]:  # fmt: skip
     rows = []
     timed: dict[str, torch.nn.Module] = {"original": case.model}
     original_params = fxlrd.count_params(case.model)
@@ -225,8 +225,9 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
                     continue
                 model = copy.deepcopy(seq_model)
                 curve = fxlrd.recover.distill(model, case.model, case.calibration, steps=distill_steps, lr=distill_lr,
-                                              loss=case.distill_loss, progress=False)  # fmt: skip
-                extra = {"distill_steps": distill_steps, "distill_lr": distill_lr,
+                                              loss=case.distill_loss, features=distill_features or False,
+                                              progress=False)  # fmt: skip
+                extra = {"distill_steps": distill_steps, "distill_lr": distill_lr, "distill_features": distill_features,
                          "distill_loss_first": sum(curve[:10]) / 10, "distill_loss_last": sum(curve[-10:]) / 10}  # fmt: skip
             else:
                 config, calibrated = _config(case, method, ratio)
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-held-out", type=int, default=1000, help="held-out sentences (at most what exists)")
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=3e-5)
+    parser.add_argument("--distill-features", type=float, default=0.0, metavar="W",
+                        help="weight of per-layer feature matching in the distillation (0: outputs only)")
     parser.add_argument("--runs", type=int, default=3, help="independent timing rounds")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  α={ratio:g}: layer output error whitened/data-free, median over {len(err['layers'])} layers: "
                   f"{err['median_whitened_over_data_free']:.3f}", flush=True)  # fmt: skip
         cases.append(run_case(case, args.ratios, args.methods, args.distill_steps, args.distill_lr, args.runs,
-                              args.repeats, args.threads))  # fmt: skip
+                              args.repeats, args.threads, args.distill_features))  # fmt: skip
     run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["benchmarks/fidelity.py", *(argv or sys.argv[1:])]),
            "environment": env, "settings": settings, "cases": cases, "layer_errors": layer_errors}  # fmt: skip
     if args.no_save:

@@ -147,6 +147,10 @@ VARIANTS: dict[str, Variant] = {
         Variant("merged_optimized_ctx", "merged, with ranks searched inside each layer's neighbours",
                 lambda ctx: LRDConfig(ratio=2, merge="approximate", latency=ctx.latency("neighbours")),
                 searched=True),  # fmt: skip
+        Variant("merged_global@vanilla_ctx", "merged, ranks by global mode in context (target_speedup="
+                f"{TARGET_SPEEDUP} before merging) at most vanilla's parameters",
+                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, merge="approximate",
+                                      latency=ctx.latency("neighbours")), searched=True),  # fmt: skip
         Variant("branched2", "Tucker cores as 2-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=2),
                 needs_method="tucker2"),  # fmt: skip
         Variant("branched4", "Tucker cores as 4-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=4),

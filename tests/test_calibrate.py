@@ -89,6 +89,40 @@ def test_whitened_tucker_beats_data_free_output_error():
         assert rel_err(aware(x), model(x)) < 0.5 * rel_err(free(x), model(x))
 
 
+@pytest.mark.parametrize("method, ranks", [("svd", (6,)), ("tucker2", (5, 4))])
+def test_data_aware_factors_are_balanced_with_the_product_unchanged(method, ranks):
+    """Unwhitening and output weighting may leave a channel's whole scale in one factor;
+    `balance` evens each channel's norm across every factor boundary, exactly."""
+    from fxlrd.factorized import balance, fill, skeleton
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 12, 3 if method == "tucker2" else 1, bias=True)
+    spec = fxlrd.factorized.layer_spec(conv)
+    x = _correlated(400, 16, decay=4.0)  # inputs with some nearly unused directions: large S⁻¹
+    fact, _ = decompose_weight(conv.weight, conv.bias, spec, method, ranks, stats=_stats(x))
+    chain = list(fact.children())
+    for a, b in zip(chain, chain[1:]):
+        na = a.weight.detach().reshape(a.weight.shape[0], -1).norm(dim=1)
+        nb = b.weight.detach().transpose(0, 1).reshape(b.weight.shape[1], -1).norm(dim=1)
+        torch.testing.assert_close(na, nb, rtol=3e-3, atol=1e-6)
+    # balance itself changes no product: apply it to an unbalanced chain
+    raw = fill(skeleton(spec, method, ranks, dtype=torch.float64), {n: p.double() * (10.0 ** i)
+               for i, (n, p) in enumerate(fact.named_parameters()) if n.endswith("weight")}, conv.bias.double())  # fmt: skip
+    y = torch.randn(2, 16, 7, 7, dtype=torch.float64)
+    out_before = raw(y)
+    balance(raw)
+    torch.testing.assert_close(raw(y), out_before)
+    weights = [p.detach().abs().max() for n, p in raw.named_parameters() if n.endswith("weight")]
+    assert max(weights) / min(weights) < 30  # was 10^(k) apart
+
+
+def test_data_free_factors_are_left_as_the_paper_makes_them():
+    conv = nn.Conv2d(16, 12, 3, bias=False)
+    fact, _ = decompose_weight(conv.weight, None, fxlrd.factorized.layer_spec(conv), "tucker2", (5, 4))
+    u = fact.out_proj.weight.detach().reshape(12, 4).double()
+    torch.testing.assert_close(u.T @ u, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-5)  # orthonormal
+
+
 # --- numerics -------------------------------------------------------------------------------------
 def test_singular_gram_from_constant_inputs_decomposes_without_nan():
     x = torch.ones(50, 8)  # every sample the same: rank-1 Gram

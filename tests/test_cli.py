@@ -200,7 +200,7 @@ def test_plan_with_latency_search_in_context(tmp_path, capsys, factory, monkeypa
     code, _, err = _run(capsys, "plan", "--model", factory[0], "--input-shape", "1,3,16,16", "--latency", "eager",
                         "--timing-context", "neighbours", "--quiet", "--json", path)  # fmt: skip
     assert code == 0, err
-    notes = [lp["latency"]["note"] for lp in json.loads(path.read_text())["layers"].values() if lp.get("latency")]
+    notes = [lp["latency"]["note"] for lp in json.loads(path.read_text())["layers"] if lp.get("latency")]
     assert notes and all("timed in a window" in note for note in notes)
     assert json.loads(path.read_text())["settings"]["latency"]["context"] == "neighbours"
     assert (tmp_path / "cache" / "fxlrd" / "latency.json").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,7 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
                 raise _NoWindow
             return spec[0][arg.args[1]]
         if arg.op == "get_attr":
-            value = getattr_path(gm, str(arg.target))
+            value = operator.attrgetter(str(arg.target))(gm)
             if not isinstance(value, torch.Tensor):
                 raise _NoWindow
             name, attrs = f"p{attrs}", attrs + 1
@@ -174,9 +175,3 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
 class _NoWindow(Exception):
     """A value the window needs cannot be made (no static shape, not a tensor)."""
 
-
-def getattr_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
