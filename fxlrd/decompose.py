@@ -61,7 +61,7 @@ def _one_thread_worker() -> None:
     torch.set_num_threads(1)  # this worker's own OpenMP pool; the worker dies with the executor
 
 
-def thread_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+def thread_map(fn: Callable[[_T], _R], items: Iterable[_T], max_workers: int | None = None) -> list[_R]:
     """``[fn(x) for x in items]`` on as many threads as torch may use, each single-threaded.
 
     Factorizing one layer is a chain of small LAPACK/BLAS calls that scale poorly past one
@@ -69,10 +69,11 @@ def thread_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
     2 cores: 7.9 s one after another, 4.0 s two at a time). The eigensolvers
     release the GIL. The calling thread's linear algebra is made single-threaded for the
     duration (`single_threaded`) and restored after; results keep the order of ``items``,
-    and the first exception raised by ``fn`` is raised here.
+    and the first exception raised by ``fn`` is raised here. ``max_workers`` caps the threads
+    (callers bound memory with it: each worker holds one layer's float64 working copies).
     """
     items = list(items)
-    workers = min(torch.get_num_threads(), len(items))
+    workers = min(torch.get_num_threads(), len(items), max_workers or len(items))
     if workers <= 1:
         return [fn(x) for x in items]
     grad = torch.is_grad_enabled()

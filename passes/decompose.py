@@ -16,6 +16,8 @@ from fxlrd.sites import Site, find_sites, replace_site
 
 __all__ = ["DecomposePass"]
 
+_WORKING_MEMORY = 2 << 30  # bytes of float64 working copies factorized layers may hold at once
+
 
 def _check_matches(site: Site, lp: LayerPlan) -> None:
     spec = site.spec
@@ -95,7 +97,10 @@ class DecomposePass(PassBase):
         if not pending:
             return PassResult(gm, False)
         # Layers are factorized side by side (`thread_map`): independent, and each is single-threaded.
-        replacements = dict(zip(pending, thread_map(lambda site: self._decompose(gm, site), pending.values())))
+        # Each worker holds a few float64 copies of its layer's weight: at most ~2 GiB of them at once.
+        largest = max(site.weight(gm).numel() for site in pending.values())
+        workers = max(1, _WORKING_MEMORY // (largest * 8 * 4))
+        replacements = dict(zip(pending, thread_map(lambda site: self._decompose(gm, site), pending.values(), workers)))
         for name, fact in replacements.items():
             replace_site(gm, pending[name], fact)
         gm.graph.lint()

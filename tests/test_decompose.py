@@ -119,6 +119,23 @@ def test_thread_map_keeps_order_grad_mode_and_the_callers_thread_count():
         assert {threads for _, _, threads in seen} == {1}
 
 
+def test_thread_map_max_workers_caps_the_threads():
+    import threading
+    import time
+
+    from fxlrd.decompose import thread_map
+
+    idents = set()
+
+    def work(i):
+        idents.add(threading.get_ident())
+        time.sleep(0.01)
+        return i
+
+    assert thread_map(work, range(6), max_workers=1) == list(range(6))
+    assert len(idents) == 1
+
+
 def test_thread_map_raises_the_workers_exception_and_restores_threads():
     from fxlrd.decompose import thread_map
 
