@@ -51,8 +51,15 @@ def test_full_rank_reproduces_the_layer(case):
 
 @given(layers(max_channels=12), st.data())
 def test_exact_low_rank_weights_are_reproduced_with_every_factor_kept(case, data):
-    """Weights of true rank r < full, decomposed at r: all factors exist and the output is exact."""
+    """Weights of true rank r < full, decomposed at r: all factors exist and the output is exact.
+
+    In float64 with the weights drawn from a seed hypothesis controls: exact means to 1e-9
+    (in float32, cancellation in a random near-singular product reached 2e-5 now and then,
+    and unseeded draws made such failures impossible to replay)."""
     layer, x = case
+    layer, x = layer.double(), x.double()
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     s, c = layer.weight.shape[:2]
     kernel = layer.weight.shape[2:]
     pointwise = all(k == 1 for k in kernel)
@@ -61,14 +68,14 @@ def test_exact_low_rank_weights_are_reproduced_with_every_factor_kept(case, data
             if min(c, s) < 2:
                 return
             r = data.draw(st.integers(1, min(c, s) - 1))
-            w = torch.randn(s, r) @ torch.randn(r, c)
+            w = randn(s, r) @ randn(r, c)
             layer.weight.copy_(w.reshape(layer.weight.shape))
             ranks, roles = r, ("in_proj", "out_proj")
         else:
             r1 = data.draw(st.integers(1, c))
             r2 = data.draw(st.integers(1, s))
-            core = torch.randn(r2, r1, *kernel)
-            layer.weight.copy_(torch.einsum("rq...,sr,cq->sc...", core, torch.randn(s, r2), torch.randn(c, r1)))
+            core = randn(r2, r1, *kernel)
+            layer.weight.copy_(torch.einsum("rq...,sr,cq->sc...", core, randn(s, r2), randn(c, r1)))
             ranks = (r1, r2)
             roles = tuple(r for r, keep in (("in_proj", r1 < c), ("core", True), ("out_proj", r2 < s)) if keep)
     model = nn.Sequential(layer).eval()
@@ -77,7 +84,7 @@ def test_exact_low_rank_weights_are_reproduced_with_every_factor_kept(case, data
     assert isinstance(fact, Factorized)
     assert tuple(name for name, _ in fact.named_children()) == roles
     with torch.no_grad():
-        assert rel_err(gm(x), model(x)) <= 1e-5
+        assert rel_err(gm(x), model(x)) <= 1e-9
 
 
 def test_stride_goes_on_in_proj_and_bias_on_out_proj():
