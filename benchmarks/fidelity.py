@@ -297,7 +297,9 @@ def report(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Speed-up against fidelity: for each model, its newest run on the newest run's machine."""
+    """Speed-up against fidelity on the newest run's machine: for each model, each (α, method)
+    point from the newest run that measured it (a run of a few points does not hide the sweep;
+    speed-ups are each run's own ratios to its original)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,8 +310,9 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         if r["environment"].get("processor") == run["environment"].get("processor"):
             for case in r["cases"]:
-                latest[case["model"]] = case
-    cases = list(latest.values())
+                points = latest.setdefault(case["model"], {"model": case["model"], "points": {}})["points"]
+                points.update({(row["ratio"], row["method"]): row for row in case["rows"]})
+    cases = [{"model": c["model"], "rows": list(c["points"].values())} for c in latest.values()]
     fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4), squeeze=False)
     for ax, case in zip(axes[0], cases):
         metric = "top1_agreement" if case["rows"] and "top1_agreement" in case["rows"][0] else "cosine"
