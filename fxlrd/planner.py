@@ -268,17 +268,26 @@ def _make_plan(
     return plan
 
 
-def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill: Callable) -> None:
+def _windows(gm: fx.GraphModule, config: LRDConfig) -> Callable[[LayerTask], Any]:
+    """Each task's timing window (`fxlrd.ranks.context`) when the search times layers in
+    context, else None."""
     from .ranks.context import neighbourhood
+
+    if config.latency.context != "neighbours":
+        return lambda task: None
+    site_nodes = {n for site in find_sites(gm).values() for n in site.nodes}
+    return lambda task: neighbourhood(gm, task.site, site_nodes, config.latency.depth)
+
+
+def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill: Callable) -> None:
     from .ranks.search import RankSearcher
 
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
-    in_context = config.latency.context == "neighbours"
-    site_nodes = {n for site in find_sites(gm).values() for n in site.nodes} if in_context else set()
+    window_of = _windows(gm, config)
     try:
         for task in tasks:
-            window = neighbourhood(gm, task.site, site_nodes, config.latency.depth) if in_context else None
+            window = window_of(task)
             result = searcher.search(task.layer(gm), task.handler.name, task.ranks, task.caps, task.lp.input_shape,
                                      task.spec, window=window)  # fmt: skip
             task.lp.latency = result.record(config.latency.backend)
@@ -344,12 +353,9 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
 
     from .ranks.search import RankSearcher
 
-    from .ranks.context import neighbourhood
-
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
-    in_context = config.latency.context == "neighbours"
-    site_nodes = {n for site in find_sites(gm).values() for n in site.nodes} if in_context else set()
+    window_of = _windows(gm, config)
     try:
         model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
         options = []
@@ -358,7 +364,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             calls = len(task.site.nodes)
             t0 = searcher.time_layer(layer, task.lp.input_shape) * calls
             curve = task.handler.error_curve(task.weight, task.spec, task.stats)
-            window = neighbourhood(gm, task.site, site_nodes, config.latency.depth) if in_context else None
+            window = window_of(task)
             if window is None:
                 cost = lambda r, t=task, lay=layer, t0=t0: t0 if r is None else \
                     searcher.time_ranks(lay, t.handler.name, r, t.lp.input_shape, t.spec) * calls  # noqa: E731

@@ -7,10 +7,12 @@ from torch import nn
 import fxlrd
 from fxlrd import ConfigError, LRDConfig, zoo
 from fxlrd.capture import capture, normalize_inputs
-from fxlrd.latency import LatencyConfig, LayerTimer
+from fxlrd.latency import LatencyConfig
 from fxlrd.planner import input_shapes
 from fxlrd.ranks.context import neighbourhood
 from fxlrd.sites import find_sites
+
+import test_rank_search as rank_search
 
 
 def _captured(model, x, mode="fx"):
@@ -62,36 +64,26 @@ def test_windows_of_an_export_graph_run_attention_included():
     assert shapes["attention.self.query"] == (2, 2, 7, 16)  # through the heads' view to attention
 
 
-class CostTimer(LayerTimer):
-    """Time = parameters of whatever runs (layer or window), counting calls."""
-
-    backend, context = "synthetic", "test"
+class CostTimer(rank_search.CostTimer):
+    """Time = parameters of whatever runs (layer or window, no cliff), counting windows too."""
 
     def __init__(self):
-        self.calls, self.windows = 0, 0
+        super().__init__()
+        self.windows = 0
 
     def time(self, module, input_shape):
         self.calls += 1
         return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
 
     def time_inputs(self, module, inputs):
-        self.calls += 1
         self.windows += 1
         assert "site" in dict(module.named_children())
-        return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
-
-    def time_model(self, model, inputs):
-        return self.time(model, None)
-
-    def speedup_model(self, original, other, inputs):
-        return self.time(original, None) / self.time(other, None)
+        return self.time(module, None)
 
 
 @pytest.fixture
 def cost_timer(monkeypatch):
-    timer = CostTimer()
-    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
-    return timer
+    return rank_search.install_timer(monkeypatch, CostTimer())
 
 
 class Residual(nn.Module):

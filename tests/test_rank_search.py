@@ -135,11 +135,15 @@ class CostTimer(LayerTimer):
         return self.time(original, None) / self.time(other, None)
 
 
-@pytest.fixture
-def cost_timer(monkeypatch):
-    timer = CostTimer()
+def install_timer(monkeypatch, timer: LayerTimer) -> LayerTimer:
+    """Every latency search times with ``timer``."""
     monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
     return timer
+
+
+@pytest.fixture
+def cost_timer(monkeypatch):
+    return install_timer(monkeypatch, CostTimer())
 
 
 def _model():

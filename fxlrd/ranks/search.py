@@ -104,10 +104,12 @@ class RankSearcher:
         budget = self.config.time_budget_s
         return budget is not None and time.perf_counter() - self.started > budget
 
-    def _key(self, module: nn.Module, input_shape: Sequence[int]) -> str:
+    def _key(self, module: nn.Module, input_shape: Sequence[int] | None = None, window: Window | None = None) -> str:
+        """The cache key of ``module`` timed alone at ``input_shape``, or in ``window``."""
         dtype = str(next(module.parameters()).dtype).replace("torch.", "")
         body = " ".join(repr(module).split())  # the repr holds every hyper-parameter and shape
-        return f"{self.timer.backend}|{self.timer.context}|{dtype}|in={tuple(input_shape)}|{body}"
+        where = f"window={window.key}" if window is not None else f"in={tuple(input_shape)}"
+        return f"{self.timer.backend}|{self.timer.context}|{dtype}|{where}|{body}"
 
     def time_module(self, module: nn.Module, input_shape: Sequence[int]) -> float:
         return self.cache.timed(self._key(module, input_shape), lambda: self.timer.time(module, input_shape))
@@ -128,11 +130,6 @@ class RankSearcher:
         key = self._key(meta, input_shape)  # a module repr names no device: the context does
         return self.cache.timed(key, lambda: self.timer.time(_random_skeleton(spec, method, ranks, dtype), input_shape))
 
-    def _window_key(self, window: Window, site: nn.Module) -> str:
-        dtype = str(next(site.parameters()).dtype).replace("torch.", "")
-        body = " ".join(repr(site).split())
-        return f"{self.timer.backend}|{self.timer.context}|{dtype}|window={window.key}|{body}"
-
     def time_in_window(self, window: Window, layer: nn.Module, method: str | None = None, ranks: Ranks | None = None,
                        spec: LayerSpec | None = None) -> float:  # fmt: skip
         """The window's time with the original ``layer`` in its site (``method=None``), or with
@@ -141,11 +138,11 @@ class RankSearcher:
 
         dtype = next(layer.parameters()).dtype
         if method is None:
-            key = self._window_key(window, layer)
+            key = self._key(layer, window=window)
             make = lambda: copy.deepcopy(layer)  # noqa: E731
         else:
             spec = spec or layer_spec(layer)
-            key = self._window_key(window, skeleton(spec, method, tuple(ranks), device="meta", dtype=dtype))
+            key = self._key(skeleton(spec, method, tuple(ranks), device="meta", dtype=dtype), window=window)
             make = lambda: _random_skeleton(spec, method, tuple(ranks), dtype)  # noqa: E731
         return self.cache.timed(key, lambda: self.timer.time_inputs(window.with_site(make()), window.example()))
 
