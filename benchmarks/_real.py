@@ -9,7 +9,9 @@
   flips and scales; calibration and held-out views come from disjoint random draws.
 - Text: the first paragraphs of docstrings of Python standard-library modules (and their
   public functions, classes and methods), split into calibration and held-out sentences by
-  module: every fifth module is held out, so the two sets share no module.
+  module: every fifth module is held out, so the two sets share no module. Distillation
+  reads more text from the calibration side only: every paragraph of every docstring of
+  the calibration modules and their submodules (`docstring_corpus`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib
 import inspect
 import io
 import os
+import pkgutil
 import random
 import re
 import sys
@@ -127,6 +130,52 @@ def docstring_sentences(modules: tuple[str, ...], limit: int | None = None) -> l
             if len(para.split()) >= 5 and para not in out:
                 out.append(para)
     return out[:limit] if limit else out
+
+
+def _quiet_import(name: str):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(name)
+
+
+def with_submodules(modules: tuple[str, ...]) -> list[str]:
+    """``modules`` and, for packages, every submodule that imports quietly (tests and demos left out)."""
+    out = []
+    for name in modules:
+        mod = _quiet_import(name)
+        out.append(name)
+        for info in pkgutil.walk_packages(getattr(mod, "__path__", []), name + "."):
+            if any(part in info.name for part in (".test", "idle", "__main__")):
+                continue
+            try:
+                _quiet_import(info.name)
+            except Exception:  # noqa: BLE001  (optional or platform submodules)
+                continue
+            out.append(info.name)
+    return out
+
+
+def docstring_corpus(modules: tuple[str, ...], exclude: set[str] = frozenset()) -> list[str]:
+    """Every paragraph (at least 5 words, no doctest lines, no duplicates, none in ``exclude``)
+    of the docstrings of ``modules``, their submodules, the functions and classes they define
+    and the classes' methods and properties: a few thousand paragraphs of English prose."""
+    seen, out = set(exclude), []
+    for name in with_submodules(modules):
+        mod = _quiet_import(name)
+        objects = [mod]
+        for obj in (v for _, v in sorted(vars(mod).items())):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
+                objects.append(obj)
+                if inspect.isclass(obj):
+                    members = (m.__func__ if isinstance(m, (staticmethod, classmethod)) else m for _, m in sorted(vars(obj).items()))
+                    objects += [m for m in members if inspect.isfunction(m) or isinstance(m, property)]
+        for obj in objects:
+            for para in (inspect.getdoc(obj) or "").split("\n\n"):
+                para = re.sub(r"\s+", " ", para).strip()
+                if len(para.split()) >= 5 and not para.startswith(">>>") and para not in seen:
+                    seen.add(para)
+                    out.append(para)
+    return out
 
 
 def embed(model, tokenizer, sentences: list[str], batch: int = 16, max_length: int = 128) -> torch.Tensor:

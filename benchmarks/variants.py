@@ -57,6 +57,11 @@ class BuildContext:
         return self.spec.calibration()
 
     @functools.cached_property
+    def memo(self) -> dict[str, Any]:
+        """Configs found by a search over whole models (found once per case)."""
+        return {}
+
+    @functools.cached_property
     def vanilla_params(self) -> int:
         """Parameters of the whole model after vanilla LRD (α = 2, the paper's exact ranks)."""
         return fxlrd.plan(self.model, VANILLA, example_inputs=self.example).params_after_model()
@@ -117,6 +122,35 @@ def _quantized_at_vanilla(ctx: BuildContext) -> LRDConfig:
     return LRDConfig(ratio=round(hi, 4))
 
 
+def _merged_global_at_vanilla(ctx: BuildContext) -> LRDConfig:
+    """Merged, ranks by global mode in context, at vanilla LRD's parameter count *after merging*.
+
+    Merging removes parameters that global mode's budget counts, so the size is met by a
+    bisection over the speed target: the smallest ``target_speedup`` whose merged model has at
+    most vanilla's parameters (a lower target keeps more rank). Every step re-plans from the
+    same latency cache; only the first times anything.
+    """
+    if "merged_global_at_vanilla" not in ctx.memo:
+
+        def config(target: float) -> LRDConfig:
+            return LRDConfig(target_speedup=round(target, 4), merge="approximate", latency=ctx.latency("neighbours"))
+
+        def params(target: float) -> int:
+            return fxlrd.count_params(fxlrd.transform(ctx.model, config(target), example_inputs=ctx.example))
+
+        lo, hi = 1.05, 3.0
+        if params(hi) > ctx.vanilla_params:
+            raise ValueError(f"no speed target up to {hi} gives a merged model of at most {ctx.vanilla_params} params")
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            if params(mid) > ctx.vanilla_params:
+                lo = mid
+            else:
+                hi = mid
+        ctx.memo["merged_global_at_vanilla"] = config(hi)
+    return ctx.memo["merged_global_at_vanilla"]
+
+
 def _vanilla_size(ctx: BuildContext) -> LRDConfig:
     """A global parameter budget: vanilla LRD's parameter count."""
     return LRDConfig(target_params=ctx.vanilla_params)
@@ -151,6 +185,9 @@ VARIANTS: dict[str, Variant] = {
                 f"{TARGET_SPEEDUP} before merging) at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, merge="approximate",
                                       latency=ctx.latency("neighbours")), searched=True),  # fmt: skip
+        Variant("merged_global@vanilla_size_ctx", "merged, ranks by global mode in context, the speed target "
+                "bisected so that the merged model has vanilla's parameters", _merged_global_at_vanilla,
+                searched=True),  # fmt: skip
         Variant("branched2", "Tucker cores as 2-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=2),
                 needs_method="tucker2"),  # fmt: skip
         Variant("branched4", "Tucker cores as 4-branch grouped convs (BTD fit)", lambda ctx: LRDConfig(ratio=2, branches=4),

@@ -285,3 +285,33 @@ def test_calibration_is_rebatched_to_the_exported_batch_size():
     tokens = [{"input_ids": torch.arange(4).reshape(2, 2), "attention_mask": torch.ones(2, 2)}] * 2
     out = _rebatched(tokens, 1)
     assert len(out) == 4 and all(b["input_ids"].shape == (1, 2) and set(b) == set(tokens[0]) for b in out)
+
+
+def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, monkeypatch):
+    """The bisection's model, merged, has at most vanilla LRD's parameters and keeps more of
+    them than the fastest target tried (synthetic timer: nothing is timed for real)."""
+    import torch
+    from torch import nn
+
+    import fxlrd
+    from benchmarks.variants import BuildContext, get
+    from fxlrd import LRDConfig
+    import test_context
+    import test_rank_search as rank_search
+
+    rank_search.install_timer(monkeypatch, test_context.CostTimer())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
+                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
+                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 256, 1)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 16, 16)
+    ctx = BuildContext(None, model, x, "onnxruntime", 1, tmp_path / "latency.json")
+    variant = get("merged_global@vanilla_size_ctx")
+    config = variant.config(ctx)
+    assert config.merge == "approximate" and config.latency.context == "neighbours"
+    gm = variant.build(ctx)
+    assert gm.fxlrd_plan.decomposed and any(getattr(m, "fxlrd_merge", None) for m in gm.modules())
+    params = fxlrd.count_params(gm)
+    fastest = fxlrd.transform(model, LRDConfig(target_speedup=3.0, merge="approximate", latency=config.latency), example_inputs=x)
+    assert fxlrd.count_params(fastest) < params <= ctx.vanilla_params, (fxlrd.count_params(fastest), params, ctx.vanilla_params)
+    assert variant.config(ctx) is config  # found once per case
