@@ -72,6 +72,7 @@ class EfficientNetCase(Case):
 
     distill_lr = 3e-5
     distill_steps = 300  # ~1.7 s a step here
+    distill_schedule = "constant"
 
     def __init__(self, n_calibration: int, n_held_out: int, n_distill: int = 640, batch: int = 16):
         self.model = _real.efficientnet_lite1()
@@ -121,8 +122,8 @@ class MiniLMCase(Case):
     name = "minilm"
     include = ["encoder.*"]
 
-    distill_lr = 1e-4
-    distill_steps = 600  # ~0.25 s a step here
+    distill_lr = 2e-4
+    distill_steps = 1200  # ~0.25 s a step here
 
     def __init__(self, n_calibration: int, n_held_out: int, n_distill: int | None = None, batch: int = 16):
         self.model, self.tokenizer = _real.minilm()
@@ -144,6 +145,7 @@ class MiniLMCase(Case):
         self.reference = _real.embed(self.model, self.tokenizer, self.held_out)
         self.sensitivity = _pooled
         self.distill_loss = _embedding_loss
+        self.distill_schedule = "cosine"  # measured at α = 2, 600 steps: 0.937 against 0.933 at a constant 1e-4
 
     def fidelity(self, model) -> dict[str, float]:
         emb = _real.embed(model, self.tokenizer, self.held_out)
@@ -241,7 +243,8 @@ def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repea
 def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps: int | None, distill_lr: float | None,
              rounds: int, repeats: int, threads: int, distill_features: float = 0.0) -> dict[str, Any]:
     """Every method at every ratio, then every model timed (taking turns). ``distill_steps`` and
-    ``distill_lr`` None: the case's own (600 steps at 1e-4 for MiniLM, 300 at 3e-5 for the CNN)."""  # fmt: skip
+    ``distill_lr`` None: the case's own (1200 steps from 2e-4 on a cosine for MiniLM, 300 at
+    3e-5 for the CNN)."""  # fmt: skip
     rows = []
     timed: dict[str, torch.nn.Module] = {"original": case.model}
     original_params = fxlrd.count_params(case.model)
@@ -255,11 +258,13 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
                 if seq_model is None or steps <= 0:
                     continue
                 model = copy.deepcopy(seq_model)
-                distill_lr = distill_lr or case.distill_lr
-                curve = fxlrd.recover.distill(model, case.model, case.distill_batches, steps=steps, lr=distill_lr,
+                lr = distill_lr or case.distill_lr
+                curve = fxlrd.recover.distill(model, case.model, case.distill_batches, steps=steps, lr=lr,
                                               loss=case.distill_loss, features=distill_features or False,
+                                              schedule=case.distill_schedule,
                                               progress=False)  # fmt: skip
-                extra = {"distill_steps": steps, "distill_lr": distill_lr, "distill_features": distill_features,
+                extra = {"distill_steps": steps, "distill_lr": lr, "distill_schedule": case.distill_schedule,
+                         "distill_features": distill_features,
                          "distill_loss_first": sum(curve[:10]) / 10, "distill_loss_last": sum(curve[-10:]) / 10}  # fmt: skip
             else:
                 config, calibrated = _config(case, method, ratio)
@@ -370,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite1", "minilm"], choices=["efficientnet_lite1", "minilm"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.25, 1.5, 2.0, 3.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--image-calibration", type=int, default=128, help="calibration views of the photographs")
+    parser.add_argument("--image-calibration", type=int, default=512, help="calibration views of the photographs")
     parser.add_argument("--image-held-out", type=int, default=256, help="held-out views (another random draw)")
     parser.add_argument("--text-calibration", type=int, default=1024, help="calibration sentences (at most what exists)")
     parser.add_argument("--text-held-out", type=int, default=1000, help="held-out sentences (at most what exists)")
-    parser.add_argument("--distill-steps", type=int, default=None, help="default: 600 for MiniLM, 300 for the CNN")
-    parser.add_argument("--distill-lr", type=float, default=None, help="default: 1e-4 for MiniLM, 3e-5 for the CNN")
+    parser.add_argument("--distill-steps", type=int, default=None, help="default: 1200 for MiniLM, 300 for the CNN")
+    parser.add_argument("--distill-lr", type=float, default=None, help="default: 2e-4 (cosine) for MiniLM, 3e-5 for the CNN")
     parser.add_argument("--distill-images", type=int, default=640, help="distillation views (a third random draw)")
     parser.add_argument("--distill-text", type=int, default=None,
                         help="distillation paragraphs (default: all ~8 k of the calibration modules' docstrings)")

@@ -16,6 +16,7 @@ decomposed layers' outputs) for a few hundred steps, with any freezing policy.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -197,6 +198,7 @@ def distill(
     temperature: float = 1.0,
     features: bool | float = False,
     weight_decay: float = 0.0,
+    schedule: str = "constant",
     train_mode: bool = False,
     progress: bool = True,
 ) -> list[float]:
@@ -222,6 +224,8 @@ def distill(
         temperature: softmax temperature for ``"kl"``.
         features: add per-layer feature matching.
         weight_decay: Adam's weight decay.
+        schedule: the learning rate over the steps: ``"constant"``, or ``"cosine"`` (from
+            ``lr`` down to 0 on a half cosine: large steps first, small ones to settle).
         train_mode: run the student in train mode (dropout, batch-norm statistics updating);
             default False: statistics stay as calibrated, gradients flow all the same.
         progress: a progress bar with the loss.
@@ -240,6 +244,8 @@ def distill(
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     freezer = freeze if isinstance(freeze, SequentialFreezer) else None
     if freeze is not None and freezer is None:
         apply_freeze(gm, freeze)
@@ -248,6 +254,9 @@ def distill(
         raise ValueError("distill needs at least one batch of inputs")
     groups = param_groups(gm, lr=lr, weight_decay=weight_decay)
     optimizer = torch.optim.Adam(groups)
+    scheduler = None
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     if freezer is not None:
         freezer.optimizer = freezer.optimizer or optimizer
 
@@ -290,6 +299,8 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if freezer is not None:
                 freezer.step()
             curve.append(float(value.detach()))

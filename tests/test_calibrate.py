@@ -367,6 +367,19 @@ def test_distill_with_sequential_freezer_and_features():
     assert curve[0] > plain[0] * 1.01  # the decomposed layers' feature mismatch is in the loss
 
 
+def test_distill_cosine_schedule_decays_the_learning_rate_to_zero(monkeypatch):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    x = torch.randn(64, 16)
+    seen = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    curve = distill(gm, teacher, [x], steps=40, lr=1e-2, schedule="cosine", progress=False)
+    assert seen[0] == pytest.approx(1e-2) and seen[20] == pytest.approx(5e-3) and seen[-1] < 1e-4
+    assert all(a >= b for a, b in zip(seen, seen[1:])) and curve[-1] < curve[0]
+
+
 def test_distill_bad_input():
     teacher = nn.Sequential(nn.Linear(4, 4))
     gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=1, rank_quantum=1))
@@ -374,6 +387,8 @@ def test_distill_bad_input():
         distill(gm, teacher, [], steps=1)
     with pytest.raises(ValueError, match="steps"):
         distill(gm, teacher, [torch.randn(2, 4)], steps=0)
+    with pytest.raises(ValueError, match="schedule must be 'constant' or 'cosine'"):
+        distill(gm, teacher, [torch.randn(2, 4)], steps=1, schedule="linear")
 
 
 # --- bad input -----------------------------------------------------------------------------------
