@@ -315,3 +315,18 @@ def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, mo
     fastest = fxlrd.transform(model, LRDConfig(target_speedup=3.0, merge="approximate", latency=config.latency), example_inputs=x)
     assert fxlrd.count_params(fastest) < params <= ctx.vanilla_params, (fxlrd.count_params(fastest), params, ctx.vanilla_params)
     assert variant.config(ctx) is config  # found once per case
+
+
+def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import inspect
+    import json.decoder
+
+    import _real
+
+    corpus = _real.docstring_corpus(("json",))
+    paragraphs = (" ".join(p.split()) for p in inspect.getdoc(json.decoder.JSONDecoder).split("\n\n"))
+    decoder = next(p for p in paragraphs if len(p.split()) >= 5)
+    assert decoder in corpus  # a class of a submodule
+    assert len(corpus) == len(set(corpus)) and all(len(p.split()) >= 5 and not p.startswith(">>>") for p in corpus)
+    assert decoder not in _real.docstring_corpus(("json",), exclude={decoder})
