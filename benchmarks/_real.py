@@ -39,15 +39,19 @@ _SKIP_MODULES = {
 }  # fmt: skip
 
 
+def _quiet_import(name: str):
+    """Import ``name`` with its prints and warnings silenced."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(name)
+
+
 def stdlib_modules() -> list[str]:
     """The standard library's public top-level modules that import quietly here, sorted."""
     out = []
     for name in sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SKIP_MODULES):
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                    warnings.catch_warnings():  # fmt: skip
-                warnings.simplefilter("ignore")
-                importlib.import_module(name)
+            _quiet_import(name)
         except Exception:  # noqa: BLE001  (platform modules that do not exist here)
             continue
         out.append(name)
@@ -130,12 +134,6 @@ def docstring_sentences(modules: tuple[str, ...], limit: int | None = None) -> l
             if len(para.split()) >= 5 and para not in out:
                 out.append(para)
     return out[:limit] if limit else out
-
-
-def _quiet_import(name: str):
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return importlib.import_module(name)
 
 
 def with_submodules(modules: tuple[str, ...]) -> list[str]:
