@@ -14,7 +14,9 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
 - ``data-free``: the weights' truncated SVD / Tucker-2, every layer at α;
 - ``whitened``: input whitening on calibration data (SVD-LLM), every layer at α;
 - ``whitened+seq``: + sequential error compensation;
-- ``global``: whitened + output sensitivity, ranks allocated across layers (α over all of them);
+- ``global``: whitened + output sensitivity (the full output-channel matrix; for the CNN the
+  softmax's Fisher, ``sensitivity="kl"``, for MiniLM the normalized sentence embedding), ranks
+  allocated across layers (α over all of them);
 - ``global+seq``: + sequential error compensation;
 - ``global+seq+distill``: + a short distillation to the original (``--distill-steps`` Adam
   steps, batch 16) on data neither calibration nor held out: for MiniLM every paragraph of
@@ -84,7 +86,7 @@ class EfficientNetCase(Case):
         self.example = self.calibration[0][:1]
         self.timing_input = self.example
         self.reference = self._logits(self.model)
-        self.sensitivity = True
+        self.sensitivity = "kl"  # the top-1 class and KL count: the softmax's Fisher, not every logit alike
         self.distill_loss = "kl"
 
     def _logits(self, model) -> torch.Tensor:
@@ -102,6 +104,12 @@ class EfficientNetCase(Case):
 def _pooled(outputs, inputs) -> torch.Tensor:
     mask = inputs[1]["attention_mask"][..., None].to(outputs.last_hidden_state.dtype)
     return (outputs.last_hidden_state * mask).sum(1) / mask.sum(1)
+
+
+def _sentence_embedding(outputs, inputs) -> torch.Tensor:
+    """What the sentence transformer outputs: the normalized mean-pooled embedding (cosine
+    similarity is all that counts, not the embedding's length)."""
+    return F.normalize(_pooled(outputs, inputs), dim=-1)
 
 
 def _cosine_loss(student, teacher, inputs) -> torch.Tensor:
@@ -144,7 +152,7 @@ class MiniLMCase(Case):
                              max_length=128, truncation=True, return_tensors="pt")  # fmt: skip
         self.timing_input = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         self.reference = _real.embed(self.model, self.tokenizer, self.held_out)
-        self.sensitivity = _pooled
+        self.sensitivity = _sentence_embedding
         self.distill_loss = _embedding_loss
 
     def fidelity(self, model) -> dict[str, float]:

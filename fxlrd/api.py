@@ -46,7 +46,8 @@ def _calibration_stats(captured: Captured, config: LRDConfig, calibration: Itera
             "use 'ratio', 'energy' (of the whitened spectrum), 'fixed', or a global budget (target_params=...)"
         )
 
-    return collect_stats(captured.gm, calibration, example=inputs, sensitivity=config.sensitivity)
+    return collect_stats(captured.gm, calibration, example=inputs, sensitivity=config.sensitivity,
+                         sensitivity_matrix=config.sensitivity_matrix)
 
 
 def plan(

@@ -39,7 +39,7 @@ from .decompose import Whitening, whitening
 from .errors import ConfigError
 from .sites import Site, find_sites
 
-__all__ = ["InputStats", "SiteStats", "collect_stats", "sequential_factors", "all_reduce_stats"]
+__all__ = ["InputStats", "SiteStats", "collect_stats", "kl_outputs", "sequential_factors", "all_reduce_stats"]
 
 
 @dataclass
@@ -157,14 +157,16 @@ def _site_inputs(sites: Mapping[str, Site]) -> dict[fx.Node, list[str]]:
 class SiteStats:
     """What a data-aware method knows of one site: its input statistics (shared with other
     sites reading the same input) and, optionally, how much the model's output cares about
-    each of its output channels.
+    its output channels.
 
-    ``output_sensitivity[s]`` estimates the diagonal of ``E[JᵀJ]`` (J: the Jacobian of the
-    model's outputs with respect to this layer's output channel s, summed over positions),
-    divided by the model outputs' energy: an error ``δ`` on channel s costs about
-    ``output_sensitivity[s] · mean(δ²)`` of relative squared model-output error. Estimated
-    with random projections (one backward pass per batch with a Gaussian ``v``:
-    ``E[(Jᵀv)²] = diag JᵀJ``), the same idea as Fisher-weighted SVD.
+    ``output_sensitivity`` estimates ``E[JᵀJ]`` (J: the Jacobian of the model's outputs with
+    respect to this layer's output channels at one position, summed over positions), divided
+    by the model outputs' energy: an error ``δ`` of the layer's output costs about
+    ``δᵀ M δ`` of relative squared model-output error. It is the full ``C_out × C_out``
+    matrix (the output factor of a Kronecker-factored curvature, as in K-FAC and generalized
+    Fisher-weighted SVD) or, to save memory, its diagonal (a vector; Fisher-weighted SVD).
+    Estimated with random projections: one backward pass per batch with a Gaussian ``v``,
+    ``E[(Jᵀv)(Jᵀv)ᵀ] = JᵀJ``.
     """
 
     inputs: InputStats
@@ -179,21 +181,53 @@ class SiteStats:
         return self.inputs.whitening()
 
     def output_weights(self, floor: float = 1e-2) -> torch.Tensor | None:
-        """Per-output-channel weights (relative model-output error per unit of mean squared
-        channel error), floored at ``floor`` × their mean so no channel is free; None without
-        sensitivities."""
+        """The output-mode weighting (relative model-output error per unit of squared channel
+        error): a matrix (full sensitivity) or a vector (diagonal), with ``floor`` × its mean
+        diagonal added (matrix) or as a lower bound (vector), so no direction is free and the
+        matrix is positive definite; None without sensitivities."""
         if self.output_sensitivity is None or self.output_energy <= 0:
             return None
         w = self.output_sensitivity / self.output_energy
-        return w.clamp_min(floor * float(w.mean())) if float(w.mean()) > 0 else None
+        mean = float(w.diagonal().mean()) if w.dim() == 2 else float(w.mean())
+        if not mean > 0:
+            return None
+        if w.dim() == 2:
+            return w + floor * mean * torch.eye(w.shape[0], dtype=w.dtype)
+        return w.clamp_min(floor * mean)
 
 
-def _output_channels(site: Site, g: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of a site's output gradient per output channel."""
+def _output_moments(site: Site, g: torch.Tensor, full: bool) -> torch.Tensor:
+    """A site's output gradient as channel rows: their Gram matrix (``full``) or its diagonal."""
     g = g.detach().double()
-    if site.spec.kind == "linear":
-        return g.reshape(-1, g.shape[-1]).pow(2).sum(0)
-    return g.movedim(1, -1).reshape(-1, g.shape[1]).pow(2).sum(0)
+    rows = g.reshape(-1, g.shape[-1]) if site.spec.kind == "linear" else g.movedim(1, -1).reshape(-1, g.shape[1])
+    return rows.T @ rows if full else rows.pow(2).sum(0)
+
+
+def kl_outputs(outputs: Any, inputs: Any = None) -> torch.Tensor:
+    """``sensitivity="kl"``: the function of a classifier's logits ``z`` whose ``JᵀJ`` is the
+    Fisher information of its softmax, the curvature of ``KL(original ‖ compressed)``:
+    ``√p ⊙ (z − pᵀz)`` with ``p = softmax(z)`` held constant, since
+    ``(I − p1ᵀ)diag(p)(I − 1pᵀ) = diag(p) − ppᵀ``. Errors then count by how much they move
+    the predicted distribution, not by every logit alike (most of a 1000-class head's logits
+    are for classes the model never predicts)."""
+    logits = _logits_of(outputs)
+    p = logits.detach().float().softmax(-1).to(logits.dtype)
+    return p.sqrt() * (logits - (p * logits).sum(-1, keepdim=True))
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    found = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    if isinstance(found, torch.Tensor):
+        return found
+    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(leaves) == 1:
+        return leaves[0]
+    raise ConfigError(
+        f"sensitivity='kl' needs a model that returns its logits (a tensor, or an output with .logits); this one returns "
+        f"{len(leaves)} floating tensors. Pass sensitivity=fn(outputs, inputs) returning the logits, or sensitivity=True"
+    )
 
 
 def collect_stats(
@@ -202,7 +236,8 @@ def collect_stats(
     *,
     example: Args | None = None,
     names: Iterable[str] | None = None,
-    sensitivity: bool | Callable[[Any, Any], Any] = False,
+    sensitivity: bool | str | Callable[[Any, Any], Any] = False,
+    sensitivity_matrix: str = "full",
     progress: bool = True,
     distributed: bool | None = None,
     group: Any = None,
@@ -218,7 +253,11 @@ def collect_stats(
         example: the example inputs, for error messages.
         names: only these sites (default: all).
         sensitivity: also estimate each site's output sensitivity (`SiteStats`): one backward
-            pass per batch. A callable ``fn(outputs, inputs)`` picks what of the outputs counts.
+            pass per batch. True: every floating output counts alike (squared error);
+            ``"kl"``: the model is a classifier and its predicted distribution counts
+            (`kl_outputs`); a callable ``fn(outputs, inputs)`` picks what of the outputs counts.
+        sensitivity_matrix: ``"full"`` (each site's ``C_out × C_out`` matrix) or
+            ``"diagonal"`` (its diagonal: memory ``C_out`` instead of ``C_out²`` per site).
         progress: a progress bar over the batches.
         distributed: all-reduce the statistics over ``torch.distributed`` (default: when a
             process group is initialised), so each process can see its own shard of the data.
@@ -233,6 +272,13 @@ def collect_stats(
         ValueError: a calibration item does not run through the model.
     """
     sites = find_sites(gm)
+    if sensitivity_matrix not in ("full", "diagonal"):
+        raise ConfigError(f"sensitivity_matrix must be 'full' or 'diagonal', got {sensitivity_matrix!r}")
+    if sensitivity == "kl":
+        sensitivity = kl_outputs
+    elif not isinstance(sensitivity, bool) and not callable(sensitivity):
+        raise ConfigError(f"sensitivity must be True, False, 'kl' or a callable(outputs, inputs), got {sensitivity!r}")
+    full = sensitivity_matrix == "full"
     wanted = set(sites) if names is None else set(names)
     by_input = {n: [s for s in ss if s in wanted] for n, ss in _site_inputs(sites).items()}
     by_input = {n: ss for n, ss in by_input.items() if ss}
@@ -283,7 +329,7 @@ def collect_stats(
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
                     for (name, _), g in zip(site_outputs, grads):
                         if g is not None:
-                            ch = _output_channels(sites[name], g)
+                            ch = _output_moments(sites[name], g, full)
                             sens[name] = sens[name] + ch if name in sens else ch
                     energy += sum(float(t.detach().double().pow(2).sum()) for t in outs)
             site_outputs.clear()

@@ -727,9 +727,18 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "branches": getattr(args, "branches", 1), "conv_method": args.conv_method,
         "include": args.include, "exclude": args.exclude or (),
         "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
+        **_SENSITIVITY[getattr(args, "sensitivity", "output")],
     }  # fmt: skip
     values.update(overrides)
     return LRDConfig(**values)
+
+
+_SENSITIVITY = {  # --sensitivity: LRDConfig settings
+    "output": {"sensitivity": True},
+    "kl": {"sensitivity": "kl"},
+    "diagonal": {"sensitivity": True, "sensitivity_matrix": "diagonal"},
+    "off": {"sensitivity": False},
+}
 
 
 @contextlib.contextmanager
@@ -1198,6 +1207,10 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
                         "allocated by (data-aware with --calibration) error (default uniform)")  # fmt: skip
     g.add_argument("--sequential", action="store_true",
                    help="with --calibration: fit each layer to the outputs of the already-compressed ones")
+    g.add_argument("--sensitivity", choices=tuple(_SENSITIVITY), default="output",
+                   help="with --calibration, what of the model's output to preserve: output (every output, squared "
+                        "error; default), kl (a classifier's predicted distribution), diagonal (as output, with a "
+                        "diagonal sensitivity: less memory for large layers), off (each layer's own output error)")  # fmt: skip
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
     g.add_argument("--conv-method", choices=methods(), default="tucker2",
                    help="method for k×k convs (default tucker2)")  # fmt: skip

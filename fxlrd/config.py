@@ -89,9 +89,15 @@ class LRDConfig:
         sensitivity: with calibration data, also weigh each layer's output channels by how much
             the model's output depends on them (one backward pass per calibration batch), so
             factorization and rank allocation minimise the estimated *model* output error
-            rather than each layer's own. False: plain input whitening (SVD-LLM). A callable
-            ``fn(outputs, inputs) -> tensor(s)`` says which function of the outputs to keep
-            (e.g. mean-pooled sentence embeddings); default: every floating output.
+            rather than each layer's own. False: plain input whitening (SVD-LLM). True: every
+            floating output counts (squared error). ``"kl"``: a classifier, whose predicted
+            distribution counts (the softmax's Fisher information, i.e. ``KL(original ‖
+            compressed)``). A callable ``fn(outputs, inputs) -> tensor(s)`` says which
+            function of the outputs to keep (e.g. mean-pooled sentence embeddings).
+        sensitivity_matrix: ``"full"`` (default): each layer's output-channel sensitivity as a
+            ``C_out × C_out`` matrix, so correlated output channels are weighed together
+            (float64, ``8·C_out²`` bytes per layer during planning); ``"diagonal"``: only its
+            diagonal, for models too large for that.
     """
 
     ratio: float = 2.0
@@ -121,7 +127,8 @@ class LRDConfig:
     target_params: int | float | None = None
     allocation: str = "uniform"
     sequential: bool = False
-    sensitivity: bool | Callable[[Any, Any], Any] = field(default=True, compare=False)
+    sensitivity: bool | str | Callable[[Any, Any], Any] = field(default=True, compare=False)
+    sensitivity_matrix: str = "full"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -204,8 +211,13 @@ class LRDConfig:
             raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
-        if not isinstance(self.sensitivity, bool) and not callable(self.sensitivity):
-            raise ConfigError(f"sensitivity must be True, False or a callable(outputs, inputs), got {self.sensitivity!r}")
+        if not isinstance(self.sensitivity, bool) and not callable(self.sensitivity) and self.sensitivity != "kl":
+            raise ConfigError(
+                f"sensitivity must be True, False, 'kl' (a classifier's logits) or a callable(outputs, inputs), "
+                f"got {self.sensitivity!r}"
+            )
+        if self.sensitivity_matrix not in ("full", "diagonal"):
+            raise ConfigError(f"sensitivity_matrix must be 'full' or 'diagonal', got {self.sensitivity_matrix!r}")
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:

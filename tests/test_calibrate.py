@@ -310,7 +310,12 @@ def test_bad_target_params(value):
 
 
 # --- sensitivity ------------------------------------------------------------------------------------
-def test_sensitivity_weights_follow_the_model_output():
+def _channel_weights(w: torch.Tensor) -> torch.Tensor:
+    return w.diagonal() if w.dim() == 2 else w
+
+
+@pytest.mark.parametrize("matrix", ["full", "diagonal"])
+def test_sensitivity_weights_follow_the_model_output(matrix):
     """Output channels of a layer the model's output ignores get (nearly) no weight."""
     torch.manual_seed(0)
     first, second = nn.Linear(8, 6), nn.Linear(6, 3)
@@ -318,8 +323,11 @@ def test_sensitivity_weights_follow_the_model_output():
         second.weight[:, 3:] = 0.0  # channels 3..5 of `first` never reach the output
     model = nn.Sequential(first, second).eval()
     x = torch.randn(256, 8)
-    stats = collect_stats(capture(model, x).gm, [x[:128], x[128:]], sensitivity=True, progress=False)
+    stats = collect_stats(capture(model, x).gm, [x[:128], x[128:]], sensitivity=True, sensitivity_matrix=matrix,
+                          progress=False)  # fmt: skip
     w = stats["0"].output_weights()
+    assert w.dim() == (2 if matrix == "full" else 1)
+    w = _channel_weights(w)
     assert w[:3].min() > 10 * w[3:].max()
 
 
@@ -328,7 +336,119 @@ def test_sensitivity_callable_picks_the_output_that_counts():
     x = torch.randn(64, 4)
     gm = capture(model, x).gm
     only_first = collect_stats(gm, [x], sensitivity=lambda out, inputs: out[:, :1], progress=False)["0"].output_weights()
+    only_first = _channel_weights(only_first)
     assert only_first[0] > 10 * only_first[1:].max()
+
+
+def _sqrtm(m: torch.Tensor) -> torch.Tensor:
+    e, v = torch.linalg.eigh(m)
+    return v @ torch.diag(e.clamp_min(0).sqrt()) @ v.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_sensitivity_svd_is_the_two_sided_optimum(seed):
+    """With an input Gram ``G`` and a sensitivity matrix ``M``, the SVD at rank r minimises
+    ``tr(δWᵀ M δW G)``; the independent optimum uses symmetric square roots instead of
+    Cholesky factors: ``M^-½ [M^½ W G^½]_r G^-½``."""
+    from fxlrd.calibrate import SiteStats
+
+    g = torch.Generator().manual_seed(seed)
+    c, s, r = 7, 5, 2
+    w = torch.randn(s, c, generator=g, dtype=torch.float64)
+    inputs = _stats(_correlated(400, c, seed=seed), shrink=False)
+    a = torch.randn(s, s, generator=g, dtype=torch.float64)
+    site = SiteStats(inputs, a @ a.T + 0.1 * torch.eye(s, dtype=torch.float64), output_energy=1.0)
+    m, gram = site.output_weights(), inputs.covariance()
+    fact, _ = decompose_weight(w, None, LayerSpec("linear", c, s, (), 1, False), "svd", (r,), stats=site)
+    got = _product(fact)
+    ms, gs = _sqrtm(m), _sqrtm(gram)
+    u, sv, vt = torch.linalg.svd(ms @ w @ gs)
+    best = torch.linalg.inv(ms) @ (u[:, :r] * sv[:r]) @ vt[:r] @ torch.linalg.inv(gs)
+
+    def cost(approx):
+        d = w - approx
+        return float(torch.trace(d.T @ m @ d @ gram))
+
+    assert cost(got) == pytest.approx(cost(best), rel=1e-4)
+    assert rel_err(got, best) < 1e-3
+
+
+def test_full_sensitivity_weighs_correlated_output_channels_together():
+    """The next layer reads only the sum of two channels and the difference of two others: the
+    diagonal of JᵀJ sees four equally weighted channels, the full matrix sees that only two
+    directions count. Compressing the first layer to rank 2, the full matrix keeps the model's
+    output (all but the 1 % floor every direction keeps); the diagonal cannot."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(6, 4, bias=False), nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        second.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]]))
+    model = nn.Sequential(first, second).eval()
+    x = torch.randn(512, 6)
+    cal = [x[i : i + 64] for i in range(0, 512, 64)]
+    errors = {}
+    for matrix in ("full", "diagonal"):
+        cfg = LRDConfig(rank_rule="fixed", rank=2, rank_quantum=1, include=["0"], sensitivity_matrix=matrix)
+        gm = fxlrd.transform(model, cfg, example_inputs=x[:2], calibration=cal)
+        with torch.no_grad():
+            errors[matrix] = rel_err(gm(x), model(x))
+    assert errors["full"] < 0.01 and errors["diagonal"] > 0.2
+
+
+def test_kl_sensitivity_is_the_fisher_of_the_softmax():
+    """``JᵀJ`` of `kl_outputs` at the original logits equals the Hessian of
+    ``KL(p ‖ softmax(z))`` there (computed independently by autograd)."""
+    from fxlrd.calibrate import kl_outputs
+
+    z0 = torch.randn(10, dtype=torch.float64)
+    p = z0.softmax(-1)
+    jac = torch.autograd.functional.jacobian(lambda z: _kl_view_with_fixed_p(z, p), z0)
+    hess = torch.autograd.functional.hessian(lambda z: (p * (p.log() - z.log_softmax(-1))).sum(), z0)
+    assert torch.allclose(jac.T @ jac, hess, atol=1e-10)
+    # and kl_outputs computes that view, holding p at the current prediction
+    assert torch.allclose(kl_outputs(z0[None])[0], _kl_view_with_fixed_p(z0, p))
+
+
+def _kl_view_with_fixed_p(z, p):
+    return p.sqrt() * (z - (p * z).sum())
+
+
+def test_kl_sensitivity_picks_the_logits_of_a_model_output():
+    from fxlrd.calibrate import kl_outputs
+
+    z = torch.randn(3, 5)
+    assert torch.equal(kl_outputs({"logits": z, "hidden": torch.randn(3, 7)}), kl_outputs(z))
+    with pytest.raises(ConfigError, match="sensitivity='kl' needs a model that returns its logits"):
+        kl_outputs((torch.randn(3, 5), torch.randn(3, 5)))
+
+
+def test_kl_sensitivity_keeps_a_classifier_s_predictions_better_than_squared_logits():
+    """A classifier whose logits include large, never-predicted classes: weighting every
+    logit alike spends the rank on them; the softmax's Fisher spends it on the classes the
+    model predicts (measured by KL to the original)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 8)).eval()
+    with torch.no_grad():
+        model[2].bias[4:] = -30.0  # classes 4..7: large logits, probability ~0
+        model[2].weight[4:] *= 10.0
+    x = torch.randn(512, 12)
+    cal = [x[i : i + 64] for i in range(0, 512, 64)]
+    kl = {}
+    for sens in (True, "kl"):
+        cfg = LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1, include=["2"], sensitivity=sens)
+        gm = fxlrd.transform(model, cfg, example_inputs=x[:2], calibration=cal)
+        with torch.no_grad():
+            ref, out = model(x).log_softmax(-1), gm(x).log_softmax(-1)
+        kl[sens] = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean"))
+    assert kl["kl"] < 0.5 * kl[True]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sensitivity": "fisher"}, "sensitivity must be True, False, 'kl'"),
+    ({"sensitivity_matrix": "dense"}, "sensitivity_matrix must be 'full' or 'diagonal'"),
+])  # fmt: skip
+def test_bad_sensitivity_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LRDConfig(**kwargs)
 
 
 # --- distillation ----------------------------------------------------------------------------------

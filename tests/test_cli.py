@@ -130,11 +130,13 @@ def test_compress_with_global_allocation_and_sequential_fitting(tmp_path, capsys
     report_path = tmp_path / "r.json"
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
                         "--calibration-batches", 3, "--eval-batches", 1, "--repeats", 0, "--ratio", 1.5,
-                        "--allocation", "global", "--sequential", "--quantum", 4, "--report", report_path)  # fmt: skip
+                        "--allocation", "global", "--sequential", "--quantum", 4, "--sensitivity", "kl",
+                        "--report", report_path)  # fmt: skip
     assert code == 0, err
     report = json.loads(report_path.read_text())
     settings = report["settings"]
     assert settings["allocation"] == "global" and settings["sequential"] is True and settings["rank_quantum"] == 4
+    assert settings["sensitivity"] == "kl" and settings["sensitivity_matrix"] == "full"
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0, "--allocation", "best")
     assert code == 2 and "--allocation" in err
 

@@ -167,9 +167,13 @@ def output_weights(stats: Any) -> torch.Tensor | None:
 
 
 def weigh_output(weight: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """Scale output channel s of the weight by ``√w_s`` (errors then count as the model's output sees them)."""
+    """The weight in output coordinates where errors count as the model's output sees them:
+    ``Lᵀ W`` with ``L Lᵀ = M`` for a sensitivity matrix ``M``, or output channel s scaled by
+    ``√w_s`` for a diagonal ``w`` (then ``‖Lᵀ δW‖² = tr(δWᵀ M δW)``)."""
     if w is None:
         return weight
+    if w.dim() == 2:
+        return torch.einsum("ts,t...->s...", _cholesky(w), weight.double())
     return weight * w.sqrt().to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
 
 
@@ -177,7 +181,17 @@ def unweigh_output(last_factor: torch.Tensor, w: torch.Tensor | None) -> torch.T
     """Undo `weigh_output` on the factor that produces the layer's output (its dim 0)."""
     if w is None:
         return last_factor
+    if w.dim() == 2:
+        flat = last_factor.double().reshape(last_factor.shape[0], -1)
+        return torch.linalg.solve_triangular(_cholesky(w).T, flat, upper=True).reshape(last_factor.shape)
     return last_factor.double() / w.sqrt().double().reshape(-1, *([1] * (last_factor.dim() - 1)))
+
+
+def _cholesky(m: torch.Tensor) -> torch.Tensor:
+    """Lower ``L`` with ``L Lᵀ = m`` (symmetric positive definite: `SiteStats.output_weights`
+    adds a floor to its diagonal)."""
+    m = m.double()
+    return torch.linalg.cholesky((m + m.T) / 2)
 
 
 def data_aware_weight(weight: torch.Tensor, stats: Any) -> tuple[torch.Tensor, Whitening | None, torch.Tensor | None]:
