@@ -317,6 +317,34 @@ def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, mo
     assert variant.config(ctx) is config  # found once per case
 
 
+def test_merged_fastest_at_vanilla_size_is_faster_than_the_least_error_model_of_that_size(tmp_path, monkeypatch):
+    """At vanilla LRD's size after merging, the fastest model global mode finds is at least as
+    fast (synthetic cost timer) as the least-error one, and no larger than vanilla."""
+    import torch
+    from torch import nn
+
+    import fxlrd
+    from benchmarks.variants import BuildContext, get
+    import test_context
+    import test_rank_search as rank_search
+
+    timer = test_context.CostTimer()
+    rank_search.install_timer(monkeypatch, timer)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
+                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
+                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 256, 1)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 16, 16)
+    ctx = BuildContext(None, model, x, "onnxruntime", 1, tmp_path / "latency.json")
+    fastest = get("merged_fastest@vanilla_size_ctx")
+    config = fastest.config(ctx)
+    assert config.merge == "approximate" and config.latency.context == "neighbours" and config.target_params >= ctx.vanilla_params
+    gm_fast, gm_least = fastest.build(ctx), get("merged_global@vanilla_size_ctx").build(ctx)
+    assert fxlrd.count_params(gm_fast) <= ctx.vanilla_params
+    assert gm_fast.fxlrd_plan.settings["global_search"]["measured_speedup"] >= gm_least.fxlrd_plan.settings["global_search"]["measured_speedup"]
+    assert fastest.config(ctx) is config  # found once per case
+
+
 def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import inspect
