@@ -4,7 +4,8 @@
 
 Each measurement runs in a fresh process: the peak resident memory (``ru_maxrss``) after the
 model is built is compared with the peak after calibration (the Gram matrices, the model's
-activations for one batch, and with ``--sensitivity`` one backward pass). The Gram matrices
+activations for one batch, and with sensitivity one backward pass and each layer's output
+sensitivity, a ``C_out × C_out`` matrix or its diagonal). The Gram and sensitivity matrices
 are also counted exactly. Results are appended to ``results/calibration_memory.jsonl`` and
 ``results/calibration_memory.md`` is regenerated from all runs.
 """
@@ -26,7 +27,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(batches: int, batch: int, seq: int, sensitivity: bool) -> dict:
+def measure(batches: int, batch: int, seq: int, sensitivity: str) -> dict:
     """In this process: build BERT-base, calibrate, report memory."""
     import warnings
 
@@ -45,13 +46,16 @@ def measure(batches: int, batch: int, seq: int, sensitivity: bool) -> dict:
     del model
     before = _rss_mb()
     t0 = time.perf_counter()
-    stats = collect_stats(gm, data, sensitivity=sensitivity, progress=False)
+    stats = collect_stats(gm, data, sensitivity=sensitivity != "off", progress=False,
+                          sensitivity_matrix="diagonal" if sensitivity == "diagonal" else "full")  # fmt: skip
     seconds = time.perf_counter() - t0
     after = _rss_mb()
     unique = {id(s.inputs): s.inputs for s in stats.values()}
     gram_mb = sum(s.gram.numel() * s.gram.element_size() for s in unique.values()) / 2**20
+    sens = [s.output_sensitivity for s in stats.values() if s.output_sensitivity is not None]
+    sens_mb = sum(t.numel() * t.element_size() for t in sens) / 2**20
     return {"params_M": sum(p.numel() for p in gm.parameters()) / 1e6, "sites": len(stats), "distinct_inputs": len(unique),
-            "gram_MiB": gram_mb, "peak_before_MiB": before, "peak_after_MiB": after,
+            "gram_MiB": gram_mb, "sensitivity_MiB": sens_mb, "peak_before_MiB": before, "peak_after_MiB": after,
             "calibration_peak_increase_MiB": after - before, "seconds": seconds}  # fmt: skip
 
 
@@ -60,10 +64,15 @@ def llama7b_estimate() -> dict:
     h, m, blocks = 4096, 11008, 32
     per_block = {"q,k,v (one input)": h * h, "o_proj": h * h, "gate,up (one input)": h * h, "down_proj": m * m}
     gram = sum(per_block.values()) * 8
+    outputs = (3 * h * h + h * h + 2 * m * m + h * h) * 8  # full sensitivity: q, k, v, o, gate, up, down outputs
     tokens = 128 * 2048  # SVD-LLM's calibration: 256 sequences of 2048 tokens is common; 128 here
     activation = tokens * h * 4  # one fp32 hidden state for every calibration token
     return {"per_block_gram_GiB": gram / 2**30, "all_blocks_gram_GiB": blocks * gram / 2**30,
+            "per_block_full_sensitivity_GiB": outputs / 2**30, "all_blocks_full_sensitivity_GiB": blocks * outputs / 2**30,
             "calibration_tokens": tokens, "one_hidden_state_all_tokens_GiB": activation / 2**30}  # fmt: skip
+
+
+ROWS = {"inputs only": "off", "with sensitivity (diagonal)": "diagonal", "with sensitivity (full matrix)": "full"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--sensitivity", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sensitivity", choices=tuple(ROWS.values()), default="off", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(args.batches, args.batch, args.seq, args.sensitivity)))
@@ -81,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment()
     rows = {}
-    for sensitivity in (False, True):
+    for name, sensitivity in ROWS.items():
         cmd = [sys.executable, __file__, "--worker", "--batches", str(args.batches), "--batch", str(args.batch),
-               "--seq", str(args.seq)] + (["--sensitivity"] if sensitivity else [])  # fmt: skip
+               "--seq", str(args.seq), "--sensitivity", sensitivity]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        rows["with sensitivity" if sensitivity else "inputs only"] = json.loads(out)
-        print(("with sensitivity" if sensitivity else "inputs only"), rows[list(rows)[-1]], flush=True)
+        rows[name] = json.loads(out)
+        print(name, rows[name], flush=True)
     run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": vars(args) | {"worker": None},
            "bert_base": rows, "llama7b_estimate": llama7b_estimate()}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -98,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         s = r["settings"]
         md += [f"## {r['date']} — {r['environment']['processor']}", "",
                f"BERT-base (random weights), {s['batches']} batches of {s['batch']}×{s['seq']} tokens:", "",
-               "| calibration | sites | distinct inputs | Gram matrices (MiB) | peak RSS increase (MiB) | time (s) |",
-               "|---|---|---|---|---|---|"]  # fmt: skip
+               "| calibration | sites | distinct inputs | Gram matrices (MiB) | sensitivities (MiB) | "
+               "peak RSS increase (MiB) | time (s) |",
+               "|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, v in r["bert_base"].items():
-            md.append(f"| {name} | {v['sites']} | {v['distinct_inputs']} | {v['gram_MiB']:.0f} | "
+            sens = f"{v['sensitivity_MiB']:.0f}" if "sensitivity_MiB" in v else "not counted"
+            md.append(f"| {name} | {v['sites']} | {v['distinct_inputs']} | {v['gram_MiB']:.0f} | {sens} | "
                       f"{v['calibration_peak_increase_MiB']:.0f} | {v['seconds']:.1f} |")  # fmt: skip
         e = r["llama7b_estimate"]
         md += ["", f"LLaMA-7B-shaped decoder, on paper: the Gram matrices of one block take {e['per_block_gram_GiB']:.2f} GiB "
@@ -113,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                f"{8 * e['one_hidden_state_all_tokens_GiB']:.0f} GiB, plus the 13 GiB fp16 weights: a 64 GiB host, or fewer "
                "calibration tokens. The non-sequential path streams batches and needs all blocks' Gram matrices "
                f"({e['all_blocks_gram_GiB']:.0f} GiB), or one block's at a time when sites are calibrated in groups "
-               "(`collect_stats(names=...)`).", ""]  # fmt: skip
+               "(`collect_stats(names=...)`)."]  # fmt: skip
+        if "per_block_full_sensitivity_GiB" in e:
+            md += ["", f"The full output-sensitivity matrices (`sensitivity_matrix=\"full\"`, the default) add "
+                   f"{e['per_block_full_sensitivity_GiB']:.2f} GiB per block ({e['all_blocks_full_sensitivity_GiB']:.0f} GiB "
+                   "for all 32): at that scale use `sensitivity_matrix=\"diagonal\"` (11 MB for all 32 blocks), or calibrate the "
+                   "blocks in groups."]  # fmt: skip
+        md.append("")
     (RESULTS / "calibration_memory.md").write_text("\n".join(md) + "\n")
     print(f"appended to {RESULTS / 'calibration_memory.jsonl'}")
     return 0

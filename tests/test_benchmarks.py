@@ -358,3 +358,25 @@ def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
     assert decoder in corpus  # a class of a submodule
     assert len(corpus) == len(set(corpus)) and all(len(p.split()) >= 5 and not p.startswith(">>>") for p in corpus)
     assert decoder not in _real.docstring_corpus(("json",), exclude={decoder})
+
+
+def test_error_groups_puts_back_exactly_the_layers_left_out():
+    """`benchmarks/error_groups.py` compresses one group alone: every other decomposed layer
+    computes its original weight again."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import torch
+    from torch import nn
+
+    import error_groups
+    import fxlrd
+    from fxlrd import LRDConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
+    x = torch.randn(8, 16)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=2, rank_quantum=1), example_inputs=x)
+    with torch.no_grad():
+        assert torch.allclose(error_groups._only(gm, model, lambda n: False)(x), model(x), atol=1e-5)
+        first_only = error_groups._only(gm, model, lambda n: n == "0")(x)
+        expected = model[2](model[1](gm.get_submodule("0")(x)))
+        assert torch.allclose(first_only, expected, atol=1e-5) and not torch.allclose(first_only, model(x), atol=1e-3)
