@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import Args, flat_inputs, inputs_error, normalize_inputs
 from .decompose import Whitening, whitening
+from .config import check_sensitivity
 from .errors import ConfigError
 from .sites import Site, find_sites
 
@@ -272,12 +273,9 @@ def collect_stats(
         ValueError: a calibration item does not run through the model.
     """
     sites = find_sites(gm)
-    if sensitivity_matrix not in ("full", "diagonal"):
-        raise ConfigError(f"sensitivity_matrix must be 'full' or 'diagonal', got {sensitivity_matrix!r}")
-    if sensitivity == "kl":
+    check_sensitivity(sensitivity, sensitivity_matrix)
+    if isinstance(sensitivity, str):  # "kl"
         sensitivity = kl_outputs
-    elif not isinstance(sensitivity, bool) and not callable(sensitivity):
-        raise ConfigError(f"sensitivity must be True, False, 'kl' or a callable(outputs, inputs), got {sensitivity!r}")
     full = sensitivity_matrix == "full"
     wanted = set(sites) if names is None else set(names)
     by_input = {n: [s for s in ss if s in wanted] for n, ss in _site_inputs(sites).items()}

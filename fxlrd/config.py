@@ -33,6 +33,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_sensitivity(sensitivity: Any, matrix: str) -> None:
+    """Raise `ConfigError` unless ``sensitivity`` and ``sensitivity_matrix`` are settings
+    `LRDConfig` and `fxlrd.calibrate.collect_stats` accept."""
+    if not isinstance(sensitivity, bool) and not callable(sensitivity) and not (isinstance(sensitivity, str) and sensitivity == "kl"):
+        raise ConfigError(
+            f"sensitivity must be True, False, 'kl' (a classifier's logits) or a callable(outputs, inputs), got {sensitivity!r}"
+        )
+    if matrix not in ("full", "diagonal"):
+        raise ConfigError(f"sensitivity_matrix must be 'full' or 'diagonal', got {matrix!r}")
+
+
 @dataclass(frozen=True)
 class LRDConfig:
     """How to choose ranks and which layers to decompose.
@@ -211,13 +222,7 @@ class LRDConfig:
             raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
-        if not isinstance(self.sensitivity, bool) and not callable(self.sensitivity) and self.sensitivity != "kl":
-            raise ConfigError(
-                f"sensitivity must be True, False, 'kl' (a classifier's logits) or a callable(outputs, inputs), "
-                f"got {self.sensitivity!r}"
-            )
-        if self.sensitivity_matrix not in ("full", "diagonal"):
-            raise ConfigError(f"sensitivity_matrix must be 'full' or 'diagonal', got {self.sensitivity_matrix!r}")
+        check_sensitivity(self.sensitivity, self.sensitivity_matrix)
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:

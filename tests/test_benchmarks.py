@@ -287,25 +287,33 @@ def test_calibration_is_rebatched_to_the_exported_batch_size():
     assert len(out) == 4 and all(b["input_ids"].shape == (1, 2) and set(b) == set(tokens[0]) for b in out)
 
 
-def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, monkeypatch):
-    """The bisection's model, merged, has at most vanilla LRD's parameters and keeps more of
-    them than the fastest target tried (synthetic timer: nothing is timed for real)."""
+def _merge_case(tmp_path, monkeypatch, first_kernel: int):
+    """A small conv net (first conv ``first_kernel``×``first_kernel``), its input and a build
+    context, with a synthetic cost timer installed: nothing is timed for real."""
     import torch
     from torch import nn
 
-    import fxlrd
-    from benchmarks.variants import BuildContext, get
-    from fxlrd import LRDConfig
+    from benchmarks.variants import BuildContext
     import test_context
     import test_rank_search as rank_search
 
     rank_search.install_timer(monkeypatch, test_context.CostTimer())
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
-                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
-                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 256, 1)).eval()  # fmt: skip
+    model = nn.Sequential(nn.Conv2d(3, 64, first_kernel, padding=first_kernel // 2), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1), nn.ReLU(),
+                          nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 256, 1)).eval()  # fmt: skip
     x = torch.randn(1, 3, 16, 16)
-    ctx = BuildContext(None, model, x, "onnxruntime", 1, tmp_path / "latency.json")
+    return model, x, BuildContext(None, model, x, "onnxruntime", 1, tmp_path / "latency.json")
+
+
+def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, monkeypatch):
+    """The bisection's model, merged, has at most vanilla LRD's parameters and keeps more of
+    them than the fastest target tried (synthetic timer: nothing is timed for real)."""
+    import fxlrd
+    from benchmarks.variants import get
+    from fxlrd import LRDConfig
+
+    model, x, ctx = _merge_case(tmp_path, monkeypatch, first_kernel=1)
     variant = get("merged_global@vanilla_size_ctx")
     config = variant.config(ctx)
     assert config.merge == "approximate" and config.latency.context == "neighbours"
@@ -320,28 +328,17 @@ def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, mo
 def test_merged_fastest_at_vanilla_size_is_faster_than_the_least_error_model_of_that_size(tmp_path, monkeypatch):
     """At vanilla LRD's size after merging, the fastest model global mode finds is at least as
     fast (synthetic cost timer) as the least-error one, and no larger than vanilla."""
-    import torch
-    from torch import nn
-
     import fxlrd
-    from benchmarks.variants import BuildContext, get
-    import test_context
-    import test_rank_search as rank_search
+    from benchmarks.variants import get
 
-    timer = test_context.CostTimer()
-    rank_search.install_timer(monkeypatch, timer)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
-                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
-                          nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 256, 1)).eval()  # fmt: skip
-    x = torch.randn(1, 3, 16, 16)
-    ctx = BuildContext(None, model, x, "onnxruntime", 1, tmp_path / "latency.json")
+    _, _, ctx = _merge_case(tmp_path, monkeypatch, first_kernel=3)
     fastest = get("merged_fastest@vanilla_size_ctx")
     config = fastest.config(ctx)
     assert config.merge == "approximate" and config.latency.context == "neighbours" and config.target_params >= ctx.vanilla_params
     gm_fast, gm_least = fastest.build(ctx), get("merged_global@vanilla_size_ctx").build(ctx)
     assert fxlrd.count_params(gm_fast) <= ctx.vanilla_params
-    assert gm_fast.fxlrd_plan.settings["global_search"]["measured_speedup"] >= gm_least.fxlrd_plan.settings["global_search"]["measured_speedup"]
+    speed = lambda gm: gm.fxlrd_plan.settings["global_search"]["measured_speedup"]  # noqa: E731
+    assert speed(gm_fast) >= speed(gm_least)
     assert fastest.config(ctx) is config  # found once per case
 
 

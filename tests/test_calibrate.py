@@ -421,6 +421,25 @@ def test_kl_sensitivity_picks_the_logits_of_a_model_output():
         kl_outputs((torch.randn(3, 5), torch.randn(3, 5)))
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.a(h), self.b(h)
+
+
+def test_kl_sensitivity_on_a_model_without_logits_fails_clearly_and_leaves_it_unchanged():
+    model = _TwoHeads().train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(16, 6)
+    with pytest.raises(ConfigError, match="returns 2 floating tensors. Pass sensitivity=fn"):
+        fxlrd.transform(model, LRDConfig(ratio=1.5, sensitivity="kl"), example_inputs=x[:2], calibration=[x])
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_kl_sensitivity_keeps_a_classifier_s_predictions_better_than_squared_logits():
     """A classifier whose logits include large, never-predicted classes: weighting every
     logit alike spends the rank on them; the softmax's Fisher spends it on the classes the
@@ -449,6 +468,10 @@ def test_kl_sensitivity_keeps_a_classifier_s_predictions_better_than_squared_log
 def test_bad_sensitivity_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LRDConfig(**kwargs)
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(8, 4)
+    with pytest.raises(ConfigError, match=match):  # collect_stats, called directly, says the same
+        collect_stats(capture(model, x).gm, [x], **{"sensitivity": True, **kwargs}, progress=False)
 
 
 # --- distillation ----------------------------------------------------------------------------------
