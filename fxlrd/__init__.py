@@ -3,7 +3,7 @@
     gm = fxlrd.transform(model, fxlrd.LRDConfig(ratio=2))
 """
 
-from . import recover, zoo
+from . import narrow, recover, zoo
 from .api import apply, plan, transform
 from .config import LRDConfig
 from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, PlanMismatchError
@@ -35,6 +35,7 @@ __all__ = [
     "count_params",
     "count_macs",
     "zoo",
+    "narrow",
     "recover",
     "FxlrdError",
     "ConfigError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Sequence
 
 from torch import fx, nn
@@ -11,6 +12,7 @@ from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, input
 from .config import LRDConfig
 from .errors import ConfigError, PlanMismatchError
 from .factorized import Factorized
+from .metrics import count_params
 from .plan import Plan
 from .planner import make_plan
 
@@ -50,6 +52,44 @@ def _calibration_stats(captured: Captured, config: LRDConfig, calibration: Itera
                          sensitivity_matrix=config.sensitivity_matrix)
 
 
+def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None, inputs: Args | None,
+            recorded: list[dict[str, Any]] | None = None) -> tuple[LRDConfig, list[dict[str, Any]]]:  # fmt: skip
+    """Narrow the MLP blocks of the captured graph (``config.mlp == "narrow"``, or the blocks
+    a plan records); returns the config with their layers excluded from factorization, and
+    the blocks' records."""
+    if config.mlp != "narrow" and not recorded:
+        return config, []
+    if calibration is None:
+        raise ConfigError(
+            "mlp='narrow' chooses each MLP block's hidden neurons on calibration data: pass calibration=... "
+            "(or use mlp='factorize')"
+        )
+    if config.target_params is not None or config.target_speedup is not None:
+        raise ConfigError(
+            "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
+            "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
+        )
+    from .methods import get_method
+    from .narrow import narrow_mlps
+    from .planner import _keep_reason
+    from .sites import find_sites
+
+    gm = captured.gm
+    sites = find_sites(gm)
+
+    def chosen(name: str) -> bool:
+        site = sites[name]
+        return not _keep_reason(name, site, gm, get_method(config.method_for(site.spec)), config)
+
+    widths = {b["up"]: b["width"] for b in recorded} if recorded else None
+    blocks = narrow_mlps(gm, calibration, ratio=None if widths else config.ratio, widths=widths,
+                         quantum=config.rank_quantum, select=lambda b: chosen(b.up) and chosen(b.down),
+                         sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix,
+                         example=inputs)  # fmt: skip
+    names = tuple(n for b in blocks for n in (b.up, b.down))
+    return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]
+
+
 def plan(
     model: nn.Module,
     config: LRDConfig | None = None,
@@ -76,8 +116,17 @@ def plan(
     check_module(model)
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
+    params = count_params(captured.gm)
+    config, narrowed = _narrow(captured, config, calibration, inputs)
     stats = _calibration_stats(captured, config, calibration, inputs)
-    return make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
+    return _with_narrowed(make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats), narrowed, params)
+
+
+def _with_narrowed(plan_: Plan, narrowed: list[dict[str, Any]], params: int) -> Plan:
+    if narrowed:
+        plan_.settings["narrowed"] = narrowed
+        plan_.model_params = params
+    return plan_
 
 
 def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, *, stats=None,
@@ -166,6 +215,10 @@ def apply(
         _check_inplace(captured, plan)
     if any(lp.data_aware for lp in plan.decomposed) and calibration is None:
         raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
+    if plan.settings.get("narrowed"):
+        if inplace:
+            raise ConfigError("inplace=True cannot be combined with a plan that narrows MLP blocks; use inplace=False")
+        _narrow(captured, config, calibration, inputs, recorded=plan.settings["narrowed"])
     stats = _calibration_stats(captured, config, calibration, inputs)
     gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats)
     if inplace and gm is not model:
@@ -206,10 +259,14 @@ def transform(
             "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "
             "so the model object could not follow; use inplace=False and the returned GraphModule"
         )
+    if inplace and config.mlp == "narrow":
+        raise ConfigError("inplace=True cannot be combined with mlp='narrow' (the layers change shape); use inplace=False")
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=not inplace)
+    params = count_params(captured.gm)
+    config, narrowed = _narrow(captured, config, calibration, inputs)
     stats = _calibration_stats(captured, config, calibration, inputs)
-    plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
+    plan_ = _with_narrowed(make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats), narrowed, params)
     if inplace:
         _check_inplace(captured, plan_)
     factors = None

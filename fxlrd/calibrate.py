@@ -47,13 +47,14 @@ __all__ = ["InputStats", "SiteStats", "collect_stats", "kl_outputs", "sequential
 class InputStats:
     """Streamed second moments of one site's input: ``gram = Σ x xᵀ`` over ``count`` samples.
 
-    ``cross = Σ x x̃ᵀ`` pairs the original model's input ``x`` with the compressed model's
+    ``total = Σ x`` (the mean's numerator). ``cross = Σ x x̃ᵀ`` pairs the original model's input ``x`` with the compressed model's
     ``x̃`` (sequential calibration only).
     """
 
     gram: torch.Tensor
     count: int = 0
     cross: torch.Tensor | None = None
+    total: torch.Tensor | None = None
     shrink: bool = True  # regularize by `shrinkage` (False: the plain sample second moments)
     _whitening: Whitening | None = field(default=None, repr=False, compare=False)
 
@@ -106,6 +107,7 @@ class InputStats:
         """Accumulate samples: ``x`` is ``(n, C)``."""
         x = x.detach().to(device="cpu", dtype=torch.float64)
         self.gram += x.T @ x
+        self.total = x.sum(0) if self.total is None else self.total + x.sum(0)
         self.count += x.shape[0]
         if x_orig is not None:
             xo = x_orig.detach().to(device="cpu", dtype=torch.float64)
@@ -378,6 +380,8 @@ def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:
         s.count = int(count.item())
         if s.cross is not None:
             dist.all_reduce(s.cross, op=dist.ReduceOp.SUM, group=group)
+        if s.total is not None:
+            dist.all_reduce(s.total, op=dist.ReduceOp.SUM, group=group)
         s._whitening = None
 
 

@@ -727,7 +727,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "branches": getattr(args, "branches", 1), "conv_method": args.conv_method,
         "include": args.include, "exclude": args.exclude or (),
         "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
-        **_SENSITIVITY[getattr(args, "sensitivity", "output")],
+        **_SENSITIVITY[getattr(args, "sensitivity", "output")], "mlp": getattr(args, "mlp", "factorize"),
     }  # fmt: skip
     values.update(overrides)
     return LRDConfig(**values)
@@ -1211,6 +1211,9 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
                    help="with --calibration, what of the model's output to preserve: output (every output, squared "
                         "error; default), kl (a classifier's predicted distribution), diagonal (as output, with a "
                         "diagonal sensitivity: less memory for large layers), off (each layer's own output error)")  # fmt: skip
+    g.add_argument("--mlp", choices=("factorize", "narrow"), default="factorize",
+                   help="MLP blocks (linear, activation, linear): factorize their layers (default) or, with "
+                        "--calibration, narrow them (fewer hidden neurons, chosen on the data)")  # fmt: skip
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
     g.add_argument("--conv-method", choices=methods(), default="tucker2",
                    help="method for k×k convs (default tucker2)")  # fmt: skip

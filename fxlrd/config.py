@@ -109,6 +109,13 @@ class LRDConfig:
             ``C_out × C_out`` matrix, so correlated output channels are weighed together
             (float64, ``8·C_out²`` bytes per layer during planning); ``"diagonal"``: only its
             diagonal, for models too large for that.
+        mlp: how MLP blocks (``linear → elementwise activation → linear``, hidden activations
+            used nowhere else) are compressed. ``"factorize"`` (default): their two layers
+            like any other. ``"narrow"``: the block keeps fewer hidden neurons, chosen on the
+            calibration data, and its second layer is refitted by least squares
+            (`fxlrd.narrow`): ``ratio`` times fewer parameters, two dense layers instead of
+            four factors. Needs calibration data; with ``allocation="global"`` the blocks are
+            narrowed at ``ratio`` and the budget of the other layers is allocated.
     """
 
     ratio: float = 2.0
@@ -140,6 +147,7 @@ class LRDConfig:
     sequential: bool = False
     sensitivity: bool | str | Callable[[Any, Any], Any] = field(default=True, compare=False)
     sensitivity_matrix: str = "full"
+    mlp: str = "factorize"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -223,6 +231,8 @@ class LRDConfig:
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
         check_sensitivity(self.sensitivity, self.sensitivity_matrix)
+        if self.mlp not in ("factorize", "narrow"):
+            raise ConfigError(f"mlp must be 'factorize' or 'narrow' (fewer hidden neurons; needs calibration data), got {self.mlp!r}")
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:

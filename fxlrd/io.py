@@ -467,6 +467,10 @@ def _rebuild(
             "load it into the model fxlrd.transform was given"
         ) from exc
     gm = captured.gm
+    if plan.settings.get("narrowed"):
+        from .narrow import narrow_skeleton
+
+        narrow_skeleton(gm, plan.settings["narrowed"])
     gm = DecomposePass(plan, factors=_skeletons(gm, plan))(gm).graph_module
     branches = int(plan.settings.get("branches", 1) or 1)
     if branches > 1:  # the saved values replace the truncated blocks: no fitting needed

@@ -111,7 +111,8 @@ class Plan:
         """Parameters of the whole model after decomposition (needs ``model_params``)."""
         if self.model_params is None:
             return None
-        return self.model_params - sum(lp.params_before - lp.params_after for lp in self.decomposed)
+        narrowed = sum(b["params_before"] - b["params_after"] for b in self.settings.get("narrowed") or ())
+        return self.model_params - narrowed - sum(lp.params_before - lp.params_after for lp in self.decomposed)
 
     def totals(self) -> dict[str, int | None]:
         """Sums over all planned layers (kept layers count the same before and after)."""
@@ -155,6 +156,12 @@ class Plan:
                 else ""
             )
         )
+        narrowed = self.settings.get("narrowed") or []
+        if narrowed:
+            before, after = sum(b["params_before"] for b in narrowed), sum(b["params_after"] for b in narrowed)
+            widths = ", ".join(f"{b['hidden']}->{b['width']}" for b in narrowed)
+            out.append(f"{len(narrowed)} MLP blocks narrowed (hidden {widths}): params {_count(before)} -> {_count(after)} "
+                       f"({_ratio(before, after)}); their layers are listed as kept")  # fmt: skip
         if self.model_params is not None:
             after = self.params_after_model()
             out.append(f"model params {_count(self.model_params)} -> {_count(after)} ({_ratio(self.model_params, after)})")

@@ -334,3 +334,18 @@ def test_help_reads_well_and_runs_as_a_module():
 def test_each_command_has_help(capsys, command):
     code, out, _ = _run(capsys, command, "--help")
     assert code == 0 and out.startswith(f"usage: fxlrd {command}")
+
+
+def test_compress_mlp_option_reaches_the_config(tmp_path, capsys, factory):
+    spec, _, _ = factory
+    path = tmp_path / "calib.pt"
+    torch.save(torch.randn(8, 3, 32, 32), path)
+    report_path = tmp_path / "r.json"
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
+                        "--calibration-batches", 2, "--eval-batches", 1, "--repeats", 0, "--mlp", "narrow",
+                        "--quantum", 4, "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    settings = json.loads(report_path.read_text())["settings"]
+    assert settings["mlp"] == "narrow" and not settings.get("narrowed")  # a CNN: no linear MLP block to narrow
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0, "--mlp", "narrow")
+    assert code == 2 and "calibration" in err

@@ -1,0 +1,320 @@
+"""Narrow MLP blocks: keep fewer hidden neurons, chosen on calibration data.
+
+An MLP block is ``down(act(up(x)))`` with an elementwise activation: two linear layers and
+``h`` hidden neurons. Factorizing ``up`` and ``down`` separately (SVD) puts a rank bottleneck
+*before* the nonlinearity and costs two GEMMs per layer. Narrowing keeps ``k`` of the ``h``
+neurons (``up``'s rows, untouched, so the activation stays exact on them) and refits ``down``
+by least squares so the kept activations reproduce the block's output on the calibration
+data: ``W' = argmin E‖W a + b − W' a_S − b'‖²`` (a 1e-6 ridge toward ``W``'s own columns). This is the Nyström / column-subset
+approximation of the block (MoDeGPT's MLP compression, Lin et al. 2024); the block stays two
+plain dense layers, ``h/k`` times smaller and faster.
+
+Which neurons: greedy column-subset selection on the block's output. With ``Σ`` the hidden
+activations' covariance (the refit bias absorbs their mean), ``R = Σ^½`` and ``L`` the
+Cholesky factor of the down layer's output sensitivity (`fxlrd.calibrate.SiteStats`; the
+identity without it), the output error of keeping ``S`` is ``‖B (I − P_S)‖²_F`` for
+``B = Lᵀ W R`` and ``P_S`` the projector on the rows ``R_S``; each step adds the neuron that
+removes the most of it (pivoted Gram–Schmidt, ``O(k·h·(h + out))``), so every width's
+error is known and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import ConfigError, PlanMismatchError
+from .sites import Site, _get_attr, find_sites
+
+__all__ = ["MLPBlock", "find_mlps", "select_neurons", "narrow_block", "narrow_mlps", "narrowed_width", "narrow_skeleton"]
+
+_aten = torch.ops.aten
+ELEMENTWISE_FUNCTIONS = {
+    F.gelu, F.relu, F.silu, F.mish, F.hardswish, F.relu6, F.elu, F.leaky_relu, F.hardtanh, F.tanh, F.sigmoid,
+    torch.relu, torch.tanh, torch.sigmoid,
+    _aten.gelu.default, _aten.relu.default, _aten.silu.default, _aten.tanh.default, _aten.sigmoid.default,
+    _aten.hardswish.default, _aten.mish.default, _aten.elu.default, _aten.leaky_relu.default, _aten.hardtanh.default,
+}  # fmt: skip
+ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
+ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.Hardswish, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.Hardtanh,
+                       nn.Tanh, nn.Sigmoid)  # fmt: skip
+
+
+@dataclass
+class MLPBlock:
+    """One narrowable block: the ``up`` and ``down`` sites, the activation between them (for
+    people), the hidden width ``hidden`` and, once narrowed, its ``width``, parameter counts
+    and estimated relative output error (weighted by the output sensitivity when known)."""
+
+    up: str
+    down: str
+    activation: str
+    hidden: int
+    width: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The op's name when ``node`` applies an elementwise activation to its first input alone."""
+    if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        return ""
+    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
+        return str(node.target)
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ELEMENTWISE_MODULES):
+        return type(gm.get_submodule(node.target)).__name__
+    return ""
+
+
+def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> list[MLPBlock]:
+    """The blocks ``linear → elementwise activation(s) → linear`` of ``gm`` whose hidden
+    activations feed nothing else, each layer called once with weights of its own."""
+    sites = find_sites(gm) if sites is None else sites
+    by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
+    paths = [p for s in sites.values() for p in (s.weight_path, s.bias_path) if p]
+    blocks = []
+    for name, site in sites.items():
+        if site.reason or site.spec is None or site.spec.kind != "linear" or len(site.nodes) != 1 or paths.count(site.weight_path) > 1:
+            continue
+        node, acts = site.nodes[0], []
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            act = _elementwise(gm, user) if user.args and user.args[0] is node else ""
+            if not act:
+                break
+            acts.append(act)
+            node = user
+        down = by_node.get(next(iter(node.users))) if acts and len(node.users) == 1 else None
+        if down is None:
+            continue
+        d = sites[down]
+        if (d.reason or d.spec is None or d.spec.kind != "linear" or d.input(d.nodes[0]) is not node
+                or d.spec.in_channels != site.spec.out_channels or paths.count(d.weight_path) > 1):  # fmt: skip
+            continue
+        blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels))
+    return blocks
+
+
+def _block_params(inp: int, hidden: int, out: int, up_bias: bool, down_bias: bool) -> int:
+    return hidden * inp + hidden * int(up_bias) + out * hidden + out * int(down_bias)
+
+
+def narrowed_width(block: MLPBlock, inp: int, out: int, up_bias: bool, down_bias: bool, ratio: float, quantum: int) -> int:
+    """The width making the block ``ratio`` times smaller, rounded down to a multiple of
+    ``quantum`` (at least one quantum, at most the hidden width)."""
+    per_neuron = inp + int(up_bias) + out
+    budget = _block_params(inp, block.hidden, out, up_bias, down_bias) / ratio - out * int(down_bias)
+    k = int(budget // per_neuron)
+    if k >= quantum:
+        k -= k % quantum
+    return max(1, min(block.hidden, k if k >= 1 else min(quantum, block.hidden)))
+
+
+def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
+    ev, vec = torch.linalg.eigh(matrix)
+    return (vec * ev.clamp_min(0).sqrt()) @ vec.T
+
+
+def _output_factor(weights: torch.Tensor | None, out: int) -> torch.Tensor:
+    """``L`` with ``L Lᵀ`` = the output weighting (matrix or diagonal), the identity without one."""
+    if weights is None:
+        return torch.eye(out, dtype=torch.float64)
+    weights = weights.double()
+    if weights.dim() == 1:
+        return torch.diag(weights.clamp_min(0).sqrt())
+    return torch.linalg.cholesky(weights + 1e-12 * weights.diagonal().mean() * torch.eye(out, dtype=torch.float64))
+
+
+def select_neurons(target: torch.Tensor, root: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """Greedy column-subset selection: the ``k`` rows of ``root`` (``R``, ``h × h``) whose span
+    keeps most of ``‖target · P‖²`` (``target = B = Lᵀ W R``), in the order chosen, and what
+    each removed of the error. Float64; values below 1e-200 are flushed to zero (the
+    deflated columns of dependent neurons would otherwise become subnormal, which slows the
+    arithmetic a hundredfold)."""
+    q = root.T.clone()
+    bq = target @ q
+    alive = torch.ones(q.shape[1], dtype=torch.bool)
+    order, gains = [], []
+    for _ in range(k):
+        norms = (q * q).sum(0)
+        score = torch.where(alive & (norms > 0), (bq * bq).sum(0) / norms.clamp_min(1e-300), torch.full_like(norms, -1.0))
+        j = int(score.argmax())
+        if score[j] <= 0:  # nothing left to explain: the remaining neurons by their own energy
+            rest = [i for i in torch.argsort((target * target).sum(0), descending=True).tolist() if alive[i]]
+            order += rest[: k - len(order)]
+            gains += [0.0] * (k - len(gains))
+            break
+        order.append(j)
+        gains.append(float(score[j]))
+        alive[j] = False
+        u = q[:, j] / norms[j].sqrt()
+        uq = u @ q
+        q -= torch.outer(u, uq)
+        bq -= torch.outer(target @ u, uq)
+        q.masked_fill_(q.abs() < 1e-200, 0.0)
+        bq.masked_fill_(bq.abs() < 1e-200, 0.0)
+    return order, gains
+
+
+def _set_param(gm: nn.Module, path: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    owner_name, _, leaf = path.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    new = nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad) \
+        if isinstance(like, nn.Parameter) else value.to(dtype=like.dtype, device=like.device)  # fmt: skip
+    setattr(owner, leaf, new)
+    if isinstance(owner, nn.Linear):
+        owner.out_features, owner.in_features = owner.weight.shape
+
+
+def _layer_tensors(gm: nn.Module, site: Site) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return site.weight(gm), site.bias(gm)
+
+
+def _write(gm: nn.Module, site: Site, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    old_w = _get_attr(gm, site.weight_path)
+    _set_param(gm, site.weight_path, weight.T if site.transposed_weight else weight, old_w)
+    if site.bias_path is not None and bias is not None:
+        _set_param(gm, site.bias_path, bias, _get_attr(gm, site.bias_path))
+
+
+@torch.no_grad()
+def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *, ridge: float = 1e-6) -> MLPBlock:
+    """Narrow one block of ``gm`` in place to ``width`` neurons (see the module docstring).
+
+    Args:
+        stats: the down site's `fxlrd.calibrate.SiteStats` (its input statistics are the
+            hidden activations'; its output sensitivity, if any, weighs the selection).
+        width: neurons kept, ``1 ≤ width ≤ hidden``.
+
+    Returns:
+        ``block`` with its width, parameter counts and estimated error filled in.
+    """
+    sites = find_sites(gm)
+    up, down = sites[block.up], sites[block.down]
+    if not 1 <= width <= block.hidden:
+        raise ConfigError(f"width of {block.up!r} → {block.down!r} must be in [1, {block.hidden}], got {width}")
+    inputs = stats.inputs
+    if inputs.total is None or inputs.count == 0:
+        raise ConfigError(f"no calibration statistics for {block.down!r}: collect them with fxlrd.calibrate.collect_stats")
+    w_up, b_up = _layer_tensors(gm, up)
+    w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
+    n = inputs.count
+    mean = inputs.total / n
+    second = inputs.gram / n
+    cov = second - torch.outer(mean, mean) if b is not None else second  # a refit bias absorbs the mean
+    lt = _output_factor(stats.output_weights(), w.shape[0]).T
+    target = lt @ w @ _sqrt_psd(cov)
+    order, gains = select_neurons(target, _sqrt_psd(cov), width)
+    keep = sorted(order)
+    idx = torch.tensor(keep)
+    # least-squares refit of the down layer on [a_S; 1]
+    g = second[idx][:, idx]
+    cross = w @ second[:, idx]  # E[(W a) a_Sᵀ]
+    if b is not None:
+        g = torch.cat([torch.cat([g, mean[idx, None]], 1), torch.cat([mean[idx], torch.ones(1, dtype=g.dtype)])[None]], 0)
+        cross = torch.cat([cross + torch.outer(b, mean[idx]), (w @ mean + b)[:, None]], 1)
+    # ridge toward the layer's own weights on the kept neurons (exact at full width)
+    prior = w[:, idx] if b is None else torch.cat([w[:, idx], b[:, None]], 1)
+    damp = ridge * max(float(g.diagonal().mean()), 1e-300)
+    refit = torch.linalg.solve(g + damp * torch.eye(g.shape[0], dtype=g.dtype), (cross + damp * prior).T).T
+    lw = lt @ w
+    energy = float((lw @ second @ lw.T).trace())  # E‖Lᵀ(W a + b)‖²
+    if b is not None:
+        energy += float((lt @ (2 * w @ mean + b)).dot(lt @ b))
+    error = max(float((target * target).sum()) - sum(gains), 0.0) / max(energy, 1e-300)
+    inp, out = w_up.shape[1], w.shape[0]
+    block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
+    _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
+    _write(gm, down, refit[:, : len(keep)], None if b is None else refit[:, -1])
+    block.width = len(keep)
+    block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None)
+    block.error = error
+    gm.recompile()
+    return block
+
+
+def narrow_mlps(
+    gm: fx.GraphModule,
+    calibration: Iterable,
+    *,
+    ratio: float | None = None,
+    widths: Mapping[str, int] | None = None,
+    quantum: int = 1,
+    select: Any = None,
+    sensitivity: Any = False,
+    sensitivity_matrix: str = "full",
+    example: Any = None,
+    progress: bool = True,
+) -> list[MLPBlock]:
+    """Narrow the MLP blocks of ``gm`` in place, all from one pass over ``calibration``.
+
+    Args:
+        ratio: each block is made this many times smaller (its width rounded down to a
+            multiple of ``quantum``); or
+        widths: up-site name → width, for exactly these blocks (a recorded plan).
+        select: ``select(block) -> bool``: which of the found blocks to narrow (with ``ratio``).
+        sensitivity, sensitivity_matrix: as in `fxlrd.calibrate.collect_stats`: weigh the
+            selection by the model output's sensitivity to the block's output.
+
+    Returns:
+        The narrowed blocks (widths, parameter counts and estimated errors filled in).
+    """
+    from .calibrate import collect_stats
+
+    if (ratio is None) == (widths is None):
+        raise ConfigError("narrow_mlps needs exactly one of ratio=... or widths=...")
+    if ratio is not None and not ratio > 1:
+        raise ConfigError(f"ratio must be > 1 (the block's params / the narrowed block's), got {ratio!r}")
+    sites = find_sites(gm)
+    found = find_mlps(gm, sites)
+    if widths is not None:
+        by_up = {b.up: b for b in found}
+        missing = [name for name in widths if name not in by_up]
+        if missing:
+            raise PlanMismatchError(
+                f"the plan narrows MLP blocks the model lacks (first: {missing[0]!r}); apply it to the model it was made for"
+            )
+        blocks = [by_up[name] for name in widths]
+    else:
+        blocks = [b for b in found if select is None or select(b)]
+    if not blocks:
+        return []
+    stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks], sensitivity=sensitivity,
+                          sensitivity_matrix=sensitivity_matrix, progress=progress)  # fmt: skip
+    out = []
+    for block in blocks:
+        if widths is not None:
+            width = int(widths[block.up])
+        else:
+            up, down = sites[block.up], sites[block.down]
+            width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias,
+                                   ratio, quantum)  # fmt: skip
+        out.append(narrow_block(gm, block, stats[block.down], width))
+    return out
+
+
+def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> None:
+    """Give ``gm``'s recorded blocks their narrowed shapes, zero-filled (loading a saved model
+    fills the values)."""
+    sites = find_sites(gm)
+    for rec in blocks:
+        up, down = sites.get(rec["up"]), sites.get(rec["down"])
+        if up is None or down is None:
+            raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which this model lacks")
+        k = int(rec["width"])
+        w_up, b_up = _layer_tensors(gm, up)
+        w, b = _layer_tensors(gm, down)
+        with torch.no_grad():
+            _write(gm, up, w_up.new_zeros(k, w_up.shape[1]), None if b_up is None else b_up.new_zeros(k))
+            _write(gm, down, w.new_zeros(w.shape[0], k), None if b is None else b.new_zeros(b.shape[0]))
+    gm.recompile()

@@ -1,0 +1,227 @@
+"""Narrowing MLP blocks (`fxlrd.narrow`, ``LRDConfig(mlp="narrow")``): which blocks are found,
+the least-squares refit, the greedy selection's error, and the API around it."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import pytest
+import torch
+from conftest import rel_err
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxlrd
+from fxlrd import ConfigError, LRDConfig
+from fxlrd.calibrate import collect_stats
+from fxlrd.capture import capture
+from fxlrd.errors import PlanMismatchError
+from fxlrd.narrow import find_mlps, narrow_block, narrow_mlps
+
+
+class MLP(nn.Module):
+    def __init__(self, inp=12, hidden=24, out=10, act: nn.Module | None = None, bias=True, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.up, self.down = nn.Linear(inp, hidden, bias=bias), nn.Linear(hidden, out, bias=bias)
+        self.act = act if act is not None else nn.GELU()
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class Shapes(nn.Module):
+    """One narrowable block (functional relu), a linear pair without activation, and a block
+    whose hidden activations are also read elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.c, self.d = nn.Linear(8, 6), nn.Linear(6, 8)
+        self.e, self.f = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        x = self.d(self.c(x))
+        h = torch.tanh(self.e(x))
+        return self.f(h) + h.sum(-1, keepdim=True)
+
+
+def _cal(inp, n=6, rows=40, seed=1, correlated=False):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) * torch.logspace(0, -2, inp) if correlated else torch.eye(inp)
+    return [torch.randn(rows, inp, generator=g) @ mix.T + 0.3 for _ in range(n)]
+
+
+def _narrowed(model, cal, width, sensitivity=False):
+    gm = capture(model, cal[0], mode="fx").gm
+    (block,) = find_mlps(gm)
+    stats = collect_stats(gm, cal, names=[block.down], sensitivity=sensitivity, progress=False)
+    return gm, narrow_block(gm, block, stats[block.down], width)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_finds_only_blocks_with_an_elementwise_activation_and_private_hidden_values(mode):
+    x = torch.randn(4, 8)
+    blocks = find_mlps(capture(Shapes(), x, mode=mode).gm)
+    assert [(b.up, b.down, b.hidden) for b in blocks] == [("a", "b", 16)]
+    assert "relu" in blocks[0].activation
+    assert [(b.up, b.down) for b in find_mlps(capture(MLP(), torch.randn(3, 12), mode=mode).gm)] == [("up", "down")]
+
+
+@given(inp=st.integers(2, 10), hidden=st.integers(2, 24), out=st.integers(1, 10), bias=st.booleans(),
+       act=st.sampled_from(["gelu", "relu", "tanh", "silu"]), seed=st.integers(0, 1000))  # fmt: skip
+def test_full_width_reproduces_the_block_and_errors_shrink_with_width(inp, hidden, out, bias, act, seed):
+    acts = {"gelu": nn.GELU(), "relu": nn.ReLU(), "tanh": nn.Tanh(), "silu": nn.SiLU()}
+    model = MLP(inp, hidden, out, acts[act], bias=bias, seed=seed).eval()
+    cal = _cal(inp, n=3, rows=max(20, 3 * hidden), seed=seed)
+    x = torch.randn(7, inp)
+    gm, block = _narrowed(model, cal, hidden)
+    assert block.width == hidden and block.error < 1e-6
+    assert rel_err(gm(x), model(x)) < 1e-4
+    errors = [_narrowed(model, cal, k)[1].error for k in range(1, hidden + 1)]
+    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:]))
+
+
+def test_duplicated_neurons_are_dropped_exactly():
+    model = MLP(8, 24, 6, nn.ReLU()).eval()
+    with torch.no_grad():  # 8 distinct neurons, each three times
+        model.up.weight[8:] = model.up.weight[:8].repeat(2, 1)
+        model.up.bias[8:] = model.up.bias[:8].repeat(2)
+    cal = _cal(8)
+    gm, block = _narrowed(model, cal, 8)
+    x = torch.randn(50, 8)
+    assert block.error < 1e-8
+    assert rel_err(gm(x), model(x)) < 1e-5
+    assert gm.up.weight.shape == (8, 8) and gm.down.weight.shape == (6, 8)
+    assert (gm.up.in_features, gm.up.out_features, gm.down.in_features) == (8, 8, 8)
+
+
+def test_refit_is_the_least_squares_map_and_the_error_is_the_measured_one():
+    model = MLP(10, 32, 7, nn.GELU()).eval()
+    cal = _cal(10, correlated=True)
+    gm, block = _narrowed(model, cal, 12)
+    keep = [i for i in range(32) if any(torch.equal(model.up.weight[i], w) for w in gm.up.weight)]
+    assert len(keep) == 12
+    with torch.no_grad():
+        a = torch.cat([model.act(model.up(x)) for x in cal]).double()
+        y = torch.cat([model(x) for x in cal]).double()
+        feats = torch.cat([a[:, keep], torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        solution = torch.linalg.lstsq(feats, y).solution.T  # independent: QR least squares
+        ours = torch.cat([gm.down.weight, gm.down.bias[:, None]], 1).double()
+        assert rel_err(ours, solution) < 1e-3  # a 1e-6 ridge on correlated activations
+        fitted = torch.cat([gm(x) for x in cal]).double()
+    measured = float((fitted - y).pow(2).sum() / y.pow(2).sum())
+    assert block.error == pytest.approx(measured, rel=1e-3, abs=1e-9)
+
+
+def test_greedy_selection_beats_random_subsets():
+    model = MLP(10, 40, 8, nn.GELU(), seed=3).eval()
+    with torch.no_grad():
+        model.down.weight.mul_(torch.logspace(0, -1.5, 40))  # neurons that matter unequally
+    cal = _cal(10, correlated=True)
+    ours = _narrowed(model, cal, 10)[1].error
+    gm = capture(model, cal[0], mode="fx").gm
+    (block,) = find_mlps(gm)
+    stats = collect_stats(gm, cal, names=[block.down], sensitivity=False, progress=False)[block.down]
+    y = torch.cat([model(x) for x in cal]).double().detach()
+    with torch.no_grad():
+        a = torch.cat([model.act(model.up(x)) for x in cal]).double()
+    g = torch.Generator().manual_seed(0)
+    randoms = []
+    for _ in range(20):
+        keep = torch.randperm(40, generator=g)[:10]
+        feats = torch.cat([a[:, keep], torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        fit = feats @ torch.linalg.lstsq(feats, y).solution
+        randoms.append(float((fit - y).pow(2).sum() / y.pow(2).sum()))
+    assert stats.inputs.total is not None
+    assert ours < min(randoms)
+
+
+def test_sensitivity_weighs_the_selection_toward_the_outputs_that_count():
+    model = MLP(10, 32, 6, nn.GELU(), seed=5).eval()
+    cal = _cal(10, correlated=True)
+
+    class Pick(nn.Module):  # the model's output is only the first output channel
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)[:, :1]
+
+    picked = Pick(model).eval()
+    gm = capture(picked, cal[0], mode="fx").gm
+    (block,) = find_mlps(gm)
+    stats = collect_stats(gm, cal, names=[block.down], sensitivity=True, progress=False)
+    narrow_block(gm, block, stats[block.down], 6)
+    plain, _ = _narrowed(model, cal, 6)
+    x = torch.cat(cal)
+    assert rel_err(gm(x), picked(x)) < rel_err(plain(x)[:, :1], picked(x))
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    cal = [{"input_ids": torch.randint(0, 100, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+           for _ in range(4)]  # fmt: skip
+    return model, cal
+
+
+def test_transform_narrows_bert_mlps_and_saves_loads_and_reapplies():
+    model, cal = _bert()
+    before = copy.deepcopy(model.state_dict())
+    config = LRDConfig(ratio=2, mlp="narrow", allocation="global", sequential=True, rank_quantum=4)
+    gm = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+    plan = gm.fxlrd_plan
+    narrowed = plan.settings["narrowed"]
+    assert [b["up"] for b in narrowed] == [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    # 64 neurons of 65 params each (+32 for the down bias): (4192 / 2 − 32) // 65 = 31, down to a multiple of 4
+    assert all(b["width"] == 28 for b in narrowed)
+    assert all(plan[b["up"]].method == "keep" and plan[b["down"]].method == "keep" for b in narrowed)
+    assert "MLP blocks narrowed" in plan.table()
+    assert plan.params_after_model() == fxlrd.count_params(gm)
+    x = cal[1]
+    ref = model(**x).last_hidden_state
+    out = gm(**x).last_hidden_state
+    assert rel_err(out, ref) < 0.5
+    with tempfile.TemporaryDirectory() as d:
+        fxlrd.save(gm, f"{d}/m")
+        loaded = fxlrd.load(model, f"{d}/m")
+        assert torch.equal(loaded(**x).last_hidden_state, out)
+    again = fxlrd.apply(model, fxlrd.Plan.from_json(plan.to_json()), example_inputs=cal[0], calibration=cal)
+    assert again.fxlrd_plan.settings["narrowed"][0]["width"] == 28
+
+
+def test_narrowing_mistakes_get_clear_errors():
+    model, cal = _bert()
+    with pytest.raises(ConfigError, match="calibration"):
+        fxlrd.transform(model, LRDConfig(mlp="narrow"), example_inputs=cal[0])
+    with pytest.raises(ConfigError, match="inplace"):
+        fxlrd.transform(model, LRDConfig(mlp="narrow"), example_inputs=cal[0], calibration=cal, inplace=True)
+    with pytest.raises(ConfigError, match="target_params"):
+        fxlrd.transform(model, LRDConfig(mlp="narrow", target_params=0.5), example_inputs=cal[0], calibration=cal)
+    with pytest.raises(ConfigError, match="mlp must be"):
+        LRDConfig(mlp="prune")
+    gm = capture(MLP(), torch.randn(3, 12), mode="fx").gm
+    with pytest.raises(ConfigError, match="exactly one"):
+        narrow_mlps(gm, _cal(12), ratio=2, widths={"up": 4})
+    with pytest.raises(PlanMismatchError, match="lacks"):
+        narrow_mlps(gm, _cal(12), widths={"nowhere": 4})
+    gm2, _ = _narrowed(MLP().eval(), _cal(12), 4)
+    with pytest.raises(ConfigError, match="width"):
+        narrow_block(gm2, find_mlps(gm2)[0], None, 0)
+
+
+def test_include_and_exclude_choose_the_blocks():
+    model, cal = _bert()
+    config = LRDConfig(ratio=2, mlp="narrow", exclude=["encoder.layer.0.*"], rank_quantum=4)
+    plan = fxlrd.plan(model, config, example_inputs=cal[0], calibration=cal)
+    assert [b["up"] for b in plan.settings["narrowed"]] == ["encoder.layer.1.intermediate.dense"]
