@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Any, Iterable, Sequence
 
 from torch import fx, nn
@@ -64,25 +65,25 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
             "mlp='narrow' chooses each MLP block's hidden neurons on calibration data: pass calibration=... "
             "(or use mlp='factorize')"
         )
-    if config.target_params is not None or config.target_speedup is not None:
-        raise ConfigError(
-            "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
-            "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
-        )
-    from .methods import get_method
     from .narrow import narrow_mlps
-    from .planner import _keep_reason
     from .sites import find_sites
 
     gm = captured.gm
     sites = find_sites(gm)
 
-    def chosen(name: str) -> bool:
-        site = sites[name]
-        return not _keep_reason(name, site, gm, get_method(config.method_for(site.spec)), config)
+    def chosen(name: str) -> bool:  # include / exclude / filter_fn, as for factorization
+        if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            return False
+        return config.filter_fn is None or bool(config.filter_fn(sites[name].layer(gm), name))
 
-    widths = {b["up"]: b["width"] for b in recorded} if recorded else None
-    blocks = narrow_mlps(gm, calibration, ratio=None if widths else config.ratio, widths=widths,
+    keep = None
+    if recorded:
+        if any(not b.get("keep") for b in recorded):
+            raise PlanMismatchError("the plan narrows MLP blocks but does not record their neurons; make the plan again")
+        keep = {b["up"]: b["keep"] for b in recorded}
+    blocks = narrow_mlps(gm, calibration, ratio=None if keep else config.ratio, keep=keep,
                          quantum=config.rank_quantum, select=lambda b: chosen(b.up) and chosen(b.down),
                          sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix,
                          example=inputs)  # fmt: skip
@@ -117,9 +118,18 @@ def plan(
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
     params = count_params(captured.gm)
+    calibration = _reusable(calibration)
     config, narrowed = _narrow(captured, config, calibration, inputs)
     stats = _calibration_stats(captured, config, calibration, inputs)
     return _with_narrowed(make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats), narrowed, params)
+
+
+def _reusable(calibration: Iterable | None) -> Iterable | None:
+    """Calibration data is read more than once (statistics, narrowing, sequential fitting): a
+    one-shot iterator (a generator) is turned into a list."""
+    if calibration is not None and iter(calibration) is calibration:
+        return list(calibration)
+    return calibration
 
 
 def _with_narrowed(plan_: Plan, narrowed: list[dict[str, Any]], params: int) -> Plan:
@@ -209,6 +219,9 @@ def apply(
     inputs = normalize_inputs(example_inputs)
     if inputs is None and mode == "export" and plan.settings.get("inputs"):
         inputs = inputs_from_signature(plan.settings["inputs"])
+    if inplace and plan.settings.get("narrowed"):
+        raise ConfigError("inplace=True cannot be combined with a plan that narrows MLP blocks; use inplace=False")
+    calibration = _reusable(calibration)
     config = LRDConfig(leaf_modules=leaf_modules, attention=plan.settings.get("attention", "packed"))
     captured = _capture(model, config, inputs, mode, None, copy_model=not inplace)
     if inplace:
@@ -216,8 +229,6 @@ def apply(
     if any(lp.data_aware for lp in plan.decomposed) and calibration is None:
         raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
     if plan.settings.get("narrowed"):
-        if inplace:
-            raise ConfigError("inplace=True cannot be combined with a plan that narrows MLP blocks; use inplace=False")
         _narrow(captured, config, calibration, inputs, recorded=plan.settings["narrowed"])
     stats = _calibration_stats(captured, config, calibration, inputs)
     gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats)
@@ -264,6 +275,7 @@ def transform(
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=not inplace)
     params = count_params(captured.gm)
+    calibration = _reusable(calibration)
     config, narrowed = _narrow(captured, config, calibration, inputs)
     stats = _calibration_stats(captured, config, calibration, inputs)
     plan_ = _with_narrowed(make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats), narrowed, params)

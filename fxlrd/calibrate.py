@@ -380,8 +380,9 @@ def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:
         s.count = int(count.item())
         if s.cross is not None:
             dist.all_reduce(s.cross, op=dist.ReduceOp.SUM, group=group)
-        if s.total is not None:
-            dist.all_reduce(s.total, op=dist.ReduceOp.SUM, group=group)
+        if s.total is None:  # every process reduces the same tensors
+            s.total = torch.zeros(s.channels, dtype=s.gram.dtype)
+        dist.all_reduce(s.total, op=dist.ReduceOp.SUM, group=group)
         s._whitening = None
 
 

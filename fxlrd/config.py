@@ -233,6 +233,11 @@ class LRDConfig:
         check_sensitivity(self.sensitivity, self.sensitivity_matrix)
         if self.mlp not in ("factorize", "narrow"):
             raise ConfigError(f"mlp must be 'factorize' or 'narrow' (fewer hidden neurons; needs calibration data), got {self.mlp!r}")
+        if self.mlp == "narrow" and (self.target_params is not None or self.target_speedup is not None):
+            raise ConfigError(
+                "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
+                "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
+            )
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:

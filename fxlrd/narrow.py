@@ -47,8 +47,10 @@ ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.Hardswish, nn.ReLU
 @dataclass
 class MLPBlock:
     """One narrowable block: the ``up`` and ``down`` sites, the activation between them (for
-    people), the hidden width ``hidden`` and, once narrowed, its ``width``, parameter counts
-    and estimated relative output error (weighted by the output sensitivity when known)."""
+    people), the hidden width ``hidden`` and, once narrowed, its ``width``, the neurons kept
+    (``keep``, indices into the original hidden layer), parameter counts and estimated error:
+    the relative output error of the block, or with an output sensitivity the model's
+    relative output error, the unit of the factorized layers' errors."""
 
     up: str
     down: str
@@ -58,6 +60,7 @@ class MLPBlock:
     params_before: int = 0
     params_after: int = 0
     error: float | None = None
+    keep: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,10 +84,12 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     activations feed nothing else, each layer called once with weights of its own."""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
-    paths = [p for s in sites.values() for p in (s.weight_path, s.bias_path) if p]
-    blocks = []
+    blocks: list[MLPBlock] = []
+    downs: set[str] = set()
     for name, site in sites.items():
-        if site.reason or site.spec is None or site.spec.kind != "linear" or len(site.nodes) != 1 or paths.count(site.weight_path) > 1:
+        if site.reason or site.spec is None or site.spec.kind != "linear" or len(site.nodes) != 1:
+            continue
+        if name in downs:  # a chain linear → act → linear → act → linear: the blocks may not share a layer
             continue
         node, acts = site.nodes[0], []
         while len(node.users) == 1:
@@ -98,9 +103,10 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         if down is None:
             continue
         d = sites[down]
-        if (d.reason or d.spec is None or d.spec.kind != "linear" or d.input(d.nodes[0]) is not node
-                or d.spec.in_channels != site.spec.out_channels or paths.count(d.weight_path) > 1):  # fmt: skip
+        if (d.reason or d.spec is None or d.spec.kind != "linear" or len(d.nodes) != 1 or d.input(d.nodes[0]) is not node
+                or d.spec.in_channels != site.spec.out_channels):  # fmt: skip
             continue
+        downs.add(down)
         blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels))
     return blocks
 
@@ -111,13 +117,11 @@ def _block_params(inp: int, hidden: int, out: int, up_bias: bool, down_bias: boo
 
 def narrowed_width(block: MLPBlock, inp: int, out: int, up_bias: bool, down_bias: bool, ratio: float, quantum: int) -> int:
     """The width making the block ``ratio`` times smaller, rounded down to a multiple of
-    ``quantum`` (at least one quantum, at most the hidden width)."""
+    ``quantum`` (at least one quantum; the hidden width when that is no smaller)."""
     per_neuron = inp + int(up_bias) + out
     budget = _block_params(inp, block.hidden, out, up_bias, down_bias) / ratio - out * int(down_bias)
     k = int(budget // per_neuron)
-    if k >= quantum:
-        k -= k % quantum
-    return max(1, min(block.hidden, k if k >= 1 else min(quantum, block.hidden)))
+    return min(block.hidden, max(quantum, k - k % quantum))
 
 
 def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
@@ -138,19 +142,25 @@ def _output_factor(weights: torch.Tensor | None, out: int) -> torch.Tensor:
 def select_neurons(target: torch.Tensor, root: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
     """Greedy column-subset selection: the ``k`` rows of ``root`` (``R``, ``h × h``) whose span
     keeps most of ``‖target · P‖²`` (``target = B = Lᵀ W R``), in the order chosen, and what
-    each removed of the error. Float64; values below 1e-200 are flushed to zero (the
-    deflated columns of dependent neurons would otherwise become subnormal, which slows the
-    arithmetic a hundredfold)."""
+    each removed of the error. Float64; column norms are updated in place and recomputed
+    every 32 steps, when values below 1e-200 are also flushed to zero (the deflated columns
+    of dependent neurons would otherwise become subnormal, which slows the arithmetic a
+    hundredfold)."""
     q = root.T.clone()
     bq = target @ q
+    norms, captured = (q * q).sum(0), (bq * bq).sum(0)
+    floor = 1e-10 * norms  # a neuron this close to the span of those chosen adds nothing (rounding noise)
     alive = torch.ones(q.shape[1], dtype=torch.bool)
     order, gains = [], []
-    for _ in range(k):
-        norms = (q * q).sum(0)
-        score = torch.where(alive & (norms > 0), (bq * bq).sum(0) / norms.clamp_min(1e-300), torch.full_like(norms, -1.0))
+    for step in range(k):
+        if step % 32 == 31:  # the running sums drift; recompute them, and flush subnormals
+            q.masked_fill_(q.abs() < 1e-200, 0.0)
+            bq.masked_fill_(bq.abs() < 1e-200, 0.0)
+            norms, captured = (q * q).sum(0), (bq * bq).sum(0)
+        score = torch.where(alive & (norms > floor), captured / norms.clamp_min(1e-300), torch.full_like(norms, -1.0))
         j = int(score.argmax())
-        if score[j] <= 0:  # nothing left to explain: the remaining neurons by their own energy
-            rest = [i for i in torch.argsort((target * target).sum(0), descending=True).tolist() if alive[i]]
+        if score[j] <= 0:  # nothing left to explain: the remaining neurons in index order
+            rest = [i for i in range(q.shape[1]) if alive[i]]
             order += rest[: k - len(order)]
             gains += [0.0] * (k - len(gains))
             break
@@ -159,10 +169,12 @@ def select_neurons(target: torch.Tensor, root: torch.Tensor, k: int) -> tuple[li
         alive[j] = False
         u = q[:, j] / norms[j].sqrt()
         uq = u @ q
+        tu = target @ u
+        bu = tu @ bq  # (B u)ᵀ B q, for the running sum of ‖B q‖² after deflation
         q -= torch.outer(u, uq)
-        bq -= torch.outer(target @ u, uq)
-        q.masked_fill_(q.abs() < 1e-200, 0.0)
-        bq.masked_fill_(bq.abs() < 1e-200, 0.0)
+        bq -= torch.outer(tu, uq)
+        norms = (norms - uq * uq).clamp_min(0.0)
+        captured = (captured - 2 * uq * bu + uq * uq * (tu @ tu)).clamp_min(0.0)
     return order, gains
 
 
@@ -188,13 +200,15 @@ def _write(gm: nn.Module, site: Site, weight: torch.Tensor, bias: torch.Tensor |
 
 
 @torch.no_grad()
-def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *, ridge: float = 1e-6) -> MLPBlock:
+def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *, keep: Sequence[int] | None = None,
+                 ridge: float = 1e-6) -> MLPBlock:  # fmt: skip
     """Narrow one block of ``gm`` in place to ``width`` neurons (see the module docstring).
 
     Args:
         stats: the down site's `fxlrd.calibrate.SiteStats` (its input statistics are the
             hidden activations'; its output sensitivity, if any, weighs the selection).
         width: neurons kept, ``1 ≤ width ≤ hidden``.
+        keep: these neurons (a recorded plan's) instead of choosing them; only the refit runs.
 
     Returns:
         ``block`` with its width, parameter counts and estimated error filled in.
@@ -208,14 +222,25 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
         raise ConfigError(f"no calibration statistics for {block.down!r}: collect them with fxlrd.calibrate.collect_stats")
     w_up, b_up = _layer_tensors(gm, up)
     w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
+    if keep is not None and (len(keep) != width or not all(0 <= i < block.hidden for i in keep)):
+        raise PlanMismatchError(f"{block.up!r}: the recorded neurons do not fit its {block.hidden} hidden neurons")
     n = inputs.count
     mean = inputs.total / n
-    second = inputs.gram / n
-    cov = second - torch.outer(mean, mean) if b is not None else second  # a refit bias absorbs the mean
-    lt = _output_factor(stats.output_weights(), w.shape[0]).T
-    target = lt @ w @ _sqrt_psd(cov)
-    order, gains = select_neurons(target, _sqrt_psd(cov), width)
-    keep = sorted(order)
+    cov = inputs.gram / n - torch.outer(mean, mean) if b is not None else inputs.gram / n  # a refit bias absorbs the mean
+    rho = inputs.shrinkage()  # few samples per neuron: shrink toward a scaled identity, as the whitening does
+    cov = (1 - rho) * cov + rho * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
+    second = cov + torch.outer(mean, mean) if b is not None else cov
+    out_w = stats.output_weights()
+    lt = _output_factor(out_w, w.shape[0]).T
+    root = _sqrt_psd(cov)
+    target = lt @ w @ root
+    if keep is None:
+        order, gains = select_neurons(target, root, width)
+        keep = sorted(order)
+        residual = max(float((target * target).sum()) - sum(gains), 0.0)
+    else:
+        keep = sorted(int(i) for i in keep)
+        residual = None
     idx = torch.tensor(keep)
     # least-squares refit of the down layer on [a_S; 1]
     g = second[idx][:, idx]
@@ -231,12 +256,13 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     energy = float((lw @ second @ lw.T).trace())  # E‖Lᵀ(W a + b)‖²
     if b is not None:
         energy += float((lt @ (2 * w @ mean + b)).dot(lt @ b))
-    error = max(float((target * target).sum()) - sum(gains), 0.0) / max(energy, 1e-300)
+    # sensitivity-weighted errors are already the model's relative output error (as the factorized layers')
+    error = None if residual is None else residual if out_w is not None else residual / max(energy, 1e-300)
     inp, out = w_up.shape[1], w.shape[0]
     block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
     _write(gm, down, refit[:, : len(keep)], None if b is None else refit[:, -1])
-    block.width = len(keep)
+    block.width, block.keep = len(keep), keep
     block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None)
     block.error = error
     gm.recompile()
@@ -248,7 +274,7 @@ def narrow_mlps(
     calibration: Iterable,
     *,
     ratio: float | None = None,
-    widths: Mapping[str, int] | None = None,
+    keep: Mapping[str, Sequence[int]] | None = None,
     quantum: int = 1,
     select: Any = None,
     sensitivity: Any = False,
@@ -261,7 +287,8 @@ def narrow_mlps(
     Args:
         ratio: each block is made this many times smaller (its width rounded down to a
             multiple of ``quantum``); or
-        widths: up-site name → width, for exactly these blocks (a recorded plan).
+        keep: up-site name → the neurons to keep, for exactly these blocks (a recorded plan:
+            only the refit runs, on this calibration data).
         select: ``select(block) -> bool``: which of the found blocks to narrow (with ``ratio``).
         sensitivity, sensitivity_matrix: as in `fxlrd.calibrate.collect_stats`: weigh the
             selection by the model output's sensitivity to the block's output.
@@ -271,34 +298,36 @@ def narrow_mlps(
     """
     from .calibrate import collect_stats
 
-    if (ratio is None) == (widths is None):
-        raise ConfigError("narrow_mlps needs exactly one of ratio=... or widths=...")
+    if (ratio is None) == (keep is None):
+        raise ConfigError("narrow_mlps needs exactly one of ratio=... or keep=...")
     if ratio is not None and not ratio > 1:
         raise ConfigError(f"ratio must be > 1 (the block's params / the narrowed block's), got {ratio!r}")
     sites = find_sites(gm)
     found = find_mlps(gm, sites)
-    if widths is not None:
+    if keep is not None:
         by_up = {b.up: b for b in found}
-        missing = [name for name in widths if name not in by_up]
+        missing = [name for name in keep if name not in by_up]
         if missing:
             raise PlanMismatchError(
                 f"the plan narrows MLP blocks the model lacks (first: {missing[0]!r}); apply it to the model it was made for"
             )
-        blocks = [by_up[name] for name in widths]
+        blocks = [by_up[name] for name in keep]
     else:
         blocks = [b for b in found if select is None or select(b)]
+    if ratio is not None:  # blocks the ratio would not make smaller stay as they are
+        blocks = [b for b in blocks if narrowed_width(b, sites[b.up].spec.in_channels, sites[b.down].spec.out_channels,
+                                                      sites[b.up].spec.bias, sites[b.down].spec.bias, ratio, quantum) < b.hidden]
     if not blocks:
         return []
     stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks], sensitivity=sensitivity,
                           sensitivity_matrix=sensitivity_matrix, progress=progress)  # fmt: skip
     out = []
     for block in blocks:
-        if widths is not None:
-            width = int(widths[block.up])
-        else:
-            up, down = sites[block.up], sites[block.down]
-            width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias,
-                                   ratio, quantum)  # fmt: skip
+        if keep is not None:
+            out.append(narrow_block(gm, block, stats[block.down], len(keep[block.up]), keep=keep[block.up]))
+            continue
+        up, down = sites[block.up], sites[block.down]
+        width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias, ratio, quantum)
         out.append(narrow_block(gm, block, stats[block.down], width))
     return out
 

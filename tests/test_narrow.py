@@ -55,10 +55,13 @@ def _cal(inp, n=6, rows=40, seed=1, correlated=False):
     return [torch.randn(rows, inp, generator=g) @ mix.T + 0.3 for _ in range(n)]
 
 
-def _narrowed(model, cal, width, sensitivity=False):
+def _narrowed(model, cal, width, sensitivity=False, shrink=False):
+    """``model`` captured and narrowed to ``width``; ``shrink=False``: on the plain sample moments
+    (exact least squares on ``cal``), not shrunk toward a scaled identity as by default."""
     gm = capture(model, cal[0], mode="fx").gm
     (block,) = find_mlps(gm)
     stats = collect_stats(gm, cal, names=[block.down], sensitivity=sensitivity, progress=False)
+    stats[block.down].inputs.shrink = shrink
     return gm, narrow_block(gm, block, stats[block.down], width)
 
 
@@ -123,9 +126,6 @@ def test_greedy_selection_beats_random_subsets():
         model.down.weight.mul_(torch.logspace(0, -1.5, 40))  # neurons that matter unequally
     cal = _cal(10, correlated=True)
     ours = _narrowed(model, cal, 10)[1].error
-    gm = capture(model, cal[0], mode="fx").gm
-    (block,) = find_mlps(gm)
-    stats = collect_stats(gm, cal, names=[block.down], sensitivity=False, progress=False)[block.down]
     y = torch.cat([model(x) for x in cal]).double().detach()
     with torch.no_grad():
         a = torch.cat([model.act(model.up(x)) for x in cal]).double()
@@ -136,7 +136,6 @@ def test_greedy_selection_beats_random_subsets():
         feats = torch.cat([a[:, keep], torch.ones(len(a), 1, dtype=a.dtype)], 1)
         fit = feats @ torch.linalg.lstsq(feats, y).solution
         randoms.append(float((fit - y).pow(2).sum() / y.pow(2).sum()))
-    assert stats.inputs.total is not None
     assert ours < min(randoms)
 
 
@@ -197,7 +196,13 @@ def test_transform_narrows_bert_mlps_and_saves_loads_and_reapplies():
         loaded = fxlrd.load(model, f"{d}/m")
         assert torch.equal(loaded(**x).last_hidden_state, out)
     again = fxlrd.apply(model, fxlrd.Plan.from_json(plan.to_json()), example_inputs=cal[0], calibration=cal)
-    assert again.fxlrd_plan.settings["narrowed"][0]["width"] == 28
+    for b in narrowed:  # the recorded neurons, refitted on the same data
+        assert torch.equal(again.get_parameter(b["up"] + ".weight"), gm.get_parameter(b["up"] + ".weight"))
+        assert rel_err(again.get_parameter(b["down"] + ".weight"), gm.get_parameter(b["down"] + ".weight")) < 1e-5
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="inplace"):
+        fxlrd.apply(model, plan, example_inputs=cal[0], calibration=cal, inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_narrowing_mistakes_get_clear_errors():
@@ -212,9 +217,11 @@ def test_narrowing_mistakes_get_clear_errors():
         LRDConfig(mlp="prune")
     gm = capture(MLP(), torch.randn(3, 12), mode="fx").gm
     with pytest.raises(ConfigError, match="exactly one"):
-        narrow_mlps(gm, _cal(12), ratio=2, widths={"up": 4})
+        narrow_mlps(gm, _cal(12), ratio=2, keep={"up": [0, 1]})
     with pytest.raises(PlanMismatchError, match="lacks"):
-        narrow_mlps(gm, _cal(12), widths={"nowhere": 4})
+        narrow_mlps(gm, _cal(12), keep={"nowhere": [0, 1]})
+    with pytest.raises(PlanMismatchError, match="do not fit"):
+        narrow_mlps(gm, _cal(12), keep={"up": [0, 99]})
     gm2, _ = _narrowed(MLP().eval(), _cal(12), 4)
     with pytest.raises(ConfigError, match="width"):
         narrow_block(gm2, find_mlps(gm2)[0], None, 0)
@@ -225,3 +232,36 @@ def test_include_and_exclude_choose_the_blocks():
     config = LRDConfig(ratio=2, mlp="narrow", exclude=["encoder.layer.0.*"], rank_quantum=4)
     plan = fxlrd.plan(model, config, example_inputs=cal[0], calibration=cal)
     assert [b["up"] for b in plan.settings["narrowed"]] == ["encoder.layer.1.intermediate.dense"]
+
+
+def test_chained_blocks_do_not_share_a_layer():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1, self.l2 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(torch.relu(self.l0(x)))))
+
+    model = Chain().eval()
+    assert [(b.up, b.down) for b in find_mlps(capture(model, torch.randn(2, 8), mode="fx").gm)] == [("l0", "l1")]
+    cal = _cal(8)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    assert gm.l1.weight.shape[1] < 32 and gm.l1.weight.shape[0] == 32  # l1 narrowed once, on its input side
+
+
+def test_few_samples_are_shrunk_not_fitted():
+    model = MLP(16, 64, 8, nn.GELU()).eval()
+    cal = [torch.randn(12, 16)]  # 12 samples, 64 hidden neurons
+    gm, block = _narrowed(model, cal, 8, shrink=True)
+    assert block.width == 8 and 0.01 < block.error < 1  # unshrunk, 8 neurons would "explain" the 12 samples
+    assert torch.isfinite(gm.down.weight).all()
+
+
+def test_a_generator_of_calibration_batches_is_read_as_often_as_needed():
+    model = MLP().eval()
+    cal = _cal(12)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", sequential=True, rank_quantum=4),
+                         example_inputs=cal[0], calibration=(x for x in cal))  # fmt: skip
+    assert gm.fxlrd_plan.settings["narrowed"][0]["width"] < 24
