@@ -18,7 +18,10 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
   softmax's Fisher, ``sensitivity="kl"``, for MiniLM the normalized sentence embedding), ranks
   allocated across layers (α over all of them);
 - ``global+seq``: + sequential error compensation;
-- ``global+seq+distill``: + a short distillation to the original (``--distill-steps`` Adam
+- ``narrow+global+seq``: MLP blocks narrowed (``mlp="narrow"``: fewer hidden neurons,
+  chosen on calibration data, the second layer refitted; `fxlrd.narrow`) by α, the other
+  layers as ``global+seq`` at α (MiniLM only: the CNN has no linear MLP blocks);
+- ``…+distill``: + a short distillation to the original (``--distill-steps`` Adam
   steps, batch 16) on data neither calibration nor held out: for MiniLM every paragraph of
   the calibration modules' docstrings (~8 k), for the CNN a third random draw of views.
 
@@ -55,7 +58,8 @@ from fxlrd import LRDConfig  # noqa: E402
 from fxlrd.timing import environment, median_times  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill")
+METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global+seq",
+           "narrow+global+seq+distill")
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -173,6 +177,9 @@ def _config(case: Case, method: str, ratio: float) -> tuple[LRDConfig, bool]:
     if method == "whitened+seq":
         return LRDConfig(**base, sensitivity=False, sequential=True), True
     glob = {**base, "allocation": "global", "sensitivity": case.sensitivity}
+    if method.startswith("narrow+"):
+        glob["mlp"] = "narrow"
+        method = method.removeprefix("narrow+")
     if method == "global":
         return LRDConfig(**glob), True
     return LRDConfig(**glob, sequential=True), True  # global+seq (and +distill)
@@ -258,14 +265,15 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
     original_params = fxlrd.count_params(case.model)
     original_macs = fxlrd.count_macs(case.model, case.timing_input)
     for ratio in ratios:
-        seq_model = None
+        built: dict[str, torch.nn.Module] = {}
         for method in methods:
             t0 = time.perf_counter()
-            if method == "global+seq+distill":
+            if method.endswith("+distill"):
                 steps = distill_steps if distill_steps is not None else case.distill_steps
-                if seq_model is None or steps <= 0:
+                start = built.get(method.removesuffix("+distill"))
+                if start is None or steps <= 0:
                     continue
-                model = copy.deepcopy(seq_model)
+                model = copy.deepcopy(start)
                 lr = distill_lr or case.distill_lr
                 curve = fxlrd.recover.distill(model, case.model, case.distill_batches, steps=steps, lr=lr,
                                               loss=case.distill_loss, features=distill_features or False,
@@ -279,8 +287,7 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
                 model = fxlrd.transform(case.model, config, example_inputs=case.example,
                                         calibration=case.calibration if calibrated else None)  # fmt: skip
                 extra = {}
-                if method == "global+seq":
-                    seq_model = model
+                built[method] = model
             seconds = time.perf_counter() - t0
             fid = case.fidelity(model)
             params, macs = fxlrd.count_params(model), fxlrd.count_macs(model, case.timing_input)

@@ -159,8 +159,8 @@ class Plan:
         narrowed = self.settings.get("narrowed") or []
         if narrowed:
             before, after = sum(b["params_before"] for b in narrowed), sum(b["params_after"] for b in narrowed)
-            widths = ", ".join(f"{b['hidden']}->{b['width']}" for b in narrowed)
-            out.append(f"{len(narrowed)} MLP blocks narrowed (hidden {widths}): params {_count(before)} -> {_count(after)} "
+            hidden = ", ".join(f"{b['hidden']}->{b['width']}" for b in narrowed)
+            out.append(f"{len(narrowed)} MLP blocks narrowed (hidden {hidden}): params {_count(before)} -> {_count(after)} "
                        f"({_ratio(before, after)}); their layers are listed as kept")  # fmt: skip
         if self.model_params is not None:
             after = self.params_after_model()

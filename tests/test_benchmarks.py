@@ -377,3 +377,18 @@ def test_error_groups_puts_back_exactly_the_layers_left_out():
         first_only = error_groups._only(gm, model, lambda n: n == "0")(x)
         expected = model[2](model[1](gm.get_submodule("0")(x)))
         assert torch.allclose(first_only, expected, atol=1e-5) and not torch.allclose(first_only, model(x), atol=1e-3)
+
+
+def test_fidelity_methods_map_to_their_configs():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fidelity
+
+    class Case:
+        include, sensitivity = ["encoder.*"], staticmethod(lambda outputs, inputs: outputs)
+
+    narrow, calibrated = fidelity._config(Case(), "narrow+global+seq", 1.5)
+    plain, _ = fidelity._config(Case(), "global+seq", 1.5)
+    assert calibrated and narrow.mlp == "narrow" and plain.mlp == "factorize"
+    assert (narrow.allocation, narrow.sequential, narrow.ratio) == ("global", True, 1.5)
+    assert (plain.allocation, plain.sequential, plain.ratio) == ("global", True, 1.5)
+    assert set(fidelity.METHODS) >= {"narrow+global+seq", "narrow+global+seq+distill", "global+seq+distill"}
