@@ -123,17 +123,21 @@ def test_compress_with_a_calibration_tensor_file(tmp_path, capsys, factory, kind
     assert any(lp["data_aware"] for lp in report["plan"]["layers"])
 
 
+def _compress_calibrated(capsys, tmp_path, spec, *options) -> dict:
+    """``fxlrd compress`` on 8 random images as calibration data, one held-out batch, no timing;
+    the JSON report (the run must succeed)."""
+    path, report_path = tmp_path / "calib.pt", tmp_path / "r.json"
+    torch.save(torch.randn(8, 3, 32, 32), path)
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
+                        "--eval-batches", 1, "--repeats", 0, "--report", report_path, *options)  # fmt: skip
+    assert code == 0, err
+    return json.loads(report_path.read_text())
+
+
 def test_compress_with_global_allocation_and_sequential_fitting(tmp_path, capsys, factory):
     spec, _, _ = factory
-    path = tmp_path / "calib.pt"
-    torch.save(torch.randn(8, 3, 32, 32), path)
-    report_path = tmp_path / "r.json"
-    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
-                        "--calibration-batches", 3, "--eval-batches", 1, "--repeats", 0, "--ratio", 1.5,
-                        "--allocation", "global", "--sequential", "--quantum", 4, "--sensitivity", "kl",
-                        "--report", report_path)  # fmt: skip
-    assert code == 0, err
-    report = json.loads(report_path.read_text())
+    report = _compress_calibrated(capsys, tmp_path, spec, "--calibration-batches", 3, "--ratio", 1.5, "--allocation",
+                                  "global", "--sequential", "--quantum", 4, "--sensitivity", "kl")  # fmt: skip
     settings = report["settings"]
     assert settings["allocation"] == "global" and settings["sequential"] is True and settings["rank_quantum"] == 4
     assert settings["sensitivity"] == "kl" and settings["sensitivity_matrix"] == "full"
@@ -338,14 +342,7 @@ def test_each_command_has_help(capsys, command):
 
 def test_compress_mlp_option_reaches_the_config(tmp_path, capsys, factory):
     spec, _, _ = factory
-    path = tmp_path / "calib.pt"
-    torch.save(torch.randn(8, 3, 32, 32), path)
-    report_path = tmp_path / "r.json"
-    code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
-                        "--calibration-batches", 2, "--eval-batches", 1, "--repeats", 0, "--mlp", "narrow",
-                        "--quantum", 4, "--report", report_path)  # fmt: skip
-    assert code == 0, err
-    settings = json.loads(report_path.read_text())["settings"]
+    settings = _compress_calibrated(capsys, tmp_path, spec, "--calibration-batches", 2, "--mlp", "narrow", "--quantum", 4)["settings"]
     assert settings["mlp"] == "narrow" and not settings.get("narrowed")  # a CNN: no linear MLP block to narrow
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0, "--mlp", "narrow")
     assert code == 2 and "calibration" in err
