@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any, Iterable, Sequence
 
 from torch import fx, nn
@@ -66,17 +65,12 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
             "(or use mlp='factorize')"
         )
     from .narrow import narrow_mlps
+    from .planner import unselected_reason
     from .sites import find_sites
 
     gm = captured.gm
     sites = find_sites(gm)
-
-    def chosen(name: str) -> bool:  # include / exclude / filter_fn, as for factorization
-        if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-            return False
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-            return False
-        return config.filter_fn is None or bool(config.filter_fn(sites[name].layer(gm), name))
+    chosen = lambda name: not unselected_reason(name, sites[name], gm, config)  # noqa: E731
 
     keep = None
     if recorded:
@@ -117,11 +111,7 @@ def plan(
     check_module(model)
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
-    params = count_params(captured.gm)
-    calibration = _reusable(calibration)
-    config, narrowed = _narrow(captured, config, calibration, inputs)
-    stats = _calibration_stats(captured, config, calibration, inputs)
-    return _with_narrowed(make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats), narrowed, params)
+    return _plan_captured(captured, config, _reusable(calibration), inputs)[0]
 
 
 def _reusable(calibration: Iterable | None) -> Iterable | None:
@@ -132,11 +122,18 @@ def _reusable(calibration: Iterable | None) -> Iterable | None:
     return calibration
 
 
-def _with_narrowed(plan_: Plan, narrowed: list[dict[str, Any]], params: int) -> Plan:
+def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable | None, inputs: Args | None):
+    """Narrow the MLP blocks (``mlp="narrow"``), collect the calibration statistics and plan the
+    other layers: ``(plan, stats)``. The plan records the narrowed blocks and the parameters of
+    the model before them."""
+    params = count_params(captured.gm)
+    config, narrowed = _narrow(captured, config, calibration, inputs)
+    stats = _calibration_stats(captured, config, calibration, inputs)
+    plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
     if narrowed:
         plan_.settings["narrowed"] = narrowed
         plan_.model_params = params
-    return plan_
+    return plan_, stats
 
 
 def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, *, stats=None,
@@ -274,11 +271,8 @@ def transform(
         raise ConfigError("inplace=True cannot be combined with mlp='narrow' (the layers change shape); use inplace=False")
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=not inplace)
-    params = count_params(captured.gm)
     calibration = _reusable(calibration)
-    config, narrowed = _narrow(captured, config, calibration, inputs)
-    stats = _calibration_stats(captured, config, calibration, inputs)
-    plan_ = _with_narrowed(make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats), narrowed, params)
+    plan_, stats = _plan_captured(captured, config, calibration, inputs)
     if inplace:
         _check_inplace(captured, plan_)
     factors = None

@@ -47,8 +47,8 @@ __all__ = ["InputStats", "SiteStats", "collect_stats", "kl_outputs", "sequential
 class InputStats:
     """Streamed second moments of one site's input: ``gram = Σ x xᵀ`` over ``count`` samples.
 
-    ``total = Σ x`` (the mean's numerator). ``cross = Σ x x̃ᵀ`` pairs the original model's input ``x`` with the compressed model's
-    ``x̃`` (sequential calibration only).
+    ``total = Σ x`` (the mean's numerator). ``cross = Σ x x̃ᵀ`` pairs the original model's
+    input ``x`` with the compressed model's ``x̃`` (sequential calibration only).
     """
 
     gram: torch.Tensor

@@ -109,6 +109,17 @@ def _equivalent_type(spec: LayerSpec) -> type[nn.Module]:
     return _LAYER_TYPE_OF_SPEC.get(spec.dims, nn.Module)
 
 
+def unselected_reason(name: str, site: Site, gm: fx.GraphModule, config: LRDConfig) -> str:
+    """Why the user's ``include``, ``exclude`` or ``filter_fn`` leave the layer out ("" when they don't)."""
+    if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        return "not matched by include"
+    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+        return "matched by exclude"
+    if config.filter_fn is not None and not config.filter_fn(site.layer(gm), name):
+        return "filter_fn returned False"
+    return ""
+
+
 def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | None, config: LRDConfig) -> str:
     spec = site.spec
     if site.reason:
@@ -120,12 +131,9 @@ def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | No
     layer_type = type(gm.get_submodule(name)) if site.kind == "module" else _equivalent_type(spec)
     if not issubclass(layer_type, tuple(config.layer_types)):
         return f"{layer_type.__name__} not in layer_types"
-    if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-        return "not matched by include"
-    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-        return "matched by exclude"
-    if config.filter_fn is not None and not config.filter_fn(site.layer(gm), name):
-        return "filter_fn returned False"
+    why = unselected_reason(name, site, gm, config)
+    if why:
+        return why
     if spec.pointwise and not config.decompose_pointwise:
         return "pointwise layer kept (decompose_pointwise=False)"
     why = handler.applies(spec) if handler is not None else "no method"
