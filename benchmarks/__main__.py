@@ -3,12 +3,14 @@
     python -m benchmarks speed --models resnet50 --variants original,quantized --backends onnxruntime --batch 1 --repeats 10 --runs 3
     python -m benchmarks training --models resnet50 --layouts nchw channels_last
     python -m benchmarks transform --models resnet50 resnet152
+    python -m benchmarks gpu                      # the GPU leg: fp32/bf16, eager/compile, batch 1 64 256
     python -m benchmarks report [--readme]        # tables and plots from every run logged
-    python -m benchmarks                          # all three suites with their defaults, then the report
+    python -m benchmarks                          # all suites with their defaults (gpu: with CUDA), then the report
 
-Each case — (model, backend, batch) for speed, (model, backend, batch, layout) for training,
+Each case — (model, backend, batch) for speed and gpu, (model, backend, batch, layout) for training,
 a model for transform — is built once, then timed in --runs fresh processes, in each of which
-its variants take turns. Every run is appended to benchmarks/results/<suite>.jsonl with its
+its variants take turns (gpu: each process times every case of a model; its records are speed
+records). Every run is appended to benchmarks/results/<suite>.jsonl with its
 machine, versions and settings; the markdown tables and plots are regenerated from all of them.
 Run it on a quiet machine: figures measured while other work runs are noise.
 """
@@ -25,14 +27,17 @@ from . import models, speed, training, transform, variants
 from .machine import ROOT
 from .records import RESULTS, log_path, read
 from .report import MIN_RUNS, readme_table, replace_region, write_reports
-from .suite import Invocation, cuda_available, run_speed, run_training, run_transform
+from .suite import Invocation, cuda_available, run_gpu, run_speed, run_training, run_transform
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "speed": {"models": list(models.MODELS), "variants": list(variants.VARIANTS), "backends": list(speed.BACKENDS),
+    "speed": {"models": list(models.MODELS), "variants": list(variants.VARIANTS), "backends": list(speed.CPU_BACKENDS),
               "batch": [1, 8], "repeats": 20, "warmup": 3},  # fmt: skip
     "training": {"models": list(models.MODELS), "variants": ["quantized"], "backends": list(training.BACKENDS),
                  "batch": [8], "repeats": 10, "warmup": 3},  # fmt: skip
     "transform": {"models": list(transform.MODELS), "repeats": 5, "warmup": 1},
+    "gpu": {"models": ["resnet50", "vit_b_16", "bert_base"],
+            "variants": ["original", "vanilla", "quantized", "quantized@vanilla", "merged", "optimized"],
+            "backends": list(speed.GPU_BACKENDS), "batch": [1, 64, 256], "repeats": 10, "warmup": 3},
 }
 CHOICES = {"models": list(models.MODELS), "variants": list(variants.VARIANTS)}
 
@@ -48,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("suite", nargs="?", default="all", choices=("speed", "training", "transform", "report", "all"))
+    p.add_argument("suite", nargs="?", default="all", choices=("speed", "training", "transform", "gpu", "report", "all"))
     p.add_argument("--models", nargs="+", metavar="NAME", help=f"among {', '.join(models.MODELS)}")
     p.add_argument("--variants", nargs="+", metavar="NAME",
                    help=f"among {', '.join(variants.VARIANTS)} (training: the compressed ones to train; default quantized)")
@@ -92,7 +97,7 @@ def _settings(p: argparse.ArgumentParser, args: argparse.Namespace, suite: str) 
     when it runs as part of all suites.
     """
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS[suite].items()}
-    allowed = {"speed": speed.BACKENDS, "training": training.BACKENDS}.get(suite, ())
+    allowed = {"speed": speed.BACKENDS, "training": training.BACKENDS, "gpu": speed.GPU_BACKENDS}.get(suite, ())
     backends = chosen.get("backends", [])
     foreign = [b for b in backends if b not in allowed]
     if foreign and args.suite == suite:
@@ -100,9 +105,10 @@ def _settings(p: argparse.ArgumentParser, args: argparse.Namespace, suite: str) 
     if foreign:
         print(f"{suite}: leaving out backends it does not have: {', '.join(foreign)}")
         backends = chosen["backends"] = [b for b in backends if b in allowed]
-    if "cuda" in backends and not cuda_available():
-        print(f"{suite}: skipping backend cuda: torch sees no CUDA device")
-        chosen["backends"] = [b for b in backends if b != "cuda"]
+    gpu = [b for b in backends if b in speed.GPU_BACKENDS]
+    if gpu and not cuda_available() and speed.gpu_device().startswith("cuda"):
+        print(f"{suite}: skipping backends {', '.join(gpu)}: torch sees no CUDA device")
+        chosen["backends"] = [b for b in backends if b not in gpu]
     return chosen
 
 
@@ -112,6 +118,9 @@ def _run_suite(p: argparse.ArgumentParser, args: argparse.Namespace, suite: str,
                             repeats=s["repeats"], warmup=s["warmup"])  # fmt: skip
     if suite == "speed":
         run_speed(inv, s["models"], s["variants"], s["backends"], s["batch"])
+    elif suite == "gpu":
+        if s["backends"]:
+            run_gpu(inv, s["models"], s["variants"], s["backends"], s["batch"])
     elif suite == "training":
         run_training(inv, s["models"], s["variants"], s["backends"], s["batch"], args.layouts)
     else:
@@ -135,7 +144,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     args.models, args.variants, args.backends = _names(args.models), _names(args.variants), _names(args.backends)
     _check(p, args)
-    suites = ("speed", "training", "transform") if args.suite == "all" else (args.suite,)
+    suites = ("speed", "training", "transform", "gpu") if args.suite == "all" else (args.suite,)
     for suite in suites:
         if suite != "report":
             _run_suite(p, args, suite, argv)

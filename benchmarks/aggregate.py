@@ -97,7 +97,7 @@ def group(records: Iterable[Run]) -> list[CaseRuns]:
     """
     groups: dict[tuple[str, str], CaseRuns] = {}
     for record in records:
-        gpu = record.get("case", {}).get("backend") == "cuda"
+        gpu = str(record.get("case", {}).get("backend", "")).startswith("cuda")
         key = (machine_kind(record.get("machine", {}), gpu=gpu), case_key(record))
         if key not in groups:
             threads = record.get("settings", {}).get("threads")

@@ -68,14 +68,18 @@ def machine(cpuinfo: str | None = None) -> dict[str, Any]:
     }
 
 
+GIT_VARIABLE = "FXLRD_BENCH_GIT"  # the commit, for a copy of the code without its git history
+
+
 def _git_commit() -> str | None:
     """The checkout's commit, with ``+dirty`` when tracked files other than the results
-    (which every run appends to) differ from it."""
+    (which every run appends to) differ from it; ``$FXLRD_BENCH_GIT`` where there is no git
+    history (a copy of the tree sent to another machine)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True).returncode != 0
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get(GIT_VARIABLE)
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 

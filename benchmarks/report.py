@@ -38,7 +38,7 @@ __all__ = [
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 MIN_RUNS = 3  # what the suite asks of every figure
 README_SECTION = "### Benchmark suite"
-BACKEND_ORDER = ("onnxruntime", "eager", "compile", "cuda")
+BACKEND_ORDER = ("onnxruntime", "eager", "compile", "cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16")
 Run = Mapping[str, Any]
 
 

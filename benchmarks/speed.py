@@ -1,13 +1,22 @@
 """One timed run of a speed case: every variant of (model, backend, batch), taking turns.
 
 onnxruntime runs the ONNX files the prepare step exported (CPU execution provider, sessions
-from `fxlrd.export.onnx_session`: no spinning between runs); eager, compile and cuda run the
-saved variants through `fxlrd.latency.make_timer` — the runners the latency search itself uses.
+from `fxlrd.export.onnx_session`: no spinning between runs); eager and compile run the saved
+variants through `fxlrd.latency.make_timer` — the runners the latency search itself uses.
+
+The GPU backends run the variants on CUDA: ``cuda`` (eager, float32), ``cuda_bf16`` (eager,
+every weight and floating input in bfloat16), ``cuda_compile`` and ``cuda_compile_bf16``
+(torch.compile, inductor, default mode). A compiled variant is compiled once per process and
+dtype and reused at every batch size (torch.compile's default dynamic-shape policy: the second
+batch size compiles a graph with a dynamic batch); compilation happens before timing.
+float32 runs with torch's default TF32 settings, which the record notes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -21,9 +30,13 @@ from fxlrd.timing import median_times
 from . import models
 from .build import as_args, load_variant, rotated
 
-__all__ = ["BACKENDS", "case", "run"]
+__all__ = ["BACKENDS", "CPU_BACKENDS", "GPU_BACKENDS", "GpuModels", "case", "run", "gpu_device", "gpu_dtype"]
 
-BACKENDS = ("onnxruntime", "eager", "compile", "cuda")
+GPU_BACKENDS = ("cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16")
+CPU_BACKENDS = ("onnxruntime", "eager", "compile")
+BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+# Where the GPU backends run; smoke tests on a machine without a GPU set it to "cpu".
+GPU_DEVICE_VARIABLE = "FXLRD_BENCH_GPU_DEVICE"
 _SIZE_FIELDS = ("params", "macs", "weight_layers", "build_s", "config", "decomposed_layers", "kept_layers", "global_search")
 
 
@@ -38,6 +51,62 @@ def _torch_runner(backend: str, model: torch.nn.Module, inputs: Any, threads: in
     return timer.model_runner(model, as_args(inputs))
 
 
+def gpu_device() -> str:
+    """The device of the GPU backends: ``cuda`` unless ``$FXLRD_BENCH_GPU_DEVICE`` says otherwise."""
+    return os.environ.get(GPU_DEVICE_VARIABLE, "cuda")
+
+
+def gpu_dtype(backend: str) -> torch.dtype:
+    """The dtype a GPU backend runs in."""
+    return torch.bfloat16 if backend.endswith("_bf16") else torch.float32
+
+
+def _to(value: Any, device: str, dtype: torch.dtype) -> Any:
+    """A tensor on ``device``, floating ones in ``dtype`` (token ids and masks keep theirs)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
+class GpuModels:
+    """The variants of one process on the GPU: each moved (and compiled) once per dtype and
+    reused at every batch size, from the CPU float32 models it was given."""
+
+    def __init__(self, loaded: Mapping[str, torch.nn.Module]):
+        self.loaded: Mapping[str, torch.nn.Module] = loaded
+        self.ready: dict[tuple[str, str, bool], Callable[..., Any]] = {}
+
+    def runner(self, name: str, backend: str, inputs: Any) -> Callable[[], object]:
+        """One synchronised call of variant ``name`` on ``backend``, after an untimed first call
+        (which compiles it for these shapes when the backend compiles)."""
+        device, dtype, compiled = gpu_device(), gpu_dtype(backend), "compile" in backend
+        key = (name, str(dtype), compiled)
+        if key not in self.ready:
+            model = copy.deepcopy(self.loaded[name]).to(device, dtype).eval()
+            self.ready[key] = torch.compile(model) if compiled else model
+        model = self.ready[key]
+        args, kwargs = as_args(inputs)
+        args = tuple(_to(a, device, dtype) for a in args)
+        kwargs = {k: _to(v, device, dtype) for k, v in kwargs.items()}
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        with torch.no_grad():
+            model(*args, **kwargs)
+        sync()
+
+        def run() -> None:
+            with torch.no_grad():
+                model(*args, **kwargs)
+            sync()
+
+        return run
+
+
+def gpu_settings() -> dict[str, Any]:
+    """What the GPU figures depend on besides the case: TF32 flags, cuDNN's benchmark mode."""
+    return {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "device": gpu_device()}  # fmt: skip
+
+
 def _usable(info: Mapping[str, Any], backend: str) -> str | None:
     """Why a manifest entry cannot be timed on ``backend`` (None if it can)."""
     return info.get("failed") or info.get({"onnxruntime": "onnx_failed", "compile": "compile_failed"}.get(backend, ""))
@@ -49,12 +118,16 @@ def case(task: Mapping[str, Any]) -> dict[str, Any]:
     return {"model": task["model"], "backend": task["backend"], "batch": task["batch"], "inputs": models.describe_inputs(inputs)}
 
 
-def run(task: Mapping[str, Any]) -> dict[str, Any]:
+def run(task: Mapping[str, Any], loaded: dict[str, torch.nn.Module] | None = None,
+        gpu: GpuModels | None = None) -> dict[str, Any]:  # fmt: skip
     """Time every variant of the case, taking turns; the figures of one run.
 
     Args:
         task: ``model``, ``backend``, ``batch``, ``threads``, ``repeats``, ``warmup``, ``run``
             (which variant goes first) and ``manifest`` (written by `benchmarks.build.prepare`).
+        loaded: the variants already loaded in this process (filled as they are loaded), so
+            that a process timing several cases loads each variant once.
+        gpu: the variants already on the GPU (moved and compiled once per dtype), likewise.
 
     Returns:
         The record's ``variants`` (median/min/max seconds, samples, size and how it was built;
@@ -70,16 +143,22 @@ def run(task: Mapping[str, Any]) -> dict[str, Any]:
     skipped = {n: info["skipped"] for n, info in entries.items() if "skipped" in info}
     failed = {n: _usable(info, backend) for n, info in entries.items() if n not in skipped and _usable(info, backend)}
     todo = rotated([n for n in entries if n not in skipped and n not in failed], task["run"])
-    loaded = {}
-    if backend != "onnxruntime":  # load everything before a runner moves a model (cuda) or compiles it
+    loaded = {} if loaded is None else loaded
+    if backend != "onnxruntime" and any(n not in loaded for n in todo):  # load before a runner moves or compiles one
         original = spec.build()
-        loaded = {n: load_variant(spec, original, entries[n], inputs) for n in todo}
+        loaded |= {n: load_variant(spec, original, entries[n], inputs) for n in todo if n not in loaded}
+    if backend in GPU_BACKENDS and gpu is None:
+        gpu = GpuModels(loaded)
     runners, setup_s = {}, {}
     for name in todo:
         t0 = time.perf_counter()
         try:
-            runners[name] = (_onnx_runner(entries[name]["onnx"], inputs, threads) if backend == "onnxruntime"
-                             else _torch_runner(backend, loaded[name], inputs, threads))  # fmt: skip
+            if backend == "onnxruntime":
+                runners[name] = _onnx_runner(entries[name]["onnx"], inputs, threads)
+            elif backend in GPU_BACKENDS:
+                runners[name] = gpu.runner(name, backend, inputs)
+            else:
+                runners[name] = _torch_runner(backend, loaded[name], inputs, threads)
         except Exception as exc:  # noqa: BLE001  (a variant the backend cannot run is a result too)
             failed[name] = f"{type(exc).__name__}: {exc}"
             continue
@@ -90,4 +169,7 @@ def run(task: Mapping[str, Any]) -> dict[str, Any]:
         | {k: entries[name][k] for k in _SIZE_FIELDS if entries[name].get(k) is not None}
         for name in entries if (t := times.get(name))
     }
-    return {"variants": figures, "order": list(runners), "skipped": skipped, "failed": failed}
+    out = {"variants": figures, "order": list(runners), "skipped": skipped, "failed": failed}
+    if backend in GPU_BACKENDS:
+        out["gpu_settings"] = gpu_settings() | {"dtype": str(gpu_dtype(backend)).removeprefix("torch.")}
+    return out

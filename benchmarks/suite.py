@@ -26,7 +26,7 @@ from .records import append, by_invocation, log_path, read
 from .report import case_markdown, transform_table
 from .worker import record
 
-__all__ = ["Invocation", "spawn", "run_speed", "run_training", "run_transform", "cuda_available"]
+__all__ = ["Invocation", "spawn", "run_speed", "run_gpu", "run_training", "run_transform", "cuda_available"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,36 @@ def run_speed(inv: Invocation, model_names: Sequence[str], variant_names: Sequen
                     if manifest:
                         _timed_runs(inv, "speed", {**case, "manifest": manifest})
                         _summary(inv, "speed", case)
+            _cleanup(inv.workdir / model)
+    finally:
+        _cleanup(inv.workdir)
+
+
+def run_gpu(inv: Invocation, model_names: Sequence[str], variant_names: Sequence[str], backends: Sequence[str],
+            batches: Sequence[int]) -> None:  # fmt: skip
+    """The GPU leg of the speed suite: per model, one prepare, then ``inv.runs`` processes that
+    each time every (backend, batch) case, the variants taking turns in each.
+
+    One process per run rather than per case: on a GPU a case takes milliseconds, while a
+    process spends seconds loading the variants and compiling them. A run's records are those
+    of the speed suite (one per case), so the report pools them with any other GPU runs.
+    Searched variants time their layers with the ``cuda`` backend at the first batch size.
+    """
+    names = ["original"] + [v for v in variant_names if v != "original"]
+    try:
+        for model in model_names:
+            fields = {"model": model, "backend": "cuda", "batch": batches[0], "search_backend": "cuda", "variants": names}
+            manifest = _prepare(inv, "speed", fields)
+            if manifest:
+                cases = {"model": model, "backends": list(backends), "batches": list(batches), "manifest": manifest}
+                for run in range(1, inv.runs + 1):
+                    task = inv.task("speed_cases", run=run, **cases)
+                    status = spawn(task)
+                    if status != 0:
+                        _record_crash({**task, "step": "speed", "backend": "+".join(backends)}, status, f"run {run}")
+                for backend in backends:
+                    for batch in batches:
+                        _summary(inv, "speed", {"model": model, "backend": backend, "batch": batch})
             _cleanup(inv.workdir / model)
     finally:
         _cleanup(inv.workdir)

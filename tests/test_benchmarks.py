@@ -392,3 +392,64 @@ def test_fidelity_methods_map_to_their_configs():
     assert (narrow.allocation, narrow.sequential, narrow.ratio) == ("global", True, 1.5)
     assert (plain.allocation, plain.sequential, plain.ratio) == ("global", True, 1.5)
     assert set(fidelity.METHODS) >= {"narrow+global+seq", "narrow+global+seq+distill", "global+seq+distill"}
+
+
+# -- the GPU leg (run here on the CPU: the logic, not the speed) -------------------------------------------
+def test_gpu_models_cast_once_per_dtype_and_reuse_the_model_at_every_batch(monkeypatch):
+    import torch
+
+    from benchmarks import speed
+
+    monkeypatch.setenv(speed.GPU_DEVICE_VARIABLE, "cpu")
+    torch.manual_seed(0)
+    master = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).eval()
+    gpu = speed.GpuModels({"m": master})
+    for backend in ("cuda", "cuda_bf16"):
+        for batch in (1, 4):
+            gpu.runner("m", backend, torch.randn(batch, 6))()
+    assert sorted(k[1] for k in gpu.ready) == ["torch.bfloat16", "torch.float32"]  # one model per dtype, any batch
+    assert next(gpu.ready[("m", "torch.bfloat16", False)].parameters()).dtype == torch.bfloat16
+    assert next(master.parameters()).dtype == torch.float32  # the master copy is never cast
+    assert speed.gpu_dtype("cuda_compile_bf16") == torch.bfloat16 and speed.gpu_dtype("cuda_compile") == torch.float32
+
+
+def test_gpu_inputs_keep_token_ids_integer(monkeypatch):
+    import torch
+
+    from benchmarks import speed
+
+    ids = torch.tensor([[1, 2, 3]])
+    assert speed._to(ids, "cpu", torch.bfloat16).dtype == torch.int64
+    assert speed._to(torch.ones(2), "cpu", torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_gpu_records_group_by_the_gpu_and_order_after_the_cpu_backends():
+    gpu_machine = MACHINE | {"gpu": "NVIDIA H200"}
+    runs = [make_run({"original": 2.0, "quantized": 1.0}, {"original": 100, "quantized": 50}, run=r, backend=b)
+            for r in (1, 2, 3) for b in ("cuda", "cuda_compile_bf16")]  # fmt: skip
+    for r in runs:
+        r["machine"] = gpu_machine
+    cpu = [make_run({"original": 2.0, "quantized": 1.5}, {"original": 100, "quantized": 50}, run=r) for r in (1, 2, 3)]
+    groups = group(runs + cpu)
+    assert {g.kind for g in groups if g.case["backend"].startswith("cuda")} == {"Test CPU · 2 CPUs · AVX2 · NVIDIA H200"}
+    assert [g.kind for g in groups if g.case["backend"] == "onnxruntime"] == ["Test CPU · 2 CPUs · AVX2"]
+    table = readme_table(runs, machine="H200")
+    assert "cuda b1 | cuda_compile_bf16 b1" in table and "2.00×" in table
+
+
+@pytest.mark.slow
+def test_gpu_compiled_model_is_compiled_once_and_matches_eager(monkeypatch):
+    import torch
+
+    from benchmarks import speed
+
+    monkeypatch.setenv(speed.GPU_DEVICE_VARIABLE, "cpu")
+    torch.manual_seed(0)
+    master = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)).eval()
+    gpu = speed.GpuModels({"m": master})
+    for batch in (1, 4, 7):
+        gpu.runner("m", "cuda_compile", torch.randn(batch, 6))()
+    assert list(gpu.ready) == [("m", "torch.float32", True)]
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.ready[("m", "torch.float32", True)](x), master(x))

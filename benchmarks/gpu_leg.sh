@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU leg of the benchmark suite in one bounded command, for a GPU machine lent for a few
+# minutes (torch, transformers and onnxruntime already installed there; tensorly installed
+# beside them). Every run is appended to RESULTS_DIR/speed.jsonl as it finishes, so a step cut
+# short by its time limit still leaves the runs it completed.
+#
+#   bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS]
+#
+# 1. eager, float32 and bfloat16: every default variant of ResNet-50, ViT-B/16 and BERT-base at
+#    batch 1, 64 and 256 (3 fresh processes per model, the variants taking turns in each);
+# 2. torch.compile (inductor), bfloat16 then float32: the original and the quantized variant
+#    (compiling is what takes the time: minutes per model on a cold cache);
+# 3. fxlrd's CUDA unit tests.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS]}
+budget=${2:-540}
+start=$SECONDS
+left() { echo $((budget - (SECONDS - start))); }
+work=${TMPDIR:-/tmp}/fxlrd-gpu-leg
+mkdir -p "$out"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '·', torch.cuda.get_device_name(), '· onnxruntime providers', o.get_available_providers())"
+
+step() {  # step NAME SECONDS ARGS...: one suite command, cut at SECONDS
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: up to ${limit} s (at $((SECONDS - start)) s)"
+    if ((limit < 30)); then echo "== $name: skipped, no time left"; return; fi
+    timeout --kill-after=10 "$limit" python3 -m benchmarks gpu "$@" --results-dir "$out" --work-dir "$work"
+    echo "== $name: exit $? after $((SECONDS - start)) s"
+}
+
+step eager $(($(left) - 240)) --backends cuda cuda_bf16
+step compile $(($(left) - 45)) --backends cuda_compile_bf16 cuda_compile --variants original quantized
+echo "== CUDA unit tests (at $((SECONDS - start)) s)"
+timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_factorized.py tests/test_io.py -k cuda
+echo "== done after $((SECONDS - start)) s"
