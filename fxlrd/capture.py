@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import logging
 import os
 import traceback
@@ -328,6 +329,9 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     gm = fx.GraphModule(exported, graph, type(model).__name__)
+    moved = _follow_module_device(gm, _device_of(model, inputs))
+    if moved:
+        notes.append(f"{moved} device constants recorded by torch.export now follow the module's device")
     gm._tracer_cls = FxlrdTracer  # what unpickling re-traces with (export's own tracer cannot be rebuilt)
     gm._tracer_extras = {}
     if bound is not None:
@@ -335,6 +339,50 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, notes
+
+
+DEVICE_BUFFER = "_fxlrd_device"
+
+
+def _device_of(model: nn.Module, inputs: Args) -> torch.device:
+    """The device the model was captured on: its parameters' (else its inputs', else the CPU)."""
+    for t in itertools.chain(model.parameters(), model.buffers(), pytree.tree_leaves(inputs)):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _follow_module_device(gm: fx.GraphModule, device: torch.device) -> int:
+    """Make an exported graph run wherever its module is moved; the number of nodes changed.
+
+    torch.export records the device it ran on as constants: ``arange(..., device=cpu)``,
+    ``to(x, cpu)`` and ``_assert_tensor_metadata(x, device=cpu, dtype=...)``, so that a captured
+    model moved with ``.to("cuda")`` fails with "Tensor device mismatch". The metadata checks
+    are removed (they also pin the dtype, which ``.to(torch.bfloat16)`` changes); every other
+    argument equal to the capture device reads ``_fxlrd_device.device`` at run time instead, an
+    empty non-persistent buffer that moves with the module.
+    """
+    graph, changed, device_node = gm.graph, 0, None
+    assert_metadata = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if assert_metadata is not None and node.target is assert_metadata.default and not node.users:
+            graph.erase_node(node)
+            changed += 1
+            continue
+        is_device = lambda v: isinstance(v, torch.device) and v == device  # noqa: E731
+        if not any(map(is_device, (*node.args, *node.kwargs.values()))):
+            continue
+        if device_node is None:
+            gm.register_buffer(DEVICE_BUFFER, torch.empty(0, device=device), persistent=False)
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                device_node = graph.call_function(getattr, (graph.get_attr(DEVICE_BUFFER), "device"))
+        node.args = tuple(device_node if is_device(a) else a for a in node.args)
+        node.kwargs = {k: device_node if is_device(v) else v for k, v in node.kwargs.items()}
+        changed += 1
+    return changed
 
 
 def _is_cache_output_error(exc: BaseException) -> bool:

@@ -124,6 +124,32 @@ def captured(request):
     return name, model, example, other, cap.gm
 
 
+def _on(device, inputs):
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def test_captured_graph_runs_wherever_the_module_is_moved(captured):
+    """torch.export records the device it ran on (arange(device=cpu), to(cpu), metadata checks):
+    the captured graph must follow the module instead. "meta" stands in for a GPU here."""
+    name, model, example, other, gm = captured
+    pinned = [n.format_node() for n in gm.graph.nodes if any(isinstance(v, torch.device) for v in (*n.args, *n.kwargs.values()))]
+    assert not pinned
+    assert "_fxlrd_device" not in gm.state_dict()  # saved files do not change
+    out = copy.deepcopy(gm).to("meta")(**_on("meta", other))
+    assert {t.device.type for t in _leaves(out)} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transformed_bert_runs_on_cuda_and_matches_the_cpu():
+    torch.manual_seed(0)
+    model, example, other = _build("bert")
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=example)
+    with torch.no_grad():
+        want = gm(**other).last_hidden_state
+        got = copy.deepcopy(gm).cuda()(**_on("cuda", other)).last_hidden_state
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 # --- (a) full rank, (c) every layer a site, (d) other shapes -----------------------------------------
 
 
