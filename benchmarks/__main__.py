@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=ROOT / "build" / "bench", metavar="DIR",
                    help="built variants and ONNX files while a command runs (removed after)")  # fmt: skip
     p.add_argument("--readme", action="store_true", help="report: also write the README's table")
+    p.add_argument("--gpu", action="store_true", help="report --readme: write the GPU table (its own README region)")
     p.add_argument("--machine", metavar="TEXT", help="report --readme: the machine kind (a substring); default: the newest run's")
     return p
 
@@ -134,8 +135,9 @@ def _report(args: argparse.Namespace) -> None:
         table = readme_table(read(log_path(args.results_dir, "speed")), machine=args.machine, models=args.models,
                              variants=args.variants, backends=args.backends, batches=args.batch)  # fmt: skip
         readme = ROOT / "README.md"
-        readme.write_text(replace_region(readme.read_text(), table))
-        print(f"wrote the table between the bench markers of {readme}")
+        region = "bench-gpu" if args.gpu else "bench"
+        readme.write_text(replace_region(readme.read_text(), table, region=region))
+        print(f"wrote the table between the {region} markers of {readme}")
 
 
 def main(argv: list[str]) -> int:

@@ -93,8 +93,9 @@ def _save(plt, fig, axes, path: Path) -> Path:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     rows = -(-len(entries) // 6)
-    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 6), fontsize=6,
-               frameon=False)  # fmt: skip
+    if entries:  # none when only the original ran (every compressed variant failed)
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 6), fontsize=6,
+                   frameon=False)  # fmt: skip
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path)
     plt.close(fig)

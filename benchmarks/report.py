@@ -301,7 +301,8 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(n for _, n in cells)),
                  "backends": list(dict.fromkeys(b for b, _ in columns)), "batch": sorted({n for _, n in columns})}  # fmt: skip
     repeats = _most_common(r.get("settings", {}).get("repeats") for r in runs)
-    command = (f"python -m benchmarks speed --models {' '.join(selection['models'])} --variants {','.join(selection['variants'])} "
+    suite = "gpu" if all(b.startswith("cuda") for b in selection["backends"]) else "speed"
+    command = (f"python -m benchmarks {suite} --models {' '.join(selection['models'])} --variants {','.join(selection['variants'])} "
                f"--backends {' '.join(selection['backends'])} --batch {' '.join(map(str, selection['batch']))} "
                f"--repeats {repeats} --runs {max(MIN_RUNS, _most_common(r.get('runs') for r in runs))}")  # fmt: skip
     given = {"models": models, "variants": variants, "backends": backends, "batch": batches}
@@ -337,16 +338,21 @@ def _section_end(lines: Sequence[str], heading: str) -> int | None:
     return None if start is None else len(lines)
 
 
-def replace_region(text: str, body: str, section: str = "## Measured") -> str:
-    """``text`` with ``body`` between the README markers; everything else byte-identical.
+REGIONS = {"bench": README_SECTION, "bench-gpu": "### Benchmark suite on a GPU"}  # README region -> its heading
 
-    Without the markers, a ``### Benchmark suite`` section holding them is inserted at the end
-    of ``section`` (the README's benchmarks part), or at the end of the text without one.
+
+def replace_region(text: str, body: str, section: str = "## Measured", region: str = "bench") -> str:
+    """``text`` with ``body`` between the README markers of ``region``; everything else byte-identical.
+
+    Without the markers, a section (``REGIONS[region]``, ``### Benchmark suite`` for the CPU
+    table) holding them is inserted at the end of ``section`` (the README's benchmarks part),
+    or at the end of the text without one.
     """
-    start, end = text.find(README_START), text.find(README_END)
+    start_marker, end_marker = f"<!-- {region}:start -->", f"<!-- {region}:end -->"
+    start, end = text.find(start_marker), text.find(end_marker)
     if start != -1 and end > start:
-        return text[: start + len(README_START)] + "\n" + body.strip("\n") + "\n" + text[end:]
-    block = f"{README_SECTION}\n\n{README_START}\n{body.strip(chr(10))}\n{README_END}\n"
+        return text[: start + len(start_marker)] + "\n" + body.strip("\n") + "\n" + text[end:]
+    block = f"{REGIONS[region]}\n\n{start_marker}\n{body.strip(chr(10))}\n{end_marker}\n"
     lines = text.splitlines(keepends=True)
     where = _section_end([ln.rstrip("\r\n") for ln in lines], section)
     if where is None or where == len(lines):

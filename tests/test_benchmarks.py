@@ -435,6 +435,7 @@ def test_gpu_records_group_by_the_gpu_and_order_after_the_cpu_backends():
     assert [g.kind for g in groups if g.case["backend"] == "onnxruntime"] == ["Test CPU · 2 CPUs · AVX2"]
     table = readme_table(runs, machine="H200")
     assert "cuda b1 | cuda_compile_bf16 b1" in table and "2.00×" in table
+    assert "`python -m benchmarks gpu --models resnet50" in table
 
 
 @pytest.mark.slow
@@ -453,3 +454,21 @@ def test_gpu_compiled_model_is_compiled_once_and_matches_eager(monkeypatch):
     x = torch.randn(5, 6)
     with torch.no_grad():
         torch.testing.assert_close(gpu.ready[("m", "torch.float32", True)](x), master(x))
+
+
+def test_plots_of_a_case_where_only_the_original_ran(tmp_path):
+    from benchmarks.plots import speed_plots
+
+    runs = [make_run({"original": 2.0}, {"original": 100}, run=r) for r in (1, 2, 3)]
+    for r in runs:
+        r["failed"] = {"quantized": "RuntimeError: Tensor device mismatch"}
+    written = speed_plots(group(runs), tmp_path)
+    assert len(written) == 2 and all(p.stat().st_size > 0 for p in written)
+
+
+def test_the_gpu_region_is_its_own_and_leaves_the_cpu_table_alone():
+    cpu = replace_region(README, "cpu table")
+    both = replace_region(cpu, "gpu table", region="bench-gpu")
+    assert both.startswith(cpu[: cpu.index(README_END)]) and "### Benchmark suite on a GPU" in both
+    again = replace_region(both, "new gpu table", region="bench-gpu")
+    assert "cpu table" in again and "new gpu table" in again and "\ngpu table" not in again
