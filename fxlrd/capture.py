@@ -329,9 +329,10 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     gm = fx.GraphModule(exported, graph, type(model).__name__)
-    moved = _follow_module_device(gm, _device_of(model, inputs))
-    if moved:
-        notes.append(f"{moved} device constants recorded by torch.export now follow the module's device")
+    removed, moved = _follow_module_device(gm, _device_of(model, inputs))
+    if removed or moved:
+        notes.append(f"torch.export's device constants follow the module: {removed} metadata checks removed, "
+                     f"{moved} operations read the module's device")  # fmt: skip
     gm._tracer_cls = FxlrdTracer  # what unpickling re-traces with (export's own tracer cannot be rebuilt)
     gm._tracer_extras = {}
     if bound is not None:
@@ -341,7 +342,18 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     return gm, notes
 
 
-DEVICE_BUFFER = "_fxlrd_device"
+DEVICE_ANCHOR = "_fxlrd_device"
+
+
+class DeviceAnchor(nn.Module):
+    """An empty buffer that moves with the module holding it: where an exported graph reads
+    its device at run time. A child module of its own, so that copying or pickling the
+    GraphModule keeps the buffer out of the state dict (fx re-registers top-level buffers as
+    persistent, but copies child modules whole)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.register_buffer("anchor", torch.empty(0, device=device), persistent=False)
 
 
 def _device_of(model: nn.Module, inputs: Args) -> torch.device:
@@ -352,37 +364,46 @@ def _device_of(model: nn.Module, inputs: Args) -> torch.device:
     return torch.device("cpu")
 
 
-def _follow_module_device(gm: fx.GraphModule, device: torch.device) -> int:
-    """Make an exported graph run wherever its module is moved; the number of nodes changed.
+def _same_device(value: object, device: torch.device) -> bool:
+    """Whether ``value`` is a device naming ``device`` (``cuda`` matches ``cuda:0``)."""
+    if not isinstance(value, torch.device) or value.type != device.type:
+        return False
+    return value.index is None or device.index is None or value.index == device.index
+
+
+def _follow_module_device(gm: fx.GraphModule, device: torch.device) -> tuple[int, int]:
+    """Make an exported graph run wherever its module is moved.
 
     torch.export records the device it ran on as constants: ``arange(..., device=cpu)``,
     ``to(x, cpu)`` and ``_assert_tensor_metadata(x, device=cpu, dtype=...)``, so that a captured
     model moved with ``.to("cuda")`` fails with "Tensor device mismatch". The metadata checks
-    are removed (they also pin the dtype, which ``.to(torch.bfloat16)`` changes); every other
-    argument equal to the capture device reads ``_fxlrd_device.device`` at run time instead, an
-    empty non-persistent buffer that moves with the module.
+    are removed (they pin the dtype too); every other argument naming the capture device
+    reads ``_fxlrd_device.anchor.device`` at run time instead (`DeviceAnchor`). Dtypes the
+    graph casts to stay as recorded. Only the top-level graph is rewritten.
+
+    Returns:
+        The metadata checks removed and the nodes whose device now follows the module.
     """
-    graph, changed, device_node = gm.graph, 0, None
+    graph, removed, moved, device_node = gm.graph, 0, 0, None
     assert_metadata = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if assert_metadata is not None and node.target is assert_metadata.default and not node.users:
             graph.erase_node(node)
-            changed += 1
+            removed += 1
             continue
-        is_device = lambda v: isinstance(v, torch.device) and v == device  # noqa: E731
-        if not any(map(is_device, (*node.args, *node.kwargs.values()))):
+        if not any(_same_device(v, device) for v in (*node.args, *node.kwargs.values())):
             continue
         if device_node is None:
-            gm.register_buffer(DEVICE_BUFFER, torch.empty(0, device=device), persistent=False)
+            gm.add_submodule(DEVICE_ANCHOR, DeviceAnchor(device))
             first = next(n for n in graph.nodes if n.op != "placeholder")
             with graph.inserting_before(first):
-                device_node = graph.call_function(getattr, (graph.get_attr(DEVICE_BUFFER), "device"))
-        node.args = tuple(device_node if is_device(a) else a for a in node.args)
-        node.kwargs = {k: device_node if is_device(v) else v for k, v in node.kwargs.items()}
-        changed += 1
-    return changed
+                device_node = graph.call_function(getattr, (graph.get_attr(f"{DEVICE_ANCHOR}.anchor"), "device"))
+        node.args = tuple(device_node if _same_device(a, device) else a for a in node.args)
+        node.kwargs = {k: device_node if _same_device(v, device) else v for k, v in node.kwargs.items()}
+        moved += 1
+    return removed, moved
 
 
 def _is_cache_output_error(exc: BaseException) -> bool:

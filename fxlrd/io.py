@@ -503,6 +503,19 @@ def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mappin
     )
 
 
+def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device]) -> None:
+    """Buffers kept out of the state dict (BERT's position ids, an exported graph's device
+    anchor) go where the saved tensors went, when those all went to one device."""
+    if len(devices) != 1:
+        return
+    (device,) = devices
+    for module in gm.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
 def load(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -549,6 +562,7 @@ def load(
             if (current.dtype, current.device) != (saved.dtype, saved.device):
                 current.data = torch.empty_like(saved)  # same object (ties kept), saved dtype and device
     gm.load_state_dict(tensors, strict=True)
+    _move_unsaved_buffers(gm, {t.device for t in tensors.values()})
     frozen = set(meta.get("frozen") or ())
     for name, p in gm.named_parameters():  # tied parameters once, under the name save recorded
         p.requires_grad_(name not in frozen)

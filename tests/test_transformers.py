@@ -139,15 +139,39 @@ def test_captured_graph_runs_wherever_the_module_is_moved(captured):
     assert {t.device.type for t in _leaves(out)} == {"meta"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_transformed_bert_runs_on_cuda_and_matches_the_cpu():
+def test_device_anchor_stays_out_of_saved_state_through_copies_and_loads(tmp_path):
+    import pickle
+
     torch.manual_seed(0)
     model, example, other = _build("bert")
     gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=example)
+    for twin in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert not any("_fxlrd_device" in k for k in twin.state_dict())
+        assert twin._fxlrd_device.anchor.numel() == 0
+    fxlrd.save(copy.deepcopy(gm), tmp_path / "copy")
+    loaded = fxlrd.load(model, tmp_path / "copy", example_inputs=example)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**other).last_hidden_state, gm(**other).last_hidden_state)
+    from fxlrd.io import _move_unsaved_buffers
+
+    _move_unsaved_buffers(loaded, {torch.device("meta")})  # what load(..., device=...) does after the state dict
+    unsaved = [b for m in loaded.modules() for n, b in m._buffers.items() if n in m._non_persistent_buffers_set]
+    assert len(unsaved) >= 2 and all(b.device.type == "meta" for b in unsaved)  # position ids and the anchor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transformed_bert_runs_on_cuda_and_matches_the_cpu(tmp_path):
+    torch.manual_seed(0)
+    model, example, other = _build("bert")
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=example)
+    fxlrd.save(gm, tmp_path / "bert")
+    loaded = fxlrd.load(model, tmp_path / "bert", example_inputs=example, device="cuda")
     with torch.no_grad():
         want = gm(**other).last_hidden_state
         got = copy.deepcopy(gm).cuda()(**_on("cuda", other)).last_hidden_state
+        got_loaded = loaded(**_on("cuda", other)).last_hidden_state
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_loaded.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 # --- (a) full rank, (c) every layer a site, (d) other shapes -----------------------------------------
