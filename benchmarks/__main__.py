@@ -99,6 +99,8 @@ def _settings(p: argparse.ArgumentParser, args: argparse.Namespace, suite: str) 
     """
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS[suite].items()}
     allowed = {"speed": speed.BACKENDS, "training": training.BACKENDS, "gpu": speed.GPU_BACKENDS}.get(suite, ())
+    if suite == "speed" and args.suite == "all":  # the gpu suite times the GPU backends then
+        allowed = speed.CPU_BACKENDS
     backends = chosen.get("backends", [])
     foreign = [b for b in backends if b not in allowed]
     if foreign and args.suite == suite:
@@ -133,7 +135,7 @@ def _report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     if args.readme:
         table = readme_table(read(log_path(args.results_dir, "speed")), machine=args.machine, models=args.models,
-                             variants=args.variants, backends=args.backends, batches=args.batch)  # fmt: skip
+                             variants=args.variants, backends=args.backends, batches=args.batch, gpu=args.gpu)  # fmt: skip
         readme = ROOT / "README.md"
         region = "bench-gpu" if args.gpu else "bench"
         readme.write_text(replace_region(readme.read_text(), table, region=region))

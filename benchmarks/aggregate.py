@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .machine import machine_kind
-from .records import case_key
+from .records import case_key, is_gpu_backend
 
 __all__ = [
     "EQUAL_PARAMS_TOLERANCE",
@@ -97,7 +97,7 @@ def group(records: Iterable[Run]) -> list[CaseRuns]:
     """
     groups: dict[tuple[str, str], CaseRuns] = {}
     for record in records:
-        gpu = str(record.get("case", {}).get("backend", "")).startswith("cuda")
+        gpu = is_gpu_backend(record.get("case", {}).get("backend"))
         key = (machine_kind(record.get("machine", {}), gpu=gpu), case_key(record))
         if key not in groups:
             threads = record.get("settings", {}).get("threads")

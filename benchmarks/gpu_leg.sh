@@ -34,5 +34,5 @@ step() {  # step NAME SECONDS ARGS...: one suite command, cut at SECONDS
 step eager $(($(left) - 240)) --backends cuda cuda_bf16
 step compile $(($(left) - 45)) --backends cuda_compile_bf16 cuda_compile --variants original quantized
 echo "== CUDA unit tests (at $((SECONDS - start)) s)"
-timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_factorized.py tests/test_io.py -k cuda
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_factorized.py tests/test_io.py tests/test_transformers.py -k cuda
 echo "== done after $((SECONDS - start)) s"

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["FORMAT", "RESULTS", "SUITES", "log_path", "append", "read", "now", "case_key", "by_invocation"]
+__all__ = ["FORMAT", "RESULTS", "SUITES", "log_path", "append", "read", "now", "is_gpu_backend", "case_key", "by_invocation"]
 
 FORMAT = "fxlrd.bench-run/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,6 +70,11 @@ def read(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             warnings.warn(f"{path}:{number} is not a JSON record ({exc}); skipped", stacklevel=2)
     return out
+
+
+def is_gpu_backend(backend: Any) -> bool:
+    """Whether a speed case's backend runs on a GPU (``cuda``, ``cuda_bf16``, ``cuda_compile``...)."""
+    return str(backend or "").startswith("cuda")
 
 
 def case_key(record: Mapping[str, Any]) -> str:

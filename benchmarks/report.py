@@ -21,7 +21,7 @@ from .aggregate import (
     summarize,
 )
 from .machine import describe
-from .records import SUITES, log_path, read
+from .records import SUITES, is_gpu_backend, log_path, read
 
 __all__ = [
     "README_START",
@@ -243,13 +243,14 @@ def suite_markdown(suite: str, records: Sequence[Run]) -> str:
 
 # -- the README's table ---------------------------------------------------------------------------------
 def _pick_kind(groups: Sequence[CaseRuns], machine: str | None) -> str:
-    """The machine kind named by ``machine`` (a substring), else the one of the newest run."""
+    """The machine kind named by ``machine`` (the whole kind, or a substring of one kind only),
+    else the one of the newest run."""
     kinds = list(dict.fromkeys(g.kind for g in groups if g.runs))
     if not kinds:
         raise ValueError("no successful speed run to tabulate")
     if machine is None:
         return max(((r.get("timestamp", ""), g.kind) for g in groups for r in g.runs))[1]
-    matches = [k for k in kinds if machine.lower() in k.lower()]
+    matches = [k for k in kinds if machine.lower() == k.lower()] or [k for k in kinds if machine.lower() in k.lower()]
     if len(matches) != 1:
         raise ValueError(f"--machine {machine!r} matches {len(matches)} machine kinds; choose among: {'; '.join(kinds)}")
     return matches[0]
@@ -268,7 +269,7 @@ def _selected(groups: Sequence[CaseRuns], kind: str, filters: Mapping[str, Seque
 
 def readme_table(records: Sequence[Run], *, machine: str | None = None, models: Sequence[str] | None = None,
                  variants: Sequence[str] | None = None, backends: Sequence[str] | None = None,
-                 batches: Sequence[int] | None = None) -> str:  # fmt: skip
+                 batches: Sequence[int] | None = None, gpu: bool = False) -> str:  # fmt: skip
     """The README's table: speed-up per model and variant (rows) on each backend and batch
     (columns), for one machine kind, with the machine and the command that reproduces it.
 
@@ -276,11 +277,12 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
         records: the speed suite's records.
         machine: a substring of the machine kind (default: the kind of the newest run).
         models, variants, backends, batches: keep only these (default: all there are).
+        gpu: the GPU table (GPU backends only) rather than the CPU one (no GPU backend).
 
     Raises:
         ValueError: no run to show, or ``machine`` names no single machine kind.
     """
-    groups = group(records)
+    groups = [g for g in group(records) if is_gpu_backend(g.case.get("backend")) == gpu]
     kind = _pick_kind(groups, machine)
     chosen = _selected(groups, kind, {"model": models, "backend": backends, "batch": batches})
     columns = sorted({(g.case["backend"], g.case["batch"]) for g in chosen},
@@ -301,13 +303,13 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(n for _, n in cells)),
                  "backends": list(dict.fromkeys(b for b, _ in columns)), "batch": sorted({n for _, n in columns})}  # fmt: skip
     repeats = _most_common(r.get("settings", {}).get("repeats") for r in runs)
-    suite = "gpu" if all(b.startswith("cuda") for b in selection["backends"]) else "speed"
+    suite = "gpu" if gpu else "speed"
     command = (f"python -m benchmarks {suite} --models {' '.join(selection['models'])} --variants {','.join(selection['variants'])} "
                f"--backends {' '.join(selection['backends'])} --batch {' '.join(map(str, selection['batch']))} "
                f"--repeats {repeats} --runs {max(MIN_RUNS, _most_common(r.get('runs') for r in runs))}")  # fmt: skip
     given = {"models": models, "variants": variants, "backends": backends, "batch": batches}
     filters = "".join(f" --{k} {' '.join(map(str, v)) if k != 'variants' else ','.join(v)}" for k, v in given.items() if v)
-    machine_flag = f" --machine '{machine}'" if machine else ""
+    machine_flag = (f" --machine '{machine}'" if machine else "") + (" --gpu" if gpu else "")
     text = _table(head, rows) + [
         "",
         f"Speed-up over the original, timed in the same process taking turns: median over runs [min–max across "

@@ -6,10 +6,11 @@ variants through `fxlrd.latency.make_timer` — the runners the latency search i
 
 The GPU backends run the variants on CUDA: ``cuda`` (eager, float32), ``cuda_bf16`` (eager,
 every weight and floating input in bfloat16), ``cuda_compile`` and ``cuda_compile_bf16``
-(torch.compile, inductor, default mode). A compiled variant is compiled once per process and
-dtype and reused at every batch size (torch.compile's default dynamic-shape policy: the second
-batch size compiles a graph with a dynamic batch); compilation happens before timing.
-float32 runs with torch's default TF32 settings, which the record notes.
+(torch.compile, inductor, default mode). A compiled variant keeps its compiled graphs across
+batch sizes, under torch.compile's default dynamic-shape policy: the first batch size (1)
+gets a static graph, the second one a graph with a dynamic batch that the later ones reuse.
+Compilation happens before timing. float32 runs with torch's default TF32 settings and
+cuDNN's benchmark mode off, which the record notes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from fxlrd.export import onnx_feed, onnx_session
-from fxlrd.latency import LatencyConfig, make_timer
+from fxlrd.latency import LatencyConfig, TorchTimer, make_timer
 from fxlrd.timing import median_times
 
 from . import models
@@ -69,36 +70,35 @@ def _to(value: Any, device: str, dtype: torch.dtype) -> Any:
 
 
 class GpuModels:
-    """The variants of one process on the GPU: each moved (and compiled) once per dtype and
-    reused at every batch size, from the CPU float32 models it was given."""
+    """The variants of one process on the GPU: each cast to a dtype and moved there once, from
+    the CPU float32 models it was given, and run at every batch size through the latency
+    search's own runner (`fxlrd.latency.TorchTimer`). A compiled variant keeps its compiled
+    graphs across batch sizes; one that failed is not tried again."""
 
     def __init__(self, loaded: Mapping[str, torch.nn.Module]):
         self.loaded: Mapping[str, torch.nn.Module] = loaded
-        self.ready: dict[tuple[str, str, bool], Callable[..., Any]] = {}
+        self.ready: dict[tuple[str, str], torch.nn.Module] = {}
+        self.failed: dict[tuple[str, str, bool], str] = {}
 
     def runner(self, name: str, backend: str, inputs: Any) -> Callable[[], object]:
         """One synchronised call of variant ``name`` on ``backend``, after an untimed first call
         (which compiles it for these shapes when the backend compiles)."""
         device, dtype, compiled = gpu_device(), gpu_dtype(backend), "compile" in backend
-        key = (name, str(dtype), compiled)
+        key = (name, str(dtype))
+        if (*key, compiled) in self.failed:
+            raise RuntimeError(f"failed before in this process: {self.failed[(*key, compiled)]}")
         if key not in self.ready:
-            model = copy.deepcopy(self.loaded[name]).to(device, dtype).eval()
-            self.ready[key] = torch.compile(model) if compiled else model
-        model = self.ready[key]
+            self.ready[key] = copy.deepcopy(self.loaded[name]).to(device, dtype).eval()
         args, kwargs = as_args(inputs)
-        args = tuple(_to(a, device, dtype) for a in args)
-        kwargs = {k: _to(v, device, dtype) for k, v in kwargs.items()}
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        with torch.no_grad():
-            model(*args, **kwargs)
-        sync()
-
-        def run() -> None:
-            with torch.no_grad():
-                model(*args, **kwargs)
-            sync()
-
-        return run
+        cast = (tuple(_to(a, device, dtype) for a in args), {k: _to(v, device, dtype) for k, v in kwargs.items()})
+        timer = TorchTimer(LatencyConfig(backend="eager", progress=False), compiled=compiled, device=device)
+        try:
+            run = timer.model_runner(self.ready[key], cast)
+            run()  # a variant that cannot run fails here, before the timing, and alone
+            return run
+        except Exception as exc:
+            self.failed[(*key, compiled)] = f"{type(exc).__name__}: {exc}"
+            raise
 
 
 def gpu_settings() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from . import models
 from .aggregate import group
 from .build import manifest_path
 from .machine import ROOT, describe
-from .records import append, by_invocation, log_path, read
+from .records import append, by_invocation, is_gpu_backend, log_path, read
 from .report import case_markdown, transform_table
 from .worker import record
 
@@ -129,7 +129,8 @@ def run_speed(inv: Invocation, model_names: Sequence[str], variant_names: Sequen
             for backend in backends:
                 for batch in batches:
                     case = {"model": model, "backend": backend, "batch": batch}
-                    manifest = _prepare(inv, "speed", {**case, "search_backend": backend, "variants": names})
+                    search = "cuda" if is_gpu_backend(backend) else backend  # the GPU backends' searches time eager float32
+                    manifest = _prepare(inv, "speed", {**case, "search_backend": search, "variants": names})
                     if manifest:
                         _timed_runs(inv, "speed", {**case, "manifest": manifest})
                         _summary(inv, "speed", case)

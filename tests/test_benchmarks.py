@@ -408,12 +408,12 @@ def test_gpu_models_cast_once_per_dtype_and_reuse_the_model_at_every_batch(monke
         for batch in (1, 4):
             gpu.runner("m", backend, torch.randn(batch, 6))()
     assert sorted(k[1] for k in gpu.ready) == ["torch.bfloat16", "torch.float32"]  # one model per dtype, any batch
-    assert next(gpu.ready[("m", "torch.bfloat16", False)].parameters()).dtype == torch.bfloat16
+    assert next(gpu.ready[("m", "torch.bfloat16")].parameters()).dtype == torch.bfloat16
     assert next(master.parameters()).dtype == torch.float32  # the master copy is never cast
     assert speed.gpu_dtype("cuda_compile_bf16") == torch.bfloat16 and speed.gpu_dtype("cuda_compile") == torch.float32
 
 
-def test_gpu_inputs_keep_token_ids_integer(monkeypatch):
+def test_gpu_inputs_keep_token_ids_integer():
     import torch
 
     from benchmarks import speed
@@ -433,27 +433,46 @@ def test_gpu_records_group_by_the_gpu_and_order_after_the_cpu_backends():
     groups = group(runs + cpu)
     assert {g.kind for g in groups if g.case["backend"].startswith("cuda")} == {"Test CPU · 2 CPUs · AVX2 · NVIDIA H200"}
     assert [g.kind for g in groups if g.case["backend"] == "onnxruntime"] == ["Test CPU · 2 CPUs · AVX2"]
-    table = readme_table(runs, machine="H200")
-    assert "cuda b1 | cuda_compile_bf16 b1" in table and "2.00×" in table
-    assert "`python -m benchmarks gpu --models resnet50" in table
+    table = readme_table(runs + cpu, machine="H200", gpu=True)
+    assert "cuda b1 | cuda_compile_bf16 b1" in table and "2.00×" in table and "onnxruntime b1" not in table
+    assert "`python -m benchmarks gpu --models resnet50" in table and "report --readme --machine 'H200' --gpu`" in table
+    cpu_table = readme_table(runs + cpu)  # the newest runs are the GPU ones: the CPU table still shows none of them
+    assert "onnxruntime b1" in cpu_table and "cuda" not in cpu_table.split("Machine:")[0]
 
 
 @pytest.mark.slow
-def test_gpu_compiled_model_is_compiled_once_and_matches_eager(monkeypatch):
+def test_gpu_compiled_variant_keeps_its_graphs_across_batches_and_runners(monkeypatch):
     import torch
+    from torch._dynamo.utils import counters
 
     from benchmarks import speed
 
     monkeypatch.setenv(speed.GPU_DEVICE_VARIABLE, "cpu")
     torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
     master = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)).eval()
     gpu = speed.GpuModels({"m": master})
-    for batch in (1, 4, 7):
+    for batch in (1, 4, 7, 1, 4):  # one run's cases, then the same shapes again
         gpu.runner("m", "cuda_compile", torch.randn(batch, 6))()
-    assert list(gpu.ready) == [("m", "torch.float32", True)]
+    # batch 1 static, then one graph with a dynamic batch for 4 and 7; nothing recompiled after
+    assert counters["stats"]["unique_graphs"] == 2
     x = torch.randn(5, 6)
     with torch.no_grad():
-        torch.testing.assert_close(gpu.ready[("m", "torch.float32", True)](x), master(x))
+        torch.testing.assert_close(gpu.ready[("m", "torch.float32")](x), master(x))
+
+
+def test_gpu_variant_that_failed_is_not_tried_again(monkeypatch):
+    import torch
+
+    from benchmarks import speed
+
+    monkeypatch.setenv(speed.GPU_DEVICE_VARIABLE, "cpu")
+    gpu = speed.GpuModels({"m": torch.nn.Linear(6, 3)})
+    with pytest.raises(RuntimeError):
+        gpu.runner("m", "cuda", torch.randn(2, 5))  # wrong width
+    with pytest.raises(RuntimeError, match="failed before in this process"):
+        gpu.runner("m", "cuda", torch.randn(2, 6))
 
 
 def test_plots_of_a_case_where_only_the_original_ran(tmp_path):
