@@ -8,6 +8,7 @@ machine. This module knows nothing of ranks or plans; `fxlrd.rank_search` uses i
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -42,6 +43,7 @@ __all__ = [
 Backend = Literal["onnxruntime", "eager", "compile", "cuda"]
 BACKENDS = ("onnxruntime", "eager", "compile", "cuda")
 CONTEXTS = ("layer", "neighbours")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class LatencyConfig:
             layers; `fxlrd.ranks.context`), so fusions and layout changes count as in the
             deployed model. Layers whose window cannot be cut out are timed alone.
         depth: the most operations a ``"neighbours"`` window takes on each side of the layer.
+        dtype: the dtype the torch backends time layers in (``"float32"``, ``"bfloat16"`` or
+            ``"float16"``; weights and floating inputs are cast, on a copy): time in the dtype
+            the model will be deployed in, since the fastest ranks differ (bfloat16 tensor
+            cores want dimensions in multiples of 8). None: as the model is (float32).
+            onnxruntime times the exported float32 model and takes none.
     """
 
     backend: Backend = "onnxruntime"
@@ -86,12 +93,18 @@ class LatencyConfig:
     progress: bool = True
     context: Literal["layer", "neighbours"] = "layer"
     depth: int = 3
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"latency backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.context not in CONTEXTS:
             raise ConfigError(f"latency context must be one of {CONTEXTS}, got {self.context!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"latency dtype must be one of {DTYPES} or None, got {self.dtype!r}")
+        if self.dtype not in (None, "float32") and self.backend == "onnxruntime":
+            raise ConfigError(f"dtype={self.dtype!r} applies to the torch backends (eager, compile, cuda); onnxruntime "
+                              "times the exported float32 model: leave dtype unset or choose another backend")  # fmt: skip
         if not isinstance(self.depth, int) or self.depth < 0:
             raise ConfigError(f"depth must be an int >= 0, got {self.depth!r}")
         if not isinstance(self.window, (int, float)) or not 0 <= self.window < 1:
@@ -200,13 +213,25 @@ class TorchTimer(LayerTimer):
 
     def __init__(self, config: LatencyConfig, *, compiled: bool = False, device: str = "cpu"):
         self.config, self.compiled, self.device = config, compiled, torch.device(device)
+        self.dtype = getattr(torch, config.dtype) if config.dtype else None
         self.threads = config.threads or user_threads()
         self.backend = ("compile" if compiled else "eager") + ("-cuda" if self.device.type == "cuda" else "")
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
-        self.context = f"{where}|torch={torch.__version__}|threads={self.threads}"
+        self.context = f"{where}|torch={torch.__version__}|threads={self.threads}" + (f"|{config.dtype}" if config.dtype else "")
+
+    def _place(self, module: nn.Module) -> nn.Module:
+        """The module on the timer's device (and in its dtype, on a copy: the caller's keeps its own)."""
+        if self.dtype is not None:
+            return copy.deepcopy(module).to(self.device, self.dtype).eval()
+        return module.to(self.device).eval()
+
+    def _cast(self, value: object) -> object:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return value.to(self.device, self.dtype) if self.dtype is not None and value.is_floating_point() else value.to(self.device)
 
     def _prepare(self, module: nn.Module, input_shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
-        module = module.to(self.device).eval()
+        module = self._place(module)
         x = torch.randn(tuple(input_shape), device=self.device, dtype=next(module.parameters()).dtype)
         if self.compiled:
             module = torch.compile(module)
@@ -215,9 +240,8 @@ class TorchTimer(LayerTimer):
         return module, x
 
     def model_runner(self, model: nn.Module, inputs: "Args") -> Callable[[], object]:
-        model = model.to(self.device).eval()
-        args, kwargs = (tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in inputs[0]),
-                        {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs[1].items()})  # fmt: skip
+        model = self._place(model)
+        args, kwargs = tuple(map(self._cast, inputs[0])), {k: self._cast(v) for k, v in inputs[1].items()}
         if self.compiled:
             model = torch.compile(model)
             with torch.no_grad():

@@ -127,3 +127,38 @@ def test_layer_timing_exports_the_operators_deployment_exports(method, spec, ran
 
     fast, deployed = ops(onnx.load_from_string(onnx_bytes(module, x))), ops(onnx.load(str(tmp_path / "m.onnx")))
     assert fast == deployed and len(fast) == len(list(module.children()))
+
+
+def test_torch_timer_times_in_the_deployment_dtype_on_a_copy():
+    layer = nn.Linear(64, 48)
+    timer = TorchTimer(LatencyConfig(backend="eager", dtype="bfloat16", repeats=2, warmup=1, threads=1))
+    assert timer.time(layer, (4, 64)) > 0
+    run = timer.model_runner(layer, ((torch.randn(4, 64),), {}))
+    run()
+    assert layer.weight.dtype == torch.float32  # the caller's layer is not cast
+    plain = TorchTimer(LatencyConfig(backend="eager", repeats=2, warmup=1, threads=1))
+    assert timer.context != plain.context and timer.context.endswith("|bfloat16")  # separate cache entries
+
+
+def test_latency_dtype_is_checked():
+    from fxlrd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="onnxruntime times the exported float32 model"):
+        LatencyConfig(backend="onnxruntime", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="latency dtype must be one of"):
+        LatencyConfig(backend="eager", dtype="int8")
+    assert LatencyConfig(backend="onnxruntime", dtype="float32").dtype == "float32"
+
+
+def test_rank_search_in_bfloat16_keeps_float32_weights(tmp_path):
+    import fxlrd
+    from fxlrd import LRDConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    latency = LatencyConfig(backend="eager", dtype="bfloat16", repeats=2, warmup=1, threads=1,
+                            cache_path=tmp_path / "c.json", progress=False)  # fmt: skip
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, latency=latency), example_inputs=torch.randn(2, 64))
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any("|bfloat16|" in key for key in json.loads((tmp_path / "c.json").read_text())["entries"])
