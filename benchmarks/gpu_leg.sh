@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS]
 #
 # 1. eager, float32 and bfloat16: every default variant of ResNet-50, ViT-B/16 and BERT-base at
-#    batch 1, 64 and 256 (3 fresh processes per model, the variants taking turns in each);
+#    batch 1, 64 and 256 (3 fresh processes per model, the variants taking turns in each;
+#    searched variants built once per dtype, their layers timed on the GPU in that dtype);
 # 2. torch.compile (inductor), bfloat16 then float32: the original and the quantized variant
 #    (compiling is what takes the time: minutes per model on a cold cache);
 # 3. fxlrd's CUDA unit tests.

@@ -31,7 +31,7 @@ from fxlrd.timing import median_times
 from . import models
 from .build import as_args, load_variant, rotated
 
-__all__ = ["BACKENDS", "CPU_BACKENDS", "GPU_BACKENDS", "GpuModels", "case", "run", "gpu_device", "gpu_dtype"]
+__all__ = ["BACKENDS", "CPU_BACKENDS", "GPU_BACKENDS", "GpuModels", "case", "run", "gpu_device", "gpu_dtype", "variant_key"]
 
 GPU_BACKENDS = ("cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16")
 CPU_BACKENDS = ("onnxruntime", "eager", "compile")
@@ -101,6 +101,13 @@ class GpuModels:
             raise
 
 
+def variant_key(name: str, entry: Mapping[str, Any]) -> str:
+    """What identifies a loaded variant within a process: the directory it was saved in (a
+    searched variant built for another case is another model), or the name of one never saved
+    (the original)."""
+    return str(entry.get("dir") or name)
+
+
 def gpu_settings() -> dict[str, Any]:
     """What the GPU figures depend on besides the case: TF32 flags, cuDNN's benchmark mode."""
     return {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
@@ -125,8 +132,8 @@ def run(task: Mapping[str, Any], loaded: dict[str, torch.nn.Module] | None = Non
     Args:
         task: ``model``, ``backend``, ``batch``, ``threads``, ``repeats``, ``warmup``, ``run``
             (which variant goes first) and ``manifest`` (written by `benchmarks.build.prepare`).
-        loaded: the variants already loaded in this process (filled as they are loaded), so
-            that a process timing several cases loads each variant once.
+        loaded: the variants already loaded in this process, by `variant_key` (filled as they
+            are loaded), so that a process timing several cases loads each variant once.
         gpu: the variants already on the GPU (moved and compiled once per dtype), likewise.
 
     Returns:
@@ -144,9 +151,10 @@ def run(task: Mapping[str, Any], loaded: dict[str, torch.nn.Module] | None = Non
     failed = {n: _usable(info, backend) for n, info in entries.items() if n not in skipped and _usable(info, backend)}
     todo = rotated([n for n in entries if n not in skipped and n not in failed], task["run"])
     loaded = {} if loaded is None else loaded
-    if backend != "onnxruntime" and any(n not in loaded for n in todo):  # load before a runner moves or compiles one
+    keys = {n: variant_key(n, entries[n]) for n in todo}
+    if backend != "onnxruntime" and any(keys[n] not in loaded for n in todo):  # load before a runner moves or compiles one
         original = spec.build()
-        loaded |= {n: load_variant(spec, original, entries[n], inputs) for n in todo if n not in loaded}
+        loaded |= {keys[n]: load_variant(spec, original, entries[n], inputs) for n in todo if keys[n] not in loaded}
     if backend in GPU_BACKENDS and gpu is None:
         gpu = GpuModels(loaded)
     runners, setup_s = {}, {}
@@ -156,9 +164,9 @@ def run(task: Mapping[str, Any], loaded: dict[str, torch.nn.Module] | None = Non
             if backend == "onnxruntime":
                 runners[name] = _onnx_runner(entries[name]["onnx"], inputs, threads)
             elif backend in GPU_BACKENDS:
-                runners[name] = gpu.runner(name, backend, inputs)
+                runners[name] = gpu.runner(keys[name], backend, inputs)
             else:
-                runners[name] = _torch_runner(backend, loaded[name], inputs, threads)
+                runners[name] = _torch_runner(backend, loaded[keys[name]], inputs, threads)
         except Exception as exc:  # noqa: BLE001  (a variant the backend cannot run is a result too)
             failed[name] = f"{type(exc).__name__}: {exc}"
             continue

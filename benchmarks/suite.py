@@ -22,7 +22,8 @@ from . import models
 from .aggregate import group
 from .build import manifest_path
 from .machine import ROOT, describe
-from .records import append, by_invocation, is_gpu_backend, log_path, read
+from .records import append, by_invocation, log_path, read
+from .speed import gpu_dtype
 from .report import case_markdown, transform_table
 from .worker import record
 
@@ -129,8 +130,7 @@ def run_speed(inv: Invocation, model_names: Sequence[str], variant_names: Sequen
             for backend in backends:
                 for batch in batches:
                     case = {"model": model, "backend": backend, "batch": batch}
-                    search = "cuda" if is_gpu_backend(backend) else backend  # the GPU backends' searches time eager float32
-                    manifest = _prepare(inv, "speed", {**case, "search_backend": search, "variants": names})
+                    manifest = _prepare(inv, "speed", {**case, "search_backend": backend, "variants": names})
                     if manifest:
                         _timed_runs(inv, "speed", {**case, "manifest": manifest})
                         _summary(inv, "speed", case)
@@ -147,15 +147,21 @@ def run_gpu(inv: Invocation, model_names: Sequence[str], variant_names: Sequence
     One process per run rather than per case: on a GPU a case takes milliseconds, while a
     process spends seconds loading the variants and compiling them. A run's records are those
     of the speed suite (one per case), so the report pools them with any other GPU runs.
-    Searched variants time their layers with the ``cuda`` backend at the first batch size.
+    Searched variants are built once per dtype (``cuda``: float32, ``cuda_bf16``: bfloat16),
+    their layers timed eagerly on the GPU in that dtype at the first batch size.
     """
     names = ["original"] + [v for v in variant_names if v != "original"]
+    groups = {g: [b for b in backends if gpu_dtype(b) == gpu_dtype(g)] for g in ("cuda", "cuda_bf16")}
     try:
         for model in model_names:
-            fields = {"model": model, "backend": "cuda", "batch": batches[0], "search_backend": "cuda", "variants": names}
-            manifest = _prepare(inv, "speed", fields)
-            if manifest:
-                cases = {"model": model, "backends": list(backends), "batches": list(batches), "manifest": manifest}
+            manifests = {}
+            for group_backend, members in groups.items():
+                fields = {"model": model, "backend": group_backend, "batch": batches[0], "search_backend": group_backend,
+                          "variants": names}  # fmt: skip
+                manifest = _prepare(inv, "speed", fields) if members else None
+                manifests |= {b: manifest for b in members if manifest}
+            if manifests:
+                cases = {"model": model, "backends": list(manifests), "batches": list(batches), "manifests": manifests}
                 for run in range(1, inv.runs + 1):
                     task = inv.task("speed_cases", run=run, **cases)
                     status = spawn(task)

@@ -19,6 +19,7 @@ import fxlrd
 from fxlrd import LatencyConfig, LRDConfig
 
 from .models import ModelSpec
+from .records import is_gpu_backend
 
 __all__ = ["BuildContext", "Variant", "VARIANTS", "get", "TARGET_SPEEDUP"]
 
@@ -47,9 +48,13 @@ class BuildContext:
     cache: Path
 
     def latency(self, context: str = "layer") -> LatencyConfig:
-        """The latency search settings for this case's backend (``context``: how layers are timed)."""
-        return LatencyConfig(backend=self.backend, threads=self.threads, cache_path=self.cache, progress=False,
-                             context=context)  # fmt: skip
+        """The latency search settings for this case's backend (``context``: how layers are
+        timed). The GPU backends time layers eagerly on the GPU in the backend's dtype."""
+        backend, dtype = self.backend, None
+        if is_gpu_backend(backend):
+            backend, dtype = "cuda", ("bfloat16" if backend.endswith("_bf16") else None)
+        return LatencyConfig(backend=backend, threads=self.threads, cache_path=self.cache, progress=False,
+                             context=context, dtype=dtype)  # fmt: skip
 
     @functools.cached_property
     def calibration(self) -> list[Any]:

@@ -63,7 +63,7 @@ def _speed_cases(task: Mapping[str, Any]) -> int:
     gpu = speed.GpuModels(loaded)
     for backend in task["backends"]:
         for batch in task["batches"]:
-            case_task = {**task, "step": "speed", "backend": backend, "batch": batch}
+            case_task = {**task, "step": "speed", "backend": backend, "batch": batch, "manifest": task["manifests"][backend]}
             _timed_run(case_task, lambda t: speed.run(t, loaded, gpu))
     return 0
 

@@ -491,3 +491,24 @@ def test_the_gpu_region_is_its_own_and_leaves_the_cpu_table_alone():
     assert both.startswith(cpu[: cpu.index(README_END)]) and "### Benchmark suite on a GPU" in both
     again = replace_region(both, "new gpu table", region="bench-gpu")
     assert "cpu table" in again and "new gpu table" in again and "\ngpu table" not in again
+
+
+def test_gpu_backends_search_eagerly_on_the_gpu_in_their_dtype(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks.variants import BuildContext
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # LatencyConfig(backend="cuda") checks for a GPU
+    searched = {b: BuildContext(None, None, None, b, 1, tmp_path / "c.json").latency() for b in
+                ("cuda", "cuda_compile", "cuda_bf16", "cuda_compile_bf16", "onnxruntime", "compile")}  # fmt: skip
+    assert {b: (c.backend, c.dtype) for b, c in searched.items()} == {
+        "cuda": ("cuda", None), "cuda_compile": ("cuda", None), "cuda_bf16": ("cuda", "bfloat16"),
+        "cuda_compile_bf16": ("cuda", "bfloat16"), "onnxruntime": ("onnxruntime", None), "compile": ("compile", None)}  # fmt: skip
+
+
+def test_variant_key_tells_searched_builds_apart():
+    from benchmarks.speed import variant_key
+
+    assert variant_key("optimized", {"dir": "/w/resnet50/cuda-b1/optimized"}) != variant_key(
+        "optimized", {"dir": "/w/resnet50/cuda_bf16-b1/optimized"})
+    assert variant_key("original", {}) == "original"
