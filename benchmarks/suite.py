@@ -151,22 +151,30 @@ def run_gpu(inv: Invocation, model_names: Sequence[str], variant_names: Sequence
     their layers timed eagerly on the GPU in that dtype at the first batch size.
     """
     names = ["original"] + [v for v in variant_names if v != "original"]
-    groups = {g: [b for b in backends if gpu_dtype(b) == gpu_dtype(g)] for g in ("cuda", "cuda_bf16")}
+    groups: dict[str, list[str]] = {}  # the search backend of each dtype -> its backends, in the order asked
+    for backend in backends:
+        groups.setdefault("cuda" if gpu_dtype(backend) == gpu_dtype("cuda") else "cuda_bf16", []).append(backend)
     try:
         for model in model_names:
             manifests = {}
             for group_backend, members in groups.items():
                 fields = {"model": model, "backend": group_backend, "batch": batches[0], "search_backend": group_backend,
                           "variants": names}  # fmt: skip
-                manifest = _prepare(inv, "speed", fields) if members else None
-                manifests |= {b: manifest for b in members if manifest}
+                status = spawn(inv.task("prepare", **fields))
+                for backend in members:
+                    if status == 0:
+                        manifests[backend] = str(manifest_path(inv.workdir, model, group_backend, batches[0]))
+                    else:
+                        crashed = inv.task("speed", run=None, model=model, backend=backend, batch=batches[0])
+                        _record_crash(crashed, status, "building the variants")
+            manifests = {b: manifests[b] for b in backends if b in manifests}  # the cases in the order asked
             if manifests:
                 cases = {"model": model, "backends": list(manifests), "batches": list(batches), "manifests": manifests}
                 for run in range(1, inv.runs + 1):
                     task = inv.task("speed_cases", run=run, **cases)
                     status = spawn(task)
                     if status != 0:
-                        _record_crash({**task, "step": "speed", "backend": "+".join(backends)}, status, f"run {run}")
+                        _record_crash({**task, "step": "speed", "backend": "+".join(manifests)}, status, f"run {run}")
                 for backend in backends:
                     for batch in batches:
                         _summary(inv, "speed", {"model": model, "backend": backend, "batch": batch})

@@ -102,7 +102,9 @@ class LatencyConfig:
             raise ConfigError(f"latency context must be one of {CONTEXTS}, got {self.context!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"latency dtype must be one of {DTYPES} or None, got {self.dtype!r}")
-        if self.dtype not in (None, "float32") and self.backend == "onnxruntime":
+        if self.dtype == "float32":  # what the models are: timed as they are, in the same cache entries
+            object.__setattr__(self, "dtype", None)
+        if self.dtype is not None and self.backend == "onnxruntime":
             raise ConfigError(f"dtype={self.dtype!r} applies to the torch backends (eager, compile, cuda); onnxruntime "
                               "times the exported float32 model: leave dtype unset or choose another backend")  # fmt: skip
         if not isinstance(self.depth, int) or self.depth < 0:

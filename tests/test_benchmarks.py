@@ -512,3 +512,26 @@ def test_variant_key_tells_searched_builds_apart():
     assert variant_key("optimized", {"dir": "/w/resnet50/cuda-b1/optimized"}) != variant_key(
         "optimized", {"dir": "/w/resnet50/cuda_bf16-b1/optimized"})
     assert variant_key("original", {}) == "original"
+
+
+def test_gpu_suite_builds_once_per_dtype_and_times_the_backends_in_the_order_asked(tmp_path, monkeypatch):
+    from benchmarks import suite
+
+    spawned = []
+
+    def fake_spawn(task):
+        spawned.append(task)
+        return 1 if task["step"] == "prepare" and task["backend"] == "cuda_bf16" and task["model"] == "vit_b_16" else 0
+
+    monkeypatch.setattr(suite, "spawn", fake_spawn)
+    monkeypatch.setattr(suite, "_summary", lambda *a, **k: None)
+    inv = suite.Invocation.create(tmp_path, tmp_path / "work", ["gpu"], threads=1, runs=3, repeats=2, warmup=1)
+    suite.run_gpu(inv, ["resnet50", "vit_b_16"], ["quantized"], ["cuda_compile_bf16", "cuda_compile", "cuda_bf16"], [1, 64])
+    prepares = [(t["model"], t["backend"], t["search_backend"]) for t in spawned if t["step"] == "prepare"]
+    assert prepares == [("resnet50", "cuda_bf16", "cuda_bf16"), ("resnet50", "cuda", "cuda"),
+                        ("vit_b_16", "cuda_bf16", "cuda_bf16"), ("vit_b_16", "cuda", "cuda")]  # fmt: skip
+    runs = [t for t in spawned if t["step"] == "speed_cases"]
+    assert [t["backends"] for t in runs] == [["cuda_compile_bf16", "cuda_compile", "cuda_bf16"]] * 3 + [["cuda_compile"]] * 3
+    assert runs[0]["manifests"]["cuda_compile_bf16"] == runs[0]["manifests"]["cuda_bf16"] != runs[0]["manifests"]["cuda_compile"]
+    crashes = [r["case"]["backend"] for r in read(log_path(tmp_path, "speed"))]  # vit_b_16's bfloat16 build died
+    assert crashes == ["cuda_compile_bf16", "cuda_bf16"]

@@ -131,10 +131,16 @@ def test_layer_timing_exports_the_operators_deployment_exports(method, spec, ran
 
 def test_torch_timer_times_in_the_deployment_dtype_on_a_copy():
     layer = nn.Linear(64, 48)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append((m.weight.dtype, args[0].dtype)))  # copied with it
     timer = TorchTimer(LatencyConfig(backend="eager", dtype="bfloat16", repeats=2, warmup=1, threads=1))
     assert timer.time(layer, (4, 64)) > 0
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # what ran: weights and input cast
     run = timer.model_runner(layer, ((torch.randn(4, 64),), {}))
+    seen.clear()
     run()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert timer._cast(torch.arange(3)).dtype == torch.int64  # token ids are not
     assert layer.weight.dtype == torch.float32  # the caller's layer is not cast
     plain = TorchTimer(LatencyConfig(backend="eager", repeats=2, warmup=1, threads=1))
     assert timer.context != plain.context and timer.context.endswith("|bfloat16")  # separate cache entries
@@ -147,7 +153,7 @@ def test_latency_dtype_is_checked():
         LatencyConfig(backend="onnxruntime", dtype="bfloat16")
     with pytest.raises(ConfigError, match="latency dtype must be one of"):
         LatencyConfig(backend="eager", dtype="int8")
-    assert LatencyConfig(backend="onnxruntime", dtype="float32").dtype == "float32"
+    assert LatencyConfig(backend="onnxruntime", dtype="float32").dtype is None  # float32 is what it times anyway
 
 
 def test_rank_search_in_bfloat16_keeps_float32_weights(tmp_path):
