@@ -4,17 +4,25 @@
 # beside them). Every run is appended to RESULTS_DIR/speed.jsonl as it finishes, so a step cut
 # short by its time limit still leaves the runs it completed.
 #
-#   bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS]
+#   bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS] [PLAN]
 #
+# PLAN "full" (the default):
 # 1. eager, float32 and bfloat16: every default variant of ResNet-50, ViT-B/16 and BERT-base at
 #    batch 1, 64 and 256 (3 fresh processes per model, the variants taking turns in each;
 #    searched variants built once per dtype, their layers timed on the GPU in that dtype);
 # 2. torch.compile (inductor), bfloat16 then float32: the original and the quantized variant
 #    (compiling is what takes the time: minutes per model on a cold cache);
 # 3. fxlrd's CUDA unit tests.
+# PLAN "followup" (what a first full leg could not finish in its lease):
+# 1. fxlrd's CUDA unit tests;
+# 2. BERT-base eager, bfloat16 and float32, every default variant;
+# 3. ViT-B/16 eager bfloat16 with its searched variant's layers timed in bfloat16 at batch 64
+#    (the first batch size is the one the search times at);
+# 4. torch.compile of ViT-B/16 and BERT-base, bfloat16 then float32, original and quantized.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS]}
+out=${1:?usage: bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS] [full|followup]}
 budget=${2:-540}
+plan=${3:-full}
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 work=${TMPDIR:-/tmp}/fxlrd-gpu-leg
@@ -32,8 +40,25 @@ step() {  # step NAME SECONDS ARGS...: one suite command, cut at SECONDS
     echo "== $name: exit $? after $((SECONDS - start)) s"
 }
 
-step eager $(($(left) - 240)) --backends cuda cuda_bf16
-step compile $(($(left) - 45)) --backends cuda_compile_bf16 cuda_compile --variants original quantized
-echo "== CUDA unit tests (at $((SECONDS - start)) s)"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_factorized.py tests/test_io.py tests/test_transformers.py -k cuda
+unit_tests() {
+    echo "== CUDA unit tests (at $((SECONDS - start)) s)"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_factorized.py tests/test_io.py tests/test_transformers.py -k cuda
+}
+
+case $plan in
+full)
+    step eager $(($(left) - 240)) --backends cuda cuda_bf16
+    step compile $(($(left) - 45)) --backends cuda_compile_bf16 cuda_compile --variants original quantized
+    unit_tests
+    ;;
+followup)
+    unit_tests
+    step bert-eager $((($(left) - 60) * 2 / 5)) --models bert_base --backends cuda_bf16 cuda --batch 64 256 1
+    step vit-bf16-search $((($(left) - 60) / 3)) --models vit_b_16 --backends cuda_bf16 \
+        --variants original quantized optimized --batch 64 256 1
+    step compile $(($(left) - 10)) --models vit_b_16 bert_base --backends cuda_compile_bf16 cuda_compile \
+        --variants original quantized --batch 64 256 1
+    ;;
+*) echo "unknown plan: $plan (full or followup)"; exit 2 ;;
+esac
 echo "== done after $((SECONDS - start)) s"
