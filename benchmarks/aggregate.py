@@ -20,6 +20,7 @@ __all__ = [
     "VariantSummary",
     "CaseRuns",
     "group",
+    "base_name",
     "summarize",
     "equal_params",
     "Comparison",
@@ -89,16 +90,67 @@ class CaseRuns:
         return " · ".join(str(p) for p in parts if p)
 
 
+def _kind(record: Run) -> str:
+    return machine_kind(record.get("machine", {}), gpu=is_gpu_backend(record.get("case", {}).get("backend")))
+
+
+def _size_labels(records: Sequence[Run], tolerance: float = EQUAL_PARAMS_TOLERANCE) -> dict[tuple, str]:
+    """A name for each size a variant was built at, where one variant name (on one machine kind,
+    for one model) was built at sizes more than ``tolerance`` apart, e.g. a latency-optimized
+    variant searched once in float32 at batch 1 and once in bfloat16 at batch 64: those are
+    different models, and pooling them would give the median of neither.
+
+    Returns:
+        (kind, model, variant, params) -> ``"variant · 44.8 M"`` (3 significant digits), only for the variants to split.
+    """
+    sizes: dict[tuple[str, Any, str], set[int]] = {}
+    for record in records:
+        for name, v in record.get("variants", {}).items():
+            if name != "original" and isinstance(v, Mapping) and v.get("params"):
+                sizes.setdefault((_kind(record), record.get("case", {}).get("model"), name), set()).add(v["params"])
+    labels: dict[tuple, str] = {}
+    for key, found in sizes.items():
+        clusters: list[list[int]] = []
+        for p in sorted(found):
+            if clusters and equal_params(clusters[-1][0], p, tolerance):
+                clusters[-1].append(p)
+            else:
+                clusters.append([p])
+        if len(clusters) > 1:
+            for c in clusters:
+                labels |= {(*key, p): f"{key[2]} · {statistics.median(c) / 1e6:.3g} M" for p in c}
+    return labels
+
+
+def base_name(name: str) -> str:
+    """The variant's name without the size `group` may have added (``"optimized · 44.8 M"``)."""
+    return name.split(" · ")[0]
+
+
+def _relabelled(record: Run, labels: Mapping[tuple, str]) -> Run:
+    kind, model = _kind(record), record.get("case", {}).get("model")
+    variants = record.get("variants", {})
+    names = {n: labels.get((kind, model, n, v.get("params") if isinstance(v, Mapping) else None), n)
+             for n, v in variants.items()}  # fmt: skip
+    if all(n == m for n, m in names.items()):
+        return record
+    return {**record, "variants": {names[n]: v for n, v in variants.items()}}
+
+
 def group(records: Iterable[Run]) -> list[CaseRuns]:
     """Runs grouped by machine kind and case, in order of first appearance.
+
+    A variant built at sizes more than ±3 % apart on one machine kind (a searched variant
+    searched under other settings) is reported as one variant per size, named with its size.
 
     Args:
         records: run records of one suite; those with an ``error`` count as failed runs.
     """
+    records = list(records)
+    labels = _size_labels(records)
     groups: dict[tuple[str, str], CaseRuns] = {}
-    for record in records:
-        gpu = is_gpu_backend(record.get("case", {}).get("backend"))
-        key = (machine_kind(record.get("machine", {}), gpu=gpu), case_key(record))
+    for record in map(lambda r: _relabelled(r, labels), records):
+        key = (_kind(record), case_key(record))
         if key not in groups:
             threads = record.get("settings", {}).get("threads")
             groups[key] = CaseRuns(key[0], dict(record.get("case", {})), threads)

@@ -62,11 +62,15 @@ def _global_search(gm: nn.Module) -> dict[str, Any] | None:
 
 def _config_summary(config: fxlrd.LRDConfig) -> dict[str, Any]:
     """The settings that differ from `LRDConfig`'s defaults, and the rank quantum always (its
-    default depends on the CPU); the latency search by backend, threads and quantum only."""
+    default depends on the CPU); the latency search by backend, threads, quantum, and the
+    timing context and dtype where set (the batch it timed at is the case's, or the first
+    batch size of a gpu suite command)."""
     defaults = fxlrd.LRDConfig().to_dict()
     out = {k: v for k, v in config.to_dict().items() if v != defaults[k] or k == "rank_quantum"}
     if out.get("latency"):
-        out["latency"] = {k: out["latency"][k] for k in ("backend", "threads", "quantum")}
+        latency = out["latency"]
+        out["latency"] = {k: latency[k] for k in ("backend", "threads", "quantum")}
+        out["latency"] |= {k: latency[k] for k in ("context", "dtype") if latency.get(k) not in (None, "layer")}
     return out
 
 

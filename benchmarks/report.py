@@ -17,6 +17,7 @@ from .aggregate import (
     Spread,
     VariantSummary,
     equal_param_comparisons,
+    base_name,
     group,
     summarize,
 )
@@ -290,8 +291,10 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     cells: dict[tuple[str, str], dict[tuple[str, int], VariantSummary]] = collections.defaultdict(dict)
     for g in chosen:
         for name, s in summarize(g.runs).items():
-            if not variants or name in variants:
+            if not variants or base_name(name) in variants:
                 cells[(g.case["model"], name)][(g.case["backend"], g.case["batch"])] = s
+    model_order = list(dict.fromkeys(model for model, _ in cells))
+    cells = dict(sorted(cells.items(), key=lambda item: model_order.index(item[0][0])))  # each model's rows together
     rows = []
     for (model, name), by_column in cells.items():
         params = {round(s.params.median / 1e4) / 100 for s in by_column.values() if s.params}
@@ -300,7 +303,7 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     runs = [r for g in chosen for r in g.runs]
     fewest = min(s.speedup.n for by_column in cells.values() for s in by_column.values() if s.speedup)
     head = ["model", "variant", "params (M)"] + [f"{b} b{n}" for b, n in columns]
-    selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(n for _, n in cells)),
+    selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(base_name(n) for _, n in cells)),
                  "backends": list(dict.fromkeys(b for b, _ in columns)), "batch": sorted({n for _, n in columns})}  # fmt: skip
     repeats = _most_common(r.get("settings", {}).get("repeats") for r in runs)
     suite = "gpu" if gpu else "speed"

@@ -95,6 +95,21 @@ def test_runs_are_pooled_only_per_machine_kind_and_case():
     assert {g.kind for g in groups} == {machine_kind(MACHINE), machine_kind(MACHINE | {"cpu": "Other CPU"})}
 
 
+def test_a_variant_built_at_other_sizes_is_reported_once_per_size():
+    # "optimized" searched twice: 5.0 M and 5.1 M parameters (within ±3 %: one model) in runs 1-2, 8 M in run 3
+    sizes = [5_000_000, 5_100_000, 8_000_000]
+    runs = [make_run({"original": 10.0, "optimized": 5.0 + i}, {"original": 10**7, "optimized": p}, run=i + 1)
+            for i, p in enumerate(sizes)] + [make_run({"original": 10.0, "optimized": 5.0}, {"optimized": 8_000_000}, model="vit_b_16")]  # fmt: skip
+    resnet, vit = group(runs)
+    assert [list(r["variants"]) for r in resnet.runs] == [["original", "optimized · 5.05 M"]] * 2 + [["original", "optimized · 8 M"]]
+    assert list(vit.runs[0]["variants"]) == ["original", "optimized"]  # one size for that model: the name as it was
+    table = readme_table(runs, variants=["original", "optimized"])
+    assert "| resnet50 | optimized · 5.05 M | 5.05 | 1.83× [1.67–2.00] |" in table  # runs 1-2 pooled: 10/5, 10/6
+    assert "| resnet50 | optimized · 8 M | 8.00 | 1.43× |" in table
+    assert "--variants original,optimized " in table  # the command names the variant as the suite knows it
+    assert runs[2]["variants"].keys() == {"original", "optimized"}  # the records themselves are not changed
+
+
 def test_each_run_starts_with_another_variant():
     names = ["original", "vanilla", "quantized"]
     assert [rotated(names, run)[0] for run in (1, 2, 3, 4)] == ["original", "vanilla", "quantized", "original"]
