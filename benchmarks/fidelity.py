@@ -138,17 +138,18 @@ class MiniLMCase(Case):
     distill_steps = 1200  # ~0.25 s a step here
     distill_schedule = "cosine"  # measured at α = 2, 600 steps: 0.937 against 0.933 at a constant 1e-4
 
-    def __init__(self, n_calibration: int, n_held_out: int, n_distill: int | None = None, batch: int = 16):
+    def __init__(self, n_calibration: int, n_held_out: int, n_distill: int | None = None, batch: int = 16,
+                 n_paragraphs: int = 0):  # fmt: skip
         self.model, self.tokenizer = _real.minilm()
         cal_modules, held_modules = _real.text_split()
-        cal = _real.docstring_sentences(cal_modules, limit=n_calibration)
         self.held_out = _real.docstring_sentences(held_modules, limit=n_held_out)
-        self.calibration = _real.token_batches(self.tokenizer, cal, batch=batch)
         # Distillation text: every docstring paragraph of the calibration modules and their
         # submodules (~8 k), none of the held-out modules' first paragraphs; batches shuffled
-        # (token_batches groups them by length).
+        # (token_batches groups them by length). Its first ``n_paragraphs`` also calibrate.
         corpus = _real.docstring_corpus(cal_modules, exclude=set(_real.docstring_sentences(held_modules)))
         random.Random(0).shuffle(corpus)
+        cal = _real.docstring_sentences(cal_modules, limit=n_calibration) + corpus[:n_paragraphs]
+        self.calibration = _real.token_batches(self.tokenizer, cal, batch=batch)
         self.distill_batches = _real.token_batches(self.tokenizer, corpus[:n_distill], batch=batch)
         random.Random(1).shuffle(self.distill_batches)
         self.example = self.calibration[0]
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-held-out", type=int, default=256, help="held-out views (another random draw)")
     parser.add_argument("--text-calibration", type=int, default=1024, help="calibration sentences (at most what exists)")
     parser.add_argument("--text-held-out", type=int, default=1000, help="held-out sentences (at most what exists)")
+    parser.add_argument("--text-paragraphs", type=int, default=0, metavar="N",
+                        help="also calibrate on N paragraphs of the distillation text (longer: ~3 072 give ~100 k tokens)")
     parser.add_argument("--distill-steps", type=int, default=None, help="default: 1200 for MiniLM, 300 for the CNN")
     parser.add_argument("--distill-lr", type=float, default=None, help="default: 2e-4 (cosine) for MiniLM, 3e-5 for the CNN")
     parser.add_argument("--distill-images", type=int, default=640, help="distillation views (a third random draw)")
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "efficientnet_lite1":
             case: Case = EfficientNetCase(args.image_calibration, args.image_held_out, args.distill_images)
         else:
-            case = MiniLMCase(args.text_calibration, args.text_held_out, args.distill_text)
+            case = MiniLMCase(args.text_calibration, args.text_held_out, args.distill_text, n_paragraphs=args.text_paragraphs)
         print(f"\n{name}: original {case.fidelity(case.model)}", flush=True)
         for ratio in args.ratios:
             err = layer_output_errors(case, ratio)
