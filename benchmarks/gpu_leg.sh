@@ -15,7 +15,8 @@
 # 3. fxlrd's CUDA unit tests.
 # PLAN "followup" (what a first full leg could not finish in its lease):
 # 1. fxlrd's CUDA unit tests;
-# 2. BERT-base eager, bfloat16 and float32, every default variant;
+# 2. BERT-base eager, bfloat16 and float32: original, vanilla, quantized (building the searched
+#    variants took most of a lease's minutes: quantized@vanilla alone 66 s);
 # 3. ViT-B/16 eager bfloat16 with its searched variant's layers timed in bfloat16 at batch 64
 #    (the first batch size is the one the search times at);
 # 4. torch.compile of ViT-B/16 and BERT-base, bfloat16 then float32, original and quantized.
@@ -53,7 +54,8 @@ full)
     ;;
 followup)
     unit_tests
-    step bert-eager $((($(left) - 60) * 2 / 5)) --models bert_base --backends cuda_bf16 cuda --batch 64 256 1
+    step bert-eager $((($(left) - 60) * 2 / 5)) --models bert_base --backends cuda_bf16 cuda --batch 64 256 1 \
+        --variants original vanilla quantized
     step vit-bf16-search $((($(left) - 60) / 3)) --models vit_b_16 --backends cuda_bf16 \
         --variants original quantized optimized --batch 64 256 1
     step compile $(($(left) - 10)) --models vit_b_16 bert_base --backends cuda_compile_bf16 cuda_compile \
