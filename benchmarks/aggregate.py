@@ -6,6 +6,7 @@ the two were timed taking turns, and only then aggregated across runs.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -94,31 +95,51 @@ def _kind(record: Run) -> str:
     return machine_kind(record.get("machine", {}), gpu=is_gpu_backend(record.get("case", {}).get("backend")))
 
 
+def _family(record: Run) -> tuple[str, str]:
+    """What a variant's size must be compared within: the machine kind and the case without
+    its backend, batch and inputs (a speed case's model; a transform case's model, ratio and
+    quantum), so one variant gets the same name in every column of a table."""
+    case = {k: v for k, v in record.get("case", {}).items() if k not in ("backend", "batch", "inputs", "layout")}
+    return _kind(record), json.dumps(case, sort_keys=True)
+
+
+def _megas(params: float) -> str:
+    x = params / 1e6
+    return f"{x:.0f}" if x >= 100 else f"{x:#.3g}"
+
+
 def _size_labels(records: Sequence[Run], tolerance: float = EQUAL_PARAMS_TOLERANCE) -> dict[tuple, str]:
-    """A name for each size a variant was built at, where one variant name (on one machine kind,
-    for one model) was built at sizes more than ``tolerance`` apart, e.g. a latency-optimized
-    variant searched once in float32 at batch 1 and once in bfloat16 at batch 64: those are
-    different models, and pooling them would give the median of neither.
+    """A name for each size a variant was built at, where one decomposed variant (on one
+    machine kind, for one model) was built at sizes more than ``tolerance`` apart, e.g. a
+    latency-optimized variant searched once in float32 at batch 1 and once in bfloat16 at
+    batch 64: those are different models, and pooling them would give the median of
+    neither. Sizes are split only at a gap: sorted, a new size starts where one is more than
+    ``tolerance`` above the one before it, so a search's run-to-run drift stays one row.
+    Undecomposed variants (the original, int8) keep their names.
 
     Returns:
-        (kind, model, variant, params) -> ``"variant · 44.8 M"`` (3 significant digits), only for the variants to split.
+        (family, variant, params) -> ``"variant · 44.8 M"`` (3 significant digits), only
+        for the variants to split.
     """
-    sizes: dict[tuple[str, Any, str], set[int]] = {}
+    sizes: dict[tuple, set[int]] = {}
     for record in records:
         for name, v in record.get("variants", {}).items():
-            if name != "original" and isinstance(v, Mapping) and v.get("params"):
-                sizes.setdefault((_kind(record), record.get("case", {}).get("model"), name), set()).add(v["params"])
+            if isinstance(v, Mapping) and v.get("params") and "config" in v:
+                sizes.setdefault((_family(record), name), set()).add(v["params"])
     labels: dict[tuple, str] = {}
     for key, found in sizes.items():
         clusters: list[list[int]] = []
         for p in sorted(found):
-            if clusters and equal_params(clusters[-1][0], p, tolerance):
+            if clusters and equal_params(clusters[-1][-1], p, tolerance):
                 clusters[-1].append(p)
             else:
                 clusters.append([p])
         if len(clusters) > 1:
-            for c in clusters:
-                labels |= {(*key, p): f"{key[2]} · {statistics.median(c) / 1e6:.3g} M" for p in c}
+            names = [f"{key[1]} · {_megas(statistics.median(c))} M" for c in clusters]
+            if len(set(names)) < len(names):  # medians > 3 % apart print apart; never pool two sizes silently
+                names = [f"{key[1]} · {statistics.median(c):.0f} params" for c in clusters]
+            for c, label in zip(clusters, names):
+                labels |= {(*key, p): label for p in c}
     return labels
 
 
@@ -128,9 +149,9 @@ def base_name(name: str) -> str:
 
 
 def _relabelled(record: Run, labels: Mapping[tuple, str]) -> Run:
-    kind, model = _kind(record), record.get("case", {}).get("model")
+    family = _family(record)
     variants = record.get("variants", {})
-    names = {n: labels.get((kind, model, n, v.get("params") if isinstance(v, Mapping) else None), n)
+    names = {n: labels.get((family, n, v.get("params") if isinstance(v, Mapping) else None), n)
              for n, v in variants.items()}  # fmt: skip
     if all(n == m for n, m in names.items()):
         return record
@@ -140,8 +161,9 @@ def _relabelled(record: Run, labels: Mapping[tuple, str]) -> Run:
 def group(records: Iterable[Run]) -> list[CaseRuns]:
     """Runs grouped by machine kind and case, in order of first appearance.
 
-    A variant built at sizes more than ±3 % apart on one machine kind (a searched variant
-    searched under other settings) is reported as one variant per size, named with its size.
+    A decomposed variant built at sizes more than ±3 % apart on one machine kind (a searched
+    variant searched under other settings) is reported as one variant per size, named with
+    its size (`_size_labels`).
 
     Args:
         records: run records of one suite; those with an ``error`` count as failed runs.

@@ -71,6 +71,8 @@ def _config_summary(config: fxlrd.LRDConfig) -> dict[str, Any]:
         latency = out["latency"]
         out["latency"] = {k: latency[k] for k in ("backend", "threads", "quantum")}
         out["latency"] |= {k: latency[k] for k in ("context", "dtype") if latency.get(k) not in (None, "layer")}
+        if latency.get("context") == "neighbours":
+            out["latency"]["depth"] = latency.get("depth")
     return out
 
 

@@ -127,7 +127,7 @@ def _over_int8(group_: CaseRuns) -> list[str]:
     """The int8 variants of compressed models against the int8 original, run by run."""
     summaries = summarize(group_.runs, baseline="int8")
     rows = [(s.name, _range(s.params, 1e-6), _fmt(s.mac_ratio, suffix="×"), _fmt(s.speedup, suffix="×"), str(s.speedup.n))
-            for s in summaries.values() if s.name.endswith("+int8") and s.speedup]  # fmt: skip
+            for s in summaries.values() if base_name(s.name).endswith("+int8") and s.speedup]  # fmt: skip
     if "int8" not in summaries or not rows:
         return []
     lines = ["LRD + int8 against int8 alone (both quantized the same way, matched within each run):", ""]
@@ -175,7 +175,8 @@ def transform_table(groups: Sequence[CaseRuns]) -> list[str]:
         if not by_code:
             rows.append((g.case.get("model", "?"), "-", "-", "-", "-", "-", f"0 ({len(g.failed)} failed)"))
         for runs in by_code.values():
-            s = summarize(runs, baseline=None, extra=("params_before", "layers_decomposed"))["quantized"]
+            s = next(s for s in summarize(runs, baseline=None, extra=("params_before", "layers_decomposed")).values()
+                     if base_name(s.name) == "quantized")  # fmt: skip
             quantum = g.case.get("rank_quantum")
             code = ", ".join(dict.fromkeys(r_git(r) for r in runs))
             rows.append((g.case.get("model", "?"), f"α = {g.case.get('ratio', 2)}, quantum {quantum}", code,

@@ -95,19 +95,41 @@ def test_runs_are_pooled_only_per_machine_kind_and_case():
     assert {g.kind for g in groups} == {machine_kind(MACHINE), machine_kind(MACHINE | {"cpu": "Other CPU"})}
 
 
+def _searched(run: dict, name: str = "optimized") -> dict:
+    """``run`` with ``name`` marked as a decomposed variant (its build config recorded)."""
+    run["variants"][name]["config"] = {"rank_quantum": 16}
+    return run
+
+
 def test_a_variant_built_at_other_sizes_is_reported_once_per_size():
     # "optimized" searched twice: 5.0 M and 5.1 M parameters (within ±3 %: one model) in runs 1-2, 8 M in run 3
     sizes = [5_000_000, 5_100_000, 8_000_000]
-    runs = [make_run({"original": 10.0, "optimized": 5.0 + i}, {"original": 10**7, "optimized": p}, run=i + 1)
-            for i, p in enumerate(sizes)] + [make_run({"original": 10.0, "optimized": 5.0}, {"optimized": 8_000_000}, model="vit_b_16")]  # fmt: skip
+    runs = [_searched(make_run({"original": 10.0, "optimized": 5.0 + i}, {"original": 10**7, "optimized": p}, run=i + 1))
+            for i, p in enumerate(sizes)]  # fmt: skip
+    runs.append(_searched(make_run({"original": 10.0, "optimized": 5.0}, {"optimized": 8_000_000}, model="vit_b_16")))
     resnet, vit = group(runs)
-    assert [list(r["variants"]) for r in resnet.runs] == [["original", "optimized · 5.05 M"]] * 2 + [["original", "optimized · 8 M"]]
+    assert [list(r["variants"]) for r in resnet.runs] == [["original", "optimized · 5.05 M"]] * 2 + [["original", "optimized · 8.00 M"]]
     assert list(vit.runs[0]["variants"]) == ["original", "optimized"]  # one size for that model: the name as it was
     table = readme_table(runs, variants=["original", "optimized"])
     assert "| resnet50 | optimized · 5.05 M | 5.05 | 1.83× [1.67–2.00] |" in table  # runs 1-2 pooled: 10/5, 10/6
-    assert "| resnet50 | optimized · 8 M | 8.00 | 1.43× |" in table
+    assert "| resnet50 | optimized · 8.00 M | 8.00 | 1.43× |" in table
     assert "--variants original,optimized " in table  # the command names the variant as the suite knows it
     assert runs[2]["variants"].keys() == {"original", "optimized"}  # the records themselves are not changed
+
+
+def test_sizes_are_split_only_at_a_gap_and_undecomposed_variants_keep_their_names():
+    # a search drifting 9.27 → 9.68 M in steps under 3 % is one model; 12 M is another
+    sizes = [9_270_000, 9_400_000, 9_540_000, 9_680_000, 12_000_000]
+    runs = [_searched(make_run({"original": 10.0, "optimized": 5.0, "int8": 4.0},
+                               {"original": 10**7, "optimized": p, "int8": 10**7 + i * 10**6}, run=i + 1))
+            for i, p in enumerate(sizes)]  # fmt: skip
+    (g,) = group(runs)
+    assert [n for r in g.runs for n in r["variants"] if n.startswith("optimized")] == ["optimized · 9.47 M"] * 4 + ["optimized · 12.0 M"]
+    assert all("int8" in r["variants"] for r in g.runs)  # not decomposed (no build config): never split
+    # the same variant on another backend or batch gets the same names (one row per size in the README table)
+    other = [_searched(make_run({"original": 10.0, "optimized": 4.0}, {"optimized": p}, backend="eager", batch=8)) for p in sizes[::4]]
+    table = readme_table(runs + other, variants=["original", "optimized"])
+    assert table.count("| resnet50 | optimized · ") == 2
 
 
 def test_each_run_starts_with_another_variant():
@@ -207,6 +229,11 @@ def test_lrd_plus_int8_is_compared_with_int8_alone_run_by_run():
     assert "1.33× [1.25–2.00]" in row  # 4/2, 5/4, 4/3: the median of the per-run ratios
     no_int8 = suite_markdown("speed", [make_run({"original": 10.0, "quantized": 5.0}, params, run=1)])
     assert "LRD + int8" not in no_int8
+    # a searched LRD + int8 variant built at two sizes: a row per size, both still compared with int8
+    two = [_searched(make_run({"original": 10.0, "int8": 4.0, "global+int8": 2.0}, {"int8": 100, "global+int8": p}, run=i + 1),
+                     "global+int8") for i, p in enumerate([50, 80])]  # fmt: skip
+    section = suite_markdown("speed", two).split("LRD + int8 against int8 alone")[1]
+    assert section.count("| global+int8 · ") == 2
 
 
 def test_readme_table_names_the_machine_and_the_command():
