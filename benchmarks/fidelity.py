@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-save", action="store_true", help="print only (e.g. while other work loads the machine)")
     args = parser.parse_args(argv)
+    if args.text_paragraphs < 0:
+        parser.error(f"--text-paragraphs must be 0 or more (paragraphs added to the calibration text), got {args.text_paragraphs}")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     env = environment()
