@@ -20,8 +20,12 @@
 # 3. ViT-B/16 eager bfloat16 with its searched variant's layers timed in bfloat16 at batch 64
 #    (the first batch size is the one the search times at);
 # 4. torch.compile of ViT-B/16 and BERT-base, bfloat16 then float32, original and quantized.
+# PLAN "rest" (what the first two leases left):
+# 1. torch.compile of BERT-base, bfloat16 then float32, original and quantized;
+# 2. training steps on the GPU (forward, backward, SGD) at batch 64, each freezing policy:
+#    ResNet-50 in NCHW and in channels_last, then ViT-B/16 and BERT-base.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS] [full|followup]}
+out=${1:?usage: bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS] [full|followup|rest]}
 budget=${2:-540}
 plan=${3:-full}
 start=$SECONDS
@@ -61,6 +65,21 @@ followup)
     step compile $(($(left) - 10)) --models vit_b_16 bert_base --backends cuda_compile_bf16 cuda_compile \
         --variants original quantized --batch 64 256 1
     ;;
-*) echo "unknown plan: $plan (full or followup)"; exit 2 ;;
+rest)
+    step bert-compile $((($(left) - 20) * 11 / 20)) --models bert_base --backends cuda_compile_bf16 cuda_compile \
+        --variants original quantized --batch 64 256 1
+    train() {  # train NAME SECONDS ARGS...: the training suite on the GPU, cut at SECONDS
+        local name=$1 limit=$2
+        shift 2
+        echo "== $name: up to ${limit} s (at $((SECONDS - start)) s)"
+        if ((limit < 30)); then echo "== $name: skipped, no time left"; return; fi
+        timeout --kill-after=10 "$limit" python3 -m benchmarks training --backends cuda --batch 64 "$@" \
+            --results-dir "$out" --work-dir "$work"
+        echo "== $name: exit $? after $((SECONDS - start)) s"
+    }
+    train resnet-training $((($(left) - 10) / 2)) --models resnet50 --layouts nchw channels_last
+    train transformer-training $(($(left) - 10)) --models vit_b_16 bert_base
+    ;;
+*) echo "unknown plan: $plan (full, followup or rest)"; exit 2 ;;
 esac
 echo "== done after $((SECONDS - start)) s"

@@ -23,6 +23,7 @@ from fxlrd.timing import median_times
 
 from . import models, variants
 from .build import as_args, load_variant, rotated
+from .speed import gpu_device
 
 __all__ = ["POLICIES", "LAYOUTS", "BACKENDS", "case", "run", "variant_names"]
 
@@ -61,7 +62,7 @@ def _trainer(model: nn.Module, policy: str | None, inputs: Any, device: str) -> 
     optimizer = torch.optim.SGD(fxlrd.param_groups(model), lr=0.01, momentum=0.9)
     freezer = fxlrd.SequentialFreezer(model, period=1, optimizer=optimizer) if policy == "sequential" else None
     args, kwargs = as_args(inputs)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -99,7 +100,7 @@ def run(task: Mapping[str, Any]) -> dict[str, Any]:
         parameters), ``order`` (the order they took turns in), ``skipped`` and ``failed``.
     """
     torch.set_num_threads(task["threads"])
-    device = "cuda" if task["backend"] == "cuda" else "cpu"
+    device = gpu_device() if task["backend"] == "cuda" else "cpu"  # $FXLRD_BENCH_GPU_DEVICE=cpu rehearses it
     layout = LAYOUTS[task["layout"]]
     entries = json.loads(Path(task["manifest"]).read_text())["variants"]
     spec = models.get(task["model"])
