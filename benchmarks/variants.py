@@ -158,6 +158,35 @@ def _merged_global_at_vanilla(ctx: BuildContext) -> LRDConfig:
     return ctx.memo["merged_global_at_vanilla"]
 
 
+def _merged_optimized_at_vanilla(ctx: BuildContext) -> LRDConfig:
+    """Merged, ranks searched in context as `merged_optimized_ctx`, at vanilla LRD's parameter
+    count: the ratio bisected to the smallest whose merged model has at most vanilla's
+    parameters. The latency search keeps each layer's largest rank within its tolerance of the
+    fastest below the ratio's rank, so at α = 2 it lands wherever the timings put it (ResNet-50:
+    12.48 M on one Xeon, 12.00 M on another); a lower ratio gives it vanilla's budget to spend.
+    Every step re-plans from the same latency cache, timing only candidates not seen before.
+    """
+    if "merged_optimized_at_vanilla" not in ctx.memo:
+
+        def config(ratio: float) -> LRDConfig:
+            return LRDConfig(ratio=round(ratio, 4), merge="approximate", latency=ctx.latency("neighbours"))
+
+        def params(ratio: float) -> int:
+            return fxlrd.count_params(fxlrd.transform(ctx.model, config(ratio), example_inputs=ctx.example))
+
+        lo, hi = 1.2, 2.0
+        if params(hi) > ctx.vanilla_params:
+            raise ValueError(f"merged_optimized_ctx at ratio {hi} has more than vanilla's {ctx.vanilla_params} params")
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            if params(mid) > ctx.vanilla_params:
+                lo = mid
+            else:
+                hi = mid
+        ctx.memo["merged_optimized_at_vanilla"] = config(hi)
+    return ctx.memo["merged_optimized_at_vanilla"]
+
+
 OUT_OF_REACH = 4.0  # a speed target no model of vanilla's size reaches here: global mode then returns the fastest
 
 
@@ -226,6 +255,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("merged_optimized_ctx", "merged, with ranks searched inside each layer's neighbours",
                 lambda ctx: LRDConfig(ratio=2, merge="approximate", latency=ctx.latency("neighbours")),
                 searched=True),  # fmt: skip
+        Variant("merged_optimized@vanilla_ctx", "merged_optimized_ctx at vanilla's parameters (its ratio bisected)",
+                _merged_optimized_at_vanilla, searched=True),  # fmt: skip
         Variant("merged_global@vanilla_ctx", "merged, ranks by global mode in context (target_speedup="
                 f"{TARGET_SPEEDUP} before merging) at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, merge="approximate",

@@ -384,6 +384,23 @@ def test_merged_fastest_at_vanilla_size_is_faster_than_the_least_error_model_of_
     assert fastest.config(ctx) is config  # found once per case
 
 
+def test_merged_optimized_at_vanilla_size_spends_vanilla_s_budget(tmp_path, monkeypatch):
+    """The bisected ratio gives a merged, latency-searched model of at most vanilla LRD's
+    parameters and more than the search keeps at α = 2 (synthetic cost timer)."""
+    import fxlrd
+    from benchmarks.variants import get
+
+    model, x, ctx = _merge_case(tmp_path, monkeypatch, first_kernel=3)
+    variant = get("merged_optimized@vanilla_ctx")
+    config = variant.config(ctx)
+    assert config.merge == "approximate" and config.latency.context == "neighbours" and 1.2 <= config.ratio <= 2.0
+    gm = variant.build(ctx)
+    assert gm.fxlrd_plan.decomposed and any(getattr(m, "fxlrd_merge", None) for m in gm.modules())
+    at_two = get("merged_optimized_ctx").build(ctx)
+    assert fxlrd.count_params(at_two) < fxlrd.count_params(gm) <= ctx.vanilla_params
+    assert variant.config(ctx) is config  # found once per case
+
+
 def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import inspect
