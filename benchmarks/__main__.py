@@ -37,7 +37,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "transform": {"models": list(transform.MODELS), "repeats": 5, "warmup": 1},
     "gpu": {"models": ["resnet50", "vit_b_16", "bert_base"],
             "variants": ["original", "vanilla", "quantized", "quantized@vanilla", "merged", "optimized"],
-            "backends": list(speed.GPU_BACKENDS), "batch": [1, 64, 256], "repeats": 10, "warmup": 3},
+            "backends": list(speed.GPU_NCHW_BACKENDS), "batch": [1, 64, 256], "repeats": 10, "warmup": 3},
 }
 CHOICES = {"models": list(models.MODELS), "variants": list(variants.VARIANTS)}
 

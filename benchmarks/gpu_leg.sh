@@ -21,8 +21,9 @@
 #    (the first batch size is the one the search times at);
 # 4. torch.compile of ViT-B/16 and BERT-base, bfloat16 then float32, original and quantized.
 # PLAN "rest" (what the first two leases left):
-# 1. torch.compile of BERT-base, bfloat16 then float32, original and quantized;
-# 2. training steps on the GPU (forward, backward, SGD) at batch 64, each freezing policy:
+# 1. ResNet-50 eager in channels_last (cuda_bf16_cl, cuda_cl): original, quantized, merged;
+# 2. torch.compile of BERT-base, bfloat16 then float32, original and quantized;
+# 3. training steps on the GPU (forward, backward, SGD) at batch 64, each freezing policy:
 #    ResNet-50 in NCHW and in channels_last, then ViT-B/16 and BERT-base.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_leg.sh RESULTS_DIR [SECONDS] [full|followup|rest]}
@@ -66,6 +67,8 @@ followup)
         --variants original quantized --batch 64 256 1
     ;;
 rest)
+    step resnet-channels-last $((($(left) - 20) / 5)) --models resnet50 --backends cuda_bf16_cl cuda_cl \
+        --variants original quantized merged --batch 64 256 1
     step bert-compile $((($(left) - 20) * 11 / 20)) --models bert_base --backends cuda_compile_bf16 cuda_compile \
         --variants original quantized --batch 64 256 1
     train() {  # train NAME SECONDS ARGS...: the training suite on the GPU, cut at SECONDS

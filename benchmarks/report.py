@@ -39,7 +39,8 @@ __all__ = [
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 MIN_RUNS = 3  # what the suite asks of every figure
 README_SECTION = "### Benchmark suite"
-BACKEND_ORDER = ("onnxruntime", "eager", "compile", "cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16")
+BACKEND_ORDER = ("onnxruntime", "eager", "compile", "cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16",
+                 "cuda_cl", "cuda_bf16_cl", "cuda_compile_cl", "cuda_compile_bf16_cl")
 Run = Mapping[str, Any]
 
 

@@ -6,7 +6,9 @@ variants through `fxlrd.latency.make_timer` — the runners the latency search i
 
 The GPU backends run the variants on CUDA: ``cuda`` (eager, float32), ``cuda_bf16`` (eager,
 every weight and floating input in bfloat16), ``cuda_compile`` and ``cuda_compile_bf16``
-(torch.compile, inductor, default mode). A compiled variant keeps its compiled graphs across
+(torch.compile, inductor, default mode); each also with the suffix ``_cl`` (``cuda_bf16_cl``...):
+the same in channels_last, every 4-d weight and input of the original and the variants alike
+(cuDNN's tensor-core convolutions want it; NCHW stays the default). A compiled variant keeps its compiled graphs across
 batch sizes, under torch.compile's default dynamic-shape policy: the first batch size (1)
 gets a static graph, the second one a graph with a dynamic batch that the later ones reuse.
 Compilation happens before timing. float32 runs with torch's default TF32 settings and
@@ -31,9 +33,11 @@ from fxlrd.timing import median_times
 from . import models
 from .build import as_args, load_variant, rotated
 
-__all__ = ["BACKENDS", "CPU_BACKENDS", "GPU_BACKENDS", "GpuModels", "case", "run", "gpu_device", "gpu_dtype", "variant_key"]
+__all__ = ["BACKENDS", "CPU_BACKENDS", "GPU_BACKENDS", "GPU_NCHW_BACKENDS", "GpuModels", "case", "run", "gpu_device",
+           "gpu_dtype", "gpu_layout", "variant_key"]
 
-GPU_BACKENDS = ("cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16")
+GPU_NCHW_BACKENDS = ("cuda", "cuda_bf16", "cuda_compile", "cuda_compile_bf16")
+GPU_BACKENDS = GPU_NCHW_BACKENDS + tuple(f"{b}_cl" for b in GPU_NCHW_BACKENDS)
 CPU_BACKENDS = ("onnxruntime", "eager", "compile")
 BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 # Where the GPU backends run; smoke tests on a machine without a GPU set it to "cpu".
@@ -59,14 +63,21 @@ def gpu_device() -> str:
 
 def gpu_dtype(backend: str) -> torch.dtype:
     """The dtype a GPU backend runs in."""
-    return torch.bfloat16 if backend.endswith("_bf16") else torch.float32
+    return torch.bfloat16 if backend.removesuffix("_cl").endswith("_bf16") else torch.float32
 
 
-def _to(value: Any, device: str, dtype: torch.dtype) -> Any:
-    """A tensor on ``device``, floating ones in ``dtype`` (token ids and masks keep theirs)."""
+def gpu_layout(backend: str) -> torch.memory_format:
+    """The memory layout a GPU backend runs in: channels_last for the ``_cl`` ones."""
+    return torch.channels_last if backend.endswith("_cl") else torch.contiguous_format
+
+
+def _to(value: Any, device: str, dtype: torch.dtype, layout: torch.memory_format = torch.contiguous_format) -> Any:
+    """A tensor on ``device``, floating ones in ``dtype`` (token ids and masks keep theirs), a
+    4-d one in ``layout``."""
     if not isinstance(value, torch.Tensor):
         return value
-    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return value.contiguous(memory_format=layout) if value.dim() == 4 else value
 
 
 class GpuModels:
@@ -83,14 +94,14 @@ class GpuModels:
     def runner(self, name: str, backend: str, inputs: Any) -> Callable[[], object]:
         """One synchronised call of variant ``name`` on ``backend``, after an untimed first call
         (which compiles it for these shapes when the backend compiles)."""
-        device, dtype, compiled = gpu_device(), gpu_dtype(backend), "compile" in backend
-        key = (name, str(dtype))
+        device, dtype, compiled, layout = gpu_device(), gpu_dtype(backend), "compile" in backend, gpu_layout(backend)
+        key = (name, str(dtype)) if layout == torch.contiguous_format else (name, str(dtype), "channels_last")
         if (*key, compiled) in self.failed:
             raise RuntimeError(f"failed before in this process: {self.failed[(*key, compiled)]}")
         if key not in self.ready:
-            self.ready[key] = copy.deepcopy(self.loaded[name]).to(device, dtype).eval()
+            self.ready[key] = copy.deepcopy(self.loaded[name]).to(device, dtype).to(memory_format=layout).eval()
         args, kwargs = as_args(inputs)
-        cast = (tuple(_to(a, device, dtype) for a in args), {k: _to(v, device, dtype) for k, v in kwargs.items()})
+        cast = (tuple(_to(a, device, dtype, layout) for a in args), {k: _to(v, device, dtype, layout) for k, v in kwargs.items()})
         timer = TorchTimer(LatencyConfig(backend="eager", progress=False), compiled=compiled, device=device)
         try:
             run = timer.model_runner(self.ready[key], cast)

@@ -472,6 +472,34 @@ def test_gpu_models_cast_once_per_dtype_and_reuse_the_model_at_every_batch(monke
     assert speed.gpu_dtype("cuda_compile_bf16") == torch.bfloat16 and speed.gpu_dtype("cuda_compile") == torch.float32
 
 
+def test_gpu_channels_last_backends_put_weights_and_images_in_channels_last(monkeypatch):
+    import torch
+
+    from benchmarks import speed
+
+    monkeypatch.setenv(speed.GPU_DEVICE_VARIABLE, "cpu")
+    torch.manual_seed(0)
+    master = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    gpu = speed.GpuModels({"m": master})
+    x = torch.randn(2, 3, 8, 8)
+    gpu.runner("m", "cuda", x)()
+    gpu.runner("m", "cuda_cl", x)()
+    gpu.runner("m", "cuda_bf16_cl", x)()
+    assert set(gpu.ready) == {("m", "torch.float32"), ("m", "torch.float32", "channels_last"),
+                              ("m", "torch.bfloat16", "channels_last")}  # fmt: skip
+    nhwc = gpu.ready[("m", "torch.float32", "channels_last")]
+    assert nhwc[0].weight.is_contiguous(memory_format=torch.channels_last) and not nhwc[0].weight.is_contiguous()
+    assert gpu.ready[("m", "torch.float32")][0].weight.is_contiguous()  # NCHW stays NCHW
+    assert master[0].weight.is_contiguous()  # the master copy is never changed
+    image = speed._to(x, "cpu", torch.float32, speed.gpu_layout("cuda_compile_bf16_cl"))
+    assert image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+    assert speed._to(torch.ones(2, 3), "cpu", torch.float32, torch.channels_last).is_contiguous()  # only 4-d tensors
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(image), master(x))
+    assert speed.gpu_dtype("cuda_bf16_cl") == torch.bfloat16 and speed.gpu_dtype("cuda_compile_cl") == torch.float32
+    assert speed.gpu_layout("cuda_bf16") == torch.contiguous_format
+
+
 def test_gpu_inputs_keep_token_ids_integer():
     import torch
 
