@@ -6,10 +6,10 @@ variants through `fxlrd.latency.make_timer` — the runners the latency search i
 
 The GPU backends run the variants on CUDA: ``cuda`` (eager, float32), ``cuda_bf16`` (eager,
 every weight and floating input in bfloat16), ``cuda_compile`` and ``cuda_compile_bf16``
-(torch.compile, inductor, default mode); each also with the suffix ``_cl`` (``cuda_bf16_cl``...):
-the same in channels_last, every 4-d weight and input of the original and the variants alike
-(cuDNN's tensor-core convolutions want it; NCHW stays the default). A compiled variant keeps its compiled graphs across
-batch sizes, under torch.compile's default dynamic-shape policy: the first batch size (1)
+(torch.compile, inductor, default mode); each also with the suffix ``_cl`` (``cuda_bf16_cl``
+...): the same in channels_last, every 4-d weight and input of the original and the variants
+alike (cuDNN's tensor-core convolutions want it; NCHW stays the default). A compiled variant
+keeps its compiled graphs across batch sizes, under torch.compile's default dynamic-shape policy: the first batch size (1)
 gets a static graph, the second one a graph with a dynamic batch that the later ones reuse.
 Compilation happens before timing. float32 runs with torch's default TF32 settings and
 cuDNN's benchmark mode off, which the record notes.

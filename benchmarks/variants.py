@@ -160,22 +160,33 @@ def _merged_global_at_vanilla(ctx: BuildContext) -> LRDConfig:
 
 def _merged_optimized_at_vanilla(ctx: BuildContext) -> LRDConfig:
     """Merged, ranks searched in context as `merged_optimized_ctx`, at vanilla LRD's parameter
-    count: the ratio bisected to the smallest whose merged model has at most vanilla's
-    parameters. The latency search keeps each layer's largest rank within its tolerance of the
-    fastest below the ratio's rank, so at α = 2 it lands wherever the timings put it (ResNet-50:
-    12.48 M on one Xeon, 12.00 M on another); a lower ratio gives it vanilla's budget to spend.
-    Every step re-plans from the same latency cache, timing only candidates not seen before.
+    count: the ratio bisected between 1.2 and 2 for one whose merged model has at most vanilla's
+    parameters while a slightly lower ratio has more. The latency search keeps each layer's
+    largest rank within its tolerance of the fastest below the ratio's rank, so at α = 2 it
+    lands wherever the timings put it (ResNet-50: 12.48 M on one Xeon, 12.00 M on another); a
+    lower ratio gives it vanilla's budget to spend. Parameters do not fall steadily with the
+    ratio (a layer the search keeps whole holds all of its own), so this is a boundary, not
+    always the largest model of that size. Every step re-plans from the same latency cache,
+    timing only candidates not seen before. A model with nothing to merge is built at α = 2
+    and skipped as `merged` is.
     """
     if "merged_optimized_at_vanilla" not in ctx.memo:
 
         def config(ratio: float) -> LRDConfig:
             return LRDConfig(ratio=round(ratio, 4), merge="approximate", latency=ctx.latency("neighbours"))
 
+        def build(ratio: float) -> nn.Module:
+            return fxlrd.transform(ctx.model, config(ratio), example_inputs=ctx.example)
+
         def params(ratio: float) -> int:
-            return fxlrd.count_params(fxlrd.transform(ctx.model, config(ratio), example_inputs=ctx.example))
+            return fxlrd.count_params(build(ratio))
 
         lo, hi = 1.2, 2.0
-        if params(hi) > ctx.vanilla_params:
+        at_two = build(hi)
+        if not at_two.fxlrd_plan.decomposed:
+            ctx.memo["merged_optimized_at_vanilla"] = config(hi)
+            return config(hi)
+        if fxlrd.count_params(at_two) > ctx.vanilla_params:
             raise ValueError(f"merged_optimized_ctx at ratio {hi} has more than vanilla's {ctx.vanilla_params} params")
         for _ in range(7):
             mid = (lo + hi) / 2

@@ -401,6 +401,20 @@ def test_merged_optimized_at_vanilla_size_spends_vanilla_s_budget(tmp_path, monk
     assert variant.config(ctx) is config  # found once per case
 
 
+def test_merged_optimized_at_vanilla_size_is_skipped_where_nothing_merges(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    from benchmarks.variants import BuildContext, get
+
+    _merge_case(tmp_path, monkeypatch, first_kernel=1)  # installs the synthetic timer
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    ctx = BuildContext(None, model, torch.randn(2, 32), "onnxruntime", 1, tmp_path / "latency.json")
+    variant = get("merged_optimized@vanilla_ctx")
+    assert variant.config(ctx).ratio == 2.0
+    assert variant.skip_reason(variant.build(ctx)) == "no layer decomposed with this config"
+
+
 def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import inspect
