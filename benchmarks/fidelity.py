@@ -25,6 +25,12 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
   steps, batch 16) on data neither calibration nor held out: for MiniLM every paragraph of
   the calibration modules' docstrings (~8 k), for the CNN a third random draw of views.
 
+With ``--int8 METHOD ...``: the original and those methods' models also go through
+onnxruntime's static int8 quantization (``fxlrd.export_onnx(..., quantize="int8")``: QDQ,
+per-channel int8 weights, uint8 activations, calibrated on the same calibration data), and
+their fidelity is measured by running the int8 ONNX files (rows ``int8`` at α = 1 and
+``METHOD+int8``), timed with the others: LRD + int8 against int8 alone, for accuracy.
+
 Also: each layer's output error, whitened vs data-free at equal rank (the median ratio);
 onnxruntime CPU latency of every variant (variants taking turns, ``--runs`` rounds, median
 [min–max]); a Pareto plot of speed-up against fidelity. Results are appended to
@@ -42,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -103,6 +110,10 @@ class EfficientNetCase(Case):
         return {"top1_agreement": float((out.argmax(-1) == self.reference.argmax(-1)).float().mean()), "kl": float(kl)}
 
     primary = "top1_agreement"
+
+    @staticmethod
+    def from_onnx(outputs: list) -> torch.Tensor:
+        return torch.from_numpy(outputs[0])
 
 
 def _pooled(outputs, inputs) -> torch.Tensor:
@@ -166,6 +177,10 @@ class MiniLMCase(Case):
 
     primary = "cosine"
 
+    @staticmethod
+    def from_onnx(outputs: list) -> Any:
+        return types.SimpleNamespace(last_hidden_state=torch.from_numpy(outputs[0]))
+
 
 # -- methods ---------------------------------------------------------------------------------------
 def _config(case: Case, method: str, ratio: float) -> tuple[LRDConfig, bool]:
@@ -228,10 +243,36 @@ def layer_output_errors(case: Case, ratio: float) -> dict[str, Any]:
     return {"ratio": ratio, "layers": rows, "median_whitened_over_data_free": statistics.median(ratios) if ratios else None}
 
 
+# -- int8 ------------------------------------------------------------------------------------------
+class OnnxModel:
+    """An ONNX file run by onnxruntime (CPU, no spinning), called like the PyTorch model it
+    came from, so a case measures its fidelity as it measures any model's."""
+
+    def __init__(self, path: Path, case: Case, threads: int):
+        from fxlrd.export import onnx_session
+
+        self.path, self.case = path, case
+        self.session = onnx_session(path, threads=threads)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from fxlrd.export import onnx_feed
+
+        return self.case.from_onnx(self.session.run(None, onnx_feed(self.session, (args, kwargs))))
+
+
+def int8_model(case: Case, model: torch.nn.Module, path: Path, threads: int) -> OnnxModel:
+    """``model`` exported to ONNX and quantized to int8 by onnxruntime's static quantization,
+    calibrated on the case's calibration batches."""
+    fxlrd.export_onnx(model, case.example, path, quantize="int8", calibration=case.calibration)
+    return OnnxModel(path, case, threads)
+
+
 # -- latency ---------------------------------------------------------------------------------------
-def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repeats: int, threads: int) -> dict[str, dict]:
+def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repeats: int, threads: int,
+            onnx_files: dict[str, Path] | None = None) -> dict[str, dict]:  # fmt: skip
     """onnxruntime CPU latency of each model, all taking turns, ``rounds`` independent rounds
-    (fresh sessions each): per model the median of the round medians with their min and max."""
+    (fresh sessions each): per model the median of the round medians with their min and max.
+    ``onnx_files``: more models, as ONNX files already written (the int8 ones)."""
     from fxlrd.export import export_onnx_file, onnx_feed, onnx_session
     from fxlrd.capture import normalize_inputs
 
@@ -242,7 +283,8 @@ def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repea
         paths[name] = Path(tmp.name) / f"{name.replace('+', '_')}.onnx"
         model.eval()
         export_onnx_file(model, inputs, paths[name])
-    per_round: dict[str, list[float]] = {name: [] for name in models}
+    paths |= onnx_files or {}
+    per_round: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         sessions = {name: onnx_session(p, threads=threads) for name, p in paths.items()}
         runs = {name: (lambda s=s: s.run(None, onnx_feed(s, inputs))) for name, s in sessions.items()}
@@ -257,14 +299,38 @@ def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repea
 
 # -- the run -------------------------------------------------------------------------------------
 def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps: int | None, distill_lr: float | None,
-             rounds: int, repeats: int, threads: int, distill_features: float = 0.0) -> dict[str, Any]:
+             rounds: int, repeats: int, threads: int, distill_features: float = 0.0,
+             int8: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every method at every ratio, then every model timed (taking turns). ``distill_steps`` and
     ``distill_lr`` None: the case's own (1200 steps from 2e-4 on a cosine for MiniLM, 300 at
-    3e-5 for the CNN)."""
+    3e-5 for the CNN). ``int8``: the methods whose models (and the original's) are also
+    measured quantized to int8 by onnxruntime."""
     rows = []
     timed: dict[str, torch.nn.Module] = {"original": case.model}
+    int8_files: dict[str, Path] = {}
+    int8_dir = tempfile.TemporaryDirectory()
     original_params = fxlrd.count_params(case.model)
     original_macs = fxlrd.count_macs(case.model, case.timing_input)
+
+    def add_int8(key: str, model: torch.nn.Module, row: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        path = Path(int8_dir.name) / f"{key.replace('+', '_').replace('@', '_')}.int8.onnx"
+        try:
+            quantized = int8_model(case, model, path, threads)
+        except Exception as exc:  # noqa: BLE001  (a model int8 cannot keep close is a result too)
+            print(f"  {key}+int8: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append({**row, "method": f"{row['method']}+int8", "failed": f"{type(exc).__name__}: {exc}"})
+            return
+        fid = case.fidelity(quantized)
+        int8_files[f"{key}+int8"] = path
+        rows.append({**row, "method": "int8" if row["method"] == "original" else f"{row['method']}+int8",
+                     "seconds": time.perf_counter() - t0, "int8": True, **fid})  # fmt: skip
+        print(f"  {rows[-1]['method']:<26} α={row['ratio']:<4g} " + "  ".join(f"{k} {v:.4f}" for k, v in fid.items())
+              + f"  ({rows[-1]['seconds']:.0f} s)", flush=True)  # fmt: skip
+
+    if int8:
+        add_int8("original", case.model, {"ratio": 1.0, "method": "original", "params": original_params,
+                                          "macs": original_macs})  # fmt: skip
     for ratio in ratios:
         built: dict[str, torch.nn.Module] = {}
         for method in methods:
@@ -298,11 +364,18 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
             rows.append(row)
             print(f"  α={ratio:<4g} {method:<20} params {params / 1e6:6.2f} M  MACs {macs / 1e9:6.3f} G  "
                   + "  ".join(f"{k} {v:.4f}" for k, v in fid.items()) + f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
+            if int8 and method in int8:
+                add_int8(key, model, {"ratio": ratio, "method": method, "params": params, "macs": macs})
     print("  timing (onnxruntime CPU, variants taking turns)...", flush=True)
-    lat = latency(timed, case.timing_input, rounds, repeats, threads)
+    lat = latency(timed, case.timing_input, rounds, repeats, threads, int8_files)
+    int8_dir.cleanup()
     base = lat["original"]["median_ms"]
+    rows = [r for r in rows if "failed" not in r] + [r for r in rows if "failed" in r]
     for row in rows:
-        t = lat[f"{row['method']}@{row['ratio']:g}"]
+        if "failed" in row:
+            continue
+        t = lat["original+int8" if row["method"] == "int8" else
+                f"{row['method'].removesuffix('+int8')}@{row['ratio']:g}" + ("+int8" if row.get("int8") else "")]
         row.update(latency_ms=t, speedup=base / t["median_ms"], mac_ratio=original_macs / row["macs"],
                    param_ratio=original_params / row["params"])  # fmt: skip
     return {"model": case.name, "original": {"params": original_params, "macs": original_macs,
@@ -335,6 +408,10 @@ def report(runs: list[dict]) -> str:
                     f"speed-up ÷ MAC ratio | {metric} |" + (f" {extra} |" if extra else ""),
                     "|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]  # fmt: skip
             for r in case["rows"]:
+                if "failed" in r:
+                    out.append(f"| {r['ratio']:g} | {r['method']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | "
+                               f"failed: {r['failed'][:200]} |")  # fmt: skip
+                    continue
                 lat = r["latency_ms"]
                 out.append(f"| {r['ratio']:g} | {r['method']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | "
                            f"{r['mac_ratio']:.2f} | {lat['median_ms']:.2f} [{lat['min_ms']:.2f}–{lat['max_ms']:.2f}] | "
@@ -364,13 +441,14 @@ def plot(runs: list[dict], path: Path) -> None:
         if r["environment"].get("processor") == run["environment"].get("processor"):
             for case in r["cases"]:
                 points = latest.setdefault(case["model"], {"model": case["model"], "points": {}})["points"]
-                points.update({(row["ratio"], row["method"]): row for row in case["rows"]})
+                points.update({(row["ratio"], row["method"]): row for row in case["rows"] if "failed" not in row})
     cases = [{"model": c["model"], "rows": list(c["points"].values())} for c in latest.values()]
     fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4), squeeze=False)
     for ax, case in zip(axes[0], cases):
         metric = "top1_agreement" if case["rows"] and "top1_agreement" in case["rows"][0] else "cosine"
-        for method in METHODS:
-            pts = sorted((r["speedup"], r[metric], r["ratio"]) for r in case["rows"] if r["method"] == method)
+        for method in dict.fromkeys(r["method"] for r in case["rows"] if "failed" not in r):
+            pts = sorted((r["speedup"], r[metric], r["ratio"]) for r in case["rows"] if r["method"] == method
+                         and "failed" not in r)  # fmt: skip
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, markersize=4)
                 for x, y, a in pts:
@@ -404,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="distillation paragraphs (default: all ~8 k of the calibration modules' docstrings)")
     parser.add_argument("--distill-features", type=float, default=0.0, metavar="W",
                         help="weight of per-layer feature matching in the distillation (0: outputs only)")
+    parser.add_argument("--int8", nargs="*", default=[], choices=METHODS, metavar="METHOD",
+                        help="also quantize the original and these methods' models to int8 (onnxruntime static "
+                             "quantization, calibrated on the calibration data) and measure them")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3, help="independent timing rounds")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -430,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  α={ratio:g}: layer output error whitened/data-free, median over {len(err['layers'])} layers: "
                   f"{err['median_whitened_over_data_free']:.3f}", flush=True)  # fmt: skip
         cases.append(run_case(case, args.ratios, args.methods, args.distill_steps, args.distill_lr, args.runs,
-                              args.repeats, args.threads, args.distill_features))  # fmt: skip
+                              args.repeats, args.threads, args.distill_features, args.int8))  # fmt: skip
     run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["benchmarks/fidelity.py", *(argv or sys.argv[1:])]),
            "environment": env, "settings": settings, "cases": cases, "layer_errors": layer_errors}  # fmt: skip
     if args.no_save:

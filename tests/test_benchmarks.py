@@ -467,6 +467,43 @@ def test_fidelity_methods_map_to_their_configs():
     assert set(fidelity.METHODS) >= {"narrow+global+seq", "narrow+global+seq+distill", "global+seq+distill"}
 
 
+def test_fidelity_int8_rows_run_the_quantized_files_and_compare_with_int8_alone():
+    """``--int8``: the original and the chosen method's model are quantized by onnxruntime, their
+    fidelity measured by running the int8 files (close to the float models', not identical)
+    and timed with the others; a small CNN stands in for the real models."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fidelity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()  # fmt: skip
+
+    class Case(fidelity.EfficientNetCase):
+        include, sensitivity, distill_loss = None, "kl", "kl"
+
+        def __init__(self):
+            self.model = model
+            self.calibration = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+            self.held_out = torch.randn(64, 3, 16, 16)
+            self.example = self.timing_input = self.calibration[0][:1]
+            self.reference = self._logits(model)
+
+    case = Case()
+    out = fidelity.run_case(case, [2.0], ["whitened"], None, None, rounds=1, repeats=2, threads=1, int8=["whitened"])
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"int8", "whitened", "whitened+int8"}
+    assert rows["int8"]["ratio"] == 1.0 and rows["int8"]["params"] == out["original"]["params"]
+    assert rows["whitened+int8"]["params"] == rows["whitened"]["params"] < rows["int8"]["params"]
+    assert 0 < rows["int8"]["kl"] < 0.05 and rows["int8"]["top1_agreement"] >= 0.8  # int8, not the float model
+    assert rows["whitened+int8"]["kl"] != rows["whitened"]["kl"]
+    assert all(r["latency_ms"]["median_ms"] > 0 and r["speedup"] > 0 for r in rows.values())
+    assert "| 1 | int8 |" in fidelity.report([{"date": "d", "command": "c", "environment": {"processor": "p", "cpus": 1,
+                                                "torch": "t"}, "settings": {}, "cases": [out]}])  # fmt: skip
+
+
 # -- the GPU leg (run here on the CPU: the logic, not the speed) -------------------------------------------
 def test_gpu_models_cast_once_per_dtype_and_reuse_the_model_at_every_batch(monkeypatch):
     import torch
