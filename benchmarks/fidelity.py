@@ -62,6 +62,7 @@ import _real  # noqa: E402
 
 import fxlrd  # noqa: E402
 from fxlrd import LRDConfig  # noqa: E402
+from fxlrd.quantize import QuantizeConfig  # noqa: E402
 from fxlrd.timing import environment, median_times  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,6 +77,7 @@ class Case:
     name: str
     include: list[str] | None = None
     distill_schedule = "constant"
+    int8: Any = "int8"  # `fxlrd.export_onnx`'s quantize=: every default operator type
 
     def fidelity(self, model: torch.nn.Module) -> dict[str, float]:
         raise NotImplementedError
@@ -144,6 +146,12 @@ def _embedding_loss(student, teacher, inputs) -> torch.Tensor:
 class MiniLMCase(Case):
     name = "minilm"
     include = ["encoder.*"]
+    # int8: the matrix products only (no Reshape/Transpose/... between them). Static int8 of
+    # MiniLM does not keep its outputs within export_onnx's 0.25 relative error either way:
+    # measured on docstring calibration, the last layer norm's output is off by 0.21–0.27 in
+    # the original and 0.73–0.92 once narrowed, the (unused) pooler's by 0.40–0.47; such a run
+    # records the failure instead of a figure.
+    int8 = QuantizeConfig(op_types=("MatMul", "Gemm"))
 
     distill_lr = 2e-4
     distill_steps = 1200  # ~0.25 s a step here
@@ -263,7 +271,7 @@ class OnnxModel:
 def int8_model(case: Case, model: torch.nn.Module, path: Path, threads: int) -> OnnxModel:
     """``model`` exported to ONNX and quantized to int8 by onnxruntime's static quantization,
     calibrated on the case's calibration batches."""
-    fxlrd.export_onnx(model, case.example, path, quantize="int8", calibration=case.calibration)
+    fxlrd.export_onnx(model, case.example, path, quantize=case.int8, calibration=case.calibration)
     return OnnxModel(path, case, threads)
 
 
