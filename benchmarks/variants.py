@@ -114,17 +114,23 @@ class Variant:
         return None
 
 
+def _bisect(lo: float, hi: float, too_big: Callable[[float], bool], steps: int) -> float:
+    """The knob (a ratio or a speed target) bisected between ``lo`` (too big a model) and
+    ``hi`` (small enough): a value whose model is small enough while one just below is not.
+    Sizes need not fall steadily with the knob, so this finds a boundary, not the smallest."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if too_big(mid) else (lo, mid)
+    return hi
+
+
 def _quantized_at_vanilla(ctx: BuildContext) -> LRDConfig:
     """Quantized ranks at one ratio for every layer, the ratio found by bisection so that the
     model has vanilla LRD's parameter count (the smallest ratio whose model is not larger)."""
-    lo, hi = 1.05, 4.0  # params fall as the ratio grows (not strictly: ranks are quantized)
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        if fxlrd.plan(ctx.model, LRDConfig(ratio=mid), example_inputs=ctx.example).params_after_model() > ctx.vanilla_params:
-            lo = mid
-        else:
-            hi = mid
-    return LRDConfig(ratio=round(hi, 4))
+    def too_big(ratio: float) -> bool:  # params fall as the ratio grows (not strictly: ranks are quantized)
+        return fxlrd.plan(ctx.model, LRDConfig(ratio=ratio), example_inputs=ctx.example).params_after_model() > ctx.vanilla_params
+
+    return LRDConfig(ratio=round(_bisect(1.05, 4.0, too_big, 14), 4))
 
 
 def _merged_global_at_vanilla(ctx: BuildContext) -> LRDConfig:
@@ -148,13 +154,7 @@ def _merged_global_at_vanilla(ctx: BuildContext) -> LRDConfig:
         lo, hi = 1.05, 3.0
         if params(hi) > ctx.vanilla_params:
             raise ValueError(f"no speed target up to {hi} gives a merged model of at most {ctx.vanilla_params} params")
-        for _ in range(7):
-            mid = (lo + hi) / 2
-            if params(mid) > ctx.vanilla_params:
-                lo = mid
-            else:
-                hi = mid
-        ctx.memo["merged_global_at_vanilla"] = config(hi)
+        ctx.memo["merged_global_at_vanilla"] = config(_bisect(lo, hi, lambda t: params(t) > ctx.vanilla_params, 7))
     return ctx.memo["merged_global_at_vanilla"]
 
 
@@ -188,13 +188,7 @@ def _merged_optimized_at_vanilla(ctx: BuildContext) -> LRDConfig:
             return config(hi)
         if fxlrd.count_params(at_two) > ctx.vanilla_params:
             raise ValueError(f"merged_optimized_ctx at ratio {hi} has more than vanilla's {ctx.vanilla_params} params")
-        for _ in range(7):
-            mid = (lo + hi) / 2
-            if params(mid) > ctx.vanilla_params:
-                lo = mid
-            else:
-                hi = mid
-        ctx.memo["merged_optimized_at_vanilla"] = config(hi)
+        ctx.memo["merged_optimized_at_vanilla"] = config(_bisect(lo, hi, lambda r: params(r) > ctx.vanilla_params, 7))
     return ctx.memo["merged_optimized_at_vanilla"]
 
 
