@@ -1,4 +1,4 @@
-"""Int8 quantization of decomposed models: onnxruntime static quantization and PyTorch PT2E.
+"""Int8 quantization of decomposed models: onnxruntime static or dynamic quantization, PyTorch PT2E.
 
 LRD removes FLOPs and int8 makes each FLOP cheaper; the decomposed graph is an ordinary graph,
 so both stock flows apply unchanged:
@@ -7,6 +7,9 @@ so both stock flows apply unchanged:
   export is quantized by ``onnxruntime.quantization.quantize_static`` in QDQ format, per-channel
   int8 weights and uint8 activations (calibrated min/max over the calibration batches), then
   checked against PyTorch with a *fidelity* check (`Fidelity`) instead of the float32 one.
+  ``quantize="int8-dynamic"`` (no calibration) uses ``quantize_dynamic`` instead: int8 weights
+  of the matrix products, their inputs scaled per call — for transformers, whose activation
+  outliers static ranges cannot hold (all-MiniLM-L6-v2 fails the static check, see the README).
 - **PyTorch PT2E** (`quantize_pt2e`): ``torch.export`` → ``prepare_pt2e`` with
   ``X86InductorQuantizer`` → calibration → ``convert_pt2e`` → ``torch.compile`` with inductor
   freezing (the step that turns the q/dq patterns into oneDNN int8 kernels). The PT2E API
@@ -58,6 +61,7 @@ __all__ = [
     "QUANTIZE_MODES",
     "DEFAULT_QTOL",
     "DEFAULT_OP_TYPES",
+    "DYNAMIC_OP_TYPES",
     "QuantizeConfig",
     "OutputFidelity",
     "Fidelity",
@@ -70,7 +74,7 @@ __all__ = [
 
 log = logging.getLogger("fxlrd")
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int8-dynamic")
 # max|int8 - fp32| / max|fp32| per output. Working int8 models measured 0.5-8.4 % here (decomposed
 # ResNet-50 0.8 %, small BERTs 1-8.4 %, held-out batches included); calibrating a small CNN on
 # inputs 10-100x too small gave 23 %. 0.25 leaves a 3x margin over
@@ -81,43 +85,66 @@ DEFAULT_OP_TYPES = (
     "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Clip", "LeakyRelu",
     "Concat", "Resize", "Pad", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice",
 )  # fmt: skip
+# Dynamic quantization: the matrix products with a weight operand. onnxruntime's dynamic Conv
+# (ConvInteger) has no fast CPU kernel; CNNs want static quantization.
+DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
 _ACTIVATIONS = ("uint8", "int8")
 _CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Settings of onnxruntime static int8 quantization (``export_onnx(quantize=...)``).
+    """Settings of onnxruntime int8 quantization (``export_onnx(quantize=...)``).
+
+    Static (the default, ``quantize="int8"``): activation ranges are fixed by calibration data,
+    and every quantized operator runs in int8 end to end — the fast choice for CNNs.
+    Dynamic (``dynamic=True``, ``quantize="int8-dynamic"``): each matrix product's input is
+    scaled by its own range at every call (``DynamicQuantizeLinear``), weights are int8 ahead of
+    time, and no calibration data is used — the usual CPU recipe for transformers, whose
+    activations have outliers that one fixed range per tensor cannot hold.
 
     Args:
         qtol: largest allowed ``max|int8 - torch| / max|torch|`` per output; beyond it the
             export is refused.
-        activations: ``"uint8"`` (fastest on x86: U8S8 kernels) or ``"int8"``.
-        op_types: ONNX operator types to quantize (default `DEFAULT_OP_TYPES`).
+        activations: ``"uint8"`` (fastest on x86: U8S8 kernels) or ``"int8"``; dynamic
+            quantization's activations are always uint8.
+        op_types: ONNX operator types to quantize (default `DEFAULT_OP_TYPES`, dynamic:
+            `DYNAMIC_OP_TYPES`).
         per_channel: per-output-channel weight scales (recommended: factors have uneven channels).
-        calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (onnxruntime's calibrators).
+        calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (onnxruntime's
+            calibrators; static only).
         preprocess: run ``onnxruntime.quantization.shape_inference.quant_pre_process`` first.
             Off by default: the dynamo exporter already folds batch norms and infers shapes,
             and pre-processing changed neither the accuracy nor the speed of fxlrd's exports.
+        dynamic: dynamic instead of static quantization.
     """
 
     qtol: float = DEFAULT_QTOL
     activations: str = "uint8"
-    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    op_types: tuple[str, ...] | None = None
     per_channel: bool = True
     calibrate_method: str = "minmax"
     preprocess: bool = False
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.qtol, (int, float)) and self.qtol > 0):
             raise ConfigError(f"qtol must be a positive number (a relative error, e.g. 0.5), got {self.qtol!r}")
         if self.activations not in _ACTIVATIONS:
             raise ConfigError(f"activations must be one of {_ACTIVATIONS}, got {self.activations!r}")
+        if self.dynamic and self.activations != "uint8":
+            raise ConfigError(
+                "dynamic quantization's activations are uint8 (onnxruntime's DynamicQuantizeLinear); "
+                "drop activations=... or use static quantization (dynamic=False)"
+            )
         if self.calibrate_method not in _CALIBRATE_METHODS:
             raise ConfigError(f"calibrate_method must be one of {_CALIBRATE_METHODS}, got {self.calibrate_method!r}")
-        if isinstance(self.op_types, str) or not self.op_types:
-            raise ConfigError(f"op_types must be a non-empty tuple of ONNX operator names, got {self.op_types!r}")
-        object.__setattr__(self, "op_types", tuple(self.op_types))
+        op_types = self.op_types
+        if op_types is None:
+            op_types = DYNAMIC_OP_TYPES if self.dynamic else DEFAULT_OP_TYPES
+        if isinstance(op_types, str) or not op_types:
+            raise ConfigError(f"op_types must be a non-empty tuple of ONNX operator names, got {op_types!r}")
+        object.__setattr__(self, "op_types", tuple(op_types))
 
 
 @dataclass(frozen=True)
@@ -167,39 +194,50 @@ class Fidelity:
 # -- calibration ----------------------------------------------------------------------------------
 def prepare_quantization(
     quantize: str | QuantizeConfig | None, calibration: Iterable[Any] | None
-) -> tuple[QuantizeConfig, Iterator[Any]]:
+) -> tuple[QuantizeConfig, Iterator[Any] | None]:
     """Check ``export_onnx``'s ``quantize`` / ``calibration`` pair before anything is exported.
 
     The first calibration batch is read (and checked) now, so an empty or malformed calibration
     set fails fast; the batches are otherwise streamed, never held in memory together.
 
     Args:
-        quantize: ``"int8"`` or a `QuantizeConfig`.
+        quantize: ``"int8"``, ``"int8-dynamic"`` or a `QuantizeConfig`.
         calibration: an iterable of batches, each like ``example_inputs`` (a tensor, a tuple of
-            positional inputs or a dict of keyword inputs).
+            positional inputs or a dict of keyword inputs); static quantization needs it,
+            dynamic quantization takes none.
 
     Returns:
-        The config and an iterator over all the batches (the first one included).
+        The config and an iterator over all the batches (the first one included), or None
+        for dynamic quantization.
 
     Raises:
-        ConfigError: unknown ``quantize``, calibration missing, empty or not iterable.
+        ConfigError: unknown ``quantize``; calibration missing, empty or not iterable (static),
+            or given (dynamic).
     """
     if quantize is None:
         raise ConfigError("calibration=... is only used with quantize='int8'; pass both or neither")
     if isinstance(quantize, str):
         if quantize not in QUANTIZE_MODES:
             raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or a QuantizeConfig, got {quantize!r}")
-        config = QuantizeConfig()
+        config = QuantizeConfig(dynamic=quantize == "int8-dynamic")
     elif isinstance(quantize, QuantizeConfig):
         config = quantize
     else:
         raise ConfigError(
             f"quantize must be one of {QUANTIZE_MODES} or a QuantizeConfig, got {type(quantize).__name__}"
         )
+    if config.dynamic:
+        if calibration is not None:
+            raise ConfigError(
+                "dynamic int8 quantization scales activations at every call and uses no calibration data: "
+                "drop calibration=..., or use static quantization (quantize='int8') to calibrate"
+            )
+        return config, None
     if calibration is None:
         raise ConfigError(
             "static int8 quantization needs calibration data to fix activation ranges: pass calibration=[batch, ...] "
-            "(each batch like example_inputs; a few hundred samples of real data is typical)"
+            "(each batch like example_inputs; a few hundred samples of real data is typical), "
+            "or quantize='int8-dynamic', which needs none"
         )
     batches = _iterate_batches(calibration)
     try:
@@ -337,7 +375,7 @@ def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: S
 def quantize_onnx_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    calibration: Iterable[Any],
+    calibration: Iterable[Any] | None,
     config: str | QuantizeConfig = "int8",
     *,
     inputs: "Args | None" = None,
@@ -352,8 +390,9 @@ def quantize_onnx_file(
     Args:
         src: the float32 ONNX model.
         dst: where the int8 model goes.
-        calibration: an iterable of batches, each like the model's example inputs.
-        config: ``"int8"`` or a `QuantizeConfig`.
+        calibration: an iterable of batches, each like the model's example inputs (static);
+            None for dynamic quantization.
+        config: ``"int8"``, ``"int8-dynamic"`` or a `QuantizeConfig`.
         inputs: ``(args, kwargs)`` to check fidelity on (None: no check).
         expected: PyTorch's outputs (flattened tensors) for ``inputs``.
         label: how to name the destination in error messages (default ``dst``).
@@ -365,7 +404,7 @@ def quantize_onnx_file(
         ConfigError: bad ``config``, missing, empty or malformed calibration.
         ExportMismatchError: the int8 model is further from PyTorch than ``config.qtol``.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from .export import onnx_feed, onnx_session
 
@@ -379,17 +418,23 @@ def quantize_onnx_file(
         input_shapes = [list(i.shape) for i in session.get_inputs()]
         output_names = [o.name for o in session.get_outputs()]
         del session
-        reader = CalibrationReader(input_names, batches, input_shapes)
         quantized = Path(work) / "int8.onnx"
-        activation = QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[config.calibrate_method]  # fmt: skip
         with _quiet_quantizer():
-            quantize_static(
-                str(source), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-                activation_type=activation, weight_type=QuantType.QInt8, op_types_to_quantize=list(config.op_types),
-                calibrate_method=method, extra_options={"MatMulConstBOnly": True},
-            )  # fmt: skip
+            if config.dynamic:
+                quantize_dynamic(
+                    str(source), str(quantized), per_channel=config.per_channel, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(config.op_types), extra_options={"MatMulConstBOnly": True},
+                )  # fmt: skip
+            else:
+                reader = CalibrationReader(input_names, batches, input_shapes)
+                activation = QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8
+                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[config.calibrate_method]  # fmt: skip
+                quantize_static(
+                    str(source), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+                    activation_type=activation, weight_type=QuantType.QInt8, op_types_to_quantize=list(config.op_types),
+                    calibrate_method=method, extra_options={"MatMulConstBOnly": True},
+                )  # fmt: skip
         fidelity = None
         if inputs is not None and expected is not None:
             session = onnx_session(quantized)
@@ -401,13 +446,15 @@ def quantize_onnx_file(
                 )
             fidelity = _compare(got, want, output_names, config.qtol)
             if not fidelity.ok:
+                fix = ("exclude sensitive operators with QuantizeConfig(dynamic=True, op_types=...)" if config.dynamic else
+                       "check that the calibration batches are real inputs like example_inputs, exclude sensitive "
+                       "operators with QuantizeConfig(op_types=...)")  # fmt: skip
                 raise ExportMismatchError(
                     f"the int8 model is too far from PyTorch ({fidelity}; qtol {config.qtol:g}); "
-                    f"{label} was not written. "
-                    "Check that the calibration batches are real inputs like example_inputs, exclude sensitive "
-                    "operators with QuantizeConfig(op_types=...), or accept more with QuantizeConfig(qtol=...)"
+                    f"{label} was not written. {fix[0].upper() + fix[1:]}, or accept more with QuantizeConfig(qtol=...)"
                 )
-            log.info("int8 %s (calibrated on %d batches): %s", label, reader.count, fidelity)
+            how = "dynamic" if config.dynamic else f"calibrated on {reader.count} batches"
+            log.info("int8 %s (%s): %s", label, how, fidelity)
         os.replace(quantized, dst)
     return fidelity
 

@@ -496,6 +496,7 @@ def test_fidelity_int8_rows_run_the_quantized_files_and_compare_with_int8_alone(
     rows = {r["method"]: r for r in out["rows"]}
     assert set(rows) == {"int8", "whitened", "whitened+int8"}
     assert rows["int8"]["ratio"] == 1.0 and rows["int8"]["params"] == out["original"]["params"]
+    assert rows["int8"]["int8_scheme"] == rows["whitened+int8"]["int8_scheme"] == "static"
     assert rows["whitened+int8"]["params"] == rows["whitened"]["params"] < rows["int8"]["params"]
     assert 0 < rows["int8"]["kl"] < 0.05 and rows["int8"]["top1_agreement"] >= 0.8  # int8, not the float model
     assert rows["whitened+int8"]["kl"] != rows["whitened"]["kl"]

@@ -9,7 +9,8 @@ from torch import nn
 import fxlrd
 from fxlrd import ConfigError, ExportMismatchError, LRDConfig
 from fxlrd.export import onnx_feed, onnx_session
-from fxlrd.quantize import Fidelity, OutputFidelity, QuantizeConfig, _compare, measure_fidelity, quantize_pt2e
+from fxlrd.quantize import (DEFAULT_OP_TYPES, DYNAMIC_OP_TYPES, Fidelity, OutputFidelity, QuantizeConfig, _compare,
+                            measure_fidelity, quantize_pt2e)  # fmt: skip
 
 from conftest import rel_err
 
@@ -134,6 +135,59 @@ def test_int8_export_of_bert_with_dict_inputs(tmp_path):
     assert measure_fidelity(path, gm, other).ok
 
 
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return transformers.BertModel(cfg).eval()
+
+
+def test_dynamic_int8_export_of_bert_needs_no_calibration(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_bert()
+
+    def tokens(batch, seq):
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, seq - 2 :] = 0
+        return {"input_ids": torch.randint(0, 100, (batch, seq)), "attention_mask": mask}
+
+    example = tokens(2, 8)
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5), example_inputs=example)
+    factor_linears = sum(isinstance(m, nn.Linear) for m in gm.modules())
+    path = fxlrd.export_onnx(gm, example, tmp_path / "bert.onnx", quantize="int8-dynamic")
+    assert [p.name for p in tmp_path.iterdir()] == ["bert.onnx"]
+    onnx_model, counts = _op_counts(path)
+    assert counts.get("QuantizeLinear", 0) == 0  # no fixed activation ranges
+    assert counts.get("DynamicQuantizeLinear", 0) >= 1 and counts.get("MatMulInteger", 0) >= 1
+    int8_weights = [i for i in onnx_model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8_weights) >= factor_linears - 1  # every factor's weight (the pooler's Gemm may stay float)
+
+    other = tokens(3, 11)  # another batch size and sequence length
+    session = onnx_session(path)
+    got = session.run(None, onnx_feed(session, ((), other)))
+    with torch.no_grad():
+        want = gm(**other)
+    assert rel_err(torch.from_numpy(got[0]), want.last_hidden_state) < 0.1
+    fidelity = measure_fidelity(path, gm, other)
+    assert fidelity.ok and fidelity.max_relative_error > 0  # quantized, not the float model
+
+
+def test_dynamic_int8_of_a_model_it_cannot_keep_close_writes_nothing(tmp_path):
+    model = _tiny_bert()
+    example = {"input_ids": torch.randint(0, 100, (2, 8))}
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"precious")
+    with pytest.raises(ExportMismatchError, match=r"int8 model is too far.*dynamic=True, op_types"):
+        fxlrd.export_onnx(model, example, path, quantize=QuantizeConfig(dynamic=True, qtol=1e-9))
+    assert path.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_quantize_config_op_types_default_by_mode():
+    assert QuantizeConfig().op_types == DEFAULT_OP_TYPES
+    assert QuantizeConfig(dynamic=True).op_types == DYNAMIC_OP_TYPES == ("MatMul", "Gemm")
+    assert QuantizeConfig(dynamic=True, op_types=["MatMul"]).op_types == ("MatMul",)
+
+
 def test_failed_fidelity_leaves_existing_file_alone(decomposed_cnn, tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"precious")
@@ -164,7 +218,9 @@ def test_check_false_skips_the_fidelity_check(decomposed_cnn, tmp_path):
         ("int4", [torch.randn(1, 3, 16, 16)], "quantize must be one of"),
         ("INT8", [torch.randn(1, 3, 16, 16)], "quantize must be one of"),
         (8, [torch.randn(1, 3, 16, 16)], "quantize must be one of"),
-        ("int8", None, "needs calibration data"),
+        ("int8", None, "needs calibration data.*int8-dynamic"),
+        ("int8-dynamic", [torch.randn(1, 3, 16, 16)], "uses no calibration data"),
+        (QuantizeConfig(dynamic=True), [torch.randn(1, 3, 16, 16)], "uses no calibration data"),
         ("int8", [], "calibration is empty"),
         ("int8", iter(()), "calibration is empty"),
         ("int8", torch.randn(4, 3, 16, 16), "iterable of batches"),
@@ -201,7 +257,7 @@ def test_calibration_batch_that_does_not_fit_a_fixed_dimension():
     "kwargs, match",
     [({"qtol": 0}, "qtol"), ({"qtol": -1.0}, "qtol"), ({"activations": "fp8"}, "activations"),
      ({"calibrate_method": "mse"}, "calibrate_method"), ({"op_types": "Conv"}, "op_types"),
-     ({"op_types": ()}, "op_types")],
+     ({"op_types": ()}, "op_types"), ({"dynamic": True, "activations": "int8"}, "activations are uint8")],
 )  # fmt: skip
 def test_quantize_config_validates_itself(kwargs, match):
     with pytest.raises(ConfigError, match=match):
