@@ -242,7 +242,11 @@ VARIANTS: dict[str, Variant] = {
         Variant("captured", "captured by fxlrd, nothing decomposed (control: the cost or gain of capture alone)",
                 lambda ctx: LRDConfig(exclude="*"), decomposes=False),  # fmt: skip
         Variant("vanilla", "α = 2, the paper's exact ranks (rank_quantum=1)", lambda ctx: VANILLA),
-        Variant("quantized", "α = 2, ranks rounded down to multiples of 8 (the default)", lambda ctx: LRDConfig(ratio=2)),
+        Variant("quantized", "α = 2, ranks rounded down to the machine's rank quantum (the default: 16 with "
+                "AVX-512, 8 with AVX2)", lambda ctx: LRDConfig(ratio=2)),  # fmt: skip
+        Variant("quantized_q8", "quantized, ranks in multiples of 8 (the AVX2 width: is 16 worth it here?)",
+                lambda ctx: LRDConfig(ratio=2, rank_quantum=8)),  # fmt: skip
+        Variant("quantized_q32", "quantized, ranks in multiples of 32", lambda ctx: LRDConfig(ratio=2, rank_quantum=32)),
         Variant("optimized", "α = 2, ranks chosen by timing each layer on the backend (paper Alg. 1)",
                 lambda ctx: LRDConfig(ratio=2, latency=ctx.latency()), searched=True),  # fmt: skip
         Variant("optimized_ctx", "α = 2, ranks chosen by timing each layer inside its neighbours (the operations "

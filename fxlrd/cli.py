@@ -42,6 +42,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VARIANTS = ("original", "vanilla", "quantized", "optimized", "merged", "branched")
 DEFAULT_VARIANTS = ("original", "vanilla", "quantized", "merged")
 TIMING_BACKENDS = ("onnxruntime", "eager", "compile")
+INT8_SCHEMES = ("static", "dynamic")  # --int8: export_onnx(quantize="int8" / "int8-dynamic")
 
 
 class UsageError(Exception):
@@ -600,8 +601,23 @@ def _main_output(out: Any) -> tuple[str, torch.Tensor]:
     raise CommandError(f"the model's output ({type(out).__name__}) holds no tensor to compare")
 
 
+class _OnnxCallable:
+    """An ONNX file run by onnxruntime (CPU, no spinning), called like the model it came from;
+    its outputs as tensors, in order (`fidelity` compares the first)."""
+
+    def __init__(self, path: Path, threads: int | None):
+        from .export import onnx_session
+
+        self.session = onnx_session(path, threads=threads)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        from .export import onnx_feed
+
+        return [torch.from_numpy(y) for y in self.session.run(None, onnx_feed(self.session, (args, kwargs)))]
+
+
 @torch.no_grad()
-def fidelity(original: nn.Module, compressed: nn.Module, batches: Sequence[Batch]) -> dict[str, Any]:
+def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Sequence[Batch]) -> dict[str, Any]:
     """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
 
     Returns relative error ``‖y' − y‖ / ‖y‖`` over all outputs, top-1 agreement for 2-D
@@ -785,6 +801,14 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
 
     config = _config(args)  # before any long work: bad settings fail at once
     onnx_path = _check_output(args.onnx, "--onnx")
+    int8 = getattr(args, "int8", None)
+    if int8 and onnx_path is None:
+        raise UsageError(f"--int8 {int8} quantizes the --onnx file: pass --onnx PATH as well")
+    if int8 == "static" and not args.calibration:
+        raise UsageError(
+            "--int8 static fixes activation ranges on real data: pass --calibration (a folder of images, a .txt "
+            "file or a tensor file), or use --int8 dynamic, which needs none"
+        )
     save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
     report_path = _check_output(args.report, "--report")
     console.step(f"loading {args.model}")
@@ -807,21 +831,35 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
     macs = {"original": _macs(model, data.example), "compressed": _macs(gm, data.example)}
     layers = {"original": _layer_count(model), "compressed": _layer_count(gm)}
     files: dict[str, str] = {}
+    int8_report = None
     if onnx_path is not None:
-        console.step(f"exporting {onnx_path} (checked against onnxruntime)")
-        export_onnx(gm, data.example, onnx_path)
+        console.step(f"exporting {onnx_path}" + (f" in int8 ({int8})" if int8 else "") + " (checked against onnxruntime)")
+        quantize = {"static": "int8", "dynamic": "int8-dynamic"}.get(int8)
+        export_onnx(gm, data.example, onnx_path, quantize=quantize,
+                    calibration=data.calibration if int8 == "static" else None)  # fmt: skip
         files["onnx"] = str(onnx_path)
+        if int8:
+            console.step("measuring the int8 file's fidelity on held-out inputs")
+            int8_report = {"scheme": int8, "fidelity": {**fidelity(model, _OnnxCallable(onnx_path, args.threads),
+                                                                   data.held_out), "inputs": data.note}}  # fmt: skip
     if save_path is not None:
         console.step(f"saving {save_path}")
         save(gm, save_path, overwrite=args.overwrite)
         files["save"] = str(save_path)
     latency = None
     if args.repeats > 0:
-        times = time_models({"original": model, "compressed": gm}, data.example, backend=args.backend,
-                            threads=args.threads, repeats=args.repeats, console=console,
-                            onnx_paths={"compressed": onnx_path} if onnx_path else None)  # fmt: skip
+        models, paths = {"original": model, "compressed": gm}, {}
+        if onnx_path is not None and args.backend == "onnxruntime":
+            if int8:  # the float model is exported afresh; the int8 file is timed as written
+                models["int8"], paths["int8"] = gm, onnx_path
+            else:
+                paths["compressed"] = onnx_path
+        times = time_models(models, data.example, backend=args.backend, threads=args.threads, repeats=args.repeats,
+                            console=console, onnx_paths=paths)  # fmt: skip
         latency = {"backend": args.backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch,
                    **times, "speedup": times["original"]["median"] / times["compressed"]["median"]}  # fmt: skip
+        if "int8" in times:
+            latency["speedup_int8"] = times["original"]["median"] / times["int8"]["median"]
     plan = gm.fxlrd_plan
     report = {
         "format": REPORT_FORMAT,
@@ -840,6 +878,7 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         "macs": {**macs, "ratio": _ratio(macs["original"], macs["compressed"])},
         "latency": latency,
         "fidelity": fid,
+        "int8": int8_report,
         "files": files,
         "plan_table": plan.table(),
         "plan": plan.to_dict(),
@@ -855,6 +894,17 @@ _FILE_KINDS = {
     "save": "saved model, fxlrd.load reads it",
     "report": "JSON report",
 }
+
+
+def _fidelity_text(f: Mapping[str, Any]) -> str:
+    parts = []
+    if f.get("relative_error") is not None:
+        parts.append(f"relative error {f['relative_error']:.4f}")
+    if f.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {100 * f['top1_agreement']:.1f}%")
+    if f.get("cosine") is not None:
+        parts.append(f"mean cosine {f['cosine']:.4f}")
+    return f"{', '.join(parts) or 'not measured'} ({f['output']}; {f['inputs']})"
 
 
 def print_summary(report: Mapping[str, Any], out=None) -> None:
@@ -877,21 +927,17 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
         where = " CPU" if lat["backend"] == "onnxruntime" else ""
         p(f"latency     {lat['backend']}{where}, batch {lat['batch']}, {lat['threads']} threads, "
           f"median of {lat['repeats']} (variants taking turns) on {env.get('processor', '?')}")  # fmt: skip
-        for name in ("original", "compressed"):
-            t = lat[name]
-            p(f"  {name:<10} {_ms(t['median'])} ms (min {_ms(t['min'])}, max {_ms(t['max'])})")
-        p(f"  speed-up   {_x(lat['speedup'])} (MAC ratio {_x(macs['ratio'])})")
+        for name in ("original", "compressed", "int8"):
+            if name in lat:
+                t = lat[name]
+                p(f"  {name:<10} {_ms(t['median'])} ms (min {_ms(t['min'])}, max {_ms(t['max'])})")
+        p(f"  speed-up   {_x(lat['speedup'])} (MAC ratio {_x(macs['ratio'])})"
+          + (f"; int8 {_x(lat['speedup_int8'])}" if "speedup_int8" in lat else ""))  # fmt: skip
     else:
         p("latency     not measured (--repeats 0)")
-    f = report["fidelity"]
-    parts = []
-    if f.get("relative_error") is not None:
-        parts.append(f"relative error {f['relative_error']:.4f}")
-    if f.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement {100 * f['top1_agreement']:.1f}%")
-    if f.get("cosine") is not None:
-        parts.append(f"mean cosine {f['cosine']:.4f}")
-    p(f"fidelity    {', '.join(parts) or 'not measured'} ({f['output']}; {f['inputs']})")
+    p(f"fidelity    {_fidelity_text(report['fidelity'])}")
+    if report.get("int8"):
+        p(f"  int8 ({report['int8']['scheme']}) {_fidelity_text(report['int8']['fidelity'])}")
     if report.get("norms_reestimated"):
         p(f"            ({report['norms_reestimated']} norms moved by merging were re-estimated)")
     for what, path in (report.get("files") or {}).items():
@@ -1259,6 +1305,11 @@ def _add_timing(p: argparse.ArgumentParser, repeats: int = 20) -> None:
 def _add_outputs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs")
     g.add_argument("--onnx", metavar="PATH", help="export the compressed model to ONNX (checked against onnxruntime)")
+    g.add_argument("--int8", choices=INT8_SCHEMES, default=None,
+                   help="write the --onnx file in int8: static (onnxruntime static quantization calibrated on "
+                        "--calibration; CNNs) or dynamic (the matrix products' inputs scaled per call, no "
+                        "calibration; transformers). Its fidelity to the original is measured too, and it is timed "
+                        "beside the float models")  # fmt: skip
     g.add_argument("--save", metavar="DIR", help="save the compressed model (fxlrd.save: plan + safetensors)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     g.add_argument("--report", metavar="JSON", help="write everything measured, with machine info, as JSON")

@@ -415,6 +415,18 @@ def test_merged_optimized_at_vanilla_size_is_skipped_where_nothing_merges(tmp_pa
     assert variant.skip_reason(variant.build(ctx)) == "no layer decomposed with this config"
 
 
+def test_quantum_variants_round_ranks_to_their_quantum(tmp_path):
+    import torch
+    from torch import nn
+
+    from benchmarks.variants import BuildContext, get
+
+    model = nn.Sequential(nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 256)).eval()  # α = 2: rank 76.8
+    ctx = BuildContext(None, model, torch.randn(2, 256), "onnxruntime", 1, tmp_path / "latency.json")
+    for name, rank in (("quantized_q8", 72), ("quantized_q32", 64)):
+        assert [lp.ranks for lp in get(name).build(ctx).fxlrd_plan.decomposed] == [(rank,), (rank,)], name
+
+
 def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import inspect

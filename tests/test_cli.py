@@ -134,6 +134,40 @@ def _compress_calibrated(capsys, tmp_path, spec, *options) -> dict:
     return json.loads(report_path.read_text())
 
 
+@pytest.mark.parametrize("scheme", ["static", "dynamic"])
+def test_compress_int8_writes_the_onnx_file_in_int8_and_measures_it(tmp_path, capsys, factory, scheme):
+    import onnx
+
+    spec, _, _ = factory
+    path, report_path, onnx_path = tmp_path / "calib.pt", tmp_path / "r.json", tmp_path / "m.onnx"
+    torch.save(torch.randn(12, 3, 32, 32), path)
+    code, out, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--calibration", path,
+                          "--calibration-batches", 4, "--eval-batches", 2, "--repeats", 2, "--quantum", 4,
+                          "--onnx", onnx_path, "--int8", scheme, "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    assert ("QuantizeLinear" in ops) if scheme == "static" else ("DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops)
+    report = json.loads(report_path.read_text())
+    q = report["int8"]
+    assert q["scheme"] == scheme and q["fidelity"]["batches"] == 2 and "held-out" in q["fidelity"]["inputs"]
+    assert 0 < q["fidelity"]["relative_error"] < 1 and q["fidelity"]["relative_error"] != report["fidelity"]["relative_error"]
+    lat = report["latency"]
+    assert lat["int8"]["n"] == 2 and lat["speedup_int8"] > 0 and lat["compressed"]["n"] == 2
+    assert f"int8 ({scheme})" in out and "; int8 " in out
+
+
+def test_compress_int8_needs_onnx_and_static_needs_calibration(tmp_path, capsys, factory):
+    spec, _, _ = factory
+    base = ("compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0)
+    code, _, err = _run(capsys, *base, "--int8", "dynamic")
+    assert code == 2 and "pass --onnx PATH" in err
+    code, _, err = _run(capsys, *base, "--int8", "static", "--onnx", tmp_path / "m.onnx")
+    assert code == 2 and "pass --calibration" in err and "--int8 dynamic" in err
+    assert not (tmp_path / "m.onnx").exists()
+    code, _, err = _run(capsys, *base, "--int8", "int4", "--onnx", tmp_path / "m.onnx")
+    assert code == 2 and "--int8" in err
+
+
 def test_compress_with_global_allocation_and_sequential_fitting(tmp_path, capsys, factory):
     spec, _, _ = factory
     report = _compress_calibrated(capsys, tmp_path, spec, "--calibration-batches", 3, "--ratio", 1.5, "--allocation",
