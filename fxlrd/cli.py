@@ -620,9 +620,10 @@ class _OnnxCallable:
 def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Sequence[Batch]) -> dict[str, Any]:
     """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
 
-    Returns relative error ``‖y' − y‖ / ‖y‖`` over all outputs, top-1 agreement for 2-D
-    logits, and mean cosine similarity per sample (hidden states of a text model are first
-    mean-pooled over the attention mask).
+    Returns relative error ``‖y' − y‖ / ‖y‖`` over all outputs (a text model's padding tokens
+    left out: their outputs are unused), top-1 agreement for 2-D logits, and mean cosine
+    similarity per sample (hidden states of a text model are first mean-pooled over the
+    attention mask).
     """
     num = den = 0.0
     agree = total = 0
@@ -632,13 +633,14 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
         name, y0 = _main_output(_call(original, batch))
         _, y1 = _main_output(_call(compressed, batch))
         y0, y1 = y0.double(), y1.double()
-        num += float(((y1 - y0) ** 2).sum())
-        den += float((y0**2).sum())
-        if y0.dim() == 2 and y0.shape[-1] > 1:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        real = mask.bool() if mask is not None and y0.dim() >= 2 and tuple(mask.shape) == tuple(y0.shape[:2]) else None
+        diff, ref = (y1 - y0, y0) if real is None else ((y1 - y0)[real], y0[real])  # padding tokens left out
+        num, den = num + float((diff**2).sum()), den + float((ref**2).sum())
+        if y0.dim() == 2 and y0.shape[-1] > 1 and real is None:
             agree += int((y0.argmax(-1) == y1.argmax(-1)).sum())
             total += y0.shape[0]
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        if mask is not None and y0.dim() == 3 and tuple(mask.shape) == tuple(y0.shape[:2]):
+        if real is not None and y0.dim() == 3:
             w = mask.to(y0.dtype).unsqueeze(-1)
             p0, p1 = (y0 * w).sum(1) / w.sum(1).clamp_min(1), (y1 * w).sum(1) / w.sum(1).clamp_min(1)
             name = f"{name} (mean-pooled over the attention mask)"

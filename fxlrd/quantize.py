@@ -46,7 +46,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -358,15 +358,34 @@ def _preprocess(src: Path, dst: Path) -> Path:
     return src
 
 
-def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str], qtol: float) -> Fidelity:
+def padding_mask(inputs: "Args") -> np.ndarray | None:
+    """The token mask of a transformer's inputs: keyword ``attention_mask`` of shape
+    (batch, tokens), as a boolean array (True: a real token), or None when there is none.
+
+    Outputs at padding positions are computed but unused, and nothing constrains them: int8
+    can move them by as much as the largest real activation, so checks leave them out."""
+    mask = inputs[1].get("attention_mask") if len(inputs) > 1 and isinstance(inputs[1], Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask.detach().cpu().numpy() != 0
+
+
+def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str], qtol: float,
+             mask: np.ndarray | None = None) -> Fidelity:  # fmt: skip
+    """Per output, the relative error and (2-D outputs) top-1 agreement. ``mask`` (batch,
+    tokens), True at real tokens: outputs whose first two dimensions are (batch, tokens) are
+    compared at the real tokens only (`padding_mask`)."""
     from .export import max_relative_error
 
     outputs = []
     for name, g, e in zip(names, got, expected):
         g64, e64 = np.asarray(g, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        per_token = mask is not None and e64.ndim >= 2 and e64.shape[:2] == mask.shape and g64.shape == e64.shape
+        if per_token:
+            g64, e64 = g64[mask], e64[mask]
         err = max_relative_error(g64, e64) if np.isfinite(g64).all() else float("nan")
         top1 = None
-        if e64.ndim == 2 and e64.shape[1] > 1 and e64.shape[0] > 0:
+        if not per_token and e64.ndim == 2 and e64.shape[1] > 1 and e64.shape[0] > 0:
             top1 = float((g64.argmax(1) == e64.argmax(1)).mean())
         outputs.append(OutputFidelity(name, err, top1))
     return Fidelity(tuple(outputs), qtol)
@@ -444,7 +463,7 @@ def quantize_onnx_file(
                 raise ExportMismatchError(
                     f"the int8 model gives {len(got)} outputs, PyTorch {len(want)}; {label} was not written"
                 )
-            fidelity = _compare(got, want, output_names, config.qtol)
+            fidelity = _compare(got, want, output_names, config.qtol, padding_mask(inputs))
             if not fidelity.ok:
                 fix = ("exclude sensitive operators with QuantizeConfig(dynamic=True, op_types=...)" if config.dynamic else
                        "check that the calibration batches are real inputs like example_inputs, exclude sensitive "
@@ -489,7 +508,7 @@ def measure_fidelity(path: str | os.PathLike, model: nn.Module, inputs: Any, *, 
     expected = [t.float().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     session = onnx_session(path)
     got = session.run(None, onnx_feed(session, (args, kwargs)))
-    return _compare(got, expected, [o.name for o in session.get_outputs()], qtol)
+    return _compare(got, expected, [o.name for o in session.get_outputs()], qtol, padding_mask((args, kwargs)))
 
 
 # -- PyTorch PT2E ---------------------------------------------------------------------------------

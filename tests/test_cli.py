@@ -380,3 +380,22 @@ def test_compress_mlp_option_reaches_the_config(tmp_path, capsys, factory):
     assert settings["mlp"] == "narrow" and not settings.get("narrowed")  # a CNN: no linear MLP block to narrow
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0, "--mlp", "narrow")
     assert code == 2 and "calibration" in err
+
+
+def test_fidelity_of_a_text_model_leaves_padding_tokens_out():
+    from fxlrd.cli import fidelity
+
+    class Tokens(torch.nn.Module):
+        def __init__(self, junk=0.0, scale=1.0):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.junk, self.scale = torch.nn.Embedding(20, 4), junk, scale
+
+        def forward(self, input_ids, attention_mask):
+            m = attention_mask[..., None].float()
+            return self.emb(input_ids) * m * self.scale + self.junk * (1 - m)
+
+    batch = {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])}
+    same = fidelity(Tokens(), Tokens(junk=100.0), [batch])  # differs at padding only
+    assert same["relative_error"] == 0 and same["cosine"] == pytest.approx(1.0)
+    assert fidelity(Tokens(), Tokens(scale=1.5), [batch])["relative_error"] == pytest.approx(0.5)

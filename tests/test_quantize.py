@@ -9,8 +9,9 @@ from torch import nn
 import fxlrd
 from fxlrd import ConfigError, ExportMismatchError, LRDConfig
 from fxlrd.export import onnx_feed, onnx_session
+from fxlrd.export import export_onnx_file
 from fxlrd.quantize import (DEFAULT_OP_TYPES, DYNAMIC_OP_TYPES, Fidelity, OutputFidelity, QuantizeConfig, _compare,
-                            measure_fidelity, quantize_pt2e)  # fmt: skip
+                            measure_fidelity, padding_mask, quantize_onnx_file, quantize_pt2e)  # fmt: skip
 
 from conftest import rel_err
 
@@ -276,6 +277,57 @@ def test_fidelity_measures():
     nan = _compare([np.full((2, 3), np.nan)], [logits], ["logits"], qtol=0.5)
     assert not nan.ok and np.isnan(nan.max_relative_error)
 
+
+
+def test_fidelity_leaves_padding_tokens_out():
+    hidden = np.ones((2, 3, 4))
+    mask = np.array([[True, True, False], [True, True, True]])
+    at_padding = hidden.copy()
+    at_padding[0, 2] = 50.0  # a padding token's output: computed, unused, unconstrained
+    assert _compare([at_padding], [hidden], ["h"], qtol=0.5, mask=mask).ok
+    assert not _compare([at_padding], [hidden], ["h"], qtol=0.5).ok  # without the mask it counts
+    at_token = hidden.copy()
+    at_token[1, 2] = 50.0  # a real token's: still counts
+    assert not _compare([at_token], [hidden], ["h"], qtol=0.5, mask=mask).ok
+    pooled = np.ones((2, 4))  # not per token: compared whole
+    assert _compare([pooled * 1.2], [pooled], ["p"], qtol=0.5, mask=mask).outputs[0].relative_error == pytest.approx(0.2)
+
+
+def test_padding_mask_comes_from_attention_mask():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert padding_mask(((), {"input_ids": ids, "attention_mask": mask})).tolist() == [[True, True, False], [True] * 3]
+    assert padding_mask(((), {"input_ids": ids})) is None
+    assert padding_mask(((ids,), {})) is None
+    assert padding_mask(((), {"attention_mask": mask[0]})) is None  # not (batch, tokens)
+
+
+class _Tokens(nn.Module):
+    """Token states zeroed at padding; ``junk`` writes a value there instead (a model whose
+    padding outputs differ, the way int8 moves them), ``scale`` scales the real tokens'."""
+
+    def __init__(self, junk: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj, self.junk, self.scale = nn.Embedding(50, 8), nn.Linear(8, 8), junk, scale
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask[..., None].float()
+        return self.proj(self.emb(input_ids)) * m * self.scale + self.junk * (1 - m)
+
+
+def test_int8_checks_ignore_padding_tokens(tmp_path):
+    inputs = {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
+    src = tmp_path / "tokens.onnx"
+    export_onnx_file(_Tokens(), ((), inputs), src)
+    junk = _Tokens(junk=100.0)  # what PyTorch says differs from the ONNX file at padding only
+    assert measure_fidelity(src, junk, inputs).ok
+    with torch.no_grad():
+        expected = [junk(**inputs)]
+    dst = tmp_path / "tokens.int8.onnx"
+    fid = quantize_onnx_file(src, dst, None, "int8-dynamic", inputs=((), inputs), expected=expected)
+    assert fid.ok and dst.exists()
+    assert not measure_fidelity(src, _Tokens(scale=2.0), inputs).ok  # a difference at real tokens fails
 
 # -- PT2E -------------------------------------------------------------------------------------------
 def _require_torchao():
