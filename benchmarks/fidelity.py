@@ -148,11 +148,10 @@ def _embedding_loss(student, teacher, inputs) -> torch.Tensor:
 class MiniLMCase(Case):
     name = "minilm"
     include = ["encoder.*"]
-    # int8: dynamic (activations scaled per call), the matrix products only. Static int8 of
-    # MiniLM does not keep its outputs within export_onnx's 0.25 relative error: measured on
-    # docstring calibration (every default operator type, or MatMul/Gemm only), the last layer
-    # norm's output is off by 0.21–0.27 in the original and 0.73–0.92 once narrowed, the
-    # (unused) pooler's by 0.40–0.47; such a run records the failure instead of a figure.
+    # int8: dynamic (activations scaled per call), the matrix products only. Static int8
+    # calibrated on the docstrings costs MiniLM far more: held-out cosine 0.927 against 0.993
+    # dynamic (AMD EPYC, 2026-12-05; every default operator type or MatMul/Gemm only alike),
+    # and its (unused) pooler output is off by 0.41, past export_onnx's check.
     int8 = QuantizeConfig(dynamic=True)
 
     distill_lr = 2e-4
