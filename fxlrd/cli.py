@@ -634,7 +634,8 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
         _, y1 = _main_output(_call(compressed, batch))
         y0, y1 = y0.double(), y1.double()
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        real = mask.bool() if mask is not None and y0.dim() >= 2 and tuple(mask.shape) == tuple(y0.shape[:2]) else None
+        real = mask.bool() if mask is not None and y0.dim() >= 3 and tuple(mask.shape) == tuple(y0.shape[:2]) else None
+        real = real if real is not None and bool(real.any()) else None
         diff, ref = (y1 - y0, y0) if real is None else ((y1 - y0)[real], y0[real])  # padding tokens left out
         num, den = num + float((diff**2).sum()), den + float((ref**2).sum())
         if y0.dim() == 2 and y0.shape[-1] > 1 and real is None:

@@ -161,9 +161,9 @@ def export_onnx(
             activations) of the checked float32 export; ``"int8-dynamic"``: dynamic quantization
             of the matrix products (no calibration). It is then checked for *fidelity*: each
             output's relative error ``max|int8 - torch| / max|torch|`` must be within ``qtol``
-            (0.25), at the real tokens only when the inputs carry an ``attention_mask`` (padding
-            tokens' outputs are unused, and int8 moves them freely); the error and, for 2-D
-            outputs, top-1 agreement are logged on the ``fxlrd`` logger.
+            (0.25), per-token outputs at the real tokens only when the inputs carry a keyword
+            ``attention_mask`` (padding tokens' outputs are unused, and int8 moves them freely);
+            the error and, for 2-D outputs, top-1 agreement are logged on the ``fxlrd`` logger.
         calibration: with ``quantize``: an iterable of batches, each like ``example_inputs``,
             that fix the activation ranges (use real data).
 

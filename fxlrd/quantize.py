@@ -153,7 +153,8 @@ class OutputFidelity:
 
     Attributes:
         name: the ONNX output name.
-        relative_error: ``max|int8 - torch| / max|torch|``.
+        relative_error: ``max|int8 - torch| / max|torch|``; for per-token outputs of inputs
+            with a keyword ``attention_mask``, over the real tokens only (`padding_mask`).
         top1_agreement: for 2-D outputs (batch, classes): the share of rows whose argmax agrees;
             None for other outputs.
     """
@@ -359,8 +360,9 @@ def _preprocess(src: Path, dst: Path) -> Path:
 
 
 def padding_mask(inputs: "Args") -> np.ndarray | None:
-    """The token mask of a transformer's inputs: keyword ``attention_mask`` of shape
-    (batch, tokens), as a boolean array (True: a real token), or None when there is none.
+    """The token mask of a transformer's inputs: a keyword ``attention_mask`` of shape
+    (batch, tokens), as a boolean array (True: a real token), or None when there is none
+    (a mask passed positionally is not recognised: the outputs are then compared whole).
 
     Outputs at padding positions are computed but unused, and nothing constrains them: int8
     can move them by as much as the largest real activation, so checks leave them out."""
@@ -373,19 +375,20 @@ def padding_mask(inputs: "Args") -> np.ndarray | None:
 def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str], qtol: float,
              mask: np.ndarray | None = None) -> Fidelity:  # fmt: skip
     """Per output, the relative error and (2-D outputs) top-1 agreement. ``mask`` (batch,
-    tokens), True at real tokens: outputs whose first two dimensions are (batch, tokens) are
-    compared at the real tokens only (`padding_mask`)."""
+    tokens), True at real tokens: per-token outputs (at least 3-D, the first two dimensions
+    (batch, tokens): hidden states, token logits) are compared at the real tokens only
+    (`padding_mask`); 2-D outputs (pooled, logits) always whole."""
     from .export import max_relative_error
 
     outputs = []
     for name, g, e in zip(names, got, expected):
         g64, e64 = np.asarray(g, dtype=np.float64), np.asarray(e, dtype=np.float64)
-        per_token = mask is not None and e64.ndim >= 2 and e64.shape[:2] == mask.shape and g64.shape == e64.shape
-        if per_token:
+        finite = bool(np.isfinite(g64).all())
+        if mask is not None and mask.any() and e64.ndim >= 3 and e64.shape[:2] == mask.shape and g64.shape == e64.shape:
             g64, e64 = g64[mask], e64[mask]
-        err = max_relative_error(g64, e64) if np.isfinite(g64).all() else float("nan")
+        err = max_relative_error(g64, e64) if finite else float("nan")
         top1 = None
-        if not per_token and e64.ndim == 2 and e64.shape[1] > 1 and e64.shape[0] > 0:
+        if e64.ndim == 2 and e64.shape[1] > 1 and e64.shape[0] > 0 and np.ndim(g) == 2:
             top1 = float((g64.argmax(1) == e64.argmax(1)).mean())
         outputs.append(OutputFidelity(name, err, top1))
     return Fidelity(tuple(outputs), qtol)
@@ -491,7 +494,8 @@ def measure_fidelity(path: str | os.PathLike, model: nn.Module, inputs: Any, *, 
         qtol: the bound `Fidelity.ok` tests against.
 
     Returns:
-        Per output: relative error and, for 2-D outputs, top-1 agreement.
+        Per output: relative error (per-token outputs at the real tokens only when ``inputs``
+        has a keyword ``attention_mask``) and, for 2-D outputs, top-1 agreement.
     """
     from torch.utils import _pytree as pytree
 

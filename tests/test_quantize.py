@@ -8,8 +8,7 @@ from torch import nn
 
 import fxlrd
 from fxlrd import ConfigError, ExportMismatchError, LRDConfig
-from fxlrd.export import onnx_feed, onnx_session
-from fxlrd.export import export_onnx_file
+from fxlrd.export import export_onnx_file, onnx_feed, onnx_session
 from fxlrd.quantize import (DEFAULT_OP_TYPES, DYNAMIC_OP_TYPES, Fidelity, OutputFidelity, QuantizeConfig, _compare,
                             measure_fidelity, padding_mask, quantize_onnx_file, quantize_pt2e)  # fmt: skip
 
@@ -278,7 +277,6 @@ def test_fidelity_measures():
     assert not nan.ok and np.isnan(nan.max_relative_error)
 
 
-
 def test_fidelity_leaves_padding_tokens_out():
     hidden = np.ones((2, 3, 4))
     mask = np.array([[True, True, False], [True, True, True]])
@@ -289,8 +287,15 @@ def test_fidelity_leaves_padding_tokens_out():
     at_token = hidden.copy()
     at_token[1, 2] = 50.0  # a real token's: still counts
     assert not _compare([at_token], [hidden], ["h"], qtol=0.5, mask=mask).ok
-    pooled = np.ones((2, 4))  # not per token: compared whole
-    assert _compare([pooled * 1.2], [pooled], ["p"], qtol=0.5, mask=mask).outputs[0].relative_error == pytest.approx(0.2)
+    pooled = np.ones((2, 3))  # 2-D, even one shaped like the mask (hidden size = tokens): compared whole
+    pooled_off = pooled.copy()
+    pooled_off[0, 2] = 1.2
+    assert _compare([pooled_off], [pooled], ["p"], qtol=0.5, mask=mask).outputs[0].relative_error == pytest.approx(0.2)
+    no_tokens = np.zeros_like(mask)  # an all-padding mask: compared whole, not an empty comparison
+    assert not _compare([at_padding], [hidden], ["h"], qtol=0.5, mask=no_tokens).ok
+    nan_at_padding = hidden.copy()
+    nan_at_padding[0, 2] = np.nan  # not finite anywhere is a failure
+    assert not _compare([nan_at_padding], [hidden], ["h"], qtol=0.5, mask=mask).ok
 
 
 def test_padding_mask_comes_from_attention_mask():
@@ -328,6 +333,7 @@ def test_int8_checks_ignore_padding_tokens(tmp_path):
     fid = quantize_onnx_file(src, dst, None, "int8-dynamic", inputs=((), inputs), expected=expected)
     assert fid.ok and dst.exists()
     assert not measure_fidelity(src, _Tokens(scale=2.0), inputs).ok  # a difference at real tokens fails
+
 
 # -- PT2E -------------------------------------------------------------------------------------------
 def _require_torchao():
