@@ -128,12 +128,12 @@ def _rebatched(batches: list[Any], size: int) -> list[Any]:
 
 
 def _export(spec: models.ModelSpec, original: nn.Module, info: dict[str, Any], inputs: Any, path: Path,
-            calibration: list[Any] | None = None) -> None:  # fmt: skip
-    """Export the variant to ONNX (checked against onnxruntime; int8 when ``calibration`` is given);
-    its path, or why it failed, goes into ``info``."""
+            quantize: str | None = None, calibration: list[Any] | None = None) -> None:  # fmt: skip
+    """Export the variant to ONNX (checked against onnxruntime; in int8 when ``quantize`` says,
+    static int8 calibrated on ``calibration``); its path, or why it failed, goes into ``info``."""
     try:
-        quantize = {"quantize": "int8", "calibration": calibration} if calibration is not None else {}
-        fxlrd.export_onnx(load_variant(spec, original, info, inputs), inputs, path, **quantize)
+        fxlrd.export_onnx(load_variant(spec, original, info, inputs), inputs, path, quantize=quantize,
+                          calibration=calibration)  # fmt: skip
         info["onnx"] = str(path)
     except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
         info["onnx_failed"] = f"{type(exc).__name__}: {exc}"
@@ -183,6 +183,9 @@ def prepare(task: Mapping[str, Any]) -> Path:
         if variant.int8 and backend != "onnxruntime":
             entries[variant.name] = {"skipped": "int8 variants run in onnxruntime only (PyTorch: the PT2E chain in the README)"}
             continue
+        if variant.int8 == "int8-dynamic" and not spec.tokens:
+            entries[variant.name] = {"skipped": "dynamic int8 quantizes the matrix products only: for transformers"}
+            continue
         info_path = where.with_suffix(".json")
         info = json.loads(info_path.read_text()) if info_path.exists() else _build(variant, ctx, where, per_sample)
         built = not ("failed" in info or "skipped" in info)
@@ -190,12 +193,13 @@ def prepare(task: Mapping[str, Any]) -> Path:
         info_path.write_text(json.dumps(info, default=str))
         entry = dict(info)
         if built and backend == "onnxruntime":  # per batch: an exported original may have a fixed batch size
-            calibration = _rebatched(ctx.calibration, batch) if variant.int8 else None
-            _export(spec, original, entry, inputs, where.with_suffix(f".b{batch}.onnx"), calibration)
+            calibration = _rebatched(ctx.calibration, batch) if variant.int8 == "int8" else None  # static only
+            _export(spec, original, entry, inputs, where.with_suffix(f".b{batch}.onnx"), variant.int8, calibration)
         if built and backend == "compile":  # per case: inductor compiles for the batch's shapes
             _warm_compile(spec, original, entry, inputs, task["threads"])
         _print(variant.name, entry)
         entries[variant.name] = entry
     path = manifest_path(workdir, name, backend, batch)
+    path.parent.mkdir(parents=True, exist_ok=True)  # every variant may have been skipped
     path.write_text(json.dumps({"model": name, "backend": backend, "batch": batch, "variants": entries}, default=str))
     return path

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `benchmarks` importable too
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import _real  # noqa: E402
 
@@ -439,19 +441,25 @@ def report(runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(runs: list[dict], path: Path) -> None:
-    """Speed-up against fidelity on the newest run's machine: for each model, each (α, method)
-    point from the newest run that measured it (a run of a few points does not hide the sweep;
-    speed-ups are each run's own ratios to its original)."""
+def _machine(run: dict) -> str:
+    """The machine kind a run is grouped by: CPU model and vector extensions (Xeons with and
+    without AMX report the same model name)."""
+    env = run["environment"]
+    return f"{env.get('processor')} · {env.get('vector_extensions', 'vector extensions unknown')}"
+
+
+def plot(runs: list[dict], path: Path, machine: str) -> None:
+    """Speed-up against fidelity on one machine kind: for each model, each (α, method) point
+    from the newest of that machine's runs that measured it (a run of a few points does not
+    hide the sweep; speed-ups are each run's own ratios to its original)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = runs[-1]
     latest: dict[str, dict] = {}
     for r in runs:
-        if r["environment"].get("processor") == run["environment"].get("processor"):
+        if _machine(r) == machine:
             for case in r["cases"]:
                 points = latest.setdefault(case["model"], {"model": case["model"], "points": {}})["points"]
                 points.update({(row["ratio"], row["method"]): row for row in case["rows"] if "failed" not in row})
@@ -471,10 +479,21 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.set_title(case["model"], fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{run['environment']['processor']} — labels: α", fontsize=9)
+    fig.suptitle(f"{machine} — labels: α", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_machines(runs: list[dict], results: Path) -> list[Path]:
+    """One Pareto plot per machine kind, ``fidelity_pareto_<machine>.png``; the paths written."""
+    from benchmarks.plots import slug
+
+    paths = []
+    for machine in dict.fromkeys(map(_machine, runs)):
+        paths.append(results / f"fidelity_pareto_{slug(machine)}.png")
+        plot(runs, paths[-1], machine)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(RESULTS / "fidelity.jsonl", "a") as f:
         f.write(json.dumps(run, default=float) + "\n")
     (RESULTS / "fidelity.md").write_text(report(_load_runs()))
-    plot(_load_runs(), RESULTS / "fidelity_pareto.png")
-    print(f"\nappended to {RESULTS / 'fidelity.jsonl'}; wrote fidelity.md and fidelity_pareto.png")
+    plots = plot_machines(_load_runs(), RESULTS)
+    print(f"\nappended to {RESULTS / 'fidelity.jsonl'}; wrote fidelity.md and {', '.join(p.name for p in plots)}")
     return 0
 
 

@@ -72,6 +72,9 @@ class BuildContext:
         return fxlrd.plan(self.model, VANILLA, example_inputs=self.example).params_after_model()
 
 
+INT8_MODES = ("int8", "int8-dynamic")  # export_onnx's quantize modes: static, dynamic
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way to compress a model.
@@ -84,8 +87,10 @@ class Variant:
         data_aware: decomposed with the model's calibration data.
         decomposes: it must decompose at least one layer, else it is skipped for that model.
         needs_method: skipped unless some layer is decomposed with this method (e.g. ``tucker2``).
-        int8: exported with onnxruntime's static int8 quantization (QDQ, per-channel weights,
-            calibrated on the model's calibration batches); onnxruntime backend only.
+        int8: exported in int8, ``export_onnx``'s quantize mode: ``"int8"`` (onnxruntime static
+            quantization, QDQ, per-channel weights, calibrated on the model's calibration batches)
+            or ``"int8-dynamic"`` (the matrix products' weights in int8, their inputs scaled per
+            call: the usual recipe for BERTs on CPU); onnxruntime backend only.
     """
 
     name: str
@@ -95,7 +100,11 @@ class Variant:
     data_aware: bool = False
     decomposes: bool = True
     needs_method: str | None = None
-    int8: bool = False
+    int8: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.int8 not in (None, *INT8_MODES):
+            raise ValueError(f"variant {self.name}: int8 must be None or one of {INT8_MODES}, got {self.int8!r}")
 
     def build(self, ctx: BuildContext) -> nn.Module:
         """The compressed model (``ctx.model`` itself for the original)."""
@@ -283,11 +292,16 @@ VARIANTS: dict[str, Variant] = {
         Variant("data_aware", "whitened by calibration data, ranks allocated globally (α = 2 overall)",
                 lambda ctx: LRDConfig(ratio=2, allocation="global"), data_aware=True),  # fmt: skip
         Variant("int8", "the original, int8 (onnxruntime static quantization, QDQ, per-channel weights)", None,
-                decomposes=False, int8=True),  # fmt: skip
-        Variant("quantized+int8", "quantized, then int8 like the original's int8", lambda ctx: LRDConfig(ratio=2), int8=True),
+                decomposes=False, int8="int8"),  # fmt: skip
+        Variant("quantized+int8", "quantized, then int8 like the original's int8", lambda ctx: LRDConfig(ratio=2),
+                int8="int8"),  # fmt: skip
+        Variant("int8_dynamic", "the original, dynamic int8 (onnxruntime: int8 weights of the matrix products, "
+                "inputs scaled per call)", None, decomposes=False, int8="int8-dynamic"),  # fmt: skip
+        Variant("quantized+int8_dynamic", "quantized, then dynamic int8 like int8_dynamic", lambda ctx: LRDConfig(ratio=2),
+                int8="int8-dynamic"),  # fmt: skip
         Variant("global@vanilla+int8", "global@vanilla, then int8",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
-                searched=True, int8=True),  # fmt: skip
+                searched=True, int8="int8"),  # fmt: skip
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip

@@ -236,6 +236,20 @@ def test_lrd_plus_int8_is_compared_with_int8_alone_run_by_run():
     assert section.count("| global+int8 · ") == 2
 
 
+def test_lrd_plus_dynamic_int8_is_compared_with_dynamic_int8_alone():
+    params = {"original": 100, "int8": 100, "quantized+int8": 50, "int8_dynamic": 100, "quantized+int8_dynamic": 50}
+    runs = [make_run({"original": 10.0, "int8": 4.0, "quantized+int8": 2.0, "int8_dynamic": 6.0,
+                      "quantized+int8_dynamic": 4.0}, params, run=i + 1) for i in range(3)]  # fmt: skip
+    text = suite_markdown("speed", runs)
+    static = text.split("LRD + int8 against int8 alone")[1].split("LRD + int8_dynamic")[0]
+    assert "| quantized+int8 | 0.00 | - | 2.00× | 3 |" in static and "int8_dynamic |" not in static
+    dynamic = text.split("LRD + int8_dynamic against int8_dynamic alone")[1]
+    assert "| quantized+int8_dynamic | 0.00 | - | 1.50× | 3 |" in dynamic  # 6 / 4, not 4 / 4 against static int8
+    from benchmarks.variants import get
+
+    assert get("int8_dynamic").int8 == "int8-dynamic" and get("int8").int8 == "int8"
+
+
 def test_readme_table_names_the_machine_and_the_command():
     table = readme_table(THREE_RUNS)
     assert table.splitlines()[0] == "| model | variant | params (M) | onnxruntime b1 |"
@@ -686,3 +700,67 @@ def test_gpu_suite_builds_once_per_dtype_and_times_the_backends_in_the_order_ask
     assert runs[0]["manifests"]["cuda_compile_bf16"] == runs[0]["manifests"]["cuda_bf16"] != runs[0]["manifests"]["cuda_compile"]
     crashes = [r["case"]["backend"] for r in read(log_path(tmp_path, "speed"))]  # vit_b_16's bfloat16 build died
     assert crashes == ["cuda_compile_bf16", "cuda_bf16"]
+
+
+def test_int8_variants_export_their_scheme(tmp_path, monkeypatch):
+    """``prepare`` writes static int8 (QuantizeLinear, calibrated) and dynamic int8
+    (DynamicQuantizeLinear, no calibration) ONNX files for the int8 variants of a BERT."""
+    transformers = pytest.importorskip("transformers")
+    import onnx
+    import torch
+
+    from benchmarks import models
+    from benchmarks.build import prepare
+
+    def bert():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+        return transformers.BertModel(cfg).eval()
+
+    def tokens(batch, seed=0):
+        ids = torch.randint(0, 100, (batch, 16), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    spec = models.ModelSpec("tiny_bert", "a tiny BERT", bert, tokens, lambda: [tokens(4, seed=s) for s in (1, 2)], tokens=True)
+    monkeypatch.setitem(models.MODELS, "tiny_bert", spec)
+    task = {"model": "tiny_bert", "backend": "onnxruntime", "search_backend": "onnxruntime", "batch": 1, "threads": 1,
+            "variants": ["int8", "int8_dynamic", "quantized+int8_dynamic"], "workdir": str(tmp_path)}  # fmt: skip
+    entries = json.loads(prepare(task).read_text())["variants"]
+    ops = {name: {n.op_type for n in onnx.load(e["onnx"]).graph.node} for name, e in entries.items()}
+    assert "QuantizeLinear" in ops["int8"] and "DynamicQuantizeLinear" not in ops["int8"]
+    for name in ("int8_dynamic", "quantized+int8_dynamic"):
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops[name] and "QuantizeLinear" not in ops[name], name
+
+
+def test_dynamic_int8_is_for_transformers_only(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    from benchmarks import models
+    from benchmarks.build import prepare
+    from benchmarks.variants import Variant
+
+    spec = models.ModelSpec("tiny_cnn", "a tiny CNN", lambda: nn.Sequential(nn.Conv2d(3, 4, 3)).eval(),
+                            lambda batch: torch.randn(batch, 3, 8, 8), lambda: [torch.randn(2, 3, 8, 8)])  # fmt: skip
+    monkeypatch.setitem(models.MODELS, "tiny_cnn", spec)
+    task = {"model": "tiny_cnn", "backend": "onnxruntime", "search_backend": "onnxruntime", "batch": 1, "threads": 1,
+            "variants": ["int8_dynamic"], "workdir": str(tmp_path)}  # fmt: skip
+    entries = json.loads(prepare(task).read_text())["variants"]
+    assert "for transformers" in entries["int8_dynamic"]["skipped"]
+    with pytest.raises(ValueError, match="int8 must be None or one of"):
+        Variant("typo", "a typo", None, int8="int8_dynamic")
+
+
+def test_fidelity_plots_one_png_per_machine_kind(tmp_path):
+    """Xeons with and without AMX report the same CPU model: the vector extensions tell them apart."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import fidelity
+
+    def run(extensions, cosine):
+        env = {"processor": "Intel(R) Xeon(R) Processor", "vector_extensions": extensions}
+        rows = [{"ratio": 1.5, "method": "global", "speedup": 1.2, "cosine": cosine}]
+        return {"environment": env, "cases": [{"model": "minilm", "rows": rows}]}
+
+    paths = fidelity.plot_machines([run("AVX2 AVX-512F", 0.9), run("AVX2 AVX-512F AMX", 0.8)], tmp_path)
+    assert len(paths) == 2 and len(set(paths)) == 2 and all(p.stat().st_size > 0 for p in paths)
