@@ -944,7 +944,10 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
     if report.get("norms_reestimated"):
         p(f"            ({report['norms_reestimated']} norms moved by merging were re-estimated)")
     for what, path in (report.get("files") or {}).items():
-        p(f"wrote       {path} ({_FILE_KINDS.get(what, what)})")
+        kind = _FILE_KINDS.get(what, what)
+        if what == "onnx" and report.get("int8"):
+            kind = f"ONNX in {report['int8']['scheme']} int8, within qtol of PyTorch on the example"
+        p(f"wrote       {path} ({kind})")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

@@ -153,7 +153,7 @@ def test_compress_int8_writes_the_onnx_file_in_int8_and_measures_it(tmp_path, ca
     assert 0 < q["fidelity"]["relative_error"] < 1 and q["fidelity"]["relative_error"] != report["fidelity"]["relative_error"]
     lat = report["latency"]
     assert lat["int8"]["n"] == 2 and lat["speedup_int8"] > 0 and lat["compressed"]["n"] == 2
-    assert f"int8 ({scheme})" in out and "; int8 " in out
+    assert f"int8 ({scheme})" in out and "; int8 " in out and f"ONNX in {scheme} int8" in out
 
 
 def test_compress_int8_needs_onnx_and_static_needs_calibration(tmp_path, capsys, factory):
