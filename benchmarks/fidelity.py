@@ -478,7 +478,7 @@ def plot(runs: list[dict], path: Path, machine: str) -> None:
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(case["model"], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)  # each panel its own: the methods (and their colours) differ per model
     fig.suptitle(f"{machine} — labels: α", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
