@@ -616,6 +616,15 @@ class _OnnxCallable:
         return [torch.from_numpy(y) for y in self.session.run(None, onnx_feed(self.session, (args, kwargs)))]
 
 
+def _int8_weights(path: Path) -> dict[str, int]:
+    """How many of the ONNX file's weight tensors (initializers of 2 or more dimensions) are
+    stored in int8, of how many."""
+    import onnx
+
+    weights = [t for t in onnx.load(str(path)).graph.initializer if len(t.dims) >= 2]
+    return {"int8": sum(t.data_type == onnx.TensorProto.INT8 for t in weights), "total": len(weights)}
+
+
 @torch.no_grad()
 def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Sequence[Batch]) -> dict[str, Any]:
     """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
@@ -843,8 +852,9 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         files["onnx"] = str(onnx_path)
         if int8:
             console.step("measuring the int8 file's fidelity on held-out inputs")
-            int8_report = {"scheme": int8, "fidelity": {**fidelity(model, _OnnxCallable(onnx_path, args.threads),
-                                                                   data.held_out), "inputs": data.note}}  # fmt: skip
+            int8_report = {"scheme": int8, "weights": _int8_weights(onnx_path),
+                           "fidelity": {**fidelity(model, _OnnxCallable(onnx_path, args.threads), data.held_out),
+                                        "inputs": data.note}}  # fmt: skip
     if save_path is not None:
         console.step(f"saving {save_path}")
         save(gm, save_path, overwrite=args.overwrite)
@@ -940,7 +950,13 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
         p("latency     not measured (--repeats 0)")
     p(f"fidelity    {_fidelity_text(report['fidelity'])}")
     if report.get("int8"):
-        p(f"  int8 ({report['int8']['scheme']}) {_fidelity_text(report['int8']['fidelity'])}")
+        q = report["int8"]
+        p(f"  int8 ({q['scheme']}) {_fidelity_text(q['fidelity'])}")
+        w = q.get("weights") or {}
+        if w:
+            p(f"  int8 weights {w['int8']} of {w['total']} weight tensors")
+        if q["scheme"] == "dynamic" and w and 2 * w["int8"] < w["total"]:
+            p("  (dynamic int8 quantizes the matrix products only; for a conv model use --int8 static --calibration ...)")
     if report.get("norms_reestimated"):
         p(f"            ({report['norms_reestimated']} norms moved by merging were re-estimated)")
     for what, path in (report.get("files") or {}).items():

@@ -154,6 +154,10 @@ def test_compress_int8_writes_the_onnx_file_in_int8_and_measures_it(tmp_path, ca
     lat = report["latency"]
     assert lat["int8"]["n"] == 2 and lat["speedup_int8"] > 0 and lat["compressed"]["n"] == 2
     assert f"int8 ({scheme})" in out and "; int8 " in out and f"ONNX in {scheme} int8" in out
+    w = q["weights"]  # a CNN: static int8 stores the convs' weights in int8, dynamic only the linears'
+    assert 0 < w["int8"] <= w["total"] and f"int8 weights {w['int8']} of {w['total']}" in out
+    assert (2 * w["int8"] < w["total"]) == (scheme == "dynamic")
+    assert ("use --int8 static" in out) == (scheme == "dynamic")
 
 
 def test_compress_int8_needs_onnx_and_static_needs_calibration(tmp_path, capsys, factory):
