@@ -17,6 +17,7 @@ from torch import fx, nn
 
 import fxlrd
 from fxlrd import LatencyConfig, LRDConfig
+from fxlrd.quantize import QUANTIZE_MODES
 
 from .models import ModelSpec
 from .records import is_gpu_backend
@@ -72,9 +73,6 @@ class BuildContext:
         return fxlrd.plan(self.model, VANILLA, example_inputs=self.example).params_after_model()
 
 
-INT8_MODES = ("int8", "int8-dynamic")  # export_onnx's quantize modes: static, dynamic
-
-
 @dataclass(frozen=True)
 class Variant:
     """One way to compress a model.
@@ -103,8 +101,8 @@ class Variant:
     int8: str | None = None
 
     def __post_init__(self) -> None:
-        if self.int8 not in (None, *INT8_MODES):
-            raise ValueError(f"variant {self.name}: int8 must be None or one of {INT8_MODES}, got {self.int8!r}")
+        if self.int8 not in (None, *QUANTIZE_MODES):
+            raise ValueError(f"variant {self.name}: int8 must be None or one of {QUANTIZE_MODES}, got {self.int8!r}")
 
     def build(self, ctx: BuildContext) -> nn.Module:
         """The compressed model (``ctx.model`` itself for the original)."""
