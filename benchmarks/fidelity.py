@@ -21,6 +21,11 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
 - ``narrow+global+seq``: MLP blocks narrowed (``mlp="narrow"``: fewer hidden neurons,
   chosen on calibration data, the second layer refitted; `fxlrd.narrow`) by α, the other
   layers as ``global+seq`` at α (MiniLM only: the CNN has no linear MLP blocks);
+- ``narrow+global+seq+local``: + the narrowed FFN blocks refitted one at a time by Adam steps
+  on each block's own output error (`fxlrd.recover.reconstruct_mlps`: up and down layers
+  of the block, against the original block on the same inputs; ``--local-steps`` per block,
+  on the first ``local_batches`` batches of the distillation text): training, but local
+  (no backward pass through the model);
 - ``…+distill``: + a short distillation to the original (``--distill-steps`` Adam
   steps, batch 16) on data neither calibration nor held out: for MiniLM every paragraph of
   the calibration modules' docstrings (~8 k), for the CNN a third random draw of views.
@@ -71,7 +76,7 @@ from fxlrd.timing import environment, median_times  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global+seq",
-           "narrow+global+seq+distill")
+           "narrow+global+seq+distill", "narrow+global+seq+local", "narrow+global+seq+local+distill")
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -82,6 +87,9 @@ class Case:
     include: list[str] | None = None
     distill_schedule = "constant"
     int8: Any = "int8"  # `fxlrd.export_onnx`'s quantize=: every default operator type
+    # +local (`fxlrd.recover.reconstruct_mlps`): Adam steps per narrowed block, their learning rate, and how
+    # many distillation batches it fits on (MiniLM: 200 batches, ~100 k token positions, ~3 min here)
+    local_steps, local_lr, local_batches = 300, 1e-4, 200
 
     def fidelity(self, model: torch.nn.Module) -> dict[str, float]:
         raise NotImplementedError
@@ -312,7 +320,7 @@ def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repea
 # -- the run -------------------------------------------------------------------------------------
 def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps: int | None, distill_lr: float | None,
              rounds: int, repeats: int, threads: int, distill_features: float = 0.0,
-             int8: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+             int8: list[str] | None = None, local_steps: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Every method at every ratio, then every model timed (taking turns). ``distill_steps`` and
     ``distill_lr`` None: the case's own (1200 steps from 2e-4 on a cosine for MiniLM, 300 at
     3e-5 for the CNN). ``int8``: the methods whose models (and the original's) are also
@@ -350,7 +358,20 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
         built: dict[str, torch.nn.Module] = {}
         for method in methods:
             t0 = time.perf_counter()
-            if method.endswith("+distill"):
+            if method.endswith("+local"):
+                start = built.get(method.removesuffix("+local"))
+                if start is None or not (getattr(start, "fxlrd_plan", None) and start.fxlrd_plan.settings.get("narrowed")):
+                    print(f"  α={ratio:<4g} {method:<20} skipped: no narrowed MLP blocks", flush=True)
+                    continue
+                model = copy.deepcopy(start)
+                steps = local_steps if local_steps is not None else case.local_steps
+                batches = case.distill_batches[: case.local_batches]
+                blocks = fxlrd.recover.reconstruct_mlps(model, case.model, batches, steps=steps, lr=case.local_lr,
+                                                        progress=False)  # fmt: skip
+                built[method] = model
+                extra = {"local_steps": steps, "local_lr": case.local_lr, "local_batches": len(batches),
+                         "local_blocks": blocks}  # fmt: skip
+            elif method.endswith("+distill"):
                 steps = distill_steps if distill_steps is not None else case.distill_steps
                 start = built.get(method.removesuffix("+distill"))
                 if start is None or steps <= 0:
@@ -509,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also calibrate on N paragraphs of the distillation text (longer: ~3 072 give ~100 k tokens)")
     parser.add_argument("--distill-steps", type=int, default=None, help="default: 1200 for MiniLM, 300 for the CNN")
     parser.add_argument("--distill-lr", type=float, default=None, help="default: 2e-4 (cosine) for MiniLM, 3e-5 for the CNN")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help="Adam steps per narrowed block for the +local methods (default: the case's)")
     parser.add_argument("--distill-images", type=int, default=640, help="distillation views (a third random draw)")
     parser.add_argument("--distill-text", type=int, default=None,
                         help="distillation paragraphs (default: all ~8 k of the calibration modules' docstrings)")
@@ -543,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  α={ratio:g}: layer output error whitened/data-free, median over {len(err['layers'])} layers: "
                   f"{err['median_whitened_over_data_free']:.3f}", flush=True)  # fmt: skip
         cases.append(run_case(case, args.ratios, args.methods, args.distill_steps, args.distill_lr, args.runs,
-                              args.repeats, args.threads, args.distill_features, args.int8))  # fmt: skip
+                              args.repeats, args.threads, args.distill_features, args.int8, args.local_steps))  # fmt: skip
     run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["benchmarks/fidelity.py", *(argv or sys.argv[1:])]),
            "environment": env, "settings": settings, "cases": cases, "layer_errors": layer_errors}  # fmt: skip
     if args.no_save:

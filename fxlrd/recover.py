@@ -10,8 +10,11 @@ narrow side; the moved norm has no statistics yet. Two tools, both on calibratio
   its actual input to what the unmerged model computed at that point (the output of the
   second layer of the pair), in graph order so each refit sees the earlier ones.
 
-`distill` then trains the compressed model toward the original's outputs (and optionally its
-decomposed layers' outputs) for a few hundred steps, with any freezing policy.
+`reconstruct_mlps` trains each narrowed MLP block (`fxlrd.narrow`) alone, both its layers, to
+reproduce the original block's output on the compressed model's own block inputs: local
+gradient steps, no backward pass through the model. `distill` then trains the compressed
+model toward the original's outputs (and optionally its decomposed layers' outputs) for a
+few hundred steps, with any freezing policy.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import fx, nn
 if TYPE_CHECKING:
     from .freeze import SequentialFreezer
 
-__all__ = ["reestimate_norms", "refit_merged", "merged_nodes", "distill", "output_loss"]
+__all__ = ["reestimate_norms", "refit_merged", "merged_nodes", "distill", "output_loss", "reconstruct_mlps"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -312,3 +315,235 @@ def distill(
         for n, m in gm.named_modules():
             m.train(student_modes.get(n, m.training))
     return curve
+
+
+# -- block-local reconstruction of narrowed MLP blocks ------------------------------------------
+class _Reached(Exception):
+    """Raised by `_capture_input` once the wanted value is computed (the rest is not run)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+
+def _capture_input(gm: fx.GraphModule, node: fx.Node, flat: list[Any]) -> torch.Tensor:
+    """The value of ``node`` when ``gm`` runs on the placeholder values ``flat`` (the graph is
+    run only up to it)."""
+
+    class Until(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n is node:
+                raise _Reached(out)
+            return out
+
+    try:
+        Until(gm).run(*flat)
+    except _Reached as reached:
+        return reached.value
+    raise RuntimeError(f"the graph never computed {node.name!r}")  # unreachable for a node of gm's graph
+
+
+def _block_chain(gm: fx.GraphModule, up: fx.Node, down: fx.Node) -> list[fx.Node]:
+    """The elementwise activation nodes from ``up``'s output to ``down``'s input."""
+    chain, node = [], up
+    while True:
+        (user,) = node.users
+        if user is down:
+            return chain
+        chain.append(user)
+        node = user
+
+
+def _run_activation(gm: fx.GraphModule, chain: Sequence[fx.Node], h: torch.Tensor) -> torch.Tensor:
+    for node in chain:
+        if node.op == "call_module":
+            h = gm.get_submodule(node.target)(h)
+        elif node.op == "call_method":
+            h = getattr(h, node.target)(*node.args[1:], **node.kwargs)
+        else:
+            h = node.target(h, *node.args[1:], **node.kwargs)
+    return h
+
+
+def reconstruct_mlps(
+    gm: fx.GraphModule,
+    teacher: nn.Module,
+    batches: Iterable,
+    *,
+    steps: int = 300,
+    lr: float = 1e-4,
+    tokens_per_step: int = 2048,
+    holdout: float = 0.1,
+    skip_padding: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Refit each narrowed MLP block of ``gm`` by gradient steps on its own output error.
+
+    `fxlrd.narrow` keeps ``k`` of a block's hidden neurons and refits the down layer in
+    closed form; the up layer stays as it was. This trains both layers of the narrowed
+    block (weights and biases), one block at a time, so that on ``batches`` it reproduces
+    what the original block computes on the same inputs:
+    ``min ‖down′(act(up′(x))) − down(act(up(x)))‖²`` over the block inputs ``x`` of the
+    compressed model. Blocks go in graph order, each on the inputs produced by the blocks
+    refitted before it. No full-model backward pass runs; each block needs its inputs and
+    targets in memory (2 × positions × width floats).
+
+    A share ``holdout`` of the positions is kept out of training, and a block is only
+    changed when its error on them went down. Shapes do not change: `fxlrd.save`,
+    `fxlrd.export_onnx` and fine-tuning work as before; parameters are updated in place.
+
+    Args:
+        gm: a model from `fxlrd.transform`/`fxlrd.apply` with ``LRDConfig(mlp="narrow")``.
+        teacher: the original model; only its weights are read (at the same parameter
+            paths), it is not run and not changed.
+        batches: inputs in the form of ``example_inputs`` (tensor, tuple or dict).
+        steps: Adam steps per block.
+        lr: Adam's learning rate, on a half cosine down to 0.
+        tokens_per_step: positions (rows of the block input) drawn at random per step.
+        holdout: the share of positions held out to check each block's refit.
+        skip_padding: leave out positions where the inputs' ``attention_mask`` is 0 (when it
+            has the block input's leading shape).
+        seed: for the held-out split and the draws.
+        progress: a progress bar over the blocks.
+
+    Returns:
+        Per block (keyed by its up layer): its down layer, width, positions, and the relative
+        squared output error ``‖y′ − y‖² / ‖y‖²`` before and after on the training and the
+        held-out positions, and whether the refit was applied.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from .capture import flat_inputs, normalize_inputs
+    from .errors import ConfigError, PlanMismatchError
+    from .sites import _get_attr, find_sites
+
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr!r}")
+    if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
+        raise ConfigError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout!r}")
+    plan = getattr(gm, "fxlrd_plan", None)
+    records = (plan.settings.get("narrowed") or []) if plan is not None else []
+    if not records:
+        raise ConfigError(
+            "reconstruct_mlps found no narrowed MLP blocks in this model: it refits the blocks that "
+            "fxlrd.transform(..., LRDConfig(mlp='narrow'), calibration=...) narrowed; use fxlrd.recover.distill otherwise"
+        )
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise ConfigError("batches must be an iterable of inputs (a list of batches); wrap a single batch in a list")
+    data = [normalize_inputs(b) for b in batches]
+    if not data:
+        raise ConfigError("reconstruct_mlps needs at least one batch of inputs")
+
+    sites = find_sites(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    blocks = []
+    for rec in records:
+        up, down = sites.get(rec["up"]), sites.get(rec["down"])
+        if up is None or down is None or len(up.nodes) != 1 or len(down.nodes) != 1:
+            raise PlanMismatchError(f"the narrowed block {rec['up']!r} → {rec['down']!r} is not in this model's graph")
+        teacher_tensors = []
+        for site, hidden_dim in ((up, 0), (down, 1)):
+            for path in (site.weight_path, site.bias_path):
+                if path is None:
+                    teacher_tensors.append(None)
+                    continue
+                try:
+                    t = _get_attr(teacher, path).detach()
+                except AttributeError:
+                    raise PlanMismatchError(
+                        f"the teacher has no tensor {path!r}: pass the original model that was compressed"
+                    ) from None
+                teacher_tensors.append(t.T if site.transposed_weight and path == site.weight_path else t)
+        tw_up, tb_up, tw_down, tb_down = teacher_tensors
+        if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"]:
+            raise PlanMismatchError(
+                f"the teacher's {rec['up']!r} has {tw_up.shape[0]} hidden neurons, the plan {rec['hidden']}: "
+                "pass the original model that was compressed"
+            )
+        blocks.append((rec, up, down, (tw_up, tb_up, tw_down, tb_down)))
+    blocks.sort(key=lambda b: order[b[1].nodes[0]])
+
+    generator = torch.Generator().manual_seed(seed)
+    modes = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()
+    report: dict[str, dict[str, Any]] = {}
+    bar = tqdm(blocks, desc="reconstruct MLPs", unit="block", disable=None if progress else True, file=sys.stderr, leave=False)
+    try:
+        for rec, up, down, (tw_up, tb_up, tw_down, tb_down) in bar:
+            up_node, down_node = up.nodes[0], down.nodes[0]
+            x_node = up.input(up_node)
+            chain = _block_chain(gm, up_node, down_node)
+            rows = []
+            with torch.no_grad():
+                for args, kwargs in data:
+                    x = _capture_input(gm, x_node, flat_inputs(gm, (args, kwargs)))
+                    mask = kwargs.get("attention_mask") if skip_padding else None
+                    if isinstance(mask, torch.Tensor) and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
+                        x = x[mask.to(torch.bool)]
+                    rows.append(x.reshape(-1, x.shape[-1]).float())
+            x = torch.cat(rows)
+            del rows
+
+            def block(x_: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+                return F.linear(_run_activation(gm, chain, F.linear(x_, w1, b1)), w2, b2)
+
+            teacher_params = [None if t is None else t.float() for t in (tw_up, tb_up, tw_down, tb_down)]
+            with torch.no_grad():
+                y = torch.cat([block(x[i : i + 8192], *teacher_params) for i in range(0, len(x), 8192)])
+            perm = torch.randperm(len(x), generator=generator)
+            n_held = int(len(x) * holdout)
+            held, train = perm[:n_held], perm[n_held:]
+            if len(train) == 0:
+                raise ConfigError(f"no positions to train {rec['up']!r} on: pass more batches or a smaller holdout")
+            current = [None if t is None else t.detach().float() for t in (up.weight(gm), up.bias(gm), down.weight(gm), down.bias(gm))]
+
+            @torch.no_grad()
+            def error(params, idx) -> float:
+                if len(idx) == 0:
+                    return float("nan")
+                num = den = 0.0
+                for i in range(0, len(idx), 8192):
+                    j = idx[i : i + 8192]
+                    num += float((block(x[j], *params) - y[j]).double().pow(2).sum())
+                    den += float(y[j].double().pow(2).sum())
+                return num / max(den, 1e-300)
+
+            before = (error(current, train), error(current, held))
+            params = [None if t is None else t.clone().requires_grad_(True) for t in current]
+            optimizer = torch.optim.Adam([p for p in params if p is not None], lr=lr)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+            scale = float(y[train].pow(2).mean().clamp_min(1e-12))
+            for _ in range(steps):
+                j = train[torch.randint(len(train), (min(tokens_per_step, len(train)),), generator=generator)]
+                loss = (block(x[j], *params) - y[j]).pow(2).mean() / scale
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+            after = (error(params, train), error(params, held))
+            applied = after[1] < before[1] if n_held else after[0] < before[0]
+            if applied:
+                with torch.no_grad():
+                    for site, w, b in ((up, params[0], params[1]), (down, params[2], params[3])):
+                        target = _get_attr(gm, site.weight_path)
+                        target.copy_(w.T if site.transposed_weight else w)
+                        if b is not None:
+                            _get_attr(gm, site.bias_path).copy_(b)
+            report[rec["up"]] = {"down": rec["down"], "width": rec["width"], "positions": len(x),
+                                 "train_before": before[0], "train_after": after[0],
+                                 "held_out_before": before[1], "held_out_after": after[1], "applied": applied}  # fmt: skip
+            bar.set_postfix(error=f"{before[1 if n_held else 0]:.3g}->{after[1 if n_held else 0]:.3g}")
+            del x, y
+    finally:
+        bar.close()
+        for name, m in gm.named_modules():
+            m.train(modes.get(name, m.training))
+    return report

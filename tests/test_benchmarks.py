@@ -531,6 +531,48 @@ def test_fidelity_int8_rows_run_the_quantized_files_and_compare_with_int8_alone(
                                                 "torch": "t"}, "settings": {}, "cases": [out]}])  # fmt: skip
 
 
+def test_fidelity_local_rows_refit_the_narrowed_blocks_and_skip_models_without_them():
+    """``narrow+global+seq+local``: the narrowed model's MLP blocks refitted by
+    `fxlrd.recover.reconstruct_mlps` on the distillation batches, reported per block; a model
+    without MLP blocks has no such row."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fidelity
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    no_mlp = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 10)).eval()
+
+    def case_of(model):
+        class Case(fidelity.EfficientNetCase):
+            include, sensitivity, distill_loss = None, "kl", "kl"
+            local_steps, local_lr, local_batches = 50, 3e-3, 4
+
+            def __init__(self):
+                self.model = model
+                self.calibration = [torch.randn(32, 16) for _ in range(4)]
+                self.distill_batches = [torch.randn(32, 16) for _ in range(6)]
+                self.held_out = torch.randn(128, 16)
+                self.example = self.timing_input = self.calibration[0][:1]
+                self.reference = self._logits(model)
+
+        return Case()
+
+    methods = ["narrow+global+seq", "narrow+global+seq+local"]
+    out = fidelity.run_case(case_of(mlp), [2.0], methods, None, None, rounds=1, repeats=2, threads=1)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == set(methods)
+    local = rows["narrow+global+seq+local"]
+    assert local["params"] == rows["narrow+global+seq"]["params"] and local["local_batches"] == 4
+    (block,) = local["local_blocks"].values()
+    assert block["positions"] == 4 * 32 and block["train_after"] < block["train_before"]
+    assert local["kl"] != rows["narrow+global+seq"]["kl"] and local["speedup"] > 0
+    out = fidelity.run_case(case_of(no_mlp), [2.0], methods, None, None, rounds=1, repeats=2, threads=1)
+    assert [r["method"] for r in out["rows"]] == ["narrow+global+seq"]
+
+
 # -- the GPU leg (run here on the CPU: the logic, not the speed) -------------------------------------------
 def test_gpu_models_cast_once_per_dtype_and_reuse_the_model_at_every_batch(monkeypatch):
     import torch

@@ -265,3 +265,89 @@ def test_a_generator_of_calibration_batches_is_read_as_often_as_needed():
     gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", sequential=True, rank_quantum=4),
                          example_inputs=cal[0], calibration=(x for x in cal))  # fmt: skip
     assert gm.fxlrd_plan.settings["narrowed"][0]["width"] < 24
+
+
+# -- fxlrd.recover.reconstruct_mlps ------------------------------------------------------------------
+def _sq_err(out, ref):
+    return float((out - ref).double().pow(2).sum() / ref.double().pow(2).sum())
+
+
+def test_reconstruct_mlps_reports_the_block_error_and_lowers_it():
+    # the model is one MLP block: the block's output error is the model's, computed independently here
+    model = MLP(12, 48, 10, nn.GELU()).eval()
+    cal = _cal(12, n=8, rows=64, correlated=True)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    teacher_state = copy.deepcopy(model.state_dict())
+    x = torch.cat(cal)
+    with torch.no_grad():
+        before = _sq_err(gm(x), model(x))
+    gm.train()
+    report = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=200, lr=3e-3, tokens_per_step=128, holdout=0,
+                                            progress=False)  # fmt: skip
+    assert gm.training and all(m.training for m in gm.modules())  # modes restored
+    assert not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in teacher_state.items())  # the teacher is only read
+    (rec,) = report.values()
+    assert rec["down"] == "down" and rec["positions"] == len(x) and rec["applied"]
+    assert rec["train_before"] == pytest.approx(before, rel=1e-4)
+    with torch.no_grad():
+        after = _sq_err(gm(x), model(x))
+    assert rec["train_after"] == pytest.approx(after, rel=1e-3)
+    assert after < 0.8 * before
+    assert gm.up.weight.shape == (rec["width"], 12)  # shapes unchanged: the plan still describes the model
+
+
+def test_reconstruct_mlps_on_bert_skips_padding_refits_in_order_and_saves():
+    model, cal = _bert()
+    for i, b in enumerate(cal):  # padded positions: they are left out
+        b["attention_mask"][:, 8 + i :] = 0
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    teacher_state = copy.deepcopy(model.state_dict())
+    ref = [model(**b).last_hidden_state for b in cal]
+    err = lambda: sum(_sq_err(gm(**b).last_hidden_state, r) for b, r in zip(cal, ref))  # noqa: E731
+    with torch.no_grad():
+        before = err()
+    report = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=150, lr=3e-3, tokens_per_step=64, holdout=0.2,
+                                            progress=False)  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in teacher_state.items())
+    assert list(report) == [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    unpadded = sum(int(b["attention_mask"].sum()) for b in cal)
+    assert all(r["positions"] == unpadded for r in report.values())
+    for r in report.values():
+        assert r["applied"] == (r["held_out_after"] < r["held_out_before"])
+    assert any(r["applied"] for r in report.values())
+    with torch.no_grad():
+        assert err() < before
+    with tempfile.TemporaryDirectory() as d:
+        fxlrd.save(gm, f"{d}/m")
+        loaded = fxlrd.load(model, f"{d}/m")
+        assert torch.equal(loaded(**cal[0]).last_hidden_state, gm(**cal[0]).last_hidden_state)
+
+
+def test_reconstruct_mlps_mistakes_get_clear_errors():
+    model = MLP(12, 48, 10).eval()
+    cal = _cal(12)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    state = copy.deepcopy(gm.state_dict())
+    reconstruct = fxlrd.recover.reconstruct_mlps
+    plain = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=cal[0])
+    with pytest.raises(ConfigError, match="no narrowed MLP blocks.*mlp='narrow'"):
+        reconstruct(plain, model, cal)
+    with pytest.raises(ConfigError, match="at least one batch"):
+        reconstruct(gm, model, [])
+    with pytest.raises(ConfigError, match="iterable of inputs"):
+        reconstruct(gm, model, cal[0])
+    with pytest.raises(ConfigError, match="steps"):
+        reconstruct(gm, model, cal, steps=0)
+    with pytest.raises(ConfigError, match="holdout"):
+        reconstruct(gm, model, cal, holdout=1.0)
+    with pytest.raises(ConfigError, match="lr"):
+        reconstruct(gm, model, cal, lr=0)
+    with pytest.raises(PlanMismatchError, match="32 hidden neurons, the plan 48"):
+        reconstruct(gm, MLP(12, 32, 10), cal)
+    with pytest.raises(PlanMismatchError, match="no tensor 'up.weight'"):
+        reconstruct(gm, nn.Sequential(nn.Linear(12, 10)), cal)
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in state.items())  # failed calls change nothing
