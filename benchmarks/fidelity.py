@@ -88,8 +88,8 @@ class Case:
     distill_schedule = "constant"
     int8: Any = "int8"  # `fxlrd.export_onnx`'s quantize=: every default operator type
     # +local (`fxlrd.recover.reconstruct_mlps`): Adam steps per narrowed block, their learning rate, and how
-    # many distillation batches it fits on (MiniLM: 200 batches, ~100 k token positions, ~3 min here)
-    local_steps, local_lr, local_batches = 300, 1e-4, 200
+    # many distillation batches it fits on (MiniLM: 200 batches, ~100 k token positions, ~6 min here)
+    local_steps, local_lr, local_batches = 800, 3e-4, 200
 
     def fidelity(self, model: torch.nn.Module) -> dict[str, float]:
         raise NotImplementedError
