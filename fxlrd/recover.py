@@ -376,6 +376,7 @@ def reconstruct_mlps(
     tokens_per_step: int = 2048,
     holdout: float = 0.1,
     skip_padding: bool = True,
+    sensitivity: bool | str | Callable[[Any, Any], Any] = False,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -405,6 +406,11 @@ def reconstruct_mlps(
         holdout: the share of positions held out to check each block's refit.
         skip_padding: leave out positions where the inputs' ``attention_mask`` is 0 (when it
             has the block input's leading shape).
+        sensitivity: weigh the block's output error by the model output's sensitivity to it
+            (as in `fxlrd.calibrate.collect_stats`: True, ``"kl"`` or ``fn(outputs,
+            inputs)``; estimated once on ``batches`` before the refits, one backward pass a
+            batch): ``‖(y′ − y) L‖²`` with ``L Lᵀ`` the down layer's output-channel matrix.
+            The reported errors are then weighted too.
         seed: for the held-out split and the draws.
         progress: a progress bar over the blocks.
 
@@ -417,7 +423,9 @@ def reconstruct_mlps(
 
     from tqdm.auto import tqdm
 
+    from .calibrate import collect_stats
     from .capture import flat_inputs, normalize_inputs
+    from .config import check_sensitivity
     from .errors import ConfigError, PlanMismatchError
     from .sites import _get_attr, find_sites
 
@@ -429,6 +437,7 @@ def reconstruct_mlps(
         raise ConfigError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
     if not 0 <= holdout < 1:
         raise ConfigError(f"holdout must be in [0, 1), got {holdout!r}")
+    check_sensitivity(sensitivity, "full")
     plan = getattr(gm, "fxlrd_plan", None)
     records = (plan.settings.get("narrowed") or []) if plan is not None else []
     if not records:
@@ -438,7 +447,8 @@ def reconstruct_mlps(
         )
     if isinstance(batches, (torch.Tensor, Mapping)):
         raise ConfigError("batches must be an iterable of inputs (a list of batches); wrap a single batch in a list")
-    data = [normalize_inputs(b) for b in batches]
+    raw = list(batches)
+    data = [normalize_inputs(b) for b in raw]
     if not data:
         raise ConfigError("reconstruct_mlps needs at least one batch of inputs")
 
@@ -470,6 +480,13 @@ def reconstruct_mlps(
             )
         blocks.append((rec, up, down, (tw_up, tb_up, tw_down, tb_down)))
     blocks.sort(key=lambda b: order[b[1].nodes[0]])
+    weighting: dict[str, torch.Tensor] = {}
+    if sensitivity is not False:
+        stats = collect_stats(gm, raw, names=[b[2].name for b in blocks], sensitivity=sensitivity, progress=progress)
+        for _, _, down, _ in blocks:
+            w = stats[down.name].output_weights() if down.name in stats else None
+            if w is not None:  # L with L Lᵀ = the weighting: errors are measured as ‖(y′ − y) L‖²
+                weighting[down.name] = (torch.linalg.cholesky(w) if w.dim() == 2 else torch.diag(w.sqrt())).float()
 
     generator = torch.Generator().manual_seed(seed)
     modes = {name: m.training for name, m in gm.named_modules()}
@@ -492,8 +509,11 @@ def reconstruct_mlps(
             x = torch.cat(rows)
             del rows
 
+            lower = weighting.get(down.name)
+
             def block(x_: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-                return F.linear(_run_activation(gm, chain, F.linear(x_, w1, b1)), w2, b2)
+                out = F.linear(_run_activation(gm, chain, F.linear(x_, w1, b1)), w2, b2)
+                return out if lower is None else out @ lower
 
             teacher_params = [None if t is None else t.float() for t in (tw_up, tb_up, tw_down, tb_down)]
             with torch.no_grad():
