@@ -189,6 +189,11 @@ def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float
     return total
 
 
+def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate from its initial value down to 0 over ``steps`` on a half cosine."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+
+
 def distill(
     gm: nn.Module,
     teacher: nn.Module,
@@ -259,7 +264,7 @@ def distill(
     optimizer = torch.optim.Adam(groups)
     scheduler = None
     if schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        scheduler = _cosine_schedule(optimizer, steps)
     if freezer is not None:
         freezer.optimizer = freezer.optimizer or optimizer
 
@@ -539,7 +544,7 @@ def reconstruct_mlps(
             before = (error(current, train), error(current, held))
             params = [None if t is None else t.clone().requires_grad_(True) for t in current]
             optimizer = torch.optim.Adam([p for p in params if p is not None], lr=lr)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+            scheduler = _cosine_schedule(optimizer, steps)
             scale = float(y[train].pow(2).mean().clamp_min(1e-12))
             for _ in range(steps):
                 j = train[torch.randint(len(train), (min(tokens_per_step, len(train)),), generator=generator)]
