@@ -821,6 +821,9 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
             "--int8 static fixes activation ranges on real data: pass --calibration (a folder of images, a .txt "
             "file or a tensor file), or use --int8 dynamic, which needs none"
         )
+    reconstruct = getattr(args, "reconstruct", 0)
+    if reconstruct and config.mlp != "narrow":
+        raise UsageError(f"--reconstruct {reconstruct} refits narrowed MLP blocks: pass --mlp narrow as well")
     save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
     report_path = _check_output(args.report, "--report")
     console.step(f"loading {args.model}")
@@ -836,6 +839,16 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         gm = transform(model, config, example_inputs=data.example, capture=args.capture, calibration=data.calibration)
     transform_s = time.perf_counter() - t0
     recovered = _recover_norms(gm, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
+    reconstructed = None
+    if reconstruct:
+        narrowed = gm.fxlrd_plan.settings.get("narrowed") or []
+        if narrowed:
+            from .recover import reconstruct_mlps
+
+            console.step(f"training the {len(narrowed)} narrowed MLP blocks, one at a time ({reconstruct} steps each)")
+            reconstructed = reconstruct_mlps(gm, model, data.calibration, steps=reconstruct, progress=not args.quiet)
+        else:
+            console.step("no MLP block was narrowed: nothing to reconstruct")
     console.step("measuring fidelity on held-out inputs")
     fid = fidelity(model, gm, data.held_out)
     fid["inputs"] = data.note
@@ -885,6 +898,7 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         "settings": config.to_dict(),
         "calibration": {"path": args.calibration, "batches": len(data.calibration or [])},
         "norms_reestimated": len(recovered),
+        "reconstructed": reconstructed,
         "transform_s": transform_s,
         "layers": layers,
         "params": {**params, "ratio": _ratio(params["original"], params["compressed"])},
@@ -959,6 +973,12 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
             p("  (dynamic int8 quantizes the matrix products only; for a conv model use --int8 static --calibration ...)")
     if report.get("norms_reestimated"):
         p(f"            ({report['norms_reestimated']} norms moved by merging were re-estimated)")
+    blocks = report.get("reconstructed")
+    if blocks:
+        applied = [b for b in blocks.values() if b["applied"]]
+        held = lambda key: sum(b[key] for b in blocks.values()) / len(blocks)  # noqa: E731
+        p(f"            ({len(applied)} of {len(blocks)} narrowed MLP blocks retrained; their mean held-out "
+          f"output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g})")  # fmt: skip
     for what, path in (report.get("files") or {}).items():
         kind = _FILE_KINDS.get(what, what)
         if what == "onnx" and report.get("int8"):
@@ -1302,7 +1322,7 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
                        help="N-branched Tucker cores (default 1)")  # fmt: skip
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+def _add_data(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
     g = p.add_argument_group("calibration and fidelity")
     g.add_argument("--calibration", metavar="PATH",
                    help="data-aware decomposition on: a folder of images, a .txt file (one text a line, needs a "
@@ -1311,6 +1331,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="calibration batches (default 16)")  # fmt: skip
     g.add_argument("--eval-batches", type=_positive_int, default=4, metavar="N",
                    help="held-out batches for fidelity, never used for calibration (default 4)")  # fmt: skip
+    if reconstruct:
+        g.add_argument("--reconstruct", type=_non_negative_int, default=0, metavar="STEPS",
+                       help="with --mlp narrow: then train each narrowed block alone for STEPS Adam steps to reproduce "
+                            "the original block on the calibration data (fxlrd.recover.reconstruct_mlps; 800 is "
+                            "its default; 0, the default here: off)")  # fmt: skip
 
 
 def _add_timing(p: argparse.ArgumentParser, repeats: int = 20) -> None:
@@ -1372,7 +1397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_model(compress)
     _add_config(compress)
-    _add_data(compress)
+    _add_data(compress, reconstruct=True)
     _add_timing(compress)
     _add_outputs(compress)
     _add_common(compress)

@@ -44,6 +44,11 @@ MODELS_PY = textwrap.dedent(
 
     def broken():
         raise RuntimeError("no weights here")
+
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16), nn.Linear(16, 4))
     """
 )
 
@@ -384,6 +389,23 @@ def test_compress_mlp_option_reaches_the_config(tmp_path, capsys, factory):
     assert settings["mlp"] == "narrow" and not settings.get("narrowed")  # a CNN: no linear MLP block to narrow
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "2,3,32,32", "--repeats", 0, "--mlp", "narrow")
     assert code == 2 and "calibration" in err
+
+
+def test_compress_reconstruct_retrains_the_narrowed_blocks(tmp_path, capsys, factory):
+    path, report_path = tmp_path / "calib.pt", tmp_path / "r.json"
+    torch.save(torch.randn(64, 16), path)
+    base = ["compress", "fxlrd_cli_models:mlp", "--input-shape", "8,16", "--calibration", path, "--eval-batches", 1,
+            "--repeats", 0, "--sensitivity", "off", "--mlp", "narrow", "--quantum", 4, "--report", report_path]  # fmt: skip
+    code, out, err = _run(capsys, *base, "--reconstruct", 40)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    (block,) = report["reconstructed"].values()
+    assert block["down"] == "2" and block["positions"] == 8 * 7  # the calibration batches: 64 rows less the held-out one
+    assert "narrowed MLP blocks retrained" in out
+    code, out, err = _run(capsys, *base)
+    assert code == 0 and json.loads(report_path.read_text())["reconstructed"] is None
+    code, _, err = _run(capsys, *base[:-8], "--reconstruct", 40)  # no --mlp narrow
+    assert code == 2 and "--reconstruct 40 refits narrowed MLP blocks: pass --mlp narrow" in err
 
 
 def test_fidelity_of_a_text_model_leaves_padding_tokens_out():
