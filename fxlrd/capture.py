@@ -39,6 +39,7 @@ __all__ = ["capture", "check_module", "Captured", "FxlrdTracer", "normalize_inpu
 
 log = logging.getLogger("fxlrd")
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FXLRD_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # this package, not any folder named fxlrd
 CAPTURE_MODES = ("auto", "fx", "export")
 Args = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -184,7 +185,7 @@ def _restore_pytree_codegen(graph: fx.Graph, in_spec, out_spec) -> None:
 def _user_frame(exc: BaseException) -> str:
     """The innermost frame of the failing trace that is not inside torch or fxlrd: the user's code."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    frames = [f for f in frames if os.sep + "fxlrd" + os.sep not in f.filename]
+    frames = [f for f in frames if not os.path.abspath(f.filename).startswith(_FXLRD_DIR)]
     if not frames:
         return ""
     f = frames[-1]

@@ -2,6 +2,7 @@
 saved and reloaded, and a clear error with the model untouched when it cannot be done."""
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -442,3 +443,18 @@ def test_user_model_untouched_by_export_capture():
     _assert_untouched(model, before)
     assert model.training
     assert isinstance(model.encoder.layer[0].attention.self.query, nn.Linear)
+
+
+def test_user_code_in_a_folder_named_fxlrd_is_still_the_users():
+    """Only frames of this package are skipped, not every path with an ``fxlrd`` folder (a
+    checkout named so lost the user's line from every capture error)."""
+    from fxlrd.capture import _user_frame
+
+    namespace: dict = {}
+    path = os.path.join(os.sep, "home", "someone", "fxlrd", "model.py")
+    exec(compile("def forward():\n    raise ValueError('no')\n", path, "exec"), namespace)
+    try:
+        namespace["forward"]()
+    except ValueError as exc:
+        frame = _user_frame(exc)
+    assert frame.startswith(f"at {path}:2 in forward")
