@@ -343,6 +343,23 @@ def test_reconstruct_mlps_with_sensitivity_spends_its_steps_on_the_outputs_that_
     assert errors[True] < 0.7 * errors[False]  # measured: 0.0028 against 0.0053
 
 
+def test_reconstruct_mlps_stops_where_the_held_out_error_turns():
+    # 20 training positions (of another distribution than the calibration's) for a block of ~500
+    # parameters: the training error falls to nothing while the held-out error turns (measured:
+    # at step 300 of 400); the block keeps the parameters of its best check
+    model = MLP(12, 48, 10, nn.GELU()).eval()
+    cal, few = _cal(12, n=8, rows=64, correlated=True), _cal(12, n=2, rows=20, seed=5, correlated=True)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    before = copy.deepcopy(gm.state_dict())
+    (rec,) = fxlrd.recover.reconstruct_mlps(gm, model, few, steps=400, lr=1e-2, tokens_per_step=64, holdout=0.5,
+                                            progress=False).values()  # fmt: skip
+    assert rec["train_after"] < rec["train_before"]
+    assert rec["steps"] < 400  # an earlier check was better than the last
+    changed = not all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())
+    assert changed == rec["applied"] == (rec["held_out_after"] < rec["held_out_before"])
+
+
 def test_reconstruct_mlps_mistakes_get_clear_errors():
     model = MLP(12, 48, 10).eval()
     cal = _cal(12)
