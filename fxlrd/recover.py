@@ -399,8 +399,9 @@ def reconstruct_mlps(
     A share ``holdout`` of the positions is kept out of training: their error is checked
     every 5 % of the steps, the block keeps the parameters of the best check (early
     stopping: on small data the training error keeps falling after the held-out error has
-    turned), and it is only changed when that error is below the one it started from. Shapes do not change: `fxlrd.save`,
-    `fxlrd.export_onnx` and fine-tuning work as before; parameters are updated in place.
+    turned), and it is only changed when that error is below the one it started from.
+    Shapes do not change: `fxlrd.save`, `fxlrd.export_onnx` and fine-tuning work as before;
+    parameters are updated in place.
 
     Args:
         gm: a model from `fxlrd.transform`/`fxlrd.apply` with ``LRDConfig(mlp="narrow")``.
@@ -468,7 +469,7 @@ def reconstruct_mlps(
         if up is None or down is None or len(up.nodes) != 1 or len(down.nodes) != 1:
             raise PlanMismatchError(f"the narrowed block {rec['up']!r} → {rec['down']!r} is not in this model's graph")
         teacher_tensors = []
-        for site, hidden_dim in ((up, 0), (down, 1)):
+        for site in (up, down):
             for path in (site.weight_path, site.bias_path):
                 if path is None:
                     teacher_tensors.append(None)
