@@ -165,19 +165,30 @@ def _leaves(out) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float = 1.0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The distillation loss between two outputs (any structure of tensors, e.g. a ModelOutput).
 
     ``kind="kl"``: KL(teacher ‖ student) of the softmax over the last dimension, ×T² (classifier
     logits); ``"mse"``: mean squared error relative to the teacher's mean square (hidden states,
     embeddings); ``"auto"``: KL for 2-D outputs (batch × classes), MSE otherwise.
+
+    ``mask`` (e.g. a text model's ``attention_mask``, batch × sequence): outputs with more
+    dimensions than the mask whose leading shape is the mask's are compared only where it is
+    non-zero (padding tokens' outputs are unused, so they should not take the student's
+    capacity); other outputs, and an all-zero mask, are compared whole.
     """
     s_leaves, t_leaves = _leaves(student_out), _leaves(teacher_out)
     if len(s_leaves) != len(t_leaves) or not s_leaves:
         raise ValueError(f"student and teacher outputs differ in structure ({len(s_leaves)} vs {len(t_leaves)} tensors)")
+    keep = None if mask is None else mask.to(torch.bool)
+    if keep is not None and not keep.any():
+        keep = None
     total = s_leaves[0].new_zeros(())
     for s, t in zip(s_leaves, t_leaves):
         k = ("kl" if s.dim() == 2 and s.shape[-1] > 1 else "mse") if kind == "auto" else kind
+        if keep is not None and s.dim() > keep.dim() and s.shape[: keep.dim()] == keep.shape and t.shape == s.shape:
+            s, t = s[keep], t[keep]  # (positions, features...): KL stays over the last dimension
         if k == "kl":
             log_p = F.log_softmax(s / temperature, -1)
             log_q = F.log_softmax(t / temperature, -1)
@@ -208,6 +219,7 @@ def distill(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     train_mode: bool = False,
+    skip_padding: bool = True,
     progress: bool = True,
 ) -> list[float]:
     """A short knowledge distillation of the compressed model ``gm`` to the original ``teacher``.
@@ -236,6 +248,9 @@ def distill(
             ``lr`` down to 0 on a half cosine: large steps first, small ones to settle).
         train_mode: run the student in train mode (dropout, batch-norm statistics updating);
             default False: statistics stay as calibrated, gradients flow all the same.
+        skip_padding: with the built-in losses, compare per-token outputs only where the
+            inputs' ``attention_mask`` is non-zero (see `output_loss`); a ``loss`` callable
+            gets the inputs and does its own masking.
         progress: a progress bar with the loss.
 
     Returns:
@@ -300,7 +315,12 @@ def distill(
             finally:
                 for h in hooks:
                     h.remove()
-            value = loss(out, target, (args, kwargs)) if callable(loss) else output_loss(out, target, loss, temperature)
+            if callable(loss):
+                value = loss(out, target, (args, kwargs))
+            else:
+                mask = kwargs.get("attention_mask") if skip_padding else None
+                mask = mask if isinstance(mask, torch.Tensor) else None
+                value = output_loss(out, target, loss, temperature, mask=mask)
             for s_out, t_out in captured.values():
                 if s_out is not None and t_out is not None:
                     value = value + feature_weight * F.mse_loss(s_out, t_out.detach()) / t_out.detach().pow(2).mean().clamp_min(1e-12)

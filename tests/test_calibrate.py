@@ -523,6 +523,62 @@ def test_distill_cosine_schedule_decays_the_learning_rate_to_zero(monkeypatch):
     assert all(a >= b for a, b in zip(seen, seen[1:])) and curve[-1] < curve[0]
 
 
+def test_output_loss_leaves_padding_positions_out():
+    from fxlrd.recover import output_loss
+
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    s = t + 0.1 * torch.randn(2, 5, 8)
+    junk = s.clone()
+    junk[1, 2:] += 100.0  # differs at the padding positions only
+    masked = output_loss(s, t, mask=mask)
+    assert output_loss(junk, t, mask=mask) == pytest.approx(float(masked))
+    assert output_loss(junk, t) > 100 * masked  # unmasked, padding dominates
+    keep = mask.bool()  # the masked loss is the relative MSE over the real tokens alone
+    expected = (s[keep] - t[keep]).pow(2).mean() / t[keep].pow(2).mean()
+    assert masked == pytest.approx(float(expected))
+    # an all-padding mask, or one that does not fit, compares everything; KL stays KL on 3-D logits
+    assert output_loss(junk, t, mask=torch.zeros_like(mask)) == pytest.approx(float(output_loss(junk, t)))
+    assert output_loss(junk, t, mask=torch.ones(3, 5)) == pytest.approx(float(output_loss(junk, t)))
+    kl = output_loss(s, t, kind="kl", mask=mask)
+    log_p, log_q = s[keep].log_softmax(-1), t[keep].log_softmax(-1)
+    assert kl == pytest.approx(float(torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")))
+
+
+def test_distill_leaves_padding_out_of_a_text_models_loss():
+    class Tokens(nn.Module):  # per-token outputs; the teacher's at padding contradict its real tokens'
+        def __init__(self, junk: float):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.proj, self.junk = nn.Embedding(30, 16), nn.Linear(16, 16), junk
+
+        def forward(self, input_ids, attention_mask):
+            m = attention_mask[..., None].float()
+            y = self.proj(self.emb(input_ids))
+            return y * m + self.junk * y * (1 - m)
+
+    teacher = Tokens(junk=-3.0).eval()
+    student = Tokens(junk=1.0)  # the same function at every position, as a real encoder's
+    with torch.no_grad():
+        student.proj.weight.mul_(0.5)
+    batch = {"input_ids": torch.randint(0, 30, (4, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0], [1] * 4 + [0] * 2])}
+
+    def real_token_error(model) -> float:
+        keep = batch["attention_mask"].bool()
+        with torch.no_grad():
+            return float((model(**batch)[keep] - teacher(**batch)[keep]).pow(2).mean())
+
+    start = real_token_error(student)
+    masked = copy.deepcopy(student)
+    curve = distill(masked, teacher, [batch], steps=60, lr=1e-2, progress=False)
+    assert curve[-1] < 0.2 * curve[0] and real_token_error(masked) < 0.2 * start
+    unmasked = copy.deepcopy(student)
+    curve = distill(unmasked, teacher, [batch], steps=60, lr=1e-2, skip_padding=False, progress=False)
+    assert curve[-1] > 0.3 * curve[0]  # the padding positions' targets cannot be met with the real tokens'
+    assert real_token_error(unmasked) > 5 * real_token_error(masked)
+
+
 def test_distill_bad_input():
     teacher = nn.Sequential(nn.Linear(4, 4))
     gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=1, rank_quantum=1))
