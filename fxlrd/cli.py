@@ -357,6 +357,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, like 1e-4; got {text!r}")
+    return value
+
+
 def _rank(text: str) -> int | tuple[int, int]:
     try:
         ranks = tuple(int(v) for v in text.split(","))
@@ -824,6 +834,12 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
     reconstruct = getattr(args, "reconstruct", 0)
     if reconstruct and config.mlp != "narrow":
         raise UsageError(f"--reconstruct {reconstruct} refits narrowed MLP blocks: pass --mlp narrow as well")
+    distill_steps = getattr(args, "distill", 0)
+    if distill_steps and not args.calibration:
+        raise UsageError(
+            f"--distill {distill_steps} trains the compressed model to match the original on real inputs: pass "
+            "--calibration (a folder of images, a .txt file or a tensor file)"
+        )
     save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
     report_path = _check_output(args.report, "--report")
     console.step(f"loading {args.model}")
@@ -849,6 +865,20 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
             reconstructed = reconstruct_mlps(gm, model, data.calibration, steps=reconstruct, progress=not args.quiet)
         else:
             console.step("no MLP block was narrowed: nothing to reconstruct")
+    distilled = None
+    if distill_steps:
+        from .recover import distill
+
+        lr = args.distill_lr
+        console.step(f"distilling to the original on the {len(data.calibration)} calibration batches "
+                     f"({distill_steps} Adam steps from lr {lr:g}, cosine)")  # fmt: skip
+        t0 = time.perf_counter()
+        curve = distill(gm, model, data.calibration, steps=distill_steps, lr=lr, schedule="cosine",
+                        progress=not args.quiet)  # fmt: skip
+        n = max(1, min(len(data.calibration), len(curve) // 2))  # one pass over the batches, first and last
+        distilled = {"steps": distill_steps, "lr": lr, "schedule": "cosine", "batches": len(data.calibration),
+                     "loss_first": sum(curve[:n]) / n, "loss_last": sum(curve[-n:]) / n,
+                     "seconds": time.perf_counter() - t0}  # fmt: skip
     console.step("measuring fidelity on held-out inputs")
     fid = fidelity(model, gm, data.held_out)
     fid["inputs"] = data.note
@@ -899,6 +929,7 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         "calibration": {"path": args.calibration, "batches": len(data.calibration or [])},
         "norms_reestimated": len(recovered),
         "reconstructed": reconstructed,
+        "distilled": distilled,
         "transform_s": transform_s,
         "layers": layers,
         "params": {**params, "ratio": _ratio(params["original"], params["compressed"])},
@@ -979,6 +1010,10 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
         held = lambda key: sum(b[key] for b in blocks.values()) / len(blocks)  # noqa: E731
         p(f"            ({len(applied)} of {len(blocks)} narrowed MLP blocks retrained; their mean held-out "
           f"output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g})")  # fmt: skip
+    d = report.get("distilled")
+    if d:
+        p(f"            (distilled {d['steps']} steps in {d['seconds']:.0f} s on the calibration batches; loss "
+          f"{d['loss_first']:.4g} -> {d['loss_last']:.4g})")  # fmt: skip
     for what, path in (report.get("files") or {}).items():
         kind = _FILE_KINDS.get(what, what)
         if what == "onnx" and report.get("int8"):
@@ -1336,6 +1371,12 @@ def _add_data(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
                        help="with --mlp narrow: then train each narrowed block alone for STEPS Adam steps to reproduce "
                             "the original block on the calibration data (fxlrd.recover.reconstruct_mlps; 800 is "
                             "its default; 0, the default here: off)")  # fmt: skip
+        g.add_argument("--distill", type=_non_negative_int, default=0, metavar="STEPS",
+                       help="then distil the compressed model to the original for STEPS Adam steps on the calibration "
+                            "data (fxlrd.recover.distill: KL on classifier logits, relative MSE on hidden states, "
+                            "padding tokens left out; 0, the default: off)")  # fmt: skip
+        g.add_argument("--distill-lr", type=_positive_float, default=1e-4, metavar="LR",
+                       help="--distill's learning rate, on a half cosine down to 0 (default 1e-4)")  # fmt: skip
 
 
 def _add_timing(p: argparse.ArgumentParser, repeats: int = 20) -> None:

@@ -224,8 +224,9 @@ def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys)
     lines.write_text("\n".join(" ".join(words[(i * 7 + j) % 90] for j in range(3 + i % 5)) for i in range(12)))
     code, out, err = _run(capsys, "compress", model_dir, "--seq-len", 16, "--batch", 2, "--calibration", lines,
                           "--calibration-batches", 3, "--eval-batches", 2, "--backend", "eager", "--repeats", 2,
-                          "--save", tmp_path / "saved")  # fmt: skip
+                          "--distill", 10, "--save", tmp_path / "saved")  # fmt: skip
     assert code == 0, err
+    assert "distilled 10 steps" in out  # on the tokenized calibration lines, padding left out
     assert "captured with export" in out and "mean-pooled over the attention mask" in out
     assert "encoder.layer.0.intermediate.dense" in out
     loaded = fxlrd.load(transformers.AutoModel.from_pretrained(model_dir), tmp_path / "saved")
@@ -406,6 +407,31 @@ def test_compress_reconstruct_retrains_the_narrowed_blocks(tmp_path, capsys, fac
     assert code == 0 and json.loads(report_path.read_text())["reconstructed"] is None
     code, _, err = _run(capsys, *base[:-8], "--reconstruct", 40)  # no --mlp narrow
     assert code == 2 and "--reconstruct 40 refits narrowed MLP blocks: pass --mlp narrow" in err
+
+
+def test_compress_distill_trains_the_compressed_model_towards_the_original(tmp_path, capsys, factory):
+    path, report_path = tmp_path / "calib.pt", tmp_path / "r.json"
+    torch.manual_seed(0)
+    torch.save(torch.randn(64, 16), path)
+    base = ["compress", "fxlrd_cli_models:mlp", "--input-shape", "8,16", "--calibration", path, "--eval-batches", 1,
+            "--repeats", 0, "--rank-rule", "fixed", "--rank", 2, "--quantum", 1, "--report", report_path]  # fmt: skip
+    code, out, err = _run(capsys, *base)
+    assert code == 0, err
+    plain = json.loads(report_path.read_text())
+    assert plain["distilled"] is None and "distilled" not in out
+    code, out, err = _run(capsys, *base, "--distill", 150, "--distill-lr", "1e-2")
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    d = report["distilled"]
+    assert d["steps"] == 150 and d["lr"] == 1e-2 and d["batches"] == 7  # 64 rows: 8 batches, 1 held out
+    assert d["loss_last"] < 0.5 * d["loss_first"]
+    # measured on the held-out batches, which it never trained on
+    assert report["fidelity"]["relative_error"] < 0.93 * plain["fidelity"]["relative_error"]  # 0.36 against 0.41
+    assert "distilled 150 steps" in out and "loss" in out
+    code, _, err = _run(capsys, *base[:4], "--input-shape", "8,16", "--repeats", 0, "--distill", 5)  # no --calibration
+    assert code == 2 and "--distill 5 trains the compressed model to match the original on real inputs: pass --calibration" in err
+    code, _, err = _run(capsys, *base, "--distill", 5, "--distill-lr", "-1")
+    assert code == 2 and "must be a number > 0" in err
 
 
 def test_fidelity_of_a_text_model_leaves_padding_tokens_out():
