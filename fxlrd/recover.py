@@ -29,7 +29,7 @@ from torch import fx, nn
 if TYPE_CHECKING:
     from .freeze import SequentialFreezer
 
-__all__ = ["reestimate_norms", "refit_merged", "merged_nodes", "distill", "output_loss", "reconstruct_mlps"]
+__all__ = ["reestimate_norms", "refit_merged", "merged_nodes", "distill", "DistillCurve", "output_loss", "reconstruct_mlps"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -200,6 +200,19 @@ def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float
     return total
 
 
+class DistillCurve(list):
+    """`distill`'s training loss at every step (a list), with the held-out checks when it had
+    ``validation`` batches: ``validation`` [(step, loss), ...] (step 0 is the start) and
+    ``best_step``, the step whose parameters the model kept."""
+
+    validation: list[tuple[int, float]]
+    best_step: int | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validation, self.best_step = [], None
+
+
 def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate from its initial value down to 0 over ``steps`` on a half cosine."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
@@ -220,8 +233,10 @@ def distill(
     schedule: str = "constant",
     train_mode: bool = False,
     skip_padding: bool = True,
+    validation: Iterable | None = None,
+    check_every: int | None = None,
     progress: bool = True,
-) -> list[float]:
+) -> DistillCurve:
     """A short knowledge distillation of the compressed model ``gm`` to the original ``teacher``.
 
     Cycles over ``batches`` (inputs in the form of ``example_inputs``: tensor, tuple or dict)
@@ -251,10 +266,16 @@ def distill(
         skip_padding: with the built-in losses, compare per-token outputs only where the
             inputs' ``attention_mask`` is non-zero (see `output_loss`); a ``loss`` callable
             gets the inputs and does its own masking.
+        validation: batches held out of training (early stopping): the output loss on them
+            is checked at the start, every ``check_every`` steps and at the end, and the model
+            keeps the parameters of the best check — on little data distillation overfits,
+            and with this it never ends worse on them than it started.
+        check_every: steps between checks (default: 5 % of ``steps``).
         progress: a progress bar with the loss.
 
     Returns:
-        The loss at every step.
+        The loss at every step (a `DistillCurve`: with ``validation``, also its checks and
+        the step kept).
     """
     import sys
 
@@ -275,6 +296,13 @@ def distill(
     data = [normalize_inputs(b) for b in batches]
     if not data:
         raise ValueError("distill needs at least one batch of inputs")
+    held = None if validation is None else [normalize_inputs(b) for b in validation]
+    if held is not None and not held:
+        raise ValueError("validation is empty: pass at least one held-out batch, or validation=None")
+    if check_every is None:
+        check_every = max(steps // 20, 1)
+    if not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     groups = param_groups(gm, lr=lr, weight_decay=weight_decay)
     optimizer = torch.optim.Adam(groups)
     scheduler = None
@@ -298,7 +326,26 @@ def distill(
     student_modes = {n: m.training for n, m in gm.named_modules()}
     teacher.eval()
     gm.train(train_mode)
-    curve: list[float] = []
+
+    def batch_loss(out, target, args, kwargs) -> torch.Tensor:
+        if callable(loss):
+            return loss(out, target, (args, kwargs))
+        mask = kwargs.get("attention_mask") if skip_padding else None
+        return output_loss(out, target, loss, temperature, mask=mask if isinstance(mask, torch.Tensor) else None)
+
+    @torch.no_grad()
+    def held_out_loss() -> float:  # in eval mode (no dropout), whatever train_mode is
+        gm.eval()
+        try:
+            return sum(float(batch_loss(gm(*a, **k), teacher(*a, **k), a, k)) for a, k in held) / len(held)
+        finally:
+            gm.train(train_mode)
+
+    curve = DistillCurve()
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    if held is not None:
+        curve.validation.append((0, held_out_loss()))
+        best, curve.best_step = (curve.validation[0][1], {k: v.detach().clone() for k, v in gm.state_dict().items()}), 0
     bar = tqdm(range(steps), desc="distill", unit="step", disable=None if progress else True, file=sys.stderr, leave=False)
     try:
         for step in bar:
@@ -315,12 +362,7 @@ def distill(
             finally:
                 for h in hooks:
                     h.remove()
-            if callable(loss):
-                value = loss(out, target, (args, kwargs))
-            else:
-                mask = kwargs.get("attention_mask") if skip_padding else None
-                mask = mask if isinstance(mask, torch.Tensor) else None
-                value = output_loss(out, target, loss, temperature, mask=mask)
+            value = batch_loss(out, target, args, kwargs)
             for s_out, t_out in captured.values():
                 if s_out is not None and t_out is not None:
                     value = value + feature_weight * F.mse_loss(s_out, t_out.detach()) / t_out.detach().pow(2).mean().clamp_min(1e-12)
@@ -333,6 +375,13 @@ def distill(
                 freezer.step()
             curve.append(float(value.detach()))
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
+            if best is not None and ((step + 1) % check_every == 0 or step + 1 == steps):
+                curve.validation.append((step + 1, held_out_loss()))
+                if curve.validation[-1][1] < best[0]:
+                    best = (curve.validation[-1][1], {k: v.detach().clone() for k, v in gm.state_dict().items()})
+                    curve.best_step = step + 1
+        if best is not None and curve.best_step != steps:
+            gm.load_state_dict(best[1])
     finally:
         bar.close()
         for n, m in teacher.named_modules():

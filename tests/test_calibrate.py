@@ -579,6 +579,49 @@ def test_distill_leaves_padding_out_of_a_text_models_loss():
     assert real_token_error(unmasked) > 5 * real_token_error(masked)
 
 
+def test_distill_with_validation_keeps_the_best_check():
+    from fxlrd.recover import output_loss
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    with torch.no_grad():  # a poor start, so that training helps before it overfits
+        for p in gm.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    train, held = torch.randn(6, 16), torch.randn(64, 16)  # six samples: it overfits them
+
+    def held_loss(model) -> float:
+        with torch.no_grad():
+            return float(output_loss(model(held), teacher(held), "mse"))
+
+    start = held_loss(gm)
+    curve = distill(gm, teacher, [train], steps=200, lr=3e-2, loss="mse", validation=[held], check_every=10,
+                    progress=False)  # fmt: skip
+    steps = [s for s, _ in curve.validation]
+    assert len(curve) == 200 and steps == [0, *range(10, 201, 10)]
+    assert curve.validation[0][1] == pytest.approx(start)
+    losses = dict(curve.validation)
+    assert curve.best_step == min(losses, key=losses.get)
+    assert 0 < curve.best_step < 200  # it improved, then overfit the six samples
+    assert held_loss(gm) == pytest.approx(losses[curve.best_step], rel=1e-5)  # the kept parameters are the best check's
+    assert held_loss(gm) < start and curve[-1] < curve[0]
+
+
+def test_distill_that_only_hurts_the_held_out_data_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    curve = distill(gm, teacher, [torch.randn(8, 16)], steps=20, lr=50.0, validation=[torch.randn(32, 16)], progress=False)
+    assert curve.best_step == 0 and len(curve.validation) == 21
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+    with pytest.raises(ValueError, match="validation is empty"):
+        distill(gm, teacher, [torch.randn(8, 16)], steps=1, validation=[])
+    with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+        distill(gm, teacher, [torch.randn(8, 16)], steps=1, validation=[torch.randn(8, 16)], check_every=0)
+    assert distill(gm, teacher, [torch.randn(8, 16)], steps=2, progress=False).validation == []  # no checks without it
+
+
 def test_distill_bad_input():
     teacher = nn.Sequential(nn.Linear(4, 4))
     gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=1, rank_quantum=1))
