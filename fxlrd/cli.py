@@ -870,15 +870,24 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         from .recover import distill
 
         lr = args.distill_lr
-        console.step(f"distilling to the original on the {len(data.calibration)} calibration batches "
-                     f"({distill_steps} Adam steps from lr {lr:g}, cosine)")  # fmt: skip
+        # an eighth of the calibration batches (at least one) held out for early stopping:
+        # distillation on a few batches overfits them, and then the model keeps its best check
+        n_val = max(1, len(data.calibration) // 8) if len(data.calibration) >= 2 else 0
+        train, val = data.calibration[: len(data.calibration) - n_val], data.calibration[len(data.calibration) - n_val :]
+        console.step(f"distilling to the original on {len(train)} calibration batches"
+                     + (f", {n_val} held out for early stopping" if n_val else "")
+                     + f" ({distill_steps} Adam steps from lr {lr:g}, cosine)")  # fmt: skip
         t0 = time.perf_counter()
-        curve = distill(gm, model, data.calibration, steps=distill_steps, lr=lr, schedule="cosine",
+        curve = distill(gm, model, train, steps=distill_steps, lr=lr, schedule="cosine", validation=val or None,
                         progress=not args.quiet)  # fmt: skip
-        n = max(1, min(len(data.calibration), len(curve) // 2))  # one pass over the batches, first and last
-        distilled = {"steps": distill_steps, "lr": lr, "schedule": "cosine", "batches": len(data.calibration),
-                     "loss_first": sum(curve[:n]) / n, "loss_last": sum(curve[-n:]) / n,
+        n = max(1, min(len(train), len(curve) // 2))  # one pass over the batches, first and last
+        distilled = {"steps": distill_steps, "lr": lr, "schedule": "cosine", "batches": len(train),
+                     "validation_batches": n_val, "loss_first": sum(curve[:n]) / n, "loss_last": sum(curve[-n:]) / n,
                      "seconds": time.perf_counter() - t0}  # fmt: skip
+        if n_val:
+            checks = dict(curve.validation)
+            distilled.update(kept_step=curve.best_step, validation_start=checks[0],
+                             validation_kept=checks[curve.best_step])  # fmt: skip
     console.step("measuring fidelity on held-out inputs")
     fid = fidelity(model, gm, data.held_out)
     fid["inputs"] = data.note
@@ -1012,8 +1021,11 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
           f"output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g})")  # fmt: skip
     d = report.get("distilled")
     if d:
-        p(f"            (distilled {d['steps']} steps in {d['seconds']:.0f} s on the calibration batches; loss "
+        p(f"            (distilled {d['steps']} steps in {d['seconds']:.0f} s on {d['batches']} calibration batches; loss "
           f"{d['loss_first']:.4g} -> {d['loss_last']:.4g})")  # fmt: skip
+        if d.get("validation_batches"):
+            p(f"            (early stopping on {d['validation_batches']} held-out calibration batches: kept step "
+              f"{d['kept_step']}, their loss {d['validation_start']:.4g} -> {d['validation_kept']:.4g})")  # fmt: skip
     for what, path in (report.get("files") or {}).items():
         kind = _FILE_KINDS.get(what, what)
         if what == "onnx" and report.get("int8"):
@@ -1374,7 +1386,8 @@ def _add_data(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
         g.add_argument("--distill", type=_non_negative_int, default=0, metavar="STEPS",
                        help="then distil the compressed model to the original for STEPS Adam steps on the calibration "
                             "data (fxlrd.recover.distill: KL on classifier logits, relative MSE on hidden states, "
-                            "padding tokens left out; 0, the default: off)")  # fmt: skip
+                            "padding tokens left out; an eighth of the batches held out for early stopping; 0, the "
+                            "default: off)")  # fmt: skip
         g.add_argument("--distill-lr", type=_positive_float, default=1e-4, metavar="LR",
                        help="--distill's learning rate, on a half cosine down to 0 (default 1e-4)")  # fmt: skip
 
