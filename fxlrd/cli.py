@@ -1021,11 +1021,12 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
           f"output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g})")  # fmt: skip
     d = report.get("distilled")
     if d:
-        p(f"            (distilled {d['steps']} steps in {d['seconds']:.0f} s on {d['batches']} calibration batches; loss "
-          f"{d['loss_first']:.4g} -> {d['loss_last']:.4g})")  # fmt: skip
+        p(f"            (distilled {d['steps']} steps in {d['seconds']:.0f} s on {d['batches']} calibration batches; "
+          f"training loss {d['loss_first']:.4g} -> {d['loss_last']:.4g})")  # fmt: skip
         if d.get("validation_batches"):
-            p(f"            (early stopping on {d['validation_batches']} held-out calibration batches: kept step "
-              f"{d['kept_step']}, their loss {d['validation_start']:.4g} -> {d['validation_kept']:.4g})")  # fmt: skip
+            p(f"            (early stopping on {d['validation_batches']} held-out calibration batches: the model kept "
+              f"step {d['kept_step']} of {d['steps']}, their loss {d['validation_start']:.4g} -> "
+              f"{d['validation_kept']:.4g})")  # fmt: skip
     for what, path in (report.get("files") or {}).items():
         kind = _FILE_KINDS.get(what, what)
         if what == "onnx" and report.get("int8"):
@@ -1386,8 +1387,8 @@ def _add_data(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
         g.add_argument("--distill", type=_non_negative_int, default=0, metavar="STEPS",
                        help="then distil the compressed model to the original for STEPS Adam steps on the calibration "
                             "data (fxlrd.recover.distill: KL on classifier logits, relative MSE on hidden states, "
-                            "padding tokens left out; an eighth of the batches held out for early stopping; 0, the "
-                            "default: off)")  # fmt: skip
+                            "padding tokens left out; an eighth of the batches, at least one, held out for early "
+                            "stopping; 0, the default: off)")  # fmt: skip
         g.add_argument("--distill-lr", type=_positive_float, default=1e-4, metavar="LR",
                        help="--distill's learning rate, on a half cosine down to 0 (default 1e-4)")  # fmt: skip
 

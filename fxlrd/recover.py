@@ -165,6 +165,14 @@ def _leaves(out) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x``'s positions where ``keep`` (batch × sequence, bool) is set, when ``x`` has more
+    dimensions than ``keep`` and its leading shape is ``keep``'s; ``x`` otherwise."""
+    if keep is not None and x.dim() > keep.dim() and x.shape[: keep.dim()] == keep.shape:
+        return x[keep]
+    return x
+
+
 def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float = 1.0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The distillation loss between two outputs (any structure of tensors, e.g. a ModelOutput).
@@ -176,7 +184,9 @@ def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float
     ``mask`` (e.g. a text model's ``attention_mask``, batch × sequence): outputs with more
     dimensions than the mask whose leading shape is the mask's are compared only where it is
     non-zero (padding tokens' outputs are unused, so they should not take the student's
-    capacity); other outputs, and an all-zero mask, are compared whole.
+    capacity); other outputs, and an all-zero mask, are compared whole. A 0/1 (or boolean)
+    mask, as Hugging Face tokenizers give; an additive mask (0 / −inf) is not one. The shapes
+    decide, so an output whose leading shape equals the mask's by chance is masked too.
     """
     s_leaves, t_leaves = _leaves(student_out), _leaves(teacher_out)
     if len(s_leaves) != len(t_leaves) or not s_leaves:
@@ -187,12 +197,13 @@ def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float
     total = s_leaves[0].new_zeros(())
     for s, t in zip(s_leaves, t_leaves):
         k = ("kl" if s.dim() == 2 and s.shape[-1] > 1 else "mse") if kind == "auto" else kind
-        if keep is not None and s.dim() > keep.dim() and s.shape[: keep.dim()] == keep.shape and t.shape == s.shape:
-            s, t = s[keep], t[keep]  # (positions, features...): KL stays over the last dimension
-        if k == "kl":
+        batch = s.shape[0] if s.dim() else 1
+        if t.shape == s.shape:
+            s, t = _masked(s, keep), _masked(t, keep)
+        if k == "kl":  # summed over the rest, divided by the batch: the same scale with or without a mask
             log_p = F.log_softmax(s / temperature, -1)
             log_q = F.log_softmax(t / temperature, -1)
-            total = total + F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+            total = total + F.kl_div(log_p, log_q, log_target=True, reduction="sum") / batch * temperature**2
         elif k == "mse":
             total = total + F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
         else:
@@ -263,13 +274,16 @@ def distill(
             ``lr`` down to 0 on a half cosine: large steps first, small ones to settle).
         train_mode: run the student in train mode (dropout, batch-norm statistics updating);
             default False: statistics stay as calibrated, gradients flow all the same.
-        skip_padding: with the built-in losses, compare per-token outputs only where the
-            inputs' ``attention_mask`` is non-zero (see `output_loss`); a ``loss`` callable
-            gets the inputs and does its own masking.
+        skip_padding: with the built-in losses and in the ``features`` term, compare
+            per-token outputs only where the inputs' ``attention_mask`` (a keyword input, 0/1)
+            is non-zero (see `output_loss`); a ``loss`` callable gets the inputs and does its
+            own masking.
         validation: batches held out of training (early stopping): the output loss on them
             is checked at the start, every ``check_every`` steps and at the end, and the model
             keeps the parameters of the best check — on little data distillation overfits,
-            and with this it never ends worse on them than it started.
+            and with this it never ends worse on them than it started. All ``steps`` run (the
+            learning-rate schedule is the same); a `SequentialFreezer` is left at the last
+            step's phase. Keeps one copy of the model's state.
         check_every: steps between checks (default: 5 % of ``steps``).
         progress: a progress bar with the loss.
 
@@ -343,11 +357,11 @@ def distill(
 
     curve = DistillCurve()
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    if held is not None:
-        curve.validation.append((0, held_out_loss()))
-        best, curve.best_step = (curve.validation[0][1], {k: v.detach().clone() for k, v in gm.state_dict().items()}), 0
     bar = tqdm(range(steps), desc="distill", unit="step", disable=None if progress else True, file=sys.stderr, leave=False)
     try:
+        if held is not None:
+            curve.validation.append((0, held_out_loss()))
+            best, curve.best_step = (curve.validation[0][1], {k: v.detach().clone() for k, v in gm.state_dict().items()}), 0
         for step in bar:
             args, kwargs = data[step % len(data)]
             captured: dict[int, list[torch.Tensor]] = {}
@@ -363,9 +377,12 @@ def distill(
                 for h in hooks:
                     h.remove()
             value = batch_loss(out, target, args, kwargs)
+            keep = kwargs.get("attention_mask") if skip_padding else None
+            keep = keep.to(torch.bool) if isinstance(keep, torch.Tensor) and keep.any() else None
             for s_out, t_out in captured.values():
                 if s_out is not None and t_out is not None:
-                    value = value + feature_weight * F.mse_loss(s_out, t_out.detach()) / t_out.detach().pow(2).mean().clamp_min(1e-12)
+                    s_out, t_out = _masked(s_out, keep), _masked(t_out.detach(), keep)
+                    value = value + feature_weight * F.mse_loss(s_out, t_out) / t_out.pow(2).mean().clamp_min(1e-12)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -377,7 +394,7 @@ def distill(
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
             if best is not None and ((step + 1) % check_every == 0 or step + 1 == steps):
                 curve.validation.append((step + 1, held_out_loss()))
-                if curve.validation[-1][1] < best[0]:
+                if curve.validation[-1][1] < best[0] or best[0] != best[0]:  # (a NaN start is beaten by anything)
                     best = (curve.validation[-1][1], {k: v.detach().clone() for k, v in gm.state_dict().items()})
                     curve.best_step = step + 1
         if best is not None and curve.best_step != steps:

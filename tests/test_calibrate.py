@@ -541,9 +541,10 @@ def test_output_loss_leaves_padding_positions_out():
     # an all-padding mask, or one that does not fit, compares everything; KL stays KL on 3-D logits
     assert output_loss(junk, t, mask=torch.zeros_like(mask)) == pytest.approx(float(output_loss(junk, t)))
     assert output_loss(junk, t, mask=torch.ones(3, 5)) == pytest.approx(float(output_loss(junk, t)))
-    kl = output_loss(s, t, kind="kl", mask=mask)
+    kl = output_loss(s, t, kind="kl", mask=mask)  # summed over the real tokens, per sequence: the unmasked scale
     log_p, log_q = s[keep].log_softmax(-1), t[keep].log_softmax(-1)
-    assert kl == pytest.approx(float(torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")))
+    assert kl == pytest.approx(float(torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="sum")) / 2)
+    assert output_loss(s, t, kind="kl", mask=torch.ones_like(mask)) == pytest.approx(float(output_loss(s, t, kind="kl")))
 
 
 def test_distill_leaves_padding_out_of_a_text_models_loss():
@@ -615,6 +616,11 @@ def test_distill_that_only_hurts_the_held_out_data_leaves_the_model_as_it_was():
     curve = distill(gm, teacher, [torch.randn(8, 16)], steps=20, lr=50.0, validation=[torch.randn(32, 16)], progress=False)
     assert curve.best_step == 0 and len(curve.validation) == 21
     assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+    teacher.train()
+    gm.train()
+    with pytest.raises(RuntimeError):  # a held-out batch that does not fit: both models' modes are restored
+        distill(gm, teacher, [torch.randn(8, 16)], steps=2, validation=[torch.randn(8, 7)], progress=False)
+    assert teacher.training and gm.training
     with pytest.raises(ValueError, match="validation is empty"):
         distill(gm, teacher, [torch.randn(8, 16)], steps=1, validation=[])
     with pytest.raises(ValueError, match="check_every must be an int >= 1"):
