@@ -2,7 +2,8 @@
 
 onnxruntime runs the ONNX files the prepare step exported (CPU execution provider, sessions
 from `fxlrd.export.onnx_session`: no spinning between runs); eager and compile run the saved
-variants through `fxlrd.latency.make_timer` — the runners the latency search itself uses.
+variants through `fxlrd.latency.make_timer` — the runners the latency search itself uses
+(``compile`` on the CPU with inductor's freezing, the setting for CPU inference).
 
 The GPU backends run the variants on CUDA: ``cuda`` (eager, float32), ``cuda_bf16`` (eager,
 every weight and floating input in bfloat16), ``cuda_compile`` and ``cuda_compile_bf16``
@@ -191,4 +192,6 @@ def run(task: Mapping[str, Any], loaded: dict[str, torch.nn.Module] | None = Non
     out = {"variants": figures, "order": list(runners), "skipped": skipped, "failed": failed}
     if backend in GPU_BACKENDS:
         out["gpu_settings"] = gpu_settings() | {"dtype": str(gpu_dtype(backend)).removeprefix("torch.")}
+    if backend == "compile":  # CPU inductor freezes the weights (fxlrd.latency.TorchTimer); earlier runs did not
+        out["compile_settings"] = {"freezing": True}
     return out

@@ -102,6 +102,30 @@ def test_compile_backend_times_an_inductor_compiled_layer():
     assert timer.time(nn.Conv2d(16, 16, 1), (1, 16, 8, 8)) > 0
 
 
+@pytest.mark.slow
+def test_cpu_compile_timer_freezes_the_weights_as_cpu_inference_does():
+    """On the CPU the compile backend times what CPU inference deploys: inductor with freezing
+    (weights folded in as constants). A frozen module keeps the weights it was compiled with;
+    torch.compile's default reads them at every call."""
+    x = torch.randn(4, 32)
+    timer = TorchTimer(LatencyConfig(backend="compile", repeats=2, warmup=1, threads=1), compiled=True)
+    default = TorchTimer(LatencyConfig(backend="compile", repeats=2, warmup=1, threads=1), compiled=True, freezing=False)
+    assert timer.freezing and not default.freezing and timer.context == default.context + "|freezing"
+    assert not TorchTimer(LatencyConfig(backend="eager"), compiled=True, device="meta").freezing  # off the CPU: the default
+    for t, frozen in ((timer, True), (default, False)):
+        torch._dynamo.reset()
+        layer = nn.Linear(32, 16).eval()
+        run = t._compile(layer)
+        with torch.no_grad():
+            before = run(x)
+            torch.testing.assert_close(before, layer(x))
+            layer.weight.add_(1.0)
+            after = run(x)
+        assert torch.equal(after, before) == frozen
+        if not frozen:
+            torch.testing.assert_close(after, layer(x))
+
+
 @pytest.mark.parametrize("method,spec,ranks,shape", [
     ("tucker2", ("conv", 32, 48, (3, 3), 1, True, (2, 2), (1, 1), (1, 1)), (16, 24), (1, 32, 14, 14)),
     ("svd", ("linear", 64, 32, (), 1, True), (16,), (2, 64)),
