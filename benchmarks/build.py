@@ -118,13 +118,25 @@ def load_variant(spec: models.ModelSpec, original: nn.Module, info: Mapping[str,
 
 def _rebatched(batches: list[Any], size: int) -> list[Any]:
     """The calibration samples in batches of ``size``, the batch size the model was exported at
-    (an exported original may have its batch size fixed, e.g. torch's MultiheadAttention)."""
-    if isinstance(batches[0], Mapping):
-        joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-        n = next(iter(joined.values())).shape[0]
-        return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, n - size + 1, size)]
-    joined = torch.cat(list(batches))
-    return [joined[i : i + size] for i in range(0, joined.shape[0] - size + 1, size)]
+    (an exported original may have its batch size fixed, e.g. torch's MultiheadAttention).
+    Only samples of the same shape share a batch (token batches are padded to their own
+    longest sentence); a shape's samples left over at the end of its run are dropped."""
+    keyed = isinstance(batches[0], Mapping)
+    rows = [{k: v[i : i + 1] for k, v in b.items()} if keyed else b[i : i + 1]
+            for b in batches for i in range(next(iter(b.values())).shape[0] if keyed else b.shape[0])]  # fmt: skip
+
+    def shape(row: Any) -> Any:
+        return tuple((k, tuple(v.shape)) for k, v in row.items()) if keyed else tuple(row.shape)
+
+    out, run = [], []
+    for row in rows:
+        if run and shape(row) != shape(run[0]):
+            run = []
+        run.append(row)
+        if len(run) == size:
+            out.append({k: torch.cat([r[k] for r in run]) for k in run[0]} if keyed else torch.cat(run))
+            run = []
+    return out
 
 
 def _export(spec: models.ModelSpec, original: nn.Module, info: dict[str, Any], inputs: Any, path: Path,

@@ -341,6 +341,14 @@ def test_calibration_is_rebatched_to_the_exported_batch_size():
     tokens = [{"input_ids": torch.arange(4).reshape(2, 2), "attention_mask": torch.ones(2, 2)}] * 2
     out = _rebatched(tokens, 1)
     assert len(out) == 4 and all(b["input_ids"].shape == (1, 2) and set(b) == set(tokens[0]) for b in out)
+    # token batches padded to different lengths: each batch keeps its own length, nothing is mixed
+    ragged = [{"input_ids": torch.arange(6).reshape(2, 3), "attention_mask": torch.ones(2, 3)},
+              {"input_ids": torch.arange(10).reshape(2, 5), "attention_mask": torch.ones(2, 5)}]  # fmt: skip
+    out = _rebatched(ragged, 1)
+    assert [tuple(b["input_ids"].shape) for b in out] == [(1, 3), (1, 3), (1, 5), (1, 5)]
+    assert torch.equal(out[3]["input_ids"], ragged[1]["input_ids"][1:])
+    out = _rebatched(ragged + [ragged[1]], 3)  # two runs of one shape in a row join; a short run is dropped
+    assert [tuple(b["input_ids"].shape) for b in out] == [(3, 5)]
 
 
 def _merge_case(tmp_path, monkeypatch, first_kernel: int):
