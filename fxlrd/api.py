@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -189,11 +189,15 @@ def apply(
     inplace: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     calibration: Iterable | None = None,
+    sensitivity: Callable[[Any, Any], Any] | None = None,
 ) -> fx.GraphModule:
     """Decompose ``model`` as ``plan`` says and return the ``GraphModule``.
 
     The model is captured the way the plan records (fx or export); an export capture uses
     ``example_inputs`` or, when they are not given, zeros of the plan's recorded input shapes.
+    Data-aware layers are fitted as the plan's settings say (``sensitivity``,
+    ``sensitivity_matrix``, ``sequential``), so the same calibration data gives the model
+    `transform` gave.
 
     Args:
         model: the model the plan was made for.
@@ -202,9 +206,13 @@ def apply(
         inplace: modify ``model`` itself (its layers are replaced too) instead of a copy.
         leaf_modules: as in `LRDConfig`, when the model needs them to be traced.
         calibration: calibration inputs for the plan's data-aware layers.
+        sensitivity: the sensitivity function, for a plan made with a callable
+            ``LRDConfig(sensitivity=fn)`` (a plan records only its name).
 
     Raises:
         PlanMismatchError: the plan names layers the model lacks or has with other shapes.
+        ConfigError: the plan is data-aware and ``calibration`` is missing, or it was made with
+            a sensitivity function and ``sensitivity`` is not given.
     """
     check_module(model)
     if not isinstance(plan, Plan):
@@ -219,19 +227,46 @@ def apply(
     if inplace and plan.settings.get("narrowed"):
         raise ConfigError("inplace=True cannot be combined with a plan that narrows MLP blocks; use inplace=False")
     calibration = _reusable(calibration)
-    config = LRDConfig(leaf_modules=leaf_modules, attention=plan.settings.get("attention", "packed"))
+    config = LRDConfig(leaf_modules=leaf_modules, attention=plan.settings.get("attention", "packed"),
+                       sensitivity=_plan_sensitivity(plan, sensitivity),
+                       sensitivity_matrix=plan.settings.get("sensitivity_matrix", "full"),
+                       sequential=bool(plan.settings.get("sequential", False)))  # fmt: skip
+    data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed"))
+    if data_aware and calibration is None:
+        raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
     captured = _capture(model, config, inputs, mode, None, copy_model=not inplace)
     if inplace:
         _check_inplace(captured, plan)
-    if any(lp.data_aware for lp in plan.decomposed) and calibration is None:
-        raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
     if plan.settings.get("narrowed"):
         _narrow(captured, config, calibration, inputs, recorded=plan.settings["narrowed"])
     stats = _calibration_stats(captured, config, calibration, inputs)
-    gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats)
+    factors = None
+    if config.sequential and calibration is not None and any(lp.data_aware for lp in plan.decomposed):
+        from .calibrate import sequential_factors
+
+        factors = sequential_factors(captured.gm, plan, calibration, example=inputs, stats=stats)
+    gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats, factors=factors)
     if inplace and gm is not model:
         _mirror_into(model, gm)
     return _finish(gm, plan, captured)
+
+
+def _plan_sensitivity(plan: Plan, given: Callable[[Any, Any], Any] | None) -> bool | str | Callable[[Any, Any], Any]:
+    """The sensitivity setting a plan was made with: True, False or ``"kl"`` as recorded; a
+    callable's recorded name needs the callable itself (``given``)."""
+    if given is not None:
+        if not callable(given):
+            raise ConfigError(f"sensitivity must be a callable(outputs, inputs) (the plan's own function), got {given!r}")
+        return given
+    recorded = plan.settings.get("sensitivity", True)
+    if isinstance(recorded, bool) or recorded == "kl":
+        return recorded
+    if any(lp.data_aware for lp in plan.decomposed) or plan.settings.get("narrowed"):
+        raise ConfigError(
+            f"the plan was made with a sensitivity function ({recorded!r}), which a plan records only by name: "
+            "pass it again, fxlrd.apply(model, plan, calibration=..., sensitivity=fn)"
+        )
+    return True
 
 
 def transform(

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fxlrd
-from fxlrd import ConfigError, LRDConfig
+from fxlrd import ConfigError, LRDConfig, Plan
 from fxlrd.calibrate import InputStats, collect_stats
 from fxlrd.capture import capture
 from fxlrd.decompose import whitening
@@ -674,6 +674,32 @@ def test_a_data_aware_plan_needs_calibration_to_be_applied():
     ref = fxlrd.transform(model, LRDConfig(), calibration=[x], example_inputs=x)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), ref(x))
+
+
+def _first_output(outputs, inputs):
+    """A sensitivity function: only the first output channel counts."""
+    return outputs[..., :1]
+
+
+@pytest.mark.parametrize("settings", [dict(sensitivity=False), dict(sensitivity="kl"), dict(sensitivity_matrix="diagonal"),
+                                      dict(sequential=True), dict(sensitivity=_first_output)])  # fmt: skip
+def test_apply_fits_data_aware_layers_as_the_plan_says(settings):
+    """apply rebuilds transform's model from its plan (in memory and through JSON): the same
+    sensitivity, sensitivity matrix and sequential fit, not the defaults."""
+    model = _deep_mlp()
+    x = _correlated(48, 32, seed=5)
+    cal = [x[:24], x[24:]]
+    ref = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1, **settings), calibration=cal, example_inputs=x[:2])
+    default = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), calibration=cal, example_inputs=x[:2])
+    fn = settings.get("sensitivity") if callable(settings.get("sensitivity")) else None
+    for plan in (ref.fxlrd_plan, Plan.from_json(ref.fxlrd_plan.to_json())):
+        if fn is not None and plan is not ref.fxlrd_plan:
+            with pytest.raises(ConfigError, match="sensitivity function"):
+                fxlrd.apply(model, plan, calibration=cal, example_inputs=x[:2])
+        gm = fxlrd.apply(model, plan, calibration=cal, example_inputs=x[:2], sensitivity=fn)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), ref(x), rtol=0, atol=0)
+            assert not torch.allclose(gm(x), default(x))  # the setting matters here: the check can fail
 
 
 # --- distributed ---------------------------------------------------------------------------------------
