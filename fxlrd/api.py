@@ -37,6 +37,21 @@ def _capture(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str
                    attention=config.attention, copy_model=copy_model)  # fmt: skip
 
 
+def _capture_inplace(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str,
+                     dynamic_shapes: Any) -> Captured:  # fmt: skip
+    """``inplace=True``: capture a copy first, and the model itself only when that copy was
+    traced by torch.fx with nothing rewritten (an export capture or an attention swap would
+    change the user's model before `_check_inplace` could refuse)."""
+    trial = _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True)
+    if trial.mode != "fx" or trial.notes:
+        why = "; ".join(trial.notes) or f"torch.fx cannot trace it, it needs torch.{trial.mode}"
+        raise ConfigError(
+            f"inplace=True needs a model torch.fx traces as it is, with nothing rewritten ({why}); your model is "
+            "unchanged: use inplace=False and the returned GraphModule"
+        )
+    return _capture(model, config, inputs, mode, dynamic_shapes, copy_model=False)
+
+
 def _calibration_stats(captured: Captured, config: LRDConfig, calibration: Iterable | None, inputs: Args | None):
     if calibration is None:
         return None
@@ -159,12 +174,8 @@ def _mirror_into(model: nn.Module, gm: fx.GraphModule) -> None:
             set_submodule(model, name, module)
 
 
-def _check_inplace(captured: Captured, plan_: Plan) -> None:
-    if captured.mode != "fx" or captured.notes:
-        raise ConfigError(
-            "inplace=True needs a model torch.fx traces as it is (this one was captured with "
-            f"{captured.mode}{' and rewritten' if captured.notes else ''}); use inplace=False and the returned GraphModule"
-        )
+def _check_inplace(plan_: Plan) -> None:
+    """After `_capture_inplace`: the layers to decompose must be modules the model calls."""
     functional = [lp.name for lp in plan_.decomposed if lp.site != "module"]
     if functional:
         raise ConfigError(
@@ -234,9 +245,10 @@ def apply(
     data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed"))
     if data_aware and calibration is None:
         raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
-    captured = _capture(model, config, inputs, mode, None, copy_model=not inplace)
+    captured = _capture_inplace(model, config, inputs, mode, None) if inplace else \
+        _capture(model, config, inputs, mode, None, copy_model=True)  # fmt: skip
     if inplace:
-        _check_inplace(captured, plan)
+        _check_inplace(plan)
     if plan.settings.get("narrowed"):
         _narrow(captured, config, calibration, inputs, recorded=plan.settings["narrowed"])
     stats = _calibration_stats(captured, config, calibration, inputs)
@@ -305,11 +317,12 @@ def transform(
     if inplace and config.mlp == "narrow":
         raise ConfigError("inplace=True cannot be combined with mlp='narrow' (the layers change shape); use inplace=False")
     inputs = normalize_inputs(example_inputs)
-    captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=not inplace)
+    captured = _capture_inplace(model, config, inputs, capture, dynamic_shapes) if inplace else \
+        _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)  # fmt: skip
     calibration = _reusable(calibration)
     plan_, stats = _plan_captured(captured, config, calibration, inputs)
     if inplace:
-        _check_inplace(captured, plan_)
+        _check_inplace(plan_)
     factors = None
     if config.sequential:
         if calibration is None:

@@ -109,6 +109,45 @@ def test_inplace_decomposes_the_model_itself():
         torch.testing.assert_close(model(x), gm(x))
 
 
+class _WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(self.att(x, x, x)[0])
+
+
+class _Branching(nn.Module):  # fx cannot trace a branch on the input's rank; export captures it
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x) if x.dim() == 2 else self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("make,x,why", [
+    (_WithAttention, torch.randn(2, 5, 32), "nn.MultiheadAttention swapped"),
+    (_Branching, torch.ones(2, 16), "torch.fx cannot trace it"),
+])  # fmt: skip
+def test_inplace_refused_before_the_model_is_touched(make, x, why):
+    """A model that fx cannot capture as it is would be rewritten by the capture itself
+    (attention swapped, export's settings): inplace=True refuses before any of that."""
+    model = make().eval()
+    before, modules = _snapshot(model), [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ConfigError, match=why) as info:
+        fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, inplace=True)
+    assert "your model is unchanged" in str(info.value)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == model.state_dict().keys()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x)  # the way out the message gives
+    with pytest.raises(ConfigError, match=why):
+        fxlrd.apply(model, gm.fxlrd_plan, example_inputs=x, inplace=True)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+
+
 def test_graph_module_input_is_accepted():
     model = Small().eval()
     traced = fx.symbolic_trace(model)
