@@ -179,7 +179,9 @@ def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float
 
     ``kind="kl"``: KL(teacher ‖ student) of the softmax over the last dimension, ×T² (classifier
     logits); ``"mse"``: mean squared error relative to the teacher's mean square (hidden states,
-    embeddings); ``"auto"``: KL for 2-D outputs (batch × classes), MSE otherwise.
+    embeddings); ``"auto"``: both for 2-D outputs (batch × features: a classifier's logits, for
+    which the KL counts, or an embedding, a regression or a pooled output, whose errors the
+    softmax cannot see — it ignores a shift of the whole row), MSE for the others.
 
     ``mask`` (e.g. a text model's ``attention_mask``, batch × sequence): outputs with more
     dimensions than the mask whose leading shape is the mask's are compared only where it is
@@ -196,18 +198,18 @@ def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float
         keep = None
     total = s_leaves[0].new_zeros(())
     for s, t in zip(s_leaves, t_leaves):
-        k = ("kl" if s.dim() == 2 and s.shape[-1] > 1 else "mse") if kind == "auto" else kind
+        if kind not in ("auto", "kl", "mse"):
+            raise ValueError(f"loss kind must be 'auto', 'kl' or 'mse', got {kind!r}")
+        kinds = (("kl", "mse") if s.dim() == 2 and s.shape[-1] > 1 else ("mse",)) if kind == "auto" else (kind,)
         batch = s.shape[0] if s.dim() else 1
         if t.shape == s.shape:
             s, t = _masked(s, keep), _masked(t, keep)
-        if k == "kl":  # summed over the rest, divided by the batch: the same scale with or without a mask
+        if "kl" in kinds:  # summed over the rest, divided by the batch: the same scale with or without a mask
             log_p = F.log_softmax(s / temperature, -1)
             log_q = F.log_softmax(t / temperature, -1)
             total = total + F.kl_div(log_p, log_q, log_target=True, reduction="sum") / batch * temperature**2
-        elif k == "mse":
+        if "mse" in kinds:
             total = total + F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
-        else:
-            raise ValueError(f"loss kind must be 'auto', 'kl' or 'mse', got {kind!r}")
     return total
 
 
@@ -252,7 +254,8 @@ def distill(
 
     Cycles over ``batches`` (inputs in the form of ``example_inputs``: tensor, tuple or dict)
     for ``steps`` Adam steps. The loss is `output_loss` between the two models' outputs
-    (softmax KL for classifier logits, relative MSE for hidden states and embeddings), plus,
+    (softmax KL and relative MSE for 2-D outputs such as classifier logits and embeddings,
+    relative MSE for hidden states), plus,
     with ``features``, the relative MSE between each decomposed layer's output and the original
     layer's output (weighted by ``features`` when a number; layers are matched by name).
 

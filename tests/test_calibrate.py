@@ -523,6 +523,29 @@ def test_distill_cosine_schedule_decays_the_learning_rate_to_zero(monkeypatch):
     assert all(a >= b for a, b in zip(seen, seen[1:])) and curve[-1] < curve[0]
 
 
+def test_auto_loss_sees_a_shifted_2d_output_and_distill_removes_it():
+    """A 2-D output may be an embedding or a regression, not logits: a shift of every row,
+    which the softmax cannot see, must count in the "auto" loss."""
+    from fxlrd.recover import output_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=1000, allow_larger=True, rank_quantum=1),
+                         example_inputs=torch.randn(4, 16))  # fmt: skip
+    with torch.no_grad():
+        gm.get_submodule("2").out_proj.bias += 5.0
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        t, s = model(x), gm(x)
+    assert float(output_loss(s, t, "kl")) < 1e-6  # blind to it
+    assert float(output_loss(s, t)) == pytest.approx(float(output_loss(s, t, "mse")), rel=1e-4) and output_loss(s, t) > 10
+    err = lambda: float(rel_err(gm(x), model(x)))  # noqa: E731
+    before = err()
+    distill(gm, model, [x[i : i + 16] for i in range(0, 64, 16)], steps=200, lr=1e-2, progress=False)
+    with torch.no_grad():
+        assert err() < 0.2 * before
+
+
 def test_output_loss_leaves_padding_positions_out():
     from fxlrd.recover import output_loss
 
