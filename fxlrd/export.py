@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ExportMismatchError
+from .modes import eval_mode
 
 if TYPE_CHECKING:
     from .capture import Args
@@ -185,9 +186,7 @@ def export_onnx(
         quantize, calibration = prepare_quantization(quantize, calibration)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         with torch.no_grad():
             expected = gm(*args, **kwargs)
         outputs = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
@@ -220,8 +219,6 @@ def export_onnx(
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    finally:
-        gm.train(was_training)
     return path
 
 

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ExportMismatchError
+from .modes import eval_mode
 
 if TYPE_CHECKING:
     from .capture import Args
@@ -502,13 +503,8 @@ def measure_fidelity(path: str | os.PathLike, model: nn.Module, inputs: Any, *, 
     from .export import onnx_feed, onnx_session
 
     args, kwargs = _normalize_batch(inputs, 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        out = model(*args, **kwargs)
     expected = [t.float().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     session = onnx_session(path)
     got = session.run(None, onnx_feed(session, (args, kwargs)))
@@ -606,12 +602,8 @@ def quantize_pt2e(gm: nn.Module, example_inputs: Any, calibration: Iterable[Any]
     prepare_pt2e, convert_pt2e, x86 = _pt2e_api()
     inputs = _normalize_batch(example_inputs, 0)
     _, batches = prepare_quantization("int8", calibration)
-    was_training = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         exported = _export_for_pt2e(gm, inputs)
-    finally:
-        gm.train(was_training)
     module = exported.module()
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(module, quantizer)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .modes import eval_mode
+
 if TYPE_CHECKING:
     from .freeze import SequentialFreezer
 
@@ -111,10 +113,8 @@ def refit_merged(
     Returns per merged layer the relative error ``‖T − M X‖ / ‖T‖`` before and after.
     """
     batches = _batches(batches)
-    gm_modes = gm.training
-    gm.eval(), reference.eval()
     report = {}
-    try:
+    with eval_mode(gm, reference):
         for node in merged_nodes(gm):
             info = gm.get_submodule(node.target).fxlrd_merge
             if info.get("exact"):
@@ -153,8 +153,6 @@ def refit_merged(
                 _reestimate(gm, [norm_name], batches)
                 bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
                 bn.bias.copy_(bn.running_mean)
-    finally:
-        gm.train(gm_modes)
     return report
 
 

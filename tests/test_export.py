@@ -36,6 +36,20 @@ def test_export_keeps_training_flag(tmp_path):
     assert gm.training
 
 
+def test_export_restores_each_modules_own_mode(tmp_path):
+    """A training model with a batch norm frozen in eval mode comes back as it was (not with
+    one flag for every module), after a float export and after an int8 one."""
+    gm = fxlrd.transform(_model(), LRDConfig(ratio=1.5, rank_quantum=1)).train()
+    bn = next(m for m in gm.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.eval()
+    modes = {n: m.training for n, m in gm.named_modules()}
+    x = torch.randn(2, 3, 16, 16)
+    fxlrd.export_onnx(gm, x, tmp_path / "m.onnx")
+    assert {n: m.training for n, m in gm.named_modules()} == modes and not bn.training and gm.training
+    fxlrd.export_onnx(gm, x, tmp_path / "q.onnx", quantize="int8", calibration=[torch.randn(4, 3, 16, 16)] * 2)
+    assert {n: m.training for n, m in gm.named_modules()} == modes
+
+
 def test_failed_check_leaves_existing_file_alone(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"precious")

@@ -147,6 +147,19 @@ def test_refit_recovers_output_error():
     assert after_refit < after_bn and after_refit < naive
 
 
+def test_refit_merged_restores_both_models_modes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    reference = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8))
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, merge="approximate"))
+    for m in (gm, reference):
+        m.train()
+        next(b for b in m.modules() if isinstance(b, nn.BatchNorm2d)).eval()  # a frozen norm in a training model
+    modes = [{n: m.training for n, m in model_.named_modules()} for model_ in (gm, reference)]
+    refit_merged(gm, reference, [torch.randn(4, 8, 6, 6) for _ in range(2)])
+    assert [{n: m.training for n, m in model_.named_modules()} for model_ in (gm, reference)] == modes
+
+
 def test_bad_mode():
     with pytest.raises(ValueError, match="merge mode"):
         MergePass("sometimes")
