@@ -132,6 +132,10 @@ def plan(
 def _reusable(calibration: Iterable | None) -> Iterable | None:
     """Calibration data is read more than once (statistics, narrowing, sequential fitting): a
     one-shot iterator (a generator) is turned into a list."""
+    if calibration is not None:
+        from .calibrate import check_calibration
+
+        check_calibration(calibration)
     if calibration is not None and iter(calibration) is calibration:
         return list(calibration)
     return calibration

@@ -26,7 +26,9 @@ before it produce, so that it maps them to the *original* layer's outputs ``W X`
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -127,18 +129,44 @@ def _samples(site: Site, x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
-def _as_args(item: Any) -> Args:
-    return normalize_inputs(item)
+def _as_args(item: Any, index: int | None = None) -> Args:
+    """One calibration batch as ``(args, kwargs)``, or an error naming the batch and the fix."""
+    where = "calibration batch" + ("" if index is None else f" {index}")
+    if not isinstance(item, (torch.Tensor, tuple, list, Mapping)):
+        hint = " (convert it with torch.from_numpy)" if type(item).__module__ == "numpy" else ""
+        raise ConfigError(
+            f"{where} is a {type(item).__name__}{hint}: each batch must be like example_inputs, a tensor, a tuple of "
+            "positional inputs or a dict of keyword inputs"
+        )
+    try:
+        return normalize_inputs(item)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _batches(calibration: Iterable, progress: bool, what: str):
-    from tqdm.auto import tqdm
-
+def check_calibration(calibration: Any) -> None:
+    """Raise `ConfigError` unless ``calibration`` is an iterable of batches (not one batch, a
+    path or a number)."""
+    if isinstance(calibration, (str, bytes, os.PathLike)):
+        raise ConfigError(
+            f"calibration is a path ({str(calibration)!r}), not batches: load them first, e.g. "
+            "calibration=torch.load(path) for a saved list of batches (the command line takes a path: --calibration)"
+        )
     if isinstance(calibration, (torch.Tensor, Mapping)):
         raise ConfigError(
             "calibration must be an iterable of inputs (a list of batches, a DataLoader...), each like example_inputs; "
             "wrap a single batch in a list: calibration=[batch]"
         )
+    if not isinstance(calibration, abc.Iterable):
+        raise ConfigError(
+            f"calibration must be an iterable of inputs (a list of batches, a DataLoader...), got {type(calibration).__name__}"
+        )
+
+
+def _batches(calibration: Iterable, progress: bool, what: str):
+    from tqdm.auto import tqdm
+
+    check_calibration(calibration)
     total = len(calibration) if hasattr(calibration, "__len__") else None
     return tqdm(calibration, desc=what, unit="batch", total=total, disable=None if progress else True, file=sys.stderr, leave=False)
 
@@ -308,12 +336,13 @@ def collect_stats(
     generator = torch.Generator().manual_seed(seed)
     n = 0
     try:
-        for item in _batches(calibration, progress, "calibration"):
-            inputs = _as_args(item)
+        for index, item in enumerate(_batches(calibration, progress, "calibration")):
+            inputs = _as_args(item, index)
             site_outputs.clear()
+            flat = flat_inputs(gm, inputs, f"calibration batch {index}")
             try:
                 with torch.set_grad_enabled(bool(sensitivity)):
-                    result = recorder.run(*flat_inputs(gm, inputs))
+                    result = recorder.run(*flat)
             except (ConfigError, TypeError):
                 raise
             except Exception as exc:  # noqa: BLE001  (the item does not fit the model)
@@ -430,7 +459,8 @@ def sequential_factors(
     first_node = {site.nodes[0]: name for name, site in todo.items()}
     options = {"tucker_iters": int(plan.settings.get("tucker_iters", 0) or 0),
                "cp_iters": int(plan.settings.get("cp_iters", 300) or 300)}  # fmt: skip
-    batches = [flat_inputs(gm, _as_args(item)) for item in _batches(calibration, False, "calibration")]
+    batches = [flat_inputs(gm, _as_args(item, i), f"calibration batch {i}")
+               for i, item in enumerate(_batches(calibration, False, "calibration"))]  # fmt: skip
     if not batches:
         raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
     if distributed is None:

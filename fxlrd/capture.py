@@ -96,9 +96,10 @@ def bind_inputs(model: nn.Module, inputs: Args) -> inspect.BoundArguments | None
         ) from exc
 
 
-def flat_inputs(gm: fx.GraphModule, inputs: Args) -> list[Any]:
+def flat_inputs(gm: fx.GraphModule, inputs: Args, what: str = "example_inputs") -> list[Any]:
     """The values of ``gm``'s placeholders, in order, for ``inputs`` given as the original
-    model takes them (an export capture flattens them by its input spec)."""
+    model takes them (an export capture flattens them by its input spec). Inputs the graph
+    does not take are an error, not dropped (``what``: how the user passed them)."""
     args, kwargs = inputs
     in_spec = getattr(gm, "_in_spec", None)
     if in_spec is not None:
@@ -106,22 +107,32 @@ def flat_inputs(gm: fx.GraphModule, inputs: Args) -> list[Any]:
 
         with warnings.catch_warnings():  # torch's own pytree deprecation notices
             warnings.simplefilter("ignore", FutureWarning)
-            bound = _bind_for_spec(gm, args, kwargs)
+            bound = _bind_for_spec(gm, args, kwargs, what)
             return list(fx_pytree.tree_flatten_spec(bound, in_spec))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [n.target for n in placeholders]
     values: list[Any] = list(args[: len(names)])
+    _no_extra(kwargs, names[len(values):], what)
     for n in placeholders[len(values):]:
         if n.target in kwargs:
             values.append(kwargs[n.target])
         elif n.args:
             values.append(n.args[0])  # the default
         else:
-            raise ConfigError(f"input {n.target!r} of the model is missing from example_inputs")
+            raise ConfigError(f"input {n.target!r} of the model is missing from {what}")
     return values
 
 
-def _bind_for_spec(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple:
+def _no_extra(kwargs: Mapping[str, Any], names: Sequence[str], what: str) -> None:
+    extra = [k for k in kwargs if k not in names]
+    if extra:
+        raise ConfigError(
+            f"{what} has inputs the captured model does not take: {extra} (it takes {list(names)}); leave them out, "
+            "or capture the model with them in example_inputs"
+        )
+
+
+def _bind_for_spec(gm: fx.GraphModule, args: tuple, kwargs: dict, what: str = "example_inputs") -> tuple:
     """Arrange ``(args, kwargs)`` as the export capture's input spec expects them."""
     spec = gm._in_spec
     try:
@@ -136,7 +147,8 @@ def _bind_for_spec(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple:
         args = args[:n_args]
     missing = [k for k in kw_names if k not in kwargs]
     if missing:
-        raise ConfigError(f"inputs {missing} were given at capture and are missing now; pass them as keyword inputs")
+        raise ConfigError(f"inputs {missing} were given at capture and are missing from {what}; pass them as keyword inputs")
+    _no_extra(kwargs, kw_names, what)
     return (args, {k: kwargs[k] for k in kw_names})
 
 

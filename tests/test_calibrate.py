@@ -7,6 +7,7 @@ import copy
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import rel_err
@@ -674,6 +675,48 @@ def test_calibration_items_that_do_not_fit_are_named():
     with pytest.raises(ValueError, match=r"calibration item \(float32\[4, 7\]\) does not run through"):
         fxlrd.transform(model, LRDConfig(), calibration=[torch.randn(4, 7)], example_inputs=torch.randn(2, 32))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Keyword(nn.Module):
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.fc, self.fc2, self.branch = nn.Linear(16, 32), nn.Linear(32, 4), branch
+
+    def forward(self, x, scale=1.0):
+        if self.branch:  # fx cannot trace a branch on the input's rank: export captures it
+            x = x if x.dim() == 2 else x.flatten(1)
+        return self.fc2(torch.relu(self.fc(x * scale)))
+
+
+@pytest.mark.parametrize("calibration,match", [
+    ("batches.pt", r"calibration is a path \('batches.pt'\), not batches: load them first"),
+    (5, "calibration must be an iterable of inputs .* got int"),
+    ([None], "calibration batch 0 is a NoneType: each batch must be like example_inputs"),
+    ([torch.randn(4, 16), np.zeros((4, 16), dtype=np.float32)], "calibration batch 1 is a ndarray .*torch.from_numpy"),
+    ([{"y": torch.randn(4, 16)}], r"calibration batch 0 has inputs the captured model does not take: \['y'\]|"
+                                  r"inputs \['x'\] were given at capture and are missing from calibration batch 0"),
+])  # fmt: skip
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_calibration_that_is_not_batches_gets_a_clear_error(calibration, match, capture):
+    """Each names calibration (not example_inputs), the batch and the fix; nothing is dropped
+    silently (an input the captured graph does not take would be ignored); the model is unchanged."""
+    model = _Keyword(branch=capture == "export").eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=match):
+        fxlrd.transform(model, LRDConfig(), example_inputs={"x": torch.randn(4, 16)}, calibration=calibration,
+                        capture=capture)  # fmt: skip
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_input_not_given_at_export_capture_is_not_dropped_from_calibration():
+    """torch.export bakes an input it was not given into the graph: a calibration batch that
+    sets it would be calibrated as if it had not (it was silently dropped)."""
+    model = _Keyword(branch=True).eval()
+    cal = [{"x": torch.randn(4, 16), "scale": torch.full((16,), 3.0)}]
+    with pytest.raises(ConfigError, match=r"does not take: \['scale'\] \(it takes \['x'\]\)"):
+        fxlrd.transform(model, LRDConfig(), example_inputs={"x": torch.randn(4, 16)}, calibration=cal)
+    gm = fxlrd.transform(model, LRDConfig(), example_inputs=cal[0], calibration=cal)  # captured with it: fine
+    assert gm.fxlrd_capture["mode"] == "export"
 
 
 def test_a_single_tensor_is_not_a_calibration_iterable():
