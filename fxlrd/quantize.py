@@ -310,14 +310,19 @@ class CalibrationReader:
         feed = onnx_feed(self._session, (args, kwargs))
         for name, array in feed.items():
             want = self._shapes.get(name)
-            if want is not None and (len(want) != array.ndim or any(
-                    isinstance(w, int) and w != d for w, d in zip(want, array.shape))):  # fmt: skip
-                raise ConfigError(
-                    f"calibration batch {self.count}: input {name!r} has shape {tuple(array.shape)}, but the exported "
-                    f"model's is {tuple(want)} (an int is a fixed dimension: the export did not make it dynamic, "
-                    f"e.g. torch's nn.MultiheadAttention fixes the batch size); give calibration batches of that "
-                    f"shape, or transform the model with fxlrd first, whose captures have a dynamic batch dimension"
-                )
+            if want is None:
+                continue
+            wrong = [i for i, (w, d) in enumerate(zip(want, array.shape)) if isinstance(w, int) and w != d]
+            if len(want) != array.ndim or wrong:
+                message = (f"calibration batch {self.count}: input {name!r} has shape {tuple(array.shape)}, but the "
+                           f"exported model's is {tuple(want)}")  # fmt: skip
+                if len(want) == array.ndim and wrong == [0]:  # only the batch size: the export fixed it
+                    message += (" (an int is a fixed dimension: the export did not make the batch dynamic, e.g. torch's "
+                                "nn.MultiheadAttention fixes it); give calibration batches of that size, or transform "
+                                "the model with fxlrd first, whose captures have a dynamic batch dimension")  # fmt: skip
+                else:
+                    message += "; give calibration batches shaped like example_inputs"
+                raise ConfigError(message)
         self.count += 1
         return feed
 

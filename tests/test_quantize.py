@@ -251,6 +251,11 @@ def test_calibration_batch_that_does_not_fit_a_fixed_dimension():
         reader.get_next()
     dynamic = CalibrationReader(["x"], [torch.zeros(4, 3)], [["batch", 3]])
     assert dynamic.get_next()["x"].shape == (4, 3)
+    with pytest.raises(ConfigError, match="the export did not make the batch dynamic"):  # only the batch differs
+        CalibrationReader(["x"], [torch.zeros(4, 3)], [[1, 3]]).get_next()
+    with pytest.raises(ConfigError, match=r"has shape \(2, 4\), but the exported model's is \('batch', 3\); give "
+                                          r"calibration batches shaped like example_inputs$"):  # fmt: skip
+        CalibrationReader(["x"], [torch.zeros(2, 4)], [["batch", 3]]).get_next()  # the channels: no hint about batches
 
 
 @pytest.mark.parametrize(
