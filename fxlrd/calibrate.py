@@ -353,6 +353,12 @@ def collect_stats(
                         result = sensitivity(_unflatten_outputs(gm, result), inputs)
                 outs = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         and t.requires_grad]  # fmt: skip
+                if callable(sensitivity) and not outs:
+                    raise ConfigError(
+                        f"the sensitivity function returned {type(result).__name__}, with no tensor computed from the "
+                        "model's outputs (none that is floating point and not detached): return, e.g., the "
+                        "normalized embedding or the logits it is given, or use sensitivity=False"
+                    )
                 if outs:
                     vs = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in outs]
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)

@@ -752,6 +752,10 @@ def _config(args: argparse.Namespace, **overrides: Any):
     from .config import LRDConfig
     from .latency import LatencyConfig
 
+    if args.rank_rule == "fixed" and args.rank is None:
+        raise UsageError("--rank-rule fixed needs --rank R (or R1,R2 for a conv's two Tucker ranks)")
+    if args.rank_rule == "energy" and args.energy is None:
+        raise UsageError("--rank-rule energy needs --energy E, the share of the spectrum kept, in (0, 1]")
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     if args.latency or target_speedup:

@@ -224,6 +224,11 @@ class LRDConfig:
                 raise ConfigError(
                     f"target_params must be a parameter count (int > 0) or a fraction of the model in (0, 1), got {tp!r}"
                 )
+            if isinstance(tp, float) and tp == 1.0:  # the whole model, or one parameter: neither is a budget
+                raise ConfigError(
+                    "target_params=1.0 is neither a fraction of the model (< 1, e.g. 0.5) nor a parameter count "
+                    "(an int, e.g. 5_000_000)"
+                )
             if isinstance(tp, float) and tp >= 1:
                 object.__setattr__(self, "target_params", int(tp))
         if self.allocation not in ("uniform", "global"):

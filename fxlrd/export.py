@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ExportMismatchError
+from .errors import ConfigError, ExportMismatchError
 from .modes import eval_mode
 
 if TYPE_CHECKING:
@@ -185,6 +185,8 @@ def export_onnx(
 
         quantize, calibration = prepare_quantization(quantize, calibration)
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: give the ONNX file's path, e.g. {path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with eval_mode(gm):
         with torch.no_grad():

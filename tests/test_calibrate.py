@@ -341,6 +341,16 @@ def test_sensitivity_callable_picks_the_output_that_counts():
     assert only_first[0] > 10 * only_first[1:].max()
 
 
+@pytest.mark.parametrize("fn", [lambda out, inputs: None, lambda out, inputs: out.detach()])
+def test_sensitivity_callable_that_returns_nothing_to_weigh_by_fails_clearly(fn):
+    model = nn.Sequential(nn.Linear(4, 4)).train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(16, 4)
+    with pytest.raises(ConfigError, match="the sensitivity function returned (NoneType|Tensor), with no tensor computed"):
+        fxlrd.transform(model, LRDConfig(sensitivity=fn), example_inputs=x[:2], calibration=[x])
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def _sqrtm(m: torch.Tensor) -> torch.Tensor:
     e, v = torch.linalg.eigh(m)
     return v @ torch.diag(e.clamp_min(0).sqrt()) @ v.T

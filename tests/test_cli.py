@@ -323,6 +323,8 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--onnx", "{tmp}"], 1, "cannot write --onnx .* it is a directory"),
         (["compress", "{spec}", "--save", "{tmp}"], 2, "--save .* already exists; add --overwrite"),
         (["compress", "{spec}", "--ratio", "1"], 2, "ratio must be a number > 1"),
+        (["compress", "{spec}", "--rank-rule", "fixed"], 2, "--rank-rule fixed needs --rank R"),
+        (["compress", "{spec}", "--rank-rule", "energy"], 2, "--rank-rule energy needs --energy E"),
         (["compress", "{spec}", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["compress", "fxlrd_cli_models:broken"], 1, r"calling fxlrd_cli_models:broken\(\) failed: RuntimeError: no"),
         (["compress", "fxlrd_cli_models:nothing"], 2, "has no attribute 'nothing'"),

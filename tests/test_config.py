@@ -30,6 +30,8 @@ from fxlrd import ConfigError, LRDConfig
         ({"filter_fn": 3}, "filter_fn must be callable"),
         ({"layer_types": (int,)}, "layer_types must be nn.Module subclasses"),
         ({"tucker_iters": -1}, "tucker_iters"),
+        ({"target_params": 1.0}, "target_params=1.0 is neither a fraction of the model"),
+        ({"target_params": 2.5}, "target_params must be a parameter count"),
     ],
 )
 def test_bad_values_name_the_problem(kwargs, fragment):

@@ -50,6 +50,12 @@ def test_export_restores_each_modules_own_mode(tmp_path):
     assert {n: m.training for n, m in gm.named_modules()} == modes
 
 
+def test_export_to_a_directory_is_refused_before_any_work(tmp_path):
+    with pytest.raises(fxlrd.ConfigError, match="is a directory: give the ONNX file's path, e.g. .*model.onnx"):
+        fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_check_leaves_existing_file_alone(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"precious")
