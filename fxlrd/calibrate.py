@@ -40,6 +40,7 @@ from .capture import Args, flat_inputs, inputs_error, normalize_inputs
 from .decompose import Whitening, whitening
 from .config import check_sensitivity
 from .errors import ConfigError
+from .modes import saved_modes
 from .sites import Site, find_sites
 
 __all__ = ["InputStats", "SiteStats", "collect_stats", "kl_outputs", "sequential_factors", "all_reduce_stats"]
@@ -330,7 +331,7 @@ def collect_stats(
                 site_outputs.append((by_output[node], out))
             return out
 
-    modes = {name: m.training for name, m in gm.named_modules()}
+    restore_modes = saved_modes(gm)
     gm.eval()
     recorder = Recorder(gm)
     generator = torch.Generator().manual_seed(seed)
@@ -370,8 +371,7 @@ def collect_stats(
             site_outputs.clear()
             n += 1
     finally:
-        for name, m in gm.named_modules():
-            m.train(modes.get(name, m.training))
+        restore_modes()
     if n == 0:
         raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
     if distributed is None:
@@ -481,7 +481,7 @@ def sequential_factors(
     comp: dict[fx.Node, list[Any]] = {}
     factors: dict[str, nn.Module] = {}
     placeholders = iter(range(len(batches[0])))
-    modes = {name: m.training for name, m in gm.named_modules()}
+    restore_modes = saved_modes(gm)
     gm.eval()
     interp = fx.Interpreter(gm)
 
@@ -533,6 +533,5 @@ def sequential_factors(
                     comp.pop(arg, None)
     finally:
         bar.close()
-        for name, m in gm.named_modules():
-            m.train(modes.get(name, m.training))
+        restore_modes()
     return factors  # a layer used twice (shared) is fitted at its first use

@@ -7,22 +7,33 @@ batch norm the user froze in eval mode inside a training model would come back t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "saved_modes"]
+
+
+def saved_modes(*modules: nn.Module) -> Callable[[], None]:
+    """Record the ``training`` flag of ``modules`` and all their submodules; the function
+    returned puts each one back."""
+    saved = [(m, m.training) for root in modules for m in root.modules()]
+
+    def restore() -> None:
+        for module, flag in saved:
+            module.training = flag
+
+    return restore
 
 
 @contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Put ``modules`` (and all their submodules) in eval mode for the ``with`` block, then
     restore each submodule's own ``training`` flag, whatever the block raised."""
-    saved = [(m, m.training) for root in modules for m in root.modules()]
+    restore = saved_modes(*modules)
     for root in modules:
         root.eval()
     try:
         yield
     finally:
-        for module, flag in saved:
-            module.training = flag
+        restore()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modes import eval_mode
+from .modes import eval_mode, saved_modes
 
 if TYPE_CHECKING:
     from .freeze import SequentialFreezer
@@ -73,7 +73,7 @@ def reestimate_norms(gm: fx.GraphModule, batches: Iterable, which: str = "moved"
 def _reestimate(gm: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
     """Reset and recompute the running statistics of the norms ``names``; the rest of the
     model runs in eval mode, and every module's mode and momentum are restored."""
-    modes = {name: m.training for name, m in gm.named_modules()}
+    restore_modes = saved_modes(gm)
     momenta = {}
     gm.eval()
     for name in names:
@@ -86,8 +86,7 @@ def _reestimate(gm: nn.Module, names: Sequence[str], batches: Sequence[tuple[tor
         for b in batches:
             gm(*b)
     finally:
-        for name, m in gm.named_modules():
-            m.train(modes.get(name, m.training))
+        restore_modes()
         for name, momentum in momenta.items():
             gm.get_submodule(name).momentum = momentum
 
@@ -337,8 +336,7 @@ def distill(
                  if isinstance(m, Factorized) and n in named and len(m)]  # fmt: skip
     feature_weight = float(features) if not isinstance(features, bool) else 1.0
 
-    teacher_modes = {n: m.training for n, m in teacher.named_modules()}
-    student_modes = {n: m.training for n, m in gm.named_modules()}
+    restore_modes = saved_modes(teacher, gm)
     teacher.eval()
     gm.train(train_mode)
 
@@ -402,10 +400,7 @@ def distill(
             gm.load_state_dict(best[1])
     finally:
         bar.close()
-        for n, m in teacher.named_modules():
-            m.train(teacher_modes.get(n, m.training))
-        for n, m in gm.named_modules():
-            m.train(student_modes.get(n, m.training))
+        restore_modes()
     return curve
 
 
@@ -585,7 +580,7 @@ def reconstruct_mlps(
                 weighting[down.name] = (torch.linalg.cholesky(w) if w.dim() == 2 else torch.diag(w.sqrt())).float()
 
     generator = torch.Generator().manual_seed(seed)
-    modes = {name: m.training for name, m in gm.named_modules()}
+    restore_modes = saved_modes(gm)
     gm.eval()
     report: dict[str, dict[str, Any]] = {}
     bar = tqdm(blocks, desc="reconstruct MLPs", unit="block", disable=None if progress else True, file=sys.stderr, leave=False)
@@ -671,6 +666,5 @@ def reconstruct_mlps(
             del x, y
     finally:
         bar.close()
-        for name, m in gm.named_modules():
-            m.train(modes.get(name, m.training))
+        restore_modes()
     return report
