@@ -254,6 +254,9 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a failing op's traceback as an error
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # the error that follows says it in one line
     try:
         with mode, torch.no_grad():
             model(*args, **kwargs)
@@ -261,6 +264,8 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         return  # fake tensors cannot say; capture will
     except Exception as exc:  # noqa: BLE001
         raise inputs_error(model, inputs, exc) from exc
+    finally:
+        fake_log.setLevel(level)
 
 
 # -- capture -----------------------------------------------------------------------------------

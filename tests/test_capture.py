@@ -2,6 +2,7 @@
 saved and reloaded, and a clear error with the model untouched when it cannot be done."""
 
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -360,12 +361,14 @@ def test_float_token_ids_are_named(capture):
     _assert_untouched(model, before)
 
 
-def test_wrong_shape_is_named():
+def test_wrong_shape_is_named(capfd):
     model = Net()
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"float32\[2, 5, 8, 8\].*do not run through Net"):
         fxlrd.transform(model, LOW, example_inputs=torch.randn(2, 5, 8, 8), capture="export")
     _assert_untouched(model, before)
+    assert "Traceback" not in capfd.readouterr().err  # torch's fake-tensor log of the failing op is not printed
+    assert logging.getLogger("torch._subclasses.fake_tensor").level == logging.NOTSET  # and its level is back
 
 
 def test_data_dependent_control_flow_names_the_failure_and_the_users_line():
