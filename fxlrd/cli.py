@@ -210,12 +210,19 @@ def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
     except ImportError as exc:  # pragma: no cover
         raise CommandError(f"{directory} looks like a Hugging Face model; install transformers to load it") from exc
     transformers.logging.set_verbosity_error()  # its notes on unused weights etc. are not the user's business here
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()  # "Loading weights" is a bar of its own
     try:
         model = AutoModel.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise CommandError(
             f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {_one_line(exc)}"
         ) from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     config = model.config
     source = ModelSource(model.eval(), str(directory), "huggingface")
     main_input = getattr(model, "main_input_name", "input_ids")
@@ -309,6 +316,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # torch's own message is long and coloured
+            raise CommandError(
+                f"cannot read weights file {p}: it holds pickled Python objects (a whole model?), which fxlrd does not "
+                "unpickle (torch.load with weights_only=True); save model.state_dict() with torch.save, or a "
+                ".safetensors file, and pass that"
+            ) from exc
         hint = "" if suffix == ".safetensors" else (
             " (torch.load with weights_only=True refuses pickled objects: save model.state_dict())")  # fmt: skip
         raise CommandError(f"cannot read weights file {p}: {type(exc).__name__}: {_one_line(exc)[:200]}{hint}") from exc

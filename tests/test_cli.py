@@ -210,6 +210,25 @@ def test_compress_with_a_folder_of_images_and_merge(tmp_path, capsys, factory):
 
 
 @pytest.mark.slow
+def test_quiet_hides_hugging_face_s_loading_bar_and_leaves_its_setting(tmp_path, capfd):
+    transformers = pytest.importorskip("transformers")
+    from fxlrd.cli import _load_huggingface
+
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50, max_position_embeddings=16)  # fmt: skip
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    hf_logging = transformers.utils.logging
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    _load_huggingface(tmp_path / "bert", quiet=False)
+    shown = capfd.readouterr().err
+    _load_huggingface(tmp_path / "bert", quiet=True)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the process's setting is back
+    if "Loading weights" not in shown:  # this transformers shows no bar here, or tqdm is off: nothing to compare
+        pytest.skip("transformers printed no loading bar without quiet either")
+
+
 def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     model_dir = tmp_path / "bert"
@@ -347,6 +366,14 @@ def test_errors_are_one_line_with_the_right_exit_status(tmp_path, capsys, factor
     assert err.startswith("fxlrd: error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert "Traceback" not in err
+
+
+def test_a_pickled_whole_model_as_weights_is_refused_in_one_plain_line(tmp_path, capsys, factory):
+    spec, _, model = factory
+    torch.save(model, tmp_path / "whole.pt")
+    code, _, err = _run(capsys, "compress", spec, "--weights", tmp_path / "whole.pt")
+    assert code == 1 and err.count("\n") == 1 and "\x1b" not in err, err  # one line, no terminal colour codes
+    assert "holds pickled Python objects (a whole model?)" in err and "save model.state_dict()" in err
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path, capsys, factory):
