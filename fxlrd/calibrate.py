@@ -340,8 +340,8 @@ def collect_stats(
         for index, item in enumerate(_batches(calibration, progress, "calibration")):
             inputs = _as_args(item, index)
             site_outputs.clear()
-            flat = flat_inputs(gm, inputs, f"calibration batch {index}")
             try:
+                flat = flat_inputs(gm, inputs, f"calibration batch {index}")
                 with torch.set_grad_enabled(bool(sensitivity)):
                     result = recorder.run(*flat)
             except (ConfigError, TypeError):
