@@ -65,16 +65,19 @@ def _is_foldable_norm(m: nn.Module | None) -> bool:
 
 
 def _sources(gm: fx.GraphModule, node: fx.Node) -> set[str]:
-    """The decomposed layers whose factors a node is or has absorbed (read from the modules)."""
+    """The decomposed layers whose factors a node is or has absorbed (read from the modules):
+    its own layer when it sits in a factor slot, and every layer a merge put into it (a merged
+    layer may sit in a factor slot too)."""
     if node.op != "call_module":
         return set()
+    out = set(_merge_info(gm.get_submodule(node.target)).get("sources", ()))
     parent = node.target.rpartition(".")[0]
     try:
         if isinstance(gm.get_submodule(parent), Factorized):
-            return {parent}
+            out.add(parent)
     except AttributeError:
         pass
-    return set(_merge_info(gm.get_submodule(node.target)).get("sources", ()))
+    return out
 
 
 def _is_factor(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -181,3 +181,17 @@ def test_norm_without_affine_or_statistics():
         assert result.modified == merges
         with torch.no_grad():
             assert result.graph_module(torch.randn(1, 16, 4, 4)).shape == (1, 48, 4, 4)
+
+
+def test_approximate_merge_does_not_chain_through_a_merged_factor():
+    """A merged layer sitting in a factor slot still carries both layers it came from: it is not
+    merged again with a factor of either (that would collapse two layers and their activation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1, merge="approximate", decompose_pointwise=True),
+                         example_inputs=torch.randn(8, 64))  # fmt: skip
+    kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    assert kinds.count("ReLU") == 2 and "ReLUReLU" not in "".join(kinds)  # every activation between two layers
+    for m in gm.modules():
+        if hasattr(m, "fxlrd_merge"):
+            assert len(m.fxlrd_merge["sources"]) == 2, m.fxlrd_merge  # each merge joins two layers, once
