@@ -4,7 +4,8 @@
 ``out_proj``), so a decomposed ``layer1.0.conv2`` keeps its name as a container and its
 state-dict keys keep their prefix (``layer1.0.conv2.core.weight``). The container records
 its method, ranks and source layer as plain attributes: they survive ``copy.deepcopy``,
-pickling and re-tracing, and are where factor roles are read from.
+pickling and ``torch.save`` (not a re-trace by ``torch.fx.symbolic_trace``, which rebuilds
+containers as plain modules), and are where factor roles are read from.
 
 Which factors a method makes, and their weights, come from the method's handler
 (`fxlrd.methods`); this module only builds and fills the modules.
@@ -41,7 +42,7 @@ class Factorized(nn.Sequential):
 
     Only the factors that exist are children: a mode kept whole has no factor. ``method``,
     ``ranks`` and ``source`` (the qualified name of the layer it replaced) are plain
-    attributes, so they survive deepcopy, ``torch.save`` and re-tracing.
+    attributes, so they survive deepcopy and ``torch.save``.
     """
 
     def __init__(self, factors: "OrderedDict[str, nn.Module]", *, method: str, ranks: tuple[int, ...], source: str = ""):

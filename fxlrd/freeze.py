@@ -5,8 +5,11 @@ roles stay trainable; `SequentialFreezer` alternates them on a schedule so every
 trained while each step computes weight gradients for only part of them.
 
 Which module is which factor is read from the `Factorized` containers (their children are
-named by role and they record their method), not from graph metadata: it survives deepcopy,
-``torch.save``/``torch.load`` and re-tracing. What the paper's policy trains per method is
+named by role and they record their method), not from graph metadata: it survives deepcopy
+and ``torch.save``/``torch.load``. A re-trace by ``torch.fx.symbolic_trace`` (or a pass that
+calls it, like ``fuse``) rebuilds the containers as plain modules: freeze before it (the
+``requires_grad`` flags survive), since afterwards the roles are gone and freezing raises
+`ConfigError`. What the paper's policy trains per method is
 declared by each method's handler (`fxlrd.methods`).
 """
 

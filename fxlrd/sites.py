@@ -286,12 +286,29 @@ def is_factor_target(gm: nn.Module, target: str) -> bool:
 def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Module]]:
     """Every factor of every `Factorized` in ``gm``: ``(qualified name, role, container, module)``.
 
-    Roles come from the modules themselves, so they survive deepcopy, pickling, re-tracing.
+    Roles come from the containers, so they survive deepcopy, pickling and ``torch.save``.
+    A re-trace by ``torch.fx.symbolic_trace`` (or a pass that calls it, such as
+    ``torch.fx.experimental.optimization.fuse``) rebuilds the containers as plain modules and
+    loses them: that raises `ConfigError` instead of finding no factors.
     """
+    found = False
     for name, fact in gm.named_modules():
         if isinstance(fact, Factorized):
             for role, module in fact.named_children():
+                found = True
                 yield (f"{name}.{role}" if name else role), role, fact, module
+    if not found:
+        lost = [f"{name}.{role}" for name, m in gm.named_modules() if type(m) is nn.Module
+                for role, _ in m.named_children() if role in ("in_proj", "core", "out_proj")]  # fmt: skip
+        if lost:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"the factors of this model ({lost[0]}, ...) sit in plain nn.Module containers: it was re-traced by "
+                "torch.fx (fx.symbolic_trace, or a pass that calls it such as fuse), which drops fxlrd's Factorized "
+                "containers and with them the factor roles. Freeze (or build the SequentialFreezer) before re-tracing: "
+                "requires_grad survives it"
+            )
 
 
 # -- finding sites --------------------------------------------------------------------------------

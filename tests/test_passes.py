@@ -1,6 +1,6 @@
 import pytest
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
@@ -54,12 +54,33 @@ def test_chained_passes_then_torch_compile_match_eager():
     x = torch.randn(2, 3, 64, 64)
     plan = fxlrd.plan(model, LRDConfig(ratio=2, merge="exact"), example_inputs=x)
     gm = fx.symbolic_trace(model)
-    result = PassManager(passes=[DecomposePass(plan), MergePass("exact"), fuse_conv_bn, FreezePass("paper")])(gm)
+    result = PassManager(passes=[DecomposePass(plan), MergePass("exact"), FreezePass("paper"), fuse_conv_bn])(gm)
     out = result.graph_module.eval()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in out.modules())  # folded
+    frozen = [n for n, p in out.named_parameters() if not p.requires_grad and n.endswith(".weight")]
+    assert frozen and all(".in_proj." in n or ".out_proj." in n for n in frozen)  # the freezing survived fuse's re-trace
+    # (fuse itself makes the bias it adds to a bias-free conv a frozen parameter: PyTorch's doing, for eval)
     compiled = torch.compile(out)
     with torch.no_grad():
         eager = out(x)
         torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
         unfused = fxlrd.apply(model, plan)
         torch.testing.assert_close(eager, unfused(x), rtol=1e-4, atol=1e-4)
+
+
+def test_freezing_after_a_re_trace_says_the_roles_are_gone():
+    """fx.symbolic_trace rebuilds fxlrd's containers as plain modules: freezing then raises
+    instead of freezing nothing; frozen flags set before the re-trace survive it."""
+    from fxlrd.errors import ConfigError
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1)).eval()
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(1, 3, 8, 8))
+    retraced = fx.symbolic_trace(gm)
+    for call in (lambda: fxlrd.freeze(retraced, "paper"), lambda: fxlrd.SequentialFreezer(retraced),
+                 lambda: fxlrd.param_groups(retraced)):  # fmt: skip
+        with pytest.raises(ConfigError, match="re-traced by torch.fx .* Freeze .* before re-tracing"):
+            call()
+    fxlrd.freeze(gm, "paper")
+    again = fx.symbolic_trace(gm)
+    assert {n for n, p in again.named_parameters() if not p.requires_grad} == \
+        {n for n, p in gm.named_parameters() if not p.requires_grad} != set()  # fmt: skip
