@@ -476,7 +476,10 @@ def _rebuild(
     if branches > 1:  # the saved values replace the truncated blocks: no fitting needed
         gm = BranchPass(branches, "truncate")(gm).graph_module
     if plan.settings.get("merge"):
-        gm = MergePass(plan.settings["merge"])(gm).graph_module
+        from .modes import eval_mode
+
+        with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
+            gm = MergePass(plan.settings["merge"])(gm).graph_module
     return gm, recorded or captured.record()
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxlrd.errors import ConfigError
 from fxlrd.factorized import Factorized
 
 from fxlrd.fusion import ACTIVATIONS, compose_pointwise, fold_norm, is_pointwise
@@ -173,6 +174,15 @@ class MergePass(PassBase):
         return changed
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        if self.mode == "exact":
+            training = [n.target for n in graph_module.graph.nodes if n.op == "call_module"
+                        and _is_foldable_norm(m := graph_module.get_submodule(n.target)) and m.training]  # fmt: skip
+            if training:
+                raise ConfigError(
+                    f"merge='exact' folds batch norms into the layers with their running statistics, which is what "
+                    f"they compute in eval mode only, and {training[0]!r} is in training mode: call model.eval() "
+                    "before merging (merge the model you deploy), or leave merge off to fine-tune with the norms"
+                )
         gm, modified = graph_module, False
         refused: set[fx.Node] = set()
         while True:

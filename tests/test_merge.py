@@ -195,3 +195,20 @@ def test_approximate_merge_does_not_chain_through_a_merged_factor():
     for m in gm.modules():
         if hasattr(m, "fxlrd_merge"):
             assert len(m.fxlrd_merge["sources"]) == 2, m.fxlrd_merge  # each merge joins two layers, once
+
+
+def test_exact_merge_of_a_training_model_is_refused_and_a_merged_save_loads_onto_one(tmp_path):
+    """Exact merging folds norms with their running statistics: what they compute in eval mode
+    only. A training model is refused (it would fine-tune without its norms, silently); loading
+    a merged save onto a fresh model in training mode still works (the values come from the file)."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+                          nn.Conv2d(16, 8, 1))  # fmt: skip
+    x = torch.randn(2, 8, 6, 6)
+    with pytest.raises(fxlrd.ConfigError, match="in training mode: call model.eval\\(\\) before merging"):
+        fxlrd.transform(model.train(), LRDConfig(ratio=1.5, merge="exact"), example_inputs=x)
+    assert model.training
+    gm = fxlrd.transform(model.eval(), LRDConfig(ratio=1.5, merge="exact"), example_inputs=x)
+    fxlrd.save(gm, tmp_path / "saved")
+    loaded = fxlrd.load(model.train(), tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), gm(x), rtol=0, atol=0)
