@@ -392,7 +392,7 @@ class LatencyCache:
             if data.get("format") != _CACHE_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, not {_CACHE_FORMAT!r}")
             return {str(k): float(v) for k, v in data["entries"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             if warn:
                 warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", stacklevel=3)
             return {}
@@ -410,19 +410,30 @@ class LatencyCache:
         self._dirty[key] = seconds
 
     def flush(self) -> None:
-        """Merge this process's new entries into the file."""
+        """Merge this process's new entries into the file. A file that cannot be written (its
+        folder is a file, no permission, a full disk) is warned about once; the timings stay
+        in memory for this search and the search goes on."""
         if self.path is None or not self._dirty:
             return
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            merged = self._read(warn=False) | self._dirty
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency.", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": _CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = self._read(warn=False) | self._dirty
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency.", suffix=".json")
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": _CACHE_FORMAT, "entries": merged}, f, indent=0, sort_keys=True)
+                os.replace(tmp, self.path)
+        except OSError as exc:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            warnings.warn(f"fxlrd latency cache {self.path} cannot be written ({exc}); timings are kept in memory only "
+                          "(set LatencyConfig(cache_path=...) to a writable file, or cache=False)", stacklevel=2)  # fmt: skip
+            self.path = None  # warned once: the rest of the search runs without the file
+            return
         self.entries |= merged
         self._dirty.clear()
 

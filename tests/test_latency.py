@@ -192,3 +192,18 @@ def test_rank_search_in_bfloat16_keeps_float32_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in gm.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any("|bfloat16|" in key for key in json.loads((tmp_path / "c.json").read_text())["entries"])
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_directory"])
+def test_an_unusable_cache_path_warns_and_the_search_goes_on(tmp_path, where):
+    import fxlrd
+
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    path = tmp_path / "afile" / "latency.json" if where == "under_a_file" else tmp_path / "adir"
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    config = LatencyConfig(backend="eager", cache_path=path, repeats=2, warmup=1, progress=False)
+    with pytest.warns(UserWarning, match="latency cache .* cannot be written .* kept in memory only"):
+        gm = fxlrd.transform(model, fxlrd.LRDConfig(latency=config), example_inputs=torch.randn(1, 8, 12, 12))
+    assert len(gm.fxlrd_plan.layers) == 2
+    assert (tmp_path / "afile").read_text() == "not a folder" and list((tmp_path / "adir").iterdir()) == []
