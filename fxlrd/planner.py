@@ -14,6 +14,7 @@ import contextlib
 import copy
 import fnmatch
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -409,6 +410,15 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     apply_choices(choices)
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record
+    if not record["met"]:
+        kept = " every layer is kept: each model tried was slower than the original," if record["rounds"][-1].get(
+            "kept_all") else ""  # fmt: skip
+        warnings.warn(
+            f"target_speedup={config.target_speedup:g} was not reached:{kept} the model chosen measured "
+            f"{record['measured_speedup']:.2f}x (plan.settings['global_search'] has every round). Lower the target, "
+            "allow more error, or time layers where the model runs (LatencyConfig(backend=..., context='neighbours'))",
+            stacklevel=3,
+        )
     for task, opts, choice in zip(tasks, options, choices):
         task.lp.latency = {
             "backend": config.latency.backend, "original_ms": opts[None][0] * 1e3,

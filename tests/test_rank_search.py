@@ -208,8 +208,23 @@ def test_global_mode_meets_its_predicted_target(cost_timer, tmp_path):
     gm = fxlrd.apply(_model(), plan)
     timer = CostTimer()
     assert timer.time(_model(), None) / timer.time(gm, None) == pytest.approx(g["measured_speedup"])
-    hard = fxlrd.plan(_model(), LRDConfig(target_speedup=1000, latency=lat), example_inputs=x)
+    with pytest.warns(UserWarning, match=r"target_speedup=1000 was not reached: the model chosen measured \d"):
+        hard = fxlrd.plan(_model(), LRDConfig(target_speedup=1000, latency=lat), example_inputs=x)
     assert not hard.settings["global_search"]["met"]
+
+
+def test_global_mode_keeps_the_model_when_every_trial_is_slower():
+    """Measured whole, each decomposed trial may run slower than the original (thin layers on
+    some backends): then keeping every layer (1.0x) beats all of them."""
+    from fxlrd.ranks.allocate import closed_loop
+
+    options = [{None: (1.0, 0.0), (4,): (0.5, 1.0)}, {None: (1.0, 0.0), (8,): (0.6, 0.5)}]
+    choices, record = closed_loop(options, 1.5, 2.0, lambda choices: 0.8 if any(choices) else 1.0)
+    assert choices == [None, None] and record["measured_speedup"] == 1.0 and not record["met"]
+    assert record["rounds"][-1]["kept_all"] and record["chosen_round"] == len(record["rounds"]) - 1
+    sized = closed_loop(options, 1.5, 2.0, lambda c: 0.8, params=[{None: 10, (4,): 4}, {None: 10, (8,): 5}],
+                        param_budget=12)[0]  # fmt: skip
+    assert sized != [None, None]  # a size budget is a hard limit: the fastest model within it, not the original
 
 
 def test_global_mode_with_a_size_budget(cost_timer, tmp_path):

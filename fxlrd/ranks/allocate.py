@@ -184,6 +184,10 @@ def closed_loop(
         internal = max(1.0 + 1e-3, internal * target / measured)
     if best is None:  # never reached: the fastest measured
         best = max(range(len(rounds)), key=lambda k: rounds[k]["measured_speedup"])
+    if rounds[best]["measured_speedup"] < 1 and param_budget is None:  # slower than the model itself: keep it
+        rounds.append({"internal_target": None, "predicted_speedup": 1.0, "measured_speedup": 1.0, "total_error": 0.0,
+                       "within_extra_budget": True, "choices": [None] * len(options), "kept_all": True})  # fmt: skip
+        best = len(rounds) - 1
     record = {
         "target_speedup": target, "measured_speedup": rounds[best]["measured_speedup"],
         "met": rounds[best]["measured_speedup"] >= target and rounds[best]["within_extra_budget"],
