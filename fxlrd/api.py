@@ -164,6 +164,7 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
     branches = int(plan_.settings.get("branches", 1) or 1)
     if branches > 1:
         gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
+        _sync_branched(gm, plan_)
     if plan_.settings.get("merge"):
         gm = MergePass(plan_.settings["merge"])(gm).graph_module
     return gm
@@ -283,6 +284,23 @@ def _plan_sensitivity(plan: Plan, given: Callable[[Any, Any], Any] | None) -> bo
             "pass it again, fxlrd.apply(model, plan, calibration=..., sensitivity=fn)"
         )
     return True
+
+
+def _sync_branched(gm: fx.GraphModule, plan_: Plan) -> None:
+    """Branching rounds a layer's ranks down to multiples of the branch count and groups its
+    core: the plan is updated to say what the model holds (ranks, parameters, MACs)."""
+    from .metrics import layer_macs
+
+    for lp in plan_.decomposed:
+        try:
+            fact = gm.get_submodule(lp.name)
+        except AttributeError:
+            continue
+        if not isinstance(fact, Factorized) or tuple(fact.ranks) == tuple(lp.ranks):
+            continue
+        lp.ranks, lp.params_after = tuple(fact.ranks), count_params(fact)
+        if lp.macs_after is not None and lp.input_shape is not None:
+            lp.macs_after = layer_macs(fact, lp.input_shape)
 
 
 def transform(

@@ -78,3 +78,18 @@ def test_bad_branch_arguments():
         BranchPass(branches=1)
     with pytest.raises(ValueError, match="init"):
         BranchPass(branches=2, init="random")
+
+
+def test_the_plan_of_a_branched_model_says_what_it_holds(tmp_path):
+    """Branching rounds ranks down to multiples of the branch count: the plan's ranks,
+    parameters and MACs are the branched layer's, and the model saves and loads."""
+    model = nn.Sequential(nn.Conv2d(24, 40, 3, padding=1)).eval()
+    x = torch.randn(1, 24, 8, 8)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1, branches=4), example_inputs=x)
+    lp = gm.fxlrd_plan["0"]
+    assert lp.ranks == gm.get_submodule("0").ranks == (16, 16)
+    assert lp.params_after == sum(p.numel() for p in gm.parameters())
+    assert lp.macs_after == 24 * 16 * 64 + 16 * 4 * 9 * 64 + 16 * 40 * 64  # in_proj, grouped core, out_proj
+    fxlrd.save(gm, tmp_path / "b")
+    with torch.no_grad():
+        torch.testing.assert_close(fxlrd.load(model, tmp_path / "b")(x), gm(x), rtol=0, atol=0)
