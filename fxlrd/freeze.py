@@ -53,17 +53,20 @@ def factor_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module]]:
         yield node, module
 
 
-def is_trainable(policy: Policy, name: str, role: str, method: str, n_factors: int) -> bool:
+def is_trainable(policy: Policy, name: str, role: str, method: str, n_factors: int, merged: bool = False) -> bool:
     """Whether the factor ``name`` (with ``role`` in a ``method`` layer) trains under ``policy``.
 
     A layer left as a single factor (a full-rank side dropped) always trains: freezing it
-    would freeze the whole layer. In a mapping, glob patterns on the factor's qualified name
-    win over role names; unmatched factors train.
+    would freeze the whole layer. So does a ``merged`` one under ``"paper"``: `MergePass`
+    put a neighbouring layer (and its norm) into that factor's slot, so it is no longer a
+    factor the paper freezes, and an approximate merge is what fine-tuning has to repair.
+    In a mapping, glob patterns on the factor's qualified name win over role names;
+    unmatched factors train.
     """
     if n_factors <= 1 or policy == "none":
         return True
     if policy == "paper":
-        return get_method(method).paper_trainable.get(role, True)
+        return merged or get_method(method).paper_trainable.get(role, True)
     roles = set(all_roles())
     for pattern, trainable in policy.items():
         if pattern not in roles and fnmatch.fnmatchcase(name, pattern):
@@ -88,7 +91,7 @@ def apply_policy(model: nn.Module, policy: Policy) -> dict[str, bool]:
     A factor that becomes frozen loses its ``.grad``."""
     out = {}
     for name, role, fact, module in factor_modules(model):
-        train = is_trainable(policy, name, role, fact.method, len(fact.roles()))
+        train = is_trainable(policy, name, role, fact.method, len(fact.roles()), merged=hasattr(module, "fxlrd_merge"))
         out[name] = train
         for p in module.parameters():
             if p.requires_grad and not train:

@@ -219,7 +219,7 @@ class MergePass(PassBase):
             if norm is not None:
                 norm.replace_all_uses_with(a)
                 gm.graph.erase_node(norm)
-            a.meta["fxlrd"] = info
+            a.meta["fxlrd"] = dict(info)  # a copy: freezing writes its own keys there
             return
         out_ch, in_ch = merged.weight.shape[:2]
         after = out_ch <= in_ch  # the norm and activation go on the narrow side
@@ -237,13 +237,13 @@ class MergePass(PassBase):
             set_submodule(gm, a.target, merged)
             b.replace_all_uses_with(act)
             gm.graph.erase_node(b)
-            a.meta["fxlrd"] = info
+            a.meta["fxlrd"] = dict(info)  # a copy: freezing writes its own keys there
         else:  # A → N → F → B  becomes  N' → F → M
             head = norm if norm is not None else act
             head.args = (a.args[0], *head.args[1:])
             set_submodule(gm, b.target, merged)
             gm.graph.erase_node(a)
-            b.meta["fxlrd"] = info
+            b.meta["fxlrd"] = dict(info)  # a copy: freezing writes its own keys there
         for node in (norm, act):
             if node is not None:
                 for key in ("tensor_meta", "val"):

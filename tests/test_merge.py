@@ -212,3 +212,32 @@ def test_exact_merge_of_a_training_model_is_refused_and_a_merged_save_loads_onto
     loaded = fxlrd.load(model.train(), tmp_path / "saved")
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), gm(x), rtol=0, atol=0)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, act: bool = True):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32)
+        self.c2, self.n2 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c3, self.act = nn.Conv2d(32, 16, 1), nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.c3(self.act(self.n2(self.c2(self.act(self.n1(self.c1(x))))))) + x
+
+
+@pytest.mark.parametrize("mode", ["approximate", "exact"])
+def test_paper_freezing_trains_merged_layers(mode):
+    """A merged layer holds a neighbouring layer (and its norm), not only a factor: the paper's
+    policy trains it wherever it sits, and freezing leaves the merge record alone."""
+    from fxlrd.freeze import factors
+
+    model = _Bottleneck(act=mode == "approximate").eval()  # exact merging stops at an activation
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1, merge=mode), example_inputs=torch.randn(2, 16, 9, 9))
+    merged = {n: m for n, m in gm.named_modules() if hasattr(m, "fxlrd_merge")}
+    records = {n: dict(m.fxlrd_merge) for n, m in merged.items()}
+    assert merged
+    fxlrd.freeze(gm, "paper")
+    assert all(p.requires_grad for m in merged.values() for p in m.parameters())
+    assert {n: m.fxlrd_merge for n, m in merged.items()} == records
+    unmerged = [n for n, role, _, m in factors(gm) if not hasattr(m, "fxlrd_merge") and role != "core"]
+    assert all(not p.requires_grad for n in unmerged for p in gm.get_submodule(n).parameters())  # the rest: the paper's
