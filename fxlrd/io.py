@@ -515,7 +515,7 @@ def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device]) -> None:
     for module in gm.modules():
         for name in module._non_persistent_buffers_set:
             buffer = module._buffers.get(name)
-            if buffer is not None and buffer.device != device:
+            if buffer is not None and buffer.device != device and not buffer.is_meta:  # meta: it holds no values
                 module._buffers[name] = buffer.to(device)
 
 
@@ -562,10 +562,19 @@ def load(
     with torch.no_grad():
         for key, current in gm.state_dict(keep_vars=True).items():
             saved = tensors[key]
-            if (current.dtype, current.device) != (saved.dtype, saved.device):
+            if current.is_meta and not saved.is_meta:  # a skeleton on the meta device: .data cannot change device kind
+                torch.utils.swap_tensors(current, type(current)(torch.empty_like(saved), current.requires_grad)
+                                         if isinstance(current, nn.Parameter) else torch.empty_like(saved))  # fmt: skip
+            elif (current.dtype, current.device) != (saved.dtype, saved.device):
                 current.data = torch.empty_like(saved)  # same object (ties kept), saved dtype and device
     gm.load_state_dict(tensors, strict=True)
     _move_unsaved_buffers(gm, {t.device for t in tensors.values()})
+    still_meta = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
+    if still_meta:  # only what the save does not hold: a buffer the model computes at construction
+        raise SavedModelError(
+            f"{still_meta[0]!r} is on the meta device and not in the save (the model makes it when it is built, e.g. "
+            "BERT's position ids): build the model on a real device (its weights are not used, only its structure)"
+        )
     frozen = set(meta.get("frozen") or ())
     for name, p in gm.named_parameters():  # tied parameters once, under the name save recorded
         p.requires_grad_(name not in frozen)

@@ -235,6 +235,11 @@ def _make_plan(
         handler = get_method(config.method_for(spec)) if spec is not None else None
         reason = _keep_reason(name, site, gm, handler, config)
         weight = site.weight(gm) if spec is not None else None
+        if not reason and weight.is_meta:
+            raise ConfigError(
+                f"layer {name!r} has its weights on the meta device (not loaded): fxlrd decomposes weights, so load "
+                "them first; to rebuild a saved fxlrd model, fxlrd.load takes a meta model (it reads the saved values)"
+            )
         if not reason and not torch.isfinite(weight).all():
             raise ValueError(
                 f"layer {name!r} has NaN or infinite weights; decomposing it would spread them. "

@@ -404,3 +404,36 @@ def test_cuda_model_loads_on_cuda_or_where_asked(tmp_path, x):
         assert torch.equal(gm(x.cuda()), loaded(x.cuda()))
     on_cpu = fxlrd.load(model, path, device="cpu")
     assert all(t.device.type == "cpu" for t in on_cpu.state_dict().values())
+
+
+class _WithPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.register_buffer("positions", torch.arange(16.0), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x + self.positions)
+
+
+def test_a_meta_skeleton_loads_and_cannot_be_planned(tmp_path):
+    """load reads only the structure of the model it is given, so a model built on the meta
+    device (no memory for weights) works; planning one needs its weights: a clear error."""
+    make = lambda: nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1))  # noqa: E731
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxlrd.transform(make().eval(), LRDConfig(ratio=2), example_inputs=x)
+    fxlrd.save(gm, tmp_path / "s")
+    with torch.device("meta"):
+        skeleton = make()
+    loaded = fxlrd.load(skeleton, tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    with torch.device("meta"):
+        skeleton = make()
+    with pytest.raises(fxlrd.ConfigError, match="weights on the meta device"):
+        fxlrd.plan(skeleton)
+    fxlrd.save(fxlrd.transform(_WithPositions().eval(), LRDConfig(rank_quantum=1)), tmp_path / "p")
+    with torch.device("meta"):
+        skeleton = _WithPositions()
+    with pytest.raises(SavedModelError, match="'positions' is on the meta device and not in the save"):
+        fxlrd.load(skeleton, tmp_path / "p")
