@@ -7,6 +7,7 @@ round-trips through JSON, so it can be saved and applied again later.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -58,6 +59,9 @@ class LayerPlan:
                 f"layer {self.name!r}: method must be one of {(*methods(), 'keep')}, got {self.method!r}"
             )
         self.kernel_size = tuple(self.kernel_size)
+        if not isinstance(self.ranks, (list, tuple)) or not all(
+                isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in self.ranks):  # fmt: skip
+            raise PlanMismatchError(f"layer {self.name!r}: ranks must be a list of ints, got {self.ranks!r}")
         self.ranks = tuple(int(r) for r in self.ranks)
         if self.input_shape is not None:
             self.input_shape = tuple(self.input_shape)
@@ -194,7 +198,12 @@ class Plan:
             )
         names = {f.name for f in fields(LayerPlan)}
         layers = {}
-        for item in data.get("layers", []):
+        entries = data.get("layers", [])
+        if not isinstance(entries, list):
+            raise PlanMismatchError(f"plan 'layers' must be a list of layer entries, got {type(entries).__name__}")
+        for item in entries:
+            if not isinstance(item, dict):
+                raise PlanMismatchError(f"plan layer entry must be a JSON object, got {item!r}")
             unknown = set(item) - names
             if unknown:
                 raise PlanMismatchError(f"plan layer entry has unknown keys {sorted(unknown)}: {item}")
@@ -202,6 +211,8 @@ class Plan:
                 lp = LayerPlan(**item)
             except TypeError as exc:
                 raise PlanMismatchError(f"plan layer entry is incomplete ({exc}): {item}") from exc
+            if lp.name in layers:
+                raise PlanMismatchError(f"plan names layer {lp.name!r} twice")
             layers[lp.name] = lp
         return cls(layers=layers, settings=dict(data.get("settings", {})), model_params=data.get("model_params"))
 
@@ -209,8 +220,13 @@ class Plan:
     def from_json(cls, source: str | os.PathLike) -> "Plan":
         """Read a plan from JSON text or from a file path."""
         text = str(source)
-        if not (isinstance(source, str) and text.lstrip().startswith("{")):
-            text = Path(source).read_text()
+        looks_like_json = isinstance(source, str) and (not text.strip() or text.lstrip()[0] in "{[\"" or
+                                                       text.strip() in ("null", "true", "false"))  # fmt: skip
+        if not looks_like_json:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"no plan file {path} (Plan.from_json takes JSON text or a file path)")
+            text = path.read_text()
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

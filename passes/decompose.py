@@ -30,6 +30,12 @@ def _check_matches(site: Site, lp: LayerPlan) -> None:
             f"{want[0]}->{want[1]} kernel {want[2]}, the model has {got_text}; "
             "make the plan from this model with fxlrd.plan(model)"
         )
+    if lp.decomposed and spec is not None:
+        from fxlrd.methods import get_method
+
+        why = get_method(lp.method).applies(spec)
+        if why:
+            raise PlanMismatchError(f"plan decomposes {lp.name!r} with {lp.method}, which does not apply: {why}")
 
 
 class DecomposePass(PassBase):

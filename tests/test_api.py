@@ -396,3 +396,34 @@ def test_macs_count_attention_in_every_form():
     sdpa = count_macs(lambda t: torch.nn.functional.scaled_dot_product_attention(t, t, t), q)
     assert sdpa == 2 * n * n * e
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+@pytest.mark.parametrize("text,error,match", [
+    ("[1, 2]", PlanMismatchError, "not an fxlrd plan"),
+    ("null", PlanMismatchError, "not an fxlrd plan"),
+    ("", PlanMismatchError, "not valid JSON"),
+    ('{"format": "fxlrd.plan/1", "layers": 5}', PlanMismatchError, "'layers' must be a list"),
+    ('{"format": "fxlrd.plan/1", "layers": [5]}', PlanMismatchError, "layer entry must be a JSON object"),
+    ("no_such_plan.json", FileNotFoundError, "no plan file no_such_plan.json"),
+])  # fmt: skip
+def test_malformed_plan_text_gets_a_clear_error(text, error, match):
+    with pytest.raises(error, match=match):
+        Plan.from_json(text)
+
+
+def test_a_plan_edited_into_nonsense_is_refused_before_any_work():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1)).eval()
+    data = fxlrd.plan(model, LRDConfig(ratio=2), example_inputs=torch.randn(1, 3, 8, 8)).to_dict()
+    for ranks in (["a", 2], [2.7, 3]):
+        bad = json.loads(json.dumps(data))
+        bad["layers"][1]["ranks"] = ranks
+        with pytest.raises(PlanMismatchError, match="ranks must be a list of ints"):
+            Plan.from_dict(bad)
+    twice = json.loads(json.dumps(data))
+    twice["layers"].append(twice["layers"][0])
+    with pytest.raises(PlanMismatchError, match="names layer '0' twice"):
+        Plan.from_dict(twice)
+    svd = json.loads(json.dumps(data))
+    svd["layers"][1]["method"], svd["layers"][1]["ranks"] = "svd", [5]
+    with pytest.raises(PlanMismatchError, match="decomposes '2' with svd, which does not apply: svd needs a Linear"):
+        fxlrd.apply(model, Plan.from_dict(svd))
