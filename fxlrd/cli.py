@@ -1140,27 +1140,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .plan import Plan
 
     path = Path(args.path)
-    if path.is_dir():
-        return _inspect_save(path)
-    if not path.is_file():
-        raise CommandError(f"{path} does not exist")
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(
-            f"{path} is not JSON ({exc}); inspect takes a saved model directory or a report/plan JSON"
-        ) from exc
-    fmt = data.get("format") if isinstance(data, dict) else None
-    if fmt == REPORT_FORMAT:
-        print(data.get("plan_table", ""))
-        print()
-        print_summary(data)
-    elif fmt == BENCH_FORMAT:
-        print_bench(data)
-    elif isinstance(fmt, str) and fmt.startswith("fxlrd.plan/"):
-        print(Plan.from_dict(data).table())
-    else:
-        raise UsageError(f"{path} is not an fxlrd report, bench result or plan (format {fmt!r})")
+        if path.is_dir():
+            return _inspect_save(path)
+        if not path.exists():
+            raise CommandError(f"{path} does not exist")
+        if not path.is_file():
+            raise UsageError(f"{path} is not a file or a directory; inspect takes a saved model directory or a "
+                             "report/plan JSON")  # fmt: skip
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(
+                f"{path} is not JSON ({exc}); inspect takes a saved model directory or a report/plan JSON"
+            ) from exc
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if fmt == REPORT_FORMAT:
+            print(data.get("plan_table", ""))
+            print()
+            print_summary(data)
+        elif fmt == BENCH_FORMAT:
+            print_bench(data)
+        elif isinstance(fmt, str) and fmt.startswith("fxlrd.plan/"):
+            print(Plan.from_dict(data).table())
+        else:
+            raise UsageError(f"{path} is not an fxlrd report, bench result or plan (format {fmt!r})")
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a file edited by hand, or of another version
+        raise CommandError(f"{path} is malformed ({type(exc).__name__}: {_one_line(exc)}); it was edited, or "
+                           "written by another version of fxlrd") from exc  # fmt: skip
     return 0
 
 

@@ -352,6 +352,8 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--batch", "2", "--input-shape", "1,3,32,32"], 2, "--batch 2 contradicts --input"),
         (["compress", "{spec}", "--calibration", "{tmp}/nothing.pt"], 1, "calibration data .*nothing.pt does not"),
         (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
+        (["inspect", "/dev/null"], 2, "/dev/null is not a file or a directory"),
+        (["inspect", "{tmp}/report.json"], 1, r"report.json is malformed \(KeyError"),
         ([], 2, "the following arguments are required: COMMAND"),
     ],
 )
@@ -360,6 +362,7 @@ def test_errors_are_one_line_with_the_right_exit_status(tmp_path, capsys, factor
 
     spec, _, _ = factory
     (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "report.json").write_text('{"format": "fxlrd.report/1"}')  # a report edited down to its format
     argv = [a.format(spec=spec, tmp=tmp_path) for a in argv]
     got, out, err = _run(capsys, *argv)
     assert got == code, err
