@@ -283,6 +283,18 @@ def is_factor_target(gm: nn.Module, target: str) -> bool:
     return False
 
 
+def _lost_factorized(module: nn.Module) -> bool:
+    """A plain ``nn.Module`` holding only factor roles, two or more, each a conv or linear:
+    what a torch.fx re-trace leaves of a `Factorized` (fx rebuilds every container of a graph
+    as a plain module, so the type alone says nothing; a user's attention, with its q, k, v
+    beside an ``out_proj``, is not one)."""
+    if type(module) is not nn.Module:
+        return False
+    children = dict(module.named_children())
+    return len(children) >= 2 and set(children) <= {"in_proj", "core", "out_proj"} and all(
+        isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)) for c in children.values())  # fmt: skip
+
+
 def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Module]]:
     """Every factor of every `Factorized` in ``gm``: ``(qualified name, role, container, module)``.
 
@@ -298,8 +310,7 @@ def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Mod
                 found = True
                 yield (f"{name}.{role}" if name else role), role, fact, module
     if not found:
-        lost = [f"{name}.{role}" for name, m in gm.named_modules() if type(m) is nn.Module
-                for role, _ in m.named_children() if role in ("in_proj", "core", "out_proj")]  # fmt: skip
+        lost = [name for name, m in gm.named_modules() if _lost_factorized(m)]
         if lost:
             from .errors import ConfigError
 

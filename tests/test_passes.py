@@ -84,3 +84,27 @@ def test_freezing_after_a_re_trace_says_the_roles_are_gone():
     again = fx.symbolic_trace(gm)
     assert {n for n, p in again.named_parameters() if not p.requires_grad} == \
         {n for n, p in gm.named_parameters() if not p.requires_grad} != set()  # fmt: skip
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out_proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.out_proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+def test_a_captured_model_with_nothing_decomposed_is_not_taken_for_a_re_traced_one():
+    """fx rebuilds every container of a captured model as a plain nn.Module: an attention with
+    an out_proj beside its qkv is not a lost Factorized, so freezing and distillation work."""
+    model = nn.Sequential(_Attn(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxlrd.transform(model, LRDConfig(exclude="*"), example_inputs=x)
+    assert type(gm.get_submodule("0")) is nn.Module and not gm.fxlrd_plan.decomposed
+    fxlrd.freeze(gm, "none")
+    assert [g["name"] for g in fxlrd.param_groups(gm) if g["params"]] == ["other"]
+    from fxlrd.recover import distill
+
+    assert len(distill(gm, model, [x], steps=2, progress=False)) == 2
