@@ -157,6 +157,12 @@ class MergePass(PassBase):
             return None  # factors of one layer: merging would undo the decomposition
         if act is not None and self.mode != "approximate":
             return None
+        if self.mode == "exact" and norm is not None and norm.op == "call_module" and gm.get_submodule(norm.target).training:
+            raise ConfigError(
+                f"merge='exact' folds batch norm {norm.target!r} into the layers with its running statistics, which is "
+                "what it computes in eval mode only, and it is in training mode: call model.eval() before merging "
+                "(merge the model you deploy), or leave merge off to fine-tune with the norms"
+            )
         return cur, norm, act, b
 
     def _materialize(self, gm: fx.GraphModule, match, sites: dict[fx.Node, Site]) -> bool:
@@ -174,15 +180,6 @@ class MergePass(PassBase):
         return changed
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if self.mode == "exact":
-            training = [n.target for n in graph_module.graph.nodes if n.op == "call_module"
-                        and _is_foldable_norm(m := graph_module.get_submodule(n.target)) and m.training]  # fmt: skip
-            if training:
-                raise ConfigError(
-                    f"merge='exact' folds batch norms into the layers with their running statistics, which is what "
-                    f"they compute in eval mode only, and {training[0]!r} is in training mode: call model.eval() "
-                    "before merging (merge the model you deploy), or leave merge off to fine-tune with the norms"
-                )
         gm, modified = graph_module, False
         refused: set[fx.Node] = set()
         while True:

@@ -204,9 +204,16 @@ def test_exact_merge_of_a_training_model_is_refused_and_a_merged_save_loads_onto
     model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
                           nn.Conv2d(16, 8, 1))  # fmt: skip
     x = torch.randn(2, 8, 6, 6)
-    with pytest.raises(fxlrd.ConfigError, match="in training mode: call model.eval\\(\\) before merging"):
+    with pytest.raises(fxlrd.ConfigError, match="folds batch norm '1' .* in training mode: call model.eval\\(\\)"):
         fxlrd.transform(model.train(), LRDConfig(ratio=1.5, merge="exact"), example_inputs=x)
     assert model.training
+    # a norm the merge does not fold (after an activation) may train: that merge is exact in either mode
+    free = nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
+                         nn.Conv2d(32, 8, 3, padding=1)).train()  # fmt: skip
+    merged = fxlrd.transform(free, LRDConfig(ratio=1.5, rank_quantum=1, merge="exact"), example_inputs=x)
+    plain = fxlrd.transform(free, LRDConfig(ratio=1.5, rank_quantum=1, decompose_pointwise=False), example_inputs=x)
+    assert any(hasattr(m, "fxlrd_merge") for m in merged.modules())
+    torch.testing.assert_close(merged.train()(x), plain.train()(x), rtol=1e-4, atol=1e-5)
     gm = fxlrd.transform(model.eval(), LRDConfig(ratio=1.5, merge="exact"), example_inputs=x)
     fxlrd.save(gm, tmp_path / "saved")
     loaded = fxlrd.load(model.train(), tmp_path / "saved")
