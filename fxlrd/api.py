@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Iterable, Sequence
 
@@ -166,6 +167,7 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
         gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
         _sync_branched(gm, plan_)
     if plan_.settings.get("merge"):
+        plan_.settings["merge_rule"] = MergePass.RULE
         gm = MergePass(plan_.settings["merge"])(gm).graph_module
     return gm
 
@@ -233,6 +235,7 @@ def apply(
     check_module(model)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an fxlrd.Plan, got {type(plan).__name__}; use fxlrd.plan(model) or Plan.from_json")
+    plan = copy.deepcopy(plan)  # the model's own record (branching and merging write to it); the caller's stays as given
     if inplace and plan.settings.get("merge"):
         raise ConfigError("inplace=True cannot be combined with a plan that merges layers; use inplace=False")
     recorded = plan.settings.get("capture") or {}

@@ -479,7 +479,7 @@ def _rebuild(
         from .modes import eval_mode
 
         with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
-            gm = MergePass(plan.settings["merge"])(gm).graph_module
+            gm = MergePass(plan.settings["merge"], rule=int(plan.settings.get("merge_rule", 1)))(gm).graph_module
     return gm, recorded or captured.record()
 
 

@@ -65,16 +65,19 @@ def _is_foldable_norm(m: nn.Module | None) -> bool:
     return isinstance(m, _NORMS) and m.track_running_stats and m.running_mean is not None
 
 
-def _sources(gm: fx.GraphModule, node: fx.Node) -> set[str]:
+def _sources(gm: fx.GraphModule, node: fx.Node, rule: int = 2) -> set[str]:
     """The decomposed layers whose factors a node is or has absorbed (read from the modules):
     its own layer when it sits in a factor slot, and every layer a merge put into it (a merged
-    layer may sit in a factor slot too)."""
+    layer may sit in a factor slot too). ``rule=1`` replays saves made before that second
+    part (a merged layer in a factor slot counted as its slot's layer only)."""
     if node.op != "call_module":
         return set()
     out = set(_merge_info(gm.get_submodule(node.target)).get("sources", ()))
     parent = node.target.rpartition(".")[0]
     try:
         if isinstance(gm.get_submodule(parent), Factorized):
+            if rule == 1:
+                return {parent}
             out.add(parent)
     except AttributeError:
         pass
@@ -98,11 +101,15 @@ def _same_family(a: nn.Module, b: nn.Module) -> bool:
 class MergePass(PassBase):
     """Merge pointwise layers with adjacent decomposed factors; see the module docstring."""
 
-    def __init__(self, mode: str = "exact") -> None:
+    RULE = 2  # plans record it: 1 (before 2026-12-06) let a merged layer in a factor slot merge again
+
+    def __init__(self, mode: str = "exact", *, rule: int = RULE) -> None:
         if mode not in ("exact", "approximate"):
             raise ValueError(f"merge mode must be 'exact' or 'approximate', got {mode!r}")
+        if rule not in (1, 2):
+            raise ValueError(f"merge rule must be 1 or 2, got {rule!r}")
         super().__init__()
-        self.mode = mode
+        self.mode, self.rule = mode, rule
 
     @staticmethod
     def _skip_identity(gm: fx.GraphModule, node: fx.Node | None) -> fx.Node | None:
@@ -153,7 +160,7 @@ class MergePass(PassBase):
             return None
         if not _is_factor(gm, cur) and not _is_factor(gm, b):
             return None  # neither is a decomposed factor
-        if _sources(gm, cur) & _sources(gm, b):
+        if _sources(gm, cur, self.rule) & _sources(gm, b, self.rule):
             return None  # factors of one layer: merging would undo the decomposition
         if act is not None and self.mode != "approximate":
             return None
@@ -206,7 +213,7 @@ class MergePass(PassBase):
         ma, mb = _module(gm, a), _module(gm, b)
         first = fold_norm(ma, _module(gm, norm)) if norm is not None else ma
         merged = compose_pointwise(first, mb).train(ma.training)
-        sources = sorted(_sources(gm, a) | _sources(gm, b))
+        sources = sorted(_sources(gm, a, self.rule) | _sources(gm, b, self.rule))
         info = {"merged_from": [a.target, b.target], "exact": act is None, "sources": sources}
         merged.fxlrd_merge = info
         if act is None:  # exact: A → [N] → B is one layer

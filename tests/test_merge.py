@@ -248,3 +248,24 @@ def test_paper_freezing_trains_merged_layers(mode):
     assert {n: m.fxlrd_merge for n, m in merged.items()} == records
     unmerged = [n for n, role, _, m in factors(gm) if not hasattr(m, "fxlrd_merge") and role != "core"]
     assert all(not p.requires_grad for n in unmerged for p in gm.get_submodule(n).parameters())  # the rest: the paper's
+
+
+def test_a_save_made_under_the_first_merge_rule_still_loads(tmp_path):
+    """Saves made before merged layers kept both sources (no ``merge_rule`` in the plan) replay
+    the merge as it was then, so they load bitwise; new plans record the rule."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(8, 64)
+    config = LRDConfig(ratio=1.5, rank_quantum=1, decompose_pointwise=True)
+    old = MergePass("approximate", rule=1)(fxlrd.transform(model, config, example_inputs=x)).graph_module
+    old.fxlrd_plan.settings["merge"] = "approximate"  # as the first rule's transform recorded it
+    assert "merge_rule" not in old.fxlrd_plan.settings
+    fxlrd.save(old, tmp_path / "old")
+    with torch.no_grad():
+        torch.testing.assert_close(fxlrd.load(model, tmp_path / "old")(x), old(x), rtol=0, atol=0)
+    new = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1, decompose_pointwise=True, merge="approximate"),
+                          example_inputs=x)  # fmt: skip
+    assert new.fxlrd_plan.settings["merge_rule"] == MergePass.RULE == 2
+    fxlrd.save(new, tmp_path / "new")
+    with torch.no_grad():
+        torch.testing.assert_close(fxlrd.load(model, tmp_path / "new")(x), new(x), rtol=0, atol=0)
