@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -158,10 +157,12 @@ def check_calibration(calibration: Any) -> None:
             "calibration must be an iterable of inputs (a list of batches, a DataLoader...), each like example_inputs; "
             "wrap a single batch in a list: calibration=[batch]"
         )
-    if not isinstance(calibration, abc.Iterable):
+    try:
+        iter(calibration)  # a map-style Dataset (only __getitem__ and __len__) iterates too
+    except TypeError:
         raise ConfigError(
             f"calibration must be an iterable of inputs (a list of batches, a DataLoader...), got {type(calibration).__name__}"
-        )
+        ) from None
 
 
 def _batches(calibration: Iterable, progress: bool, what: str):

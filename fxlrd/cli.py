@@ -1165,6 +1165,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(Plan.from_dict(data).table())
         else:
             raise UsageError(f"{path} is not an fxlrd report, bench result or plan (format {fmt!r})")
+    except FxlrdError:
+        raise  # fxlrd's own errors say what is wrong already
     except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a file edited by hand, or of another version
         raise CommandError(f"{path} is malformed ({type(exc).__name__}: {_one_line(exc)}); it was edited, or "
                            "written by another version of fxlrd") from exc  # fmt: skip

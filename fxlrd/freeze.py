@@ -175,9 +175,10 @@ class SequentialFreezer:
         """Factor name -> trainable in ``phase``."""
         roles = self.order[phase]
         out = {}
-        for name, role, fact, _ in self.factors:
+        for name, role, fact, module in self.factors:
             policy = {r: r in roles.get(fact.method, ()) for r in all_roles()}
-            out[name] = is_trainable(policy, name, role, fact.method, len(fact.roles()))
+            # a merged layer holds a neighbouring layer too: it trains in every phase, as under "paper"
+            out[name] = hasattr(module, "fxlrd_merge") or is_trainable(policy, name, role, fact.method, len(fact.roles()))
         return out
 
     def _apply(self, phase: int) -> None:

@@ -59,8 +59,8 @@ class LayerPlan:
                 f"layer {self.name!r}: method must be one of {(*methods(), 'keep')}, got {self.method!r}"
             )
         self.kernel_size = tuple(self.kernel_size)
-        if not isinstance(self.ranks, (list, tuple)) or not all(
-                isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in self.ranks):  # fmt: skip
+        if not isinstance(self.ranks, (list, tuple)) or not all(  # 16.0 from another tool is 16; 2.7 is no rank
+                isinstance(r, numbers.Real) and not isinstance(r, bool) and float(r).is_integer() for r in self.ranks):  # fmt: skip
             raise PlanMismatchError(f"layer {self.name!r}: ranks must be a list of ints, got {self.ranks!r}")
         self.ranks = tuple(int(r) for r in self.ranks)
         if self.input_shape is not None:

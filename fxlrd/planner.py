@@ -416,8 +416,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record
     if not record["met"]:
-        kept = " every layer is kept: each model tried was slower than the original," if record["rounds"][-1].get(
-            "kept_all") else ""  # fmt: skip
+        kept = " every layer is kept: each model tried was slower than the original," if record.get("kept_all") else ""
         warnings.warn(
             f"target_speedup={config.target_speedup:g} was not reached:{kept} the model chosen measured "
             f"{record['measured_speedup']:.2f}x (plan.settings['global_search'] has every round). Lower the target, "

@@ -592,7 +592,7 @@ def reconstruct_mlps(
             rows = []
             with torch.no_grad():
                 for args, kwargs in data:
-                    x = _capture_input(gm, x_node, flat_inputs(gm, (args, kwargs)))
+                    x = _capture_input(gm, x_node, flat_inputs(gm, (args, kwargs), "batches"))
                     mask = kwargs.get("attention_mask") if skip_padding else None
                     if isinstance(mask, torch.Tensor) and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
                         x = x[mask.to(torch.bool)]

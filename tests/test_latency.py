@@ -115,7 +115,7 @@ def test_cpu_compile_timer_freezes_the_weights_as_cpu_inference_does():
     for t, frozen in ((timer, True), (default, False)):
         torch._dynamo.reset()
         layer = nn.Linear(32, 16).eval()
-        run = t._compile(layer)
+        run = t._compile(layer, x)  # compiled by a first call
         with torch.no_grad():
             before = run(x)
             torch.testing.assert_close(before, layer(x))

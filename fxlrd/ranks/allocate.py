@@ -184,14 +184,13 @@ def closed_loop(
         internal = max(1.0 + 1e-3, internal * target / measured)
     if best is None:  # never reached: the fastest measured
         best = max(range(len(rounds)), key=lambda k: rounds[k]["measured_speedup"])
-    if rounds[best]["measured_speedup"] < 1 and param_budget is None:  # slower than the model itself: keep it
-        rounds.append({"internal_target": None, "predicted_speedup": 1.0, "measured_speedup": 1.0, "total_error": 0.0,
-                       "within_extra_budget": True, "choices": [None] * len(options), "kept_all": True})  # fmt: skip
-        best = len(rounds) - 1
     record = {
         "target_speedup": target, "measured_speedup": rounds[best]["measured_speedup"],
         "met": rounds[best]["measured_speedup"] >= target and rounds[best]["within_extra_budget"],
         "model_original_ms": model_s * 1e3, "layers_original_ms": layers_s * 1e3, "other_fraction": other,
         "rounds": [{k: v for k, v in r.items() if k != "choices"} for r in rounds], "chosen_round": best,
     }  # fmt: skip
+    if rounds[best]["measured_speedup"] < 1 and param_budget is None:  # slower than the model itself: keep it
+        record.update(measured_speedup=1.0, met=target <= 1.0, chosen_round=None, kept_all=True)
+        return [None] * len(options), record
     return rounds[best]["choices"], record
