@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 from torch import fx, nn
@@ -97,6 +98,12 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
                          quantum=config.rank_quantum, select=lambda b: chosen(b.up) and chosen(b.down),
                          sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix,
                          example=inputs)  # fmt: skip
+    if not blocks and not recorded:
+        warnings.warn(
+            "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear, the hidden "
+            "activations used by nothing else; a reshape between them, as in GPT-2's export, hides one): its layers "
+            "are factorized like the others", stacklevel=3,
+        )  # fmt: skip
     names = tuple(n for b in blocks for n in (b.up, b.down))
     return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]
 

@@ -38,10 +38,11 @@ ELEMENTWISE_FUNCTIONS = {
     torch.relu, torch.tanh, torch.sigmoid,
     _aten.gelu.default, _aten.relu.default, _aten.silu.default, _aten.tanh.default, _aten.sigmoid.default,
     _aten.hardswish.default, _aten.mish.default, _aten.elu.default, _aten.leaky_relu.default, _aten.hardtanh.default,
+    F.dropout, _aten.dropout.default,  # elementwise too (each neuron masked on its own): torchvision's MLP layout
 }  # fmt: skip
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.Hardswish, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.Hardtanh,
-                       nn.Tanh, nn.Sigmoid)  # fmt: skip
+                       nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)  # fmt: skip
 
 
 @dataclass

@@ -387,3 +387,22 @@ def test_reconstruct_mlps_mistakes_get_clear_errors():
     with pytest.raises(PlanMismatchError, match="no tensor 'up.weight'"):
         reconstruct(gm, nn.Sequential(nn.Linear(12, 10)), cal)
     assert all(torch.equal(v, gm.state_dict()[k]) for k, v in state.items())  # failed calls change nothing
+
+
+def test_dropout_between_the_activation_and_the_down_layer_is_part_of_the_block():
+    """torchvision's (and fxlrd.zoo's ViT) MLP layout: Linear → GELU → Dropout → Linear."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 16)).eval()
+    x = torch.randn(64, 16)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=8), example_inputs=x[:2],
+                         calibration=[x[:32], x[32:]])  # fmt: skip
+    (block,) = gm.fxlrd_plan.settings["narrowed"]
+    assert block["activation"] == "GELU → Dropout" and block["width"] < 64
+    assert gm.get_submodule("3").in_features == block["width"]
+
+
+def test_narrow_that_finds_no_block_says_so():
+    model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.Linear(64, 16)).eval()  # no activation: no MLP block
+    x = torch.randn(64, 16)
+    with pytest.warns(UserWarning, match="mlp='narrow' found no MLP block to narrow"):
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow"), example_inputs=x[:2], calibration=[x])
+    assert not gm.fxlrd_plan.settings.get("narrowed")
