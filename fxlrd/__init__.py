@@ -6,7 +6,7 @@
 from . import narrow, recover, zoo
 from .api import apply, plan, transform
 from .config import LRDConfig
-from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, PlanMismatchError
+from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, FxlrdWarning, PlanMismatchError
 from .export import export_onnx
 from .factorized import Factorized
 from .freeze import SequentialFreezer, freeze, param_groups
@@ -38,6 +38,7 @@ __all__ = [
     "narrow",
     "recover",
     "FxlrdError",
+    "FxlrdWarning",
     "ConfigError",
     "CaptureError",
     "PlanMismatchError",

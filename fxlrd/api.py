@@ -12,7 +12,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, inputs_from_signature, normalize_inputs
 from .config import LRDConfig
-from .errors import ConfigError, PlanMismatchError
+from .errors import ConfigError, FxlrdWarning, PlanMismatchError
 from .factorized import Factorized
 from .metrics import count_params
 from .plan import Plan
@@ -102,7 +102,7 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
         warnings.warn(
             "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear, the hidden "
             "activations used by nothing else; a reshape between them, as in GPT-2's export, hides one): its layers "
-            "are factorized like the others", stacklevel=3,
+            "are factorized like the others", FxlrdWarning, stacklevel=3,
         )  # fmt: skip
     names = tuple(n for b in blocks for n in (b.up, b.down))
     return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from . import zoo
-from .errors import ConfigError, FxlrdError
+from .errors import ConfigError, FxlrdError, FxlrdWarning
 
 __all__ = ["main", "build_parser", "ModelSource", "load_model", "load_weights", "UsageError", "CommandError"]
 
@@ -1549,6 +1549,8 @@ def _library_noise(debug: bool) -> Iterator[None]:
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning, UserWarning):
                 warnings.simplefilter("ignore", category)
+            warnings.simplefilter("always", FxlrdWarning)  # fxlrd's own: a target not reached, a cache not written
+            warnings.showwarning = lambda message, *_, **__: print(f"fxlrd: warning: {message}", file=sys.stderr)
             yield
     finally:
         for lg, level in zip(loggers, levels):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxlrdError", "ConfigError", "CaptureError", "PlanMismatchError", "ExportMismatchError"]
+__all__ = ["FxlrdError", "ConfigError", "CaptureError", "PlanMismatchError", "ExportMismatchError", "FxlrdWarning"]
 
 
 class FxlrdError(Exception):
@@ -23,3 +23,8 @@ class PlanMismatchError(FxlrdError, ValueError):
 
 class ExportMismatchError(FxlrdError, RuntimeError):
     """The exported ONNX model disagrees with the PyTorch model."""
+
+
+class FxlrdWarning(UserWarning):
+    """Something the user asked for was not (fully) done: a target not reached, a cache not
+    written, an option that found nothing to act on. The command line always shows these."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .decompose import user_threads
-from .errors import ConfigError
+from .errors import ConfigError, FxlrdWarning
 
 if TYPE_CHECKING:
     from .capture import Args
@@ -390,7 +390,8 @@ class LatencyCache:
             return {str(k): float(v) for k, v in data["entries"].items()}
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             if warn:
-                warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", stacklevel=3)
+                warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", FxlrdWarning,
+                              stacklevel=3)  # fmt: skip
             return {}
 
     def get(self, key: str) -> float | None:
@@ -427,7 +428,7 @@ class LatencyCache:
             if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
             warnings.warn(f"fxlrd latency cache {self.path} cannot be written ({exc}); timings are kept in memory only "
-                          "(set LatencyConfig(cache_path=...) to a writable file, or cache=False)", stacklevel=2)  # fmt: skip
+                          "(set LatencyConfig(cache_path=...) to a writable file, or cache=False)", FxlrdWarning, stacklevel=2)  # fmt: skip
             self.path = None  # warned once: the rest of the search runs without the file
             return
         self.entries |= merged

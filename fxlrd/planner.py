@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .capture import Args, flat_inputs, input_signature
 from .config import LRDConfig
-from .errors import ConfigError
+from .errors import ConfigError, FxlrdWarning
 from .factorized import LayerSpec, make_layer, skeleton
 from .methods import Method, get_method
 from .metrics import count_params, layer_macs
@@ -421,6 +421,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             f"target_speedup={config.target_speedup:g} was not reached:{kept} the model chosen measured "
             f"{record['measured_speedup']:.2f}x (plan.settings['global_search'] has every round). Lower the target, "
             "allow more error, or time layers where the model runs (LatencyConfig(backend=..., context='neighbours'))",
+            FxlrdWarning,
             stacklevel=3,
         )
     for task, opts, choice in zip(tasks, options, choices):

@@ -485,3 +485,17 @@ def test_fidelity_of_a_text_model_leaves_padding_tokens_out():
     same = fidelity(Tokens(), Tokens(junk=100.0), [batch])  # differs at padding only
     assert same["relative_error"] == 0 and same["cosine"] == pytest.approx(1.0)
     assert fidelity(Tokens(), Tokens(scale=1.5), [batch])["relative_error"] == pytest.approx(0.5)
+
+
+def test_fxlrd_warnings_reach_the_terminal(tmp_path, capsys, factory):
+    """The command line hides libraries' warnings, not fxlrd's own (a target not reached)."""
+    import warnings
+
+    from fxlrd.cli import _library_noise
+    from fxlrd.errors import FxlrdWarning
+
+    with _library_noise(debug=False):
+        warnings.warn("torch says something", UserWarning)
+        warnings.warn("target_speedup=3 was not reached", FxlrdWarning)
+    err = capsys.readouterr().err
+    assert "fxlrd: warning: target_speedup=3 was not reached" in err and "torch says" not in err
