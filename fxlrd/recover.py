@@ -300,13 +300,17 @@ def distill(
     from .freeze import freeze as apply_freeze
     from .freeze import param_groups
 
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    freezer = freeze if isinstance(freeze, SequentialFreezer) else None
-    if freeze is not None and freezer is None:
-        apply_freeze(gm, freeze)
+    if teacher is gm:
+        raise ValueError("teacher is the model being distilled: pass the original model (before fxlrd.transform)")
+    for what, value in (("batches", batches), ("validation", validation)):
+        if isinstance(value, (torch.Tensor, Mapping)):
+            raise ValueError(f"{what} must be an iterable of inputs (a list of batches); wrap a single batch in a list")
     data = [normalize_inputs(b) for b in batches]
     if not data:
         raise ValueError("distill needs at least one batch of inputs")
@@ -317,6 +321,9 @@ def distill(
         check_every = max(steps // 20, 1)
     if not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    freezer = freeze if isinstance(freeze, SequentialFreezer) else None
+    if freeze is not None and freezer is None:  # after every check: a refused call leaves the model as it was
+        apply_freeze(gm, freeze)
     groups = param_groups(gm, lr=lr, weight_decay=weight_decay)
     optimizer = torch.optim.Adam(groups)
     scheduler = None
@@ -380,8 +387,18 @@ def distill(
             keep = keep.to(torch.bool) if isinstance(keep, torch.Tensor) and keep.any() else None
             for s_out, t_out in captured.values():
                 if s_out is not None and t_out is not None:
+                    # the same features, whatever each side's layout (an export graph's addmm gives (B·S, C)
+                    # where the original's Conv1D gives (B, S, C)): positions × channels on both
                     s_out, t_out = _masked(s_out, keep), _masked(t_out.detach(), keep)
+                    if s_out.shape != t_out.shape and s_out.shape[-1] == t_out.shape[-1] and s_out.numel() == t_out.numel():
+                        s_out, t_out = s_out.reshape(-1, s_out.shape[-1]), t_out.reshape(-1, t_out.shape[-1])
                     value = value + feature_weight * F.mse_loss(s_out, t_out) / t_out.pow(2).mean().clamp_min(1e-12)
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"distillation loss is {float(value)} at step {step} (a batch with NaN or infinite values, or a "
+                    f"learning rate too high); stopped before it reached the parameters: the model keeps those of "
+                    f"step {step}"
+                )
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

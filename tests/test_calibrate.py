@@ -815,3 +815,36 @@ def test_distributed_statistics_equal_one_process_on_the_union():
         assert state.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_distill_refuses_bad_calls_before_touching_the_model():
+    """Each refused call leaves the model's parameters and requires_grad flags as they were
+    (the freeze policy used to be applied before the checks)."""
+    model = _deep_mlp(width=16, depth=2)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=torch.randn(2, 16))
+    x = torch.randn(8, 16)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in gm.named_parameters()}
+    for kwargs, match in [
+        (dict(batches=[]), "at least one batch"),
+        (dict(batches=[x], check_every=0, validation=[x]), "check_every"),
+        (dict(batches=x), "wrap a single batch in a list"),
+        (dict(batches=[x], lr=-1.0), "lr must be a number > 0"),
+        (dict(batches=[x], steps=True), "steps must be an int"),
+        (dict(batches=[x], teacher=gm), "teacher is the model being distilled"),
+    ]:  # fmt: skip
+        args = {"teacher": model, "steps": 3, "freeze": "paper", "progress": False} | kwargs
+        with pytest.raises(ValueError, match=match):
+            distill(gm, args.pop("teacher"), args.pop("batches"), **args)
+        assert {n: p.requires_grad for n, p in gm.named_parameters()} == flags
+        assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+
+
+def test_distill_stops_at_a_non_finite_loss_with_the_parameters_still_finite():
+    model = _deep_mlp(width=16, depth=2)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=torch.randn(2, 16))
+    bad = torch.randn(8, 16)
+    bad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1 .* the model keeps those of step 1"):
+        distill(gm, model, [torch.randn(8, 16), bad], steps=4, lr=1e-3, progress=False)
+    assert all(torch.isfinite(p).all() for p in gm.parameters())

@@ -517,3 +517,17 @@ def test_torch_compile_parity(compressed):
     assert type(got) is type(want)
     for g, w in zip(_leaves(got), _leaves(want)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_features_match_export_layers_whatever_their_layout():
+    """GPT-2's Conv1D gives (B, S, C); its exported factor an addmm's (B·S, C): feature matching
+    compares the same positions and channels (it raised a shape error)."""
+    from fxlrd.recover import distill
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=4, use_cache=False)
+    model = transformers.GPT2Model(cfg).eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1), example_inputs=ids)
+    curve = distill(gm, model, [ids], steps=2, features=True, progress=False)
+    assert len(curve) == 2 and all(v == v for v in curve)
