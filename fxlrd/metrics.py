@@ -39,11 +39,17 @@ def _countable_attention() -> Iterator[None]:
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of one forward pass on ``example_inputs`` — a tensor, a tuple of positional inputs
     or a dict of keyword inputs (FLOPs / 2, as FlopCounterMode counts them; attention included,
-    see `_countable_attention`)."""
+    see `_countable_attention`). The model runs in eval mode (a training batch norm would update
+    its statistics) and is given back in the modes it had."""
     from .capture import normalize_inputs
+    from .errors import ConfigError
+    from .modes import eval_mode
 
+    if example_inputs is None:
+        raise ConfigError("count_macs needs example_inputs: one batch the model accepts (a tensor, tuple or dict)")
     args, kwargs = normalize_inputs(example_inputs)
-    with _countable_attention(), FlopCounterMode(display=False) as counter:
+    modes = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()  # (a plain function too)
+    with modes, _countable_attention(), FlopCounterMode(display=False) as counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
 

@@ -427,3 +427,12 @@ def test_a_plan_edited_into_nonsense_is_refused_before_any_work():
     svd["layers"][1]["method"], svd["layers"][1]["ranks"] = "svd", [5]
     with pytest.raises(PlanMismatchError, match="decomposes '2' with svd, which does not apply: svd needs a Linear"):
         fxlrd.apply(model, Plan.from_dict(svd))
+
+
+def test_count_macs_leaves_a_training_model_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fxlrd.count_macs(model, torch.randn(2, 3, 8, 8)) > 0
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN stats too
+    with pytest.raises(ConfigError, match="count_macs needs example_inputs"):
+        fxlrd.count_macs(model, None)
