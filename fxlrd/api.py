@@ -160,6 +160,10 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
     if narrowed:
         plan_.settings["narrowed"] = narrowed
         plan_.model_params = params
+        for block in narrowed:  # kept from factorization because narrowed, not because the user excluded them
+            for name in (block["up"], block["down"]):
+                if name in plan_.layers:
+                    plan_.layers[name].reason = f"narrowed MLP block ({block['hidden']} -> {block['width']} neurons)"
     return plan_, stats
 
 
