@@ -771,6 +771,11 @@ def _config(args: argparse.Namespace, **overrides: Any):
         raise UsageError("--rank-rule fixed needs --rank R (or R1,R2 for a conv's two Tucker ranks)")
     if args.rank_rule == "energy" and args.energy is None:
         raise UsageError("--rank-rule energy needs --energy E, the share of the spectrum kept, in (0, 1]")
+    if args.rank is not None and args.rank_rule != "fixed":
+        raise UsageError(f"--rank applies to --rank-rule fixed (this is --rank-rule {args.rank_rule}): add --rank-rule fixed")
+    if args.energy is not None and args.rank_rule != "energy":
+        raise UsageError(f"--energy applies to --rank-rule energy (this is --rank-rule {args.rank_rule}): add "
+                         "--rank-rule energy")  # fmt: skip
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     if args.latency or target_speedup:

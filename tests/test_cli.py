@@ -344,6 +344,8 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--ratio", "1"], 2, "ratio must be a number > 1"),
         (["compress", "{spec}", "--rank-rule", "fixed"], 2, "--rank-rule fixed needs --rank R"),
         (["compress", "{spec}", "--rank-rule", "energy"], 2, "--rank-rule energy needs --energy E"),
+        (["compress", "{spec}", "--rank", "4"], 2, "--rank applies to --rank-rule fixed"),
+        (["compress", "{spec}", "--energy", "0.5"], 2, "--energy applies to --rank-rule energy"),
         (["compress", "{spec}", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["compress", "fxlrd_cli_models:broken"], 1, r"calling fxlrd_cli_models:broken\(\) failed: RuntimeError: no"),
         (["compress", "fxlrd_cli_models:nothing"], 2, "has no attribute 'nothing'"),
