@@ -102,13 +102,24 @@ def _umask() -> int:
     return mask
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (a temporary file beside ``path``, then a rename)."""
+    """Write strict JSON (no NaN: null) atomically (a temporary file beside ``path``, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
+            json.dump(_finite(data), f, indent=1, default=str, allow_nan=False)
             f.write("\n")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
         os.replace(tmp, path)
@@ -1040,9 +1051,15 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
     blocks = report.get("reconstructed")
     if blocks:
         applied = [b for b in blocks.values() if b["applied"]]
-        held = lambda key: sum(b[key] for b in blocks.values()) / len(blocks)  # noqa: E731
-        p(f"            ({len(applied)} of {len(blocks)} narrowed MLP blocks retrained; their mean held-out "
-          f"output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g})")  # fmt: skip
+        with_held = [b for b in blocks.values() if b["held_out_before"] == b["held_out_before"]]  # NaN: none held out
+        if with_held:
+            held = lambda key: sum(b[key] for b in with_held) / len(with_held)  # noqa: E731
+            where = f"their mean held-out output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g}"
+        else:  # too few positions to hold any out: the training error is all there is
+            train = lambda key: sum(b[key] for b in blocks.values()) / len(blocks)  # noqa: E731
+            where = (f"too few positions to hold any out; training output error {train('train_before'):.4g} -> "
+                     f"{train('train_after'):.4g}")  # fmt: skip
+        p(f"            ({len(applied)} of {len(blocks)} narrowed MLP blocks retrained; {where})")
     d = report.get("distilled")
     if d:
         p(f"            (distilled {d['steps']} steps in {d['seconds']:.0f} s on {d['batches']} calibration batches; "

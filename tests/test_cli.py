@@ -501,3 +501,12 @@ def test_fxlrd_warnings_reach_the_terminal(tmp_path, capsys, factory):
         warnings.warn("target_speedup=3 was not reached", FxlrdWarning)
     err = capsys.readouterr().err
     assert "fxlrd: warning: target_speedup=3 was not reached" in err and "torch says" not in err
+
+
+def test_reports_are_strict_json(tmp_path):
+    from fxlrd.cli import _write_json
+
+    _write_json(tmp_path / "r.json", {"error": float("nan"), "runs": [1.5, float("inf")], "nested": {"x": -float("inf")}})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) == \
+        {"error": None, "runs": [1.5, None], "nested": {"x": None}}  # fmt: skip
