@@ -25,6 +25,7 @@ from torch import nn
 
 from .decompose import user_threads
 from .errors import ConfigError, FxlrdWarning
+from .modes import eval_mode
 
 if TYPE_CHECKING:
     from .capture import Args
@@ -247,9 +248,14 @@ class TorchTimer(LayerTimer):
         return compiled
 
     def _place(self, module: nn.Module) -> nn.Module:
-        """The module on the timer's device (and in its dtype, on a copy: the caller's keeps its own)."""
+        """The module in eval mode on the timer's device (and in its dtype): a copy unless it is
+        that already, so the caller's keeps its own mode, device and dtype."""
         if self.dtype is not None:
             return copy.deepcopy(module).to(self.device, self.dtype).eval()
+        on_device = all(t.device.type == self.device.type and self.device.index in (None, t.device.index)
+                        for t in [*module.parameters(), *module.buffers()])  # fmt: skip
+        if any(m.training for m in module.modules()) or not on_device:
+            module = copy.deepcopy(module)
         return module.to(self.device).eval()
 
     def _cast(self, value: object) -> object:
@@ -313,21 +319,30 @@ class OnnxRuntimeTimer(LayerTimer):
     def inputs_runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
         from .export import onnx_session
 
-        module = module.cpu().eval()
-        session = onnx_session(onnx_bytes(module, *inputs), threads=self.threads, providers=self.providers)
+        module = _on_cpu(module)
+        with eval_mode(module):  # exported in eval mode; the caller's module keeps its own
+            data = onnx_bytes(module, *inputs)
+        session = onnx_session(data, threads=self.threads, providers=self.providers)
         feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
         return lambda: session.run(None, feed)
 
     def model_runner(self, model: nn.Module, inputs: "Args") -> Callable[[], object]:
         from .export import export_onnx_file, onnx_feed, onnx_session
 
-        model = model.cpu().eval()
-        with tempfile.TemporaryDirectory() as tmp:
+        model = _on_cpu(model)
+        with tempfile.TemporaryDirectory() as tmp, eval_mode(model):  # the caller's model keeps its mode
             path = Path(tmp) / "model.onnx"
             export_onnx_file(model, inputs, path)
             session = onnx_session(path.read_bytes(), threads=self.threads, providers=self.providers)
         feed = onnx_feed(session, inputs)
         return lambda: session.run(None, feed)
+
+
+def _on_cpu(module: nn.Module) -> nn.Module:
+    """``module`` itself when it is on the CPU, else a copy there (the caller's stays where it is)."""
+    if all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()]):
+        return module
+    return copy.deepcopy(module).cpu()
 
 
 def onnx_bytes(module: nn.Module, *inputs: torch.Tensor) -> bytes:

@@ -207,3 +207,16 @@ def test_an_unusable_cache_path_warns_and_the_search_goes_on(tmp_path, where):
         gm = fxlrd.transform(model, fxlrd.LRDConfig(latency=config), example_inputs=torch.randn(1, 8, 12, 12))
     assert len(gm.fxlrd_plan.layers) == 2
     assert (tmp_path / "afile").read_text() == "not a folder" and list((tmp_path / "adir").iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_timing_a_model_leaves_its_mode_alone(backend):
+    from fxlrd.latency import make_timer
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.BatchNorm1d(16)).train()
+    model[2].eval()  # a frozen norm inside a training model
+    modes = [m.training for m in model.modules()]
+    run = make_timer(LatencyConfig(backend=backend, repeats=2, warmup=1, threads=1)).model_runner(
+        model, ((torch.randn(4, 8),), {}))  # fmt: skip
+    run()
+    assert [m.training for m in model.modules()] == modes
