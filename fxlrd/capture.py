@@ -141,10 +141,13 @@ def _bind_for_spec(gm: fx.GraphModule, args: tuple, kwargs: dict, what: str = "e
     except Exception:  # noqa: BLE001  (an unusual spec: pass through as given)
         return (args, kwargs)
     n_args = arg_spec.num_children if hasattr(arg_spec, "num_children") else len(args)
+    names = getattr(gm, "_fxlrd_arg_names", [])
     if len(args) > n_args:  # positional inputs the capture took by keyword
-        names = getattr(gm, "_fxlrd_arg_names", [])
         kwargs = {**dict(zip(names[n_args:], args[n_args:])), **kwargs}
         args = args[:n_args]
+    elif len(args) < n_args and all(n in kwargs for n in names[len(args) : n_args]):  # keyword inputs it took by position
+        kwargs = dict(kwargs)
+        args = (*args, *(kwargs.pop(n) for n in names[len(args) : n_args]))
     missing = [k for k in kw_names if k not in kwargs]
     if missing:
         raise ConfigError(f"inputs {missing} were given at capture and are missing from {what}; pass them as keyword inputs")

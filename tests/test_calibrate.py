@@ -718,6 +718,16 @@ def test_calibration_that_is_not_batches_gets_a_clear_error(calibration, match, 
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_calibration_may_name_the_inputs_an_export_capture_took_by_position():
+    model = _Keyword(branch=True).eval()
+    x = torch.randn(16, 16)
+    by_name = fxlrd.transform(model, LRDConfig(), example_inputs=x, calibration=[{"x": x}])  # captured with x positional
+    by_position = fxlrd.transform(model, LRDConfig(), example_inputs=x, calibration=[x])
+    assert by_name.fxlrd_capture["mode"] == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(by_name(x), by_position(x), rtol=0, atol=0)
+
+
 def test_an_input_not_given_at_export_capture_is_not_dropped_from_calibration():
     """torch.export bakes an input it was not given into the graph: a calibration batch that
     sets it would be calibrated as if it had not (it was silently dropped)."""
