@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .factorized import Factorized, LayerSpec, layer_spec
+from .factorized import ROLES, Factorized, LayerSpec, layer_spec
 
 __all__ = ["Site", "find_sites", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
 
@@ -291,7 +291,7 @@ def _lost_factorized(module: nn.Module) -> bool:
     if type(module) is not nn.Module:
         return False
     children = dict(module.named_children())
-    return len(children) >= 2 and set(children) <= {"in_proj", "core", "out_proj"} and all(
+    return len(children) >= 2 and set(children) <= set(ROLES) and all(
         isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)) for c in children.values())  # fmt: skip
 
 
