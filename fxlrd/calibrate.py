@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .capture import Args, flat_inputs, inputs_error, normalize_inputs
+from .capture import Args, flat_inputs, inputs_error, normalize_inputs, placeholder_values
 from .decompose import Whitening, whitening
 from .config import check_sensitivity
 from .errors import ConfigError
@@ -481,7 +481,7 @@ def sequential_factors(
     orig: dict[fx.Node, list[Any]] = {}
     comp: dict[fx.Node, list[Any]] = {}
     factors: dict[str, nn.Module] = {}
-    placeholders = iter(range(len(batches[0])))
+    bound = [placeholder_values(gm, b) for b in batches]
     restore_modes = saved_modes(gm)
     gm.eval()
     interp = fx.Interpreter(gm)
@@ -496,8 +496,7 @@ def sequential_factors(
     try:
         for index, node in enumerate(nodes):
             if node.op == "placeholder":
-                k = next(placeholders)
-                orig[node] = comp[node] = [b[k] for b in batches]
+                orig[node] = comp[node] = [b[node] for b in bound]
             elif node.op == "output":
                 break
             else:

@@ -109,11 +109,38 @@ def flat_inputs(gm: fx.GraphModule, inputs: Args, what: str = "example_inputs") 
             warnings.simplefilter("ignore", FutureWarning)
             bound = _bind_for_spec(gm, args, kwargs, what)
             return list(fx_pytree.tree_flatten_spec(bound, in_spec))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [n.target for n in placeholders]
-    values: list[Any] = list(args[: len(names)])
-    _no_extra(kwargs, names[len(values):], what)
-    for n in placeholders[len(values):]:
+    everything = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    var_kw = next((n for n in everything if n.target.startswith("**")), None)
+    var_pos = next((n for n in everything if n.target.startswith("*") and n is not var_kw), None)
+    if var_kw is not None and var_kw.users:
+        raise ConfigError(
+            f"the model's forward reads its **{var_kw.target[2:]}, which a torch.fx capture cannot be given inputs "
+            "through: name those inputs in forward's signature, or capture with capture='export'"
+        )
+    plain = [n for n in everything if not n.target.startswith("*")]
+    if var_pos is not None:  # forward(self, x, *args): an Interpreter gives *args every remaining positional value
+        before = plain[: everything.index(var_pos)]
+        after = [n.target for n in plain[len(before) :] if n.target in kwargs]
+        if after:
+            raise ConfigError(
+                f"{what} gives {after}, keyword-only inputs after the model's *{var_pos.target[1:]}, which a torch.fx "
+                "capture cannot be given: leave them to their defaults, or capture with capture='export'"
+            )
+        values = _named_values(before, args[: len(before)], kwargs, what, check_extra=var_kw is None)
+        return values + list(args[len(before) :])
+    values = _named_values(plain, args[: len(plain)], kwargs, what, check_extra=var_kw is None)
+    return values
+
+
+def _named_values(placeholders: list[fx.Node], args: Sequence[Any], kwargs: Mapping[str, Any], what: str,
+                  check_extra: bool) -> list[Any]:  # fmt: skip
+    """The values of ``placeholders``: ``args`` by position, then by name from ``kwargs``, then
+    their defaults. ``check_extra``: keyword inputs none of them takes are an error (a forward
+    with ``**kwargs`` ignores them, and so do we)."""
+    values: list[Any] = list(args)
+    if check_extra:
+        _no_extra(kwargs, [n.target for n in placeholders[len(values) :]], what)
+    for n in placeholders[len(values) :]:
         if n.target in kwargs:
             values.append(kwargs[n.target])
         elif n.args:
@@ -121,6 +148,23 @@ def flat_inputs(gm: fx.GraphModule, inputs: Args, what: str = "example_inputs") 
         else:
             raise ConfigError(f"input {n.target!r} of the model is missing from {what}")
     return values
+
+
+def placeholder_values(gm: fx.GraphModule, flat: Sequence[Any]) -> dict[fx.Node, Any]:
+    """Each placeholder's value when ``gm`` runs on ``flat`` (from :func:`flat_inputs`), as an
+    ``fx.Interpreter`` binds them: ``*args`` takes every remaining value, ``**kwargs`` none."""
+    rest = iter(flat)
+    out: dict[fx.Node, Any] = {}
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.target.startswith("**"):
+            out[n] = {}
+        elif n.target.startswith("*"):
+            out[n] = list(rest)
+        else:
+            out[n] = next(rest, n.args[0] if n.args else None)
+    return out
 
 
 def _no_extra(kwargs: Mapping[str, Any], names: Sequence[str], what: str) -> None:
@@ -288,6 +332,12 @@ class Captured:
 def _trace_fx(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str]) -> fx.GraphModule:
     tracer = FxlrdTracer(leaf_modules)
     graph = tracer.trace(model)
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target.startswith("**") and node.users:
+            raise CaptureError(
+                f"forward reads its **{node.target[2:]}: a torch.fx graph cannot be given keyword inputs that "
+                "forward's signature does not name"
+            )
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -327,7 +377,8 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     args, kwargs = inputs
     bound = bind_inputs(model, inputs)
     batch = _batch_size(inputs)
-    if dynamic_shapes is None and bound is not None:
+    automatic = dynamic_shapes is None and bound is not None
+    if automatic:
         if batch == 1:  # export specializes size-1 dimensions: capture at batch 2 to keep it dynamic
             args, kwargs = pytree.tree_map_only(
                 torch.Tensor, lambda t: t.expand(2, *t.shape[1:]).clone() if t.dim() > 0 and t.shape[0] == 1 else t, (args, kwargs)
@@ -342,6 +393,13 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
             model.config.use_cache = False
             notes.append("config.use_cache set to False on the captured copy (a KV cache in the output cannot be exported)")
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        elif automatic:  # fxlrd's guess at the dynamic dimensions did not export (torch rejects some, e.g. in **kwargs)
+            try:
+                ep = torch.export.export(model, *inputs, strict=False)
+            except Exception:  # noqa: BLE001  (report the first failure: static shapes were only a fallback)
+                raise exc from None
+            notes.append(f"captured with static shapes: export with a dynamic batch failed ({_one_line(exc)}); "
+                         "the graph may only run at the example_inputs' shapes, pass dynamic_shapes=... for others")  # fmt: skip
         else:
             raise
     exported = ep.module()

@@ -470,3 +470,65 @@ def test_user_code_in_a_folder_named_fxlrd_is_still_the_users():
     except ValueError as exc:
         frame = _user_frame(exc)
     assert frame.startswith(f"at {path}:2 in forward")
+
+
+class TakesKwargs(nn.Module):
+    """forward(x, **kwargs) that ignores its keyword inputs, as many model zoos' forwards do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x, **kwargs):
+        return self.b(torch.relu(self.a(x)))
+
+
+class ReadsKwargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x, **kwargs):
+        return self.a(x) + kwargs["shift"]
+
+
+class TakesVarargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x, *rest):
+        return self.b(torch.relu(self.a(x))) + rest[0] * rest[1]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_forward_with_unused_kwargs_is_captured_by_fx_and_calibrates(sequential):
+    torch.manual_seed(0)
+    model, x = TakesKwargs().eval(), torch.randn(8, 16)
+    calibration = [torch.randn(32, 16), {"x": torch.randn(32, 16), "ignored": 1}]
+    config = LRDConfig(rank_rule="fixed", rank=16, rank_quantum=1, allow_larger=True, sequential=sequential)
+    gm = fxlrd.transform(model, config, example_inputs=x, calibration=calibration)
+    assert gm.fxlrd_capture["mode"] == "fx"
+    torch.testing.assert_close(gm(x, ignored=2), model(x), rtol=1e-4, atol=1e-4)  # full rank: the original
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_forward_with_varargs_calibrates_with_every_positional_input(sequential):
+    torch.manual_seed(0)
+    model = TakesVarargs().eval()
+    x, y, z = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 16)
+    calibration = [(torch.randn(32, 16), torch.randn(32, 16), torch.randn(32, 16)) for _ in range(2)]
+    config = LRDConfig(rank_rule="fixed", rank=16, rank_quantum=1, allow_larger=True, sequential=sequential)
+    gm = fxlrd.transform(model, config, example_inputs=(x, y, z), calibration=calibration)
+    assert gm.fxlrd_capture["mode"] == "fx"
+    torch.testing.assert_close(gm(x, y, z), model(x, y, z), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_reading_kwargs_is_captured_by_export():
+    model, x, shift = ReadsKwargs().eval(), torch.randn(4, 16), torch.randn(4, 16)
+    with pytest.raises(CaptureError, match=r"reads its \*\*kwargs"):
+        fxlrd.transform(model, FULL, example_inputs={"x": x, "shift": shift}, capture="fx")
+    gm = fxlrd.transform(model, FULL, example_inputs={"x": x, "shift": shift})
+    assert gm.fxlrd_capture["mode"] == "export"
+    assert any("static shapes" in note for note in gm.fxlrd_capture["notes"])  # torch cannot export **kwargs dynamic
+    torch.testing.assert_close(gm(x=x, shift=shift), model(x, shift=shift), rtol=1e-4, atol=1e-4)
