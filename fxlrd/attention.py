@@ -68,6 +68,11 @@ class MultiheadAttention(nn.Module):
     ``need_weights`` (averaged or per head), ``is_causal``, dropout.
     """
 
+    # torch's TransformerEncoderLayer and TransformerEncoder take a fused fast path (reading
+    # in_proj_weight directly, never calling this forward) only when this is True. False keeps
+    # every call on this forward, the one fxlrd captures and decomposes.
+    _qkv_same_embed_dim = False
+
     def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
                  batch_first: bool = False, layout: str = "packed", device=None, dtype=None):  # fmt: skip
         super().__init__()

@@ -245,3 +245,25 @@ def test_user_model_keeps_torch_attention():
     assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_layers_are_decomposed(batch_first, norm_first):
+    """nn.TransformerEncoder(Layer) reads private attributes of its self_attn to choose a fused
+    fast path: the swapped attention must keep it on the path fxlrd captures."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 5, 32)
+    mask = torch.zeros(3 if batch_first else 5, 5 if batch_first else 3, dtype=torch.bool)  # (batch, sequence)
+    mask[0, 2:] = True
+    inputs = {"src": x, "src_key_padding_mask": mask}
+    with torch.no_grad():
+        want = model(**inputs)
+        gm = fxlrd.transform(model, FULL, example_inputs=inputs)
+        torch.testing.assert_close(gm(**inputs), want, rtol=1e-4, atol=1e-4)
+        low = fxlrd.transform(model, LRDConfig(ratio=2.0), example_inputs=inputs)
+        assert sum(isinstance(m, Factorized) for m in low.modules()) >= 6  # in_proj, out_proj, linear1/2 (some kept)
+        assert low(**inputs).shape == want.shape
+    assert isinstance(model.layers[0].self_attn, nn.MultiheadAttention)  # the user's model keeps torch's
