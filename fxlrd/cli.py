@@ -423,19 +423,25 @@ class _Inputs:
         self.source = source
         self.kind = source.kind
         batch = getattr(args, "batch", None)
+        size = getattr(args, "size", None)
         if self.kind == "text":
             if args.input_shape is not None:
                 raise UsageError("--input-shape is for tensor inputs; for a text model use --batch and --seq-len")
+            if size is not None:
+                raise UsageError("--size is for image models; for a text model use --seq-len")
             self.batch, self.seq_len = batch or 1, args.seq_len
             self.shape = (self.batch, self.seq_len)
         else:
             shape = args.input_shape
+            if shape is not None and size is not None:
+                raise UsageError(f"--size {size} and --input-shape {','.join(map(str, shape))} both set the input size: "
+                                 "give one of them")  # fmt: skip
             if shape is None:
                 shape = source.input_shape
-                if args.size is not None:
+                if size is not None:
                     if len(shape) != 4:
                         raise UsageError("--size is for image models; give --input-shape")
-                    shape = (shape[0], shape[1], args.size, args.size)
+                    shape = (shape[0], shape[1], size, size)
                 if batch is not None:
                     shape = (batch, *shape[1:])
             elif batch is not None and batch != shape[0]:
@@ -575,6 +581,13 @@ class _Data:
     calibration: list[Batch] | None
     held_out: list[Batch]
     note: str
+
+
+def _check_calibration_path(args: argparse.Namespace) -> None:
+    """A missing --calibration fails before the model is loaded (which can take a while)."""
+    path = getattr(args, "calibration", None)
+    if path and not Path(path).exists():
+        raise CommandError(f"calibration data {path} does not exist")
 
 
 def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data:
@@ -877,6 +890,7 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         )
     save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
     report_path = _check_output(args.report, "--report")
+    _check_calibration_path(args)
     console.step(f"loading {args.model}")
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)
     inputs = _Inputs(source, args)
@@ -1229,6 +1243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     configs = {v: _variant_config(args, v) for v in args.variants if v != "original"}
     plot_path = _check_output(args.plot, "--plot")
     report_path = _check_output(args.report, "--report")
+    _check_calibration_path(args)
     console = _Console(args.quiet)
     console.step(f"loading {args.model}")
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)

@@ -250,6 +250,8 @@ def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys)
     assert "encoder.layer.0.intermediate.dense" in out
     loaded = fxlrd.load(transformers.AutoModel.from_pretrained(model_dir), tmp_path / "saved")
     assert loaded.fxlrd_plan.settings["capture"]["mode"] == "export"
+    code, _, err = _run(capsys, "compress", model_dir, "--size", 32)
+    assert code == 2 and "--size is for image models; for a text model use --seq-len" in err
 
 
 # -- plan, inspect, bench, demo ------------------------------------------------------------------
@@ -353,6 +355,9 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--batch", "0"], 2, "argument --batch: must be an integer >= 1"),
         (["compress", "{spec}", "--batch", "2", "--input-shape", "1,3,32,32"], 2, "--batch 2 contradicts --input"),
         (["compress", "{spec}", "--calibration", "{tmp}/nothing.pt"], 1, "calibration data .*nothing.pt does not"),
+        # before the model is loaded (a broken factory would fail first)
+        (["compress", "fxlrd_cli_models:broken", "--calibration", "{tmp}/no.pt"], 1, "calibration data .*no.pt does not"),
+        (["compress", "{spec}", "--size", "32", "--input-shape", "1,3,32,32"], 2, "--size 32 and --input-shape 1,3,32"),
         (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
         (["inspect", "/dev/null"], 2, "/dev/null is not a file or a directory"),
         (["inspect", "{tmp}/report.json"], 1, r"report.json is malformed \(KeyError"),
