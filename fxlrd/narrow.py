@@ -20,6 +20,8 @@ error is known and reported.
 
 from __future__ import annotations
 
+import heapq
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,7 +32,7 @@ from torch import fx, nn
 from .errors import ConfigError, PlanMismatchError
 from .sites import Site, _get_attr, find_sites
 
-__all__ = ["MLPBlock", "find_mlps", "select_neurons", "narrow_block", "narrow_mlps", "narrowed_width", "narrow_skeleton"]
+__all__ = ["MLPBlock", "find_mlps", "block_nodes", "run_block_nodes", "select_neurons", "narrow_block", "narrow_mlps", "narrowed_width", "narrow_skeleton"]
 
 _aten = torch.ops.aten
 ELEMENTWISE_FUNCTIONS = {
@@ -80,9 +82,140 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> str:
     return ""
 
 
+# per-neuron arithmetic between the layers (a tanh-GELU written out, as GPT-2's): every tensor
+# operand must itself be a hidden activation, the others plain numbers
+_ARITHMETIC_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg, torch.erf, torch.exp, torch.square,
+    _aten.add.Tensor, _aten.add.Scalar, _aten.sub.Tensor, _aten.sub.Scalar, _aten.rsub.Scalar, _aten.mul.Tensor,
+    _aten.mul.Scalar, _aten.div.Tensor, _aten.div.Scalar, _aten.pow.Tensor_Scalar, _aten.neg.default, _aten.erf.default,
+    _aten.exp.default,
+}  # fmt: skip
+_ARITHMETIC_METHODS = {"add", "sub", "mul", "div", "pow", "neg", "erf", "exp", "__add__", "__mul__", "__sub__",
+                       "__truediv__", "__radd__", "__rmul__"}  # fmt: skip
+_VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, torch.reshape}
+_VIEW_METHODS = {"view", "reshape"}
+
+
+def _view_shape(node: fx.Node) -> Any:
+    """The target shape of a view/reshape node, or None when ``node`` is not one."""
+    if node.op == "call_function" and node.target in _VIEWS and len(node.args) == 2 and not node.kwargs:
+        return node.args[1]
+    if node.op == "call_method" and node.target in _VIEW_METHODS and not node.kwargs:
+        rest = node.args[1:]
+        return rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    return None
+
+
+def _per_neuron(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden: int) -> str:
+    """What ``node`` does to the hidden activations in ``region`` when it acts on each neuron
+    alone (the last dimension kept whole): an activation's name, ``"view"`` for a reshape of
+    the leading dimensions, ``"arith"`` for arithmetic; "" when it mixes neurons or reads
+    other tensors."""
+    act = _elementwise(gm, node)
+    if act:
+        return act
+    shape = _view_shape(node)
+    if shape is not None:
+        last = shape[-1] if isinstance(shape, (list, tuple)) and shape else None
+        return "view" if node.args[0] in region and type(last) is int and last == hidden else ""
+    is_arith = (node.op == "call_function" and node.target in _ARITHMETIC_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ARITHMETIC_METHODS)  # fmt: skip
+    operands = [*node.args, *node.kwargs.values()]
+    if not is_arith or any(isinstance(a, (list, tuple, dict)) for a in operands):
+        return ""
+    if all(a in region or isinstance(a, (int, float)) for a in operands) and any(a in region for a in operands):
+        return "arith"
+    return ""
+
+
+def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str]):
+    """The nodes from the up layer's output ``start`` to the down layer, when every one of
+    them acts on each hidden neuron alone and nothing else reads them: ``(down node,
+    activations, the region's nodes)``; None when the hidden activations go anywhere else."""
+    index = {n: i for i, n in enumerate(start.graph.nodes)}
+    region, acts, downs = {start}, [], []
+    heap = [(index[u], u) for u in start.users]
+    heapq.heapify(heap)
+    seen: set[fx.Node] = set()
+    while heap:  # in graph order: a node's operands from the region are placed before it
+        _, node = heapq.heappop(heap)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in site_nodes:
+            downs.append(node)
+            continue
+        kind = _per_neuron(gm, node, region, hidden)
+        if not kind:
+            return None
+        region.add(node)
+        if kind != "view" and (kind != "arith" or not acts or acts[-1] != "arithmetic"):
+            acts.append("arithmetic" if kind == "arith" else kind)
+        for user in node.users:
+            heapq.heappush(heap, (index[user], user))
+    if len(downs) != 1 or not acts:
+        return None
+    return downs[0], acts, region
+
+
+def block_nodes(gm: fx.GraphModule, sites: Mapping[str, Site], up: str) -> tuple[list[fx.Node], fx.Node]:
+    """The nodes between an MLP block's two layers (activations, arithmetic, reshapes), in
+    graph order, and the one whose value the down layer reads."""
+    site = sites[up]
+    by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
+    found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node)
+    if found is None:
+        raise PlanMismatchError(f"{up!r} does not start an MLP block in this model's graph")
+    down_node, _, region = found
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(region - {site.nodes[0]}, key=order.__getitem__), sites[by_node[down_node]].input(down_node)
+
+
+def run_block_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], start: fx.Node, end: fx.Node,
+                    h: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Run ``nodes`` (from `block_nodes`) on hidden activations ``h`` given as rows (…, hidden):
+    the value at ``end`` when ``start`` (the up layer's output) is ``h``. Reshapes of the
+    leading dimensions are skipped: rows stay rows."""
+    env = {start: h}
+    for node in nodes:
+        if _view_shape(node) is not None:
+            env[node] = env[node.args[0]]
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        if node.op == "call_module":
+            env[node] = gm.get_submodule(node.target)(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            env[node] = node.target(*args, **kwargs)
+    return env[end]
+
+
+def _resize_views(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlock, width: int) -> None:
+    """Reshapes between the block's layers name the hidden width (an export's ``view(-1,
+    3072)``): make them name ``width``."""
+    by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
+    found = _hidden_region(gm, sites[block.up].nodes[0], block.hidden, by_node)
+    if found is None:
+        raise PlanMismatchError(f"{block.up!r} → {block.down!r} is not an MLP block of this model")
+    for node in found[2]:
+        shape = _view_shape(node)
+        if shape is None:
+            continue
+        if node.op == "call_function":
+            node.args = (node.args[0], [*shape[:-1], width])
+        elif len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+            node.args = (node.args[0], [*shape[:-1], width])
+        else:
+            node.args = (node.args[0], *shape[:-1], width)
+
+
 def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> list[MLPBlock]:
     """The blocks ``linear → elementwise activation(s) → linear`` of ``gm`` whose hidden
-    activations feed nothing else, each layer called once with weights of its own."""
+    activations feed nothing else, each layer called once with weights of its own. Between
+    the layers: activations, per-neuron arithmetic (a GELU written out) and reshapes that keep
+    the hidden dimension last (an export of GPT-2's ``Conv1D``)."""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
     blocks: list[MLPBlock] = []
@@ -92,21 +225,16 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
             continue
         if name in downs:  # a chain linear → act → linear → act → linear: the blocks may not share a layer
             continue
-        node, acts = site.nodes[0], []
-        while len(node.users) == 1:
-            user = next(iter(node.users))
-            act = _elementwise(gm, user) if user.args and user.args[0] is node else ""
-            if not act:
-                break
-            acts.append(act)
-            node = user
-        down = by_node.get(next(iter(node.users))) if acts and len(node.users) == 1 else None
-        if down is None:
+        found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node)
+        if found is None:
             continue
+        down_node, acts, region = found
+        down = by_node[down_node]
         d = sites[down]
-        if (d.reason or d.spec is None or d.spec.kind != "linear" or len(d.nodes) != 1 or d.input(d.nodes[0]) is not node
+        hidden_inputs = [a for a in down_node.all_input_nodes if a in region]
+        if (d.reason or d.spec is None or d.spec.kind != "linear" or hidden_inputs != [d.input(down_node)]
                 or d.spec.in_channels != site.spec.out_channels):  # fmt: skip
-            continue
+            continue  # (the down layer must read the hidden activations as its input alone)
         downs.add(down)
         blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels))
     return blocks
@@ -261,6 +389,7 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     error = None if residual is None else residual if out_w is not None else residual / max(energy, 1e-300)
     inp, out = w_up.shape[1], w.shape[0]
     block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
+    _resize_views(gm, sites, block, len(keep))
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
     _write(gm, down, refit[:, : len(keep)], None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
@@ -342,6 +471,7 @@ def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> 
         if up is None or down is None:
             raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which this model lacks")
         k = int(rec["width"])
+        _resize_views(gm, sites, MLPBlock(up=rec["up"], down=rec["down"], activation="", hidden=int(rec["hidden"])), k)
         w_up, b_up = _layer_tensors(gm, up)
         w, b = _layer_tensors(gm, down)
         with torch.no_grad():

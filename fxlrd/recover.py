@@ -448,28 +448,6 @@ def _capture_input(gm: fx.GraphModule, node: fx.Node, flat: list[Any]) -> torch.
     raise RuntimeError(f"the graph never computed {node.name!r}")  # unreachable for a node of gm's graph
 
 
-def _block_chain(gm: fx.GraphModule, up: fx.Node, down: fx.Node) -> list[fx.Node]:
-    """The elementwise activation nodes from ``up``'s output to ``down``'s input."""
-    chain, node = [], up
-    while True:
-        (user,) = node.users
-        if user is down:
-            return chain
-        chain.append(user)
-        node = user
-
-
-def _run_activation(gm: fx.GraphModule, chain: Sequence[fx.Node], h: torch.Tensor) -> torch.Tensor:
-    for node in chain:
-        if node.op == "call_module":
-            h = gm.get_submodule(node.target)(h)
-        elif node.op == "call_method":
-            h = getattr(h, node.target)(*node.args[1:], **node.kwargs)
-        else:
-            h = node.target(h, *node.args[1:], **node.kwargs)
-    return h
-
-
 def reconstruct_mlps(
     gm: fx.GraphModule,
     teacher: nn.Module,
@@ -536,6 +514,7 @@ def reconstruct_mlps(
     from .config import check_sensitivity
     from .errors import ConfigError, PlanMismatchError
     from .sites import _get_attr, find_sites
+    from .narrow import block_nodes, run_block_nodes
 
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
@@ -603,9 +582,9 @@ def reconstruct_mlps(
     bar = tqdm(blocks, desc="reconstruct MLPs", unit="block", disable=None if progress else True, file=sys.stderr, leave=False)
     try:
         for rec, up, down, (tw_up, tb_up, tw_down, tb_down) in bar:
-            up_node, down_node = up.nodes[0], down.nodes[0]
+            up_node = up.nodes[0]
             x_node = up.input(up_node)
-            chain = _block_chain(gm, up_node, down_node)
+            between, end = block_nodes(gm, sites, rec["up"])
             rows = []
             with torch.no_grad():
                 for args, kwargs in data:
@@ -620,7 +599,7 @@ def reconstruct_mlps(
             lower = weighting.get(down.name)
 
             def block(x_: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-                out = F.linear(_run_activation(gm, chain, F.linear(x_, w1, b1)), w2, b2)
+                out = F.linear(run_block_nodes(gm, between, up_node, end, F.linear(x_, w1, b1)), w2, b2)
                 return out if lower is None else out @ lower
 
             teacher_params = [None if t is None else t.float() for t in (tw_up, tb_up, tw_down, tb_down)]

@@ -406,3 +406,72 @@ def test_narrow_that_finds_no_block_says_so():
     with pytest.warns(UserWarning, match="mlp='narrow' found no MLP block to narrow"):
         gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow"), example_inputs=x[:2], calibration=[x])
     assert not gm.fxlrd_plan.settings.get("narrowed")
+
+
+class WrittenOut(nn.Module):
+    """An MLP block as GPT-2 writes it: the tanh-GELU as arithmetic (the hidden value read
+    twice) and reshapes of the leading dimensions between the layers; ``leak``: the hidden
+    values also reach the output; ``split``: a reshape that splits the neurons."""
+
+    def __init__(self, leak=False, split=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.leak, self.split = leak, split
+
+    def forward(self, x):
+        h = self.up(x.reshape(-1, 8)).view(-1, 5, 32)
+        a = 0.5 * h * (1.0 + torch.tanh(0.7978845608028654 * (h + 0.044715 * torch.pow(h, 3.0))))
+        a = a.reshape(-1, 4, 8) if self.split else a
+        y = self.down(a.reshape(-1, 32)).view(-1, 5, 8)
+        return y + h.mean(-1, keepdim=True) if self.leak else y
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_block_with_arithmetic_activation_and_reshapes_is_found_and_narrowed(mode):
+    x = torch.randn(6, 5, 8)
+    assert find_mlps(capture(WrittenOut(leak=True), x, mode=mode).gm) == []  # hidden values read elsewhere
+    assert find_mlps(capture(WrittenOut(split=True), x, mode=mode).gm) == []  # a reshape mixing the neuron axis
+    model = WrittenOut().eval()
+    cal = [torch.randn(12, 5, 8) for _ in range(4)]
+    gm, block = _narrowed(model, cal, 32)  # fx: every neuron kept reproduces the model
+    assert "tanh" in block.activation and rel_err(gm(x), model(x)) < 1e-4
+    gm = capture(model, cal[0], mode=mode).gm
+    (block,) = find_mlps(gm)
+    stats = collect_stats(gm, cal, names=[block.down], progress=False)
+    narrow_block(gm, block, stats[block.down], 12)
+    assert gm.up.weight.shape == (12, 8) if mode == "fx" else gm.get_parameter("up.weight").shape == (12, 8)
+    out = gm(x)  # the reshapes now name 12 neurons
+    assert out.shape == model(x).shape and rel_err(out, model(x)) < 0.5
+    # the block is the whole model: reconstruct_mlps runs the written-out activation as the graph does
+    with torch.no_grad():
+        before = _sq_err(gm(torch.cat(cal)), model(torch.cat(cal)))
+    gm.fxlrd_plan = fxlrd.Plan(layers={}, settings={"narrowed": [block.to_dict()]})
+    (rec,) = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=1, holdout=0, progress=False).values()
+    assert rec["train_before"] == pytest.approx(before, rel=1e-4)
+
+
+def test_gpt2_mlp_blocks_are_narrowed_saved_loaded_and_reconstructed():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=64, vocab_size=100, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    cal = [{"input_ids": torch.randint(0, 100, (4, 12), generator=g)} for _ in range(6)]
+    x = {"input_ids": torch.randint(0, 100, (2, 7), generator=g)}  # another batch and length
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4), example_inputs=cal[0],
+                         calibration=cal)  # fmt: skip
+    narrowed = gm.fxlrd_plan.settings["narrowed"]
+    assert [(b["up"], b["down"], b["hidden"]) for b in narrowed] == [(f"h.{i}.mlp.c_fc", f"h.{i}.mlp.c_proj", 64)
+                                                                   for i in range(2)]  # fmt: skip
+    assert all(b["width"] < 64 for b in narrowed)
+    out = gm(**x).last_hidden_state
+    assert rel_err(out, model(**x).last_hidden_state) < 0.5
+    with tempfile.TemporaryDirectory() as d:
+        fxlrd.save(gm, f"{d}/m")
+        assert torch.equal(fxlrd.load(model, f"{d}/m")(**x).last_hidden_state, out)
+    report = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=30, lr=1e-3, tokens_per_step=32, holdout=0,
+                                            progress=False)  # fmt: skip
+    assert set(report) == {b["up"] for b in narrowed}
+    assert all(r["train_after"] <= r["train_before"] for r in report.values())
