@@ -15,6 +15,8 @@ activation. Merging each pair gives the block its original depth with a narrower
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -141,7 +143,27 @@ class MergePass(PassBase):
             return _is_foldable_norm(_module(gm, node))
         return node.op == "call_function" and node.target in _FUNCTIONAL_NORMS
 
-    def _match(self, gm: fx.GraphModule, b: fx.Node, sites: dict[fx.Node, Site]):
+    @staticmethod
+    def _called_once(node: fx.Node, calls: Counter, sites: dict[fx.Node, Site]) -> bool:
+        """Whether ``node``'s module (or functional weight) runs nowhere else in the graph:
+        a merge replaces the module, which would change its other calls too."""
+        if node.op == "call_module":
+            return calls[node.target] == 1
+        return node not in sites or len(sites[node].nodes) == 1
+
+    @staticmethod
+    def _aligned(ma: nn.Module, norm: fx.Node) -> bool:
+        """Whether the norm's channels are the layers' features: a linear layer's are the last
+        dimension, a batch norm's dimension 1, the same only for 2-D inputs (a norm over the
+        tokens of (N, L, C) is not foldable)."""
+        if not isinstance(ma, nn.Linear):
+            return True
+        x = _single_input(norm)
+        meta = (x.meta.get("val") if x is not None else None) or (x.meta.get("tensor_meta") if x is not None else None)
+        shape = getattr(meta, "shape", None)
+        return shape is not None and len(shape) == 2
+
+    def _match(self, gm: fx.GraphModule, b: fx.Node, sites: dict[fx.Node, Site], calls: Counter):
         """``(a, norm, act, b)`` if ``b`` ends a mergeable chain, else None."""
         mb = self._layer(gm, b, sites)
         if mb is None or (b.op == "call_module" and (len(b.args) != 1 or b.kwargs)):
@@ -164,7 +186,14 @@ class MergePass(PassBase):
             return None  # factors of one layer: merging would undo the decomposition
         if act is not None and self.mode != "approximate":
             return None
-        if self.mode == "exact" and norm is not None and norm.op == "call_module" and gm.get_submodule(norm.target).training:
+        if not all(self._called_once(n, calls, sites) for n in (cur, norm, b) if n is not None):
+            return None  # a module that also runs elsewhere (a layer called twice, a shared norm)
+        if norm is not None and not self._aligned(ma, norm):
+            return None
+        folds_training_norm = act is None and norm is not None and norm.op == "call_module" and gm.get_submodule(norm.target).training
+        if folds_training_norm and self.mode == "approximate":
+            return None  # with nothing between to move it past, the norm would be folded: keep it for fine-tuning
+        if folds_training_norm:
             raise ConfigError(
                 f"merge='exact' folds batch norm {norm.target!r} into the layers with its running statistics, which is "
                 "what it computes in eval mode only, and it is in training mode: call model.eval() before merging "
@@ -193,7 +222,8 @@ class MergePass(PassBase):
             sites = {node: site for site in find_sites(gm).values() if not site.reason and site.kind == "function"
                      for node in site.nodes}  # fmt: skip
             candidates = [n for n in gm.graph.nodes if (n.op == "call_module" or n in sites) and n not in refused]
-            match = next((m for n in candidates if (m := self._match(gm, n, sites))), None)
+            calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+            match = next((m for n in candidates if (m := self._match(gm, n, sites, calls))), None)
             if match is None:
                 break
             if any(n.op != "call_module" for n in (match[0], match[3])) or (match[1] is not None and match[1].op != "call_module"):

@@ -269,3 +269,74 @@ def test_a_save_made_under_the_first_merge_rule_still_loads(tmp_path):
     fxlrd.save(new, tmp_path / "new")
     with torch.no_grad():
         torch.testing.assert_close(fxlrd.load(model, tmp_path / "new")(x), new(x), rtol=0, atol=0)
+
+
+class CalledTwice(nn.Module):
+    """``which`` module runs twice: the decomposed conv ``c``, the pointwise ``p`` or the norm ``bn``."""
+
+    def __init__(self, which):
+        super().__init__()
+        torch.manual_seed(0)
+        self.which = which
+        self.p, self.bn, self.c, self.q = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        if self.which == "c":  # c's out_proj → bn → q would merge
+            return self.c(self.q(self.bn(self.c(x))))
+        if self.which == "p":  # p → bn → c's in_proj would merge
+            return self.p(self.c(self.bn(self.p(x))))
+        return self.bn(self.q(self.c(torch.relu(self.bn(self.p(x))))))  # the norm would be moved
+
+
+@pytest.mark.parametrize("which", ["c", "p", "bn"])
+@pytest.mark.parametrize("mode", ["exact", "approximate"])
+def test_modules_that_run_twice_are_not_merged(which, mode):
+    model, x = CalledTwice(which).eval(), torch.randn(2, 8, 5, 5)
+    config = dict(rank_rule="fixed", rank=4, rank_quantum=1)
+    plain = fxlrd.transform(model, LRDConfig(**config), example_inputs=x)
+    gm = fxlrd.transform(model, LRDConfig(**config, merge=mode), example_inputs=x)
+    twice = {"c": "c.out_proj", "p": "p", "bn": "bn"}[which]
+    assert not hasattr(gm.get_submodule(twice), "fxlrd_merge") and gm.get_submodule(twice).weight.shape[0] == 8
+    with torch.no_grad():
+        if mode == "exact":
+            torch.testing.assert_close(gm(x), plain(x), rtol=1e-4, atol=1e-4)
+        else:
+            assert gm(x).shape == model(x).shape
+
+
+def test_a_batch_norm_over_tokens_is_not_folded_into_linears():
+    class Tokens(nn.Module):  # BatchNorm1d on (N, L, C) normalizes dim 1 (the tokens), not the features
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-1, 1)
+
+        def forward(self, x):
+            return self.b(self.bn(self.a(x)))
+
+    config = dict(rank_rule="fixed", rank=8, rank_quantum=1, allow_larger=True, merge="exact", decompose_pointwise=True)
+    model = Tokens().eval()
+    for x in (torch.randn(2, 8, 8), torch.randn(5, 8)):  # 3-D: kept apart; 2-D: folded, and exact
+        gm = fxlrd.transform(model, LRDConfig(**config), example_inputs=x)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+        assert any(hasattr(m, "fxlrd_merge") for m in gm.modules()) == (x.dim() == 2)
+
+
+def test_approximate_merge_of_a_training_model_keeps_a_norm_it_would_fold():
+    class NoActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1, self.conv2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(self.bn1(self.conv1(x)))
+
+    gm = fxlrd.transform(NoActivation().train(), LRDConfig(merge="approximate", rank_rule="fixed", rank=4, rank_quantum=1),
+                         example_inputs=torch.randn(4, 8, 6, 6))  # fmt: skip
+    assert isinstance(gm.bn1, nn.BatchNorm2d) and gm.bn1.training  # still there to fine-tune with
+    assert not any(hasattr(m, "fxlrd_merge") for m in gm.modules())
