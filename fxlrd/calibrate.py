@@ -118,11 +118,18 @@ class InputStats:
             self.cross += xo.T @ x
 
 
+def _batched(site: Site, x: torch.Tensor) -> torch.Tensor:
+    """A conv's input or output with its batch dimension: torch convs also take one unbatched
+    sample, (C, *spatial)."""
+    return x.unsqueeze(0) if site.spec.kind != "linear" and x.dim() == len(site.spec.stride) + 1 else x
+
+
 def _samples(site: Site, x: torch.Tensor) -> torch.Tensor:
     """A site's input as ``(samples, channels)`` rows, the positions the layer reads."""
     spec = site.spec
     if spec.kind == "linear":
         return x.reshape(-1, x.shape[-1])
+    x = _batched(site, x)
     if spec.pointwise and any(s > 1 for s in spec.stride) and not isinstance(spec.padding, str) and not any(spec.padding):
         index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)
         x = x[index]
@@ -231,7 +238,7 @@ class SiteStats:
 
 def _output_moments(site: Site, g: torch.Tensor, full: bool) -> torch.Tensor:
     """A site's output gradient as channel rows: their Gram matrix (``full``) or its diagonal."""
-    g = g.detach().double()
+    g = _batched(site, g.detach().double())
     rows = g.reshape(-1, g.shape[-1]) if site.spec.kind == "linear" else g.movedim(1, -1).reshape(-1, g.shape[1])
     return rows.T @ rows if full else rows.pow(2).sum(0)
 

@@ -858,3 +858,16 @@ def test_distill_stops_at_a_non_finite_loss_with_the_parameters_still_finite():
     with pytest.raises(FloatingPointError, match="loss is nan at step 1 .* the model keeps those of step 1"):
         distill(gm, model, [torch.randn(8, 16), bad], steps=4, lr=1e-3, progress=False)
     assert all(torch.isfinite(p).all() for p in gm.parameters())
+
+
+@pytest.mark.parametrize("settings", [{}, {"sequential": True}, {"sensitivity": True}])
+def test_unbatched_conv_inputs_calibrate_as_the_same_samples_batched(settings):
+    """torch convs take one unbatched sample (C, H, W): its channels are dimension 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1)).eval()
+    data = [torch.randn(6, 7, 9) * torch.linspace(0.1, 3, 6).reshape(6, 1, 1) for _ in range(6)]
+    config = LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1, **settings)
+    unbatched = fxlrd.transform(model, config, example_inputs=data[0], calibration=data)
+    batched = fxlrd.transform(model, config, example_inputs=data[0][None], calibration=[d[None] for d in data])
+    for a, b in zip(unbatched.parameters(), batched.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
