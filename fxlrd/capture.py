@@ -539,10 +539,14 @@ def capture(
             "capture='export' needs example_inputs=... (a tensor, tuple or dict of one batch): torch.export runs the model"
         )
     original = model
+    folded = 0
     if copy_model:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
+        folded = _fold_weight_norms(model)
     swapped = swap_attention(model, attention)
     notes = [f"{swapped} nn.MultiheadAttention swapped for fxlrd.attention.MultiheadAttention ({attention})"] if swapped else []
+    if folded:
+        notes.append(f"{folded} torch.nn.utils.weight_norm hooks folded into their layers' weights on the captured copy")
     fx_error: BaseException | None = None
     if mode in ("auto", "fx"):
         try:
@@ -569,6 +573,33 @@ def capture(
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
     return Captured(gm, "export", reason, notes + export_notes)
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. Tensors a hook computed from parameters (the hook-based
+    ``weight_norm`` sets ``module.weight`` so; torch cannot deepcopy a tensor with a history)
+    are copied detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _fold_weight_norms(model: nn.Module) -> int:
+    """Remove the hook-based ``torch.nn.utils.weight_norm`` from ``model`` (a copy), each
+    weight computed once from its ``weight_g`` and ``weight_v``: the layer then holds its
+    weight as a parameter, as fxlrd decomposes it. Returns how many were folded."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    count = 0
+    for module in model.modules():
+        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]:
+            with torch.no_grad():
+                torch.nn.utils.remove_weight_norm(module, hook.name)
+            count += 1
+    return count
 
 
 def _keep_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:

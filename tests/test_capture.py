@@ -532,3 +532,25 @@ def test_forward_reading_kwargs_is_captured_by_export():
     assert gm.fxlrd_capture["mode"] == "export"
     assert any("static shapes" in note for note in gm.fxlrd_capture["notes"])  # torch cannot export **kwargs dynamic
     torch.testing.assert_close(gm(x=x, shift=shift), model(x, shift=shift), rtol=1e-4, atol=1e-4)
+
+
+def test_hook_based_weight_norm_is_folded_on_the_copy_only(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the hook-based form, models still use it
+        model = nn.Sequential(nn.utils.weight_norm(nn.Conv1d(16, 16, 3, padding=1)), nn.ReLU(), nn.Conv1d(16, 8, 1))
+    x = torch.randn(2, 16, 9)
+    want = model(x)  # with grad: the hook leaves a weight with a history, which torch cannot deepcopy
+    before = _snapshot(model)
+    gm = fxlrd.transform(model, FULL, example_inputs=x)
+    assert any("weight_norm" in note for note in gm.fxlrd_capture["notes"])
+    assert isinstance(gm.get_submodule("0"), Factorized)
+    torch.testing.assert_close(gm(x), want, rtol=1e-4, atol=1e-4)
+    _assert_untouched(model, before)
+    assert model[0].weight.device.type == "cpu" and model[0]._forward_pre_hooks  # the user's hook is still there
+    with pytest.raises(ConfigError, match="weight_norm"):
+        fxlrd.transform(model, FULL, example_inputs=x, inplace=True)
+    _assert_untouched(model, before)
+    fxlrd.save(gm, tmp_path / "m")
+    torch.testing.assert_close(fxlrd.load(model, tmp_path / "m")(x), gm(x))
