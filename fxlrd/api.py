@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
@@ -176,7 +177,7 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
     branches = int(plan_.settings.get("branches", 1) or 1)
     if branches > 1:
         gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
-        _sync_branched(gm, plan_)
+        _sync_branched(gm, plan_, reference, stats)
     if plan_.settings.get("merge"):
         plan_.settings["merge_rule"] = MergePass.RULE
         gm = MergePass(plan_.settings["merge"])(gm).graph_module
@@ -300,9 +301,10 @@ def _plan_sensitivity(plan: Plan, given: Callable[[Any, Any], Any] | None) -> bo
     return True
 
 
-def _sync_branched(gm: fx.GraphModule, plan_: Plan) -> None:
+def _sync_branched(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, stats=None) -> None:
     """Branching rounds a layer's ranks down to multiples of the branch count and groups its
-    core: the plan is updated to say what the model holds (ranks, parameters, MACs)."""
+    core: the plan is updated to say what the model holds (ranks, parameters, MACs, and the
+    error, measured as the plan measures it, against ``reference``'s weight; None without it)."""
     from .metrics import layer_macs
 
     for lp in plan_.decomposed:
@@ -310,11 +312,39 @@ def _sync_branched(gm: fx.GraphModule, plan_: Plan) -> None:
             fact = gm.get_submodule(lp.name)
         except AttributeError:
             continue
-        if not isinstance(fact, Factorized) or tuple(fact.ranks) == tuple(lp.ranks):
+        if not isinstance(fact, Factorized) or not isinstance(getattr(fact, "core", None), nn.modules.conv._ConvNd):
+            continue
+        if fact.core.groups == 1:
             continue
         lp.ranks, lp.params_after = tuple(fact.ranks), count_params(fact)
         if lp.macs_after is not None and lp.input_shape is not None:
             lp.macs_after = layer_macs(fact, lp.input_shape)
+        if lp.error is None:  # (data-free layers report none outside the allocation modes)
+            continue
+        try:
+            weight = reference.get_submodule(lp.name).weight if reference is not None else None
+        except AttributeError:
+            weight = None
+        site_stats = (stats or {}).get(lp.name) if lp.data_aware else None
+        lp.error = _branched_error(fact, weight, site_stats) if weight is not None else None
+
+
+def _branched_error(fact: Factorized, weight: torch.Tensor, stats: Any) -> float:
+    """The relative squared error of a branched Tucker-2 layer (its core grouped), of the
+    weight or, with ``stats``, of the output on the calibration inputs (as `error_curve`)."""
+    from .methods.base import data_aware_weight
+
+    n = fact.core.groups
+    v = fact.in_proj.weight.detach().double().cpu().reshape(fact.in_proj.out_channels, -1)  # (n·r1, C)
+    g = fact.core.weight.detach().double().cpu()  # (n·r2, r1, *k)
+    u = fact.out_proj.weight.detach().double().cpu().reshape(fact.out_proj.out_channels, -1)  # (S, n·r2)
+    r1, r2 = v.shape[0] // n, g.shape[0] // n
+    dense = sum(torch.einsum("sr,rq...,qc->sc...", u[:, i * r2 : (i + 1) * r2], g[i * r2 : (i + 1) * r2],
+                             v[i * r1 : (i + 1) * r1]) for i in range(n))  # fmt: skip
+    w, _, out_w = data_aware_weight(weight, stats)
+    approx, _, _ = data_aware_weight(dense.reshape(weight.shape), stats)
+    total = 1.0 if out_w is not None else max(float((w**2).sum()), 1e-300)
+    return float(((w - approx) ** 2).sum()) / total
 
 
 def transform(

@@ -93,3 +93,15 @@ def test_the_plan_of_a_branched_model_says_what_it_holds(tmp_path):
     fxlrd.save(gm, tmp_path / "b")
     with torch.no_grad():
         torch.testing.assert_close(fxlrd.load(model, tmp_path / "b")(x), gm(x), rtol=0, atol=0)
+
+
+def test_the_plan_error_of_a_branched_data_aware_layer_is_the_branched_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1)).eval()
+    scale = torch.linspace(0.05, 3, 12).reshape(1, 12, 1, 1)
+    batches = [torch.randn(8, 12, 6, 6) * scale for _ in range(8)]
+    config = LRDConfig(rank_rule="fixed", rank=6, rank_quantum=1, sensitivity=False, branches=2)
+    gm = fxlrd.transform(model, config, example_inputs=batches[0], calibration=batches)
+    with torch.no_grad():
+        measured = sum(float((gm(b) - model(b)).pow(2).sum()) for b in batches) / sum(float(model(b).pow(2).sum()) for b in batches)
+    assert gm.fxlrd_plan["0"].error == pytest.approx(measured, rel=0.05)  # (the statistics are shrunk a little)
