@@ -178,6 +178,10 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
     if branches > 1:
         gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
         _sync_branched(gm, plan_, reference, stats)
+        narrow = [lp.name for lp in plan_.decomposed if lp.method == "tucker2" and min(lp.ranks) < branches]
+        if narrow:
+            warnings.warn(f"branches={branches}: {len(narrow)} Tucker-2 layers have a rank below {branches} and stay "
+                          f"unbranched (first: {narrow[0]!r})", FxlrdWarning, stacklevel=3)  # fmt: skip
     if plan_.settings.get("merge"):
         plan_.settings["merge_rule"] = MergePass.RULE
         gm = MergePass(plan_.settings["merge"])(gm).graph_module

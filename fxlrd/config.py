@@ -216,6 +216,18 @@ class LRDConfig:
                     f"rank_rule={self.rank_rule!r} is not defined for {name}={value!r}; "
                     f"it takes {get_method(value).rank_rules}"
                 )
+        from .factorized import LayerSpec
+
+        probes = {"linear_method": (LayerSpec("linear", 8, 8), "Linear and 1x1 conv layers", "svd"),
+                  "conv_method": (LayerSpec("conv", 8, 8, (3, 3), 1, True, (1, 1), (1, 1), (1, 1)), "k×k convolutions",
+                                  "tucker2 or cp")}  # fmt: skip
+        for name, (spec, what, use) in probes.items():
+            why = get_method(getattr(self, name)).applies(spec)
+            if why:
+                raise ConfigError(f"{name}={getattr(self, name)!r} cannot decompose {what} ({why}): use {use}")
+        if self.branches > 1 and self.conv_method != "tucker2":
+            raise ConfigError(f"branches={self.branches} groups Tucker-2 cores: it needs conv_method='tucker2', "
+                              f"not {self.conv_method!r}")  # fmt: skip
         if self.attention not in ATTENTION_LAYOUTS:
             raise ConfigError(f"attention must be one of {ATTENTION_LAYOUTS}, got {self.attention!r}")
         if self.target_params is not None:

@@ -105,3 +105,11 @@ def test_the_plan_error_of_a_branched_data_aware_layer_is_the_branched_layers():
     with torch.no_grad():
         measured = sum(float((gm(b) - model(b)).pow(2).sum()) for b in batches) / sum(float(model(b).pow(2).sum()) for b in batches)
     assert gm.fxlrd_plan["0"].error == pytest.approx(measured, rel=0.05)  # (the statistics are shrunk a little)
+
+
+def test_layers_whose_ranks_are_below_the_branch_count_stay_unbranched_and_say_so():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1)).eval()
+    with pytest.warns(fxlrd.FxlrdWarning, match=r"branches=4: 2 Tucker-2 layers have a rank below 4 .*'0'"):
+        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=(2, 2), rank_quantum=1, branches=4),
+                             example_inputs=torch.randn(1, 8, 6, 6))  # fmt: skip
+    assert gm.get_submodule("0").core.groups == 1

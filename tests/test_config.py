@@ -32,6 +32,10 @@ from fxlrd import ConfigError, LRDConfig
         ({"tucker_iters": -1}, "tucker_iters"),
         ({"target_params": 1.0}, "target_params=1.0 is neither a fraction of the model"),
         ({"target_params": 2.5}, "target_params must be a parameter count"),
+        ({"linear_method": "cp"}, "linear_method='cp' cannot decompose Linear and 1x1 conv layers"),
+        ({"linear_method": "tucker2"}, "linear_method='tucker2' cannot decompose Linear"),
+        ({"conv_method": "svd"}, "conv_method='svd' cannot decompose k×k convolutions"),
+        ({"branches": 2, "conv_method": "cp"}, "branches=2 groups Tucker-2 cores: it needs conv_method='tucker2'"),
     ],
 )
 def test_bad_values_name_the_problem(kwargs, fragment):
