@@ -418,6 +418,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
         gm._fxlrd_arg_names = [n for n in bound.signature.parameters]
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    gm.train(model.training)  # the flag only (the graph ran as the model's mode was at capture), as the model says
     return gm, notes
 
 

@@ -554,3 +554,10 @@ def test_hook_based_weight_norm_is_folded_on_the_copy_only(tmp_path):
     _assert_untouched(model, before)
     fxlrd.save(gm, tmp_path / "m")
     torch.testing.assert_close(fxlrd.load(model, tmp_path / "m")(x), gm(x))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_an_export_capture_says_the_mode_it_was_captured_in(training):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8)).train(training)
+    gm = fxlrd.transform(model, LOW, example_inputs=torch.randn(2, 8), capture="export")
+    assert gm.training == training and model.training == training
