@@ -124,10 +124,39 @@ def _batched(site: Site, x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if site.spec.kind != "linear" and x.dim() == len(site.spec.stride) + 1 else x
 
 
-def _samples(site: Site, x: torch.Tensor) -> torch.Tensor:
-    """A site's input as ``(samples, channels)`` rows, the positions the layer reads."""
+def padding_mask(inputs: Args) -> torch.Tensor | None:
+    """The real-token positions of a text batch: its ``attention_mask`` keyword input as a
+    (batch, sequence) bool tensor; None when there is none."""
+    mask = inputs[1].get("attention_mask") if isinstance(inputs[1], Mapping) else None
+    return mask.to(torch.bool) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _real_tokens(site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A linear site's values at the real tokens only (padding left out of the statistics: its
+    activations are not the model's work, and they bias the fit): ``x`` is (batch, sequence,
+    ...) or flattened to (batch·sequence, channels) as GPT-2's ``Conv1D`` does."""
+    if mask is None or site.spec.kind != "linear":
+        return x
+    if x.dim() >= 3 and x.shape[:2] == mask.shape:
+        return x[mask.to(x.device)]
+    if x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
+        return x[mask.reshape(-1).to(x.device)]
+    return x
+
+
+def _on_real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with its padding positions zeroed, when it is a (batch, sequence, ...) output."""
+    if mask is None or t.dim() < 3 or t.shape[:2] != mask.shape:
+        return t
+    return t * mask.to(device=t.device, dtype=t.dtype).reshape(*mask.shape, *([1] * (t.dim() - 2)))
+
+
+def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A site's input as ``(samples, channels)`` rows, the positions the layer reads (for a
+    text batch, its real tokens: ``mask`` from `padding_mask`)."""
     spec = site.spec
     if spec.kind == "linear":
+        x = _real_tokens(site, x, mask)
         return x.reshape(-1, x.shape[-1])
     x = _batched(site, x)
     if spec.pointwise and any(s > 1 for s in spec.stride) and not isinstance(spec.padding, str) and not any(spec.padding):
@@ -236,9 +265,10 @@ class SiteStats:
         return w.clamp_min(floor * mean)
 
 
-def _output_moments(site: Site, g: torch.Tensor, full: bool) -> torch.Tensor:
-    """A site's output gradient as channel rows: their Gram matrix (``full``) or its diagonal."""
-    g = _batched(site, g.detach().double())
+def _output_moments(site: Site, g: torch.Tensor, full: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A site's output gradient as channel rows (real tokens only, with ``mask``): their Gram
+    matrix (``full``) or its diagonal."""
+    g = _batched(site, _real_tokens(site, g.detach().double(), mask))
     rows = g.reshape(-1, g.shape[-1]) if site.spec.kind == "linear" else g.movedim(1, -1).reshape(-1, g.shape[1])
     return rows.T @ rows if full else rows.pow(2).sum(0)
 
@@ -331,7 +361,7 @@ def collect_stats(
             out = super().run_node(node)
             if node in by_input and isinstance(out, torch.Tensor):
                 site = sites[by_input[node][0]]
-                x = _samples(site, out)
+                x = _samples(site, out, mask)
                 if node not in inputs_stats:
                     inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
                 inputs_stats[node].add(x)
@@ -347,6 +377,7 @@ def collect_stats(
     try:
         for index, item in enumerate(_batches(calibration, progress, "calibration")):
             inputs = _as_args(item, index)
+            mask = padding_mask(inputs)
             site_outputs.clear()
             try:
                 flat = flat_inputs(gm, inputs, f"calibration batch {index}")
@@ -369,13 +400,13 @@ def collect_stats(
                         "normalized embedding or the logits it is given, or use sensitivity=False"
                     )
                 if outs:
-                    vs = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in outs]
+                    vs = [_on_real_tokens(torch.randn(t.shape, generator=generator, dtype=t.dtype), mask) for t in outs]
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
                     for (name, _), g in zip(site_outputs, grads):
                         if g is not None:
-                            ch = _output_moments(sites[name], g, full)
+                            ch = _output_moments(sites[name], g, full, mask)
                             sens[name] = sens[name] + ch if name in sens else ch
-                    energy += sum(float(t.detach().double().pow(2).sum()) for t in outs)
+                    energy += sum(float(_on_real_tokens(t.detach().double(), mask).pow(2).sum()) for t in outs)
             site_outputs.clear()
             n += 1
     finally:
@@ -473,8 +504,9 @@ def sequential_factors(
     first_node = {site.nodes[0]: name for name, site in todo.items()}
     options = {"tucker_iters": int(plan.settings.get("tucker_iters", 0) or 0),
                "cp_iters": int(plan.settings.get("cp_iters", 300) or 300)}  # fmt: skip
-    batches = [flat_inputs(gm, _as_args(item, i), f"calibration batch {i}")
-               for i, item in enumerate(_batches(calibration, False, "calibration"))]  # fmt: skip
+    items = [_as_args(item, i) for i, item in enumerate(_batches(calibration, False, "calibration"))]
+    batches = [flat_inputs(gm, item, f"calibration batch {i}") for i, item in enumerate(items)]
+    masks = [padding_mask(item) for item in items]
     if not batches:
         raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
     if distributed is None:
@@ -515,7 +547,7 @@ def sequential_factors(
                     x_node = site.input(node)
                     local = None
                     for i in range(len(batches)):
-                        x_c, x_o = _samples(site, comp[x_node][i]), _samples(site, orig[x_node][i])
+                        x_c, x_o = _samples(site, comp[x_node][i], masks[i]), _samples(site, orig[x_node][i], masks[i])
                         if local is None:
                             local = InputStats(torch.zeros(x_c.shape[1], x_c.shape[1], dtype=torch.float64))
                         local.add(x_c, x_o)

@@ -871,3 +871,27 @@ def test_unbatched_conv_inputs_calibrate_as_the_same_samples_batched(settings):
     batched = fxlrd.transform(model, config, example_inputs=data[0][None], calibration=[d[None] for d in data])
     for a, b in zip(unbatched.parameters(), batched.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{}, {"sequential": True}, {"mlp": "narrow"}])
+def test_padding_positions_are_left_out_of_the_statistics(settings):
+    """The same real tokens calibrate to the same model whether or not their batches are
+    padded (positions where attention_mask is 0)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    real = [torch.randint(5, 40, (4, 6), generator=g) for _ in range(6)]
+    unpadded = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in real]
+    padded = []
+    for r in real:
+        ids = torch.zeros(4, 20, dtype=torch.long)
+        ids[:, :6] = r
+        padded.append({"input_ids": ids, "attention_mask": (ids != 0).long()})
+    config = LRDConfig(ratio=2, rank_quantum=4, sensitivity=False, **settings)  # (a sensitivity draws random projections)
+    a = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=unpadded)
+    b = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=padded)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
