@@ -389,8 +389,10 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001
-        if _is_cache_output_error(exc) and getattr(getattr(model, "config", None), "use_cache", False):
-            model.config.use_cache = False
+        configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
+        if _is_cache_output_error(exc) and configs:
+            for config in configs.values():  # the model's and its parts' own (T5's decoder holds a copy)
+                config.use_cache = False
             notes.append("config.use_cache set to False on the captured copy (a KV cache in the output cannot be exported)")
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         elif automatic:  # fxlrd's guess at the dynamic dimensions did not export (torch rejects some, e.g. in **kwargs)

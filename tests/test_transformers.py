@@ -361,6 +361,20 @@ def test_decoder_with_kv_cache_enabled_is_captured_without_it():
     assert out.last_hidden_state.shape == (3, 11, 32)
 
 
+def test_encoder_decoder_whose_parts_hold_their_own_config_is_captured_without_the_cache():
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, decoder_start_token_id=0)  # use_cache=True, copied into the decoder stack
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids[:, :4]}
+    gm = fxlrd.transform(model, FULL, example_inputs=example)
+    assert any("use_cache" in note for note in gm.fxlrd_capture["notes"])
+    assert model.config.use_cache is True and model.decoder.config.use_cache is True  # the user's model keeps them
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**example).logits, model(**example, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_paper_freezing(captured):
     name, model, example, _, gm0 = captured
     gm = fxlrd.transform(gm0, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1))
