@@ -341,7 +341,10 @@ def _trace_fx(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str]) -
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _dynamic_spec(value: Any, batch: int | None) -> Any:
+def _dynamic_spec(value: Any, batch: int | None, seq: int | None) -> Any:
+    """Which dimensions of one input fxlrd asks torch.export to keep dynamic: the batch, and
+    the sequence of every (batch, sequence, ...) input (token ids, masks of any dtype,
+    embeddings)."""
     from torch.export import Dim
 
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -349,21 +352,22 @@ def _dynamic_spec(value: Any, batch: int | None) -> Any:
     spec = {}
     if batch is not None and value.shape[0] == batch:
         spec[0] = Dim.AUTO
-    if not value.is_floating_point() and value.dim() >= 2:
-        spec[1] = Dim.AUTO  # token inputs: (batch, sequence)
+    if seq is not None and value.dim() >= 2 and value.shape[1] == seq and (batch is None or value.shape[0] == batch):
+        spec[1] = Dim.AUTO
     return spec or None
 
 
-def _auto_dynamic_shapes(bound: inspect.BoundArguments, batch: int | None) -> dict[str, Any]:
+def _auto_dynamic_shapes(bound: inspect.BoundArguments, batch: int | None, seq: int | None) -> dict[str, Any]:
+    spec = lambda v: _dynamic_spec(v, batch, seq)  # noqa: E731
     out = {}
     for name, value in bound.arguments.items():
         param = bound.signature.parameters[name]
         if param.kind == param.VAR_KEYWORD:
-            out[name] = {k: pytree.tree_map(lambda v: _dynamic_spec(v, batch), v) for k, v in value.items()}
+            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
         elif param.kind == param.VAR_POSITIONAL:
-            out[name] = tuple(pytree.tree_map(lambda v: _dynamic_spec(v, batch), v) for v in value)
+            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
         else:
-            out[name] = pytree.tree_map(lambda v: _dynamic_spec(v, batch), value, is_leaf=lambda v: isinstance(v, torch.Tensor))
+            out[name] = pytree.tree_map(spec, value, is_leaf=lambda v: isinstance(v, torch.Tensor))
     return out
 
 
@@ -372,20 +376,58 @@ def _batch_size(inputs: Args) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def _sequence_length(inputs: Args) -> int | None:
+    """The sequence length of a text batch: dimension 1 of its integer (batch, sequence)
+    inputs (token ids), when they agree."""
+    sizes = {t.shape[1] for t in pytree.tree_leaves(inputs)
+             if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool}  # fmt: skip
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _widen(inputs: Args, dim: int, size: int, batch: int | None) -> Args:
+    """Export specializes dimensions of size 1: repeat ``dim`` of every input whose ``dim`` is
+    1 (and whose batch is ``batch``) to 2, so that it stays dynamic."""
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() <= dim or t.shape[dim] != size or (dim > 0 and batch is not None and t.shape[0] != batch):
+            return t
+        return t.expand(*t.shape[:dim], 2, *t.shape[dim + 1 :]).clone()
+
+    return pytree.tree_map_only(torch.Tensor, widen, inputs)
+
+
+def _static_dims(gm: fx.GraphModule, asked: Sequence[str]) -> list[str]:
+    """Which of the ``asked`` dynamic dimensions ("batch", "sequence") no input of the
+    exported graph kept symbolic (export specialized them: the graph runs at one size)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    kept = {"batch": False, "sequence": False}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            for d, key in ((0, "batch"), (1, "sequence")):
+                if val.dim() > d and not is_concrete_int(val.shape[d]):
+                    kept[key] = True
+    return [key for key in asked if not kept[key]]
+
+
 def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:
     notes: list[str] = []
     args, kwargs = inputs
     bound = bind_inputs(model, inputs)
-    batch = _batch_size(inputs)
+    batch, seq = _batch_size(inputs), _sequence_length(inputs)
     automatic = dynamic_shapes is None and bound is not None
+    asked: list[str] = []
     if automatic:
         if batch == 1:  # export specializes size-1 dimensions: capture at batch 2 to keep it dynamic
-            args, kwargs = pytree.tree_map_only(
-                torch.Tensor, lambda t: t.expand(2, *t.shape[1:]).clone() if t.dim() > 0 and t.shape[0] == 1 else t, (args, kwargs)
-            )
+            args, kwargs = _widen((args, kwargs), 0, 1, None)
             batch = 2
-            bound = bind_inputs(model, (args, kwargs))
-        dynamic_shapes = _auto_dynamic_shapes(bound, batch)
+        if seq == 1:  # and at sequence length 2
+            args, kwargs = _widen((args, kwargs), 1, 1, batch)
+            seq = 2
+        bound = bind_inputs(model, (args, kwargs))
+        dynamic_shapes = _auto_dynamic_shapes(bound, batch, seq)
+        asked = ["batch"] * (batch is not None) + ["sequence"] * (seq is not None)
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001
@@ -406,6 +448,10 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
             raise
     exported = ep.module()
     graph = exported.graph
+    static = _static_dims(exported, asked) if automatic and not any("static shapes" in n for n in notes) else []
+    if static:
+        notes.append(f"export fixed the {' and '.join(static)} size to the example's: the graph runs at that size only "
+                     "(pass dynamic_shapes=... to choose)")  # fmt: skip
     for node in list(graph.nodes):  # input guards of the exported program: shapes are checked by the ops themselves
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)

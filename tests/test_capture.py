@@ -192,6 +192,35 @@ def test_export_at_batch_one_stays_dynamic():
         assert rel_err(gm(x), model(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("example", ["length one", "float mask", "batch and length one"])
+def test_export_keeps_the_sequence_dynamic(example):
+    model = _bert()
+    inputs = {"length one": _tokens(2, 1), "batch and length one": _tokens(1, 1),
+              "float mask": {**_tokens(2, 8), "attention_mask": torch.ones(2, 8)}}[example]  # fmt: skip
+    gm = fxlrd.transform(model, FULL, example_inputs=inputs, capture="export")
+    assert not any("fixed" in note for note in gm.fxlrd_capture["notes"])
+    other = _tokens(3, 7)
+    if example == "float mask":
+        other["attention_mask"] = other["attention_mask"].float()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**other).last_hidden_state, model(**other).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_export_that_fixes_the_sequence_length_says_so():
+    class Flattens(nn.Module):  # the sequence length is baked into a reshape
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(50, 4), nn.Linear(32, 8)
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            return self.lin(h.reshape(h.shape[0], 32))
+
+    gm = fxlrd.transform(Flattens(), LOW, example_inputs={"input_ids": torch.randint(0, 50, (3, 8))}, capture="export")
+    assert any("export fixed the sequence size" in note for note in gm.fxlrd_capture["notes"])
+    assert gm(input_ids=torch.randint(0, 50, (5, 8))).shape == (5, 8)  # the batch stays dynamic
+
+
 def test_hugging_face_model_output_stays_one():
     model = _bert()
     inputs = _tokens(2, 8)
