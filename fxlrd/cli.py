@@ -163,6 +163,8 @@ class ModelSource:
         input_shape: default input shape for vision/tensor models (batch first).
         tokenizer: a Hugging Face tokenizer, when the model directory has one.
         vocab_size: for text models: the range of random token ids.
+        encoder_decoder: a sequence-to-sequence model (T5...): its decoder is given the
+            encoder's tokens (``decoder_input_ids``), teacher-forced on the same text.
     """
 
     model: nn.Module
@@ -173,6 +175,7 @@ class ModelSource:
     tokenizer: Any = None
     vocab_size: int | None = None
     notes: list[str] = field(default_factory=list)
+    encoder_decoder: bool = False
 
 
 def _zoo_names() -> list[str]:
@@ -217,7 +220,7 @@ def _import_factory(spec: str) -> nn.Module:
 def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
     try:
         import transformers
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
     except ImportError as exc:  # pragma: no cover
         raise CommandError(f"{directory} looks like a Hugging Face model; install transformers to load it") from exc
     transformers.logging.set_verbosity_error()  # its notes on unused weights etc. are not the user's business here
@@ -226,7 +229,10 @@ def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
     if quiet:
         hf_logging.disable_progress_bar()  # "Loading weights" is a bar of its own
     try:
-        model = AutoModel.from_pretrained(str(directory), local_files_only=True)
+        # the class the checkpoint was saved from (its task head included), AutoModel without one
+        architectures = getattr(AutoConfig.from_pretrained(str(directory), local_files_only=True), "architectures", None)
+        arch = next((a for a in architectures or () if isinstance(getattr(transformers, a, None), type)), None)
+        model = (getattr(transformers, arch) if arch else AutoModel).from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise CommandError(
             f"cannot load the Hugging Face model in {directory}: {type(exc).__name__}: {_one_line(exc)}"
@@ -236,6 +242,7 @@ def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
             hf_logging.enable_progress_bar()
     config = model.config
     source = ModelSource(model.eval(), str(directory), "huggingface")
+    source.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     main_input = getattr(model, "main_input_name", "input_ids")
     if main_input == "input_ids":
         source.kind = "text"
@@ -459,8 +466,16 @@ class _Inputs:
         if self.kind == "text":
             vocab = self.source.vocab_size or 1000
             ids = torch.randint(min(5, vocab - 1), vocab, self.shape, generator=g)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            return self._decoder({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         return torch.randn(self.shape, generator=g)
+
+    def _decoder(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An encoder-decoder model's batch: its decoder reads the same tokens."""
+        if self.source.encoder_decoder and "decoder_input_ids" not in batch and "input_ids" in batch:
+            batch = {**batch, "decoder_input_ids": batch["input_ids"]}
+            if "attention_mask" in batch:
+                batch["decoder_attention_mask"] = batch["attention_mask"]
+        return batch
 
     # calibration files --------------------------------------------------------------------
     def read(self, path: Path, limit: int, console: _Console) -> list[Batch]:
@@ -534,7 +549,7 @@ class _Inputs:
         for i in range(0, len(lines) - self.batch + 1, self.batch):
             enc = tokenizer(lines[i : i + self.batch], padding="max_length", truncation=True, max_length=self.seq_len,
                             return_tensors="pt")  # fmt: skip
-            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+            out.append(self._decoder({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
         if not out:
             raise UsageError(f"--calibration {path} has {len(lines)} lines, fewer than one batch of {self.batch}")
         return out
@@ -555,7 +570,7 @@ class _Inputs:
             data = next(iter(data.values()))
         if isinstance(data, torch.Tensor):
             if self.kind == "text":
-                data = {"input_ids": data.long(), "attention_mask": torch.ones_like(data, dtype=torch.long)}
+                data = self._decoder({"input_ids": data.long(), "attention_mask": torch.ones_like(data, dtype=torch.long)})
             else:
                 if tuple(data.shape[1:]) != tuple(self.shape[1:]):
                     raise UsageError(
@@ -572,7 +587,7 @@ class _Inputs:
         total = sizes.pop()
         n = min(total // self.batch, limit)
         batches = [{k: v[i * self.batch : (i + 1) * self.batch] for k, v in data.items()} for i in range(n)]
-        return batches or [dict(data)]
+        return [self._decoder(b) for b in batches or [dict(data)]]
 
 
 @dataclass
@@ -609,6 +624,11 @@ def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data
     else:
         cal, held = data, randoms()
         note = f"{n_eval} batches of random inputs ({path} has only one batch, used for calibration)"
+    if isinstance(example, dict) and isinstance(cal[0], Mapping):  # inputs the file gives (a tokenizer's token_type_ids)
+        for key, value in cal[0].items():
+            if key not in example and isinstance(value, torch.Tensor) and value.shape[1:] == example["input_ids"].shape[1:]:
+                example[key] = torch.zeros(example["input_ids"].shape, dtype=value.dtype)
+                held = [{**h, key: torch.zeros(h["input_ids"].shape, dtype=value.dtype)} if key not in h else h for h in held]
     return _Data(example, cal, held, note)
 
 

@@ -515,3 +515,32 @@ def test_reports_are_strict_json(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) == \
         {"error": None, "runs": [1.5, None], "nested": {"x": None}}  # fmt: skip
+
+
+def test_hugging_face_directory_keeps_its_task_head_and_takes_the_tokenizers_tensors(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "cls")
+    ids = torch.randint(5, 100, (12, 16))
+    save_file({"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)},
+              str(tmp_path / "cal.safetensors"))  # what a BERT tokenizer returns
+    code, out, err = _run(capsys, "compress", tmp_path / "cls", "--seq-len", 16, "--batch", 4, "--calibration",
+                          tmp_path / "cal.safetensors", "--backend", "eager", "--repeats", 1, "--save", tmp_path / "s")  # fmt: skip
+    assert code == 0, err
+    assert "BertForSequenceClassification" in out and "top-1 agreement" in out  # the classifier's logits
+    assert fxlrd.io.verify(tmp_path / "s")["model_class"] == "BertForSequenceClassification"
+
+
+def test_encoder_decoder_directory_gives_its_decoder_the_same_tokens(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                                   vocab_size=100, decoder_start_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    code, out, err = _run(capsys, "compress", tmp_path / "t5", "--seq-len", 8, "--backend", "eager", "--repeats", 1)
+    assert code == 0, err
+    assert "T5ForConditionalGeneration" in out and "decoder.block.0" in out
