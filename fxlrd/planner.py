@@ -352,6 +352,13 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
         "objective": "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error",
     }  # fmt: skip
     if not met:
+        if budget <= 0:
+            fixed = plan.model_params - sum(t.lp.params_before for t in tasks)
+            raise ConfigError(
+                f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
+                "(embeddings, norms, layers left out), which decomposition does not touch: ask for a larger target_params "
+                "or decompose more layers"
+            )
         raise ConfigError(
             f"the parameter budget ({what}) cannot be met even by the smallest ranks tried "
             f"({used:.0f} > {budget:.0f} parameters in the decomposable layers); ask for fewer savings "

@@ -302,6 +302,9 @@ def test_global_ratio_applies_to_the_layers_as_a_whole():
 def test_an_unreachable_parameter_budget_is_a_clear_error():
     with pytest.raises(ConfigError, match="parameter budget"):
         fxlrd.transform(_mixed_spectra(), LRDConfig(target_params=10))
+    model = nn.Sequential(nn.Embedding(1000, 32), nn.Linear(32, 32))  # the embedding alone is over the budget
+    with pytest.raises(ConfigError, match=r"below the 32000 parameters outside the decomposable layers"):
+        fxlrd.plan(model, LRDConfig(target_params=1000), example_inputs=torch.randint(0, 1000, (2, 5)))
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.5, "half", True])
