@@ -411,23 +411,33 @@ def _static_dims(gm: fx.GraphModule, asked: Sequence[str]) -> list[str]:
     return [key for key in asked if not kept[key]]
 
 
+def dynamic_export_inputs(model: nn.Module, inputs: Args) -> tuple[tuple, dict, Any, list[str]]:
+    """``(args, kwargs, dynamic_shapes, asked)`` for ``torch.export.export`` with the batch and
+    the token sequence dynamic (``asked``: which of the two). Export specializes dimensions of
+    size 1, so a batch or sequence of 1 is widened to 2 first."""
+    args, kwargs = inputs
+    batch, seq = _batch_size(inputs), _sequence_length(inputs)
+    if batch == 1:
+        args, kwargs = _widen((args, kwargs), 0, 1, None)
+        batch = 2
+    if seq == 1:
+        args, kwargs = _widen((args, kwargs), 1, 1, batch)
+        seq = 2
+    bound = bind_inputs(model, (args, kwargs))
+    if bound is None:
+        return args, kwargs, None, []
+    asked = ["batch"] * (batch is not None) + ["sequence"] * (seq is not None)
+    return args, kwargs, _auto_dynamic_shapes(bound, batch, seq), asked
+
+
 def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:
     notes: list[str] = []
     args, kwargs = inputs
     bound = bind_inputs(model, inputs)
-    batch, seq = _batch_size(inputs), _sequence_length(inputs)
     automatic = dynamic_shapes is None and bound is not None
     asked: list[str] = []
     if automatic:
-        if batch == 1:  # export specializes size-1 dimensions: capture at batch 2 to keep it dynamic
-            args, kwargs = _widen((args, kwargs), 0, 1, None)
-            batch = 2
-        if seq == 1:  # and at sequence length 2
-            args, kwargs = _widen((args, kwargs), 1, 1, batch)
-            seq = 2
-        bound = bind_inputs(model, (args, kwargs))
-        dynamic_shapes = _auto_dynamic_shapes(bound, batch, seq)
-        asked = ["batch"] * (batch is not None) + ["sequence"] * (seq is not None)
+        args, kwargs, dynamic_shapes, asked = dynamic_export_inputs(model, inputs)
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001

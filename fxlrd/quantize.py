@@ -537,24 +537,11 @@ def _pt2e_api():
 
 def _export_for_pt2e(model: nn.Module, inputs: "Args") -> Any:
     """``torch.export.export`` with a dynamic batch (and token sequence) dimension, as
-    fxlrd's export capture does: a size-1 batch is widened to 2 so export keeps it dynamic."""
-    from torch.utils import _pytree as pytree
+    fxlrd's export capture does."""
+    from .capture import dynamic_export_inputs
 
-    from .capture import _auto_dynamic_shapes, _batch_size, bind_inputs
-
-    args, kwargs = inputs
-    batch = _batch_size(inputs)
-    if batch == 1:
-        def widen(t: torch.Tensor) -> torch.Tensor:
-            return t.expand(2, *t.shape[1:]).clone() if t.dim() > 0 and t.shape[0] == 1 else t
-
-        args, kwargs = pytree.tree_map_only(torch.Tensor, widen, (args, kwargs))
-        batch = 2
-    bound = bind_inputs(model, (args, kwargs))
-    dynamic_shapes = _auto_dynamic_shapes(bound, batch) if bound is not None else None
+    args, kwargs, dynamic_shapes, _ = dynamic_export_inputs(model, inputs)
     return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-
-
 
 
 class _FrozenCompiled(nn.Module):
