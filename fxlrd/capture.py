@@ -324,9 +324,13 @@ class Captured:
     mode: str  # "fx" or "export"
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    training: bool | None = None  # an export capture: the mode its graph was traced in
 
     def record(self) -> dict[str, Any]:
-        return {"mode": self.mode, "reason": self.reason, "notes": list(self.notes)}
+        out = {"mode": self.mode, "reason": self.reason, "notes": list(self.notes)}
+        if self.training is not None:
+            out["training"] = self.training
+        return out
 
 
 def _trace_fx(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str]) -> fx.GraphModule:
@@ -559,6 +563,7 @@ def capture(
     dynamic_shapes: Any = None,
     attention: str = "packed",
     copy_model: bool = True,
+    training: bool | None = None,
 ) -> Captured:
     """Capture ``model`` as a ``GraphModule`` (see the module docstring).
 
@@ -573,6 +578,8 @@ def capture(
         attention: how ``nn.MultiheadAttention`` projections become layers: ``"packed"`` (one
             q/k/v projection) or ``"separate"`` (q, k and v each); see `fxlrd.attention`.
         copy_model: capture a deep copy, so the result shares no module with ``model``.
+        training: capture the copy in this mode (torch.export bakes the mode into the graph:
+            dropout and batch norm run as they did at capture); None: the model's own.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -602,6 +609,8 @@ def capture(
     if copy_model:
         model = _deepcopy(model)
         folded = _fold_weight_norms(model)
+        if training is not None:
+            model.train(training)
     swapped = swap_attention(model, attention)
     notes = [f"{swapped} nn.MultiheadAttention swapped for fxlrd.attention.MultiheadAttention ({attention})"] if swapped else []
     if folded:
@@ -631,7 +640,7 @@ def capture(
     _keep_non_persistent(original, gm)
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
-    return Captured(gm, "export", reason, notes + export_notes)
+    return Captured(gm, "export", reason, notes + export_notes, training=model.training)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

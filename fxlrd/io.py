@@ -456,8 +456,12 @@ def _rebuild(
     if leaves is None:
         leaves = _resolve_leaves(model, plan.settings.get("leaf_modules") or [])
     try:
+        # an export graph runs as the model ran at capture: capture the copy in the recorded mode
+        # (eval for saves from before it was recorded), whatever mode the model given is in
+        training = bool(recorded.get("training", False)) if mode == "export" else None
         captured = capture(model, inputs=inputs, mode=mode, leaf_modules=leaves,
-                           attention=plan.settings.get("attention", "packed"), copy_model=True)  # fmt: skip
+                           attention=plan.settings.get("attention", "packed"), copy_model=True,
+                           training=training)  # fmt: skip
     except ValueError as exc:  # the recorded inputs do not fit: the save is of another model
         if example_inputs is not None:
             raise

@@ -437,3 +437,18 @@ def test_a_meta_skeleton_loads_and_cannot_be_planned(tmp_path):
         skeleton = _WithPositions()
     with pytest.raises(SavedModelError, match="'positions' is on the meta device and not in the save"):
         fxlrd.load(skeleton, tmp_path / "p")
+
+
+def test_an_export_capture_loads_onto_a_model_fresh_in_training_mode(tmp_path, x):
+    """torch.export bakes the mode into the graph: a reload captures in the saved mode, not
+    in the mode of the model it is given (nn.Modules are built in training mode)."""
+    model = _tiny()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, capture="export")
+    fxlrd.save(gm, tmp_path / "s")
+    fresh = TinyNet()  # training mode, other values: the save's replace them
+    loaded = fxlrd.load(fresh, tmp_path / "s")
+    assert fresh.training and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)  # no batch statistics, nothing updated
+    assert_bitwise(gm, loaded)
