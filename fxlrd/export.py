@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import inspect
 import os
 import tempfile
 import warnings
@@ -44,9 +45,18 @@ def onnx_session(path: str | os.PathLike | bytes, *, threads: int | None = None,
 
 
 def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """``max |a - e| / max |e|``: the error relative to the output's scale."""
-    scale = float(np.abs(expected).max()) or 1.0
-    return float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max()) / scale
+    """``max |a - e| / max |e|`` over the finite values: the error relative to the output's
+    scale. Non-finite values (masked logits at -inf) must be the same in both; any that is
+    not makes the error infinite."""
+    a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    finite = np.isfinite(e)
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    if not np.all(same[~finite]) or not np.all(np.isfinite(a[finite])):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = float(np.abs(e[finite]).max()) or 1.0
+    return float(np.abs(a[finite] - e[finite]).max()) / scale
 
 
 @contextlib.contextmanager
@@ -74,6 +84,20 @@ def _input_names(inputs: "Args") -> list[str]:
         names.append("input" if len(positional) == 1 and not kwargs else f"input_{i}")
     names += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return names
+
+
+def _in_signature_order(model: nn.Module, inputs: "Args") -> "Args":
+    """``inputs`` with the keyword inputs in the order of ``model.forward``'s parameters: the
+    exporter numbers a graph's inputs in that order, whatever order the dict was in (names
+    given in the dict's order were attached to the wrong inputs)."""
+    args, kwargs = inputs
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return inputs
+    rank = {name: i for i, name in enumerate(params)}
+    ordered = sorted(kwargs, key=lambda k: rank.get(k, len(rank)))  # stable: names **kwargs takes keep their order
+    return args, {k: kwargs[k] for k in ordered}
 
 
 def _tensors(inputs: "Args") -> list[torch.Tensor]:
@@ -111,6 +135,7 @@ def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, 
                      dynamic_sequence: bool = True, opset_version: int | None = None,
                      dynamic_shapes=None) -> None:  # fmt: skip
     """Export without checking (the model as it is, eval mode is the caller's business)."""
+    inputs = _in_signature_order(model, inputs)
     args, kwargs = inputs
     names = _input_names(inputs)
     extra = {}

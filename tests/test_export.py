@@ -67,3 +67,46 @@ def test_failed_check_leaves_existing_file_alone(tmp_path):
 
 def test_max_relative_error():
     assert max_relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == pytest.approx(0.2)
+
+
+def test_max_relative_error_of_non_finite_outputs():
+    inf, nan = float("inf"), float("nan")
+    assert max_relative_error(np.array([-inf, 1.0, 2.0]), np.array([-inf, 1.0, 2.5])) == pytest.approx(0.2)
+    assert max_relative_error(np.array([nan, 1.0]), np.array([nan, 1.0])) == 0.0
+    assert max_relative_error(np.array([0.0, 1.0]), np.array([-inf, 1.0])) == inf  # a mask the export lost
+    assert max_relative_error(np.array([nan, 1.0]), np.array([3.0, 1.0])) == inf
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, a, b):
+        return self.a(a) + 2 * self.b(b)
+
+
+class Masked(TwoInputs):
+    def forward(self, a, b, mask):
+        return super().forward(a, b).masked_fill(mask, float("-inf"))
+
+
+@pytest.mark.parametrize("capture", [None, "fx", "export"])
+def test_keyword_inputs_are_named_whatever_their_order(tmp_path, capture):
+    model = TwoInputs().eval()
+    a, b = torch.randn(3, 8), 10 * torch.randn(3, 8)
+    given = {"b": b, "a": a}  # not forward's order
+    gm = model if capture is None else fxlrd.transform(model, LRDConfig(ratio=1.2, rank_quantum=1),
+                                                       example_inputs=given, capture=capture)  # fmt: skip
+    session = onnx_session(fxlrd.export_onnx(gm, given, tmp_path / "m.onnx"))
+    (got,) = session.run(None, {"a": a.numpy(), "b": b.numpy()})
+    with torch.no_grad():
+        assert max_relative_error(got, gm(a=a, b=b).numpy()) <= 1e-4
+
+
+def test_outputs_with_the_same_infinities_pass_the_check(tmp_path):
+    model = Masked().eval()
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    fxlrd.export_onnx(model, {"a": torch.randn(3, 8), "b": torch.randn(3, 8), "mask": mask}, tmp_path / "m.onnx",
+                      dynamic_batch=False, dynamic_sequence=False)  # fmt: skip

@@ -280,6 +280,11 @@ def test_fidelity_measures():
     assert "top-1 agreement 50%" in str(fid)
     nan = _compare([np.full((2, 3), np.nan)], [logits], ["logits"], qtol=0.5)
     assert not nan.ok and np.isnan(nan.max_relative_error)
+    masked = np.where(np.arange(3) == 2, -np.inf, logits)  # masked logits: -inf in the float model too
+    same = _compare([masked + 0.01 * np.isfinite(masked)], [masked], ["logits"], qtol=0.5)
+    assert same.ok and same.outputs[0].relative_error == pytest.approx(0.005)
+    lost = _compare([np.where(np.arange(3) == 1, -np.inf, logits)], [logits], ["logits"], qtol=0.5)
+    assert not lost.ok
 
 
 def test_fidelity_leaves_padding_tokens_out():
