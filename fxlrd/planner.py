@@ -303,7 +303,7 @@ def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill:
         for task in tasks:
             window = window_of(task)
             result = searcher.search(task.layer(gm), task.handler.name, task.ranks, task.caps, task.lp.input_shape,
-                                     task.spec, window=window)  # fmt: skip
+                                     task.spec, window=window, min_rank=config.min_rank)  # fmt: skip
             task.lp.latency = result.record(config.latency.backend)
             fill(task, result.ranks, result.note)
             searcher.cache.flush()
@@ -312,12 +312,13 @@ def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill:
 
 
 def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | None], float], error, *,
-             every: bool = False) -> dict:  # fmt: skip
-    """Keep, or each global candidate that compresses, as choice -> (cost, error)."""
+             every: bool = False, min_rank: int = 1) -> dict:  # fmt: skip
+    """Keep, or each global candidate that compresses (no rank below ``min_rank``: the layer
+    would be kept instead), as choice -> (cost, error)."""
     opts: dict = {None: (cost(None), 0.0)}
     for ranks in task.handler.global_candidates(task.ranks, task.caps, quantum, every=every):
-        if ranks in opts or _params_of(task, ranks) >= task.lp.params_before:
-            continue  # not a compression
+        if ranks in opts or min(ranks) < min_rank or _params_of(task, ranks) >= task.lp.params_before:
+            continue  # not a compression, or not one the plan would keep
         opts[ranks] = (cost(ranks), error(ranks))
     return opts
 
@@ -340,7 +341,7 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
     for task in tasks:
         curve = task.handler.error_curve(task.weight, task.spec, task.stats)
         options.append(_options(task, quantum, lambda r, t=task: t.lp.params_before if r is None else _params_of(t, r), curve,
-                                every=True))  # fmt: skip
+                                every=True, min_rank=config.min_rank))  # fmt: skip
     choices, met = solve_budget(options, budget)
     for task, opts, choice in zip(tasks, options, choices):
         fill(task, choice, "" if choice is not None else "global allocation: kept (least error for the budget)")
@@ -395,7 +396,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
                 w0 = searcher.time_in_window(window, layer)
                 cost = lambda r, t=task, lay=layer, t0=t0, w=window, w0=w0: t0 if r is None else max(
                     t0 + (searcher.time_in_window(w, lay, t.handler.name, r, t.spec) - w0) * calls, 0.05 * t0)  # noqa: E731
-            options.append(_options(task, config.latency.quantum, cost, curve))
+            options.append(_options(task, config.latency.quantum, cost, curve, min_rank=config.min_rank))
             searcher.cache.flush()
             searcher._tick()
     finally:

@@ -248,3 +248,25 @@ def test_bad_latency_config(kwargs):
 def test_bad_target_speedup():
     with pytest.raises(ConfigError, match="target_speedup must be a number > 1"):
         LRDConfig(target_speedup=0.9)
+
+
+def test_the_search_times_no_candidate_below_min_rank(cost_timer, tmp_path):
+    """The smallest candidates are the fastest here: below min_rank they would be chosen, then kept."""
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", quantum=1, progress=False, window=0.5)
+    plan = fxlrd.plan(_model(), LRDConfig(latency=lat, min_rank=40), example_inputs=x)
+    lp = plan["6"]  # the Linear: R = 127 for α = 2, candidates from 64 up
+    assert lp.decomposed and min(lp.ranks) >= 40
+    assert all(min(r) >= 40 for r, _ in lp.latency["candidates_ms"])
+
+
+def test_global_allocation_offers_no_rank_below_min_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    x = torch.randn(2, 32)
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, allocation="global", rank_quantum=1, min_rank=8), example_inputs=x)
+    assert all(min(lp.ranks) >= 8 for lp in plan.decomposed)
+    result = plan.settings["allocation_result"]
+    assert sum(lp.params_after for lp in plan) == result["layer_params_chosen"] <= result["layer_params_budget"]
+    with pytest.raises(ConfigError, match="cannot be met"):  # only reachable below min_rank
+        fxlrd.plan(model, LRDConfig(ratio=3, allocation="global", rank_quantum=1, min_rank=8), example_inputs=x)

@@ -148,15 +148,19 @@ class RankSearcher:
 
     # -- the search -----------------------------------------------------------------------------
     def search(self, layer: nn.Module, method: str, target: Ranks, full: Ranks, input_shape: Sequence[int],
-               spec: LayerSpec | None = None, window: Window | None = None) -> SearchResult:  # fmt: skip
+               spec: LayerSpec | None = None, window: Window | None = None, min_rank: int = 1) -> SearchResult:  # fmt: skip
         """Algorithm 1 for one layer, timed alone or, given a ``window``, in its neighbours'
-        company (times are then the window's). Past the time budget: data-free quantized ranks."""
+        company (times are then the window's). Past the time budget: data-free quantized ranks.
+        Candidates below ``min_rank`` are not timed (the plan would keep the layer)."""
         cfg = self.config
         if self.over_budget:
             ranks = get_method(method).quantize(tuple(target), tuple(full), cfg.quantum)
             self._tick()
             return SearchResult(ranks, None, note=f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized ranks")
-        candidates = candidate_ranks(method, target, full, cfg.window, cfg.quantum)
+        candidates = [r for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum) if min(r) >= min_rank]
+        if not candidates:
+            self._tick()
+            return SearchResult(None, None, note=f"no candidate rank in the search window is >= min_rank {min_rank}")
         if window is not None:
             original = self.time_in_window(window, layer)
             timings = {r: self.time_in_window(window, layer, method, r, spec) for r in candidates}
