@@ -118,8 +118,8 @@ class LatencyConfig:
             object.__setattr__(self, "quantum", default_rank_quantum())
         if not isinstance(self.quantum, int) or self.quantum < 1:
             raise ConfigError(f"quantum must be an int >= 1, got {self.quantum!r}")
-        if not isinstance(self.tolerance, (int, float)) or self.tolerance < 0:
-            raise ConfigError(f"tolerance must be >= 0, got {self.tolerance!r}")
+        if not isinstance(self.tolerance, (int, float)) or not 0 <= self.tolerance < float("inf"):
+            raise ConfigError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
         for name in ("repeats", "warmup"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name == "repeats" else 0):
@@ -402,7 +402,11 @@ class LatencyCache:
             data = json.loads(self.path.read_text())
             if data.get("format") != _CACHE_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, not {_CACHE_FORMAT!r}")
-            return {str(k): float(v) for k, v in data["entries"].items()}
+            entries = {str(k): float(v) for k, v in data["entries"].items()}
+            bad = [k for k, v in entries.items() if not 0 < v < float("inf")]  # (NaN fails too)
+            if bad:
+                raise ValueError(f"{len(bad)} timings are not positive finite seconds (first: {bad[0]!r})")
+            return entries
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             if warn:
                 warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", FxlrdWarning,

@@ -59,7 +59,9 @@ def test_key_change_is_a_miss(tmp_path):
     assert a._key(layer, (1, 8, 8, 8)) != a._key(nn.Conv2d(8, 8, 3, stride=2), (1, 8, 8, 8))
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": "other", "entries": {}}', '{"format": "fxlrd.latency-cache/1"}', "[]"])
+@pytest.mark.parametrize("content", ["{not json", '{"format": "other", "entries": {}}', '{"format": "fxlrd.latency-cache/1"}', "[]",
+                                     '{"format": "fxlrd.latency-cache/1", "entries": {"a": NaN}}',
+                                     '{"format": "fxlrd.latency-cache/1", "entries": {"a": -1.0}}'])
 def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, content):
     path = tmp_path / "lat.json"
     path.write_text(content)
@@ -220,3 +222,11 @@ def test_timing_a_model_leaves_its_mode_alone(backend):
         model, ((torch.randn(4, 8),), {}))  # fmt: skip
     run()
     assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -0.1])
+def test_a_tolerance_that_is_not_a_finite_number_is_refused(tolerance):
+    from fxlrd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tolerance must be a finite number >= 0"):
+        LatencyConfig(tolerance=tolerance)
