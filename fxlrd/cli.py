@@ -420,6 +420,10 @@ def _target_params(text: str) -> int | float:
         ) from None
     if 0 < value < 1:
         return value
+    if value != int(value) or value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected a parameter count (an integer, 5000000, 5M) or a fraction of the model in (0, 1) (0.4), got {text!r}"
+        )
     return int(value)
 
 
@@ -1233,17 +1237,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _variant_config(args: argparse.Namespace, variant: str):
     from .latency import LatencyConfig
 
-    if variant == "vanilla":
-        return _config(args, rank_quantum=1)
+    if variant == "vanilla":  # the paper's ranks: no latency search (--latency is the optimized variant's)
+        return _config(args, rank_quantum=1, latency=None)
     if variant == "quantized":
-        return _config(args)
+        return _config(args, latency=None)
     if variant == "optimized":
         return _config(args, latency=LatencyConfig(backend=args.latency or args.backend, threads=args.threads,
                                                    progress=not args.quiet, context=args.timing_context))  # fmt: skip
     if variant == "merged":
-        return _config(args, merge="approximate")
+        return _config(args, merge="approximate", latency=None)
     if variant == "branched":
-        return _config(args, branches=2)
+        return _config(args, branches=2, latency=None)
     raise UsageError(f"unknown variant {variant!r}")  # pragma: no cover  (the parser checks)
 
 

@@ -358,6 +358,8 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         # before the model is loaded (a broken factory would fail first)
         (["compress", "fxlrd_cli_models:broken", "--calibration", "{tmp}/no.pt"], 1, "calibration data .*no.pt does not"),
         (["compress", "{spec}", "--size", "32", "--input-shape", "1,3,32,32"], 2, "--size 32 and --input-shape 1,3,32"),
+        (["compress", "{spec}", "--target-params", "1.5"], 2, "expected a parameter count .* got '1.5'"),
+        (["compress", "{spec}", "--target-params", "1.0"], 2, "expected a parameter count .* got '1.0'"),
         (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
         (["inspect", "/dev/null"], 2, "/dev/null is not a file or a directory"),
         (["inspect", "{tmp}/report.json"], 1, r"report.json is malformed \(KeyError"),
@@ -544,3 +546,13 @@ def test_encoder_decoder_directory_gives_its_decoder_the_same_tokens(tmp_path, c
     code, out, err = _run(capsys, "compress", tmp_path / "t5", "--seq-len", 8, "--backend", "eager", "--repeats", 1)
     assert code == 0, err
     assert "T5ForConditionalGeneration" in out and "decoder.block.0" in out
+
+
+def test_bench_searches_ranks_for_the_optimized_variant_only():
+    from fxlrd.cli import _variant_config, build_parser
+
+    args = build_parser().parse_args(["bench", "resnet50", "--latency", "eager"])
+    configs = {v: _variant_config(args, v) for v in ("vanilla", "quantized", "optimized", "merged", "branched")}
+    assert configs["optimized"].latency is not None and configs["optimized"].latency.backend == "eager"
+    assert all(c.latency is None for v, c in configs.items() if v != "optimized")
+    assert configs["vanilla"].rank_quantum == 1
