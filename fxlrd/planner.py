@@ -420,6 +420,12 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     if budget_params is not None:
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
+        if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
+            raise ConfigError(
+                f"the parameter budget (target_params={config.target_params}) cannot be met even by the smallest ranks "
+                f"tried ({record['layer_params_chosen']:.0f} > {budget_params:.0f} parameters in the decomposable "
+                "layers); ask for fewer savings or decompose more layers"
+            )
     apply_choices(choices)
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record

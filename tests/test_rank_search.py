@@ -270,3 +270,18 @@ def test_global_allocation_offers_no_rank_below_min_rank():
     assert sum(lp.params_after for lp in plan) == result["layer_params_chosen"] <= result["layer_params_budget"]
     with pytest.raises(ConfigError, match="cannot be met"):  # only reachable below min_rank
         fxlrd.plan(model, LRDConfig(ratio=3, allocation="global", rank_quantum=1, min_rank=8), example_inputs=x)
+
+
+def test_a_model_with_every_layer_kept_is_never_faster_than_the_original():
+    from fxlrd.ranks.allocate import closed_loop
+
+    noisy = lambda choices: 1.03  # noqa: E731  (timing noise around an unchanged model)
+    choices, record = closed_loop([{None: (1.0, 0.0)}, {None: (2.0, 0.0)}], 1.01, 3.0, noisy)
+    assert choices == [None, None] and record["measured_speedup"] == 1.0 and not record["met"]
+
+
+def test_speed_and_size_targets_refuse_a_size_they_cannot_reach(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False)
+    with pytest.raises(ConfigError, match="parameter budget .* cannot be met"):
+        fxlrd.plan(_model(), LRDConfig(latency=lat, target_speedup=1.2, target_params=2000), example_inputs=x)
