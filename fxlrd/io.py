@@ -562,6 +562,11 @@ def load(
     plan = _read_plan(directory)
     tensors = _read_tensors(directory, meta, device)
     gm, capture_record = _rebuild(model, plan, meta, example_inputs, leaf_modules)
+    # A buffer the model keeps out of its state dict (persistent=False) is in a save of a
+    # deep copy or a torch.load of the model (they register a GraphModule's own buffers again
+    # as persistent): the rebuilt model makes its own, as the model does.
+    unsaved = {f"{name}.{b}" if name else b for name, m in gm.named_modules() for b in m._non_persistent_buffers_set}
+    tensors = {k: v for k, v in tensors.items() if k not in unsaved}
     _check_fits(gm, tensors, meta)
     with torch.no_grad():
         for key, current in gm.state_dict(keep_vars=True).items():

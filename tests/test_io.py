@@ -452,3 +452,28 @@ def test_an_export_capture_loads_onto_a_model_fresh_in_training_mode(tmp_path, x
         torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
         torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)  # no batch statistics, nothing updated
     assert_bitwise(gm, loaded)
+
+
+class WithUnsavedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.full((32,), 2.0), persistent=False)
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x * self.scale)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_deep_copy_with_a_buffer_kept_out_of_the_state_dict_saves_and_loads(tmp_path, capture):
+    """A GraphModule's deep copy registers its own buffers again as persistent ("keep the
+    best checkpoint" while fine-tuning): its save still loads."""
+    import copy
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    gm = fxlrd.transform(WithUnsavedBuffer().eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture=capture)
+    fxlrd.save(copy.deepcopy(gm), tmp_path / "s")
+    loaded = fxlrd.load(WithUnsavedBuffer().eval(), tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
