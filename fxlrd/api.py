@@ -282,9 +282,28 @@ def apply(
 
         factors = sequential_factors(captured.gm, plan, calibration, example=inputs, stats=stats)
     gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats, factors=factors)
+    _sync_sizes(gm, plan)
     if inplace and gm is not model:
         _mirror_into(model, gm)
     return _finish(gm, plan, captured)
+
+
+def _sync_sizes(gm: fx.GraphModule, plan_: Plan) -> None:
+    """A plan edited by hand (other ranks) records the sizes of the ranks it was made with:
+    give each decomposed layer the parameters and MACs of what was built."""
+    from .metrics import layer_macs
+
+    for lp in plan_.decomposed:
+        try:
+            fact = gm.get_submodule(lp.name)
+        except AttributeError:
+            continue
+        if isinstance(fact, Factorized) and tuple(fact.ranks) == tuple(lp.ranks):
+            params = count_params(fact)
+            if params != lp.params_after:
+                lp.params_after = params
+                if lp.macs_after is not None and lp.input_shape is not None:
+                    lp.macs_after = layer_macs(fact, lp.input_shape)
 
 
 def _plan_sensitivity(plan: Plan, given: Callable[[Any, Any], Any] | None) -> bool | str | Callable[[Any, Any], Any]:

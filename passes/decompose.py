@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxlrd.decompose import thread_map
 from fxlrd.errors import PlanMismatchError
 from fxlrd.factorized import Factorized, decompose_weight
+from fxlrd.methods import get_method
 from fxlrd.plan import LayerPlan, Plan
 from fxlrd.sites import Site, find_sites, replace_site
 
@@ -90,6 +91,13 @@ class DecomposePass(PassBase):
             return self.factors[site.name]
         lp = self.plan[site.name]
         stats = self.stats.get(site.name) if lp.data_aware else None
+        caps = get_method(lp.method).caps(site.spec)
+        if len(lp.ranks) != len(caps) or not all(1 <= r <= c for r, c in zip(lp.ranks, caps)):
+            raise PlanMismatchError(
+                f"the plan gives {site.name!r} ranks {tuple(lp.ranks)}, outside what its {lp.method} takes "
+                f"(each in [1, {', '.join(map(str, caps))}] for this {site.spec.in_channels}->{site.spec.out_channels} "
+                "layer): edit the ranks, or keep the layer (method 'keep')"
+            )
         fact, report = decompose_weight(site.weight(gm), site.bias(gm), site.spec, lp.method, lp.ranks,
                                         stats=stats, options=self.options, source=site.name)  # fmt: skip
         if report:

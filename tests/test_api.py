@@ -429,6 +429,21 @@ def test_a_plan_edited_into_nonsense_is_refused_before_any_work():
         fxlrd.apply(model, Plan.from_dict(svd))
 
 
+def test_an_edited_plan_reports_what_was_built_and_ranks_past_the_layer_are_named():
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    x = torch.randn(2, 32)
+    data = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x).to_dict()
+    data["layers"][0]["ranks"] = [20]  # (the plan said 9)
+    gm = fxlrd.apply(model, Plan.from_dict(data), example_inputs=x)
+    lp = gm.fxlrd_plan["0"]
+    assert lp.ranks == (20,) and lp.params_after == fxlrd.count_params(gm.get_submodule("0"))
+    assert gm.fxlrd_plan.params_after_model() == fxlrd.count_params(gm)
+    assert lp.macs_after == 2 * (32 * 20 + 20 * 48)
+    data["layers"][0]["ranks"] = [40]  # past min(32, 48)
+    with pytest.raises(PlanMismatchError, match=r"'0' ranks \(40,\), outside what its svd takes \(each in \[1, 32\]"):
+        fxlrd.apply(model, Plan.from_dict(data), example_inputs=x)
+
+
 def test_count_macs_leaves_a_training_model_as_it_was():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
