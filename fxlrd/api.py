@@ -46,8 +46,9 @@ def _capture_inplace(model: nn.Module, config: LRDConfig, inputs: Args | None, m
     traced by torch.fx with nothing rewritten (an export capture or an attention swap would
     change the user's model before `_check_inplace` could refuse)."""
     trial = _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True)
-    if trial.mode != "fx" or trial.notes:
-        why = "; ".join(trial.notes) or f"torch.fx cannot trace it, it needs torch.{trial.mode}"
+    rewrites = [n for n in trial.notes if "the forward never uses" not in n]  # (unused modules stay where they are)
+    if trial.mode != "fx" or rewrites:
+        why = "; ".join(rewrites) or f"torch.fx cannot trace it, it needs torch.{trial.mode}"
         raise ConfigError(
             f"inplace=True needs a model torch.fx traces as it is, with nothing rewritten ({why}); your model is "
             "unchanged: use inplace=False and the returned GraphModule"

@@ -620,7 +620,7 @@ def capture(
         try:
             gm = _trace_fx(model, leaf_modules)
             _keep_non_persistent(original, gm)
-            return Captured(gm, "fx", "symbolic_trace succeeded", notes)
+            return Captured(gm, "fx", "symbolic_trace succeeded", notes + _unused_parameters(model, gm))
         except Exception as exc:  # noqa: BLE001  (any tracing failure is reported the same way)
             fx_error = exc
             if mode == "fx":
@@ -640,7 +640,7 @@ def capture(
     _keep_non_persistent(original, gm)
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
-    return Captured(gm, "export", reason, notes + export_notes, training=model.training)
+    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm), training=model.training)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
@@ -668,6 +668,20 @@ def _fold_weight_norms(model: nn.Module) -> int:
                 torch.nn.utils.remove_weight_norm(module, hook.name)
             count += 1
     return count
+
+
+def _unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """A note when the graph holds fewer parameters than the model: modules its forward never
+    calls (an auxiliary head) are not in a capture, so neither in the result nor its counts."""
+    kept = {id(p) for p in gm.parameters()}
+    kept_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    lost = [(name, p) for name, p in model.named_parameters() if id(p) not in kept and name not in kept_names]
+    if not lost:
+        return []
+    owners = list(dict.fromkeys(name.rpartition(".")[0] or name for name, _ in lost))
+    n = sum(p.numel() for _, p in lost)
+    return [f"{n} parameters the forward never uses are not in the captured model (in {', '.join(owners[:3])}"
+            f"{', ...' if len(owners) > 3 else ''}): neither in the result nor in its parameter counts"]
 
 
 def _keep_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:

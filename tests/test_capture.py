@@ -590,3 +590,18 @@ def test_an_export_capture_says_the_mode_it_was_captured_in(training):
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8)).train(training)
     gm = fxlrd.transform(model, LOW, example_inputs=torch.randn(2, 8), capture="export")
     assert gm.training == training and model.training == training
+
+
+def test_parameters_the_forward_never_uses_are_named_in_the_capture_notes():
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux = nn.Linear(8, 8), nn.Linear(8, 100)
+
+        def forward(self, x):
+            return self.a(x)
+
+    gm = fxlrd.transform(WithAux(), LOW, example_inputs=torch.randn(2, 8), capture="fx")
+    assert any("900 parameters the forward never uses" in n and "aux" in n for n in gm.fxlrd_capture["notes"])
+    clean = fxlrd.transform(OneInput(), LOW, example_inputs=torch.randn(2, 8), capture="fx")
+    assert not any("never uses" in n for n in clean.fxlrd_capture["notes"])
