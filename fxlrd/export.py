@@ -222,6 +222,14 @@ def export_onnx(
         try:
             export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                              opset_version=opset_version, dynamic_shapes=dynamic_shapes)  # fmt: skip
+            if opset_version is not None:
+                written = _opset(tmp)
+                if written != opset_version:
+                    raise ConfigError(
+                        f"opset_version={opset_version} was asked, but torch.onnx wrote opset {written} (it could not "
+                        f"convert this model to {opset_version}); {path} was not written. Use opset {written}, or leave "
+                        "opset_version unset"
+                    )
             if check:
                 session = onnx_session(tmp)
                 got = session.run(None, onnx_feed(session, inputs))
@@ -247,6 +255,14 @@ def export_onnx(
             if os.path.exists(tmp):
                 os.remove(tmp)
     return path
+
+
+def _opset(path: str | os.PathLike) -> int | None:
+    """The default-domain ONNX opset of the model file at ``path``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _umask() -> int:

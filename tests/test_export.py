@@ -110,3 +110,12 @@ def test_outputs_with_the_same_infinities_pass_the_check(tmp_path):
     mask[:, 0] = True
     fxlrd.export_onnx(model, {"a": torch.randn(3, 8), "b": torch.randn(3, 8), "mask": mask}, tmp_path / "m.onnx",
                       dynamic_batch=False, dynamic_sequence=False)  # fmt: skip
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_and_nothing_written(tmp_path):
+    from fxlrd import ConfigError
+
+    with pytest.raises(ConfigError, match="opset_version=11 was asked, but torch.onnx wrote opset"):
+        fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset_version=11)
+    assert list(tmp_path.iterdir()) == []
+    fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset_version=18)
