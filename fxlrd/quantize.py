@@ -402,6 +402,23 @@ def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: S
     return Fidelity(tuple(outputs), qtol)
 
 
+def _check_something_quantized(source: Path, quantized: Path, config: QuantizeConfig, label: Any) -> None:
+    """A `ConfigError` when the int8 file stores no weight in int8: ``op_types`` matched none
+    of the model's operators (a misspelt name), and the "int8" model would be the float one."""
+    import onnx
+
+    weights = [t for t in onnx.load(str(quantized)).graph.initializer if len(t.dims) >= 2]
+    if any(t.data_type == onnx.TensorProto.INT8 for t in weights):
+        return
+    present = sorted({n.op_type for n in onnx.load(str(source)).graph.node})
+    raise ConfigError(
+        f"int8 quantization with op_types {list(config.op_types)} quantized no weight of this model (its operators: "
+        f"{', '.join(present)}); {label} was not written. Name operators it has (ONNX names, e.g. 'MatMul', 'Conv', "
+        "'Gemm')" + ("" if not config.dynamic else "; dynamic int8 quantizes matrix products only: use static int8 "
+                     "for a model of convolutions")
+    )
+
+
 def quantize_onnx_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -465,6 +482,7 @@ def quantize_onnx_file(
                     activation_type=activation, weight_type=QuantType.QInt8, op_types_to_quantize=list(config.op_types),
                     calibrate_method=method, extra_options={"MatMulConstBOnly": True},
                 )  # fmt: skip
+        _check_something_quantized(source, quantized, config, label)
         fidelity = None
         if inputs is not None and expected is not None:
             session = onnx_session(quantized)

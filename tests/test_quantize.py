@@ -386,3 +386,11 @@ def test_pt2e_needs_calibration(decomposed_cnn):
     _require_torchao()
     with pytest.raises(ConfigError, match="calibration is empty"):
         quantize_pt2e(decomposed_cnn, _images(2), [])
+
+
+def test_op_types_that_match_no_operator_are_an_error_not_a_float_file(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    with pytest.raises(ConfigError, match=r"op_types \['Matmul'\] quantized no weight of this model .*Gemm"):
+        fxlrd.export_onnx(model, x, tmp_path / "m.onnx", quantize=QuantizeConfig(dynamic=True, op_types=("Matmul",)))
+    assert not (tmp_path / "m.onnx").exists()
