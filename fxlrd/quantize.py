@@ -284,11 +284,16 @@ class CalibrationReader:
             dynamic one); a batch that does not fit a fixed dimension is a `ConfigError`.
     """
 
+    _NUMPY = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}  # fmt: skip
+
     def __init__(self, input_names: Sequence[str], batches: Iterable[Any],
-                 input_shapes: Sequence[Sequence[Any]] | None = None):  # fmt: skip
+                 input_shapes: Sequence[Sequence[Any]] | None = None,
+                 input_types: Sequence[str] | None = None):  # fmt: skip
         self._session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n) for n in input_names])
         self._names = list(input_names)
         self._shapes = dict(zip(self._names, input_shapes)) if input_shapes is not None else {}
+        self._types = dict(zip(self._names, input_types)) if input_types is not None else {}
         self._batches = iter(batches)
         self.count = 0
 
@@ -309,6 +314,12 @@ class CalibrationReader:
             )
         feed = onnx_feed(self._session, (args, kwargs))
         for name, array in feed.items():
+            dtype = self._NUMPY.get(self._types.get(name, ""))
+            if dtype is not None and array.dtype != np.dtype(dtype):
+                raise ConfigError(
+                    f"calibration batch {self.count}: input {name!r} is {array.dtype}, the exported model takes {dtype} "
+                    f"(as example_inputs were): convert the batches (e.g. tensor.to(torch.{dtype}))"
+                )
             want = self._shapes.get(name)
             if want is None:
                 continue
@@ -463,6 +474,7 @@ def quantize_onnx_file(
         session = onnx_session(source)
         input_names = [i.name for i in session.get_inputs()]
         input_shapes = [list(i.shape) for i in session.get_inputs()]
+        input_types = [i.type for i in session.get_inputs()]
         output_names = [o.name for o in session.get_outputs()]
         del session
         quantized = Path(work) / "int8.onnx"
@@ -473,7 +485,7 @@ def quantize_onnx_file(
                     op_types_to_quantize=list(config.op_types), extra_options={"MatMulConstBOnly": True},
                 )  # fmt: skip
             else:
-                reader = CalibrationReader(input_names, batches, input_shapes)
+                reader = CalibrationReader(input_names, batches, input_shapes, input_types)
                 activation = QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[config.calibrate_method]  # fmt: skip

@@ -394,3 +394,10 @@ def test_op_types_that_match_no_operator_are_an_error_not_a_float_file(tmp_path)
     with pytest.raises(ConfigError, match=r"op_types \['Matmul'\] quantized no weight of this model .*Gemm"):
         fxlrd.export_onnx(model, x, tmp_path / "m.onnx", quantize=QuantizeConfig(dynamic=True, op_types=("Matmul",)))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_calibration_of_another_dtype_is_named(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    batches = [torch.randn(4, 16, dtype=torch.float64) for _ in range(2)]  # numpy's default, through from_numpy
+    with pytest.raises(ConfigError, match="calibration batch 0: input 'input' is float64, the exported model takes float32"):
+        fxlrd.export_onnx(model, torch.randn(4, 16), tmp_path / "m.onnx", quantize="int8", calibration=batches)
