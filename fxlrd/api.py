@@ -225,6 +225,7 @@ def apply(
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     calibration: Iterable | None = None,
     sensitivity: Callable[[Any, Any], Any] | None = None,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Decompose ``model`` as ``plan`` says and return the ``GraphModule``.
 
@@ -243,6 +244,8 @@ def apply(
         calibration: calibration inputs for the plan's data-aware layers.
         sensitivity: the sensitivity function, for a plan made with a callable
             ``LRDConfig(sensitivity=fn)`` (a plan records only its name).
+        dynamic_shapes: for a plan of an export capture made with ``dynamic_shapes``: the
+            same again (a plan records that they were given, not them).
 
     Raises:
         PlanMismatchError: the plan names layers the model lacks or has with other shapes.
@@ -270,8 +273,12 @@ def apply(
     data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed"))
     if data_aware and calibration is None:
         raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
+    if not inplace:
+        from .capture import warn_dynamic_shapes
+
+        warn_dynamic_shapes(recorded, dynamic_shapes, "fxlrd.apply(model, plan, dynamic_shapes=...)")
     captured = _capture_inplace(model, config, inputs, mode, None) if inplace else \
-        _capture(model, config, inputs, mode, None, copy_model=True)  # fmt: skip
+        _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True)  # fmt: skip
     if inplace:
         _check_inplace(plan)
     if plan.settings.get("narrowed"):

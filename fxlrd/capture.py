@@ -325,11 +325,14 @@ class Captured:
     reason: str = ""
     notes: list[str] = field(default_factory=list)
     training: bool | None = None  # an export capture: the mode its graph was traced in
+    dynamic_shapes_given: bool = False  # an export capture made with the caller's dynamic_shapes
 
     def record(self) -> dict[str, Any]:
         out = {"mode": self.mode, "reason": self.reason, "notes": list(self.notes)}
         if self.training is not None:
             out["training"] = self.training
+        if self.dynamic_shapes_given:
+            out["dynamic_shapes"] = "given"
         return out
 
 
@@ -640,7 +643,8 @@ def capture(
     _keep_non_persistent(original, gm)
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
-    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm), training=model.training)
+    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm), training=model.training,
+                    dynamic_shapes_given=dynamic_shapes is not None)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
@@ -668,6 +672,17 @@ def _fold_weight_norms(model: nn.Module) -> int:
                 torch.nn.utils.remove_weight_norm(module, hook.name)
             count += 1
     return count
+
+
+def warn_dynamic_shapes(recorded: Mapping[str, Any], given: Any, how: str) -> None:
+    """Warn when a capture is made again without the ``dynamic_shapes`` its record says the
+    original capture was given: the graph then gets fxlrd's own guess (batch, token sequence)."""
+    if recorded.get("mode") == "export" and recorded.get("dynamic_shapes") == "given" and given is None:
+        from .errors import FxlrdWarning
+
+        warnings.warn(f"the model was captured with dynamic_shapes=... of its own, which a plan does not record: pass "
+                      f"them again ({how}), or the graph has fxlrd's dynamic batch and token sequence only",
+                      FxlrdWarning, stacklevel=3)  # fmt: skip
 
 
 def _unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:

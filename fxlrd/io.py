@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .capture import capture, check_module, inputs_from_signature, normalize_inputs
+from .capture import capture, check_module, inputs_from_signature, normalize_inputs, warn_dynamic_shapes
 from .errors import FxlrdError, PlanMismatchError
 from .factorized import Factorized, skeleton
 from .plan import Plan
@@ -437,6 +437,7 @@ def _rebuild(
     meta: Mapping[str, Any],
     example_inputs: Any,
     leaf_modules: Sequence[type[nn.Module] | str] | None,
+    dynamic_shapes: Any = None,
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Capture ``model`` as the plan records and give it the saved structure (values: zeros)."""
     from fxlrd.passes import BranchPass, DecomposePass, MergePass
@@ -459,7 +460,8 @@ def _rebuild(
         # an export graph runs as the model ran at capture: capture the copy in the recorded mode
         # (eval for saves from before it was recorded), whatever mode the model given is in
         training = bool(recorded.get("training", False)) if mode == "export" else None
-        captured = capture(model, inputs=inputs, mode=mode, leaf_modules=leaves,
+        warn_dynamic_shapes(recorded, dynamic_shapes, "fxlrd.load(model, directory, dynamic_shapes=...)")
+        captured = capture(model, inputs=inputs, mode=mode, leaf_modules=leaves, dynamic_shapes=dynamic_shapes,
                            attention=plan.settings.get("attention", "packed"), copy_model=True,
                            training=training)  # fmt: skip
     except ValueError as exc:  # the recorded inputs do not fit: the save is of another model
@@ -530,6 +532,7 @@ def load(
     example_inputs: Any = None,
     leaf_modules: Sequence[type[nn.Module] | str] | None = None,
     device: str | torch.device | None = None,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Load a model saved by `save` onto ``model``, without decomposing again.
 
@@ -545,6 +548,8 @@ def load(
         leaf_modules: the leaf modules the model needs to be traced (default: those the plan
             records, looked up in ``model`` by type name or qualified name).
         device: put every tensor there (default: where each was when saved).
+        dynamic_shapes: for a model captured with torch.export and the caller's
+            ``dynamic_shapes``: the same again (a plan records that they were given, not them).
 
     Returns:
         The decomposed ``GraphModule`` with ``gm.fxlrd_plan`` and ``gm.fxlrd_capture``, in
@@ -561,7 +566,7 @@ def load(
     meta = verify(directory)
     plan = _read_plan(directory)
     tensors = _read_tensors(directory, meta, device)
-    gm, capture_record = _rebuild(model, plan, meta, example_inputs, leaf_modules)
+    gm, capture_record = _rebuild(model, plan, meta, example_inputs, leaf_modules, dynamic_shapes)
     # A buffer the model keeps out of its state dict (persistent=False) is in a save of a
     # deep copy or a torch.load of the model (they register a GraphModule's own buffers again
     # as persistent): the rebuilt model makes its own, as the model does.

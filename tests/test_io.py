@@ -477,3 +477,33 @@ def test_a_deep_copy_with_a_buffer_kept_out_of_the_state_dict_saves_and_loads(tm
     loaded = fxlrd.load(WithUnsavedBuffer().eval(), tmp_path / "s")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+
+
+class Frames(nn.Module):
+    """Reshapes its (batch, time, channels) float input: only dynamic_shapes keep time dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        return self.fc2(torch.relu(self.fc1(x.reshape(b * t, c)))).reshape(b, t, -1).mean(1)
+
+
+def test_load_and_apply_take_the_dynamic_shapes_the_capture_was_given(tmp_path):
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    shapes = {"x": {0: Dim("b", max=64), 1: Dim("t", max=128)}}
+    x, other = torch.randn(4, 6, 32), torch.randn(3, 9, 32)
+    gm = fxlrd.transform(Frames().eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture="export",
+                         dynamic_shapes=shapes)  # fmt: skip
+    fxlrd.save(gm, tmp_path / "s")
+    with pytest.warns(fxlrd.FxlrdWarning, match="captured with dynamic_shapes=... of its own"):
+        fxlrd.load(Frames().eval(), tmp_path / "s")
+    loaded = fxlrd.load(Frames().eval(), tmp_path / "s", dynamic_shapes=shapes)
+    applied = fxlrd.apply(Frames().eval(), gm.fxlrd_plan, example_inputs=x, dynamic_shapes=shapes)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(other), gm(other), rtol=0, atol=0)
+        assert applied(other).shape == (3, 32)
