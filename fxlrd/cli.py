@@ -826,6 +826,10 @@ def _config(args: argparse.Namespace, **overrides: Any):
                          "--rank-rule energy")  # fmt: skip
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
+    variants = getattr(args, "variants", None) or ()
+    if getattr(args, "timing_context", "layer") != "layer" and not (args.latency or target_speedup or "optimized" in variants):
+        raise UsageError(f"--timing-context {args.timing_context} applies to the latency search: add --latency BACKEND"
+                         " (or --target-speedup)")  # fmt: skip
     if args.latency or target_speedup:
         latency = LatencyConfig(backend=args.latency or getattr(args, "backend", "onnxruntime"),
                                 threads=getattr(args, "threads", None), progress=not args.quiet,

@@ -255,6 +255,12 @@ class LRDConfig:
                 "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
                 "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
             )
+        size_allocation = self.target_speedup is None and (self.allocation == "global" or self.target_params is not None)
+        if size_allocation and self.rank_rule != "ratio":
+            raise ConfigError(
+                f"rank_rule={self.rank_rule!r} is not used when global allocation chooses every rank for a parameter "
+                "budget (allocation='global' or target_params): leave rank_rule at 'ratio', or use allocation='uniform'"
+            )
         if self.decompose_pointwise is None:
             set_("decompose_pointwise", self.merge is None)
         if self.target_speedup is not None:

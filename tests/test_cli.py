@@ -359,6 +359,7 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "fxlrd_cli_models:broken", "--calibration", "{tmp}/no.pt"], 1, "calibration data .*no.pt does not"),
         (["compress", "{spec}", "--size", "32", "--input-shape", "1,3,32,32"], 2, "--size 32 and --input-shape 1,3,32"),
         (["compress", "{spec}", "--target-params", "1.5"], 2, "expected a parameter count .* got '1.5'"),
+        (["compress", "{spec}", "--timing-context", "neighbours"], 2, "--timing-context neighbours applies to the latency"),
         (["compress", "{spec}", "--target-params", "1.0"], 2, "expected a parameter count .* got '1.0'"),
         (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
         (["inspect", "/dev/null"], 2, "/dev/null is not a file or a directory"),

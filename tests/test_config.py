@@ -36,6 +36,8 @@ from fxlrd import ConfigError, LRDConfig
         ({"linear_method": "tucker2"}, "linear_method='tucker2' cannot decompose Linear"),
         ({"conv_method": "svd"}, "conv_method='svd' cannot decompose k×k convolutions"),
         ({"branches": 2, "conv_method": "cp"}, "branches=2 groups Tucker-2 cores: it needs conv_method='tucker2'"),
+        ({"allocation": "global", "rank_rule": "fixed", "rank": 4}, "rank_rule='fixed' is not used when global allocation"),
+        ({"target_params": 0.5, "rank_rule": "energy", "energy": 0.9}, "rank_rule='energy' is not used when global"),
     ],
 )
 def test_bad_values_name_the_problem(kwargs, fragment):
