@@ -18,6 +18,7 @@ Two ways in, tried in this order by ``capture="auto"``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
@@ -26,7 +27,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -301,16 +302,24 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs)
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a failing op's traceback as an error
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)  # the error that follows says it in one line
     try:
-        with mode, torch.no_grad():
+        with quiet_fake_tensors(), mode, torch.no_grad():
             model(*args, **kwargs)
     except tuple(unsupported):
         return  # fake tensors cannot say; capture will
     except Exception as exc:  # noqa: BLE001
         raise inputs_error(model, inputs, exc) from exc
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors() -> Iterator[None]:
+    """torch's fake tensors log a failing op's traceback as an error before raising: keep it
+    off the terminal (fxlrd's error that follows says it in one line)."""
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
         fake_log.setLevel(level)
 

@@ -45,11 +45,11 @@ def input_shapes(gm: fx.GraphModule, inputs: Args) -> None:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .capture import inputs_error
+    from .capture import inputs_error, quiet_fake_tensors
 
     values = flat_inputs(gm, inputs)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+        with contextlib.redirect_stderr(io.StringIO()), quiet_fake_tensors():  # ShapeProp prints a traceback before raising
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
     except Exception as exc:  # noqa: BLE001  (any failure here means the inputs do not fit the model)
         if not _data_dependent(exc):

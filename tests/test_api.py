@@ -373,6 +373,12 @@ def test_example_inputs_that_do_not_fit_the_model_are_named():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_inputs_that_do_not_fit_print_no_traceback_of_torchs(capfd):
+    with pytest.raises(ValueError, match="do not run through Sequential"):
+        fxlrd.plan(nn.Sequential(nn.Linear(64, 8)), example_inputs=torch.randn(2, 32))
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_macs_count_attention_in_every_form():
     """torch's FLOP counter reads 0 for MultiheadAttention's eval fast path and for SDPA's CPU
     kernel; count_macs must count the projections and the attention matmuls all the same."""
