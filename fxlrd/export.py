@@ -100,6 +100,33 @@ def _in_signature_order(model: nn.Module, inputs: "Args") -> "Args":
     return args, {k: kwargs[k] for k in ordered}
 
 
+def _has_other_than_tensors(inputs: "Args") -> bool:
+    args, kwargs = inputs
+    return any(not isinstance(v, torch.Tensor) for v in (*args, *kwargs.values()))
+
+
+def _dynamic_shapes_by_name(model: nn.Module, inputs: "Args", batch: bool, sequence: bool) -> Any:
+    """The dynamic dimensions as ``dynamic_shapes`` by parameter name, for inputs that are not
+    all tensors (a float flag): torch.onnx cannot turn ``dynamic_axes`` into them then."""
+    from torch.export import Dim
+
+    args, kwargs = inputs
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+
+    def spec(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        dims = {0: Dim.AUTO} if batch else {}
+        if sequence and not value.is_floating_point() and value.dim() >= 2:
+            dims[1] = Dim.AUTO
+        return dims or None
+
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
 def _tensors(inputs: "Args") -> list[torch.Tensor]:
     args, kwargs = inputs
     return [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
@@ -139,6 +166,8 @@ def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, 
     args, kwargs = inputs
     names = _input_names(inputs)
     extra = {}
+    if dynamic_shapes is None and (dynamic_batch or dynamic_sequence) and _has_other_than_tensors(inputs):
+        dynamic_shapes = _dynamic_shapes_by_name(model, inputs, dynamic_batch, dynamic_sequence)
     if dynamic_shapes is not None:
         extra["dynamic_shapes"] = dynamic_shapes
     else:

@@ -119,3 +119,23 @@ def test_an_opset_the_exporter_cannot_write_is_refused_and_nothing_written(tmp_p
         fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset_version=11)
     assert list(tmp_path.iterdir()) == []
     fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset_version=18)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.fc(x) * scale
+
+
+@pytest.mark.parametrize("given", ["positional", "keyword"])
+def test_an_input_that_is_not_a_tensor_exports_with_a_dynamic_batch(tmp_path, given):
+    model, x = Scaled().eval(), torch.randn(4, 16)
+    inputs = (x, 2.0) if given == "positional" else {"x": x, "scale": 2.0}
+    session = onnx_session(fxlrd.export_onnx(model, inputs, tmp_path / "m.onnx"))
+    other = torch.randn(7, 16)
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    with torch.no_grad():
+        assert got.shape == (7, 8) and max_relative_error(got, model(other, 2.0).numpy()) <= 1e-4
