@@ -345,7 +345,7 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
         if "bytes" in want and size != want["bytes"]:
             raise SavedModelError(
                 f"{path} has {size} bytes, the save recorded {want['bytes']}: the file is "
-                f"{'truncated' if size < want['bytes'] else 'changed'}; write the save again"
+                f"{'truncated or edited' if size < want['bytes'] else 'changed'}; write the save again"
             )
         if _sha256(path) != want.get("sha256"):
             raise SavedModelError(f"{path} does not match its sha256 in {METADATA_FILE}: the file is corrupt")

@@ -226,7 +226,10 @@ class Plan:
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"no plan file {path} (Plan.from_json takes JSON text or a file path)")
-            text = path.read_text()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise PlanMismatchError(f"{path} is not a plan: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

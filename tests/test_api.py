@@ -459,3 +459,10 @@ def test_count_macs_leaves_a_training_model_as_it_was():
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN stats too
     with pytest.raises(ConfigError, match="count_macs needs example_inputs"):
         fxlrd.count_macs(model, None)
+
+
+def test_a_plan_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(PlanMismatchError, match="plan.json is not a plan: it is not UTF-8 text"):
+        Plan.from_json(path)
