@@ -266,15 +266,19 @@ def _one_line(exc: BaseException) -> str:
 
 def inputs_error(model: nn.Module, inputs: Args, exc: BaseException, what: str = "example_inputs") -> ValueError:
     """The error for inputs the model cannot run (``what``: how the user passed them)."""
-    args, kwargs = inputs
-    shapes = [f"{k}={_describe(v)}" for k, v in kwargs.items()] + [_describe(a) for a in args]
     frame = _user_frame(exc)
     verb = "do" if what.endswith("s") else "does"
     return ValueError(
-        f"{what} ({', '.join(shapes)}) {verb} not run through {type(model).__name__}: "
+        f"{what} ({describe_inputs(inputs)}) {verb} not run through {type(model).__name__}: "
         f"{_one_line(_innermost(exc))}" + (f"\n  {frame}" if frame else "")
         + "\nPass inputs the model accepts, e.g. one real batch (right shapes and dtypes: token ids are int64)"
     )
+
+
+def describe_inputs(inputs: Args) -> str:
+    """``(args, kwargs)`` as dtypes and shapes, for messages: ``input_ids=int64[2, 8], ...``."""
+    args, kwargs = inputs
+    return ", ".join([f"{k}={_describe(v)}" for k, v in kwargs.items()] + [_describe(a) for a in args])
 
 
 def _describe(value: Any) -> str:

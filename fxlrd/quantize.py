@@ -634,6 +634,15 @@ def quantize_pt2e(gm: nn.Module, example_inputs: Any, calibration: Iterable[Any]
     with torch.no_grad():
         for i, batch in enumerate(batches):
             args, kwargs = _normalize_batch(batch, i)
-            prepared(*args, **kwargs)
+            try:
+                prepared(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001  (the exported graph's guards: a shape it does not take)
+                from .capture import describe_inputs
+
+                raise ConfigError(
+                    f"calibration batch {i} ({describe_inputs((args, kwargs))}) does not run through the exported "
+                    f"model, captured at {describe_inputs(inputs)}: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
+                    "give calibration batches shaped like example_inputs"
+                ) from exc
     converted = convert_pt2e(prepared)
     return _FrozenCompiled(converted) if compile else converted

@@ -401,3 +401,12 @@ def test_calibration_of_another_dtype_is_named(tmp_path):
     batches = [torch.randn(4, 16, dtype=torch.float64) for _ in range(2)]  # numpy's default, through from_numpy
     with pytest.raises(ConfigError, match="calibration batch 0: input 'input' is float64, the exported model takes float32"):
         fxlrd.export_onnx(model, torch.randn(4, 16), tmp_path / "m.onnx", quantize="int8", calibration=batches)
+
+
+def test_pt2e_calibration_that_does_not_fit_is_named():
+    pytest.importorskip("torchao")
+    from fxlrd.quantize import quantize_pt2e
+
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with pytest.raises(ConfigError, match=r"calibration batch 0 \(float32\[4, 31\]\) does not run through the exported"):
+        quantize_pt2e(model, torch.randn(4, 32), [torch.randn(4, 31)], compile=False)
