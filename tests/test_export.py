@@ -139,3 +139,13 @@ def test_an_input_that_is_not_a_tensor_exports_with_a_dynamic_batch(tmp_path, gi
     (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
     with torch.no_grad():
         assert got.shape == (7, 8) and max_relative_error(got, model(other, 2.0).numpy()) <= 1e-4
+
+
+def test_a_half_precision_model_passes_the_check_and_int8_needs_float32(tmp_path):
+    from fxlrd import ConfigError
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval().half()
+    x = torch.randn(4, 16).half()
+    fxlrd.export_onnx(model, x, tmp_path / "m.onnx")  # float16 rounding alone is past the float32 default
+    with pytest.raises(ConfigError, match="int8 quantization starts from a float32 model, this one holds float16"):
+        fxlrd.export_onnx(model, x, tmp_path / "q.onnx", quantize="int8-dynamic")
