@@ -177,7 +177,9 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
     gm = DecomposePass(plan_, stats=stats, factors=factors)(gm).graph_module
     branches = int(plan_.settings.get("branches", 1) or 1)
     if branches > 1:
-        gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference)(gm).graph_module
+        aware = {lp.name: stats[lp.name] for lp in plan_.decomposed if lp.data_aware and stats and lp.name in stats}
+        gm = BranchPass(branches, plan_.settings.get("branch_init", "btd"), reference=reference,
+                        stats=aware)(gm).graph_module  # fmt: skip
         _sync_branched(gm, plan_, reference, stats)
         narrow = [lp.name for lp in plan_.decomposed if lp.method == "tucker2" and min(lp.ranks) < branches]
         if narrow:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxlrd.branch import fit_btd, truncate_blocks
+from fxlrd.branch import BlockTerms, fit_btd, truncate_blocks
 from fxlrd.factorized import Factorized
+from fxlrd.methods.base import data_aware_weight, unweigh_output, unwhiten_input, weigh_output, whiten_input
 
 from fxlrd.sites import set_submodule
 
@@ -24,13 +27,15 @@ class BranchPass(PassBase):
     else to the current Tucker weight. Tucker-1 layers are left alone.
     """
 
-    def __init__(self, branches: int = 2, init: str = "btd", reference: nn.Module | None = None, sweeps: int = 5):
+    def __init__(self, branches: int = 2, init: str = "btd", reference: nn.Module | None = None, sweeps: int = 5,
+                 stats: Mapping[str, Any] | None = None):  # fmt: skip
         if not isinstance(branches, int) or branches < 2:
             raise ValueError(f"branches must be an int >= 2, got {branches!r}")
         if init not in ("btd", "truncate"):
             raise ValueError(f"init must be 'btd' or 'truncate', got {init!r}")
         super().__init__()
         self.branches, self.init, self.reference, self.sweeps = branches, init, reference, sweeps
+        self.stats = dict(stats or {})
 
     def _targets(self, gm: fx.GraphModule) -> list[str]:
         names = []
@@ -61,7 +66,11 @@ class BranchPass(PassBase):
                     target = None
             if target is None or target.shape[:2] != (u.shape[0], v.shape[0]):
                 target = torch.einsum("rq...,sr,cq->sc...", g, u, v)
-            blocks = fit_btd(target.cpu(), blocks, sweeps=self.sweeps)
+            stats = self.stats.get(name)
+            if stats is None:
+                blocks = fit_btd(target.cpu(), blocks, sweeps=self.sweeps)
+            else:  # data-aware: fit in the coordinates where weight error is output error on the calibration data
+                blocks = self._fit_on_data(target.cpu(), v.cpu(), g.cpu(), u.cpu(), stats)
         r1, r2 = blocks.cores[0].shape[1], blocks.cores[0].shape[0]
         kw = {"device": core.weight.device, "dtype": core.weight.dtype}
         conv = type(core) if type(core) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else nn.Conv2d
@@ -75,6 +84,17 @@ class BranchPass(PassBase):
         if out.bias is not None:
             new_out.bias.copy_(out.bias)
         return {"in_proj": new_in, "core": new_core, "out_proj": new_out}
+
+    def _fit_on_data(self, target: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor, stats: Any) -> BlockTerms:
+        """The block-term fit of ``target`` minimising the layer's output error on the
+        calibration data (``stats``: its `SiteStats`): the whitened SVD's coordinates, input
+        mode whitened and output mode weighed by the model's sensitivity, then mapped back."""
+        target_t, white, out_w = data_aware_weight(target, stats)
+        v_t = whiten_input(v.T, white).T  # C × r1: the factor that reads the input, in whitened coordinates
+        u_t = weigh_output(u, out_w)  # S × r2
+        blocks = fit_btd(target_t, truncate_blocks(v_t, g, u_t, self.branches), sweeps=self.sweeps)
+        return BlockTerms(in_factors=[unwhiten_input(f.T, white).T for f in blocks.in_factors], cores=blocks.cores,
+                          out_factors=[unweigh_output(f, out_w) for f in blocks.out_factors])  # fmt: skip
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -113,3 +113,20 @@ def test_layers_whose_ranks_are_below_the_branch_count_stay_unbranched_and_say_s
         gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=(2, 2), rank_quantum=1, branches=4),
                              example_inputs=torch.randn(1, 8, 6, 6))  # fmt: skip
     assert gm.get_submodule("0").core.groups == 1
+
+
+def test_branches_of_a_data_aware_layer_are_fitted_to_its_output_on_the_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1)).eval()
+    scale = torch.linspace(0.05, 3, 12).reshape(1, 12, 1, 1)  # channels of very different sizes
+    batches = [torch.randn(8, 12, 6, 6) * scale for _ in range(8)]
+    config = LRDConfig(rank_rule="fixed", rank=6, rank_quantum=1, sensitivity=False, branches=2)
+
+    def output_error(gm):
+        with torch.no_grad():
+            return sum(float((gm(b) - model(b)).pow(2).sum()) for b in batches) / sum(float(model(b).pow(2).sum()) for b in batches)
+
+    data_free = fxlrd.transform(model, config, example_inputs=batches[0])
+    data_aware = fxlrd.transform(model, config, example_inputs=batches[0], calibration=batches)
+    assert data_aware.get_submodule("0").core.groups == 2
+    assert output_error(data_aware) < 0.85 * output_error(data_free)
