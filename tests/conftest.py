@@ -23,3 +23,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e|: the error relative to the output's scale."""
     scale = expected.abs().max().item() or 1.0
     return (actual.double() - expected.double()).abs().max().item() / scale
+
+
+def tiny_bert(layers: int = 1, heads: int = 2, seed: int = 0):
+    """A BertModel of hidden size 32 (intermediate 64, 100 tokens, 64 positions) in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.BertModel(cfg).eval()

@@ -880,11 +880,9 @@ def test_unbatched_conv_inputs_calibrate_as_the_same_samples_batched(settings):
 def test_padding_positions_are_left_out_of_the_statistics(settings):
     """The same real tokens calibrate to the same model whether or not their batches are
     padded (positions where attention_mask is 0)."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                  vocab_size=100, max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    from conftest import tiny_bert
+
+    model = tiny_bert()
     g = torch.Generator().manual_seed(1)
     real = [torch.randint(5, 40, (4, 6), generator=g) for _ in range(6)]
     unpadded = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in real]

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, tiny_bert
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -162,11 +162,7 @@ def test_sensitivity_weighs_the_selection_toward_the_outputs_that_count():
 
 
 def _bert():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert(layers=2, heads=4)
     g = torch.Generator().manual_seed(0)
     cal = [{"input_ids": torch.randint(0, 100, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
            for _ in range(4)]  # fmt: skip
