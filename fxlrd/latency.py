@@ -403,15 +403,18 @@ class LatencyCache:
             if data.get("format") != _CACHE_FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, not {_CACHE_FORMAT!r}")
             entries = {str(k): float(v) for k, v in data["entries"].items()}
-            bad = [k for k, v in entries.items() if not 0 < v < float("inf")]  # (NaN fails too)
-            if bad:
-                raise ValueError(f"{len(bad)} timings are not positive finite seconds (first: {bad[0]!r})")
-            return entries
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             if warn:
                 warnings.warn(f"fxlrd latency cache {self.path} is unreadable ({exc}); rebuilding it", FxlrdWarning,
                               stacklevel=3)  # fmt: skip
             return {}
+        bad = [k for k, v in entries.items() if not 0 <= v < float("inf")]  # (NaN fails too)
+        if bad:
+            if warn:
+                warnings.warn(f"fxlrd latency cache {self.path}: {len(bad)} timings are not finite seconds >= 0 "
+                              f"(first: {bad[0][:80]!r}); they are measured again", FxlrdWarning, stacklevel=3)  # fmt: skip
+            entries = {k: v for k, v in entries.items() if k not in bad}
+        return entries
 
     def get(self, key: str) -> float | None:
         value = self.entries.get(key)
