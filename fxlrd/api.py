@@ -33,11 +33,11 @@ def _check_config(config: LRDConfig | None) -> LRDConfig:
 
 
 def _capture(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str, dynamic_shapes: Any,
-             copy_model: bool) -> Captured:  # fmt: skip
+             copy_model: bool, training: bool | None = None) -> Captured:  # fmt: skip
     if mode not in CAPTURE_MODES:
         raise ConfigError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
     return capture(model, inputs=inputs, mode=mode, leaf_modules=config.leaf_modules, dynamic_shapes=dynamic_shapes,
-                   attention=config.attention, copy_model=copy_model)  # fmt: skip
+                   attention=config.attention, copy_model=copy_model, training=training)  # fmt: skip
 
 
 def _capture_inplace(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str,
@@ -170,11 +170,14 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
 
 
 def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, *, stats=None,
-                    factors=None) -> fx.GraphModule:  # fmt: skip
-    """DecomposePass, then the BranchPass and MergePass the plan's settings ask for."""
+                    factors=None, sync_sizes: bool = False) -> fx.GraphModule:  # fmt: skip
+    """DecomposePass, then the BranchPass and MergePass the plan's settings ask for.
+    ``sync_sizes``: the plan may have been edited, its layers take the decomposed sizes."""
     from fxlrd.passes import BranchPass, DecomposePass, MergePass
 
     gm = DecomposePass(plan_, stats=stats, factors=factors)(gm).graph_module
+    if sync_sizes:  # before merging changes what sits at the layers' names
+        _sync_sizes(gm, plan_)
     branches = int(plan_.settings.get("branches", 1) or 1)
     if branches > 1:
         aware = {lp.name: stats[lp.name] for lp in plan_.decomposed if lp.data_aware and stats and lp.name in stats}
@@ -232,7 +235,8 @@ def apply(
     """Decompose ``model`` as ``plan`` says and return the ``GraphModule``.
 
     The model is captured the way the plan records (fx or export); an export capture uses
-    ``example_inputs`` or, when they are not given, zeros of the plan's recorded input shapes.
+    ``example_inputs`` or, when they are not given, zeros of the plan's recorded input shapes,
+    and the train/eval mode the plan's capture was made in (the graph bakes it in).
     Data-aware layers are fitted as the plan's settings say (``sensitivity``,
     ``sensitivity_matrix``, ``sequential``), so the same calibration data gives the model
     `transform` gave.
@@ -279,8 +283,10 @@ def apply(
         from .capture import warn_dynamic_shapes
 
         warn_dynamic_shapes(recorded, dynamic_shapes, "fxlrd.apply(model, plan, dynamic_shapes=...)")
+    # an export graph bakes in the mode: capture in the plan's (as load does), not a fresh model's training mode
+    training = bool(recorded.get("training", False)) if mode == "export" else None
     captured = _capture_inplace(model, config, inputs, mode, None) if inplace else \
-        _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True)  # fmt: skip
+        _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True, training=training)  # fmt: skip
     if inplace:
         _check_inplace(plan)
     if plan.settings.get("narrowed"):
@@ -291,8 +297,8 @@ def apply(
         from .calibrate import sequential_factors
 
         factors = sequential_factors(captured.gm, plan, calibration, example=inputs, stats=stats)
-    gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats, factors=factors)
-    _sync_sizes(gm, plan)
+    gm = _apply_to_graph(captured.gm, plan, reference=None if inplace else model, stats=stats, factors=factors,
+                         sync_sizes=True)  # fmt: skip
     if inplace and gm is not model:
         _mirror_into(model, gm)
     return _finish(gm, plan, captured)

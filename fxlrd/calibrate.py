@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .capture import Args, flat_inputs, inputs_error, normalize_inputs, placeholder_values
+from .capture import Args, flat_inputs, inputs_error, normalize_inputs, padding_mask, placeholder_values
 from .decompose import Whitening, whitening
 from .config import check_sensitivity
 from .errors import ConfigError
@@ -122,13 +122,6 @@ def _batched(site: Site, x: torch.Tensor) -> torch.Tensor:
     """A conv's input or output with its batch dimension: torch convs also take one unbatched
     sample, (C, *spatial)."""
     return x.unsqueeze(0) if site.spec.kind != "linear" and x.dim() == len(site.spec.stride) + 1 else x
-
-
-def padding_mask(inputs: Args) -> torch.Tensor | None:
-    """The real-token positions of a text batch: its ``attention_mask`` keyword input as a
-    (batch, sequence) bool tensor; None when there is none."""
-    mask = inputs[1].get("attention_mask") if isinstance(inputs[1], Mapping) else None
-    return mask.to(torch.bool) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def _real_tokens(site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

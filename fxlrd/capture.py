@@ -27,7 +27,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -149,6 +149,14 @@ def _named_values(placeholders: list[fx.Node], args: Sequence[Any], kwargs: Mapp
         else:
             raise ConfigError(f"input {n.target!r} of the model is missing from {what}")
     return values
+
+
+def padding_mask(inputs: Args) -> torch.Tensor | None:
+    """The real-token positions of a text batch: its keyword ``attention_mask`` as a (batch,
+    sequence) bool tensor (True: a real token, the Hugging Face convention); None when there is
+    none (a mask passed positionally is not recognised)."""
+    mask = inputs[1].get("attention_mask") if len(inputs) > 1 and isinstance(inputs[1], Mapping) else None
+    return mask.detach() != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def placeholder_values(gm: fx.GraphModule, flat: Sequence[Any]) -> dict[fx.Node, Any]:
@@ -361,10 +369,15 @@ def _trace_fx(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str]) -
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _dynamic_spec(value: Any, batch: int | None, seq: int | None) -> Any:
+def _is_tokens(value: Any) -> bool:
+    """Integer (batch, sequence, ...) inputs: token ids and the like."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point() and value.dtype != torch.bool
+
+
+def dynamic_spec(value: Any, batch: int | None, seqs: Collection[int]) -> Any:
     """Which dimensions of one input fxlrd asks torch.export to keep dynamic: the batch, and
-    the sequence of every (batch, sequence, ...) input (token ids, masks of any dtype,
-    embeddings)."""
+    the sequence of token inputs and of the other (batch, sequence, ...) inputs beside them
+    (masks of any dtype, embeddings): dimension 1 when it is one of the token lengths ``seqs``."""
     from torch.export import Dim
 
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -372,13 +385,14 @@ def _dynamic_spec(value: Any, batch: int | None, seq: int | None) -> Any:
     spec = {}
     if batch is not None and value.shape[0] == batch:
         spec[0] = Dim.AUTO
-    if seq is not None and value.dim() >= 2 and value.shape[1] == seq and (batch is None or value.shape[0] == batch):
+    same_batch = batch is None or value.shape[0] == batch
+    if value.dim() >= 2 and (_is_tokens(value) or (value.shape[1] in seqs and same_batch)):
         spec[1] = Dim.AUTO
     return spec or None
 
 
-def _auto_dynamic_shapes(bound: inspect.BoundArguments, batch: int | None, seq: int | None) -> dict[str, Any]:
-    spec = lambda v: _dynamic_spec(v, batch, seq)  # noqa: E731
+def _auto_dynamic_shapes(bound: inspect.BoundArguments, batch: int | None, seqs: Collection[int]) -> dict[str, Any]:
+    spec = lambda v: dynamic_spec(v, batch, seqs)  # noqa: E731
     out = {}
     for name, value in bound.arguments.items():
         param = bound.signature.parameters[name]
@@ -396,12 +410,10 @@ def _batch_size(inputs: Args) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _sequence_length(inputs: Args) -> int | None:
-    """The sequence length of a text batch: dimension 1 of its integer (batch, sequence)
-    inputs (token ids), when they agree."""
-    sizes = {t.shape[1] for t in pytree.tree_leaves(inputs)
-             if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool}  # fmt: skip
-    return sizes.pop() if len(sizes) == 1 else None
+def sequence_lengths(inputs: Args) -> set[int]:
+    """The sequence lengths of a text batch: dimension 1 of its token inputs (an
+    encoder-decoder's two, a query's and a document's)."""
+    return {t.shape[1] for t in pytree.tree_leaves(inputs) if _is_tokens(t)}
 
 
 def _widen(inputs: Args, dim: int, size: int, batch: int | None) -> Args:
@@ -436,18 +448,18 @@ def dynamic_export_inputs(model: nn.Module, inputs: Args) -> tuple[tuple, dict, 
     the token sequence dynamic (``asked``: which of the two). Export specializes dimensions of
     size 1, so a batch or sequence of 1 is widened to 2 first."""
     args, kwargs = inputs
-    batch, seq = _batch_size(inputs), _sequence_length(inputs)
+    batch, seqs = _batch_size(inputs), sequence_lengths(inputs)
     if batch == 1:
         args, kwargs = _widen((args, kwargs), 0, 1, None)
         batch = 2
-    if seq == 1:
+    if 1 in seqs:
         args, kwargs = _widen((args, kwargs), 1, 1, batch)
-        seq = 2
+        seqs = (seqs - {1}) | {2}
     bound = bind_inputs(model, (args, kwargs))
     if bound is None:
         return args, kwargs, None, []
-    asked = ["batch"] * (batch is not None) + ["sequence"] * (seq is not None)
-    return args, kwargs, _auto_dynamic_shapes(bound, batch, seq), asked
+    asked = ["batch"] * (batch is not None) + ["sequence"] * bool(seqs)
+    return args, kwargs, _auto_dynamic_shapes(bound, batch, seqs), asked
 
 
 def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:

@@ -420,7 +420,7 @@ def _target_params(text: str) -> int | float:
         ) from None
     if 0 < value < 1:
         return value
-    if value != int(value) or value < 2:
+    if not math.isfinite(value) or value != int(value) or value < 2:
         raise argparse.ArgumentTypeError(
             f"expected a parameter count (an integer, 5000000, 5M) or a fraction of the model in (0, 1) (0.4), got {text!r}"
         )
@@ -628,9 +628,10 @@ def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data
     else:
         cal, held = data, randoms()
         note = f"{n_eval} batches of random inputs ({path} has only one batch, used for calibration)"
-    if isinstance(example, dict) and isinstance(cal[0], Mapping):  # inputs the file gives (a tokenizer's token_type_ids)
+    if isinstance(example, dict) and isinstance(cal[0], Mapping):  # a tokenizer's token_type_ids (zeros: one segment)
         for key, value in cal[0].items():
-            if key not in example and isinstance(value, torch.Tensor) and value.shape[1:] == example["input_ids"].shape[1:]:
+            if key == "token_type_ids" and key not in example and isinstance(value, torch.Tensor) \
+                    and value.shape[1:] == example["input_ids"].shape[1:]:  # fmt: skip
                 example[key] = torch.zeros(example["input_ids"].shape, dtype=value.dtype)
                 held = [{**h, key: torch.zeros(h["input_ids"].shape, dtype=value.dtype)} if key not in h else h for h in held]
     return _Data(example, cal, held, note)

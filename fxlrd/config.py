@@ -255,7 +255,8 @@ class LRDConfig:
                 "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
                 "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
             )
-        size_allocation = self.target_speedup is None and (self.allocation == "global" or self.target_params is not None)
+        size_allocation = self.target_speedup is None and self.latency is None and (
+            self.allocation == "global" or self.target_params is not None)  # fmt: skip
         if size_allocation and self.rank_rule != "ratio":
             raise ConfigError(
                 f"rank_rule={self.rank_rule!r} is not used when global allocation chooses every rank for a parameter "

@@ -106,22 +106,23 @@ def _has_other_than_tensors(inputs: "Args") -> bool:
 
 
 def _dynamic_shapes_by_name(model: nn.Module, inputs: "Args", batch: bool, sequence: bool) -> Any:
-    """The dynamic dimensions as ``dynamic_shapes`` by parameter name, for inputs that are not
-    all tensors (a float flag): torch.onnx cannot turn ``dynamic_axes`` into them then."""
-    from torch.export import Dim
+    """The dynamic dimensions as ``dynamic_shapes`` by parameter name (the batch, the token
+    sequence as `fxlrd.capture.dynamic_spec` chooses it), for inputs that are not all
+    tensors (a float flag): torch.onnx cannot turn ``dynamic_axes`` into them then."""
+    from .capture import _batch_size, dynamic_spec, sequence_lengths
 
     args, kwargs = inputs
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
+    size = _batch_size(inputs) if batch else None
+    seqs = sequence_lengths(inputs) if sequence else set()
 
     def spec(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            return None
-        dims = {0: Dim.AUTO} if batch else {}
-        if sequence and not value.is_floating_point() and value.dim() >= 2:
-            dims[1] = Dim.AUTO
+        dims = dynamic_spec(value, size, seqs) or {}
+        if not sequence:
+            dims.pop(1, None)
         return dims or None
 
     return {name: spec(value) for name, value in bound.arguments.items()}

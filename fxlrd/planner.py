@@ -353,18 +353,23 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
         "objective": "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error",
     }  # fmt: skip
     if not met:
-        if budget <= 0:
-            fixed = plan.model_params - sum(t.lp.params_before for t in tasks)
-            raise ConfigError(
-                f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
-                "(embeddings, norms, layers left out), which decomposition does not touch: ask for a larger target_params "
-                "or decompose more layers"
-            )
-        raise ConfigError(
-            f"the parameter budget ({what}) cannot be met even by the smallest ranks tried "
-            f"({used:.0f} > {budget:.0f} parameters in the decomposable layers); ask for fewer savings "
+        raise _budget_error(what, used, budget, tasks, plan)
+
+
+def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask], plan: Plan) -> ConfigError:
+    """The error for a parameter budget no choice of ranks meets."""
+    if budget <= 0:
+        fixed = plan.model_params - sum(t.lp.params_before for t in tasks)
+        return ConfigError(
+            f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
+            "(embeddings, norms, layers left out), which decomposition does not touch: ask for a larger target_params "
             "or decompose more layers"
         )
+    return ConfigError(
+        f"the parameter budget ({what}) cannot be met even by the smallest ranks tried "
+        f"({used:.0f} > {budget:.0f} parameters in the decomposable layers); ask for fewer savings "
+        "or decompose more layers"
+    )
 
 
 def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,
@@ -421,11 +426,8 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
         if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
-            raise ConfigError(
-                f"the parameter budget (target_params={config.target_params}) cannot be met even by the smallest ranks "
-                f"tried ({record['layer_params_chosen']:.0f} > {budget_params:.0f} parameters in the decomposable "
-                "layers); ask for fewer savings or decompose more layers"
-            )
+            raise _budget_error(f"target_params={config.target_params}", record["layer_params_chosen"], budget_params,
+                                tasks, plan)  # fmt: skip
     apply_choices(choices)
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record

@@ -376,17 +376,14 @@ def _preprocess(src: Path, dst: Path) -> Path:
     return src
 
 
-def padding_mask(inputs: "Args") -> np.ndarray | None:
-    """The token mask of a transformer's inputs: a keyword ``attention_mask`` of shape
-    (batch, tokens), as a boolean array (True: a real token), or None when there is none
-    (a mask passed positionally is not recognised: the outputs are then compared whole).
+def _token_mask(inputs: "Args") -> np.ndarray | None:
+    """`fxlrd.capture.padding_mask` as a numpy array. Outputs at padding positions are computed
+    but unused, and nothing constrains them: int8 can move them by as much as the largest real
+    activation, so checks leave them out."""
+    from .capture import padding_mask
 
-    Outputs at padding positions are computed but unused, and nothing constrains them: int8
-    can move them by as much as the largest real activation, so checks leave them out."""
-    mask = inputs[1].get("attention_mask") if len(inputs) > 1 and isinstance(inputs[1], Mapping) else None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return None
-    return mask.detach().cpu().numpy() != 0
+    mask = padding_mask(inputs)
+    return None if mask is None else mask.cpu().numpy()
 
 
 def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str], qtol: float,
@@ -504,7 +501,7 @@ def quantize_onnx_file(
                 raise ExportMismatchError(
                     f"the int8 model gives {len(got)} outputs, PyTorch {len(want)}; {label} was not written"
                 )
-            fidelity = _compare(got, want, output_names, config.qtol, padding_mask(inputs))
+            fidelity = _compare(got, want, output_names, config.qtol, _token_mask(inputs))
             if not fidelity.ok:
                 fix = ("exclude sensitive operators with QuantizeConfig(dynamic=True, op_types=...)" if config.dynamic else
                        "check that the calibration batches are real inputs like example_inputs, exclude sensitive "
@@ -545,7 +542,7 @@ def measure_fidelity(path: str | os.PathLike, model: nn.Module, inputs: Any, *, 
     expected = [t.float().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     session = onnx_session(path)
     got = session.run(None, onnx_feed(session, (args, kwargs)))
-    return _compare(got, expected, [o.name for o in session.get_outputs()], qtol, padding_mask((args, kwargs)))
+    return _compare(got, expected, [o.name for o in session.get_outputs()], qtol, _token_mask((args, kwargs)))
 
 
 # -- PyTorch PT2E ---------------------------------------------------------------------------------

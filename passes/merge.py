@@ -159,7 +159,9 @@ class MergePass(PassBase):
         if not isinstance(ma, nn.Linear):
             return True
         x = _single_input(norm)
-        meta = (x.meta.get("val") if x is not None else None) or (x.meta.get("tensor_meta") if x is not None else None)
+        meta = None if x is None else x.meta.get("val")
+        if meta is None and x is not None:  # (never `or`: a fake tensor's truth value is an error)
+            meta = x.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         return shape is not None and len(shape) == 2
 

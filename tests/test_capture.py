@@ -605,3 +605,23 @@ def test_parameters_the_forward_never_uses_are_named_in_the_capture_notes():
     assert any("900 parameters the forward never uses" in n and "aux" in n for n in gm.fxlrd_capture["notes"])
     clean = fxlrd.transform(OneInput(), LOW, example_inputs=torch.randn(2, 8), capture="fx")
     assert not any("never uses" in n for n in clean.fxlrd_capture["notes"])
+
+
+def test_token_inputs_of_different_lengths_each_stay_dynamic():
+    class EncoderDecoder(nn.Module):  # reshapes by each sequence's length
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(20, 8), nn.Linear(8, 8)
+
+        def forward(self, input_ids, decoder_input_ids):
+            enc = self.lin(self.emb(input_ids))
+            dec = self.lin(self.emb(decoder_input_ids))
+            return dec.reshape(dec.shape[0], dec.shape[1], 2, 4).flatten(2) + enc.mean(1, keepdim=True)
+
+    model = EncoderDecoder().eval()
+    example = {"input_ids": torch.randint(0, 20, (2, 7)), "decoder_input_ids": torch.randint(0, 20, (2, 3))}
+    gm = fxlrd.transform(model, FULL, example_inputs=example, capture="export")
+    for s, t in [(9, 5), (4, 1)]:
+        other = {"input_ids": torch.randint(0, 20, (3, s)), "decoder_input_ids": torch.randint(0, 20, (3, t))}
+        with torch.no_grad():
+            torch.testing.assert_close(gm(**other), model(**other), rtol=1e-5, atol=1e-5)

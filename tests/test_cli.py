@@ -361,6 +361,7 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--target-params", "1.5"], 2, "expected a parameter count .* got '1.5'"),
         (["compress", "{spec}", "--timing-context", "neighbours"], 2, "--timing-context neighbours applies to the latency"),
         (["compress", "{spec}", "--target-params", "1.0"], 2, "expected a parameter count .* got '1.0'"),
+        (["compress", "{spec}", "--target-params", "inf"], 2, "expected a parameter count .* got 'inf'"),
         (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
         (["inspect", "/dev/null"], 2, "/dev/null is not a file or a directory"),
         (["inspect", "{tmp}/report.json"], 1, r"report.json is malformed \(KeyError"),

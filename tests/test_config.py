@@ -66,3 +66,9 @@ def test_to_dict_is_json_ready():
     json.dumps(d)
     assert d["layer_types"] == ["Linear", "Conv1d", "Conv2d"]
     assert d["ratio"] == 2.0
+
+
+def test_a_latency_search_may_follow_any_rank_rule_beside_a_global_budget():
+    from fxlrd import LatencyConfig
+
+    LRDConfig(latency=LatencyConfig(), allocation="global", rank_rule="fixed", rank=4)  # the search's target ranks

@@ -507,3 +507,14 @@ def test_load_and_apply_take_the_dynamic_shapes_the_capture_was_given(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(other), gm(other), rtol=0, atol=0)
         assert applied(other).shape == (3, 32)
+
+
+def test_apply_of_an_export_plan_captures_in_the_plans_mode(x):
+    model = _tiny()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, capture="export")
+    fresh = TinyNet()  # training mode
+    fresh.load_state_dict(model.state_dict())
+    applied = fxlrd.apply(fresh, fxlrd.Plan.from_json(gm.fxlrd_plan.to_json()), example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(applied(x), gm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(applied(x), applied(x), rtol=0, atol=0)  # no batch statistics

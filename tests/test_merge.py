@@ -1,5 +1,7 @@
 """MergePass and recovery: exact merges are exact, approximate ones have the intended shape."""
 
+import itertools
+
 import pytest
 import torch
 from torch import fx, nn
@@ -320,8 +322,8 @@ def test_a_batch_norm_over_tokens_is_not_folded_into_linears():
 
     config = dict(rank_rule="fixed", rank=8, rank_quantum=1, allow_larger=True, merge="exact", decompose_pointwise=True)
     model = Tokens().eval()
-    for x in (torch.randn(2, 8, 8), torch.randn(5, 8)):  # 3-D: kept apart; 2-D: folded, and exact
-        gm = fxlrd.transform(model, LRDConfig(**config), example_inputs=x)
+    for x, capture in itertools.product((torch.randn(2, 8, 8), torch.randn(5, 8)), ("fx", "export")):
+        gm = fxlrd.transform(model, LRDConfig(**config), example_inputs=x, capture=capture)  # 3-D: apart; 2-D: exact
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
         assert any(hasattr(m, "fxlrd_merge") for m in gm.modules()) == (x.dim() == 2)
@@ -340,3 +342,22 @@ def test_approximate_merge_of_a_training_model_keeps_a_norm_it_would_fold():
                          example_inputs=torch.randn(4, 8, 6, 6))  # fmt: skip
     assert isinstance(gm.bn1, nn.BatchNorm2d) and gm.bn1.training  # still there to fine-tune with
     assert not any(hasattr(m, "fxlrd_merge") for m in gm.modules())
+
+
+def test_apply_of_a_merging_plan_reports_what_transform_did():
+    class Block(nn.Module):  # the merged neighbours change what sits at a layer's name
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32)
+            self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+            self.conv3 = nn.Conv2d(32, 16, 1)
+
+        def forward(self, x):
+            return self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+
+    model, x = Block().eval(), torch.randn(2, 16, 8, 8)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, rank_quantum=1, merge="exact"), example_inputs=x)
+    applied = fxlrd.apply(model, gm.fxlrd_plan, example_inputs=x)
+    assert fxlrd.count_params(applied) == fxlrd.count_params(gm)
+    sizes = lambda plan: [(lp.name, lp.params_after, lp.macs_after) for lp in plan.decomposed]  # noqa: E731
+    assert sizes(applied.fxlrd_plan) == sizes(gm.fxlrd_plan)

@@ -8,9 +8,10 @@ from torch import nn
 
 import fxlrd
 from fxlrd import ConfigError, ExportMismatchError, LRDConfig
+from fxlrd.capture import padding_mask
 from fxlrd.export import export_onnx_file, onnx_feed, onnx_session
 from fxlrd.quantize import (DEFAULT_OP_TYPES, DYNAMIC_OP_TYPES, Fidelity, OutputFidelity, QuantizeConfig, _compare,
-                            measure_fidelity, padding_mask, quantize_onnx_file, quantize_pt2e)  # fmt: skip
+                            measure_fidelity, quantize_onnx_file, quantize_pt2e)  # fmt: skip
 
 from conftest import rel_err
 
