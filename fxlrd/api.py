@@ -371,6 +371,7 @@ def _sync_branched(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None 
 def _branched_error(fact: Factorized, weight: torch.Tensor, stats: Any) -> float:
     """The relative squared error of a branched Tucker-2 layer (its core grouped), of the
     weight or, with ``stats``, of the output on the calibration inputs (as `error_curve`)."""
+    from .branch import BlockTerms, reconstruct
     from .methods.base import data_aware_weight
 
     n = fact.core.groups
@@ -378,8 +379,10 @@ def _branched_error(fact: Factorized, weight: torch.Tensor, stats: Any) -> float
     g = fact.core.weight.detach().double().cpu()  # (n·r2, r1, *k)
     u = fact.out_proj.weight.detach().double().cpu().reshape(fact.out_proj.out_channels, -1)  # (S, n·r2)
     r1, r2 = v.shape[0] // n, g.shape[0] // n
-    dense = sum(torch.einsum("sr,rq...,qc->sc...", u[:, i * r2 : (i + 1) * r2], g[i * r2 : (i + 1) * r2],
-                             v[i * r1 : (i + 1) * r1]) for i in range(n))  # fmt: skip
+    blocks = BlockTerms(in_factors=[v[i * r1 : (i + 1) * r1].T for i in range(n)],
+                        cores=[g[i * r2 : (i + 1) * r2] for i in range(n)],
+                        out_factors=[u[:, i * r2 : (i + 1) * r2] for i in range(n)])  # fmt: skip
+    dense = reconstruct(blocks)
     w, _, out_w = data_aware_weight(weight, stats)
     approx, _, _ = data_aware_weight(dense.reshape(weight.shape), stats)
     total = 1.0 if out_w is not None else max(float((w**2).sum()), 1e-300)
