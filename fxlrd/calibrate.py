@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -124,17 +125,48 @@ def _batched(site: Site, x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if site.spec.kind != "linear" and x.dim() == len(site.spec.stride) + 1 else x
 
 
-def _real_tokens(site: Site, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _real_tokens(site: Site, x: torch.Tensor, mask: torch.Tensor | None,
+                 layouts: dict[str, bool | None] | None = None) -> torch.Tensor:  # fmt: skip
     """A linear site's values at the real tokens only (padding left out of the statistics: its
-    activations are not the model's work, and they bias the fit): ``x`` is (batch, sequence,
-    ...) or flattened to (batch·sequence, channels) as GPT-2's ``Conv1D`` does."""
+    activations are not the model's work, and they bias the fit).
+
+    ``x`` is (batch, sequence, ...), (sequence, batch, ...) (a model that turns the batch
+    sequence-first inside), or flattened batch-major to (batch·sequence, channels) as GPT-2's
+    ``Conv1D`` does. Which of the first two a site's values are shows only when the mask is not
+    square; ``layouts`` (site name → sequence-first, None: not known yet) keeps what a batch
+    showed for the square ones, which are read batch-major (the Hugging Face convention) until a
+    batch shows otherwise (a warning then says that earlier square batches were misread). Values
+    of any other shape are taken whole."""
     if mask is None or site.spec.kind != "linear":
         return x
-    if x.dim() >= 3 and x.shape[:2] == mask.shape:
-        return x[mask.to(x.device)]
-    if x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
+    b, s = mask.shape
+    if x.dim() >= 3:
+        lead = tuple(x.shape[:2])
+        if b != s and lead in ((b, s), (s, b)):
+            seq_first = lead == (s, b)
+            if layouts is not None:
+                if seq_first and site.name in layouts and layouts[site.name] is None:
+                    warnings.warn(
+                        f"calibration: {site.name!r} runs sequence-first, which showed only after batches whose "
+                        "attention_mask is square (batch size = length) were read batch-major: their padding "
+                        "entered its statistics; put a batch of another shape first",
+                        stacklevel=2,
+                    )
+                layouts[site.name] = seq_first
+        elif b == s and lead == (b, s):
+            seq_first = layouts.setdefault(site.name, None) if layouts is not None else None
+            seq_first = bool(seq_first)
+        else:
+            return x
+        return x[(mask.T if seq_first else mask).to(x.device)]
+    if x.dim() == 2 and x.shape[0] == mask.numel() and s > 1:
         return x[mask.reshape(-1).to(x.device)]
     return x
+
+
+def _square_last(masks: Sequence[torch.Tensor | None]) -> list[int]:
+    """Batch indices with the square masks last, so a site's layout is known before them."""
+    return sorted(range(len(masks)), key=lambda i: masks[i] is not None and masks[i].shape[0] == masks[i].shape[1])
 
 
 def _on_real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -144,12 +176,13 @@ def _on_real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t * mask.to(device=t.device, dtype=t.dtype).reshape(*mask.shape, *([1] * (t.dim() - 2)))
 
 
-def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None,
+             layouts: dict[str, bool | None] | None = None) -> torch.Tensor:  # fmt: skip
     """A site's input as ``(samples, channels)`` rows, the positions the layer reads (for a
-    text batch, its real tokens: ``mask`` from `padding_mask`)."""
+    text batch, its real tokens: ``mask`` from `padding_mask`, ``layouts`` as `_real_tokens`')."""
     spec = site.spec
     if spec.kind == "linear":
-        x = _real_tokens(site, x, mask)
+        x = _real_tokens(site, x, mask, layouts)
         return x.reshape(-1, x.shape[-1])
     x = _batched(site, x)
     if spec.pointwise and any(s > 1 for s in spec.stride) and not isinstance(spec.padding, str) and not any(spec.padding):
@@ -258,10 +291,11 @@ class SiteStats:
         return w.clamp_min(floor * mean)
 
 
-def _output_moments(site: Site, g: torch.Tensor, full: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A site's output gradient as channel rows (real tokens only, with ``mask``): their Gram
-    matrix (``full``) or its diagonal."""
-    g = _batched(site, _real_tokens(site, g.detach().double(), mask))
+def _output_moments(site: Site, g: torch.Tensor, full: bool, mask: torch.Tensor | None = None,
+                    layouts: dict[str, bool | None] | None = None) -> torch.Tensor:  # fmt: skip
+    """A site's output gradient as channel rows (real tokens only, with ``mask`` and
+    ``layouts`` as `_real_tokens`'): their Gram matrix (``full``) or its diagonal."""
+    g = _batched(site, _real_tokens(site, g.detach().double(), mask, layouts))
     rows = g.reshape(-1, g.shape[-1]) if site.spec.kind == "linear" else g.movedim(1, -1).reshape(-1, g.shape[1])
     return rows.T @ rows if full else rows.pow(2).sum(0)
 
@@ -348,13 +382,14 @@ def collect_stats(
     sens: dict[str, torch.Tensor] = {}
     energy = 0.0
     site_outputs: list[tuple[str, torch.Tensor]] = []
+    layouts: dict[str, bool | None] = {}  # linear site → its values are sequence-first (see _real_tokens)
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
             if node in by_input and isinstance(out, torch.Tensor):
                 site = sites[by_input[node][0]]
-                x = _samples(site, out, mask)
+                x = _samples(site, out, mask, layouts)
                 if node not in inputs_stats:
                     inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
                 inputs_stats[node].add(x)
@@ -397,7 +432,7 @@ def collect_stats(
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
                     for (name, _), g in zip(site_outputs, grads):
                         if g is not None:
-                            ch = _output_moments(sites[name], g, full, mask)
+                            ch = _output_moments(sites[name], g, full, mask, layouts)
                             sens[name] = sens[name] + ch if name in sens else ch
                     energy += sum(float(_on_real_tokens(t.detach().double(), mask).pow(2).sum()) for t in outs)
             site_outputs.clear()
@@ -539,8 +574,10 @@ def sequential_factors(
                     site, lp = todo[name], plan[name]
                     x_node = site.input(node)
                     local = None
-                    for i in range(len(batches)):
-                        x_c, x_o = _samples(site, comp[x_node][i], masks[i]), _samples(site, orig[x_node][i], masks[i])
+                    layouts: dict[str, bool | None] = {}
+                    for i in _square_last(masks):
+                        x_c = _samples(site, comp[x_node][i], masks[i], layouts)
+                        x_o = _samples(site, orig[x_node][i], masks[i], layouts)
                         if local is None:
                             local = InputStats(torch.zeros(x_c.shape[1], x_c.shape[1], dtype=torch.float64))
                         local.add(x_c, x_o)

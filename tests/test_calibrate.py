@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -896,3 +897,52 @@ def test_padding_positions_are_left_out_of_the_statistics(settings):
     b = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=padded)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
+
+
+class _SequenceFirst(nn.Module):
+    """Token ids (batch, length) in, but its linears run on (length, batch, channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 12)
+        self.up, self.down = nn.Linear(12, 16), nn.Linear(16, 8)
+
+    def forward(self, input_ids, attention_mask):
+        x = (self.emb(input_ids) * attention_mask[..., None]).transpose(0, 1)
+        return self.down(torch.relu(self.up(x))).transpose(0, 1)
+
+
+def _sequence_first_batches(square_first: bool):
+    g = torch.Generator().manual_seed(2)
+    real = [torch.randint(5, 40, (4, 3), generator=g) for _ in range(6)]
+    unpadded = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in real]
+    padded = []
+    for i, r in enumerate(real):
+        width = 6 if (i == 0) != square_first else 4  # 4 tokens for 4 rows: a square mask
+        ids = torch.zeros(4, width, dtype=torch.long)
+        ids[:, :3] = r
+        padded.append({"input_ids": ids, "attention_mask": (ids != 0).long()})
+    return unpadded, padded
+
+
+@pytest.mark.parametrize("settings", [{}, {"sequential": True}, {"mlp": "narrow"}])
+def test_padding_is_left_out_of_a_sequence_first_models_statistics(settings):
+    """A model whose linears see (length, batch, ...) has its padding found too, also in the
+    batches whose mask is square (the layout shown by the others)."""
+    torch.manual_seed(0)
+    model = _SequenceFirst().eval()
+    unpadded, padded = _sequence_first_batches(square_first=False)
+    config = LRDConfig(ratio=2, rank_quantum=2, sensitivity=False, **settings)  # (a sensitivity draws random projections)
+    a = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=unpadded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        b = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=padded)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_square_first_batch_of_a_sequence_first_model_warns():
+    model = _SequenceFirst().eval()
+    unpadded, padded = _sequence_first_batches(square_first=True)
+    with pytest.warns(UserWarning, match="'up' runs sequence-first.*put a batch of another shape first"):
+        fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=unpadded[0], calibration=padded)
