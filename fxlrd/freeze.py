@@ -21,8 +21,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import fx, nn
 
+from .errors import ConfigError
 from .factorized import Factorized
-from .methods import all_roles, get_method
+from .methods import all_roles, get_method, methods
 from .sites import factor_modules
 
 __all__ = ["factor_nodes", "factors", "is_trainable", "check_policy", "freeze", "param_groups", "SequentialFreezer"]
@@ -86,11 +87,29 @@ def check_policy(policy: Any) -> Policy:
     )
 
 
+def _check_patterns(policy: Policy, names: Sequence[str]) -> None:
+    """A mapping's keys that are not roles must match a factor name (a typo would otherwise
+    freeze nothing, silently)."""
+    if isinstance(policy, str):
+        return
+    roles = set(all_roles())
+    for key in policy:
+        if key not in roles and not any(fnmatch.fnmatchcase(n, key) for n in names):
+            example = f" (e.g. {names[0]!r}: a layer's factors are '<layer>.<role>')" if names else ""
+            raise ConfigError(
+                f"freeze policy key {key!r} is neither a role ({', '.join(sorted(roles))}) nor a glob pattern "
+                f"matching a factor's name{example}; fix the key, or use a pattern like 'layer4.*'"
+            )
+
+
 def apply_policy(model: nn.Module, policy: Policy) -> dict[str, bool]:
     """Set ``requires_grad`` of every factor by ``policy``; returns factor name → trainable.
-    A factor that becomes frozen loses its ``.grad``."""
+    A factor that becomes frozen loses its ``.grad``. A mapping key that is neither a role nor
+    a pattern matching some factor's name is refused (`ConfigError`), before anything changes."""
+    found = list(factor_modules(model))
+    _check_patterns(policy, [name for name, *_ in found])
     out = {}
-    for name, role, fact, module in factor_modules(model):
+    for name, role, fact, module in found:
         train = is_trainable(policy, name, role, fact.method, len(fact.roles()), merged=hasattr(module, "fxlrd_merge"))
         out[name] = train
         for p in module.parameters():
@@ -129,8 +148,6 @@ def param_groups(gm: nn.Module, **options: Any) -> list[dict[str, Any]]:
 
 def _default_order() -> tuple[dict[str, tuple[str, ...]], ...]:
     """Phase 0: each method's paper freezing; phase 1: the factors phase 0 froze."""
-    from .methods import methods
-
     phases = {m: get_method(m).phases() for m in methods()}
     return tuple({m: tuple(sorted(p[i])) for m, p in phases.items()} for i in (0, 1))
 
@@ -161,6 +178,16 @@ class SequentialFreezer:
         self.order = tuple(order if order is not None else _default_order())
         if not self.order:
             raise ValueError("order must list at least one phase")
+        known, roles = set(methods()), set(all_roles())
+        for i, phase in enumerate(self.order):
+            if not isinstance(phase, Mapping):
+                raise ConfigError(f"order[{i}] must be a mapping method -> trainable roles, like {{'svd': ['out_proj']}}")
+            for method, trainable in phase.items():
+                if method not in known:
+                    raise ConfigError(f"order[{i}] names method {method!r}; the methods are {', '.join(sorted(known))}")
+                if isinstance(trainable, str) or not all(r in roles for r in trainable):
+                    raise ConfigError(f"order[{i}][{method!r}] must be a list of roles among {', '.join(sorted(roles))}, "
+                                      f"got {trainable!r}")  # fmt: skip
         self.factors = list(factor_modules(gm))
         if not self.factors:
             raise ValueError("the model has no decomposed factors; run fxlrd.transform first")

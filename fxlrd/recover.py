@@ -19,8 +19,11 @@ few hundred steps, with any freezing policy.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+import numbers
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +173,65 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
+def _out_channels(module: nn.Module) -> int | None:
+    """A layer module's output channels (``nn.Linear``, a conv, Hugging Face's ``Conv1D``)."""
+    for attr in ("out_features", "out_channels", "nf"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
+
+
+def _feature_pairs(gm: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module, str]]:
+    """``(student module, teacher layer, name)`` for ``features``: each decomposed layer whose
+    container still computes the layer's output (no factor merged with a neighbour) beside the
+    teacher's layer module of the same name (a compiled model's ``_orig_mod.`` prefix aside)
+    when that is a linear or conv module, whose output is the layer's (a custom module calling
+    ``F.linear`` may compute more). A `ConfigError` when none is found."""
+    from .errors import ConfigError
+    from .factorized import Factorized
+
+    def plain(name: str) -> str:
+        return name.removeprefix("_orig_mod.")
+
+    named = {plain(n): m for n, m in teacher.named_modules()}
+    pairs = []
+    for name, container in gm.named_modules():
+        if not isinstance(container, Factorized) or not len(container):
+            continue
+        layer = named.get(plain(name))
+        if layer is None or not (isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) or type(layer).__name__ == "Conv1D"):
+            continue
+        children = list(container.children())
+        if any(hasattr(c, "fxlrd_merge") for c in children) or _out_channels(children[-1]) != _out_channels(layer):
+            continue
+        pairs.append((children[-1], layer, plain(name)))
+    if not pairs:
+        raise ConfigError(
+            "features=... matched no decomposed layer to a linear or conv module of the teacher by name (merged "
+            "layers, and custom modules calling F.linear, have no layer output to match): distil without features"
+        )
+    return pairs
+
+
+def _feature_loss(s_out: torch.Tensor, t_out: torch.Tensor, keep: torch.Tensor | None, name: str) -> torch.Tensor:
+    """Relative MSE of a decomposed layer's output against the original layer's, on the same
+    positions: the layouts are made one first (an export graph's addmm gives (B·S, C) where
+    the original's Conv1D gives (B, S, C)), then padding is left out."""
+    from .errors import ConfigError
+
+    if s_out.shape != t_out.shape and s_out.numel() == t_out.numel() and s_out.shape[-1] == t_out.shape[-1]:
+        s_out = s_out.reshape(t_out.shape)
+    if s_out.shape != t_out.shape:
+        raise ConfigError(
+            f"features: {name!r} gives {tuple(s_out.shape)} where the teacher's layer gives {tuple(t_out.shape)}; "
+            "distil without features"
+        )
+    s_out, t_out = _masked(s_out, keep), _masked(t_out, keep)
+    return F.mse_loss(s_out, t_out) / t_out.pow(2).mean().clamp_min(1e-12)
+
+
 def output_loss(student_out, teacher_out, kind: str = "auto", temperature: float = 1.0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The distillation loss between two outputs (any structure of tensors, e.g. a ModelOutput).
@@ -223,6 +285,67 @@ class DistillCurve(list):
         self.validation, self.best_step = [], None
 
 
+def _count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (any integral type but bool), or a `ConfigError`."""
+    from .errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: Any, minimum: float = 0.0, *, strict: bool = True) -> float:
+    """``value`` as a finite float ``> minimum`` (``>=`` unless ``strict``), or a `ConfigError`."""
+    from .errors import ConfigError
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):
+        raise ConfigError(f"{name} must be a number {'>' if strict else '>='} {minimum:g} (finite), got {value!r}")
+    return float(value)
+
+
+def _fits(model: nn.Module, args: tuple, kwargs: dict, what: str) -> None:
+    """Refuse a batch that cannot be bound to ``model``'s forward, naming it (before any step)."""
+    import inspect
+
+    from .errors import ConfigError
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a readable signature: the call will tell
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        hint = ""
+        if "too many positional arguments" in str(exc) or "were given" in str(exc) or "labels" in kwargs:
+            hint = "; labels? distillation takes the inputs only (e.g. [x for x, _ in loader])"
+        raise ConfigError(f"{what} does not fit the model's forward{signature}: {exc}{hint}") from None
+
+
+def _batch_stream(batches: Iterable, steps: int, what: str) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` for ``steps`` steps, taken lazily: a re-iterable (a list, a
+    DataLoader) is iterated again when it ends; a one-shot iterator is read once (its batches
+    are not kept), and ends the stream early if it runs out."""
+    from .errors import ConfigError
+
+    one_shot = iter(batches) is batches
+    taken = 0
+    while taken < steps:
+        before = taken
+        for b in batches:
+            yield taken, b
+            taken += 1
+            if taken == steps:
+                return
+        if taken == before:
+            if taken == 0:
+                raise ConfigError(f"distill needs at least one batch of inputs in {what}")
+            return
+        if one_shot:
+            return
+
+
 def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate from its initial value down to 0 over ``steps`` on a half cosine."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
@@ -254,16 +377,29 @@ def distill(
     (softmax KL and relative MSE for 2-D outputs such as classifier logits and embeddings,
     relative MSE for hidden states), plus,
     with ``features``, the relative MSE between each decomposed layer's output and the original
-    layer's output (weighted by ``features`` when a number; layers are matched by name).
+    layer's output (weighted by ``features`` when a number). Layers are matched by name, and
+    only where both sides compute the layer's output: a teacher's ``nn.Linear``, conv or
+    Hugging Face ``Conv1D`` module beside a decomposed layer none of whose factors was merged
+    with a neighbour; a `ConfigError` when no layer matches.
+
+    Every argument, and every batch of a list, is checked before anything changes (a batch
+    that does not fit the model's forward is named; labels in a batch are refused). A call that
+    fails later, at step ``k``, leaves the parameters of step ``k`` and says so in the error.
 
     Args:
         gm: the compressed model (trained in place).
-        teacher: the original model (not changed; run under ``no_grad`` in eval mode).
-        batches: an iterable of inputs, re-iterated as needed.
+        teacher: the original model (not changed; run under ``no_grad`` in eval mode). It
+            must not share parameters with ``gm`` (a ``transform(..., inplace=True)``):
+            pass a copy of the original.
+        batches: an iterable of inputs, read lazily: a list or a DataLoader is iterated
+            again when it ends (a shuffling loader reshuffles); a one-shot iterator is read
+            once, and a run it ends early warns (`fxlrd.FxlrdWarning`).
         steps: optimizer steps.
         lr: Adam's learning rate.
         freeze: a freezing policy for the factors (``"paper"``, ``"none"``, a mapping, see
-            `fxlrd.freeze`) or a `fxlrd.SequentialFreezer` (stepped after every step).
+            `fxlrd.freeze`) or a `fxlrd.SequentialFreezer` (stepped after every step; it drops
+            the state of newly frozen parameters from distill's optimizer during the run and
+            gets its own optimizer back after it). The policy stays applied afterwards.
         loss: ``"auto"``, ``"kl"``, ``"mse"`` (see `output_loss`), or a callable
             ``loss(student_outputs, teacher_outputs, (args, kwargs)) -> scalar`` (e.g. on
             mean-pooled sentence embeddings).
@@ -296,32 +432,64 @@ def distill(
     from tqdm.auto import tqdm
 
     from .capture import normalize_inputs
+    from .errors import FxlrdWarning
     from .freeze import SequentialFreezer
     from .freeze import freeze as apply_freeze
     from .freeze import param_groups
+    from .sites import factor_modules
 
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    from .errors import ConfigError
+
+    steps = _count("steps", steps)
+    lr = _number("lr", lr)
+    temperature = _number("temperature", temperature)
+    weight_decay = _number("weight_decay", weight_decay, strict=False)
+    if not callable(loss) and loss not in ("auto", "kl", "mse"):
+        raise ConfigError(f"loss must be 'auto', 'kl', 'mse' or a callable loss(student, teacher, inputs), got {loss!r}")
+    if not isinstance(features, bool):
+        _number("features", features, strict=False)
+    for name, flag in (("train_mode", train_mode), ("skip_padding", skip_padding)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
     if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        raise ConfigError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if teacher is gm:
-        raise ValueError("teacher is the model being distilled: pass the original model (before fxlrd.transform)")
+        raise ConfigError("teacher is the model being distilled: pass the original model (before fxlrd.transform)")
+    if {id(p) for p in teacher.parameters()} & {id(p) for p in gm.parameters()}:
+        raise ConfigError(
+            "teacher shares parameters with the model being distilled (made with transform(..., inplace=True)?), so "
+            "training would change it too: pass a copy of the original as the teacher (copy.deepcopy before transform)"
+        )
+    if not list(factor_modules(gm)) and list(factor_modules(teacher)):
+        raise ConfigError(
+            "the teacher has decomposed layers and the model being distilled has none: the arguments look swapped; "
+            "call distill(compressed, original, batches)"
+        )
     for what, value in (("batches", batches), ("validation", validation)):
         if isinstance(value, (torch.Tensor, Mapping)):
-            raise ValueError(f"{what} must be an iterable of inputs (a list of batches); wrap a single batch in a list")
-    data = [normalize_inputs(b) for b in batches]
-    if not data:
-        raise ValueError("distill needs at least one batch of inputs")
+            raise ConfigError(f"{what} must be an iterable of inputs (a list of batches); wrap a single batch in a list")
     held = None if validation is None else [normalize_inputs(b) for b in validation]
     if held is not None and not held:
-        raise ValueError("validation is empty: pass at least one held-out batch, or validation=None")
+        raise ConfigError("validation is empty: pass at least one held-out batch, or validation=None")
+    for i, (a, k) in enumerate(held or []):
+        _fits(gm, a, k, f"validation batch {i}")
+    if isinstance(batches, Sequence):  # every batch checked before anything changes
+        if not batches:
+            raise ConfigError("distill needs at least one batch of inputs")
+        for i, b in enumerate(batches):
+            _fits(gm, *normalize_inputs(b), f"batch {i}")
     if check_every is None:
         check_every = max(steps // 20, 1)
-    if not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    check_every = _count("check_every", check_every)
     freezer = freeze if isinstance(freeze, SequentialFreezer) else None
+    pairs = _feature_pairs(gm, teacher) if features else []
+    feature_weight = float(features) if not isinstance(features, bool) else 1.0
+    stream = _batch_stream(batches, steps, "batches")
+    first = next(stream)  # an empty iterable is refused before anything changes
+    first_inputs = normalize_inputs(first[1])
+    _fits(gm, *first_inputs, "batch 0")
+
+    flags = {p: p.requires_grad for p in gm.parameters()}
     if freeze is not None and freezer is None:  # after every check: a refused call leaves the model as it was
         apply_freeze(gm, freeze)
     groups = param_groups(gm, lr=lr, weight_decay=weight_decay)
@@ -329,19 +497,9 @@ def distill(
     scheduler = None
     if schedule == "cosine":
         scheduler = _cosine_schedule(optimizer, steps)
+    freezer_optimizer = freezer.optimizer if freezer is not None else None
     if freezer is not None:
         freezer.optimizer = freezer.optimizer or optimizer
-
-    pairs: list[tuple[nn.Module, nn.Module]] = []
-    if features:
-        from .factorized import Factorized
-
-        # A Factorized container's factors are separate graph nodes (the container itself is
-        # never called): its output is its last factor's.
-        named = dict(teacher.named_modules())
-        pairs = [(list(m.children())[-1], named[n]) for n, m in gm.named_modules()
-                 if isinstance(m, Factorized) and n in named and len(m)]  # fmt: skip
-    feature_weight = float(features) if not isinstance(features, bool) else 1.0
 
     restore_modes = saved_modes(teacher, gm)
     teacher.eval()
@@ -361,18 +519,26 @@ def distill(
         finally:
             gm.train(train_mode)
 
+    def inputs_of(index: int, batch: Any) -> tuple[tuple, dict]:
+        if index == 0:
+            return first_inputs
+        args, kwargs = normalize_inputs(batch)
+        _fits(gm, args, kwargs, f"batch {index}")
+        return args, kwargs
+
     curve = DistillCurve()
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    bar = tqdm(range(steps), desc="distill", unit="step", disable=None if progress else True, file=sys.stderr, leave=False)
+    bar = tqdm(total=steps, desc="distill", unit="step", disable=None if progress else True, file=sys.stderr, leave=False)
+    step = 0
     try:
         if held is not None:
             curve.validation.append((0, held_out_loss()))
             best, curve.best_step = (curve.validation[0][1], {k: v.detach().clone() for k, v in gm.state_dict().items()}), 0
-        for step in bar:
-            args, kwargs = data[step % len(data)]
+        for step, batch in itertools.chain([first], stream):
+            args, kwargs = inputs_of(step, batch)
             captured: dict[int, list[torch.Tensor]] = {}
             hooks = []
-            for i, (s_mod, t_mod) in enumerate(pairs):
+            for i, (s_mod, t_mod, _) in enumerate(pairs):
                 hooks.append(s_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(0, o)))
                 hooks.append(t_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(1, o)))
             try:
@@ -385,14 +551,9 @@ def distill(
             value = batch_loss(out, target, args, kwargs)
             keep = kwargs.get("attention_mask") if skip_padding else None
             keep = keep.to(torch.bool) if isinstance(keep, torch.Tensor) and keep.any() else None
-            for s_out, t_out in captured.values():
+            for i, (s_out, t_out) in captured.items():
                 if s_out is not None and t_out is not None:
-                    # the same features, whatever each side's layout (an export graph's addmm gives (B·S, C)
-                    # where the original's Conv1D gives (B, S, C)): positions × channels on both
-                    s_out, t_out = _masked(s_out, keep), _masked(t_out.detach(), keep)
-                    if s_out.shape != t_out.shape and s_out.shape[-1] == t_out.shape[-1] and s_out.numel() == t_out.numel():
-                        s_out, t_out = s_out.reshape(-1, s_out.shape[-1]), t_out.reshape(-1, t_out.shape[-1])
-                    value = value + feature_weight * F.mse_loss(s_out, t_out) / t_out.pow(2).mean().clamp_min(1e-12)
+                    value = value + feature_weight * _feature_loss(s_out, t_out.detach(), keep, pairs[i][2])
             if not torch.isfinite(value):
                 raise FloatingPointError(
                     f"distillation loss is {float(value)} at step {step} (a batch with NaN or infinite values, or a "
@@ -407,17 +568,39 @@ def distill(
             if freezer is not None:
                 freezer.step()
             curve.append(float(value.detach()))
+            bar.update(1)
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
             if best is not None and ((step + 1) % check_every == 0 or step + 1 == steps):
                 curve.validation.append((step + 1, held_out_loss()))
                 if curve.validation[-1][1] < best[0] or best[0] != best[0]:  # (a NaN start is beaten by anything)
                     best = (curve.validation[-1][1], {k: v.detach().clone() for k, v in gm.state_dict().items()})
                     curve.best_step = step + 1
-        if best is not None and curve.best_step != steps:
+        if len(curve) < steps:
+            warnings.warn(
+                f"distill: batches ran out after {len(curve)} of {steps} steps (an iterator is read once): pass a list "
+                "or a DataLoader to cycle over them, or fewer steps",
+                FxlrdWarning,
+                stacklevel=2,
+            )
+            if best is not None and curve.validation[-1][0] != len(curve):
+                curve.validation.append((len(curve), held_out_loss()))
+                if curve.validation[-1][1] < best[0] or best[0] != best[0]:
+                    best = (curve.validation[-1][1], {k: v.detach().clone() for k, v in gm.state_dict().items()})
+                    curve.best_step = len(curve)
+        if best is not None and curve.best_step != len(curve):
             gm.load_state_dict(best[1])
+    except Exception as exc:
+        if not curve:  # nothing trained yet: the model is left as it was, freezing flags too
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        elif not isinstance(exc, FloatingPointError):
+            exc.add_note(f"fxlrd.recover.distill stopped at step {step}: the model keeps the parameters of step {step}")
+        raise
     finally:
         bar.close()
         restore_modes()
+        if freezer is not None:
+            freezer.optimizer = freezer_optimizer
     return curve
 
 
@@ -516,13 +699,9 @@ def reconstruct_mlps(
     from .sites import _get_attr, find_sites
     from .narrow import block_nodes, run_block_nodes
 
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr!r}")
-    if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
-        raise ConfigError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
-    if not 0 <= holdout < 1:
+    steps, tokens_per_step = _count("steps", steps), _count("tokens_per_step", tokens_per_step)
+    lr = _number("lr", lr)
+    if not _number("holdout", holdout, strict=False) < 1:
         raise ConfigError(f"holdout must be in [0, 1), got {holdout!r}")
     check_sensitivity(sensitivity, "full")
     plan = getattr(gm, "fxlrd_plan", None)

@@ -15,6 +15,7 @@ from conftest import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import fxlrd
@@ -846,6 +847,16 @@ def test_distill_refuses_bad_calls_before_touching_the_model():
         (dict(batches=[x], lr=-1.0), "lr must be a number > 0"),
         (dict(batches=[x], steps=True), "steps must be an int"),
         (dict(batches=[x], teacher=gm), "teacher is the model being distilled"),
+        (dict(batches=[x], loss="kld"), "loss must be 'auto', 'kl', 'mse' or a callable"),
+        (dict(batches=[x], temperature=0), "temperature must be a number > 0"),
+        (dict(batches=[x], temperature=-1.0), "temperature must be a number > 0"),
+        (dict(batches=[x], features=-1.0), "features must be a number >= 0"),
+        (dict(batches=[x], weight_decay=-1.0), "weight_decay must be a number >= 0"),
+        (dict(batches=[x], lr=float("inf")), "lr must be a number > 0 \\(finite\\)"),
+        (dict(batches=[x], train_mode="yes"), "train_mode must be True or False"),
+        (dict(batches=[x, x, torch.randn(8, 16), (x, torch.zeros(8))]), "batch 3 does not fit .* labels\\?"),
+        (dict(batches=[{"inputs": x}]), "batch 0 does not fit"),
+        (dict(batches=iter([])), "at least one batch"),
     ]:  # fmt: skip
         args = {"teacher": model, "steps": 3, "freeze": "paper", "progress": False} | kwargs
         with pytest.raises(ValueError, match=match):
@@ -946,3 +957,90 @@ def test_a_square_first_batch_of_a_sequence_first_model_warns():
     unpadded, padded = _sequence_first_batches(square_first=True)
     with pytest.warns(UserWarning, match="'up' runs sequence-first.*put a batch of another shape first"):
         fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=unpadded[0], calibration=padded)
+
+
+def test_distill_refuses_a_teacher_that_shares_the_students_parameters_or_swapped_arguments():
+    model = _deep_mlp(width=16, depth=2)
+    x = torch.randn(8, 16)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, inplace=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="teacher shares parameters .* pass a copy of the original"):
+        distill(gm, model, [x], steps=2, progress=False)
+    fresh = _deep_mlp(width=16, depth=2)
+    compressed = fxlrd.transform(fresh, LRDConfig(rank_quantum=1), example_inputs=x)
+    with pytest.raises(ConfigError, match="arguments look swapped"):
+        distill(fresh, compressed, [x], steps=2, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_distill_takes_batches_lazily_and_accepts_numpy_counts():
+    """Only the batches it trains on are read (an endless generator works); a one-shot
+    iterator that runs out ends the run early, with a warning."""
+    model = _deep_mlp(width=16, depth=2)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=torch.randn(2, 16))
+    taken = []
+
+    def endless():
+        while True:
+            taken.append(1)
+            yield torch.randn(8, 16)
+
+    assert len(distill(gm, model, endless(), steps=np.int64(3), lr=np.float32(1e-3), progress=False)) == 3
+    assert len(taken) <= 4
+    with pytest.warns(fxlrd.FxlrdWarning, match="batches ran out after 2 of 5 steps"):
+        curve = distill(gm, model, iter([torch.randn(8, 16)] * 2), steps=5, progress=False)
+    assert len(curve) == 2
+    assert len(distill(gm, model, [torch.randn(8, 16)] * 2, steps=5, progress=False)) == 5  # a list is cycled
+
+
+def test_a_distill_that_fails_midway_says_where_and_a_freezer_keeps_its_own_optimizer():
+    model = _deep_mlp(width=16, depth=2)
+    x = torch.randn(8, 16)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x)
+    with pytest.raises(RuntimeError) as info:  # the shapes do not fit: found only when the batch runs
+        distill(gm, model, [x, x, torch.randn(8, 15)], steps=5, progress=False)
+    assert "stopped at step 2: the model keeps the parameters of step 2" in "".join(getattr(info.value, "__notes__", []))
+    freezer = fxlrd.SequentialFreezer(gm, period=2)
+    distill(gm, model, [x], steps=3, freeze=freezer, progress=False)
+    assert freezer.optimizer is None  # distill's own optimizer is not left behind
+
+
+class _GeluLinear(nn.Module):  # a custom layer: F.linear on its own parameters, then an activation
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(32, 32) / 32**0.5)
+        self.bias = nn.Parameter(torch.zeros(32))
+
+    def forward(self, x):
+        return F.gelu(F.linear(x, self.weight, self.bias))
+
+
+def test_distill_features_match_only_layer_outputs():
+    """A custom module's output is not its F.linear's, a merged factor holds a neighbour, and a
+    compiled student's names carry a prefix: features pair only what is the same quantity."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_GeluLinear(), nn.Linear(32, 4)).eval()
+    x = torch.randn(16, 32)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=32, rank_quantum=1, allow_larger=True, exclude=["1"]),
+                         example_inputs=x)  # fmt: skip
+    with pytest.raises(ConfigError, match="features=... matched no decomposed layer"):
+        distill(gm, model, [x], steps=1, features=True, progress=False)
+
+    mlp = _deep_mlp(width=16, depth=2)
+    y = torch.randn(8, 16)
+    small = fxlrd.transform(mlp, LRDConfig(ratio=2, rank_quantum=1), example_inputs=y)
+    plain = distill(copy.deepcopy(small), mlp, [y], steps=1, progress=False)[0]
+    with_features = distill(copy.deepcopy(small), mlp, [y], steps=1, features=True, progress=False)[0]
+    compiled = distill(torch.compile(copy.deepcopy(small)), mlp, [y], steps=1, features=True, progress=False)[0]
+    assert with_features > plain and compiled == pytest.approx(with_features, rel=1e-4)
+
+
+def test_distill_features_skip_merged_factors():
+    from fxlrd.zoo import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet([1, 1, 1, 1], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, merge="approximate"), example_inputs=x)
+    curve = distill(gm, model, [x], steps=1, features=True, progress=False)
+    assert len(curve) == 1 and curve[0] == curve[0]

@@ -63,6 +63,24 @@ def test_bad_policy(policy):
         FreezePass(policy)
 
 
+@pytest.mark.parametrize("key", ["inproj", "fc", "layr4.*"])
+def test_a_policy_key_that_matches_no_factor_is_refused(resnet, key):
+    """A typo (or a layer's name where factors are '<layer>.<role>') used to freeze nothing, silently."""
+    fxlrd.freeze(resnet, "none")
+    with pytest.raises(fxlrd.ConfigError, match=f"key '{key}' is neither a role .* 'layer4.\\*'"):
+        fxlrd.freeze(resnet, {key: False, "core": False})
+    assert all(_grad_flags(resnet).values())  # refused before anything changed
+    fxlrd.freeze(resnet, {"fc.*": False})  # a pattern that matches factors is fine
+    assert not _grad_flags(resnet)["fc.in_proj"]
+    fxlrd.freeze(resnet, "none")
+
+
+@pytest.mark.parametrize("order", [[{"SVD": ["out_proj"]}], [{"svd": ["outproj"]}], [{"svd": "out_proj"}], [["svd"]]])
+def test_a_freezer_order_naming_no_method_or_role_is_refused(resnet, order):
+    with pytest.raises(fxlrd.ConfigError, match=r"order\[0\]"):
+        SequentialFreezer(resnet, order=order)
+
+
 def test_param_groups_partition_the_parameters(resnet):
     gm = fxlrd.freeze(resnet, "paper")
     groups = param_groups(gm, lr=0.1)

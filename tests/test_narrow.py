@@ -376,6 +376,9 @@ def test_reconstruct_mlps_mistakes_get_clear_errors():
         reconstruct(gm, model, cal, holdout=1.0)
     with pytest.raises(ConfigError, match="lr"):
         reconstruct(gm, model, cal, lr=0)
+    for bad in (dict(lr=True), dict(lr=float("inf")), dict(lr="1e-3"), dict(tokens_per_step=True), dict(holdout="0.1")):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))} must be"):
+            reconstruct(gm, model, cal, **bad)
     with pytest.raises(ConfigError, match="sensitivity must be"):
         reconstruct(gm, model, cal, sensitivity="output")
     with pytest.raises(PlanMismatchError, match="32 hidden neurons, the plan 48"):

@@ -545,3 +545,18 @@ def test_distill_features_match_export_layers_whatever_their_layout():
     gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1), example_inputs=ids)
     curve = distill(gm, model, [ids], steps=2, features=True, progress=False)
     assert len(curve) == 2 and all(v == v for v in curve)
+
+
+def test_distill_features_on_a_padded_export_batch():
+    """Feature matching makes the layouts one before leaving padding out (it raised a shape error)."""
+    from fxlrd.recover import distill
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=4, use_cache=False)
+    model = transformers.GPT2Model(cfg).eval()
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[0, 6:] = 0
+    batch = {"input_ids": torch.randint(1, 100, (4, 12)), "attention_mask": mask}
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=batch)
+    curve = distill(gm, model, [batch], steps=2, features=True, progress=False)
+    assert len(curve) == 2 and all(v == v for v in curve)
