@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import sys
 import tempfile
 import time
@@ -30,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from . import zoo
-from .errors import ConfigError, FxlrdError, FxlrdWarning
+from .errors import CaptureError, ConfigError, FxlrdError, FxlrdWarning
 
 __all__ = ["main", "build_parser", "ModelSource", "load_model", "load_weights", "UsageError", "CommandError"]
 
@@ -88,12 +90,18 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    """``text`` on one line, without terminal colour codes (torch's messages carry some)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _umask() -> int:
@@ -138,6 +146,13 @@ def _check_output(path: str | None, option: str, *, directory: bool = False, ove
             raise UsageError(f"{option} {p} already exists; add --overwrite to replace it or choose another directory")
         if directory and not p.is_dir():
             raise CommandError(f"cannot write {option} {p}: it exists and is not a directory")
+        if directory:
+            from .io import _check_target
+
+            try:
+                _check_target(p, overwrite)
+            except FileExistsError as exc:
+                raise UsageError(f"{option}: {exc}") from None
         if not directory and p.is_dir():
             raise CommandError(f"cannot write {option} {p}: it is a directory")
     ancestor = p.parent
@@ -148,6 +163,37 @@ def _check_output(path: str | None, option: str, *, directory: bool = False, ove
     if not os.access(ancestor, os.W_OK):
         raise CommandError(f"cannot write {option} {p}: {ancestor} is not writable")
     return p
+
+
+def _input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The user's files this command reads: the model's file or directory, weights, calibration."""
+    out = []
+    spec = getattr(args, "model", None) or ""
+    file = spec.partition(":")[0]
+    if file.endswith(".py"):
+        out.append(("the model's file", Path(file)))
+    elif spec and Path(spec).is_dir():
+        out.append(("the model's directory", Path(spec)))
+    for option in ("weights", "calibration"):
+        if getattr(args, option, None):
+            out.append((f"--{option}", Path(getattr(args, option))))
+    return out
+
+
+def _check_distinct(args: argparse.Namespace, outputs: Mapping[str, Path | None], directories: Sequence[str] = ()) -> None:
+    """Refuse (before any work) an output that would replace one of the user's inputs (or a
+    file in an input directory), two outputs at one path, and an output inside a directory
+    output (``--save``), which replaces that directory. ``directories``: the directory outputs."""
+    inputs = [(what, q.resolve()) for what, q in _input_paths(args)]
+    given = [(option, path.resolve()) for option, path in outputs.items() if path is not None]
+    for option, r in given:
+        for what, q in inputs:
+            if r == q or q in r.parents or (option in directories and r in q.parents):
+                raise UsageError(f"{option} {outputs[option]} would replace {what} ({q}): choose another path")
+    for i, (a, ra) in enumerate(given):
+        for b, rb in given[i + 1 :]:
+            if ra == rb or (a in directories and ra in rb.parents) or (b in directories and rb in ra.parents):
+                raise UsageError(f"{a} {outputs[a]} and {b} {outputs[b]} would overwrite each other: choose separate paths")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -191,9 +237,20 @@ def _import_factory(spec: str) -> nn.Module:
             path = Path(module_name)
             if not path.is_file():
                 raise UsageError(f"model {spec!r}: {path} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            # as `python file.py` runs it: its folder first on the path (its sibling modules import),
+            # and the module registered while it runs (dataclasses and pickling look it up there)
+            folder = str(path.parent.resolve())
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            name = path.stem if path.stem not in sys.modules else f"fxlrd_user_{path.stem}"  # never shadow a module
+            module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
         else:
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -226,8 +283,8 @@ def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
     transformers.logging.set_verbosity_error()  # its notes on unused weights etc. are not the user's business here
     hf_logging = transformers.utils.logging
     bars = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()  # "Loading weights" is a bar of its own
+    if quiet or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # "Loading weights" is a bar of its own (shown on a terminal only, as ours)
     try:
         # the class the checkpoint was saved from (its task head included), AutoModel without one
         architectures = getattr(AutoConfig.from_pretrained(str(directory), local_files_only=True), "architectures", None)
@@ -240,6 +297,12 @@ def _load_huggingface(directory: Path, quiet: bool) -> ModelSource:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        raise UsageError(
+            f"{directory} is a multiple-choice model ({type(model).__name__}): it takes token ids (N, choices, tokens), "
+            "which the command line does not make; use the Python API, fxlrd.transform(model, "
+            "example_inputs={'input_ids': ids}) with ids of that shape"
+        )
     config = model.config
     source = ModelSource(model.eval(), str(directory), "huggingface")
     source.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -292,6 +355,11 @@ def load_model(spec: str, *, weights: str | None = None, quiet: bool = False) ->
         )
     if weights is not None:
         load_weights(source.model, weights)
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in source.model.parameters()
+                   if p.dtype in (torch.float16, torch.bfloat16)})  # fmt: skip
+    if half:  # onnxruntime's CPU kernels, int8 and the timings here are float32
+        source.model.float()
+        source.notes.append(f"{' and '.join(half)} weights converted to float32 (the CPU backends run float32)")
     source.model.eval()
     return source
 
@@ -303,8 +371,32 @@ def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 return dict(inner)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CommandError(f"{path} does not hold a state dict (names to tensors) but a {type(obj).__name__}")
+        raise UsageError(f"--weights {path} does not hold a state dict (names to tensors) but a {type(obj).__name__}; "
+                         "save model.state_dict() with torch.save")  # fmt: skip
     return dict(obj)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") for n in archive.namelist())
+
+
+def _unpicklable(path: Path, option: str) -> str:
+    """What a file ``torch.load(weights_only=True)`` refused holds, and what to pass instead."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return f"{option} {path} is not a PyTorch (torch.save) or safetensors file"
+    if _is_torchscript(path):
+        return f"{option} {path} is a TorchScript archive; save model.state_dict() with torch.save and pass that"
+    what = "a whole model or other Python objects" if option == "--weights" else "Python objects besides tensors"
+    return (f"{option} {path} holds {what}, which fxlrd does not unpickle (torch.load with weights_only=True); "
+            "save " + ("model.state_dict() with torch.save" if option == "--weights" else
+                       "a plain dict of tensors (dict(encoding) for a tokenizer's output)") + ", or a .safetensors file")
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -334,14 +426,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        import pickle
-
-        if isinstance(exc, pickle.UnpicklingError):  # torch's own message is long and coloured
-            raise CommandError(
-                f"cannot read weights file {p}: it holds pickled Python objects (a whole model?), which fxlrd does not "
-                "unpickle (torch.load with weights_only=True); save model.state_dict() with torch.save, or a "
-                ".safetensors file, and pass that"
-            ) from exc
+        if isinstance(exc, pickle.UnpicklingError) or _is_torchscript(p):  # torch's own message is long and coloured
+            raise UsageError(_unpicklable(p, "--weights")) from exc
         hint = "" if suffix == ".safetensors" else (
             " (torch.load with weights_only=True refuses pickled objects: save model.state_dict())")  # fmt: skip
         raise CommandError(f"cannot read weights file {p}: {type(exc).__name__}: {_one_line(exc)[:200]}{hint}") from exc
@@ -431,6 +517,7 @@ class _Inputs:
     def __init__(self, source: ModelSource, args: argparse.Namespace) -> None:
         self.source = source
         self.kind = source.kind
+        self.args_calibration = getattr(args, "calibration", None)
         batch = getattr(args, "batch", None)
         size = getattr(args, "size", None)
         if self.kind == "text":
@@ -541,7 +628,12 @@ class _Inputs:
                 f"--calibration {path}: the model directory has no tokenizer; "
                 "give token ids as a .pt/.safetensors tensor"
             )
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--calibration {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as "
+                             "UTF-8") from None  # fmt: skip
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise UsageError(f"--calibration {path} has no text lines")
         if tokenizer.pad_token is None:
@@ -564,12 +656,28 @@ class _Inputs:
                 data: Any = load_file(str(path))
             else:
                 data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UsageError(_unpicklable(path, "--calibration")) from None
         except Exception as exc:  # noqa: BLE001
+            if _is_torchscript(path):
+                raise UsageError(_unpicklable(path, "--calibration")) from None
             raise CommandError(
                 f"cannot read calibration tensors {path}: {type(exc).__name__}: {_one_line(exc)[:200]}"
             ) from exc
+        if isinstance(data, Mapping) and any(isinstance(k, str) and k.endswith((".weight", ".bias")) for k in data):
+            raise UsageError(f"--calibration {path} looks like a model's weights (a state dict), not its inputs; "
+                             "weights go to --weights")  # fmt: skip
         if isinstance(data, Mapping) and len(data) == 1:
             data = next(iter(data.values()))
+        tensors = [data] if isinstance(data, torch.Tensor) else list(data.values()) if isinstance(data, Mapping) else []
+        if any(isinstance(t, torch.Tensor) and t.dim() < 2 for t in tensors):
+            raise UsageError(f"--calibration {path}: every tensor must have the samples first (N, ...); found one of "
+                             f"shape {[list(t.shape) for t in tensors if isinstance(t, torch.Tensor)]}")  # fmt: skip
+        if self.kind == "text":
+            ids = data if isinstance(data, torch.Tensor) else data.get("input_ids") if isinstance(data, Mapping) else None
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+                raise UsageError(f"--calibration {path}: a text model needs token ids, an integer tensor (N, tokens) "
+                                 "alone or as input_ids")  # fmt: skip
         if isinstance(data, torch.Tensor):
             if self.kind == "text":
                 data = self._decoder({"input_ids": data.long(), "attention_mask": torch.ones_like(data, dtype=torch.long)})
@@ -613,19 +721,19 @@ def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data
     n_eval = args.eval_batches
     randoms = lambda: [inputs.random(args.seed + 1000 + i) for i in range(n_eval)]  # noqa: E731
     if not args.calibration:
-        return _Data(example, None, randoms(), f"{n_eval} batches of random inputs")
+        return _Data(example, None, randoms(), f"{_plural(n_eval, 'batch')} of random inputs")
     path = Path(args.calibration)
     n_cal = args.calibration_batches
     data = inputs.read(path, n_cal + n_eval, console)
     if len(data) > n_cal:
         cal, held = data[:n_cal], data[n_cal : n_cal + n_eval]
-        note = f"{len(held)} held-out batches of {path} (not used for calibration)"
+        note = f"{_plural(len(held), 'held-out batch')} of {path} (not used for calibration)"
     elif len(data) >= 2:
         cal, held = data[:-1], data[-1:]
         note = f"1 held-out batch of {path} (not used for calibration; it has {len(data)} batches in all)"
     else:
         cal, held = data, randoms()
-        note = f"{n_eval} batches of random inputs ({path} has only one batch, used for calibration)"
+        note = f"{_plural(n_eval, 'batch')} of random inputs ({path} has only one batch, used for calibration)"
     if isinstance(example, dict) and isinstance(cal[0], Mapping):  # a tokenizer's token_type_ids (zeros: one segment)
         for key, value in cal[0].items():
             if key == "token_type_ids" and key not in example and isinstance(value, torch.Tensor) \
@@ -636,14 +744,31 @@ def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data
 
 
 # -- measuring ------------------------------------------------------------------------------------
+def _describe_batch(batch: Batch) -> str:
+    def one(t: torch.Tensor) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, t.shape))}]"
+
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{k}={one(v)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
+    return one(batch) if isinstance(batch, torch.Tensor) else type(batch).__name__
+
+
 def _call(model: nn.Module, batch: Batch) -> Any:
     return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
 
 @torch.no_grad()
-def _check_inputs(model: nn.Module, inputs: _Inputs, batch: Batch) -> None:
-    """Run the model once on the example batch, so inputs that do not fit are a usage error
-    named by their option, before any long work."""
+def _check_inputs(model: nn.Module, inputs: _Inputs, batch: Batch, calibration: Sequence[Batch] | None = None) -> None:
+    """Run the model once on the example batch (and on the first calibration batch), so inputs
+    that do not fit are a usage error named by their option, before any long work."""
+    if calibration:
+        try:
+            _call(model, calibration[0])
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(
+                f"--calibration {inputs.args_calibration}: its batches ({_describe_batch(calibration[0])}) do not run "
+                f"through the model ({type(exc).__name__}: {_one_line(exc)[:200]}); give the inputs the model takes"
+            ) from exc
     try:
         _call(model, batch)
     except Exception as exc:  # noqa: BLE001
@@ -823,6 +948,11 @@ def _config(args: argparse.Namespace, **overrides: Any):
     if args.energy is not None and args.rank_rule != "energy":
         raise UsageError(f"--energy applies to --rank-rule energy (this is --rank-rule {args.rank_rule}): add "
                          "--rank-rule energy")  # fmt: skip
+    for option, wanted in (("--mlp narrow", getattr(args, "mlp", None) == "narrow"),
+                           ("--sequential", getattr(args, "sequential", False))):  # fmt: skip
+        if wanted and not getattr(args, "calibration", None):
+            where = "add --calibration PATH" if "calibration" in vars(args) else "use fxlrd compress --calibration PATH"
+            raise UsageError(f"{option} fits the layers on data: {where}")
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     variants = getattr(args, "variants", None) or ()
@@ -917,13 +1047,14 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         )
     save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
     report_path = _check_output(args.report, "--report")
+    _check_distinct(args, {"--onnx": onnx_path, "--save": save_path, "--report": report_path}, directories=["--save"])
     _check_calibration_path(args)
     console.step(f"loading {args.model}")
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)
     inputs = _Inputs(source, args)
     data = _data(args, inputs, console)
     model = source.model
-    _check_inputs(model, inputs, data.example)
+    _check_inputs(model, inputs, data.example, data.calibration)
     console.step(f"compressing {type(model).__name__} (ratio {config.ratio:g}"
                  + (f", {len(data.calibration)} calibration batches" if data.calibration else "") + ")")  # fmt: skip
     t0 = time.perf_counter()
@@ -1092,12 +1223,15 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
     blocks = report.get("reconstructed")
     if blocks:
         applied = [b for b in blocks.values() if b["applied"]]
-        with_held = [b for b in blocks.values() if b["held_out_before"] == b["held_out_before"]]  # NaN: none held out
+        def known(value: Any) -> bool:  # NaN in memory, null in a report file: none held out
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        with_held = [b for b in blocks.values() if known(b.get("held_out_before")) and known(b.get("held_out_after"))]
         if with_held:
             held = lambda key: sum(b[key] for b in with_held) / len(with_held)  # noqa: E731
             where = f"their mean held-out output error {held('held_out_before'):.4g} -> {held('held_out_after'):.4g}"
         else:  # too few positions to hold any out: the training error is all there is
-            train = lambda key: sum(b[key] for b in blocks.values()) / len(blocks)  # noqa: E731
+            train = lambda key: sum(b[key] for b in blocks.values() if known(b.get(key))) / len(blocks)  # noqa: E731
             where = (f"too few positions to hold any out; training output error {train('train_before'):.4g} -> "
                      f"{train('train_after'):.4g}")  # fmt: skip
         p(f"            ({len(applied)} of {len(blocks)} narrowed MLP blocks retrained; {where})")
@@ -1129,9 +1263,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``fxlrd demo``: compress a zoo model into ``--out`` (ONNX, save, report)."""
     out = Path(args.out)
-    args.onnx = str(out / f"{args.model}_lrd.onnx")
-    args.save = str(out / f"{args.model}_lrd")
-    args.report = str(out / f"{args.model}_report.json")
+    # the outputs go in --out, named after the model (a path or package.module:factory made a plain name)
+    spec = args.model.rstrip("/\\")
+    module, _, factory = spec.rpartition(":")
+    base = f"{Path(module).stem}_{factory}" if module else Path(spec).name
+    name = re.sub(r"[^\w.-]+", "_", base).strip("._") or "model"
+    args.onnx = str(out / f"{name}_lrd.onnx")
+    args.save = str(out / f"{name}_lrd")
+    args.report = str(out / f"{name}_report.json")
     args.overwrite = True
     env = _environment(args)
     print("fxlrd demo on " + ", ".join(f"{k}={v}" for k, v in env.items()))
@@ -1146,6 +1285,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config = _config(args)
     json_path = _check_output(args.json, "--json")
+    _check_distinct(args, {"--json": json_path})
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)
     inputs = _Inputs(source, args)
     example = inputs.random(args.seed)
@@ -1269,7 +1409,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     configs = {v: _variant_config(args, v) for v in args.variants if v != "original"}
     plot_path = _check_output(args.plot, "--plot")
+    if plot_path is not None:
+        plot_path = _plot_path(plot_path)
     report_path = _check_output(args.report, "--report")
+    _check_distinct(args, {"--plot": plot_path, "--report": report_path})
     _check_calibration_path(args)
     console = _Console(args.quiet)
     console.step(f"loading {args.model}")
@@ -1277,7 +1420,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     inputs = _Inputs(source, args)
     data = _data(args, inputs, console)
     model = source.model
-    _check_inputs(model, inputs, data.example)
+    _check_inputs(model, inputs, data.example, data.calibration)
     models: dict[str, nn.Module] = {}
     rows: dict[str, dict[str, Any]] = {}
     for variant in args.variants:
@@ -1322,12 +1465,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "variants": rows,
     }
     print_bench(report)
-    if plot_path is not None:
-        _plot_bench(report, plot_path)
-        print(f"plot written to {plot_path}")
     if report_path is not None:
         _write_json(report_path, report)
         print(f"report written to {report_path}")
+    if plot_path is not None:
+        _plot_bench(report, plot_path)
+        print(f"plot written to {plot_path}")
     return 0
 
 
@@ -1347,8 +1490,9 @@ def print_bench(report: Mapping[str, Any], out=None) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     env = report.get("environment", {})
     print(f"{report['model']['spec']} ({report['model']['class']}), inputs {report['model']['inputs']}; "
-          f"{timing['backend']}, {timing['threads']} threads, median of {timing['repeats']} taking turns "
-          f"on {env.get('processor', '?')} (torch {env.get('torch', '?')})", file=out)  # fmt: skip
+          + (f"{timing['backend']}, {timing['threads']} threads, median of {timing['repeats']} taking turns "
+             if timing["repeats"] else "not timed (--repeats 0) ")
+          + f"on {env.get('processor', '?')} (torch {env.get('torch', '?')})", file=out)  # fmt: skip
     for i, row in enumerate(table):
         cells = (v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths)))
         print("  ".join(cells).rstrip(), file=out)
@@ -1356,6 +1500,21 @@ def print_bench(report: Mapping[str, Any], out=None) -> None:
             print("  ".join("-" * w for w in widths), file=out)
     print(f"speed-up and MAC ratio against {report['baseline']}; relative output error on {report['fidelity_inputs']}",
           file=out)  # fmt: skip
+
+
+def _plot_path(path: Path) -> Path:
+    """``--plot``'s file: a format matplotlib writes (``.png`` added to a name without a suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in formats:
+        raise UsageError(f"--plot {path}: {path.suffix} is not an image format matplotlib writes; use .png, .svg or .pdf")
+    return path
 
 
 def _plot_bench(report: Mapping[str, Any], path: Path) -> None:
@@ -1380,8 +1539,16 @@ def _plot_bench(report: Mapping[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)  # atomic: an earlier plot is replaced whole or not at all
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # -- the parser -----------------------------------------------------------------------------------
@@ -1584,7 +1751,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(plan)
     plan.set_defaults(func=cmd_plan)
 
-    demo = sub.add_parser("demo", help="compress a zoo model into --out: ONNX, saved model, report (make demo)",
+    demo = sub.add_parser("demo", help="compress a model (by default a zoo ResNet-50) into --out: ONNX, saved model, report",
                           description="compress --model with --onnx, --save and --report into --out.")  # fmt: skip
     _add_model(demo, positional=False)
     demo.add_argument("--out", default="build", help="output folder (default build)")
@@ -1652,6 +1819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{type(exc).__name__}: {_one_line(exc)}")  # fmt: skip
         expected = usage or isinstance(exc, (CommandError, FxlrdError, OSError))
         hint = "" if debug or expected else " (--debug shows the traceback)"
+        if isinstance(exc, CaptureError) and "--capture" not in text:  # its fix is written for the Python API
+            hint += f" (on the command line: --capture {'fx' if getattr(args, 'capture', None) == 'export' else 'export'})"
         print(f"fxlrd: error: {text}{hint}", file=sys.stderr)
         return 2 if usage else 1
 

@@ -1,9 +1,11 @@
 """The fxlrd command: each subcommand's happy path, and errors as one line with the right exit status."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -210,9 +212,14 @@ def test_compress_with_a_folder_of_images_and_merge(tmp_path, capsys, factory):
 
 
 @pytest.mark.slow
-def test_quiet_hides_hugging_face_s_loading_bar_and_leaves_its_setting(tmp_path, capfd):
+@pytest.mark.parametrize("terminal", [True, False])
+def test_quiet_hides_hugging_face_s_loading_bar_and_leaves_its_setting(tmp_path, capfd, monkeypatch, terminal):
+    """The bar shows on a terminal only (as fxlrd's own), and never with quiet."""
     transformers = pytest.importorskip("transformers")
+    import fxlrd.cli
     from fxlrd.cli import _load_huggingface
+
+    monkeypatch.setattr(fxlrd.cli, "sys", types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: terminal)))
 
     config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                      vocab_size=50, max_position_embeddings=16)  # fmt: skip
@@ -225,7 +232,9 @@ def test_quiet_hides_hugging_face_s_loading_bar_and_leaves_its_setting(tmp_path,
     _load_huggingface(tmp_path / "bert", quiet=True)
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the process's setting is back
-    if "Loading weights" not in shown:  # this transformers shows no bar here, or tqdm is off: nothing to compare
+    if not terminal:
+        assert "Loading weights" not in shown
+    elif "Loading weights" not in shown:  # this transformers shows no bar here, or tqdm is off: nothing to compare
         pytest.skip("transformers printed no loading bar without quiet either")
 
 
@@ -386,8 +395,8 @@ def test_a_pickled_whole_model_as_weights_is_refused_in_one_plain_line(tmp_path,
     spec, _, model = factory
     torch.save(model, tmp_path / "whole.pt")
     code, _, err = _run(capsys, "compress", spec, "--weights", tmp_path / "whole.pt")
-    assert code == 1 and err.count("\n") == 1 and "\x1b" not in err, err  # one line, no terminal colour codes
-    assert "holds pickled Python objects (a whole model?)" in err and "save model.state_dict()" in err
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err, err  # one line, no terminal colour codes
+    assert "holds a whole model or other Python objects" in err and "save model.state_dict()" in err
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path, capsys, factory):
@@ -558,3 +567,187 @@ def test_bench_searches_ranks_for_the_optimized_variant_only():
     assert configs["optimized"].latency is not None and configs["optimized"].latency.backend == "eager"
     assert all(c.latency is None for v, c in configs.items() if v != "optimized")
     assert configs["vanilla"].rank_quantum == 1
+
+
+# -- the user's files are never replaced; mistakes caught before the work ---------------------------
+def _digest(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "outputs, message",
+    [
+        (["--onnx", "{weights}"], r"--onnx .* would replace --weights"),
+        (["--report", "{cal}"], r"--report .* would replace --calibration"),
+        (["--onnx", "{tmp}/x.out", "--report", "{tmp}/x.out"], r"--onnx .* and --report .* would overwrite each other"),
+        (["--save", "{tmp}/s", "--report", "{tmp}/s/r.json"], r"would overwrite each other"),
+    ],
+)
+def test_an_output_that_would_replace_an_input_or_another_output_is_refused(tmp_path, capsys, factory, outputs, message):
+    spec, weights, _ = factory
+    cal = tmp_path / "cal.pt"
+    torch.save(torch.randn(8, 3, 32, 32), cal)
+    before = {p: _digest(p) for p in (weights, cal)}
+    argv = [a.format(weights=weights, cal=cal, tmp=tmp_path) for a in outputs]
+    code, _, err = _run(capsys, "compress", spec, "--weights", weights, "--input-shape", "2,3,32,32", "--repeats", "0",
+                        "--calibration", cal, "--calibration-batches", "2", *argv)  # fmt: skip
+    assert code == 2 and re.search(message, err), err
+    assert all(_digest(p) == data for p, data in before.items())
+    assert not (tmp_path / "x.out").exists()
+
+
+def test_plan_json_onto_the_model_file_is_refused(tmp_path, capsys):
+    model_file = tmp_path / "net.py"
+    model_file.write_text(MODELS_PY)
+    code, _, err = _run(capsys, "plan", f"{model_file}:mlp", "--input-shape", "2,16", "--json", model_file)
+    assert code == 2 and "would replace the model's file" in err, err
+    assert model_file.read_text() == MODELS_PY
+
+
+def test_save_over_a_directory_that_is_no_save_is_refused_before_the_work(tmp_path, capsys, factory):
+    spec, weights, _ = factory
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    code, _, err = _run(capsys, "compress", spec, "--weights", weights, "--input-shape", "2,3,32,32", "--repeats", "0",
+                        "--onnx", tmp_path / "m.onnx", "--save", target, "--overwrite")  # fmt: skip
+    assert code == 2 and "other content than an fxlrd saved model" in err, err
+    assert not (tmp_path / "m.onnx").exists() and (target / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_writes_into_out_whatever_the_model_spec(tmp_path, capsys, monkeypatch):
+    (tmp_path / "models").mkdir()
+    model_file = tmp_path / "models" / "net.py"
+    model_file.write_text(MODELS_PY)
+    code, out, err = _run(capsys, "demo", "--model", f"{model_file}:mlp", "--input-shape", "2,16", "--repeats", "0",
+                          "--out", tmp_path / "out", "-q")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["net_mlp_lrd", "net_mlp_lrd.onnx", "net_mlp_report.json"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["net.py"]
+
+
+def test_a_model_file_imports_its_sibling_modules_and_defines_dataclasses(tmp_path, capsys):
+    (tmp_path / "layers.py").write_text("from torch import nn\n\nclass Block(nn.Linear):\n    pass\n")
+    (tmp_path / "net.py").write_text(textwrap.dedent(
+        """
+        from __future__ import annotations
+        from dataclasses import dataclass
+        from torch import nn
+        from layers import Block
+
+        @dataclass
+        class Cfg:
+            d: int = 16
+
+        def make(c: Cfg = Cfg()):
+            return nn.Sequential(Block(c.d, 32), nn.ReLU(), nn.Linear(32, 4))
+        """
+    ))  # fmt: skip
+    code, out, err = _run(capsys, "plan", f"{tmp_path / 'net.py'}:make", "--input-shape", "2,16")
+    assert code == 0, err
+
+
+def test_a_half_precision_model_is_run_in_float32_with_a_note(tmp_path, capsys):
+    model_file = tmp_path / "half.py"
+    model_file.write_text(MODELS_PY + "\n\ndef half():\n    return mlp().to(torch.bfloat16)\n")
+    code, out, err = _run(capsys, "compress", f"{model_file}:half", "--input-shape", "2,16", "--repeats", "2",
+                          "--onnx", tmp_path / "h.onnx")  # fmt: skip
+    assert code == 0, err
+    assert "bfloat16 weights converted to float32" in out
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "scalar_rows", "latin1", "other_shape", "encoding"])
+def test_calibration_files_of_the_wrong_kind_are_named(tmp_path, capsys, factory, kind):
+    spec, weights, model = factory
+    path = tmp_path / ("cal.txt" if kind == "latin1" else "cal.pt")
+    if kind == "state_dict":
+        torch.save(model.state_dict(), path)
+    elif kind == "scalar_rows":
+        torch.save(torch.randn(3), path)
+    elif kind == "latin1":
+        path.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    elif kind == "other_shape":
+        torch.save(torch.randn(8, 3, 16), path)
+    else:
+        transformers = pytest.importorskip("transformers")
+        torch.save(transformers.BatchEncoding({"input_ids": torch.ones(4, 8, dtype=torch.long)}), path)
+    message = {"state_dict": "looks like a model's weights", "scalar_rows": "samples first", "latin1": "not UTF-8",
+               "other_shape": "holds samples of shape", "encoding": "Python objects besides tensors"}[kind]  # fmt: skip
+    if kind == "latin1":  # a text file needs a text model: use the tensor model's check on a text model's path
+        assert "not UTF-8" in str(pytest.raises(fxlrd.cli.UsageError, fxlrd.cli._Inputs._text,
+                                                types.SimpleNamespace(kind="text", source=types.SimpleNamespace(
+                                                    tokenizer=object())), path, 4).value)  # fmt: skip
+        return
+    code, _, err = _run(capsys, "compress", spec, "--weights", weights, "--input-shape", "2,3,32,32", "--repeats", "0",
+                        "--calibration", path)  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1 and "\x1b" not in err, err
+
+
+def test_calibration_batches_that_do_not_run_through_the_model_are_named_before_the_work(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50, max_position_embeddings=16)  # fmt: skip
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    torch.save(torch.full((8, 8), 999), tmp_path / "cal.pt")  # token ids past the vocabulary
+    code, _, err = _run(capsys, "compress", tmp_path / "bert", "--seq-len", "8", "--calibration", tmp_path / "cal.pt",
+                        "--repeats", "0", "-q")  # fmt: skip
+    assert code == 2 and "--calibration" in err and "do not run through the model" in err, err
+    assert "input_ids=int64[1, 8]" in err
+
+
+@pytest.mark.parametrize("kind", ["text", "torchscript"])
+def test_weights_files_of_the_wrong_kind_are_named(tmp_path, capsys, factory, kind):
+    spec, _, model = factory
+    path = tmp_path / "w.pt"
+    if kind == "text":
+        path.write_text("not weights")
+    else:
+        torch.jit.script(nn_linear := torch.nn.Linear(2, 2)).save(str(path))
+        del nn_linear
+    code, _, err = _run(capsys, "compress", spec, "--weights", path, "--input-shape", "2,3,32,32", "--repeats", "0")
+    expected = {"text": "is not a PyTorch (torch.save) or safetensors file", "torchscript": "TorchScript archive"}[kind]
+    assert code == 2 and expected in err, err
+
+
+def test_bench_plot_format_is_checked_first_and_a_bare_name_gets_png(tmp_path, capsys, factory):
+    spec, weights, _ = factory
+    base = ["bench", spec, "--weights", weights, "--input-shape", "2,3,32,32", "--repeats", "0", "--variants",
+            "original,quantized"]  # fmt: skip
+    code, _, err = _run(capsys, *base, "--plot", tmp_path / "p.txt", "--report", tmp_path / "b.json")
+    assert code == 2 and ".txt is not an image format" in err and not (tmp_path / "b.json").exists(), err
+    code, out, err = _run(capsys, *base, "--plot", tmp_path / "p")
+    assert code == 0 and (tmp_path / "p.png").is_file() and f"plot written to {tmp_path / 'p.png'}" in out, err
+    assert "not timed (--repeats 0)" in out
+
+
+@pytest.mark.parametrize("command", ["compress", "plan"])
+@pytest.mark.parametrize("option", [["--mlp", "narrow"], ["--sequential"]])
+def test_data_fitting_options_without_calibration_name_the_cli_option(capsys, factory, command, option):
+    spec, _, _ = factory
+    code, _, err = _run(capsys, command, spec, "--input-shape", "2,3,32,32", *option)
+    fix = "add --calibration PATH" if command == "compress" else "use fxlrd compress --calibration PATH"
+    assert code == 2 and f"fits the layers on data: {fix}" in err, err
+
+
+def test_a_multiple_choice_model_is_refused_with_the_way_out(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50, max_position_embeddings=16)  # fmt: skip
+    transformers.BertForMultipleChoice(config).save_pretrained(tmp_path / "mc")
+    code, _, err = _run(capsys, "compress", tmp_path / "mc", "--seq-len", "8", "--repeats", "0", "-q")
+    assert code == 2 and "multiple-choice model" in err and "fxlrd.transform" in err, err
+
+
+def test_inspect_reads_a_report_whose_blocks_held_nothing_out(tmp_path, capsys):
+    """Too few positions to hold any out: the errors are NaN, written as null; inspect read them as numbers."""
+    model_file = tmp_path / "net.py"
+    model_file.write_text(MODELS_PY)
+    torch.save(torch.randn(4, 16), tmp_path / "cal.pt")
+    code, _, err = _run(capsys, "compress", f"{model_file}:mlp", "--input-shape", "2,16", "--calibration",
+                        tmp_path / "cal.pt", "--mlp", "narrow", "--reconstruct", "5", "--repeats", "0",
+                        "--report", tmp_path / "r.json", "-q")  # fmt: skip
+    assert code == 0, err
+    blocks = json.loads((tmp_path / "r.json").read_text())["reconstructed"]
+    assert any(b["held_out_before"] is None for b in blocks.values())
+    code, out, err = _run(capsys, "inspect", tmp_path / "r.json")
+    assert code == 0 and "too few positions to hold any out" in out, err

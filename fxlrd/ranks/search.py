@@ -85,7 +85,7 @@ class RankSearcher:
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total, desc=f"latency search ({self.config.backend})", unit="layer",
-                         disable=not self.config.progress, file=sys.stderr, leave=False)  # fmt: skip
+                         disable=None if self.config.progress else True, file=sys.stderr, leave=False)  # fmt: skip
         return self._bar
 
     def _tick(self) -> None:
