@@ -188,7 +188,9 @@ def _feature_pairs(gm: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, n
     container still computes the layer's output (no factor merged with a neighbour) beside the
     teacher's layer module of the same name (a compiled model's ``_orig_mod.`` prefix aside)
     when that is a linear or conv module, whose output is the layer's (a custom module calling
-    ``F.linear`` may compute more). A `ConfigError` when none is found."""
+    ``F.linear`` may compute more). A `Factorized` container is never called itself (its factors
+    are graph nodes of their own): its output is its last factor's. A `ConfigError` when none
+    is found."""
     from .errors import ConfigError
     from .factorized import Factorized
 
@@ -432,13 +434,11 @@ def distill(
     from tqdm.auto import tqdm
 
     from .capture import normalize_inputs
-    from .errors import FxlrdWarning
+    from .errors import ConfigError, FxlrdWarning
     from .freeze import SequentialFreezer
     from .freeze import freeze as apply_freeze
     from .freeze import param_groups
     from .sites import factor_modules
-
-    from .errors import ConfigError
 
     steps = _count("steps", steps)
     lr = _number("lr", lr)
