@@ -217,6 +217,8 @@ class FxlrdTracer(fx.Tracer):
     """
 
     def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = (), **kwargs: Any):
+        # check_size stays one node (its body branches on a size, which fx cannot trace)
+        kwargs["autowrap_functions"] = (*kwargs.get("autowrap_functions", ()), check_size)
         super().__init__(**kwargs)
         # Buffers read in forward become get_attr nodes, not constants baked at trace time
         # (unpickling re-traces: a computation on a buffer must stay a computation).
@@ -443,6 +445,65 @@ def _static_dims(gm: fx.GraphModule, asked: Sequence[str]) -> list[str]:
     return [key for key in asked if not kept[key]]
 
 
+@fx.node.has_side_effect  # kept by dead-code elimination though nothing reads its result
+def check_size(x: torch.Tensor, dim: int, lower: int, upper: int | None, name: str) -> None:
+    """Raise unless ``x.shape[dim]`` is in ``[lower, upper]``: the sizes an exported graph was
+    specialized to (a branch on the size was taken at capture; another size would run it
+    silently wrong). A node of captured graphs, in place of torch.export's own input guards."""
+    if isinstance(x, fx.Proxy):  # traced by another tracer than fxlrd's (which keeps it a node): nothing to check
+        return
+    size = x.shape[dim]
+    if size < lower or (upper is not None and size > upper):
+        raise ValueError(
+            f"input {name!r} has size {size} in dimension {dim}; this captured graph holds for {_size_range(lower, upper)} "
+            "there (torch.export's bound: a branch the model took on that size at capture, or a limit of its own such "
+            "as its position embeddings): run it at such sizes, or capture at the size you need (example_inputs, or "
+            "dynamic_shapes=...)"
+        )
+
+
+def _size_range(lower: int, upper: int | None) -> str:
+    if upper is None:
+        return f"sizes of at least {lower}"
+    return f"sizes of at most {upper}" if lower <= 2 else f"sizes {lower} to {upper}"
+
+
+def _size_guards(gm: fx.GraphModule, ranges: Mapping[Any, Any]) -> list[str]:
+    """Insert a `check_size` node for each input dimension whose range torch.export narrowed
+    beyond the default (sizes of at least 2, unbounded; fxlrd's graphs also run at 1), and
+    return notes naming them."""
+    def finite(value: Any) -> int | None:
+        if abs(value) == torch.utils._sympy.numbers.int_oo:
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+
+    bounds = {}
+    for symbol, r in ranges.items():
+        lower, upper = finite(r.lower), finite(r.upper)
+        lower = lower if lower is not None and lower > 2 else None
+        if lower is not None or upper is not None:
+            bounds[symbol] = (lower or 0, upper)
+    notes = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+    for node in placeholders:
+        val = node.meta.get("val")
+        if anchor is None or not isinstance(val, torch.Tensor):
+            continue
+        for dim, size in enumerate(val.shape):
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            if expr in bounds:
+                lower, upper = bounds.pop(expr)
+                with gm.graph.inserting_after(anchor):
+                    anchor = gm.graph.call_function(check_size, (node, dim, lower, upper, node.name))
+                notes.append(f"export bounded input {node.name!r} dimension {dim} to {_size_range(lower, upper)} (a "
+                             "branch taken on it, or a limit of the model's): other sizes raise a clear error")  # fmt: skip
+    return notes
+
+
 def dynamic_export_inputs(model: nn.Module, inputs: Args) -> tuple[tuple, dict, Any, list[str]]:
     """``(args, kwargs, dynamic_shapes, asked)`` for ``torch.export.export`` with the batch and
     the token sequence dynamic (``asked``: which of the two). Export specializes dimensions of
@@ -494,10 +555,11 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     if static:
         notes.append(f"export fixed the {' and '.join(static)} size to the example's: the graph runs at that size only "
                      "(pass dynamic_shapes=... to choose)")  # fmt: skip
-    for node in list(graph.nodes):  # input guards of the exported program: shapes are checked by the ops themselves
-        if node.op == "call_module" and node.target == "_guards_fn":
+    for node in list(graph.nodes):  # input guards of the exported program: shapes are checked by the ops themselves,
+        if node.op == "call_module" and node.target == "_guards_fn":  # and sizes it specialized by check_size nodes
             graph.erase_node(node)
     gm = fx.GraphModule(exported, graph, type(model).__name__)
+    notes += _size_guards(gm, ep.range_constraints)
     removed, moved = _follow_module_device(gm, _device_of(model, inputs))
     if removed or moved:
         notes.append(f"torch.export's device constants follow the module: {removed} metadata checks removed, "

@@ -221,6 +221,37 @@ def test_export_that_fixes_the_sequence_length_says_so():
     assert gm(input_ids=torch.randint(0, 50, (5, 8))).shape == (5, 8)  # the batch stays dynamic
 
 
+class _BranchesOnBatch(nn.Module):  # fx cannot trace the branch; export takes it for the example's batch
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) if x.shape[0] > 4 else self.c(h)
+
+
+def test_a_size_export_specialized_is_checked_at_run_time(tmp_path):
+    """torch.export bounds the batch to > 4 (it took that branch); the graph used to drop the
+    guard and run the same branch at batch 2, silently wrong."""
+    torch.manual_seed(0)
+    model = _BranchesOnBatch().eval()
+    gm = fxlrd.transform(model, FULL, example_inputs=torch.randn(8, 32))
+    assert any("dimension 0 to sizes of at least 5" in n for n in gm.fxlrd_capture["notes"])
+    x = torch.randn(6, 32)
+    assert rel_err(gm(x), model(x)) <= 1e-5
+    with pytest.raises(ValueError, match="input 'x' has size 2 in dimension 0; this captured graph holds for sizes of at least 5"):
+        gm(torch.randn(2, 32))
+    fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(_BranchesOnBatch().eval(), tmp_path / "s")
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)  # unpickling re-traces the graph: the check stays a node
+    buffer.seek(0)
+    for copy in (loaded, torch.load(buffer, weights_only=False)):
+        with pytest.raises(ValueError, match="holds for sizes of at least 5"):
+            copy(torch.randn(2, 32))
+
+
 def test_hugging_face_model_output_stays_one():
     model = _bert()
     inputs = _tokens(2, 8)
