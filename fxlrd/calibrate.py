@@ -453,11 +453,22 @@ def collect_stats(
             e = torch.tensor([energy], dtype=torch.float64)
             dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
             energy = float(e.item())
-    out: dict[str, SiteStats] = {}
+    calls: dict[str, list[InputStats]] = {}  # a site called more than once (shared across depth) reads several inputs
     for node, names_ in by_input.items():
         if node in inputs_stats:
             for name in names_:
-                out[name] = SiteStats(inputs_stats[node], sens.get(name), energy)
+                calls.setdefault(name, []).append(inputs_stats[node])
+    # one object per input node (sites reading the same input share it), pooled over a site's calls
+    return {name: SiteStats(stats[0] if len(stats) == 1 else _pooled(stats), sens.get(name), energy)
+            for name, stats in calls.items()}  # fmt: skip
+
+
+def _pooled(stats: Sequence[InputStats]) -> InputStats:
+    """The statistics of the union of the samples of ``stats`` (a layer's several calls)."""
+    out = InputStats(sum(s.gram for s in stats))
+    out.count = sum(s.count for s in stats)
+    totals = [s.total for s in stats if s.total is not None]
+    out.total = sum(totals) if totals else None
     return out
 
 
@@ -477,6 +488,9 @@ def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:
 
     for s in stats:
         dist.all_reduce(s.gram, op=dist.ReduceOp.SUM, group=group)
+        for extra in (s.total, s.cross):  # the mean (narrowing) and the cross moments (sequential compensation)
+            if extra is not None:
+                dist.all_reduce(extra, op=dist.ReduceOp.SUM, group=group)
         count = torch.tensor([s.count], dtype=torch.float64)
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
         s.count = int(count.item())
@@ -523,6 +537,11 @@ def sequential_factors(
     versions (original and compressed); a value is freed after its last use, so memory holds
     the live activations of one stretch of the graph (about one block) for all batches, plus
     the Gram matrices.
+
+    A layer called more than once (weights shared across depth, as ALBERT's) cannot be fitted
+    to the inputs of calls that come after its fit: it is fitted on ``stats`` (all its calls'
+    plain statistics, pooled) when given, else on its first call, and its factors run at
+    every call of the compressed stream.
     """
     from .factorized import decompose_weight
 
@@ -530,6 +549,7 @@ def sequential_factors(
     sites = find_sites(gm)
     todo = {name: site for name, site in sites.items() if name in plan.layers and plan[name].decomposed}
     first_node = {site.nodes[0]: name for name, site in todo.items()}
+    later_node = {node: name for name, site in todo.items() for node in site.nodes[1:]}
     options = {"tucker_iters": int(plan.settings.get("tucker_iters", 0) or 0),
                "cp_iters": int(plan.settings.get("cp_iters", 300) or 300)}  # fmt: skip
     items = [_as_args(item, i) for i, item in enumerate(_batches(calibration, False, "calibration"))]
@@ -585,13 +605,20 @@ def sequential_factors(
                         all_reduce_stats([local], group=group)
                     dense = site.weight(gm)
                     prior = (stats_by_site or {}).get(name)
-                    site_stats = SiteStats(local, prior.output_sensitivity, prior.output_energy) if prior else SiteStats(local)
-                    fact, _ = decompose_weight(_compensated_weight(dense, local), site.bias(gm), site.spec, lp.method,
-                                               lp.ranks, stats=site_stats, options=options, source=name)  # fmt: skip
+                    if prior is not None and name in later_node.values():  # called again later: all calls, pooled
+                        fact, _ = decompose_weight(dense, site.bias(gm), site.spec, lp.method, lp.ranks, stats=prior,
+                                                   options=options, source=name)  # fmt: skip
+                    else:
+                        site_stats = SiteStats(local, prior.output_sensitivity, prior.output_energy) if prior else SiteStats(local)
+                        fact, _ = decompose_weight(_compensated_weight(dense, local), site.bias(gm), site.spec, lp.method,
+                                                   lp.ranks, stats=site_stats, options=options, source=name)  # fmt: skip
                     fact = fact.to(dtype=dense.dtype, device=dense.device)
                     factors[name] = fact
                     comp[node] = [fact(comp[x_node][i]) for i in range(len(batches))]
                     bar.update(1)
+                elif node in later_node and later_node[node] in factors:  # the compressed model runs the factors here too
+                    x_node = todo[later_node[node]].input(node)
+                    comp[node] = [factors[later_node[node]](comp[x_node][i]) for i in range(len(batches))]
                 elif same:
                     comp[node] = orig[node]
                 else:
@@ -603,4 +630,4 @@ def sequential_factors(
     finally:
         bar.close()
         restore_modes()
-    return factors  # a layer used twice (shared) is fitted at its first use
+    return factors
