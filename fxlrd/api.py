@@ -200,7 +200,14 @@ def _mirror_into(model: nn.Module, gm: fx.GraphModule) -> None:
 
     for name, module in gm.named_modules():
         if isinstance(module, Factorized):
-            set_submodule(model, name, module)
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                old = None
+            # every name the replaced module has in the model (one module registered twice is one layer)
+            aliases = [n for n, m in model.named_modules(remove_duplicate=False) if old is not None and m is old] or [name]
+            for alias in aliases:
+                set_submodule(model, alias, module)
 
 
 def _check_inplace(plan_: Plan) -> None:

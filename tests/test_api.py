@@ -109,6 +109,28 @@ def test_inplace_decomposes_the_model_itself():
         torch.testing.assert_close(model(x), gm(x))
 
 
+def test_inplace_replaces_a_module_under_every_name_it_has():
+    """One layer registered twice (``self.l2 = self.l1``) is one layer: both names get the
+    factors (the second used to stay dense, the model half decomposed and larger)."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(64, 64)
+            self.l2 = self.l1
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x)))
+
+    torch.manual_seed(0)
+    model, x = Aliased().eval(), torch.randn(4, 64)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, inplace=True)
+    assert model.l1 is model.l2 and isinstance(model.l2, Factorized)
+    assert fxlrd.count_params(model) == fxlrd.count_params(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gm(x))
+
+
 class _WithAttention(nn.Module):
     def __init__(self):
         super().__init__()
