@@ -190,7 +190,9 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
                           f"unbranched (first: {narrow[0]!r})", FxlrdWarning, stacklevel=3)  # fmt: skip
     if plan_.settings.get("merge"):
         plan_.settings["merge_rule"] = MergePass.RULE
+        before = count_params(gm)
         gm = MergePass(plan_.settings["merge"])(gm).graph_module
+        plan_.settings["merge_params_change"] = count_params(gm) - before  # the plan's model size is what was built
     return gm
 
 

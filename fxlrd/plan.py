@@ -116,7 +116,8 @@ class Plan:
         if self.model_params is None:
             return None
         narrowed = sum(b["params_before"] - b["params_after"] for b in self.settings.get("narrowed") or ())
-        return self.model_params - narrowed - sum(lp.params_before - lp.params_after for lp in self.decomposed)
+        merged = int(self.settings.get("merge_params_change") or 0)  # what merging added (< 0: removed)
+        return self.model_params - narrowed - sum(lp.params_before - lp.params_after for lp in self.decomposed) + merged
 
     def totals(self) -> dict[str, int | None]:
         """Sums over all planned layers (kept layers count the same before and after)."""
@@ -166,6 +167,10 @@ class Plan:
             hidden = ", ".join(f"{b['hidden']}->{b['width']}" for b in narrowed)
             out.append(f"{len(narrowed)} MLP blocks narrowed (hidden {hidden}): params {_count(before)} -> {_count(after)} "
                        f"({_ratio(before, after)}); their layers are listed as kept")  # fmt: skip
+        change = self.settings.get("merge_params_change")
+        if change:
+            out.append(f"merging ({self.settings.get('merge')}) then changed the model's params by {change:+,}; the rows "
+                       "above are the layers as decomposed, before merging")  # fmt: skip
         if self.model_params is not None:
             after = self.params_after_model()
             out.append(f"model params {_count(self.model_params)} -> {_count(after)} ({_ratio(self.model_params, after)})")

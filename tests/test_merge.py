@@ -361,3 +361,17 @@ def test_apply_of_a_merging_plan_reports_what_transform_did():
     assert fxlrd.count_params(applied) == fxlrd.count_params(gm)
     sizes = lambda plan: [(lp.name, lp.params_after, lp.macs_after) for lp in plan.decomposed]  # noqa: E731
     assert sizes(applied.fxlrd_plan) == sizes(gm.fxlrd_plan)
+
+
+@pytest.mark.parametrize("merge", ["exact", "approximate"])
+def test_a_merged_plan_reports_the_parameters_the_model_has(merge, tmp_path):
+    """Merging changes the parameter count after the plan's layers were sized: the plan
+    records the change (its model figure was 60 % too high after an approximate merge)."""
+    torch.manual_seed(0)
+    model = _bottleneck_model()
+    x = torch.randn(1, 8, 8, 8)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, rank_quantum=1, merge=merge), example_inputs=x)
+    assert gm.fxlrd_plan.params_after_model() == fxlrd.count_params(gm)
+    fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(_bottleneck_model(), tmp_path / "s")
+    assert loaded.fxlrd_plan.params_after_model() == fxlrd.count_params(loaded) == fxlrd.count_params(gm)
