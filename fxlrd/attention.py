@@ -14,7 +14,8 @@ Two layouts of the q/k/v projection:
   share the input factor. Fastest on CPU (two larger GEMMs instead of six small ones); the
   shared input subspace costs a little accuracy at equal parameters when q, k and v use
   different directions of the input. Self-attention only (the projection then reads one
-  input); cross-attention projections are left as they are in this layout.
+  input): an attention that runs as cross-attention during capture is captured again in the
+  separate layout.
 - ``"separate"``: three ``(E, E)`` projections ``q_proj``, ``k_proj``, ``v_proj`` (their state-dict
   keys replace ``in_proj_weight``/``in_proj_bias``), each decomposed on its own: each keeps its own
   subspace (lower error at equal parameters on trained weights), six GEMMs. Works for
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["MultiheadAttention", "swap_attention", "ATTENTION_LAYOUTS"]
+__all__ = ["MultiheadAttention", "swap_attention", "separate_cross_attention", "ATTENTION_LAYOUTS"]
 
 ATTENTION_LAYOUTS = ("packed", "separate")
 
@@ -89,6 +90,7 @@ class MultiheadAttention(nn.Module):
         else:
             self.q_proj, self.k_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim, bias=bias, **kw) for _ in range(3))
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.cross_attention = False  # set when a packed forward ran with query, key, value not one tensor
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, layout: str = "packed") -> "MultiheadAttention":
@@ -111,6 +113,23 @@ class MultiheadAttention(nn.Module):
         new.train(mha.training)
         return new
 
+    def separate(self) -> "MultiheadAttention":
+        """This packed attention in the ``separate`` layout (the same attention, its q/k/v
+        projections copied out of ``in_proj_weight``): what a cross-attention is captured as."""
+        bias = self.in_proj_bias is not None
+        new = MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias,
+                                 batch_first=self.batch_first, layout="separate", device="meta")  # fmt: skip
+        e = self.embed_dim
+        for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+            proj.weight = nn.Parameter(self.in_proj_weight.detach()[i * e : (i + 1) * e].clone(),
+                                       requires_grad=self.in_proj_weight.requires_grad)  # fmt: skip
+            if bias:
+                proj.bias = nn.Parameter(self.in_proj_bias.detach()[i * e : (i + 1) * e].clone(),
+                                         requires_grad=self.in_proj_bias.requires_grad)  # fmt: skip
+        new.out_proj = self.out_proj
+        new.train(self.training)
+        return new
+
     @staticmethod
     def supports(mha: nn.MultiheadAttention) -> bool:
         """Whether ``mha`` uses only what this module implements."""
@@ -121,6 +140,7 @@ class MultiheadAttention(nn.Module):
             return self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if query is key and key is value:
             return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        self.cross_attention = True  # (capture then swaps in the separate layout: these projections are no sites)
         w = self.in_proj_weight.chunk(3)
         b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         return F.linear(query, w[0], b[0]), F.linear(key, w[1], b[1]), F.linear(value, w[2], b[2])
@@ -160,6 +180,18 @@ class MultiheadAttention(nn.Module):
         return out, weights
 
 
+def separate_cross_attention(model: nn.Module) -> int:
+    """Swap each packed `MultiheadAttention` of ``model`` that ran as cross-attention (since
+    its swap) for its ``separate`` layout, in place; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MultiheadAttention) and module.layout == "packed" and module.cross_attention and name:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module.separate())
+            count += 1
+    return count
+
+
 def swap_attention(model: nn.Module, layout: str = "packed") -> int:
     """Replace every supported ``nn.MultiheadAttention`` in ``model`` (in place) by
     `MultiheadAttention`; returns how many were replaced."""
@@ -174,4 +206,8 @@ def swap_attention(model: nn.Module, layout: str = "packed") -> int:
                 continue  # the model itself is the attention: nothing to swap it in
             setattr(parent, leaf, MultiheadAttention.from_torch(module, layout))
             count += 1
+    if count:  # nn.TransformerEncoder packs padded batches into nested tensors, which the swapped module cannot take
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder):
+                module.enable_nested_tensor = module.use_nested_tensor = False
     return count

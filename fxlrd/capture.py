@@ -209,6 +209,10 @@ def _bind_for_spec(gm: fx.GraphModule, args: tuple, kwargs: dict, what: str = "e
 
 
 # -- the tracer --------------------------------------------------------------------------------
+_TORCH_CONTAINERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                     nn.TransformerDecoderLayer)  # fmt: skip
+
+
 class FxlrdTracer(fx.Tracer):
     """fx tracing with leaf modules chosen by type or qualified name.
 
@@ -229,6 +233,8 @@ class FxlrdTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if isinstance(m, _TORCH_CONTAINERS):  # torch.nn modules holding layers: traced into (fx's default keeps
+            return False  # every torch.nn module whole, and their layers would be left out silently)
         return super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root, concrete_args=None):  # noqa: ANN001
@@ -677,7 +683,7 @@ def capture(
         CaptureError: the model cannot be captured; the message names each failure, the
             user's code that failed, and the ways out.
     """
-    from .attention import swap_attention
+    from .attention import separate_cross_attention, swap_attention
 
     check_module(model)
     if mode not in CAPTURE_MODES:
@@ -705,6 +711,17 @@ def capture(
     notes = [f"{swapped} nn.MultiheadAttention swapped for fxlrd.attention.MultiheadAttention ({attention})"] if swapped else []
     if folded:
         notes.append(f"{folded} torch.nn.utils.weight_norm hooks folded into their layers' weights on the captured copy")
+    captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes)
+    crossed = separate_cross_attention(model) if swapped else 0
+    if crossed:  # the packed layout's cross-attention projections are no sites: capture them separate
+        notes.append(f"{crossed} of them ran as cross-attention: captured with separate q/k/v projections")
+        captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes)
+    return captured
+
+
+def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mode: str,
+                  leaf_modules: Sequence[type[nn.Module] | str], dynamic_shapes: Any, notes: list[str]) -> Captured:  # fmt: skip
+    """`capture`'s fx, then export, attempt on the prepared ``model``."""
     fx_error: BaseException | None = None
     if mode in ("auto", "fx"):
         try:

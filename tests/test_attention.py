@@ -267,3 +267,63 @@ def test_torch_transformer_encoder_layers_are_decomposed(batch_first, norm_first
         assert sum(isinstance(m, Factorized) for m in low.modules()) >= 6  # in_proj, out_proj, linear1/2 (some kept)
         assert low(**inputs).shape == want.shape
     assert isinstance(model.layers[0].self_attn, nn.MultiheadAttention)  # the user's model keeps torch's
+
+
+class _Encoder(nn.Module):  # a torch.nn transformer inside the user's model, padding mask given
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x, padding):
+        return self.head(self.enc(x, src_key_padding_mask=padding))
+
+
+def test_a_torch_transformer_inside_a_model_is_decomposed_and_runs_under_no_grad():
+    """fx keeps torch.nn modules whole, so the encoder's 8 linears were left out silently; and
+    its nested-tensor path fed the swapped attention a tensor it cannot take (under no_grad)."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    x, padding = torch.randn(2, 6, 32), torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    gm = fxlrd.transform(model, FULL, example_inputs=(x, padding))
+    assert len(gm.fxlrd_plan.decomposed) == 9
+    with torch.no_grad():
+        got, want = gm(x, padding), model(x, padding)
+    real = ~padding
+    assert rel_err(got[real], want[real]) <= 1e-5
+
+
+@pytest.mark.parametrize("make", ["mha", "transformer"])
+def test_packed_cross_attention_is_captured_with_separate_projections(make, tmp_path):
+    """The packed layout is self-attention only: a cross-attention's projections used to be
+    neither decomposed nor listed. It is captured again in the separate layout."""
+    torch.manual_seed(0)
+    if make == "mha":
+        class Cross(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+            def forward(self, x, memory):
+                return self.mha(x, memory, memory, need_weights=False)[0]
+
+        make_model, names = Cross, {"mha.q_proj", "mha.k_proj", "mha.v_proj", "mha.out_proj"}
+    else:
+        class Cross(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.t = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+
+            def forward(self, x, memory):
+                return self.t(x, memory)
+
+        make_model, names = Cross, {"t.decoder.layers.0.multihead_attn.q_proj", "t.decoder.layers.0.multihead_attn.k_proj"}
+    model, inputs = make_model().eval(), (torch.randn(2, 5, 32), torch.randn(2, 7, 32))
+    gm = fxlrd.transform(model, FULL, example_inputs=inputs)
+    assert names <= {lp.name for lp in gm.fxlrd_plan.decomposed}
+    assert any("ran as cross-attention" in n for n in gm.fxlrd_capture["notes"])
+    with torch.no_grad():
+        assert rel_err(gm(*inputs), model(*inputs)) <= 1e-5
+        fxlrd.save(gm, tmp_path / "s")
+        assert torch.equal(fxlrd.load(make_model().eval(), tmp_path / "s")(*inputs), gm(*inputs))
