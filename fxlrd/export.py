@@ -134,15 +134,25 @@ def _tensors(inputs: "Args") -> list[torch.Tensor]:
 
 
 def _dynamic_axes(inputs: "Args", names: list[str], batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
+    """The dynamic dimensions as torch.onnx's ``dynamic_axes``: the batch of every input, and
+    dimension 1 where `fxlrd.capture.dynamic_spec` keeps it dynamic (token inputs and the
+    inputs beside them of the same length, not a lone bool mask), one name per distinct token
+    length (an encoder-decoder's two sequences vary apart)."""
+    from .capture import _batch_size, _is_tokens, dynamic_spec
+
     if not (batch or sequence):
         return None
+    size = _batch_size(inputs)
+    lengths = list(dict.fromkeys(t.shape[1] for t in _tensors(inputs) if _is_tokens(t))) if sequence else []
     axes: dict[str, dict[int, str]] = {}
     for name, t in zip(names, _tensors(inputs)):
         dims: dict[int, str] = {}
+        spec = dynamic_spec(t, size, lengths) or {}
         if batch and t.dim() > 0:
             dims[0] = "batch"
-        if sequence and not t.is_floating_point() and t.dim() >= 2:
-            dims[1] = "sequence"
+        if sequence and 1 in spec and t.shape[1] in lengths:
+            index = lengths.index(t.shape[1])
+            dims[1] = "sequence" if index == 0 else f"sequence_{index + 1}"
         if dims:
             axes[name] = dims
     return axes

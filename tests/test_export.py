@@ -149,3 +149,37 @@ def test_a_half_precision_model_passes_the_check_and_int8_needs_float32(tmp_path
     fxlrd.export_onnx(model, x, tmp_path / "m.onnx")  # float16 rounding alone is past the float32 default
     with pytest.raises(ConfigError, match="int8 quantization starts from a float32 model, this one holds float16"):
         fxlrd.export_onnx(model, x, tmp_path / "q.onnx", quantize="int8-dynamic")
+
+
+def test_token_inputs_of_different_lengths_get_their_own_dynamic_sequence(tmp_path):
+    """An encoder-decoder's two token inputs vary apart (they shared one "sequence" name, so
+    the export failed, or ran at equal lengths only); a bool mask beside float inputs is not
+    a token input (its sequence alone was dynamic, which export refused)."""
+    import onnxruntime as ort
+
+    from fxlrd.export import _dynamic_axes
+
+    ids, dec = torch.randint(0, 9, (2, 8)), torch.randint(0, 9, (2, 5))
+    inputs = ((), {"input_ids": ids, "attention_mask": torch.ones(2, 8), "decoder_input_ids": dec})
+    axes = _dynamic_axes(inputs, ["input_ids", "attention_mask", "decoder_input_ids"], True, True)
+    assert axes == {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                    "decoder_input_ids": {0: "batch", 1: "sequence_2"}}  # fmt: skip
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x, padding):
+            return self.mha(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    x = (torch.randn(2, 6, 16), padding)
+    gm = fxlrd.transform(Masked().eval(), LRDConfig(ratio=2), example_inputs=x)
+    fxlrd.export_onnx(gm, x, tmp_path / "m.onnx")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options)
+    feed = [torch.randn(3, 6, 16).numpy(), torch.zeros(3, 6, dtype=torch.bool).numpy()]  # another batch
+    assert session.run(None, dict(zip([i.name for i in session.get_inputs()], feed)))[0].shape == (3, 6, 16)
