@@ -451,6 +451,26 @@ def _static_dims(gm: fx.GraphModule, asked: Sequence[str]) -> list[str]:
     return [key for key in asked if not kept[key]]
 
 
+_aten = torch.ops.aten
+_REGION_LAYER_OPS = {_aten.linear.default, _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
+                     _aten.convolution.default, _aten.addmm.default, _aten.mm.default, _aten.matmul.default}  # fmt: skip
+
+
+def _layers_in_regions(gm: fx.GraphModule) -> int:
+    """Linear/conv operations inside the subgraphs of higher-order operators (a
+    ``torch.no_grad()`` or autocast region, a ``torch.cond`` branch) of an export graph:
+    fxlrd's sites are the top-level graph's."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for arg in node.args:
+            sub = getattr(gm, arg.target, None) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                count += sum(n.op == "call_function" and n.target in _REGION_LAYER_OPS for n in sub.graph.nodes)
+    return count
+
+
 @fx.node.has_side_effect  # kept by dead-code elimination though nothing reads its result
 def check_size(x: torch.Tensor, dim: int, lower: int, upper: int | None, name: str) -> None:
     """Raise unless ``x.shape[dim]`` is in ``[lower, upper]``: the sizes an exported graph was
@@ -566,6 +586,10 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
             graph.erase_node(node)
     gm = fx.GraphModule(exported, graph, type(model).__name__)
     notes += _size_guards(gm, ep.range_constraints)
+    hidden = _layers_in_regions(gm)
+    if hidden:
+        notes.append(f"{hidden} linear/conv operations run inside torch.no_grad(), autocast or torch.cond regions of the "
+                     "export graph: they are not decomposed, nor listed in the plan")  # fmt: skip
     removed, moved = _follow_module_device(gm, _device_of(model, inputs))
     if removed or moved:
         notes.append(f"torch.export's device constants follow the module: {removed} metadata checks removed, "

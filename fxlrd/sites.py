@@ -41,6 +41,10 @@ _CONV_FUNCTIONS = {
     aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
     aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3,
 }  # fmt: skip
+_CONV_TRANSPOSE_FUNCTIONS = {  # listed as kept (not supported), as a ConvTranspose module is
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d, torch.conv_transpose2d,
+    torch.conv_transpose3d, aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+}  # fmt: skip
 _MM_FUNCTIONS = {aten.addmm.default: True, aten.mm.default: False, torch.addmm: True, torch.mm: False}
 _TRANSPOSES = {aten.t.default, torch.t}
 _STANDARD_FORWARD = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
@@ -204,6 +208,13 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         )  # fmt: skip
         op = ("aten." if str(target).startswith("aten") else "F.") + f"conv{dims}d"
         return _Use(node, op, spec, wp, bp, False, w)
+    if target in _CONV_TRANSPOSE_FUNCTIONS:
+        w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        wp, bp = _param_path(w), _param_path(b)
+        if wp is None or (b is not None and bp is None):
+            return None
+        op = ("aten." if str(target).startswith("aten") else "F.") + str(getattr(target, "__name__", target)).split(".")[0]
+        return _Use(node, op, None, wp, bp, False, w, "transposed convolution: not supported")
     if target is aten.convolution.default:
         x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
         wp, bp = _param_path(w), _param_path(b)

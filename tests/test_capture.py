@@ -656,3 +656,25 @@ def test_token_inputs_of_different_lengths_each_stay_dynamic():
         other = {"input_ids": torch.randint(0, 20, (3, s)), "decoder_input_ids": torch.randint(0, 20, (3, t))}
         with torch.no_grad():
             torch.testing.assert_close(gm(**other), model(**other), rtol=1e-5, atol=1e-5)
+
+
+def test_export_names_layers_it_cannot_see_and_lists_transposed_convs():
+    """A layer inside a torch.no_grad() region of an export graph is in a subgraph fxlrd does
+    not decompose: a note says so (it vanished from the plan silently); a transposed conv is
+    listed as kept under export as under fx (it was missing)."""
+
+    class Regions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.up = nn.Linear(32, 64), nn.Linear(64, 64), nn.ConvTranspose2d(4, 4, 2, stride=2)
+
+        def forward(self, x, image):
+            h = torch.relu(self.a(x))
+            with torch.no_grad():
+                g = self.b(h)
+            return h + g, self.up(image)
+
+    inputs = (torch.randn(8, 32), torch.randn(1, 4, 4, 4))
+    gm = fxlrd.transform(Regions(), LRDConfig(ratio=2), example_inputs=inputs, capture="export")
+    assert any(n.startswith("1 linear/conv operations run inside torch.no_grad()") for n in gm.fxlrd_capture["notes"])
+    assert gm.fxlrd_plan["up"].reason == "transposed convolution: not supported"
