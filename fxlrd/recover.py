@@ -312,6 +312,9 @@ def _fits(model: nn.Module, args: tuple, kwargs: dict, what: str) -> None:
 
     from .errors import ConfigError
 
+    if "labels" in kwargs:  # a Hugging Face model takes them, and its loss would enter the distillation loss
+        raise ConfigError(f"{what} holds labels: distillation takes the inputs only (the teacher gives the targets); "
+                          "drop the 'labels' entry")  # fmt: skip
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):  # a forward without a readable signature: the call will tell

@@ -856,6 +856,7 @@ def test_distill_refuses_bad_calls_before_touching_the_model():
         (dict(batches=[x], train_mode="yes"), "train_mode must be True or False"),
         (dict(batches=[x, x, torch.randn(8, 16), (x, torch.zeros(8))]), "batch 3 does not fit .* labels\\?"),
         (dict(batches=[{"inputs": x}]), "batch 0 does not fit"),
+        (dict(batches=[{"input": x, "labels": torch.zeros(8)}]), "batch 0 holds labels"),
         (dict(batches=iter([])), "at least one batch"),
     ]:  # fmt: skip
         args = {"teacher": model, "steps": 3, "freeze": "paper", "progress": False} | kwargs
