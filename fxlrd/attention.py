@@ -93,7 +93,7 @@ class MultiheadAttention(nn.Module):
         self.cross_attention = False  # set when a packed forward ran with query, key, value not one tensor
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, layout: str = "packed") -> "MultiheadAttention":
+    def from_torch(cls, mha: "nn.MultiheadAttention | MultiheadAttention", layout: str = "packed") -> "MultiheadAttention":
         """The same attention as ``mha``, sharing its parameters (``packed``) or copying them
         into three projections (``separate``)."""
         bias = mha.in_proj_bias is not None
@@ -116,19 +116,7 @@ class MultiheadAttention(nn.Module):
     def separate(self) -> "MultiheadAttention":
         """This packed attention in the ``separate`` layout (the same attention, its q/k/v
         projections copied out of ``in_proj_weight``): what a cross-attention is captured as."""
-        bias = self.in_proj_bias is not None
-        new = MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias,
-                                 batch_first=self.batch_first, layout="separate", device="meta")  # fmt: skip
-        e = self.embed_dim
-        for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
-            proj.weight = nn.Parameter(self.in_proj_weight.detach()[i * e : (i + 1) * e].clone(),
-                                       requires_grad=self.in_proj_weight.requires_grad)  # fmt: skip
-            if bias:
-                proj.bias = nn.Parameter(self.in_proj_bias.detach()[i * e : (i + 1) * e].clone(),
-                                         requires_grad=self.in_proj_bias.requires_grad)  # fmt: skip
-        new.out_proj = self.out_proj
-        new.train(self.training)
-        return new
+        return MultiheadAttention.from_torch(self, "separate")  # (it has the attributes from_torch reads)
 
     @staticmethod
     def supports(mha: nn.MultiheadAttention) -> bool:
