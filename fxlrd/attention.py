@@ -93,7 +93,8 @@ class MultiheadAttention(nn.Module):
         self.cross_attention = False  # set when a packed forward ran with query, key, value not one tensor
 
     @classmethod
-    def from_torch(cls, mha: "nn.MultiheadAttention | MultiheadAttention", layout: str = "packed") -> "MultiheadAttention":
+    def from_torch(cls, mha: "nn.MultiheadAttention | MultiheadAttention",
+                   layout: str = "packed") -> "MultiheadAttention":  # fmt: skip
         """The same attention as ``mha``, sharing its parameters (``packed``) or copying them
         into three projections (``separate``)."""
         bias = mha.in_proj_bias is not None
