@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
@@ -185,7 +186,12 @@ def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None,
         x = _real_tokens(site, x, mask, layouts)
         return x.reshape(-1, x.shape[-1])
     x = _batched(site, x)
-    if spec.pointwise and any(s > 1 for s in spec.stride) and not isinstance(spec.padding, str) and not any(spec.padding):
+    if spec.pointwise and any(s > 1 for s in spec.stride) and spec.padding != "same":
+        # a strided 1×1 conv reads every s-th position of its padded input: those are its samples
+        pad = (0,) * len(spec.stride) if spec.padding == "valid" else tuple(spec.padding)
+        if any(pad):
+            mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+            x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=mode)
         index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)
         x = x[index]
     return x.movedim(1, -1).reshape(-1, x.shape[1])
@@ -507,14 +513,15 @@ def _compensated_weight(weight: torch.Tensor, stats: InputStats, ridge: float = 
     """``W* = W C G̃⁻¹`` on the input-channel mode: the full-rank layer mapping the compressed
     model's inputs to the original layer's outputs (least squares on the shrunk second
     moments, so few samples do not make it fit noise; the cross term shrinks alike toward
-    the identity map, i.e. toward W itself)."""
+    the identity map, i.e. toward W itself, and so does the ridge: ``(C + dI)(G̃ + dI)⁻¹``, which
+    is the identity where the inputs are the original's or carry nothing)."""
     rho = stats.shrinkage()
     n = max(stats.count, 1)
     g = stats.regularized()
     cross = (1 - rho) * stats.cross / n + rho * float(g.diagonal().mean()) * torch.eye(g.shape[0], dtype=g.dtype)
     damp = ridge * max(float(g.diagonal().mean()), 1e-300)
     eye = torch.eye(g.shape[0], dtype=g.dtype)
-    map_ = torch.linalg.solve(g + damp * eye, cross.T).T  # C G̃⁻¹  (C×C)
+    map_ = torch.linalg.solve(g + damp * eye, (cross + damp * eye).T).T  # (C + dI)(G̃ + dI)⁻¹  (C×C)
     return torch.einsum("sc...,cd->sd...", weight.detach().double().cpu(), map_)
 
 

@@ -31,6 +31,9 @@ def is_pointwise(m: nn.Module) -> bool:
 def fold_norm(layer: nn.Module, norm: nn.Module) -> nn.Module:
     """``norm(layer(x))`` as one layer, with the norm's running statistics (eval semantics)."""
     layer, norm = copy.deepcopy(layer).eval(), copy.deepcopy(norm).eval()
+    if norm.weight is None:  # affine=False: scale 1, shift 0 (torch's fusers read both)
+        norm.weight = nn.Parameter(torch.ones_like(norm.running_var))
+        norm.bias = nn.Parameter(torch.zeros_like(norm.running_var))
     if isinstance(layer, nn.Linear):
         return fuse_linear_bn_eval(layer, norm)
     return fuse_conv_bn_eval(layer, norm)
