@@ -356,12 +356,16 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     n = inputs.count
     mean = inputs.total / n
     cov = inputs.gram / n - torch.outer(mean, mean) if b is not None else inputs.gram / n  # a refit bias absorbs the mean
+    # The selection reads the sample moments where they have full rank (more samples than
+    # neurons): shrunk toward a scaled identity they credit a copy of a kept neuron with variance
+    # the data does not have. The refit, and a selection from fewer samples, use the shrunk ones.
+    plain = cov
     rho = inputs.shrinkage()  # few samples per neuron: shrink toward a scaled identity, as the whitening does
     cov = (1 - rho) * cov + rho * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
     second = cov + torch.outer(mean, mean) if b is not None else cov
     out_w = stats.output_weights()
     lt = _output_factor(out_w, w.shape[0]).T
-    root = _sqrt_psd(cov)
+    root = _sqrt_psd(plain if n > plain.shape[0] else cov)
     target = lt @ w @ root
     if keep is None:
         order, gains = select_neurons(target, root, width)

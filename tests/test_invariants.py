@@ -287,9 +287,6 @@ def _narrow_on_sample_moments(model: nn.Module, cal, width: int, sensitivity: bo
     return gm, narrow_block(gm, block, stats, width, ridge=ridge)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="fxlrd.narrow.narrow_block selects neurons on the "
-                   "covariance shrunk toward a scaled identity, which credits a copy of a kept neuron with variance "
-                   "the data does not have")  # fmt: skip
 def test_narrowing_through_transform_keeps_a_neuron_of_every_group():
     """Seven ReLU neurons, positive multiples of two (three of one, four of the other), 1 920
     calibration samples: narrowing to two neurons must keep one of each group (then the block
