@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from . import zoo
+from ._files import atomic_path, write_text
 from .errors import CaptureError, ConfigError, FxlrdError, FxlrdWarning
 
 __all__ = ["main", "build_parser", "ModelSource", "load_model", "load_weights", "UsageError", "CommandError"]
@@ -104,12 +105,6 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _finite(value: Any) -> Any:
     """``value`` with every NaN or infinite float replaced by None (strict JSON has neither)."""
     if isinstance(value, float):
@@ -123,17 +118,8 @@ def _finite(value: Any) -> Any:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write strict JSON (no NaN: null) atomically (a temporary file beside ``path``, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(data), f, indent=1, default=str, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    text = json.dumps(_finite(data), indent=1, default=str, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def _check_output(path: str | None, option: str, *, directory: bool = False, overwrite: bool = True) -> Path | None:
@@ -1538,17 +1524,11 @@ def _plot_bench(report: Mapping[str, Any], path: Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)  # atomic: an earlier plot is replaced whole or not at all
+        with atomic_path(path) as tmp:  # an earlier plot is replaced whole or not at all
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -- the parser -----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import io
 import logging
 import inspect
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._files import atomic_path
 from .errors import ConfigError, ExportMismatchError
 from .modes import eval_mode
 
@@ -263,9 +263,7 @@ def export_onnx(
         with torch.no_grad():
             expected = gm(*args, **kwargs)
         outputs = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
-        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}.")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                              opset_version=opset_version, dynamic_shapes=dynamic_shapes)  # fmt: skip
             if opset_version is not None:
@@ -296,11 +294,6 @@ def export_onnx(
 
                 quantize_onnx_file(tmp, tmp, calibration, quantize, inputs=inputs if check else None, expected=outputs,
                                    label=path)  # fmt: skip
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a model file is not
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return path
 
 
@@ -312,7 +305,3 @@ def _opset(path: str | os.PathLike) -> int | None:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

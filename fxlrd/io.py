@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from ._files import umask
 from .capture import capture, check_module, inputs_from_signature, normalize_inputs, warn_dynamic_shapes
 from .errors import FxlrdError, PlanMismatchError
 from .factorized import Factorized, skeleton
@@ -89,12 +90,6 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -254,7 +249,7 @@ def _write_files(tmp: Path, gm: nn.Module, plan: Plan, tensors: dict[str, torch.
     }
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
     _fsync(tmp / METADATA_FILE)
-    mask = _umask()  # mkdtemp (and safetensors) make private files; a save is ordinary files
+    mask = umask()  # mkdtemp (and safetensors) make private files; a save is ordinary files
     for path in tmp.iterdir():
         os.chmod(path, 0o666 & ~mask)
     os.chmod(tmp, 0o777 & ~mask)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from ._files import write_text
 from .errors import PlanMismatchError
 
 __all__ = ["LayerPlan", "Plan"]
@@ -191,7 +192,7 @@ class Plan:
         """The plan as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_text(path, text + "\n")  # atomic: an earlier plan is replaced whole or not at all
         return text
 
     @classmethod

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +192,28 @@ def test_kept_layers_say_why():
 def test_layer_that_would_not_shrink_is_kept():
     plan = fxlrd.plan(nn.Sequential(nn.Linear(4, 64)), LRDConfig(rank_rule="fixed", rank=4))
     assert plan["0"].method == "keep" and "would not shrink" in plan["0"].reason
+
+
+def test_plan_to_json_is_atomic(tmp_path, monkeypatch):
+    # a write that fails half-way leaves the earlier plan whole, and no temporary file behind
+    model = Small().eval()
+    plan = fxlrd.plan(model, FULL, example_inputs=torch.randn(1, 3, 8, 8))
+    path = tmp_path / "plan.json"
+    path.write_text("earlier plan\n")
+    real = Path.write_text
+
+    def fail_half_way(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        plan.to_json(path)
+    monkeypatch.undo()
+    assert path.read_text() == "earlier plan\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    plan.to_json(path)
+    assert Plan.from_json(path).to_dict() == plan.to_dict()
 
 
 def test_include_filter_fn_and_layer_types():
