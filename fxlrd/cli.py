@@ -333,7 +333,8 @@ def load_model(spec: str, *, weights: str | None = None, quiet: bool = False) ->
             raise UsageError(f"model {spec!r} is a directory without config.json: not a Hugging Face model directory")
         source = _load_huggingface(Path(spec), quiet)
     elif ":" in spec:
-        source = ModelSource(_import_factory(spec), spec, "factory", kind="tensor")
+        notes = [f"weights as {spec.rpartition(':')[2]}() made them (no --weights)"] if weights is None else []
+        source = ModelSource(_import_factory(spec), spec, "factory", kind="tensor", notes=notes)
     else:
         raise UsageError(
             f"unknown model {spec!r}: give a zoo name ({', '.join(_zoo_names())}), a package.module:factory, "

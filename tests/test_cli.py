@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxlrd
-from fxlrd.cli import main
+from fxlrd.cli import load_model, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,14 @@ def test_compress_factory_with_weights_onnx_save_and_report(tmp_path, capsys, fa
 
     loaded = fxlrd.load(fxlrd_cli_models.factory(), out_dir / "saved")
     assert torch.equal(loaded.get_submodule("bn1").running_mean, reference.bn1.running_mean)
+
+
+def test_load_model_says_whose_weights_a_model_has(factory):
+    # a factory's own weights may be random or pretrained: the note says where they came from
+    spec, weights, _ = factory
+    assert load_model(spec).notes == ["weights as factory() made them (no --weights)"]
+    assert load_model(spec, weights=str(weights)).notes == []
+    assert load_model("resnet50").notes == ["random weights"]
 
 
 @pytest.mark.parametrize("kind", ["pt", "safetensors"])
