@@ -814,7 +814,8 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
     """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
 
     Returns relative error ``‖y' − y‖ / ‖y‖`` over all outputs (a text model's padding tokens
-    left out: their outputs are unused), top-1 agreement for 2-D logits, and mean cosine
+    left out: their outputs are unused), top-1 agreement for 2-D logits and per real token
+    for 3-D ``logits`` (token classification, language models), and mean cosine
     similarity per sample (hidden states of a text model are first mean-pooled over the
     attention mask).
     """
@@ -834,6 +835,10 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
         if y0.dim() == 2 and y0.shape[-1] > 1 and real is None:
             agree += int((y0.argmax(-1) == y1.argmax(-1)).sum())
             total += y0.shape[0]
+        elif y0.dim() == 3 and y0.shape[-1] > 1 and name == "logits":  # per-token classes (tagging, language models)
+            same = y0.argmax(-1) == y1.argmax(-1)
+            agree += int(same[real].sum()) if real is not None else int(same.sum())
+            total += int(real.sum()) if real is not None else same.numel()
         if real is not None and y0.dim() == 3:
             w = mask.to(y0.dtype).unsqueeze(-1)
             p0, p1 = (y0 * w).sum(1) / w.sum(1).clamp_min(1), (y1 * w).sum(1) / w.sum(1).clamp_min(1)

@@ -556,6 +556,25 @@ def test_hugging_face_directory_keeps_its_task_head_and_takes_the_tokenizers_ten
     assert fxlrd.io.verify(tmp_path / "s")["model_class"] == "BertForSequenceClassification"
 
 
+def test_fidelity_counts_top1_agreement_per_real_token_for_token_logits():
+    # token classification / language-model logits (batch, tokens, classes): agreement over real tokens
+    from fxlrd.cli import fidelity
+
+    logits = torch.randn(2, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    flipped = logits.clone()
+    flipped[0, 3] = -flipped[0, 3]  # a padding token: not counted
+    flipped[1, 0] = -flipped[1, 0]  # a real token: one of five disagrees
+
+    def model(out):
+        return lambda input_ids, attention_mask: {"logits": out}
+
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}
+    assert fidelity(model(logits), model(flipped), [batch])["top1_agreement"] == pytest.approx(4 / 5)
+    hidden = fidelity(lambda **k: {"last_hidden_state": logits}, lambda **k: {"last_hidden_state": flipped}, [batch])
+    assert hidden["top1_agreement"] is None  # hidden states have no classes
+
+
 def test_encoder_decoder_directory_gives_its_decoder_the_same_tokens(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
