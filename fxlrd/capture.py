@@ -476,7 +476,8 @@ def check_size(x: torch.Tensor, dim: int, lower: int, upper: int | None, name: s
     """Raise unless ``x.shape[dim]`` is in ``[lower, upper]``: the sizes an exported graph was
     specialized to (a branch on the size was taken at capture; another size would run it
     silently wrong). A node of captured graphs, in place of torch.export's own input guards."""
-    if isinstance(x, fx.Proxy):  # traced by another tracer than fxlrd's (which keeps it a node): nothing to check
+    if isinstance(x, fx.Proxy):  # traced by another tracer than fxlrd's (which keeps it a node): it stays a node
+        x.tracer.create_proxy("call_function", check_size, (x, dim, lower, upper, name), {})
         return
     size = x.shape[dim]
     if size < lower or (upper is not None and size > upper):

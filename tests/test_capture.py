@@ -247,9 +247,11 @@ def test_a_size_export_specialized_is_checked_at_run_time(tmp_path):
     buffer = io.BytesIO()
     torch.save(gm, buffer)  # unpickling re-traces the graph: the check stays a node
     buffer.seek(0)
-    for copy in (loaded, torch.load(buffer, weights_only=False)):
+    retraced = fx.symbolic_trace(gm)  # a plain fx tracer (a user's own pass) keeps the check as well
+    for copy in (loaded, torch.load(buffer, weights_only=False), retraced):
         with pytest.raises(ValueError, match="holds for sizes of at least 5"):
             copy(torch.randn(2, 32))
+    assert rel_err(retraced(x), model(x)) <= 1e-5
 
 
 def test_hugging_face_model_output_stays_one():
