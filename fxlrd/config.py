@@ -94,7 +94,9 @@ class LRDConfig:
             error when calibration data is given). With ``target_speedup``: the least-error
             model that is that fast *and* that small.
         allocation: ``"uniform"`` (every layer at ``ratio``, the default) or ``"global"``
-            (``ratio`` applies to the decomposed layers as a whole; ranks allocated by error).
+            (``ratio`` applies to the decomposed layers as a whole; ranks allocated by error; with
+            ``target_speedup``, the fastest model within that size). A per-layer ``latency``
+            search alone takes no size budget.
         sequential: with calibration data, compress layers in graph order, each fitted to the
             inputs the already-compressed layers produce (error compensation).
         sensitivity: with calibration data, also weigh each layer's output channels by how much
@@ -254,6 +256,13 @@ class LRDConfig:
             raise ConfigError(
                 "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
                 "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
+            )
+        if self.latency is not None and self.target_speedup is None and (
+                self.target_params is not None or self.allocation == "global"):  # fmt: skip
+            raise ConfigError(
+                "latency=... alone times each layer and picks its fastest ranks; it does not take a parameter budget "
+                "(target_params or allocation='global'): add target_speedup=... for the fastest model within the budget, "
+                "or drop latency to meet the budget with the least error"
             )
         size_allocation = self.target_speedup is None and self.latency is None and (
             self.allocation == "global" or self.target_params is not None)  # fmt: skip

@@ -407,8 +407,8 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     finally:
         searcher.close()
     budget_params = None
-    if config.target_params is not None:
-        budget_params, _ = _layer_budget(tasks, config, plan)
+    if config.target_params is not None or config.allocation == "global":  # the global ratio is a size budget too
+        budget_params, budget_what = _layer_budget(tasks, config, plan)
 
     def apply_choices(choices) -> None:
         for task, choice in zip(tasks, choices):
@@ -426,8 +426,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
         if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
-            raise _budget_error(f"target_params={config.target_params}", record["layer_params_chosen"], budget_params,
-                                tasks, plan)  # fmt: skip
+            raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan)
     apply_choices(choices)
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record

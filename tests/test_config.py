@@ -71,4 +71,13 @@ def test_to_dict_is_json_ready():
 def test_a_latency_search_may_follow_any_rank_rule_beside_a_global_budget():
     from fxlrd import LatencyConfig
 
-    LRDConfig(latency=LatencyConfig(), allocation="global", rank_rule="fixed", rank=4)  # the search's target ranks
+    LRDConfig(latency=LatencyConfig(), target_speedup=1.5, allocation="global", rank_rule="fixed", rank=4)  # its centres
+
+
+@pytest.mark.parametrize("budget", [{"target_params": 0.5}, {"allocation": "global"}])
+def test_a_latency_search_without_a_speed_target_refuses_a_size_budget(budget):
+    # the per-layer search picks each layer's fastest ranks: the budget was silently ignored
+    from fxlrd import LatencyConfig
+
+    with pytest.raises(ConfigError, match="latency=... alone times each layer.*add target_speedup"):
+        LRDConfig(latency=LatencyConfig(), **budget)

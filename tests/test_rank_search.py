@@ -239,6 +239,17 @@ def test_global_mode_with_a_size_budget(cost_timer, tmp_path):
     assert g["met"] and g["measured_speedup"] >= 1.2
 
 
+def test_global_mode_keeps_a_global_ratio_as_its_size_budget(cost_timer, tmp_path):
+    # allocation="global" with ratio=3 is a size budget under a speed target too (it was dropped)
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8)
+    plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.2, allocation="global", ratio=3, latency=lat), example_inputs=x)
+    g = plan.settings["global_search"]
+    layers = sum(lp.params_before for lp in plan.layers.values() if lp.decomposed or lp.reason.startswith("global"))
+    assert g["layer_params_budget"] == pytest.approx(layers / 3)
+    assert sum(lp.params_after for lp in plan) <= g["layer_params_budget"]
+
+
 @pytest.mark.parametrize("kwargs", [{"backend": "tpu"}, {"window": 1.0}, {"quantum": 0}, {"tolerance": -1}, {"time_budget_s": 0}])
 def test_bad_latency_config(kwargs):
     with pytest.raises(ConfigError):
