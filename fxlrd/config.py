@@ -59,7 +59,8 @@ class LRDConfig:
         rank_quantum: round ranks down to a multiple of this (a rank below it is left as is);
             1 gives the paper's exact ranks. Default (None): the CPU's float32 vector width —
             16 with AVX-512, 8 with AVX2, 4 otherwise (`fxlrd.timing.default_rank_quantum`).
-        min_rank: smallest rank allowed; a layer needing less is kept.
+        min_rank: smallest rank allowed on a mode the decomposition cuts (a mode kept whole, as a
+            3-channel input under Tucker-2, is not held to it); a layer needing less is kept.
         beta: r2 / r1 for Tucker-2 (paper eq. 7).
         include: glob patterns on qualified names; only matching layers are decomposed.
         exclude: glob patterns on qualified names never decomposed.

@@ -30,6 +30,7 @@ from .methods import Method, get_method
 from .metrics import count_params, layer_macs
 from .plan import LayerPlan, Plan
 from .ranks.allocate import closed_loop, solve_budget
+from .ranks.rules import bottleneck
 from .sites import Site, find_sites
 
 __all__ = ["make_plan", "input_shapes", "LayerTask"]
@@ -158,8 +159,9 @@ def _fill(task: LayerTask, ranks: tuple[int, ...] | None, config: LRDConfig, rea
     if ranks is None:
         lp.reason = reason
         return
-    if min(ranks) < config.min_rank:
-        lp.ranks, lp.reason = ranks, f"rank {min(ranks)} < min_rank {config.min_rank}"
+    cut = bottleneck(ranks, task.caps)
+    if cut is not None and cut < config.min_rank:
+        lp.ranks, lp.reason = ranks, f"rank {cut} < min_rank {config.min_rank}"
         return
     meta = skeleton(task.spec, task.handler.name, ranks, device="meta", dtype=task.weight.dtype)
     after = count_params(meta)
@@ -317,7 +319,8 @@ def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | No
     would be kept instead), as choice -> (cost, error)."""
     opts: dict = {None: (cost(None), 0.0)}
     for ranks in task.handler.global_candidates(task.ranks, task.caps, quantum, every=every):
-        if ranks in opts or min(ranks) < min_rank or _params_of(task, ranks) >= task.lp.params_before:
+        if ranks in opts or (bottleneck(ranks, task.caps) or min_rank) < min_rank \
+                or _params_of(task, ranks) >= task.lp.params_before:
             continue  # not a compression, or not one the plan would keep
         opts[ranks] = (cost(ranks), error(ranks))
     return opts

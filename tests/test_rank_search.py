@@ -283,6 +283,20 @@ def test_global_allocation_offers_no_rank_below_min_rank():
         fxlrd.plan(model, LRDConfig(ratio=3, allocation="global", rank_quantum=1, min_rank=8), example_inputs=x)
 
 
+def test_min_rank_leaves_a_mode_kept_whole_alone():
+    # a 3-channel stem: Tucker-2 keeps its input mode whole (rank 3 = its cap, no factor); min_rank=4
+    # applies to the cut output mode only (the layer was kept, and a size budget refused)
+    model = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    (lp,) = fxlrd.plan(model, LRDConfig(min_rank=4), example_inputs=x).layers.values()
+    assert lp.method == "tucker2" and lp.ranks[0] == 3 and lp.ranks[1] >= 4
+    plan = fxlrd.plan(model, LRDConfig(min_rank=4, target_params=0.6, rank_quantum=1), example_inputs=x)
+    (lp,) = plan.layers.values()
+    assert lp.decomposed and lp.ranks[1] >= 4 and plan.params_after_model() <= 0.6 * plan.model_params
+    with pytest.raises(ConfigError, match="cannot be met"):  # an output rank below min_rank would be needed
+        fxlrd.plan(model, LRDConfig(min_rank=40, target_params=0.3, rank_quantum=1), example_inputs=x)
+
+
 def test_a_model_with_every_layer_kept_is_never_faster_than_the_original():
     from fxlrd.ranks.allocate import closed_loop
 

@@ -6,6 +6,7 @@ Pure functions of shapes and singular values; no modules, no graphs.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "energy_rank",
     "vbmf_rank",
     "quantize_rank",
+    "bottleneck",
 ]
 
 _EPS = 1e-9  # guards floor() against float noise such as 15.999999999
@@ -112,3 +114,10 @@ def quantize_rank(rank: int, quantum: int) -> int:
     if quantum <= 1 or rank < quantum:
         return rank
     return rank // quantum * quantum
+
+
+def bottleneck(ranks: Sequence[int], caps: Sequence[int]) -> int | None:
+    """The smallest of ``ranks`` that cuts its mode (below its cap), or None when none does.
+    A rank at its cap keeps that mode whole (Tucker-2 then has no factor there), so ``min_rank``
+    does not apply to it."""
+    return min((r for r, c in zip(ranks, caps) if r < c), default=None)

@@ -24,6 +24,7 @@ from torch import nn
 from ..factorized import Factorized, LayerSpec, skeleton
 from ..latency import LatencyCache, LatencyConfig, LayerTimer, default_cache_path, make_timer
 from ..methods import get_method
+from .rules import bottleneck
 from .context import Window
 
 __all__ = ["candidate_ranks", "select_ranks", "RankSearcher", "SearchResult"]
@@ -157,7 +158,7 @@ class RankSearcher:
             ranks = get_method(method).quantize(tuple(target), tuple(full), cfg.quantum)
             self._tick()
             return SearchResult(ranks, None, note=f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized ranks")
-        candidates = [r for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum) if min(r) >= min_rank]
+        candidates = [r for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum) if (bottleneck(r, full) or min_rank) >= min_rank]
         if not candidates:
             self._tick()
             return SearchResult(None, None, note=f"no candidate rank in the search window is >= min_rank {min_rank}")
