@@ -558,7 +558,7 @@ def sequential_factors(
     first_node = {site.nodes[0]: name for name, site in todo.items()}
     later_node = {node: name for name, site in todo.items() for node in site.nodes[1:]}
     options = {"tucker_iters": int(plan.settings.get("tucker_iters", 0) or 0),
-               "cp_iters": int(plan.settings.get("cp_iters", 300) or 300)}  # fmt: skip
+               "cp_iters": int(plan.settings.get("cp_iters") or 300)}  # fmt: skip
     items = [_as_args(item, i) for i, item in enumerate(_batches(calibration, False, "calibration"))]
     batches = [flat_inputs(gm, item, f"calibration batch {i}") for i, item in enumerate(items)]
     masks = [padding_mask(item) for item in items]

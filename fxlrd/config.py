@@ -183,10 +183,10 @@ class LRDConfig:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if not _is_number(self.beta) or self.beta <= 0:
             raise ConfigError(f"beta (r2 / r1 for Tucker) must be a number > 0, got {self.beta!r}")
-        for name in ("tucker_iters", "cp_iters"):
+        for name, least in (("tucker_iters", 0), ("cp_iters", 1)):  # HOOI may be skipped; CP is fitted by ALS only
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
         set_("include", _as_patterns(self.include, "include"))
         set_("exclude", _as_patterns(self.exclude, "exclude") or ())
         if self.filter_fn is not None and not callable(self.filter_fn):

@@ -61,7 +61,7 @@ class DecomposePass(PassBase):
         super().__init__()
         self.plan = plan
         self.options = {"tucker_iters": int(plan.settings.get("tucker_iters", 0) or 0),
-                        "cp_iters": int(plan.settings.get("cp_iters", 300) or 300)}  # fmt: skip
+                        "cp_iters": int(plan.settings.get("cp_iters") or 300)}  # fmt: skip
         self.stats = dict(stats or {})
         self.factors = dict(factors or {})
         self.reports: dict[str, dict[str, Any]] = {}

@@ -30,6 +30,7 @@ from fxlrd import ConfigError, LRDConfig
         ({"filter_fn": 3}, "filter_fn must be callable"),
         ({"layer_types": (int,)}, "layer_types must be nn.Module subclasses"),
         ({"tucker_iters": -1}, "tucker_iters"),
+        ({"cp_iters": 0}, "cp_iters must be an int >= 1"),  # it ran 300 iterations
         ({"target_params": 1.0}, "target_params=1.0 is neither a fraction of the model"),
         ({"target_params": 2.5}, "target_params must be a parameter count"),
         ({"linear_method": "cp"}, "linear_method='cp' cannot decompose Linear and 1x1 conv layers"),
