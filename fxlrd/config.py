@@ -58,7 +58,8 @@ class LRDConfig:
         energy: fraction of Σσ² to keep for ``rank_rule="energy"``, in (0, 1].
         rank_quantum: round ranks down to a multiple of this (a rank below it is left as is);
             1 gives the paper's exact ranks. Default (None): the CPU's float32 vector width —
-            16 with AVX-512, 8 with AVX2, 4 otherwise (`fxlrd.timing.default_rank_quantum`).
+            16 with AVX-512, 8 with AVX2, 4 otherwise (`fxlrd.timing.default_rank_quantum`); 1
+            for ``rank_rule="fixed"`` and ``"energy"``, whose ranks are the user's requirement.
         min_rank: smallest rank allowed on a mode the decomposition cuts (a mode kept whole, as a
             3-channel input under Tucker-2, is not held to it); a layer needing less is kept.
         beta: r2 / r1 for Tucker-2 (paper eq. 7).
@@ -173,7 +174,9 @@ class LRDConfig:
             raise ConfigError('rank_rule="energy" needs energy=... in (0, 1], e.g. energy=0.9')
         if self.energy is not None and (not _is_number(self.energy) or not 0 < self.energy <= 1):
             raise ConfigError(f"energy must be in (0, 1] (fraction of sum of squared singular values kept), got {self.energy!r}")
-        if self.rank_quantum is None:
+        if self.rank_quantum is None and self.rank_rule in ("fixed", "energy"):
+            set_("rank_quantum", 1)  # the user's own rank, or the smallest that keeps the energy: not rounded down
+        elif self.rank_quantum is None:
             from .timing import default_rank_quantum
 
             set_("rank_quantum", default_rank_quantum())

@@ -82,3 +82,13 @@ def test_a_latency_search_without_a_speed_target_refuses_a_size_budget(budget):
 
     with pytest.raises(ConfigError, match="latency=... alone times each layer.*add target_speedup"):
         LRDConfig(latency=LatencyConfig(), **budget)
+
+
+def test_fixed_and_energy_ranks_are_not_rounded_down_by_the_machine_quantum():
+    # rank=24 came out 16 on an AVX-512 machine (quantum 16), 24 on another; energy lost its guarantee
+    assert LRDConfig(rank_rule="fixed", rank=24).rank_quantum == 1
+    assert LRDConfig(rank_rule="energy", energy=0.9).rank_quantum == 1
+    assert LRDConfig(rank_rule="fixed", rank=24, rank_quantum=8).rank_quantum == 8  # asked for: kept
+    from fxlrd.timing import default_rank_quantum
+
+    assert LRDConfig().rank_quantum == default_rank_quantum()
