@@ -273,6 +273,7 @@ class SiteStats:
     inputs: InputStats
     output_sensitivity: torch.Tensor | None = None
     output_energy: float = 0.0
+    unreached: bool = False  # sensitivities were measured, and the model's outputs do not depend on this site
 
     @property
     def count(self) -> int:
@@ -465,7 +466,9 @@ def collect_stats(
             for name in names_:
                 calls.setdefault(name, []).append(inputs_stats[node])
     # one object per input node (sites reading the same input share it), pooled over a site's calls
-    return {name: SiteStats(stats[0] if len(stats) == 1 else _pooled(stats), sens.get(name), energy)
+    measured = bool(sensitivity) and energy > 0
+    return {name: SiteStats(stats[0] if len(stats) == 1 else _pooled(stats), sens.get(name), energy,
+                            unreached=measured and (name not in sens or not bool(sens[name].any())))
             for name, stats in calls.items()}  # fmt: skip
 
 

@@ -141,7 +141,7 @@ class Plan:
                 ",".join(map(str, lp.ranks)) or "-",
                 f"{_count(lp.params_before)}->{_count(after_p)}",
                 f"{_count(lp.macs_before)}->{_count(after_m)}" if lp.macs_before is not None else "-",
-                lp.reason or (lp.latency or {}).get("note", ""),
+                lp.reason or lp.notes or (lp.latency or {}).get("note", ""),
             ))  # fmt: skip
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731

@@ -280,7 +280,7 @@ def _make_plan(
             fill(task, task.ranks)
     for task in tasks:  # data-aware layers report their output error (data-free ones: allocation modes only)
         if task.lp.decomposed and task.lp.error is None and task.lp.data_aware:
-            task.lp.error = task.handler.error_curve(task.weight, task.spec, task.stats)(task.lp.ranks)
+            task.lp.error = _error_curve(task)(task.lp.ranks)
     return plan
 
 
@@ -313,6 +313,19 @@ def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill:
         searcher.close()
 
 
+UNREACHED = "the sensitivity target does not depend on this layer's output: its error costs nothing there"
+
+
+def _error_curve(task: LayerTask) -> Callable[[tuple[int, ...]], float]:
+    """The layer's error at each choice of ranks, in the allocation's units; zero for a layer
+    the sensitivity target does not reach (its plain-whitening error is in the layer's own
+    units, which would be weighed against model-output errors)."""
+    if task.stats is not None and getattr(task.stats, "unreached", False):
+        task.lp.notes = UNREACHED
+        return lambda ranks: 0.0
+    return task.handler.error_curve(task.weight, task.spec, task.stats)
+
+
 def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | None], float], error, *,
              every: bool = False, min_rank: int = 1) -> dict:  # fmt: skip
     """Keep, or each global candidate that compresses (no rank below ``min_rank``: the layer
@@ -342,7 +355,7 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
     budget, what = _layer_budget(tasks, config, plan)
     options = []
     for task in tasks:
-        curve = task.handler.error_curve(task.weight, task.spec, task.stats)
+        curve = _error_curve(task)
         options.append(_options(task, quantum, lambda r, t=task: t.lp.params_before if r is None else _params_of(t, r), curve,
                                 every=True, min_rank=config.min_rank))  # fmt: skip
     choices, met = solve_budget(options, budget)
@@ -393,7 +406,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             layer = task.layer(gm)
             calls = len(task.site.nodes)
             t0 = searcher.time_layer(layer, task.lp.input_shape) * calls
-            curve = task.handler.error_curve(task.weight, task.spec, task.stats)
+            curve = _error_curve(task)
             window = window_of(task)
             if window is None:
                 cost = lambda r, t=task, lay=layer, t0=t0: t0 if r is None else \

@@ -346,6 +346,29 @@ def test_sensitivity_callable_picks_the_output_that_counts():
     assert only_first[0] > 10 * only_first[1:].max()
 
 
+class _EmbeddingAndHead(nn.Module):  # a sensitivity on the embedding never reaches the head (as BERT's pooler)
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        e = self.b(torch.relu(self.a(x)))
+        return e, self.head(e)
+
+
+def test_global_allocation_spends_nothing_on_a_layer_the_sensitivity_target_does_not_reach():
+    # the head's error was its own relative output error, weighed against model-output errors: it got rank 12
+    torch.manual_seed(0)
+    model = _EmbeddingAndHead().eval()
+    calibration = [torch.randn(32, 64) for _ in range(4)]
+    config = LRDConfig(allocation="global", rank_quantum=4, sensitivity=lambda out, inputs: out[0])
+    plan = fxlrd.plan(model, config, example_inputs=calibration[0], calibration=calibration)
+    head = plan["head"]
+    assert head.decomposed and head.ranks == (1,) and head.error == 0.0
+    assert "does not depend on this layer" in head.notes and "does not depend" in plan.table()
+    assert min(plan["a"].ranks + plan["b"].ranks) > 4 and plan["a"].notes == ""
+
+
 @pytest.mark.parametrize("fn", [lambda out, inputs: None, lambda out, inputs: out.detach()])
 def test_sensitivity_callable_that_returns_nothing_to_weigh_by_fails_clearly(fn):
     model = nn.Sequential(nn.Linear(4, 4)).train()
