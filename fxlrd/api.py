@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -16,7 +17,7 @@ from .config import LRDConfig
 from .errors import ConfigError, FxlrdWarning, PlanMismatchError
 from .factorized import Factorized
 from .metrics import count_params
-from .plan import Plan
+from .plan import LayerPlan, Plan
 from .planner import make_plan
 
 __all__ = ["plan", "apply", "transform"]
@@ -151,6 +152,19 @@ def _reusable(calibration: Iterable | None) -> Iterable | None:
     return calibration
 
 
+def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool) -> None:
+    """A narrowed block's layer, planned on the narrowed graph: its row shows the layer before
+    narrowing (``hidden`` neurons) and after (``width``): parameters and MACs grow linearly with
+    the hidden width, except the down layer's bias."""
+    hidden, width = int(block["hidden"]), int(block["width"])
+    lp.reason = f"narrowed MLP block ({hidden} -> {width} neurons)"
+    lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
+    weights = lp.in_channels * lp.out_channels * math.prod(lp.kernel_size or (1,))
+    lp.params_before = lp.params_before * hidden // width if up else lp.params_before + weights * (hidden - width) // width
+    if lp.macs_before is not None:
+        lp.macs_before = lp.macs_before * hidden // width
+
+
 def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable | None, inputs: Args | None):
     """Narrow the MLP blocks (``mlp="narrow"``), collect the calibration statistics and plan the
     other layers: ``(plan, stats)``. The plan records the narrowed blocks and the parameters of
@@ -165,7 +179,7 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
         for block in narrowed:  # kept from factorization because narrowed, not because the user excluded them
             for name in (block["up"], block["down"]):
                 if name in plan_.layers:
-                    plan_.layers[name].reason = f"narrowed MLP block ({block['hidden']} -> {block['width']} neurons)"
+                    _narrowed_row(plan_.layers[name], block, up=name == block["up"])
     return plan_, stats
 
 

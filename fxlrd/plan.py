@@ -134,8 +134,7 @@ class Plan:
         rows = []
         for lp in self:
             kernel = "x".join(map(str, lp.kernel_size)) or "-"
-            after_p = lp.params_after if lp.decomposed else lp.params_before
-            after_m = lp.macs_after if lp.decomposed else lp.macs_before
+            after_p, after_m = lp.params_after, lp.macs_after  # a kept layer's are its own (a narrowed one's less)
             rows.append((
                 lp.name, lp.layer_type, f"{lp.in_channels}->{lp.out_channels}", kernel, lp.method,
                 ",".join(map(str, lp.ranks)) or "-",
@@ -167,7 +166,7 @@ class Plan:
             before, after = sum(b["params_before"] for b in narrowed), sum(b["params_after"] for b in narrowed)
             hidden = ", ".join(f"{b['hidden']}->{b['width']}" for b in narrowed)
             out.append(f"{len(narrowed)} MLP blocks narrowed (hidden {hidden}): params {_count(before)} -> {_count(after)} "
-                       f"({_ratio(before, after)}); their layers are listed as kept")  # fmt: skip
+                       f"({_ratio(before, after)}), in the rows and totals above")  # fmt: skip
         change = self.settings.get("merge_params_change")
         if change:
             out.append(f"merging ({self.settings.get('merge')}) then changed the model's params by {change:+,}; the rows "

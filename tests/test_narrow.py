@@ -183,6 +183,16 @@ def test_transform_narrows_bert_mlps_and_saves_loads_and_reapplies():
     assert all(plan[b["up"]].method == "keep" and plan[b["down"]].method == "keep" for b in narrowed)
     assert "MLP blocks narrowed" in plan.table()
     assert plan.params_after_model() == fxlrd.count_params(gm)
+    # the rows of the narrowed layers go from the original layers to the narrowed ones (the totals started
+    # from the narrowed graph: 1.14x reported where the layers shrank 2x)
+    layers = {lp.name: lp for lp in fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=4), example_inputs=cal[0])}
+    for b in narrowed:
+        for name in (b["up"], b["down"]):
+            assert (plan[name].params_before, plan[name].macs_before) == (layers[name].params_before, layers[name].macs_before)
+            assert plan[name].params_after == sum(p.numel() for p in gm.get_submodule(name).parameters())
+    t = plan.totals()
+    assert t["params_before"] == sum(lp.params_before for lp in layers.values())
+    assert t["params_before"] - t["params_after"] == fxlrd.count_params(model) - fxlrd.count_params(gm)
     x = cal[1]
     ref = model(**x).last_hidden_state
     out = gm(**x).last_hidden_state
