@@ -132,12 +132,19 @@ def plan(
         dynamic_shapes: passed to ``torch.export.export`` (default: dynamic batch/sequence).
         calibration: an iterable of inputs (each like ``example_inputs``): the layers are then
             planned data-aware (ranks and errors from the output error on this data).
+
+    With ``branches`` or ``merge`` set, the model is also built on a copy, so the plan's ranks
+    and sizes are those `transform` returns (branching rounds ranks, merging changes sizes).
     """
     config = _check_config(config)
     check_module(model)
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
-    return _plan_captured(captured, config, _reusable(calibration), inputs)[0]
+    plan_, stats = _plan_captured(captured, config, _reusable(calibration), inputs)
+    if int(plan_.settings.get("branches", 1) or 1) > 1 or plan_.settings.get("merge"):
+        # branching rounds ranks and merging changes sizes: build on the copy so the plan says what transform builds
+        _apply_to_graph(captured.gm, plan_, model, stats=stats)
+    return plan_
 
 
 def _reusable(calibration: Iterable | None) -> Iterable | None:

@@ -194,6 +194,27 @@ def test_layer_that_would_not_shrink_is_kept():
     assert plan["0"].method == "keep" and "would not shrink" in plan["0"].reason
 
 
+class _TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("options", [{"branches": 2}, {"merge": "approximate"}])
+def test_plan_says_what_transform_builds_with_branches_and_merging(options):
+    # plan() reported c2 at ranks (13, 13) and 6 956 parameters; branching builds (12, 12) and 6 035
+    torch.manual_seed(0)
+    model, x = _TwoConvs().eval(), torch.randn(2, 3, 8, 8)
+    config = LRDConfig(rank_quantum=1, **options)
+    planned, gm = fxlrd.plan(model, config, example_inputs=x), fxlrd.transform(model, config, example_inputs=x)
+    assert planned.params_after_model() == gm.fxlrd_plan.params_after_model() == fxlrd.count_params(gm)
+    assert [(lp.name, lp.ranks) for lp in planned] == [(lp.name, lp.ranks) for lp in gm.fxlrd_plan]
+
+
 def test_plan_to_json_is_atomic(tmp_path, monkeypatch):
     # a write that fails half-way leaves the earlier plan whole, and no temporary file behind
     model = Small().eval()
