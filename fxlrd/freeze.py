@@ -24,7 +24,7 @@ from torch import fx, nn
 from .errors import ConfigError
 from .factorized import Factorized
 from .methods import all_roles, get_method, methods
-from .sites import factor_modules
+from .sites import factor_modules, uncompiled
 
 __all__ = ["factor_nodes", "factors", "is_trainable", "check_policy", "freeze", "param_groups", "SequentialFreezer"]
 
@@ -123,8 +123,10 @@ def freeze(gm: nn.Module, policy: Policy = "paper") -> nn.Module:
     """Apply a freeze policy to the factors of a decomposed model (in place) and return it."""
     from fxlrd.passes import FreezePass
 
-    if isinstance(gm, fx.GraphModule):
-        return FreezePass(policy)(gm).graph_module
+    inner = uncompiled(gm)  # a compiled model: its own module is frozen in place, the wrapper returned
+    if isinstance(inner, fx.GraphModule):
+        out = FreezePass(policy)(inner).graph_module
+        return gm if inner is not gm else out
     apply_policy(gm, check_policy(policy))
     return gm
 

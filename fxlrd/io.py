@@ -39,6 +39,7 @@ from ._files import umask
 from .capture import capture, check_module, inputs_from_signature, normalize_inputs, warn_dynamic_shapes
 from .errors import FxlrdError, PlanMismatchError
 from .factorized import Factorized, skeleton
+from .sites import uncompiled
 from .plan import Plan
 
 __all__ = [
@@ -200,7 +201,7 @@ def save(gm: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False
         FileExistsError: ``directory`` exists and ``overwrite`` is False, or it is not an
             earlier save (nothing is written then).
     """
-    check_module(gm, "gm")
+    gm = uncompiled(check_module(gm, "gm"))  # torch.compile's wrapper would prefix every name with _orig_mod.
     plan = getattr(gm, "fxlrd_plan", None)
     if not isinstance(plan, Plan):
         raise TypeError(

@@ -306,6 +306,13 @@ def _lost_factorized(module: nn.Module) -> bool:
         isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)) for c in children.values())  # fmt: skip
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its names carry no ``_orig_mod.`` prefix), or
+    ``module`` itself."""
+    inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else module
+
+
 def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Module]]:
     """Every factor of every `Factorized` in ``gm``: ``(qualified name, role, container, module)``.
 
@@ -315,7 +322,7 @@ def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Mod
     loses them: that raises `ConfigError` instead of finding no factors.
     """
     found = False
-    for name, fact in gm.named_modules():
+    for name, fact in uncompiled(gm).named_modules():  # a compiled model's factors under their own names
         if isinstance(fact, Factorized):
             for role, module in fact.named_children():
                 found = True

@@ -199,6 +199,23 @@ def test_dtype_frozen_factors_train_mode_and_ties_survive(tmp_path, x):
         assert torch.equal(gm.eval()(x.double()), loaded.eval()(x.double()))
 
 
+def test_a_compiled_model_is_frozen_and_saved_as_its_own_module(tmp_path, x):
+    # torch.compile's wrapper prefixed every name with _orig_mod.: the save could never be loaded,
+    # and freeze policies' patterns matched nothing
+    model = _tiny()
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x)
+    compiled = torch.compile(gm)
+    assert fxlrd.freeze(compiled, {"block1.*": False}) is compiled
+    frozen = {n for n, p in gm.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("block1.") for n in frozen)
+    _perturb(gm)
+    path = fxlrd.save(compiled, tmp_path / "s")
+    assert not any(n.startswith("_orig_mod") for n in json.loads((path / "metadata.json").read_text())["frozen"])
+    loaded = fxlrd.load(model, path)
+    assert_bitwise(gm, loaded)
+    assert {n for n, p in loaded.named_parameters() if not p.requires_grad} == frozen
+
+
 def test_load_into_another_model_is_a_plan_mismatch(tmp_path, x):
     path = fxlrd.save(fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x), tmp_path / "s")
     snapshot = _snapshot(tmp_path)
