@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, ConfigError
+from .errors import CaptureError, ConfigError, FxlrdWarning
 
 __all__ = ["capture", "check_module", "Captured", "FxlrdTracer", "normalize_inputs", "flat_inputs", "CAPTURE_MODES",
            "input_signature", "inputs_from_signature"]  # fmt: skip
@@ -456,6 +456,22 @@ _REGION_LAYER_OPS = {_aten.linear.default, _aten.conv1d.default, _aten.conv2d.de
                      _aten.convolution.default, _aten.addmm.default, _aten.mm.default, _aten.matmul.default}  # fmt: skip
 
 
+def training_ops(gm: fx.GraphModule) -> int:
+    """Dropout and batch-norm operations an export graph runs in training mode (torch.export
+    records the mode as an argument: the module's ``train()``/``eval()`` no longer reaches them)."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
+                           torch.ops.aten.alpha_dropout.default):  # fmt: skip
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+            count += bool(train) and node.args[1] != 0
+        elif node.target is torch.ops.aten.batch_norm.default:
+            count += bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("training"))
+    return count
+
+
 def _layers_in_regions(gm: fx.GraphModule) -> int:
     """Linear/conv operations inside the subgraphs of higher-order operators (a
     ``torch.no_grad()`` or autocast region, a ``torch.cond`` branch) of an export graph:
@@ -587,6 +603,13 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
             graph.erase_node(node)
     gm = fx.GraphModule(exported, graph, type(model).__name__)
     notes += _size_guards(gm, ep.range_constraints)
+    trained = training_ops(gm)
+    if trained:
+        message = (f"captured with torch.export in training mode: {trained} dropout/batch-norm operations run as in "
+                   "training in this graph (gm.eval() does not change them; ONNX export refuses it): capture "
+                   "model.eval() for inference or export, train()-mode only to fine-tune the graph as it is")  # fmt: skip
+        notes.append(message)
+        warnings.warn(message, FxlrdWarning, stacklevel=4)
     hidden = _layers_in_regions(gm)
     if hidden:
         notes.append(f"{hidden} linear/conv operations run inside torch.no_grad(), autocast or torch.cond regions of the "

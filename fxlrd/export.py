@@ -206,7 +206,8 @@ def export_onnx(
 ) -> Path:
     """Export ``gm`` to ONNX at ``path`` and check it with onnxruntime.
 
-    The model is exported in eval mode (its training flag is restored after). The file is
+    The model is exported in eval mode (its training flag is restored after); a graph
+    torch.export captured in training mode is refused (its dropout runs whatever the flag). The file is
     written beside ``path`` first and moved into place only once the check passes, so an
     existing file at ``path`` survives a failed export.
 
@@ -240,12 +241,21 @@ def export_onnx(
     Raises:
         ExportMismatchError: onnxruntime's outputs differ from PyTorch's by more than ``rtol``
             (or, quantized, by more than ``qtol``).
-        ConfigError: ``quantize`` unknown, or calibration missing or empty.
+        ConfigError: ``quantize`` unknown, or calibration missing or empty; an export capture
+            made in training mode.
     """
-    from .capture import normalize_inputs
+    from .capture import normalize_inputs, training_ops
 
     inputs = normalize_inputs(example_inputs)
     args, kwargs = inputs
+    trained = training_ops(gm) if isinstance(gm, torch.fx.GraphModule) else 0
+    if trained:  # (its reference forward would also update the batch-norm statistics)
+        raise ConfigError(
+            f"this graph was captured with torch.export in training mode: {trained} dropout/batch-norm operations run as "
+            "in training whatever gm.eval() says, so it cannot be exported for inference. Capture in eval mode "
+            "(fxlrd.transform(model.eval(), ...), or fxlrd.apply(model.eval(), gm.fxlrd_plan, ...) and "
+            "load_state_dict(gm.state_dict()) to keep trained weights)"
+        )
     if quantize is not None or calibration is not None:
         from .quantize import prepare_quantization
 

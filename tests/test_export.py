@@ -50,6 +50,23 @@ def test_export_restores_each_modules_own_mode(tmp_path):
     assert {n: m.training for n, m in gm.named_modules()} == modes
 
 
+def test_an_export_capture_made_in_training_mode_is_named_and_not_exported(tmp_path):
+    # its dropout and batch norm run as in training whatever gm.eval() says: export_onnx failed with a bare
+    # mismatch, after its reference forward had updated the batch-norm statistics
+    model = nn.Sequential(*_model()[:-1], nn.Dropout(0.1), _model()[-1]).train()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(fxlrd.FxlrdWarning, match="captured with torch.export in training mode: 2 dropout/batch-norm"):
+        gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, capture="export")
+    assert any("training mode" in note for note in gm.fxlrd_capture["notes"])
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(fxlrd.ConfigError, match="captured with torch.export in training mode.*model.eval()"):
+        fxlrd.export_onnx(gm.eval(), x, tmp_path / "m.onnx")
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items()) and not (tmp_path / "m.onnx").exists()
+    again = fxlrd.transform(model.eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture="export")
+    assert not any("training mode" in note for note in again.fxlrd_capture["notes"])
+    fxlrd.export_onnx(again, x, tmp_path / "m.onnx")  # the way out the error names
+
+
 def test_export_to_a_directory_is_refused_before_any_work(tmp_path):
     with pytest.raises(fxlrd.ConfigError, match="is a directory: give the ONNX file's path, e.g. .*model.onnx"):
         fxlrd.export_onnx(_model(), torch.randn(1, 3, 16, 16), tmp_path)
