@@ -586,7 +586,9 @@ class _FrozenCompiled(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        self.__dict__["_compiled"] = torch.compile(module)  # not a second submodule: one copy in state_dict
+        # not a second submodule (one copy in state_dict); static shapes: a dynamic recompile of a 1-channel int8
+        # conv (a rank-1 factor) fails in inductor (torch 2.13), so each new batch size compiles its own graph
+        self.__dict__["_compiled"] = torch.compile(module, dynamic=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config

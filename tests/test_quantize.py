@@ -383,6 +383,22 @@ def test_pt2e_compiled_with_freezing(decomposed_cnn):
     assert rel_err(got, want) < 0.15
 
 
+@pytest.mark.slow
+def test_pt2e_compiled_runs_at_a_second_batch_size_with_a_rank_1_factor():
+    # a 3 -> 32 1x1 conv at ratio 2 gets rank 1: inductor's dynamic recompile of that 1-channel int8 conv failed
+    _require_torchao()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()  # fmt: skip
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=_images(2))
+    assert 1 in gm.fxlrd_plan["0"].ranks
+    qmodel = quantize_pt2e(gm, _images(2), _calibration(2))
+    for batch in (2, 5):
+        x = _images(batch)
+        with torch.no_grad():
+            assert rel_err(qmodel(x), gm(x)) < 0.15
+
+
 def test_pt2e_needs_calibration(decomposed_cnn):
     _require_torchao()
     with pytest.raises(ConfigError, match="calibration is empty"):
