@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -170,6 +170,15 @@ def _modes(gm: nn.Module) -> dict[str, Any]:
     return {"training": training, "other": sorted(n for n, m in gm.named_modules() if n and m.training != training)}
 
 
+def _unsaved_buffers(gm: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Buffers kept out of the state dict (``persistent=False``): ``(qualified name, module, name, buffer)``."""
+    for prefix, module in gm.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                yield (f"{prefix}.{name}" if prefix else name), module, name, buffer
+
+
 def _versions() -> dict[str, str]:
     import safetensors
 
@@ -219,6 +228,9 @@ def save(gm: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False
         _write_files(tmp, gm, plan, tensors, {
             "aliases": aliases, "device": common, "tensor_devices": other_devices, "frozen": frozen,
             "modes": _modes(gm),
+            # the model makes these again when it is built, in its own dtype: a .half() model's come back half
+            "buffer_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, _, _, b in _unsaved_buffers(gm)
+                              if b.is_floating_point()},
         })  # fmt: skip
         _commit(tmp, target, overwrite)
     except BaseException:
@@ -290,10 +302,13 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
-        SavedModelError: the metadata is missing or unreadable, not an fxlrd save, or written
-            by a newer fxlrd (a format version this one cannot read).
+        SavedModelError: ``directory`` is a file; the metadata is missing or unreadable, not
+            an fxlrd save, holds a field of another type than save writes, or was written by
+            a newer fxlrd (a format version this one cannot read).
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise SavedModelError(f"{directory} is a file: an fxlrd save is the directory fxlrd.save wrote")
     if not directory.is_dir():
         raise FileNotFoundError(_missing_dir_message(directory))
     path = directory / METADATA_FILE
@@ -312,7 +327,27 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
             f"{directory} was saved in format version {version} (by fxlrd {data.get('fxlrd', '?')}); this fxlrd reads "
             f"format versions up to {FORMAT_VERSION}: upgrade fxlrd to load it"
         )
+    _check_metadata(data, path)
     return data
+
+
+def _check_metadata(data: Mapping[str, Any], path: Path) -> None:
+    """Refuse metadata whose fields are not of the types save writes (it is not hashed: an
+    edited field would otherwise fail deep inside load, or load silently wrong)."""
+    strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+    names = lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())  # noqa: E731
+    checks = {
+        "files": lambda v: isinstance(v, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("bytes", 0), int) and isinstance(e.get("sha256", ""), str)
+            for e in v.values()),  # fmt: skip
+        "frozen": strings, "aliases": names, "tensor_devices": names, "buffer_dtypes": names,
+        "device": lambda v: v is None or isinstance(v, str),
+        "modes": lambda v: isinstance(v, dict) and isinstance(v.get("training", False), bool) and strings(v.get("other", [])),
+    }  # fmt: skip
+    for key, ok in checks.items():
+        if key in data and not ok(data[key]):
+            raise SavedModelError(f"{path}: field {key!r} is not what fxlrd.save writes ({type(data[key]).__name__}); "
+                                  "the save is corrupt: write it again with fxlrd.save")  # fmt: skip
 
 
 def verify(directory: str | os.PathLike) -> dict[str, Any]:
@@ -508,17 +543,17 @@ def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mappin
     )
 
 
-def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device]) -> None:
+def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device], dtypes: Mapping[str, str]) -> None:
     """Buffers kept out of the state dict (BERT's position ids, an exported graph's device
-    anchor) go where the saved tensors went, when those all went to one device."""
-    if len(devices) != 1:
-        return
-    (device,) = devices
-    for module in gm.modules():
-        for name in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(name)
-            if buffer is not None and buffer.device != device and not buffer.is_meta:  # meta: it holds no values
-                module._buffers[name] = buffer.to(device)
+    anchor) go where the saved tensors went, when those all went to one device, and take the
+    floating dtype they had when saved."""
+    device = next(iter(devices)) if len(devices) == 1 else None
+    for qualified, module, name, buffer in list(_unsaved_buffers(gm)):
+        if buffer.is_meta:  # it holds no values
+            continue
+        dtype = getattr(torch, dtypes.get(qualified, ""), None) if buffer.is_floating_point() else None
+        if (device is not None and buffer.device != device) or (isinstance(dtype, torch.dtype) and buffer.dtype != dtype):
+            module._buffers[name] = buffer.to(device=device or buffer.device, dtype=dtype or buffer.dtype)
 
 
 def load(
@@ -578,7 +613,7 @@ def load(
             elif (current.dtype, current.device) != (saved.dtype, saved.device):
                 current.data = torch.empty_like(saved)  # same object (ties kept), saved dtype and device
     gm.load_state_dict(tensors, strict=True)
-    _move_unsaved_buffers(gm, {t.device for t in tensors.values()})
+    _move_unsaved_buffers(gm, {t.device for t in tensors.values()}, meta.get("buffer_dtypes") or {})
     still_meta = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
     if still_meta:  # only what the save does not hold: a buffer the model computes at construction
         raise SavedModelError(

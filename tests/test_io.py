@@ -216,6 +216,35 @@ def test_a_compiled_model_is_frozen_and_saved_as_its_own_module(tmp_path, x):
     assert {n for n, p in loaded.named_parameters() if not p.requires_grad} == frozen
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_an_unsaved_buffer_takes_the_dtype_it_was_saved_in(tmp_path, dtype, mode):
+    # a persistent=False buffer is made again by the model, in float32: a .half() save failed to run after load
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+            self.register_buffer("scale", torch.linspace(0.5, 1.5, 64), persistent=False)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) * self.scale)
+
+    x = torch.randn(4, 32)
+    torch.manual_seed(0)
+    gm = fxlrd.transform(Scaled().eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture=mode).to(dtype)
+    path = fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(Scaled().eval(), path)
+    assert {n: b.dtype for n, b in loaded.named_buffers()} == {n: b.dtype for n, b in gm.named_buffers()}
+    with torch.no_grad():
+        assert torch.equal(loaded(x.to(dtype)), gm(x.to(dtype)))
+
+
+def test_a_file_is_not_a_save(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    with pytest.raises(SavedModelError, match="model.pt is a file: an fxlrd save is the directory fxlrd.save wrote"):
+        fxlrd.load(_tiny(), tmp_path / "model.pt")
+
+
 def test_load_into_another_model_is_a_plan_mismatch(tmp_path, x):
     path = fxlrd.save(fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x), tmp_path / "s")
     snapshot = _snapshot(tmp_path)
@@ -266,6 +295,18 @@ def _other_plan(path: Path) -> None:
     (path / "plan.json").write_text(other.fxlrd_plan.to_json() + "\n")
 
 
+def _edit_metadata(key: str, value):
+    def edit(path: Path) -> None:
+        meta = json.loads((path / "metadata.json").read_text())
+        if key == "bytes":
+            meta["files"]["plan.json"]["bytes"] = value
+        else:
+            meta[key] = value
+        (path / "metadata.json").write_text(json.dumps(meta))
+
+    return edit
+
+
 @pytest.mark.parametrize(
     "corrupt, error, message",
     [
@@ -277,8 +318,14 @@ def _other_plan(path: Path) -> None:
         (_remove("metadata.json"), SavedModelError, "metadata.json is missing"),
         (_other_plan, SavedModelError, "plan.json (has .* bytes|does not match)"),
         (_newer_format, SavedModelError, "format version 2 .* reads format versions up to 1: upgrade fxlrd"),
+        # the metadata is not hashed: an edited field failed deep inside load, or loaded silently wrong
+        (_edit_metadata("bytes", "12"), SavedModelError, "metadata.json: field 'files' is not what fxlrd.save writes"),
+        (_edit_metadata("modes", "eval"), SavedModelError, "field 'modes' is not what fxlrd.save writes"),
+        (_edit_metadata("frozen", "stem"), SavedModelError, "field 'frozen' is not what fxlrd.save writes"),
+        (_edit_metadata("aliases", ["a"]), SavedModelError, "field 'aliases' is not what fxlrd.save writes"),
     ],
-    ids=["truncated", "flipped-weights", "flipped-plan", "no-plan", "no-weights", "no-metadata", "other-plan", "newer"],
+    ids=["truncated", "flipped-weights", "flipped-plan", "no-plan", "no-weights", "no-metadata", "other-plan", "newer",
+         "bytes-text", "modes-text", "frozen-text", "aliases-list"],  # fmt: skip
 )
 def test_corrupt_saves_are_refused_and_nothing_changes(tmp_path, x, corrupt, error, message):
     model = _tiny()
