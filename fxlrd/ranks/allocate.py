@@ -4,7 +4,8 @@ Every layer offers options — keep it (its full cost, error 0) or decompose it 
 quantized ranks, each with a cost (seconds on the target backend, or parameters) and an error
 (the method's relative squared truncation error; with calibration data, the output error).
 Choosing one option per layer so the summed cost fits a budget with the least summed error is
-a multiple-choice knapsack, solved here by Lagrangian relaxation (`solve_budget`).
+a multiple-choice knapsack, solved here by Lagrangian relaxation and by dynamic programming
+over the budget, the better of the two kept (`solve_budget`).
 
 Latency budgets need one more step (`closed_loop`): layers timed alone do not add up to the
 model's time (fixed per-run costs, no fusion), so the chosen model is built and timed whole,
@@ -30,8 +31,10 @@ def solve_budget(options: Sequence[Options], budget: float) -> tuple[list[Choice
 
     ``options[i]`` maps a choice to ``(cost, error)``. For a price λ on cost each layer takes
     ``argmin error + λ·cost`` on its own; λ is bisected to the smallest price whose choices
-    fit, then the budget left over is spent greedily on lower-error options. Returns the
-    choices and whether the budget was met (if not, the cheapest choice of every layer).
+    fit, then the budget left over is spent greedily on lower-error options. A dynamic
+    programme over the budget (`_knapsack`) solves it again, and the choice with less error
+    is kept. Returns the choices and whether the budget was met (if not, the cheapest choice
+    of every layer).
     """
 
     def pick(lam: float) -> list[Choice]:
@@ -58,7 +61,48 @@ def solve_budget(options: Sequence[Options], budget: float) -> tuple[list[Choice
             lo = mid
         if hi - lo <= 1e-12 * hi:
             break
-    return _spend_slack(options, pick(hi), budget), True
+    relaxed = _spend_slack(options, pick(hi), budget)
+    exact = _knapsack(options, budget)
+    error = lambda choice: sum(opt[c][1] for opt, c in zip(options, choice))  # noqa: E731
+    return (exact if exact is not None and error(exact) < error(relaxed) else relaxed), True
+
+
+def _knapsack(options: Sequence[Options], budget: float, units: int = 4096) -> list[Choice] | None:
+    """The multiple-choice knapsack by dynamic programming over the budget in ``units`` steps
+    (exact when every cost is an integer and the budget at most ``units``; otherwise costs are
+    rounded up, so the choice always fits, and the slack is spent greedily). The relaxation
+    alone can be far off where few layers have few, uneven options (0.77 against 0.15)."""
+    import numpy as np
+
+    integral = all(float(c).is_integer() for opt in options for c, _ in opt.values())
+    step = 1.0 if integral and budget <= units else budget / units
+    size = int(budget // step) + 1
+    shift_of = lambda cost: int(np.ceil(cost / step - 1e-9)) if cost > 0 else 0  # noqa: E731  (rounded up)
+    best = np.full(size, np.inf)
+    best[0] = 0.0
+    picks = []
+    for opt in options:
+        keys = list(opt)
+        nxt, arg = np.full(size, np.inf), np.full(size, -1, dtype=np.int64)
+        for i, k in enumerate(keys):
+            cost, err = opt[k]
+            shift = shift_of(cost)
+            if shift >= size:
+                continue
+            cand = best[: size - shift] + err
+            better = cand < nxt[shift:]
+            nxt[shift:][better], arg[shift:][better] = cand[better], i
+        best = nxt
+        picks.append((keys, arg))
+        if not np.isfinite(best).any():
+            return None
+    j = int(np.argmin(best))  # the least error at any use of the budget; walk back through each layer's pick
+    choice: list[Choice] = [None] * len(options)
+    for index in range(len(options) - 1, -1, -1):
+        keys, arg = picks[index]
+        choice[index] = keys[int(arg[j])]
+        j -= shift_of(options[index][choice[index]][0])
+    return _spend_slack(options, choice, budget)
 
 
 solve_global = solve_budget  # the name global mode has always used
