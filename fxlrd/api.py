@@ -454,6 +454,8 @@ def transform(
         )
     if inplace and config.mlp == "narrow":
         raise ConfigError("inplace=True cannot be combined with mlp='narrow' (the layers change shape); use inplace=False")
+    if config.sequential and calibration is None:  # before any capture, calibration or latency search
+        raise ConfigError("sequential=True needs calibration data: transform(..., calibration=batches)")
     inputs = normalize_inputs(example_inputs)
     captured = _capture_inplace(model, config, inputs, capture, dynamic_shapes) if inplace else \
         _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)  # fmt: skip
@@ -463,8 +465,6 @@ def transform(
         _check_inplace(plan_)
     factors = None
     if config.sequential:
-        if calibration is None:
-            raise ConfigError("sequential=True needs calibration data: transform(..., calibration=batches)")
         from .calibrate import sequential_factors
 
         factors = sequential_factors(captured.gm, plan_, calibration, example=inputs, stats=stats)

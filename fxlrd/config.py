@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Sequence
 
@@ -27,6 +28,19 @@ def _as_patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...
     if not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError(f"{name} must be glob patterns (non-empty strings), got {value!r}")
     return patterns
+
+
+def _plain(value: Any) -> Any:
+    """A numpy (or other) integer or real scalar as a Python int or float; tuples item by item."""
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _is_number(value: Any) -> bool:
@@ -155,6 +169,9 @@ class LRDConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        for name in ("ratio", "rank", "energy", "rank_quantum", "min_rank", "beta", "tucker_iters", "cp_iters",
+                     "target_params", "target_speedup"):  # fmt: skip
+            set_(name, _plain(getattr(self, name)))  # numpy scalars (np.int64(5000)) as Python numbers
         if not _is_number(self.ratio) or self.ratio <= 1:
             raise ConfigError(
                 f"ratio must be a number > 1 (original params / decomposed params), got {self.ratio!r}; "
@@ -170,6 +187,10 @@ class LRDConfig:
                 raise ConfigError(f"rank must be a positive int or a pair (r1, r2) of them, got {self.rank!r}")
             if any(r <= 0 for r in ranks):
                 raise ConfigError(f"rank must be >= 1, got {self.rank!r}; to leave a layer alone, exclude it")
+        for name, rule in (("rank", "fixed"), ("energy", "energy")):
+            if getattr(self, name) is not None and self.rank_rule != rule:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is used by rank_rule={rule!r} only, and rank_rule is "
+                                  f"{self.rank_rule!r}: add rank_rule={rule!r}, or leave {name} out")  # fmt: skip
         if self.rank_rule == "energy" and self.energy is None:
             raise ConfigError('rank_rule="energy" needs energy=... in (0, 1], e.g. energy=0.9')
         if self.energy is not None and (not _is_number(self.energy) or not 0 < self.energy <= 1):
@@ -191,6 +212,9 @@ class LRDConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
         set_("include", _as_patterns(self.include, "include"))
+        if self.include == ():
+            raise ConfigError("include=[] matches no layer, so nothing would be decomposed: leave include out (None) "
+                              "to consider every layer, or give glob patterns such as include=['layer4.*']")  # fmt: skip
         set_("exclude", _as_patterns(self.exclude, "exclude") or ())
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn must be callable(module, qualified_name) -> bool, got {self.filter_fn!r}")

@@ -251,7 +251,9 @@ def test_sequential_fit_compensates_earlier_errors():
         assert rel_err(seq(held), ref) < rel_err(plain(held), ref)
 
 
-def test_sequential_needs_calibration():
+def test_sequential_needs_calibration(monkeypatch):
+    # refused before anything runs (it came after planning, which may be a latency search of minutes)
+    monkeypatch.setattr(fxlrd.api, "_plan_captured", lambda *a, **k: pytest.fail("planned before refusing"))
     with pytest.raises(ConfigError, match="sequential=True needs calibration"):
         fxlrd.transform(_deep_mlp(), LRDConfig(sequential=True))
 

@@ -27,6 +27,9 @@ from fxlrd import ConfigError, LRDConfig
         ({"min_rank": 0}, "min_rank must be an int >= 1"),
         ({"beta": 0}, "beta"),
         ({"include": [""]}, "include must be glob patterns"),
+        ({"include": []}, "include=[] matches no layer"),  # it decomposed nothing, silently
+        ({"rank": 4}, "rank=4 is used by rank_rule='fixed' only"),  # ignored under the ratio rule
+        ({"energy": 0.9}, "energy=0.9 is used by rank_rule='energy' only"),
         ({"filter_fn": 3}, "filter_fn must be callable"),
         ({"layer_types": (int,)}, "layer_types must be nn.Module subclasses"),
         ({"tucker_iters": -1}, "tucker_iters"),
@@ -92,3 +95,11 @@ def test_fixed_and_energy_ranks_are_not_rounded_down_by_the_machine_quantum():
     from fxlrd.timing import default_rank_quantum
 
     assert LRDConfig().rank_quantum == default_rank_quantum()
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = LRDConfig(ratio=np.float32(2.0), target_params=np.int64(5000), min_rank=np.int32(2))
+    assert (cfg.ratio, cfg.target_params, cfg.min_rank) == (2.0, 5000, 2)
+    assert type(cfg.target_params) is int and type(cfg.ratio) is float
+    assert LRDConfig(rank_rule="fixed", rank=(np.int64(4), np.int64(8))).rank == (4, 8)
