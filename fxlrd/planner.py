@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import io
 import warnings
@@ -388,6 +389,22 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
     )
 
 
+def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> None:
+    """The speed search offers ranks around each layer's target (R/4 to 2R): with a size
+    budget that asks for more than ``ratio``, centre them on the budget's ratio instead, or
+    budgets that size-only allocation meets had no candidate small enough."""
+    if config.target_params is None:
+        return
+    budget, _ = _layer_budget(tasks, config, plan)
+    layers = sum(t.lp.params_before for t in tasks)
+    if not 0 < budget < layers / config.ratio:
+        return
+    centred = dataclasses.replace(config, ratio=layers / budget)
+    for task in tasks:
+        ranks = task.handler.target_ranks(task.weight, task.spec, centred, task.stats)
+        task.ranks = tuple(max(1, min(r, c)) for r, c in zip(task.handler.quantize(tuple(ranks), task.caps, 1), task.caps))
+
+
 def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,
                     fill: Callable) -> None:  # fmt: skip
     """Global mode: every layer's ranks (or keep) for ``config.target_speedup``, least total
@@ -396,6 +413,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
 
     from .ranks.search import RankSearcher
 
+    _centre_on_budget(tasks, config, plan)
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
     window_of = _windows(gm, config)

@@ -263,6 +263,16 @@ def test_global_mode_with_a_size_budget(cost_timer, tmp_path):
     assert g["met"] and g["measured_speedup"] >= 1.2
 
 
+def test_global_mode_offers_ranks_small_enough_for_its_size_budget(cost_timer, tmp_path):
+    # candidates spanned R/4..2R of the ratio's rank: a budget size-only allocation meets (a twentieth) was refused
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8)
+    budget = int(0.05 * fxlrd.count_params(_model()))
+    assert fxlrd.plan(_model(), LRDConfig(target_params=budget), example_inputs=x).params_after_model() <= budget
+    plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.2, target_params=budget, latency=lat), example_inputs=x)
+    assert fxlrd.count_params(fxlrd.apply(_model(), plan)) <= budget
+
+
 def test_global_mode_keeps_a_global_ratio_as_its_size_budget(cost_timer, tmp_path):
     # allocation="global" with ratio=3 is a size budget under a speed target too (it was dropped)
     x = torch.randn(1, 3, 8, 8)
