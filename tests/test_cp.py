@@ -192,6 +192,19 @@ def test_planner_gives_cp_ranks_from_the_ratio_rule():
     assert quantized["conv"].ranks == (40,)
 
 
+def test_a_parameter_budget_fits_a_dozen_cp_ranks_not_every_one(monkeypatch):
+    # each candidate's error is an ALS fit: every multiple of the quantum up to the cap took minutes per layer
+    from fxlrd.methods import cp
+
+    fits = []
+    real = cp.cp_factors
+    monkeypatch.setattr(cp, "cp_factors", lambda w, r, **k: fits.append((tuple(w.shape), r)) or real(w, r, **k))
+    plan = fxlrd.plan(Net(), LRDConfig(conv_method="cp", target_params=0.5, rank_quantum=1))
+    per_layer = {shape: {r for s, r in fits if s == shape} for shape, _ in fits}
+    assert len(per_layer) == 3 and all(0 < len(ranks) <= 12 for ranks in per_layer.values())  # conv's cap: 144
+    assert plan.params_after_model() <= 0.5 * plan.model_params
+
+
 def test_cp_plan_json_round_trip_and_apply():
     model = Net().eval()
     plan = fxlrd.plan(model, LRDConfig(conv_method="cp", ratio=2))

@@ -69,6 +69,11 @@ class CP(Method):
             rank = config.rank if isinstance(config.rank, int) else config.rank[0]
         return (max(0, min(rank, self.caps(spec)[0])),)
 
+    def global_candidates(self, target: Ranks, caps: Ranks, quantum: int, *, every: bool = False) -> list[Ranks]:
+        """A dozen ranks from R/4 to 2R even for a parameter budget: each candidate's error is an
+        ALS fit, so every multiple of the quantum up to the cap took minutes per layer."""
+        return super().global_candidates(target, caps, quantum, every=False)
+
     def error_curve(self, weight, spec, stats=None) -> Callable[[Ranks], float]:
         # No closed form: each asked-for rank is fitted (a short ALS) and its error measured.
         w, _, out_w = data_aware_weight(weight, stats)
