@@ -121,6 +121,12 @@ def _check_target(target: Path, overwrite: bool) -> None:
             f"{target} is a directory with other content than an fxlrd saved model; refusing to replace it "
             "(overwrite=True only replaces an earlier save or an empty directory)"
         )
+    others = sorted(p.name for p in target.iterdir() if p.name not in (PLAN_FILE, WEIGHTS_FILE, METADATA_FILE))
+    if others:  # the save is replaced whole: files put beside it would go with it
+        raise FileExistsError(
+            f"{target} holds an earlier save and files fxlrd.save did not write ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); refusing to delete them with it: move them out, or save elsewhere"
+        )
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:

@@ -382,6 +382,11 @@ def test_overwrite_replaces_the_save(tmp_path, x):
     fxlrd.save(second, path, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["s"]
     assert_bitwise(second, fxlrd.load(model, path))
+    (path / "model.onnx").write_bytes(b"the user's export beside the save")  # replaced with the save, silently
+    with pytest.raises(FileExistsError, match="files fxlrd.save did not write \\(model.onnx\\); refusing to delete"):
+        fxlrd.save(first, path, overwrite=True)
+    assert (path / "model.onnx").read_bytes() == b"the user's export beside the save"
+    assert_bitwise(second, fxlrd.load(model, path))
 
 
 def _interrupt_weights(monkeypatch):
