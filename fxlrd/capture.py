@@ -610,6 +610,12 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
                    "model.eval() for inference or export, train()-mode only to fine-tune the graph as it is")  # fmt: skip
         notes.append(message)
         warnings.warn(message, FxlrdWarning, stacklevel=4)
+    from .sites import computed_weight_layers
+
+    computed = computed_weight_layers(gm)
+    if computed:
+        notes.append(f"{computed} linear/conv operations compute their weight in the graph (a parametrization such as "
+                     "weight_norm): they are not decomposed, nor listed in the plan (capture='fx' decomposes them)")  # fmt: skip
     hidden = _layers_in_regions(gm)
     if hidden:
         notes.append(f"{hidden} linear/conv operations run inside torch.no_grad(), autocast or torch.cond regions of the "

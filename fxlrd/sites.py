@@ -367,6 +367,20 @@ def _child_name(gm: fx.GraphModule, weight_path: str) -> str:
     return f"{owner}.{stem}" if owner else stem
 
 
+def computed_weight_layers(gm: fx.GraphModule) -> int:
+    """Linear and conv operations whose weight the graph computes (a parametrization such as
+    ``parametrizations.weight_norm`` under torch.export): no parameter to factorize, so they
+    are not sites, nor listed in the plan."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not (node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS
+                                              or node.target is aten.convolution.default):  # fmt: skip
+            continue
+        weight = _arg(node, 1, "weight")
+        count += isinstance(weight, fx.Node) and _param_path(weight) is None
+    return count
+
+
 def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
     """Every conv/linear site of ``gm`` by name, in graph order (factors of already
     decomposed layers excluded). A site that cannot be decomposed carries its ``reason``."""

@@ -618,6 +618,18 @@ def test_hook_based_weight_norm_is_folded_on_the_copy_only(tmp_path):
     torch.testing.assert_close(fxlrd.load(model, tmp_path / "m")(x), gm(x))
 
 
+def test_an_export_capture_counts_the_layers_whose_weight_the_graph_computes():
+    # a parametrization's weight is computed in the graph: no parameter to factorize, and the plan did not say
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 8)).eval()
+    x = torch.randn(2, 16)
+    gm = fxlrd.transform(model, FULL, example_inputs=x, capture="export")
+    assert any(note.startswith("1 linear/conv operations compute their weight") for note in gm.fxlrd_capture["notes"])
+    assert list(gm.fxlrd_plan.layers) == ["2"]
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    plain = fxlrd.transform(model[1:], FULL, example_inputs=x, capture="export")
+    assert not any("compute their weight" in note for note in plain.fxlrd_capture["notes"])
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_an_export_capture_says_the_mode_it_was_captured_in(training):
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8)).train(training)
