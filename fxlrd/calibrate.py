@@ -38,8 +38,8 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .capture import Args, flat_inputs, inputs_error, normalize_inputs, padding_mask, placeholder_values
-from .decompose import Whitening, whitening
 from .config import check_sensitivity
+from .decompose import Whitening, whitening
 from .errors import ConfigError
 from .modes import saved_modes
 from .sites import Site, find_sites

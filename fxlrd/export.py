@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
-import inspect
 import os
 import warnings
 from pathlib import Path

@@ -39,8 +39,8 @@ from ._files import umask
 from .capture import capture, check_module, inputs_from_signature, normalize_inputs, warn_dynamic_shapes
 from .errors import FxlrdError, PlanMismatchError
 from .factorized import Factorized, skeleton
-from .sites import uncompiled
 from .plan import Plan
+from .sites import uncompiled
 
 __all__ = [
     "save",

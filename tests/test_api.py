@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rel_err
 from torch import fx, nn
 
 import fxlrd
 from fxlrd import CaptureError, ConfigError, LRDConfig, Plan, PlanMismatchError, zoo
 from fxlrd.factorized import Factorized
-
-from conftest import rel_err
 
 FULL = LRDConfig(rank_rule="fixed", rank=100_000, allow_larger=True)
 

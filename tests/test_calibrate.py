@@ -11,11 +11,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from conftest import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import fxlrd

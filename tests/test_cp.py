@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
 import fxlrd
@@ -13,8 +14,6 @@ from fxlrd.decompose import cp_factors
 from fxlrd.export import max_relative_error, onnx_session
 from fxlrd.factorized import decompose_weight, layer_spec
 from fxlrd.methods import get_method, methods
-
-from conftest import rel_err
 
 
 def _cp_weight(s, c, kernel, r):

@@ -14,7 +14,6 @@ from fxlrd.latency import LatencyConfig, LayerTimer
 from fxlrd.ranks.allocate import solve_global, solve_two_budgets
 from fxlrd.ranks.search import candidate_ranks, select_ranks
 
-
 # --- the selection rule on synthetic timing tables ------------------------------------------------
 
 

@@ -24,8 +24,8 @@ from torch import nn
 from ..factorized import Factorized, LayerSpec, skeleton
 from ..latency import LatencyCache, LatencyConfig, LayerTimer, default_cache_path, make_timer
 from ..methods import get_method
-from .rules import bottleneck
 from .context import Window
+from .rules import bottleneck
 
 __all__ = ["candidate_ranks", "select_ranks", "RankSearcher", "SearchResult"]
 
