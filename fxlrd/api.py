@@ -167,7 +167,8 @@ def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool) -> None:
     lp.reason = f"narrowed MLP block ({hidden} -> {width} neurons)"
     lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
     weights = lp.in_channels * lp.out_channels * math.prod(lp.kernel_size or (1,))
-    lp.params_before = lp.params_before * hidden // width if up else lp.params_before + weights * (hidden - width) // width
+    grown = lp.params_before * hidden // width if up else lp.params_before + weights * (hidden - width) // width
+    lp.params_before = grown
     if lp.macs_before is not None:
         lp.macs_before = lp.macs_before * hidden // width
 

@@ -189,8 +189,8 @@ class LRDConfig:
                 raise ConfigError(f"rank must be >= 1, got {self.rank!r}; to leave a layer alone, exclude it")
         for name, rule in (("rank", "fixed"), ("energy", "energy")):
             if getattr(self, name) is not None and self.rank_rule != rule:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is used by rank_rule={rule!r} only, and rank_rule is "
-                                  f"{self.rank_rule!r}: add rank_rule={rule!r}, or leave {name} out")  # fmt: skip
+                raise ConfigError(f"{name}={getattr(self, name)!r} is used by rank_rule={rule!r} only, and "
+                                  f"rank_rule is {self.rank_rule!r}: add rank_rule={rule!r}, or leave {name} out")
         if self.rank_rule == "energy" and self.energy is None:
             raise ConfigError('rank_rule="energy" needs energy=... in (0, 1], e.g. energy=0.9')
         if self.energy is not None and (not _is_number(self.energy) or not 0 < self.energy <= 1):
@@ -288,9 +288,9 @@ class LRDConfig:
         if self.latency is not None and self.target_speedup is None and (
                 self.target_params is not None or self.allocation == "global"):  # fmt: skip
             raise ConfigError(
-                "latency=... alone times each layer and picks its fastest ranks; it does not take a parameter budget "
-                "(target_params or allocation='global'): add target_speedup=... for the fastest model within the budget, "
-                "or drop latency to meet the budget with the least error"
+                "latency=... alone times each layer and picks its fastest ranks; it does not take a parameter "
+                "budget (target_params or allocation='global'): add target_speedup=... for the fastest model within "
+                "the budget, or drop latency to meet the budget with the least error"
             )
         size_allocation = self.target_speedup is None and self.latency is None and (
             self.allocation == "global" or self.target_params is not None)  # fmt: skip

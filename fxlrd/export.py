@@ -251,8 +251,8 @@ def export_onnx(
     trained = training_ops(gm) if isinstance(gm, torch.fx.GraphModule) else 0
     if trained:  # (its reference forward would also update the batch-norm statistics)
         raise ConfigError(
-            f"this graph was captured with torch.export in training mode: {trained} dropout/batch-norm operations run as "
-            "in training whatever gm.eval() says, so it cannot be exported for inference. Capture in eval mode "
+            f"this graph was captured with torch.export in training mode: {trained} dropout/batch-norm operations "
+            "run as in training whatever gm.eval() says, so it cannot be exported for inference. Capture in eval mode "
             "(fxlrd.transform(model.eval(), ...), or fxlrd.apply(model.eval(), gm.fxlrd_plan, ...) and "
             "load_state_dict(gm.state_dict()) to keep trained weights)"
         )

@@ -348,7 +348,8 @@ def _check_metadata(data: Mapping[str, Any], path: Path) -> None:
             for e in v.values()),  # fmt: skip
         "frozen": strings, "aliases": names, "tensor_devices": names, "buffer_dtypes": names,
         "device": lambda v: v is None or isinstance(v, str),
-        "modes": lambda v: isinstance(v, dict) and isinstance(v.get("training", False), bool) and strings(v.get("other", [])),
+        "modes": lambda v: isinstance(v, dict) and isinstance(v.get("training", False), bool)
+        and strings(v.get("other", [])),
     }  # fmt: skip
     for key, ok in checks.items():
         if key in data and not ok(data[key]):
@@ -558,7 +559,8 @@ def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device], dtypes: Map
         if buffer.is_meta:  # it holds no values
             continue
         dtype = getattr(torch, dtypes.get(qualified, ""), None) if buffer.is_floating_point() else None
-        if (device is not None and buffer.device != device) or (isinstance(dtype, torch.dtype) and buffer.dtype != dtype):
+        moved = device is not None and buffer.device != device
+        if moved or (isinstance(dtype, torch.dtype) and buffer.dtype != dtype):
             module._buffers[name] = buffer.to(device=device or buffer.device, dtype=dtype or buffer.dtype)
 
 

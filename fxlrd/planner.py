@@ -402,7 +402,8 @@ def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> 
     centred = dataclasses.replace(config, ratio=layers / budget)
     for task in tasks:
         ranks = task.handler.target_ranks(task.weight, task.spec, centred, task.stats)
-        task.ranks = tuple(max(1, min(r, c)) for r, c in zip(task.handler.quantize(tuple(ranks), task.caps, 1), task.caps))
+        ranks = task.handler.quantize(tuple(ranks), task.caps, 1)
+        task.ranks = tuple(max(1, min(r, c)) for r, c in zip(ranks, task.caps))
 
 
 def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,

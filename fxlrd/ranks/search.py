@@ -158,7 +158,8 @@ class RankSearcher:
             ranks = get_method(method).quantize(tuple(target), tuple(full), cfg.quantum)
             self._tick()
             return SearchResult(ranks, None, note=f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized ranks")
-        candidates = [r for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum) if (bottleneck(r, full) or min_rank) >= min_rank]
+        candidates = [r for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum)
+                      if (bottleneck(r, full) or min_rank) >= min_rank]  # a mode kept whole is not held to min_rank
         if not candidates:
             self._tick()
             return SearchResult(None, None, note=f"no candidate rank in the search window is >= min_rank {min_rank}")
