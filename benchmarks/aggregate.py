@@ -92,7 +92,14 @@ class CaseRuns:
 
 
 def _kind(record: Run) -> str:
-    return machine_kind(record.get("machine", {}), gpu=is_gpu_backend(record.get("case", {}).get("backend")))
+    """The machine kind runs are pooled within. Records imported from older results that did
+    not record the vector extensions cannot be told apart by machine: each source is a kind
+    of its own (two such EPYC imports timed the same original 19.4 and 24.0 ms)."""
+    machine = record.get("machine", {})
+    kind = machine_kind(machine, gpu=is_gpu_backend(record.get("case", {}).get("backend")))
+    if machine.get("vector_extensions") is None and record.get("imported_from"):
+        kind += f" · imported from {str(record['imported_from']).rsplit('/', 1)[-1]}"
+    return kind
 
 
 def _family(record: Run) -> tuple[str, str]:
@@ -113,8 +120,9 @@ def _size_labels(records: Sequence[Run], tolerance: float = EQUAL_PARAMS_TOLERAN
     machine kind, for one model) was built at sizes more than ``tolerance`` apart, e.g. a
     latency-optimized variant searched once in float32 at batch 1 and once in bfloat16 at
     batch 64: those are different models, and pooling them would give the median of
-    neither. Sizes are split only at a gap: sorted, a new size starts where one is more than
-    ``tolerance`` above the one before it, so a search's run-to-run drift stays one row.
+    neither. Sorted, a new size starts where one is more than ``tolerance`` above the
+    smallest of the current size, so one row never spans more than ``tolerance`` (a chain of
+    small steps used to pool 33.8 and 35.3 M).
     Undecomposed variants (the original, int8) keep their names.
 
     Returns:
@@ -129,8 +137,8 @@ def _size_labels(records: Sequence[Run], tolerance: float = EQUAL_PARAMS_TOLERAN
     labels: dict[tuple, str] = {}
     for key, found in sizes.items():
         clusters: list[list[int]] = []
-        for p in sorted(found):
-            if clusters and equal_params(clusters[-1][-1], p, tolerance):
+        for p in sorted(found):  # a size joins its group while within tolerance of the group's smallest (no chaining)
+            if clusters and equal_params(clusters[-1][0], p, tolerance):
                 clusters[-1].append(p)
             else:
                 clusters.append([p])
@@ -205,17 +213,34 @@ def summarize(runs: Sequence[Run], baseline: str | None = "original",
         Variant name -> `VariantSummary`, in order of first appearance.
     """
     out = {}
+    counted = _current_mac_count(runs)
     for name in _variant_names(runs):
-        pairs = [(run["variants"][name], run["variants"].get(baseline) or {}) for run in runs if name in run["variants"]]
-        speedups = [_ratio(base.get("median_s"), v["median_s"]) for v, base in pairs]
-        mac_ratios = [_ratio(base.get("macs"), v.get("macs")) for v, base in pairs]
+        pairs = [(run["variants"][name], run["variants"].get(baseline) or {}, id(run) in counted)
+                 for run in runs if name in run["variants"]]  # fmt: skip
+        speedups = [_ratio(base.get("median_s"), v["median_s"]) for v, base, _ in pairs]
+        mac_ratios = [_ratio(base.get("macs"), v.get("macs")) if current else None for v, base, current in pairs]
         per_mac = [None if s is None or m is None else s / m for s, m in zip(speedups, mac_ratios)]
         out[name] = VariantSummary(
-            name, spread(v["median_s"] for v, _ in pairs), spread(v.get("params") for v, _ in pairs),
-            spread(v.get("macs") for v, _ in pairs), spread(speedups), spread(mac_ratios), spread(per_mac),
-            {key: spread(v.get(key) for v, _ in pairs) for key in extra},
+            name, spread(v["median_s"] for v, _, _ in pairs), spread(v.get("params") for v, _, _ in pairs),
+            spread(v.get("macs") if current else None for v, _, current in pairs), spread(speedups),
+            spread(mac_ratios), spread(per_mac), {key: spread(v.get(key) for v, _, _ in pairs) for key in extra},
         )  # fmt: skip
     return out
+
+
+def _current_mac_count(runs: Sequence[Run], tolerance: float = 0.005) -> set[int]:
+    """The ids of the runs whose MACs were counted as the newest run counted them: the
+    original's MACs within ``tolerance`` of the newest run's. An older counter (one that read
+    fused attention as zero MACs: ViT-B/16's original at 11.3 G instead of 17.6 G) gives other
+    MAC ratios, which must not be pooled with these; its runs' timings still count."""
+    def original_macs(run: Run) -> float | None:
+        return (run.get("variants", {}).get("original") or {}).get("macs")
+
+    dated = sorted((str(r.get("timestamp", "")), i) for i, r in enumerate(runs) if original_macs(r))
+    if not dated:
+        return {id(r) for r in runs}
+    reference = original_macs(runs[dated[-1][1]])
+    return {id(r) for r in runs if original_macs(r) is None or abs(original_macs(r) - reference) <= tolerance * reference}
 
 
 def equal_params(a: float, b: float, tolerance: float = EQUAL_PARAMS_TOLERANCE) -> bool:
@@ -233,6 +258,10 @@ class Comparison:
     params_a: Spread
     params_b: Spread
     speedup: Spread  # how many times faster a ran than b
+
+
+def _int8(name: str) -> bool:
+    return "int8" in base_name(name)
 
 
 def equal_param_comparisons(runs: Sequence[Run], tolerance: float = EQUAL_PARAMS_TOLERANCE,
@@ -258,6 +287,8 @@ def equal_param_comparisons(runs: Sequence[Run], tolerance: float = EQUAL_PARAMS
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 pa, pb = (v.get(a) or {}).get("params"), (v.get(b) or {}).get("params")
+                if _int8(a) != _int8(b):  # int8 against float is not a comparison of decompositions at one size
+                    continue
                 if pa and pb and equal_params(pa, pb, tolerance):
                     found.setdefault((b, a), []).append((pb, pa, v[a]["median_s"] / v[b]["median_s"]))
     return [Comparison(a, b, spread(x[0] for x in xs), spread(x[1] for x in xs), spread(x[2] for x in xs))

@@ -12,11 +12,11 @@ import hashlib
 import re
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .aggregate import CaseRuns, VariantSummary, summarize
 
-__all__ = ["speed_plots", "slug"]
+__all__ = ["speed_plots", "slug", "distinct_colors"]
 
 Cases = Sequence[tuple[str, dict[str, VariantSummary]]]  # (model, variant -> summary) per case
 MARKERS = "osD^v<>ph*"
@@ -102,6 +102,18 @@ def _save(plt, fig, axes, path: Path) -> Path:
     return path
 
 
+def distinct_colors(plt: Any, n: int) -> list[Any]:
+    """``n`` colours, no two alike: tab10, tab20, then tab20 + tab20b + tab20c (60), then
+    evenly spaced hues (31 variants on tab20 gave 11 colours to two variants each)."""
+    if n <= 20:
+        palette = plt.get_cmap("tab10" if n <= 10 else "tab20")
+        return [palette(i) for i in range(n)]
+    if n <= 60:
+        return [plt.get_cmap(name)(i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)][:n]
+    hues = plt.get_cmap("hsv")
+    return [hues(i / n) for i in range(n)]
+
+
 def speed_plots(groups: Sequence[CaseRuns], out: Path) -> list[Path]:
     """Write both plots for every machine kind and backend with speed runs.
 
@@ -120,8 +132,8 @@ def speed_plots(groups: Sequence[CaseRuns], out: Path) -> list[Path]:
         batches = sorted({g.case.get("batch") for g in members})
         by_batch = {b: [(g.case["model"], summarize(g.runs)) for g in members if g.case.get("batch") == b] for b in batches}
         every = [case for cases in by_batch.values() for case in cases]
-        palette = plt.get_cmap("tab10" if len(_compressed(every)) <= 10 else "tab20")
-        colors = {n: palette(i % palette.N) for i, n in enumerate(_compressed(every))}
+        names = _compressed(every)
+        colors = dict(zip(names, distinct_colors(plt, len(names))))
         markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(dict.fromkeys(m for m, _ in every))}
         fig, axes = _figure(plt, len(batches), 4.2, 3.4, kind)
         for ax, batch in zip(axes, batches):

@@ -268,6 +268,17 @@ def _most_common(values: Iterable[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
 
+def _cell(s: VariantSummary) -> str:
+    """A README cell: the speed-up [range], its share of the MAC ratio, and the run count
+    when it is below the suite's minimum."""
+    if not s.speedup:
+        return "-"
+    text = _fmt(s.speedup, suffix="×")
+    if s.speedup_per_mac_ratio:
+        text += f" ({s.speedup_per_mac_ratio.median:.2f})"
+    return text + (f" n={s.speedup.n}" if s.speedup.n < MIN_RUNS else "")
+
+
 def _selected(groups: Sequence[CaseRuns], kind: str, filters: Mapping[str, Sequence[Any] | None]) -> list[CaseRuns]:
     def keep(g: CaseRuns) -> bool:
         return g.kind == kind and bool(g.runs) and all(not allowed or g.case.get(f) in allowed for f, allowed in filters.items())
@@ -306,10 +317,12 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     for (model, name), by_column in cells.items():
         params = {round(s.params.median / 1e4) / 100 for s in by_column.values() if s.params}
         size = "-" if not params else f"{min(params):.2f}" if len(params) == 1 else f"{min(params):.2f}–{max(params):.2f}"
-        rows.append([model, name, size] + [_fmt(by_column[c].speedup, suffix="×") if c in by_column else "-" for c in columns])
+        macs = {round(s.mac_ratio.median, 2) for s in by_column.values() if s.mac_ratio}
+        mac_ratio = "-" if not macs else f"{min(macs):.2f}×" if len(macs) == 1 else f"{min(macs):.2f}–{max(macs):.2f}×"
+        rows.append([model, name, size, mac_ratio] + [_cell(by_column[c]) if c in by_column else "-" for c in columns])
     runs = [r for g in chosen for r in g.runs]
     fewest = min(s.speedup.n for by_column in cells.values() for s in by_column.values() if s.speedup)
-    head = ["model", "variant", "params (M)"] + [f"{b} b{n}" for b, n in columns]
+    head = ["model", "variant", "params (M)", "MAC ratio"] + [f"{b} b{n}" for b, n in columns]
     selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(base_name(n) for _, n in cells)),
                  "backends": list(dict.fromkeys(b for b, _ in columns)), "batch": sorted({n for _, n in columns})}  # fmt: skip
     repeats = _most_common(r.get("settings", {}).get("repeats") for r in runs)
@@ -320,11 +333,14 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     given = {"models": models, "variants": variants, "backends": backends, "batch": batches}
     filters = "".join(f" --{k} {' '.join(map(str, v)) if k != 'variants' else ','.join(v)}" for k, v in given.items() if v)
     machine_flag = (f" --machine '{machine}'" if machine else "") + (" --gpu" if gpu else "")
+    thin = f" A figure from fewer than {MIN_RUNS} runs says how many (`n=2`)." if fewest < MIN_RUNS else ""
     text = _table(head, rows) + [
         "",
         f"Speed-up over the original, timed in the same process taking turns: median over runs [min–max across "
-        f"runs], at least {_plural(fewest, 'run')} per figure ({_dates(runs)}). Machine: {kind}; "
-        f"{_distinct(runs, 'settings', 'threads')} threads. Versions: {_versions(runs)}.",
+        f"runs], and in parentheses the speed-up ÷ MAC ratio (1.00: all of the FLOP cut turned into time); at least "
+        f"{_plural(fewest, 'run')} per figure ({_dates(runs)}).{thin} Machine: {kind}; "
+        f"{_distinct(runs, 'settings', 'threads')} threads; {_distinct(runs, 'settings', 'repeats')} timed repeats "
+        f"per run. Versions: {_versions(runs)}.",
         "",
         f"Reproduce: `{command}`, then `python -m benchmarks report --readme{filters}{machine_flag}`; every table, "
         f"the comparisons at equal parameters and the plots are in `benchmarks/results/speed.md`.",

@@ -42,8 +42,9 @@ def make_run(times_ms: dict[str, float], params: dict[str, int] | None = None, *
     """A synthetic speed run record."""
     params = params or {}
     macs = macs or {}
-    variants = {n: {"median_s": t / 1e3, "min_s": t / 1e3, "max_s": t / 1e3, "params": params.get(n), "macs": macs.get(n)}
-                for n, t in times_ms.items()}  # fmt: skip
+    # repeats spread ±10 % around each run's median: a spread across runs must not be taken from them
+    variants = {n: {"median_s": t / 1e3, "min_s": 0.9 * t / 1e3, "max_s": 1.1 * t / 1e3, "params": params.get(n),
+                    "macs": macs.get(n)} for n, t in times_ms.items()}  # fmt: skip
     return {
         "format": FORMAT, "suite": "speed", "timestamp": f"2026-01-01T00:0{run}:00+00:00", "invocation": "test",
         "run": run, "runs": 3, "command": "python -m benchmarks speed --models resnet50", "machine": MACHINE | {"cpu": cpu},
@@ -80,6 +81,16 @@ def test_summarize_forms_ratios_within_each_run_then_aggregates():
     assert summarize(THREE_RUNS)["original"].speedup == Spread(1.0, 1.0, 1.0, 3)
 
 
+def test_mac_ratios_come_from_runs_counted_as_the_newest_run_counted():
+    # an older counter read fused attention as zero MACs (ViT's original 11.3 G instead of 17.6 G): its runs' MAC
+    # ratios were pooled with the current ones; their timings still count
+    old = make_run({"original": 10.0, "quantized": 5.0}, run=1, macs={"original": 113, "quantized": 84})
+    new = [make_run({"original": 10.0, "quantized": 4.0}, run=r, macs={"original": 176, "quantized": 92}) for r in (2, 3)]
+    s = summarize([old, *new])["quantized"]
+    assert s.speedup.n == 3 and s.mac_ratio.n == 2 and s.mac_ratio.low == pytest.approx(176 / 92)
+    assert s.macs.n == 2 and s.speedup_per_mac_ratio.n == 2
+
+
 def test_speedup_skips_runs_without_the_baseline():
     runs = THREE_RUNS[:2] + [make_run({"quantized": 1.0}, {"quantized": 50}, run=3)]
     s = summarize(runs)["quantized"]
@@ -111,25 +122,28 @@ def test_a_variant_built_at_other_sizes_is_reported_once_per_size():
     assert [list(r["variants"]) for r in resnet.runs] == [["original", "optimized · 5.05 M"]] * 2 + [["original", "optimized · 8.00 M"]]
     assert list(vit.runs[0]["variants"]) == ["original", "optimized"]  # one size for that model: the name as it was
     table = readme_table(runs, variants=["original", "optimized"])
-    assert "| resnet50 | optimized · 5.05 M | 5.05 | 1.83× [1.67–2.00] |" in table  # runs 1-2 pooled: 10/5, 10/6
-    assert "| resnet50 | optimized · 8.00 M | 8.00 | 1.43× |" in table
+    assert "| resnet50 | optimized · 5.05 M | 5.05 | - | 1.83× [1.67–2.00] n=2 |" in table  # runs 1-2 pooled: 10/5, 10/6
+    assert "| resnet50 | optimized · 8.00 M | 8.00 | - | 1.43× n=1 |" in table  # one run: says so
+    assert "fewer than 3 runs says how many" in table
     assert "--variants original,optimized " in table  # the command names the variant as the suite knows it
     assert runs[2]["variants"].keys() == {"original", "optimized"}  # the records themselves are not changed
 
 
-def test_sizes_are_split_only_at_a_gap_and_undecomposed_variants_keep_their_names():
-    # a search drifting 9.27 → 9.68 M in steps under 3 % is one model; 12 M is another
+def test_sizes_are_grouped_within_3_percent_of_the_smallest_and_undecomposed_variants_keep_their_names():
+    # a search drifting 9.27 → 9.54 M stays one model; 9.68 M is more than 3 % above 9.27 M (steps under 3 %
+    # used to chain into one row spanning 4.4 %); 12 M is another
     sizes = [9_270_000, 9_400_000, 9_540_000, 9_680_000, 12_000_000]
     runs = [_searched(make_run({"original": 10.0, "optimized": 5.0, "int8": 4.0},
                                {"original": 10**7, "optimized": p, "int8": 10**7 + i * 10**6}, run=i + 1))
             for i, p in enumerate(sizes)]  # fmt: skip
     (g,) = group(runs)
-    assert [n for r in g.runs for n in r["variants"] if n.startswith("optimized")] == ["optimized · 9.47 M"] * 4 + ["optimized · 12.0 M"]
+    names = [n for r in g.runs for n in r["variants"] if n.startswith("optimized")]
+    assert names == ["optimized · 9.40 M"] * 3 + ["optimized · 9.68 M", "optimized · 12.0 M"]
     assert all("int8" in r["variants"] for r in g.runs)  # not decomposed (no build config): never split
     # the same variant on another backend or batch gets the same names (one row per size in the README table)
     other = [_searched(make_run({"original": 10.0, "optimized": 4.0}, {"optimized": p}, backend="eager", batch=8)) for p in sizes[::4]]
     table = readme_table(runs + other, variants=["original", "optimized"])
-    assert table.count("| resnet50 | optimized · ") == 2
+    assert table.count("| resnet50 | optimized · ") == 3
 
 
 def test_each_run_starts_with_another_variant():
@@ -181,6 +195,57 @@ def test_equal_param_comparisons_match_within_each_run():
     assert c.speedup.n == 2  # run 2's global@vanilla was 10 % larger: not a match there
     assert (c.speedup.low, c.speedup.high) == pytest.approx((2.0, 3.0))
     assert (c.params_a.low, c.params_a.high) == (99, 101)
+
+
+def test_imported_runs_without_vector_extensions_are_not_pooled_across_sources():
+    # without the extensions, two imports from different machines of one CPU name fell into one kind
+    runs = []
+    for source, t in (("a.json@1", 19.4), ("b.json@2", 24.0)):
+        run = make_run({"original": t, "quantized": t / 2})
+        run["machine"] = {**run["machine"], "vector_extensions": None}
+        runs.append({**run, "imported_from": f"benchmarks/results/{source}"})
+    kinds = [g.kind for g in group(runs)]
+    assert len(kinds) == 2 and kinds[0].endswith("imported from a.json@1") and "vector extensions unknown" in kinds[0]
+    assert len(group([runs[0], make_run({"original": 10.0})])) == 2  # nor with runs that know their machine
+
+
+@pytest.mark.parametrize("n", [3, 10, 20, 31, 60, 75])
+def test_plots_give_every_variant_its_own_colour(n):
+    # 31 variants on the 20-colour palette gave 11 colours to two variants each
+    from benchmarks.plots import _pyplot, distinct_colors
+
+    colors = distinct_colors(_pyplot(), n)
+    assert len(colors) == n and len({tuple(round(x, 4) for x in c) for c in colors}) == n
+
+
+def test_onnxruntime_sessions_are_made_without_spinning(tmp_path):
+    # idle spinning sessions steal the cores of the one being timed: every session fxlrd and the suite time
+    # comes from onnx_session (or, in the profiler, sets the option itself)
+    import re
+
+    from fxlrd.export import onnx_session
+
+    import torch
+
+    import fxlrd
+
+    path = fxlrd.export_onnx(torch.nn.Linear(4, 4).eval(), torch.randn(2, 4), tmp_path / "m.onnx")
+    options = onnx_session(path, threads=1).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    root = Path(__file__).resolve().parents[1]
+    for source in [*(root / "fxlrd").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]:
+        text = source.read_text()
+        if re.search(r"InferenceSession\(", text):
+            assert '"session.intra_op.allow_spinning", "0"' in text, source
+
+
+def test_int8_variants_are_compared_at_equal_parameters_only_with_int8_variants():
+    # quantized+int8 against merged_optimized (float) at one size was listed as an LRD comparison
+    run = make_run({"original": 10, "quantized": 6, "quantized+int8": 3, "merged_optimized": 5, "merged_optimized+int8": 2},
+                   {"original": 200, "quantized": 100, "quantized+int8": 100, "merged_optimized": 101,
+                    "merged_optimized+int8": 101})  # fmt: skip
+    pairs = {(c.a, c.b) for c in equal_param_comparisons([run])}
+    assert pairs == {("merged_optimized", "quantized"), ("merged_optimized+int8", "quantized+int8")}
 
 
 # -- CPU flags -------------------------------------------------------------------------------------------
@@ -252,8 +317,10 @@ def test_lrd_plus_dynamic_int8_is_compared_with_dynamic_int8_alone():
 
 def test_readme_table_names_the_machine_and_the_command():
     table = readme_table(THREE_RUNS)
-    assert table.splitlines()[0] == "| model | variant | params (M) | onnxruntime b1 |"
-    assert "| resnet50 | quantized | 0.00 | 2.00× [1.00–3.00] |" in table  # 50 parameters: 0.00 M
+    assert table.splitlines()[0] == "| model | variant | params (M) | MAC ratio | onnxruntime b1 |"
+    # 50 parameters: 0.00 M; MAC ratio 40 / 20; speed-up ÷ MAC ratio 1.00 (median of 1.5, 0.5, 1.0)
+    assert "| resnet50 | quantized | 0.00 | 2.00× | 2.00× [1.00–3.00] (1.00) |" in table
+    assert "speed-up ÷ MAC ratio" in table and "n=" not in table and "20 timed repeats per run" in table
     assert machine_kind(MACHINE) in table
     assert "python -m benchmarks speed --models resnet50 --variants original,quantized --backends onnxruntime --batch 1 " \
            "--repeats 20 --runs 3" in table  # fmt: skip
