@@ -58,7 +58,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -290,9 +290,10 @@ def int8_model(case: Case, model: torch.nn.Module, path: Path, threads: int) -> 
 # -- latency ---------------------------------------------------------------------------------------
 def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repeats: int, threads: int,
             onnx_files: dict[str, Path] | None = None) -> dict[str, dict]:  # fmt: skip
-    """onnxruntime CPU latency of each model, all taking turns, ``rounds`` independent rounds
-    (fresh sessions each): per model the median of the round medians with their min and max.
-    ``onnx_files``: more models, as ONNX files already written (the int8 ones)."""
+    """onnxruntime CPU latency of each model, all taking turns, ``rounds`` rounds (fresh
+    sessions each, in this process): per model the median of the round medians with their
+    min and max, and the round medians themselves (``rounds_ms``: ratios are formed within a
+    round). ``onnx_files``: more models, as ONNX files already written (the int8 ones)."""
     from fxlrd.export import export_onnx_file, onnx_feed, onnx_session
     from fxlrd.capture import normalize_inputs
 
@@ -313,8 +314,14 @@ def latency(models: dict[str, torch.nn.Module], example: Any, rounds: int, repea
             per_round[name].append(t["median"])
         del sessions
     tmp.cleanup()
-    return {n: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3, "rounds": len(v)}
-            for n, v in per_round.items()}  # fmt: skip
+    return {n: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3, "rounds": len(v),
+                "rounds_ms": [t * 1e3 for t in v]} for n, v in per_round.items()}  # fmt: skip
+
+
+def round_ratios(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, float]:
+    """``base / other`` round by round (the two took turns in each round): median, min, max."""
+    ratios = [b / o for b, o in zip(base["rounds_ms"], other["rounds_ms"])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -413,7 +420,9 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
         t = lat["original+int8" if row["method"] == "int8" else
                 f"{row['method'].removesuffix('+int8')}@{row['ratio']:g}" + ("+int8" if row.get("int8") else "")]
         row.update(latency_ms=t, speedup=base / t["median_ms"], mac_ratio=original_macs / row["macs"],
-                   param_ratio=original_params / row["params"])  # fmt: skip
+                   param_ratio=original_params / row["params"], speedup_rounds=round_ratios(lat["original"], t))  # fmt: skip
+        if row.get("int8") and "original+int8" in lat:  # LRD + int8 against int8 alone, round by round
+            row["over_int8_rounds"] = round_ratios(lat["original+int8"], t)
     return {"model": case.name, "original": {"params": original_params, "macs": original_macs,
             "latency_ms": lat["original"], **case.fidelity(case.model)}, "rows": rows}  # fmt: skip
 
@@ -428,7 +437,10 @@ def _load_runs() -> list[dict]:
 def report(runs: list[dict]) -> str:
     """Markdown of every run (newest first), grouped by machine."""
     out = ["# Fidelity of data-aware decomposition on real pretrained models", "",
-           "Every run of `benchmarks/fidelity.py` is kept in `fidelity.jsonl`; newest first.", ""]  # fmt: skip
+           "Every run of `benchmarks/fidelity.py` is kept in `fidelity.jsonl`; newest first. Speed-up: the median "
+           "[min–max] over the timing rounds of the ratio formed within each round (the variants took turns, fresh "
+           "sessions each round, one process); `ᵐ`: a run from before 2026-12-06, which kept only the ratio of the "
+           "round medians.", ""]  # fmt: skip
     for run in reversed(runs):
         env = run["environment"]
         out += [f"## {run['date']} — {env['processor']} ({env.get('vector_extensions', '?')}), {env['cpus']} cores",
@@ -451,7 +463,7 @@ def report(runs: list[dict]) -> str:
                 lat = r["latency_ms"]
                 out.append(f"| {r['ratio']:g} | {r['method']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | "
                            f"{r['mac_ratio']:.2f} | {lat['median_ms']:.2f} [{lat['min_ms']:.2f}–{lat['max_ms']:.2f}] | "
-                           f"{r['speedup']:.2f}x | {r['speedup'] / r['mac_ratio']:.2f} | {r[metric]:.4f} |"
+                           f"{_speedup(r)} | {r['speedup'] / r['mac_ratio']:.2f} | {r[metric]:.4f} |"
                            + (f" {r['kl']:.4f} |" if extra else ""))  # fmt: skip
             out.append("")
         for err in run.get("layer_errors", []):
@@ -460,6 +472,17 @@ def report(runs: list[dict]) -> str:
                        f"median over {len(err['layers'])} layers: **{med:.3f}**" if med is not None else "")  # fmt: skip
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _speedup(row: Mapping[str, Any]) -> str:
+    """The speed-up cell: median [min–max] of the per-round ratios, and over int8 alone for an
+    int8 row; runs before 2026-12-06 kept only the ratio of the round medians (marked ``ᵐ``)."""
+    rounds = row.get("speedup_rounds")
+    if rounds is None:
+        return f"{row['speedup']:.2f}x ᵐ"
+    text = f"{rounds['median']:.2f}x [{rounds['min']:.2f}–{rounds['max']:.2f}]"
+    over = row.get("over_int8_rounds")
+    return text + (f", {over['median']:.2f}x [{over['min']:.2f}–{over['max']:.2f}] over int8" if over else "")
 
 
 def _machine(run: dict) -> str:
@@ -540,11 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", nargs="*", default=[], choices=METHODS, metavar="METHOD",
                         help="also quantize the original and these methods' models to int8 (onnxruntime: static, "
                              "calibrated on the calibration data, for the CNN; dynamic for MiniLM) and measure them")  # fmt: skip
-    parser.add_argument("--runs", type=int, default=3, help="independent timing rounds")
+    parser.add_argument("--runs", type=int, default=3, help="timing rounds (fresh sessions; at least 3)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-save", action="store_true", help="print only (e.g. while other work loads the machine)")
     args = parser.parse_args(argv)
+    if args.runs < 3 and not args.no_save:
+        parser.error(f"--runs {args.runs}: a saved result needs at least 3 timing rounds (or pass --no-save)")
     if args.text_paragraphs < 0:
         parser.error(f"--text-paragraphs must be 0 or more (paragraphs added to the calibration text), got {args.text_paragraphs}")
     warnings.simplefilter("ignore")

@@ -125,7 +125,8 @@ def speed_plots(groups: Sequence[CaseRuns], out: Path) -> list[Path]:
         The paths written.
     """
     plt = _pyplot()
-    keys = list(dict.fromkeys((g.kind, g.case.get("backend")) for g in groups if g.runs))
+    # imported runs whose machine is not known well enough to pool them are tables only (a kind per source)
+    keys = list(dict.fromkeys((g.kind, g.case.get("backend")) for g in groups if g.runs and "imported from" not in g.kind))
     written = []
     for kind, backend in keys:
         members = [g for g in groups if g.runs and g.kind == kind and g.case.get("backend") == backend]

@@ -239,6 +239,19 @@ def test_onnxruntime_sessions_are_made_without_spinning(tmp_path):
             assert '"session.intra_op.allow_spinning", "0"' in text, source
 
 
+def test_fidelity_speedups_are_ratios_within_each_round():
+    # the fidelity benchmark divided the medians across rounds; the suite forms ratios within a run
+    from benchmarks.fidelity import _speedup, round_ratios
+
+    base, other = {"rounds_ms": [10.0, 12.0, 8.0]}, {"rounds_ms": [5.0, 4.0, 8.0]}
+    r = round_ratios(base, other)
+    assert (r["median"], r["min"], r["max"], r["rounds"]) == (2.0, 1.0, 3.0, 3)
+    assert _speedup({"speedup": 2.0, "speedup_rounds": r}) == "2.00x [1.00–3.00]"
+    assert _speedup({"speedup": 2.0}) == "2.00x ᵐ"  # an older run: the ratio of medians, marked
+    with pytest.raises(SystemExit):
+        __import__("benchmarks.fidelity", fromlist=["main"]).main(["--runs", "2"])  # 3 rounds at least
+
+
 def test_int8_variants_are_compared_at_equal_parameters_only_with_int8_variants():
     # quantized+int8 against merged_optimized (float) at one size was listed as an LRD comparison
     run = make_run({"original": 10, "quantized": 6, "quantized+int8": 3, "merged_optimized": 5, "merged_optimized+int8": 2},
