@@ -241,6 +241,76 @@ def _batches(calibration: Iterable, progress: bool, what: str):
     return tqdm(calibration, desc=what, unit="batch", total=total, disable=None if progress else True, file=sys.stderr, leave=False)
 
 
+_ENCODER_TOKENS = ("input_ids", "inputs_embeds", "attention_mask")
+_DECODER_TOKENS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
+
+
+def token_streams(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.Node, str]:
+    """For an encoder-decoder graph (a ``decoder_input_ids`` input): which token sequence each
+    of ``nodes`` runs over, ``"encoder"`` or ``"decoder"``, read from the symbolic sequence
+    size an export capture records (the encoder's and the decoder's are different symbols).
+    Nodes it cannot tell (no symbol, or the two sequences share one) are left out; so is every
+    node of a model without a decoder input."""
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    if not any(k in placeholders for k in _DECODER_TOKENS[:2]):
+        return {}
+
+    def symbols(node: fx.Node, dims: slice) -> list[str]:
+        shape = getattr(node.meta.get("val"), "shape", None) or ()
+        return [str(d) for d in list(shape)[dims] if isinstance(d, torch.SymInt)]
+
+    stream_of: dict[str, str] = {}
+    for stream, keys in (("encoder", _ENCODER_TOKENS), ("decoder", _DECODER_TOKENS)):
+        for key in keys:
+            if key in placeholders:
+                for sym in symbols(placeholders[key], slice(1, 2)):
+                    if stream_of.setdefault(sym, stream) != stream:
+                        return {}  # one symbol for both sequences: they cannot be told apart
+    out = {}
+    for node in nodes:
+        found = {stream_of[sym] for sym in symbols(node, slice(0, 2)) if sym in stream_of}
+        if len(found) == 1:
+            out[node] = found.pop()
+    return out
+
+
+class TokenMasks:
+    """The real-token masks of one batch, per token sequence: an encoder-decoder's decoder
+    tokens follow its ``decoder_attention_mask`` (none given: all are real), not the encoder's
+    ``attention_mask``, which used to be applied to decoder values of the same length."""
+
+    def __init__(self, inputs: Args, streams: Mapping[fx.Node, str] | None = None):
+        kwargs = inputs[1] if len(inputs) > 1 and isinstance(inputs[1], Mapping) else {}
+        self.encoder = padding_mask(inputs)
+        decoder = kwargs.get("decoder_attention_mask")
+        self.decoder = decoder.detach() != 0 if isinstance(decoder, torch.Tensor) and decoder.dim() == 2 else None
+        tokens = next((kwargs[k] for k in _DECODER_TOKENS[:2] if isinstance(kwargs.get(k), torch.Tensor)), None)
+        self.decoder_length = int(tokens.shape[1]) if tokens is not None and tokens.dim() >= 2 else None
+        self.streams = streams or {}
+
+    def told_apart(self) -> bool:
+        """Whether the encoder and decoder sequences differ in length (the encoder mask's shape then
+        matches encoder values only)."""
+        return self.encoder is not None and self.decoder_length != self.encoder.shape[1]
+
+    def for_node(self, node: fx.Node | None) -> torch.Tensor | None:
+        """The mask of the values of ``node`` (a site's input or output)."""
+        if self.decoder_length is None:
+            return self.encoder
+        stream = self.streams.get(node)
+        if stream is not None:
+            return self.decoder if stream == "decoder" else self.encoder
+        return self.encoder if self.told_apart() else None
+
+    def for_output(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The mask of a model output ``t``."""
+        if self.decoder_length is None:
+            return self.encoder
+        if self.decoder is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(self.decoder.shape):
+            return self.decoder
+        return self.encoder if self.told_apart() else None
+
+
 def _site_inputs(sites: Mapping[str, Site]) -> dict[fx.Node, list[str]]:
     """Input node → the sites that read it (one set of statistics per distinct input)."""
     out: dict[fx.Node, list[str]] = {}
@@ -390,13 +460,14 @@ def collect_stats(
     energy = 0.0
     site_outputs: list[tuple[str, torch.Tensor]] = []
     layouts: dict[str, bool | None] = {}  # linear site → its values are sequence-first (see _real_tokens)
+    streams = token_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values()))])
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
             if node in by_input and isinstance(out, torch.Tensor):
                 site = sites[by_input[node][0]]
-                x = _samples(site, out, mask, layouts)
+                x = _samples(site, out, masks.for_node(node), layouts)
                 if node not in inputs_stats:
                     inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
                 inputs_stats[node].add(x)
@@ -412,7 +483,7 @@ def collect_stats(
     try:
         for index, item in enumerate(_batches(calibration, progress, "calibration")):
             inputs = _as_args(item, index)
-            mask = padding_mask(inputs)
+            masks = TokenMasks(inputs, streams)
             site_outputs.clear()
             try:
                 flat = flat_inputs(gm, inputs, f"calibration batch {index}")
@@ -435,13 +506,15 @@ def collect_stats(
                         "normalized embedding or the logits it is given, or use sensitivity=False"
                     )
                 if outs:
-                    vs = [_on_real_tokens(torch.randn(t.shape, generator=generator, dtype=t.dtype), mask) for t in outs]
+                    vs = [_on_real_tokens(torch.randn(t.shape, generator=generator, dtype=t.dtype), masks.for_output(t))
+                          for t in outs]  # fmt: skip
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
                     for (name, _), g in zip(site_outputs, grads):
                         if g is not None:
-                            ch = _output_moments(sites[name], g, full, mask, layouts)
+                            site = sites[name]
+                            ch = _output_moments(site, g, full, masks.for_node(site.input(site.nodes[0])), layouts)
                             sens[name] = sens[name] + ch if name in sens else ch
-                    energy += sum(float(_on_real_tokens(t.detach().double(), mask).pow(2).sum()) for t in outs)
+                    energy += sum(float(_on_real_tokens(t.detach().double(), masks.for_output(t)).pow(2).sum()) for t in outs)
             site_outputs.clear()
             n += 1
     finally:
@@ -564,7 +637,8 @@ def sequential_factors(
                "cp_iters": int(plan.settings.get("cp_iters") or 300)}  # fmt: skip
     items = [_as_args(item, i) for i, item in enumerate(_batches(calibration, False, "calibration"))]
     batches = [flat_inputs(gm, item, f"calibration batch {i}") for i, item in enumerate(items)]
-    masks = [padding_mask(item) for item in items]
+    streams = token_streams(gm, [site.input(site.nodes[0]) for site in todo.values()])
+    token_masks = [TokenMasks(item, streams) for item in items]
     if not batches:
         raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
     if distributed is None:
@@ -605,6 +679,7 @@ def sequential_factors(
                     x_node = site.input(node)
                     local = None
                     layouts: dict[str, bool | None] = {}
+                    masks = [m.for_node(x_node) for m in token_masks]
                     for i in _square_last(masks):
                         x_c = _samples(site, comp[x_node][i], masks[i], layouts)
                         x_o = _samples(site, orig[x_node][i], masks[i], layouts)

@@ -380,9 +380,12 @@ def _token_mask(inputs: "Args") -> np.ndarray | None:
     """`fxlrd.capture.padding_mask` as a numpy array. Outputs at padding positions are computed
     but unused, and nothing constrains them: int8 can move them by as much as the largest real
     activation, so checks leave them out."""
-    from .capture import padding_mask
+    from .calibrate import TokenMasks
 
-    mask = padding_mask(inputs)
+    masks = TokenMasks(inputs)
+    # an encoder-decoder's outputs run over the decoder's tokens: the encoder's mask applies only where
+    # the lengths tell the two apart (its shape then matches encoder outputs alone)
+    mask = masks.encoder if masks.decoder_length is None or masks.told_apart() else None
     return None if mask is None else mask.cpu().numpy()
 
 

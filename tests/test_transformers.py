@@ -375,6 +375,40 @@ def test_encoder_decoder_whose_parts_hold_their_own_config_is_captured_without_t
         torch.testing.assert_close(gm(**example).logits, model(**example, use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
 
+def _bart_batch(decoder_length: int, decoder_mask: bool = False) -> dict:
+    g = torch.Generator().manual_seed(decoder_length)
+    ids, mask = torch.randint(3, 100, (2, 8), generator=g), torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # 3 encoder padding tokens
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 100, (2, decoder_length), generator=g)}
+    if decoder_mask:
+        batch["decoder_attention_mask"] = torch.ones(2, decoder_length, dtype=torch.long)
+        batch["decoder_attention_mask"][0, -2:] = 0  # 2 decoder padding tokens
+    return batch
+
+
+@pytest.mark.parametrize("decoder_length", [7, 8])
+def test_an_encoder_decoder_s_decoder_tokens_follow_their_own_mask(decoder_length):
+    # the encoder's attention_mask was applied to decoder values of the same length: real decoder tokens dropped
+    from fxlrd.calibrate import collect_stats
+
+    cfg = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+                                  max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BartModel(cfg).eval()
+    gm = capture(model, _bart_batch(8)).gm
+    for sensitivity in (False, True):
+        stats = collect_stats(gm, [_bart_batch(decoder_length)], sensitivity=sensitivity, progress=False)
+        assert stats["encoder.layers.0.fc1"].count == 13  # 16 tokens, 3 of them padding
+        assert stats["decoder.layers.0.encoder_attn.k_proj"].count == 13  # reads the encoder's output
+        assert stats["decoder.layers.0.fc1"].count == 2 * decoder_length  # no decoder mask: every token is real
+    masked = capture(model, _bart_batch(8, decoder_mask=True)).gm
+    stats = collect_stats(masked, [_bart_batch(decoder_length, decoder_mask=True)], sensitivity=False, progress=False)
+    assert stats["decoder.layers.0.fc1"].count == 2 * decoder_length - 2 and stats["encoder.layers.0.fc1"].count == 13
+    config = LRDConfig(ratio=1.5, rank_quantum=1, sequential=True)  # the sequential fit reads the same masks
+    fxlrd.transform(masked, config, example_inputs=_bart_batch(8, True), calibration=[_bart_batch(decoder_length, True)])
+
+
 def test_paper_freezing(captured):
     name, model, example, _, gm0 = captured
     gm = fxlrd.transform(gm0, LRDConfig(rank_rule="fixed", rank=R, rank_quantum=1))
