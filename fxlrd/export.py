@@ -169,10 +169,31 @@ def onnx_feed(session, inputs: "Args") -> dict[str, np.ndarray]:
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
 
 
+def _shapes(inputs: "Args") -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+
+
+def _widened(inputs: "Args", dynamic_batch: bool, dynamic_sequence: bool) -> "Args":
+    """``inputs`` with a batch or token sequence of size 1 repeated to 2 where it is to stay
+    dynamic: the exporter specializes dimensions of size 1, so a 1×1 example wrote a file that
+    declared dynamic axes and ran at 1×1 only."""
+    from .capture import _batch_size, _widen, sequence_lengths
+
+    batch = _batch_size(inputs)
+    if dynamic_batch and batch == 1:
+        inputs, batch = _widen(inputs, 0, 1, None), 2
+    if dynamic_sequence and 1 in sequence_lengths(inputs):
+        inputs = _widen(inputs, 1, 1, batch)
+    return inputs
+
+
 def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, *, dynamic_batch: bool = True,
                      dynamic_sequence: bool = True, opset_version: int | None = None,
                      dynamic_shapes=None) -> None:  # fmt: skip
-    """Export without checking (the model as it is, eval mode is the caller's business)."""
+    """Export without checking (the model as it is, eval mode is the caller's business); a
+    batch or token sequence of 1 meant to stay dynamic is exported at 2 (`_widened`)."""
+    if dynamic_shapes is None:
+        inputs = _widened(inputs, dynamic_batch, dynamic_sequence)
     inputs = _in_signature_order(model, inputs)
     args, kwargs = inputs
     names = _input_names(inputs)
@@ -269,10 +290,12 @@ def export_onnx(
             raise ConfigError(f"int8 quantization starts from a float32 model, this one holds {', '.join(dtypes)} "
                               "weights: export gm.float() (onnxruntime quantizes float32 graphs only)")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
+    widened = _widened(inputs, dynamic_batch, dynamic_sequence) if dynamic_shapes is None else inputs
+    checks = [inputs] + ([widened] if _shapes(widened) != _shapes(inputs) else [])  # a size-1 example, and size 2
     with eval_mode(gm):
         with torch.no_grad():
-            expected = gm(*args, **kwargs)
-        outputs = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+            expected = [gm(*a, **k) for a, k in checks]
+        outputs = [t for t in pytree.tree_leaves(expected[0]) if isinstance(t, torch.Tensor)]
         with atomic_path(path) as tmp:
             export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                              opset_version=opset_version, dynamic_shapes=dynamic_shapes)  # fmt: skip
@@ -286,19 +309,26 @@ def export_onnx(
                     )
             if check:
                 session = onnx_session(tmp)
-                got = session.run(None, onnx_feed(session, inputs))
-                if len(got) != len(outputs):
-                    raise ExportMismatchError(
-                        f"onnxruntime gives {len(got)} outputs, PyTorch {len(outputs)}; {path} was not written"
-                    )
-                for i, (g, e) in enumerate(zip(got, outputs)):
-                    err = max_relative_error(g, e.detach().float().cpu().numpy())
-                    tol = rtol if rtol is not None else (1e-2 if e.dtype in (torch.float16, torch.bfloat16) else 1e-4)
-                    if not err <= tol:
+                for shown, want in zip(checks, expected):
+                    want = [t for t in pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
+                    at = "" if shown is inputs else f" at {_shapes(shown)} (the dynamic sizes, beyond the example's 1)"
+                    try:
+                        got = session.run(None, onnx_feed(session, shown))
+                    except Exception as exc:  # noqa: BLE001  (onnxruntime's own error types)
+                        raise ExportMismatchError(f"onnxruntime cannot run the exported file{at}: "
+                                                  f"{type(exc).__name__}: {str(exc)[:300]}; {path} was not written") from exc
+                    if len(got) != len(want):
                         raise ExportMismatchError(
-                            f"onnxruntime output {i} differs from PyTorch: relative error {err:.3g} > rtol {tol:g}; "
-                            f"{path} was not written"
+                            f"onnxruntime gives {len(got)} outputs, PyTorch {len(want)}{at}; {path} was not written"
                         )
+                    for i, (g, e) in enumerate(zip(got, want)):
+                        err = max_relative_error(g, e.detach().float().cpu().numpy())
+                        tol = rtol if rtol is not None else (1e-2 if e.dtype in (torch.float16, torch.bfloat16) else 1e-4)
+                        if not err <= tol:
+                            raise ExportMismatchError(
+                                f"onnxruntime output {i} differs from PyTorch{at}: relative error {err:.3g} > rtol "
+                                f"{tol:g}; {path} was not written"
+                            )
             if quantize is not None:
                 from .quantize import quantize_onnx_file
 

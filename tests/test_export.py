@@ -158,6 +158,22 @@ def test_an_input_that_is_not_a_tensor_exports_with_a_dynamic_batch(tmp_path, gi
         assert got.shape == (7, 8) and max_relative_error(got, model(other, 2.0).numpy()) <= 1e-4
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 8), (2, 1)])
+def test_a_size_1_example_exports_a_file_that_runs_at_other_sizes(tmp_path, shape):
+    # the exporter specializes dimensions of size 1: a 1x1 example wrote a file declaring dynamic axes that ran at
+    # 1x1 only, and its check (at the example) passed
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, 100, shape)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    session = onnx_session(fxlrd.export_onnx(model, example, tmp_path / "m.onnx"))
+    other = {"input_ids": torch.randint(0, 100, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    got = session.run(None, {k: v.numpy() for k, v in other.items()})[0]
+    with torch.no_grad():
+        assert max_relative_error(got, model(**other).last_hidden_state.numpy()) <= 1e-4
+
+
 def test_a_half_precision_model_passes_the_check_and_int8_needs_float32(tmp_path):
     from fxlrd import ConfigError
 
