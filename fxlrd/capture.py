@@ -284,10 +284,15 @@ def inputs_error(model: nn.Module, inputs: Args, exc: BaseException, what: str =
     """The error for inputs the model cannot run (``what``: how the user passed them)."""
     frame = _user_frame(exc)
     verb = "do" if what.endswith("s") else "does"
+    fixed = fixed_sizes(model, inputs)
+    hint = "; ".join(f"input {name!r} has size {given} in dimension {dim}, where the capture fixed {size}"
+                     for name, dim, size, given in fixed)  # fmt: skip
+    fix = ("\nThe graph was captured at the example's sizes: capture with an example of these sizes, or with "
+           "dynamic_shapes=... that make those dimensions dynamic") if fixed else \
+        "\nPass inputs the model accepts, e.g. one real batch (right shapes and dtypes: token ids are int64)"  # fmt: skip
     return ValueError(
         f"{what} ({describe_inputs(inputs)}) {verb} not run through {type(model).__name__}: "
-        f"{_one_line(_innermost(exc))}" + (f"\n  {frame}" if frame else "")
-        + "\nPass inputs the model accepts, e.g. one real batch (right shapes and dtypes: token ids are int64)"
+        f"{_one_line(_innermost(exc))}" + (f"\n  {frame}" if frame else "") + (f"\n{hint}" if hint else "") + fix
     )
 
 
@@ -547,6 +552,52 @@ def _size_guards(gm: fx.GraphModule, ranges: Mapping[Any, Any]) -> list[str]:
     return notes
 
 
+def fixed_sizes(gm: nn.Module, inputs: Args | None = None) -> list[tuple[str, int, int, int | None]]:
+    """The input dimensions an export capture fixed at the example's size: ``(input, dim,
+    size, given)``, ``given`` the size in ``inputs`` (None without them); with ``inputs``, only
+    the dimensions where they differ. fxlrd keeps such graphs running at other sizes (a CNN's
+    convs are size-generic), so a size the graph cannot take fails inside it: this names why."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return []
+    values = None
+    if inputs is not None:
+        try:
+            values = placeholder_values(gm, flat_inputs(gm, inputs, "inputs"))
+        except Exception:  # noqa: BLE001  (inputs that do not bind: nothing to compare)
+            return []
+    out = []
+    for node in graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor) or not any(not is_concrete_int(d) for d in val.shape[:1]):
+            continue  # not an export capture's input (fx graphs record no symbolic batch)
+        given = values.get(node) if values is not None else None
+        for dim, size in enumerate(val.shape):
+            if dim == 0 or not is_concrete_int(size):
+                continue
+            if values is None:
+                out.append((node.name, dim, int(size), None))
+            elif isinstance(given, torch.Tensor) and given.dim() > dim and given.shape[dim] != int(size):
+                out.append((node.name, dim, int(size), int(given.shape[dim])))
+    return out
+
+
+def _fixed_size_notes(gm: fx.GraphModule) -> list[str]:
+    """A note for the lengths export fixed in float inputs (an audio waveform's samples, an
+    image's height and width; not channels or features), which users may expect to vary."""
+    by_input: dict[str, list[str]] = {}
+    for name, dim, size, _ in fixed_sizes(gm):
+        node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+        val = node.meta["val"]
+        if val.is_floating_point() and (val.dim() == 2 or 2 <= dim < val.dim() - (val.dim() == 3)):
+            by_input.setdefault(name, []).append(f"{dim} ({size})")
+    return [f"export fixed input {name!r} at the example's size in dimension {', '.join(dims)}: other sizes run only "
+            "where the model's code does not depend on them (pass dynamic_shapes=... to make them dynamic)"
+            for name, dims in by_input.items()]  # fmt: skip
+
+
 def dynamic_export_inputs(model: nn.Module, inputs: Args) -> tuple[tuple, dict, Any, list[str]]:
     """``(args, kwargs, dynamic_shapes, asked)`` for ``torch.export.export`` with the batch and
     the token sequence dynamic (``asked``: which of the two). Export specializes dimensions of
@@ -602,7 +653,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
         if node.op == "call_module" and node.target == "_guards_fn":  # and sizes it specialized by check_size nodes
             graph.erase_node(node)
     gm = fx.GraphModule(exported, graph, type(model).__name__)
-    notes += _size_guards(gm, ep.range_constraints)
+    notes += _size_guards(gm, ep.range_constraints) + _fixed_size_notes(gm)
     trained = training_ops(gm)
     if trained:
         message = (f"captured with torch.export in training mode: {trained} dropout/batch-norm operations run as in "
@@ -615,7 +666,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     computed = computed_weight_layers(gm)
     if computed:
         notes.append(f"{computed} linear/conv operations compute their weight in the graph (a parametrization such as "
-                     "weight_norm): they are not decomposed, nor listed in the plan (capture='fx' decomposes them)")  # fmt: skip
+                     "weight_norm): they are not decomposed, nor listed in the plan (a torch.fx capture decomposes them, where fx can trace the model)")  # fmt: skip
     hidden = _layers_in_regions(gm)
     if hidden:
         notes.append(f"{hidden} linear/conv operations run inside torch.no_grad(), autocast or torch.cond regions of the "

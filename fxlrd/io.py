@@ -550,7 +550,7 @@ def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mappin
     )
 
 
-def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device], dtypes: Mapping[str, str]) -> None:
+def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device], dtypes: Mapping[str, str] | None = None) -> None:
     """Buffers kept out of the state dict (BERT's position ids, an exported graph's device
     anchor) go where the saved tensors went, when those all went to one device, and take the
     floating dtype they had when saved."""
@@ -558,7 +558,7 @@ def _move_unsaved_buffers(gm: nn.Module, devices: set[torch.device], dtypes: Map
     for qualified, module, name, buffer in list(_unsaved_buffers(gm)):
         if buffer.is_meta:  # it holds no values
             continue
-        dtype = getattr(torch, dtypes.get(qualified, ""), None) if buffer.is_floating_point() else None
+        dtype = getattr(torch, (dtypes or {}).get(qualified, ""), None) if buffer.is_floating_point() else None
         moved = device is not None and buffer.device != device
         if moved or (isinstance(dtype, torch.dtype) and buffer.dtype != dtype):
             module._buffers[name] = buffer.to(device=device or buffer.device, dtype=dtype or buffer.dtype)

@@ -618,6 +618,24 @@ def test_hook_based_weight_norm_is_folded_on_the_copy_only(tmp_path):
     torch.testing.assert_close(fxlrd.load(model, tmp_path / "m")(x), gm(x))
 
 
+class _ChunksByLength(nn.Module):  # export bakes length // 4 in as a constant; the model itself takes any length
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.lin(x.reshape(x.shape[0], x.shape[1] // 4, 4)).sum(1)
+
+
+def test_a_length_export_fixed_is_noted_and_named_when_another_length_fails():
+    # a waveform length fixed at capture: another length failed deep inside, with an error blaming the inputs
+    model, x = _ChunksByLength().eval(), torch.randn(2, 16)
+    gm = fxlrd.transform(model, FULL, example_inputs=x, capture="export")
+    assert any("export fixed input 'x' at the example's size in dimension 1 (16)" in n for n in gm.fxlrd_capture["notes"])
+    with pytest.raises(ValueError, match="input 'x' has size 20 in dimension 1, where the capture fixed 16\nThe graph"):
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, capture="export", calibration=[torch.randn(2, 20)])
+
+
 def test_an_export_capture_counts_the_layers_whose_weight_the_graph_computes():
     # a parametrization's weight is computed in the graph: no parameter to factorize, and the plan did not say
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 8)).eval()
