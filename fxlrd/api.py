@@ -103,8 +103,9 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
                          example=inputs)  # fmt: skip
     if not blocks and not recorded:
         warnings.warn(
-            "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear, the hidden "
-            "activations used by nothing else; a reshape between them, as in GPT-2's export, hides one): its layers "
+            "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear that expands, the "
+            "hidden activations used by nothing else, each layer called once with weights of its own: a gated MLP "
+            "such as Llama's gate · up, or layers shared across depth as ALBERT's, are not such blocks): its layers "
             "are factorized like the others", FxlrdWarning, stacklevel=3,
         )  # fmt: skip
     names = tuple(n for b in blocks for n in (b.up, b.down))
