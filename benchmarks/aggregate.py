@@ -7,6 +7,7 @@ the two were timed taking turns, and only then aggregated across runs.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -168,23 +169,28 @@ def _relabelled(record: Run, labels: Mapping[tuple, str]) -> Run:
 
 def _one_mac_counter(records: list[Run], tolerance: float = 0.005) -> list[Run]:
     """``records`` with the MACs left out of runs whose counter was not the newest one's: per
-    machine kind and model, the original's MACs per sample in the newest run that counted them
+    machine kind, model and input size, the original's MACs per sample in the newest run that counted them
     are the reference (an older counter read fused attention as zero MACs: ViT-B/16's original
     at 11.3 G instead of 17.6 G, so its MAC ratios differed between the columns of one row).
     Their timings still count."""
     def original_macs(record: Run) -> float | None:
         return ((record.get("variants") or {}).get("original") or {}).get("macs")
 
-    newest: dict[tuple[str, Any], tuple[str, float]] = {}
+    def key_of(record: Run) -> tuple[str, Any, str]:  # one input size per sample: MACs differ between sizes
+        case = record.get("case", {})
+        per_sample = re.sub(r"(^|[\s=,])\d+[×x]", r"\1", str(case.get("inputs", "")))  # each tensor without its batch
+        return _kind(record), case.get("model"), per_sample
+
+    newest: dict[tuple[str, Any, str], tuple[str, float]] = {}
     for record in records:
-        macs, key = original_macs(record), (_kind(record), record.get("case", {}).get("model"))
+        macs, key = original_macs(record), key_of(record)
         stamp = str(record.get("timestamp", ""))
         if macs and (key not in newest or stamp >= newest[key][0]):
             newest[key] = (stamp, macs)
     out = []
     for record in records:
         macs = original_macs(record)
-        ref = newest.get((_kind(record), record.get("case", {}).get("model")), (None, None))[1]
+        ref = newest.get(key_of(record), (None, None))[1]
         if macs and ref and abs(macs - ref) > tolerance * ref:
             variants = {n: ({**v, "macs": None} if isinstance(v, Mapping) else v)
                         for n, v in record.get("variants", {}).items()}  # fmt: skip

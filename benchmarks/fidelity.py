@@ -421,7 +421,7 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
                 f"{row['method'].removesuffix('+int8')}@{row['ratio']:g}" + ("+int8" if row.get("int8") else "")]
         row.update(latency_ms=t, speedup=base / t["median_ms"], mac_ratio=original_macs / row["macs"],
                    param_ratio=original_params / row["params"], speedup_rounds=round_ratios(lat["original"], t))  # fmt: skip
-        if row.get("int8") and "original+int8" in lat:  # LRD + int8 against int8 alone, round by round
+        if row.get("int8") and row["method"] != "int8" and "original+int8" in lat:  # LRD + int8 over int8 alone
             row["over_int8_rounds"] = round_ratios(lat["original+int8"], t)
     return {"model": case.name, "original": {"params": original_params, "macs": original_macs,
             "latency_ms": lat["original"], **case.fidelity(case.model)}, "rows": rows}  # fmt: skip
@@ -481,7 +481,7 @@ def _speedup(row: Mapping[str, Any]) -> str:
     if rounds is None:
         return f"{row['speedup']:.2f}x ᵐ"
     text = f"{rounds['median']:.2f}x [{rounds['min']:.2f}–{rounds['max']:.2f}]"
-    over = row.get("over_int8_rounds")
+    over = row.get("over_int8_rounds") if row.get("method") != "int8" else None  # (int8 alone: itself)
     return text + (f", {over['median']:.2f}x [{over['min']:.2f}–{over['max']:.2f}] over int8" if over else "")
 
 

@@ -587,11 +587,25 @@ def fixed_sizes(gm: nn.Module, inputs: Args | None = None) -> list[tuple[str, in
 def _fixed_size_notes(gm: fx.GraphModule) -> list[str]:
     """A note for the lengths export fixed in float inputs (an audio waveform's samples, an
     image's height and width; not channels or features), which users may expect to vary."""
+    from .sites import find_sites
+
+    read_by: dict[fx.Node, str] = {}  # an input a layer reads as it is: its features (linear) or channels (conv)
+    for site in find_sites(gm).values():
+        for n in site.nodes:
+            x = site.input(n)
+            if x is not None and x.op == "placeholder" and site.spec is not None:
+                read_by.setdefault(x, site.spec.kind)
     by_input: dict[str, list[str]] = {}
     for name, dim, size, _ in fixed_sizes(gm):
         node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
-        val = node.meta["val"]
-        if val.is_floating_point() and (val.dim() == 2 or 2 <= dim < val.dim() - (val.dim() == 3)):
+        val, reader = node.meta["val"], read_by.get(node)
+        if reader == "conv":  # (batch, channels, length...)
+            length = dim >= 2
+        elif reader == "linear":  # (batch, ..., features)
+            length = dim < val.dim() - 1
+        else:  # a waveform (batch, samples); an image (batch, channels, height, width)
+            length = val.dim() == 2 or 2 <= dim < val.dim() - (val.dim() == 3)
+        if val.is_floating_point() and length:
             by_input.setdefault(name, []).append(f"{dim} ({size})")
     return [f"export fixed input {name!r} at the example's size in dimension {', '.join(dims)}: other sizes run only "
             "where the model's code does not depend on them (pass dynamic_shapes=... to make them dynamic)"

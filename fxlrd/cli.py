@@ -819,6 +819,8 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
     similarity per sample (hidden states of a text model are first mean-pooled over the
     attention mask).
     """
+    from .calibrate import TokenMasks
+
     num = den = 0.0
     agree = total = 0
     cosines: list[torch.Tensor] = []
@@ -827,8 +829,9 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
         name, y0 = _main_output(_call(original, batch))
         _, y1 = _main_output(_call(compressed, batch))
         y0, y1 = y0.double(), y1.double()
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        real = mask.bool() if mask is not None and y0.dim() >= 3 and tuple(mask.shape) == tuple(y0.shape[:2]) else None
+        # the real tokens of a per-token output (an encoder-decoder's decoder outputs follow its own mask)
+        mask = TokenMasks(((), dict(batch)), {}).for_output(y0) if isinstance(batch, Mapping) else None
+        real = mask if mask is not None and y0.dim() >= 3 and tuple(mask.shape) == tuple(y0.shape[:2]) else None
         real = real if real is not None and bool(real.any()) else None
         diff, ref = (y1 - y0, y0) if real is None else ((y1 - y0)[real], y0[real])  # padding tokens left out
         num, den = num + float((diff**2).sum()), den + float((ref**2).sum())

@@ -187,13 +187,26 @@ def _widened(inputs: "Args", dynamic_batch: bool, dynamic_sequence: bool) -> "Ar
     return inputs
 
 
+def _runs_at(model: nn.Module, inputs: "Args") -> bool:
+    """Whether ``model`` runs on ``inputs`` (a model written for batch 1 may not run at 2)."""
+    try:
+        with torch.no_grad():
+            model(*inputs[0], **inputs[1])
+    except Exception:  # noqa: BLE001  (any failure: the size is not one the model takes)
+        return False
+    return True
+
+
 def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, *, dynamic_batch: bool = True,
                      dynamic_sequence: bool = True, opset_version: int | None = None,
-                     dynamic_shapes=None) -> None:  # fmt: skip
+                     dynamic_shapes=None, widen: bool | None = None) -> None:  # fmt: skip
     """Export without checking (the model as it is, eval mode is the caller's business); a
-    batch or token sequence of 1 meant to stay dynamic is exported at 2 (`_widened`)."""
-    if dynamic_shapes is None:
-        inputs = _widened(inputs, dynamic_batch, dynamic_sequence)
+    batch or token sequence of 1 meant to stay dynamic is exported at 2 (`_widened`) where the
+    model runs at 2 (``widen``: already decided by the caller)."""
+    if dynamic_shapes is None and widen is not False:
+        widened = _widened(inputs, dynamic_batch, dynamic_sequence)
+        if _shapes(widened) != _shapes(inputs) and (widen or _runs_at(model, widened)):
+            inputs = widened
     inputs = _in_signature_order(model, inputs)
     args, kwargs = inputs
     names = _input_names(inputs)
@@ -294,11 +307,18 @@ def export_onnx(
     checks = [inputs] + ([widened] if _shapes(widened) != _shapes(inputs) else [])  # a size-1 example, and size 2
     with eval_mode(gm):
         with torch.no_grad():
-            expected = [gm(*a, **k) for a, k in checks]
+            expected = [gm(*args, **kwargs)]
+            if len(checks) > 1 and _runs_at(gm, widened):
+                expected.append(gm(*widened[0], **widened[1]))
+            elif len(checks) > 1:  # the model takes size 1 only there: the file stays at the example's size
+                checks = checks[:1]
+                warnings.warn(f"export_onnx: {type(gm).__name__} does not run at {_shapes(widened)}, so the exported "
+                              "file keeps the example's size 1 where it was asked to be dynamic (pass "
+                              "dynamic_batch=False or dynamic_sequence=False to say so)", stacklevel=2)  # fmt: skip
         outputs = [t for t in pytree.tree_leaves(expected[0]) if isinstance(t, torch.Tensor)]
         with atomic_path(path) as tmp:
             export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
-                             opset_version=opset_version, dynamic_shapes=dynamic_shapes)  # fmt: skip
+                             opset_version=opset_version, dynamic_shapes=dynamic_shapes, widen=len(checks) > 1)  # fmt: skip
             if opset_version is not None:
                 written = _opset(tmp)
                 if written != opset_version:

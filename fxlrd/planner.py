@@ -354,6 +354,7 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
     """Global allocation under a parameter budget with the least total (data-aware) error."""
     quantum = config.rank_quantum
     budget, what = _layer_budget(tasks, config, plan)
+    _centre_on_budget(tasks, config, plan)  # (methods offering ranks around their target: CP)
     options = []
     for task in tasks:
         curve = _error_curve(task)
@@ -390,9 +391,9 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
 
 
 def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> None:
-    """The speed search offers ranks around each layer's target (R/4 to 2R): with a size
-    budget that asks for more than ``ratio``, centre them on the budget's ratio instead, or
-    budgets that size-only allocation meets had no candidate small enough."""
+    """The speed search (and CP under any budget) offers ranks around each layer's target (R/4
+    to 2R): with a size budget that asks for more than ``ratio``, centre them on the budget's
+    ratio instead, or budgets that other ranks meet had no candidate small enough."""
     if config.target_params is None:
         return
     budget, _ = _layer_budget(tasks, config, plan)

@@ -91,6 +91,15 @@ def test_mac_ratios_come_from_runs_counted_as_the_newest_run_counted():
     assert s.macs.n == 2 and s.speedup_per_mac_ratio.n == 2
 
 
+def test_mac_ratios_of_another_input_size_are_not_an_older_counter():
+    # the same model timed at 160 and 224 pixels counts other MACs per sample: both counts stay
+    small = make_run({"original": 10.0, "quantized": 5.0}, run=1, macs={"original": 50, "quantized": 25})
+    small["case"]["inputs"] = "8×3×160×160"
+    large = make_run({"original": 10.0, "quantized": 5.0}, run=2, macs={"original": 100, "quantized": 50})
+    groups = group([small, large])
+    assert [summarize(g.runs)["quantized"].mac_ratio.median for g in groups] == [2.0, 2.0]
+
+
 def test_speedup_skips_runs_without_the_baseline():
     runs = THREE_RUNS[:2] + [make_run({"quantized": 1.0}, {"quantized": 50}, run=3)]
     s = summarize(runs)["quantized"]

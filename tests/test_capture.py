@@ -636,6 +636,16 @@ def test_a_length_export_fixed_is_noted_and_named_when_another_length_fails():
         fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, capture="export", calibration=[torch.randn(2, 20)])
 
 
+def test_fixed_size_notes_name_lengths_not_features_or_channels():
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()  # 16 is a feature size, not a length
+    gm = fxlrd.transform(mlp, LOW, example_inputs=torch.randn(4, 16), capture="export")
+    assert not any("export fixed input" in n for n in gm.fxlrd_capture["notes"])
+    conv = nn.Sequential(nn.Conv1d(1, 8, 5), nn.ReLU(), nn.Conv1d(8, 8, 5)).eval()  # (batch, channels, samples)
+    gm = fxlrd.transform(conv, LOW, example_inputs=torch.randn(2, 1, 400), capture="export")
+    notes = [n for n in gm.fxlrd_capture["notes"] if "export fixed input" in n]
+    assert len(notes) == 1 and "dimension 2 (400)" in notes[0]
+
+
 def test_an_export_capture_counts_the_layers_whose_weight_the_graph_computes():
     # a parametrization's weight is computed in the graph: no parameter to factorize, and the plan did not say
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 8)).eval()

@@ -575,6 +575,19 @@ def test_fidelity_counts_top1_agreement_per_real_token_for_token_logits():
     assert hidden["top1_agreement"] is None  # hidden states have no classes
 
 
+def test_fidelity_does_not_mask_decoder_outputs_with_the_encoder_s_padding():
+    # an encoder-decoder's logits run over the decoder's tokens: the encoder's attention_mask left real ones out
+    from fxlrd.cli import fidelity
+
+    logits = torch.randn(2, 4, 5)
+    flipped = logits.clone()
+    flipped[1, 3] = -flipped[1, 3]  # a real decoder token where the encoder pads
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+             "decoder_input_ids": torch.zeros(2, 4, dtype=torch.long)}  # fmt: skip
+    model = lambda out: (lambda **kwargs: {"logits": out})  # noqa: E731
+    assert fidelity(model(logits), model(flipped), [batch])["top1_agreement"] == pytest.approx(7 / 8)
+
+
 def test_encoder_decoder_directory_gives_its_decoder_the_same_tokens(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,

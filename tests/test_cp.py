@@ -204,6 +204,13 @@ def test_a_parameter_budget_fits_a_dozen_cp_ranks_not_every_one(monkeypatch):
     assert plan.params_after_model() <= 0.5 * plan.model_params
 
 
+def test_a_small_parameter_budget_centres_the_cp_ranks_on_it():
+    # a dozen ranks around the ratio's rank (R/4..2R) had none small enough for a tenth of the model
+    for fraction in (0.1, 0.05):
+        plan = fxlrd.plan(Net(), LRDConfig(conv_method="cp", target_params=fraction, rank_quantum=1))
+        assert plan.params_after_model() <= fraction * plan.model_params
+
+
 def test_cp_plan_json_round_trip_and_apply():
     model = Net().eval()
     plan = fxlrd.plan(model, LRDConfig(conv_method="cp", ratio=2))

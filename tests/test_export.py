@@ -174,6 +174,25 @@ def test_a_size_1_example_exports_a_file_that_runs_at_other_sizes(tmp_path, shap
         assert max_relative_error(got, model(**other).last_hidden_state.numpy()) <= 1e-4
 
 
+def test_a_model_that_runs_at_batch_1_only_still_exports(tmp_path):
+    # the size-2 check ran the model at a batch it cannot take: a bare RuntimeError, where the file used to be written
+    class BatchOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin = nn.Conv2d(3, 16, 3), nn.Linear(16 * 6 * 6, 32)
+
+        def forward(self, x):
+            return self.lin(self.conv(x).view(1, -1))
+
+    model, x = BatchOne().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="does not run at .* keeps the example's size 1"):
+        path = fxlrd.export_onnx(model, x, tmp_path / "m.onnx")
+    session = onnx_session(path)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert max_relative_error(got, model(x).numpy()) <= 1e-4
+
+
 def test_a_half_precision_model_passes_the_check_and_int8_needs_float32(tmp_path):
     from fxlrd import ConfigError
 

@@ -96,6 +96,11 @@ def test_with_whole_costs_the_solution_is_the_least_error_one(options, budget):
         assert sum(o[c][1] for o, c in zip(options, choices)) <= best + 1e-9
 
 
+def test_a_budget_of_zero_is_met_by_options_that_cost_nothing():
+    choices, met = solve_global([{None: (0.5, 0.0), "a": (0.0, 1.0)}], 0.0)  # divided by zero
+    assert (choices, met) == (["a"], True)
+
+
 @given(option_tables, st.floats(0.5, 20), st.floats(0, 20))
 def test_more_budget_never_costs_more_error(options, budget, extra):
     a, met_a = solve_global(options, budget)

@@ -75,7 +75,7 @@ def _knapsack(options: Sequence[Options], budget: float, units: int = 4096) -> l
     import numpy as np
 
     integral = all(float(c).is_integer() for opt in options for c, _ in opt.values())
-    step = 1.0 if integral and budget <= units else budget / units
+    step = 1.0 if (integral and budget <= units) or budget <= 0 else budget / units
     size = int(budget // step) + 1
     shift_of = lambda cost: int(np.ceil(cost / step - 1e-9)) if cost > 0 else 0  # noqa: E731  (rounded up)
     best = np.full(size, np.inf)
