@@ -1,4 +1,5 @@
-"""Freezing factors for faster fine-tuning (paper 2.2) and sequential freezing (paper 000).
+"""Freezing factors for faster fine-tuning (paper 2.2) and sequential freezing (from "Training
+Acceleration of Low-Rank Decomposed Networks using Sequential Freezing and Rank Quantization").
 
 Frozen factors need no weight gradients, so backward gets cheaper. Policies say which factor
 roles stay trainable; `SequentialFreezer` alternates them on a schedule so every factor is

@@ -2,7 +2,7 @@
 
 Latency depends only on shapes, so layers are timed with random weights at their real input
 shape. Identical layers (ResNet repeats its blocks) share a cache key and are timed once per
-machine. This module knows nothing of ranks or plans; `fxlrd.rank_search` uses it.
+machine. This module knows nothing of ranks or plans; `fxlrd.ranks.search` uses it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """How ranks are chosen by measured latency (paper Algorithm 1, DESIGN.md §2).
+    """How ranks are chosen by measured latency (paper Algorithm 1; `fxlrd.ranks.search`).
 
     Args:
         backend: where the model will run: ``"onnxruntime"`` (CPU execution provider, CUDA
