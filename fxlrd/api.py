@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -113,6 +114,40 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
     return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]
 
 
+def _fuse(captured: Captured, config: LRDConfig, recorded: list[dict[str, Any]] | None = None
+          ) -> tuple[LRDConfig, list[dict[str, Any]]]:  # fmt: skip
+    """Fuse sibling linears (``config.siblings == "fuse"``, or the groups a plan records) in the
+    captured graph; returns the config that selects the fused layers (their members were
+    selected) and the groups' records."""
+    if config.siblings != "fuse" and not recorded:
+        return config, []
+    from .methods import get_method
+    from .planner import _keep_reason
+    from .siblings import find_siblings, fuse_siblings
+
+    gm = captured.gm
+    if recorded:
+        groups = fuse_siblings(gm, recorded)
+    else:
+        handler = get_method(config.linear_method)
+        chosen = lambda name, site: not _keep_reason(name, site, gm, handler, config)  # noqa: E731
+        groups = [g for g in find_siblings(gm, chosen) if not any(fnmatch.fnmatchcase(g.name, p) for p in config.exclude)]
+        groups = fuse_siblings(gm, groups)
+    names = {g.name for g in groups}
+    if names and config.include is not None:  # the fused layers in place of their members
+        from .sites import find_sites
+
+        members = [m for g in groups for m in g.members]
+        left = list(find_sites(gm))
+        match = lambda p, among: any(fnmatch.fnmatchcase(n, p) for n in among)  # noqa: E731
+        include = [p for p in config.include if match(p, left) or not match(p, members)]
+        config = dataclasses.replace(config, include=(*include, *sorted(names)))
+    if names and config.filter_fn is not None:
+        user = config.filter_fn
+        config = dataclasses.replace(config, filter_fn=lambda module, name: name in names or user(module, name))
+    return config, [g.to_dict() for g in groups]
+
+
 def plan(
     model: nn.Module,
     config: LRDConfig | None = None,
@@ -181,8 +216,11 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
     the model before them."""
     params = count_params(captured.gm)
     config, narrowed = _narrow(captured, config, calibration, inputs)
+    config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
     plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
+    if fused:
+        plan_.settings["fused"] = fused
     if narrowed:
         plan_.settings["narrowed"] = narrowed
         plan_.model_params = params
@@ -304,6 +342,8 @@ def apply(
         inputs = inputs_from_signature(plan.settings["inputs"])
     if inplace and plan.settings.get("narrowed"):
         raise ConfigError("inplace=True cannot be combined with a plan that narrows MLP blocks; use inplace=False")
+    if inplace and plan.settings.get("fused"):
+        raise ConfigError("inplace=True cannot be combined with a plan that fuses sibling layers; use inplace=False")
     calibration = _reusable(calibration)
     config = LRDConfig(leaf_modules=leaf_modules, attention=plan.settings.get("attention", "packed"),
                        sensitivity=_plan_sensitivity(plan, sensitivity),
@@ -324,6 +364,8 @@ def apply(
         _check_inplace(plan)
     if plan.settings.get("narrowed"):
         _narrow(captured, config, calibration, inputs, recorded=plan.settings["narrowed"])
+    if plan.settings.get("fused"):
+        _fuse(captured, config, recorded=plan.settings["fused"])
     stats = _calibration_stats(captured, config, calibration, inputs)
     factors = None
     if config.sequential and calibration is not None and any(lp.data_aware for lp in plan.decomposed):
@@ -455,6 +497,9 @@ def transform(
             "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "
             "so the model object could not follow; use inplace=False and the returned GraphModule"
         )
+    if inplace and config.siblings == "fuse":
+        raise ConfigError("inplace=True cannot be combined with siblings='fuse' (the layers are replaced by fused ones); "
+                          "use inplace=False")  # fmt: skip
     if inplace and config.mlp == "narrow":
         raise ConfigError("inplace=True cannot be combined with mlp='narrow' (the layers change shape); use inplace=False")
     if config.sequential and calibration is None:  # before any capture, calibration or latency search

@@ -74,6 +74,15 @@ class _Console:
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=disable)
 
 
+def _conv_methods() -> list[str]:
+    """The registered methods that decompose a k×k convolution."""
+    from .factorized import LayerSpec
+    from .methods import get_method, methods
+
+    spec = LayerSpec("conv", 8, 8, (3, 3), 1, True, (1, 1), (1, 1), (1, 1))
+    return [m for m in methods() if not get_method(m).applies(spec)]
+
+
 def _count(n: float | None, unit: str = "") -> str:
     if n is None:
         return "-"
@@ -966,6 +975,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "include": args.include, "exclude": args.exclude or (),
         "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
         **_SENSITIVITY[getattr(args, "sensitivity", "output")], "mlp": getattr(args, "mlp", "factorize"),
+        "siblings": getattr(args, "siblings", "separate"),
     }  # fmt: skip
     values.update(overrides)
     return LRDConfig(**values)
@@ -1598,8 +1608,12 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
     g.add_argument("--mlp", choices=("factorize", "narrow"), default="factorize",
                    help="MLP blocks (linear, activation, linear): factorize their layers (default) or, with "
                         "--calibration, narrow them (fewer hidden neurons, chosen on the data)")  # fmt: skip
+    g.add_argument("--siblings", choices=("separate", "fuse"), default="separate",
+                   help="linear layers reading one input (attention's query, key, value): decompose each on its own "
+                        "(default), or fuse them first so they share one input factor (fewer GEMMs; with "
+                        "--calibration, less error on trained weights)")  # fmt: skip
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
-    g.add_argument("--conv-method", choices=methods(), default="tucker2",
+    g.add_argument("--conv-method", choices=_conv_methods(), default="tucker2",
                    help="method for k×k convs (default tucker2)")  # fmt: skip
     g.add_argument("--include", action="append", metavar="GLOB", help="decompose only layers matching (repeatable)")
     g.add_argument("--exclude", action="append", metavar="GLOB", help="never decompose layers matching (repeatable)")
@@ -1672,7 +1686,7 @@ _EPILOG = """examples:
   fxlrd compress ./bert-dir --seq-len 64 --calibration sentences.txt --report bert.json
   fxlrd inspect build/r50          a saved model's metadata and plan (or a report JSON)
   fxlrd bench resnet50 --plot bench.png
-  fxlrd demo                       what `make demo` runs: compress ResNet-50 into build/
+  fxlrd demo                       compress a zoo model (default ResNet-50) into build/: ONNX, save, report
 
 MODEL is a zoo name (%s), package.module:factory (imported
 and called), or a local Hugging Face model directory.

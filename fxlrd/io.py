@@ -515,6 +515,10 @@ def _rebuild(
         from .narrow import narrow_skeleton
 
         narrow_skeleton(gm, plan.settings["narrowed"])
+    if plan.settings.get("fused"):
+        from .siblings import fuse_siblings
+
+        fuse_siblings(gm, plan.settings["fused"])
     gm = DecomposePass(plan, factors=_skeletons(gm, plan))(gm).graph_module
     branches = int(plan.settings.get("branches", 1) or 1)
     if branches > 1:  # the saved values replace the truncated blocks: no fitting needed

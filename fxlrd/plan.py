@@ -167,6 +167,11 @@ class Plan:
             hidden = ", ".join(f"{b['hidden']}->{b['width']}" for b in narrowed)
             out.append(f"{len(narrowed)} MLP blocks narrowed (hidden {hidden}): params {_count(before)} -> {_count(after)} "
                        f"({_ratio(before, after)}), in the rows and totals above")  # fmt: skip
+        fused = self.settings.get("fused") or []
+        if fused:
+            leaves = sorted({"+".join(m.rpartition(".")[2] for m in g["members"]) for g in fused})
+            out.append(f"{len(fused)} groups of sibling linears fused before decomposition ({', '.join(leaves)}): "
+                       "each row above named after its members")  # fmt: skip
         change = self.settings.get("merge_params_change")
         if change:
             out.append(f"merging ({self.settings.get('merge')}) then changed the model's params by {change:+,}; the rows "

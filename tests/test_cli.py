@@ -51,6 +51,20 @@ MODELS_PY = textwrap.dedent(
     def mlp():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16), nn.Linear(16, 4))
+
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) + self.v(x)
+
+
+    def qkv():
+        torch.manual_seed(0)
+        return QKV()
     """
 )
 
@@ -791,3 +805,12 @@ def test_inspect_reads_a_report_whose_blocks_held_nothing_out(tmp_path, capsys):
     assert any(b["held_out_before"] is None for b in blocks.values())
     code, out, err = _run(capsys, "inspect", tmp_path / "r.json")
     assert code == 0 and "too few positions to hold any out" in out, err
+
+
+def test_siblings_option_fuses_the_layers_reading_one_input(capsys, factory):
+    code, out, err = _run(capsys, "plan", "fxlrd_cli_models:qkv", "--input-shape", "8,16", "--quantum", 1,
+                          "--siblings", "fuse")  # fmt: skip
+    assert code == 0, err
+    assert "q_k_v" in out and "1 groups of sibling linears fused" in out
+    code, out, err = _run(capsys, "plan", "fxlrd_cli_models:qkv", "--input-shape", "8,16", "--quantum", 1)
+    assert code == 0 and "q_k_v" not in out
