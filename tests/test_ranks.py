@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,3 +64,16 @@ def test_vbmf_finds_the_rank_of_a_noisy_low_rank_matrix(true_rank, shape):
 def test_vbmf_of_pure_noise_is_small():
     noise = torch.randn(80, 120, dtype=torch.float64)
     assert vbmf_rank(noise) <= 2
+
+
+@pytest.mark.parametrize("config", [dict(allocation="global", ratio=2), dict(target_params=0.6)])
+def test_global_allocation_takes_a_layer_whose_ratio_rank_is_zero(config):
+    """A conv with one output channel gets Tucker-2 ratio ranks (0, 0): its candidates for a
+    budget start at rank 1 (the ray r2 / r1 divided by zero)."""
+    import fxlrd
+    from fxlrd import LRDConfig
+
+    model = nn.Sequential(nn.Conv1d(17, 1, 2), nn.Flatten(), nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(2, 17, 6)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1, **config), example_inputs=x)
+    assert torch.isfinite(gm(x)).all()

@@ -126,6 +126,7 @@ def along_ray(target: Ranks, caps: Ranks, values: Callable[[int, int], Sequence[
     """Two-rank candidates: a side at its cap stays there, otherwise the first rank takes
     ``values`` and the second follows the ray ``r2 / r1`` of the target (Tucker)."""
     (r1, r2), (c, s) = target, caps
+    r1, r2 = max(r1, 1), max(r2, 1)  # a thin layer's ratio rule can give rank 0: the ray starts at 1
     if r1 >= c and r2 >= s:
         return [target]
     if r1 >= c:
