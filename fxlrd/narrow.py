@@ -40,6 +40,9 @@ ELEMENTWISE_FUNCTIONS = {
     torch.relu, torch.tanh, torch.sigmoid,
     _aten.gelu.default, _aten.relu.default, _aten.silu.default, _aten.tanh.default, _aten.sigmoid.default,
     _aten.hardswish.default, _aten.mish.default, _aten.elu.default, _aten.leaky_relu.default, _aten.hardtanh.default,
+    # in place (an export capture keeps nn.ReLU(inplace=True) so): the graph reads what they return
+    _aten.relu_.default, _aten.silu_.default, _aten.tanh_.default, _aten.sigmoid_.default, _aten.hardswish_.default,
+    _aten.elu_.default, _aten.leaky_relu_.default, _aten.hardtanh_.default,
     F.dropout, _aten.dropout.default,  # elementwise too (each neuron masked on its own): torchvision's MLP layout
 }  # fmt: skip
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}

@@ -35,6 +35,9 @@ _ACT_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, torch.sigmoid, torch.tanh, F.leaky_relu,
     aten.relu.default, aten.gelu.default, aten.silu.default, aten.hardswish.default, aten.sigmoid.default,
     aten.tanh.default, aten.leaky_relu.default, aten.relu6.default, aten.hardtanh.default,
+    # in place (an export capture keeps nn.ReLU(inplace=True) so): the graph reads what they return
+    aten.relu_.default, aten.silu_.default, aten.hardswish_.default, aten.sigmoid_.default, aten.tanh_.default,
+    aten.leaky_relu_.default, aten.hardtanh_.default,
 }  # fmt: skip
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _FUNCTIONAL_NORMS = {aten.batch_norm.default, F.batch_norm}

@@ -1,5 +1,6 @@
 """MergePass and recovery: exact merges are exact, approximate ones have the intended shape."""
 
+import copy
 import itertools
 
 import pytest
@@ -375,3 +376,29 @@ def test_a_merged_plan_reports_the_parameters_the_model_has(merge, tmp_path):
     fxlrd.save(gm, tmp_path / "s")
     loaded = fxlrd.load(_bottleneck_model(), tmp_path / "s")
     assert loaded.fxlrd_plan.params_after_model() == fxlrd.count_params(loaded) == fxlrd.count_params(gm)
+
+
+class _InplaceBlock(nn.Module):
+    def __init__(self, inplace):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv3, self.relu = nn.Conv2d(16, 32, 1, bias=False), nn.ReLU(inplace=inplace)
+
+    def forward(self, x):
+        return self.conv3(self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))))
+
+
+def test_export_capture_merges_through_in_place_activations():
+    """torch.export keeps nn.ReLU(inplace=True) as aten.relu_ (the zoo ResNets use it): merging
+    goes through it as through aten.relu, with the same result."""
+    x = torch.randn(2, 16, 8, 8)
+    cfg = LRDConfig(ratio=2, merge="approximate", rank_quantum=1)
+    model = _InplaceBlock(False).eval()
+    twin = copy.deepcopy(model)
+    twin.relu.inplace = True
+    plain = fxlrd.transform(model, cfg, example_inputs=x, capture="export")
+    inplace = fxlrd.transform(twin, cfg, example_inputs=x, capture="export")
+    merged = lambda gm: sum(hasattr(m, "fxlrd_merge") for m in gm.modules())  # noqa: E731
+    assert merged(inplace) == merged(plain) > 0
+    assert torch.allclose(inplace(x), plain(x), atol=1e-5)

@@ -484,3 +484,18 @@ def test_gpt2_mlp_blocks_are_narrowed_saved_loaded_and_reconstructed():
                                             progress=False)  # fmt: skip
     assert set(report) == {b["up"] for b in narrowed}
     assert all(r["train_after"] <= r["train_before"] for r in report.values())
+
+
+@pytest.mark.parametrize("capture_mode", ["fx", "export"])
+def test_blocks_with_an_in_place_activation_are_narrowed(capture_mode):
+    """torch.export keeps nn.ReLU(inplace=True) as aten.relu_: still an elementwise activation."""
+    cal = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    outs = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(inplace=inplace), nn.Linear(64, 16)).eval()
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=1), example_inputs=cal[0],
+                             calibration=cal, capture=capture_mode)  # fmt: skip
+        assert len(gm.fxlrd_plan.settings.get("narrowed") or []) == 1
+        outs.append(gm(cal[0]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
