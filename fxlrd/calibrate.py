@@ -274,6 +274,22 @@ def token_streams(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.Node,
     return out
 
 
+def _writes_in_place(gm: fx.GraphModule, node: fx.Node, arg: fx.Node) -> bool:
+    """Whether ``node`` may overwrite ``arg`` (``nn.ReLU(inplace=True)``, ``aten.relu_``,
+    ``x.add_(...)``): a gradient taken at ``arg`` would then be taken after the change."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+        return bool(node.kwargs.get("inplace")) or (getattr(node.target, "__name__", "").endswith("_")
+                                                    and not getattr(node.target, "__name__", "").endswith("__"))  # fmt: skip
+    return False
+
+
 class TokenMasks:
     """The real-token masks of one batch, per token sequence: an encoder-decoder's decoder
     tokens follow its ``decoder_attention_mask`` (none given: all are real), not the encoder's
@@ -462,6 +478,8 @@ def collect_stats(
     layouts: dict[str, bool | None] = {}  # linear site → its values are sequence-first (see _real_tokens)
     streams = token_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values()))])
 
+    overwritten = {node for node in by_output if any(_writes_in_place(gm, user, node) for user in node.users)}
+
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
@@ -473,6 +491,8 @@ def collect_stats(
                 inputs_stats[node].add(x)
             if sensitivity and node in by_output and isinstance(out, torch.Tensor) and out.requires_grad:
                 site_outputs.append((by_output[node], out))
+                if node in overwritten:  # the gradient is taken at ``out``: the graph changes a copy
+                    out = out.clone()
             return out
 
     restore_modes = saved_modes(gm)

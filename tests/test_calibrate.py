@@ -1126,3 +1126,23 @@ def test_the_sequential_stream_runs_a_shared_layers_factors_at_every_call(seed):
         with torch.no_grad():
             errors.append(rel_err(gm(held), model(held)))
     assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("capture_mode", ["fx", "export"])
+def test_sensitivity_is_taken_before_an_in_place_activation_overwrites_the_output(capture_mode):
+    """nn.ReLU(inplace=True) overwrites the layer's output: the output sensitivity must still be
+    the gradient at the layer's output (through the ReLU's mask), as with nn.ReLU()."""
+    def net(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=inplace), nn.Linear(32, 32), nn.ReLU(inplace=inplace),
+                             nn.Linear(32, 4)).eval()  # fmt: skip
+
+    plain, inplace = net(False), net(True)
+    with torch.no_grad():  # half of the first layer's channels mostly dead after the ReLU
+        for m in (plain, inplace):
+            m[0].bias[:16] -= 3.0
+    calibration = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    stats = [collect_stats(capture(m, inputs=((calibration[0],), {}), mode=capture_mode, copy_model=True).gm,
+                           calibration, sensitivity=True, progress=False) for m in (plain, inplace)]  # fmt: skip
+    for name in ("0", "2"):
+        assert torch.allclose(stats[0][name].output_weights(), stats[1][name].output_weights(), rtol=1e-6, atol=1e-9)
