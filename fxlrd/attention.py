@@ -46,27 +46,72 @@ def _additive_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
 
 
 @fx.wrap
+def _batch_first(x: torch.Tensor, query: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """``x`` (a query, key or value) as (N, L, E). As in ``nn.MultiheadAttention``, ``query``'s
+    rank decides the layout: 3-D is batched ((N, L, E) with ``batch_first``, else (L, N, E)),
+    2-D is one unbatched sequence (L, E) whatever ``batch_first`` says. A function (kept whole
+    by torch.fx) because the rank of a traced input is only known when the graph runs."""
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query should be unbatched 2-D or batched 3-D, got a {query.dim()}-D tensor")
+    if x.dim() != query.dim():
+        raise ValueError(f"for a {query.dim()}-D query, key and value must be {query.dim()}-D too, got {x.dim()}-D")
+    if query.dim() == 2:
+        return x.unsqueeze(0)
+    return x if batch_first else x.transpose(0, 1)
+
+
+@fx.wrap
+def _from_batch_first(x: torch.Tensor, query: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """An (N, ...) result back in ``query``'s layout: unbatched (its batch of one squeezed),
+    or batched, sequence first unless ``batch_first``."""
+    if query.dim() == 2:
+        return x.squeeze(0)
+    return x if batch_first else x.transpose(0, 1)
+
+
+@fx.wrap
 def _combined_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, q: torch.Tensor,
-                   num_heads: int) -> torch.Tensor | None:  # fmt: skip
-    """``attn_mask`` ((L, S) or (N·H, L, S)) and ``key_padding_mask`` ((N, S)) as one additive
-    mask broadcastable to (N, H, L, S), as ``nn.MultiheadAttention`` combines them."""
+                   k: torch.Tensor, num_heads: int, query: torch.Tensor,
+                   is_causal: bool = False) -> torch.Tensor | None:  # fmt: skip
+    """``attn_mask`` ((L, S), (N·H, L, S), or (H, L, S) for an unbatched ``query``) and
+    ``key_padding_mask`` ((N, S), or (S,) unbatched) as one additive mask broadcastable to
+    (N, H, L, S), as ``nn.MultiheadAttention`` combines them; ``is_causal`` without an
+    ``attn_mask``: the causal mask. None when there is no mask: under torch.fx either mask may
+    be an optional input that is None when the graph runs."""
+    batched = query.dim() == 3
     n = q.shape[0]
     out = None
     if attn_mask is not None:
+        if attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask should be None, 2-D or 3-D, got a {attn_mask.dim()}-D tensor")
         m = _additive_mask(attn_mask, q)
         out = m.view(n, num_heads, m.shape[-2], m.shape[-1]) if m.dim() == 3 else m
+    elif is_causal:  # (with an attn_mask, is_causal is a hint that it is the causal mask, as in torch)
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        out = _additive_mask(causal, q)
     if key_padding_mask is not None:
-        k = _additive_mask(key_padding_mask, q)[:, None, None, :]
-        out = k if out is None else out + k
+        if key_padding_mask.dim() != (2 if batched else 1):
+            raise ValueError(f"key_padding_mask should be None or {2 if batched else 1}-D for a {query.dim()}-D "
+                             f"query, got a {key_padding_mask.dim()}-D tensor")  # fmt: skip
+        kpm = _additive_mask(key_padding_mask, q)
+        kpm = (kpm if batched else kpm[None])[:, None, None, :]
+        out = kpm if out is None else out + kpm
     return out
+
+
+@fx.wrap
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``scores + mask``; ``scores`` when the mask (an optional input under torch.fx) is None."""
+    return scores if mask is None else scores + mask
 
 
 class MultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` with a traceable forward and the same parameters.
 
-    Supports what vision and language models use: ``batch_first`` either way, key/value
-    of the same width as the query, ``key_padding_mask``, ``attn_mask`` (bool or float),
-    ``need_weights`` (averaged or per head), ``is_causal``, dropout.
+    Supports what vision and language models use: ``batch_first`` either way, unbatched
+    (2-D) inputs, key/value of the same width as the query, ``key_padding_mask``,
+    ``attn_mask`` (bool or float), ``need_weights`` (averaged or per head), ``is_causal``,
+    dropout. Masks may be optional inputs (None) of a model captured with torch.fx.
     """
 
     # torch's TransformerEncoderLayer and TransformerEncoder take a fused fast path (reading
@@ -137,35 +182,33 @@ class MultiheadAttention(nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
                 average_attn_weights: bool = True, is_causal: bool = False):  # fmt: skip
         self_attention = query is key and key is value
-        if not self.batch_first:
-            query = query.transpose(0, 1)
-            key = query if self_attention else key.transpose(0, 1)
-            value = query if self_attention else value.transpose(0, 1)
+        source = query  # its rank tells batched (3-D) from unbatched (2-D), as in torch
+        query = _batch_first(query, source, self.batch_first)  # (N, L, E)
+        if self_attention:
+            key = value = query
+        else:
+            key, value = _batch_first(key, source, self.batch_first), _batch_first(value, source, self.batch_first)
         q, k, v = self._project(query, key, value)
         heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # noqa: E731
         q, k, v = heads(q), heads(k), heads(v)  # (N, H, L, D)
         mask = None
-        if attn_mask is not None or key_padding_mask is not None:  # (a Python check: fine under tracing)
-            mask = _combined_mask(attn_mask, key_padding_mask, q, self.num_heads)
+        # A Python check: a mask given as None is no mask. Under torch.fx a mask may also be an
+        # optional input, a Proxy here that is None when the graph runs: the helpers take None.
+        if attn_mask is not None or key_padding_mask is not None or (is_causal and need_weights):
+            mask = _combined_mask(attn_mask, key_padding_mask, q, k, self.num_heads, source, is_causal)
+            is_causal = False  # (in the mask now)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             if mask is not None:
-                scores = scores + mask
-            elif is_causal:
-                scores = scores + _additive_mask(
-                    torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=q.device).triu(1), q
-                )
+                scores = _masked(scores, mask)
             weights = scores.softmax(-1)
             out = F.dropout(weights, dropout, self.training) @ v
-            weights = weights.mean(1) if average_attn_weights else weights
+            weights = _from_batch_first(weights.mean(1) if average_attn_weights else weights, source, True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=is_causal and mask is None)  # fmt: skip
-        out = self.out_proj(out.transpose(1, 2).flatten(-2))
-        if not self.batch_first:
-            out = out.transpose(0, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        out = _from_batch_first(self.out_proj(out.transpose(1, 2).flatten(-2)), source, self.batch_first)
         return out, weights
 
 

@@ -327,3 +327,110 @@ def test_packed_cross_attention_is_captured_with_separate_projections(make, tmp_
         assert rel_err(gm(*inputs), model(*inputs)) <= 1e-5
         fxlrd.save(gm, tmp_path / "s")
         assert torch.equal(fxlrd.load(make_model().eval(), tmp_path / "s")(*inputs), gm(*inputs))
+
+
+# --- unbatched (L, E) inputs, optional masks ------------------------------------------------------
+
+
+def _unbatched_masks(length, source):
+    pad = torch.zeros(source, dtype=torch.bool)
+    pad[-2:] = True
+    bool2 = torch.rand(length, source) < 0.3
+    bool2[:, 0] = False  # key 0 always visible
+    return {"none": {}, "key_padding": {"key_padding_mask": pad}, "bool2d": {"attn_mask": bool2},
+            "float3d": {"attn_mask": torch.randn(H, length, source)},  # (H, L, S): torch's unbatched 3-D mask
+            "both": {"key_padding_mask": pad, "attn_mask": bool2}}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "key_padding", "bool2d", "float3d", "both"])
+@pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
+def test_unbatched_matches_torch(layout, batch_first, masks, need_weights, average):
+    """A 2-D query is one unbatched (L, E) sequence whatever batch_first says: it was read as
+    (N, L) or transposed, the output silently wrong."""
+    mha, ours = _pair(batch_first, layout)
+    q, kv = torch.randn(L, E), torch.randn(S, E)
+    kwargs = {"need_weights": need_weights, "average_attn_weights": average}
+    _check(mha, ours, q, kv, kv, **kwargs, **_unbatched_masks(L, S)[masks])
+    x = torch.randn(L, E)  # self-attention
+    _check(mha, ours, x, x, x, **kwargs, **_unbatched_masks(L, L)[masks])
+
+
+def test_unbatched_inputs_of_mixed_ranks_are_rejected():
+    _, ours = _pair(True, "packed")
+    with pytest.raises(ValueError, match="3-D"):
+        ours(torch.randn(N, L, E), torch.randn(S, E), torch.randn(S, E))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        kv = torch.randn(S, E)
+        ours(torch.randn(L, E), kv, kv, key_padding_mask=torch.zeros(1, S, dtype=torch.bool))
+
+
+class _OptionalMasks(nn.Module):
+    """Self-attention whose masks are optional inputs (None unless given)."""
+
+    def __init__(self, batch_first=True, need_weights=True):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(E, H, batch_first=batch_first)
+        self.need_weights = need_weights
+        with torch.no_grad():
+            self.mha.in_proj_bias.normal_()
+
+    def forward(self, x, pad=None, attn_mask=None):
+        return self.mha(x, x, x, key_padding_mask=pad, attn_mask=attn_mask, need_weights=self.need_weights)[0]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_unbatched_attention_full_rank_reproduces(capture, batch_first, with_masks):
+    torch.manual_seed(0)
+    model = _OptionalMasks(batch_first).eval()
+    x, pad = torch.randn(L, E), torch.zeros(L, dtype=torch.bool)
+    pad[-2:] = True
+    attn_mask = torch.randn(H, L, L)
+    inputs = (x, pad, attn_mask) if with_masks else (x,)
+    gm = fxlrd.transform(model, FULL, example_inputs=inputs, capture=capture)
+    assert gm.fxlrd_capture["mode"] == capture
+    assert gm.fxlrd_plan["mha.in_proj"].decomposed and gm.fxlrd_plan["mha.out_proj"].decomposed
+    with torch.no_grad():
+        assert rel_err(gm(*inputs), model(*inputs)) <= 1e-5
+        if capture == "fx" or not with_masks:  # (export keeps the masks' shapes static)
+            x16 = torch.randn(E, E)  # L = E: a transposed (L, E) used to run, wrong
+            masks16 = (torch.zeros(E, dtype=torch.bool), torch.randn(H, E, E)) if with_masks else ()
+            assert rel_err(gm(x16, *masks16), model(x16, *masks16)) <= 1e-5
+
+
+@pytest.mark.parametrize("capture", ["auto", "fx"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_optional_masks_given_as_none_are_captured_and_reproduce(capture, need_weights):
+    """fx traces an optional mask input as a tensor: the forward added it to the scores even
+    when it was None at run time (a TypeError, reported as inputs that do not run through)."""
+    torch.manual_seed(0)
+    model = _OptionalMasks(need_weights=need_weights).eval()
+    x = torch.randn(N, L, E)
+    pad = torch.zeros(N, L, dtype=torch.bool)
+    pad[0, -2:] = True
+    attn_mask = torch.rand(L, L) < 0.3
+    attn_mask.fill_diagonal_(False)
+    gm = fxlrd.transform(model, FULL, example_inputs=(x,), capture=capture)
+    assert gm.fxlrd_capture["mode"] == "fx"
+    assert gm.fxlrd_plan["mha.in_proj"].decomposed
+    with torch.no_grad():
+        for args in [(x,), (x, pad), (x, None, attn_mask), (x, pad, attn_mask)]:
+            assert rel_err(gm(*args), model(*args)) <= 1e-5
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_is_causal_with_only_a_padding_mask_is_causal(need_weights):
+    """is_causal without attn_mask (torch needs the mask, ours takes either) used to be dropped
+    when a key_padding_mask was given."""
+    mha, ours = _pair(True, "packed")
+    x = _seq(True, L)
+    pad = torch.zeros(N, L, dtype=torch.bool)
+    pad[0, -2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    with torch.no_grad():
+        want, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+        got, _ = ours(x, x, x, key_padding_mask=pad, is_causal=True, need_weights=need_weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
