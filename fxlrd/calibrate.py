@@ -691,8 +691,12 @@ def sequential_factors(
             elif node.op == "output":
                 break
             else:
-                orig[node] = [run(node, orig, i) for i in range(len(batches))]
                 same = all(comp[a] is orig[a] for a in node.all_input_nodes)
+                if not same and any(_writes_in_place(gm, node, a) for a in node.all_input_nodes):
+                    for a in node.all_input_nodes:  # (h += fc(h) in an export graph): each stream changes its own
+                        if comp[a] is orig[a]:
+                            comp[a] = [t.clone() if isinstance(t, torch.Tensor) else t for t in orig[a]]
+                orig[node] = [run(node, orig, i) for i in range(len(batches))]
                 if node in first_node:
                     name = first_node[node]
                     site, lp = todo[name], plan[name]

@@ -1146,3 +1146,29 @@ def test_sensitivity_is_taken_before_an_in_place_activation_overwrites_the_outpu
                            calibration, sensitivity=True, progress=False) for m in (plain, inplace)]  # fmt: skip
     for name in ("0", "2"):
         assert torch.allclose(stats[0][name].output_weights(), stats[1][name].output_weights(), rtol=1e-6, atol=1e-9)
+
+
+def test_sequential_fit_with_an_in_place_residual_in_an_export_graph():
+    """``h += fc1(h)`` stays aten.add_ in an export graph: the original and compressed streams
+    must each change their own h (they shared it, and both saw h + fc1(h) + fc1'(h))."""
+
+    class Net(nn.Module):
+        def __init__(self, inplace):
+            super().__init__()
+            self.inplace, self.fc1, self.fc2 = inplace, nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = x * 1.0
+            if self.inplace:
+                h += self.fc1(h)
+            else:
+                h = h + self.fc1(h)
+            return self.fc2(h)
+
+    plain, inplace = Net(False).eval(), Net(True).eval()
+    inplace.load_state_dict(plain.state_dict())
+    calibration = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    cfg = LRDConfig(rank_rule="fixed", rank=4, sequential=True)
+    a, b = (fxlrd.transform(m, cfg, example_inputs=calibration[0], calibration=calibration, capture="export")
+            for m in (plain, inplace))  # fmt: skip
+    assert torch.allclose(a.fc2.in_proj.weight, b.fc2.in_proj.weight, atol=1e-6)
