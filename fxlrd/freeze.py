@@ -10,7 +10,8 @@ named by role and they record their method), not from graph metadata: it survive
 and ``torch.save``/``torch.load``. A re-trace by ``torch.fx.symbolic_trace`` (or a pass that
 calls it, like ``fuse``) rebuilds the containers as plain modules: freeze before it (the
 ``requires_grad`` flags survive), since afterwards the roles are gone and freezing raises
-`ConfigError`. What the paper's policy trains per method is
+`ConfigError` (`param_groups` still works, grouping the factors by their flags). What the
+paper's policy trains per method is
 declared by each method's handler (`fxlrd.methods`).
 """
 
@@ -135,18 +136,66 @@ def freeze(gm: nn.Module, policy: Policy = "paper") -> nn.Module:
 def param_groups(gm: nn.Module, **options: Any) -> list[dict[str, Any]]:
     """Optimizer parameter groups: trainable factors, frozen factors, all other parameters.
 
+    Which factor goes where is decided by its role under the paper's policy (what
+    ``freeze(gm, "paper")`` and a `SequentialFreezer`'s first phase train), not by the current
+    ``requires_grad`` flags: the same model gives the same groups, in the same order, in any
+    phase. An optimizer's ``state_dict`` saved in one phase therefore loads into an optimizer
+    built from ``param_groups`` in another (``fxlrd.load`` restores the flags of the phase the
+    model was saved in). Under ``"paper"`` (or the freezer's first phase) ``factors_trainable``
+    is exactly the trainable factors.
+
     Frozen factors are included (their ``.grad`` stays None, so optimizers skip them) so a
     `SequentialFreezer` can unfreeze them later without a new optimizer. ``options`` (e.g.
     ``lr``) are added to every group; empty groups are left out. Each group has a ``name``.
+
+    A model re-traced by ``torch.fx`` after freezing has lost the factor containers (and their
+    roles): its factors are then grouped by their current ``requires_grad`` flags.
     """
-    factor_params = [p for _, _, _, m in factor_modules(gm) for p in m.parameters()]
-    ids = {id(p) for p in factor_params}
+    seen: set[int] = set()
+
+    def new(params: Iterator[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        out = []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    found = _factors_or_lost(gm)
+    trainable: list[torch.nn.Parameter] = []
+    frozen: list[torch.nn.Parameter] = []
+    if found is not None:
+        for name, role, fact, module in found:
+            merged = hasattr(module, "fxlrd_merge")
+            paper = is_trainable("paper", name, role, fact.method, len(fact.roles()), merged=merged)
+            (trainable if paper else frozen).extend(new(module.parameters()))
+    else:  # re-traced: the roles are gone, the flags (set before the re-trace) are what is left
+        for module in _lost_containers(gm):
+            for p in new(module.parameters()):
+                (trainable if p.requires_grad else frozen).append(p)
     groups = [
-        ("factors_trainable", [p for p in factor_params if p.requires_grad]),
-        ("factors_frozen", [p for p in factor_params if not p.requires_grad]),
-        ("other", [p for p in gm.parameters() if id(p) not in ids]),
+        ("factors_trainable", trainable),
+        ("factors_frozen", frozen),
+        ("other", new(gm.parameters())),
     ]
     return [{"params": params, "name": name, **options} for name, params in groups if params]
+
+
+def _factors_or_lost(gm: nn.Module) -> list[tuple[str, str, Factorized, nn.Module]] | None:
+    """`factor_modules` as a list, or None when a ``torch.fx`` re-trace lost the containers."""
+    try:
+        return list(factor_modules(gm))
+    except ConfigError:
+        if _lost_containers(gm):
+            return None
+        raise
+
+
+def _lost_containers(gm: nn.Module) -> list[nn.Module]:
+    """What a ``torch.fx`` re-trace left of the model's `Factorized` containers (plain modules)."""
+    from .sites import _lost_factorized
+
+    return [m for _, m in uncompiled(gm).named_modules() if _lost_factorized(m)]
 
 
 def _default_order() -> tuple[dict[str, tuple[str, ...]], ...]:

@@ -44,10 +44,15 @@ def merged_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and getattr(gm.get_submodule(n.target), "fxlrd_merge", None)]
 
 
-def _batches(batches: Iterable) -> list[tuple[torch.Tensor, ...]]:
-    out = []
-    for b in batches:
-        out.append(b if isinstance(b, tuple) else (b,))
+def _batches(batches: Iterable) -> list[tuple[tuple, dict]]:
+    """Each batch as ``(args, kwargs)``, in the forms the rest of the API takes (a tensor, a
+    tuple or list of positional inputs, as a DataLoader yields them, or a dict of keyword inputs)."""
+    from .capture import normalize_inputs
+    from .errors import ConfigError
+
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise ConfigError("batches must be an iterable of inputs (a list of batches); wrap a single batch in a list")
+    out = [normalize_inputs(b) for b in batches]
     if not out:
         raise ValueError("calibration needs at least one batch of inputs")
     return out
@@ -73,21 +78,34 @@ def reestimate_norms(gm: fx.GraphModule, batches: Iterable, which: str = "moved"
     return names
 
 
-def _reestimate(gm: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
+def _reestimate(gm: nn.Module, names: Sequence[str], batches: Sequence[tuple[tuple, dict]]) -> None:
     """Reset and recompute the running statistics of the norms ``names``; the rest of the
-    model runs in eval mode, and every module's mode and momentum are restored."""
+    model runs in eval mode, and every module's mode and momentum are restored. A call that
+    fails leaves the norms' statistics as they were."""
     restore_modes = saved_modes(gm)
-    momenta = {}
+    momenta, stats = {}, {}
     gm.eval()
-    for name in names:
-        bn = gm.get_submodule(name)
-        momenta[name] = bn.momentum
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average: every batch counts the same
-        bn.train()
     try:
-        for b in batches:
-            gm(*b)
+        for name in names:
+            bn = gm.get_submodule(name)
+            momenta[name] = bn.momentum
+            stats[name] = {k: None if b is None else b.detach().clone() for k, b in bn._buffers.items()}
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average: every batch counts the same
+            bn.train()
+        for args, kwargs in batches:
+            gm(*args, **kwargs)
+    except BaseException:
+        with torch.no_grad():
+            for name, saved in stats.items():
+                bn = gm.get_submodule(name)
+                for k, value in saved.items():
+                    current = bn._buffers.get(k)
+                    if value is None or current is None or current.shape != value.shape:
+                        bn._buffers[k] = value
+                    else:
+                        current.copy_(value)
+        raise
     finally:
         restore_modes()
         for name, momentum in momenta.items():
@@ -128,9 +146,9 @@ def refit_merged(
             h1 = layer.register_forward_hook(lambda m, i, o: xs.append(_flatten_channels(i[0], conv).double()))
             h2 = source.register_forward_hook(lambda m, i, o: ts.append(_flatten_channels(o, conv).double()))
             try:
-                for b in batches:
-                    gm(*b)
-                    reference(*b)
+                for args, kwargs in batches:
+                    gm(*args, **kwargs)
+                    reference(*args, **kwargs)
             finally:
                 h1.remove(), h2.remove()
             x, t = torch.cat(xs, 1), torch.cat(ts, 1)
@@ -414,7 +432,9 @@ def distill(
         schedule: the learning rate over the steps: ``"constant"``, or ``"cosine"`` (from
             ``lr`` down to 0 on a half cosine: large steps first, small ones to settle).
         train_mode: run the student in train mode (dropout, batch-norm statistics updating);
-            default False: statistics stay as calibrated, gradients flow all the same.
+            default False: statistics stay as calibrated, gradients flow all the same. A
+            step refused after its forward (a non-finite loss) leaves the buffers as they
+            were before it.
         skip_padding: with the built-in losses and in the ``features`` term, compare
             per-token outputs only where the inputs' ``attention_mask`` (a keyword input, 0/1)
             is non-zero (see `output_loss`); a ``loss`` callable gets the inputs and does its
@@ -438,10 +458,13 @@ def distill(
 
     from .capture import normalize_inputs
     from .errors import ConfigError, FxlrdWarning
-    from .freeze import SequentialFreezer
+    from .freeze import SequentialFreezer, _factors_or_lost
     from .freeze import freeze as apply_freeze
     from .freeze import param_groups
-    from .sites import factor_modules
+
+    def decomposed(model: nn.Module) -> bool:  # a torch.fx re-trace loses the containers, not the factors
+        found = _factors_or_lost(model)
+        return found is None or bool(found)
 
     steps = _count("steps", steps)
     lr = _number("lr", lr)
@@ -463,7 +486,7 @@ def distill(
             "teacher shares parameters with the model being distilled (made with transform(..., inplace=True)?), so "
             "training would change it too: pass a copy of the original as the teacher (copy.deepcopy before transform)"
         )
-    if not list(factor_modules(gm)) and list(factor_modules(teacher)):
+    if not decomposed(gm) and decomposed(teacher):
         raise ConfigError(
             "the teacher has decomposed layers and the model being distilled has none: the arguments look swapped; "
             "call distill(compressed, original, batches)"
@@ -501,8 +524,34 @@ def distill(
     if schedule == "cosine":
         scheduler = _cosine_schedule(optimizer, steps)
     freezer_optimizer = freezer.optimizer if freezer is not None else None
-    if freezer is not None:
-        freezer.optimizer = freezer.optimizer or optimizer
+    if freezer is not None:  # during the run, newly frozen parameters leave distill's optimizer (the one stepped)
+        freezer.optimizer = optimizer
+
+    # In train mode a forward updates buffers (batch-norm running statistics): a step refused
+    # after its forward (a non-finite loss, an error) puts them back as they were before it.
+    buffer_slots = [(m, k) for m in gm.modules() for k, b in m._buffers.items() if b is not None] if train_mode else []
+    saved_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(buffer_slots)
+
+    @torch.no_grad()
+    def save_buffers() -> None:
+        for i, (m, k) in enumerate(buffer_slots):
+            current, kept = m._buffers.get(k), saved_buffers[i]
+            if current is None:
+                saved_buffers[i] = None
+            elif kept is not None and kept[0] is current and (kept[1].shape, kept[1].dtype) == (current.shape, current.dtype):
+                kept[1].copy_(current)  # no new allocation per step
+            else:
+                saved_buffers[i] = (current, current.detach().clone())
+
+    @torch.no_grad()
+    def restore_buffers() -> None:
+        for (m, k), kept in zip(buffer_slots, saved_buffers):
+            if kept is not None:
+                m._buffers[k] = kept[0]
+                if kept[0].shape == kept[1].shape:
+                    kept[0].copy_(kept[1])
+                else:
+                    m._buffers[k] = kept[1].clone()
 
     restore_modes = saved_modes(teacher, gm)
     teacher.eval()
@@ -539,30 +588,35 @@ def distill(
             best, curve.best_step = (curve.validation[0][1], {k: v.detach().clone() for k, v in gm.state_dict().items()}), 0
         for step, batch in itertools.chain([first], stream):
             args, kwargs = inputs_of(step, batch)
-            captured: dict[int, list[torch.Tensor]] = {}
-            hooks = []
-            for i, (s_mod, t_mod, _) in enumerate(pairs):
-                hooks.append(s_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(0, o)))
-                hooks.append(t_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(1, o)))
+            save_buffers()
             try:
-                with torch.no_grad():
-                    target = teacher(*args, **kwargs)
-                out = gm(*args, **kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
-            value = batch_loss(out, target, args, kwargs)
-            keep = kwargs.get("attention_mask") if skip_padding else None
-            keep = keep.to(torch.bool) if isinstance(keep, torch.Tensor) and keep.any() else None
-            for i, (s_out, t_out) in captured.items():
-                if s_out is not None and t_out is not None:
-                    value = value + feature_weight * _feature_loss(s_out, t_out.detach(), keep, pairs[i][2])
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"distillation loss is {float(value)} at step {step} (a batch with NaN or infinite values, or a "
-                    f"learning rate too high); stopped before it reached the parameters: the model keeps those of "
-                    f"step {step}"
-                )
+                captured: dict[int, list[torch.Tensor]] = {}
+                hooks = []
+                for i, (s_mod, t_mod, _) in enumerate(pairs):
+                    hooks.append(s_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(0, o)))
+                    hooks.append(t_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(1, o)))
+                try:
+                    with torch.no_grad():
+                        target = teacher(*args, **kwargs)
+                    out = gm(*args, **kwargs)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                value = batch_loss(out, target, args, kwargs)
+                keep = kwargs.get("attention_mask") if skip_padding else None
+                keep = keep.to(torch.bool) if isinstance(keep, torch.Tensor) and keep.any() else None
+                for i, (s_out, t_out) in captured.items():
+                    if s_out is not None and t_out is not None:
+                        value = value + feature_weight * _feature_loss(s_out, t_out.detach(), keep, pairs[i][2])
+                if not torch.isfinite(value):
+                    raise FloatingPointError(
+                        f"distillation loss is {float(value.detach())} at step {step} (a batch with NaN or infinite values, or a "
+                        f"learning rate too high); stopped before it reached the parameters: the model keeps those of "
+                        f"step {step}"
+                    )
+            except BaseException:
+                restore_buffers()
+                raise
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

@@ -1,0 +1,214 @@
+"""Regressions in recovery and freezing: refused distillation steps and buffers, batch forms of
+norm re-estimation, a freezer's optimizer during distillation, stable parameter groups, and
+re-traced models."""
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxlrd
+from fxlrd import LRDConfig, SequentialFreezer, param_groups
+from fxlrd.recover import distill, reestimate_norms, refit_merged
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()  # fmt: skip
+
+
+def _decomposed(model, x):
+    return fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+
+
+def _buffers(gm):
+    return {k: v.clone() for k, v in gm.named_buffers()}
+
+
+def _norm_stats(gm):
+    return {n: (m.momentum, {k: v.clone() for k, v in m.named_buffers()})
+            for n, m in gm.named_modules() if isinstance(m, nn.BatchNorm2d)}  # fmt: skip
+
+
+def _same_stats(a, b):
+    return a.keys() == b.keys() and all(
+        a[n][0] == b[n][0] and all(torch.equal(a[n][1][k], b[n][1][k]) for k in a[n][1]) for n in a
+    )
+
+
+# --- 1. distill(train_mode=True) and a refused step ------------------------------------------------
+
+
+def test_a_refused_train_mode_step_leaves_the_running_statistics():
+    """The forward of a batch whose loss is NaN used to write NaN into the batch-norm statistics."""
+    model = _cnn()
+    x, y = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    gm = _decomposed(model, x)
+    reestimate_norms(gm, [x], which="all")
+    before = _buffers(gm)
+    with pytest.raises(FloatingPointError, match="stopped before it reached the parameters"):
+        distill(gm, model, [bad], steps=3, train_mode=True, progress=False)
+    after = _buffers(gm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    gm.eval()
+    assert torch.isfinite(gm(x)).all()
+    # at step k: the buffers (and parameters) of step k, as a run that stopped there has them
+    done, refused = copy.deepcopy(gm), copy.deepcopy(gm)
+    distill(done, model, [x, y], steps=2, train_mode=True, progress=False)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        distill(refused, model, [x, y, bad], steps=3, train_mode=True, progress=False)
+    for (k, a), (_, b) in zip(done.named_buffers(), refused.named_buffers()):
+        assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(done.named_parameters(), refused.named_parameters()):
+        assert torch.equal(a, b), k
+
+
+# --- 2. reestimate_norms / refit_merged take every batch form --------------------------------------
+
+
+def test_reestimate_norms_takes_loader_lists_and_dict_batches():
+    model = _cnn()
+    X = torch.randn(16, 3, 8, 8)
+    gm = _decomposed(model, X[:2])
+    reestimate_norms(gm, [X[:4], X[4:8], X[8:12], X[12:]], which="all")
+    want = _norm_stats(gm)
+    reestimate_norms(gm, [X[:8]], which="all")
+    reestimate_norms(gm, DataLoader(TensorDataset(X), batch_size=4), which="all")  # batches are [tensor]
+    assert all(torch.allclose(want[n][1][k].float(), got[1][k].float(), atol=1e-5)
+               for n, got in _norm_stats(gm).items() for k in got[1])  # fmt: skip
+    reestimate_norms(gm, [X[:8]], which="all")
+    reestimate_norms(gm, [{"input": X[i : i + 4]} for i in range(0, 16, 4)], which="all")
+    assert all(torch.allclose(want[n][1][k].float(), got[1][k].float(), atol=1e-5)
+               for n, got in _norm_stats(gm).items() for k in got[1])  # fmt: skip
+
+
+def test_a_failed_reestimation_leaves_the_norms_statistics():
+    model = _cnn()
+    x = torch.randn(8, 3, 8, 8)
+    gm = _decomposed(model, x)
+    reestimate_norms(gm, [x], which="all")
+    gm.get_submodule("1").momentum = 0.3
+    before = _norm_stats(gm)
+    with pytest.raises(Exception):
+        reestimate_norms(gm, [2 * x, torch.randn(8, 5, 8, 8)], which="all")  # the second batch does not fit
+    assert _same_stats(before, _norm_stats(gm))
+    assert not any(m.training for m in gm.modules())
+
+
+def test_refit_merged_takes_a_loader():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 1)).eval()  # fmt: skip
+    reference = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, decompose_pointwise=False))
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, merge="approximate"))
+    X = torch.randn(16, 8, 6, 6)
+    gm_list = copy.deepcopy(gm)
+    want = refit_merged(gm_list, reference, [X[:8], X[8:]])
+    got = refit_merged(gm, reference, DataLoader(TensorDataset(X), batch_size=8))
+    assert want and got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-9)
+
+
+# --- 3. a SequentialFreezer with its own optimizer inside distill ----------------------------------
+
+
+def test_distill_drops_newly_frozen_state_from_its_own_optimizer(monkeypatch):
+    model = _cnn()
+    xs = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    gm = _decomposed(model, xs[0])
+    user_opt = torch.optim.SGD(param_groups(gm), lr=0.01, momentum=0.9)
+    freezer = SequentialFreezer(gm, period=1, optimizer=user_opt)
+    made = []
+    init = torch.optim.Adam.__init__
+
+    def recording(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", recording)
+    distill(gm, model, xs, steps=3, lr=1e-3, freeze=freezer, progress=False)
+    frozen = [p for p in gm.parameters() if not p.requires_grad]
+    assert made and frozen
+    assert not any(p in made[0].state for p in frozen)
+    assert freezer.optimizer is user_opt  # given back after the run
+
+
+# --- 4. param_groups do not depend on the current flags ---------------------------------------------
+
+
+def test_param_groups_are_the_same_in_every_phase():
+    model = _cnn()
+    x = torch.randn(4, 3, 8, 8)
+    gm = _decomposed(model, x)
+    fxlrd.freeze(gm, "paper")
+    layout = lambda: [(g["name"], [id(p) for p in g["params"]]) for g in param_groups(gm)]  # noqa: E731
+    paper = layout()
+    groups = param_groups(gm)
+    assert [g["name"] for g in groups] == ["factors_trainable", "factors_frozen", "other"]
+    assert all(p.requires_grad for p in groups[0]["params"]) and not any(p.requires_grad for p in groups[1]["params"])
+    freezer = SequentialFreezer(gm, period=1)
+    freezer.step()  # phase 1: the other factors train
+    assert layout() == paper
+    fxlrd.freeze(gm, "none")
+    assert layout() == paper
+
+
+def test_resuming_in_a_later_phase_puts_momentum_on_the_same_parameters(tmp_path):
+    model = _cnn()
+    x = torch.randn(4, 3, 8, 8)
+    gm = _decomposed(model, x)
+    fxlrd.freeze(gm, "paper")
+    opt = torch.optim.SGD(param_groups(gm), lr=0.01, momentum=0.9)
+    freezer = SequentialFreezer(gm, period=1, optimizer=opt)
+    gm.train()
+    for switch in (True, False):
+        opt.zero_grad()
+        gm(x).pow(2).mean().backward()
+        opt.step()
+        if switch:
+            freezer.step()  # phase 1
+    names = {id(p): n for n, p in gm.named_parameters()}
+    truth = {names[id(p)]: s["momentum_buffer"] for p, s in opt.state.items()}
+    fxlrd.save(gm, tmp_path / "ck")
+    state = opt.state_dict()
+    loaded = fxlrd.load(_cnn(), tmp_path / "ck")
+    opt2 = torch.optim.SGD(param_groups(loaded), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(state)
+    names2 = {id(p): n for n, p in loaded.named_parameters()}
+    got = {names2[id(p)]: s["momentum_buffer"] for p, s in opt2.state.items()}
+    assert got.keys() == truth.keys()
+    assert all(torch.equal(got[n], truth[n]) for n in truth)
+
+
+# --- 5. a model re-traced after freezing ------------------------------------------------------------
+
+
+def test_a_model_re_traced_after_freezing_still_trains():
+    """freeze, then fx.symbolic_trace (the documented order): param_groups and distill work;
+    a policy, which needs the factor roles, is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10)).eval()
+    x = torch.randn(8, 32)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    fxlrd.freeze(gm, "paper")
+    retraced = fx.symbolic_trace(gm)
+    groups = {g["name"]: g["params"] for g in param_groups(retraced)}
+    assert groups["factors_trainable"] and groups["factors_frozen"]
+    assert all(p.requires_grad for p in groups["factors_trainable"])
+    assert not any(p.requires_grad for p in groups["factors_frozen"])
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(retraced.parameters()))
+    frozen = {n: p.clone() for n, p in retraced.named_parameters() if not p.requires_grad}
+    assert len(distill(retraced, model, [x], steps=2, progress=False)) == 2
+    assert all(torch.equal(p, frozen[n]) for n, p in retraced.named_parameters() if n in frozen)
+    with pytest.raises(fxlrd.ConfigError, match="re-traced by torch.fx"):
+        fxlrd.freeze(retraced, "paper")
+    with pytest.raises(fxlrd.ConfigError, match="re-traced by torch.fx"):
+        distill(retraced, model, [x], steps=1, freeze="paper", progress=False)
