@@ -138,9 +138,11 @@ class LRDConfig:
             query, key and value; a gated MLP's gate and up) are decomposed one by one.
             ``"fuse"``: they are first fused into one layer (outputs stacked, then split;
             `fxlrd.siblings`), so their decomposition shares one input factor: two GEMMs
-            instead of two per layer, and on trained weights with calibration data less error
-            at equal parameters. Only siblings that would all be decomposed are fused; the
-            fused layer is named after its members (``…self.query_key_value``).
+            instead of two per layer, and with calibration data at one ratio for every layer
+            less error at equal parameters on trained weights (not under a global allocation,
+            which then cannot rank the members apart). Only siblings that would all be
+            decomposed are fused; the fused layer is named after its members
+            (``…self.query_key_value``).
     """
 
     ratio: float = 2.0

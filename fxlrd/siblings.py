@@ -5,11 +5,14 @@ MLP's gate and up projections). Decomposed one by one, each gets its own input f
 ``x → r`` projections and three ``r → out`` ones, six GEMMs. Fused first into one layer
 ``W = [W_q; W_k; W_v]`` (outputs stacked, then split), the decomposition shares one input
 factor ``B``: ``x → R → [q; k; v]``, two GEMMs, and at equal parameters ``R = 1.5 r``
-for three square siblings. With data-aware (whitened) decomposition the shared factor is also
-the more accurate one on trained weights: the whitened spectrum is dominated by the input's
-own principal directions, which the siblings share (all-MiniLM-L6-v2, q/k/v of every layer at
-α = 1.5: mean relative whitened error 0.023 shared against 0.036 separate, held-out embedding
-cosine 0.984 against 0.977).
+for three square siblings. At the same ratio for every layer, the shared factor is also the
+more accurate one with data-aware (whitened) decomposition on trained weights: the whitened
+spectrum is dominated by the input's own principal directions, which the siblings share
+(all-MiniLM-L6-v2, q/k/v of every layer at α = 1.5 and nothing else compressed: mean relative
+whitened error 0.023 shared against 0.036 separate, held-out embedding cosine 0.984 against
+0.977). Under a global allocation it is not: the allocator can no longer give each member its
+own rank (it keeps MiniLM's values nearly whole and cuts queries and keys), and MiniLM lost
+0.003–0.005 of cosine fused (AMD EPYC scratch runs, 2026-12-06; README).
 
 `fuse_siblings` rewrites a captured graph: the fused ``nn.Linear`` takes the place of its
 members (named after them, beside them: ``…self.query_key_value``), its output is split
