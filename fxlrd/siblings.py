@@ -82,23 +82,40 @@ def _exists(gm: nn.Module, path: str) -> bool:
     return hasattr(module, leaf)
 
 
+def _key(gm: nn.Module, site: Site) -> tuple:
+    """What siblings share: the input node, input features, bias or none, dtype, device."""
+    w = site.weight(gm)
+    return (site.input(site.nodes[0]), site.spec.in_channels, site.bias_path is not None, w.dtype, w.device)
+
+
+def _input_changed_between(gm: fx.GraphModule, x: fx.Node, nodes: Sequence[fx.Node]) -> bool:
+    """Whether something writes ``x`` in place between the first and the last of ``nodes``
+    (``h.relu_()`` between two of them in an fx graph: the fused layer, run first, would read
+    ``h`` as it was before)."""
+    from .calibrate import _writes_in_place
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
+    return any(first < order[u] < last and _writes_in_place(gm, u, x) for u in x.users)
+
+
 def find_siblings(gm: fx.GraphModule, selected: Callable[[str, Site], bool] | None = None,
                   sites: Mapping[str, Site] | None = None) -> list[SiblingGroup]:  # fmt: skip
-    """Groups of two or more linear sites that read the same input node, each called once,
-    with the same input features, dtype and device, all with a bias or none (``selected``:
-    which sites may join), in graph order."""
+    """Groups of two or more linear sites of one parent module (a T5 decoder's cross-attention
+    keys and values of every layer read the encoder's output, but are one group per layer)
+    that read the same input node, each called once, with the same input features, dtype and
+    device, all with a bias or none, and nothing writing that input in place between them
+    (``selected``: which sites may join), in graph order."""
     sites = find_sites(gm) if sites is None else sites
     by_input: dict[tuple, list[str]] = {}
     for name, site in sites.items():
         if not _fusable(site) or (selected is not None and not selected(name, site)):
             continue
-        w = site.weight(gm)
-        key = (site.input(site.nodes[0]), site.spec.in_channels, site.bias_path is not None, w.dtype, w.device)
-        by_input.setdefault(key, []).append(name)
+        by_input.setdefault((name.rpartition(".")[0], *_key(gm, site)), []).append(name)
     taken: set[str] = set()
     groups = []
-    for names in by_input.values():
-        if len(names) < 2:
+    for key, names in by_input.items():
+        if len(names) < 2 or _input_changed_between(gm, key[1], [sites[n].nodes[0] for n in names]):
             continue
         name = _fused_name(gm, names, taken)
         taken.add(name)
@@ -149,12 +166,15 @@ def fuse_siblings(gm: fx.GraphModule, groups: Sequence[SiblingGroup | Mapping[st
             raise PlanMismatchError(f"the plan fuses {group.members} into {group.name!r}, but {missing[0]!r} is not a "
                                     "linear layer of this model called once: apply it to the model it was made for")  # fmt: skip
         members = [sites[m] for m in group.members]
-        inputs = {s.input(s.nodes[0]) for s in members}
         sizes = [s.spec.out_channels for s in members]
-        if len(inputs) != 1 or sizes != group.sizes or len({s.spec.in_channels for s in members}) != 1:
+        if len({_key(gm, s) for s in members}) != 1 or sizes != group.sizes:
             raise PlanMismatchError(f"the plan fuses {group.members} into {group.name!r}, but in this model they do not "
-                                    f"read one input with {group.sizes} outputs: apply it to the model it was made for")  # fmt: skip
-        x = inputs.pop()
+                                    f"read one input with {group.sizes} outputs, all with a bias or none, of one dtype "
+                                    "and device: apply it to the model it was made for")  # fmt: skip
+        x = members[0].input(members[0].nodes[0])
+        if _input_changed_between(gm, x, [s.nodes[0] for s in members]):
+            raise PlanMismatchError(f"the plan fuses {group.members} into {group.name!r}, but this model changes their "
+                                    "input in place between them: apply it to the model it was made for")  # fmt: skip
         weights = [s.weight(gm).detach() for s in members]
         biases = [s.bias(gm) for s in members]
         fused = nn.Linear(weights[0].shape[1], sum(sizes), bias=biases[0] is not None, device="meta", dtype=weights[0].dtype)
@@ -176,7 +196,12 @@ def fuse_siblings(gm: fx.GraphModule, groups: Sequence[SiblingGroup | Mapping[st
             parts = gm.graph.call_function(torch.split, (out, sizes), {"dim": -1})
             parts.meta = {k: v for k, v in first.meta.items() if k not in _VALUE_META}
             for i, node in enumerate(nodes):
-                part = gm.graph.call_function(operator.getitem, (parts, i))
+                view = gm.graph.call_function(operator.getitem, (parts, i))
+                view.meta = dict(node.meta)
+                # each member's output a tensor of its own, as before: a view of the fused output
+                # would be strided (a later .view() fails) and one storage (an in-place op on it
+                # fails under autograd)
+                part = gm.graph.call_method("clone", (view,), {"memory_format": torch.contiguous_format})
                 part.meta = dict(node.meta)
                 node.replace_all_uses_with(part)
         for site, node in zip(members, nodes):

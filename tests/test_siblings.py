@@ -186,3 +186,68 @@ def test_bad_settings_are_refused():
         LRDConfig(siblings="shared")
     with pytest.raises(ConfigError, match="inplace=True cannot be combined with siblings='fuse'"):
         fxlrd.transform(Attention().eval(), LRDConfig(siblings="fuse"), example_inputs=_x(), inplace=True)
+
+
+class Heads(nn.Module):
+    """Siblings whose outputs are viewed and changed in place, and a pair of siblings with the
+    input changed in place between them (``mutate``)."""
+
+    def __init__(self, mutate=False):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+        self.relu, self.mutate = nn.ReLU(inplace=True), mutate
+
+    def forward(self, x):
+        n = x.shape[0]
+        out = self.relu(self.a(x)).view(n, -1) + self.b(x).view(n, -1)
+        h = x * 2
+        c = self.c(h)
+        if self.mutate:
+            h.relu_()
+        return out + (c + self.d(h)).view(n, -1)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_members_outputs_stay_tensors_of_their_own(mode):
+    """A member's output viewed across dimensions, or changed in place under autograd, works as
+    before fusion (the split parts are strided views of one storage)."""
+    model, x = Heads().eval(), _x(d=8)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, allow_larger=True, siblings="fuse"),
+                         example_inputs=x, capture=mode)  # fmt: skip
+    assert len(gm.fxlrd_plan.settings["fused"]) == 2
+    out = gm(_x(1, d=8))
+    out.sum().backward()
+    assert rel_err(out, model(_x(1, d=8))) < 1e-5
+
+
+def test_siblings_whose_input_changes_in_place_between_them_are_not_fused():
+    model = Heads(mutate=True).eval()
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, allow_larger=True, siblings="fuse"),
+                         example_inputs=_x(d=8), capture="fx")  # fmt: skip
+    assert [f["members"] for f in gm.fxlrd_plan.settings["fused"]] == [["a", "b"]]
+    assert rel_err(gm(_x(1, d=8)), model(_x(1, d=8))) < 1e-5
+
+
+def test_siblings_of_different_parent_modules_are_not_fused():
+    """(A T5 decoder's cross-attention keys and values of every layer read the encoder output.)"""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one, self.two = QKV(), QKV()
+
+        def forward(self, x):
+            return self.one(x) + self.two(x)
+
+    gm = fxlrd.transform(Two().eval(), LRDConfig(siblings="fuse", rank_quantum=1), example_inputs=_x())
+    assert [f["name"] for f in gm.fxlrd_plan.settings["fused"]] == ["one.q_k_v", "two.q_k_v"]
+
+
+def test_a_plan_fusing_members_that_changed_is_refused():
+    model = Attention(shared_u=False).eval()
+    model.q.bias = None
+    model.k.bias = model.v.bias = None
+    gm = fxlrd.transform(model, LRDConfig(siblings="fuse", rank_quantum=1), example_inputs=_x())
+    assert gm.fxlrd_plan.settings["fused"][0]["members"] == ["q", "k", "v", "w"]  # w has no bias either
+    with pytest.raises(PlanMismatchError, match="all with a bias or none"):
+        fxlrd.apply(Attention(shared_u=False).eval(), gm.fxlrd_plan, example_inputs=_x())
