@@ -26,6 +26,8 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
   of the block, against the original block on the same inputs; ``--local-steps`` per block,
   on the first ``local_batches`` batches of the distillation text): training, but local
   (no backward pass through the model);
+- ``fused+…``: the same with sibling linears fused before decomposition
+  (``siblings="fuse"``: MiniLM's query, key and value share one input factor; `fxlrd.siblings`);
 - ``…+distill``: + a short distillation to the original (``--distill-steps`` Adam
   steps, batch 16) on data neither calibration nor held out: for MiniLM every paragraph of
   the calibration modules' docstrings (~8 k), for the CNN a third random draw of views.
@@ -76,7 +78,8 @@ from fxlrd.timing import environment, median_times  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global+seq",
-           "narrow+global+seq+distill", "narrow+global+seq+local", "narrow+global+seq+local+distill")
+           "narrow+global+seq+distill", "narrow+global+seq+local", "narrow+global+seq+local+distill",
+           "fused+whitened+seq", "fused+global+seq", "fused+narrow+global+seq", "fused+narrow+global+seq+distill")
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -205,6 +208,9 @@ class MiniLMCase(Case):
 def _config(case: Case, method: str, ratio: float) -> tuple[LRDConfig, bool]:
     """The LRDConfig of a method, and whether it uses calibration data."""
     base = {"ratio": ratio, "include": case.include}
+    if method.startswith("fused+"):
+        base["siblings"] = "fuse"
+        method = method.removeprefix("fused+")
     if method == "data-free":
         return LRDConfig(**base), False
     if method == "whitened":
