@@ -28,6 +28,7 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
   (no backward pass through the model);
 - ``fused+…``: the same with sibling linears fused before decomposition
   (``siblings="fuse"``: MiniLM's query, key and value share one input factor; `fxlrd.siblings`);
+  ``fusedqk+…``: queries and keys only (``siblings=["*.query", "*.key"]``);
 - ``…+distill``: + a short distillation to the original (``--distill-steps`` Adam
   steps, batch 16) on data neither calibration nor held out: for MiniLM every paragraph of
   the calibration modules' docstrings (~8 k), for the CNN a third random draw of views.
@@ -79,7 +80,8 @@ from fxlrd.timing import environment, median_times  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global+seq",
            "narrow+global+seq+distill", "narrow+global+seq+local", "narrow+global+seq+local+distill",
-           "fused+whitened+seq", "fused+global+seq", "fused+narrow+global+seq", "fused+narrow+global+seq+distill")
+           "fused+whitened+seq", "fused+global+seq", "fused+narrow+global+seq", "fused+narrow+global+seq+distill",
+           "fusedqk+narrow+global+seq")
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -211,6 +213,9 @@ def _config(case: Case, method: str, ratio: float) -> tuple[LRDConfig, bool]:
     if method.startswith("fused+"):
         base["siblings"] = "fuse"
         method = method.removeprefix("fused+")
+    elif method.startswith("fusedqk+"):  # queries and keys share a factor; values keep their own
+        base["siblings"] = ["*.query", "*.key"]
+        method = method.removeprefix("fusedqk+")
     if method == "data-free":
         return LRDConfig(**base), False
     if method == "whitened":

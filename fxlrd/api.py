@@ -119,7 +119,7 @@ def _fuse(captured: Captured, config: LRDConfig, recorded: list[dict[str, Any]] 
     """Fuse sibling linears (``config.siblings == "fuse"``, or the groups a plan records) in the
     captured graph; returns the config that selects the fused layers (their members were
     selected) and the groups' records."""
-    if config.siblings != "fuse" and not recorded:
+    if config.siblings == "separate" and not recorded:
         return config, []
     from .methods import get_method
     from .planner import _keep_reason
@@ -130,7 +130,9 @@ def _fuse(captured: Captured, config: LRDConfig, recorded: list[dict[str, Any]] 
         groups = fuse_siblings(gm, recorded)
     else:
         handler = get_method(config.linear_method)
-        chosen = lambda name, site: not _keep_reason(name, site, gm, handler, config)  # noqa: E731
+        patterns = None if config.siblings == "fuse" else config.siblings
+        chosen = lambda name, site: not _keep_reason(name, site, gm, handler, config) and (  # noqa: E731
+            patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns))
         groups = [g for g in find_siblings(gm, chosen) if not any(fnmatch.fnmatchcase(g.name, p) for p in config.exclude)]
         groups = fuse_siblings(gm, groups)
     names = {g.name for g in groups}
@@ -497,7 +499,7 @@ def transform(
             "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "
             "so the model object could not follow; use inplace=False and the returned GraphModule"
         )
-    if inplace and config.siblings == "fuse":
+    if inplace and config.siblings != "separate":
         raise ConfigError("inplace=True cannot be combined with siblings='fuse' (the layers are replaced by fused ones); "
                           "use inplace=False")  # fmt: skip
     if inplace and config.mlp == "narrow":

@@ -74,6 +74,11 @@ class _Console:
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=disable)
 
 
+def _siblings(value: str) -> str | list[str]:
+    """``--siblings``: ``separate``, ``fuse``, or comma-separated glob patterns."""
+    return value if value in ("separate", "fuse") else [p.strip() for p in value.split(",") if p.strip()]
+
+
 def _conv_methods() -> list[str]:
     """The registered methods that decompose a k×k convolution."""
     from .factorized import LayerSpec
@@ -975,7 +980,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "include": args.include, "exclude": args.exclude or (),
         "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
         **_SENSITIVITY[getattr(args, "sensitivity", "output")], "mlp": getattr(args, "mlp", "factorize"),
-        "siblings": getattr(args, "siblings", "separate"),
+        "siblings": _siblings(getattr(args, "siblings", "separate")),
     }  # fmt: skip
     values.update(overrides)
     return LRDConfig(**values)
@@ -1608,10 +1613,10 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
     g.add_argument("--mlp", choices=("factorize", "narrow"), default="factorize",
                    help="MLP blocks (linear, activation, linear): factorize their layers (default) or, with "
                         "--calibration, narrow them (fewer hidden neurons, chosen on the data)")  # fmt: skip
-    g.add_argument("--siblings", choices=("separate", "fuse"), default="separate",
+    g.add_argument("--siblings", default="separate", metavar="separate|fuse|GLOB,...",
                    help="linear layers reading one input (attention's query, key, value): decompose each on its own "
-                        "(default), or fuse them first so they share one input factor (fewer GEMMs; with "
-                        "--calibration, less error on trained weights)")  # fmt: skip
+                        "(default), or fuse them first so they share one input factor (fewer GEMMs); GLOB,...: "
+                        "fuse only the layers these patterns match (e.g. '*.query,*.key')")  # fmt: skip
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
     g.add_argument("--conv-method", choices=_conv_methods(), default="tucker2",
                    help="method for k×k convs (default tucker2)")  # fmt: skip

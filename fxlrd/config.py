@@ -142,7 +142,8 @@ class LRDConfig:
             less error at equal parameters on trained weights (not under a global allocation,
             which then cannot rank the members apart). Only siblings that would all be
             decomposed are fused; the fused layer is named after its members
-            (``…self.query_key_value``).
+            (``…self.query_key_value``). Or glob patterns: only the layers they match are
+            fused (``["*.query", "*.key"]``: the values keep their own factors).
     """
 
     ratio: float = 2.0
@@ -175,7 +176,7 @@ class LRDConfig:
     sensitivity: bool | str | Callable[[Any, Any], Any] = field(default=True, compare=False)
     sensitivity_matrix: str = "full"
     mlp: str = "factorize"
-    siblings: str = "separate"
+    siblings: str | Sequence[str] = "separate"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -290,9 +291,12 @@ class LRDConfig:
         check_sensitivity(self.sensitivity, self.sensitivity_matrix)
         if self.mlp not in ("factorize", "narrow"):
             raise ConfigError(f"mlp must be 'factorize' or 'narrow' (fewer hidden neurons; needs calibration data), got {self.mlp!r}")
-        if self.siblings not in ("separate", "fuse"):
-            raise ConfigError(f"siblings must be 'separate' or 'fuse' (linear layers reading one input decomposed as one), "
-                              f"got {self.siblings!r}")  # fmt: skip
+        if not (isinstance(self.siblings, str) and self.siblings in ("separate", "fuse")):
+            patterns = None if isinstance(self.siblings, str) else _as_patterns(self.siblings, "siblings")
+            if not patterns:
+                raise ConfigError(f"siblings must be 'separate', 'fuse' (linear layers reading one input decomposed as one), "
+                                  f"or glob patterns of the layers to fuse (['*.query', '*.key']), got {self.siblings!r}")  # fmt: skip
+            set_("siblings", patterns)
         if self.mlp == "narrow" and (self.target_params is not None or self.target_speedup is not None):
             raise ConfigError(
                 "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "

@@ -814,3 +814,5 @@ def test_siblings_option_fuses_the_layers_reading_one_input(capsys, factory):
     assert "q_k_v" in out and "1 groups of sibling linears fused" in out
     code, out, err = _run(capsys, "plan", "fxlrd_cli_models:qkv", "--input-shape", "8,16", "--quantum", 1)
     assert code == 0 and "q_k_v" not in out
+    code, out, err = _run(capsys, "plan", "fxlrd_cli_models:qkv", "--input-shape", "8,16", "--quantum", 1, "--siblings", "q,k")
+    assert code == 0 and "q_k " in out and "q_k_v" not in out

@@ -182,7 +182,7 @@ def test_a_plan_fusing_layers_the_model_lacks_is_refused():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ConfigError, match="siblings must be 'separate' or 'fuse'"):
+    with pytest.raises(ConfigError, match="siblings must be .separate., .fuse."):
         LRDConfig(siblings="shared")
     with pytest.raises(ConfigError, match="inplace=True cannot be combined with siblings='fuse'"):
         fxlrd.transform(Attention().eval(), LRDConfig(siblings="fuse"), example_inputs=_x(), inplace=True)
@@ -251,3 +251,14 @@ def test_a_plan_fusing_members_that_changed_is_refused():
     assert gm.fxlrd_plan.settings["fused"][0]["members"] == ["q", "k", "v", "w"]  # w has no bias either
     with pytest.raises(PlanMismatchError, match="all with a bias or none"):
         fxlrd.apply(Attention(shared_u=False).eval(), gm.fxlrd_plan, example_inputs=_x())
+
+
+def test_patterns_choose_the_members():
+    x = _x()
+    gm = fxlrd.transform(Attention(shared_u=False).eval(), LRDConfig(siblings=["q", "k"], rank_quantum=1), example_inputs=x)
+    assert [f["members"] for f in gm.fxlrd_plan.settings["fused"]] == [["q", "k"]]
+    assert gm.fxlrd_plan.layers["v"].method == "svd"  # decomposed on its own
+    with pytest.raises(ConfigError, match="glob patterns of the layers to fuse"):
+        LRDConfig(siblings="fused")
+    with pytest.raises(ConfigError, match="glob patterns of the layers to fuse"):
+        LRDConfig(siblings=[])
