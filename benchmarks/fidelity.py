@@ -81,7 +81,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global+seq",
            "narrow+global+seq+distill", "narrow+global+seq+local", "narrow+global+seq+local+distill",
            "fused+whitened+seq", "fused+global+seq", "fused+narrow+global+seq", "fused+narrow+global+seq+distill",
-           "fusedqk+narrow+global+seq")
+           "fusedqk+narrow+global+seq", "fusedqk+narrow+global+seq+distill")
 
 
 # -- models ----------------------------------------------------------------------------------------
