@@ -525,7 +525,14 @@ def _rebuild(
         gm = BranchPass(branches, "truncate")(gm).graph_module
     if plan.settings.get("merge"):
         from .modes import eval_mode
+        from .planner import input_shapes
 
+        # a norm folds into a linear layer only where its input shape says it can (2-D): the
+        # shapes merging read when the model was made, from the inputs or their recorded signature
+        shapes_from = inputs if inputs is not None else (inputs_from_signature(signature) if signature else None)
+        if shapes_from is not None and not any("tensor_meta" in n.meta or "val" in n.meta for n in gm.graph.nodes
+                                               if n.op == "call_module"):  # fmt: skip
+            input_shapes(gm, shapes_from)
         with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
             gm = MergePass(plan.settings["merge"], rule=int(plan.settings.get("merge_rule", 1)))(gm).graph_module
     return gm, recorded or captured.record()

@@ -587,3 +587,28 @@ def test_apply_of_an_export_plan_captures_in_the_plans_mode(x):
     with torch.no_grad():
         torch.testing.assert_close(applied(x), gm(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(applied(x), applied(x), rtol=0, atol=0)  # no batch statistics
+
+
+def test_a_linear_with_its_batch_norm_folded_by_an_exact_merge_loads(tmp_path):
+    """merge='exact' folds a BatchNorm1d into the linear layer before it where the norm's input
+    is 2-D, which merging reads from the recorded input shapes: load reads them too (it kept
+    the norm and refused the save)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.bn = nn.Linear(16, 16), nn.BatchNorm1d(16)
+            self.q, self.o = nn.Linear(16, 48), nn.Linear(48, 16)
+
+        def forward(self, x):
+            return self.o(self.q(self.bn(self.proj(x))))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(8, 16)
+    cfg = LRDConfig(rank_rule="fixed", rank=64, allow_larger=True, merge="exact", decompose_pointwise=True,
+                    exclude=["proj", "o"])  # fmt: skip
+    gm = fxlrd.transform(model, cfg, example_inputs=x, capture="fx")
+    assert "bn" not in dict(gm.named_modules())  # folded
+    fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(Net().eval(), tmp_path / "s")
+    assert torch.equal(loaded(x), gm(x))
