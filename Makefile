@@ -1,5 +1,5 @@
 # make demo: compress pretrained all-MiniLM-L6-v2 with real calibration text (data-aware:
-#   FFN blocks narrowed, attention ranks allocated over the model), then print the per-layer plan, speed-up and fidelity on
+#   FFN blocks narrowed, queries and keys sharing one input factor, attention ranks allocated over the model), then print the per-layer plan, speed-up and fidelity on
 #   held-out sentences; writes the ONNX file in dynamic int8 (its speed-up and fidelity printed too), the saved model
 #   and a JSON report under build/demo.
 # make test: the test suite. Both create their own virtual environment in .venv.
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	model=$$($(PY) -m benchmarks.demo_data build/demo 256) && $(PY) -m fxlrd compress "$$model" \
 	  --calibration build/demo/sentences.txt --batch 8 --seq-len 64 --calibration-batches 32 --eval-batches 8 \
-	  --ratio 1.5 --allocation global --sequential --mlp narrow \
+	  --ratio 1.5 --allocation global --sequential --mlp narrow --siblings '*.query,*.key' \
 	  --onnx build/demo/minilm-lrd.onnx --int8 dynamic --save build/demo/minilm-lrd --overwrite --report build/demo/report.json
 
 test: $(STAMP)
