@@ -207,7 +207,8 @@ def _feature_pairs(gm: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, n
     teacher's layer module of the same name (a compiled model's ``_orig_mod.`` prefix aside)
     when that is a linear or conv module, whose output is the layer's (a custom module calling
     ``F.linear`` may compute more). A `Factorized` container is never called itself (its factors
-    are graph nodes of their own): its output is its last factor's. A `ConfigError` when none
+    are graph nodes of their own): its output is its last factor's. Fused sibling layers
+    (``siblings=``) have no one teacher layer and are not matched. A `ConfigError` when none
     is found."""
     from .errors import ConfigError
     from .factorized import Factorized
@@ -230,7 +231,8 @@ def _feature_pairs(gm: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, n
     if not pairs:
         raise ConfigError(
             "features=... matched no decomposed layer to a linear or conv module of the teacher by name (merged "
-            "layers, and custom modules calling F.linear, have no layer output to match): distil without features"
+            "layers, fused sibling layers, and custom modules calling F.linear, have no layer output to match): "
+            "distil without features"
         )
     return pairs
 

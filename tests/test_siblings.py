@@ -262,3 +262,10 @@ def test_patterns_choose_the_members():
         LRDConfig(siblings="fused")
     with pytest.raises(ConfigError, match="glob patterns of the layers to fuse"):
         LRDConfig(siblings=[])
+
+
+def test_feature_distillation_names_fused_layers_when_nothing_else_matches():
+    model = QKV().eval()
+    gm = fxlrd.transform(model, LRDConfig(siblings="fuse", exclude=["o"], rank_quantum=1), example_inputs=_x())
+    with pytest.raises(ConfigError, match="fused sibling layers"):
+        fxlrd.recover.distill(gm, model, [_x(1)], steps=1, features=True, progress=False)
