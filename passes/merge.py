@@ -15,6 +15,7 @@ activation. Merging each pair gives the block its original depth with a narrower
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import torch
@@ -58,6 +59,30 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ACT_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_", "sigmoid", "tanh")
+
+
+_OUT_OF_PLACE = {
+    aten.relu_.default: aten.relu.default, aten.silu_.default: aten.silu.default,
+    aten.hardswish_.default: aten.hardswish.default, aten.sigmoid_.default: aten.sigmoid.default,
+    aten.tanh_.default: aten.tanh.default, aten.leaky_relu_.default: aten.leaky_relu.default,
+    aten.hardtanh_.default: aten.hardtanh.default,
+}  # fmt: skip
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Make the activation ``node`` write a new tensor rather than its input."""
+    if node.op == "call_function":
+        node.target = _OUT_OF_PLACE.get(node.target, node.target)
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and node.target == "relu_":
+        node.target = "relu"
+    elif node.op == "call_module" and getattr(_module(gm, node), "inplace", False):
+        module = copy.copy(_module(gm, node))  # (the module may run elsewhere in place: leave those calls be)
+        module.inplace = False
+        name = f"{node.target}_out_of_place"
+        set_submodule(gm, name, module)
+        node.target = name
 
 
 def _single_input(node: fx.Node) -> fx.Node | None:
@@ -278,6 +303,8 @@ class MergePass(PassBase):
             gm.graph.erase_node(b)
             a.meta["fxlrd"] = dict(info)  # a copy: freezing writes its own keys there
         else:  # A → N → F → B  becomes  N' → F → M
+            if act is not None:  # F now reads A's input, which others may read too (a residual): never in place
+                _out_of_place(gm, act)
             head = norm if norm is not None else act
             head.args = (a.args[0], *head.args[1:])
             set_submodule(gm, b.target, merged)

@@ -402,3 +402,30 @@ def test_export_capture_merges_through_in_place_activations():
     merged = lambda gm: sum(hasattr(m, "fxlrd_merge") for m in gm.modules())  # noqa: E731
     assert merged(inplace) == merged(plain) > 0
     assert torch.allclose(inplace(x), plain(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_an_in_place_activation_moved_before_a_merged_layer_leaves_its_input(mode):
+    """Merging puts the activation on the merged layer's input side; in place, it would then
+    overwrite that input, which a residual also reads."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2, self.fc3 = nn.Linear(8, 64), nn.ReLU(inplace=True), nn.Linear(64, 64), nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.fc3(self.fc2(self.act(self.fc1(x)))) + x
+
+    x = torch.randn(4, 8)
+    cfg = LRDConfig(rank_rule="fixed", rank=24, exclude=["fc1", "fc3"], merge="approximate", sensitivity=False,
+                    decompose_pointwise=True)  # fmt: skip
+    model = Block().eval()
+    twin = copy.deepcopy(model)
+    twin.act.inplace = False
+    gm = fxlrd.transform(model, cfg, example_inputs=(x,), capture=mode)
+    reference = fxlrd.transform(twin, cfg, example_inputs=(x,), capture=mode)
+    given = x.clone()
+    out = gm(given)
+    assert torch.equal(given, x)
+    assert torch.allclose(out, reference(x), atol=1e-6)
