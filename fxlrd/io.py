@@ -530,9 +530,17 @@ def _rebuild(
         # a norm folds into a linear layer only where its input shape says it can (2-D): the
         # shapes merging read when the model was made, from the inputs or their recorded signature
         shapes_from = inputs if inputs is not None else (inputs_from_signature(signature) if signature else None)
-        if shapes_from is not None and not any("tensor_meta" in n.meta or "val" in n.meta for n in gm.graph.nodes
-                                               if n.op == "call_module"):  # fmt: skip
-            input_shapes(gm, shapes_from)
+        norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+        if norms and shapes_from is not None and not any("tensor_meta" in n.meta or "val" in n.meta
+                                                         for n in gm.graph.nodes if n.op == "call_module"):  # fmt: skip
+            device = next((p.device for p in gm.parameters()), None)
+            if device is not None:  # the recorded signature's inputs are made on the CPU
+                shapes_from = torch.utils._pytree.tree_map(
+                    lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, shapes_from)  # fmt: skip
+            try:
+                input_shapes(gm, shapes_from)
+            except Exception:  # noqa: BLE001  (best effort: without shapes no norm folds into a linear layer)
+                pass
         with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
             gm = MergePass(plan.settings["merge"], rule=int(plan.settings.get("merge_rule", 1)))(gm).graph_module
     return gm, recorded or captured.record()

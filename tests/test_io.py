@@ -612,3 +612,15 @@ def test_a_linear_with_its_batch_norm_folded_by_an_exact_merge_loads(tmp_path):
     fxlrd.save(gm, tmp_path / "s")
     loaded = fxlrd.load(Net().eval(), tmp_path / "s")
     assert torch.equal(loaded(x), gm(x))
+
+
+def test_a_merged_fx_save_loads_into_a_model_built_on_the_meta_device(tmp_path):
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 48), nn.Linear(48, 16))  # noqa: E731
+    model, x = make().eval(), torch.randn(8, 16)
+    cfg = LRDConfig(rank_rule="fixed", rank=64, allow_larger=True, merge="exact", decompose_pointwise=True, exclude=["0", "3"])
+    gm = fxlrd.transform(model, cfg, example_inputs=x, capture="fx")
+    fxlrd.save(gm, tmp_path / "s")
+    with torch.device("meta"):
+        empty = make().eval()
+    assert torch.equal(fxlrd.load(empty, tmp_path / "s")(x), gm(x))
