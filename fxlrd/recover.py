@@ -86,7 +86,7 @@ def _reestimate(gm: nn.Module, names: Sequence[str], batches: Sequence[tuple[tup
     momenta, stats = {}, {}
     gm.eval()
     try:
-        for name in names:
+        for name in dict.fromkeys(names):  # a norm called twice is listed twice: saved and reset once
             bn = gm.get_submodule(name)
             momenta[name] = bn.momentum
             stats[name] = {k: None if b is None else b.detach().clone() for k, b in bn._buffers.items()}

@@ -212,3 +212,24 @@ def test_a_model_re_traced_after_freezing_still_trains():
         fxlrd.freeze(retraced, "paper")
     with pytest.raises(fxlrd.ConfigError, match="re-traced by torch.fx"):
         distill(retraced, model, [x], steps=1, freeze="paper", progress=False)
+
+
+def test_a_norm_called_twice_is_saved_and_restored_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.fc2 = nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=0.3), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc2(self.bn(self.fc(self.bn(x))))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    model.bn.running_mean.fill_(5.0)
+    model.bn.running_var.fill_(2.0)
+    gm = fxlrd.transform(model, LRDConfig(sensitivity=False), example_inputs=(torch.randn(4, 8),), capture="fx")
+    with pytest.raises(Exception):
+        reestimate_norms(gm, [torch.randn(4, 8), torch.randn(4, 3)], which="all")  # the second batch does not fit
+    assert gm.bn.momentum == 0.3 and torch.all(gm.bn.running_mean == 5.0) and torch.all(gm.bn.running_var == 2.0)
+    reestimate_norms(gm, [torch.randn(4, 8)], which="all")
+    assert gm.bn.momentum == 0.3

@@ -128,7 +128,7 @@ def along_ray(target: Ranks, caps: Ranks, values: Callable[[int, int], Sequence[
     (r1, r2), (c, s) = target, caps
     r1, r2 = max(r1, 1), max(r2, 1)  # a thin layer's ratio rule can give rank 0: the ray starts at 1
     if r1 >= c and r2 >= s:
-        return [target]
+        return [(r1, r2)]
     if r1 >= c:
         return [(c, v) for v in values(r2, s)]
     if r2 >= s:
