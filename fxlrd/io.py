@@ -490,7 +490,7 @@ def _rebuild(
                 "the saved model was captured with torch.export but records no input signature; "
                 "pass example_inputs=... (one batch the model accepts)"
             )
-        inputs = inputs_from_signature(signature)
+        inputs = _on_model_device(inputs_from_signature(signature), model)
     leaves = leaf_modules
     if leaves is None:
         leaves = _resolve_leaves(model, plan.settings.get("leaf_modules") or [])
@@ -533,10 +533,7 @@ def _rebuild(
         norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
         if norms and shapes_from is not None and not any("tensor_meta" in n.meta or "val" in n.meta
                                                          for n in gm.graph.nodes if n.op == "call_module"):  # fmt: skip
-            device = next((p.device for p in gm.parameters()), None)
-            if device is not None:  # the recorded signature's inputs are made on the CPU
-                shapes_from = torch.utils._pytree.tree_map(
-                    lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, shapes_from)  # fmt: skip
+            shapes_from = _on_model_device(shapes_from, gm)  # the recorded signature's inputs are made on the CPU
             try:
                 input_shapes(gm, shapes_from)
             except Exception:  # noqa: BLE001  (best effort: without shapes no norm folds into a linear layer)
@@ -544,6 +541,22 @@ def _rebuild(
         with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
             gm = MergePass(plan.settings["merge"], rule=int(plan.settings.get("merge_rule", 1)))(gm).graph_module
     return gm, recorded or captured.record()
+
+
+def _put(gm: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` as the parameter or buffer at state-dict ``key``."""
+    owner, _, leaf = key.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    (module._parameters if leaf in module._parameters else module._buffers)[leaf] = tensor
+
+
+def _on_model_device(inputs: Any, model: nn.Module) -> Any:
+    """Inputs made from a recorded signature (on the CPU) on the device of ``model``'s
+    parameters (a model built on the meta device is captured with meta inputs)."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is None or device.type == "cpu":
+        return inputs
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
 
 
 def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -632,11 +645,19 @@ def load(
     tensors = {k: v for k, v in tensors.items() if k not in unsaved}
     _check_fits(gm, tensors, meta)
     with torch.no_grad():
+        replaced: dict[int, torch.Tensor] = {}  # meta tensors given a real one in their place (ties kept)
         for key, current in gm.state_dict(keep_vars=True).items():
             saved = tensors[key]
-            if current.is_meta and not saved.is_meta:  # a skeleton on the meta device: .data cannot change device kind
-                torch.utils.swap_tensors(current, type(current)(torch.empty_like(saved), current.requires_grad)
-                                         if isinstance(current, nn.Parameter) else torch.empty_like(saved))  # fmt: skip
+            if id(current) in replaced:
+                _put(gm, key, replaced[id(current)])
+            elif current.is_meta and not saved.is_meta:  # a skeleton on the meta device: .data cannot change device kind
+                new = type(current)(torch.empty_like(saved), current.requires_grad) if isinstance(current, nn.Parameter) \
+                    else torch.empty_like(saved)  # fmt: skip
+                try:
+                    torch.utils.swap_tensors(current, new)
+                except RuntimeError:  # (a weak reference to it: an export graph's) the module gets the new one
+                    replaced[id(current)] = new
+                    _put(gm, key, new)
             elif (current.dtype, current.device) != (saved.dtype, saved.device):
                 current.data = torch.empty_like(saved)  # same object (ties kept), saved dtype and device
     gm.load_state_dict(tensors, strict=True)

@@ -624,3 +624,26 @@ def test_a_merged_fx_save_loads_into_a_model_built_on_the_meta_device(tmp_path):
     with torch.device("meta"):
         empty = make().eval()
     assert torch.equal(fxlrd.load(empty, tmp_path / "s")(x), gm(x))
+
+
+def test_an_export_capture_save_loads_into_a_model_built_on_the_meta_device(tmp_path):
+    """torch.export captures the meta model with meta inputs made from the recorded signature,
+    and its parameters (weakly referenced by the export graph) are replaced, not swapped."""
+
+    class Attn(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x))
+
+    torch.manual_seed(0)
+    model, x = Attn().eval(), torch.randn(2, 5, 16)
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1, exclude=["o"]), example_inputs=x, capture="export")
+    fxlrd.save(gm, tmp_path / "s")
+    with torch.device("meta"):
+        empty = Attn().eval()
+    loaded = fxlrd.load(empty, tmp_path / "s")
+    assert torch.equal(loaded(x), gm(x))
+    assert not any(t.is_meta for t in loaded.state_dict().values())
