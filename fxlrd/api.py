@@ -500,8 +500,8 @@ def transform(
             "so the model object could not follow; use inplace=False and the returned GraphModule"
         )
     if inplace and config.siblings != "separate":
-        raise ConfigError("inplace=True cannot be combined with siblings='fuse' (the layers are replaced by fused ones); "
-                          "use inplace=False")  # fmt: skip
+        raise ConfigError(f"inplace=True cannot be combined with siblings={config.siblings!r} (the layers are replaced "
+                          "by fused ones); use inplace=False")  # fmt: skip
     if inplace and config.mlp == "narrow":
         raise ConfigError("inplace=True cannot be combined with mlp='narrow' (the layers change shape); use inplace=False")
     if config.sequential and calibration is None:  # before any capture, calibration or latency search

@@ -32,11 +32,9 @@ import torch
 from torch import fx, nn
 
 from .errors import PlanMismatchError
-from .sites import Site, _drop_param, _erase_dead_reads, find_sites, set_submodule
+from .sites import _VALUE_META, Site, _drop_param, _erase_dead_reads, find_sites, set_submodule
 
 __all__ = ["SiblingGroup", "find_siblings", "fuse_siblings"]
-
-_VALUE_META = ("tensor_meta", "val", "example_value")
 
 
 @dataclass
