@@ -201,38 +201,43 @@ def _out_channels(module: nn.Module) -> int | None:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
 
 
-def _feature_pairs(gm: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module, str]]:
-    """``(student module, teacher layer, name)`` for ``features``: each decomposed layer whose
+def _feature_pairs(gm: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, list[nn.Module], str]]:
+    """``(student module, teacher layers, name)`` for ``features``: each decomposed layer whose
     container still computes the layer's output (no factor merged with a neighbour) beside the
     teacher's layer module of the same name (a compiled model's ``_orig_mod.`` prefix aside)
     when that is a linear or conv module, whose output is the layer's (a custom module calling
     ``F.linear`` may compute more). A `Factorized` container is never called itself (its factors
-    are graph nodes of their own): its output is its last factor's. Fused sibling layers
-    (``siblings=``) have no one teacher layer and are not matched. A `ConfigError` when none
-    is found."""
+    are graph nodes of their own): its output is its last factor's. A fused sibling layer
+    (``siblings=``, named in ``gm.fxlrd_plan``) is matched to its members in the teacher, whose
+    outputs, concatenated in the fused order, are its target. A `ConfigError` when none is
+    found."""
     from .errors import ConfigError
     from .factorized import Factorized
 
     def plain(name: str) -> str:
         return name.removeprefix("_orig_mod.")
 
+    def is_layer(module: nn.Module | None) -> bool:
+        return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module).__name__ == "Conv1D"
+
     named = {plain(n): m for n, m in teacher.named_modules()}
+    plan = getattr(gm, "fxlrd_plan", None)
+    fused = {g["name"]: g["members"] for g in (plan.settings.get("fused") or [])} if plan is not None else {}
     pairs = []
     for name, container in gm.named_modules():
         if not isinstance(container, Factorized) or not len(container):
             continue
-        layer = named.get(plain(name))
-        if layer is None or not (isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) or type(layer).__name__ == "Conv1D"):
+        layers = [named.get(m) for m in fused.get(plain(name), [plain(name)])]
+        if not all(is_layer(layer) for layer in layers):
             continue
         children = list(container.children())
-        if any(hasattr(c, "fxlrd_merge") for c in children) or _out_channels(children[-1]) != _out_channels(layer):
+        if any(hasattr(c, "fxlrd_merge") for c in children) or _out_channels(children[-1]) != sum(map(_out_channels, layers)):
             continue
-        pairs.append((children[-1], layer, plain(name)))
+        pairs.append((children[-1], layers, plain(name)))
     if not pairs:
         raise ConfigError(
             "features=... matched no decomposed layer to a linear or conv module of the teacher by name (merged "
-            "layers, fused sibling layers, and custom modules calling F.linear, have no layer output to match): "
-            "distil without features"
+            "layers, and custom modules calling F.linear, have no layer output to match): distil without features"
         )
     return pairs
 
@@ -405,7 +410,8 @@ def distill(
     layer's output (weighted by ``features`` when a number). Layers are matched by name, and
     only where both sides compute the layer's output: a teacher's ``nn.Linear``, conv or
     Hugging Face ``Conv1D`` module beside a decomposed layer none of whose factors was merged
-    with a neighbour; a `ConfigError` when no layer matches.
+    with a neighbour (a fused sibling layer's target: its members' outputs, concatenated); a
+    `ConfigError` when no layer matches.
 
     Every argument, and every batch of a list, is checked before anything changes (a batch
     that does not fit the model's forward is named; labels in a batch are refused). A call that
@@ -592,11 +598,12 @@ def distill(
             args, kwargs = inputs_of(step, batch)
             save_buffers()
             try:
-                captured: dict[int, list[torch.Tensor]] = {}
+                # per pair: the student's output, then each teacher layer's (a fused layer's members)
+                captured: dict[int, list[torch.Tensor | None]] = {i: [None] * (1 + len(t)) for i, (_, t, _) in enumerate(pairs)}
                 hooks = []
-                for i, (s_mod, t_mod, _) in enumerate(pairs):
-                    hooks.append(s_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(0, o)))
-                    hooks.append(t_mod.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, [None, None]).__setitem__(1, o)))
+                for i, (s_mod, t_mods, _) in enumerate(pairs):
+                    for j, mod in enumerate([s_mod, *t_mods]):
+                        hooks.append(mod.register_forward_hook(lambda m, a, o, i=i, j=j: captured[i].__setitem__(j, o)))
                 try:
                     with torch.no_grad():
                         target = teacher(*args, **kwargs)
@@ -607,8 +614,9 @@ def distill(
                 value = batch_loss(out, target, args, kwargs)
                 keep = kwargs.get("attention_mask") if skip_padding else None
                 keep = keep.to(torch.bool) if isinstance(keep, torch.Tensor) and keep.any() else None
-                for i, (s_out, t_out) in captured.items():
-                    if s_out is not None and t_out is not None:
+                for i, (s_out, *t_outs) in captured.items():
+                    if s_out is not None and all(t is not None for t in t_outs):
+                        t_out = t_outs[0] if len(t_outs) == 1 else torch.cat(t_outs, dim=-1)
                         value = value + feature_weight * _feature_loss(s_out, t_out.detach(), keep, pairs[i][2])
                 if not torch.isfinite(value):
                     raise FloatingPointError(

@@ -264,8 +264,20 @@ def test_patterns_choose_the_members():
         LRDConfig(siblings=[])
 
 
-def test_feature_distillation_names_fused_layers_when_nothing_else_matches():
+def test_feature_distillation_matches_a_fused_layer_to_its_members_concatenated():
     model = QKV().eval()
-    gm = fxlrd.transform(model, LRDConfig(siblings="fuse", exclude=["o"], rank_quantum=1), example_inputs=_x())
-    with pytest.raises(ConfigError, match="fused sibling layers"):
-        fxlrd.recover.distill(gm, model, [_x(1)], steps=1, features=True, progress=False)
+    gm = fxlrd.transform(model, LRDConfig(siblings="fuse", exclude=["o"], rank_rule="fixed", rank=4, rank_quantum=1),
+                         example_inputs=_x())  # fmt: skip
+    ((student, teachers, name),) = fxlrd.recover._feature_pairs(gm, model)
+    assert name == "q_k_v" and teachers == [model.q, model.k, model.v]
+    x = _x(1)
+    with torch.no_grad():
+        s_out = gm.get_submodule("q_k_v")[-1](gm.get_submodule("q_k_v")[0](x))
+        t_out = torch.cat([model.q(x), model.k(x), model.v(x)], -1)
+    expected = float(torch.nn.functional.mse_loss(s_out, t_out) / t_out.pow(2).mean())
+    assert expected > 1e-3  # rank 4 of 12: the feature term is not zero
+    curve = fxlrd.recover.distill(gm, model, [x], steps=1, lr=1e-9, features=True, loss=lambda s, t, i: (s * 0).sum(),
+                                  progress=False)  # fmt: skip
+    assert curve[0] == pytest.approx(expected, rel=1e-4)
+
+
