@@ -26,6 +26,7 @@ before it produce, so that it maps them to the *original* layer's outputs ``W X`
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import warnings
@@ -290,6 +291,48 @@ def _writes_in_place(gm: fx.GraphModule, node: fx.Node, arg: fx.Node) -> bool:
     return False
 
 
+# Python-level ops whose output may be a view of their first argument (aten ops say so in their schema)
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "expand", "expand_as", "squeeze",
+    "unsqueeze", "flatten", "unflatten", "narrow", "select", "unfold", "chunk", "split", "split_with_sizes",
+    "tensor_split", "unbind", "__getitem__", "as_strided", "detach", "contiguous", "diagonal", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "real", "imag", "view_as_real", "view_as_complex",
+})  # fmt: skip
+_VIEW_FUNCTIONS = frozenset({operator.getitem, *(getattr(torch, n) for n in _VIEW_METHODS if hasattr(torch, n))})
+
+
+def _aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s output may share memory with its first argument: a view (``x.view``,
+    ``x[:, :8]``, ``aten.slice``) or an in-place op, which returns its input."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return bool(schema.returns) and schema.returns[0].alias_info is not None
+        if node.target in _VIEW_FUNCTIONS:
+            return True
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return True
+    return _writes_in_place(gm, node, node.args[0])
+
+
+def _aliases(gm: fx.GraphModule, node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node whose output may view its memory (views of views, …)."""
+    out, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in out and user.args and user.args[0] in out and _aliases_input(gm, user):
+                out.add(user)
+                todo.append(user)
+    return out
+
+
+def _overwritten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a later node may write to ``node``'s output, directly or through a view of it."""
+    return any(_writes_in_place(gm, user, a) for a in _aliases(gm, node) for user in a.users)
+
+
 class TokenMasks:
     """The real-token masks of one batch, per token sequence: an encoder-decoder's decoder
     tokens follow its ``decoder_attention_mask`` (none given: all are real), not the encoder's
@@ -478,7 +521,7 @@ def collect_stats(
     layouts: dict[str, bool | None] = {}  # linear site → its values are sequence-first (see _real_tokens)
     streams = token_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values()))])
 
-    overwritten = {node for node in by_output if any(_writes_in_place(gm, user, node) for user in node.users)}
+    overwritten = {node for node in by_output if _overwritten(gm, node)}
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
@@ -621,6 +664,34 @@ def _compensated_weight(weight: torch.Tensor, stats: InputStats, ridge: float = 
     return torch.einsum("sc...,cd->sd...", weight.detach().double().cpu(), map_)
 
 
+def _separate(orig: dict[fx.Node, list[Any]], comp: dict[fx.Node, list[Any]], node: fx.Node) -> None:
+    """Give the compressed stream its own copy of ``node``'s tensors before a node writes to
+    them in place, and of every value it shares with the original stream that views the same
+    memory (``h`` beside ``h.view(-1)``, written through the view), as views of that one copy:
+    a write through one is seen through the others, in each stream apart."""
+
+    def tensors(v: Any) -> list[torch.Tensor]:
+        if isinstance(v, torch.Tensor):
+            return [v]
+        return [t for x in v for t in tensors(x)] if type(v) in (tuple, list) else []
+
+    copies = [{t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors(v)} for v in orig[node]]
+    shared = [other for other, values in comp.items() if values is orig.get(other)
+              and any(t.untyped_storage().data_ptr() in copies[i] for i, v in enumerate(values) for t in tensors(v))]  # fmt: skip
+    copies = [{ptr: storage.clone() for ptr, storage in c.items()} for c in copies]
+
+    def moved(v: Any, i: int) -> Any:
+        if isinstance(v, torch.Tensor):
+            copy = copies[i].get(v.untyped_storage().data_ptr())
+            if copy is None:
+                return v
+            return torch.empty(0, dtype=v.dtype, device=v.device).set_(copy, v.storage_offset(), v.size(), v.stride())
+        return type(v)(moved(x, i) for x in v) if type(v) in (tuple, list) else v
+
+    for other in shared:
+        comp[other] = [moved(v, i) for i, v in enumerate(comp[other])]
+
+
 @torch.no_grad()
 def sequential_factors(
     gm: fx.GraphModule,
@@ -695,7 +766,7 @@ def sequential_factors(
                 if not same and any(_writes_in_place(gm, node, a) for a in node.all_input_nodes):
                     for a in node.all_input_nodes:  # (h += fc(h) in an export graph): each stream changes its own
                         if comp[a] is orig[a]:
-                            comp[a] = [t.clone() if isinstance(t, torch.Tensor) else t for t in orig[a]]
+                            _separate(orig, comp, a)
                 orig[node] = [run(node, orig, i) for i in range(len(batches))]
                 if node in first_node:
                     name = first_node[node]

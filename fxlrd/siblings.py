@@ -87,14 +87,14 @@ def _key(gm: nn.Module, site: Site) -> tuple:
 
 
 def _input_changed_between(gm: fx.GraphModule, x: fx.Node, nodes: Sequence[fx.Node]) -> bool:
-    """Whether something writes ``x`` in place between the first and the last of ``nodes``
-    (``h.relu_()`` between two of them in an fx graph: the fused layer, run first, would read
-    ``h`` as it was before)."""
-    from .calibrate import _writes_in_place
+    """Whether something writes ``x`` in place, or a view of it, between the first and the last
+    of ``nodes`` (``h.relu_()`` or ``h[:, :8].zero_()`` between two of them in an fx graph: the
+    fused layer, run first, would read ``h`` as it was before)."""
+    from .calibrate import _aliases, _writes_in_place
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
-    return any(first < order[u] < last and _writes_in_place(gm, u, x) for u in x.users)
+    return any(first < order[u] < last and _writes_in_place(gm, u, a) for a in _aliases(gm, x) for u in a.users)
 
 
 def find_siblings(gm: fx.GraphModule, selected: Callable[[str, Site], bool] | None = None,

@@ -1172,3 +1172,58 @@ def test_sequential_fit_with_an_in_place_residual_in_an_export_graph():
     a, b = (fxlrd.transform(m, cfg, example_inputs=calibration[0], calibration=calibration, capture="export")
             for m in (plain, inplace))  # fmt: skip
     assert torch.allclose(a.fc2.in_proj.weight, b.fc2.in_proj.weight, atol=1e-6)
+
+
+class _ViewWrites(nn.Module):
+    """``h`` changed through a view of it (``h.view(-1).add_(...)``, ``y[:, :8].relu_()``), or
+    the same computed out of place: sequential fitting and sensitivities must not tell them apart."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.inplace, self.fc1, self.fc2, self.fc3 = inplace, nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = x * 1.0
+        if self.inplace:
+            h.view(-1).add_(self.fc1(h).view(-1))
+        else:
+            h = h + self.fc1(h)
+        y = self.fc2(h)
+        if self.inplace:
+            y[:, :8].relu_()
+        else:
+            y = torch.cat([y[:, :8].relu(), y[:, 8:]], 1)
+        return self.fc3(y)
+
+
+def _view_writes_pair():
+    torch.manual_seed(0)
+    plain = _ViewWrites(False).eval()
+    inplace = _ViewWrites(True).eval()
+    inplace.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # many of fc2's first outputs negative: the ReLU's mask matters
+        for m in (plain, inplace):
+            m.fc2.bias[:8] -= 1.0
+    return plain, inplace, [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+
+@pytest.mark.parametrize("capture_mode", ["fx", "export"])
+def test_sequential_fit_with_an_in_place_write_through_a_view(capture_mode):
+    plain, inplace, calibration = _view_writes_pair()
+    cfg = LRDConfig(rank_rule="fixed", rank=4, sequential=True, rank_quantum=1)
+    a, b = (fxlrd.transform(m, cfg, example_inputs=calibration[0], calibration=calibration, capture=capture_mode)
+            for m in (plain, inplace))  # fmt: skip
+    for name in ("fc2", "fc3"):
+        for p, q in zip(a.get_submodule(name).parameters(), b.get_submodule(name).parameters()):
+            assert torch.allclose(p, q, atol=1e-5), name
+    with torch.no_grad():
+        assert torch.allclose(a(calibration[1]), b(calibration[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("capture_mode", ["fx", "export"])
+def test_sensitivity_with_an_in_place_write_through_a_view_of_the_output(capture_mode):
+    plain, inplace, calibration = _view_writes_pair()
+    stats = [collect_stats(capture(m, inputs=((calibration[0],), {}), mode=capture_mode, copy_model=True).gm,
+                           calibration, sensitivity=True, progress=False) for m in (plain, inplace)]  # fmt: skip
+    for name in ("fc1", "fc2", "fc3"):
+        assert torch.allclose(stats[0][name].output_weights(), stats[1][name].output_weights(), rtol=1e-5, atol=1e-9), name

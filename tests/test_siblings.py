@@ -202,7 +202,9 @@ class Heads(nn.Module):
         out = self.relu(self.a(x)).view(n, -1) + self.b(x).view(n, -1)
         h = x * 2
         c = self.c(h)
-        if self.mutate:
+        if self.mutate == "view":
+            h[:, :, :4].relu_()
+        elif self.mutate:
             h.relu_()
         return out + (c + self.d(h)).view(n, -1)
 
@@ -220,8 +222,9 @@ def test_members_outputs_stay_tensors_of_their_own(mode):
     assert rel_err(out, model(_x(1, d=8))) < 1e-5
 
 
-def test_siblings_whose_input_changes_in_place_between_them_are_not_fused():
-    model = Heads(mutate=True).eval()
+@pytest.mark.parametrize("mutate", [True, "view"])
+def test_siblings_whose_input_changes_in_place_between_them_are_not_fused(mutate):
+    model = Heads(mutate=mutate).eval()
     gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, allow_larger=True, siblings="fuse"),
                          example_inputs=_x(d=8), capture="fx")  # fmt: skip
     assert [f["members"] for f in gm.fxlrd_plan.settings["fused"]] == [["a", "b"]]
