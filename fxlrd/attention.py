@@ -186,6 +186,8 @@ class MultiheadAttention(nn.Module):
         query = _batch_first(query, source, self.batch_first)  # (N, L, E)
         if self_attention:
             key = value = query
+        elif key is value:  # cross-attention: one node feeds both projections (siblings to fuse)
+            key = value = _batch_first(key, source, self.batch_first)
         else:
             key, value = _batch_first(key, source, self.batch_first), _batch_first(value, source, self.batch_first)
         q, k, v = self._project(query, key, value)

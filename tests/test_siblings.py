@@ -284,3 +284,27 @@ def test_feature_distillation_matches_a_fused_layer_to_its_members_concatenated(
     assert curve[0] == pytest.approx(expected, rel=1e-4)
 
 
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_multihead_cross_attention_keys_and_values_are_siblings(mode):
+    """``nn.MultiheadAttention(h, mem, mem)``: the swapped module's key and value projections read
+    one node under either capture (fx used to see two copies of ``mem``)."""
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.cross = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x, mem):
+            h = self.self_attn(x, x, x, need_weights=False)[0]
+            return self.cross(h, mem, mem, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model, inputs = Cross().eval(), (torch.randn(2, 5, 16), torch.randn(2, 7, 16))
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=32, allow_larger=True, siblings="fuse"),
+                         example_inputs=inputs, capture=mode)  # fmt: skip
+    assert [f["members"] for f in gm.fxlrd_plan.settings["fused"]] == [["cross.k_proj", "cross.v_proj"]]
+    other = (torch.randn(3, 4, 16), torch.randn(3, 9, 16))
+    assert rel_err(gm(*other), model(*other)) < 1e-5
