@@ -178,6 +178,18 @@ def _on_real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t * mask.to(device=t.device, dtype=t.dtype).reshape(*mask.shape, *([1] * (t.dim() - 2)))
 
 
+def _projection(t: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """A random projection vector shaped like ``t``: standard normal at its real tokens, drawn
+    for those alone in order (the draws do not depend on how much padding a batch carries),
+    zero at the padding."""
+    if mask is None or t.dim() < 3 or t.shape[:2] != mask.shape:
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+    keep = mask.to(dtype=torch.bool, device="cpu")
+    v = torch.zeros(t.shape, dtype=t.dtype)
+    v[keep] = torch.randn((int(keep.sum()), *t.shape[2:]), generator=generator, dtype=t.dtype)
+    return v.to(t.device)
+
+
 def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None,
              layouts: dict[str, bool | None] | None = None) -> torch.Tensor:  # fmt: skip
     """A site's input as ``(samples, channels)`` rows, the positions the layer reads (for a
@@ -569,8 +581,7 @@ def collect_stats(
                         "normalized embedding or the logits it is given, or use sensitivity=False"
                     )
                 if outs:
-                    vs = [_on_real_tokens(torch.randn(t.shape, generator=generator, dtype=t.dtype), masks.for_output(t))
-                          for t in outs]  # fmt: skip
+                    vs = [_projection(t, masks.for_output(t), generator) for t in outs]
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
                     for (name, _), g in zip(site_outputs, grads):
                         if g is not None:

@@ -914,10 +914,12 @@ def test_unbatched_conv_inputs_calibrate_as_the_same_samples_batched(settings):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [{}, {"sequential": True}, {"mlp": "narrow"}])
+@pytest.mark.parametrize("settings", [{}, {"sequential": True}, {"mlp": "narrow"}, {"sensitivity": True},
+                                      {"sensitivity": True, "allocation": "global", "mlp": "narrow"}])  # fmt: skip
 def test_padding_positions_are_left_out_of_the_statistics(settings):
     """The same real tokens calibrate to the same model whether or not their batches are
-    padded (positions where attention_mask is 0)."""
+    padded (positions where attention_mask is 0); with a sensitivity, the random projections
+    are drawn for the real tokens alone."""
     from conftest import tiny_bert
 
     model = tiny_bert()
@@ -929,7 +931,7 @@ def test_padding_positions_are_left_out_of_the_statistics(settings):
         ids = torch.zeros(4, 20, dtype=torch.long)
         ids[:, :6] = r
         padded.append({"input_ids": ids, "attention_mask": (ids != 0).long()})
-    config = LRDConfig(ratio=2, rank_quantum=4, sensitivity=False, **settings)  # (a sensitivity draws random projections)
+    config = LRDConfig(ratio=2, rank_quantum=4, **{"sensitivity": False, **settings})
     a = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=unpadded)
     b = fxlrd.transform(model, config, example_inputs=unpadded[0], calibration=padded)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
