@@ -328,7 +328,15 @@ def export_onnx(
                         "opset_version unset"
                     )
             if check:
-                session = onnx_session(tmp)
+                try:
+                    session = onnx_session(tmp)
+                except Exception as exc:  # noqa: BLE001  (onnxruntime's own error types)
+                    bf16 = any(p.dtype == torch.bfloat16 for p in gm.parameters())
+                    hint = (" onnxruntime's CPU kernels do not take bfloat16: export gm.float() (or float16), or pass "
+                            "check=False to write the file unchecked" if bf16 else " pass check=False to write the file "
+                            "unchecked")  # fmt: skip
+                    raise ExportMismatchError(f"onnxruntime cannot load the exported file: {type(exc).__name__}: "
+                                              f"{str(exc)[:300]};{hint}; {path} was not written") from exc
                 for shown, want in zip(checks, expected):
                     want = [t for t in pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
                     at = "" if shown is inputs else f" at {_shapes(shown)} (the dynamic sizes, beyond the example's 1)"

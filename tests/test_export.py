@@ -235,3 +235,18 @@ def test_token_inputs_of_different_lengths_get_their_own_dynamic_sequence(tmp_pa
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), options)
     feed = [torch.randn(3, 6, 16).numpy(), torch.zeros(3, 6, dtype=torch.bool).numpy()]  # another batch
     assert session.run(None, dict(zip([i.name for i in session.get_inputs()], feed)))[0].shape == (3, 6, 16)
+
+
+def test_a_bfloat16_model_onnxruntime_cannot_load_gets_a_clear_error(tmp_path):
+    """onnxruntime's CPU kernels do not take bfloat16: the check says so and what to do, and the
+    file is not written (its raw NotImplemented error escaped from the session's creation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval().to(torch.bfloat16)
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportMismatchError, match=r"do not take bfloat16: export gm\.float\(\)"):
+        fxlrd.export_onnx(gm, x, path)
+    assert not path.exists()
+    fxlrd.export_onnx(gm.float(), x.float(), path)
+    assert path.exists()
