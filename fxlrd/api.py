@@ -51,7 +51,7 @@ def _capture_inplace(model: nn.Module, config: LRDConfig, inputs: Args | None, m
     informational = ("the forward never uses", "export fixed", "export bounded", "compute their weight", "training mode")
     rewrites = [n for n in trial.notes if not any(k in n for k in informational)]  # what the capture changed
     if trial.mode != "fx" or rewrites:
-        why = "; ".join(rewrites) or f"torch.fx cannot trace it, it needs torch.{trial.mode}"
+        why = f"torch.fx cannot trace it, it needs torch.{trial.mode}" if trial.mode != "fx" else "; ".join(rewrites)
         raise ConfigError(
             f"inplace=True needs a model torch.fx traces as it is, with nothing rewritten ({why}); your model is "
             "unchanged: use inplace=False and the returned GraphModule"

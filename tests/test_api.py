@@ -150,9 +150,16 @@ class _Branching(nn.Module):  # fx cannot trace a branch on the input's rank; ex
         return self.fc(x) if x.dim() == 2 else self.fc(x.flatten(1))
 
 
+class _BranchingOnDevice(_Branching):  # and its export capture notes the device it ran on
+    def forward(self, x):
+        x = x + torch.arange(x.shape[-1], device=x.device)
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("make,x,why", [
     (_WithAttention, torch.randn(2, 5, 32), "nn.MultiheadAttention swapped"),
     (_Branching, torch.ones(2, 16), "torch.fx cannot trace it"),
+    (_BranchingOnDevice, torch.ones(2, 16), r"\(torch.fx cannot trace it, it needs torch.export\)"),
 ])  # fmt: skip
 def test_inplace_refused_before_the_model_is_touched(make, x, why):
     """A model that fx cannot capture as it is would be rewritten by the capture itself
