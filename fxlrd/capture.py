@@ -327,6 +327,9 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs)
+    # What a forward stores on its modules (a rotary embedding's frequencies, recomputed for
+    # the length it sees) would be fake tensors afterwards: every module is put back as it was.
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
     try:
         with quiet_fake_tensors(), mode, torch.no_grad():
             model(*args, **kwargs)
@@ -334,6 +337,13 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         return  # fake tensors cannot say; capture will
     except Exception as exc:  # noqa: BLE001
         raise inputs_error(model, inputs, exc) from exc
+    finally:
+        for m, attributes, parameters, buffers, modules in saved:
+            vars(m).clear()
+            vars(m).update(attributes)
+            for kept, now in ((parameters, m._parameters), (buffers, m._buffers), (modules, m._modules)):
+                now.clear()
+                now.update(kept)
 
 
 @contextlib.contextmanager
@@ -639,6 +649,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     asked: list[str] = []
     if automatic:
         args, kwargs, dynamic_shapes, asked = dynamic_export_inputs(model, inputs)
+    without_cache = False
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001
@@ -647,7 +658,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
             for config in configs.values():  # the model's and its parts' own (T5's decoder holds a copy)
                 config.use_cache = False
             notes.append("config.use_cache set to False on the captured copy (a KV cache in the output cannot be exported)")
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            without_cache = True  # exported again below: a failure then is reported as its own, not as the cache's
         elif automatic:  # fxlrd's guess at the dynamic dimensions did not export (torch rejects some, e.g. in **kwargs)
             try:
                 ep = torch.export.export(model, *inputs, strict=False)
@@ -657,6 +668,8 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
                          "the graph may only run at the example_inputs' shapes, pass dynamic_shapes=... for others")  # fmt: skip
         else:
             raise
+    if without_cache:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     exported = ep.module()
     graph = exported.graph
     static = _static_dims(exported, asked) if automatic and not any("static shapes" in n for n in notes) else []

@@ -720,3 +720,27 @@ def test_export_names_layers_it_cannot_see_and_lists_transposed_convs():
     gm = fxlrd.transform(Regions(), LRDConfig(ratio=2), example_inputs=inputs, capture="export")
     assert any(n.startswith("1 linear/conv operations run inside torch.no_grad()") for n in gm.fxlrd_capture["notes"])
     assert gm.fxlrd_plan["up"].reason == "transposed convolution: not supported"
+
+
+def test_an_export_retried_without_the_cache_reports_its_own_failure():
+    """A model whose export fails on its KV cache is exported again with ``use_cache=False``;
+    when that fails too, the error names the second failure (it named the cache)."""
+
+    class Config:
+        use_cache = True
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.fc = Config(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            if torch.compiler.is_exporting():
+                if self.config.use_cache:
+                    raise RuntimeError("DynamicCache is not a known type of output")
+                raise ValueError("the second failure")
+            return self.fc(x)
+
+    with pytest.raises(CaptureError, match="ValueError: the second failure") as info:
+        fxlrd.transform(Net().eval(), example_inputs=torch.randn(2, 4), capture="export")
+    assert "DynamicCache" not in str(info.value)

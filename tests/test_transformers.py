@@ -594,3 +594,22 @@ def test_distill_features_on_a_padded_export_batch():
     gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=batch)
     curve = distill(gm, model, [batch], steps=2, features=True, progress=False)
     assert len(curve) == 2 and all(v == v for v in curve)
+
+
+def test_a_rotary_embedding_that_stores_its_frequencies_in_forward_is_captured():
+    """LongRoPE (Phi-3-128k's rope) sets its inverse frequencies on the module in forward: the
+    fake-tensor run that checks the inputs left fake tensors there, and export then failed."""
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}  # fmt: skip
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   rope_parameters=rope, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    x = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxlrd.transform(model, FULL, example_inputs=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    other = {"input_ids": torch.randint(0, 100, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    with torch.no_grad():
+        assert rel_err(gm(**other).last_hidden_state, model(**other).last_hidden_state) < 1e-5
