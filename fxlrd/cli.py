@@ -1011,15 +1011,27 @@ def _blas_single_thread() -> Iterator[None]:
         yield
 
 
-def _recover_norms(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[str]:
-    """Re-estimate the norms an approximate merge moved (they start with empty statistics)."""
+def _recover_norms(gm: fx.GraphModule, model: nn.Module, batches: Sequence[Batch]) -> list[str]:
+    """Re-estimate the norms an approximate merge moved (new norms, with empty statistics), and
+    keep the new statistics only when they bring the outputs closer to ``model``'s on
+    ``batches``: without fine-tuning, batch statistics under the new norm's unit scale and zero
+    shift can take the model farther from the original (a data-aware transform most of all)."""
     from .recover import reestimate_norms
 
-    if not any(getattr(m, "fxlrd_moved", False) for m in gm.modules()):
+    moved = [m for m in gm.modules() if getattr(m, "fxlrd_moved", False)]
+    if not moved or not batches or isinstance(batches[0], Mapping):
         return []
-    if not batches or isinstance(batches[0], Mapping):
-        return []
-    return reestimate_norms(gm, [b if isinstance(b, tuple) else (b,) for b in batches])
+    kept = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in moved]
+    with torch.no_grad():
+        before = fidelity(model, gm, batches)["relative_error"]
+        names = reestimate_norms(gm, [b if isinstance(b, tuple) else (b,) for b in batches])
+        after = fidelity(model, gm, batches)["relative_error"]
+        if not after < before:
+            for m, buffers in zip(moved, kept):
+                for k, v in buffers.items():
+                    m._buffers[k].copy_(v)
+            return []
+    return names
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -1071,7 +1083,7 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
     with _blas_single_thread():
         gm = transform(model, config, example_inputs=data.example, capture=args.capture, calibration=data.calibration)
     transform_s = time.perf_counter() - t0
-    recovered = _recover_norms(gm, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
+    recovered = _recover_norms(gm, model, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
     reconstructed = None
     if reconstruct:
         narrowed = gm.fxlrd_plan.settings.get("narrowed") or []
@@ -1443,7 +1455,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 gm = transform(model, configs[variant], example_inputs=data.example, capture=args.capture,
                                calibration=data.calibration)  # fmt: skip
             seconds = time.perf_counter() - t0
-            _recover_norms(gm, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
+            _recover_norms(gm, model, data.calibration or [inputs.random(args.seed + 2000 + i) for i in range(4)])
             models[variant] = gm
         fid = fidelity(model, models[variant], data.held_out) if variant != "original" else {}
         m = models[variant]
