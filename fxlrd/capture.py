@@ -839,8 +839,15 @@ def capture(
         folded = _fold_weight_norms(model)
         if training is not None:
             model.train(training)
+    nested = [n for n, m in model.named_modules() if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
     swapped = swap_attention(model, attention)
     notes = [f"{swapped} nn.MultiheadAttention swapped for fxlrd.attention.MultiheadAttention ({attention})"] if swapped else []
+    if swapped and nested:
+        notes.append(
+            f"nn.TransformerEncoder {', '.join(repr(n) for n in nested)} runs without nested tensors: with a "
+            "src_key_padding_mask its outputs at padded positions are computed, as in training mode, torch.compile and "
+            "torch.export, where eager inference without gradients returns zeros there; pool over the real tokens"
+        )
     if folded:
         notes.append(f"{folded} torch.nn.utils.weight_norm hooks folded into their layers' weights on the captured copy")
     captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes)
