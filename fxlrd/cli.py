@@ -20,9 +20,11 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +136,49 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write strict JSON (no NaN: null) atomically (a temporary file beside ``path``, then a rename)."""
     text = json.dumps(_finite(data), indent=1, default=str, allow_nan=False)
     write_text(path, text + "\n")
+
+
+@contextlib.contextmanager
+def _staged_save(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A path beside ``target`` to `fxlrd.save` into; when the block ends without an error the
+    save there is moved into place as `fxlrd.save` does it (an earlier save moved aside, and put
+    back if the move fails), otherwise it is removed and ``target`` is left as it was."""
+    from .io import _commit
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f".{target.name}.staged-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staged
+        if staged.exists():
+            _commit(staged, target, overwrite)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _outputs_staged(paths: Sequence[Path | None]) -> Iterator[contextlib.ExitStack]:
+    """An `ExitStack` to stage the command's outputs on (`atomic_path`, `_staged_save`): they are
+    moved into place when the block ends without an error, in the reverse order of staging (so
+    stage the save last: its move is the one that can fail, and then nothing was replaced);
+    on an error every staged file is removed, and so are the folders made for the outputs."""
+    made = []  # the outermost folder each output's path lacked, and the folders made under it
+    for path in paths:
+        if path is None:
+            continue
+        missing = [a for a in path.parents if not a.exists()]
+        if missing:
+            made.append(missing)
+    try:
+        with contextlib.ExitStack() as stack:
+            yield stack
+    except BaseException:
+        for folders in made:
+            for folder in folders:  # deepest first; a folder holding anything stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
 
 
 def _check_output(path: str | None, option: str, *, directory: bool = False, overwrite: bool = True) -> Path | None:
@@ -899,6 +944,15 @@ def _layer_count(model: nn.Module) -> int:
     return sum(isinstance(m, layer_types) for m in model.modules())
 
 
+class _TimingExportError(Exception):
+    """onnxruntime timing could not export model ``name`` to ONNX (``cause``)."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(f"the {name} model cannot be exported to ONNX for timing: {type(cause).__name__}: "
+                         f"{_one_line(cause)[:300]}")  # fmt: skip
+        self.name, self.cause = name, cause
+
+
 def _ort_runner(
     model: nn.Module, batch: Batch, threads: int, path: Path | None, tmp: Path, name: str
 ) -> Callable[[], object]:
@@ -908,7 +962,10 @@ def _ort_runner(
     inputs = normalize_inputs(batch)
     if path is None:
         path = tmp / f"{name}.onnx"
-        export_onnx_file(model.eval(), inputs, path)
+        try:
+            export_onnx_file(model.eval(), inputs, path)
+        except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)
+            raise _TimingExportError(name, exc) from exc
     session = onnx_session(path, threads=threads)
     feed = onnx_feed(session, inputs)
     return lambda: session.run(None, feed)
@@ -940,6 +997,28 @@ def time_models(
         with console.bar(len(runners) * (repeats + warmup), f"timing ({backend}, taking turns)", "run") as bar:
             ticking = {n: (lambda fn=fn: (fn(), bar.update(1))) for n, fn in runners.items()}
             return median_times(ticking, repeats=repeats, warmup=warmup)
+
+
+def _time(
+    args: argparse.Namespace, models: Mapping[str, nn.Module], batch: Batch, console: _Console,
+    onnx_paths: Mapping[str, Path] | None = None,
+) -> tuple[dict[str, dict[str, float]], str, str | None]:
+    """`time_models` on ``args.backend``: the times, the backend that timed them, and a note when
+    that is not the one asked for. onnxruntime times an ONNX export of each model; where torch.onnx
+    cannot export one (T5, for one), every model is timed in eager torch instead (timings of two
+    backends do not compare), without the models only an ONNX file holds (``int8``)."""
+    kw = dict(threads=args.threads, repeats=args.repeats, console=console)
+    try:
+        return time_models(models, batch, backend=args.backend, onnx_paths=onnx_paths, **kw), args.backend, None
+    except _TimingExportError as exc:
+        if args.backend != "onnxruntime":  # pragma: no cover  (only onnxruntime timing exports)
+            raise
+        note = (f"onnxruntime timing could not export the {exc.name} model to ONNX ({type(exc.cause).__name__}: "
+                f"{_one_line(exc.cause)[:200]}); timed in eager torch instead (--backend eager chooses that, "
+                "--repeats 0 skips timing)")  # fmt: skip
+        console.step(note)
+        models = {n: m for n, m in models.items() if n != "int8"}
+        return time_models(models, batch, backend="eager", **kw), "eager", note
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -1044,9 +1123,6 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
 def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
     """Everything `fxlrd compress` does, returning the report."""
     from .api import transform
-    from .export import export_onnx
-    from .io import save
-    from .metrics import count_params
 
     config = _config(args)  # before any long work: bad settings fail at once
     onnx_path = _check_output(args.onnx, "--onnx")
@@ -1120,42 +1196,71 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
     console.step("measuring fidelity on held-out inputs")
     fid = fidelity(model, gm, data.held_out)
     fid["inputs"] = data.note
+    # every output is written beside its destination and moved into place only when the whole run
+    # succeeded: a run that fails (here, timing, the report) leaves the user's files as they were
+    with _outputs_staged([onnx_path, save_path, report_path]) as staged:
+        report_tmp = Path(staged.enter_context(atomic_path(report_path))) if report_path is not None else None
+        onnx_tmp = Path(staged.enter_context(atomic_path(onnx_path))) if onnx_path is not None else None
+        save_tmp = staged.enter_context(_staged_save(save_path, args.overwrite)) if save_path is not None else None
+        report = _compress_outputs(args, console, config, source, inputs, data, model, gm, onnx_tmp, save_tmp)
+        report.update(transform_s=transform_s, norms_reestimated=len(recovered), reconstructed=reconstructed,
+                      distilled=distilled, fidelity=fid)  # fmt: skip
+        files = {"onnx": onnx_path, "save": save_path, "report": report_path}
+        report["files"] = {k: str(v) for k, v in files.items() if v is not None}
+        if report_tmp is not None:
+            _write_json(report_tmp, report)
+    return report
+
+
+def _compress_outputs(
+    args: argparse.Namespace, console: _Console, config: Any, source: ModelSource, inputs: _Inputs, data: _Data,
+    model: nn.Module, gm: fx.GraphModule, onnx_tmp: Path | None, save_tmp: Path | None,
+) -> dict[str, Any]:
+    """compress's outputs, written to their staged paths (``onnx_tmp``, ``save_tmp``), its timing,
+    and the report of it all (`_compress` adds what it measured before)."""
+    from .export import export_onnx
+    from .io import save
+    from .metrics import count_params
+
+    int8 = getattr(args, "int8", None)
     params = {"original": count_params(model), "compressed": count_params(gm)}
     macs = {"original": _macs(model, data.example), "compressed": _macs(gm, data.example)}
     layers = {"original": _layer_count(model), "compressed": _layer_count(gm)}
-    files: dict[str, str] = {}
     int8_report = None
-    if onnx_path is not None:
-        console.step(f"exporting {onnx_path}" + (f" in int8 ({int8})" if int8 else "") + " (checked against onnxruntime)")
+    if onnx_tmp is not None:
+        console.step(f"exporting {args.onnx}" + (f" in int8 ({int8})" if int8 else "") + " (checked against onnxruntime)")
         quantize = {"static": "int8", "dynamic": "int8-dynamic"}.get(int8)
-        export_onnx(gm, data.example, onnx_path, quantize=quantize,
-                    calibration=data.calibration if int8 == "static" else None)  # fmt: skip
-        files["onnx"] = str(onnx_path)
+        try:
+            export_onnx(gm, data.example, onnx_tmp, quantize=quantize,
+                        calibration=data.calibration if int8 == "static" else None)  # fmt: skip
+        except Exception as exc:  # its message names the staged file: name the user's
+            exc.args = tuple(a.replace(str(onnx_tmp), str(args.onnx)) if isinstance(a, str) else a for a in exc.args)
+            raise
         if int8:
             console.step("measuring the int8 file's fidelity on held-out inputs")
-            int8_report = {"scheme": int8, "weights": _int8_weights(onnx_path),
-                           "fidelity": {**fidelity(model, _OnnxCallable(onnx_path, args.threads), data.held_out),
+            int8_report = {"scheme": int8, "weights": _int8_weights(onnx_tmp),
+                           "fidelity": {**fidelity(model, _OnnxCallable(onnx_tmp, args.threads), data.held_out),
                                         "inputs": data.note}}  # fmt: skip
-    if save_path is not None:
-        console.step(f"saving {save_path}")
-        save(gm, save_path, overwrite=args.overwrite)
-        files["save"] = str(save_path)
+    if save_tmp is not None:
+        console.step(f"saving {args.save}")
+        save(gm, save_tmp)
     latency = None
     if args.repeats > 0:
         models, paths = {"original": model, "compressed": gm}, {}
-        if onnx_path is not None and args.backend == "onnxruntime":
+        if onnx_tmp is not None and args.backend == "onnxruntime":
             if int8:  # the float model is exported afresh; the int8 file is timed as written
-                models["int8"], paths["int8"] = gm, onnx_path
+                models["int8"], paths["int8"] = gm, onnx_tmp
             else:
-                paths["compressed"] = onnx_path
-        times = time_models(models, data.example, backend=args.backend, threads=args.threads, repeats=args.repeats,
-                            console=console, onnx_paths=paths)  # fmt: skip
-        latency = {"backend": args.backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch,
+                paths["compressed"] = onnx_tmp
+        times, backend, fallback = _time(args, models, data.example, console, onnx_paths=paths)
+        latency = {"backend": backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch,
                    **times, "speedup": times["original"]["median"] / times["compressed"]["median"]}  # fmt: skip
         if "int8" in times:
             latency["speedup_int8"] = times["original"]["median"] / times["int8"]["median"]
+        if fallback:
+            latency["fallback"] = fallback
     plan = gm.fxlrd_plan
-    report = {
+    return {
         "format": REPORT_FORMAT,
         "command": ["fxlrd", *getattr(args, "argv", [])],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1165,24 +1270,20 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
         "capture": getattr(gm, "fxlrd_capture", None),
         "settings": config.to_dict(),
         "calibration": {"path": args.calibration, "batches": len(data.calibration or [])},
-        "norms_reestimated": len(recovered),
-        "reconstructed": reconstructed,
-        "distilled": distilled,
-        "transform_s": transform_s,
+        "norms_reestimated": None,
+        "reconstructed": None,
+        "distilled": None,
+        "transform_s": None,
         "layers": layers,
         "params": {**params, "ratio": _ratio(params["original"], params["compressed"])},
         "macs": {**macs, "ratio": _ratio(macs["original"], macs["compressed"])},
         "latency": latency,
-        "fidelity": fid,
+        "fidelity": None,
         "int8": int8_report,
-        "files": files,
+        "files": {},
         "plan_table": plan.table(),
         "plan": plan.to_dict(),
     }
-    if report_path is not None:
-        _write_json(report_path, report)
-        files["report"] = str(report_path)
-    return report
 
 
 _FILE_KINDS = {
@@ -1223,6 +1324,8 @@ def print_summary(report: Mapping[str, Any], out=None) -> None:
         where = " CPU" if lat["backend"] == "onnxruntime" else ""
         p(f"latency     {lat['backend']}{where}, batch {lat['batch']}, {lat['threads']} threads, "
           f"median of {lat['repeats']} (variants taking turns) on {env.get('processor', '?')}")  # fmt: skip
+        if lat.get("fallback"):
+            p(f"  note       {lat['fallback']}")
         for name in ("original", "compressed", "int8"):
             if name in lat:
                 t = lat[name]
@@ -1464,9 +1567,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          "top1_agreement": fid.get("top1_agreement")}  # fmt: skip
     base = rows[args.variants[0]]
     times = None
+    timing: dict[str, Any] = {"backend": args.backend, "threads": args.threads, "repeats": args.repeats,
+                              "batch": inputs.batch}  # fmt: skip
     if args.repeats > 0:
-        times = time_models(models, data.example, backend=args.backend, threads=args.threads, repeats=args.repeats,
-                            console=console)  # fmt: skip
+        times, timing["backend"], fallback = _time(args, models, data.example, console)
+        if fallback:
+            timing["fallback"] = fallback
     for variant, row in rows.items():
         row["mac_ratio"] = _ratio(base["macs"], row["macs"])
         if times is not None:
@@ -1481,7 +1587,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "model": {"spec": args.model, "class": type(model).__name__, "inputs": inputs.describe(),
                   "notes": source.notes},  # fmt: skip
         "baseline": args.variants[0],
-        "timing": {"backend": args.backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch},
+        "timing": timing,
         "fidelity_inputs": data.note,
         "settings": {v: c.to_dict() for v, c in configs.items()},
         "variants": rows,
@@ -1515,6 +1621,8 @@ def print_bench(report: Mapping[str, Any], out=None) -> None:
           + (f"{timing['backend']}, {timing['threads']} threads, median of {timing['repeats']} taking turns "
              if timing["repeats"] else "not timed (--repeats 0) ")
           + f"on {env.get('processor', '?')} (torch {env.get('torch', '?')})", file=out)  # fmt: skip
+    if timing.get("fallback"):
+        print(f"note: {timing['fallback']}", file=out)
     for i, row in enumerate(table):
         cells = (v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths)))
         print("  ".join(cells).rstrip(), file=out)
@@ -1676,7 +1784,7 @@ def _add_timing(p: argparse.ArgumentParser, repeats: int = 20) -> None:
     g = p.add_argument_group("timing")
     g.add_argument("--backend", choices=TIMING_BACKENDS, default="onnxruntime",
                    help="where models are timed: onnxruntime (CPU), eager torch, or torch.compile "
-                        "(default onnxruntime)")  # fmt: skip
+                        "(default onnxruntime; where torch.onnx cannot export a model, eager torch, with a note)")  # fmt: skip
     g.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="intra-op threads when timing (default: all cores)")  # fmt: skip
     g.add_argument("--repeats", type=_non_negative_int, default=repeats, metavar="N",

@@ -848,3 +848,70 @@ def test_moved_norms_keep_their_statistics_when_re_estimating_them_does_not_help
     after = fidelity(model, gm, cal)["relative_error"]
     assert after <= before and (names == []) == (after == before)
     assert after == before  # here re-estimating alone makes it worse (0.12 → 0.37), so nothing changed
+
+
+# -- a failed run leaves the user's files as they were; timing falls back when onnxruntime cannot -----
+@pytest.mark.parametrize("failure", ["timing", "save"])
+def test_a_failed_compress_leaves_every_output_as_it_was(tmp_path, capsys, factory, monkeypatch, failure):
+    """compress moved --onnx into place and wrote --save before timing: a run that then failed
+    (exit 1) had replaced the user's files. Now every output is written beside its destination
+    and moved into place only once the whole run succeeded."""
+    import fxlrd.io
+
+    save, onnx, report = tmp_path / "s", tmp_path / "m.onnx", tmp_path / "r.json"
+    base = ["compress", "fxlrd_cli_models:mlp", "--input-shape", "2,16", "-q"]
+    code, _, err = _run(capsys, *base, "--repeats", 0, "--save", save)
+    assert code == 0, err
+    onnx.write_bytes(b"the user's onnx file")
+    report.write_text("the user's report")
+    files = [onnx, report, *sorted(save.iterdir())]
+    before = {p: p.read_bytes() for p in files}
+    entries = sorted(p.name for p in tmp_path.rglob("*"))
+    if failure == "timing":
+        def fail(*args, **kwargs):
+            raise RuntimeError("timing broke")
+
+        monkeypatch.setattr(fxlrd.cli, "time_models", fail)
+    else:  # the earlier save cannot be moved aside
+        move = fxlrd.io._move
+
+        def fail(src, dst):
+            if Path(src) == save:
+                raise PermissionError(f"cannot rename {src}")
+            move(src, dst)
+
+        monkeypatch.setattr(fxlrd.io, "_move", fail)
+    code, _, err = _run(capsys, *base, "--ratio", 3, "--repeats", 1, "--onnx", onnx, "--save", save, "--overwrite",
+                        "--report", report)  # fmt: skip
+    assert code == 1 and ("timing broke" if failure == "timing" else "cannot rename") in err, err
+    assert {p: p.read_bytes() for p in files} == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == entries  # nothing staged is left behind
+
+
+def test_onnxruntime_timing_falls_back_to_eager_when_the_original_cannot_be_exported(tmp_path, capsys, factory,
+                                                                                      monkeypatch):
+    """The default timing backend exports the original to ONNX; where torch.onnx cannot (T5), the
+    run died with torch's message after its outputs were written. Now it times in eager torch,
+    says so, and records it in the report."""
+    import fxlrd.export
+
+    export = fxlrd.export.export_onnx_file
+
+    def fail(model, *args, **kwargs):
+        if not isinstance(model, torch.fx.GraphModule):  # the original; the compressed one exports
+            raise RuntimeError("torch.onnx cannot export this model")
+        return export(model, *args, **kwargs)
+
+    monkeypatch.setattr(fxlrd.export, "export_onnx_file", fail)
+    report = tmp_path / "r.json"
+    code, out, err = _run(capsys, "compress", "fxlrd_cli_models:mlp", "--input-shape", "2,16", "--repeats", 2,
+                          "--onnx", tmp_path / "m.onnx", "--save", tmp_path / "s", "--report", report)  # fmt: skip
+    assert code == 0, err
+    latency = json.loads(report.read_text())["latency"]
+    assert latency["backend"] == "eager" and latency["original"]["n"] == 2 and latency["speedup"] > 0
+    assert "torch.onnx cannot export this model" in latency["fallback"] and "--backend eager" in latency["fallback"]
+    assert "timed in eager torch instead" in out and (tmp_path / "m.onnx").is_file() and (tmp_path / "s").is_dir()
+    code, out, err = _run(capsys, "bench", "fxlrd_cli_models:mlp", "--input-shape", "2,16", "--repeats", 2,
+                          "--variants", "original,quantized")  # fmt: skip
+    assert code == 0, err
+    assert "timed in eager torch instead" in out
