@@ -564,6 +564,7 @@ class _Inputs:
         self.source = source
         self.kind = source.kind
         self.args_calibration = getattr(args, "calibration", None)
+        self.example: Batch | None = None  # the example batch, when it is a calibration batch (`_data`)
         batch = getattr(args, "batch", None)
         size = getattr(args, "size", None)
         if self.kind == "text":
@@ -592,6 +593,8 @@ class _Inputs:
             self.batch = self.shape[0]
 
     def describe(self) -> str:
+        if self.example is not None:
+            return _describe_batch(self.example)
         if self.kind == "text":
             return f"input_ids, attention_mask int64[{self.batch}, {self.seq_len}]"
         return f"float32[{', '.join(map(str, self.shape))}]"
@@ -734,7 +737,8 @@ class _Inputs:
                         f"{list(self.shape[1:])} per sample: pass --input-shape N,{','.join(map(str, data.shape[1:]))}"
                     )
                 n = min(len(data) // self.batch, limit)
-                return [data[i * self.batch : (i + 1) * self.batch].float() for i in range(n)] or [data.float()]
+                data = data.float() if data.is_floating_point() else data  # token ids stay integers
+                return [data[i * self.batch : (i + 1) * self.batch] for i in range(n)] or [data]
         if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise UsageError(f"--calibration {path} must hold one tensor (N, ...) or named tensors (input_ids, ...)")
         sizes = {len(v) for v in data.values()}
@@ -752,6 +756,11 @@ class _Data:
     calibration: list[Batch] | None
     held_out: list[Batch]
     note: str
+
+
+def _random_like(batch: Batch) -> bool:
+    """Whether random inputs (`_Inputs.random`, one float tensor) have ``batch``'s form."""
+    return isinstance(batch, torch.Tensor) and batch.is_floating_point()
 
 
 def _check_calibration_path(args: argparse.Namespace) -> None:
@@ -777,9 +786,14 @@ def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data
     elif len(data) >= 2:
         cal, held = data[:-1], data[-1:]
         note = f"1 held-out batch of {path} (not used for calibration; it has {len(data)} batches in all)"
-    else:
+    elif _random_like(data[0]) or inputs.kind == "text":
         cal, held = data, randoms()
         note = f"{_plural(n_eval, 'batch')} of random inputs ({path} has only one batch, used for calibration)"
+    else:  # random inputs (one float tensor) cannot stand in for token ids or several inputs
+        cal, held = data, data
+        note = f"the one batch of {path}, also used for calibration (it has no other to hold out)"
+    if inputs.kind != "text":  # the model's own inputs: dtype (token ids) and structure (several inputs) kept
+        example = inputs.example = cal[0]
     if isinstance(example, dict) and isinstance(cal[0], Mapping):  # a tokenizer's token_type_ids (zeros: one segment)
         for key, value in cal[0].items():
             if key == "token_type_ids" and key not in example and isinstance(value, torch.Tensor) \
@@ -818,11 +832,21 @@ def _check_inputs(model: nn.Module, inputs: _Inputs, batch: Batch, calibration: 
     try:
         _call(model, batch)
     except Exception as exc:  # noqa: BLE001
-        option = "--batch/--seq-len" if inputs.kind == "text" else "--input-shape"
-        raise UsageError(
-            f"the model does not take inputs {inputs.describe()} ({type(exc).__name__}: {_one_line(exc)[:300]}); "
-            f"pass {option} with the shape it expects"
-        ) from exc
+        text = f"{type(exc).__name__}: {_one_line(exc)}"
+        if inputs.kind == "text":
+            hint = "pass --batch/--seq-len with the shape it expects"
+        elif isinstance(exc, TypeError) and re.search(r"argument|positional", text):  # forward(x, y), keyword inputs
+            hint = ("random inputs are one float tensor of --input-shape; for a model that takes several inputs, pass "
+                    "--calibration with a .pt/.safetensors file of real inputs, named tensors (N, ...) for its "
+                    "forward's arguments, and they are used as the example too")  # fmt: skip
+        elif re.search(r"\b(Long|Int|integer|indices|scalar type)", text):  # an embedding given floats
+            hint = ("random inputs are float; for a model that takes token ids (integers), pass --calibration with a "
+                    ".pt/.safetensors file of real ones (an integer tensor (N, tokens), or named tensors for its "
+                    "forward's arguments), and they are used as the example too")  # fmt: skip
+        else:
+            hint = ("pass --input-shape with the shape it expects (random float inputs of that shape are made; for a "
+                    "model that takes token ids or several inputs, pass --calibration with real inputs instead)")  # fmt: skip
+        raise UsageError(f"the model does not take inputs {inputs.describe()} ({text[:300]}); {hint}") from exc
 
 
 def _main_output(out: Any) -> tuple[str, torch.Tensor]:

@@ -915,3 +915,73 @@ def test_onnxruntime_timing_falls_back_to_eager_when_the_original_cannot_be_expo
                           "--variants", "original,quantized")  # fmt: skip
     assert code == 0, err
     assert "timed in eager torch instead" in out
+
+
+# -- a factory model that takes token ids or several inputs ------------------------------------------
+TOKEN_MODELS_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class TokenNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 50)
+
+        def forward(self, input_ids):
+            return self.down(torch.relu(self.up(self.emb(input_ids))))
+
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(8, 32)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+
+    def tokens():
+        torch.manual_seed(0)
+        return TokenNet().eval()
+
+
+    def two():
+        torch.manual_seed(0)
+        return TwoInputs().eval()
+    """
+)
+
+
+@pytest.mark.parametrize("form", ["tensor", "named"])
+def test_a_factory_model_taking_token_ids_compresses_from_an_integer_calibration_file(tmp_path, capsys, form):
+    """The integer token ids of a calibration file were cast to float32 (and the user's file
+    then blamed): they keep their dtype, and the example batch is the first calibration batch."""
+    model_file = tmp_path / "tokmodels.py"
+    model_file.write_text(TOKEN_MODELS_PY)
+    ids = torch.randint(0, 50, (12, 10))
+    torch.save(ids if form == "tensor" else {"input_ids": ids}, tmp_path / "ids.pt")
+    report = tmp_path / "r.json"
+    code, _, err = _run(capsys, "compress", f"{model_file}:tokens", "--input-shape", "2,10", "--calibration",
+                        tmp_path / "ids.pt", "--calibration-batches", 4, "--repeats", 0, "--report", report, "-q")  # fmt: skip
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["calibration"]["batches"] == 4 and "int64[2, 10]" in data["model"]["inputs"]
+    assert "held-out batches of" in data["fidelity"]["inputs"] and data["fidelity"]["relative_error"] < 1
+
+
+def test_a_factory_model_random_float_inputs_cannot_feed_is_told_to_pass_calibration(tmp_path, capsys):
+    """--input-shape cannot help a model that takes token ids or several inputs (random inputs
+    are one float tensor): the error says what can, --calibration with real inputs."""
+    model_file = tmp_path / "tokmodels.py"
+    model_file.write_text(TOKEN_MODELS_PY)
+    for factory in ("tokens", "two"):
+        code, _, err = _run(capsys, "compress", f"{model_file}:{factory}", "--input-shape", "2,16", "--repeats", 0)
+        assert code == 2 and "--calibration" in err and "pass --input-shape" not in err, err
+        assert err.count("\n") == 1
+    torch.save({"x": torch.randn(8, 16), "y": torch.randn(8, 8)}, tmp_path / "xy.pt")
+    code, _, err = _run(capsys, "compress", f"{model_file}:two", "--batch", 2, "--calibration", tmp_path / "xy.pt",
+                        "--calibration-batches", 3, "--repeats", 0, "-q")  # fmt: skip
+    assert code == 0, err
