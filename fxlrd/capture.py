@@ -327,9 +327,9 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, inputs)
-    # What a forward stores on its modules (a rotary embedding's frequencies, recomputed for
-    # the length it sees) would be fake tensors afterwards: every module is put back as it was.
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    # A tensor a forward stores on its modules (a rotary embedding's frequencies, recomputed for
+    # the length it sees) would be a fake tensor afterwards: each is put back as it was.
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         with quiet_fake_tensors(), mode, torch.no_grad():
             model(*args, **kwargs)
@@ -337,13 +337,14 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
         return  # fake tensors cannot say; capture will
     except Exception as exc:  # noqa: BLE001
         raise inputs_error(model, inputs, exc) from exc
-    finally:
-        for m, attributes, parameters, buffers, modules in saved:
-            vars(m).clear()
-            vars(m).update(attributes)
-            for kept, now in ((parameters, m._parameters), (buffers, m._buffers), (modules, m._modules)):
-                now.clear()
-                now.update(kept)
+    finally:  # tensors put back (flags a forward sets, such as the swapped attention's cross_attention, stay)
+        for m, attributes, parameters, buffers in saved:
+            for kept, now in ((attributes, vars(m)), (parameters, m._parameters), (buffers, m._buffers)):
+                for key in [k for k, v in now.items() if isinstance(v, torch.Tensor) and kept.get(k) is not v]:
+                    if key in kept:
+                        now[key] = kept[key]
+                    else:
+                        del now[key]
 
 
 @contextlib.contextmanager
