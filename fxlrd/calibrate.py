@@ -345,6 +345,44 @@ def _overwritten(gm: fx.GraphModule, node: fx.Node) -> bool:
     return any(_writes_in_place(gm, user, a) for a in _aliases(gm, node) for user in a.users)
 
 
+_aten = torch.ops.aten
+_DROPOUTS = frozenset({_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default,
+                       _aten.feature_alpha_dropout.default, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                       F.alpha_dropout, F.feature_alpha_dropout})  # fmt: skip
+_ATTENTIONS = frozenset({_aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention})
+
+
+class EvalInterpreter(fx.Interpreter):
+    """Runs a graph as in eval mode where the graph itself says otherwise: an export capture of
+    a model in training mode (a Hugging Face model straight from its constructor) bakes
+    ``aten.dropout(x, p, train=True)`` and batch statistics in, as ``F.dropout(...,
+    training=True)`` or an attention's ``dropout_p`` from a ``self.training`` read at fx trace
+    time. Calibration reads no dropout noise and leaves running statistics alone: dropouts are
+    the identity (attention's too), batch norms use their running statistics, and in-place
+    updates of buffers are skipped."""
+
+    def __init__(self, module: fx.GraphModule, **kwargs: Any):
+        super().__init__(module, **kwargs)
+        self._buffers = {id(b) for b in module.buffers()}
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        schema = getattr(target, "_schema", None)
+        if schema is not None and schema.is_mutable and args and id(args[0]) in self._buffers:
+            return args[0]  # a buffer updated in place (num_batches_tracked += 1): left as it is
+        if target in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        if target is _aten.native_dropout.default:
+            return args[0], torch.ones_like(args[0], dtype=torch.bool)
+        if target is _aten.batch_norm.default and len(args) > 5 and args[5]:
+            args = (*args[:5], False, *args[6:])
+        if target in _ATTENTIONS:  # attention dropout
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            elif kwargs.get("dropout_p"):
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return super().call_function(target, args, kwargs)
+
+
 class TokenMasks:
     """The real-token masks of one batch, per token sequence: an encoder-decoder's decoder
     tokens follow its ``decoder_attention_mask`` (none given: all are real), not the encoder's
@@ -535,7 +573,7 @@ def collect_stats(
 
     overwritten = {node for node in by_output if _overwritten(gm, node)}
 
-    class Recorder(fx.Interpreter):
+    class Recorder(EvalInterpreter):
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
             if node in by_input and isinstance(out, torch.Tensor):
@@ -757,7 +795,7 @@ def sequential_factors(
     bound = [placeholder_values(gm, b) for b in batches]
     restore_modes = saved_modes(gm)
     gm.eval()
-    interp = fx.Interpreter(gm)
+    interp = EvalInterpreter(gm)
 
     def run(node: fx.Node, env: dict[fx.Node, list[Any]], i: int) -> Any:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n][i])

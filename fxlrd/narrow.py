@@ -180,13 +180,17 @@ def run_block_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], start: fx.Node
     """Run ``nodes`` (from `block_nodes`) on hidden activations ``h`` given as rows (…, hidden):
     the value at ``end`` when ``start`` (the up layer's output) is ``h``. Reshapes of the
     leading dimensions are skipped: rows stay rows."""
+    from .calibrate import _DROPOUTS
+
     env = {start: h}
     for node in nodes:
         if _view_shape(node) is not None:
             env[node] = env[node.args[0]]
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
-        if node.op == "call_module":
+        if node.op == "call_function" and node.target in _DROPOUTS:  # as in eval mode (a train-mode capture bakes them in)
+            env[node] = args[0] if args else kwargs["input"]
+        elif node.op == "call_module":
             env[node] = gm.get_submodule(node.target)(*args, **kwargs)
         elif node.op == "call_method":
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)

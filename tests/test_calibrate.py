@@ -1229,3 +1229,37 @@ def test_sensitivity_with_an_in_place_write_through_a_view_of_the_output(capture
                            calibration, sensitivity=True, progress=False) for m in (plain, inplace)]  # fmt: skip
     for name in ("fc1", "fc2", "fc3"):
         assert torch.allclose(stats[0][name].output_weights(), stats[1][name].output_weights(), rtol=1e-5, atol=1e-9), name
+
+
+def test_calibration_of_a_model_captured_in_training_mode_runs_as_in_eval_mode():
+    """A Hugging Face model straight from its constructor is in training mode: its export graph
+    bakes dropout (hidden and attention) in, which calibration used to run — other factors at
+    every call. Calibration now runs as in eval mode: the factors are those of model.eval()."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.5,
+                                  attention_probs_dropout_prob=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    cal = [{"input_ids": torch.randint(0, 100, (4, 8), generator=g), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+           for _ in range(3)]  # fmt: skip
+    config = LRDConfig(ratio=2, rank_quantum=1, sequential=True, allocation="global", mlp="narrow")
+    with pytest.warns(UserWarning, match="training mode"):
+        trained = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+    evaluated = fxlrd.transform(copy.deepcopy(model).eval(), config, example_inputs=cal[0], calibration=cal)
+    assert [lp.ranks for lp in trained.fxlrd_plan.decomposed] == [lp.ranks for lp in evaluated.fxlrd_plan.decomposed]
+    a, b = dict(trained.named_parameters()), dict(evaluated.named_parameters())
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_calibration_leaves_the_running_statistics_of_a_training_mode_export_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).train()
+    cal = [torch.randn(4, 3, 10, 10) for _ in range(3)]
+    captured = capture(model, inputs=((cal[0],), {}), mode="export", copy_model=True).gm
+    before = {k: v.clone() for k, v in captured.state_dict().items()}
+    collect_stats(captured, cal, sensitivity=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in captured.state_dict().items())
