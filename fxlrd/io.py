@@ -559,6 +559,30 @@ def _on_model_device(inputs: Any, model: nn.Module) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
 
 
+def _check_dtype(gm: fx.GraphModule, mode: str, model_dtypes: set[torch.dtype], signature: Any) -> None:
+    """A torch.export capture bakes casts in for the dtype the model ran in (a Llama's RMSNorm
+    computes in float32 and casts back to it): loaded with parameters of another floating
+    dtype, such a graph fails at its first call. When the save's dtype is not the model's, the
+    loaded graph is run once on the recorded input signature (floating inputs in the save's
+    dtype); a failure is a `SavedModelError` saying to cast the model first."""
+    saved = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+    if mode != "export" or not signature or len(saved) != 1 or len(model_dtypes) != 1 or saved == model_dtypes:
+        return
+    (want,), (have,) = saved, model_dtypes
+    args, kwargs = _on_model_device(inputs_from_signature(signature), gm)
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(want) if t.is_floating_point() else t, (args, kwargs))
+    try:
+        with torch.no_grad():
+            gm(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (whatever the baked-in casts make the graph raise)
+        raise SavedModelError(
+            f"the save holds {str(want).removeprefix('torch.')} parameters and the model given is "
+            f"{str(have).removeprefix('torch.')}: its torch.export capture runs in the dtype it is captured in, and the "
+            f"loaded graph fails ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); cast the model first, "
+            f"fxlrd.load(model.to({want}), ...)"
+        ) from exc
+
+
 def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """A `PlanMismatchError` listing what differs between the rebuilt model and the saved tensors."""
     expected = gm.state_dict()
@@ -637,6 +661,7 @@ def load(
     meta = verify(directory)
     plan = _read_plan(directory)
     tensors = _read_tensors(directory, meta, device)
+    model_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     gm, capture_record = _rebuild(model, plan, meta, example_inputs, leaf_modules, dynamic_shapes)
     # A buffer the model keeps out of its state dict (persistent=False) is in a save of a
     # deep copy or a torch.load of the model (they register a GraphModule's own buffers again
@@ -679,6 +704,7 @@ def load(
         except AttributeError:
             continue
         module.training = not gm.training
+    _check_dtype(gm, capture_record.get("mode", ""), model_dtypes, plan.settings.get("inputs") or meta.get("inputs"))
     gm.fxlrd_plan = plan
     gm.fxlrd_capture = dict(capture_record)
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(fxlrd_plan=plan, fxlrd_capture=gm.fxlrd_capture)

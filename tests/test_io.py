@@ -647,3 +647,25 @@ def test_an_export_capture_save_loads_into_a_model_built_on_the_meta_device(tmp_
     loaded = fxlrd.load(empty, tmp_path / "s")
     assert torch.equal(loaded(x), gm(x))
     assert not any(t.is_meta for t in loaded.state_dict().values())
+
+
+def test_an_export_save_in_bfloat16_loaded_into_a_float32_model_says_to_cast_it(tmp_path):
+    """A Llama's export graph bakes its RMSNorm casts in: loaded into a float32 model (as every
+    Hugging Face constructor builds it) the bfloat16 save used to load, then fail at its
+    first call."""
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        return transformers.LlamaModel(cfg).eval()
+
+    torch.manual_seed(0)
+    x = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    gm = fxlrd.transform(build().to(torch.bfloat16), LRDConfig(ratio=2), example_inputs=x)
+    path = fxlrd.save(gm, tmp_path / "s")
+    with pytest.raises(SavedModelError, match=r"cast the model first, fxlrd.load\(model.to\(torch.bfloat16\)"):
+        fxlrd.load(build(), path)
+    loaded = fxlrd.load(build().to(torch.bfloat16), path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).last_hidden_state, gm(**x).last_hidden_state)
