@@ -955,17 +955,26 @@ def _macs(model: nn.Module, batch: Batch) -> int:
     return counter.get_total_flops() // 2
 
 
-def _layer_count(model: nn.Module) -> int:
-    """Conv/linear layers that run: modules, factors, and functional layer sites of a graph."""
+def _layer_count(model: nn.Module, plan: Any = None) -> int:
+    """Conv/linear layers, each counted once however often it runs. Of a graph: the conv/linear
+    modules it calls (a decomposed layer's factors) and its functional layer sites (F.conv2d,
+    F.linear, aten.addmm of a GPT-2 Conv1D). Of a model that is no graph: the sites of ``plan``
+    (a plan made for it, which lists every site its capture found, decomposed or kept; fused
+    siblings each count), so both sides count the same kinds of layer; without a plan, its
+    conv/linear modules, GPT-2 Conv1D modules and attention in-projections."""
     layer_types = (nn.Linear, nn.modules.conv._ConvNd)
     if isinstance(model, fx.GraphModule):
         from .sites import find_sites
 
-        modules = sum(isinstance(model.get_submodule(n.target), layer_types)
-                      for n in model.graph.nodes if n.op == "call_module")  # fmt: skip
+        called = {n.target for n in model.graph.nodes if n.op == "call_module"}
+        modules = sum(isinstance(model.get_submodule(t), layer_types) for t in called)
         functional = sum(1 for s in find_sites(model).values() if s.kind == "function")
         return modules + functional
-    return sum(isinstance(m, layer_types) for m in model.modules())
+    if plan is not None:
+        fused = [g for g in plan.settings.get("fused") or [] if g.get("name") in plan.layers]
+        return len(plan.layers) + sum(len(g["members"]) - 1 for g in fused)
+    return sum(isinstance(m, layer_types) or type(m).__name__ == "Conv1D"
+               or (isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None) for m in model.modules())  # fmt: skip
 
 
 class _TimingExportError(Exception):
@@ -1249,7 +1258,7 @@ def _compress_outputs(
     int8 = getattr(args, "int8", None)
     params = {"original": count_params(model), "compressed": count_params(gm)}
     macs = {"original": _macs(model, data.example), "compressed": _macs(gm, data.example)}
-    layers = {"original": _layer_count(model), "compressed": _layer_count(gm)}
+    layers = {"original": _layer_count(model, gm.fxlrd_plan), "compressed": _layer_count(gm)}
     int8_report = None
     if onnx_tmp is not None:
         console.step(f"exporting {args.onnx}" + (f" in int8 ({int8})" if int8 else "") + " (checked against onnxruntime)")
@@ -1586,9 +1595,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             models[variant] = gm
         fid = fidelity(model, models[variant], data.held_out) if variant != "original" else {}
         m = models[variant]
-        rows[variant] = {"layers": _layer_count(m), "params": count_params(m), "macs": _macs(m, data.example),
+        rows[variant] = {"layers": None, "params": count_params(m), "macs": _macs(m, data.example),
                          "transform_s": seconds, "relative_error": fid.get("relative_error"),
                          "top1_agreement": fid.get("top1_agreement")}  # fmt: skip
+    plans = [m.fxlrd_plan for m in models.values() if getattr(m, "fxlrd_plan", None) is not None]
+    for variant, m in models.items():  # the original's sites as any variant's plan lists them
+        rows[variant]["layers"] = _layer_count(m, plans[0] if plans else None)
     base = rows[args.variants[0]]
     times = None
     timing: dict[str, Any] = {"backend": args.backend, "threads": args.threads, "repeats": args.repeats,

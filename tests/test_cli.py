@@ -985,3 +985,59 @@ def test_a_factory_model_random_float_inputs_cannot_feed_is_told_to_pass_calibra
     code, _, err = _run(capsys, "compress", f"{model_file}:two", "--batch", 2, "--calibration", tmp_path / "xy.pt",
                         "--calibration-batches", 3, "--repeats", 0, "-q")  # fmt: skip
     assert code == 0, err
+
+
+# -- the layer count compares like with like ----------------------------------------------------------
+LAYER_MODELS_PY = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class Mixed(nn.Module):
+        # 2 functional convs, attention (its packed in-projection runs as F.linear, and its
+        # out-projection), a functional linear and a module linear: 6 conv/linear layers
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(32, 3, 3, 3) * 0.2)
+            self.w2 = nn.Parameter(torch.randn(32, 32, 3, 3) * 0.1)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc_w = nn.Parameter(torch.randn(48, 32) * 0.1)
+            self.out = nn.Linear(48, 10)
+
+        def forward(self, x):
+            x = F.relu(F.conv2d(F.relu(F.conv2d(x, self.w1, padding=1)), self.w2, padding=1))
+            t = x.flatten(2).transpose(1, 2)
+            t = self.attn(t, t, t, need_weights=False)[0].mean(1)
+            return self.out(F.relu(F.linear(t, self.fc_w)))
+
+
+    def mixed():
+        torch.manual_seed(0)
+        return Mixed().eval()
+    """
+)
+
+
+def test_the_layer_count_counts_functional_layers_and_attention_on_both_sides(tmp_path, capsys):
+    """The original's count took only nn.Linear/nn.ConvNd modules (0 for a functional model, no
+    attention in-projection, no GPT-2 Conv1D) while the compressed side counted every site: now
+    both sides count the same sites, so a run that decomposes nothing reports the same number."""
+    model_file = tmp_path / "layermodels.py"
+    model_file.write_text(LAYER_MODELS_PY)
+    spec, base = f"{model_file}:mixed", ["--input-shape", "2,3,8,8", "--repeats", 0, "-q"]
+    counts = {}
+    for name, options in (("all", []), ("none", ["--exclude", "*"])):
+        report = tmp_path / f"{name}.json"
+        code, out, err = _run(capsys, "compress", spec, *base, *options, "--report", report)
+        assert code == 0, err
+        counts[name] = json.loads(report.read_text())["layers"]
+        assert f"layers      {counts[name]['original']} -> {counts[name]['compressed']} conv/linear" in out
+    assert counts["all"]["original"] == counts["none"]["original"] == 6
+    assert counts["none"]["compressed"] == 6 and counts["all"]["compressed"] > 6
+    report = tmp_path / "bench.json"
+    code, _, err = _run(capsys, "bench", spec, *base, "--variants", "original,quantized", "--report", report)
+    assert code == 0, err
+    rows = json.loads(report.read_text())["variants"]
+    assert rows["original"]["layers"] == 6 and rows["quantized"]["layers"] == counts["all"]["compressed"]
