@@ -520,6 +520,18 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """``0.5`` or ``0.485,0.456,0.406``: one value, or one per channel."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (0.5 or 0.485,0.456,0.406), got "
+                                         f"{text!r}") from None  # fmt: skip
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -565,6 +577,16 @@ class _Inputs:
         self.kind = source.kind
         self.args_calibration = getattr(args, "calibration", None)
         self.example: Batch | None = None  # the example batch, when it is a calibration batch (`_data`)
+        self.image_mean = getattr(args, "image_mean", None)
+        self.image_std = getattr(args, "image_std", None)
+        self.image_resize = getattr(args, "image_resize", None)
+        if self.image_std is not None and not all(v > 0 for v in self.image_std):
+            raise UsageError(f"--image-std {','.join(map(str, self.image_std))}: the standard deviations must be > 0")
+        given = [o for o, v in (("--image-mean", self.image_mean), ("--image-std", self.image_std),
+                                ("--image-resize", self.image_resize)) if v is not None]  # fmt: skip
+        if given and not (self.args_calibration and Path(self.args_calibration).is_dir()):
+            raise UsageError(f"{given[0]} applies to a --calibration folder of images (the images are resized, "
+                             "cropped and normalized with it); tensor files and random inputs are used as they are")  # fmt: skip
         batch = getattr(args, "batch", None)
         size = getattr(args, "size", None)
         if self.kind == "text":
@@ -635,6 +657,11 @@ class _Inputs:
     def _images(self, folder: Path, limit: int, console: _Console) -> list[Batch]:
         if self.kind == "text" or len(self.shape) != 4 or self.shape[1] not in (1, 3):
             raise UsageError(f"--calibration {folder}: images need an image model, inputs (N, 1 or 3, H, W)")
+        channels = self.shape[1]
+        for option, values in (("--image-mean", self.image_mean), ("--image-std", self.image_std)):
+            if values is not None and len(values) not in (1, channels):
+                raise UsageError(f"{option} {','.join(map(str, values))}: give one value, or one for each of the "
+                                 f"model's {channels} channels")  # fmt: skip
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise UsageError(f"--calibration {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -655,7 +682,8 @@ class _Inputs:
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB" if channels == 3 else "L")
-                scale = max(h, w) / 0.875 / min(img.size)  # resize like ImageNet's 256 → 224 crop
+                # the shorter side to --image-resize, by default like ImageNet's 256 for a 224 crop
+                scale = (self.image_resize or max(h, w) / 0.875) / min(img.size)
                 size = (max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale)))
                 img = img.resize(size, Image.BILINEAR)
                 left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
@@ -664,8 +692,9 @@ class _Inputs:
         except OSError as exc:
             raise CommandError(f"cannot read image {path}: {exc}") from exc
         x = torch.from_numpy(array.copy()).reshape(h, w, channels).permute(2, 0, 1)
-        mean = torch.tensor(IMAGENET_MEAN[:channels] if channels == 3 else (0.449,)).view(-1, 1, 1)
-        std = torch.tensor(IMAGENET_STD[:channels] if channels == 3 else (0.226,)).view(-1, 1, 1)
+        mean = self.image_mean or (IMAGENET_MEAN if channels == 3 else (0.449,))
+        std = self.image_std or (IMAGENET_STD if channels == 3 else (0.226,))
+        mean, std = (torch.tensor(v, dtype=torch.float32).expand(channels).reshape(-1, 1, 1) for v in (mean, std))
         return (x - mean) / std
 
     def _text(self, path: Path, limit: int) -> list[Batch]:
@@ -1796,8 +1825,19 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
 def _add_data(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
     g = p.add_argument_group("calibration and fidelity")
     g.add_argument("--calibration", metavar="PATH",
-                   help="data-aware decomposition on: a folder of images, a .txt file (one text a line, needs a "
-                        "tokenizer), or a .pt/.safetensors tensor (N, ...)")  # fmt: skip
+                   help="data-aware decomposition on: a folder of images (each resized, its shorter side to "
+                        "--image-resize, centre-cropped to the input size and normalized with --image-mean/--image-std, "
+                        "by default ImageNet's), a .txt file (one text a line, needs a tokenizer), or a .pt/.safetensors "
+                        "tensor (N, ...), used as it is")  # fmt: skip
+    g.add_argument("--image-mean", type=_floats, metavar="M[,M,M]",
+                   help="images' per-channel mean subtracted after scaling pixels to [0, 1] (default ImageNet's "
+                        "0.485,0.456,0.406; 0 for [0, 1] inputs, 0.5 for many ViTs)")  # fmt: skip
+    g.add_argument("--image-std", type=_floats, metavar="S[,S,S]",
+                   help="images' per-channel standard deviation divided by (default ImageNet's 0.229,0.224,0.225; 1 "
+                        "for [0, 1] inputs, 0.5 for many ViTs)")  # fmt: skip
+    g.add_argument("--image-resize", type=_positive_int, metavar="PX",
+                   help="images' shorter side before the centre crop (default: the input's larger side / 0.875, "
+                        "ImageNet's 256 for 224; the input size itself: no margin cropped)")  # fmt: skip
     g.add_argument("--calibration-batches", type=_positive_int, default=16, metavar="N",
                    help="calibration batches (default 16)")  # fmt: skip
     g.add_argument("--eval-batches", type=_positive_int, default=4, metavar="N",

@@ -1041,3 +1041,46 @@ def test_the_layer_count_counts_functional_layers_and_attention_on_both_sides(tm
     assert code == 0, err
     rows = json.loads(report.read_text())["variants"]
     assert rows["original"]["layers"] == 6 and rows["quantized"]["layers"] == counts["all"]["compressed"]
+
+
+# -- image-folder preprocessing is documented and can be changed --------------------------------------
+def test_image_folder_preprocessing_takes_the_model_s_mean_std_and_resize(tmp_path, capsys, factory):
+    """A folder of images was resized 256→224-like, centre-cropped and normalized with ImageNet's
+    mean/std whatever the model expects, and nothing said so or changed it: --help says so, and
+    --image-mean/--image-std/--image-resize set them."""
+    from PIL import Image
+
+    from fxlrd.cli import _Inputs, build_parser
+
+    spec, _, _ = factory
+    folder = tmp_path / "white"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(folder / "w.png")
+    pixels = Image.new("RGB", (40, 30), (0, 0, 0))
+    pixels.putpixel((0, 0), (255, 255, 255))  # a corner the crop keeps only without a resize margin
+    pixels.save(folder / "corner.png")
+    source = load_model(spec)
+
+    def image(*options, name="w.png"):
+        args = build_parser().parse_args(["compress", spec, "--input-shape", "1,3,30,40", "--calibration", str(folder),
+                                          *map(str, options)])  # fmt: skip
+        return _Inputs(source, args)._image(folder / name)
+
+    imagenet = image()
+    assert torch.allclose(imagenet[:, 0, 0], torch.tensor([2.2489, 2.4286, 2.6400]), atol=1e-3)
+    assert torch.allclose(image("--image-mean", "0", "--image-std", "1"), torch.ones(3, 30, 40))
+    half = image("--image-mean", "0.5,0.5,0.5", "--image-std", "0.5")
+    assert torch.allclose(half, torch.ones(3, 30, 40))
+    # --image-resize 30: the shorter side to 30 (the crop's size): the whole image, its corner kept
+    assert image("--image-mean", "0", "--image-std", "1", "--image-resize", "30", name="corner.png")[:, 0, 0].tolist() \
+        == [1.0, 1.0, 1.0]  # fmt: skip
+    assert image("--image-mean", "0", "--image-std", "1", name="corner.png")[:, 0, 0].tolist() == [0.0, 0.0, 0.0]
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "1,3,30,40", "--calibration", folder,
+                        "--image-mean", "0.5,0.5", "--repeats", 0)  # fmt: skip
+    assert code == 2 and "--image-mean" in err and "3 channels" in err, err
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "1,3,30,40", "--image-std", "0", "--repeats", 0)
+    assert code == 2 and "--image-std" in err, err
+    code, _, err = _run(capsys, "compress", spec, "--input-shape", "1,3,30,40", "--image-mean", "0", "--repeats", 0)
+    assert code == 2 and "applies to a --calibration folder of images" in err, err
+    code, out, err = _run(capsys, "compress", "--help")
+    assert "ImageNet" in " ".join(out.split()) and "--image-mean" in out
