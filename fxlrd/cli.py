@@ -1992,6 +1992,27 @@ def _library_noise(debug: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
+# The Python API's remedies in library messages, as the command line says them
+_PYTHON_REMEDIES = (
+    (re.compile(r"^sensitivity='kl' needs"), "--sensitivity kl needs"),
+    (re.compile(r"Pass sensitivity=fn\(outputs, inputs\) returning the logits, or sensitivity=True"),
+     "On the command line use --sensitivity output (or diagonal), which preserves every output instead"),
+    (re.compile(r"(?i:e)xclude sensitive operators with QuantizeConfig\([^)]*\), or accept more with "
+                r"QuantizeConfig\(qtol=\.\.\.\)"),
+     "try the other scheme (--int8 static with --calibration for a CNN, --int8 dynamic for a transformer), or drop "
+     "--int8 for a float32 file (excluding operators or accepting more error is the Python API's: "
+     "fxlrd.export_onnx(..., quantize=QuantizeConfig(op_types=..., qtol=...)))"),
+    (re.compile(r"real inputs like example_inputs"), "real inputs of the model"),
+)
+
+
+def _for_the_command_line(text: str) -> str:
+    """``text`` with the Python API's remedies it names put as command-line options."""
+    for pattern, replacement in _PYTHON_REMEDIES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fxlrd`` command; returns the exit status (0 ok, 1 failure, 2 bad usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -2021,6 +2042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage = isinstance(exc, (UsageError, ConfigError))
         text = _one_line(exc) if isinstance(exc, (UsageError, CommandError, FxlrdError, OSError)) else (
             f"{type(exc).__name__}: {_one_line(exc)}")  # fmt: skip
+        text = _for_the_command_line(text)
         expected = usage or isinstance(exc, (CommandError, FxlrdError, OSError))
         hint = "" if debug or expected else " (--debug shows the traceback)"
         if isinstance(exc, CaptureError) and "--capture" not in text:  # its fix is written for the Python API

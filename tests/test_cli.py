@@ -1084,3 +1084,56 @@ def test_image_folder_preprocessing_takes_the_model_s_mean_std_and_resize(tmp_pa
     assert code == 2 and "applies to a --calibration folder of images" in err, err
     code, out, err = _run(capsys, "compress", "--help")
     assert "ImageNet" in " ".join(out.split()) and "--image-mean" in out
+
+
+# -- errors name command-line remedies, not the Python API's ------------------------------------------
+TWO_OUTPUTS_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h), h
+
+
+    def make():
+        torch.manual_seed(0)
+        return TwoOutputs().eval()
+    """
+)
+
+
+def test_errors_name_the_command_line_remedy_not_the_python_one(tmp_path, capsys, factory, monkeypatch):
+    """--sensitivity kl on a model without logits said 'pass sensitivity=fn(...) or sensitivity=True',
+    a failed int8 check 'QuantizeConfig(op_types=...)/QuantizeConfig(qtol=...)': options the
+    command line does not have. They name its options now."""
+    import fxlrd.export
+    from fxlrd.errors import ExportMismatchError
+
+    model_file = tmp_path / "twoout.py"
+    model_file.write_text(TWO_OUTPUTS_PY)
+    torch.save(torch.randn(8, 16), tmp_path / "cal.pt")
+    code, _, err = _run(capsys, "compress", f"{model_file}:make", "--input-shape", "2,16", "--calibration",
+                        tmp_path / "cal.pt", "--sensitivity", "kl", "--repeats", 0)  # fmt: skip
+    assert code == 2 and "--sensitivity output" in err and "sensitivity=True" not in err, err
+
+    def too_far(*args, **kwargs):
+        raise ExportMismatchError(
+            "the int8 model is too far from PyTorch (tanh: relative error 0.735; qtol 0.25); m.onnx was not written. "
+            "Exclude sensitive operators with QuantizeConfig(dynamic=True, op_types=...), or accept more with "
+            "QuantizeConfig(qtol=...)"
+        )
+
+    monkeypatch.setattr(fxlrd.export, "export_onnx", too_far)
+    code, _, err = _run(capsys, "compress", "fxlrd_cli_models:mlp", "--input-shape", "2,16", "--repeats", 0,
+                        "--onnx", tmp_path / "m.onnx", "--int8", "dynamic")  # fmt: skip
+    assert code == 1 and "drop --int8" in err and "--int8 static" in err, err
+    assert "accept more with QuantizeConfig(qtol=...)" not in err
+
