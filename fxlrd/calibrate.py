@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -259,18 +260,22 @@ _DECODER_TOKENS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attent
 
 
 def token_streams(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.Node, str]:
-    """For an encoder-decoder graph (a ``decoder_input_ids`` input): which token sequence each
-    of ``nodes`` runs over, ``"encoder"`` or ``"decoder"``, read from the symbolic sequence
-    size an export capture records (the encoder's and the decoder's are different symbols).
-    Nodes it cannot tell (no symbol, or the two sequences share one) are left out; so is every
-    node of a model without a decoder input."""
+    """Which token sequence each of ``nodes`` runs over, read from the symbolic sequence sizes
+    an export capture records: ``"encoder"`` or ``"decoder"`` for an encoder-decoder (a
+    ``decoder_input_ids`` input; the two sequences are different symbols), and ``"other"``
+    for a value none of whose leading two dimensions involves a token sequence (a CLIP's vision
+    tokens, 17 of them, beside text whose padded length may also be 17: the text mask must not
+    fall on them). Nodes it cannot tell (no symbols recorded, or the two sequences share one)
+    are left out."""
     placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
-    if not any(k in placeholders for k in _DECODER_TOKENS[:2]):
-        return {}
 
     def symbols(node: fx.Node, dims: slice) -> list[str]:
         shape = getattr(node.meta.get("val"), "shape", None) or ()
         return [str(d) for d in list(shape)[dims] if isinstance(d, torch.SymInt)]
+
+    def leading(node: fx.Node) -> list[str] | None:  # the first two sizes as text (symbols, products, numbers)
+        shape = getattr(node.meta.get("val"), "shape", None)
+        return None if shape is None else [str(d) for d in list(shape)[:2]]
 
     stream_of: dict[str, str] = {}
     for stream, keys in (("encoder", _ENCODER_TOKENS), ("decoder", _DECODER_TOKENS)):
@@ -279,10 +284,18 @@ def token_streams(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.Node,
                 for sym in symbols(placeholders[key], slice(1, 2)):
                     if stream_of.setdefault(sym, stream) != stream:
                         return {}  # one symbol for both sequences: they cannot be told apart
+    if not stream_of:
+        return {}
+    encoder_decoder = any(k in placeholders for k in _DECODER_TOKENS[:2])
     out = {}
     for node in nodes:
-        found = {stream_of[sym] for sym in symbols(node, slice(0, 2)) if sym in stream_of}
-        if len(found) == 1:
+        sizes = leading(node)
+        if sizes is None:
+            continue
+        found = {stream for sym, stream in stream_of.items() for size in sizes if re.search(rf"\b{sym}\b", size)}
+        if not found:
+            out[node] = "other"
+        elif encoder_decoder and len(found) == 1:
             out[node] = found.pop()
     return out
 
@@ -404,9 +417,11 @@ class TokenMasks:
 
     def for_node(self, node: fx.Node | None) -> torch.Tensor | None:
         """The mask of the values of ``node`` (a site's input or output)."""
+        stream = self.streams.get(node)
+        if stream == "other":  # not over the tokens (a vision tower's patches)
+            return None
         if self.decoder_length is None:
             return self.encoder
-        stream = self.streams.get(node)
         if stream is not None:
             return self.decoder if stream == "decoder" else self.encoder
         return self.encoder if self.told_apart() else None
@@ -569,7 +584,10 @@ def collect_stats(
     energy = 0.0
     site_outputs: list[tuple[str, torch.Tensor]] = []
     layouts: dict[str, bool | None] = {}  # linear site → its values are sequence-first (see _real_tokens)
-    streams = token_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values()))])
+    output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    output_leaves = pytree.tree_leaves(output_node.args[0]) if output_node.args else []
+    streams = token_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values())),
+                                 *(x for x in output_leaves if isinstance(x, fx.Node))])  # fmt: skip
 
     overwritten = {node for node in by_output if _overwritten(gm, node)}
 
@@ -610,8 +628,13 @@ def collect_stats(
                 if callable(sensitivity):
                     with torch.enable_grad():
                         result = sensitivity(_unflatten_outputs(gm, result), inputs)
-                outs = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                leaves = pytree.tree_leaves(result)
+                # the graph's own outputs: each one's node tells whether it runs over the tokens
+                nodes = output_leaves if not callable(sensitivity) and len(output_leaves) == len(leaves) else [None] * len(leaves)
+                kept = [(t, x) for t, x in zip(leaves, nodes) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         and t.requires_grad]  # fmt: skip
+                outs = [t for t, _ in kept]
+                out_masks = [None if streams.get(x) == "other" else masks.for_output(t) for t, x in kept]
                 if callable(sensitivity) and not outs:
                     raise ConfigError(
                         f"the sensitivity function returned {type(result).__name__}, with no tensor computed from the "
@@ -619,14 +642,14 @@ def collect_stats(
                         "normalized embedding or the logits it is given, or use sensitivity=False"
                     )
                 if outs:
-                    vs = [_projection(t, masks.for_output(t), generator) for t in outs]
+                    vs = [_projection(t, m, generator) for t, m in zip(outs, out_masks)]
                     grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
                     for (name, _), g in zip(site_outputs, grads):
                         if g is not None:
                             site = sites[name]
                             ch = _output_moments(site, g, full, masks.for_node(site.input(site.nodes[0])), layouts)
                             sens[name] = sens[name] + ch if name in sens else ch
-                    energy += sum(float(_on_real_tokens(t.detach().double(), masks.for_output(t)).pow(2).sum()) for t in outs)
+                    energy += sum(float(_on_real_tokens(t.detach().double(), m).pow(2).sum()) for t, m in zip(outs, out_masks))
             site_outputs.clear()
             n += 1
     finally:

@@ -1263,3 +1263,32 @@ def test_calibration_leaves_the_running_statistics_of_a_training_mode_export_alo
     before = {k: v.clone() for k, v in captured.state_dict().items()}
     collect_stats(captured, cal, sensitivity=True, progress=False)
     assert all(torch.equal(before[k], v) for k, v in captured.state_dict().items())
+
+
+def test_a_text_mask_never_falls_on_another_sequence_of_the_same_length():
+    """CLIP: 17 vision tokens (4×4 patches + CLS) beside text padded to 17 — the text
+    attention_mask was applied to the vision tower's values (6 samples instead of 34) and to
+    its outputs' projections. The same sentences and images calibrate to the same model
+    whether the text is padded to 16 or to 17."""
+    transformers = pytest.importorskip("transformers")
+    tc = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+    vc = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=tc, vision_config=vc, projection_dim=16)).eval()
+    g = torch.Generator().manual_seed(1)
+    cal17 = []
+    for _ in range(3):
+        mask = torch.zeros(2, 17, dtype=torch.long)
+        mask[:, :3] = 1
+        cal17.append({"input_ids": torch.randint(0, 100, (2, 17), generator=g), "attention_mask": mask,
+                      "pixel_values": torch.randn(2, 3, 32, 32, generator=g)})  # fmt: skip
+    cal16 = [{**b, "input_ids": b["input_ids"][:, :16], "attention_mask": b["attention_mask"][:, :16]} for b in cal17]
+    stats = collect_stats(capture(model, inputs=((), cal17[0]), copy_model=True).gm, cal17[:1], progress=False)
+    assert stats["vision_model.encoder.layers.0.mlp.fc1"].inputs.count == 2 * 17
+    config = LRDConfig(ratio=2, rank_quantum=1)
+    a = fxlrd.transform(model, config, example_inputs=cal16[0], calibration=cal16)
+    b = fxlrd.transform(model, config, example_inputs=cal17[0], calibration=cal17)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
