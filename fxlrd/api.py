@@ -131,6 +131,14 @@ def _fuse(captured: Captured, config: LRDConfig, recorded: list[dict[str, Any]] 
     else:
         handler = get_method(config.linear_method)
         patterns = None if config.siblings == "fuse" else config.siblings
+        if patterns is not None:
+            from .sites import find_sites
+
+            names = [n for n, s in find_sites(gm).items() if s.spec is not None and s.spec.kind == "linear"]
+            for p in patterns:  # a typo would fuse nothing, silently
+                if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                    warnings.warn(f"siblings pattern {p!r} matches no linear layer of the model, so it fuses nothing; "
+                                  f"names look like {', '.join(repr(n) for n in names[:4])}", FxlrdWarning, stacklevel=4)  # fmt: skip
         chosen = lambda name, site: not _keep_reason(name, site, gm, handler, config) and (  # noqa: E731
             patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns))
         groups = [g for g in find_siblings(gm, chosen) if not any(fnmatch.fnmatchcase(g.name, p) for p in config.exclude)]

@@ -226,6 +226,15 @@ def _make_plan(
                     f"include pattern {pattern!r} matches no conv/linear layer of the model; "
                     f"names look like {sample} (print fxlrd.plan(model) to see them all)"
                 )
+    for pattern in config.exclude:  # a typo would exclude nothing, silently
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in sites):
+            sample = ", ".join(repr(n) for n in list(sites)[:4])
+            warnings.warn(
+                f"exclude pattern {pattern!r} matches no conv/linear layer of the model, so it excludes nothing; "
+                f"names look like {sample} (a glob: 'b1.conv*' for every layer under b1.conv)",
+                FxlrdWarning,
+                stacklevel=3,
+            )
     settings = config.to_dict()
     if capture is not None:
         settings["capture"] = dict(capture)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,20 @@ def test_nan_weights_are_named():
 def test_include_matching_nothing_is_an_error():
     with pytest.raises(ConfigError, match=r"include pattern 'layer9\.\*' matches no conv/linear layer"):
         fxlrd.plan(zoo.resnet50(), LRDConfig(include=["layer9.*"]))
+
+
+def test_exclude_and_sibling_patterns_matching_nothing_are_warned_about():
+    """A typo in an exclude or siblings pattern excluded or fused nothing, silently."""
+    from fxlrd.errors import FxlrdWarning
+
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), torch.randn(2, 8)
+    with pytest.warns(FxlrdWarning, match=r"exclude pattern 'b1\.conv' matches no conv/linear layer"):
+        fxlrd.plan(model, LRDConfig(exclude=["b1.conv"]))
+    with pytest.warns(FxlrdWarning, match=r"siblings pattern '\*\.querry' matches no linear layer"):
+        fxlrd.transform(model, LRDConfig(siblings=["*.querry"]), example_inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxlrdWarning)
+        fxlrd.transform(model, LRDConfig(exclude=["2"], siblings=["0"]), example_inputs=x)  # both match: no warning
 
 
 class Untraceable(nn.Module):
