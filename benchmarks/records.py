@@ -36,17 +36,25 @@ def append(path: Path, record: Mapping[str, Any]) -> None:
     """Append ``record`` as one JSON line to ``path``, under a lock, flushed to disk.
 
     The file is opened for appending only, so what is there already is never touched, and two
-    processes appending at once interleave whole lines.
+    processes appending at once interleave whole lines. When the file does not end with a
+    newline (a run killed mid-write), the record starts on a new line, so it is read back whole.
 
     Args:
         path: the suite's JSONL file (created with its directory if needed).
         record: a JSON-ready mapping; it must not contain newlines once dumped (JSON never does).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    line = (json.dumps(record, default=str, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            # a run killed mid-write leaves a torn last line: start on a new line, or this whole
+            # record would be glued to the fragment and `read` would skip both
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -182,6 +182,17 @@ def test_reading_skips_a_torn_line_with_a_warning(tmp_path):
     assert read(tmp_path / "missing.jsonl") == []
 
 
+def test_a_record_appended_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
+    path = tmp_path / "speed.jsonl"
+    append(path, THREE_RUNS[0])
+    with open(path, "a") as f:  # run 2 killed in the middle of its line
+        f.write(json.dumps(THREE_RUNS[1])[:12])
+    append(path, THREE_RUNS[2])  # run 3, written whole, must not be glued to the fragment
+    with pytest.warns(UserWarning, match="not a JSON record"):
+        assert [r["run"] for r in read(path)] == [1, 3]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3
+
+
 # -- equal parameters ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("a, b, expected", [(100, 103, True), (103, 100, True), (100, 103.1, False), (100, 97.1, True),
                                             (100, 97, False), (50, 50, True)])  # fmt: skip
