@@ -439,10 +439,10 @@ def run_case(case: Case, ratios: list[float], methods: list[str], distill_steps:
 
 
 def _load_runs() -> list[dict]:
-    path = RESULTS / "fidelity.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every run in ``fidelity.jsonl`` (a line torn by a run killed mid-write is skipped with a warning)."""
+    from benchmarks.records import read
+
+    return read(RESULTS / "fidelity.jsonl")
 
 
 def report(runs: list[dict]) -> str:
@@ -474,7 +474,7 @@ def report(runs: list[dict]) -> str:
                 lat = r["latency_ms"]
                 out.append(f"| {r['ratio']:g} | {r['method']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | "
                            f"{r['mac_ratio']:.2f} | {lat['median_ms']:.2f} [{lat['min_ms']:.2f}–{lat['max_ms']:.2f}] | "
-                           f"{_speedup(r)} | {r['speedup'] / r['mac_ratio']:.2f} | {r[metric]:.4f} |"
+                           f"{_speedup(r)} | {_speed(r) / r['mac_ratio']:.2f} | {r[metric]:.4f} |"
                            + (f" {r['kl']:.4f} |" if extra else ""))  # fmt: skip
             out.append("")
         for err in run.get("layer_errors", []):
@@ -483,6 +483,13 @@ def report(runs: list[dict]) -> str:
                        f"median over {len(err['layers'])} layers: **{med:.3f}**" if med is not None else "")  # fmt: skip
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _speed(row: Mapping[str, Any]) -> float:
+    """A row's speed-up figure: the median of the per-round ratios (the ratio of the round
+    medians for runs from before 2026-12-06, which kept only that)."""
+    rounds = row.get("speedup_rounds")
+    return rounds["median"] if rounds is not None else row["speedup"]
 
 
 def _speedup(row: Mapping[str, Any]) -> str:
@@ -505,16 +512,19 @@ def _machine(run: dict) -> str:
 
 def plot(runs: list[dict], path: Path, machine: str) -> None:
     """Speed-up against fidelity on one machine kind: for each model, each (α, method) point
-    from the newest of that machine's runs that measured it (a run of a few points does not
-    hide the sweep; speed-ups are each run's own ratios to its original)."""
+    from the newest of that machine's runs that measured it at the thread count of its newest
+    run (a run of a few points does not hide the sweep; speed-ups are each run's own ratios to
+    its original, the median over its rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    mine = [r for r in runs if _machine(r) == machine]
+    threads = mine[-1]["settings"].get("threads") if mine else None  # speed-ups at one thread count only
     latest: dict[str, dict] = {}
-    for r in runs:
-        if _machine(r) == machine:
+    for r in mine:
+        if r["settings"].get("threads") == threads:
             for case in r["cases"]:
                 points = latest.setdefault(case["model"], {"model": case["model"], "points": {}})["points"]
                 points.update({(row["ratio"], row["method"]): row for row in case["rows"] if "failed" not in row})
@@ -523,7 +533,7 @@ def plot(runs: list[dict], path: Path, machine: str) -> None:
     for ax, case in zip(axes[0], cases):
         metric = "top1_agreement" if case["rows"] and "top1_agreement" in case["rows"][0] else "cosine"
         for method in dict.fromkeys(r["method"] for r in case["rows"] if "failed" not in r):
-            pts = sorted((r["speedup"], r[metric], r["ratio"]) for r in case["rows"] if r["method"] == method
+            pts = sorted((_speed(r), r[metric], r["ratio"]) for r in case["rows"] if r["method"] == method
                          and "failed" not in r)  # fmt: skip
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, markersize=4)
@@ -534,7 +544,7 @@ def plot(runs: list[dict], path: Path, machine: str) -> None:
         ax.set_title(case["model"], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)  # each panel its own: the methods (and their colours) differ per model
-    fig.suptitle(f"{machine} — labels: α", fontsize=9)
+    fig.suptitle(f"{machine}, {threads} threads — labels: α", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -609,8 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report([run]))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "fidelity.jsonl", "a") as f:
-        f.write(json.dumps(run, default=float) + "\n")
+    from benchmarks.records import append
+
+    append(RESULTS / "fidelity.jsonl", json.loads(json.dumps(run, default=float)))  # locked, flushed, on a line of its own
     (RESULTS / "fidelity.md").write_text(report(_load_runs()))
     plots = plot_machines(_load_runs(), RESULTS)
     print(f"\nappended to {RESULTS / 'fidelity.jsonl'}; wrote fidelity.md and {', '.join(p.name for p in plots)}")

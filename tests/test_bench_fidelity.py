@@ -1,0 +1,55 @@
+"""The fidelity benchmark's report and run log (synthetic runs: nothing is timed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a directory of the checkout
+
+from benchmarks import fidelity  # noqa: E402
+
+
+def _run(threads=2, speedup=1.0, rounds_median=2.0):
+    row = {"ratio": 2.0, "method": "whitened", "params": 5e6, "macs": 1e9, "mac_ratio": 2.0, "cosine": 0.9,
+           "latency_ms": {"median_ms": 5.0, "min_ms": 4.0, "max_ms": 9.0}, "speedup": speedup,
+           "speedup_rounds": {"median": rounds_median, "min": 1.0, "max": 4.0, "rounds": 3}}
+    return {"date": "2026-12-06 16:00:00 UTC", "command": "benchmarks/fidelity.py",
+            "environment": {"processor": "CPU", "vector_extensions": "AVX2", "cpus": 2, "torch": "2", "onnxruntime": "1"},
+            "settings": {"threads": threads},
+            "cases": [{"model": "minilm", "rows": [row],
+                       "original": {"params": 1e7, "macs": 2e9, "latency_ms": {"median_ms": 10.0}}}]}
+
+
+def test_speedup_over_mac_ratio_divides_the_speedup_shown_beside_it():
+    """The speed-up column is the median of per-round ratios; the column beside it divided the
+    ratio of the round medians (1.96× shown beside 1.54 at MAC ratio 1.20)."""
+    text = fidelity.report([_run(speedup=1.0, rounds_median=2.0)])
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | whitened"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6].startswith("2.00x") and cells[7] == "1.00"
+
+
+def test_the_pareto_plot_takes_points_at_one_thread_count(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fidelity, "_speed", lambda r: seen.append(r["speedup_rounds"]["median"]) or 1.0)
+    fidelity.plot([_run(threads=1, rounds_median=3.0), _run(threads=2, rounds_median=2.0)], tmp_path / "p.png",
+                  fidelity._machine(_run()))
+    assert seen and set(seen) == {2.0}  # the newest run's 2 threads, not the 1-thread run's points
+
+
+def test_a_machine_without_cpuinfo_records_its_extensions_as_unknown(monkeypatch):
+    """Without /proc/cpuinfo the record said no vector extensions and the kind read "no AVX2"."""
+    import os
+
+    import fxlrd.timing
+    from benchmarks.machine import machine, machine_kind
+
+    info = machine(cpuinfo="")
+    assert info["vector_extensions"] is None and "vector extensions unknown" in machine_kind(info)
+    monkeypatch.setattr(fxlrd.timing, "_cpuinfo_readable", lambda: False)
+    env = fxlrd.timing.environment()
+    assert env["vector_extensions"] == "unknown"
+    # the CPUs this process may use (fidelity.md prints them as its cores), not the host's count
+    assert env["cpus"] == len(os.sched_getaffinity(0)) and env["logical_cpus"] == os.cpu_count()
