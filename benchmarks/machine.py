@@ -59,8 +59,9 @@ def machine(cpuinfo: str | None = None) -> dict[str, Any]:
     info = _read_cpuinfo() if cpuinfo is None else cpuinfo
     return {
         "cpu": cpu_model(info),
-        # The library's reading, the one its default rank quantum (the vector width) follows.
-        "vector_extensions": cpu_vector_extensions(info),
+        # The library's reading, the one its default rank quantum (the vector width) follows;
+        # None (unknown) where there is no /proc/cpuinfo to read, not "no AVX2".
+        "vector_extensions": cpu_vector_extensions(info) if info.strip() else None,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "logical_cpus": os.cpu_count(),
         "arch": platform.machine(),

@@ -39,8 +39,10 @@ def environment() -> dict[str, object]:
     info: dict[str, object] = {
         "machine": platform.machine(),
         "processor": _cpu_name(),
-        "vector_extensions": " ".join(cpu_vector_extensions()) or "none found",
-        "cpus": os.cpu_count(),
+        "vector_extensions": (" ".join(cpu_vector_extensions()) or "none found") if _cpuinfo_readable() else "unknown",
+        # the CPUs this process may run on (a container's share), not the host's count
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "logical_cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -61,6 +63,14 @@ _VECTOR_FLAGS = {
     "avx2": "AVX2", "avx512f": "AVX-512F", "avx512_vnni": "AVX-512 VNNI", "avx512_bf16": "AVX-512 BF16",
     "avx_vnni": "AVX-VNNI", "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16", "asimd": "NEON", "sve": "SVE",
 }  # fmt: skip
+
+
+def _cpuinfo_readable() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
 
 
 def cpu_vector_extensions(cpuinfo: str | None = None) -> list[str]:
