@@ -53,3 +53,16 @@ def test_a_machine_without_cpuinfo_records_its_extensions_as_unknown(monkeypatch
     assert env["vector_extensions"] == "unknown"
     # the CPUs this process may use (fidelity.md prints them as its cores), not the host's count
     assert env["cpus"] == len(os.sched_getaffinity(0)) and env["logical_cpus"] == os.cpu_count()
+def test_a_torn_line_in_the_run_log_loses_no_run(tmp_path, monkeypatch):
+    """A run killed mid-write leaves a torn line: the next run's record must neither be glued
+    to it nor make every later report fail to read the log."""
+    monkeypatch.setattr(fidelity, "RESULTS", tmp_path)
+    log = tmp_path / "fidelity.jsonl"
+    log.write_text(json.dumps(_run()) + "\n" + '{"date": "2026-12-06", "cases": [')  # torn
+    from benchmarks.records import append
+
+    append(log, _run(threads=4))
+    runs = fidelity._load_runs()
+    assert [r["settings"]["threads"] for r in runs] == [2, 4]
+
+
