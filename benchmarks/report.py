@@ -100,12 +100,20 @@ def run_text(record: Run) -> str:
 
 
 # -- one case ------------------------------------------------------------------------------------------
+def _runs_cell(s: VariantSummary) -> str:
+    """The runs a row's figures come from: those of its speed-up (the runs where the original
+    ran too), and the runs of its latency beside them where there were more."""
+    if not s.speedup or s.speedup.n == s.latency_s.n:
+        return str(s.latency_s.n)
+    return f"{s.speedup.n} (latency: {s.latency_s.n})"
+
+
 def _variant_row(s: VariantSummary, training: bool) -> list[str]:
     row = [s.name, _range(s.params, 1e-6)]
     if training:
         row.append(_range(s.extra.get("trainable_params"), 1e-6))
     row += [_range(s.macs, 1e-9), _fmt(s.mac_ratio, suffix="×"), _fmt(_scaled(s.latency_s, 1e3)),
-            _fmt(s.speedup, suffix="×"), _fmt(s.speedup_per_mac_ratio), str(s.latency_s.n)]  # fmt: skip
+            _fmt(s.speedup, suffix="×"), _fmt(s.speedup_per_mac_ratio), _runs_cell(s)]  # fmt: skip
     return row
 
 

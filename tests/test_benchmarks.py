@@ -106,6 +106,16 @@ def test_speedup_skips_runs_without_the_baseline():
     assert s.latency_s.n == 3 and s.speedup.n == 2
 
 
+def test_runs_column_counts_the_runs_the_speedup_comes_from():
+    runs = [THREE_RUNS[0]] + [make_run({"quantized": 5.0 + r}, {"quantized": 50}, run=r) for r in (2, 3)]
+    for r in runs[1:]:
+        r["failed"] = {"original": "RuntimeError: out of memory"}  # the variant ran, the original did not
+    row = next(line for line in suite_markdown("speed", runs).splitlines() if line.startswith("| quantized |"))
+    assert row.endswith("| 2.00× | 1.00 | 1 (latency: 3) |")  # a speed-up from 1 run, not "3"
+    full = next(line for line in suite_markdown("speed", THREE_RUNS).splitlines() if line.startswith("| quantized |"))
+    assert full.endswith("| 3 |")
+
+
 def test_runs_are_pooled_only_per_machine_kind_and_case():
     runs = THREE_RUNS + [make_run({"original": 1.0}, cpu="Other CPU"), make_run({"original": 1.0}, threads=1),
                          make_run({"original": 1.0}, batch=8), {**make_run({"original": 1.0}), "error": "boom"}]  # fmt: skip
