@@ -179,13 +179,14 @@ def case_markdown(group_: CaseRuns, training: bool = False) -> list[str]:
 
 def transform_table(groups: Sequence[CaseRuns]) -> list[str]:
     """The transform suite's table: one row per model (and config) of one machine kind and
-    per version of the code (the git commit it ran from): what is timed is fxlrd itself, so
-    runs of different code are never pooled. Oldest code first."""
+    per version of the code (the git commit it ran from, as recorded: ``abc1234+dirty``, with
+    uncommitted changes, is a row of its own, apart from ``abc1234``): what is timed is fxlrd
+    itself, so runs of different code are never pooled. Oldest code first."""
     rows = []
     for g in groups:
         by_code: dict[str, list[Run]] = {}
         for run in sorted(g.runs, key=lambda r: str(r.get("timestamp", ""))):
-            by_code.setdefault(r_git(run).removesuffix("+dirty"), []).append(run)
+            by_code.setdefault(r_git(run), []).append(run)  # "+dirty" as recorded: other code than the commit
         if not by_code:
             rows.append((g.case.get("model", "?"), "-", "-", "-", "-", "-", f"0 ({len(g.failed)} failed)"))
         for runs in by_code.values():

@@ -327,6 +327,26 @@ def test_report_from_a_synthetic_log(tmp_path):
     assert tmp_path / "speed.md" in written and any(p.suffix == ".png" and p.stat().st_size > 0 for p in written)
 
 
+def _transform_run(run: int, seconds: float, git: str, day: int = 1) -> dict:
+    """A synthetic transform run record."""
+    record = make_run({}, run=run)
+    record["timestamp"] = f"2026-01-0{day}T00:0{run}:00+00:00"
+    record |= {"suite": "transform", "case": {"model": "resnet50", "ratio": 2, "rank_quantum": 16, "example_inputs": False},
+               "versions": record["versions"] | {"git": git},
+               "variants": {"quantized": {"median_s": seconds, "min_s": seconds, "max_s": seconds, "params": 12_000_000,
+                                          "params_before": 25_000_000, "layers_decomposed": 54}}}  # fmt: skip
+    return record
+
+
+def test_transform_rows_keep_uncommitted_code_apart_from_its_commit():
+    runs = [_transform_run(r, 2.0, "abc1234") for r in (1, 2, 3)]  # committed code: 2.0 s
+    runs += [_transform_run(r, 1.0, "abc1234+dirty", day=2) for r in (1, 2, 3)]  # uncommitted changes: 1.0 s
+    rows = [line for line in suite_markdown("transform", runs).splitlines() if line.startswith("| resnet50 |")]
+    assert len(rows) == 2
+    assert "| abc1234 |" in rows[0] and "| 2.00 | 3 (" in rows[0]
+    assert "| abc1234+dirty |" in rows[1] and "| 1.00 | 3 (" in rows[1]
+
+
 def test_lrd_plus_int8_is_compared_with_int8_alone_run_by_run():
     params = {"original": 100, "int8": 100, "quantized": 50, "quantized+int8": 50}
     runs = [make_run({"original": 10.0, "int8": t8, "quantized": 6.0, "quantized+int8": tq}, params, run=i + 1)
