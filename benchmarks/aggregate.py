@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .machine import machine_kind
-from .records import case_key, is_gpu_backend
+from .records import case_key, is_gpu_backend, run_settings
 
 __all__ = [
     "EQUAL_PARAMS_TOLERANCE",
@@ -83,6 +83,7 @@ class CaseRuns:
     threads: int | None
     runs: list[Run] = field(default_factory=list)
     failed: list[Run] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # `records.run_settings`, equal in all its runs
 
     @property
     def title(self) -> str:
@@ -200,7 +201,9 @@ def _one_mac_counter(records: list[Run], tolerance: float = 0.005) -> list[Run]:
 
 
 def group(records: Iterable[Run]) -> list[CaseRuns]:
-    """Runs grouped by machine kind and case, in order of first appearance.
+    """Runs grouped by machine kind, case and settings (`records.case_key`: threads, repeats,
+    warmup, compile and GPU settings), in order of first appearance. Runs of different code
+    (git commits) with equal settings are pooled.
 
     A decomposed variant built at sizes more than ±3 % apart on one machine kind (a searched
     variant searched under other settings) is reported as one variant per size, named with
@@ -216,7 +219,7 @@ def group(records: Iterable[Run]) -> list[CaseRuns]:
         key = (_kind(record), case_key(record))
         if key not in groups:
             threads = record.get("settings", {}).get("threads")
-            groups[key] = CaseRuns(key[0], dict(record.get("case", {})), threads)
+            groups[key] = CaseRuns(key[0], dict(record.get("case", {})), threads, settings=run_settings(record))
         (groups[key].failed if record.get("error") else groups[key].runs).append(record)
     return list(groups.values())
 

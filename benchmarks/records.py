@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["FORMAT", "RESULTS", "SUITES", "log_path", "append", "read", "now", "is_gpu_backend", "case_key", "by_invocation"]
+__all__ = ["FORMAT", "RESULTS", "SUITES", "log_path", "append", "read", "now", "is_gpu_backend", "SETTINGS_FIELDS", "run_settings", "case_key",
+           "by_invocation"]
 
 FORMAT = "fxlrd.bench-run/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,12 +86,24 @@ def is_gpu_backend(backend: Any) -> bool:
     return str(backend or "").startswith("cuda")
 
 
+SETTINGS_FIELDS = ("compile_settings", "gpu_settings")  # a run's settings recorded beside its figures
+
+
+def run_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting a run recorded that its figures depend on: threads, repeats and warmup
+    (``settings``), and, where recorded, how the backend compiled (``compile_settings``: CPU
+    inductor freezing) and the GPU's settings (``gpu_settings``: TF32, cuDNN benchmark, dtype)."""
+    out = dict(record.get("settings", {}))
+    out |= {k: record[k] for k in SETTINGS_FIELDS if record.get(k) is not None}
+    return out
+
+
 def case_key(record: Mapping[str, Any]) -> str:
     """What must be equal for two runs to be pooled, besides the machine: the case
-    (model, backend, batch, inputs, layout...) and the thread count."""
-    case = dict(record.get("case", {}))
-    case["threads"] = record.get("settings", {}).get("threads")
-    return json.dumps(case, sort_keys=True)
+    (model, backend, batch, input shapes, layout...) and every setting of `run_settings`
+    (threads, repeats, warmup, compile and GPU settings). Runs of other code (git commits)
+    with equal settings are pooled; the report says how many commits a table spans."""
+    return json.dumps({"case": dict(record.get("case", {})), "settings": run_settings(record)}, sort_keys=True, default=str)
 
 
 def by_invocation(records: Iterable[Mapping[str, Any]], invocation: str) -> list[Mapping[str, Any]]:

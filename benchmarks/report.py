@@ -108,13 +108,33 @@ def _runs_cell(s: VariantSummary) -> str:
     return f"{s.speedup.n} (latency: {s.latency_s.n})"
 
 
-def _variant_row(s: VariantSummary, training: bool) -> list[str]:
+def _variant_row(s: VariantSummary, training: bool, commits: int = 1) -> list[str]:
     row = [s.name, _range(s.params, 1e-6)]
     if training:
         row.append(_range(s.extra.get("trainable_params"), 1e-6))
+    spans = f" · {commits} commits" if commits > 1 else ""  # runs of other code pooled: said where it happened
     row += [_range(s.macs, 1e-9), _fmt(s.mac_ratio, suffix="×"), _fmt(_scaled(s.latency_s, 1e3)),
-            _fmt(s.speedup, suffix="×"), _fmt(s.speedup_per_mac_ratio), _runs_cell(s)]  # fmt: skip
+            _fmt(s.speedup, suffix="×"), _fmt(s.speedup_per_mac_ratio), _runs_cell(s) + spans]  # fmt: skip
     return row
+
+
+def _commits(runs: Sequence[Run]) -> list[str]:
+    """The code versions ``runs`` ran from, as recorded (``abc1234+dirty`` apart from ``abc1234``)."""
+    return list(dict.fromkeys(r_git(r) for r in runs))
+
+
+def _settings_text(group_: CaseRuns) -> str:
+    """The settings every run of a case shares (they are part of what pools runs)."""
+    settings = group_.settings or {k: _distinct(group_.runs + group_.failed, "settings", k) for k in ("repeats", "warmup")}
+    parts = [f"repeats {settings.get('repeats', '-')}, warmup {settings.get('warmup', '-')} per run"]
+    backend = str(group_.case.get("backend") or "")
+    for field_, label, expected in (("compile_settings", "compile", backend == "compile"),
+                                    ("gpu_settings", "GPU", is_gpu_backend(backend))):  # fmt: skip
+        if settings.get(field_):
+            parts.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in settings[field_].items()))
+        elif expected:
+            parts.append(f"{label} settings not recorded")
+    return " · ".join(parts)
 
 
 def _equal_params(group_: CaseRuns, summaries: Mapping[str, VariantSummary]) -> list[str]:
@@ -166,14 +186,17 @@ def case_markdown(group_: CaseRuns, training: bool = False) -> list[str]:
     if not group_.runs:
         return head + [f"No successful run ({len(group_.failed)} failed)."] + _not_timed(group_)
     runs = group_.runs
-    settings = f"repeats {_distinct(runs, 'settings', 'repeats')}, warmup {_distinct(runs, 'settings', 'warmup')}"
+    commits = _commits(runs)
+    spans = f" from {len(commits)} commits (git {', '.join(commits)})" if len(commits) > 1 else ""
     head += [f"inputs {group_.case.get('inputs', '?')} · {group_.threads} threads · {_plural(len(runs), 'run')} "
-             f"({_dates(runs)}) · {settings} per run", ""]  # fmt: skip
+             f"({_dates(runs)}){spans} · {_settings_text(group_)}", ""]  # fmt: skip
     summaries = summarize(runs, extra=("trainable_params",) if training else ())
     cols = ["variant", "params (M)"] + (["trainable (M)"] if training else [])
     cols += ["GMACs/sample", "MAC ratio", "step (ms)" if training else "latency (ms)", "speed-up", "speed-up ÷ MAC ratio",
              "runs"]  # fmt: skip
-    body = _table(cols, (_variant_row(s, training) for s in summaries.values())) + [""]
+    rows = (_variant_row(s, training, len(_commits([r for r in runs if s.name in r.get("variants", {})])))
+            for s in summaries.values())  # fmt: skip
+    body = _table(cols, rows) + [""]
     return head + body + _equal_params(group_, summaries) + _over_int8(group_) + _not_timed(group_)
 
 

@@ -125,6 +125,38 @@ def test_runs_are_pooled_only_per_machine_kind_and_case():
     assert {g.kind for g in groups} == {machine_kind(MACHINE), machine_kind(MACHINE | {"cpu": "Other CPU"})}
 
 
+def test_runs_of_other_settings_are_not_pooled_and_other_commits_are_pooled_and_said():
+    params = {"original": 100, "quantized": 50}
+    plain = [make_run({"original": 20.0, "quantized": 18.2}, params, run=r, backend="compile") for r in (1, 2, 3)]
+    frozen = [make_run({"original": 16.0, "quantized": 10.0}, params, run=r, backend="compile") | {"compile_settings": {"freezing": True}}
+              for r in (1, 2, 3)]  # fmt: skip
+    fewer = [make_run({"original": 20.0, "quantized": 10.0}, params, run=r, backend="compile") for r in (1, 2, 3)]
+    for r in fewer:
+        r["settings"] = r["settings"] | {"repeats": 10, "warmup": 1}
+    gpu = []
+    for tf32 in (False, True):
+        for r in (1, 2, 3):
+            run = make_run({"original": 4.0 if tf32 else 10.0, "quantized": 2.0}, params, run=r, backend="cuda")
+            gpu.append(run | {"gpu_settings": {"matmul_tf32": tf32, "dtype": "float32"}, "machine": MACHINE | {"gpu": "H100"}})
+    groups = group(plain + frozen + fewer + gpu)
+    assert [len(g.runs) for g in groups] == [3, 3, 3, 3, 3]
+    assert [summarize(g.runs)["quantized"].speedup.format() for g in groups[:3]] == ["1.10", "1.60", "2.00"]
+    assert groups[1].settings["compile_settings"] == {"freezing": True} and groups[2].settings["repeats"] == 10
+    text = suite_markdown("speed", plain + frozen + fewer + gpu)
+    assert "compile: freezing True" in text and "repeats 10, warmup 1 per run" in text
+    assert "GPU: matmul_tf32 False" in text and "GPU: matmul_tf32 True" in text
+    # the same settings from another commit: pooled, and the table says it spans two commits
+    other = [make_run({"original": 20.0, "quantized": 12.0}, params, run=r) for r in (4, 5)]
+    for r in other:
+        r["versions"] = r["versions"] | {"git": "def5678+dirty"}
+    (pooled,) = group(THREE_RUNS + other)
+    assert len(pooled.runs) == 5
+    text = suite_markdown("speed", THREE_RUNS + other)
+    assert "5 runs (2026-01-01 00:01 – 2026-01-01 00:05) from 2 commits (git abc1234, def5678+dirty)" in text
+    assert next(ln for ln in text.splitlines() if ln.startswith("| quantized |")).endswith("| 5 · 2 commits |")
+    assert "commits" not in suite_markdown("speed", THREE_RUNS)
+
+
 def _searched(run: dict, name: str = "optimized") -> dict:
     """``run`` with ``name`` marked as a decomposed variant (its build config recorded)."""
     run["variants"][name]["config"] = {"rank_quantum": 16}
