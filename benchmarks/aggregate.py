@@ -22,6 +22,8 @@ __all__ = [
     "VariantSummary",
     "CaseRuns",
     "group",
+    "facets",
+    "case_labels",
     "base_name",
     "summarize",
     "equal_params",
@@ -222,6 +224,35 @@ def group(records: Iterable[Run]) -> list[CaseRuns]:
             groups[key] = CaseRuns(key[0], dict(record.get("case", {})), threads, settings=run_settings(record))
         (groups[key].failed if record.get("error") else groups[key].runs).append(record)
     return list(groups.values())
+
+
+def facets(g: CaseRuns) -> dict[str, str]:
+    """What tells a case apart from another case of one model, backend and batch, each as
+    printed: its thread count, its input shapes and every other setting its runs share
+    (repeats, warmup, compile and GPU settings)."""
+    out = {"threads": f"{g.threads} thread{'' if g.threads == 1 else 's'}", "inputs": f"inputs {g.case.get('inputs', '?')}"}
+    for key, value in g.settings.items():
+        if key == "threads":
+            continue
+        if isinstance(value, Mapping):
+            out |= {f"{key}.{k}": f"{k} {v}" for k, v in value.items()}
+        else:
+            out[key] = f"{key} {value}"
+    return out
+
+
+def case_labels(groups: Sequence[CaseRuns], base: Any) -> list[str]:
+    """A label for each group: ``base(group)``, followed, where other groups share that base,
+    by what tells them apart (`facets`: ``resnet50 · 1 thread``), so no two cases read alike."""
+    bases = [base(g) for g in groups]
+    out = []
+    for g, b in zip(groups, bases):
+        peers = [facets(h) for h, c in zip(groups, bases) if c == b]
+        mine = facets(g)
+        keys = list(dict.fromkeys(k for p in peers for k in p))
+        varying = [k for k in keys if len({p.get(k, f"{k} -") for p in peers}) > 1]
+        out.append(" · ".join([b] + [mine.get(k, f"{k.split('.')[-1]} -") for k in varying]))
+    return out
 
 
 def _variant_names(runs: Sequence[Run]) -> list[str]:

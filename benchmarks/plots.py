@@ -14,11 +14,11 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .aggregate import CaseRuns, VariantSummary, summarize
+from .aggregate import CaseRuns, VariantSummary, case_labels, summarize
 
 __all__ = ["speed_plots", "slug", "distinct_colors"]
 
-Cases = Sequence[tuple[str, dict[str, VariantSummary]]]  # (model, variant -> summary) per case
+Cases = Sequence[tuple[str, dict[str, VariantSummary]]]  # (case label, variant -> summary) per case
 MARKERS = "osD^v<>ph*"
 
 
@@ -131,7 +131,10 @@ def speed_plots(groups: Sequence[CaseRuns], out: Path) -> list[Path]:
     for kind, backend in keys:
         members = [g for g in groups if g.runs and g.kind == kind and g.case.get("backend") == backend]
         batches = sorted({g.case.get("batch") for g in members})
-        by_batch = {b: [(g.case["model"], summarize(g.runs)) for g in members if g.case.get("batch") == b] for b in batches}
+        by_batch = {}
+        for b in batches:  # a bar per case: one model's cases at other threads, inputs or settings are labelled apart
+            cases = [g for g in members if g.case.get("batch") == b]
+            by_batch[b] = [(label, summarize(g.runs)) for label, g in zip(case_labels(cases, lambda g: g.case["model"]), cases)]
         every = [case for cases in by_batch.values() for case in cases]
         names = _compressed(every)
         colors = dict(zip(names, distinct_colors(plt, len(names))))

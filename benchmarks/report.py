@@ -8,6 +8,8 @@ then aggregated. Runs are pooled only within one machine kind and one case.
 from __future__ import annotations
 
 import collections
+import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,6 +20,7 @@ from .aggregate import (
     VariantSummary,
     equal_param_comparisons,
     base_name,
+    case_labels,
     group,
     summarize,
 )
@@ -311,6 +314,11 @@ def _cell(s: VariantSummary) -> str:
     return text + (f" n={s.speedup.n}" if s.speedup.n < MIN_RUNS else "")
 
 
+def per_sample_inputs(case: Mapping[str, Any]) -> str:
+    """A case's input shapes without the batch (``3×224×224``, ``input_ids 128, ...``)."""
+    return re.sub(r"(^|[\s=,])\d+[×x]", r"\1", str(case.get("inputs", "")))
+
+
 def _selected(groups: Sequence[CaseRuns], kind: str, filters: Mapping[str, Sequence[Any] | None]) -> list[CaseRuns]:
     def keep(g: CaseRuns) -> bool:
         return g.kind == kind and bool(g.runs) and all(not allowed or g.case.get(f) in allowed for f, allowed in filters.items())
@@ -336,13 +344,29 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
     groups = [g for g in group(records) if is_gpu_backend(g.case.get("backend")) == gpu]
     kind = _pick_kind(groups, machine)
     chosen = _selected(groups, kind, {"model": models, "backend": backends, "batch": batches})
-    columns = sorted({(g.case["backend"], g.case["batch"]) for g in chosen},
-                     key=lambda c: (BACKEND_ORDER.index(c[0]) if c[0] in BACKEND_ORDER else 99, c[1]))  # fmt: skip
-    cells: dict[tuple[str, str], dict[tuple[str, int], VariantSummary]] = collections.defaultdict(dict)
+    # a column per backend, batch and settings (threads, repeats, warmup, compile and GPU settings);
+    # a row per model, its input shapes per sample where it ran at several, and variant
+    column_of = {id(g): (g.case["backend"], g.case["batch"], json.dumps(g.settings, sort_keys=True, default=str))
+                 for g in chosen}  # fmt: skip
+    first: dict[tuple, CaseRuns] = {}
     for g in chosen:
+        first.setdefault(column_of[id(g)], g)
+    columns = sorted(first, key=lambda c: (BACKEND_ORDER.index(c[0]) if c[0] in BACKEND_ORDER else 99, c[1],
+                                           first[c].threads or 0, c[2]))  # fmt: skip
+    labels = dict(zip(columns, case_labels([first[c] for c in columns], lambda g: f"{g.case['backend']} b{g.case['batch']}")))
+    shapes: dict[str, set[str]] = collections.defaultdict(set)
+    for g in chosen:
+        shapes[g.case["model"]].add(per_sample_inputs(g.case))
+    cells: dict[tuple[str, str], dict[tuple, VariantSummary]] = collections.defaultdict(dict)
+    for g in chosen:
+        model = g.case["model"]
+        if len(shapes[model]) > 1:  # the same model at other input shapes is another row, never the same cell
+            model += f" · inputs {per_sample_inputs(g.case) or '?'}"
         for name, s in summarize(g.runs).items():
             if not variants or base_name(name) in variants:
-                cells[(g.case["model"], name)][(g.case["backend"], g.case["batch"])] = s
+                if column_of[id(g)] in cells[(model, name)]:
+                    raise ValueError(f"two cases of {model} · {name} fall in the README column {labels[column_of[id(g)]]}")
+                cells[(model, name)][column_of[id(g)]] = s
     model_order = list(dict.fromkeys(model for model, _ in cells))
     cells = dict(sorted(cells.items(), key=lambda item: model_order.index(item[0][0])))  # each model's rows together
     rows = []
@@ -354,14 +378,22 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
         rows.append([model, name, size, mac_ratio] + [_cell(by_column[c]) if c in by_column else "-" for c in columns])
     runs = [r for g in chosen for r in g.runs]
     fewest = min(s.speedup.n for by_column in cells.values() for s in by_column.values() if s.speedup)
-    head = ["model", "variant", "params (M)", "MAC ratio"] + [f"{b} b{n}" for b, n in columns]
-    selection = {"models": list(dict.fromkeys(g.case["model"] for g in chosen)), "variants": list(dict.fromkeys(base_name(n) for _, n in cells)),
-                 "backends": list(dict.fromkeys(b for b, _ in columns)), "batch": sorted({n for _, n in columns})}  # fmt: skip
-    repeats = _most_common(r.get("settings", {}).get("repeats") for r in runs)
+    head = ["model", "variant", "params (M)", "MAC ratio"] + [labels[c] for c in columns]
     suite = "gpu" if gpu else "speed"
-    command = (f"python -m benchmarks {suite} --models {' '.join(selection['models'])} --variants {','.join(selection['variants'])} "
-               f"--backends {' '.join(selection['backends'])} --batch {' '.join(map(str, selection['batch']))} "
-               f"--repeats {repeats} --runs {max(MIN_RUNS, _most_common(r.get('runs') for r in runs))}")  # fmt: skip
+    commands = []  # one per thread count, repeats and warmup (a command runs at one of each)
+    by_command: dict[tuple, list[CaseRuns]] = {}
+    for g in chosen:
+        by_command.setdefault(tuple(g.settings.get(k) for k in ("threads", "repeats", "warmup")), []).append(g)
+    for (threads, repeats, warmup), members in by_command.items():
+        names = list(dict.fromkeys(base_name(n) for g in members for n in summarize(g.runs) if not variants or base_name(n) in variants))
+        backends_ = sorted(dict.fromkeys(g.case["backend"] for g in members),
+                           key=lambda b: BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99)  # fmt: skip
+        member_runs = [r for g in members for r in g.runs]
+        commands.append(f"python -m benchmarks {suite} --models {' '.join(dict.fromkeys(g.case['model'] for g in members))} "
+                        f"--variants {','.join(names)} --backends {' '.join(backends_)} "
+                        f"--batch {' '.join(map(str, sorted({g.case['batch'] for g in members})))} --repeats {repeats} "
+                        f"--runs {max(MIN_RUNS, _most_common(r.get('runs') for r in member_runs))} --warmup {warmup} "
+                        f"--threads {threads}")  # fmt: skip
     given = {"models": models, "variants": variants, "backends": backends, "batch": batches}
     filters = "".join(f" --{k} {' '.join(map(str, v)) if k != 'variants' else ','.join(v)}" for k, v in given.items() if v)
     machine_flag = (f" --machine '{machine}'" if machine else "") + (" --gpu" if gpu else "")
@@ -372,10 +404,10 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
         f"runs], and in parentheses the speed-up ÷ MAC ratio (1.00: all of the FLOP cut turned into time); at least "
         f"{_plural(fewest, 'run')} per figure ({_dates(runs)}).{thin} Machine: {kind}; "
         f"{_distinct(runs, 'settings', 'threads')} threads; {_distinct(runs, 'settings', 'repeats')} timed repeats "
-        f"per run. Versions: {_versions(runs)}.",
+        f"per run after {_distinct(runs, 'settings', 'warmup')} untimed (warmup). Versions: {_versions(runs)}.",
         "",
-        f"Reproduce: `{command}`, then `python -m benchmarks report --readme{filters}{machine_flag}`; every table, "
-        f"the comparisons at equal parameters and the plots are in `benchmarks/results/speed.md`.",
+        f"Reproduce: `{'`, `'.join(commands)}`, then `python -m benchmarks report --readme{filters}{machine_flag}`; every "
+        f"table, the comparisons at equal parameters and the plots are in `benchmarks/results/speed.md`.",
     ]  # fmt: skip
     return "\n".join(text)
 

@@ -423,6 +423,33 @@ def test_readme_table_names_the_machine_and_the_command():
         readme_table(THREE_RUNS, machine="no such cpu")
 
 
+def test_readme_cells_of_other_threads_or_inputs_never_replace_each_other(tmp_path, monkeypatch):
+    params, macs = {"original": 100, "quantized": 50}, {"original": 40, "quantized": 20}
+    two = [make_run({"original": 20.0, "quantized": 10.0}, params, run=r, macs=macs) for r in (1, 2, 3)]  # 2.00x
+    one = [make_run({"original": 40.0, "quantized": 32.0}, params, run=r, threads=1, macs=macs) for r in (4, 5, 6)]  # 1.25x
+    table = readme_table(two + one)
+    assert table.splitlines()[0] == "| model | variant | params (M) | MAC ratio | onnxruntime b1 · 1 thread | onnxruntime b1 · 2 threads |"
+    assert "| resnet50 | quantized | 0.00 | 2.00× | 1.25× (0.62) | 2.00× (1.00) |" in table
+    # the command names the threads and the warmup, one command per thread count
+    assert "--repeats 20 --runs 3 --warmup 3 --threads 2`" in table and "--repeats 20 --runs 3 --warmup 3 --threads 1`" in table
+    assert "after 3 untimed (warmup)" in readme_table(two)
+    # the same model at other input shapes: a row of its own, never the same cell
+    small = [make_run({"original": 5.0, "quantized": 4.0}, params, run=r, macs=macs) for r in (4, 5, 6)]
+    for r in small:
+        r["case"]["inputs"] = "1×3×160×160"
+    table = readme_table(two + small)
+    assert "| resnet50 · inputs 3×224×224 | quantized | 0.00 | 2.00× | 2.00× (1.00) |" in table
+    assert "| resnet50 · inputs 3×160×160 | quantized | 0.00 | 2.00× | 1.25× (0.62) |" in table
+    # the plots: a bar per case, labelled apart
+    from benchmarks import plots
+
+    seen = []
+    real = plots._bars
+    monkeypatch.setattr(plots, "_bars", lambda ax, cases, *a: (seen.append([label for label, _ in cases]), real(ax, cases, *a)))
+    plots.speed_plots(group(two + one), tmp_path)
+    assert seen == [["resnet50 · 2 threads", "resnet50 · 1 thread"]]
+
+
 README = """# project
 
 intro
