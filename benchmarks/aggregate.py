@@ -223,7 +223,30 @@ def group(records: Iterable[Run]) -> list[CaseRuns]:
             threads = record.get("settings", {}).get("threads")
             groups[key] = CaseRuns(key[0], dict(record.get("case", {})), threads, settings=run_settings(record))
         (groups[key].failed if record.get("error") else groups[key].runs).append(record)
-    return list(groups.values())
+    return _failures_with_their_case(list(groups.values()))
+
+
+def _agrees(failed: CaseRuns, g: CaseRuns) -> bool:
+    """Whether every case field and setting that failed runs recorded is ``g``'s: a run that
+    died before its case was described recorded no input shapes, nor the backend's settings."""
+    return (g.kind == failed.kind and all(g.case.get(k) == v for k, v in failed.case.items())
+            and all(g.settings.get(k) == v for k, v in failed.settings.items()))  # fmt: skip
+
+
+def _failures_with_their_case(groups: list[CaseRuns]) -> list[CaseRuns]:
+    """``groups`` with the failed runs of a group without a successful run moved to the one
+    group with successful runs whose case and settings they agree with (`_agrees`), so a
+    failure is shown beside the runs of its case; they stay a group of their own when no
+    group, or more than one, agrees."""
+    out = []
+    for g in groups:
+        if not g.runs:
+            homes = [h for h in groups if h.runs and _agrees(g, h)]
+            if len(homes) == 1:
+                homes[0].failed.extend(g.failed)
+                continue
+        out.append(g)
+    return out
 
 
 def facets(g: CaseRuns) -> dict[str, str]:

@@ -187,12 +187,16 @@ def case_markdown(group_: CaseRuns, training: bool = False) -> list[str]:
     comparisons at equal parameters, then what was skipped or failed."""
     head = [f"### {group_.title}", ""]
     if not group_.runs:
-        return head + [f"No successful run ({len(group_.failed)} failed)."] + _not_timed(group_)
+        unmatched = "" if "inputs" in group_.case or group_.case.get("backend") is None else (
+            " The runs failed before their case was described (no input shapes recorded), so they could not be "
+            "matched to one table of this case.")  # fmt: skip
+        return head + [f"No successful run ({len(group_.failed)} failed).{unmatched}"] + _not_timed(group_)
     runs = group_.runs
     commits = _commits(runs)
     spans = f" from {len(commits)} commits (git {', '.join(commits)})" if len(commits) > 1 else ""
+    failed = f" and {len(group_.failed)} failed (listed below)" if group_.failed else ""
     head += [f"inputs {group_.case.get('inputs', '?')} · {group_.threads} threads · {_plural(len(runs), 'run')} "
-             f"({_dates(runs)}){spans} · {_settings_text(group_)}", ""]  # fmt: skip
+             f"({_dates(runs)}){spans}{failed} · {_settings_text(group_)}", ""]  # fmt: skip
     summaries = summarize(runs, extra=("trainable_params",) if training else ())
     cols = ["variant", "params (M)"] + (["trainable (M)"] if training else [])
     cols += ["GMACs/sample", "MAC ratio", "step (ms)" if training else "latency (ms)", "speed-up", "speed-up ÷ MAC ratio",

@@ -25,7 +25,7 @@ from .machine import ROOT, describe
 from .records import append, by_invocation, log_path, read
 from .speed import gpu_dtype
 from .report import case_markdown, transform_table
-from .worker import record
+from .worker import SUITES, record
 
 __all__ = ["Invocation", "spawn", "run_speed", "run_gpu", "run_training", "run_transform", "cuda_available"]
 
@@ -82,8 +82,14 @@ def cuda_available() -> bool:
 
 
 def _record_crash(task: Mapping[str, Any], status: int, what: str) -> None:
-    """Log a process that died without leaving its record (killed, out of memory...)."""
+    """Log a process that died without leaving its record (killed, out of memory...), under
+    its case as the suite describes it (with the input shapes), so the report shows the failure
+    beside the case's runs; from the task's keys where the case cannot be described."""
     case = {k: task[k] for k in ("model", "backend", "batch", "layout") if k in task}
+    try:
+        case = SUITES[task["step"]][0](task)
+    except Exception:  # noqa: BLE001  (the crash is logged all the same, with what is known of its case)
+        pass
     rec = record(task, case, {"error": f"{what} exited with status {status} without a record; see its output"})
     append(log_path(Path(task["results"]), task["step"]), rec)
 
@@ -173,8 +179,15 @@ def run_gpu(inv: Invocation, model_names: Sequence[str], variant_names: Sequence
                 for run in range(1, inv.runs + 1):
                     task = inv.task("speed_cases", run=run, **cases)
                     status = spawn(task)
-                    if status != 0:
-                        _record_crash({**task, "step": "speed", "backend": "+".join(manifests)}, status, f"run {run}")
+                    if status != 0:  # a crash record for each case this run left without one, under that case
+                        logged = {(r.get("case", {}).get("backend"), r.get("case", {}).get("batch"))
+                                  for r in by_invocation(read(log_path(inv.results, "speed")), inv.id) if r.get("run") == run}
+                        for backend in manifests:
+                            for batch in batches:
+                                if (backend, batch) not in logged:
+                                    crashed = {**task, "step": "speed", "backend": backend, "batch": batch,
+                                               "manifest": manifests[backend]}  # fmt: skip
+                                    _record_crash(crashed, status, f"run {run}")
                 for backend in backends:
                     for batch in batches:
                         _summary(inv, "speed", {"model": model, "backend": backend, "batch": batch})

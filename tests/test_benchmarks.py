@@ -941,6 +941,57 @@ def test_gpu_suite_builds_once_per_dtype_and_times_the_backends_in_the_order_ask
     assert crashes == ["cuda_compile_bf16", "cuda_bf16"]
 
 
+def test_a_failed_run_is_shown_with_its_case(tmp_path, monkeypatch):
+    from benchmarks import suite, worker
+
+    monkeypatch.setattr(worker, "machine", lambda: MACHINE)
+    monkeypatch.setattr(worker, "versions", lambda: THREE_RUNS[0]["versions"])
+    good = THREE_RUNS[:2]
+    task = {"step": "speed", "invocation": "test", "command": "c", "results": str(tmp_path), "workdir": str(tmp_path),
+            "threads": 2, "runs": 3, "repeats": 20, "warmup": 3, "run": 3, "model": "resnet50", "backend": "onnxruntime",
+            "batch": 1, "manifest": "m.json"}  # fmt: skip
+    suite._record_crash(task, -9, "run 3")  # run 3 of the same case was killed: logged under its case, inputs and all
+    (crash,) = read(log_path(tmp_path, "speed"))
+    assert crash["case"] == good[0]["case"] and crash["error"]
+    (g,) = group(good + [crash])
+    assert (len(g.runs), len(g.failed)) == (2, 1)
+    text = suite_markdown("speed", good + [crash])
+    assert text.count("### resnet50 · onnxruntime · batch 1") == 1 and "2 runs (" in text and "and 1 failed" in text
+    # a record of a run that died before its case was described (no input shapes, as older crash records):
+    # with the one case it agrees with
+    old = {**crash, "case": {"model": "resnet50", "backend": "onnxruntime", "batch": 1}}
+    (g,) = group(good + [old])
+    assert (len(g.runs), len(g.failed)) == (2, 1)
+    # it agrees with two tables (2 and 1 threads recorded, but it names none): a section of its own, said so
+    one = [make_run({"original": 1.0}, run=r, threads=1) for r in (1, 2)]
+    unsure = old | {"settings": {"repeats": 20, "warmup": 3}}
+    assert [(len(g.runs), len(g.failed)) for g in group(good + one + [unsure])] == [(2, 0), (2, 0), (0, 1)]
+    assert "failed before their case was described" in suite_markdown("speed", good + one + [unsure])
+
+
+def test_a_gpu_run_that_died_is_logged_under_each_case_it_left_without_a_record(tmp_path, monkeypatch):
+    from benchmarks import suite, worker
+
+    monkeypatch.setattr(worker, "machine", lambda: MACHINE | {"gpu": "H100"})
+    monkeypatch.setattr(worker, "versions", lambda: THREE_RUNS[0]["versions"])
+    monkeypatch.setattr(suite, "_summary", lambda *a, **k: None)
+
+    def fake_spawn(task):
+        if task["step"] == "speed_cases":  # the first case's record is written, then the process dies
+            rec = make_run({"original": 1.0}, run=task["run"], backend="cuda", batch=1)
+            append(log_path(tmp_path, "speed"), rec | {"invocation": task["invocation"]})
+            return -9
+        return 0
+
+    monkeypatch.setattr(suite, "spawn", fake_spawn)
+    inv = suite.Invocation.create(tmp_path, tmp_path / "work", ["gpu"], threads=1, runs=3, repeats=2, warmup=1)
+    suite.run_gpu(inv, ["resnet50"], ["quantized"], ["cuda", "cuda_bf16"], [1, 8])
+    crashes = [(r["run"], r["case"]["backend"], r["case"]["batch"], r["case"].get("inputs"))
+               for r in read(log_path(tmp_path, "speed")) if r.get("error")]  # fmt: skip
+    assert crashes == [(run, b, n, f"{n}×3×224×224") for run in (1, 2, 3) for b, n in
+                       (("cuda", 8), ("cuda_bf16", 1), ("cuda_bf16", 8))]  # fmt: skip
+
+
 def test_int8_variants_export_their_scheme(tmp_path, monkeypatch):
     """``prepare`` writes static int8 (QuantizeLinear, calibrated) and dynamic int8
     (DynamicQuantizeLinear, no calibration) ONNX files for the int8 variants of a BERT."""
