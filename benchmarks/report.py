@@ -338,7 +338,8 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
 
     Args:
         records: the speed suite's records.
-        machine: a substring of the machine kind (default: the kind of the newest run).
+        machine: a substring of the machine kind (default: the kind of the newest run that
+            ``models``, ``backends`` and ``batches`` keep).
         models, variants, backends, batches: keep only these (default: all there are).
         gpu: the GPU table (GPU backends only) rather than the CPU one (no GPU backend).
 
@@ -346,8 +347,10 @@ def readme_table(records: Sequence[Run], *, machine: str | None = None, models: 
         ValueError: no run to show, or ``machine`` names no single machine kind.
     """
     groups = [g for g in group(records) if is_gpu_backend(g.case.get("backend")) == gpu]
-    kind = _pick_kind(groups, machine)
-    chosen = _selected(groups, kind, {"model": models, "backend": backends, "batch": batches})
+    wanted = {"model": models, "backend": backends, "batch": batches}
+    # the machine is picked among the runs the filters keep (the newest of those by default)
+    kind = _pick_kind([g for g in groups if _selected([g], g.kind, wanted)], machine)
+    chosen = _selected(groups, kind, wanted)
     # a column per backend, batch and settings (threads, repeats, warmup, compile and GPU settings);
     # a row per model, its input shapes per sample where it ran at several, and variant
     column_of = {id(g): (g.case["backend"], g.case["batch"], json.dumps(g.settings, sort_keys=True, default=str))

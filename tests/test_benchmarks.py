@@ -450,6 +450,20 @@ def test_readme_cells_of_other_threads_or_inputs_never_replace_each_other(tmp_pa
     assert seen == [["resnet50 · 2 threads", "resnet50 · 1 thread"]]
 
 
+def test_readme_default_machine_is_the_newest_among_the_runs_the_filters_keep():
+    other = []
+    for r in (1, 2, 3):  # newer runs of another model on another machine, and an older resnet50 run there
+        run = make_run({"original": 1.0, "quantized": 0.5}, {"original": 100, "quantized": 50}, run=r, model="bert_base",
+                       cpu="Other CPU")  # fmt: skip
+        other.append(run | {"timestamp": f"2026-03-01T00:0{r}:00+00:00"})
+    old = make_run({"original": 1.0, "quantized": 0.9}, {"original": 100, "quantized": 50}, run=1, cpu="Other CPU")
+    old["timestamp"] = "2025-01-01T00:00:00+00:00"
+    table = readme_table(THREE_RUNS + other, models=["resnet50"])
+    assert f"Machine: {machine_kind(MACHINE)};" in table
+    table = readme_table(THREE_RUNS + other + [old], models=["resnet50"])
+    assert f"Machine: {machine_kind(MACHINE)};" in table and "| resnet50 | quantized | 0.00 | 2.00× | 2.00×" in table
+
+
 README = """# project
 
 intro
