@@ -313,7 +313,9 @@ class OnnxRuntimeTimer(LayerTimer):
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.threads = config.threads or user_threads()
         self.backend = "onnxruntime"
-        where = "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()
+        # the GPU's name, as the torch timer's: a cache in a home folder shared across machines
+        where = torch.cuda.get_device_name() if self.providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available() \
+            else "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()  # fmt: skip
         self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"
 
     def inputs_runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:

@@ -348,3 +348,32 @@ def test_speed_and_size_targets_refuse_a_size_they_cannot_reach(cost_timer, tmp_
     lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False)
     with pytest.raises(ConfigError, match="parameter budget .* cannot be met"):
         fxlrd.plan(_model(), LRDConfig(latency=lat, target_speedup=1.2, target_params=2000), example_inputs=x)
+
+
+def test_a_rank_0_candidate_is_never_timed():
+    """``Linear(3, 1)``'s ratio rank is 0: ``bottleneck or min_rank`` took that 0 for "no mode
+    cut", and a zero-width factor chain was built and timed."""
+    import warnings as _warnings
+
+    from fxlrd import LatencyConfig
+
+    model, x = torch.nn.Sequential(torch.nn.Linear(3, 1)), torch.randn(1, 3)
+    latency = LatencyConfig(backend="eager", repeats=2, warmup=1, cache=False, progress=False, quantum=1)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+        plan = fxlrd.plan(model, LRDConfig(latency=latency), example_inputs=x)
+    lp = plan.layers["0"]
+    assert not lp.decomposed and not (lp.latency or {}).get("candidates_ms")
+
+
+def test_onnxruntime_timings_on_a_gpu_are_cached_under_its_name(monkeypatch):
+    import onnxruntime as ort
+
+    from fxlrd import LatencyConfig
+    from fxlrd.latency import OnnxRuntimeTimer
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    context = OnnxRuntimeTimer(LatencyConfig(backend="onnxruntime", threads=2)).context
+    assert context.startswith("NVIDIA H100 80GB HBM3|")

@@ -158,8 +158,11 @@ class RankSearcher:
             ranks = get_method(method).quantize(tuple(target), tuple(full), cfg.quantum)
             self._tick()
             return SearchResult(ranks, None, note=f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized ranks")
+        def cut(r: Ranks) -> int | None:  # None: every mode kept whole, not held to min_rank (a rank of 0 is)
+            return bottleneck(r, full)
+
         candidates = [r for r in candidate_ranks(method, target, full, cfg.window, cfg.quantum)
-                      if (bottleneck(r, full) or min_rank) >= min_rank]  # a mode kept whole is not held to min_rank
+                      if cut(r) is None or cut(r) >= min_rank]  # fmt: skip
         if not candidates:
             self._tick()
             return SearchResult(None, None, note=f"no candidate rank in the search window is >= min_rank {min_rank}")
