@@ -521,10 +521,10 @@ def plot(runs: list[dict], path: Path, machine: str) -> None:
     import matplotlib.pyplot as plt
 
     mine = [r for r in runs if _machine(r) == machine]
-    threads = mine[-1]["settings"].get("threads") if mine else None  # speed-ups at one thread count only
+    threads = mine[-1].get("settings", {}).get("threads") if mine else None  # speed-ups at one thread count only
     latest: dict[str, dict] = {}
     for r in mine:
-        if r["settings"].get("threads") == threads:
+        if r.get("settings", {}).get("threads") == threads:
             for case in r["cases"]:
                 points = latest.setdefault(case["model"], {"model": case["model"], "points": {}})["points"]
                 points.update({(row["ratio"], row["method"]): row for row in case["rows"] if "failed" not in row})
@@ -544,7 +544,7 @@ def plot(runs: list[dict], path: Path, machine: str) -> None:
         ax.set_title(case["model"], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)  # each panel its own: the methods (and their colours) differ per model
-    fig.suptitle(f"{machine}, {threads} threads — labels: α", fontsize=9)
+    fig.suptitle(f"{machine}" + (f", {threads} threads" if threads else "") + " — labels: α", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
