@@ -355,6 +355,11 @@ def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tupl
     if config.target_params is not None:
         target = config.target_params
         whole = target * plan.model_params if isinstance(target, float) and target < 1 else float(target)
+        if whole >= plan.model_params:
+            raise ConfigError(
+                f"target_params={target!r} is not below the model's {plan.model_params} parameters, so nothing would be "
+                f"compressed: ask for fewer, as a count (e.g. {plan.model_params // 2}) or a fraction below 1 (0.5)"
+            )
         return whole - (plan.model_params - layers), f"model params <= {whole:.0f}"
     return layers / config.ratio, f"decomposable layers' params <= 1/{config.ratio:g} of {layers}"
 
@@ -380,10 +385,11 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
         "objective": "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error",
     }  # fmt: skip
     if not met:
-        raise _budget_error(what, used, budget, tasks, plan)
+        raise _budget_error(what, used, budget, tasks, plan, config.min_rank)
 
 
-def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask], plan: Plan) -> ConfigError:
+def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask], plan: Plan,
+                  min_rank: int = 1) -> ConfigError:  # fmt: skip
     """The error for a parameter budget no choice of ranks meets."""
     if budget <= 0:
         fixed = plan.model_params - sum(t.lp.params_before for t in tasks)
@@ -392,10 +398,11 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
             "(embeddings, norms, layers left out), which decomposition does not touch: ask for a larger target_params "
             "or decompose more layers"
         )
+    smallest = f"min_rank={min_rank}" if min_rank > 1 else "the smallest ranks tried"
+    fix = "lower min_rank (the smallest ranks allowed), ask for fewer savings" if min_rank > 1 else "ask for fewer savings"
     return ConfigError(
-        f"the parameter budget ({what}) cannot be met even by the smallest ranks tried "
-        f"({used:.0f} > {budget:.0f} parameters in the decomposable layers); ask for fewer savings "
-        "or decompose more layers"
+        f"the parameter budget ({what}) cannot be met even by {smallest} "
+        f"({used:.0f} > {budget:.0f} parameters in the decomposable layers); {fix} or decompose more layers"
     )
 
 
@@ -471,7 +478,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
         if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
-            raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan)
+            raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan, config.min_rank)
     apply_choices(choices)
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record

@@ -6,6 +6,8 @@ from torch import nn
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fxlrd
+from fxlrd import ConfigError, LRDConfig
 from fxlrd.ranks import energy_rank, quantize_rank, svd_rank_for_ratio, tucker_ranks_for_ratio, vbmf_rank
 
 
@@ -77,3 +79,20 @@ def test_global_allocation_takes_a_layer_whose_ratio_rank_is_zero(config):
     x = torch.randn(2, 17, 6)
     gm = fxlrd.transform(model, LRDConfig(rank_quantum=1, **config), example_inputs=x)
     assert torch.isfinite(gm(x)).all()
+
+
+def test_a_parameter_target_at_or_above_the_model_size_is_refused():
+    """target_params of the model's size or more compressed nothing, silently (a typo's extra zero)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    size = fxlrd.count_params(model)
+    for target in (size, 10 * size):
+        with pytest.raises(ConfigError, match=rf"is not below the model's {size} parameters"):
+            fxlrd.plan(model, LRDConfig(target_params=target))
+    fxlrd.plan(model, LRDConfig(target_params=size - 1000))
+
+
+def test_a_budget_min_rank_makes_impossible_names_min_rank():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.raises(ConfigError, match="cannot be met even by min_rank=40.*lower min_rank"):
+        fxlrd.plan(model, LRDConfig(target_params=0.5, min_rank=40, rank_quantum=1))
+    fxlrd.plan(model, LRDConfig(target_params=0.5, rank_quantum=1))
