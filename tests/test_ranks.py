@@ -96,3 +96,25 @@ def test_a_budget_min_rank_makes_impossible_names_min_rank():
     with pytest.raises(ConfigError, match="cannot be met even by min_rank=40.*lower min_rank"):
         fxlrd.plan(model, LRDConfig(target_params=0.5, min_rank=40, rank_quantum=1))
     fxlrd.plan(model, LRDConfig(target_params=0.5, rank_quantum=1))
+
+
+@pytest.mark.parametrize("rank", [24, 29, 30, 31])
+def test_vbmf_finds_an_exact_rank_near_its_detection_limit(rank):
+    """The free energy has several local minima in the noise variance: a bounded search alone
+    stopped in one (rank 16 or 17 for exact ranks 29–31 of a 64×64 weight)."""
+    g = torch.Generator().manual_seed(rank)
+    w = torch.randn(64, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 64, generator=g, dtype=torch.float64)
+    w = w + 1e-3 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    assert vbmf_rank(w) == rank
+
+
+def test_vbmf_of_a_weight_with_exact_zeros_outside_a_block():
+    """Exact zeros made log(0) in the free energy (RuntimeWarnings, and a grid it cannot start at
+    0); without noise the estimate is degenerate, but it stays within the block's rank."""
+    import warnings
+
+    w = torch.zeros(32, 32, dtype=torch.float64)
+    w[:4, :4] = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert 1 <= vbmf_rank(w) <= 4
