@@ -265,7 +265,27 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
         before = count_params(gm)
         gm = MergePass(plan_.settings["merge"])(gm).graph_module
         plan_.settings["merge_params_change"] = count_params(gm) - before  # the plan's model size is what was built
+    _warn_budget_unspent(gm, plan_, branches)
     return gm
+
+
+def _warn_budget_unspent(gm: fx.GraphModule, plan_: Plan, branches: int) -> None:
+    """``target_params`` is allocated on the layers' sizes before branching and merging, which
+    then free parameters the allocation never spends: say so when the model ends well below it."""
+    target = plan_.settings.get("target_params")
+    if target is None or not (branches > 1 or plan_.settings.get("merge")):
+        return
+    whole = target * plan_.model_params if isinstance(target, float) and target < 1 else float(target)
+    built = count_params(gm)
+    if built < 0.9 * whole:
+        what = " and ".join(w for w, on in (("branching", branches > 1), ("merging", plan_.settings.get("merge"))) if on)
+        warnings.warn(
+            f"target_params={target!r}: the model has {built} parameters, {1 - built / whole:.0%} below the budget of "
+            f"{whole:.0f}: the ranks were allocated on the sizes before {what}, which freed the rest; to spend it, "
+            f"raise target_params (about {whole + (whole - built):.0f} here)",
+            FxlrdWarning,
+            stacklevel=4,
+        )
 
 
 def _mirror_into(model: nn.Module, gm: fx.GraphModule) -> None:

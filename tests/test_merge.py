@@ -429,3 +429,29 @@ def test_an_in_place_activation_moved_before_a_merged_layer_leaves_its_input(mod
     out = gm(given)
     assert torch.equal(given, x)
     assert torch.allclose(out, reference(x), atol=1e-6)
+
+
+class _BudgetBlock(nn.Module):
+    def __init__(self, c=32, m=40):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, m, 1, bias=False), nn.BatchNorm2d(m)
+        self.conv2, self.bn2 = nn.Conv2d(m, m, 3, padding=1, bias=False), nn.BatchNorm2d(m)
+        self.conv3, self.bn3 = nn.Conv2d(m, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return torch.relu(x + self.bn3(self.conv3(y)))
+
+
+@pytest.mark.parametrize("extra", [{"merge": "approximate"}, {"branches": 2}])
+def test_a_parameter_budget_merging_or_branching_leaves_unspent_is_warned_about(extra):
+    """target_params is allocated on the sizes before merging and branching, which free more:
+    the model ended at 61–72 % of its budget with nothing said."""
+    from fxlrd.errors import FxlrdWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), _BudgetBlock(32, 40), _BudgetBlock(32, 48)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(FxlrdWarning, match=r"target_params=0\.6: the model has \d+ parameters, \d+% below the budget"):
+        gm = fxlrd.transform(model, LRDConfig(rank_quantum=1, target_params=0.6, **extra), example_inputs=x)
+    assert fxlrd.count_params(gm) < 0.9 * 0.6 * fxlrd.count_params(model)
