@@ -484,9 +484,12 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     plan.settings["global_search"] = record
     if not record["met"]:
         kept = " every layer is kept: each model tried was slower than the original," if record.get("kept_all") else ""
+        other = record.get("other_fraction")
+        ceiling = (f" The layers took {1 - other:.0%} of the model's time, so no ranks give more than "
+                   f"{1 / other:.2f}x." if other and 0 < other < 1 else "")  # fmt: skip
         warnings.warn(
             f"target_speedup={config.target_speedup:g} was not reached:{kept} the model chosen measured "
-            f"{record['measured_speedup']:.2f}x (plan.settings['global_search'] has every round). Lower the target, "
+            f"{record['measured_speedup']:.2f}x (plan.settings['global_search'] has every round).{ceiling} Lower the target, "
             "allow more error, or time layers where the model runs (LatencyConfig(backend=..., context='neighbours'))",
             FxlrdWarning,
             stacklevel=3,

@@ -236,9 +236,12 @@ def test_global_mode_meets_its_predicted_target(cost_timer, tmp_path):
     gm = fxlrd.apply(_model(), plan)
     timer = CostTimer()
     assert timer.time(_model(), None) / timer.time(gm, None) == pytest.approx(g["measured_speedup"])
-    with pytest.warns(UserWarning, match=r"target_speedup=1000 was not reached: the model chosen measured \d"):
+    with pytest.warns(UserWarning, match=r"target_speedup=1000 was not reached: the model chosen measured \d") as caught:
         hard = fxlrd.plan(_model(), LRDConfig(target_speedup=1000, latency=lat), example_inputs=x)
     assert not hard.settings["global_search"]["met"]
+    other = hard.settings["global_search"]["other_fraction"]
+    assert 0 < other < 1  # time outside the layers: the message names the ceiling it sets
+    assert any(f"no ranks give more than {1 / other:.2f}x" in str(w.message) for w in caught)
 
 
 def test_global_mode_keeps_the_model_when_every_trial_is_slower():
