@@ -361,7 +361,10 @@ def _overwritten(gm: fx.GraphModule, node: fx.Node) -> bool:
 _aten = torch.ops.aten
 _DROPOUTS = frozenset({_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default,
                        _aten.feature_alpha_dropout.default, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                       F.alpha_dropout, F.feature_alpha_dropout})  # fmt: skip
+                       F.alpha_dropout, F.feature_alpha_dropout,
+                       # in place (nn.Dropout(inplace=True)): they return their input, as the identity does
+                       _aten.dropout_.default, _aten.feature_dropout_.default, _aten.alpha_dropout_.default,
+                       _aten.feature_alpha_dropout_.default})  # fmt: skip
 _ATTENTIONS = frozenset({_aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention})
 
 
@@ -371,17 +374,19 @@ class EvalInterpreter(fx.Interpreter):
     ``aten.dropout(x, p, train=True)`` and batch statistics in, as ``F.dropout(...,
     training=True)`` or an attention's ``dropout_p`` from a ``self.training`` read at fx trace
     time. Calibration reads no dropout noise and leaves running statistics alone: dropouts are
-    the identity (attention's too), batch norms use their running statistics, and in-place
-    updates of buffers are skipped."""
+    the identity (attention's too), batch norms use their running statistics and leave them
+    and their step counters alone."""
 
     def __init__(self, module: fx.GraphModule, **kwargs: Any):
         super().__init__(module, **kwargs)
-        self._buffers = {id(b) for b in module.buffers()}
+        # a batch norm's step counter, which a training-mode export graph increments in a node of
+        # its own (other buffers a forward writes, a cache it reads back, are written as before)
+        self._counters = {id(b) for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] == "num_batches_tracked"}
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         schema = getattr(target, "_schema", None)
-        if schema is not None and schema.is_mutable and args and id(args[0]) in self._buffers:
-            return args[0]  # a buffer updated in place (num_batches_tracked += 1): left as it is
+        if schema is not None and schema.is_mutable and args and id(args[0]) in self._counters:
+            return args[0]  # num_batches_tracked += 1: left as it is
         if target in _DROPOUTS:
             return args[0] if args else kwargs["input"]
         if target is _aten.native_dropout.default:

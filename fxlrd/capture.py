@@ -480,7 +480,9 @@ def training_ops(gm: fx.GraphModule) -> int:
         if node.op != "call_function":
             continue
         if node.target in (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
-                           torch.ops.aten.alpha_dropout.default):  # fmt: skip
+                           torch.ops.aten.alpha_dropout.default, torch.ops.aten.feature_alpha_dropout.default,
+                           torch.ops.aten.dropout_.default, torch.ops.aten.feature_dropout_.default,
+                           torch.ops.aten.alpha_dropout_.default, torch.ops.aten.feature_alpha_dropout_.default):  # fmt: skip
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
             count += bool(train) and node.args[1] != 0
         elif node.target is torch.ops.aten.batch_norm.default:

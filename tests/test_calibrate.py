@@ -1292,3 +1292,41 @@ def test_a_text_mask_never_falls_on_another_sequence_of_the_same_length():
     b = fxlrd.transform(model, config, example_inputs=cal17[0], calibration=cal17)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_training_mode_export_calibrates_without_its_dropout_in_place_or_not(inplace):
+    """nn.Dropout(inplace=True) exports as aten.dropout_, which calibration still ran."""
+    from fxlrd.capture import training_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5, inplace=inplace), nn.Linear(32, 8)).train()
+    cal = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    gm = capture(model, inputs=((cal[0],), {}), mode="export", copy_model=True).gm
+    assert training_ops(gm) == 1  # (the in-place form went uncounted: no training-mode warning)
+    got = collect_stats(gm, cal, progress=False)["3"].inputs.gram
+    want = collect_stats(capture(copy.deepcopy(model).eval(), inputs=((cal[0],), {}), mode="export",
+                                 copy_model=True).gm, cal, progress=False)["3"].inputs.gram  # fmt: skip
+    assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("capture_mode", ["fx", "export"])
+def test_calibration_runs_a_buffer_the_forward_writes_and_reads_back(capture_mode):
+    """Skipping in-place buffer updates was meant for a batch norm's step counter: a cache the
+    forward fills and reads back must be written (an export capture calibrated on zeros)."""
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(8, 16))
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            self.cache.copy_(x)
+            return self.fc(self.cache * 1.0)
+
+    cal = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    gm = capture(Cached().eval(), inputs=((cal[0],), {}), mode=capture_mode, copy_model=True).gm
+    gram = collect_stats(gm, cal, progress=False)["fc"].inputs.gram
+    want = sum(x.double().T @ x.double() for x in cal)
+    assert torch.allclose(gram, want, rtol=1e-6)
