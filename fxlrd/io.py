@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import uuid
@@ -571,16 +572,24 @@ def _check_dtype(gm: fx.GraphModule, mode: str, model_dtypes: set[torch.dtype], 
     (want,), (have,) = saved, model_dtypes
     args, kwargs = _on_model_device(inputs_from_signature(signature), gm)
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(want) if t.is_floating_point() else t, (args, kwargs))
+    buffers = {k: v.clone() for k, v in gm.named_buffers()}  # a training-mode graph updates its norms' statistics
     try:
         with torch.no_grad():
             gm(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001  (whatever the baked-in casts make the graph raise)
+        if not re.search(r"dtype|scalar type|Half|BFloat16|Float|Double", str(exc)):
+            return  # not the dtypes (zeros the model does not take, say): the model's own first call will tell
         raise SavedModelError(
             f"the save holds {str(want).removeprefix('torch.')} parameters and the model given is "
             f"{str(have).removeprefix('torch.')}: its torch.export capture runs in the dtype it is captured in, and the "
             f"loaded graph fails ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); cast the model first, "
             f"fxlrd.load(model.to({want}), ...)"
         ) from exc
+    finally:
+        with torch.no_grad():
+            for k, v in gm.named_buffers():
+                if k in buffers and v.shape == buffers[k].shape:
+                    v.copy_(buffers[k])
 
 
 def _check_fits(gm: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:

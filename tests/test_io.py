@@ -1,5 +1,6 @@
 """fxlrd.save / fxlrd.load: bitwise round trips, refused corrupt saves, atomic writes."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -669,3 +670,20 @@ def test_an_export_save_in_bfloat16_loaded_into_a_float32_model_says_to_cast_it(
     loaded = fxlrd.load(build().to(torch.bfloat16), path)
     with torch.no_grad():
         assert torch.equal(loaded(**x).last_hidden_state, gm(**x).last_hidden_state)
+
+
+def test_the_dtype_check_of_a_load_leaves_the_norms_statistics_alone(tmp_path):
+    """Loading a half save of a training-mode export capture into a float32 model runs the graph
+    once to check its dtypes: the batch norm it runs in training mode must not keep that run's
+    statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8)).train()
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="training mode"):
+        gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, capture="export")
+    gm = gm.to(torch.float16)
+    path = fxlrd.save(gm, tmp_path / "s")
+    with pytest.warns(UserWarning):
+        loaded = fxlrd.load(copy.deepcopy(model), path)
+    for (name, a), b in zip(gm.named_buffers(), loaded.buffers()):
+        assert torch.equal(a, b), name
