@@ -355,7 +355,7 @@ def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tupl
     if config.target_params is not None:
         target = config.target_params
         whole = target * plan.model_params if isinstance(target, float) and target < 1 else float(target)
-        if whole >= plan.model_params:
+        if whole >= plan.model_params and config.target_speedup is None:  # (with a speed target: a cap that does not bind)
             raise ConfigError(
                 f"target_params={target!r} is not below the model's {plan.model_params} parameters, so nothing would be "
                 f"compressed: ask for fewer, as a count (e.g. {plan.model_params // 2}) or a fraction below 1 (0.5)"
@@ -432,6 +432,10 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     from .ranks.search import RankSearcher
 
     _centre_on_budget(tasks, config, plan)
+    if config.target_params is not None:  # a size budget below the fixed parameters: before any timing
+        budget, what = _layer_budget(tasks, config, plan)
+        if budget <= 0:
+            raise _budget_error(what, 0.0, budget, tasks, plan, config.min_rank)
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
     window_of = _windows(gm, config)

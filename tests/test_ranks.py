@@ -118,3 +118,25 @@ def test_vbmf_of_a_weight_with_exact_zeros_outside_a_block():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert 1 <= vbmf_rank(w) <= 4
+
+
+def test_a_parameter_cap_beside_a_speed_target_is_checked_before_any_timing(monkeypatch):
+    """With target_speedup the size is a cap: one at the model's size is no error (the speed
+    target still compresses), and one below the fixed parameters fails before any layer is timed."""
+    from fxlrd.latency import LatencyConfig
+    from fxlrd.ranks.search import RankSearcher
+
+    model = nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randint(0, 1000, (2, 5))
+    size = fxlrd.count_params(model)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed before the budget was checked")
+
+    monkeypatch.setattr(RankSearcher, "__init__", no_timing)
+    with pytest.raises(ConfigError, match="below the .* parameters outside the decomposable layers"):
+        fxlrd.plan(model, LRDConfig(target_speedup=1.5, target_params=1000, latency=LatencyConfig(progress=False)),
+                   example_inputs=x)  # fmt: skip
+    with pytest.raises(AssertionError, match="timed before"):  # a cap at the model's size reaches the search
+        fxlrd.plan(model, LRDConfig(target_speedup=1.5, target_params=size, latency=LatencyConfig(progress=False)),
+                   example_inputs=x)  # fmt: skip
