@@ -181,7 +181,8 @@ def run_gpu(inv: Invocation, model_names: Sequence[str], variant_names: Sequence
                     status = spawn(task)
                     if status != 0:  # a crash record for each case this run left without one, under that case
                         logged = {(r.get("case", {}).get("backend"), r.get("case", {}).get("batch"))
-                                  for r in by_invocation(read(log_path(inv.results, "speed")), inv.id) if r.get("run") == run}
+                                  for r in by_invocation(read(log_path(inv.results, "speed")), inv.id)
+                                  if r.get("run") == run and r.get("case", {}).get("model") == model}  # fmt: skip
                         for backend in manifests:
                             for batch in batches:
                                 if (backend, batch) not in logged:

@@ -1006,6 +1006,34 @@ def test_a_gpu_run_that_died_is_logged_under_each_case_it_left_without_a_record(
                        (("cuda", 8), ("cuda_bf16", 1), ("cuda_bf16", 8))]  # fmt: skip
 
 
+def test_a_gpu_run_of_a_later_model_that_died_is_logged_too(tmp_path, monkeypatch):
+    """The 'already logged' cases of a run were read from every model's records: once the first
+    model had written run k for every case, a later model's process dying in run k left no record."""
+    from benchmarks import suite, worker
+
+    monkeypatch.setattr(worker, "machine", lambda: MACHINE | {"gpu": "H100"})
+    monkeypatch.setattr(worker, "versions", lambda: THREE_RUNS[0]["versions"])
+    monkeypatch.setattr(suite, "_summary", lambda *a, **k: None)
+
+    def fake_spawn(task):
+        if task["step"] == "speed_cases":
+            if task["model"] == "resnet50":  # every case recorded
+                for backend in task["backends"]:
+                    for batch in task["batches"]:
+                        rec = make_run({"original": 1.0}, run=task["run"], backend=backend, batch=batch)
+                        rec["case"]["model"] = "resnet50"
+                        append(log_path(tmp_path, "speed"), rec | {"invocation": task["invocation"]})
+                return 0
+            return -9  # the second model's process dies before writing anything
+        return 0
+
+    monkeypatch.setattr(suite, "spawn", fake_spawn)
+    inv = suite.Invocation.create(tmp_path, tmp_path / "work", ["gpu"], threads=1, runs=3, repeats=2, warmup=1)
+    suite.run_gpu(inv, ["resnet50", "vit_b_16"], ["quantized"], ["cuda"], [1])
+    crashes = [(r["case"].get("model"), r["run"]) for r in read(log_path(tmp_path, "speed")) if r.get("error")]
+    assert crashes == [("vit_b_16", run) for run in (1, 2, 3)]
+
+
 def test_int8_variants_export_their_scheme(tmp_path, monkeypatch):
     """``prepare`` writes static int8 (QuantizeLinear, calibrated) and dynamic int8
     (DynamicQuantizeLinear, no calibration) ONNX files for the int8 variants of a BERT."""
