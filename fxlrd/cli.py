@@ -842,6 +842,15 @@ def _describe_batch(batch: Batch) -> str:
     return one(batch) if isinstance(batch, torch.Tensor) else type(batch).__name__
 
 
+def _batch_size(batch: Batch, inputs: "_Inputs") -> int:
+    """The batch size of the batch that is timed (a calibration file's first batch may hold
+    fewer samples than ``--input-shape`` asks for), ``inputs.batch`` when it has no tensor."""
+    from torch.utils import _pytree
+
+    leaves = [t for t in _pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    return int(leaves[0].shape[0]) if leaves else inputs.batch
+
+
 def _call(model: nn.Module, batch: Batch) -> Any:
     return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
@@ -1315,7 +1324,7 @@ def _compress_outputs(
             else:
                 paths["compressed"] = onnx_tmp
         times, backend, fallback = _time(args, models, data.example, console, onnx_paths=paths)
-        latency = {"backend": backend, "threads": args.threads, "repeats": args.repeats, "batch": inputs.batch,
+        latency = {"backend": backend, "threads": args.threads, "repeats": args.repeats, "batch": _batch_size(data.example, inputs),
                    **times, "speedup": times["original"]["median"] / times["compressed"]["median"]}  # fmt: skip
         if "int8" in times:
             latency["speedup_int8"] = times["original"]["median"] / times["int8"]["median"]
@@ -1633,7 +1642,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = rows[args.variants[0]]
     times = None
     timing: dict[str, Any] = {"backend": args.backend, "threads": args.threads, "repeats": args.repeats,
-                              "batch": inputs.batch}  # fmt: skip
+                              "batch": _batch_size(data.example, inputs)}  # fmt: skip
     if args.repeats > 0:
         times, timing["backend"], fallback = _time(args, models, data.example, console)
         if fallback:
@@ -1828,7 +1837,7 @@ def _add_data(p: argparse.ArgumentParser, reconstruct: bool = False) -> None:
                    help="data-aware decomposition on: a folder of images (each resized, its shorter side to "
                         "--image-resize, centre-cropped to the input size and normalized with --image-mean/--image-std, "
                         "by default ImageNet's), a .txt file (one text a line, needs a tokenizer), or a .pt/.safetensors "
-                        "tensor (N, ...), used as it is")  # fmt: skip
+                        "tensor (N, ...): integer tensors (token ids) as they are, floating ones in float32")  # fmt: skip
     g.add_argument("--image-mean", type=_floats, metavar="M[,M,M]",
                    help="images' per-channel mean subtracted after scaling pixels to [0, 1] (default ImageNet's "
                         "0.485,0.456,0.406; 0 for [0, 1] inputs, 0.5 for many ViTs)")  # fmt: skip

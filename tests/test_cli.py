@@ -1137,3 +1137,15 @@ def test_errors_name_the_command_line_remedy_not_the_python_one(tmp_path, capsys
     assert code == 1 and "drop --int8" in err and "--int8 static" in err, err
     assert "accept more with QuantizeConfig(qtol=...)" not in err
 
+
+
+def test_the_report_gives_the_batch_size_that_was_timed(tmp_path, capsys, factory):
+    """A calibration file of 3 samples under --input-shape 8,16: the example (captured, counted,
+    timed) is its batch of 3, while the report and summary said batch 8."""
+    torch.save(torch.randn(3, 16), tmp_path / "cal3.pt")
+    report = tmp_path / "r.json"
+    code, out, err = _run(capsys, "compress", "fxlrd_cli_models:mlp", "--input-shape", "8,16", "--calibration",
+                          tmp_path / "cal3.pt", "--repeats", 2, "--backend", "eager", "--threads", 1, "--report", report)
+    assert code == 0, err
+    assert json.loads(report.read_text())["latency"]["batch"] == 3
+    assert "eager, batch 3," in out
