@@ -6,6 +6,7 @@ different CPUs are never pooled.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -72,16 +73,18 @@ def machine(cpuinfo: str | None = None) -> dict[str, Any]:
 GIT_VARIABLE = "FXLRD_BENCH_GIT"  # the commit, for a copy of the code without its git history
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit, with ``+dirty`` when tracked files other than the results
-    (which every run appends to) differ from it; ``$FXLRD_BENCH_GIT`` where there is no git
-    history (a copy of the tree sent to another machine)."""
+def _git_commit(root: Path = ROOT) -> str | None:
+    """The checkout's commit, with ``+dirty.<hash>`` when tracked files other than the results
+    (which every run appends to) differ from it, the hash that of the difference (two sets of
+    uncommitted edits on one commit are two code versions); ``$FXLRD_BENCH_GIT`` where there
+    is no git history (a copy of the tree sent to another machine)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True).returncode != 0
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        diff = subprocess.run(["git", "diff", "HEAD", "--", ".", ":(exclude)benchmarks/results"], cwd=root,
+                              capture_output=True, check=True).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get(GIT_VARIABLE)
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+    return head.stdout.strip() + (f"+dirty.{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
 
 
 def versions() -> dict[str, str | None]:

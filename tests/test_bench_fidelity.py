@@ -66,3 +66,28 @@ def test_a_torn_line_in_the_run_log_loses_no_run(tmp_path, monkeypatch):
     assert [r["settings"]["threads"] for r in runs] == [2, 4]
 
 
+
+
+def test_two_sets_of_uncommitted_edits_are_two_code_versions(tmp_path):
+    """A run from a tree with uncommitted edits was recorded as ``<commit>+dirty`` whatever the
+    edits: two different ones shared a row. The marker now carries a hash of the difference."""
+    import subprocess
+
+    from benchmarks.machine import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    clean = _git_commit(tmp_path)
+    assert clean and "+" not in clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    first = _git_commit(tmp_path)
+    (tmp_path / "a.py").write_text("x = 3\n")
+    second = _git_commit(tmp_path)
+    assert first.startswith(clean + "+dirty.") and second.startswith(clean + "+dirty.") and first != second
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _git_commit(tmp_path) == first  # the same edits: the same version
