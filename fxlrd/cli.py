@@ -845,10 +845,10 @@ def _describe_batch(batch: Batch) -> str:
 def _batch_size(batch: Batch, inputs: "_Inputs") -> int:
     """The batch size of the batch that is timed (a calibration file's first batch may hold
     fewer samples than ``--input-shape`` asks for), ``inputs.batch`` when it has no tensor."""
-    from torch.utils import _pytree
+    from .capture import _batch_size as batch_of, normalize_inputs
 
-    leaves = [t for t in _pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    return int(leaves[0].shape[0]) if leaves else inputs.batch
+    size = batch_of(normalize_inputs(batch))
+    return int(size) if size is not None else inputs.batch
 
 
 def _call(model: nn.Module, batch: Batch) -> Any:
