@@ -1,7 +1,7 @@
 # make demo: compress pretrained all-MiniLM-L6-v2 with real calibration text (data-aware:
 #   FFN blocks narrowed, queries and keys sharing one input factor, attention ranks allocated over the model), then print the per-layer plan, speed-up and fidelity on
 #   held-out sentences; writes the ONNX file in dynamic int8 (its speed-up and fidelity printed too), the saved model
-#   and a JSON report under build/demo.
+#   and a JSON report under build/demo, and appends the run's figures to benchmarks/results/demo.jsonl (demo.md).
 # make test: the test suite. Both create their own virtual environment in .venv.
 # make bench: the speed benchmark suite, all of it (hours: run it on a quiet machine);
 #   a piece: make bench BENCH="speed --models resnet50 --backends onnxruntime --batch 1"
@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	model=$$($(PY) -m benchmarks.demo_data build/demo 256) && $(PY) -m fxlrd compress "$$model" \
+	start=$$(date +%s) && model=$$($(PY) -m benchmarks.demo_data build/demo 256) && $(PY) -m fxlrd compress "$$model" \
 	  --calibration build/demo/sentences.txt --batch 8 --seq-len 64 --calibration-batches 32 --eval-batches 8 \
 	  --ratio 1.5 --allocation global --sequential --mlp narrow --siblings '*.query,*.key' \
-	  --onnx build/demo/minilm-lrd.onnx --int8 dynamic --save build/demo/minilm-lrd --overwrite --report build/demo/report.json
+	  --onnx build/demo/minilm-lrd.onnx --int8 dynamic --save build/demo/minilm-lrd --overwrite --report build/demo/report.json \
+	  && $(PY) -m benchmarks.demo_log build/demo/report.json --wall-s $$(( $$(date +%s) - start ))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1096,3 +1096,32 @@ def test_fidelity_plots_one_png_per_machine_kind(tmp_path):
 
     paths = fidelity.plot_machines([run("AVX2 AVX-512F", 0.9), run("AVX2 AVX-512F AMX", 0.8)], tmp_path)
     assert len(paths) == 2 and len(set(paths)) == 2 and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_demo_log_appends_every_run(tmp_path):
+    """`make demo`'s figures are kept: each run appends a line (an earlier one is never rewritten)
+    and the table lists every run with its machine, speed-ups and fidelity."""
+    from benchmarks import demo_log
+
+    def report(created: str, speedup: float, cosine: float) -> dict:
+        return {"format": "fxlrd.report/1", "created": created, "command": ["fxlrd", "compress", "m"],
+                "transform_s": 90.5, "params": {"ratio": 1.19}, "macs": {"ratio": 1.5},
+                "latency": {"backend": "onnxruntime", "threads": 2, "repeats": 20, "batch": 8, "speedup": speedup,
+                            "speedup_int8": 2.5},
+                "fidelity": {"cosine": cosine}, "int8": {"scheme": "dynamic", "fidelity": {"cosine": 0.9548}}}  # fmt: skip
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(report("2026-12-06T16:22:59+00:00", 1.3267, 0.96052)))
+    second.write_text(json.dumps(report("2026-12-06T18:00:00+00:00", 1.2, 0.9)))
+    assert demo_log.main([str(first), "--wall-s", "95", "--results", str(tmp_path)]) == 0
+    kept = (tmp_path / "demo.jsonl").read_text()
+    assert demo_log.main([str(second), "--results", str(tmp_path)]) == 0
+    log = (tmp_path / "demo.jsonl").read_text()
+    assert log.startswith(kept) and len(log.splitlines()) == 2
+    table = (tmp_path / "demo.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 2026")]
+    assert len(rows) == 2 and rows[0].startswith("| 2026-12-06 18:00")  # newest first
+    assert "| 95 | 90 | 1.33× | 0.9605 | 2.50× | 0.9548 |" in rows[1]
+    assert "| – | 90 | 1.20× | 0.9000 |" in rows[0]
+    with pytest.raises(ValueError, match="not an fxlrd compress report"):
+        demo_log.record({"format": "other"})
