@@ -171,3 +171,47 @@ def test_decompose_in_parallel_gives_the_serial_factors_and_keeps_tensorly_backe
     for key in serial:
         torch.testing.assert_close(parallel[key], serial[key], rtol=1e-5, atol=1e-6, msg=key)
     assert tensorly.get_backend() == "numpy"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_leading_svd_of_a_rank_deficient_tall_matrix_has_orthonormal_left_vectors(seed):
+    """A 30x6 matrix of rank 5: the sixth left vector comes from a singular value that is
+    rounding noise (sometimes exactly 0, sometimes ~1e-8 of the largest); it must still be a unit
+    vector orthogonal to the others (Tucker's factors are orthonormal), and U s Vh the matrix."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 6, generator=g, dtype=torch.float64)
+    u, s, vh = leading_svd(m.numpy(), 6)
+    torch.testing.assert_close(torch.from_numpy(u.T @ u), torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
+    # (up to the noise singular value itself: its vectors are arbitrary)
+    torch.testing.assert_close(torch.from_numpy((u * s) @ vh), m, rtol=0, atol=1e-6 * s[0])
+
+
+def test_tucker_error_curve_is_each_modes_discarded_energy():
+    """The Tucker-2 error curve at ``(r_in, r_out)`` is the HOSVD bound: the input unfolding's
+    energy past r_in plus the output unfolding's past r_out, over the weight's energy; with one
+    side whole it is the exact error of the Tucker-1 truncation, measured here independently."""
+    from fxlrd.factorized import LayerSpec
+    from fxlrd.methods import get_method
+
+    g = torch.Generator().manual_seed(0)
+    s, c = 6, 4
+    w = torch.randn(s, c, 3, 3, generator=g, dtype=torch.float64)
+    w = torch.einsum("sc...,s,c->sc...", w, torch.logspace(0, -1, s, dtype=torch.float64),
+                     torch.logspace(0, -2, c, dtype=torch.float64))  # fmt: skip
+    spec = LayerSpec("conv", c, s, (3, 3), 1, False, (1, 1), (1, 1), (1, 1))
+    curve = get_method("tucker2").error_curve(w, spec)
+    total = float((w**2).sum())
+
+    def truncated(mode, r):  # project one mode onto its leading r singular vectors
+        u = torch.linalg.svd(unfold(w, mode), full_matrices=False).U[:, :r]
+        p = u @ u.T
+        return torch.einsum("ts,sc...->tc...", p, w) if mode == 0 else torch.einsum("dc,sc...->sd...", p, w)
+
+    for r_in in range(1, c + 1):
+        exact = float(((w - truncated(1, r_in)) ** 2).sum()) / total
+        assert curve((r_in, s)) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+    for r_out in range(1, s + 1):
+        exact = float(((w - truncated(0, r_out)) ** 2).sum()) / total
+        assert curve((c, r_out)) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+    sv_in, sv_out = torch.linalg.svdvals(unfold(w, 1)), torch.linalg.svdvals(unfold(w, 0))
+    assert curve((2, 3)) == pytest.approx(float((sv_in[2:] ** 2).sum() + (sv_out[3:] ** 2).sum()) / total, rel=1e-9)
