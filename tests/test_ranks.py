@@ -140,3 +140,19 @@ def test_a_parameter_cap_beside_a_speed_target_is_checked_before_any_timing(monk
     with pytest.raises(AssertionError, match="timed before"):  # a cap at the model's size reaches the search
         fxlrd.plan(model, LRDConfig(target_speedup=1.5, target_params=size, latency=LatencyConfig(progress=False)),
                    example_inputs=x)  # fmt: skip
+
+
+def test_a_mode_kept_whole_is_no_bottleneck():
+    """``min_rank`` applies to the modes a decomposition cuts: a rank at its cap keeps that mode
+    whole, so a 3-channel stem's Tucker-1 (r_in = 3) is not refused by min_rank=4."""
+    from fxlrd.ranks.rules import bottleneck
+
+    assert bottleneck((3, 8), (3, 32)) == 8
+    assert bottleneck((2, 8), (3, 32)) == 2
+    assert bottleneck((3, 32), (3, 32)) is None
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1)).eval()
+    plan = fxlrd.plan(model, LRDConfig(rank_rule="fixed", rank=(3, 8), rank_quantum=1, min_rank=4))
+    lp = plan.layers["0"]
+    assert lp.decomposed and tuple(lp.ranks) == (3, 8), lp.reason
+    refused = fxlrd.plan(model, LRDConfig(rank_rule="fixed", rank=(3, 8), rank_quantum=1, min_rank=9)).layers["0"]
+    assert not refused.decomposed and "min_rank" in refused.reason
