@@ -380,3 +380,17 @@ def test_onnxruntime_timings_on_a_gpu_are_cached_under_its_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     context = OnnxRuntimeTimer(LatencyConfig(backend="onnxruntime", threads=2)).context
     assert context.startswith("NVIDIA H100 80GB HBM3|")
+
+
+def test_budget_left_over_is_spent_on_a_move_that_fills_it_exactly():
+    """Two identical layers whose costs are not whole numbers (seconds): the relaxation takes the
+    same option for both (0.5 of 1.25), and the dynamic programme, which rounds costs up, finds
+    nothing better; keeping one layer then costs exactly the budget (0.25 + 1.0 = 1.25) and must
+    still be taken, as brute force does."""
+    options = [{None: (1.0, 0.0), (1,): (0.25, 0.5)} for _ in range(2)]
+    choices, met = solve_global(options, 1.25)
+    best = min(sum(o[c][1] for o, c in zip(options, combo)) for combo in itertools.product(*[list(o) for o in options])
+               if sum(o[c][0] for o, c in zip(options, combo)) <= 1.25)  # fmt: skip
+    assert met and best == 0.5
+    assert sum(o[c][1] for o, c in zip(options, choices)) == best
+    assert sum(o[c][0] for o, c in zip(options, choices)) <= 1.25
