@@ -233,3 +233,51 @@ def test_a_norm_called_twice_is_saved_and_restored_once():
     assert gm.bn.momentum == 0.3 and torch.all(gm.bn.running_mean == 5.0) and torch.all(gm.bn.running_var == 2.0)
     reestimate_norms(gm, [torch.randn(4, 8)], which="all")
     assert gm.bn.momentum == 0.3
+
+
+# --- mutation audit: the distillation losses against their textbook formulas -------------------------
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of the softmaxes at ``temperature``, one value per row, written out."""
+    q = torch.softmax(teacher.double() / temperature, -1)
+    p = torch.softmax(student.double() / temperature, -1)
+    return (q * (q.log() - p.log())).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_kl_output_loss_is_the_teachers_kl_times_t_squared_per_sample(temperature):
+    from fxlrd.recover import output_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    want = temperature**2 * _kl_rows(s, t, temperature).sum() / 4
+    torch.testing.assert_close(output_loss(s, t, "kl", temperature), want)
+
+
+def test_kl_output_loss_of_per_token_logits_is_per_sample_with_or_without_a_mask():
+    """(batch, sequence, vocabulary) logits: the KL summed over the real tokens, divided by the
+    batch size (not the token count), so a mask changes which tokens count and not the scale:
+    an all-ones mask gives the unmasked loss."""
+    from fxlrd.recover import output_loss
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kl = _kl_rows(s, t, 1.0)  # (2, 3)
+    torch.testing.assert_close(output_loss(s, t, "kl"), kl.sum() / 2)
+    torch.testing.assert_close(output_loss(s, t, "kl", mask=torch.ones(2, 3)), kl.sum() / 2)
+    torch.testing.assert_close(output_loss(s, t, "kl", mask=mask), (kl * mask).sum() / 2)
+
+
+def test_feature_loss_is_relative_to_the_teachers_mean_square_on_real_tokens():
+    """A decomposed layer's feature term is its mean squared error over the original layer's
+    mean square (scale-free: a layer of large activations does not outweigh the others)."""
+    from fxlrd.recover import _feature_loss
+
+    g = torch.Generator().manual_seed(2)
+    t = 30 * torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    s = t + torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    d, tk = (s - t)[keep], t[keep]
+    torch.testing.assert_close(_feature_loss(s, t, None, "x"), (s - t).pow(2).mean() / t.pow(2).mean())
+    torch.testing.assert_close(_feature_loss(s, t, keep, "x"), d.pow(2).mean() / tk.pow(2).mean())
+    torch.testing.assert_close(_feature_loss(10 * s, 10 * t, keep, "x"), _feature_loss(s, t, keep, "x"))
