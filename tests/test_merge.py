@@ -455,3 +455,17 @@ def test_a_parameter_budget_merging_or_branching_leaves_unspent_is_warned_about(
     with pytest.warns(FxlrdWarning, match=r"target_params=0\.6: the model has \d+ parameters, \d+% below the budget"):
         gm = fxlrd.transform(model, LRDConfig(rank_quantum=1, target_params=0.6, **extra), example_inputs=x)
     assert fxlrd.count_params(gm) < 0.9 * 0.6 * fxlrd.count_params(model)
+
+
+@pytest.mark.parametrize("strides", [((2, 2), (2, 2)), ((1, 2), (2, 1)), ((1, 1), (3, 3))])
+def test_composed_strided_pointwise_convs_are_the_two_applied_in_turn(strides):
+    """Two 1×1 convs, each subsampling: the composed conv subsamples by the product of the
+    strides, and computes exactly what the pair does (bias of the first carried through)."""
+    from fxlrd.fusion import compose_pointwise
+
+    first = nn.Conv2d(4, 3, 1, stride=strides[0]).double()
+    second = nn.Conv2d(3, 5, 1, stride=strides[1]).double()
+    x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
+    fused = compose_pointwise(first, second)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), second(first(x)))
