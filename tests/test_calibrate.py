@@ -1450,3 +1450,33 @@ def test_all_reduce_stats_sums_the_means_and_cross_moments_once(monkeypatch):
     all_reduce_stats([s])
     torch.testing.assert_close(s.total, 2 * total)
     torch.testing.assert_close(s.cross, 2 * cross)
+
+
+def test_the_compensated_weight_is_the_layer_itself_where_the_streams_agree():
+    """``W* = W C G̃⁻¹`` with both moments shrunk alike: where the compressed model's inputs are
+    the original's (nothing compressed before the layer), ``W*`` is ``W`` however few the samples
+    (8 samples of 12 channels: strong shrinkage)."""
+    from fxlrd.calibrate import _compensated_weight
+
+    x = _correlated(8, 12, seed=4).double()
+    s = InputStats(torch.zeros(12, 12, dtype=torch.float64))
+    s.add(x, x)
+    assert s.shrinkage() > 0.1
+    w = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(_compensated_weight(w, s), w)
+
+
+def test_the_compensated_weight_is_the_least_squares_map_from_the_compressed_inputs():
+    """Plain moments (no shrinkage), many samples: ``W*`` minimises ``‖W X − W* X̃‖``, which an
+    independent least-squares solve finds."""
+    from fxlrd.calibrate import _compensated_weight
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64) + 0.5  # well conditioned: the 1e-6 ridge is invisible
+    x_c = x @ torch.randn(6, 6, generator=g, dtype=torch.float64) * 0.3 + x + 0.05 * torch.randn(400, 6, generator=g,
+                                                                                                   dtype=torch.float64)
+    s = InputStats(torch.zeros(6, 6, dtype=torch.float64), shrink=False)
+    s.add(x_c, x)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    want = torch.linalg.lstsq(x_c, x @ w.T).solution.T
+    torch.testing.assert_close(_compensated_weight(w, s), want, rtol=1e-4, atol=1e-6)
