@@ -499,3 +499,17 @@ def test_blocks_with_an_in_place_activation_are_narrowed(capture_mode):
         assert len(gm.fxlrd_plan.settings.get("narrowed") or []) == 1
         outs.append(gm(cal[0]))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_duplicated_neurons_are_dropped_exactly_with_shrinkage_on():
+    """More samples than neurons (240 > 24): the selection and its error read the plain sample
+    moments, so a copy of a kept neuron adds nothing and the reported error is 0, even with the
+    shrunk moments on for the refit (read from the shrunk moments, every copy dropped kept a
+    share of the identity it was shrunk toward: an error of 0.9 % reported for an exact block)."""
+    model = MLP(8, 24, 6, nn.ReLU()).eval()
+    with torch.no_grad():  # 8 distinct neurons, each three times
+        model.up.weight[8:] = model.up.weight[:8].repeat(2, 1)
+        model.up.bias[8:] = model.up.bias[:8].repeat(2)
+    gm, block = _narrowed(model, _cal(8), 8, shrink=True)
+    assert sorted(i % 8 for i in block.keep) == list(range(8))  # one of each distinct neuron
+    assert block.error < 1e-8
