@@ -710,15 +710,12 @@ def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:
 
     for s in stats:
         dist.all_reduce(s.gram, op=dist.ReduceOp.SUM, group=group)
-        for extra in (s.total, s.cross):  # the mean (narrowing) and the cross moments (sequential compensation)
-            if extra is not None:
-                dist.all_reduce(extra, op=dist.ReduceOp.SUM, group=group)
         count = torch.tensor([s.count], dtype=torch.float64)
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
         s.count = int(count.item())
-        if s.cross is not None:
+        if s.cross is not None:  # the cross moments (sequential compensation)
             dist.all_reduce(s.cross, op=dist.ReduceOp.SUM, group=group)
-        if s.total is None:  # every process reduces the same tensors
+        if s.total is None:  # the sum (narrowing's mean); every process reduces the same tensors
             s.total = torch.zeros(s.channels, dtype=s.gram.dtype)
         dist.all_reduce(s.total, op=dist.ReduceOp.SUM, group=group)
         s._whitening = None

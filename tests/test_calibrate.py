@@ -1436,20 +1436,18 @@ def test_all_reduce_stats_sums_grams_and_counts_over_the_processes(monkeypatch):
     torch.testing.assert_close(s.covariance(), gram / count)  # the same samples twice: the same second moments
 
 
-@pytest.mark.xfail(strict=True, reason="fxlrd/calibrate.py all_reduce_stats reduces `total` and `cross` twice "
-                                       "(once in the `for extra in (s.total, s.cross)` loop, again below it): "
-                                       "with N processes they come out N times too large")
 def test_all_reduce_stats_sums_the_means_and_cross_moments_once(monkeypatch):
     """The inputs' sums (narrowing's mean) and the cross moments (sequential compensation) are
     sums over samples like the Gram matrix: over two identical processes, twice one's."""
     from fxlrd.calibrate import all_reduce_stats
 
-    _fake_world(monkeypatch, 2)
+    reduced = _fake_world(monkeypatch, 2)
     s = _stats_with_cross()
     total, cross = s.total.clone(), s.cross.clone()
     all_reduce_stats([s])
     torch.testing.assert_close(s.total, 2 * total)
     torch.testing.assert_close(s.cross, 2 * cross)
+    assert len(reduced) == 4  # gram, count, cross, total: each once (a collective per statistic on every process)
 
 
 def test_the_compensated_weight_is_the_layer_itself_where_the_streams_agree():
