@@ -819,7 +819,10 @@ def test_apply_fits_data_aware_layers_as_the_plan_says(settings):
 
 
 # --- distributed ---------------------------------------------------------------------------------------
-def _worker(rank: int, world: int, init: str, out: str) -> None:  # pragma: no cover  (runs in a subprocess)
+_DISTRIBUTED = [{}, dict(sequential=True, mlp="narrow")]  # plain; + the inputs' sums and cross moments
+
+
+def _worker(rank: int, world: int, init: str, out: str, settings: dict) -> None:  # pragma: no cover  (a subprocess)
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -830,7 +833,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:  # pragma: no c
         shard = x[rank::world]
         # Gram matrices and counts are all-reduced; sensitivity (random projections) is off so
         # the comparison can be exact.
-        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1, sensitivity=False),
+        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1, sensitivity=False, **settings),
                              calibration=[shard[:16], shard[16:]], example_inputs=x[:2])  # fmt: skip
         torch.save({k: v.clone() for k, v in gm.state_dict().items()}, f"{out}.{rank}")
         dist.barrier()
@@ -839,16 +842,19 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:  # pragma: no c
 
 
 @pytest.mark.slow
-def test_distributed_statistics_equal_one_process_on_the_union():
+@pytest.mark.parametrize("settings", _DISTRIBUTED)
+def test_distributed_statistics_equal_one_process_on_the_union(settings):
     torch.manual_seed(0)
     model = _deep_mlp(width=16, depth=2)
     x = _correlated(64, 16, seed=3)
-    single = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1, sensitivity=False),
+    single = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1, sensitivity=False, **settings),
                              calibration=[x[0::2], x[1::2]], example_inputs=x[:2])  # fmt: skip
+    if settings.get("mlp"):
+        assert single.fxlrd_plan.settings.get("narrowed"), "nothing narrowed: the test would not see the inputs' sums"
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rendezvous')}"
         out = os.path.join(tmp, "state")
-        mp.spawn(_worker, args=(2, init, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, init, out, settings), nprocs=2, join=True)
         states = [torch.load(f"{out}.{r}") for r in range(2)]
     ref = single.state_dict()
     for state in states:
