@@ -8,7 +8,10 @@ A site is where a conv/linear layer runs in a captured graph:
   convs, the attention rewrite of `fxlrd.attention`);
 - in graphs from ``torch.export``: ``aten.linear``, ``aten.conv1d/2d/3d``, ``aten.convolution``,
   and ``aten.addmm`` / ``aten.mm`` with a weight stored transposed (GPT-2's ``Conv1D``) or
-  transposed in the graph.
+  transposed in the graph;
+- ``x @ W`` / ``x @ W.T`` (``aten.matmul``, ``torch.matmul``, ``operator.matmul``) with a 2-D
+  parameter on the right, stored ``(in, out)`` or transposed in the graph: a layer written as
+  a matrix product (Falcon's ``FalconLinear``: ``x @ self.weight.T``, its bias added apart).
 
 The planner and every pass see sites. `replace_site` puts a module in a site's place: a
 `Factorized` container at the path that owned the weight, so state-dict keys keep their
@@ -46,7 +49,8 @@ _CONV_TRANSPOSE_FUNCTIONS = {  # listed as kept (not supported), as a ConvTransp
     torch.conv_transpose3d, aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
 }  # fmt: skip
 _MM_FUNCTIONS = {aten.addmm.default: True, aten.mm.default: False, torch.addmm: True, torch.mm: False}
-_TRANSPOSES = {aten.t.default, torch.t}
+_MATMUL_FUNCTIONS = {aten.matmul.default: "aten.matmul", torch.matmul: "torch.matmul", operator.matmul: "@"}
+_TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default}
 _STANDARD_FORWARD = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 
@@ -237,7 +241,7 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         if b is not None and bp is None:
             return None
         transposed, wnode = True, mat2  # x @ W with W stored (in, out)
-        if isinstance(mat2, fx.Node) and mat2.op == "call_function" and _is_transpose(mat2):
+        if isinstance(mat2, fx.Node) and _is_transpose(mat2):
             transposed, wnode = False, mat2.args[0]
         wp = _param_path(wnode)
         if wp is None:
@@ -252,11 +256,45 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         op = name if name.startswith("aten") else f"torch.{target.__name__}"
         spec = LayerSpec("linear", in_f, out_f, (), 1, b is not None)
         return _Use(node, op, spec, wp, bp, transposed, wnode)
+    if target in _MATMUL_FUNCTIONS:  # x @ W (W stored (in, out)) or x @ W.T; a parameter on the left is no layer
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        mat2 = node.args[1]
+        transposed, wnode = True, mat2
+        if isinstance(mat2, fx.Node) and _is_transpose(mat2):
+            transposed, wnode = False, mat2.args[0]
+        wp = _param_path(wnode)
+        if wp is None:
+            return None
+        weight = _get_attr(gm, wp)
+        if weight.dim() != 2 or not isinstance(node.args[0], fx.Node):
+            return None
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        spec = LayerSpec("linear", in_f, out_f, (), 1, False)
+        return _Use(node, _MATMUL_FUNCTIONS[target], spec, wp, None, transposed, wnode)
     return None
 
 
 def _is_transpose(node: fx.Node) -> bool:
+    """Whether ``node`` transposes a matrix (its first argument, a 2-D weight where it matters):
+    ``aten.t``/``aten.numpy_T``/``aten.permute``/``aten.transpose`` in export graphs; in fx graphs
+    ``torch.t``/``torch.transpose``, the methods ``.t()``/``.transpose(0, 1)``/``.permute(1, 0)``
+    and the attribute ``.T``."""
+    if node.op == "call_method":
+        name, args = node.target, node.args[1:]
+        if name == "t" and not args:
+            return True
+        if name == "transpose" and len(args) == 2 and all(isinstance(d, int) for d in args):
+            return sorted(d % 2 for d in args) == [0, 1]
+        if name == "permute":
+            dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+            return dims in ([1, 0], [-1, -2])
+        return False
+    if node.op != "call_function":
+        return False
     if node.target in _TRANSPOSES:
+        return True
+    if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
         return True
     if node.target in (aten.permute.default,) and list(node.args[1]) in ([1, 0], [-1, -2]):
         return True
@@ -415,7 +453,7 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
             as_weight = {u.node for u in uses if u.weight_node is node}
             through_t = {u.node for u in uses if isinstance(u.weight_node, fx.Node) and u.weight_node is not node
                          and _param_path(u.weight_node) == node.target}  # fmt: skip
-            transposes = {r for r in readers if r.op == "call_function" and _is_transpose(r) and set(r.users) <= site_nodes}
+            transposes = {r for r in readers if _is_transpose(r) and set(r.users) <= site_nodes}
             if readers - as_weight - through_t - transposes - {u.node for u in uses if u.bias_path == node.target}:
                 other_reads.add(node.target)
 
@@ -537,7 +575,7 @@ def _erase_dead_reads(gm: fx.GraphModule, site: Site) -> None:
     for node in reversed(list(gm.graph.nodes)):
         if not node.users and (
             (node.op == "get_attr" and node.target in paths)
-            or (node.op == "call_function" and _is_transpose(node) and _param_path(node.args[0]) in paths)
+            or (_is_transpose(node) and _param_path(node.args[0]) in paths)
         ):
             gm.graph.erase_node(node)
 

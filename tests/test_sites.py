@@ -9,6 +9,7 @@ from torch import fx, nn
 
 import fxlrd
 from fxlrd import Factorized, LRDConfig
+from fxlrd.capture import capture as capture_graph
 from fxlrd.sites import find_sites
 
 from conftest import rel_err
@@ -365,3 +366,67 @@ def test_model_is_untouched_by_functional_decomposition():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert isinstance(model.fc, FLinear)
+
+
+# --- layers written as matrix products (Falcon's FalconLinear: x @ self.weight.T) ---------------------------------
+class _MatmulT(nn.Linear):
+    def forward(self, x):
+        return x @ self.weight.T  # FalconLinear without its bias
+
+
+class _MatmulMethodT(nn.Linear):
+    def forward(self, x):
+        return torch.matmul(x, self.weight.t()) + self.bias
+
+
+class _MatmulInOut(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(i, o) / i**0.5)  # stored (in, out): x @ w
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class _LeftParam(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(n, n))
+
+    def forward(self, x):  # mixes the tokens, not the channels: no layer of x's last dimension
+        return self.mix @ x
+
+
+def _matmul_model():
+    torch.manual_seed(0)
+    return nn.Sequential(_MatmulT(16, 24), nn.ReLU(), _MatmulMethodT(24, 16), nn.ReLU(), _MatmulInOut(16, 12),
+                         _LeftParam(5)).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_matrix_product_layers_are_sites_and_truncate_like_the_weights_svd(capture):
+    model, x = _matmul_model(), torch.randn(3, 5, 16)
+    sites = find_sites(capture_graph(model, x, mode=capture).gm)
+    found = {s.weight_path: s for s in sites.values()}
+    assert set(found) == {"0.weight", "2.weight", "4.w"}  # not 5.mix: a parameter on the left is no layer
+    assert (found["0.weight"].spec.in_channels, found["0.weight"].spec.out_channels) == (16, 24)
+    assert (found["4.w"].spec.in_channels, found["4.w"].spec.out_channels) == (16, 12)
+    assert found["4.w"].transposed_weight and not found["0.weight"].transposed_weight
+
+    full = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True), example_inputs=x,
+                           capture=capture)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), model(x), rtol=1e-5, atol=1e-6)
+    # at rank 4, each layer is its weight's rank-4 SVD truncation (computed here independently)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4, rank_quantum=1), example_inputs=x, capture=capture)
+    assert len(gm.fxlrd_plan.decomposed) == 3
+
+    def truncated(w):  # (out, in)
+        u, s, vh = torch.linalg.svd(w.detach().double())
+        return (u[:, :4] * s[:4] @ vh[:4]).float()
+
+    w0, w2, w4 = truncated(model[0].weight), truncated(model[2].weight), truncated(model[4].w.T)
+    h = torch.relu(torch.relu(x @ w0.T) @ w2.T + model[2].bias) @ w4.T
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model[5].mix @ h, rtol=1e-4, atol=1e-5)
+    assert all(not isinstance(m, Factorized) for m in model.modules())  # the user's model is untouched

@@ -617,7 +617,7 @@ def test_a_rotary_embedding_that_stores_its_frequencies_in_forward_is_captured()
 
 # --- more architectures: compressed at α = 2 they run at another shape, at full rank they reproduce ---------
 # (also passing, left out for time: RoBERTa, XLM-RoBERTa, ELECTRA, Mistral, Qwen2, Gemma, MobileViT; Falcon's layers
-# are x @ W.T matmuls that fxlrd does not find as sites yet)
+# are x @ W.T matmuls, sites since fxlrd reads matrix products with a weight)
 
 _BERTLIKE = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=72)  # fmt: skip
@@ -675,6 +675,8 @@ MORE_MODELS = {
     "opt": _text(T.OPTModel, T.OPTConfig, vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32, use_cache=False),
     "phi3": _text(T.Phi3Model, T.Phi3Config, pad_token_id=0, eos_token_id=2, bos_token_id=1, **_DECODER),
+    "falcon": _text(T.FalconModel, T.FalconConfig, vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, use_cache=False),
     "gemma2": _text(T.Gemma2Model, T.Gemma2Config, head_dim=8, sliding_window=8, **_DECODER),
     "qwen2_causal_lm": _text(T.Qwen2ForCausalLM, T.Qwen2Config, **_DECODER),
     "whisper": _whisper,
