@@ -6,7 +6,7 @@
 from . import narrow, recover, zoo
 from .api import apply, plan, transform
 from .config import LRDConfig
-from .errors import CaptureError, ConfigError, ExportMismatchError, FxlrdError, FxlrdWarning, PlanMismatchError
+from .errors import CaptureError, ConfigError, ExportError, ExportMismatchError, FxlrdError, FxlrdWarning, PlanMismatchError
 from .export import export_onnx
 from .factorized import Factorized
 from .freeze import SequentialFreezer, freeze, param_groups
@@ -42,5 +42,6 @@ __all__ = [
     "ConfigError",
     "CaptureError",
     "PlanMismatchError",
+    "ExportError",
     "ExportMismatchError",
 ]

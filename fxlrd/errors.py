@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxlrdError", "ConfigError", "CaptureError", "PlanMismatchError", "ExportMismatchError", "FxlrdWarning"]
+__all__ = ["FxlrdError", "ConfigError", "CaptureError", "PlanMismatchError", "ExportError", "ExportMismatchError", "FxlrdWarning"]
 
 
 class FxlrdError(Exception):
@@ -19,6 +19,10 @@ class CaptureError(FxlrdError, RuntimeError):
 
 class PlanMismatchError(FxlrdError, ValueError):
     """A plan does not match the model it is applied to."""
+
+
+class ExportError(FxlrdError, RuntimeError):
+    """torch.onnx could not convert the model to ONNX (nothing was written)."""
 
 
 class ExportMismatchError(FxlrdError, RuntimeError):

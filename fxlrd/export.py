@@ -7,6 +7,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._files import atomic_path
-from .errors import ConfigError, ExportMismatchError
+from .errors import ConfigError, ExportError, ExportMismatchError, FxlrdError
 from .modes import eval_mode
 
 if TYPE_CHECKING:
@@ -197,6 +198,21 @@ def _runs_at(model: nn.Module, inputs: "Args") -> bool:
     return True
 
 
+def exporter_failure(exc: BaseException) -> str:
+    """One line saying why torch.onnx failed: its exception summary's first cause when it
+    gives one (``No ONNX function found for aten.cummax ...``), else its first line; colour
+    codes stripped, at most 300 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    if "## Exception summary" in lines:
+        rest = lines[lines.index("## Exception summary") + 1 :]
+        line = re.sub(r"^<class '[\w.]*?(\w+)'>: ", r"\1: ", rest[0]) if rest else line
+    else:
+        line = f"{type(exc).__name__}: {line}"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, *, dynamic_batch: bool = True,
                      dynamic_sequence: bool = True, opset_version: int | None = None,
                      dynamic_shapes=None, widen: bool | None = None) -> None:  # fmt: skip
@@ -273,6 +289,7 @@ def export_onnx(
         ``path`` as a ``Path``.
 
     Raises:
+        ExportError: torch.onnx cannot convert the model (an operation it has no conversion for).
         ExportMismatchError: onnxruntime's outputs differ from PyTorch's by more than ``rtol``
             (or, quantized, by more than ``qtol``).
         ConfigError: ``quantize`` unknown, or calibration missing or empty; an export capture
@@ -317,8 +334,19 @@ def export_onnx(
                               "dynamic_batch=False or dynamic_sequence=False to say so)", stacklevel=2)  # fmt: skip
         outputs = [t for t in pytree.tree_leaves(expected[0]) if isinstance(t, torch.Tensor)]
         with atomic_path(path) as tmp:
-            export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
-                             opset_version=opset_version, dynamic_shapes=dynamic_shapes, widen=len(checks) > 1)  # fmt: skip
+            try:
+                export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
+                                 opset_version=opset_version, dynamic_shapes=dynamic_shapes, widen=len(checks) > 1)  # fmt: skip
+            except FxlrdError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)
+                raise ExportError(
+                    f"torch.onnx could not export {type(gm).__name__} to ONNX ({exporter_failure(exc)}); {path} was not "
+                    "written. An operation the exporter cannot convert is a limit of torch.onnx, not of the "
+                    "decomposition: if the original model fails the same way (torch.onnx.export(model, ..., dynamo=True)), "
+                    "run the compressed model in PyTorch (eager or torch.compile) instead; a shape it cannot take "
+                    "dynamic may export with dynamic_batch=False / dynamic_sequence=False"
+                ) from exc
             if opset_version is not None:
                 written = _opset(tmp)
                 if written != opset_version:

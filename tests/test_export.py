@@ -82,6 +82,29 @@ def test_failed_check_leaves_existing_file_alone(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left behind
 
 
+class _Cummax(nn.Module):  # aten.cummax: an operation torch.onnx has no conversion for
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.cummax(self.fc(x), 1).values
+
+
+def test_an_operation_the_exporter_cannot_convert_is_a_clear_error_and_the_file_survives(tmp_path):
+    """torch.onnx's own failure (pages of advice about filing a PyTorch issue) becomes an
+    `ExportError` naming the operation and the way out; the file at ``path`` is left alone."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"precious")
+    with pytest.raises(fxlrd.ExportError, match=r"torch.onnx could not export _Cummax to ONNX \(.*aten\.cummax.*\); "
+                                                r".*m\.onnx was not written.*original model fails the same way") as err:
+        fxlrd.export_onnx(_Cummax().eval(), torch.randn(2, 8, 8), path)
+    assert "\x1b[" not in str(err.value) and len(str(err.value)) < 1000  # one paragraph, no colour codes
+    assert isinstance(err.value.__cause__, Exception) and not isinstance(err.value.__cause__, fxlrd.FxlrdError)
+    assert path.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
 def test_max_relative_error():
     assert max_relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == pytest.approx(0.2)
 
