@@ -869,7 +869,8 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
         try:
             gm = _trace_fx(model, leaf_modules)
             _keep_non_persistent(original, gm)
-            return Captured(gm, "fx", "symbolic_trace succeeded", notes + _unused_parameters(model, gm))
+            return Captured(gm, "fx", "symbolic_trace succeeded",
+                            notes + _unused_parameters(model, gm) + _unseen_layers(model, gm))  # fmt: skip
         except Exception as exc:  # noqa: BLE001  (any tracing failure is reported the same way)
             fx_error = exc
             if mode == "fx":
@@ -889,7 +890,8 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
     _keep_non_persistent(original, gm)
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
-    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm), training=model.training,
+    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm) + _unseen_layers(model, gm),
+                    training=model.training,
                     dynamic_shapes_given=dynamic_shapes is not None)
 
 
@@ -929,6 +931,22 @@ def warn_dynamic_shapes(recorded: Mapping[str, Any], given: Any, how: str) -> No
         warnings.warn(f"the model was captured with dynamic_shapes=... of its own, which a plan does not record: pass "
                       f"them again ({how}), or the graph has fxlrd's dynamic batch and token sequence only",
                       FxlrdWarning, stacklevel=3)  # fmt: skip
+
+
+def _unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """A note, and a warning, when Linear/conv modules' weights are read by operations that are
+    not layer sites (`fxlrd.sites.unseen_layers`): those layers are kept whole."""
+    from .sites import unseen_layers
+
+    unseen = unseen_layers(model, gm)
+    if not unseen:
+        return []
+    shown = ", ".join(f"{path} (read by {op})" for path, op in unseen[:3]) + (", ..." if len(unseen) > 3 else "")
+    which = "1 Linear/conv module's weight is" if len(unseen) == 1 else f"{len(unseen)} Linear/conv modules' weights are"
+    message = (f"{which} read by operations fxlrd does not take as layers: {shown}; kept whole. To decompose such a "
+               "layer, compute it with F.linear / F.conv*d, an nn.Linear/nn.Conv*d forward, or x @ W.T")  # fmt: skip
+    warnings.warn(message, FxlrdWarning, stacklevel=4)
+    return [message]
 
 
 def _unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:

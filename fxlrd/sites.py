@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from .factorized import ROLES, Factorized, LayerSpec, layer_spec
 
-__all__ = ["Site", "find_sites", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
+__all__ = ["Site", "find_sites", "unseen_layers", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
 
 aten = torch.ops.aten
 
@@ -417,6 +417,30 @@ def computed_weight_layers(gm: fx.GraphModule) -> int:
         weight = _arg(node, 1, "weight")
         count += isinstance(weight, fx.Node) and _param_path(weight) is None
     return count
+
+
+def unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """The ``nn.Linear``/conv modules of ``model`` whose weight ``gm`` reads, at its top level,
+    other than as a layer site: ``(weight path, the operation reading it)``. A subclass whose
+    forward computes with its weight in a form fxlrd does not read as a layer (an
+    ``einsum``, a ``bmm``) would otherwise be kept whole without a word."""
+    read_as_layer = {site.weight_path for site in find_sites(gm).values()}
+    reads = {node.target: node for node in gm.graph.nodes if node.op == "get_attr"}
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or "weight" not in module._parameters:
+            continue
+        path = f"{name}.weight" if name else "weight"
+        node = reads.get(path)
+        if node is None or path in read_as_layer:
+            continue
+        users = [u for u in node.users if not isinstance(u.target, torch._ops.HigherOrderOperator)]  # regions: noted apart
+        users = [v for u in users for v in (u.users if _is_transpose(u) else [u])]
+        if users:
+            target = users[0].target
+            op = str(target) if isinstance(target, (str, torch._ops.OpOverload)) else getattr(target, "__name__", str(target))
+            out.append((path, op))
+    return out
 
 
 def find_sites(gm: fx.GraphModule) -> dict[str, Site]:

@@ -430,3 +430,24 @@ def test_matrix_product_layers_are_sites_and_truncate_like_the_weights_svd(captu
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model[5].mix @ h, rtol=1e-4, atol=1e-5)
     assert all(not isinstance(m, Factorized) for m in model.modules())  # the user's model is untouched
+
+
+class _Einsum(nn.Linear):
+    def forward(self, x):  # a layer fxlrd cannot read as one
+        return torch.einsum("...i,oi->...o", x, self.weight) + self.bias
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_layer_module_whose_weight_no_site_reads_is_named_not_silently_kept(capture):
+    """A Linear subclass computing with its weight in a form that is no layer site (an einsum)
+    used to be kept whole without a word (Falcon's matmuls were, the whole model at 1.00x)."""
+    from fxlrd.sites import unseen_layers
+
+    model, x = nn.Sequential(_Einsum(16, 16), nn.ReLU(), nn.Linear(16, 8), _MatmulT(8, 8)).eval(), torch.randn(2, 16)
+    with pytest.warns(fxlrd.FxlrdWarning, match=r"1 Linear/conv module's weight is read by operations fxlrd does not "
+                                                 r"take as layers: 0\.weight \(read by .*einsum.*\); kept whole"):
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x, capture=capture)
+    assert any("0.weight (read by" in note for note in gm.fxlrd_capture["notes"])
+    assert [lp.name for lp in gm.fxlrd_plan.decomposed] == ["2", "3.weight_lrd" if capture == "export" else "3"]
+    assert unseen_layers(model, capture_graph(model.eval(), x, mode=capture).gm) == [
+        ("0.weight", "einsum" if capture == "fx" else "aten.einsum.default")]  # fmt: skip
