@@ -869,12 +869,13 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
         try:
             gm = _trace_fx(model, leaf_modules)
             _keep_non_persistent(original, gm)
-            return Captured(gm, "fx", "symbolic_trace succeeded",
-                            notes + _unused_parameters(model, gm) + _unseen_layers(model, gm))  # fmt: skip
         except Exception as exc:  # noqa: BLE001  (any tracing failure is reported the same way)
             fx_error = exc
             if mode == "fx":
                 raise CaptureError(_fx_message(model, exc)) from exc
+        else:  # (notes outside the try: a warning turned into an error is not a tracing failure)
+            return Captured(gm, "fx", "symbolic_trace succeeded",
+                            notes + _unused_parameters(model, gm) + _unseen_layers(model, gm))  # fmt: skip
     if inputs is None:
         raise CaptureError(
             _fx_message(model, fx_error)

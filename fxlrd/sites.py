@@ -50,7 +50,7 @@ _CONV_TRANSPOSE_FUNCTIONS = {  # listed as kept (not supported), as a ConvTransp
 }  # fmt: skip
 _MM_FUNCTIONS = {aten.addmm.default: True, aten.mm.default: False, torch.addmm: True, torch.mm: False}
 _MATMUL_FUNCTIONS = {aten.matmul.default: "aten.matmul", torch.matmul: "torch.matmul", operator.matmul: "@"}
-_TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default}
+_TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default, aten.mT.default}
 _STANDARD_FORWARD = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 
@@ -264,7 +264,7 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         if isinstance(mat2, fx.Node) and _is_transpose(mat2):
             transposed, wnode = False, mat2.args[0]
         wp = _param_path(wnode)
-        if wp is None:
+        if wp is None or not _is_param(gm, wp):  # a buffer or constant (a fixed Hadamard, a filterbank) is no layer
             return None
         weight = _get_attr(gm, wp)
         if weight.dim() != 2 or not isinstance(node.args[0], fx.Node):
@@ -272,6 +272,17 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         spec = LayerSpec("linear", in_f, out_f, (), 1, False)
         return _Use(node, _MATMUL_FUNCTIONS[target], spec, wp, None, transposed, wnode)
+    return None
+
+
+def _weight_operand(node: fx.Node) -> Any:
+    """The operand of a matrix-product site that holds its weight (``mat2``); None for others."""
+    if node.op != "call_function":
+        return None
+    if node.target in _MM_FUNCTIONS:
+        return node.args[2] if _MM_FUNCTIONS[node.target] else node.args[1]
+    if node.target in _MATMUL_FUNCTIONS:
+        return node.args[1] if len(node.args) > 1 else None
     return None
 
 
@@ -436,6 +447,7 @@ def unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, str]]
             continue
         users = [u for u in node.users if not isinstance(u.target, torch._ops.HigherOrderOperator)]  # regions: noted apart
         users = [v for u in users for v in (u.users if _is_transpose(u) else [u])]
+        users = [u for u in users if u.target is not getattr]  # its dtype, shape or device read: no computation
         if users:
             target = users[0].target
             op = str(target) if isinstance(target, (str, torch._ops.OpOverload)) else getattr(target, "__name__", str(target))
@@ -477,7 +489,8 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
             as_weight = {u.node for u in uses if u.weight_node is node}
             through_t = {u.node for u in uses if isinstance(u.weight_node, fx.Node) and u.weight_node is not node
                          and _param_path(u.weight_node) == node.target}  # fmt: skip
-            transposes = {r for r in readers if _is_transpose(r) and set(r.users) <= site_nodes}
+            transposes = {r for r in readers if _is_transpose(r) and r.users
+                          and all(u in site_nodes and _weight_operand(u) is r for u in r.users)}  # fmt: skip
             if readers - as_weight - through_t - transposes - {u.node for u in uses if u.bias_path == node.target}:
                 other_reads.add(node.target)
 

@@ -449,5 +449,69 @@ def test_a_layer_module_whose_weight_no_site_reads_is_named_not_silently_kept(ca
         gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x, capture=capture)
     assert any("0.weight (read by" in note for note in gm.fxlrd_capture["notes"])
     assert [lp.name for lp in gm.fxlrd_plan.decomposed] == ["2", "3.weight_lrd" if capture == "export" else "3"]
-    assert unseen_layers(model, capture_graph(model.eval(), x, mode=capture).gm) == [
+    with pytest.warns(fxlrd.FxlrdWarning):
+        captured = capture_graph(model.eval(), x, mode=capture)
+    assert unseen_layers(model, captured.gm) == [
         ("0.weight", "einsum" if capture == "fx" else "aten.einsum.default")]  # fmt: skip
+
+
+class _TransposeAsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.B = nn.Linear(8, 8), nn.Parameter(torch.randn(8, 8))
+        self.W = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):  # fc's weight, transposed, is the *input* of a product; W's Gram matrix
+        return self.fc(x) + (self.fc.weight.T @ self.B).sum() + (self.W.T @ self.W).trace()
+
+
+class _MatmulForms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+        self.register_buffer("rot", torch.linalg.qr(torch.randn(8, 8))[0])  # a fixed transform, no layer
+
+    def forward(self, x):
+        return ((x @ self.a.mT) @ self.b.permute(1, 0)) @ self.rot
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_matrix_product_sites_only_where_a_parameter_is_the_weight_operand(capture):
+    """A weight transposed as the *input* of a product is read outside its layer (kept as tied;
+    the model used to crash once its parameter was gone); `.mT` and `.permute(1, 0)` are
+    transposes in both capture modes; a buffer on the right stays a buffer."""
+    x = torch.randn(3, 8)
+    model = _TransposeAsInput().eval()
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x, capture=capture)
+    assert "tied" in gm.fxlrd_plan.layers["fc"].reason
+    with torch.no_grad():
+        assert torch.isfinite(gm(x)).all()
+
+    model = _MatmulForms().eval()
+    full = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True), example_inputs=x,
+                           capture=capture)  # fmt: skip
+    assert sorted(lp.name for lp in full.fxlrd_plan.decomposed) == ["a_lrd", "b_lrd"]
+    assert "rot" in dict(full.named_buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _ReadsDtype(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x.to(self.fc.weight.dtype))  # fx records the attribute read: no computation with the weight
+
+
+def test_unseen_layer_warning_fires_on_computation_only_and_stays_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxlrd.FxlrdWarning)
+        fxlrd.transform(_ReadsDtype().eval(), LRDConfig(ratio=2), example_inputs=torch.randn(2, 8), capture="fx")
+        # turned into an error, the warning is itself, not a failed trace (a CaptureError, or a fall back to export)
+        model = nn.Sequential(_Einsum(16, 16)).eval()
+        with pytest.raises(fxlrd.FxlrdWarning, match="read by einsum"):
+            fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(2, 16), capture="auto")
