@@ -204,12 +204,11 @@ def exporter_failure(exc: BaseException) -> str:
     codes stripped, at most 300 characters."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    if "## Exception summary" in lines:
-        rest = lines[lines.index("## Exception summary") + 1 :]
-        line = re.sub(r"^<class '[\w.]*?(\w+)'>: ", r"\1: ", rest[0]) if rest else line
+    summary = lines[lines.index("## Exception summary") + 1 :] if "## Exception summary" in lines else []
+    if summary:
+        line = re.sub(r"^<class '[\w.]*?(\w+)'>: ", r"\1: ", summary[0])
     else:
-        line = f"{type(exc).__name__}: {line}"
+        line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return line if len(line) <= 300 else line[:297] + "..."
 
 

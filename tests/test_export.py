@@ -105,6 +105,17 @@ def test_an_operation_the_exporter_cannot_convert_is_a_clear_error_and_the_file_
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+def test_exporter_failure_is_one_line_whatever_the_message():
+    from fxlrd.export import exporter_failure
+
+    assert exporter_failure(RuntimeError("")) == "RuntimeError"
+    assert exporter_failure(RuntimeError("first\nsecond")) == "RuntimeError: first"
+    assert exporter_failure(RuntimeError("Failed.\n\n## Exception summary\n")) == "RuntimeError: Failed."
+    summary = "Failed \x1b[96mstep 3\x1b[0m.\n## Exception summary\n<class 'torch.onnx.X.DispatchError'>: No function"
+    assert exporter_failure(RuntimeError(summary)) == "DispatchError: No function"
+    assert len(exporter_failure(RuntimeError("x" * 1000))) == 300
+
+
 def test_max_relative_error():
     assert max_relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == pytest.approx(0.2)
 
