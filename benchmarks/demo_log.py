@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wall-s", type=float, default=None, help="the whole demo's wall-clock seconds")
     parser.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.report.is_file():
+        parser.error(f"no report at {args.report}: run make demo (fxlrd compress ... --report) first")
     line = record(json.loads(args.report.read_text()), args.wall_s)
     log, table = args.results / LOG.name, args.results / TABLE.name
     append(log, line)
