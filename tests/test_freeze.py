@@ -218,3 +218,17 @@ def test_sequential_freezing_under_ddp_keeps_ranks_identical():
 def _small_state():
     torch.manual_seed(0)
     return _small().state_dict()
+
+
+def test_freezing_drops_the_gradients_of_the_factors_it_freezes():
+    """(mutation audit) a factor frozen by a policy loses its ``.grad``: an optimizer stepping
+    its groups would otherwise keep applying that stale gradient (momentum, weight decay)."""
+    gm = _small()
+    gm(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    assert all(p.grad is not None for p in gm.parameters())
+    fxlrd.freeze(gm, "paper")
+    frozen = [p for _, (_, m) in _factors(gm).items() for p in m.parameters() if not p.requires_grad]
+    trainable = [p for _, (_, m) in _factors(gm).items() for p in m.parameters() if p.requires_grad]
+    assert frozen and trainable
+    assert all(p.grad is None for p in frozen)
+    assert all(p.grad is not None for p in trainable)  # only the frozen ones lose theirs

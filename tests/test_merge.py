@@ -469,3 +469,61 @@ def test_composed_strided_pointwise_convs_are_the_two_applied_in_turn(strides):
     fused = compose_pointwise(first, second)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), second(first(x)))
+
+
+@pytest.mark.parametrize("mode", ["approximate", "exact"])
+def test_param_groups_put_merged_layers_with_the_trainable_factors(mode):
+    """(mutation audit) `param_groups` groups by the paper's policy, under which a merged layer
+    trains: its parameters are never in ``factors_frozen``; a merged layer in a factor slot is
+    in ``factors_trainable``, exactly the factors ``freeze(gm, "paper")`` leaves trainable."""
+    model = _Bottleneck(act=mode == "approximate").eval()
+    x = torch.randn(2, 16, 9, 9)
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1, merge=mode), example_inputs=x)
+    merged = {id(p) for m in gm.modules() if hasattr(m, "fxlrd_merge") for p in m.parameters()}
+    assert merged
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in fxlrd.param_groups(gm)}
+    assert not merged & groups.get("factors_frozen", set())  # a merge in a factor slot, or a plain layer's (other)
+    assert merged <= groups["factors_trainable"] | groups["other"] and merged & groups["factors_trainable"]
+    fxlrd.freeze(gm, "paper")
+    factors = [m for m in gm.modules() if isinstance(m, fxlrd.Factorized)]
+    trainable = {id(p) for m in factors for p in m.parameters() if p.requires_grad}
+    assert groups["factors_trainable"] == trainable
+
+
+def test_an_approximate_merge_keeps_the_norms_eps_and_momentum():
+    """(mutation audit) the norm moved to the merged layer's narrow side is a new one, but of
+    the same kind: the eps and momentum the model's norm had."""
+
+    class WithEps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(16, 64, 1)
+            self.bn = nn.BatchNorm2d(64, eps=1e-2, momentum=0.3)
+            self.act = nn.ReLU()
+            self.b = nn.Conv2d(64, 48, 1)
+
+        def forward(self, x):
+            return self.b(self.act(self.bn(self.a(x))))
+
+    gm = fxlrd.transform(WithEps().eval(), LRDConfig(include=["b"], rank_rule="fixed", rank=12, rank_quantum=1))
+    gm = MergePass("approximate")(gm).graph_module
+    bn = gm.get_submodule("bn")
+    assert bn.num_features == 12 and getattr(bn, "fxlrd_moved", False)
+    assert (bn.eps, bn.momentum) == (1e-2, 0.3)
+
+
+def test_a_sequential_freezer_trains_merged_layers_in_every_phase():
+    """(mutation audit) as under the paper's policy, a merged layer (a factor slot holding a
+    neighbouring layer) trains in each phase of a `SequentialFreezer`; the other factors alternate."""
+    model = _Bottleneck(act=True).eval()
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1, merge="approximate"),
+                         example_inputs=torch.randn(2, 16, 9, 9))  # fmt: skip
+    merged = [m for m in gm.modules() if hasattr(m, "fxlrd_merge")]
+    assert merged
+    freezer = fxlrd.SequentialFreezer(gm, period=1)
+    flags = []
+    for _ in range(2):
+        assert all(p.requires_grad for m in merged for p in m.parameters())
+        flags.append({n: p.requires_grad for n, p in gm.named_parameters()})
+        freezer.step()
+    assert flags[0] != flags[1]
