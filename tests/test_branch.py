@@ -1,5 +1,7 @@
 """Branched Tucker: grouped cores equal explicit branches; BTD beats truncation."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +132,30 @@ def test_branches_of_a_data_aware_layer_are_fitted_to_its_output_on_the_data():
     data_aware = fxlrd.transform(model, config, example_inputs=batches[0], calibration=batches)
     assert data_aware.get_submodule("0").core.groups == 2
     assert output_error(data_aware) < 0.85 * output_error(data_free)
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    {"dilation": 2, "padding": 2},
+    {"padding": 1, "padding_mode": "circular"},
+    {"stride": 2, "dilation": (1, 2), "padding": (1, 2), "padding_mode": "reflect"},
+])
+def test_truncated_branches_are_the_tucker_layer_with_its_off_diagonal_core_blocks_zeroed(conv_kwargs):
+    """(mutation audit) ``init="truncate"`` keeps the core's diagonal blocks: the branched layer
+    computes what the unbranched Tucker layer computes with the off-diagonal blocks of its core
+    set to zero, for any stride, padding, dilation and padding mode of the core."""
+    conv = nn.Conv2d(12, 16, 3, bias=True, **conv_kwargs)
+    gm = fxlrd.transform(nn.Sequential(conv), LRDConfig(rank_rule="fixed", rank=(8, 6), rank_quantum=1))
+    x = torch.randn(2, 12, 11, 11)
+    fact = gm.get_submodule("0")
+    reference = copy.deepcopy(fact)
+    with torch.no_grad():
+        w = reference.core.weight  # (r2=6, r1=8, k, k) in 2 branches: blocks of (3, 4)
+        mask = torch.zeros_like(w)
+        mask[:3, :4] = mask[3:, 4:] = 1
+        w.mul_(mask)
+        want = reference(x)
+    gm = BranchPass(branches=2, init="truncate")(gm).graph_module
+    core = gm.get_submodule("0.core")
+    assert core.groups == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
