@@ -437,3 +437,20 @@ def test_is_causal_with_only_a_padding_mask_is_causal(need_weights):
         want, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
         got, _ = ours(x, x, x, key_padding_mask=pad, is_causal=True, need_weights=need_weights)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_dropout_acts_in_training_mode_only(layout, need_weights):
+    """(mutation audit) an attention with dropout computes torch's eval-mode result in eval
+    mode (no dropout, on either path: the explicit softmax or scaled_dot_product_attention),
+    and drops attention weights in training mode."""
+    mha = nn.MultiheadAttention(E, H, dropout=0.5, batch_first=True).eval()
+    ours = MultiheadAttention.from_torch(mha, layout).eval()
+    x = torch.randn(N, L, E)
+    _check(mha, ours, x, x, x, need_weights=need_weights)
+    ours.train()
+    with torch.no_grad():
+        a, _ = ours(x, x, x, need_weights=need_weights)
+        b, _ = ours(x, x, x, need_weights=need_weights)
+    assert not torch.allclose(a, b)

@@ -515,3 +515,67 @@ def test_unseen_layer_warning_fires_on_computation_only_and_stays_a_warning():
         model = nn.Sequential(_Einsum(16, 16)).eval()
         with pytest.raises(fxlrd.FxlrdWarning, match="read by einsum"):
             fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(2, 16), capture="auto")
+
+
+# --- (mutation audit) convolution arguments read from the graph -------------------------------------
+
+
+class AtenConvolution(nn.Module):
+    """A conv written as ``aten.convolution`` (what some decompositions leave): padding and
+    dilation are separate positional arguments of different effect."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 4, 3, 3) / 6)
+        self.bias = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return torch.ops.aten.convolution.default(x, self.weight, self.bias, [2, 1], [1, 3], [2, 3], False, [0, 0], 1)
+
+
+def test_aten_convolution_site_reads_stride_padding_and_dilation_in_place():
+    model = nn.Sequential(AtenConvolution()).eval()
+    spec = find_sites(fx.symbolic_trace(model))["0"].spec
+    assert (spec.stride, spec.padding, spec.dilation) == ((2, 1), (1, 3), (2, 3))
+    x = torch.randn(2, 4, 11, 12)
+    gm = fxlrd.transform(model, FULL)
+    assert gm.fxlrd_plan["0"].decomposed
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+def test_functional_grouped_conv_with_keyword_arguments_reproduces():
+    """``F.conv2d(x, w, b, groups=2, dilation=2, padding=2)``: keyword arguments count as positional ones."""
+    layer = FunctionalLayer(torch.randn(8, 3, 3, 3), torch.randn(8), F.conv2d, groups=2, dilation=2, padding=2)
+    model = nn.Sequential(layer).eval()
+    spec = find_sites(fx.symbolic_trace(model))["0"].spec
+    assert (spec.in_channels, spec.out_channels, spec.groups, spec.dilation, spec.padding) == (6, 8, 2, (2, 2), (2, 2))
+    x = torch.randn(2, 6, 9, 9)
+    gm = fxlrd.transform(model, FULL)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+class ScaledAddmm(nn.Module):
+    """``addmm`` with a weight stored (in, out), as GPT-2's ``Conv1D``; with ``alpha``/``beta``
+    it is not a linear layer's ``x @ W + b``."""
+
+    def __init__(self, **scales):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 6))
+        self.bias = nn.Parameter(torch.randn(6))
+        self.scales = scales
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight, **self.scales)
+
+
+@pytest.mark.parametrize("scales", [{}, {"alpha": 2.0}, {"beta": 0.5}])
+def test_scaled_addmm_is_no_linear_site_and_the_model_is_unchanged(scales):
+    model = nn.Sequential(ScaledAddmm(**scales)).eval()
+    x = torch.randn(3, 5)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=2))
+    assert any(isinstance(m, Factorized) for m in gm.modules()) == (not scales)  # unscaled: a linear site
+    if scales:
+        with torch.no_grad():
+            assert rel_err(gm(x), model(x)) <= 1e-6
