@@ -744,3 +744,66 @@ def test_an_export_retried_without_the_cache_reports_its_own_failure():
     with pytest.raises(CaptureError, match="ValueError: the second failure") as info:
         fxlrd.transform(Net().eval(), example_inputs=torch.randn(2, 4), capture="export")
     assert "DynamicCache" not in str(info.value)
+
+
+def test_a_size_check_admits_both_bounds_of_its_range():
+    """(mutation audit) the range a size check holds for is closed: sizes at either bound run."""
+    from fxlrd.capture import check_size
+
+    for size in (2, 3, 4):
+        check_size(torch.zeros(size, 3), 0, 2, 4, "x")
+    check_size(torch.zeros(3, 1000), 1, 3, None, "x")
+    for size in (1, 5):
+        with pytest.raises(ValueError, match=f"input 'x' has size {size} in dimension 0"):
+            check_size(torch.zeros(size, 3), 0, 2, 4, "x")
+
+
+class _SmallBatchesOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) if x.shape[0] <= 4 else self.c(h)
+
+
+def test_an_upper_size_bound_export_took_runs_at_the_bound_and_refuses_beyond():
+    """(mutation audit) export bounds the batch to at most 4 (the branch it took): batch 4 runs
+    the captured graph, batch 5 is refused."""
+    torch.manual_seed(0)
+    model = _SmallBatchesOnly().eval()
+    gm = fxlrd.transform(model, FULL, example_inputs=torch.randn(3, 16))
+    x = torch.randn(4, 16)
+    assert rel_err(gm(x), model(x)) <= 1e-5
+    with pytest.raises(ValueError, match="input 'x' has size 5 in dimension 0"):
+        gm(torch.randn(5, 16))
+
+
+def test_only_inputs_of_the_batch_get_a_dynamic_sequence_beside_the_tokens():
+    """(mutation audit) dimension 1 of a float input is the sequence when it has a token
+    length and the input is one of the batch's (batch, sequence, ...) inputs; a table of
+    another first size that happens to be as long as the tokens (a (5, 8) bias) stays static."""
+    from torch.export import Dim
+
+    from fxlrd.capture import dynamic_spec
+
+    assert dynamic_spec(torch.zeros(2, 8, dtype=torch.long), 2, {8}) == {0: Dim.AUTO, 1: Dim.AUTO}
+    assert dynamic_spec(torch.zeros(2, 8, 16), 2, {8}) == {0: Dim.AUTO, 1: Dim.AUTO}
+    assert dynamic_spec(torch.zeros(2, 3, 16), 2, {8}) == {0: Dim.AUTO}
+    assert dynamic_spec(torch.zeros(5, 8), 2, {8}) is None
+    assert dynamic_spec(torch.zeros(5, 8), None, {8}) == {1: Dim.AUTO}  # no batch known: any (., L) input
+
+
+def test_widening_a_sequence_of_one_leaves_inputs_of_another_batch_alone():
+    """(mutation audit) export specializes size-1 dimensions, so a token sequence of length 1
+    is repeated to 2; only the batch's inputs are widened, not a (3, 1) table beside them."""
+    from fxlrd.capture import _widen
+
+    ids, mask, table = torch.tensor([[5], [7]]), torch.ones(2, 1), torch.arange(3.0)[:, None]
+    (args, kwargs) = _widen(((ids, table), {"attention_mask": mask}), 1, 1, 2)
+    assert torch.equal(args[0], torch.tensor([[5, 5], [7, 7]]))
+    assert torch.equal(kwargs["attention_mask"], torch.ones(2, 2))
+    assert torch.equal(args[1], table)
+    (args, _) = _widen(((torch.zeros(1, 4), table), {}), 0, 1, None)  # the batch: every input of batch 1
+    assert args[0].shape == (2, 4) and torch.equal(args[1], table)

@@ -284,3 +284,45 @@ def test_a_bfloat16_model_onnxruntime_cannot_load_gets_a_clear_error(tmp_path):
     assert not path.exists()
     fxlrd.export_onnx(gm.float(), x.float(), path)
     assert path.exists()
+
+
+def test_onnx_feed_matches_inputs_by_name_whatever_their_order():
+    """(mutation audit) a session's inputs are fed by name when the names are the inputs'
+    (a dict of keyword inputs in another order than the file's), else in order."""
+    from types import SimpleNamespace
+
+    from fxlrd.export import onnx_feed
+
+    session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n) for n in ("input_ids", "attention_mask")])
+    ids, mask = torch.arange(6).reshape(2, 3), torch.ones(2, 3, dtype=torch.long)
+    feed = onnx_feed(session, ((), {"attention_mask": mask, "input_ids": ids}))
+    assert list(feed) == ["input_ids", "attention_mask"]
+    assert np.array_equal(feed["input_ids"], ids.numpy()) and np.array_equal(feed["attention_mask"], mask.numpy())
+    renamed = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n) for n in ("x", "y")])
+    feed = onnx_feed(renamed, ((ids, mask), {}))  # names the file chose: in order
+    assert np.array_equal(feed["x"], ids.numpy()) and np.array_equal(feed["y"], mask.numpy())
+
+
+def test_max_relative_error_is_relative_to_the_expected_outputs_scale():
+    """(mutation audit) ``max|a - e| / max|e|`` over the finite values; -inf where both are -inf
+    is agreement, -inf in one only is an infinite error."""
+    e = np.array([[1.0, -4.0], [2.0, -np.inf]])
+    a = np.array([[1.0, -4.0], [10.0, -np.inf]])
+    assert max_relative_error(a, e) == pytest.approx(8.0 / 4.0)
+    assert max_relative_error(e, a) == pytest.approx(8.0 / 10.0)
+    assert max_relative_error(np.where(np.isinf(e), 0.0, e), e) == float("inf")
+    assert max_relative_error(np.array([1.0, np.inf]), np.array([1.0, 2.0])) == float("inf")
+    assert max_relative_error(np.zeros(3), np.zeros(3)) == 0.0
+
+
+def test_onnx_input_names_are_input_alone_else_numbered_and_keyword_names():
+    """(mutation audit) the file's input names: ``input`` for a lone positional tensor,
+    ``input_i`` for positional tensors beside others (keyword ones included), keyword names as given."""
+    from fxlrd.export import _input_names
+
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    assert _input_names(((x,), {})) == ["input"]
+    assert _input_names(((x, m), {})) == ["input_0", "input_1"]
+    assert _input_names(((x,), {"attention_mask": m})) == ["input_0", "attention_mask"]
+    assert _input_names(((x, 0.5), {"flag": True, "mask": m})) == ["input_0", "mask"]  # tensors only
+    assert _input_names(((), {"input_ids": x, "attention_mask": m})) == ["input_ids", "attention_mask"]
