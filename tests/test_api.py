@@ -553,3 +553,18 @@ def test_a_plan_file_that_is_not_text_is_named(tmp_path):
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(PlanMismatchError, match="plan.json is not a plan: it is not UTF-8 text"):
         Plan.from_json(path)
+
+
+def test_macs_and_parameters_are_the_textbook_counts():
+    """(mutation audit) a multiply-accumulate is one, not two FLOPs; a tied weight counts once."""
+    from fxlrd.metrics import layer_macs
+
+    conv, fc = nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.Linear(10, 6)
+    assert layer_macs(conv, (2, 4, 6, 6)) == 2 * 8 * 3 * 3 * (4 * 3 * 3)  # batch · out · positions · (in · k · k)
+    assert layer_macs(fc, (5, 10)) == 5 * 6 * 10
+    assert layer_macs(nn.Conv2d(4, 8, 3, groups=2), (1, 4, 5, 5)) == 8 * 9 * (2 * 3 * 3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    assert fxlrd.count_macs(model, torch.randn(3, 3, 4)) == 3 * 10 * 12
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight
+    assert fxlrd.count_params(nn.Sequential(a, b)) == 64 + 8 + 8

@@ -687,3 +687,57 @@ def test_the_dtype_check_of_a_load_leaves_the_norms_statistics_alone(tmp_path):
         loaded = fxlrd.load(copy.deepcopy(model), path)
     for (name, a), b in zip(gm.named_buffers(), loaded.buffers()):
         assert torch.equal(a, b), name
+
+
+def test_tensors_that_are_views_of_one_storage_at_other_offsets_are_no_ties(tmp_path):
+    """(mutation audit) two state-dict entries are one tensor only when they share storage,
+    offset, shape and strides: two rows of one buffer (same storage, shape and strides, other
+    offsets) are saved apart, and load with their own values."""
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            base = torch.randn(2, 8)
+            self.register_buffer("scale", base[0])
+            self.register_buffer("shift", base[1])
+
+        def forward(self, x):
+            return self.fc(x) * self.scale + self.shift
+
+    model = Rows().eval()
+    x = torch.randn(3, 8)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=x)
+    path = fxlrd.save(gm, tmp_path / "s")
+    assert not json.loads((path / "metadata.json").read_text()).get("aliases")
+    loaded = fxlrd.load(model, path)
+    assert_bitwise(gm, loaded)
+    assert not torch.equal(loaded.get_buffer("scale"), loaded.get_buffer("shift"))
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+
+
+def test_a_save_with_a_tensor_the_model_lacks_is_a_plan_mismatch_naming_it(tmp_path):
+    """(mutation audit) a saved tensor the rebuilt model has no place for is named as such
+    (not a bare load_state_dict error), and the model given is not changed."""
+
+    class Net(nn.Module):
+        def __init__(self, extra: bool):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            if extra:
+                self.register_buffer("offset", torch.randn(8))
+            self.extra = extra
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y + self.offset if self.extra else y
+
+    x = torch.randn(2, 8)
+    path = fxlrd.save(fxlrd.transform(Net(True).eval(), LRDConfig(rank_rule="fixed", rank=4), example_inputs=x),
+                      tmp_path / "s")  # fmt: skip
+    other = Net(False).eval()
+    before = _state(other)
+    with pytest.raises(PlanMismatchError, match=r"1 saved but not in the model \(offset\)"):
+        fxlrd.load(other, path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

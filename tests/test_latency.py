@@ -236,3 +236,50 @@ def test_cached_timings_that_are_not_seconds_are_measured_again(tmp_path):
     with pytest.warns(UserWarning, match="3 timings are not finite seconds >= 0"):
         cache = LatencyCache(path)
     assert cache.get("ok") == 0.5 and cache.get("nan") is None and cache.get("neg") is None
+
+
+# --- (mutation audit) keys, vector widths and medians ------------------------------------------------
+
+
+def test_a_layer_in_another_dtype_has_another_cache_key(tmp_path):
+    """A module's repr names no dtype: the key must, or a bfloat16 layer would be given the
+    float32 layer's cached time (the torch backends time a layer in its own dtype)."""
+    from fxlrd.ranks.search import RankSearcher
+
+    searcher = RankSearcher(LatencyConfig(backend="eager", threads=1, cache_path=tmp_path / "c.json", progress=False))
+    layer = nn.Linear(8, 8)
+    keys = {searcher._key(layer.to(dtype), (2, 8)) for dtype in (torch.float32, torch.bfloat16, torch.float64)}
+    assert len(keys) == 3
+
+
+def test_rank_quantum_is_the_vector_width_in_float32_lanes():
+    from fxlrd.timing import cpu_vector_extensions, default_rank_quantum
+
+    assert default_rank_quantum(["AVX2", "AVX-512F"]) == 16
+    assert default_rank_quantum(["AVX2"]) == 8
+    assert default_rank_quantum(["NEON"]) == default_rank_quantum([]) == 4
+    cpuinfo = "processor : 0\nflags : fpu sse avx2 fma\nprocessor : 1\nflags : fpu sse avx2 avx512f fma\n"
+    assert cpu_vector_extensions(cpuinfo) == ["AVX2"]  # the first CPU's flags
+    assert cpu_vector_extensions("Features : fp asimd sve\n") == ["NEON", "SVE"]
+
+
+def test_median_times_takes_turns_after_warmup_and_reports_the_median(monkeypatch):
+    """With a fake clock: each call of a variant lasts what its list says; the warm-up calls
+    are not timed, the variants take turns, and the median (not the mean) is reported."""
+    import fxlrd.timing as timing
+
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    durations = {"a": iter([100.0, 100.0, 1.0, 2.0, 30.0]), "b": iter([100.0, 100.0, 5.0, 5.0, 6.0])}
+    order = []
+
+    def runner(name):
+        def run():
+            order.append(name)
+            clock[0] += next(durations[name])
+        return run
+
+    out = timing.median_times({"a": runner("a"), "b": runner("b")}, repeats=3, warmup=2)
+    assert order == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert out["a"] == {"median": 2.0, "min": 1.0, "max": 30.0, "n": 3}
+    assert out["b"] == {"median": 5.0, "min": 5.0, "max": 6.0, "n": 3}
