@@ -513,3 +513,56 @@ def test_duplicated_neurons_are_dropped_exactly_with_shrinkage_on():
     gm, block = _narrowed(model, _cal(8), 8, shrink=True)
     assert sorted(i % 8 for i in block.keep) == list(range(8))  # one of each distinct neuron
     assert block.error < 1e-8
+
+
+def test_reconstruct_mlps_keeps_the_parameters_of_its_best_held_out_check(monkeypatch):
+    """(mutation audit) the block keeps the parameters of the check with the lowest held-out
+    error (not the last step's), and reports that error and step. Checked independently: every
+    Adam step's parameters are recorded, and the held-out positions (the seed's first
+    permutation) are scored with the block's own formula, ``down(gelu(up(x)))``."""
+    import torch.nn.functional as F
+
+    model = MLP(12, 48, 10, nn.GELU()).eval()
+    cal, few = _cal(12, n=8, rows=64, correlated=True), _cal(12, n=2, rows=20, seed=5, correlated=True)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    snapshots = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        snapshots.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    steps, holdout = 200, 0.5
+    (rec,) = fxlrd.recover.reconstruct_mlps(gm, model, few, steps=steps, lr=1e-2, tokens_per_step=64, holdout=holdout,
+                                            progress=False).values()  # fmt: skip
+    x = torch.cat(few)
+    held = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: int(len(x) * holdout)]]
+    with torch.no_grad():
+        y = model(held)
+
+        def held_error(w1, b1, w2, b2) -> float:
+            return _sq_err(F.linear(F.gelu(F.linear(held, w1, b1)), w2, b2), y)
+
+        checks = {s: held_error(*snapshots[s - 1]) for s in range(10, steps + 1, 10)}  # every 5 % of the steps
+    best = min(checks, key=checks.get)
+    assert len(snapshots) == steps and best < steps  # it turned before the end: the last step is not the best
+    assert rec["steps"] == best and rec["applied"]
+    assert rec["held_out_after"] == pytest.approx(checks[best], rel=1e-4)
+    torch.testing.assert_close(gm.up.weight, snapshots[best - 1][0], rtol=0, atol=0)
+    torch.testing.assert_close(gm.down.bias, snapshots[best - 1][3], rtol=0, atol=0)
+
+
+def test_reconstruct_mlps_leaves_a_block_its_refit_made_worse_as_it_was():
+    """(mutation audit) a refit that raises the block's error (a learning rate far too high) is not applied."""
+    model = MLP(12, 48, 10, nn.GELU()).eval()
+    cal = _cal(12, n=8, rows=64, correlated=True)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    before = copy.deepcopy(gm.state_dict())
+    (rec,) = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=3, lr=10.0, tokens_per_step=64, holdout=0,
+                                            progress=False).values()  # fmt: skip
+    assert rec["train_after"] > rec["train_before"] and not rec["applied"]
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())

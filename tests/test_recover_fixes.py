@@ -281,3 +281,37 @@ def test_feature_loss_is_relative_to_the_teachers_mean_square_on_real_tokens():
     torch.testing.assert_close(_feature_loss(s, t, None, "x"), (s - t).pow(2).mean() / t.pow(2).mean())
     torch.testing.assert_close(_feature_loss(s, t, keep, "x"), d.pow(2).mean() / tk.pow(2).mean())
     torch.testing.assert_close(_feature_loss(10 * s, 10 * t, keep, "x"), _feature_loss(s, t, keep, "x"))
+
+
+# --- (mutation audit) distill's held-out checks and the freezer's schedule -------------------------
+
+
+def test_distill_checks_the_held_out_loss_in_eval_mode_even_when_training_in_train_mode():
+    """The held-out loss is the deployed model's (eval mode: no dropout), whatever
+    ``train_mode`` is: the start check equals the eval-mode loss exactly, and the student is
+    left in train mode as asked."""
+    from fxlrd.recover import output_loss
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 5)).eval()
+    gm = fxlrd.transform(teacher, LRDConfig(rank_rule="fixed", rank=3, rank_quantum=1))
+    held = torch.randn(32, 16)
+    with torch.no_grad():
+        start = float(output_loss(gm.eval()(held), teacher(held)))
+    curve = distill(gm, teacher, [torch.randn(8, 16)], steps=2, lr=1e-12, train_mode=True, validation=[held],
+                    check_every=1, progress=False)  # fmt: skip
+    assert [s for s, _ in curve.validation] == [0, 1, 2]
+    assert all(loss == pytest.approx(start, rel=1e-6) for _, loss in curve.validation)  # lr ~0: nothing changes
+    assert gm.training is False  # given back in the mode it came in (eval)
+
+
+def test_distill_steps_a_sequential_freezer_once_per_step():
+    model = _cnn()
+    xs = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    gm = _decomposed(model, xs[0])
+    freezer = SequentialFreezer(gm, period=2)
+    phase0 = {n: p.requires_grad for n, p in gm.named_parameters()}
+    distill(gm, model, xs, steps=3, lr=1e-3, freeze=freezer, progress=False)
+    assert freezer.steps == 3 and freezer.phase == 1
+    phase1 = {n: p.requires_grad for n, p in gm.named_parameters()}
+    assert phase1 != phase0
