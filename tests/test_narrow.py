@@ -274,16 +274,23 @@ def test_a_generator_of_calibration_batches_is_read_as_often_as_needed():
 
 
 # -- fxlrd.recover.reconstruct_mlps ------------------------------------------------------------------
+NARROW = LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False)
+
+
+def _narrowed_block():
+    """One GELU MLP block (12 → 48 → 10), narrowed on its calibration batches: model, batches, gm."""
+    model = MLP(12, 48, 10, nn.GELU()).eval()
+    cal = _cal(12, n=8, rows=64, correlated=True)
+    return model, cal, fxlrd.transform(model, NARROW, example_inputs=cal[0], calibration=cal)
+
+
 def _sq_err(out, ref):
     return float((out - ref).double().pow(2).sum() / ref.double().pow(2).sum())
 
 
 def test_reconstruct_mlps_reports_the_block_error_and_lowers_it():
     # the model is one MLP block: the block's output error is the model's, computed independently here
-    model = MLP(12, 48, 10, nn.GELU()).eval()
-    cal = _cal(12, n=8, rows=64, correlated=True)
-    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
-                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    model, cal, gm = _narrowed_block()
     teacher_state = copy.deepcopy(model.state_dict())
     x = torch.cat(cal)
     with torch.no_grad():
@@ -353,10 +360,8 @@ def test_reconstruct_mlps_stops_where_the_held_out_error_turns():
     # 20 training positions (of another distribution than the calibration's) for a block of ~500
     # parameters: the training error falls to nothing while the held-out error turns (measured:
     # at step 300 of 400); the block keeps the parameters of its best check
-    model = MLP(12, 48, 10, nn.GELU()).eval()
-    cal, few = _cal(12, n=8, rows=64, correlated=True), _cal(12, n=2, rows=20, seed=5, correlated=True)
-    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
-                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    model, cal, gm = _narrowed_block()
+    few = _cal(12, n=2, rows=20, seed=5, correlated=True)
     before = copy.deepcopy(gm.state_dict())
     (rec,) = fxlrd.recover.reconstruct_mlps(gm, model, few, steps=400, lr=1e-2, tokens_per_step=64, holdout=0.5,
                                             progress=False).values()  # fmt: skip
@@ -522,10 +527,8 @@ def test_reconstruct_mlps_keeps_the_parameters_of_its_best_held_out_check(monkey
     permutation) are scored with the block's own formula, ``down(gelu(up(x)))``."""
     import torch.nn.functional as F
 
-    model = MLP(12, 48, 10, nn.GELU()).eval()
-    cal, few = _cal(12, n=8, rows=64, correlated=True), _cal(12, n=2, rows=20, seed=5, correlated=True)
-    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
-                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    model, cal, gm = _narrowed_block()
+    few = _cal(12, n=2, rows=20, seed=5, correlated=True)
     snapshots = []
     step = torch.optim.Adam.step
 
@@ -557,10 +560,7 @@ def test_reconstruct_mlps_keeps_the_parameters_of_its_best_held_out_check(monkey
 
 def test_reconstruct_mlps_leaves_a_block_its_refit_made_worse_as_it_was():
     """(mutation audit) a refit that raises the block's error (a learning rate far too high) is not applied."""
-    model = MLP(12, 48, 10, nn.GELU()).eval()
-    cal = _cal(12, n=8, rows=64, correlated=True)
-    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False),
-                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    model, cal, gm = _narrowed_block()
     before = copy.deepcopy(gm.state_dict())
     (rec,) = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=3, lr=10.0, tokens_per_step=64, holdout=0,
                                             progress=False).values()  # fmt: skip
