@@ -131,12 +131,19 @@ class Plan:
     def table(self) -> str:
         """The plan as a fixed-width text table with a totals line."""
         head = ("layer", "type", "C->S", "kernel", "method", "ranks", "params", "MACs", "note")
+        # a narrowed block's layers are planned on the narrowed graph: their rows show the shape
+        # before narrowing, as every row does (the note gives the neurons kept)
+        hidden = {}
+        for block in self.settings.get("narrowed") or []:
+            hidden[block["up"]], hidden[block["down"]] = ("out", block["hidden"]), ("in", block["hidden"])
         rows = []
         for lp in self:
             kernel = "x".join(map(str, lp.kernel_size)) or "-"
             after_p, after_m = lp.params_after, lp.macs_after  # a kept layer's are its own (a narrowed one's less)
+            side, h = hidden.get(lp.name, (None, None))
+            shape = f"{h if side == 'in' else lp.in_channels}->{h if side == 'out' else lp.out_channels}"
             rows.append((
-                lp.name, lp.layer_type, f"{lp.in_channels}->{lp.out_channels}", kernel, lp.method,
+                lp.name, lp.layer_type, shape, kernel, lp.method,
                 ",".join(map(str, lp.ranks)) or "-",
                 f"{_count(lp.params_before)}->{_count(after_p)}",
                 f"{_count(lp.macs_before)}->{_count(after_m)}" if lp.macs_before is not None else "-",

@@ -190,6 +190,11 @@ def test_transform_narrows_bert_mlps_and_saves_loads_and_reapplies():
         for name in (b["up"], b["down"]):
             assert (plan[name].params_before, plan[name].macs_before) == (layers[name].params_before, layers[name].macs_before)
             assert plan[name].params_after == sum(p.numel() for p in gm.get_submodule(name).parameters())
+    # and their rows' shapes are the original layers', as every row's (the note gives the neurons kept)
+    rows = {line.split()[0]: line.split()[2] for line in plan.table().splitlines()[2:] if line.startswith("encoder")}
+    for b in narrowed:
+        for name in (b["up"], b["down"]):
+            assert rows[name] == f"{layers[name].in_channels}->{layers[name].out_channels}"
     t = plan.totals()
     assert t["params_before"] == sum(lp.params_before for lp in layers.values())
     assert t["params_before"] - t["params_after"] == fxlrd.count_params(model) - fxlrd.count_params(gm)
