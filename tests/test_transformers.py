@@ -616,8 +616,8 @@ def test_a_rotary_embedding_that_stores_its_frequencies_in_forward_is_captured()
 
 
 # --- more architectures: compressed at α = 2 they run at another shape, at full rank they reproduce ---------
-# (also passing, left out for time: RoBERTa, XLM-RoBERTa, ELECTRA, Mistral, Qwen2, Gemma, MobileViT; Falcon's layers
-# are x @ W.T matmuls, sites since fxlrd reads matrix products with a weight)
+# (also passing, left out for time: RoBERTa, XLM-RoBERTa, ELECTRA, Mistral, Qwen2, Gemma, MobileViT. Falcon's layers
+# are x @ W.T matrix products: it is here because those were no sites, and the model was silently kept whole)
 
 _BERTLIKE = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=72)  # fmt: skip
