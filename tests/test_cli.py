@@ -1149,3 +1149,213 @@ def test_the_report_gives_the_batch_size_that_was_timed(tmp_path, capsys, factor
     assert code == 0, err
     assert json.loads(report.read_text())["latency"]["batch"] == 3
     assert "eager, batch 3," in out
+
+
+# -- mutation audit 3: what the report and summary say, and how calibration files are cut -----------------
+def _fixed_times(medians):
+    """A stand-in for `time_models` that reports the given median seconds per model (min = max = median)."""
+
+    def time_models(models, batch, **kwargs):
+        return {name: {"median": medians[name], "min": medians[name], "max": medians[name], "n": kwargs["repeats"]}
+                for name in models}  # fmt: skip
+
+    return time_models
+
+
+def test_compress_report_ratios_are_original_over_compressed_and_name_the_user_s_model(tmp_path, capsys, factory,
+                                                                                      monkeypatch):
+    """The speed-up is the original's time over the compressed model's (4 ms / 2 ms: 2x, not 0.5x; the int8
+    file's 1 ms: 4x), the
+    parameter ratio the original's count over the compressed one's, and the model's class the user's
+    model (not the GraphModule that was built from it)."""
+    spec, _, reference = factory
+    monkeypatch.setattr(fxlrd.cli, "time_models", _fixed_times({"original": 4e-3, "compressed": 2e-3, "int8": 1e-3}))
+    report_path = tmp_path / "r.json"
+    code, out, err = _run(capsys, "compress", spec, "--input-shape", "1,3,16,16", "--quantum", 1, "--repeats", 2,
+                          "--eval-batches", 1, "--onnx", tmp_path / "m.onnx", "--int8", "dynamic",
+                          "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["latency"]["speedup"] == pytest.approx(2.0) and report["latency"]["speedup_int8"] == pytest.approx(4.0)
+    assert "speed-up   2.00x" in out and "int8 4.00x" in out
+    params = report["params"]
+    assert params["original"] == sum(p.numel() for p in reference.parameters())
+    assert params["ratio"] == pytest.approx(params["original"] / params["compressed"]) and params["ratio"] > 1
+    assert report["model"]["class"] == "SmallNet" and "(SmallNet, factory" in out
+
+
+def test_bench_speedup_and_mac_ratio_are_the_baseline_s_over_the_variant_s(tmp_path, capsys, factory, monkeypatch):
+    spec, _, _ = factory
+    monkeypatch.setattr(fxlrd.cli, "time_models", _fixed_times({"original": 6e-3, "quantized": 2e-3}))
+    report_path = tmp_path / "b.json"
+    code, out, err = _run(capsys, "bench", spec, "--input-shape", "1,3,16,16", "--variants", "original,quantized",
+                          "--repeats", 2, "--eval-batches", 1, "--report", report_path)  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(report_path.read_text())["variants"]
+    assert rows["quantized"]["speedup"] == pytest.approx(3.0) and rows["original"]["speedup"] == pytest.approx(1.0)
+    assert rows["quantized"]["mac_ratio"] == pytest.approx(rows["original"]["macs"] / rows["quantized"]["macs"])
+    assert rows["quantized"]["mac_ratio"] > 1
+    assert rows["quantized"]["speedup_per_mac_ratio"] == pytest.approx(3.0 / rows["quantized"]["mac_ratio"])
+
+
+def test_image_folder_default_resize_crops_an_eighth_margin(tmp_path, factory):
+    """By default an image's shorter side goes to the input size / 0.875 (ImageNet's 256 for 224)
+    before the centre crop: a 28-pixel input is cut from 32 pixels, a margin of 2 on each side."""
+    from PIL import Image
+
+    from fxlrd.cli import _Inputs, build_parser
+
+    spec, _, _ = factory
+    columns = torch.arange(64, dtype=torch.uint8).mul(4)  # pixel value 4·x: the column says where it came from
+    pixels = columns.expand(64, 64).unsqueeze(-1).expand(64, 64, 3).contiguous().numpy()
+    Image.fromarray(pixels).save(tmp_path / "ramp.png")
+    args = build_parser().parse_args(["compress", spec, "--input-shape", "1,3,28,28", "--calibration", str(tmp_path),
+                                      "--image-mean", "0", "--image-std", "1"])  # fmt: skip
+    x = _Inputs(load_model(spec), args)._image(tmp_path / "ramp.png") * 255
+    # resized 64 -> 32 (a column is the mean of two: 4·(2j + 0.5)), then columns 2..29 kept
+    assert x[0, 0, 0].item() == pytest.approx(4 * (2 * 2 + 0.5), abs=2)
+    assert x[0, 0, -1].item() == pytest.approx(4 * (2 * 29 + 0.5), abs=2)
+
+
+def test_a_text_file_is_cut_into_batches_of_distinct_lines():
+    """Lines go to batches of --batch in order, each line in one batch (none shared, so the
+    held-out batches share no text with the calibration ones), at most ``limit`` batches."""
+    from fxlrd.cli import _Inputs
+
+    class Tokenizer:  # each text as one token, its number
+        pad_token = "<pad>"
+
+        def __call__(self, texts, max_length, **kwargs):
+            ids = torch.tensor([[int(t.split()[-1])] + [0] * (max_length - 1) for t in texts])
+            return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    inputs = types.SimpleNamespace(kind="text", batch=2, seq_len=3, source=types.SimpleNamespace(tokenizer=Tokenizer()),
+                                   _decoder=lambda batch: batch)  # fmt: skip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lines.txt"
+        path.write_text("".join(f"text {i}\n" for i in range(1, 8)))  # 7 lines: 3 batches of 2, one left over
+        batches = _Inputs._text(inputs, path, 10)
+        assert [b["input_ids"][:, 0].tolist() for b in batches] == [[1, 2], [3, 4], [5, 6]]
+        assert [b["input_ids"][:, 0].tolist() for b in _Inputs._text(inputs, path, 2)] == [[1, 2], [3, 4]]
+
+
+def test_bench_reports_the_batch_size_that_was_timed(tmp_path, capsys, factory):
+    torch.save(torch.randn(3, 16), tmp_path / "cal3.pt")
+    report = tmp_path / "b.json"
+    code, _, err = _run(capsys, "bench", "fxlrd_cli_models:mlp", "--input-shape", "8,16", "--calibration",
+                        tmp_path / "cal3.pt", "--variants", "original,quantized", "--repeats", 0, "--report", report)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(report.read_text())["timing"]["batch"] == 3
+
+
+def test_an_output_inside_the_model_s_directory_is_refused(tmp_path, capsys):
+    """A Hugging Face model directory is an input: an output in it (its config.json) would replace the user's file."""
+    model_dir = tmp_path / "bert"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    code, _, err = _run(capsys, "compress", model_dir, "--report", model_dir / "config.json")
+    assert code == 2 and "would replace the model's directory" in err, err
+    assert (model_dir / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("text, value", [("5M", 5_000_000), ("5m", 5_000_000), ("2k", 2000), ("1.5G", 1_500_000_000),
+                                         ("120", 120), ("0.4", 0.4)])  # fmt: skip
+def test_target_params_takes_counts_with_either_case_of_suffix_and_fractions(text, value):
+    from fxlrd.cli import _target_params
+
+    got = _target_params(text)
+    assert got == value and type(got) is type(value)
+
+
+def _parsed(*argv):
+    from fxlrd.cli import build_parser
+
+    return build_parser().parse_args([str(a) for a in argv])
+
+
+def test_command_line_options_reach_the_config(factory):
+    from fxlrd.cli import _config
+
+    spec, _, _ = factory
+    config = _config(_parsed("compress", spec, "--latency", "eager", "--threads", 3, "--timing-context", "neighbours"))
+    assert config.latency.backend == "eager" and config.latency.threads == 3 and config.latency.context == "neighbours"
+    config = _config(_parsed("compress", spec, "--sensitivity", "diagonal"))
+    assert config.sensitivity is True and config.sensitivity_matrix == "diagonal"
+    config = _config(_parsed("compress", spec, "--sensitivity", "kl"))
+    assert config.sensitivity == "kl" and config.sensitivity_matrix == "full"
+    assert _config(_parsed("compress", spec, "--sensitivity", "off")).sensitivity is False
+
+
+def test_bench_variants_are_the_ones_its_help_describes(factory):
+    """vanilla: paper ranks (quantum 1), quantized: --quantum, optimized: ranks timed, merged:
+    approximate merging, branched: 2 branches; none but optimized searches by latency."""
+    from fxlrd.cli import _variant_config
+
+    spec, _, _ = factory
+    args = _parsed("bench", spec, "--quantum", 8, "--backend", "eager", "--threads", 2)
+    configs = {v: _variant_config(args, v) for v in ("vanilla", "quantized", "optimized", "merged", "branched")}
+    assert configs["vanilla"].rank_quantum == 1 and configs["quantized"].rank_quantum == 8
+    assert configs["merged"].merge == "approximate" and configs["branched"].branches == 2
+    assert configs["optimized"].latency.backend == "eager" and configs["optimized"].latency.threads == 2
+    assert all(c.latency is None for v, c in configs.items() if v != "optimized")
+    assert all(c.merge is None for v, c in configs.items() if v != "merged")
+
+
+def test_a_checkpoint_dict_is_unwrapped_under_each_usual_key(tmp_path, factory):
+    from fxlrd.cli import load_weights
+
+    _, _, reference = factory
+    for key in ("state_dict", "model_state_dict", "model"):
+        path = tmp_path / f"{key}.pt"
+        torch.save({key: reference.state_dict(), "epoch": torch.tensor(3)}, path)
+        import fxlrd_cli_models
+
+        model = fxlrd_cli_models.factory()
+        load_weights(model, path)
+        assert torch.equal(model.bn1.running_mean, reference.bn1.running_mean), key
+
+
+def test_parsed_defaults_are_the_ones_the_help_states():
+    """Every '(default N)' in a command's help is what the option is when left out."""
+    from fxlrd.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    checked = 0
+    for name, sub in commands.items():
+        for action in sub._actions:
+            m = re.search(r"\(default:? ([0-9.e-]+)[;)]", action.help or "")
+            if m and action.option_strings and action.dest != "batch":  # --batch: the model's own when left out
+                assert action.default == pytest.approx(float(m.group(1))), (name, action.option_strings)
+                checked += 1
+    assert checked >= 15
+    args = parser.parse_args(["compress", "m"])
+    assert (args.eval_batches, args.calibration_batches, args.seq_len, args.repeats) == (4, 16, 128, 20)
+    assert parser.parse_args(["demo"]).repeats == 30
+
+
+@pytest.mark.parametrize("capture, other", [("fx", "export"), ("export", "fx")])
+def test_a_capture_failure_names_the_other_capture_option(capsys, factory, monkeypatch, capture, other):
+    import fxlrd.api
+    from fxlrd.errors import CaptureError
+
+    def fail(*args, **kwargs):
+        raise CaptureError("the model could not be captured")
+
+    monkeypatch.setattr(fxlrd.api, "transform", fail)
+    code, _, err = _run(capsys, "compress", "fxlrd_cli_models:mlp", "--input-shape", "2,16", "--repeats", 0,
+                        "--capture", capture)  # fmt: skip
+    assert code == 1 and f"(on the command line: --capture {other})" in err, err
+
+
+def test_fidelity_cosine_is_per_sample():
+    """Each sample's output scaled by its own positive factor points the same way: cosine 1."""
+    from fxlrd.cli import fidelity
+
+    x = torch.randn(3, 8)
+    scaled = fidelity(lambda t: t, lambda t: t * torch.tensor([[1.0], [3.0], [0.5]]), [x])
+    assert scaled["cosine"] == pytest.approx(1.0) and scaled["relative_error"] > 0.1
+    flipped = fidelity(lambda t: t, lambda t: t * torch.tensor([[1.0], [-1.0], [1.0]]), [x])
+    assert flipped["cosine"] == pytest.approx(1 / 3)
