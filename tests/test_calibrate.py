@@ -1484,3 +1484,17 @@ def test_the_compensated_weight_is_the_least_squares_map_from_the_compressed_inp
     w = torch.randn(4, 6, generator=g, dtype=torch.float64)
     want = torch.linalg.lstsq(x_c, x @ w.T).solution.T
     torch.testing.assert_close(_compensated_weight(w, s), want, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_mode_gives_every_module_its_flag_back_when_the_block_raises():
+    """(mutation audit 3) A failure inside the block must not leave the user's model in eval mode."""
+    from fxlrd.modes import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    model.train()
+    model[1].eval()  # a norm the user froze
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == [True, True, False, True]

@@ -103,3 +103,51 @@ def test_numpy_scalars_are_numbers():
     assert (cfg.ratio, cfg.target_params, cfg.min_rank) == (2.0, 5000, 2)
     assert type(cfg.target_params) is int and type(cfg.ratio) is float
     assert LRDConfig(rank_rule="fixed", rank=(np.int64(4), np.int64(8))).rank == (4, 8)
+
+
+# -- mutation audit 3: the edges of each range, and what a setting implies --------------------------------
+def test_each_range_admits_its_documented_edge():
+    """energy in (0, 1] takes 1 (keep the whole spectrum); tucker_iters >= 0 takes 0 (HOSVD only)."""
+    assert LRDConfig(rank_rule="energy", energy=1.0).energy == 1.0
+    assert LRDConfig(tucker_iters=0).tucker_iters == 0
+    assert LRDConfig(ratio=1.0001).ratio == 1.0001
+
+
+@pytest.mark.parametrize("speedup", [1, 1.0, 0.99])
+def test_a_target_speedup_of_one_or_less_is_refused(speedup):
+    with pytest.raises(ConfigError, match="target_speedup must be a number > 1"):
+        LRDConfig(target_speedup=speedup)
+
+
+def test_a_target_speedup_implies_a_default_latency_search():
+    from fxlrd import LatencyConfig
+
+    config = LRDConfig(target_speedup=1.5)
+    assert config.latency == LatencyConfig()
+    own = LatencyConfig(backend="eager", progress=False)
+    assert LRDConfig(target_speedup=1.5, latency=own).latency is own
+
+
+def test_a_whole_number_target_params_given_as_a_float_is_a_parameter_count():
+    config = LRDConfig(target_params=5e6)
+    assert config.target_params == 5_000_000 and type(config.target_params) is int
+    assert type(LRDConfig(target_params=0.25).target_params) is float
+
+
+@pytest.mark.parametrize("budget", [{"target_params": 0.5}, {"target_speedup": 1.5}])
+def test_narrowing_mlps_cannot_share_a_budget(budget):
+    with pytest.raises(ConfigError, match="mlp='narrow' narrows each MLP block by ratio; it cannot yet share"):
+        LRDConfig(mlp="narrow", **budget)
+
+
+def test_pointwise_layers_are_decomposed_unless_merging():
+    assert LRDConfig().decompose_pointwise is True
+    assert LRDConfig(merge="exact").decompose_pointwise is False
+    assert LRDConfig(merge="approximate").decompose_pointwise is False
+    assert LRDConfig(merge="exact", decompose_pointwise=True).decompose_pointwise is True
+
+
+@pytest.mark.parametrize("rank", [True, (4, False)])
+def test_a_bool_is_not_a_rank(rank):
+    with pytest.raises(ConfigError, match="rank must be a positive int or a pair"):
+        LRDConfig(rank_rule="fixed", rank=rank)

@@ -394,3 +394,103 @@ def test_budget_left_over_is_spent_on_a_move_that_fills_it_exactly():
     assert met and best == 0.5
     assert sum(o[c][1] for o, c in zip(options, choices)) == best
     assert sum(o[c][0] for o, c in zip(options, choices)) <= 1.25
+
+
+# -- mutation audit 3 ------------------------------------------------------------------------------
+def test_a_candidate_at_min_rank_is_timed(cost_timer, tmp_path):
+    """min_rank is the smallest rank allowed: a candidate exactly at it is timed (and, fastest here, chosen)."""
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", quantum=1, progress=False, window=0.5)
+    free = fxlrd.plan(_model(), LRDConfig(latency=lat), example_inputs=x)["6"]
+    smallest = min(min(r) for r, _ in free.latency["candidates_ms"])
+    held = fxlrd.plan(_model(), LRDConfig(latency=lat, min_rank=smallest), example_inputs=x)["6"]
+    assert min(min(r) for r, _ in held.latency["candidates_ms"]) == smallest
+    assert held.latency["candidates_ms"] == free.latency["candidates_ms"]
+
+
+def test_past_the_time_budget_ranks_are_still_rounded_to_the_quantum(cost_timer, tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", time_budget_s=1e-9, quantum=8, progress=False)
+    plan = fxlrd.plan(_model(), LRDConfig(latency=lat), example_inputs=x)
+    linear = plan["6"]  # R = floor(8192·100 / (2·8292)) = 49: 48 in multiples of 8
+    assert linear.ranks == (48,)
+    for lp in plan.decomposed:
+        caps = (lp.in_channels, lp.out_channels)
+        assert all(r % 8 == 0 or r in caps for r in lp.ranks), (lp.name, lp.ranks)
+
+
+def test_the_cache_key_of_a_window_is_its_canonical_key_not_its_size():
+    """Two windows of as many operations (a conv followed by ReLU, or by a residual add) time differently."""
+    import types
+
+    from fxlrd.latency import LatencyCache
+    from fxlrd.ranks.search import RankSearcher
+
+    timer = types.SimpleNamespace(backend="eager", context="window")
+    searcher = RankSearcher(LatencyConfig(progress=False, cache=False), timer=timer, cache=LatencyCache(None))
+    layer = nn.Linear(4, 4)
+    relu = types.SimpleNamespace(key="relu(site)", size=1)
+    add = types.SimpleNamespace(key="add(site, x)", size=1)
+    assert searcher._key(layer, window=relu) != searcher._key(layer, window=add)
+    assert searcher._key(layer, window=relu) == searcher._key(layer, window=types.SimpleNamespace(key="relu(site)", size=1))
+
+
+def _speed_options(n=2):
+    """Per layer: keep (1 s, no error) or a decomposition taking 0.9 .. 0.3 s, the faster the more error."""
+    times = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    return [{None: (1.0, 0.0), **{(r,): (t, (1 - t) ** 2 * (i + 1)) for r, t in zip(range(70, 0, -10), times)}}
+            for i in range(n)]  # fmt: skip
+
+
+def _predicted(options, choices, model_s=2.0):
+    return model_s / sum(opt[c][0] for opt, c in zip(options, choices))
+
+
+def test_closed_loop_raises_its_internal_target_when_the_model_measures_slower_than_predicted():
+    from fxlrd.ranks.allocate import closed_loop
+
+    options = _speed_options()
+    choices, record = closed_loop(options, 1.5, 2.0, lambda c: 0.8 * _predicted(options, c))
+    first, second = record["rounds"][:2]
+    assert first["measured_speedup"] < 1.5
+    assert second["internal_target"] == pytest.approx(1.5 * 1.5 / first["measured_speedup"])
+    assert record["met"] and record["measured_speedup"] >= 1.5
+
+
+def test_closed_loop_keeps_the_least_error_round_that_reached_the_target():
+    """Round 1 overshoots (measured 1.5x the prediction), round 2 aims lower and still reaches the
+    target with less error: round 2 is kept."""
+    from fxlrd.ranks.allocate import closed_loop
+
+    options = _speed_options()
+    choices, record = closed_loop(options, 1.5, 2.0, lambda c: 1.5 * _predicted(options, c))
+    rounds = record["rounds"]
+    assert len(rounds) >= 2 and all(r["measured_speedup"] >= 1.5 for r in rounds)
+    least = min(range(len(rounds)), key=lambda k: rounds[k]["total_error"])
+    assert least != 0 and record["chosen_round"] == least
+    assert sum(opt[c][1] for opt, c in zip(options, choices)) == pytest.approx(rounds[least]["total_error"])
+
+
+def test_closed_loop_that_never_reaches_its_target_keeps_the_fastest_round():
+    from fxlrd.ranks.allocate import closed_loop
+
+    options = _speed_options()
+    # round 1 aims at 1.6x and measures 0.4 of that; the later rounds take every layer's fastest
+    choices, record = closed_loop(options, 1.6, 2.0, lambda c: 0.4 * _predicted(options, c))
+    assert not record["met"]
+    speeds = [r["measured_speedup"] for r in record["rounds"]]
+    assert speeds[0] < 1 < max(speeds)
+    assert record["measured_speedup"] == max(speeds) == pytest.approx(0.4 * 2.0 / 0.6)  # every layer at 0.3 s
+    assert record["chosen_round"] == speeds.index(max(speeds)) and choices == [(10,), (10,)]
+
+
+def test_closed_loop_counts_the_time_outside_the_layers_against_the_model_s_time():
+    """Layers taking 2 s of a 4 s model: half the time is elsewhere, and the prediction says so."""
+    from fxlrd.ranks.allocate import closed_loop
+
+    options = _speed_options()
+    choices, record = closed_loop(options, 1.2, 4.0, lambda c: 1 / (0.5 + 0.5 * sum(o[k][0] for o, k in zip(options, c)) / 2))
+    assert record["other_fraction"] == pytest.approx(0.5)
+    layers = sum(o[k][0] for o, k in zip(options, choices))
+    assert record["rounds"][record["chosen_round"]]["predicted_speedup"] == pytest.approx(1 / (0.5 + 0.5 * layers / 2))
+    assert record["met"]

@@ -156,3 +156,40 @@ def test_a_mode_kept_whole_is_no_bottleneck():
     assert lp.decomposed and tuple(lp.ranks) == (3, 8), lp.reason
     refused = fxlrd.plan(model, LRDConfig(rank_rule="fixed", rank=(3, 8), rank_quantum=1, min_rank=9)).layers["0"]
     assert not refused.decomposed and "min_rank" in refused.reason
+
+
+# -- mutation audit 3 ------------------------------------------------------------------------------
+def _embedded_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+
+
+def test_a_fractional_target_params_is_a_fraction_of_the_whole_model():
+    """target_params=0.5 is half the model's parameters (the embedding included), of which the
+    decomposable layers get what the rest leaves."""
+    model = _embedded_mlp()
+    ids = torch.randint(0, 100, (2, 5))
+    total = sum(p.numel() for p in model.parameters())
+    fixed = model[0].weight.numel()
+    plan = fxlrd.plan(model, LRDConfig(target_params=0.5, rank_quantum=1), example_inputs=ids)
+    result = plan.settings["allocation_result"]
+    assert result["budget"] == f"model params <= {0.5 * total:.0f}"
+    assert result["layer_params_budget"] == pytest.approx(0.5 * total - fixed)
+    assert plan.params_after_model() <= 0.5 * total
+
+
+def test_a_global_allocation_rounds_ranks_to_the_quantum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 64)).eval()
+    plan = fxlrd.plan(model, LRDConfig(allocation="global", rank_quantum=8), example_inputs=torch.randn(2, 64))
+    assert plan.decomposed
+    # multiples of 8, or a rank below the quantum (left as it is, as quantize_rank does)
+    assert all(r % 8 == 0 or r < 8 for lp in plan.decomposed for r in lp.ranks), [lp.ranks for lp in plan.decomposed]
+
+
+def test_a_rank_reaching_its_mode_exactly_leaves_the_mode_whole_and_re_solves_the_other():
+    """11 → 64, 3×3, α = 3: eq. 7 gives r1 = 11, the whole input mode, so no input factor is made
+    (Tucker-1) and r2 is solved again for the budget 11·64·9/3 = 2112: core 11·r2·9 + out 64·r2
+    ≤ 2112 gives r2 = 12 (not 11, the β·r1 of Tucker-2)."""
+    assert tucker_ranks_for_ratio(11, 64, 9, 3.0) == (11, 12)
+    assert 11 * 12 * 9 + 12 * 64 <= 11 * 64 * 9 / 3 < 11 * 13 * 9 + 13 * 64
