@@ -1774,7 +1774,9 @@ def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
     g.add_argument("--input-shape", type=_parse_shape, metavar="N,C,H,W",
                    help="input tensor shape, batch first (default 1,3,224,224 for image models)")  # fmt: skip
     g.add_argument("--size", type=_positive_int, metavar="PX", help="image height and width (instead of --input-shape)")
-    g.add_argument("--batch", type=_positive_int, metavar="N", help="batch size of every input (default 1)")
+    g.add_argument("--batch", type=_positive_int, metavar="N",
+                   help="batch size of every input (default: 1 for text models, else the batch of --input-shape "
+                        "or of the model's own input shape)")  # fmt: skip
     g.add_argument("--seq-len", type=_positive_int, default=128, metavar="N",
                    help="sequence length for text models (default 128)")  # fmt: skip
     g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
@@ -1784,7 +1786,6 @@ def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
     from .latency import BACKENDS
-    from .methods import methods
 
     g = p.add_argument_group("decomposition")
     g.add_argument("--ratio", type=float, default=2.0, metavar="A", help="compression ratio per layer, > 1 (default 2)")
