@@ -135,21 +135,25 @@ def _tensors(inputs: "Args") -> list[torch.Tensor]:
 
 
 def _dynamic_axes(inputs: "Args", names: list[str], batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
-    """The dynamic dimensions as torch.onnx's ``dynamic_axes``: the batch of every input, and
-    dimension 1 where `fxlrd.capture.dynamic_spec` keeps it dynamic (token inputs and the
+    """The dynamic dimensions as torch.onnx's ``dynamic_axes``: the batch of every input whose
+    dimension 0 is the batch (the inputs' common size there, else the first input's: a
+    lookup table or a per-channel scale beside the batch is not batched), and dimension 1 where `fxlrd.capture.dynamic_spec` keeps it dynamic (token inputs and the
     inputs beside them of the same length, not a lone bool mask), one name per distinct token
     length (an encoder-decoder's two sequences vary apart)."""
     from .capture import _batch_size, _is_tokens, dynamic_spec
 
     if not (batch or sequence):
         return None
+    tensors = _tensors(inputs)
     size = _batch_size(inputs)
-    lengths = list(dict.fromkeys(t.shape[1] for t in _tensors(inputs) if _is_tokens(t))) if sequence else []
+    if size is None and tensors and tensors[0].dim() > 0:
+        size = tensors[0].shape[0]
+    lengths = list(dict.fromkeys(t.shape[1] for t in tensors if _is_tokens(t))) if sequence else []
     axes: dict[str, dict[int, str]] = {}
-    for name, t in zip(names, _tensors(inputs)):
+    for name, t in zip(names, tensors):
         dims: dict[int, str] = {}
         spec = dynamic_spec(t, size, lengths) or {}
-        if batch and t.dim() > 0:
+        if batch and t.dim() > 0 and t.shape[0] == size:
             dims[0] = "batch"
         if sequence and 1 in spec and t.shape[1] in lengths:
             index = lengths.index(t.shape[1])
@@ -266,7 +270,9 @@ def export_onnx(
             (e.g. ``{"input_ids": ..., "attention_mask": ...}``); their shapes fix the graph's
             other shapes.
         path: where the ``.onnx`` file goes (weights inside the file).
-        dynamic_batch: make dimension 0 of every input dynamic (named ``batch``).
+        dynamic_batch: make dimension 0 of every batched input dynamic (named ``batch``): of
+            every input when all share that size, else of those whose size there is the first
+            input's (the others are side inputs, kept at their size).
         dynamic_sequence: make dimension 1 of integer (token) inputs dynamic (``sequence``).
         dynamic_shapes: torch.export dynamic shapes, instead of the two flags above.
         opset_version: ONNX opset; the exporter's default when None.

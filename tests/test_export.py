@@ -271,6 +271,38 @@ def test_token_inputs_of_different_lengths_get_their_own_dynamic_sequence(tmp_pa
     assert session.run(None, dict(zip([i.name for i in session.get_inputs()], feed)))[0].shape == (3, 6, 16)
 
 
+def test_a_side_input_of_another_size_is_not_named_batch(tmp_path):
+    """Only batched inputs get the dynamic ``batch`` dimension: a per-feature scale beside the
+    batch kept its own size in the file (it was declared ``batch`` too, as if both varied
+    together)."""
+    import onnxruntime as ort
+
+    from fxlrd.export import _dynamic_axes
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, scale):
+            return self.fc(x) * scale.sum()
+
+    x = (torch.randn(2, 8), torch.randn(5))
+    assert _dynamic_axes((x, {}), ["x", "scale"], True, True) == {"x": {0: "batch"}}
+    assert _dynamic_axes(((x[1], x[0]), {}), ["scale", "x"], True, True) == {"scale": {0: "batch"}}  # the first's
+    same = (torch.randn(2, 8), torch.randn(2))
+    assert _dynamic_axes((same, {}), ["x", "scale"], True, True) == {"x": {0: "batch"}, "scale": {0: "batch"}}
+    gm = fxlrd.transform(Scaled().eval(), LRDConfig(ratio=2), example_inputs=x)
+    fxlrd.export_onnx(gm, x, tmp_path / "m.onnx")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options)
+    shapes = [i.shape for i in session.get_inputs()]
+    assert shapes == [["batch", 8], [5]]
+    feed = dict(zip([i.name for i in session.get_inputs()], [torch.randn(3, 8).numpy(), torch.randn(5).numpy()]))
+    assert session.run(None, feed)[0].shape == (3, 8)
+
+
 def test_a_bfloat16_model_onnxruntime_cannot_load_gets_a_clear_error(tmp_path):
     """onnxruntime's CPU kernels do not take bfloat16: the check says so and what to do, and the
     file is not written (its raw NotImplemented error escaped from the session's creation)."""
