@@ -852,7 +852,7 @@ def capture(
             "torch.export, where eager inference without gradients returns zeros there; pool over the real tokens"
         )
     if folded:
-        notes.append(f"{folded} torch.nn.utils.weight_norm hooks folded into their layers' weights on the captured copy")
+        notes.append(f"{folded} torch.nn.utils.weight_norm/spectral_norm hooks folded into their layers' weights on the captured copy")
     captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes)
     crossed = separate_cross_attention(model) if swapped else 0
     if crossed:  # the packed layout's cross-attention projections are no sites: capture them separate
@@ -909,16 +909,23 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 
 def _fold_weight_norms(model: nn.Module) -> int:
-    """Remove the hook-based ``torch.nn.utils.weight_norm`` from ``model`` (a copy), each
-    weight computed once from its ``weight_g`` and ``weight_v``: the layer then holds its
-    weight as a parameter, as fxlrd decomposes it. Returns how many were folded."""
+    """Remove the hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm`` from
+    ``model`` (a copy), each weight computed once (from ``weight_g`` and ``weight_v``; from
+    ``weight_orig`` and the stored singular vectors, as in eval mode): the layer then holds its
+    weight as a parameter, as fxlrd decomposes it. Otherwise the graph would read the plain
+    ``weight`` attribute the hook last wrote (stale, or the raw weight before any forward).
+    Returns how many were folded."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     count = 0
     for module in model.modules():
-        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]:
+        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]:
             with torch.no_grad():
-                torch.nn.utils.remove_weight_norm(module, hook.name)
+                if isinstance(hook, WeightNorm):
+                    torch.nn.utils.remove_weight_norm(module, hook.name)
+                else:
+                    torch.nn.utils.remove_spectral_norm(module, hook.name)
             count += 1
     return count
 

@@ -618,6 +618,26 @@ def test_hook_based_weight_norm_is_folded_on_the_copy_only(tmp_path):
     torch.testing.assert_close(fxlrd.load(model, tmp_path / "m")(x), gm(x))
 
 
+def test_hook_based_spectral_norm_is_folded_on_the_copy_only(tmp_path):
+    # the hook keeps the weight in a plain attribute: it broke on the meta device while the MACs
+    # were counted, and (that fixed) the raw weight read before any forward gave wrong outputs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(4, 16, 3)), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    before = _snapshot(model)
+    gm = fxlrd.transform(model, FULL, example_inputs=x)  # before the model's first forward
+    assert any("spectral_norm" in note for note in gm.fxlrd_capture["notes"])
+    assert isinstance(gm.get_submodule("0"), Factorized)
+    _assert_untouched(model, before)
+    want = model(x)
+    torch.testing.assert_close(gm(x), want, rtol=1e-4, atol=1e-4)
+    assert model[0].weight.device.type == "cpu" and model[0]._forward_pre_hooks  # the user's hook is still there
+    small = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x)
+    fxlrd.save(small, tmp_path / "m")
+    torch.testing.assert_close(fxlrd.load(model, tmp_path / "m")(x), small(x), rtol=0, atol=0)
+    _assert_untouched(model, before)
+
+
 class _ChunksByLength(nn.Module):  # export bakes length // 4 in as a constant; the model itself takes any length
     def __init__(self):
         super().__init__()
