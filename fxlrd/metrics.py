@@ -7,7 +7,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_params", "count_macs", "layer_macs"]
@@ -56,10 +55,16 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 @torch.no_grad()
 def layer_macs(layer: nn.Module, input_shape: Sequence[int]) -> int:
-    """MACs of ``layer`` on an input of ``input_shape``, computed on the meta device (no compute)."""
+    """MACs of ``layer`` on an input of ``input_shape``, computed on the meta device (no compute).
+
+    The layer's ``forward`` runs without its hooks: a user's forward hook would see meta
+    tensors (``.item()`` raises), and a hook-based ``spectral_norm`` would leave a meta
+    tensor in the layer's plain ``weight`` attribute."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
     meta = {n: torch.empty_like(t, device="meta") for n, t in layer.state_dict(keep_vars=True).items()}
     dtype = next(iter(meta.values())).dtype if meta else torch.float32
     x = torch.empty(tuple(input_shape), device="meta", dtype=dtype)
-    with FlopCounterMode(display=False) as counter:
-        functional_call(layer, meta, (x,))
+    with _reparametrize_module(layer, meta), FlopCounterMode(display=False) as counter:
+        layer.forward(x)
     return counter.get_total_flops() // 2

@@ -638,6 +638,16 @@ def test_hook_based_spectral_norm_is_folded_on_the_copy_only(tmp_path):
     _assert_untouched(model, before)
 
 
+def test_user_forward_hooks_never_see_the_mac_counters_meta_tensors():
+    # planning counted a layer's MACs by calling it, hooks included, on the meta device:
+    # a hook reading a value (.item()) raised "cannot be called on meta tensors"
+    seen = []
+    model = nn.Sequential(nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    model[0].register_forward_hook(lambda mod, args, out: seen.append(out.abs().max().item()))
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(2, 4, 8, 8))
+    assert isinstance(gm.get_submodule("0"), Factorized) and gm.fxlrd_plan["0"].macs_before == 2 * 16 * 4 * 9 * 36
+
+
 class _ChunksByLength(nn.Module):  # export bakes length // 4 in as a constant; the model itself takes any length
     def __init__(self):
         super().__init__()
