@@ -20,6 +20,7 @@ from .factorized import Factorized
 from .metrics import count_params
 from .plan import LayerPlan, Plan
 from .planner import make_plan
+from .sites import uncompiled
 
 __all__ = ["plan", "apply", "transform"]
 
@@ -184,7 +185,7 @@ def plan(
     and sizes are those `transform` returns (branching rounds ranks, merging changes sizes).
     """
     config = _check_config(config)
-    check_module(model)
+    model = uncompiled(check_module(model))  # a torch.compile wrapper: its module (run under fake tensors, inductor code crashed)
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
     plan_, stats = _plan_captured(captured, config, _reusable(calibration), inputs)
@@ -359,7 +360,7 @@ def apply(
         ConfigError: the plan is data-aware and ``calibration`` is missing, or it was made with
             a sensitivity function and ``sensitivity`` is not given.
     """
-    check_module(model)
+    model = uncompiled(check_module(model))  # a torch.compile wrapper: its module (run under fake tensors, inductor code crashed)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an fxlrd.Plan, got {type(plan).__name__}; use fxlrd.plan(model) or Plan.from_json")
     plan = copy.deepcopy(plan)  # the model's own record (branching and merging write to it); the caller's stays as given
@@ -521,7 +522,7 @@ def transform(
         and how it was captured as ``gm.fxlrd_capture``.
     """
     config = _check_config(config)
-    check_module(model)
+    model = uncompiled(check_module(model))  # a torch.compile wrapper: its module (run under fake tensors, inductor code crashed)
     if inplace and config.merge is not None:
         raise ConfigError(
             "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "

@@ -665,7 +665,7 @@ def load(
         PlanMismatchError: the save does not fit ``model`` (another architecture).
         CaptureError: ``model`` cannot be captured the way the save records.
     """
-    check_module(model)
+    model = uncompiled(check_module(model))  # a torch.compile wrapper: its module
     directory = Path(directory)
     meta = verify(directory)
     plan = _read_plan(directory)

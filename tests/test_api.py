@@ -568,3 +568,14 @@ def test_macs_and_parameters_are_the_textbook_counts():
     a, b = nn.Linear(8, 8), nn.Linear(8, 8)
     b.weight = a.weight
     assert fxlrd.count_params(nn.Sequential(a, b)) == 64 + 8 + 8
+
+
+def test_a_torch_compiled_model_is_taken_as_its_module(tmp_path):
+    # the compiled wrapper ran under fxlrd's fake tensors and inductor's code crashed the process (SIGSEGV)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    compiled, x = torch.compile(model), torch.randn(2, 4, 8, 8)
+    assert [lp.name for lp in fxlrd.plan(compiled, LRDConfig(ratio=2), example_inputs=x)] == ["0", "2"]
+    gm = fxlrd.transform(compiled, LRDConfig(ratio=2), example_inputs=x)
+    assert isinstance(gm.get_submodule("2"), Factorized)
+    fxlrd.save(gm, tmp_path / "m")
+    assert torch.equal(fxlrd.load(compiled, tmp_path / "m")(x), gm(x))
