@@ -560,8 +560,14 @@ def replace_site(gm: fx.GraphModule, site: Site, module: nn.Module, meta: dict[s
     A `Factorized` is called factor by factor (one node per role, each with
     ``meta["fxlrd"] = {source, method, role, ranks}`` plus ``meta``), any other module as one
     node. The dense weight and bias leave the model (the owner module goes when the module
-    takes its place). Returns the new last node of each site node.
+    takes its place); a `Factorized`'s weights take the dense weight's ``requires_grad`` and
+    its bias the dense bias's, so a frozen layer stays frozen. Returns the new last node of
+    each site node.
     """
+    if isinstance(module, Factorized):  # a frozen layer's factors stay frozen
+        flags = [bool(t.requires_grad) for t in site.parameters(gm)]  # as stored (a transpose under no_grad has none)
+        for pname, param in module.named_parameters():
+            param.requires_grad_(flags[-1] if pname.endswith("bias") else flags[0])
     if site.kind == "function" and not site.replace_owner:
         for path in filter(None, (site.weight_path, site.bias_path)):
             _drop_param(gm, path)

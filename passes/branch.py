@@ -83,7 +83,11 @@ class BranchPass(PassBase):
         new_out.weight.copy_(torch.cat(blocks.out_factors, 1).reshape(new_out.weight.shape))
         if out.bias is not None:
             new_out.bias.copy_(out.bias)
-        return {"in_proj": new_in, "core": new_core, "out_proj": new_out}
+        new = {"in_proj": new_in, "core": new_core, "out_proj": new_out}
+        for role, module in new.items():  # a frozen factor's replacement stays frozen
+            for pname, param in module.named_parameters():
+                param.requires_grad_(getattr(fact.get_submodule(role), pname).requires_grad)
+        return new
 
     def _fit_on_data(self, target: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor, stats: Any) -> BlockTerms:
         """The block-term fit of ``target`` minimising the layer's output error on the

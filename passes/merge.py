@@ -273,6 +273,8 @@ class MergePass(PassBase):
         ma, mb = _module(gm, a), _module(gm, b)
         first = fold_norm(ma, _module(gm, norm)) if norm is not None else ma
         merged = compose_pointwise(first, mb).train(ma.training)
+        trainable = any(p.requires_grad for m in (ma, mb) for p in m.parameters())  # frozen when both were
+        merged.requires_grad_(trainable)
         sources = sorted(_sources(gm, a, self.rule) | _sources(gm, b, self.rule))
         info = {"merged_from": [a.target, b.target], "exact": act is None, "sources": sources}
         merged.fxlrd_merge = info
@@ -293,6 +295,7 @@ class MergePass(PassBase):
             old = _module(gm, norm)
             new_norm = type(old)(out_ch if after else in_ch, eps=old.eps, momentum=old.momentum, affine=old.affine,
                                  device=merged.weight.device, dtype=merged.weight.dtype).train(old.training)  # fmt: skip
+            new_norm.requires_grad_(any(p.requires_grad for p in old.parameters()))
             set_submodule(gm, norm.target, new_norm)
             norm.meta["fxlrd"] = {"moved_norm": True, "merge": a.target if after else b.target}
             new_norm.fxlrd_moved = True

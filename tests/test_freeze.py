@@ -232,3 +232,50 @@ def test_freezing_drops_the_gradients_of_the_factors_it_freezes():
     assert frozen and trainable
     assert all(p.grad is None for p in frozen)
     assert all(p.grad is not None for p in trainable)  # only the frozen ones lose theirs
+
+
+class _Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 32)
+        self.w = nn.Parameter(torch.randn(32, 32))
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x))).mean((2, 3))
+        return self.fc(y) @ self.w.T
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("extra", [{}, {"branches": 2}, {"merge": "exact"}])
+def test_a_layer_the_user_froze_stays_frozen(capture, extra):
+    """transform keeps the user's requires_grad: a frozen layer's factors (and its bias, by
+    the bias's own flag) come back frozen, branched cores too; a merged layer is frozen when
+    both its sources were. (Every factor came back trainable: a frozen backbone trained.)"""
+    model = _Frozen().eval()
+    model.a.requires_grad_(False)
+    model.w.requires_grad_(False)
+    model.fc.bias.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    gm = fxlrd.transform(model, fxlrd.LRDConfig(ratio=2, **extra), example_inputs=torch.randn(2, 8, 8, 8),
+                         capture=capture)  # fmt: skip
+    flags = {n: p.requires_grad for n, p in gm.named_parameters()}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # the user's model untouched
+    assert any(n.startswith("a.") for n in flags) and not any(v for n, v in flags.items() if n.startswith("a."))
+    if "merge" in extra:  # merging decomposes the k×k convs only: fc and w are kept, flags and all
+        assert flags["w"] is False and flags["fc.bias"] is False and flags["fc.weight"] is True
+    else:
+        assert flags["fc.out_proj.bias"] is False and flags["fc.out_proj.weight"] is True
+        assert any(n.startswith("w") for n in flags) and not any(v for n, v in flags.items() if n.startswith("w"))
+    assert all(v for n, v in flags.items() if n.startswith("b."))
+
+
+def test_a_merged_layer_is_trainable_when_either_source_was():
+    model = zoo.resnet50().eval()
+    model.layer1.requires_grad_(False)
+    model.layer2[0].conv1.requires_grad_(False)
+    gm = fxlrd.transform(model, fxlrd.LRDConfig(ratio=2, merge="approximate"), example_inputs=torch.randn(1, 3, 32, 32))
+    frozen = {n.rsplit(".", 1)[0] for n, p in gm.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("layer1.") for n in frozen)  # layer2.0.conv1 merged with a trainable layer
+    assert all(not p.requires_grad for p in gm.get_submodule("layer1").parameters())
