@@ -315,6 +315,65 @@ def _check_inplace(plan_: Plan) -> None:
         )
 
 
+_HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+               "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}  # fmt: skip
+
+
+def _hooked_modules(model: nn.Module) -> dict[str, list[str]]:
+    """Module path → the kinds of hooks registered on it (the hook-based weight and spectral
+    norms left out: capture folds them into the weight)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    out = {}
+    for name, module in model.named_modules():
+        kinds = [kind for attr, kind in _HOOK_KINDS.items()
+                 if any(not isinstance(h, (WeightNorm, SpectralNorm)) for h in (getattr(module, attr, None) or {}).values())]  # fmt: skip
+        if kinds:
+            out[name] = kinds
+    return out
+
+
+def _lost_hooks(hooked: Mapping[str, list[str]], gm: fx.GraphModule, captured: Captured, plan_: Plan) -> None:
+    """A note, and a warning, naming the modules whose hooks the returned graph does not call:
+    a layer fx called as a module and fxlrd decomposed runs as its factors, without its hooks;
+    the modules a capture traced into (every module, under torch.export) ran their hooks once,
+    while tracing, so a change a hook makes to an output is in the graph and nothing else it
+    does happens again."""
+    if not hooked:
+        return
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+
+    def runs(name: str) -> bool:
+        try:
+            module = gm.get_submodule(name)
+        except AttributeError:
+            return False
+        return name in called and bool(_hooked_modules(module).get(""))
+
+    lost = {name: kinds for name, kinds in hooked.items() if not runs(name)}
+    if not lost:
+        return
+    decomposed = {lp.name for lp in plan_.decomposed} if captured.mode == "fx" else set()
+
+    def listed(names: list[str]) -> str:
+        return "; ".join(f"{n or 'the model'} ({', '.join(lost[n])})" for n in names[:4]) + ("; ..." if len(names) > 4 else "")
+
+    gone, traced = [n for n in lost if n in decomposed], [n for n in lost if n not in decomposed]
+    parts = []
+    if gone:
+        parts.append(f"decomposed, each runs as its factors without its hooks (a change they make to its output is "
+                     f"lost too): {listed(gone)}")  # fmt: skip
+    if traced:
+        parts.append(f"traced into by the capture, their hooks ran once, while tracing (a change they make to an "
+                     f"output is in the graph; nothing else they do happens again): {listed(traced)}")  # fmt: skip
+    message = (f"{len(lost)} hooked module{'s' if len(lost) > 1 else ''} of the model, whose hooks the returned graph "
+               f"does not call: {'. '.join(parts)}. Register hooks on the returned model instead (a decomposed "
+               "layer's input is its first factor's, its output its last factor's)")  # fmt: skip
+    captured.notes.append(message)
+    warnings.warn(message, FxlrdWarning, stacklevel=3)
+
+
 def _finish(gm: fx.GraphModule, plan_: Plan, captured: Captured) -> fx.GraphModule:
     """Attach the plan and the capture record; they survive deepcopy (preserved attributes)."""
     gm.fxlrd_plan = plan_
@@ -364,6 +423,7 @@ def apply(
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an fxlrd.Plan, got {type(plan).__name__}; use fxlrd.plan(model) or Plan.from_json")
     plan = copy.deepcopy(plan)  # the model's own record (branching and merging write to it); the caller's stays as given
+    hooked = _hooked_modules(model)
     if inplace and plan.settings.get("merge"):
         raise ConfigError("inplace=True cannot be combined with a plan that merges layers; use inplace=False")
     recorded = plan.settings.get("capture") or {}
@@ -407,6 +467,7 @@ def apply(
                          sync_sizes=True)  # fmt: skip
     if inplace and gm is not model:
         _mirror_into(model, gm)
+    _lost_hooks(hooked, gm, captured, plan)
     return _finish(gm, plan, captured)
 
 
@@ -523,6 +584,7 @@ def transform(
     """
     config = _check_config(config)
     model = uncompiled(check_module(model))  # a torch.compile wrapper: its module (run under fake tensors, inductor code crashed)
+    hooked = _hooked_modules(model)
     if inplace and config.merge is not None:
         raise ConfigError(
             "inplace=True cannot be combined with merge: merging rewrites the graph beyond swapping modules, "
@@ -550,4 +612,5 @@ def transform(
     gm = _apply_to_graph(captured.gm, plan_, reference=None if inplace else model, stats=stats, factors=factors)
     if inplace and gm is not model:
         _mirror_into(model, gm)
+    _lost_hooks(hooked, gm, captured, plan_)
     return _finish(gm, plan_, captured)

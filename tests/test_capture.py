@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import fx, nn
 
 import fxlrd
-from fxlrd import CaptureError, ConfigError, Factorized, LRDConfig, PlanMismatchError
+from fxlrd import CaptureError, ConfigError, Factorized, FxlrdWarning, LRDConfig, PlanMismatchError
 
 from conftest import rel_err
 
@@ -646,6 +647,45 @@ def test_user_forward_hooks_never_see_the_mac_counters_meta_tensors():
     model[0].register_forward_hook(lambda mod, args, out: seen.append(out.abs().max().item()))
     gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(2, 4, 8, 8))
     assert isinstance(gm.get_submodule("0"), Factorized) and gm.fxlrd_plan["0"].macs_before == 2 * 16 * 4 * 9 * 36
+
+
+class _Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.fc(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_hooks_the_returned_graph_does_not_call_are_named(capture):
+    """A decomposed layer's hooks are gone (fx: a hook changing its output too), and an export
+    capture ran every hook once, while tracing: a warning and a capture note name the modules;
+    a hook on a layer fx keeps as a module still runs, and no hooks, no warning."""
+    model = _Hooked().eval()
+    seen = []
+    model.fc.register_forward_hook(lambda mod, args, out: out * 0)  # changes fc's output
+    model.head.register_forward_pre_hook(lambda mod, args: seen.append("head"))
+    x = torch.randn(2, 16)
+    config = LRDConfig(ratio=2, include=["fc"])
+    with pytest.warns(FxlrdWarning, match="hooked module") as record:
+        gm = fxlrd.transform(model, config, example_inputs=x, capture=capture)
+    message = str(next(w.message for w in record if "hooked module" in str(w.message)))
+    assert message in gm.fxlrd_capture["notes"] and "fc (forward hook)" in message
+    seen.clear()
+    gm(x)
+    if capture == "fx":
+        assert "decomposed, each runs as its factors" in message and "head" not in message and seen == ["head"]
+    else:
+        assert "traced into by the capture" in message and "head (forward pre-hook)" in message and seen == []
+        torch.testing.assert_close(gm(x), model(x))  # fc's hook (zeroing its output) is in the graph
+    with pytest.warns(FxlrdWarning, match="hooked module"):
+        fxlrd.apply(model, gm.fxlrd_plan, example_inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxlrdWarning)
+        fxlrd.transform(_Hooked().eval(), config, example_inputs=x, capture=capture)
 
 
 class _ChunksByLength(nn.Module):  # export bakes length // 4 in as a constant; the model itself takes any length
