@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import itertools
 import logging
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -644,6 +646,23 @@ def dynamic_export_inputs(model: nn.Module, inputs: Args) -> tuple[tuple, dict, 
     return args, kwargs, _auto_dynamic_shapes(bound, batch, seqs), asked
 
 
+def _torch_export(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], dynamic_shapes: Any = None) -> Any:
+    """``torch.export.export(strict=False)``, without the partial graph torch prints to stderr when it fails (a
+    data-dependent guard: dozens of lines, twice per attempt; fxlrd's `CaptureError` names the file and line, and
+    the graph stays on the exception as ``partial_fx_graph``). Anything else written to stderr is passed on."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except BaseException as exc:
+        graph = getattr(exc, "partial_fx_graph", None)
+        text = buffer.getvalue()
+        buffer = io.StringIO(text.replace(f"{graph}\n", "") if graph is not None else text)
+        raise
+    finally:
+        sys.stderr.write(buffer.getvalue())
+
+
 def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:
     notes: list[str] = []
     args, kwargs = inputs
@@ -654,7 +673,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
         args, kwargs, dynamic_shapes, asked = dynamic_export_inputs(model, inputs)
     without_cache = False
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = _torch_export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001
         configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
         if _is_cache_output_error(exc) and configs:
@@ -664,7 +683,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
             without_cache = True  # exported again below: a failure then is reported as its own, not as the cache's
         elif automatic:  # fxlrd's guess at the dynamic dimensions did not export (torch rejects some, e.g. in **kwargs)
             try:
-                ep = torch.export.export(model, *inputs, strict=False)
+                ep = _torch_export(model, *inputs)
             except Exception:  # noqa: BLE001  (report the first failure: static shapes were only a fallback)
                 raise exc from None
             notes.append(f"captured with static shapes: export with a dynamic batch failed ({_one_line(exc)}); "
@@ -672,7 +691,7 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
         else:
             raise
     if without_cache:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = _torch_export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     exported = ep.module()
     graph = exported.graph
     static = _static_dims(exported, asked) if automatic and not any("static shapes" in n for n in notes) else []

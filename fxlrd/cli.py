@@ -298,6 +298,9 @@ def _import_factory(spec: str) -> nn.Module:
                 raise
         else:
             module = importlib.import_module(module_name)
+    except SystemExit as exc:  # a script's top-level sys.exit() or argparse: not the command's own exit
+        raise CommandError(f"importing {module_name!r} exited (SystemExit: {exc.code!r}) instead of defining the "
+                           "model; put the file's script code under if __name__ == '__main__':") from None
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise UsageError(f"model {spec!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
@@ -312,6 +315,9 @@ def _import_factory(spec: str) -> nn.Module:
             raise UsageError(f"model {spec!r}: {attr!r} is neither an nn.Module nor a function returning one")
         try:
             obj = obj()
+        except SystemExit as exc:  # sys.exit() or argparse inside the factory: a failure, not the command's exit
+            raise CommandError(f"calling {spec}() exited (SystemExit: {exc.code!r}) instead of returning a model") \
+                from None
         except Exception as exc:  # noqa: BLE001  (the user's factory: report, do not crash)
             raise CommandError(f"calling {spec}() failed: {type(exc).__name__}: {_one_line(exc)}") from exc
     if not isinstance(obj, nn.Module):
@@ -748,6 +754,9 @@ class _Inputs:
         if isinstance(data, Mapping) and len(data) == 1:
             data = next(iter(data.values()))
         tensors = [data] if isinstance(data, torch.Tensor) else list(data.values()) if isinstance(data, Mapping) else []
+        if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0 for t in tensors):
+            raise UsageError(f"--calibration {path} holds no samples (a tensor of length 0): save at least one "
+                             "batch of the model's inputs")  # fmt: skip
         if any(isinstance(t, torch.Tensor) and t.dim() < 2 for t in tensors):
             raise UsageError(f"--calibration {path}: every tensor must have the samples first (N, ...); found one of "
                              f"shape {[list(t.shape) for t in tensors if isinstance(t, torch.Tensor)]}")  # fmt: skip
@@ -1219,6 +1228,7 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
     _check_distinct(args, {"--onnx": onnx_path, "--save": save_path, "--report": report_path}, directories=["--save"])
     _check_calibration_path(args)
     console.step(f"loading {args.model}")
+    torch.manual_seed(args.seed)  # a factory's or zoo model's own random weights: the same every run
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)
     inputs = _Inputs(source, args)
     data = _data(args, inputs, console)
@@ -1482,6 +1492,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _config(args)
     json_path = _check_output(args.json, "--json")
     _check_distinct(args, {"--json": json_path})
+    torch.manual_seed(args.seed)  # a factory's or zoo model's own random weights: the same every run
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)
     inputs = _Inputs(source, args)
     example = inputs.random(args.seed)
@@ -1612,6 +1623,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_calibration_path(args)
     console = _Console(args.quiet)
     console.step(f"loading {args.model}")
+    torch.manual_seed(args.seed)  # a factory's or zoo model's own random weights: the same every run
     source = load_model(args.model, weights=args.weights, quiet=args.quiet)
     inputs = _Inputs(source, args)
     data = _data(args, inputs, console)
@@ -1781,7 +1793,9 @@ def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
                    help="sequence length for text models (default 128)")  # fmt: skip
     g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
                    help="torch.fx, torch.export, or fx then export (default auto)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs (default 0)")
+    g.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the random inputs, and of the weights a model without --weights is made with "
+                        "(default 0)")  # fmt: skip
 
 
 def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
@@ -1986,7 +2000,9 @@ def _library_noise(debug: bool) -> Iterator[None]:
         return
     # torchao (imported by transformers when installed) logs its optional CUDA kernels failing
     # to load and torch's pytree logs deprecations of torchao's registrations: not the user's.
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    # torch.export's shape solver logs the data-dependent guards it cannot trace to user code (before it raises).
+    names = ("torchao", "torch.utils._pytree", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -2055,7 +2071,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = _for_the_command_line(text)
         expected = usage or isinstance(exc, (CommandError, FxlrdError, OSError))
         hint = "" if debug or expected else " (--debug shows the traceback)"
-        if isinstance(exc, CaptureError) and "--capture" not in text:  # its fix is written for the Python API
+        tried_one = getattr(args, "capture", None) in ("fx", "export")
+        if isinstance(exc, CaptureError) and "--capture" not in text and tried_one:
+            # its fix is written for the Python API; under --capture auto both captures were tried
             hint += f" (on the command line: --capture {'fx' if getattr(args, 'capture', None) == 'export' else 'export'})"
         print(f"fxlrd: error: {text}{hint}", file=sys.stderr)
         return 2 if usage else 1

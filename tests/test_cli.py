@@ -1359,3 +1359,78 @@ def test_fidelity_cosine_is_per_sample():
     assert scaled["cosine"] == pytest.approx(1.0) and scaled["relative_error"] > 0.1
     flipped = fidelity(lambda t: t, lambda t: t * torch.tensor([[1.0], [-1.0], [1.0]]), [x])
     assert flipped["cosine"] == pytest.approx(1 / 3)
+
+
+# -- found by the CLI user-journey audit ----------------------------------------------------------
+MAKE = "from torch import nn\ndef make():\n    return nn.Linear(4, 4)\n"
+
+
+@pytest.mark.parametrize("source, where", [
+    ("import sys\nsys.exit(0)\n" + MAKE, "importing"),  # a script's top-level exit: not the command's success
+    ("import argparse\nargparse.ArgumentParser().parse_args()\n" + MAKE, "importing"),  # parsing fxlrd's argv
+    ("import sys\ndef make():\n    sys.exit(3)\n", "calling"),
+])
+def test_a_model_file_that_exits_is_a_failure_not_the_commands_exit(tmp_path, capsys, source, where):
+    (tmp_path / "script_net.py").write_text(source)
+    out_dir = tmp_path / "out"
+    code, _, err = _run(capsys, "compress", f"{tmp_path / 'script_net.py'}:make", "--input-shape", "1,4",
+                        "--repeats", 0, "--save", out_dir)  # fmt: skip
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fxlrd: error: ") and where in line and "SystemExit" in line, err
+    assert not out_dir.exists()
+    sys.modules.pop("script_net", None)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_an_empty_calibration_tensor_file_is_refused(tmp_path, capsys, named):
+    (tmp_path / "net0.py").write_text("from torch import nn\ndef make():\n    return nn.Sequential(nn.Linear(8, 16), "
+                                      "nn.ReLU(), nn.Linear(16, 4))\n")  # fmt: skip
+    empty = torch.zeros(0, 8)
+    torch.save({"input": empty} if not named else {"x": empty, "y": torch.zeros(0, 8)}, tmp_path / "cal.pt")
+    code, out, err = _run(capsys, "compress", f"{tmp_path / 'net0.py'}:make", "--input-shape", "1,8", "--repeats", 0,
+                          "--calibration", tmp_path / "cal.pt")  # fmt: skip
+    assert code == 2 and "holds no samples" in err and "Traceback" not in err, (out, err)
+    sys.modules.pop("net0", None)
+
+
+def test_a_model_neither_capture_takes_fails_in_one_line_without_a_wrong_capture_hint(tmp_path, capfd):
+    """Under --capture auto both captures were tried: no '--capture export' hint; and torch.export's partial
+    graph (printed to stderr, twice per attempt) stays off the terminal."""
+    (tmp_path / "branchy.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+            def forward(self, x):
+                h = self.a(x)
+                if h.sum() > 0:
+                    return self.b(h)
+                return h
+        def make():
+            return Branchy()
+        """))
+    code = main(["compress", f"{tmp_path / 'branchy.py'}:make", "--input-shape", "2,16", "--repeats", "0", "-q"])
+    err = capfd.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fxlrd: error: fxlrd could not capture Branchy"), err
+    assert "--capture export" not in err and "def forward" not in err
+    sys.modules.pop("branchy", None)
+
+
+def test_a_model_without_weights_is_made_the_same_every_run(tmp_path, capsys):
+    """A factory's own random init is seeded (--seed): the same command measures the same model every run."""
+    (tmp_path / "randnet.py").write_text("from torch import nn\ndef make():\n"
+                                         "    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))\n")
+    reports = []
+    for run in range(2):
+        torch.manual_seed(run)  # whatever the process did before
+        code, out, err = _run(capsys, "compress", f"{tmp_path / 'randnet.py'}:make", "--input-shape", "1,32",
+                              "--repeats", 0, "--report", tmp_path / f"r{run}.json")  # fmt: skip
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / f"r{run}.json").read_text())["fidelity"])
+        sys.modules.pop("randnet", None)
+    assert reports[0] == reports[1]
