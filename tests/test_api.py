@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -242,6 +243,31 @@ def test_plan_to_json_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
     plan.to_json(path)
     assert Plan.from_json(path).to_dict() == plan.to_dict()
+
+
+def test_an_atomic_write_keeps_a_link_a_link_and_a_files_permissions(tmp_path):
+    """Writing through a symbolic link replaces the file it points to (the link became a
+    regular file, and its target was never updated); a file written over keeps its mode (a
+    private 0600 report became 0644)."""
+    import stat
+
+    from fxlrd._files import write_text
+
+    target = tmp_path / "results" / "real.json"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_text(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["real.json"]  # no temporary file left
+    fresh = tmp_path / "fresh.json"
+    write_text(fresh, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~mask
 
 
 def test_include_filter_fn_and_layer_types():
