@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -575,6 +576,13 @@ def _target_params(text: str) -> int | float:
     return int(value)
 
 
+def _default_seq_len(model: nn.Module) -> int:
+    """128 tokens, or fewer when the model's config says it takes fewer (its position table)."""
+    config = getattr(model, "config", None)
+    longest = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    return min([128] + [n for n in longest if isinstance(n, int) and n > 0])
+
+
 class _Inputs:
     """Makes input batches for a model: random ones, and those read from calibration files."""
 
@@ -600,7 +608,7 @@ class _Inputs:
                 raise UsageError("--input-shape is for tensor inputs; for a text model use --batch and --seq-len")
             if size is not None:
                 raise UsageError("--size is for image models; for a text model use --seq-len")
-            self.batch, self.seq_len = batch or 1, args.seq_len
+            self.batch, self.seq_len = batch or 1, args.seq_len or _default_seq_len(source.model)
             self.shape = (self.batch, self.seq_len)
         else:
             shape = args.input_shape
@@ -620,11 +628,22 @@ class _Inputs:
             self.shape = tuple(shape)
             self.batch = self.shape[0]
 
+    def segments(self) -> bool:
+        """Whether text batches carry ``token_type_ids``: the tokenizer returns them and the
+        model takes them (so the saved model can be called with the tokenizer's output)."""
+        names = getattr(self.source.tokenizer, "model_input_names", None) or ()
+        try:
+            takes = "token_type_ids" in inspect.signature(self.source.model.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        return self.kind == "text" and "token_type_ids" in names and takes
+
     def describe(self) -> str:
         if self.example is not None:
             return _describe_batch(self.example)
         if self.kind == "text":
-            return f"input_ids, attention_mask int64[{self.batch}, {self.seq_len}]"
+            names = "input_ids, token_type_ids, attention_mask" if self.segments() else "input_ids, attention_mask"
+            return f"{names} int64[{self.batch}, {self.seq_len}]"
         return f"float32[{', '.join(map(str, self.shape))}]"
 
     def random(self, seed: int) -> Batch:
@@ -632,7 +651,8 @@ class _Inputs:
         if self.kind == "text":
             vocab = self.source.vocab_size or 1000
             ids = torch.randint(min(5, vocab - 1), vocab, self.shape, generator=g)
-            return self._decoder({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            segments = {"token_type_ids": torch.zeros_like(ids)} if self.segments() else {}
+            return self._decoder({"input_ids": ids, **segments, "attention_mask": torch.ones_like(ids)})
         return torch.randn(self.shape, generator=g)
 
     def _decoder(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -727,7 +747,8 @@ class _Inputs:
         for i in range(0, len(lines) - self.batch + 1, self.batch):
             enc = tokenizer(lines[i : i + self.batch], padding="max_length", truncation=True, max_length=self.seq_len,
                             return_tensors="pt")  # fmt: skip
-            out.append(self._decoder({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
+            segments = {"token_type_ids": enc["token_type_ids"]} if self.segments() and "token_type_ids" in enc else {}
+            out.append(self._decoder({"input_ids": enc["input_ids"], **segments, "attention_mask": enc["attention_mask"]}))
         if not out:
             raise UsageError(f"--calibration {path} has {len(lines)} lines, fewer than one batch of {self.batch}")
         return out
@@ -1789,8 +1810,8 @@ def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
     g.add_argument("--batch", type=_positive_int, metavar="N",
                    help="batch size of every input (default: 1 for text models, else the batch of --input-shape "
                         "or of the model's own input shape)")  # fmt: skip
-    g.add_argument("--seq-len", type=_positive_int, default=128, metavar="N",
-                   help="sequence length for text models (default 128)")  # fmt: skip
+    g.add_argument("--seq-len", type=_positive_int, metavar="N",
+                   help="sequence length for text models (default 128, or the model's longest if shorter)")  # fmt: skip
     g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
                    help="torch.fx, torch.export, or fx then export (default auto)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, metavar="N",

@@ -282,6 +282,13 @@ def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys)
     assert "encoder.layer.0.intermediate.dense" in out
     loaded = fxlrd.load(transformers.AutoModel.from_pretrained(model_dir), tmp_path / "saved")
     assert loaded.fxlrd_plan.settings["capture"]["mode"] == "export"
+    batch = transformers.AutoTokenizer.from_pretrained(model_dir)(["w1 w2 w3", "w4 w5"], return_tensors="pt",
+                                                                   padding=True)  # fmt: skip
+    assert "token_type_ids" in batch
+    assert loaded(**batch).last_hidden_state.shape[:2] == (2, 5)  # the tokenizer's own output (was a TypeError)
+    # no --seq-len: 128 tokens, but this model's position table holds 64 (a plain compress failed)
+    code, out, err = _run(capsys, "compress", model_dir, "--repeats", 0, "--eval-batches", 1)
+    assert code == 0 and "input_ids, token_type_ids, attention_mask int64[1, 64]" in out, err
     code, _, err = _run(capsys, "compress", model_dir, "--size", 32)
     assert code == 2 and "--size is for image models; for a text model use --seq-len" in err
 
@@ -1230,7 +1237,7 @@ def test_a_text_file_is_cut_into_batches_of_distinct_lines():
             return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     inputs = types.SimpleNamespace(kind="text", batch=2, seq_len=3, source=types.SimpleNamespace(tokenizer=Tokenizer()),
-                                   _decoder=lambda batch: batch)  # fmt: skip
+                                   _decoder=lambda batch: batch, segments=lambda: False)  # fmt: skip
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -1332,7 +1339,7 @@ def test_parsed_defaults_are_the_ones_the_help_states():
                 checked += 1
     assert checked >= 15
     args = parser.parse_args(["compress", "m"])
-    assert (args.eval_batches, args.calibration_batches, args.seq_len, args.repeats) == (4, 16, 128, 20)
+    assert (args.eval_batches, args.calibration_batches, args.seq_len, args.repeats) == (4, 16, None, 20)  # 128 or fewer
     assert parser.parse_args(["demo"]).repeats == 30
 
 
