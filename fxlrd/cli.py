@@ -208,6 +208,12 @@ def _check_output(path: str | None, option: str, *, directory: bool = False, ove
         raise CommandError(f"cannot write {option} {p}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK):
         raise CommandError(f"cannot write {option} {p}: {ancestor} is not writable")
+    try:  # os.access says yes to root everywhere; a file system may still refuse (read-only, /proc)
+        fd, probe = tempfile.mkstemp(prefix=".fxlrd-probe.", dir=ancestor)
+    except OSError as exc:
+        raise CommandError(f"cannot write {option} {p}: {ancestor} refuses new files ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.remove(probe)
     return p
 
 
