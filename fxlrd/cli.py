@@ -475,6 +475,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     suffix = p.suffix.lower()
     if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(f"--weights {p}: use a .safetensors, .pt or .pth file (got {suffix or 'no suffix'})")
+    if p.is_dir():
+        raise UsageError(f"--weights {p} is a directory; give the weights file in it")
     if not p.is_file():
         raise CommandError(f"weights file {p} does not exist")
     try:
@@ -487,8 +489,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     except Exception as exc:  # noqa: BLE001
         if isinstance(exc, pickle.UnpicklingError) or _is_torchscript(p):  # torch's own message is long and coloured
             raise UsageError(_unpicklable(p, "--weights")) from exc
-        hint = "" if suffix == ".safetensors" else (
-            " (torch.load with weights_only=True refuses pickled objects: save model.state_dict())")  # fmt: skip
+        hint = " (truncated or corrupt? write it again: " + ("safetensors.torch.save_file" if suffix == ".safetensors"
+                                                             else "torch.save(model.state_dict(), path)") + ")"  # fmt: skip
         raise CommandError(f"cannot read weights file {p}: {type(exc).__name__}: {_one_line(exc)[:200]}{hint}") from exc
     state = _state_dict_from(state, p)
     own = model.state_dict()
@@ -784,6 +786,10 @@ class _Inputs:
         if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0 for t in tensors):
             raise UsageError(f"--calibration {path} holds no samples (a tensor of length 0): save at least one "
                              "batch of the model's inputs")  # fmt: skip
+        bad = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
+        if bad:
+            raise UsageError(f"--calibration {path} holds NaN or infinite values ({int((~bad[0].isfinite()).sum())} of "
+                             f"{bad[0].numel()} in one tensor): calibrate on real, finite inputs")  # fmt: skip
         if any(isinstance(t, torch.Tensor) and t.dim() < 2 for t in tensors):
             raise UsageError(f"--calibration {path}: every tensor must have the samples first (N, ...); found one of "
                              f"shape {[list(t.shape) for t in tensors if isinstance(t, torch.Tensor)]}")  # fmt: skip
@@ -796,6 +802,10 @@ class _Inputs:
             if self.kind == "text":
                 data = self._decoder({"input_ids": data.long(), "attention_mask": torch.ones_like(data, dtype=torch.long)})
             else:
+                if tuple(data.shape) == tuple(self.shape[1:]):
+                    raise UsageError(f"--calibration {path} holds one sample without its batch dimension "
+                                     f"({list(data.shape)}): save the samples stacked, (N, "
+                                     f"{', '.join(map(str, data.shape))}), e.g. x.unsqueeze(0) for one")  # fmt: skip
                 if tuple(data.shape[1:]) != tuple(self.shape[1:]):
                     raise UsageError(
                         f"--calibration {path} holds samples of shape {list(data.shape[1:])}, the model's inputs are "

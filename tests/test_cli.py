@@ -423,6 +423,28 @@ def test_errors_are_one_line_with_the_right_exit_status(tmp_path, capsys, factor
     assert "Traceback" not in err
 
 
+def test_bad_weight_and_calibration_files_get_their_own_errors(tmp_path, capsys, factory):
+    """A truncated weights file is called that (the hint said torch refuses pickled objects); a
+    directory is not 'missing'; NaN calibration names its file (it failed later, in the Gram
+    matrix, exit 1); an unstacked sample says so (the hint asked for another --input-shape)."""
+    spec, weights, model = factory
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:2000])
+    (tmp_path / "d.pt").mkdir()
+    torch.save(torch.full((4, 3, 32, 32), float("nan")), tmp_path / "nan.pt")
+    torch.save(torch.randn(3, 32, 32), tmp_path / "one.pt")
+    shape = ("--input-shape", "1,3,32,32", "--repeats", 0)
+    for argv, code, message in [
+        (("--weights", tmp_path / "trunc.pt"), 1, r"cannot read weights file .*trunc.pt: .*\(truncated or corrupt\?"),
+        (("--weights", tmp_path / "d.pt"), 2, r"--weights .*d.pt is a directory; give the weights file in it"),
+        (("--calibration", tmp_path / "nan.pt"), 2, r"--calibration .*nan.pt holds NaN or infinite values \(12288 of"),
+        (("--calibration", tmp_path / "one.pt"), 2, r"one.pt holds one sample without its batch dimension \(\[3, 32, 32\]\)"),
+    ]:  # fmt: skip
+        got, _, err = _run(capsys, "compress", spec, *shape, *argv)
+        assert got == code and err.count("\n") == 1 and re.search(message, err), err
+
+
+
 def test_a_pickled_whole_model_as_weights_is_refused_in_one_plain_line(tmp_path, capsys, factory):
     spec, _, model = factory
     torch.save(model, tmp_path / "whole.pt")
