@@ -577,6 +577,9 @@ def _target_params(text: str) -> int | float:
         ) from None
     if 0 < value < 1:
         return value
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 is neither a fraction of the model below 1 (0.5) nor a useful parameter "
+                                         "count; give the budget as a fraction in (0, 1) or a count (5M)")  # fmt: skip
     if not math.isfinite(value) or value != int(value) or value < 2:
         raise argparse.ArgumentTypeError(
             f"expected a parameter count (an integer, 5000000, 5M) or a fraction of the model in (0, 1) (0.4), got {text!r}"
@@ -1804,6 +1807,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args=None, namespace=None):  # an option unknown to a command points to that command's help
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see '{prog} --help')")
+        return parsed
 
 
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
