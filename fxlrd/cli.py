@@ -1518,6 +1518,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.save = str(out / f"{name}_lrd")
     args.report = str(out / f"{name}_report.json")
     args.overwrite = True
+    for what, q in _input_paths(args):  # named by the option the user gave (--onnx etc. are the demo's own)
+        if out.resolve() == q.resolve() or q.resolve() in out.resolve().parents:
+            raise UsageError(f"--out {args.out} would put the demo's files in {what} ({q.resolve()}): choose another "
+                             "--out")  # fmt: skip
     env = _environment(args)
     print("fxlrd demo on " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"settings: model={args.model} ratio={args.ratio:g} quantum={_config(args).rank_quantum} backend={args.backend} "

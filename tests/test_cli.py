@@ -712,6 +712,10 @@ def test_demo_writes_into_out_whatever_the_model_spec(tmp_path, capsys, monkeypa
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["net_mlp_lrd", "net_mlp_lrd.onnx", "net_mlp_report.json"]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["net.py"]
+    # --out a model directory: the message names --out (it named --onnx, which the user never gave)
+    code, _, err = _run(capsys, "demo", "--model", tmp_path / "models", "--out", tmp_path / "models", "-q")
+    assert code == 2 and "--out " in err and "would put the demo's files in the model's directory" in err, err
+    assert "--onnx" not in err and sorted(p.name for p in (tmp_path / "models").iterdir()) == ["net.py"]
 
 
 def test_a_model_file_imports_its_sibling_modules_and_defines_dataclasses(tmp_path, capsys):
