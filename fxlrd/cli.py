@@ -288,7 +288,7 @@ def _import_factory(spec: str) -> nn.Module:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise UsageError(f"model {spec!r}: {path} does not exist")
+                raise CommandError(f"model {spec!r}: {path} does not exist")
             # as `python file.py` runs it: its folder first on the path (its sibling modules import),
             # and the module registered while it runs (dataclasses and pickling look it up there)
             folder = str(path.parent.resolve())

@@ -406,6 +406,7 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--target-params", "1"], 2, "1 is neither a fraction of the model below 1"),
         (["compress", "{spec}", "--target-params", "inf"], 2, "expected a parameter count .* got 'inf'"),
         (["inspect", "{tmp}/nowhere"], 1, "nowhere does not exist"),
+        (["compress", "{tmp}/nowhere.py:make"], 1, "nowhere.py does not exist"),  # missing: 1, as the README says
         (["inspect", "/dev/null"], 2, "/dev/null is not a file or a directory"),
         (["inspect", "{tmp}/report.json"], 1, r"report.json is malformed \(KeyError"),
         ([], 2, "the following arguments are required: COMMAND"),
