@@ -663,11 +663,36 @@ def _torch_export(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], dyna
         sys.stderr.write(buffer.getvalue())
 
 
-def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.GraphModule, list[str]]:
+def _same_outputs(model: nn.Module, gm: fx.GraphModule, inputs: Args) -> bool:
+    """Whether ``gm`` computes what ``model`` does on ``inputs`` (float outputs within 1e-4 of
+    their scale; True when the outputs cannot be compared, or ``model`` is training: dropout)."""
+    if model.training:
+        return True
+    try:
+        with torch.no_grad():
+            want = [t for t in pytree.tree_leaves(model(*inputs[0], **inputs[1])) if isinstance(t, torch.Tensor)]
+            got = [t for t in pytree.tree_leaves(gm(*inputs[0], **inputs[1])) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001  (a graph that does not run at the example's size fails there, with its own error)
+        return True
+    if len(want) != len(got):
+        return True
+    for w, g in zip(want, got):
+        if w.shape != g.shape:
+            return False
+        if w.is_floating_point() and w.numel():
+            scale = float(w.abs().max()) if bool(w.isfinite().all()) else 0.0
+            if not torch.allclose(g.to(w.dtype), w, rtol=1e-4, atol=1e-4 * scale + 1e-6, equal_nan=True):
+                return False
+        elif not w.is_floating_point() and not torch.equal(g, w):
+            return False
+    return True
+
+
+def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any, widen: bool = True) -> tuple[fx.GraphModule, list[str]]:
     notes: list[str] = []
     args, kwargs = inputs
     bound = bind_inputs(model, inputs)
-    automatic = dynamic_shapes is None and bound is not None
+    automatic = dynamic_shapes is None and bound is not None and widen
     asked: list[str] = []
     if automatic:
         args, kwargs, dynamic_shapes, asked = dynamic_export_inputs(model, inputs)
@@ -731,7 +756,20 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any) -> tuple[fx.Gra
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.train(model.training)  # the flag only (the graph ran as the model's mode was at capture), as the model says
+    widened = automatic and _shapes_of((args, kwargs)) != _shapes_of(inputs)
+    if widened and not _same_outputs(model, gm, inputs):  # a branch on the size: the graph took the size-2 side
+        gm, again = _export(model, inputs, None, widen=False)
+        sizes = " and ".join(["batch"] * (_batch_size(inputs) == 1) + ["sequence"] * (1 in sequence_lengths(inputs)))
+        kept = [n for n in notes if n.startswith("config.use_cache")]  # done to the copy: still true
+        return gm, kept + again + [
+            f"captured at the example's {sizes} of 1, with static shapes: exported at 2 (torch.export fixes sizes of "
+            "1), the graph computed something else at 1 (the model branches on that size); it runs at the example's "
+            "shapes only, pass dynamic_shapes=... (or an example of another size) for others"]  # fmt: skip
     return gm, notes
+
+
+def _shapes_of(inputs: Args) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
 
 
 DEVICE_ANCHOR = "_fxlrd_device"

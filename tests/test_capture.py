@@ -688,6 +688,35 @@ def test_hooks_the_returned_graph_does_not_call_are_named(capture):
         fxlrd.transform(_Hooked().eval(), config, example_inputs=x, capture=capture)
 
 
+class _CentredWhenBatched(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.fc(x)
+        if x.shape[0] > 1:  # a branch on the batch size
+            x = x - x.mean(0, keepdim=True)
+        return x
+
+
+def test_a_graph_exported_at_a_widened_size_is_checked_at_the_examples_own():
+    """A batch of 1 is exported at 2 (export fixes sizes of 1); a model branching on the batch
+    size then gave a graph that took the batched side, silently wrong at the user's own
+    example (relative error 1 at full rank). It is now captured at 1, static, with a note;
+    a model that does not branch keeps its dynamic batch."""
+    model, x1 = _CentredWhenBatched().eval(), torch.randn(1, 16)
+    full = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
+    gm = fxlrd.transform(model, full, example_inputs=x1, capture="export")
+    torch.testing.assert_close(gm(x1), model(x1))
+    assert any("captured at the example's batch of 1, with static shapes" in n for n in gm.fxlrd_capture["notes"])
+    plain = nn.Sequential(nn.Linear(16, 16)).eval()
+    gm = fxlrd.transform(plain, full, example_inputs=x1, capture="export")
+    x3 = torch.randn(3, 16)
+    torch.testing.assert_close(gm(x3), plain(x3))
+    assert not any("static shapes" in n for n in gm.fxlrd_capture["notes"])
+
+
 class _ChunksByLength(nn.Module):  # export bakes length // 4 in as a constant; the model itself takes any length
     def __init__(self):
         super().__init__()
