@@ -1157,7 +1157,9 @@ def _config(args: argparse.Namespace, **overrides: Any):
         raise UsageError(f"--energy applies to --rank-rule energy (this is --rank-rule {args.rank_rule}): add "
                          "--rank-rule energy")  # fmt: skip
     for option, wanted in (("--mlp narrow", getattr(args, "mlp", None) == "narrow"),
-                           ("--sequential", getattr(args, "sequential", False))):  # fmt: skip
+                           ("--sequential", getattr(args, "sequential", False)),
+                           (f"--sensitivity {getattr(args, 'sensitivity', None)}",
+                            "calibration" not in vars(args) and getattr(args, "sensitivity", None) is not None)):  # fmt: skip
         if wanted and not getattr(args, "calibration", None):
             where = "add --calibration PATH" if "calibration" in vars(args) else "use fxlrd compress --calibration PATH"
             raise UsageError(f"{option} fits the layers on data: {where}")
@@ -1178,7 +1180,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "branches": getattr(args, "branches", 1), "conv_method": args.conv_method,
         "include": args.include, "exclude": args.exclude or (),
         "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
-        **_SENSITIVITY[getattr(args, "sensitivity", "output")], "mlp": getattr(args, "mlp", "factorize"),
+        **_SENSITIVITY[getattr(args, "sensitivity", None) or "output"], "mlp": getattr(args, "mlp", "factorize"),
         "siblings": _siblings(getattr(args, "siblings", "separate")),
     }  # fmt: skip
     values.update(overrides)
@@ -1850,7 +1852,8 @@ def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
                         "(default 0)")  # fmt: skip
 
 
-def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
+def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool = True) -> None:
+    """The decomposition options (``data``: those that fit on --calibration data too; plan has none)."""
     from .latency import BACKENDS
 
     g = p.add_argument_group("decomposition")
@@ -1865,15 +1868,17 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False) -> None:
     g.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="uniform: every layer at --ratio; global: --ratio over the whole model, ranks "
                         "allocated by (data-aware with --calibration) error (default uniform)")  # fmt: skip
+    shown = (lambda text: text) if data else (lambda text: argparse.SUPPRESS)  # plan: refused with the way out
     g.add_argument("--sequential", action="store_true",
-                   help="with --calibration: fit each layer to the outputs of the already-compressed ones")
-    g.add_argument("--sensitivity", choices=tuple(_SENSITIVITY), default="output",
-                   help="with --calibration, what of the model's output to preserve: output (every output, squared "
-                        "error; default), kl (a classifier's predicted distribution), diagonal (as output, with a "
-                        "diagonal sensitivity: less memory for large layers), off (each layer's own output error)")  # fmt: skip
+                   help=shown("with --calibration: fit each layer to the outputs of the already-compressed ones"))
+    g.add_argument("--sensitivity", choices=tuple(_SENSITIVITY), default="output" if data else None,
+                   help=shown("with --calibration, what of the model's output to preserve: output (every output, "
+                              "squared error; default), kl (a classifier's predicted distribution), diagonal (as "
+                              "output, with a diagonal sensitivity: less memory for large layers), off (each layer's "
+                              "own output error)"))  # fmt: skip
     g.add_argument("--mlp", choices=("factorize", "narrow"), default="factorize",
-                   help="MLP blocks (linear, activation, linear): factorize their layers (default) or, with "
-                        "--calibration, narrow them (fewer hidden neurons, chosen on the data)")  # fmt: skip
+                   help=shown("MLP blocks (linear, activation, linear): factorize their layers (default) or, with "
+                              "--calibration, narrow them (fewer hidden neurons, chosen on the data)"))  # fmt: skip
     g.add_argument("--siblings", default="separate", metavar="separate|fuse|GLOB,...",
                    help="linear layers reading one input (attention's query, key, value): decompose each on its own "
                         "(default), or fuse them first so they share one input factor (fewer GEMMs); GLOB,...: "
@@ -2026,7 +2031,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print a model's decomposition plan (nothing is decomposed)")
     plan.add_argument("model_arg", nargs="?", metavar="MODEL", help="as for compress (or --model; default resnet50)")
     _add_model(plan, positional=False)
-    _add_config(plan)
+    _add_config(plan, data=False)  # no --calibration: the options that fit on data are compress's (not listed)
     plan.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     _add_common(plan)
     plan.set_defaults(func=cmd_plan)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxlrd
-from fxlrd.cli import load_model, main
+from fxlrd.cli import build_parser, load_model, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -820,6 +820,18 @@ def test_data_fitting_options_without_calibration_name_the_cli_option(capsys, fa
     code, _, err = _run(capsys, command, spec, "--input-shape", "2,3,32,32", *option)
     fix = "add --calibration PATH" if command == "compress" else "use fxlrd compress --calibration PATH"
     assert code == 2 and f"fits the layers on data: {fix}" in err, err
+
+
+def test_plan_hides_the_options_that_fit_on_data_and_refuses_them(capsys, factory):
+    """plan takes no --calibration: --help listed --sequential, --mlp and --sensitivity, which
+    it always refused (the first two) or ignored (--sensitivity)."""
+    spec, _, _ = factory
+    help_text = build_parser()._subparsers._group_actions[0].choices["plan"].format_help()
+    assert "--sequential" not in help_text and "--sensitivity" not in help_text and "--mlp" not in help_text
+    code, _, err = _run(capsys, "plan", spec, "--input-shape", "2,3,32,32", "--sensitivity", "kl")
+    assert code == 2 and "--sensitivity kl fits the layers on data: use fxlrd compress --calibration PATH" in err, err
+    code, out, err = _run(capsys, "plan", spec, "--input-shape", "2,3,32,32")
+    assert code == 0 and "conv3" in out, err
 
 
 def test_a_multiple_choice_model_is_refused_with_the_way_out(tmp_path, capsys):
