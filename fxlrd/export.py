@@ -216,29 +216,49 @@ def exporter_failure(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def output_names(outputs: Any) -> list[str] | None:
+    """Names for a model's tensor outputs, in their flattened order, from where each sits:
+    ``output`` for a lone tensor, the keys of a dict or Hugging Face output
+    (``last_hidden_state``, ``logits``), ``output_0``... for a tuple; None when the outputs
+    hold anything but tensors or two would share a name (the exporter then names them)."""
+    leaves = pytree.tree_flatten_with_path(outputs)[0]
+    if not leaves or not all(isinstance(v, torch.Tensor) for _, v in leaves):
+        return None
+    if isinstance(outputs, torch.Tensor):
+        return ["output"]
+    names = []
+    for path, _ in leaves:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        name = re.sub(r"\W+", "_", "_".join(parts)).strip("_")
+        names.append(name if name and not name[0].isdigit() else f"output_{name}")
+    return names if len(set(names)) == len(names) else None
+
+
 def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, *, dynamic_batch: bool = True,
                      dynamic_sequence: bool = True, opset_version: int | None = None,
-                     dynamic_shapes=None, widen: bool | None = None) -> None:  # fmt: skip
+                     dynamic_shapes=None, widen: bool | None = None, names: list[str] | None = None) -> None:  # fmt: skip
     """Export without checking (the model as it is, eval mode is the caller's business); a
     batch or token sequence of 1 meant to stay dynamic is exported at 2 (`_widened`) where the
-    model runs at 2 (``widen``: already decided by the caller)."""
+    model runs at 2 (``widen``: already decided by the caller). ``names``: the outputs'
+    (`output_names`), else the exporter's own."""
     if dynamic_shapes is None and widen is not False:
         widened = _widened(inputs, dynamic_batch, dynamic_sequence)
         if _shapes(widened) != _shapes(inputs) and (widen or _runs_at(model, widened)):
             inputs = widened
     inputs = _in_signature_order(model, inputs)
     args, kwargs = inputs
-    names = _input_names(inputs)
+    input_names = _input_names(inputs)
     extra = {}
     if dynamic_shapes is None and (dynamic_batch or dynamic_sequence) and _has_other_than_tensors(inputs):
         dynamic_shapes = _dynamic_shapes_by_name(model, inputs, dynamic_batch, dynamic_sequence)
     if dynamic_shapes is not None:
         extra["dynamic_shapes"] = dynamic_shapes
     else:
-        extra["dynamic_axes"] = _dynamic_axes(inputs, names, dynamic_batch, dynamic_sequence)
+        extra["dynamic_axes"] = _dynamic_axes(inputs, input_names, dynamic_batch, dynamic_sequence)
     with _quiet():
         torch.onnx.export(
-            model, args, str(path), kwargs=kwargs or None, input_names=names, opset_version=opset_version,
+            model, args, str(path), kwargs=kwargs or None, input_names=input_names, output_names=names,
+            opset_version=opset_version,
             external_data=False, dynamo=True, verbose=False, **extra,
         )  # fmt: skip
 
@@ -341,7 +361,8 @@ def export_onnx(
         with atomic_path(path) as tmp:
             try:
                 export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
-                                 opset_version=opset_version, dynamic_shapes=dynamic_shapes, widen=len(checks) > 1)  # fmt: skip
+                                 opset_version=opset_version, dynamic_shapes=dynamic_shapes, widen=len(checks) > 1,
+                                 names=output_names(expected[0]))  # fmt: skip
             except FxlrdError:
                 raise
             except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)

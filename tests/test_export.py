@@ -303,6 +303,38 @@ def test_a_side_input_of_another_size_is_not_named_batch(tmp_path):
     assert session.run(None, feed)[0].shape == (3, 8)
 
 
+def test_onnx_outputs_are_named_after_the_models_outputs(tmp_path):
+    """A Hugging Face model's outputs keep their names in the file (they were the exporter's
+    node names, layer_norm_4, tanh); a tuple's are output_0..., a dict's by key, a lone
+    tensor's output."""
+    import onnxruntime as ort
+
+    from fxlrd.export import output_names
+
+    assert output_names(torch.ones(1)) == ["output"]
+    assert output_names((torch.ones(1), {"sum": torch.ones(1), "b": [torch.ones(1)]})) == ["output_0", "output_1_sum", "output_1_b_0"]
+    assert output_names((torch.ones(1), 3)) is None  # not all tensors: the exporter names them
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"hidden": y, "pooled": y.mean(-1)}
+
+    x = torch.randn(2, 8)
+    gm = fxlrd.transform(Two().eval(), LRDConfig(ratio=2), example_inputs=x)
+    for quantize in (None, "int8-dynamic"):
+        path = tmp_path / f"{quantize}.onnx"
+        fxlrd.export_onnx(gm, x, path, quantize=quantize)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options)
+        assert [o.name for o in session.get_outputs()] == ["hidden", "pooled"]
+
+
 def test_a_bfloat16_model_onnxruntime_cannot_load_gets_a_clear_error(tmp_path):
     """onnxruntime's CPU kernels do not take bfloat16: the check says so and what to do, and the
     file is not written (its raw NotImplemented error escaped from the session's creation)."""
