@@ -622,6 +622,8 @@ class _Inputs:
             self.batch, self.seq_len = batch or 1, args.seq_len or _default_seq_len(source.model)
             self.shape = (self.batch, self.seq_len)
         else:
+            if getattr(args, "seq_len", None) is not None:
+                raise UsageError("--seq-len is for text models (token ids); this model takes tensors: use --input-shape")
             shape = args.input_shape
             if shape is not None and size is not None:
                 raise UsageError(f"--size {size} and --input-shape {','.join(map(str, shape))} both set the input size: "

@@ -395,6 +395,7 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "fxlrd_cli_models:nothing"], 2, "has no attribute 'nothing'"),
         (["compress", "{spec}", "--input-shape", "1,3"], 2, r"does not take inputs float32\[1, 3\] .*--input-shape"),
         (["compress", "{spec}", "--batch", "0"], 2, "argument --batch: must be an integer >= 1"),
+        (["compress", "{spec}", "--seq-len", "16"], 2, "--seq-len is for text models .* use --input-shape"),  # was ignored
         (["compress", "{spec}", "--batch", "2", "--input-shape", "1,3,32,32"], 2, "--batch 2 contradicts --input"),
         (["compress", "{spec}", "--calibration", "{tmp}/nothing.pt"], 1, "calibration data .*nothing.pt does not"),
         # before the model is loaded (a broken factory would fail first)
