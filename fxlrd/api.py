@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, inputs_from_signature, normalize_inputs
+from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, inputs_from_signature, normalize_inputs, widens
 from .config import LRDConfig
 from .errors import ConfigError, FxlrdWarning, PlanMismatchError
 from .factorized import Factorized
@@ -36,11 +36,11 @@ def _check_config(config: LRDConfig | None) -> LRDConfig:
 
 
 def _capture(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str, dynamic_shapes: Any,
-             copy_model: bool, training: bool | None = None) -> Captured:  # fmt: skip
+             copy_model: bool, training: bool | None = None, widen: bool = True) -> Captured:  # fmt: skip
     if mode not in CAPTURE_MODES:
         raise ConfigError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
     return capture(model, inputs=inputs, mode=mode, leaf_modules=config.leaf_modules, dynamic_shapes=dynamic_shapes,
-                   attention=config.attention, copy_model=copy_model, training=training)  # fmt: skip
+                   attention=config.attention, copy_model=copy_model, training=training, widen=widen)  # fmt: skip
 
 
 def _capture_inplace(model: nn.Module, config: LRDConfig, inputs: Args | None, mode: str,
@@ -450,7 +450,8 @@ def apply(
     # an export graph bakes in the mode: capture in the plan's (as load does), not a fresh model's training mode
     training = bool(recorded.get("training", False)) if mode == "export" else None
     captured = _capture_inplace(model, config, inputs, mode, None) if inplace else \
-        _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True, training=training)  # fmt: skip
+        _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True, training=training,
+                 widen=widens(recorded))  # fmt: skip
     if inplace:
         _check_inplace(plan)
     if plan.settings.get("narrowed"):

@@ -759,13 +759,23 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any, widen: bool = T
     widened = automatic and _shapes_of((args, kwargs)) != _shapes_of(inputs)
     if widened and not _same_outputs(model, gm, inputs):  # a branch on the size: the graph took the size-2 side
         gm, again = _export(model, inputs, None, widen=False)
-        sizes = " and ".join(["batch"] * (_batch_size(inputs) == 1) + ["sequence"] * (1 in sequence_lengths(inputs)))
         kept = [n for n in notes if n.startswith("config.use_cache")]  # done to the copy: still true
-        return gm, kept + again + [
-            f"captured at the example's {sizes} of 1, with static shapes: exported at 2 (torch.export fixes sizes of "
-            "1), the graph computed something else at 1 (the model branches on that size); it runs at the example's "
-            "shapes only, pass dynamic_shapes=... (or an example of another size) for others"]  # fmt: skip
+        return gm, kept + again
+    if not widen and dynamic_shapes is None and bound is not None:
+        sizes = " and ".join(["batch"] * (_batch_size(inputs) == 1) + ["sequence"] * (1 in sequence_lengths(inputs)))
+        notes.append(f"{STATIC_AT_ONE} {sizes + ' of 1' if sizes else 'shapes'}, with static shapes: exported at 2 (torch.export fixes "
+                     "sizes of 1), the graph computed something else at 1 (the model branches on that size); it runs "
+                     "at the example's shapes only, pass dynamic_shapes=... (or an example of another size) for others")  # fmt: skip
     return gm, notes
+
+
+STATIC_AT_ONE = "captured at the example's"  # how a capture note says the graph was captured again at size 1
+
+
+def widens(record: Mapping[str, Any]) -> bool:
+    """Whether a capture made again from ``record`` (a plan's) may export a size of 1 at 2, as
+    its first capture did: not when that capture found the model branching on the size."""
+    return not any(str(n).startswith(STATIC_AT_ONE) for n in record.get("notes") or ())
 
 
 def _shapes_of(inputs: Args) -> list[tuple[int, ...]]:
@@ -852,6 +862,7 @@ def capture(
     attention: str = "packed",
     copy_model: bool = True,
     training: bool | None = None,
+    widen: bool = True,
 ) -> Captured:
     """Capture ``model`` as a ``GraphModule`` (see the module docstring).
 
@@ -868,6 +879,8 @@ def capture(
         copy_model: capture a deep copy, so the result shares no module with ``model``.
         training: capture the copy in this mode (torch.export bakes the mode into the graph:
             dropout and batch norm run as they did at capture); None: the model's own.
+        widen: torch.export: a batch or sequence of 1 is exported at 2 and checked at 1
+            (False: captured at 1 with static shapes, as a plan recording that check's failure says).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -910,16 +923,17 @@ def capture(
         )
     if folded:
         notes.append(f"{folded} torch.nn.utils.weight_norm/spectral_norm hooks folded into their layers' weights on the captured copy")
-    captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes)
+    captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes, widen)
     crossed = separate_cross_attention(model) if swapped else 0
     if crossed:  # the packed layout's cross-attention projections are no sites: capture them separate
         notes.append(f"{crossed} of them ran as cross-attention: captured with separate q/k/v projections")
-        captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes)
+        captured = _capture_once(model, original, inputs, mode, leaf_modules, dynamic_shapes, notes, widen)
     return captured
 
 
 def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mode: str,
-                  leaf_modules: Sequence[type[nn.Module] | str], dynamic_shapes: Any, notes: list[str]) -> Captured:  # fmt: skip
+                  leaf_modules: Sequence[type[nn.Module] | str], dynamic_shapes: Any, notes: list[str],
+                  widen: bool = True) -> Captured:  # fmt: skip
     """`capture`'s fx, then export, attempt on the prepared ``model``."""
     fx_error: BaseException | None = None
     if mode in ("auto", "fx"):
@@ -942,7 +956,7 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
     try:
         with warnings.catch_warnings():  # torch's own pytree deprecation notices
             warnings.simplefilter("ignore", FutureWarning)
-            gm, export_notes = _export(model, inputs, dynamic_shapes)
+            gm, export_notes = _export(model, inputs, dynamic_shapes, widen)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(_both_message(model, fx_error, exc)) from exc
     _keep_non_persistent(original, gm)

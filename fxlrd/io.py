@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ._files import umask
-from .capture import capture, check_module, inputs_from_signature, normalize_inputs, warn_dynamic_shapes
+from .capture import capture, check_module, inputs_from_signature, normalize_inputs, warn_dynamic_shapes, widens
 from .errors import FxlrdError, PlanMismatchError
 from .factorized import Factorized, skeleton
 from .plan import Plan
@@ -502,7 +502,7 @@ def _rebuild(
         warn_dynamic_shapes(recorded, dynamic_shapes, "fxlrd.load(model, directory, dynamic_shapes=...)")
         captured = capture(model, inputs=inputs, mode=mode, leaf_modules=leaves, dynamic_shapes=dynamic_shapes,
                            attention=plan.settings.get("attention", "packed"), copy_model=True,
-                           training=training)  # fmt: skip
+                           training=training, widen=widens(recorded))  # fmt: skip
     except ValueError as exc:  # the recorded inputs do not fit: the save is of another model
         if example_inputs is not None:
             raise
