@@ -1165,6 +1165,8 @@ def _config(args: argparse.Namespace, **overrides: Any):
         if wanted and not getattr(args, "calibration", None):
             where = "add --calibration PATH" if "calibration" in vars(args) else "use fxlrd compress --calibration PATH"
             raise UsageError(f"{option} fits the layers on data: {where}")
+    if args.ratio is not None and args.target_params is not None:
+        raise UsageError(f"--ratio {args.ratio:g} and --target-params both set the model's size: give one of them")
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     variants = getattr(args, "variants", None) or ()
@@ -1176,7 +1178,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
                                 threads=getattr(args, "threads", None), progress=not args.quiet,
                                 context=getattr(args, "timing_context", "layer"))  # fmt: skip
     values: dict[str, Any] = {
-        "ratio": args.ratio, "rank_rule": args.rank_rule, "rank": args.rank, "energy": args.energy,
+        "ratio": 2.0 if args.ratio is None else args.ratio, "rank_rule": args.rank_rule, "rank": args.rank, "energy": args.energy,
         "rank_quantum": args.quantum, "beta": args.beta, "latency": latency, "target_speedup": target_speedup,
         "target_params": args.target_params, "merge": getattr(args, "merge", None),
         "branches": getattr(args, "branches", 1), "conv_method": args.conv_method,
@@ -1528,7 +1530,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                              "--out")  # fmt: skip
     env = _environment(args)
     print("fxlrd demo on " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"settings: model={args.model} ratio={args.ratio:g} quantum={_config(args).rank_quantum} backend={args.backend} "
+    print(f"settings: model={args.model} ratio={_config(args).ratio:g} quantum={_config(args).rank_quantum} backend={args.backend} "
           f"threads={args.threads} repeats={args.repeats}\n")  # fmt: skip
     return cmd_compress(args)
 
@@ -1859,7 +1861,7 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
     from .latency import BACKENDS
 
     g = p.add_argument_group("decomposition")
-    g.add_argument("--ratio", type=float, default=2.0, metavar="A", help="compression ratio per layer, > 1 (default 2)")
+    g.add_argument("--ratio", type=float, metavar="A", help="compression ratio per layer, > 1 (default 2)")
     g.add_argument("--rank-rule", choices=("ratio", "fixed", "energy", "vbmf"), default="ratio",
                    help="how ranks are chosen (default ratio)")  # fmt: skip
     g.add_argument("--rank", type=_rank, metavar="R[,R2]", help="rank for --rank-rule fixed: R or R1,R2")

@@ -396,6 +396,7 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--input-shape", "1,3"], 2, r"does not take inputs float32\[1, 3\] .*--input-shape"),
         (["compress", "{spec}", "--batch", "0"], 2, "argument --batch: must be an integer >= 1"),
         (["compress", "{spec}", "--seq-len", "16"], 2, "--seq-len is for text models .* use --input-shape"),  # was ignored
+        (["compress", "{spec}", "--ratio", "3", "--target-params", "0.5"], 2, "--ratio 3 and --target-params both set"),
         (["compress", "{spec}", "--batch", "2", "--input-shape", "1,3,32,32"], 2, "--batch 2 contradicts --input"),
         (["compress", "{spec}", "--calibration", "{tmp}/nothing.pt"], 1, "calibration data .*nothing.pt does not"),
         # before the model is loaded (a broken factory would fail first)
@@ -1378,7 +1379,8 @@ def test_parsed_defaults_are_the_ones_the_help_states():
     for name, sub in commands.items():
         for action in sub._actions:
             m = re.search(r"\(default:? ([0-9.e-]+)[;)]", action.help or "")
-            if m and action.option_strings and action.dest != "batch":  # --batch: the model's own when left out
+            # --batch: the model's own when left out; --ratio: None, so that one given beside --target-params is refused
+            if m and action.option_strings and action.dest not in ("batch", "ratio"):
                 assert action.default == pytest.approx(float(m.group(1))), (name, action.option_strings)
                 checked += 1
     assert checked >= 15
