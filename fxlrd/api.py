@@ -359,8 +359,14 @@ def _lost_hooks(hooked: Mapping[str, list[str]], gm: fx.GraphModule, captured: C
     def listed(names: list[str]) -> str:
         return "; ".join(f"{n or 'the model'} ({', '.join(lost[n])})" for n in names[:4]) + ("; ..." if len(names) > 4 else "")
 
-    gone, traced = [n for n in lost if n in decomposed], [n for n in lost if n not in decomposed]
+    # torch.fx traces the root's forward, not its call: the model's own hooks never ran, nothing of them is in the graph
+    root = [n for n in lost if n == "" and captured.mode == "fx"]
+    gone = [n for n in lost if n in decomposed]
+    traced = [n for n in lost if n not in decomposed and n not in root]
     parts = []
+    if root:
+        parts.append(f"never run by the torch.fx capture (it traces the model's forward, not its call; a change they "
+                     f"make to the output is not in the graph): {listed(root)}")  # fmt: skip
     if gone:
         parts.append(f"decomposed, each runs as its factors without its hooks (a change they make to its output is "
                      f"lost too): {listed(gone)}")  # fmt: skip

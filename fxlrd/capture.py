@@ -29,7 +29,7 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -668,10 +668,18 @@ def _same_outputs(model: nn.Module, gm: fx.GraphModule, inputs: Args) -> bool:
     their scale; True when the outputs cannot be compared, or ``model`` is training: dropout)."""
     if model.training:
         return True
+
+    def run(fn: Callable) -> list[torch.Tensor]:
+        # on copies of the inputs (a model that writes to its input in place saw the first call's result, and the
+        # user's example was changed), and from one random state (a model sampling noise in eval mode differed)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, inputs)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return [t for t in pytree.tree_leaves(fn(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+
     try:
         with torch.no_grad():
-            want = [t for t in pytree.tree_leaves(model(*inputs[0], **inputs[1])) if isinstance(t, torch.Tensor)]
-            got = [t for t in pytree.tree_leaves(gm(*inputs[0], **inputs[1])) if isinstance(t, torch.Tensor)]
+            want, got = run(model), run(gm)
     except Exception:  # noqa: BLE001  (a graph that does not run at the example's size fails there, with its own error)
         return True
     if len(want) != len(got):
@@ -992,11 +1000,14 @@ def _fold_weight_norms(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]:
+            sources = ("_g", "_v") if isinstance(hook, WeightNorm) else ("_orig",)
+            trainable = any(getattr(module, hook.name + s).requires_grad for s in sources)  # a frozen layer stays so
             with torch.no_grad():
                 if isinstance(hook, WeightNorm):
                     torch.nn.utils.remove_weight_norm(module, hook.name)
                 else:
                     torch.nn.utils.remove_spectral_norm(module, hook.name)
+            getattr(module, hook.name).requires_grad_(trainable)
             count += 1
     return count
 

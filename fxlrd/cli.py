@@ -880,6 +880,13 @@ def _data(args: argparse.Namespace, inputs: _Inputs, console: _Console) -> _Data
                     and value.shape[1:] == example["input_ids"].shape[1:]:  # fmt: skip
                 example[key] = torch.zeros(example["input_ids"].shape, dtype=value.dtype)
                 held = [{**h, key: torch.zeros(h["input_ids"].shape, dtype=value.dtype)} if key not in h else h for h in held]
+    if isinstance(example, Mapping) and "token_type_ids" in example:  # random batches carry them (`_Inputs.segments`):
+        def one_segment(b: Batch) -> Batch:  # a file's batches without them are one segment, as the tokenizer says
+            if isinstance(b, Mapping) and "token_type_ids" not in b and isinstance(b.get("input_ids"), torch.Tensor):
+                return {**b, "token_type_ids": torch.zeros_like(b["input_ids"])}
+            return b
+
+        cal, held = [one_segment(b) for b in cal], [one_segment(b) for b in held]
     return _Data(example, cal, held, note)
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -216,12 +216,17 @@ def exporter_failure(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def output_names(outputs: Any) -> list[str] | None:
+def output_names(outputs: Any, taken: Collection[str] = ()) -> list[str] | None:
     """Names for a model's tensor outputs, in their flattened order, from where each sits:
     ``output`` for a lone tensor, the keys of a dict or Hugging Face output
     (``last_hidden_state``, ``logits``), ``output_0``... for a tuple; None when the outputs
-    hold anything but tensors or two would share a name (the exporter then names them)."""
-    leaves = pytree.tree_flatten_with_path(outputs)[0]
+    hold anything but tensors, two would share a name or one would take a name in ``taken``
+    (the inputs': an ONNX graph names each value once; a diffusers UNet takes and returns
+    ``sample``), or a type in them cannot say its keys (the exporter then names them)."""
+    try:
+        leaves = pytree.tree_flatten_with_path(outputs)[0]
+    except ValueError:  # a pytree node registered without flatten_with_keys_fn
+        return None
     if not leaves or not all(isinstance(v, torch.Tensor) for _, v in leaves):
         return None
     if isinstance(outputs, torch.Tensor):
@@ -231,7 +236,7 @@ def output_names(outputs: Any) -> list[str] | None:
         parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         name = re.sub(r"\W+", "_", "_".join(parts)).strip("_")
         names.append(name if name and not name[0].isdigit() else f"output_{name}")
-    return names if len(set(names)) == len(names) else None
+    return names if len(set(names)) == len(names) and not set(names) & set(taken) else None
 
 
 def export_onnx_file(model: nn.Module, inputs: "Args", path: str | os.PathLike, *, dynamic_batch: bool = True,
@@ -362,7 +367,7 @@ def export_onnx(
             try:
                 export_onnx_file(gm, inputs, tmp, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                                  opset_version=opset_version, dynamic_shapes=dynamic_shapes, widen=len(checks) > 1,
-                                 names=output_names(expected[0]))  # fmt: skip
+                                 names=output_names(expected[0], _input_names(inputs)))  # fmt: skip
             except FxlrdError:
                 raise
             except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)

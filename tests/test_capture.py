@@ -918,3 +918,58 @@ def test_widening_a_sequence_of_one_leaves_inputs_of_another_batch_alone():
     assert torch.equal(args[1], table)
     (args, _) = _widen(((torch.zeros(1, 4), table), {}), 0, 1, None)  # the batch: every input of batch 1
     assert args[0].shape == (2, 4) and torch.equal(args[1], table)
+
+
+class _ScalesInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x.mul_(2)  # preprocessing in place
+        return self.fc(x)
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + torch.randn_like(h)  # a sample, in eval mode too (a VAE's)
+
+
+@pytest.mark.parametrize("model_type", [_ScalesInPlace, _Noisy])
+def test_the_widened_capture_check_neither_changes_the_example_nor_blames_randomness(model_type):
+    """The check of a graph exported at 2 ran the model and the graph on the user's own
+    example: an in-place model changed it (twice) and then saw other inputs, and a model
+    sampling noise differed from its graph; both were captured again at 1, static, with a
+    note saying the model branches on the batch size."""
+    from fxlrd.capture import capture
+
+    x = torch.ones(1, 8)
+    captured = capture(model_type().eval(), inputs=((x,), {}), mode="export")
+    assert torch.equal(x, torch.ones(1, 8))
+    assert not any("static shapes" in n for n in captured.notes), captured.notes
+
+
+def test_a_root_hook_under_fx_is_not_said_to_be_in_the_graph():
+    """torch.fx traces the model's forward, not its call: the root's hooks never ran, so the
+    warning must not say their change to the output is in the graph."""
+    model = _Hooked().eval()
+    model.register_forward_hook(lambda mod, args, out: out * 2)
+    with pytest.warns(FxlrdWarning, match="hooked module") as record:
+        fxlrd.transform(model, LRDConfig(ratio=2, include=["fc"]), example_inputs=torch.randn(2, 16), capture="fx")
+    message = str(next(w.message for w in record if "hooked module" in str(w.message)))
+    assert "never run by the torch.fx capture" in message and "traced into" not in message, message
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.weight_norm, nn.utils.spectral_norm])
+def test_a_frozen_hook_normed_layer_stays_frozen(wrap):
+    # folding registered a fresh, trainable weight: a frozen weight_norm/spectral_norm layer came back trainable
+    model = nn.Sequential(wrap(nn.Conv2d(4, 16, 3)), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    model.requires_grad_(False)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(2, 4, 8, 8))
+    assert isinstance(gm.get_submodule("0"), Factorized)
+    assert not any(p.requires_grad for p in gm.parameters())

@@ -1487,3 +1487,25 @@ def test_a_model_without_weights_is_made_the_same_every_run(tmp_path, capsys):
         reports.append(json.loads((tmp_path / f"r{run}.json").read_text())["fidelity"])
         sys.modules.pop("randnet", None)
     assert reports[0] == reports[1]
+
+
+def test_a_text_models_tensor_calibration_without_token_type_ids_is_one_segment(tmp_path, capsys):
+    """Random text batches carry token_type_ids when the model and its tokenizer take them; a
+    calibration file of input_ids alone (or named tensors without them) then failed: 'inputs
+    ['token_type_ids'] were given at capture and are missing from calibration batch 0'."""
+    transformers = pytest.importorskip("transformers")
+    model_dir = tmp_path / "bert"
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(model_dir)
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(90)]))
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    ids = torch.randint(5, 100, (8, 16))
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "named.pt")
+    for name in ("ids.pt", "named.pt"):
+        code, out, err = _run(capsys, "compress", model_dir, "--seq-len", 16, "--batch", 2, "--calibration",
+                              tmp_path / name, "--calibration-batches", 2, "--eval-batches", 1, "--repeats", 0,
+                              "--backend", "eager")  # fmt: skip
+        assert code == 0, err

@@ -390,3 +390,34 @@ def test_onnx_input_names_are_input_alone_else_numbered_and_keyword_names():
     assert _input_names(((x,), {"attention_mask": m})) == ["input_0", "attention_mask"]
     assert _input_names(((x, 0.5), {"flag": True, "mask": m})) == ["input_0", "mask"]  # tensors only
     assert _input_names(((), {"input_ids": x, "attention_mask": m})) == ["input_ids", "attention_mask"]
+
+
+def test_outputs_named_like_an_input_or_of_keyless_types_still_export(tmp_path):
+    """An output named after an input (a diffusers UNet takes and returns ``sample``) made an
+    invalid file (a value named twice); an output type registered without keys made the naming
+    raise, reported as the exporter's failure. The exporter's own names are kept then."""
+    import torch.utils._pytree as pytree
+
+    from fxlrd.export import output_names
+
+    class Unet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, sample, timestep):
+            return {"sample": self.fc(sample) * timestep}
+
+    x = {"sample": torch.randn(2, 8), "timestep": torch.ones(2, 1)}
+    fxlrd.export_onnx(Unet().eval(), x, tmp_path / "unet.onnx")
+    assert output_names({"sample": torch.ones(1)}, ["sample", "timestep"]) is None
+
+    class Pair:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+    pytree.register_pytree_node(Pair, lambda p: ([p.a, p.b], None), lambda v, c: Pair(*v))
+    try:
+        assert output_names(Pair(torch.ones(1), torch.ones(1))) is None
+    finally:
+        pytree._deregister_pytree_node(Pair)

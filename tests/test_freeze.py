@@ -279,3 +279,22 @@ def test_a_merged_layer_is_trainable_when_either_source_was():
     frozen = {n.rsplit(".", 1)[0] for n, p in gm.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith("layer1.") for n in frozen)  # layer2.0.conv1 merged with a trainable layer
     assert all(not p.requires_grad for p in gm.get_submodule("layer1").parameters())
+
+
+def test_fused_siblings_keep_the_members_requires_grad():
+    # siblings="fuse" stacked frozen q/k/v into a fresh, trainable nn.Linear: their factors trained
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(64, 64) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x) + self.v(x))
+
+    model = Attention().eval()
+    for layer in (model.q, model.k, model.v):
+        layer.requires_grad_(False)
+    gm = fxlrd.transform(model, fxlrd.LRDConfig(ratio=2, siblings="fuse"), example_inputs=torch.randn(2, 64))
+    flags = {n: p.requires_grad for n, p in gm.named_parameters()}
+    assert any(n.startswith("q_k_v.") for n in flags), flags
+    assert not any(v for n, v in flags.items() if n.startswith("q_k_v.")) and all(v for n, v in flags.items() if n.startswith("o."))
