@@ -201,7 +201,7 @@ def _check_output(path: str | None, option: str, *, directory: bool = False, ove
                 raise UsageError(f"{option}: {exc}") from None
         if not directory and p.is_dir():
             raise CommandError(f"cannot write {option} {p}: it is a directory")
-    ancestor = p.parent
+    ancestor = (Path(os.path.realpath(p)) if p.is_symlink() else p).parent  # a link's file is written where it points
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import io
@@ -136,8 +137,9 @@ def _tensors(inputs: "Args") -> list[torch.Tensor]:
 
 def _dynamic_axes(inputs: "Args", names: list[str], batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
     """The dynamic dimensions as torch.onnx's ``dynamic_axes``: the batch of every input whose
-    dimension 0 is the batch (the inputs' common size there, else the first input's: a
-    lookup table or a per-channel scale beside the batch is not batched), and dimension 1 where `fxlrd.capture.dynamic_spec` keeps it dynamic (token inputs and the
+    dimension 0 is the batch (the inputs' common size there, else the commonest among inputs
+    of 2 or more dimensions: a lookup table or a per-channel scale beside the batch is not
+    batched), and dimension 1 where `fxlrd.capture.dynamic_spec` keeps it dynamic (token inputs and the
     inputs beside them of the same length, not a lone bool mask), one name per distinct token
     length (an encoder-decoder's two sequences vary apart)."""
     from .capture import _batch_size, _is_tokens, dynamic_spec
@@ -146,8 +148,9 @@ def _dynamic_axes(inputs: "Args", names: list[str], batch: bool, sequence: bool)
         return None
     tensors = _tensors(inputs)
     size = _batch_size(inputs)
-    if size is None and tensors and tensors[0].dim() > 0:
-        size = tensors[0].shape[0]
+    if size is None:  # the commonest size among inputs of 2 or more dimensions (a 1-D scale or table is rarely batched)
+        sizes = [t.shape[0] for t in tensors if t.dim() >= 2] or [t.shape[0] for t in tensors if t.dim() > 0]
+        size = collections.Counter(sizes).most_common(1)[0][0] if sizes else None
     lengths = list(dict.fromkeys(t.shape[1] for t in tensors if _is_tokens(t))) if sequence else []
     axes: dict[str, dict[int, str]] = {}
     for name, t in zip(names, tensors):
@@ -296,8 +299,9 @@ def export_onnx(
             other shapes.
         path: where the ``.onnx`` file goes (weights inside the file).
         dynamic_batch: make dimension 0 of every batched input dynamic (named ``batch``): of
-            every input when all share that size, else of those whose size there is the first
-            input's (the others are side inputs, kept at their size).
+            every input when all share that size, else of those whose size there is the
+            commonest among inputs of 2 or more dimensions (the others are side inputs, kept at
+            their size).
         dynamic_sequence: make dimension 1 of integer (token) inputs dynamic (``sequence``).
         dynamic_shapes: torch.export dynamic shapes, instead of the two flags above.
         opset_version: ONNX opset; the exporter's default when None.

@@ -173,8 +173,9 @@ def fuse_siblings(gm: fx.GraphModule, groups: Sequence[SiblingGroup | Mapping[st
         if _input_changed_between(gm, x, [s.nodes[0] for s in members]):
             raise PlanMismatchError(f"the plan fuses {group.members} into {group.name!r}, but this model changes their "
                                     "input in place between them: apply it to the model it was made for")  # fmt: skip
-        trainable = any(s.weight(gm).requires_grad for s in members)  # frozen when every member was
-        bias_trainable = any(s.bias(gm) is not None and s.bias(gm).requires_grad for s in members)
+        # frozen when every member was (the stored tensors: a transpose under no_grad carries no flag)
+        trainable = any(s.parameters(gm)[0].requires_grad for s in members)
+        bias_trainable = any(s.bias_path is not None and s.parameters(gm)[-1].requires_grad for s in members)
         weights = [s.weight(gm).detach() for s in members]
         biases = [s.bias(gm) for s in members]
         fused = nn.Linear(weights[0].shape[1], sum(sizes), bias=biases[0] is not None, device="meta", dtype=weights[0].dtype)

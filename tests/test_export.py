@@ -289,7 +289,7 @@ def test_a_side_input_of_another_size_is_not_named_batch(tmp_path):
 
     x = (torch.randn(2, 8), torch.randn(5))
     assert _dynamic_axes((x, {}), ["x", "scale"], True, True) == {"x": {0: "batch"}}
-    assert _dynamic_axes(((x[1], x[0]), {}), ["scale", "x"], True, True) == {"scale": {0: "batch"}}  # the first's
+    assert _dynamic_axes(((x[1], x[0]), {}), ["scale", "x"], True, True) == {"x": {0: "batch"}}  # in any order
     same = (torch.randn(2, 8), torch.randn(2))
     assert _dynamic_axes((same, {}), ["x", "scale"], True, True) == {"x": {0: "batch"}, "scale": {0: "batch"}}
     gm = fxlrd.transform(Scaled().eval(), LRDConfig(ratio=2), example_inputs=x)
