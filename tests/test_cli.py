@@ -261,7 +261,8 @@ def test_quiet_hides_hugging_face_s_loading_bar_and_leaves_its_setting(tmp_path,
         pytest.skip("transformers printed no loading bar without quiet either")
 
 
-def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys):
+def _tiny_bert(tmp_path):
+    """A one-layer BERT (64 positions) with a word-level tokenizer of w0..w89, saved in tmp_path/bert."""
     transformers = pytest.importorskip("transformers")
     model_dir = tmp_path / "bert"
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -271,6 +272,13 @@ def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys)
     words = [f"w{i}" for i in range(90)]
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    model_dir = _tiny_bert(tmp_path)
+    words = [f"w{i}" for i in range(90)]
     lines = tmp_path / "lines.txt"
     lines.write_text("\n".join(" ".join(words[(i * 7 + j) % 90] for j in range(3 + i % 5)) for i in range(12)))
     code, out, err = _run(capsys, "compress", model_dir, "--seq-len", 16, "--batch", 2, "--calibration", lines,
@@ -1493,14 +1501,7 @@ def test_a_text_models_tensor_calibration_without_token_type_ids_is_one_segment(
     """Random text batches carry token_type_ids when the model and its tokenizer take them; a
     calibration file of input_ids alone (or named tensors without them) then failed: 'inputs
     ['token_type_ids'] were given at capture and are missing from calibration batch 0'."""
-    transformers = pytest.importorskip("transformers")
-    model_dir = tmp_path / "bert"
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=100, max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(model_dir)
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(90)]))
-    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    model_dir = _tiny_bert(tmp_path)
     ids = torch.randint(5, 100, (8, 16))
     torch.save(ids, tmp_path / "ids.pt")
     torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "named.pt")
