@@ -1168,7 +1168,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
     for option, wanted in (("--mlp narrow", getattr(args, "mlp", None) == "narrow"),
                            ("--sequential", getattr(args, "sequential", False)),
                            (f"--sensitivity {getattr(args, 'sensitivity', None)}",
-                            "calibration" not in vars(args) and getattr(args, "sensitivity", None) is not None)):  # fmt: skip
+                            getattr(args, "sensitivity", None) is not None)):  # fmt: skip
         if wanted and not getattr(args, "calibration", None):
             where = "add --calibration PATH" if "calibration" in vars(args) else "use fxlrd compress --calibration PATH"
             raise UsageError(f"{option} fits the layers on data: {where}")
@@ -1276,6 +1276,8 @@ def _compress(args: argparse.Namespace, console: _Console) -> dict[str, Any]:
             f"--distill {distill_steps} trains the compressed model to match the original on real inputs: pass "
             "--calibration (a folder of images, a .txt file or a tensor file)"
         )
+    if args.overwrite and not args.save:
+        raise UsageError("--overwrite replaces an existing --save directory: add --save DIR, or drop --overwrite")
     save_path = _check_output(args.save, "--save", directory=True, overwrite=args.overwrite)
     report_path = _check_output(args.report, "--report")
     _check_distinct(args, {"--onnx": onnx_path, "--save": save_path, "--report": report_path}, directories=["--save"])
@@ -1882,7 +1884,7 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
     shown = (lambda text: text) if data else (lambda text: argparse.SUPPRESS)  # plan: refused with the way out
     g.add_argument("--sequential", action="store_true",
                    help=shown("with --calibration: fit each layer to the outputs of the already-compressed ones"))
-    g.add_argument("--sensitivity", choices=tuple(_SENSITIVITY), default="output" if data else None,
+    g.add_argument("--sensitivity", choices=tuple(_SENSITIVITY),  # None: output, and one given needs --calibration
                    help=shown("with --calibration, what of the model's output to preserve: output (every output, "
                               "squared error; default), kl (a classifier's predicted distribution), diagonal (as "
                               "output, with a diagonal sensitivity: less memory for large layers), off (each layer's "

@@ -405,6 +405,8 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--batch", "0"], 2, "argument --batch: must be an integer >= 1"),
         (["compress", "{spec}", "--seq-len", "16"], 2, "--seq-len is for text models .* use --input-shape"),  # was ignored
         (["compress", "{spec}", "--ratio", "3", "--target-params", "0.5"], 2, "--ratio 3 and --target-params both set"),
+        (["compress", "{spec}", "--sensitivity", "kl"], 2, "--sensitivity kl fits the layers on data: add --calibration"),
+        (["compress", "{spec}", "--overwrite"], 2, "--overwrite replaces an existing --save directory: add --save DIR"),
         (["compress", "{spec}", "--batch", "2", "--input-shape", "1,3,32,32"], 2, "--batch 2 contradicts --input"),
         (["compress", "{spec}", "--calibration", "{tmp}/nothing.pt"], 1, "calibration data .*nothing.pt does not"),
         # before the model is loaded (a broken factory would fail first)
@@ -1341,11 +1343,13 @@ def test_command_line_options_reach_the_config(factory):
     spec, _, _ = factory
     config = _config(_parsed("compress", spec, "--latency", "eager", "--threads", 3, "--timing-context", "neighbours"))
     assert config.latency.backend == "eager" and config.latency.threads == 3 and config.latency.context == "neighbours"
-    config = _config(_parsed("compress", spec, "--sensitivity", "diagonal"))
+    cal = ("--calibration", "cal.pt")  # --sensitivity needs calibration data (the file is read later)
+    config = _config(_parsed("compress", spec, *cal, "--sensitivity", "diagonal"))
     assert config.sensitivity is True and config.sensitivity_matrix == "diagonal"
-    config = _config(_parsed("compress", spec, "--sensitivity", "kl"))
+    config = _config(_parsed("compress", spec, *cal, "--sensitivity", "kl"))
     assert config.sensitivity == "kl" and config.sensitivity_matrix == "full"
-    assert _config(_parsed("compress", spec, "--sensitivity", "off")).sensitivity is False
+    assert _config(_parsed("compress", spec, *cal, "--sensitivity", "off")).sensitivity is False
+    assert _config(_parsed("compress", spec)).sensitivity is True  # the default: every output
 
 
 def test_bench_variants_are_the_ones_its_help_describes(factory):
