@@ -587,11 +587,21 @@ def _target_params(text: str) -> int | float:
     return int(value)
 
 
+# Models whose position ids start after the padding token's (RoBERTa's create_position_ids_from_input_ids)
+_PADDED_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "ibert",
+                     "mpnet", "roberta-prelayernorm", "esm"}  # fmt: skip
+
+
 def _default_seq_len(model: nn.Module) -> int:
-    """128 tokens, or fewer when the model's config says it takes fewer (its position table)."""
+    """128 tokens, or fewer when the model's config says it takes fewer (its position table,
+    less the positions a RoBERTa-like model reserves up to its padding token)."""
     config = getattr(model, "config", None)
     longest = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions", "max_seq_len")]
-    return min([128] + [n for n in longest if isinstance(n, int) and n > 0])
+    longest = [n for n in longest if isinstance(n, int) and n > 0]
+    pad = getattr(config, "pad_token_id", None)
+    if getattr(config, "model_type", None) in _PADDED_POSITIONS and isinstance(pad, int) and pad >= 0:
+        longest = [n - pad - 1 for n in longest]
+    return max(1, min([128] + longest))
 
 
 class _Inputs:

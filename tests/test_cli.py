@@ -1514,3 +1514,16 @@ def test_a_text_models_tensor_calibration_without_token_type_ids_is_one_segment(
                               tmp_path / name, "--calibration-batches", 2, "--eval-batches", 1, "--repeats", 0,
                               "--backend", "eager")  # fmt: skip
         assert code == 0, err
+
+
+def test_the_default_sequence_fits_the_models_position_table():
+    """128 tokens, or the model's longest: a RoBERTa-like model's position ids start after its
+    padding token, so 64 positions take 62 tokens (64 failed with an index error)."""
+    transformers = pytest.importorskip("transformers")
+    from fxlrd.cli import _default_seq_len
+
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50}
+    assert _default_seq_len(transformers.BertModel(transformers.BertConfig(**small, max_position_embeddings=64))) == 64
+    assert _default_seq_len(transformers.RobertaModel(transformers.RobertaConfig(**small, max_position_embeddings=64))) == 62
+    assert _default_seq_len(transformers.BertModel(transformers.BertConfig(**small))) == 128  # 512 positions
+    assert _default_seq_len(nn.Linear(2, 2)) == 128
