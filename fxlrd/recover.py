@@ -859,7 +859,7 @@ def reconstruct_mlps(
             current = [None if t is None else t.detach().float() for t in (up.weight(gm), up.bias(gm), down.weight(gm), down.bias(gm))]
 
             @torch.no_grad()
-            def error(params, idx) -> float:
+            def error(params, idx, x=x, y=y) -> float:  # x, y bound now: the loop deletes them after each block
                 if len(idx) == 0:
                     return float("nan")
                 num = den = 0.0
