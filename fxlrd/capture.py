@@ -771,9 +771,10 @@ def _export(model: nn.Module, inputs: Args, dynamic_shapes: Any, widen: bool = T
         return gm, kept + again
     if not widen and dynamic_shapes is None and bound is not None:
         sizes = " and ".join(["batch"] * (_batch_size(inputs) == 1) + ["sequence"] * (1 in sequence_lengths(inputs)))
-        notes.append(f"{STATIC_AT_ONE} {sizes + ' of 1' if sizes else 'shapes'}, with static shapes: exported at 2 (torch.export fixes "
-                     "sizes of 1), the graph computed something else at 1 (the model branches on that size); it runs "
-                     "at the example's shapes only, pass dynamic_shapes=... (or an example of another size) for others")  # fmt: skip
+        what = f"{sizes} of 1" if sizes else "shapes"
+        notes.append(f"{STATIC_AT_ONE} {what}, with static shapes: exported at 2 (torch.export fixes sizes of 1), the "
+                     "graph computed something else at 1 (the model branches on that size); it runs at the example's "
+                     "shapes only, pass dynamic_shapes=... (or an example of another size) for others")  # fmt: skip
     return gm, notes
 
 
