@@ -103,10 +103,11 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
     blocks = narrow_mlps(gm, calibration, ratio=None if keep else config.ratio, keep=keep,
                          quantum=config.rank_quantum, select=lambda b: chosen(b.up) and chosen(b.down),
                          sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix,
-                         example=inputs)  # fmt: skip
+                         example=inputs, anchored=config.sequential)  # fmt: skip
     if not blocks and not recorded:
         warnings.warn(
-            "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear that expands, the "
+            "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear, or 1×1 conv → batch "
+            "norms, activations, a depthwise conv → 1×1 conv, the "
             "hidden activations used by nothing else, each layer called once with weights of its own: a gated MLP "
             "such as Llama's gate · up, or layers shared across depth as ALBERT's, are not such blocks): its layers "
             "are factorized like the others", FxlrdWarning, stacklevel=3,

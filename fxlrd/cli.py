@@ -1900,8 +1900,9 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
                               "output, with a diagonal sensitivity: less memory for large layers), off (each layer's "
                               "own output error)"))  # fmt: skip
     g.add_argument("--mlp", choices=("factorize", "narrow"), default="factorize",
-                   help=shown("MLP blocks (linear, activation, linear): factorize their layers (default) or, with "
-                              "--calibration, narrow them (fewer hidden neurons, chosen on the data)"))  # fmt: skip
+                   help=shown("MLP blocks (linear, activation, linear; or inverted residuals: 1x1 conv, depthwise "
+                              "conv, 1x1 conv): factorize their layers (default) or, with --calibration, narrow them "
+                              "(fewer hidden neurons or channels, chosen on the data)"))  # fmt: skip
     g.add_argument("--siblings", default="separate", metavar="separate|fuse|GLOB,...",
                    help="linear layers reading one input (attention's query, key, value): decompose each on its own "
                         "(default), or fuse them first so they share one input factor (fewer GEMMs); GLOB,...: "

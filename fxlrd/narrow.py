@@ -20,8 +20,10 @@ error is known and reported.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import operator
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -132,10 +134,58 @@ def _per_neuron(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden:
     return ""
 
 
-def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str]):
+_PAD_FUNCTIONS = {F.pad, torch.constant_pad_nd, _aten.constant_pad_nd.default, _aten.pad.default}
+_PAD_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd)  # fmt: skip
+_GROUPS_ARG = {_aten.convolution.default: 8}  # the functional convs' groups: argument 6 (or the keyword)
+
+
+def _depthwise(site: Site | None, hidden: int) -> bool:
+    """A conv filtering each of the ``hidden`` channels on its own (one filter per channel)."""
+    spec = site.spec if site is not None else None
+    return (spec is not None and spec.kind == "conv" and not site.reason and len(site.nodes) == 1
+            and spec.groups == spec.in_channels == spec.out_channels == hidden)  # fmt: skip
+
+
+def _per_channel(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden: int, spatial: int,
+                 site: Site | None) -> str:  # fmt: skip
+    """For a convolutional block (channels in dimension 1): what ``node`` does to the hidden
+    channels in ``region`` when it acts on each channel alone: an activation's name, a batch
+    norm's, ``"pad"`` (spatial padding), ``"depthwise conv"``, ``"arith"``; "" otherwise."""
+    act = _elementwise(gm, node)
+    if act:
+        return act
+    first = node.args[0] if node.args else None
+    if first not in region:
+        return ""
+    rest = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node) and a in region]
+    if rest:
+        return ""
+    if site is not None:
+        return "depthwise conv" if _depthwise(site, hidden) and site.input(node) is first else ""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if len(node.args) != 1 or node.kwargs:
+            return ""
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.num_features == hidden:
+            return type(mod).__name__
+        if isinstance(mod, _PAD_MODULES) and len(mod.padding) <= 2 * spatial:
+            return "pad"
+        return ""
+    if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        return "pad" if isinstance(pad, (list, tuple)) and len(pad) <= 2 * spatial else ""
+    kind = _per_neuron(gm, node, region, hidden)
+    return kind if kind == "arith" else ""
+
+
+def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str],
+                   sites: Mapping[str, Site] | None = None, spatial: int = 0):  # fmt: skip
     """The nodes from the up layer's output ``start`` to the down layer, when every one of
     them acts on each hidden neuron alone and nothing else reads them: ``(down node,
-    activations, the region's nodes)``; None when the hidden activations go anywhere else."""
+    activations, the region's nodes)``; None when the hidden activations go anywhere else.
+    ``spatial`` > 0: a convolutional block with that many spatial dimensions (``sites``
+    given), whose hidden channels may also pass batch norms, paddings and a depthwise conv."""
     index = {n: i for i, n in enumerate(start.graph.nodes)}
     region, acts, downs = {start}, [], []
     heap = [(index[u], u) for u in start.users]
@@ -146,10 +196,11 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
         if node in seen:
             continue
         seen.add(node)
-        if node in site_nodes:
+        site = sites[site_nodes[node]] if spatial and node in site_nodes else None
+        if node in site_nodes and not (site is not None and _depthwise(site, hidden)):
             downs.append(node)
             continue
-        kind = _per_neuron(gm, node, region, hidden)
+        kind = _per_channel(gm, node, region, hidden, spatial, site) if spatial else _per_neuron(gm, node, region, hidden)
         if not kind:
             return None
         region.add(node)
@@ -166,13 +217,24 @@ def block_nodes(gm: fx.GraphModule, sites: Mapping[str, Site], up: str) -> tuple
     """The nodes between an MLP block's two layers (activations, arithmetic, reshapes), in
     graph order, and the one whose value the down layer reads."""
     site = sites[up]
-    by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
-    found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node)
+    found = _region(gm, sites, up, site.spec.out_channels)
     if found is None:
         raise PlanMismatchError(f"{up!r} does not start an MLP block in this model's graph")
     down_node, _, region = found
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(region - {site.nodes[0]}, key=order.__getitem__), sites[by_node[down_node]].input(down_node)
+    down = next(s for s in sites.values() if s.nodes and s.nodes[0] is down_node)
+    return sorted(region - {site.nodes[0]}, key=order.__getitem__), down.input(down_node)
+
+
+def _spatial(site: Site) -> int:
+    """A 1×1 conv's number of spatial dimensions; 0 for a linear layer."""
+    return len(site.spec.kernel_size) if site.spec.kind == "conv" else 0
+
+
+def _region(gm: fx.GraphModule, sites: Mapping[str, Site], up: str, hidden: int):
+    """`_hidden_region` from the up site ``up`` (linear or 1×1 conv)."""
+    by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
+    return _hidden_region(gm, sites[up].nodes[0], hidden, by_node, sites, _spatial(sites[up]))
 
 
 def run_block_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], start: fx.Node, end: fx.Node,
@@ -202,8 +264,7 @@ def run_block_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], start: fx.Node
 def _resize_views(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlock, width: int) -> None:
     """Reshapes between the block's layers name the hidden width (an export's ``view(-1,
     3072)``): make them name ``width``."""
-    by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
-    found = _hidden_region(gm, sites[block.up].nodes[0], block.hidden, by_node)
+    found = _region(gm, sites, block.up, block.hidden)
     if found is None:
         raise PlanMismatchError(f"{block.up!r} → {block.down!r} is not an MLP block of this model")
     for node in found[2]:
@@ -218,28 +279,47 @@ def _resize_views(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlock
             node.args = (node.args[0], *shape[:-1], width)
 
 
+def _plain_pointwise(site: Site) -> bool:
+    """A 1×1 conv mixing all channels (no groups)."""
+    return site.spec.kind == "conv" and site.spec.pointwise and site.spec.groups == 1
+
+
+def _unpadded(site: Site) -> bool:
+    """A conv without padding (a padded 1×1 conv's border is its bias alone, which a refit would move)."""
+    padding = site.spec.padding
+    return padding == "valid" or (not isinstance(padding, str) and not any(padding))
+
+
 def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> list[MLPBlock]:
     """The blocks ``linear → elementwise activation(s) → linear`` of ``gm`` whose hidden
     activations feed nothing else, each layer called once with weights of its own. Between
     the layers: activations, per-neuron arithmetic (a GELU written out) and reshapes that keep
-    the hidden dimension last (an export of GPT-2's ``Conv1D``)."""
+    the hidden dimension last (an export of GPT-2's ``Conv1D``).
+
+    Also convolutional ones, ``1×1 conv → per-channel operations → 1×1 conv`` (MobileNetV2's
+    and EfficientNet's inverted residuals): between the convs, activations, batch norm
+    modules, spatial paddings and one depthwise conv (one filter per channel), each acting on
+    every hidden channel alone, so the kept channels stay exact. (Under torch.export, batch
+    norms are aten operators, not modules, and such blocks are not found.)"""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
     blocks: list[MLPBlock] = []
     downs: set[str] = set()
     for name, site in sites.items():
-        if site.reason or site.spec is None or site.spec.kind != "linear" or len(site.nodes) != 1:
+        if site.reason or site.spec is None or len(site.nodes) != 1 or not (site.spec.kind == "linear" or _plain_pointwise(site)):
             continue
         if name in downs:  # a chain linear → act → linear → act → linear: the blocks may not share a layer
             continue
-        found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node)
+        found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node, sites, _spatial(site))
         if found is None:
             continue
         down_node, acts, region = found
         down = by_node[down_node]
         d = sites[down]
         hidden_inputs = [a for a in down_node.all_input_nodes if a in region]
-        if (d.reason or d.spec is None or d.spec.kind != "linear" or hidden_inputs != [d.input(down_node)]
+        same_kind = d.spec is not None and (d.spec.kind == "linear" if site.spec.kind == "linear" else
+                                            _plain_pointwise(d) and _spatial(d) == _spatial(site) and _unpadded(d))  # fmt: skip
+        if (d.reason or not same_kind or hidden_inputs != [d.input(down_node)]
                 or d.spec.in_channels != site.spec.out_channels):  # fmt: skip
             continue  # (the down layer must read the hidden activations as its input alone)
         downs.add(down)
@@ -322,6 +402,35 @@ def _set_param(gm: nn.Module, path: str, value: torch.Tensor, like: torch.Tensor
     setattr(owner, leaf, new)
     if isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = owner.weight.shape
+    elif isinstance(owner, nn.modules.conv._ConvNd) and leaf == "weight" and not owner.transposed:
+        owner.out_channels, owner.in_channels = owner.weight.shape[0], owner.weight.shape[1] * owner.groups
+
+
+def _narrow_channelwise(gm: fx.GraphModule, sites: Mapping[str, Site], nodes: Sequence[fx.Node], idx: torch.Tensor) -> None:
+    """Keep the channels ``idx`` in the per-channel operations between a convolutional block's
+    layers: its batch norms' parameters and statistics, its depthwise conv's filters."""
+    by_node = {s.nodes[0]: s for s in sites.values() if len(s.nodes) == 1}
+    k = len(idx)
+    for node in nodes:
+        site = by_node.get(node)
+        if site is not None:  # the depthwise conv: one filter per channel, groups = channels
+            owner = gm.get_submodule(site.owner) if site.owner else gm
+            if node.op == "call_function":
+                at = _GROUPS_ARG.get(node.target, 6)
+                if len(node.args) > at:
+                    node.update_arg(at, k)
+                else:
+                    node.update_kwarg("groups", k)
+            if isinstance(owner, nn.modules.conv._ConvNd):
+                owner.groups = k
+            w, b = _layer_tensors(gm, site)
+            _write(gm, site, w[idx], None if b is None else b[idx])
+        elif node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(mod, leaf)
+                if t is not None:
+                    _set_param(gm, f"{node.target}.{leaf}", t[idx], t)
+            mod.num_features = k
 
 
 def _layer_tensors(gm: nn.Module, site: Site) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -335,9 +444,22 @@ def _write(gm: nn.Module, site: Site, weight: torch.Tensor, bias: torch.Tensor |
         _set_param(gm, site.bias_path, bias, _get_attr(gm, site.bias_path))
 
 
+@dataclass
+class Anchor:
+    """A block's statistics for an anchored refit, from the compressed model's own stream:
+    the hidden activations ``ã`` (``inputs``: their second moments, sum and count) and the
+    original model's block output ``y`` on the same samples (``cross = Σ y ãᵀ``, ``total = Σ
+    y``, ``energy = Σ ‖y‖²``)."""
+
+    inputs: Any
+    cross: torch.Tensor
+    total: torch.Tensor
+    energy: float
+
+
 @torch.no_grad()
 def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *, keep: Sequence[int] | None = None,
-                 ridge: float = 1e-6) -> MLPBlock:  # fmt: skip
+                 ridge: float = 1e-6, anchor: Anchor | None = None) -> MLPBlock:  # fmt: skip
     """Narrow one block of ``gm`` in place to ``width`` neurons (see the module docstring).
 
     Args:
@@ -345,6 +467,9 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
             hidden activations'; its output sensitivity, if any, weighs the selection).
         width: neurons kept, ``1 ≤ width ≤ hidden``.
         keep: these neurons (a recorded plan's) instead of choosing them; only the refit runs.
+        anchor: choose on the compressed model's own activations and refit the down layer to
+            the original block's output from them (`narrow_mlps` with ``anchored=True``);
+            the estimated error is then the measured one on the calibration data.
 
     Returns:
         ``block`` with its width, parameter counts and estimated error filled in.
@@ -353,11 +478,13 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     up, down = sites[block.up], sites[block.down]
     if not 1 <= width <= block.hidden:
         raise ConfigError(f"width of {block.up!r} → {block.down!r} must be in [1, {block.hidden}], got {width}")
-    inputs = stats.inputs
+    inputs = stats.inputs if anchor is None else anchor.inputs
     if inputs.total is None or inputs.count == 0:
         raise ConfigError(f"no calibration statistics for {block.down!r}: collect them with fxlrd.calibrate.collect_stats")
     w_up, b_up = _layer_tensors(gm, up)
     w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
+    kernel = tuple(w.shape[2:])  # a 1×1 conv's (1, 1): its weight as a matrix here
+    w = w.reshape(w.shape[0], w.shape[1])
     if keep is not None and (len(keep) != width or not all(0 <= i < block.hidden for i in keep)):
         raise PlanMismatchError(f"{block.up!r}: the recorded neurons do not fit its {block.hidden} hidden neurons")
     n = inputs.count
@@ -384,10 +511,19 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     idx = torch.tensor(keep)
     # least-squares refit of the down layer on [a_S; 1]
     g = second[idx][:, idx]
-    cross = w @ second[:, idx]  # E[(W a) a_Sᵀ]
+    if anchor is None:
+        cross = w @ second[:, idx]  # E[(W a) a_Sᵀ]
+    else:  # E[y a_Sᵀ] for the original block's y, its covariance part shrunk as the activations' are, toward
+        # what W gives on the shrinkage target: exactly W·second where y is W a + b on these activations
+        y_mean = anchor.total / n
+        centre = torch.outer(y_mean, mean) if b is not None else torch.zeros(())
+        scale = float(plain.diagonal().mean())
+        cross = ((1 - rho) * (anchor.cross / n - centre) + rho * scale * w + centre)[:, idx]
     if b is not None:
         g = torch.cat([torch.cat([g, mean[idx, None]], 1), torch.cat([mean[idx], torch.ones(1, dtype=g.dtype)])[None]], 0)
-        cross = torch.cat([cross + torch.outer(b, mean[idx]), (w @ mean + b)[:, None]], 1)
+        if anchor is None:
+            cross, y_mean = cross + torch.outer(b, mean[idx]), w @ mean + b
+        cross = torch.cat([cross, y_mean[:, None]], 1)
     # ridge toward the layer's own weights on the kept neurons (exact at full width)
     prior = w[:, idx] if b is None else torch.cat([w[:, idx], b[:, None]], 1)
     damp = ridge * max(float(g.diagonal().mean()), 1e-300)
@@ -398,16 +534,73 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
         energy += float((lt @ (2 * w @ mean + b)).dot(lt @ b))
     # sensitivity-weighted errors are already the model's relative output error (as the factorized layers')
     error = None if residual is None else residual if out_w is not None else residual / max(energy, 1e-300)
+    if anchor is not None:  # measured: E‖y − W'a_S − b'‖² / E‖y‖² on the compressed stream
+        sq = anchor.energy / n - 2 * float((refit * cross).sum()) + float(((refit @ g) * refit).sum())
+        error = max(sq, 0.0) / max(anchor.energy / n, 1e-300)
     inp, out = w_up.shape[1], w.shape[0]
     block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
+    between = block_nodes(gm, sites, block.up)[0]
     _resize_views(gm, sites, block, len(keep))
+    if kernel:
+        _narrow_channelwise(gm, sites, between, idx)
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
-    _write(gm, down, refit[:, : len(keep)], None if b is None else refit[:, -1])
+    _write(gm, down, refit[:, : len(keep)].reshape(out, len(keep), *kernel), None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
     block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None)
     block.error = error
     gm.recompile()
     return block
+
+
+def _values_at(gm: fx.GraphModule, batch: Sequence[Any], names: set[str]) -> dict[str, Any]:
+    """Run ``gm`` (as in eval mode, `fxlrd.calibrate.EvalInterpreter`) on one batch's flat
+    inputs only as far as the nodes ``names``; their values. Values are freed after their last use."""
+    from .calibrate import EvalInterpreter
+    from .capture import placeholder_values
+
+    nodes = list(gm.graph.nodes)
+    last_use = {arg: i for i, node in enumerate(nodes) for arg in node.all_input_nodes}
+    interp = EvalInterpreter(gm)
+    env: dict[fx.Node, Any] = dict(placeholder_values(gm, batch))
+    out: dict[str, Any] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        if node.op != "placeholder":
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            env[node] = getattr(interp, node.op)(node.target, args, kwargs)
+        if node.name in names:
+            out[node.name] = env[node]
+            if len(out) == len(names):
+                break
+        for arg in node.all_input_nodes:
+            if last_use.get(arg) == i:
+                env.pop(arg, None)
+    return out
+
+
+def _anchor(gm: fx.GraphModule, original: fx.GraphModule, block: MLPBlock, batches: Sequence[Sequence[Any]],
+            sites: Mapping[str, Site]) -> Anchor:  # fmt: skip
+    """``block``'s `Anchor`: its hidden activations in ``gm`` (the model narrowed so far) and
+    the original block's output in ``original`` (``gm`` before narrowing), batch by batch."""
+    from .calibrate import InputStats, _samples
+
+    down = sites[block.down]
+    hidden_node = down.input(down.nodes[0])
+    out_name = down.nodes[0].name
+    inputs = cross = total = None
+    energy = 0.0
+    for batch in batches:
+        a = _samples(down, _values_at(gm, batch, {hidden_node.name})[hidden_node.name])
+        y = _samples(down, _values_at(original, batch, {out_name})[out_name]).double()
+        if inputs is None:
+            inputs = InputStats(torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64))
+            cross, total = torch.zeros(y.shape[1], a.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
+        inputs.add(a)
+        cross += y.T @ a.double()
+        total += y.sum(0)
+        energy += float((y * y).sum())
+    return Anchor(inputs, cross, total, energy)
 
 
 def narrow_mlps(
@@ -422,6 +615,7 @@ def narrow_mlps(
     sensitivity_matrix: str = "full",
     example: Any = None,
     progress: bool = True,
+    anchored: bool = False,
 ) -> list[MLPBlock]:
     """Narrow the MLP blocks of ``gm`` in place, all from one pass over ``calibration``.
 
@@ -433,6 +627,12 @@ def narrow_mlps(
         select: ``select(block) -> bool``: which of the found blocks to narrow (with ``ratio``).
         sensitivity, sensitivity_matrix: as in `fxlrd.calibrate.collect_stats`: weigh the
             selection by the model output's sensitivity to the block's output.
+        anchored: narrow the convolutional blocks one after another in graph order, each
+            on the activations the blocks narrowed before it produce, its down layer refitted
+            to the *original* block's output (the anchored objective of the sequential fit:
+            errors do not compound). One pass over the calibration data per block, each as
+            far as that block. Linear blocks are narrowed from the one pass as before
+            (in sequence, MiniLM's held-out cosine was 0.965 against 0.967).
 
     Returns:
         The narrowed blocks (widths, parameter counts and estimated errors filled in).
@@ -462,14 +662,40 @@ def narrow_mlps(
         return []
     stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks], sensitivity=sensitivity,
                           sensitivity_matrix=sensitivity_matrix, progress=progress)  # fmt: skip
+    original = batches = None
+    if anchored and any(_spatial(sites[b.up]) for b in blocks):
+        from .calibrate import _as_args, _batches
+        from .capture import flat_inputs
+        from .modes import saved_modes
+
+        original = copy.deepcopy(gm)
+        items = [_as_args(item, i) for i, item in enumerate(_batches(calibration, False, "calibration"))]
+        batches = [flat_inputs(gm, item, f"calibration batch {i}") for i, item in enumerate(items)]
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        blocks = sorted(blocks, key=lambda b: order[sites[b.up].nodes[0].name])
+    from tqdm.auto import tqdm
+
     out = []
-    for block in blocks:
-        if keep is not None:
-            out.append(narrow_block(gm, block, stats[block.down], len(keep[block.up]), keep=keep[block.up]))
-            continue
-        up, down = sites[block.up], sites[block.down]
-        width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias, ratio, quantum)
-        out.append(narrow_block(gm, block, stats[block.down], width))
+    bar = tqdm(total=len(blocks), desc="narrowing", unit="block", disable=None if progress and original is not None else True,
+               file=sys.stderr, leave=False)  # fmt: skip
+    restore = saved_modes(gm) if original is not None else (lambda: None)
+    try:
+        for block in blocks:
+            anchor = None
+            if original is not None and _spatial(sites[block.up]):
+                gm.eval()
+                with torch.no_grad():
+                    anchor = _anchor(gm, original, block, batches, find_sites(gm))
+            if keep is not None:
+                out.append(narrow_block(gm, block, stats[block.down], len(keep[block.up]), keep=keep[block.up], anchor=anchor))
+            else:
+                up, down = sites[block.up], sites[block.down]
+                width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias, ratio, quantum)
+                out.append(narrow_block(gm, block, stats[block.down], width, anchor=anchor))
+            bar.update(1)
+    finally:
+        bar.close()
+        restore()
     return out
 
 
@@ -482,10 +708,13 @@ def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> 
         if up is None or down is None:
             raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which this model lacks")
         k = int(rec["width"])
+        between = block_nodes(gm, sites, rec["up"])[0]
         _resize_views(gm, sites, MLPBlock(up=rec["up"], down=rec["down"], activation="", hidden=int(rec["hidden"])), k)
         w_up, b_up = _layer_tensors(gm, up)
         w, b = _layer_tensors(gm, down)
         with torch.no_grad():
-            _write(gm, up, w_up.new_zeros(k, w_up.shape[1]), None if b_up is None else b_up.new_zeros(k))
-            _write(gm, down, w.new_zeros(w.shape[0], k), None if b is None else b.new_zeros(b.shape[0]))
+            if up.spec.kind == "conv":  # (the values come from the saved state dict)
+                _narrow_channelwise(gm, sites, between, torch.arange(k))
+            _write(gm, up, w_up.new_zeros(k, *w_up.shape[1:]), None if b_up is None else b_up.new_zeros(k))
+            _write(gm, down, w.new_zeros(w.shape[0], k, *w.shape[2:]), None if b is None else b.new_zeros(b.shape[0]))
     gm.recompile()

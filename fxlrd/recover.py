@@ -762,7 +762,7 @@ def reconstruct_mlps(
     from .calibrate import collect_stats
     from .capture import flat_inputs, normalize_inputs
     from .config import check_sensitivity
-    from .errors import ConfigError, PlanMismatchError
+    from .errors import ConfigError, FxlrdWarning, PlanMismatchError
     from .sites import _get_attr, find_sites
     from .narrow import block_nodes, run_block_nodes
 
@@ -786,6 +786,17 @@ def reconstruct_mlps(
         raise ConfigError("reconstruct_mlps needs at least one batch of inputs")
 
     sites = find_sites(gm)
+    convolutional = [r["up"] for r in records if r["up"] in sites and sites[r["up"]].spec.kind == "conv"]
+    if convolutional:
+        if len(convolutional) == len(records):
+            raise ConfigError(
+                "reconstruct_mlps refits narrowed linear MLP blocks; this model's narrowed blocks are convolutional "
+                f"(first: {convolutional[0]!r}), already refitted to the original's outputs with sequential=True: "
+                "use fxlrd.recover.distill to train them"
+            )
+        warnings.warn(f"reconstruct_mlps: {len(convolutional)} narrowed convolutional blocks are left as they are "
+                      f"(first: {convolutional[0]!r}); it refits linear MLP blocks", FxlrdWarning, stacklevel=2)  # fmt: skip
+        records = [r for r in records if r["up"] not in convolutional]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     blocks = []
     for rec in records:

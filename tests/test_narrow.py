@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 from conftest import rel_err, tiny_bert
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -571,3 +571,178 @@ def test_reconstruct_mlps_leaves_a_block_its_refit_made_worse_as_it_was():
                                             progress=False).values()  # fmt: skip
     assert rec["train_after"] > rec["train_before"] and not rec["applied"]
     assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())
+
+
+# -- convolutional blocks (inverted residuals) ---------------------------------------------------
+class PadConv(nn.Conv2d):
+    """EfficientNet's ``Conv2dStaticSamePadding``: a Conv2d subclass padding in its own forward
+    and calling ``F.conv2d`` (a functional site, its groups a constant in the fx graph)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = self.kernel_size[0] // 2
+        self.static_padding = nn.ZeroPad2d(k) if k else nn.Identity()
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)  # fmt: skip
+
+
+class InvertedResidual(nn.Module):
+    """1×1 expand → BN → act → depthwise 3×3 → BN → act → 1×1 project → BN (+ input)."""
+
+    def __init__(self, c=6, hidden=24, act=None, functional=False, stride=1, bias=False):
+        super().__init__()
+        conv = PadConv if functional else nn.Conv2d
+        pad = {} if functional else {"padding": 1}
+        self.up = conv(c, hidden, 1, bias=bias)
+        self.bn0, self.bn1, self.bn2 = nn.BatchNorm2d(hidden), nn.BatchNorm2d(hidden), nn.BatchNorm2d(c)
+        self.dw = conv(hidden, hidden, 3, stride=stride, groups=hidden, bias=bias, **pad)
+        self.down = conv(hidden, c, 1, bias=bias)
+        self.act = act if act is not None else nn.GELU()
+        self.stride = stride
+        for bn in (self.bn0, self.bn1, self.bn2):  # trained-looking statistics, not the identity
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.3, 0.3)
+
+    def forward(self, x):
+        y = self.bn2(self.down(self.act(self.bn1(self.dw(self.act(self.bn0(self.up(x))))))))
+        return x + y if self.stride == 1 else y
+
+
+def _mbnet(n=2, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[InvertedResidual(**kwargs) for _ in range(n)]).eval()
+
+
+def _images(n=4, batch=8, c=6, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_inverted_residual_blocks_are_found_and_reproduced_at_full_width(functional):
+    model = _mbnet(functional=functional)
+    cal = _images()
+    gm = capture(model, cal[0], mode="fx").gm
+    blocks = find_mlps(gm)
+    owners = [(b.up.removesuffix(".weight_lrd"), b.down.removesuffix(".weight_lrd")) for b in blocks]  # functional sites
+    assert owners == [("0.up", "0.down"), ("1.up", "1.down")]
+    assert "depthwise conv" in blocks[0].activation and "BatchNorm2d" in blocks[0].activation
+    narrow_mlps(gm, cal, keep={b.up: list(range(24)) for b in blocks}, progress=False)
+    with torch.no_grad():
+        assert rel_err(gm(cal[0]), model(cal[0])) < 1e-5
+
+
+class NotABlock(nn.Module):
+    """Conv pairs that are no inverted residual: channels mixed between (squeeze-excitation),
+    a grouped (not depthwise) conv between, a padded down conv, a 3×3 up conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.c, self.g, self.d = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 4, 1)
+        self.e, self.f = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1, padding=1)
+        self.h, self.i = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        x = self.b(h * torch.sigmoid(self.se(h.mean((2, 3), keepdim=True))))
+        x = self.d(torch.relu(self.g(torch.relu(self.c(x)))))
+        x = self.f(torch.relu(self.e(x)))[..., 1:-1, 1:-1]
+        return self.i(torch.relu(self.h(x)))
+
+
+def test_conv_pairs_that_mix_channels_between_are_not_blocks():
+    gm = capture(NotABlock().eval(), torch.randn(2, 4, 6, 6), mode="fx").gm
+    assert find_mlps(gm) == []
+
+
+def _rows_at(model, path, xs, output=False):
+    """The input (or output) of ``model``'s submodule ``path`` over the batches ``xs``, as rows."""
+    got = []
+    module = model.get_submodule(path)
+    hook = (module.register_forward_hook(lambda m, a, o: got.append(o)) if output else
+            module.register_forward_pre_hook(lambda m, a: got.append(a[0])))  # fmt: skip
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    hook.remove()
+    return torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) for t in got]).double()
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_conv_block_refit_is_the_least_squares_map_from_the_stream_it_names(anchored):
+    """Not anchored: the down conv maps the kept channels to the block's own output on the
+    original model's activations. Anchored: the second block maps the kept channels of the
+    model narrowed before it to the *original* model's block output. Both: the bias column
+    (the down convs have biases), against an independent QR least squares, and the reported
+    error is the measured one. (Enough samples per channel that the moments' shrinkage, a
+    ridge, is negligible.)"""
+    model = _mbnet(bias=True)
+    cal = _images(n=8, size=24)
+    gm = capture(model, cal[0], mode="fx").gm
+    blocks = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=anchored)
+    assert [b.width for b in blocks] == [11, 11]  # (6·24 + 24 + 24·6 + 6) / 2 over 13 per channel
+    assert gm.get_submodule("1.bn1").num_features == 11 and gm.get_submodule("1.dw").weight.shape == (11, 1, 3, 3)
+    assert gm.get_submodule("1.bn0").running_mean.shape == (11,)
+    keep = blocks[1].keep
+    y = _rows_at(model, "1.down", cal, output=True)
+    if anchored:  # the kept channels as the model narrowed before this block computes them
+        a = _rows_at(gm, "1.down", cal)
+    else:
+        a = _rows_at(model, "1.down", cal)[:, keep]
+    feats = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    solution = torch.linalg.lstsq(feats, y).solution.T
+    down = gm.get_submodule("1.down")
+    ours = torch.cat([down.weight[:, :, 0, 0], down.bias[:, None]], 1).detach().double()
+    assert rel_err(ours, solution) < 1e-3
+    fitted = feats @ ours.T
+    assert blocks[1].error == pytest.approx(float((fitted - y).pow(2).sum() / y.pow(2).sum()), rel=1e-2)
+
+
+@settings(max_examples=15)
+@given(c=st.integers(2, 6), hidden=st.integers(2, 12), stride=st.sampled_from([1, 2]), bias=st.booleans(),
+       functional=st.booleans(), act=st.sampled_from(["relu6", "silu", "hardswish"]), seed=st.integers(0, 99))  # fmt: skip
+def test_conv_blocks_of_any_shape_are_exact_at_full_width(c, hidden, stride, bias, functional, act, seed):
+    acts = {"relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish()}
+    torch.manual_seed(seed)
+    model = nn.Sequential(InvertedResidual(c, hidden, acts[act], functional, stride, bias)).eval()
+    cal = _images(n=2, batch=3, c=c, size=7, seed=seed)
+    gm = capture(model, cal[0], mode="fx").gm
+    (block,) = find_mlps(gm)
+    narrow_mlps(gm, cal, keep={block.up: list(range(hidden))}, progress=False, anchored=True)
+    with torch.no_grad():
+        assert rel_err(gm(cal[1]), model(cal[1])) < 1e-5
+
+
+def test_transform_narrows_conv_blocks_and_saves_loads_and_exports(tmp_path):
+    model = nn.Sequential(_mbnet(functional=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    cal = _images()
+    config = LRDConfig(mlp="narrow", ratio=2, sequential=True, rank_quantum=4)
+    gm = fxlrd.transform(model, config, example_inputs=cal[0][:2], calibration=cal)
+    narrowed = gm.fxlrd_plan.settings["narrowed"]
+    assert [b["width"] for b in narrowed] == [12, 12]  # (6·24 + 24·6) / 2 over 12 per channel
+    dw = gm.get_submodule("0.0.dw")
+    assert dw.weight.shape == (12, 1, 3, 3)  # (the graph calls F.conv2d with 12 groups: it runs below)
+    with torch.no_grad():
+        assert rel_err(gm(cal[0]), model(cal[0])) < 0.5
+    fxlrd.save(gm, tmp_path / "m")
+    loaded = fxlrd.load(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(cal[1]), gm(cal[1]))
+    again = fxlrd.apply(model, gm.fxlrd_plan, example_inputs=cal[0][:2], calibration=cal)
+    with torch.no_grad():
+        assert torch.allclose(again(cal[1]), gm(cal[1]), atol=1e-6)
+    fxlrd.export_onnx(gm, cal[0][:2], tmp_path / "m.onnx")  # checked against PyTorch by onnxruntime
+
+
+def test_reconstruct_mlps_refuses_convolutional_blocks_with_the_way_out():
+    model = _mbnet(n=1)
+    cal = _images(n=2)
+    gm = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
+    with pytest.raises(ConfigError, match="convolutional.*distill"):
+        fxlrd.recover.reconstruct_mlps(gm, model, cal)
