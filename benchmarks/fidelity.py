@@ -20,7 +20,10 @@ the CNN but its depthwise convs; MiniLM's encoder linears):
 - ``global+seq``: + sequential error compensation;
 - ``narrow+global+seq``: MLP blocks narrowed (``mlp="narrow"``: fewer hidden neurons,
   chosen on calibration data, the second layer refitted; `fxlrd.narrow`) by α, the other
-  layers as ``global+seq`` at α (MiniLM only: the CNN has no linear MLP blocks);
+  layers as ``global+seq`` at α; for the CNN its inverted residuals keep fewer hidden
+  channels, narrowed one after another, each refitted to the original block's output;
+- ``narrow+global``: the same without sequential fitting (every block narrowed and every
+  layer factorized from one pass over the original model);
 - ``narrow+global+seq+local``: + the narrowed FFN blocks refitted one at a time by Adam steps
   on each block's own output error (`fxlrd.recover.reconstruct_mlps`: up and down layers
   of the block, against the original block on the same inputs; ``--local-steps`` per block,
@@ -78,7 +81,7 @@ from fxlrd.quantize import QuantizeConfig  # noqa: E402
 from fxlrd.timing import environment, median_times  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global+seq",
+METHODS = ("data-free", "whitened", "whitened+seq", "global", "global+seq", "global+seq+distill", "narrow+global", "narrow+global+seq",
            "narrow+global+seq+distill", "narrow+global+seq+local", "narrow+global+seq+local+distill",
            "fused+whitened+seq", "fused+global+seq", "fused+narrow+global+seq", "fused+narrow+global+seq+distill",
            "fusedqk+narrow+global+seq", "fusedqk+narrow+global+seq+distill")
