@@ -155,6 +155,8 @@ def _per_channel(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden
     act = _elementwise(gm, node)
     if act:
         return act
+    if _per_neuron(gm, node, region, hidden) == "arith":  # (x * sigmoid(x), a swish written out)
+        return "arith"
     first = node.args[0] if node.args else None
     if first not in region:
         return ""
@@ -168,15 +170,15 @@ def _per_channel(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden
         if len(node.args) != 1 or node.kwargs:
             return ""
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.num_features == hidden:
-            return type(mod).__name__
+            calls = sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes)
+            return type(mod).__name__ if calls == 1 else ""  # (a norm shared with other code keeps its channels)
         if isinstance(mod, _PAD_MODULES) and len(mod.padding) <= 2 * spatial:
             return "pad"
         return ""
     if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         return "pad" if isinstance(pad, (list, tuple)) and len(pad) <= 2 * spatial else ""
-    kind = _per_neuron(gm, node, region, hidden)
-    return kind if kind == "arith" else ""
+    return ""
 
 
 def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str],
@@ -406,6 +408,18 @@ def _set_param(gm: nn.Module, path: str, value: torch.Tensor, like: torch.Tensor
         owner.out_channels, owner.in_channels = owner.weight.shape[0], owner.weight.shape[1] * owner.groups
 
 
+def _channelwise_params(gm: fx.GraphModule, sites: Mapping[str, Site], nodes: Sequence[fx.Node]) -> int:
+    """Parameters of the per-channel operations between a convolutional block's layers."""
+    by_node = {s.nodes[0]: s for s in sites.values() if len(s.nodes) == 1}
+    total = 0
+    for node in nodes:
+        if node in by_node:
+            total += sum(t.numel() for t in by_node[node].parameters(gm))
+        elif node.op == "call_module":
+            total += sum(p.numel() for p in gm.get_submodule(node.target).parameters())
+    return total
+
+
 def _narrow_channelwise(gm: fx.GraphModule, sites: Mapping[str, Site], nodes: Sequence[fx.Node], idx: torch.Tensor) -> None:
     """Keep the channels ``idx`` in the per-channel operations between a convolutional block's
     layers: its batch norms' parameters and statistics, its depthwise conv's filters."""
@@ -449,12 +463,12 @@ class Anchor:
     """A block's statistics for an anchored refit, from the compressed model's own stream:
     the hidden activations ``ã`` (``inputs``: their second moments, sum and count) and the
     original model's block output ``y`` on the same samples (``cross = Σ y ãᵀ``, ``total = Σ
-    y``, ``energy = Σ ‖y‖²``)."""
+    y``, ``outer = Σ y yᵀ``)."""
 
     inputs: Any
     cross: torch.Tensor
     total: torch.Tensor
-    energy: float
+    outer: torch.Tensor
 
 
 @torch.no_grad()
@@ -534,19 +548,30 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
         energy += float((lt @ (2 * w @ mean + b)).dot(lt @ b))
     # sensitivity-weighted errors are already the model's relative output error (as the factorized layers')
     error = None if residual is None else residual if out_w is not None else residual / max(energy, 1e-300)
-    if anchor is not None:  # measured: E‖y − W'a_S − b'‖² / E‖y‖² on the compressed stream
-        sq = anchor.energy / n - 2 * float((refit * cross).sum()) + float(((refit @ g) * refit).sum())
-        error = max(sq, 0.0) / max(anchor.energy / n, 1e-300)
+    if anchor is not None:  # measured on the calibration data: E‖Lᵀ(y − W'a_S − b')‖², relative as above
+        raw_g = inputs.gram[idx][:, idx] / n
+        raw_cross = anchor.cross[:, idx] / n
+        if b is not None:
+            raw_g = torch.cat([torch.cat([raw_g, mean[idx, None]], 1), torch.cat([mean[idx], torch.ones(1, dtype=g.dtype)])[None]], 0)
+            raw_cross = torch.cat([raw_cross, (anchor.total / n)[:, None]], 1)
+        m = lt.T @ lt
+        residual_moment = anchor.outer / n - refit @ raw_cross.T - raw_cross @ refit.T + refit @ raw_g @ refit.T
+        sq = float((m * residual_moment).sum())
+        error = max(sq, 0.0) if out_w is not None else max(sq, 0.0) / max(float(anchor.outer.trace()) / n, 1e-300)
     inp, out = w_up.shape[1], w.shape[0]
     block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
     between = block_nodes(gm, sites, block.up)[0]
     _resize_views(gm, sites, block, len(keep))
+    channelwise = (0, 0)  # a convolutional block's norms and depthwise conv shrink alike
     if kernel:
+        before = _channelwise_params(gm, sites, between)
         _narrow_channelwise(gm, sites, between, idx)
+        channelwise = (before, _channelwise_params(gm, sites, between))
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
     _write(gm, down, refit[:, : len(keep)].reshape(out, len(keep), *kernel), None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
-    block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None)
+    block.params_before += channelwise[0]
+    block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None) + channelwise[1]
     block.error = error
     gm.recompile()
     return block
@@ -583,24 +608,31 @@ def _anchor(gm: fx.GraphModule, original: fx.GraphModule, block: MLPBlock, batch
             sites: Mapping[str, Site]) -> Anchor:  # fmt: skip
     """``block``'s `Anchor`: its hidden activations in ``gm`` (the model narrowed so far) and
     the original block's output in ``original`` (``gm`` before narrowing), batch by batch."""
-    from .calibrate import InputStats, _samples
+    from .calibrate import InputStats, _batched, _samples
 
     down = sites[block.down]
     hidden_node = down.input(down.nodes[0])
     out_name = down.nodes[0].name
-    inputs = cross = total = None
-    energy = 0.0
+    inputs = cross = total = outer = None
     for batch in batches:
-        a = _samples(down, _values_at(gm, batch, {hidden_node.name})[hidden_node.name])
-        y = _samples(down, _values_at(original, batch, {out_name})[out_name]).double()
+        a = _samples(down, _values_at(gm, batch, {hidden_node.name})[hidden_node.name]).detach().double().cpu()
+        y = _batched(down, _values_at(original, batch, {out_name})[out_name])  # (the output's every position)
+        y = y.movedim(1, -1).reshape(-1, y.shape[1]).detach().double().cpu()
         if inputs is None:
             inputs = InputStats(torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64))
             cross, total = torch.zeros(y.shape[1], a.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
+            outer = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
         inputs.add(a)
-        cross += y.T @ a.double()
+        cross += y.T @ a
         total += y.sum(0)
-        energy += float((y * y).sum())
-    return Anchor(inputs, cross, total, energy)
+        outer += y.T @ y
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every process: the union's sums
+        from .calibrate import all_reduce_stats
+
+        all_reduce_stats([inputs])
+        for t in (cross, total, outer):
+            torch.distributed.all_reduce(t)
+    return Anchor(inputs, cross, total, outer)
 
 
 def narrow_mlps(
@@ -660,15 +692,18 @@ def narrow_mlps(
                                                       sites[b.up].spec.bias, sites[b.down].spec.bias, ratio, quantum) < b.hidden]
     if not blocks:
         return []
+    spatial = anchored and any(_spatial(sites[b.up]) for b in blocks)
+    if spatial and not isinstance(calibration, Sequence):  # read again for every block
+        calibration = list(calibration)
     stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks], sensitivity=sensitivity,
                           sensitivity_matrix=sensitivity_matrix, progress=progress)  # fmt: skip
     original = batches = None
-    if anchored and any(_spatial(sites[b.up]) for b in blocks):
+    if spatial:
         from .calibrate import _as_args, _batches
         from .capture import flat_inputs
         from .modes import saved_modes
 
-        original = copy.deepcopy(gm)
+        original = copy.deepcopy(gm).eval()  # (the targets: batch norms on their running statistics)
         items = [_as_args(item, i) for i, item in enumerate(_batches(calibration, False, "calibration"))]
         batches = [flat_inputs(gm, item, f"calibration batch {i}") for i, item in enumerate(items)]
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}

@@ -791,7 +791,7 @@ def reconstruct_mlps(
         if len(convolutional) == len(records):
             raise ConfigError(
                 "reconstruct_mlps refits narrowed linear MLP blocks; this model's narrowed blocks are convolutional "
-                f"(first: {convolutional[0]!r}), already refitted to the original's outputs with sequential=True: "
+                f"(first: {convolutional[0]!r}; their project convs are refitted by least squares as they are narrowed): "
                 "use fxlrd.recover.distill to train them"
             )
         warnings.warn(f"reconstruct_mlps: {len(convolutional)} narrowed convolutional blocks are left as they are "

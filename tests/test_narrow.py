@@ -746,3 +746,59 @@ def test_reconstruct_mlps_refuses_convolutional_blocks_with_the_way_out():
     gm = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
     with pytest.raises(ConfigError, match="convolutional.*distill"):
         fxlrd.recover.reconstruct_mlps(gm, model, cal)
+
+
+def test_anchored_targets_come_from_the_original_in_eval_mode_whatever_the_capture_mode():
+    model = _mbnet()
+    model.train()  # captured in training mode (a torchvision constructor leaves models so)
+    cal = _images()
+    gm = capture(model, cal[0], mode="fx").gm
+    means = [b.running_mean.clone() for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+    (first, second) = find_mlps(gm)
+    narrow_mlps(gm, cal, keep={first.up: list(range(24)), second.up: list(range(24))}, progress=False, anchored=True)
+    assert gm.training  # the caller's mode, given back
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(gm.eval()(cal[1]), model(cal[1])) < 1e-5  # full width: the refit is W exactly
+    assert all(torch.equal(m, b.running_mean) for m, b in zip(means, (b for b in model.modules() if isinstance(b, nn.BatchNorm2d))))
+
+
+class StridedProject(nn.Module):
+    """A block whose project conv is strided (it reads every other position)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn, self.dw = nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.down = nn.Conv2d(16, 4, 1, stride=2)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.dw(torch.relu(self.bn(self.up(x))))))
+
+
+def test_a_strided_project_conv_is_narrowed_anchored():
+    model = StridedProject().eval()
+    cal = _images(c=4)
+    gm = capture(model, cal[0], mode="fx").gm
+    (block,) = find_mlps(gm)
+    narrow_mlps(gm, cal, keep={block.up: list(range(16))}, progress=False, anchored=True)
+    with torch.no_grad():
+        assert rel_err(gm(cal[1]), model(cal[1])) < 1e-5
+    gm = capture(model, cal[0], mode="fx").gm
+    (block,) = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=True)
+    with torch.no_grad():
+        assert rel_err(gm(cal[1]), model(cal[1])) < 0.5 and block.width < 16
+
+
+class Swish(nn.Module):
+    """The swish written out between the layers: arithmetic on the hidden values alone."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def test_plan_counts_the_narrowed_norms_and_depthwise_filters_and_arithmetic_activations_are_found():
+    model = nn.Sequential(_mbnet(act=Swish(), bias=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    cal = _images()
+    gm = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
+    assert len(gm.fxlrd_plan.settings["narrowed"]) == 2
+    assert gm.fxlrd_plan.params_after_model() == sum(p.numel() for p in gm.parameters())
