@@ -213,7 +213,8 @@ def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool) -> None:
     narrowing (``hidden`` neurons) and after (``width``): parameters and MACs grow linearly with
     the hidden width, except the down layer's bias."""
     hidden, width = int(block["hidden"]), int(block["width"])
-    lp.reason = f"narrowed MLP block ({hidden} -> {width} neurons)"
+    unit = "channels" if lp.kernel_size else "neurons"  # an inverted residual's 1×1 convs, an MLP's linears
+    lp.reason = f"narrowed MLP block ({hidden} -> {width} {unit})"
     lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
     weights = lp.in_channels * lp.out_channels * math.prod(lp.kernel_size or (1,))
     grown = lp.params_before * hidden // width if up else lp.params_before + weights * (hidden - width) // width

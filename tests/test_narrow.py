@@ -802,3 +802,10 @@ def test_plan_counts_the_narrowed_norms_and_depthwise_filters_and_arithmetic_act
     gm = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
     assert len(gm.fxlrd_plan.settings["narrowed"]) == 2
     assert gm.fxlrd_plan.params_after_model() == sum(p.numel() for p in gm.parameters())
+
+
+def test_plan_rows_of_a_narrowed_conv_block_name_its_channels():
+    model = _mbnet(n=1)
+    cal = _images(n=2)
+    plan = fxlrd.plan(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
+    assert "narrowed MLP block (24 -> 12 channels)" in plan.table()
