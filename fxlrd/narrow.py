@@ -16,6 +16,15 @@ identity without it), the output error of keeping ``S`` is ``‖B (I − P_S)‖
 ``B = Lᵀ W R`` and ``P_S`` the projector on the rows ``R_S``; each step adds the neuron that
 removes the most of it (pivoted Gram–Schmidt, ``O(k·h·(h + out))``), so every width's
 error is known and reported.
+
+Convolutional blocks (inverted residuals: ``1×1 conv → batch norms, activations, padding, a
+depthwise conv → 1×1 conv``) are narrowed the same way, channels for neurons: every operation
+between the convs acts on each channel alone, so the kept channels stay exact, and their
+batch-norm parameters and depthwise filters are kept with them. Errors compound through a
+deep CNN, so with ``anchored=True`` (``LRDConfig(sequential=True)``) these blocks go one after
+another, each chosen on the narrowed model's own activations and refitted to the original
+block's output (EfficientNet-Lite1 at α = 1.5: top-1 agreement 0.859 against 0.783 from one
+pass).
 """
 
 from __future__ import annotations
