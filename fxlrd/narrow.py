@@ -308,10 +308,11 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     the hidden dimension last (an export of GPT-2's ``Conv1D``).
 
     Also convolutional ones, ``1×1 conv → per-channel operations → 1×1 conv`` (MobileNetV2's
-    and EfficientNet's inverted residuals): between the convs, activations, batch norm
-    modules, spatial paddings and one depthwise conv (one filter per channel), each acting on
-    every hidden channel alone, so the kept channels stay exact. (Under torch.export, batch
-    norms are aten operators, not modules, and such blocks are not found.)"""
+    and EfficientNet-Lite's inverted residuals): between the convs, activations, arithmetic
+    on the hidden values alone, batch norm modules called only there, spatial paddings and
+    depthwise convs (one filter per channel), each acting on every hidden channel alone, so
+    the kept channels stay exact. (Under torch.export, batch norms are aten operators, not
+    modules, and a block with one is not found.)"""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
     blocks: list[MLPBlock] = []
