@@ -621,13 +621,13 @@ def collect_stats(
             inputs = _as_args(item, index)
             masks = TokenMasks(inputs, streams)
             site_outputs.clear()
+            flat = flat_inputs(gm, inputs, f"calibration batch {index}")  # (its errors name the batch)
             try:
-                flat = flat_inputs(gm, inputs, f"calibration batch {index}")
                 with torch.set_grad_enabled(bool(sensitivity)):
                     result = recorder.run(*flat)
-            except (ConfigError, TypeError):
+            except ConfigError:
                 raise
-            except Exception as exc:  # noqa: BLE001  (the item does not fit the model)
+            except Exception as exc:  # noqa: BLE001  (the item does not fit the model: a number for a tensor, too)
                 raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
             if sensitivity and site_outputs:
                 if callable(sensitivity):

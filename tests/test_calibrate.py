@@ -1498,3 +1498,20 @@ def test_eval_mode_gives_every_module_its_flag_back_when_the_block_raises():
             assert not any(m.training for m in model.modules())
             raise RuntimeError("inside")
     assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+def test_calibration_items_that_do_not_fit_get_a_clear_error_and_the_model_stays_as_it_was():
+    """A number where the model takes a tensor (torch raised its own TypeError), and more
+    positional inputs than the model takes (the extra ones were dropped without a word)."""
+
+    import fxlrd
+    from fxlrd import ConfigError, LRDConfig
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calibration item .* does not run through"):
+        fxlrd.transform(model, LRDConfig(), example_inputs=x, calibration=[(1,)])
+    with pytest.raises(ConfigError, match="gives 2 positional inputs; the model takes 1"):
+        fxlrd.transform(model, LRDConfig(), example_inputs=x, calibration=[(x, x)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
