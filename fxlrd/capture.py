@@ -131,6 +131,11 @@ def flat_inputs(gm: fx.GraphModule, inputs: Args, what: str = "example_inputs") 
             )
         values = _named_values(before, args[: len(before)], kwargs, what, check_extra=var_kw is None)
         return values + list(args[len(before) :])
+    if len(args) > len(plain):  # (they were dropped, and the model ran on the first ones alone)
+        raise ConfigError(
+            f"{what} gives {len(args)} positional inputs; the model takes {len(plain)} "
+            f"({', '.join(n.target for n in plain) or 'none'}): pass one batch as the model's forward takes it"
+        )
     values = _named_values(plain, args[: len(plain)], kwargs, what, check_extra=var_kw is None)
     return values
 
