@@ -367,40 +367,54 @@ def _output_factor(weights: torch.Tensor | None, out: int) -> torch.Tensor:
     return torch.linalg.cholesky(weights + 1e-12 * weights.diagonal().mean() * torch.eye(out, dtype=torch.float64))
 
 
-def select_neurons(target: torch.Tensor, root: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+def select_neurons(target: torch.Tensor, root: torch.Tensor, k: int, block: int = 32) -> tuple[list[int], list[float]]:
     """Greedy column-subset selection: the ``k`` rows of ``root`` (``R``, ``h × h``) whose span
     keeps most of ``‖target · P‖²`` (``target = B = Lᵀ W R``), in the order chosen, and what
-    each removed of the error. Float64; column norms are updated in place and recomputed
-    every 32 steps, when values below 1e-200 are also flushed to zero (the deflated columns
-    of dependent neurons would otherwise become subnormal, which slows the arithmetic a
-    hundredfold)."""
+    each removed of the error. Float64.
+
+    Pivoted Gram–Schmidt with delayed updates (as LAPACK's blocked QR with column pivoting):
+    each step deflates the running column norms and captured energies by the chosen
+    direction, which takes one pass over ``R`` (a matrix-vector product); the deflation of
+    ``R`` itself waits for ``block`` steps and then runs as one matrix product, when the
+    running sums are also recomputed exactly and values below 1e-200 flushed to zero (the
+    deflated columns of dependent neurons would otherwise become subnormal, which slows the
+    arithmetic a hundredfold). A step reads ``R`` once instead of writing it: ViT-B's 3 072
+    neurons in seconds, not a minute."""
     q = root.T.clone()
     bq = target @ q
+    h = q.shape[1]
     norms, captured = (q * q).sum(0), (bq * bq).sum(0)
     floor = 1e-10 * norms  # a neuron this close to the span of those chosen adds nothing (rounding noise)
-    alive = torch.ones(q.shape[1], dtype=torch.bool)
+    alive = torch.ones(h, dtype=torch.bool)
+    us, ps = q.new_empty(q.shape[0], block), q.new_empty(block, h)  # pending deflation: q - us @ ps
+    tus = q.new_empty(target.shape[0], block)  # target @ us: bq's pending deflation, tus @ ps
+    pending = 0
     order, gains = [], []
-    for step in range(k):
-        if step % 32 == 31:  # the running sums drift; recompute them, and flush subnormals
+    for _ in range(k):
+        if pending == block:  # apply the delayed deflation; recompute the running sums, flush subnormals
+            q.addmm_(us, ps, alpha=-1.0)
+            bq.addmm_(tus, ps, alpha=-1.0)
             q.masked_fill_(q.abs() < 1e-200, 0.0)
             bq.masked_fill_(bq.abs() < 1e-200, 0.0)
             norms, captured = (q * q).sum(0), (bq * bq).sum(0)
+            pending = 0
         score = torch.where(alive & (norms > floor), captured / norms.clamp_min(1e-300), torch.full_like(norms, -1.0))
         j = int(score.argmax())
         if score[j] <= 0:  # nothing left to explain: the remaining neurons in index order
-            rest = [i for i in range(q.shape[1]) if alive[i]]
+            rest = [i for i in range(h) if alive[i]]
             order += rest[: k - len(order)]
             gains += [0.0] * (k - len(gains))
             break
         order.append(j)
         gains.append(float(score[j]))
         alive[j] = False
-        u = q[:, j] / norms[j].sqrt()
-        uq = u @ q
+        u_, p_, t_ = us[:, :pending], ps[:pending], tus[:, :pending]
+        u = (q[:, j] - u_ @ p_[:, j]) / norms[j].sqrt()  # the chosen column as deflated so far, normalized
         tu = target @ u
-        bu = tu @ bq  # (B u)ᵀ B q, for the running sum of ‖B q‖² after deflation
-        q -= torch.outer(u, uq)
-        bq -= torch.outer(tu, uq)
+        uq = u @ q - (u @ u_) @ p_  # uᵀ (q − us ps): the chosen direction against every column
+        bu = tu @ bq - (tu @ t_) @ p_  # (B u)ᵀ B q, for the running sum of ‖B q‖² after deflation
+        us[:, pending], ps[pending], tus[:, pending] = u, uq, tu
+        pending += 1
         norms = (norms - uq * uq).clamp_min(0.0)
         captured = (captured - 2 * uq * bu + uq * uq * (tu @ tu)).clamp_min(0.0)
     return order, gains
