@@ -20,7 +20,8 @@ error is known and reported.
 Convolutional blocks (inverted residuals: ``1×1 conv → batch norms, activations, padding, a
 depthwise conv → 1×1 conv``) are narrowed the same way, channels for neurons: every operation
 between the convs acts on each channel alone, so the kept channels stay exact, and their
-batch-norm parameters and depthwise filters are kept with them. Errors compound through a
+batch-norm parameters and depthwise filters are kept with them (norm modules under fx, the
+norm operators' tensors under torch.export). Errors compound through a
 deep CNN, so with ``anchored=True`` (``LRDConfig(sequential=True)``) these blocks go one after
 another, each chosen on the narrowed model's own activations and refitted to the original
 block's output (EfficientNet-Lite1 at α = 1.5: top-1 agreement 0.859 against 0.783 from one
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ConfigError, PlanMismatchError
-from .sites import Site, _get_attr, find_sites
+from .sites import Site, _arg, _get_attr, find_sites
 
 __all__ = ["MLPBlock", "find_mlps", "block_nodes", "run_block_nodes", "select_neurons", "narrow_block", "narrow_mlps", "narrowed_width", "narrow_skeleton"]
 
@@ -156,6 +157,36 @@ def _depthwise(site: Site | None, hidden: int) -> bool:
             and spec.groups == spec.in_channels == spec.out_channels == hidden)  # fmt: skip
 
 
+_NORM_FUNCTIONS = {_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default, F.batch_norm}
+
+
+def _norm_tensors(node: fx.Node) -> list[Any]:
+    """A functional batch norm's weight, bias, running mean and variance arguments (nodes or None)."""
+    if node.target is F.batch_norm:  # (input, running_mean, running_var, weight, bias, …)
+        return [_arg(node, 3, "weight"), _arg(node, 4, "bias"), _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")]
+    return [_arg(node, i, name) for i, name in ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var"))]
+
+
+def _functional_norm(gm: fx.GraphModule, node: fx.Node, hidden: int) -> str:
+    """``"batch_norm"`` when ``node`` (a functional batch norm, as torch.export records one) normalizes
+    the ``hidden`` channels with tensors of its own: each a ``get_attr`` of ``hidden`` values that
+    nothing else in the graph reads. "" otherwise."""
+    tensors = [t for t in _norm_tensors(node) if t is not None]
+    if not tensors or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in tensors):
+        return ""
+    for t in tensors:
+        value = _get_attr(gm, t.target)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (hidden,):
+            return ""
+        readers = {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == t.target for u in n.users}
+        if readers != {node}:  # (a tensor shared with other code keeps its channels)
+            return ""
+    if node.target is _aten._native_batch_norm_legit_no_training.default and any(
+            u.target is not operator.getitem or u.args[1] != 0 for u in node.users):  # fmt: skip
+        return ""  # (its saved statistics read elsewhere)
+    return "batch_norm"
+
+
 def _per_channel(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden: int, spatial: int,
                  site: Site | None) -> str:  # fmt: skip
     """For a convolutional block (channels in dimension 1): what ``node`` does to the hidden
@@ -187,6 +218,10 @@ def _per_channel(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden
     if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         return "pad" if isinstance(pad, (list, tuple)) and len(pad) <= 2 * spatial else ""
+    if node.op == "call_function" and node.target in _NORM_FUNCTIONS:
+        return _functional_norm(gm, node, hidden)
+    if node.op == "call_function" and node.target is operator.getitem:  # the normalized tensor of a norm above
+        return "getitem" if first.target is _aten._native_batch_norm_legit_no_training.default and node.args[1] == 0 else ""
     return ""
 
 
@@ -215,7 +250,7 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
         if not kind:
             return None
         region.add(node)
-        if kind != "view" and (kind != "arith" or not acts or acts[-1] != "arithmetic"):
+        if kind not in ("view", "getitem") and (kind != "arith" or not acts or acts[-1] != "arithmetic"):
             acts.append("arithmetic" if kind == "arith" else kind)
         for user in node.users:
             heapq.heappush(heap, (index[user], user))
@@ -311,8 +346,8 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     and EfficientNet-Lite's inverted residuals): between the convs, activations, arithmetic
     on the hidden values alone, batch norm modules called only there, spatial paddings and
     depthwise convs (one filter per channel), each acting on every hidden channel alone, so
-    the kept channels stay exact. (Under torch.export, batch norms are aten operators, not
-    modules, and a block with one is not found.)"""
+    the kept channels stay exact. Under torch.export, batch norms are aten operators on
+    ``get_attr`` tensors: a block's norm is one when nothing else reads its tensors."""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
     blocks: list[MLPBlock] = []
@@ -441,6 +476,8 @@ def _channelwise_params(gm: fx.GraphModule, sites: Mapping[str, Site], nodes: Se
             total += sum(t.numel() for t in by_node[node].parameters(gm))
         elif node.op == "call_module":
             total += sum(p.numel() for p in gm.get_submodule(node.target).parameters())
+        elif node.op == "call_function" and node.target in _NORM_FUNCTIONS:  # its weight and bias (not the statistics)
+            total += sum(t.numel() for a in _norm_tensors(node)[:2] if a is not None and isinstance(t := _get_attr(gm, a.target), nn.Parameter))
     return total
 
 
@@ -469,6 +506,14 @@ def _narrow_channelwise(gm: fx.GraphModule, sites: Mapping[str, Site], nodes: Se
                 if t is not None:
                     _set_param(gm, f"{node.target}.{leaf}", t[idx], t)
             mod.num_features = k
+        elif node.op == "call_function" and node.target in _NORM_FUNCTIONS:  # torch.export's: tensors of the graph module
+            for a in _norm_tensors(node):
+                if a is not None:
+                    t = _get_attr(gm, a.target)
+                    _set_param(gm, a.target, t[idx], t)
+                    owner = gm.get_submodule(a.target.rpartition(".")[0]) if "." in a.target else gm
+                    if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+                        owner.num_features = k
 
 
 def _layer_tensors(gm: nn.Module, site: Site) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -848,3 +848,52 @@ def test_plan_rows_of_a_narrowed_conv_block_name_its_channels():
     cal = _images(n=2)
     plan = fxlrd.plan(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
     assert "narrowed MLP block (24 -> 12 channels)" in plan.table()
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_export_captures_narrow_blocks_with_functional_norms_as_fx_captures_do(functional):
+    """torch.export records batch norms as aten operators on tensors of the graph module: the
+    blocks are found, their norms' tensors sliced, and the narrowed model is the one the fx
+    capture's narrowing gives (same channels, same refit)."""
+    model = _mbnet(functional=functional, bias=True)
+    cal = _images(n=4, size=12)
+    exported = capture(model, cal[0], mode="export").gm
+    assert any(n.op == "call_function" and "batch_norm" in str(n.target) for n in exported.graph.nodes)
+    blocks = find_mlps(exported)
+    assert len(blocks) == 2 and all("batch_norm" in b.activation and "depthwise conv" in b.activation for b in blocks)
+    traced = capture(model, cal[0], mode="fx").gm
+    ours = narrow_mlps(exported, cal, ratio=2, progress=False, anchored=True)
+    theirs = narrow_mlps(traced, cal, ratio=2, progress=False, anchored=True)
+    assert [b.keep for b in ours] == [b.keep for b in theirs] and ours[0].width < 24
+    assert [b.params_after for b in ours] == [b.params_after for b in theirs]
+    with torch.no_grad():
+        assert rel_err(exported(cal[1]), traced(cal[1])) < 1e-5
+        assert rel_err(exported(cal[1]), model(cal[1])) > 1e-4  # (narrowed: not the original)
+
+
+def test_export_capture_transform_counts_saves_and_loads_narrowed_norms(tmp_path):
+    model = nn.Sequential(_mbnet(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    cal = _images()
+    config = LRDConfig(mlp="narrow", ratio=2, sequential=True, rank_quantum=4)
+    gm = fxlrd.transform(model, config, example_inputs=cal[0][:2], calibration=cal, capture="export")
+    assert gm.fxlrd_capture["mode"] == "export" and [b["width"] for b in gm.fxlrd_plan.settings["narrowed"]] == [12, 12]
+    assert gm.fxlrd_plan.params_after_model() == sum(p.numel() for p in gm.parameters())
+    fxlrd.save(gm, tmp_path / "m")
+    loaded = fxlrd.load(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(cal[1]), gm(cal[1]))
+
+
+class SharedNorm(InvertedResidual):
+    """A block whose first norm's statistics something else reads too: not narrowable."""
+
+    def forward(self, x):
+        return super().forward(x) + self.bn0.running_mean.sum()
+
+
+def test_export_norm_whose_tensors_are_read_elsewhere_keeps_its_block_whole():
+    torch.manual_seed(0)
+    gm = capture(SharedNorm().eval(), _images(n=1)[0], mode="export").gm
+    assert find_mlps(gm) == []
+    gm = capture(InvertedResidual().eval(), _images(n=1)[0], mode="export").gm
+    assert len(find_mlps(gm)) == 1
