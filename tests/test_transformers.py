@@ -711,3 +711,27 @@ def test_more_architectures_compress_run_at_other_shapes_and_reproduce_at_full_r
     with torch.no_grad():
         _assert_outputs_close(full(**example), want_example, 1e-5)
         _assert_outputs_close(full(**other), want_other, 1e-5)
+
+
+def test_hugging_face_mobilenet_v2_inverted_residuals_are_narrowed_under_export(tmp_path):
+    """transformers' MobileNetV2 is captured by torch.export (its norms aten operators): every
+    inverted residual is found, full width reproduces the model, α = 1.5 in sequence runs, is
+    counted and saves and loads."""
+    torch.manual_seed(0)
+    model = transformers.MobileNetV2Model(transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.35)).eval()
+    cal = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    gm = capture(model, cal[0], mode="export").gm
+    blocks = fxlrd.narrow.find_mlps(gm)
+    assert len(blocks) >= 15 and all("batch_norm" in b.activation for b in blocks)
+    fxlrd.narrow.narrow_mlps(gm, cal, keep={b.up: list(range(b.hidden)) for b in blocks}, progress=False, anchored=True)
+    with torch.no_grad():
+        ref = model(cal[1]).last_hidden_state.double()
+        assert rel_err(gm(cal[1])["last_hidden_state"].double(), ref) < 1e-5
+    narrowed = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=1.5, sequential=True), example_inputs=cal[0],
+                               calibration=cal)  # fmt: skip
+    assert narrowed.fxlrd_capture["mode"] == "export" and len(narrowed.fxlrd_plan.settings["narrowed"]) >= 15
+    assert narrowed.fxlrd_plan.params_after_model() == fxlrd.count_params(narrowed) < fxlrd.count_params(model)
+    fxlrd.save(narrowed, tmp_path / "m")
+    loaded = fxlrd.load(model, tmp_path / "m", example_inputs=cal[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(cal[1])["last_hidden_state"], narrowed(cal[1])["last_hidden_state"])
