@@ -189,7 +189,8 @@ def prepare(task: Mapping[str, Any]) -> Path:
     ctx = BuildContext(spec, original, inputs, task["search_backend"], task["threads"], workdir / "latency.json")
     per_sample = spec.inputs(1)
     print(f"building {name} variants for {backend}, batch {batch} (inputs {models.describe_inputs(inputs)})", flush=True)
-    entries = {}
+    entries: dict[str, Any] = {}
+    made: dict[Any, dict[str, Any]] = {}  # config → the first variant built with it
     for variant in map(variants.get, task["variants"]):
         where = _variant_dir(workdir, name, variant, backend, batch)
         if variant.int8 and backend != "onnxruntime":
@@ -199,7 +200,15 @@ def prepare(task: Mapping[str, Any]) -> Path:
             entries[variant.name] = {"skipped": "dynamic int8 quantizes the matrix products only: for transformers"}
             continue
         info_path = where.with_suffix(".json")
-        info = json.loads(info_path.read_text()) if info_path.exists() else _build(variant, ctx, where, per_sample)
+        key = None if variant.searched or variant.config is None else (repr(variant.config(ctx)), variant.data_aware)
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+        elif key in made:  # the same model as another variant's (its int8 twin): built and saved once
+            info = dict(made[key])
+        else:
+            info = _build(variant, ctx, where, per_sample)
+        if key is not None and "dir" in info:
+            made.setdefault(key, info)
         built = not ("failed" in info or "skipped" in info)
         info_path.parent.mkdir(parents=True, exist_ok=True)
         info_path.write_text(json.dumps(info, default=str))

@@ -26,6 +26,7 @@ __all__ = ["BuildContext", "Variant", "VARIANTS", "get", "TARGET_SPEEDUP"]
 
 TARGET_SPEEDUP = 2.0
 VANILLA = LRDConfig(ratio=2, rank_quantum=1)
+NARROWED = LRDConfig(ratio=2, mlp="narrow", allocation="global")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Variant:
         data_aware: decomposed with the model's calibration data.
         decomposes: it must decompose at least one layer, else it is skipped for that model.
         needs_method: skipped unless some layer is decomposed with this method (e.g. ``tucker2``).
+        narrows: it narrows MLP blocks (``mlp="narrow"``): skipped for a model without any.
         int8: exported in int8, ``export_onnx``'s quantize mode: ``"int8"`` (onnxruntime static
             quantization, QDQ, per-channel weights, calibrated on the model's calibration batches)
             or ``"int8-dynamic"`` (the matrix products' weights in int8, their inputs scaled per
@@ -98,6 +100,7 @@ class Variant:
     data_aware: bool = False
     decomposes: bool = True
     needs_method: str | None = None
+    narrows: bool = False
     int8: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,8 +116,10 @@ class Variant:
 
     def skip_reason(self, gm: fx.GraphModule) -> str | None:
         """Why this variant is not worth timing on this model (nothing it changes), or None."""
-        decomposed = gm.fxlrd_plan.decomposed
-        if self.decomposes and not decomposed:
+        decomposed, narrowed = gm.fxlrd_plan.decomposed, gm.fxlrd_plan.settings.get("narrowed")
+        if self.narrows and not narrowed:
+            return "no MLP block to narrow (linear or 1x1 conv, per-neuron operations, linear or 1x1 conv)"
+        if self.decomposes and not (decomposed or narrowed):
             return "no layer decomposed with this config"
         if self.needs_method and not any(lp.method == self.needs_method for lp in decomposed):
             return f"no layer decomposed with {self.needs_method}"
@@ -289,6 +294,9 @@ VARIANTS: dict[str, Variant] = {
                 needs_method="tucker2"),  # fmt: skip
         Variant("data_aware", "whitened by calibration data, ranks allocated globally (α = 2 overall)",
                 lambda ctx: LRDConfig(ratio=2, allocation="global"), data_aware=True),  # fmt: skip
+        Variant("narrowed", "data-aware: MLP blocks and inverted residuals narrowed (mlp='narrow': 1/α of the hidden "
+                "neurons, two dense layers), the other layers allocated globally, α = 2",
+                lambda ctx: NARROWED, data_aware=True, narrows=True),  # fmt: skip
         Variant("int8", "the original, int8 (onnxruntime static quantization, QDQ, per-channel weights)", None,
                 decomposes=False, int8="int8"),  # fmt: skip
         Variant("quantized+int8", "quantized, then int8 like the original's int8", lambda ctx: LRDConfig(ratio=2),
@@ -297,6 +305,10 @@ VARIANTS: dict[str, Variant] = {
                 "inputs scaled per call)", None, decomposes=False, int8="int8-dynamic"),  # fmt: skip
         Variant("quantized+int8_dynamic", "quantized, then dynamic int8 like int8_dynamic", lambda ctx: LRDConfig(ratio=2),
                 int8="int8-dynamic"),  # fmt: skip
+        Variant("narrowed+int8", "narrowed, then int8 like int8", lambda ctx: NARROWED, data_aware=True, narrows=True,
+                int8="int8"),  # fmt: skip
+        Variant("narrowed+int8_dynamic", "narrowed, then dynamic int8 like int8_dynamic", lambda ctx: NARROWED,
+                data_aware=True, narrows=True, int8="int8-dynamic"),  # fmt: skip
         Variant("global@vanilla+int8", "global@vanilla, then int8",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True, int8="int8"),  # fmt: skip

@@ -652,6 +652,33 @@ def test_quantum_variants_round_ranks_to_their_quantum(tmp_path):
         assert [lp.ranks for lp in get(name).build(ctx).fxlrd_plan.decomposed] == [(rank,), (rank,)], name
 
 
+def test_narrowed_variant_narrows_mlp_blocks_and_is_skipped_without_them(tmp_path):
+    import torch
+    from torch import nn
+
+    from benchmarks.models import ModelSpec
+    from benchmarks.variants import BuildContext, get
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    spec = ModelSpec("mlp", "test", lambda: mlp, lambda b: torch.randn(b, 32), lambda: [torch.randn(16, 32) for _ in range(4)])
+    ctx = BuildContext(spec, mlp, torch.randn(2, 32), "onnxruntime", 1, tmp_path / "latency.json")
+    variant = get("narrowed")
+    gm = variant.build(ctx)
+    (block,) = gm.fxlrd_plan.settings["narrowed"]
+    assert 32 <= block["width"] <= 64  # α = 2: at most half the hidden neurons, rounded down to the rank quantum
+    assert fxlrd_params(gm) < fxlrd_params(mlp) and variant.skip_reason(gm) is None
+    assert get("narrowed+int8_dynamic").int8 == "int8-dynamic"
+
+    plain = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32)).eval()  # no activation between: not a block
+    ctx = BuildContext(spec, plain, torch.randn(2, 32), "onnxruntime", 1, tmp_path / "latency.json")
+    assert variant.skip_reason(variant.build(ctx)).startswith("no MLP block to narrow")
+
+
+def fxlrd_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def test_docstring_corpus_reads_submodules_and_leaves_out_what_it_is_told():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import inspect
@@ -1057,9 +1084,16 @@ def test_int8_variants_export_their_scheme(tmp_path, monkeypatch):
     spec = models.ModelSpec("tiny_bert", "a tiny BERT", bert, tokens, lambda: [tokens(4, seed=s) for s in (1, 2)], tokens=True)
     monkeypatch.setitem(models.MODELS, "tiny_bert", spec)
     task = {"model": "tiny_bert", "backend": "onnxruntime", "search_backend": "onnxruntime", "batch": 1, "threads": 1,
-            "variants": ["int8", "int8_dynamic", "quantized+int8_dynamic"], "workdir": str(tmp_path)}  # fmt: skip
+            "variants": ["quantized", "int8", "int8_dynamic", "quantized+int8_dynamic"], "workdir": str(tmp_path)}  # fmt: skip
+    from benchmarks import variants
+
+    transforms = []
+    real_transform = variants.fxlrd.transform
+    monkeypatch.setattr(variants.fxlrd, "transform", lambda *a, **k: transforms.append(1) or real_transform(*a, **k))
     entries = json.loads(prepare(task).read_text())["variants"]
+    assert len(transforms) == 1 and entries["quantized+int8_dynamic"]["dir"] == entries["quantized"]["dir"]  # built once
     ops = {name: {n.op_type for n in onnx.load(e["onnx"]).graph.node} for name, e in entries.items()}
+    assert "QuantizeLinear" not in ops["quantized"] and "DynamicQuantizeLinear" not in ops["quantized"]
     assert "QuantizeLinear" in ops["int8"] and "DynamicQuantizeLinear" not in ops["int8"]
     for name in ("int8_dynamic", "quantized+int8_dynamic"):
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops[name] and "QuantizeLinear" not in ops[name], name
