@@ -646,46 +646,90 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     return block
 
 
-def _values_at(gm: fx.GraphModule, batch: Sequence[Any], names: set[str]) -> dict[str, Any]:
-    """Run ``gm`` (as in eval mode, `fxlrd.calibrate.EvalInterpreter`) on one batch's flat
-    inputs only as far as the nodes ``names``; their values. Values are freed after their last use."""
-    from .calibrate import EvalInterpreter
-    from .capture import placeholder_values
+STREAM_BYTES = 2**30  # a `_Stream` keeps at most this much of the calibration data's activations
 
-    nodes = list(gm.graph.nodes)
-    last_use = {arg: i for i, node in enumerate(nodes) for arg in node.all_input_nodes}
-    interp = EvalInterpreter(gm)
-    env: dict[fx.Node, Any] = dict(placeholder_values(gm, batch))
-    out: dict[str, Any] = {}
-    for i, node in enumerate(nodes):
-        if node.op == "output":
-            break
-        if node.op != "placeholder":
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-            env[node] = getattr(interp, node.op)(node.target, args, kwargs)
-        if node.name in names:
-            out[node.name] = env[node]
-            if len(out) == len(names):
+
+class _Stream:
+    """A graph run on the calibration batches (as in eval mode, `fxlrd.calibrate.EvalInterpreter`)
+    up to a cut that moves forward block by block: the values the rest of the graph still reads
+    are kept, so each block's run starts at the cut, not at the inputs, and the sequential
+    narrowing costs about two passes over the data rather than one per block. Parameters are
+    read when a node runs (narrowing a block replaces them). When what it keeps would exceed
+    ``max_bytes`` the stream keeps nothing and every run starts at the inputs again."""
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]], max_bytes: int | None = None):
+        from .calibrate import EvalInterpreter
+        from .capture import placeholder_values
+
+        self.gm, self.batches = gm, batches
+        self.max_bytes = STREAM_BYTES if max_bytes is None else max_bytes
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.last_use = {arg: i for i, node in enumerate(self.nodes) for arg in node.all_input_nodes}
+        self.interp = EvalInterpreter(gm)
+        self._start = lambda batch: dict(placeholder_values(gm, batch))
+        self.envs: list[dict[fx.Node, Any]] | None = [self._start(b) for b in batches]
+        self.pos = 0
+
+    def _run(self, env: dict[fx.Node, Any], start: int, stop: int, names: set[str] = frozenset()) -> dict[str, Any]:
+        """Run nodes ``[start, stop)`` in ``env``, dropping values after their last use; those of ``names``."""
+        out: dict[str, Any] = {}
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "output":
                 break
-        for arg in node.all_input_nodes:
-            if last_use.get(arg) == i:
-                env.pop(arg, None)
-    return out
+            if node.op not in ("placeholder", "get_attr"):  # (get_attr: read fresh by its users)
+                args, kwargs = fx.node.map_arg(
+                    (node.args, node.kwargs), lambda n: self.interp.fetch_attr(n.target) if n.op == "get_attr" else env[n])
+                env[node] = getattr(self.interp, node.op)(node.target, args, kwargs)
+                if not node.users and node.name not in names:  # (nothing reads it)
+                    del env[node]
+            if node.name in names:
+                out[node.name] = env[node] if node.op != "get_attr" else self.interp.fetch_attr(node.target)
+                if len(out) == len(names):
+                    break
+            for arg in node.all_input_nodes:
+                if self.last_use.get(arg) == i:
+                    env.pop(arg, None)
+        return out
+
+    def values(self, names: set[str]) -> Iterable[dict[str, Any]]:
+        """Per batch, the values of the nodes ``names`` (after the cut), run from the cut."""
+        stop = max(self.index[n] for n in names) + 1
+        for k, batch in enumerate(self.batches):
+            if self.envs is None:
+                yield self._run(self._start(batch), 0, stop, names)
+            else:
+                yield self._run(dict(self.envs[k]), self.pos, stop, names)
+
+    def advance(self, name: str) -> None:
+        """Move the cut to just before the node ``name`` (run what lies between on every batch)."""
+        stop = self.index[name]
+        if self.envs is not None and stop > self.pos:
+            for env in self.envs:
+                self._run(env, self.pos, stop)
+            kept = sum(v.numel() * v.element_size() for env in self.envs for v in env.values() if isinstance(v, torch.Tensor))
+            if kept > self.max_bytes:
+                self.envs = None
+        self.pos = max(self.pos, stop)
 
 
-def _anchor(gm: fx.GraphModule, original: fx.GraphModule, block: MLPBlock, batches: Sequence[Sequence[Any]],
-            sites: Mapping[str, Site]) -> Anchor:  # fmt: skip
-    """``block``'s `Anchor`: its hidden activations in ``gm`` (the model narrowed so far) and
-    the original block's output in ``original`` (``gm`` before narrowing), batch by batch."""
+def _anchor(mine: _Stream, theirs: _Stream, block: MLPBlock, sites: Mapping[str, Site]) -> Anchor:
+    """``block``'s `Anchor`: its hidden activations in ``mine`` (the model narrowed so far) and
+    the original block's output in ``theirs`` (the model before narrowing), batch by batch;
+    both streams' cuts move to the block's up layer."""
     from .calibrate import InputStats, _batched, _samples
 
     down = sites[block.down]
     hidden_node = down.input(down.nodes[0])
     out_name = down.nodes[0].name
+    up_name = sites[block.up].nodes[0].name
+    mine.advance(up_name)
+    theirs.advance(up_name)
     inputs = cross = total = outer = None
-    for batch in batches:
-        a = _samples(down, _values_at(gm, batch, {hidden_node.name})[hidden_node.name]).detach().double().cpu()
-        y = _batched(down, _values_at(original, batch, {out_name})[out_name])  # (the output's every position)
+    for got, want in zip(mine.values({hidden_node.name}), theirs.values({out_name})):
+        a = _samples(down, got[hidden_node.name]).detach().double().cpu()
+        y = _batched(down, want[out_name])  # (the output's every position)
         y = y.movedim(1, -1).reshape(-1, y.shape[1]).detach().double().cpu()
         if inputs is None:
             inputs = InputStats(torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64))
@@ -766,7 +810,7 @@ def narrow_mlps(
         calibration = list(calibration)
     stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks], sensitivity=sensitivity,
                           sensitivity_matrix=sensitivity_matrix, progress=progress)  # fmt: skip
-    original = batches = None
+    original = batches = streams = None
     if spatial:
         from .calibrate import _as_args, _batches
         from .capture import flat_inputs
@@ -777,6 +821,7 @@ def narrow_mlps(
         batches = [flat_inputs(gm, item, f"calibration batch {i}") for i, item in enumerate(items)]
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         blocks = sorted(blocks, key=lambda b: order[sites[b.up].nodes[0].name])
+        streams = _Stream(gm, batches), _Stream(original, batches)
     from tqdm.auto import tqdm
 
     out = []
@@ -789,7 +834,7 @@ def narrow_mlps(
             if original is not None and _spatial(sites[block.up]):
                 gm.eval()
                 with torch.no_grad():
-                    anchor = _anchor(gm, original, block, batches, find_sites(gm))
+                    anchor = _anchor(*streams, block, find_sites(gm))
             if keep is not None:
                 out.append(narrow_block(gm, block, stats[block.down], len(keep[block.up]), keep=keep[block.up], anchor=anchor))
             else:

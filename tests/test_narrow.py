@@ -897,3 +897,30 @@ def test_export_norm_whose_tensors_are_read_elsewhere_keeps_its_block_whole():
     assert find_mlps(gm) == []
     gm = capture(InvertedResidual().eval(), _images(n=1)[0], mode="export").gm
     assert len(find_mlps(gm)) == 1
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_anchored_narrowing_from_kept_activations_equals_running_from_the_inputs(mode, monkeypatch):
+    """The sequential narrowing keeps each batch's activations at the block it has reached and
+    runs on from there; with no room to keep them it runs every block from the inputs. Both
+    give the same model (an export graph reads its norms' tensors from get_attr nodes at its
+    top: they are read again after narrowing), and keeping them runs far fewer nodes."""
+    import fxlrd.narrow as narrow
+
+    model = nn.Sequential(_mbnet(n=4, functional=True, bias=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    cal = _images(n=3)
+    ran = []
+    real_run = narrow._Stream._run
+    monkeypatch.setattr(narrow._Stream, "_run", lambda self, env, start, stop, names=frozenset():
+                        ran.append(stop - start) or real_run(self, env, start, stop, names))  # fmt: skip
+    results = []
+    for room in (None, 0):
+        monkeypatch.setattr(narrow, "STREAM_BYTES", narrow.STREAM_BYTES if room is None else room)
+        gm = capture(model, cal[0], mode=mode).gm
+        ran.clear()
+        blocks = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=True)
+        with torch.no_grad():
+            results.append(([b.keep for b in blocks], [b.error for b in blocks], gm(cal[1]), sum(ran)))
+    (keep, errors, out, cost), (keep0, errors0, out0, cost0) = results
+    assert len(keep) == 4 and keep == keep0 and errors == errors0 and torch.equal(out, out0)
+    assert cost < 0.6 * cost0
