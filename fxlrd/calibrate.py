@@ -393,6 +393,11 @@ class EvalInterpreter(fx.Interpreter):
             return args[0], torch.ones_like(args[0], dtype=torch.bool)
         if target is _aten.batch_norm.default and len(args) > 5 and args[5]:
             args = (*args[:5], False, *args[6:])
+        if target is F.batch_norm:  # (an fx trace of a module calling it with training=self.training, in training mode)
+            if len(args) > 5 and args[5]:
+                args = (*args[:5], False, *args[6:])
+            elif kwargs.get("training"):
+                kwargs = {**kwargs, "training": False}
         if target in _ATTENTIONS:  # attention dropout
             if len(args) > 4:
                 args = (*args[:4], 0.0, *args[5:])

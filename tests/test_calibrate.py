@@ -1515,3 +1515,28 @@ def test_calibration_items_that_do_not_fit_get_a_clear_error_and_the_model_stays
     with pytest.raises(ConfigError, match="gives 2 positional inputs; the model takes 1"):
         fxlrd.transform(model, LRDConfig(), example_inputs=x, calibration=[(x, x)])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class FunctionalNorm(nn.Module):
+    """A norm calling ``F.batch_norm(..., training=self.training)``: an fx trace in training
+    mode bakes ``training=True`` into the graph."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c) * 0.1)
+        self.register_buffer("running_mean", torch.randn(c) * 0.1)
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5)
+
+
+def test_calibration_leaves_the_running_statistics_of_a_functional_norm_traced_in_training_mode_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), FunctionalNorm(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).train()
+    cal = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    captured = capture(model, inputs=((cal[0],), {}), mode="fx", copy_model=True).gm
+    assert any(n.target is F.batch_norm and n.kwargs.get("training") is True for n in captured.graph.nodes)
+    before = {k: v.clone() for k, v in captured.state_dict().items()}
+    collect_stats(captured, cal, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in captured.state_dict().items())
