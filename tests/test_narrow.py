@@ -907,7 +907,7 @@ def test_anchored_narrowing_from_kept_activations_equals_running_from_the_inputs
     top: they are read again after narrowing), and keeping them runs far fewer nodes."""
     import fxlrd.narrow as narrow
 
-    model = nn.Sequential(_mbnet(n=4, functional=True, bias=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    model = nn.Sequential(_mbnet(n=6, functional=True, bias=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
     cal = _images(n=3)
     ran = []
     real_run = narrow._Stream._run
@@ -922,5 +922,47 @@ def test_anchored_narrowing_from_kept_activations_equals_running_from_the_inputs
         with torch.no_grad():
             results.append(([b.keep for b in blocks], [b.error for b in blocks], gm(cal[1]), sum(ran)))
     (keep, errors, out, cost), (keep0, errors0, out0, cost0) = results
-    assert len(keep) == 4 and keep == keep0 and errors == errors0 and torch.equal(out, out0)
+    assert len(keep) == 6 and keep == keep0 and errors == errors0 and torch.equal(out, out0)
     assert cost < 0.6 * cost0
+
+
+class FunctionalNormBlock(nn.Module):
+    """An inverted residual whose norms call ``F.batch_norm`` (fx records them as functions on
+    get_attr tensors)."""
+
+    def __init__(self, c=6, hidden=24):
+        super().__init__()
+        self.up, self.dw, self.down = nn.Conv2d(c, hidden, 1), nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.Conv2d(hidden, c, 1)
+        self.w, self.b = nn.Parameter(torch.rand(hidden) + 0.5), nn.Parameter(torch.randn(hidden) * 0.3)
+        self.register_buffer("mean", torch.randn(hidden) * 0.3)
+        self.register_buffer("var", torch.rand(hidden) + 0.5)
+
+    def forward(self, x):
+        h = nn.functional.batch_norm(self.up(x), self.mean, self.var, self.w, self.b, False, 0.1, 1e-5)
+        return x + self.down(torch.relu(self.dw(h)))
+
+
+def test_functional_norms_in_fx_and_decomposed_export_graphs_are_narrowed():
+    """``F.batch_norm`` under fx, and ``_native_batch_norm_legit_no_training`` with its getitem
+    in an export graph decomposed to core ATen: found, exact at full width, sliced when narrowed."""
+    torch.manual_seed(0)
+    cal = _images(n=3)
+    for model in (FunctionalNormBlock().eval(), nn.Sequential(InvertedResidual(bias=True)).eval()):
+        if isinstance(model, FunctionalNormBlock):
+            gm = capture(model, cal[0], mode="fx").gm
+            kinds = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+            assert nn.functional.batch_norm in kinds
+        else:
+            unlifted = torch.export.export(model, (cal[0],)).run_decompositions().module()
+            gm = torch.fx.GraphModule(unlifted, unlifted.graph)  # (a plain graph module: ep.module() refuses eval())
+            kinds = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+            assert torch.ops.aten._native_batch_norm_legit_no_training.default in kinds
+        (block,) = find_mlps(gm)
+        full = copy.deepcopy(gm)
+        narrow_mlps(full, cal, keep={block.up: list(range(24))}, progress=False)
+        with torch.no_grad():
+            assert rel_err(full(cal[1]), model(cal[1])) < 1e-5
+        (narrowed,) = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=True)
+        assert narrowed.width < 24 and narrowed.params_after < narrowed.params_before
+        with torch.no_grad():
+            assert rel_err(gm(cal[1]), model(cal[1])) < 0.5
