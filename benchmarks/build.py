@@ -171,6 +171,19 @@ def _print(name: str, info: Mapping[str, Any]) -> None:
           f"built in {info['build_s']:.1f} s{onnx}", flush=True)  # fmt: skip
 
 
+def _built(variant: Variant, ctx: BuildContext, workdir: Path, name: str, backend: str, batch: int,
+           per_sample: Any) -> dict[str, Any]:  # fmt: skip
+    """``variant``'s build record in this case: read back, or built, saved and recorded now."""
+    where = _variant_dir(workdir, name, variant, backend, batch)
+    info_path = where.with_suffix(".json")
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    info = _build(variant, ctx, where, per_sample)
+    info_path.parent.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps(info, default=str))
+    return info
+
+
 def prepare(task: Mapping[str, Any]) -> Path:
     """Build (or reuse) every variant of a case and write its manifest.
 
@@ -190,7 +203,6 @@ def prepare(task: Mapping[str, Any]) -> Path:
     per_sample = spec.inputs(1)
     print(f"building {name} variants for {backend}, batch {batch} (inputs {models.describe_inputs(inputs)})", flush=True)
     entries: dict[str, Any] = {}
-    made: dict[Any, dict[str, Any]] = {}  # config → the first variant built with it
     for variant in map(variants.get, task["variants"]):
         where = _variant_dir(workdir, name, variant, backend, batch)
         if variant.int8 and backend != "onnxruntime":
@@ -200,15 +212,12 @@ def prepare(task: Mapping[str, Any]) -> Path:
             entries[variant.name] = {"skipped": "dynamic int8 quantizes the matrix products only: for transformers"}
             continue
         info_path = where.with_suffix(".json")
-        key = None if variant.searched or variant.config is None else (repr(variant.config(ctx)), variant.data_aware)
         if info_path.exists():
             info = json.loads(info_path.read_text())
-        elif key in made:  # the same model as another variant's (its int8 twin): built and saved once
-            info = dict(made[key])
+        elif variant.base:  # an int8 twin: its float variant's model, built (or found) and saved once
+            info = _built(variants.get(variant.base), ctx, workdir, name, backend, batch, per_sample)
         else:
             info = _build(variant, ctx, where, per_sample)
-        if key is not None and "dir" in info:
-            made.setdefault(key, info)
         built = not ("failed" in info or "skipped" in info)
         info_path.parent.mkdir(parents=True, exist_ok=True)
         info_path.write_text(json.dumps(info, default=str))

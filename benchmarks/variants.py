@@ -87,6 +87,8 @@ class Variant:
         decomposes: it must decompose at least one layer, else it is skipped for that model.
         needs_method: skipped unless some layer is decomposed with this method (e.g. ``tucker2``).
         narrows: it narrows MLP blocks (``mlp="narrow"``): skipped for a model without any.
+        base: for an int8 variant, the float variant whose model it quantizes (built once
+            and shared; its config must be this one's).
         int8: exported in int8, ``export_onnx``'s quantize mode: ``"int8"`` (onnxruntime static
             quantization, QDQ, per-channel weights, calibrated on the model's calibration batches)
             or ``"int8-dynamic"`` (the matrix products' weights in int8, their inputs scaled per
@@ -101,9 +103,12 @@ class Variant:
     decomposes: bool = True
     needs_method: str | None = None
     narrows: bool = False
+    base: str | None = None
     int8: str | None = None
 
     def __post_init__(self) -> None:
+        if self.base is not None and not self.int8:
+            raise ValueError(f"variant {self.name}: base is for int8 variants (the float model they quantize)")
         if self.int8 not in (None, *QUANTIZE_MODES):
             raise ValueError(f"variant {self.name}: int8 must be None or one of {QUANTIZE_MODES}, got {self.int8!r}")
 
@@ -300,18 +305,18 @@ VARIANTS: dict[str, Variant] = {
         Variant("int8", "the original, int8 (onnxruntime static quantization, QDQ, per-channel weights)", None,
                 decomposes=False, int8="int8"),  # fmt: skip
         Variant("quantized+int8", "quantized, then int8 like the original's int8", lambda ctx: LRDConfig(ratio=2),
-                int8="int8"),  # fmt: skip
+                base="quantized", int8="int8"),  # fmt: skip
         Variant("int8_dynamic", "the original, dynamic int8 (onnxruntime: int8 weights of the matrix products, "
                 "inputs scaled per call)", None, decomposes=False, int8="int8-dynamic"),  # fmt: skip
         Variant("quantized+int8_dynamic", "quantized, then dynamic int8 like int8_dynamic", lambda ctx: LRDConfig(ratio=2),
-                int8="int8-dynamic"),  # fmt: skip
+                base="quantized", int8="int8-dynamic"),  # fmt: skip
         Variant("narrowed+int8", "narrowed, then int8 like int8", lambda ctx: NARROWED, data_aware=True, narrows=True,
-                int8="int8"),  # fmt: skip
+                base="narrowed", int8="int8"),  # fmt: skip
         Variant("narrowed+int8_dynamic", "narrowed, then dynamic int8 like int8_dynamic", lambda ctx: NARROWED,
-                data_aware=True, narrows=True, int8="int8-dynamic"),  # fmt: skip
+                data_aware=True, narrows=True, base="narrowed", int8="int8-dynamic"),  # fmt: skip
         Variant("global@vanilla+int8", "global@vanilla, then int8",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
-                searched=True, int8="int8"),  # fmt: skip
+                searched=True, base="global@vanilla", int8="int8"),  # fmt: skip
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip

@@ -675,6 +675,19 @@ def test_narrowed_variant_narrows_mlp_blocks_and_is_skipped_without_them(tmp_pat
     assert variant.skip_reason(variant.build(ctx)).startswith("no MLP block to narrow")
 
 
+def test_int8_twins_quantize_their_base_variant_s_model():
+    from benchmarks.variants import VARIANTS, get
+
+    twins = [v for v in VARIANTS.values() if v.base]
+    assert {v.name for v in twins} >= {"quantized+int8", "narrowed+int8", "narrowed+int8_dynamic", "global@vanilla+int8"}
+    for v in twins:
+        base = get(v.base)
+        assert v.int8 and not base.int8 and (v.searched, v.data_aware, v.narrows) == (base.searched, base.data_aware, base.narrows)
+        if not v.searched:  # (a searched config needs a case to search in)
+            assert repr(v.config(None)) == repr(base.config(None)), v.name
+
+
+
 def fxlrd_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -1097,6 +1110,10 @@ def test_int8_variants_export_their_scheme(tmp_path, monkeypatch):
     assert "QuantizeLinear" in ops["int8"] and "DynamicQuantizeLinear" not in ops["int8"]
     for name in ("int8_dynamic", "quantized+int8_dynamic"):
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops[name] and "QuantizeLinear" not in ops[name], name
+    transforms.clear()
+    task["variants"] = ["quantized+int8"]  # its base already built in this case: read back, not built again
+    assert json.loads(prepare(task).read_text())["variants"]["quantized+int8"]["dir"] == entries["quantized"]["dir"]
+    assert not transforms
 
 
 def test_dynamic_int8_is_for_transformers_only(tmp_path, monkeypatch):
