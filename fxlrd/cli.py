@@ -999,6 +999,16 @@ def _int8_weights(path: Path) -> dict[str, int]:
 
 
 @torch.no_grad()
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the rows of ``a`` and ``b`` at any scale (torch's clamps the norms'
+    product at 1e-8, which reads a model with outputs of 1e-5 as dissimilar); 1 where both are
+    zero, 0 where one is."""
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    both = (na > 0) & (nb > 0)
+    cos = (a * b).sum(-1) / torch.where(both, na * nb, torch.ones_like(na))
+    return torch.where(both, cos, ((na == 0) & (nb == 0)).to(cos.dtype))
+
+
 def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Sequence[Batch]) -> dict[str, Any]:
     """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
 
@@ -1037,7 +1047,7 @@ def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Seque
             name = f"{name} (mean-pooled over the attention mask)"
         else:
             p0, p1 = y0.reshape(len(y0), -1), y1.reshape(len(y1), -1)
-        cosines.append(torch.nn.functional.cosine_similarity(p0, p1, dim=-1))
+        cosines.append(_cosine(p0, p1))
     cos = torch.cat(cosines) if cosines else torch.zeros(0)
     return {
         "output": name,
