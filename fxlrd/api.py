@@ -208,13 +208,13 @@ def _reusable(calibration: Iterable | None) -> Iterable | None:
     return calibration
 
 
-def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool) -> None:
+def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool, depthwise: bool = False) -> None:
     """A narrowed block's layer, planned on the narrowed graph: its row shows the layer before
     narrowing (``hidden`` neurons) and after (``width``): parameters and MACs grow linearly with
-    the hidden width, except the down layer's bias."""
+    the hidden width, except the down layer's bias (a depthwise conv's grow as the up layer's)."""
     hidden, width = int(block["hidden"]), int(block["width"])
     unit = "channels" if lp.kernel_size else "neurons"  # an inverted residual's 1×1 convs, an MLP's linears
-    lp.reason = f"narrowed MLP block ({hidden} -> {width} {unit})"
+    lp.reason = f"narrowed {'with its ' if depthwise else ''}MLP block ({hidden} -> {width} {unit})"
     lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
     weights = lp.in_channels * lp.out_channels * math.prod(lp.kernel_size or (1,))
     grown = lp.params_before * hidden // width if up else lp.params_before + weights * (hidden - width) // width
@@ -241,6 +241,9 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
             for name in (block["up"], block["down"]):
                 if name in plan_.layers:
                     _narrowed_row(plan_.layers[name], block, up=name == block["up"])
+            for name in block.get("depthwise") or ():
+                if name in plan_.layers:
+                    _narrowed_row(plan_.layers[name], block, up=True, depthwise=True)
     return plan_, stats
 
 

@@ -79,6 +79,7 @@ class MLPBlock:
     params_after: int = 0
     error: float | None = None
     keep: list[int] | None = None
+    depthwise: list[str] | None = None  # a convolutional block's depthwise convs, narrowed with it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -642,6 +643,7 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
     _write(gm, down, refit[:, : len(keep)].reshape(out, len(keep), *kernel), None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
+    block.depthwise = [name for name, site in sites.items() if site.nodes and site.nodes[0] in set(between)] if kernel else None
     block.params_before += channelwise[0]
     block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None) + channelwise[1]
     block.error = error

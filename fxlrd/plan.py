@@ -136,12 +136,13 @@ class Plan:
         hidden = {}
         for block in self.settings.get("narrowed") or []:
             hidden[block["up"]], hidden[block["down"]] = ("out", block["hidden"]), ("in", block["hidden"])
+            hidden |= {name: ("both", block["hidden"]) for name in block.get("depthwise") or ()}
         rows = []
         for lp in self:
             kernel = "x".join(map(str, lp.kernel_size)) or "-"
             after_p, after_m = lp.params_after, lp.macs_after  # a kept layer's are its own (a narrowed one's less)
             side, h = hidden.get(lp.name, (None, None))
-            shape = f"{h if side == 'in' else lp.in_channels}->{h if side == 'out' else lp.out_channels}"
+            shape = f"{h if side in ('in', 'both') else lp.in_channels}->{h if side in ('out', 'both') else lp.out_channels}"
             rows.append((
                 lp.name, lp.layer_type, shape, kernel, lp.method,
                 ",".join(map(str, lp.ranks)) or "-",

@@ -848,6 +848,11 @@ def test_plan_rows_of_a_narrowed_conv_block_name_its_channels():
     cal = _images(n=2)
     plan = fxlrd.plan(model, LRDConfig(mlp="narrow", ratio=2, rank_quantum=4), example_inputs=cal[0], calibration=cal)
     assert "narrowed MLP block (24 -> 12 channels)" in plan.table()
+    (dw,) = [lp for lp in plan if lp.name == "0.dw"]
+    assert "narrowed with its MLP block (24 -> 12 channels)" in dw.reason and (dw.params_before, dw.params_after) == (24 * 9, 12 * 9)
+    assert next(line for line in plan.table().splitlines() if line.startswith("0.dw")).split()[2] == "24->24"
+    layers = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert plan.totals()["params_before"] == layers  # every row as it was before narrowing
 
 
 @pytest.mark.parametrize("functional", [False, True])
