@@ -337,6 +337,9 @@ def _unpadded(site: Site) -> bool:
     return padding == "valid" or (not isinstance(padding, str) and not any(padding))
 
 
+_LINEAR_KINDS = {"batch_norm", "pad", "depthwise conv"}  # what a convolutional block may hold that is linear
+
+
 def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> list[MLPBlock]:
     """The blocks ``linear → elementwise activation(s) → linear`` of ``gm`` whose hidden
     activations feed nothing else, each layer called once with weights of its own. Between
@@ -347,7 +350,8 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     and EfficientNet-Lite's inverted residuals): between the convs, activations, arithmetic
     on the hidden values alone, batch norm modules called only there, spatial paddings and
     depthwise convs (one filter per channel), each acting on every hidden channel alone, so
-    the kept channels stay exact. Under torch.export, batch norms are aten operators on
+    the kept channels stay exact, at least one of them not linear (``project → norm → expand``
+    between two blocks is a linear bottleneck, not a block, and would take their convs). Under torch.export, batch norms are aten operators on
     ``get_attr`` tensors: a block's norm is one when nothing else reads its tensors."""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
@@ -362,6 +366,8 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         if found is None:
             continue
         down_node, acts, region = found
+        if _spatial(site) and all(a in _LINEAR_KINDS or "BatchNorm" in a for a in acts):
+            continue  # (conv → norm → conv, a linear bottleneck between two blocks: no MLP, and it would take their convs)
         down = by_node[down_node]
         d = sites[down]
         hidden_inputs = [a for a in down_node.all_input_nodes if a in region]

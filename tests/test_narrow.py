@@ -971,3 +971,23 @@ def test_functional_norms_in_fx_and_decomposed_export_graphs_are_narrowed():
         assert narrowed.width < 24 and narrowed.params_after < narrowed.params_before
         with torch.no_grad():
             assert rel_err(gm(cal[1]), model(cal[1])) < 0.5
+
+
+def test_a_linear_bottleneck_between_two_blocks_is_no_block_and_takes_none_of_their_convs():
+    """Without residuals (stride 2), one block's project conv → norm → the next block's expand
+    conv is a linear bottleneck: found as a block it took the next block's expand conv, whose
+    inverted residual was then never narrowed (EfficientNet-Lite1's first two blocks)."""
+
+    class NoExpansion(nn.Module):  # EfficientNet's first block: depthwise conv → norm → act → project → norm
+        def __init__(self, c=6):
+            super().__init__()
+            self.dw, self.bn0 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)
+            self.project, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return self.bn1(self.project(torch.relu(self.bn0(self.dw(x)))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(NoExpansion(), InvertedResidual(stride=2), InvertedResidual(stride=2)).eval()
+    gm = capture(model, _images(n=1, size=16)[0], mode="fx").gm
+    assert [(b.up, b.down) for b in find_mlps(gm)] == [("1.up", "1.down"), ("2.up", "2.down")]
