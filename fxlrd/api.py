@@ -112,7 +112,7 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
             "such as Llama's gate · up, or layers shared across depth as ALBERT's, are not such blocks): its layers "
             "are factorized like the others", FxlrdWarning, stacklevel=3,
         )  # fmt: skip
-    names = tuple(n for b in blocks for n in (b.up, b.down))
+    names = tuple(n for b in blocks for n in (b.up, b.down, *(name for pair in b.squeeze or () for name in pair)))
     return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]
 
 
@@ -208,13 +208,15 @@ def _reusable(calibration: Iterable | None) -> Iterable | None:
     return calibration
 
 
-def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool, depthwise: bool = False) -> None:
+def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool, within: bool = False) -> None:
     """A narrowed block's layer, planned on the narrowed graph: its row shows the layer before
     narrowing (``hidden`` neurons) and after (``width``): parameters and MACs grow linearly with
-    the hidden width, except the down layer's bias (a depthwise conv's grow as the up layer's)."""
+    the hidden width, except the down layer's bias. ``within``: a layer narrowed with the block
+    (a depthwise conv, as an up layer; a squeeze-and-excitation gate's reduce and expand convs,
+    as a down and an up layer)."""
     hidden, width = int(block["hidden"]), int(block["width"])
     unit = "channels" if lp.kernel_size else "neurons"  # an inverted residual's 1×1 convs, an MLP's linears
-    lp.reason = f"narrowed {'with its ' if depthwise else ''}MLP block ({hidden} -> {width} {unit})"
+    lp.reason = f"narrowed {'with its ' if within else ''}MLP block ({hidden} -> {width} {unit})"
     lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
     weights = lp.in_channels * lp.out_channels * math.prod(lp.kernel_size or (1,))
     grown = lp.params_before * hidden // width if up else lp.params_before + weights * (hidden - width) // width
@@ -243,7 +245,11 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
                     _narrowed_row(plan_.layers[name], block, up=name == block["up"])
             for name in block.get("depthwise") or ():
                 if name in plan_.layers:
-                    _narrowed_row(plan_.layers[name], block, up=True, depthwise=True)
+                    _narrowed_row(plan_.layers[name], block, up=True, within=True)
+            for reduce, expand in block.get("squeeze") or ():  # a gate's convs read and give the hidden channels
+                for name, up in ((reduce, False), (expand, True)):
+                    if name in plan_.layers:
+                        _narrowed_row(plan_.layers[name], block, up=up, within=True)
     return plan_, stats
 
 

@@ -80,6 +80,7 @@ class MLPBlock:
     error: float | None = None
     keep: list[int] | None = None
     depthwise: list[str] | None = None  # a convolutional block's depthwise convs, narrowed with it
+    squeeze: list[list[str]] | None = None  # its squeeze-and-excitation gates' [reduce, expand] 1×1 convs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,6 +227,75 @@ def _per_channel(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], hidden
     return ""
 
 
+_MEANS = {torch.mean, _aten.mean.dim}
+_ADAPTIVE_POOLS = {F.adaptive_avg_pool2d, _aten.adaptive_avg_pool2d.default, _aten._adaptive_avg_pool2d.default}
+
+
+def _global_pool(gm: fx.GraphModule, node: fx.Node, spatial: int) -> bool:
+    """``node`` averages its first input over all ``spatial`` dimensions, keeping them (size 1)."""
+    def ones(size: Any) -> bool:
+        return size == 1 or (isinstance(size, (list, tuple)) and len(size) == spatial and all(s == 1 for s in size))
+
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.modules.pooling._AdaptiveAvgPoolNd) and ones(mod.output_size) and len(node.args) == 1
+    if node.op == "call_function" and node.target in _ADAPTIVE_POOLS:
+        return ones(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
+    is_mean = (node.op == "call_function" and node.target in _MEANS) or (node.op == "call_method" and node.target == "mean")
+    if not is_mean:
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = [dims] if isinstance(dims, int) else dims
+    rank = spatial + 2
+    return bool(keep) and isinstance(dims, (list, tuple)) and sorted(d % rank for d in dims) == list(range(2, rank))
+
+
+def _squeeze_excite(gm: fx.GraphModule, pool: fx.Node, hidden: int, spatial: int, site_nodes: Mapping[fx.Node, str],
+                    sites: Mapping[str, Site]):  # fmt: skip
+    """A squeeze-and-excitation gate from the global pool ``pool`` of the hidden channels:
+    ``pool → 1×1 conv (reduce) → activations → 1×1 conv (expand, back to the hidden channels)
+    → activations (the gate)``, each node read by the next alone. ``(the nodes, the gate
+    node, reduce site, expand site)``, or None. The gate has a value per hidden channel (what
+    combines it with them must act on each channel alone, as any node of the block); the
+    reduce conv reads them all, and is refitted when channels go."""
+    def single(node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def pointwise(node: fx.Node | None, inp: int, out: int | None) -> str | None:
+        name = site_nodes.get(node) if node is not None else None
+        site = sites[name] if name is not None else None
+        ok = (site is not None and site.spec is not None and not site.reason and len(site.nodes) == 1
+              and _plain_pointwise(site) and _unpadded(site) and site.spec.in_channels == inp
+              and (out is None or site.spec.out_channels == out) and _spatial(site) == spatial)  # fmt: skip
+        return name if ok else None
+
+    if not _global_pool(gm, pool, spatial):
+        return None
+    nodes = [pool]
+    reduce = pointwise(single(pool), hidden, None)
+    if reduce is None or sites[reduce].input(sites[reduce].nodes[0]) is not pool:
+        return None
+    node = sites[reduce].nodes[0]
+    squeezed = sites[reduce].spec.out_channels
+    nodes.append(node)
+    while (nxt := single(node)) is not None and pointwise(nxt, squeezed, hidden) is None:
+        if not _elementwise(gm, nxt):
+            return None
+        nodes.append(nxt)
+        node = nxt
+    expand = pointwise(nxt, squeezed, hidden)
+    if expand is None or sites[expand].input(nxt) is not node:
+        return None
+    node = nxt
+    nodes.append(node)
+    while (nxt := single(node)) is not None and _elementwise(gm, nxt):
+        nodes.append(nxt)
+        node = nxt
+    return nodes, node, reduce, expand  # (what reads the gate is checked as any node of the region)
+
+
 def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str],
                    sites: Mapping[str, Site] | None = None, spatial: int = 0):  # fmt: skip
     """The nodes from the up layer's output ``start`` to the down layer, when every one of
@@ -234,7 +304,7 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
     ``spatial`` > 0: a convolutional block with that many spatial dimensions (``sites``
     given), whose hidden channels may also pass batch norms, paddings and a depthwise conv."""
     index = {n: i for i, n in enumerate(start.graph.nodes)}
-    region, acts, downs = {start}, [], []
+    region, acts, downs, squeezes = {start}, [], [], []
     heap = [(index[u], u) for u in start.users]
     heapq.heapify(heap)
     seen: set[fx.Node] = set()
@@ -243,6 +313,16 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
         if node in seen:
             continue
         seen.add(node)
+        se = _squeeze_excite(gm, node, hidden, spatial, site_nodes, sites) if spatial and node.args and node.args[0] in region else None
+        if se is not None:  # the gate joins the region: it scales each channel alone
+            se_nodes, gate, reduce, expand = se
+            seen.update(se_nodes)
+            region.add(gate)
+            squeezes.append((reduce, expand))
+            acts.append("squeeze-excitation")
+            for user in gate.users:
+                heapq.heappush(heap, (index[user], user))
+            continue
         site = sites[site_nodes[node]] if spatial and node in site_nodes else None
         if node in site_nodes and not (site is not None and _depthwise(site, hidden)):
             downs.append(node)
@@ -257,7 +337,7 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
             heapq.heappush(heap, (index[user], user))
     if len(downs) != 1 or not acts:
         return None
-    return downs[0], acts, region
+    return downs[0], acts, region, squeezes
 
 
 def block_nodes(gm: fx.GraphModule, sites: Mapping[str, Site], up: str) -> tuple[list[fx.Node], fx.Node]:
@@ -267,7 +347,7 @@ def block_nodes(gm: fx.GraphModule, sites: Mapping[str, Site], up: str) -> tuple
     found = _region(gm, sites, up, site.spec.out_channels)
     if found is None:
         raise PlanMismatchError(f"{up!r} does not start an MLP block in this model's graph")
-    down_node, _, region = found
+    down_node, _, region, _ = found
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     down = next(s for s in sites.values() if s.nodes and s.nodes[0] is down_node)
     return sorted(region - {site.nodes[0]}, key=order.__getitem__), down.input(down_node)
@@ -332,8 +412,11 @@ def _plain_pointwise(site: Site) -> bool:
 
 
 def _unpadded(site: Site) -> bool:
-    """A conv without padding (a padded 1×1 conv's border is its bias alone, which a refit would move)."""
+    """A conv without padding (a padded 1×1 conv's border is its bias alone, which a refit would
+    move); ``padding="same"`` pads a 1×1 conv by nothing (Hugging Face's EfficientNet)."""
     padding = site.spec.padding
+    if padding == "same":
+        return all(k == 1 for k in site.spec.kernel_size)
     return padding == "valid" or (not isinstance(padding, str) and not any(padding))
 
 
@@ -351,7 +434,9 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     on the hidden values alone, batch norm modules called only there, spatial paddings and
     depthwise convs (one filter per channel), each acting on every hidden channel alone, so
     the kept channels stay exact, at least one of them not linear (``project → norm → expand``
-    between two blocks is a linear bottleneck, not a block, and would take their convs). Under torch.export, batch norms are aten operators on
+    between two blocks is a linear bottleneck, not a block, and would take their convs); and
+    squeeze-and-excitation gates (`_squeeze_excite`), whose
+    reduce conv reads every channel's mean and is refitted when channels go. Under torch.export, batch norms are aten operators on
     ``get_attr`` tensors: a block's norm is one when nothing else reads its tensors."""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
@@ -360,12 +445,12 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     for name, site in sites.items():
         if site.reason or site.spec is None or len(site.nodes) != 1 or not (site.spec.kind == "linear" or _plain_pointwise(site)):
             continue
-        if name in downs:  # a chain linear → act → linear → act → linear: the blocks may not share a layer
+        if name in downs:  # a chain linear → act → linear → act → linear: the blocks may not share a layer (nor a gate)
             continue
         found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node, sites, _spatial(site))
         if found is None:
             continue
-        down_node, acts, region = found
+        down_node, acts, region, squeezes = found
         if _spatial(site) and all(a in _LINEAR_KINDS or "BatchNorm" in a for a in acts):
             continue  # (conv → norm → conv, a linear bottleneck between two blocks: no MLP, and it would take their convs)
         down = by_node[down_node]
@@ -376,8 +461,9 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         if (d.reason or not same_kind or hidden_inputs != [d.input(down_node)]
                 or d.spec.in_channels != site.spec.out_channels):  # fmt: skip
             continue  # (the down layer must read the hidden activations as its input alone)
-        downs.add(down)
-        blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels))
+        downs.update((down, *(n for pair in squeezes for n in pair)))  # (a gate's convs are no block of their own)
+        blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels,
+                               squeeze=[list(pair) for pair in squeezes] or None))  # fmt: skip
     return blocks
 
 
@@ -550,59 +636,29 @@ class Anchor:
     outer: torch.Tensor
 
 
-@torch.no_grad()
-def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *, keep: Sequence[int] | None = None,
-                 ridge: float = 1e-6, anchor: Anchor | None = None) -> MLPBlock:  # fmt: skip
-    """Narrow one block of ``gm`` in place to ``width`` neurons (see the module docstring).
-
-    Args:
-        stats: the down site's `fxlrd.calibrate.SiteStats` (its input statistics are the
-            hidden activations'; its output sensitivity, if any, weighs the selection).
-        width: neurons kept, ``1 ≤ width ≤ hidden``.
-        keep: these neurons (a recorded plan's) instead of choosing them; only the refit runs.
-        anchor: choose on the compressed model's own activations and refit the down layer to
-            the original block's output from them (`narrow_mlps` with ``anchored=True``);
-            the estimated error is then the measured one on the calibration data.
-
-    Returns:
-        ``block`` with its width, parameter counts and estimated error filled in.
-    """
-    sites = find_sites(gm)
-    up, down = sites[block.up], sites[block.down]
-    if not 1 <= width <= block.hidden:
-        raise ConfigError(f"width of {block.up!r} → {block.down!r} must be in [1, {block.hidden}], got {width}")
-    inputs = stats.inputs if anchor is None else anchor.inputs
-    if inputs.total is None or inputs.count == 0:
-        raise ConfigError(f"no calibration statistics for {block.down!r}: collect them with fxlrd.calibrate.collect_stats")
-    w_up, b_up = _layer_tensors(gm, up)
-    w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
-    kernel = tuple(w.shape[2:])  # a 1×1 conv's (1, 1): its weight as a matrix here
-    w = w.reshape(w.shape[0], w.shape[1])
-    if keep is not None and (len(keep) != width or not all(0 <= i < block.hidden for i in keep)):
-        raise PlanMismatchError(f"{block.up!r}: the recorded neurons do not fit its {block.hidden} hidden neurons")
+def _moments(inputs: Any, bias: bool) -> tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """``(n, mean, plain, rho, cov, second)`` of the input statistics ``inputs``: the sample
+    covariance (centred when a refit bias absorbs the mean), the shrinkage ``rho`` toward a
+    scaled identity, the shrunk covariance and the shrunk second moment the refit uses."""
     n = inputs.count
     mean = inputs.total / n
-    cov = inputs.gram / n - torch.outer(mean, mean) if b is not None else inputs.gram / n  # a refit bias absorbs the mean
+    cov = inputs.gram / n - torch.outer(mean, mean) if bias else inputs.gram / n  # a refit bias absorbs the mean
     # The selection reads the sample moments where they have full rank (more samples than
     # neurons): shrunk toward a scaled identity they credit a copy of a kept neuron with variance
     # the data does not have. The refit, and a selection from fewer samples, use the shrunk ones.
     plain = cov
     rho = inputs.shrinkage()  # few samples per neuron: shrink toward a scaled identity, as the whitening does
     cov = (1 - rho) * cov + rho * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
-    second = cov + torch.outer(mean, mean) if b is not None else cov
-    out_w = stats.output_weights()
-    lt = _output_factor(out_w, w.shape[0]).T
-    root = _sqrt_psd(plain if n > plain.shape[0] else cov)
-    target = lt @ w @ root
-    if keep is None:
-        order, gains = select_neurons(target, root, width)
-        keep = sorted(order)
-        residual = max(float((target * target).sum()) - sum(gains), 0.0)
-    else:
-        keep = sorted(int(i) for i in keep)
-        residual = None
-    idx = torch.tensor(keep)
-    # least-squares refit of the down layer on [a_S; 1]
+    second = cov + torch.outer(mean, mean) if bias else cov
+    return n, mean, plain, rho, cov, second
+
+
+def _least_squares(w: torch.Tensor, b: torch.Tensor | None, moments: tuple, anchor: Anchor | None, idx: torch.Tensor,
+                   ridge: float) -> torch.Tensor:  # fmt: skip
+    """The layer ``(w, b)`` refitted to read only the inputs ``idx``: ``[W' b']`` minimizing
+    ``E‖y − W' a_S − b'‖²`` with ``y = W a + b`` (or, with ``anchor``, the original model's
+    output on the compressed model's inputs), plus a ridge toward ``[W_S b]``."""
+    n, mean, plain, rho, _, second = moments
     g = second[idx][:, idx]
     if anchor is None:
         cross = w @ second[:, idx]  # E[(W a) a_Sᵀ]
@@ -620,23 +676,66 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     # ridge toward the layer's own weights on the kept neurons (exact at full width)
     prior = w[:, idx] if b is None else torch.cat([w[:, idx], b[:, None]], 1)
     damp = ridge * max(float(g.diagonal().mean()), 1e-300)
-    refit = torch.linalg.solve(g + damp * torch.eye(g.shape[0], dtype=g.dtype), (cross + damp * prior).T).T
+    return torch.linalg.solve(g + damp * torch.eye(g.shape[0], dtype=g.dtype), (cross + damp * prior).T).T
+
+
+@torch.no_grad()
+def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *, keep: Sequence[int] | None = None,
+                 ridge: float = 1e-6, anchor: Anchor | None = None, squeeze_stats: Mapping[str, Any] | None = None,
+                 squeeze_anchors: Mapping[str, Anchor] | None = None) -> MLPBlock:  # fmt: skip
+    """Narrow one block of ``gm`` in place to ``width`` neurons (see the module docstring).
+
+    Args:
+        stats: the down site's `fxlrd.calibrate.SiteStats` (its input statistics are the
+            hidden activations'; its output sensitivity, if any, weighs the selection).
+        width: neurons kept, ``1 ≤ width ≤ hidden``.
+        keep: these neurons (a recorded plan's) instead of choosing them; only the refit runs.
+        anchor: choose on the compressed model's own activations and refit the down layer to
+            the original block's output from them (`narrow_mlps` with ``anchored=True``);
+            the estimated error is then the measured one on the calibration data.
+        squeeze_stats, squeeze_anchors: a block with squeeze-and-excitation gates: per reduce
+            conv, its input statistics (the pooled hidden channels), or its `Anchor`; the
+            expand conv keeps the kept channels' rows and the reduce conv is refitted by least
+            squares to give its outputs from the kept channels alone.
+
+    Returns:
+        ``block`` with its width, parameter counts and estimated error filled in.
+    """
+    sites = find_sites(gm)
+    up, down = sites[block.up], sites[block.down]
+    if not 1 <= width <= block.hidden:
+        raise ConfigError(f"width of {block.up!r} → {block.down!r} must be in [1, {block.hidden}], got {width}")
+    inputs = stats.inputs if anchor is None else anchor.inputs
+    if inputs.total is None or inputs.count == 0:
+        raise ConfigError(f"no calibration statistics for {block.down!r}: collect them with fxlrd.calibrate.collect_stats")
+    w_up, b_up = _layer_tensors(gm, up)
+    w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
+    kernel = tuple(w.shape[2:])  # a 1×1 conv's (1, 1): its weight as a matrix here
+    w = w.reshape(w.shape[0], w.shape[1])
+    if keep is not None and (len(keep) != width or not all(0 <= i < block.hidden for i in keep)):
+        raise PlanMismatchError(f"{block.up!r}: the recorded neurons do not fit its {block.hidden} hidden neurons")
+    n, mean, plain, rho, cov, second = _moments(inputs, b is not None)
+    out_w = stats.output_weights()
+    lt = _output_factor(out_w, w.shape[0]).T
+    root = _sqrt_psd(plain if n > plain.shape[0] else cov)
+    target = lt @ w @ root
+    if keep is None:
+        order, gains = select_neurons(target, root, width)
+        keep = sorted(order)
+        residual = max(float((target * target).sum()) - sum(gains), 0.0)
+    else:
+        keep = sorted(int(i) for i in keep)
+        residual = None
+    idx = torch.tensor(keep)
+    refit = _least_squares(w, b, (n, mean, plain, rho, cov, second), anchor, idx, ridge)
     lw = lt @ w
     energy = float((lw @ second @ lw.T).trace())  # E‖Lᵀ(W a + b)‖²
     if b is not None:
         energy += float((lt @ (2 * w @ mean + b)).dot(lt @ b))
     # sensitivity-weighted errors are already the model's relative output error (as the factorized layers')
     error = None if residual is None else residual if out_w is not None else residual / max(energy, 1e-300)
-    if anchor is not None:  # measured on the calibration data: E‖Lᵀ(y − W'a_S − b')‖², relative as above
-        raw_g = inputs.gram[idx][:, idx] / n
-        raw_cross = anchor.cross[:, idx] / n
-        if b is not None:
-            raw_g = torch.cat([torch.cat([raw_g, mean[idx, None]], 1), torch.cat([mean[idx], torch.ones(1, dtype=g.dtype)])[None]], 0)
-            raw_cross = torch.cat([raw_cross, (anchor.total / n)[:, None]], 1)
-        m = lt.T @ lt
-        residual_moment = anchor.outer / n - refit @ raw_cross.T - raw_cross @ refit.T + refit @ raw_g @ refit.T
-        sq = float((m * residual_moment).sum())
-        error = max(sq, 0.0) if out_w is not None else max(sq, 0.0) / max(float(anchor.outer.trace()) / n, 1e-300)
+    if anchor is not None:  # measured on the calibration data
+        error = _anchored_error(refit, anchor, idx, b is not None, lt, out_w is not None)
     inp, out = w_up.shape[1], w.shape[0]
     block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
     between = block_nodes(gm, sites, block.up)[0]
@@ -646,15 +745,74 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
         before = _channelwise_params(gm, sites, between)
         _narrow_channelwise(gm, sites, between, idx)
         channelwise = (before, _channelwise_params(gm, sites, between))
+    gates = _narrow_squeeze(gm, sites, block, idx, squeeze_stats or {}, squeeze_anchors or {}, ridge)
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
     _write(gm, down, refit[:, : len(keep)].reshape(out, len(keep), *kernel), None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
     block.depthwise = [name for name, site in sites.items() if site.nodes and site.nodes[0] in set(between)] if kernel else None
-    block.params_before += channelwise[0]
-    block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None) + channelwise[1]
+    block.params_before += channelwise[0] + gates[0]
+    block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None) + channelwise[1] + gates[1]
     block.error = error
     gm.recompile()
     return block
+
+
+def _anchored_error(refit: torch.Tensor, anchor: Anchor, idx: torch.Tensor, bias: bool, lt: torch.Tensor,
+                    weighted: bool) -> float:  # fmt: skip
+    """``E‖Lᵀ(y − W'a_S − b')‖²`` on the anchor's samples from its raw moments: the model's
+    relative output error where ``weighted`` (``L`` the output sensitivity's factor), else
+    relative to ``E‖y‖²``."""
+    inputs, n = anchor.inputs, anchor.inputs.count
+    raw_g = inputs.gram[idx][:, idx] / n
+    raw_cross = anchor.cross[:, idx] / n
+    if bias:
+        mean = inputs.total / n
+        raw_g = torch.cat([torch.cat([raw_g, mean[idx, None]], 1), torch.cat([mean[idx], torch.ones(1, dtype=raw_g.dtype)])[None]], 0)
+        raw_cross = torch.cat([raw_cross, (anchor.total / n)[:, None]], 1)
+    m = lt.T @ lt
+    residual_moment = anchor.outer / n - refit @ raw_cross.T - raw_cross @ refit.T + refit @ raw_g @ refit.T
+    sq = max(float((m * residual_moment).sum()), 0.0)
+    return sq if weighted else sq / max(float(anchor.outer.trace()) / n, 1e-300)
+
+
+def _narrow_squeeze(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlock, idx: torch.Tensor,
+                    stats: Mapping[str, Any], anchors: Mapping[str, Anchor], ridge: float) -> tuple[int, int]:  # fmt: skip
+    """Keep the channels ``idx`` in ``block``'s squeeze-and-excitation gates: the expand convs'
+    rows, and each reduce conv refitted to read them alone (`_least_squares` on its input
+    statistics or anchor). Their parameters before and after."""
+    before = after = 0
+    for reduce, expand in block.squeeze or ():
+        red, exp = sites[reduce], sites[expand]
+        tensors = [*_layer_tensors(gm, red), *_layer_tensors(gm, exp)]
+        before += sum(t.numel() for t in tensors if t is not None)
+        w_e, b_e = _layer_tensors(gm, exp)
+        _write(gm, exp, w_e[idx], None if b_e is None else b_e[idx])
+        w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, red))
+        shape = w.shape
+        anchor = anchors.get(reduce)
+        inputs = anchor.inputs if anchor is not None else stats[reduce].inputs if reduce in stats else None
+        if inputs is None or inputs.count == 0:
+            raise ConfigError(f"no calibration statistics for {reduce!r}, the squeeze-and-excitation gate of "
+                              f"{block.up!r} → {block.down!r}: collect them with fxlrd.calibrate.collect_stats")  # fmt: skip
+        fit = _least_squares(w.reshape(shape[0], shape[1]), b, _moments(inputs, b is not None), anchor, idx, ridge)
+        _write(gm, red, fit[:, : len(idx)].reshape(shape[0], len(idx), *shape[2:]), None if b is None else fit[:, -1])
+        after += sum(t.numel() for t in (*_layer_tensors(gm, red), *_layer_tensors(gm, exp)) if t is not None)
+    return before, after
+
+
+def _refit_down(gm: fx.GraphModule, block: MLPBlock, stats: Any, anchor: Anchor, ridge: float = 1e-6) -> None:
+    """Refit a narrowed block's down layer (all its current inputs) to ``anchor``: the inputs as
+    the block now computes them (a gate changed by narrowing), the original's output. The
+    block's error becomes the one measured after this refit."""
+    down = find_sites(gm)[block.down]
+    w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
+    shape = w.shape
+    idx = torch.arange(shape[1])
+    fit = _least_squares(w.reshape(shape[0], shape[1]), b, _moments(anchor.inputs, b is not None), anchor, idx, ridge)
+    _write(gm, down, fit[:, : shape[1]].reshape(shape), None if b is None else fit[:, -1])
+    out_w = stats.output_weights()
+    block.error = _anchored_error(fit, anchor, idx, b is not None, _output_factor(out_w, shape[0]).T, out_w is not None)
+    gm.recompile()
 
 
 STREAM_BYTES = 2**30  # a `_Stream` keeps at most this much of the calibration data's activations
@@ -730,13 +888,14 @@ class _Stream:
         self.pos = max(self.pos, stop)
 
 
-def _anchor(mine: _Stream, theirs: _Stream, block: MLPBlock, sites: Mapping[str, Site]) -> Anchor:
+def _anchor(mine: _Stream, theirs: _Stream, block: MLPBlock, sites: Mapping[str, Site], layer: str | None = None) -> Anchor:
     """``block``'s `Anchor`: its hidden activations in ``mine`` (the model narrowed so far) and
     the original block's output in ``theirs`` (the model before narrowing), batch by batch;
-    both streams' cuts move to the block's up layer."""
+    both streams' cuts move to the block's up layer. ``layer``: another layer reading the
+    hidden channels (a squeeze-and-excitation gate's reduce conv) instead of the down layer."""
     from .calibrate import InputStats, _batched, _samples
 
-    down = sites[block.down]
+    down = sites[layer or block.down]
     hidden_node = down.input(down.nodes[0])
     out_name = down.nodes[0].name
     up_name = sites[block.up].nodes[0].name
@@ -825,7 +984,8 @@ def narrow_mlps(
     spatial = anchored and any(_spatial(sites[b.up]) for b in blocks)
     if spatial and not isinstance(calibration, Sequence):  # read again for every block
         calibration = list(calibration)
-    stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks], sensitivity=sensitivity,
+    reduces = [pair[0] for b in blocks for pair in b.squeeze or ()]
+    stats = collect_stats(gm, calibration, example=example, names=[b.down for b in blocks] + reduces, sensitivity=sensitivity,
                           sensitivity_matrix=sensitivity_matrix, progress=progress)  # fmt: skip
     original = batches = streams = None
     if spatial:
@@ -847,17 +1007,25 @@ def narrow_mlps(
     restore = saved_modes(gm) if original is not None else (lambda: None)
     try:
         for block in blocks:
-            anchor = None
+            anchor, gates = None, {}
+            squeeze = {pair[0]: stats[pair[0]] for pair in block.squeeze or ()}
             if original is not None and _spatial(sites[block.up]):
                 gm.eval()
                 with torch.no_grad():
-                    anchor = _anchor(*streams, block, find_sites(gm))
+                    now = find_sites(gm)
+                    anchor = _anchor(*streams, block, now)
+                    gates = {reduce: _anchor(*streams, block, now, reduce) for reduce in squeeze}
             if keep is not None:
-                out.append(narrow_block(gm, block, stats[block.down], len(keep[block.up]), keep=keep[block.up], anchor=anchor))
+                width = len(keep[block.up])
             else:
                 up, down = sites[block.up], sites[block.down]
                 width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias, ratio, quantum)
-                out.append(narrow_block(gm, block, stats[block.down], width, anchor=anchor))
+            done = narrow_block(gm, block, stats[block.down], width, keep=None if keep is None else keep[block.up],
+                                anchor=anchor, squeeze_stats=squeeze, squeeze_anchors=gates)  # fmt: skip
+            if gates:  # the gates of the kept channels moved: refit the down layer on what they now give
+                with torch.no_grad():
+                    _refit_down(gm, done, stats[block.down], _anchor(*streams, done, find_sites(gm)))
+            out.append(done)
             bar.update(1)
     finally:
         bar.close()
@@ -881,6 +1049,11 @@ def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> 
         with torch.no_grad():
             if up.spec.kind == "conv":  # (the values come from the saved state dict)
                 _narrow_channelwise(gm, sites, between, torch.arange(k))
+                for reduce, expand in rec.get("squeeze") or ():
+                    w_e, b_e = _layer_tensors(gm, sites[expand])
+                    _write(gm, sites[expand], w_e.new_zeros(k, *w_e.shape[1:]), None if b_e is None else b_e.new_zeros(k))
+                    w_r, b_r = _layer_tensors(gm, sites[reduce])
+                    _write(gm, sites[reduce], w_r.new_zeros(w_r.shape[0], k, *w_r.shape[2:]), b_r)
             _write(gm, up, w_up.new_zeros(k, *w_up.shape[1:]), None if b_up is None else b_up.new_zeros(k))
             _write(gm, down, w.new_zeros(w.shape[0], k, *w.shape[2:]), None if b is None else b.new_zeros(b.shape[0]))
     gm.recompile()

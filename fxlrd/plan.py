@@ -137,6 +137,8 @@ class Plan:
         for block in self.settings.get("narrowed") or []:
             hidden[block["up"]], hidden[block["down"]] = ("out", block["hidden"]), ("in", block["hidden"])
             hidden |= {name: ("both", block["hidden"]) for name in block.get("depthwise") or ()}
+            for reduce, expand in block.get("squeeze") or ():
+                hidden[reduce], hidden[expand] = ("in", block["hidden"]), ("out", block["hidden"])
         rows = []
         for lp in self:
             kernel = "x".join(map(str, lp.kernel_size)) or "-"

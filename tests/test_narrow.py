@@ -973,6 +973,117 @@ def test_functional_norms_in_fx_and_decomposed_export_graphs_are_narrowed():
             assert rel_err(gm(cal[1]), model(cal[1])) < 0.5
 
 
+class SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: pool → 1×1 reduce → act → 1×1 expand → gate → scale."""
+
+    def __init__(self, c, squeezed, gate=None):
+        super().__init__()
+        self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, squeezed, 1), nn.Conv2d(squeezed, c, 1)
+        self.act, self.gate = nn.SiLU(), gate if gate is not None else nn.Sigmoid()
+
+    def forward(self, x):
+        return self.gate(self.fc2(self.act(self.fc1(self.pool(x))))) * x
+
+
+class SEResidual(InvertedResidual):
+    """EfficientNet-B0's / MobileNetV3's block: an inverted residual with a squeeze-and-excitation
+    gate after the depthwise conv (``mean`` over the spatial dims, or a pooling module)."""
+
+    def __init__(self, c=6, hidden=24, mean=False, **kwargs):
+        super().__init__(c, hidden, **kwargs)
+        self.se, self.mean = SqueezeExcite(hidden, 4), mean
+
+    def forward(self, x):
+        h = self.act(self.bn1(self.dw(self.act(self.bn0(self.up(x))))))
+        if self.mean:
+            s = self.se.fc2(self.se.act(self.se.fc1(h.mean((2, 3), keepdim=True))))
+            h = h * torch.sigmoid(s)
+        else:
+            h = self.se(h)
+        y = self.bn2(self.down(h))
+        return x + y if self.stride == 1 else y
+
+
+def _se_net(n=2, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[SEResidual(**kwargs) for _ in range(n)]).eval()
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+@pytest.mark.parametrize("mean", [False, True])
+def test_squeeze_excitation_blocks_are_found_exact_at_full_width_and_their_gates_refitted(mode, mean):
+    """The gate scales each hidden channel alone, but its reduce conv reads them all: found as
+    part of the block, exact at full width, and when channels go the reduce conv gives its
+    original output from the kept ones (least squares) better than merely dropping its columns."""
+    model = _se_net(mean=mean)
+    cal = _images(n=4, size=10)
+    gm = capture(model, cal[0], mode=mode).gm
+    blocks = find_mlps(gm)
+    assert len(blocks) == 2 and all("squeeze-excitation" in b.activation and len(b.squeeze) == 1 for b in blocks)
+    full = copy.deepcopy(gm)
+    narrow_mlps(full, cal, keep={b.up: list(range(24)) for b in blocks}, progress=False, anchored=True)
+    with torch.no_grad():
+        assert rel_err(full(cal[1]), model(cal[1])) < 1e-5
+    narrowed = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=True)
+    reduce, expand = narrowed[0].squeeze[0]
+    keep = narrowed[0].keep
+    k = len(keep)
+    assert gm.get_submodule(expand.rsplit(".", 1)[0] if expand.endswith("weight_lrd") else expand).weight.shape[0] == k
+    red = gm.get_submodule(reduce)
+    assert red.weight.shape[1] == k
+    pooled = _rows_at(model, "0.se.fc1", cal)  # the original's pooled hidden channels
+    target = _rows_at(model, "0.se.fc1", cal, output=True)
+    orig = model.get_submodule("0.se.fc1")
+    sliced = pooled[:, keep] @ orig.weight[:, keep, 0, 0].double().T + orig.bias.double()
+    refitted = pooled[:, keep] @ red.weight[:, :, 0, 0].double().T + red.bias.double()
+    assert float((refitted - target).pow(2).sum()) < 0.5 * float((sliced - target).pow(2).sum())
+    with torch.no_grad():
+        assert rel_err(gm(cal[1]), model(cal[1])) < 0.5
+
+
+def test_squeeze_excitation_blocks_transform_count_save_load_and_export(tmp_path):
+    model = nn.Sequential(_se_net(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    cal = _images()
+    gm = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=2, sequential=True, rank_quantum=4),
+                         example_inputs=cal[0][:2], calibration=cal)  # fmt: skip
+    plan = gm.fxlrd_plan
+    assert [b["width"] for b in plan.settings["narrowed"]] == [12, 12]
+    assert plan.params_after_model() == sum(p.numel() for p in gm.parameters())
+    rows = {lp.name: lp for lp in plan}
+    assert rows["0.0.se.fc1"].reason.startswith("narrowed with its MLP block") and rows["0.0.se.fc1"].method == "keep"
+    assert (rows["0.0.se.fc1"].params_before, rows["0.0.se.fc1"].params_after) == (24 * 4 + 4, 12 * 4 + 4)
+    assert (rows["0.0.se.fc2"].params_before, rows["0.0.se.fc2"].params_after) == (24 * 4 + 24, 12 * 4 + 12)
+    fxlrd.save(gm, tmp_path / "m")
+    loaded = fxlrd.load(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(cal[1]), gm(cal[1]))
+    again = fxlrd.apply(model, plan, example_inputs=cal[0][:2], calibration=cal)
+    with torch.no_grad():
+        assert torch.allclose(again(cal[1]), gm(cal[1]), atol=1e-5)
+    fxlrd.export_onnx(gm, cal[0][:2], tmp_path / "m.onnx")
+
+
+def test_a_pooled_branch_read_elsewhere_keeps_its_block_whole():
+    """A gate whose squeezed values something else reads too (a second output), or whose
+    expand conv does not give the hidden channels back: no block."""
+
+    class SideOutput(SEResidual):
+        def forward(self, x):
+            h = self.act(self.bn1(self.dw(self.act(self.bn0(self.up(x))))))
+            z = self.se.fc1(self.se.pool(h))
+            return x + self.bn2(self.down(h * torch.sigmoid(self.se.fc2(self.se.act(z))))), z
+
+    class ContextAdded(SEResidual):  # a gate added, not multiplied: still one value per channel, still a block
+        def forward(self, x):
+            h = self.act(self.bn1(self.dw(self.act(self.bn0(self.up(x))))))
+            return x + self.bn2(self.down(h + self.se.fc2(self.se.act(self.se.fc1(self.se.pool(h))))))
+
+    torch.manual_seed(0)
+    assert find_mlps(capture(SideOutput().eval(), _images(n=1)[0], mode="fx").gm) == []
+    (block,) = find_mlps(capture(ContextAdded().eval(), _images(n=1)[0], mode="fx").gm)
+    assert block.squeeze == [["se.fc1", "se.fc2"]]
+
+
 def test_a_linear_bottleneck_between_two_blocks_is_no_block_and_takes_none_of_their_convs():
     """Without residuals (stride 2), one block's project conv → norm → the next block's expand
     conv is a linear bottleneck: found as a block it took the next block's expand conv, whose

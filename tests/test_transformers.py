@@ -735,3 +735,30 @@ def test_hugging_face_mobilenet_v2_inverted_residuals_are_narrowed_under_export(
     loaded = fxlrd.load(model, tmp_path / "m", example_inputs=cal[0])
     with torch.no_grad():
         assert torch.equal(loaded(cal[1])["last_hidden_state"], narrowed(cal[1])["last_hidden_state"])
+
+
+def test_hugging_face_efficientnet_blocks_with_squeeze_excitation_are_narrowed(tmp_path):
+    """transformers' EfficientNet: inverted residuals with squeeze-and-excitation gates and
+    1×1 convs padded "same" (by nothing): every block with an expansion is found, exact at
+    full width; α = 1.5 in sequence runs, is counted, saves and loads."""
+    torch.manual_seed(0)
+    config = transformers.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.3,
+                                             hidden_dim=320, num_block_repeats=[1, 1, 1, 1, 1, 1, 1])  # fmt: skip
+    model = transformers.EfficientNetModel(config).eval()
+    cal = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    gm = capture(model, cal[0]).gm
+    blocks = fxlrd.narrow.find_mlps(gm)
+    gated = [b for b in blocks if b.squeeze]  # (the first block has no expansion: its gate's own convs are a block)
+    assert len(gated) == 6 and all("squeeze-excitation" in b.activation for b in gated)
+    fxlrd.narrow.narrow_mlps(gm, cal, keep={b.up: list(range(b.hidden)) for b in blocks}, progress=False, anchored=True)
+    with torch.no_grad():
+        ref = model(cal[1]).last_hidden_state.double()
+        assert rel_err(gm(cal[1])["last_hidden_state"].double(), ref) < 1e-5
+    narrowed = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=1.5, sequential=True), example_inputs=cal[0],
+                               calibration=cal)  # fmt: skip
+    assert len(narrowed.fxlrd_plan.settings["narrowed"]) >= 6
+    assert narrowed.fxlrd_plan.params_after_model() == fxlrd.count_params(narrowed) < fxlrd.count_params(model)
+    fxlrd.save(narrowed, tmp_path / "m")
+    loaded = fxlrd.load(model, tmp_path / "m", example_inputs=cal[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(cal[1])["last_hidden_state"], narrowed(cal[1])["last_hidden_state"])
