@@ -101,7 +101,8 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
             raise PlanMismatchError("the plan narrows MLP blocks but does not record their neurons; make the plan again")
         keep = {b["up"]: b["keep"] for b in recorded}
     blocks = narrow_mlps(gm, calibration, ratio=None if keep else config.ratio, keep=keep,
-                         quantum=config.rank_quantum, select=lambda b: chosen(b.up) and chosen(b.down),
+                         quantum=config.rank_quantum,
+                         select=lambda b: all(map(chosen, (b.up, b.down, *(n for pair in b.squeeze or () for n in pair)))),
                          sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix,
                          example=inputs, anchored=config.sequential)  # fmt: skip
     if not blocks and not recorded:

@@ -391,10 +391,10 @@ class EvalInterpreter(fx.Interpreter):
             return args[0] if args else kwargs["input"]
         if target is _aten.native_dropout.default:
             return args[0], torch.ones_like(args[0], dtype=torch.bool)
-        if target is _aten.batch_norm.default and len(args) > 5 and args[5]:
-            args = (*args[:5], False, *args[6:])
-        if target is F.batch_norm:  # (an fx trace of a module calling it with training=self.training, in training mode)
-            if len(args) > 5 and args[5]:
+        if target is _aten.batch_norm.default and len(args) > 5 and args[5] and args[3] is not None:
+            args = (*args[:5], False, *args[6:])  # (without running statistics it can only use the batch's)
+        if target is F.batch_norm and (args[1] if len(args) > 1 else kwargs.get("running_mean")) is not None:
+            if len(args) > 5 and args[5]:  # (an fx trace of a module calling it with training=self.training)
                 args = (*args[:5], False, *args[6:])
             elif kwargs.get("training"):
                 kwargs = {**kwargs, "training": False}

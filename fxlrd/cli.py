@@ -998,17 +998,19 @@ def _int8_weights(path: Path) -> dict[str, int]:
     return {"int8": sum(t.data_type == onnx.TensorProto.INT8 for t in weights), "total": len(weights)}
 
 
-@torch.no_grad()
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the rows of ``a`` and ``b`` at any scale (torch's clamps the norms'
     product at 1e-8, which reads a model with outputs of 1e-5 as dissimilar); 1 where both are
     zero, 0 where one is."""
+    a = a / a.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)  # (rows scaled to at most 1)
+    b = b / b.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
     na, nb = a.norm(dim=-1), b.norm(dim=-1)
     both = (na > 0) & (nb > 0)
     cos = (a * b).sum(-1) / torch.where(both, na * nb, torch.ones_like(na))
     return torch.where(both, cos, ((na == 0) & (nb == 0)).to(cos.dtype))
 
 
+@torch.no_grad()
 def fidelity(original: nn.Module, compressed: Callable[..., Any], batches: Sequence[Batch]) -> dict[str, Any]:
     """How close ``compressed``'s outputs are to ``original``'s on ``batches``.
 

@@ -52,6 +52,7 @@ ELEMENTWISE_FUNCTIONS = {
     torch.relu, torch.tanh, torch.sigmoid,
     _aten.gelu.default, _aten.relu.default, _aten.silu.default, _aten.tanh.default, _aten.sigmoid.default,
     _aten.hardswish.default, _aten.mish.default, _aten.elu.default, _aten.leaky_relu.default, _aten.hardtanh.default,
+    F.hardsigmoid, _aten.hardsigmoid.default, _aten.hardsigmoid_.default,  # (MobileNetV3's gates)
     # in place (an export capture keeps nn.ReLU(inplace=True) so): the graph reads what they return
     _aten.relu_.default, _aten.silu_.default, _aten.tanh_.default, _aten.sigmoid_.default, _aten.hardswish_.default,
     _aten.elu_.default, _aten.leaky_relu_.default, _aten.hardtanh_.default,
@@ -59,7 +60,7 @@ ELEMENTWISE_FUNCTIONS = {
 }  # fmt: skip
 ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.Hardswish, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.Hardtanh,
-                       nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)  # fmt: skip
+                       nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Dropout, nn.Identity)  # fmt: skip
 
 
 @dataclass
@@ -81,6 +82,7 @@ class MLPBlock:
     keep: list[int] | None = None
     depthwise: list[str] | None = None  # a convolutional block's depthwise convs, narrowed with it
     squeeze: list[list[str]] | None = None  # its squeeze-and-excitation gates' [reduce, expand] 1×1 convs
+    gate_of: str | None = None  # a gate's own reduce → expand pair: the up layer of the block it gates
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,9 +275,12 @@ def _squeeze_excite(gm: fx.GraphModule, pool: fx.Node, hidden: int, spatial: int
 
     if not _global_pool(gm, pool, spatial):
         return None
-    nodes = [pool]
-    reduce = pointwise(single(pool), hidden, None)
-    if reduce is None or sites[reduce].input(sites[reduce].nodes[0]) is not pool:
+    nodes, node = [pool], pool
+    while (nxt := single(node)) is not None and pointwise(nxt, hidden, None) is None and _elementwise(gm, nxt):
+        nodes.append(nxt)  # (an identity padding module before a 1×1 conv, as EfficientNet's)
+        node = nxt
+    reduce = pointwise(nxt, hidden, None)
+    if reduce is None or sites[reduce].input(sites[reduce].nodes[0]) is not node:
         return None
     node = sites[reduce].nodes[0]
     squeezed = sites[reduce].spec.out_channels
@@ -293,6 +298,8 @@ def _squeeze_excite(gm: fx.GraphModule, pool: fx.Node, hidden: int, spatial: int
     while (nxt := single(node)) is not None and _elementwise(gm, nxt):
         nodes.append(nxt)
         node = nxt
+    if node is nodes[-1] and site_nodes.get(node) == expand:
+        return None  # (the gate is an activation of the expand conv's output, read by nothing else)
     return nodes, node, reduce, expand  # (what reads the gate is checked as any node of the region)
 
 
@@ -420,7 +427,25 @@ def _unpadded(site: Site) -> bool:
     return padding == "valid" or (not isinstance(padding, str) and not any(padding))
 
 
-_LINEAR_KINDS = {"batch_norm", "pad", "depthwise conv"}  # what a convolutional block may hold that is linear
+_PRODUCTS = {operator.mul, torch.mul, _aten.mul.Tensor, operator.truediv, torch.div, _aten.div.Tensor, "mul", "div",
+             "__mul__", "__truediv__", "__rmul__"}  # fmt: skip
+_CURVES = {operator.pow, torch.pow, _aten.pow.Tensor_Scalar, torch.erf, _aten.erf.default, torch.exp, _aten.exp.default,
+           torch.square, "pow", "erf", "exp"}  # fmt: skip
+
+
+def _nonlinear(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node]) -> bool:
+    """``node`` of a block's region is not linear in the hidden values: an activation (not a
+    dropout or an identity), a product of two hidden values (a swish written out, a gate), a power."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, ELEMENTWISE_MODULES) and not isinstance(mod, (nn.Dropout, nn.Identity))
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in _PRODUCTS:
+        return sum(a in region for a in node.args) >= 2
+    if node.target in _CURVES:
+        return True
+    return bool(_elementwise(gm, node)) and node.target not in (F.dropout, _aten.dropout.default, _aten.dropout_.default)
 
 
 def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> list[MLPBlock]:
@@ -442,6 +467,7 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
     blocks: list[MLPBlock] = []
     downs: set[str] = set()
+    gates: dict[str, str] = {}  # a gate's conv → the up layer of the block it gates
     for name, site in sites.items():
         if site.reason or site.spec is None or len(site.nodes) != 1 or not (site.spec.kind == "linear" or _plain_pointwise(site)):
             continue
@@ -451,7 +477,7 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         if found is None:
             continue
         down_node, acts, region, squeezes = found
-        if _spatial(site) and all(a in _LINEAR_KINDS or "BatchNorm" in a for a in acts):
+        if _spatial(site) and not any(_nonlinear(gm, n, region) for n in region):
             continue  # (conv → norm → conv, a linear bottleneck between two blocks: no MLP, and it would take their convs)
         down = by_node[down_node]
         d = sites[down]
@@ -461,9 +487,10 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         if (d.reason or not same_kind or hidden_inputs != [d.input(down_node)]
                 or d.spec.in_channels != site.spec.out_channels):  # fmt: skip
             continue  # (the down layer must read the hidden activations as its input alone)
-        downs.update((down, *(n for pair in squeezes for n in pair)))  # (a gate's convs are no block of their own)
+        downs.add(down)
+        gates.update({n: name for pair in squeezes for n in pair})
         blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels,
-                               squeeze=[list(pair) for pair in squeezes] or None))  # fmt: skip
+                               squeeze=[list(pair) for pair in squeezes] or None, gate_of=gates.get(name)))  # fmt: skip
     return blocks
 
 
@@ -708,6 +735,10 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     inputs = stats.inputs if anchor is None else anchor.inputs
     if inputs.total is None or inputs.count == 0:
         raise ConfigError(f"no calibration statistics for {block.down!r}: collect them with fxlrd.calibrate.collect_stats")
+    for reduce, _ in block.squeeze or ():  # (checked before anything changes)
+        if reduce not in (squeeze_anchors or {}) and reduce not in (squeeze_stats or {}):
+            raise ConfigError(f"no calibration statistics for {reduce!r}, the squeeze-and-excitation gate of "
+                              f"{block.up!r} → {block.down!r}: pass its SiteStats in squeeze_stats")  # fmt: skip
     w_up, b_up = _layer_tensors(gm, up)
     w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
     kernel = tuple(w.shape[2:])  # a 1×1 conv's (1, 1): its weight as a matrix here
@@ -979,6 +1010,8 @@ def narrow_mlps(
     if ratio is not None:  # blocks the ratio would not make smaller stay as they are
         blocks = [b for b in blocks if narrowed_width(b, sites[b.up].spec.in_channels, sites[b.down].spec.out_channels,
                                                       sites[b.up].spec.bias, sites[b.down].spec.bias, ratio, quantum) < b.hidden]
+    narrowed_ups = {b.up for b in blocks}
+    blocks = [b for b in blocks if b.gate_of not in narrowed_ups]  # (a gated block narrowed refits its gate's convs)
     if not blocks:
         return []
     spatial = anchored and any(_spatial(sites[b.up]) for b in blocks)

@@ -1009,22 +1009,25 @@ def _se_net(n=2, seed=0, **kwargs):
     return nn.Sequential(*[SEResidual(**kwargs) for _ in range(n)]).eval()
 
 
-@pytest.mark.parametrize("mode", ["fx", "export"])
+@pytest.mark.parametrize("mode,anchored", [("fx", True), ("export", True), ("fx", False)])
 @pytest.mark.parametrize("mean", [False, True])
-def test_squeeze_excitation_blocks_are_found_exact_at_full_width_and_their_gates_refitted(mode, mean):
+def test_squeeze_excitation_blocks_are_found_exact_at_full_width_and_their_gates_refitted(mode, anchored, mean):
     """The gate scales each hidden channel alone, but its reduce conv reads them all: found as
     part of the block, exact at full width, and when channels go the reduce conv gives its
     original output from the kept ones (least squares) better than merely dropping its columns."""
     model = _se_net(mean=mean)
     cal = _images(n=4, size=10)
     gm = capture(model, cal[0], mode=mode).gm
-    blocks = find_mlps(gm)
+    found = find_mlps(gm)
+    blocks = [b for b in found if b.squeeze]  # (and each gate's own reduce → expand pair, marked as such)
     assert len(blocks) == 2 and all("squeeze-excitation" in b.activation and len(b.squeeze) == 1 for b in blocks)
+    assert sorted(b.gate_of for b in found if not b.squeeze) == sorted(b.up for b in blocks)
     full = copy.deepcopy(gm)
-    narrow_mlps(full, cal, keep={b.up: list(range(24)) for b in blocks}, progress=False, anchored=True)
+    narrow_mlps(full, cal, keep={b.up: list(range(24)) for b in blocks}, progress=False, anchored=anchored)
     with torch.no_grad():
         assert rel_err(full(cal[1]), model(cal[1])) < 1e-5
-    narrowed = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=True)
+    narrowed = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=anchored)
+    assert len(narrowed) == 2 and all(b.squeeze for b in narrowed)  # (not the gates' own pairs as well)
     reduce, expand = narrowed[0].squeeze[0]
     keep = narrowed[0].keep
     k = len(keep)
@@ -1064,8 +1067,10 @@ def test_squeeze_excitation_blocks_transform_count_save_load_and_export(tmp_path
 
 
 def test_a_pooled_branch_read_elsewhere_keeps_its_block_whole():
-    """A gate whose squeezed values something else reads too (a second output), or whose
-    expand conv does not give the hidden channels back: no block."""
+    """A gate whose squeezed values something else reads too (a second output), or with no
+    activation after its expand conv, is no gate: the block is not one (the gate's own
+    reduce → expand pair still is). A gate added rather than multiplied is still one value
+    per channel: a block, narrowed like the others."""
 
     class SideOutput(SEResidual):
         def forward(self, x):
@@ -1073,15 +1078,45 @@ def test_a_pooled_branch_read_elsewhere_keeps_its_block_whole():
             z = self.se.fc1(self.se.pool(h))
             return x + self.bn2(self.down(h * torch.sigmoid(self.se.fc2(self.se.act(z))))), z
 
-    class ContextAdded(SEResidual):  # a gate added, not multiplied: still one value per channel, still a block
+    class BareGate(SEResidual):
         def forward(self, x):
             h = self.act(self.bn1(self.dw(self.act(self.bn0(self.up(x))))))
-            return x + self.bn2(self.down(h + self.se.fc2(self.se.act(self.se.fc1(self.se.pool(h))))))
+            return x + self.bn2(self.down(h * self.se.fc2(self.se.act(self.se.fc1(self.se.pool(h))))))
+
+    class ContextAdded(SEResidual):
+        def forward(self, x):
+            h = self.act(self.bn1(self.dw(self.act(self.bn0(self.up(x))))))
+            return x + self.bn2(self.down(h + torch.sigmoid(self.se.fc2(self.se.act(self.se.fc1(self.se.pool(h)))))))
 
     torch.manual_seed(0)
-    assert find_mlps(capture(SideOutput().eval(), _images(n=1)[0], mode="fx").gm) == []
-    (block,) = find_mlps(capture(ContextAdded().eval(), _images(n=1)[0], mode="fx").gm)
+    cal = _images(n=3)
+    assert find_mlps(capture(SideOutput().eval(), cal[0], mode="fx").gm) == []
+    assert [(b.up, b.gate_of) for b in find_mlps(capture(BareGate().eval(), cal[0], mode="fx").gm)] == [("se.fc1", None)]
+    model = ContextAdded().eval()
+    gm = capture(model, cal[0], mode="fx").gm
+    block = next(b for b in find_mlps(gm) if b.squeeze)
     assert block.squeeze == [["se.fc1", "se.fc2"]]
+    full = copy.deepcopy(gm)
+    narrow_mlps(full, cal, keep={block.up: list(range(24))}, progress=False, anchored=True)
+    (narrowed,) = narrow_mlps(gm, cal, ratio=2, progress=False, anchored=True)
+    with torch.no_grad():
+        assert rel_err(full(cal[1]), model(cal[1])) < 1e-5
+        assert gm.get_submodule("se.fc2").weight.shape[0] == narrowed.width < 24
+        assert rel_err(gm(cal[1]), model(cal[1])) < 0.5
+
+
+def test_a_gate_s_own_pair_is_narrowed_when_its_block_is_not():
+    """A recorded plan that narrows a gate's own reduce → expand pair applies; a block whose
+    gate convs the user excludes is not narrowed, and its gate stays as it is."""
+    model = nn.Sequential(_se_net(n=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    cal = _images(n=3)
+    gm = capture(model, cal[0], mode="fx").gm
+    (pair,) = narrow_mlps(gm, cal, keep={"0.0.se.fc1": [0, 2]}, progress=False)
+    assert pair.gate_of == "0.0.up" and gm.get_submodule("0.0.se.fc1").weight.shape[0] == 2
+    config = LRDConfig(mlp="narrow", ratio=2, sequential=True, rank_quantum=4, exclude=("*se.fc2",))
+    out = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+    assert not out.fxlrd_plan.settings.get("narrowed")
+    assert torch.equal(out.get_submodule("0.0.se.fc2").weight, model.get_submodule("0.0.se.fc2").weight)
 
 
 def test_a_linear_bottleneck_between_two_blocks_is_no_block_and_takes_none_of_their_convs():
@@ -1099,6 +1134,8 @@ def test_a_linear_bottleneck_between_two_blocks_is_no_block_and_takes_none_of_th
             return self.bn1(self.project(torch.relu(self.bn0(self.dw(x)))))
 
     torch.manual_seed(0)
-    model = nn.Sequential(NoExpansion(), InvertedResidual(stride=2), InvertedResidual(stride=2)).eval()
-    gm = capture(model, _images(n=1, size=16)[0], mode="fx").gm
-    assert [(b.up, b.down) for b in find_mlps(gm)] == [("1.up", "1.down"), ("2.up", "2.down")]
+    for between in (nn.Identity(), nn.Dropout(0.1)):  # (a norm-and-activation module without its activation)
+        model = nn.Sequential(NoExpansion(), between, InvertedResidual(stride=2), InvertedResidual(stride=2)).eval()
+        for mode in ("fx", "export"):
+            gm = capture(model, _images(n=1, size=16)[0], mode=mode).gm
+            assert [(b.up, b.down) for b in find_mlps(gm)] == [("2.up", "2.down"), ("3.up", "3.down")], (between, mode)
