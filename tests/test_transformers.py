@@ -713,6 +713,23 @@ def test_more_architectures_compress_run_at_other_shapes_and_reproduce_at_full_r
         _assert_outputs_close(full(**other), want_other, 1e-5)
 
 
+def _narrowed_at_full_width_and_at_1_5(model, gm, blocks, cal, tmp_path, at_least):
+    """``gm`` (an export capture of the vision ``model``) narrowed at full width reproduces it;
+    ``model`` narrowed at α = 1.5 in sequence narrows ``at_least`` blocks, is counted, saves and loads."""
+    fxlrd.narrow.narrow_mlps(gm, cal, keep={b.up: list(range(b.hidden)) for b in blocks}, progress=False, anchored=True)
+    with torch.no_grad():
+        ref = model(cal[1]).last_hidden_state.double()
+        assert rel_err(gm(cal[1])["last_hidden_state"].double(), ref) < 1e-5
+    narrowed = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=1.5, sequential=True), example_inputs=cal[0],
+                               calibration=cal)  # fmt: skip
+    assert narrowed.fxlrd_capture["mode"] == "export" and len(narrowed.fxlrd_plan.settings["narrowed"]) >= at_least
+    assert narrowed.fxlrd_plan.params_after_model() == fxlrd.count_params(narrowed) < fxlrd.count_params(model)
+    fxlrd.save(narrowed, tmp_path / "m")
+    loaded = fxlrd.load(model, tmp_path / "m", example_inputs=cal[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(cal[1])["last_hidden_state"], narrowed(cal[1])["last_hidden_state"])
+
+
 def test_hugging_face_mobilenet_v2_inverted_residuals_are_narrowed_under_export(tmp_path):
     """transformers' MobileNetV2 is captured by torch.export (its norms aten operators): every
     inverted residual is found, full width reproduces the model, α = 1.5 in sequence runs, is
@@ -723,18 +740,7 @@ def test_hugging_face_mobilenet_v2_inverted_residuals_are_narrowed_under_export(
     gm = capture(model, cal[0], mode="export").gm
     blocks = fxlrd.narrow.find_mlps(gm)
     assert len(blocks) >= 15 and all("batch_norm" in b.activation for b in blocks)
-    fxlrd.narrow.narrow_mlps(gm, cal, keep={b.up: list(range(b.hidden)) for b in blocks}, progress=False, anchored=True)
-    with torch.no_grad():
-        ref = model(cal[1]).last_hidden_state.double()
-        assert rel_err(gm(cal[1])["last_hidden_state"].double(), ref) < 1e-5
-    narrowed = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=1.5, sequential=True), example_inputs=cal[0],
-                               calibration=cal)  # fmt: skip
-    assert narrowed.fxlrd_capture["mode"] == "export" and len(narrowed.fxlrd_plan.settings["narrowed"]) >= 15
-    assert narrowed.fxlrd_plan.params_after_model() == fxlrd.count_params(narrowed) < fxlrd.count_params(model)
-    fxlrd.save(narrowed, tmp_path / "m")
-    loaded = fxlrd.load(model, tmp_path / "m", example_inputs=cal[0])
-    with torch.no_grad():
-        assert torch.equal(loaded(cal[1])["last_hidden_state"], narrowed(cal[1])["last_hidden_state"])
+    _narrowed_at_full_width_and_at_1_5(model, gm, blocks, cal, tmp_path, at_least=15)
 
 
 def test_hugging_face_efficientnet_blocks_with_squeeze_excitation_are_narrowed(tmp_path):
@@ -750,15 +756,4 @@ def test_hugging_face_efficientnet_blocks_with_squeeze_excitation_are_narrowed(t
     blocks = fxlrd.narrow.find_mlps(gm)
     gated = [b for b in blocks if b.squeeze]  # (the first block has no expansion: its gate's own convs are a block)
     assert len(gated) == 6 and all("squeeze-excitation" in b.activation for b in gated)
-    fxlrd.narrow.narrow_mlps(gm, cal, keep={b.up: list(range(b.hidden)) for b in blocks}, progress=False, anchored=True)
-    with torch.no_grad():
-        ref = model(cal[1]).last_hidden_state.double()
-        assert rel_err(gm(cal[1])["last_hidden_state"].double(), ref) < 1e-5
-    narrowed = fxlrd.transform(model, LRDConfig(mlp="narrow", ratio=1.5, sequential=True), example_inputs=cal[0],
-                               calibration=cal)  # fmt: skip
-    assert len(narrowed.fxlrd_plan.settings["narrowed"]) >= 6
-    assert narrowed.fxlrd_plan.params_after_model() == fxlrd.count_params(narrowed) < fxlrd.count_params(model)
-    fxlrd.save(narrowed, tmp_path / "m")
-    loaded = fxlrd.load(model, tmp_path / "m", example_inputs=cal[0])
-    with torch.no_grad():
-        assert torch.equal(loaded(cal[1])["last_hidden_state"], narrowed(cal[1])["last_hidden_state"])
+    _narrowed_at_full_width_and_at_1_5(model, gm, blocks, cal, tmp_path, at_least=6)
