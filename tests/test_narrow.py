@@ -1139,3 +1139,16 @@ def test_a_linear_bottleneck_between_two_blocks_is_no_block_and_takes_none_of_th
         for mode in ("fx", "export"):
             gm = capture(model, _images(n=1, size=16)[0], mode=mode).gm
             assert [(b.up, b.down) for b in find_mlps(gm)] == [("2.up", "2.down"), ("3.up", "3.down")], (between, mode)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_hardsigmoid_gates_of_mobilenet_v3_are_gates(mode):
+    torch.manual_seed(0)
+    model = SEResidual().eval()
+    model.se.gate = nn.Hardsigmoid()
+    cal = _images(n=2)
+    gm = capture(model, cal[0], mode=mode).gm
+    (block,) = [b for b in find_mlps(gm) if b.squeeze]
+    narrow_mlps(gm, cal, keep={block.up: list(range(24))}, progress=False, anchored=True)
+    with torch.no_grad():
+        assert rel_err(gm(cal[1]), model(cal[1])) < 1e-5
