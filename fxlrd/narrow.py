@@ -460,8 +460,8 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     depthwise convs (one filter per channel), each acting on every hidden channel alone, so
     the kept channels stay exact, at least one of them not linear (``project → norm → expand``
     between two blocks is a linear bottleneck, not a block, and would take their convs); and
-    squeeze-and-excitation gates (`_squeeze_excite`), whose
-    reduce conv reads every channel's mean and is refitted when channels go. Under torch.export, batch norms are aten operators on
+    squeeze-and-excitation gates (`_squeeze_excite`), whose reduce conv reads every channel's
+    mean and is refitted when channels go. Under torch.export, batch norms are aten operators on
     ``get_attr`` tensors: a block's norm is one when nothing else reads its tensors."""
     sites = find_sites(gm) if sites is None else sites
     by_node = {s.nodes[0]: name for name, s in sites.items() if len(s.nodes) == 1}
@@ -780,7 +780,8 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
     _write(gm, down, refit[:, : len(keep)].reshape(out, len(keep), *kernel), None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
-    block.depthwise = [name for name, site in sites.items() if site.nodes and site.nodes[0] in set(between)] if kernel else None
+    inside = set(between)
+    block.depthwise = [name for name, site in sites.items() if site.nodes and site.nodes[0] in inside] if kernel else None
     block.params_before += channelwise[0] + gates[0]
     block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None) + channelwise[1] + gates[1]
     block.error = error
@@ -818,15 +819,12 @@ def _narrow_squeeze(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlo
         before += sum(t.numel() for t in tensors if t is not None)
         w_e, b_e = _layer_tensors(gm, exp)
         _write(gm, exp, w_e[idx], None if b_e is None else b_e[idx])
-        w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, red))
-        shape = w.shape
         anchor = anchors.get(reduce)
         inputs = anchor.inputs if anchor is not None else stats[reduce].inputs if reduce in stats else None
         if inputs is None or inputs.count == 0:
             raise ConfigError(f"no calibration statistics for {reduce!r}, the squeeze-and-excitation gate of "
                               f"{block.up!r} → {block.down!r}: collect them with fxlrd.calibrate.collect_stats")  # fmt: skip
-        fit = _least_squares(w.reshape(shape[0], shape[1]), b, _moments(inputs, b is not None), anchor, idx, ridge)
-        _write(gm, red, fit[:, : len(idx)].reshape(shape[0], len(idx), *shape[2:]), None if b is None else fit[:, -1])
+        _refit_layer(gm, red, inputs, anchor, idx, ridge)
         after += sum(t.numel() for t in (*_layer_tensors(gm, red), *_layer_tensors(gm, exp)) if t is not None)
     return before, after
 
@@ -836,14 +834,23 @@ def _refit_down(gm: fx.GraphModule, block: MLPBlock, stats: Any, anchor: Anchor,
     the block now computes them (a gate changed by narrowing), the original's output. The
     block's error becomes the one measured after this refit."""
     down = find_sites(gm)[block.down]
-    w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
-    shape = w.shape
-    idx = torch.arange(shape[1])
-    fit = _least_squares(w.reshape(shape[0], shape[1]), b, _moments(anchor.inputs, b is not None), anchor, idx, ridge)
-    _write(gm, down, fit[:, : shape[1]].reshape(shape), None if b is None else fit[:, -1])
+    w, b = _layer_tensors(gm, down)
+    idx = torch.arange(w.shape[1])
+    fit = _refit_layer(gm, down, anchor.inputs, anchor, idx, ridge)
     out_w = stats.output_weights()
-    block.error = _anchored_error(fit, anchor, idx, b is not None, _output_factor(out_w, shape[0]).T, out_w is not None)
+    block.error = _anchored_error(fit, anchor, idx, b is not None, _output_factor(out_w, w.shape[0]).T, out_w is not None)
     gm.recompile()
+
+
+def _refit_layer(gm: fx.GraphModule, site: Site, inputs: Any, anchor: Anchor | None, idx: torch.Tensor,
+                 ridge: float) -> torch.Tensor:  # fmt: skip
+    """Refit the 1×1 conv or linear ``site`` to read only its inputs ``idx`` (`_least_squares`
+    on ``inputs``, or ``anchor``) and write it back; ``[W' b']``."""
+    w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, site))
+    shape = w.shape
+    fit = _least_squares(w.reshape(shape[0], shape[1]), b, _moments(inputs, b is not None), anchor, idx, ridge)
+    _write(gm, site, fit[:, : len(idx)].reshape(shape[0], len(idx), *shape[2:]), None if b is None else fit[:, -1])
+    return fit
 
 
 STREAM_BYTES = 2**30  # a `_Stream` keeps at most this much of the calibration data's activations
