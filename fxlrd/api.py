@@ -102,19 +102,26 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
         keep = {b["up"]: b["keep"] for b in recorded}
     blocks = narrow_mlps(gm, calibration, ratio=None if keep else config.ratio, keep=keep,
                          quantum=config.rank_quantum,
-                         select=lambda b: all(map(chosen, (b.up, b.down, *(n for pair in b.squeeze or () for n in pair)))),
+                         select=lambda b: all(map(chosen, _block_layers(b))),
                          sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix,
                          example=inputs, anchored=config.sequential)  # fmt: skip
     if not blocks and not recorded:
         warnings.warn(
             "mlp='narrow' found no MLP block to narrow (linear → elementwise activation → linear, or 1×1 conv → batch "
             "norms, activations, a depthwise conv → 1×1 conv, the "
-            "hidden activations used by nothing else, each layer called once with weights of its own: a gated MLP "
-            "such as Llama's gate · up, or layers shared across depth as ALBERT's, are not such blocks): its layers "
+            "hidden activations used by nothing else, each layer called once with weights of its own: layers shared "
+            "across depth as ALBERT's are not such blocks; a gated MLP, act(gate(x)) * up(x), is one): its layers "
             "are factorized like the others", FxlrdWarning, stacklevel=3,
         )  # fmt: skip
-    names = tuple(n for b in blocks for n in (b.up, b.down, *(name for pair in b.squeeze or () for name in pair)))
+    names = tuple(n for b in blocks for n in _block_layers(b))
     return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]
+
+
+def _block_layers(block: Any) -> tuple[str, ...]:
+    """The layers a narrowed block changes: its up and down layers, a gated block's partner,
+    its squeeze-and-excitation gates' convs."""
+    partner = (block.partner,) if block.partner else ()
+    return (block.up, block.down, *partner, *(name for pair in block.squeeze or () for name in pair))
 
 
 def _fuse(captured: Captured, config: LRDConfig, recorded: list[dict[str, Any]] | None = None
@@ -241,9 +248,9 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
         plan_.settings["narrowed"] = narrowed
         plan_.model_params = params
         for block in narrowed:  # kept from factorization because narrowed, not because the user excluded them
-            for name in (block["up"], block["down"]):
+            for name in (block["up"], block["down"], block.get("partner")):
                 if name in plan_.layers:
-                    _narrowed_row(plan_.layers[name], block, up=name == block["up"])
+                    _narrowed_row(plan_.layers[name], block, up=name != block["down"])
             for name in block.get("depthwise") or ():
                 if name in plan_.layers:
                     _narrowed_row(plan_.layers[name], block, up=True, within=True)

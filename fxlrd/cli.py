@@ -1912,7 +1912,8 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
                               "output, with a diagonal sensitivity: less memory for large layers), off (each layer's "
                               "own output error)"))  # fmt: skip
     g.add_argument("--mlp", choices=("factorize", "narrow"), default="factorize",
-                   help=shown("MLP blocks (linear, activation, linear; or inverted residuals: 1x1 conv, depthwise "
+                   help=shown("MLP blocks (linear, activation, linear; gated ones, act(gate(x)) * up(x); or inverted "
+                              "residuals: 1x1 conv, depthwise "
                               "conv, 1x1 conv): factorize their layers (default) or, with --calibration, narrow them "
                               "(fewer hidden neurons or channels, chosen on the data)"))  # fmt: skip
     g.add_argument("--siblings", default="separate", metavar="separate|fuse|GLOB,...",

@@ -127,8 +127,8 @@ class LRDConfig:
             ``C_out × C_out`` matrix, so correlated output channels are weighed together
             (float64, ``8·C_out²`` bytes per layer during planning); ``"diagonal"``: only its
             diagonal, for models too large for that.
-        mlp: how MLP blocks (``linear → elementwise activation → linear``, hidden activations
-            used nowhere else) are compressed. ``"factorize"`` (default): their two layers
+        mlp: how MLP blocks (``linear → elementwise activation → linear``, or gated, ``down(act(gate(x))
+            ⊙ up(x))``; hidden activations used nowhere else) are compressed. ``"factorize"`` (default): their two layers
             like any other. ``"narrow"``: the block keeps fewer hidden neurons, chosen on the
             calibration data, and its second layer is refitted by least squares
             (`fxlrd.narrow`): ``ratio`` times fewer parameters, two dense layers instead of

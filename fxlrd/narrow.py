@@ -9,6 +9,10 @@ data: ``W' = argmin E‖W a + b − W' a_S − b'‖²`` (a 1e-6 ridge toward ``
 approximation of the block (MoDeGPT's MLP compression, Lin et al. 2024); the block stays two
 plain dense layers, ``h/k`` times smaller and faster.
 
+Gated blocks, ``down(act(gate(x)) ⊙ up(x))`` (Llama's, Mistral's, Qwen's, Gemma's, T5 v1.1's),
+are narrowed alike: a hidden neuron is the product of a gate row's and an up row's outputs, so
+both layers keep the chosen neurons' rows and the down layer is refitted on the products.
+
 Which neurons: greedy column-subset selection on the block's output. With ``Σ`` the hidden
 activations' covariance (the refit bias absorbs their mean), ``R = Σ^½`` and ``L`` the
 Cholesky factor of the down layer's output sensitivity (`fxlrd.calibrate.SiteStats`; the
@@ -35,7 +39,7 @@ import heapq
 import operator
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +87,7 @@ class MLPBlock:
     depthwise: list[str] | None = None  # a convolutional block's depthwise convs, narrowed with it
     squeeze: list[list[str]] | None = None  # its squeeze-and-excitation gates' [reduce, expand] 1×1 convs
     gate_of: str | None = None  # a gate's own reduce → expand pair: the up layer of the block it gates
+    partner: str | None = None  # a gated block's second input layer: down(act(up(x)) ⊙ partner(x)), or the other way
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,15 +308,74 @@ def _squeeze_excite(gm: fx.GraphModule, pool: fx.Node, hidden: int, spatial: int
     return nodes, node, reduce, expand  # (what reads the gate is checked as any node of the region)
 
 
-def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str],
-                   sites: Mapping[str, Site] | None = None, spatial: int = 0):  # fmt: skip
-    """The nodes from the up layer's output ``start`` to the down layer, when every one of
-    them acts on each hidden neuron alone and nothing else reads them: ``(down node,
-    activations, the region's nodes)``; None when the hidden activations go anywhere else.
-    ``spatial`` > 0: a convolutional block with that many spatial dimensions (``sites``
-    given), whose hidden channels may also pass batch norms, paddings and a depthwise conv."""
+_MULTIPLY = {operator.mul, torch.mul, _aten.mul.Tensor, "mul", "__mul__", "__rmul__"}
+
+
+def _side_region(gm: fx.GraphModule, start: fx.Node, stop: fx.Node, hidden: int) -> tuple[set[fx.Node], list[str]] | None:
+    """The nodes from ``start`` (a layer's output) to ``stop`` when each acts on every hidden
+    neuron alone and ``stop`` alone reads what they give: ``(the nodes, their activations)``."""
     index = {n: i for i, n in enumerate(start.graph.nodes)}
-    region, acts, downs, squeezes = {start}, [], [], []
+    region, acts = {start}, []
+    heap = [(index[u], u) for u in start.users]
+    heapq.heapify(heap)
+    while heap:
+        _, node = heapq.heappop(heap)
+        if node is stop or node in region:
+            continue
+        kind = _per_neuron(gm, node, region, hidden)
+        if not kind:
+            return None
+        region.add(node)
+        if kind != "view":
+            acts.append("arithmetic" if kind == "arith" else kind)
+        for user in node.users:
+            heapq.heappush(heap, (index[user], user))
+    return region, acts
+
+
+def _gated(gm: fx.GraphModule, node: fx.Node, region: set[fx.Node], first: fx.Node, hidden: int,
+           site_nodes: Mapping[fx.Node, str], sites: Mapping[str, Site]):  # fmt: skip
+    """A gated MLP's product (``act(gate(x)) ⊙ up(x)``: Llama's, T5 v1.1's): ``node``
+    multiplies the hidden values of ``region`` by those of another linear layer, the partner,
+    that reads the same input as the block's first layer ``first``, has as many outputs and
+    reaches the product through per-neuron operations alone, read by nothing else. ``(the
+    partner, its nodes up to the product, their activations)``, or None."""
+    if node.op not in ("call_function", "call_method") or node.target not in _MULTIPLY or node.kwargs or len(node.args) != 2:
+        return None
+    mine = [a for a in node.args if a in region]
+    other = [a for a in node.args if isinstance(a, fx.Node) and a not in region]
+    if len(mine) != 1 or len(other) != 1:
+        return None
+    x = sites[site_nodes[first]].input(first)
+    for layer, name in site_nodes.items():
+        site = sites[name]
+        if (layer is first or site.reason or site.spec is None or site.spec.kind != "linear" or len(site.nodes) != 1
+                or site.spec.out_channels != hidden or site.input(layer) is not x):  # fmt: skip
+            continue
+        side = _side_region(gm, layer, node, hidden)
+        if side is not None and other[0] in side[0]:
+            return name, side[0] - {layer}, side[1]
+    return None
+
+
+class _Region(NamedTuple):
+    down: fx.Node  # the down layer's node
+    acts: list[str]  # the operations between, for people
+    nodes: set[fx.Node]  # the up layer's output and every node from it to the down layer
+    squeezes: list[tuple[str, str]]  # squeeze-and-excitation gates' (reduce, expand) convs
+    partner: str | None  # a gated block's second input layer
+
+
+def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: Mapping[fx.Node, str],
+                   sites: Mapping[str, Site] | None = None, spatial: int = 0) -> _Region | None:  # fmt: skip
+    """The nodes from the up layer's output ``start`` to the down layer, when every one of
+    them acts on each hidden neuron alone and nothing else reads them; None when the hidden
+    activations go anywhere else. A product with a partner layer's hidden values (`_gated`)
+    brings the partner's nodes into the region. ``spatial`` > 0: a convolutional block with
+    that many spatial dimensions (``sites`` given), whose hidden channels may also pass batch
+    norms, paddings and a depthwise conv."""
+    index = {n: i for i, n in enumerate(start.graph.nodes)}
+    region, acts, downs, squeezes, partner = {start}, [], [], [], None
     heap = [(index[u], u) for u in start.users]
     heapq.heapify(heap)
     seen: set[fx.Node] = set()
@@ -335,6 +399,14 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
             downs.append(node)
             continue
         kind = _per_channel(gm, node, region, hidden, spatial, site) if spatial else _per_neuron(gm, node, region, hidden)
+        gated = None
+        if not (kind or spatial or partner is not None or sites is None):
+            gated = _gated(gm, node, region, start, hidden, site_nodes, sites)
+        if gated is not None:  # the partner's hidden values join the region: the product acts on each neuron alone
+            partner, side, side_acts = gated
+            region |= side
+            seen |= side
+            kind = f"⊙ {partner}" + (f" ({' → '.join(side_acts)})" if side_acts else "")
         if not kind:
             return None
         region.add(node)
@@ -344,20 +416,20 @@ def _hidden_region(gm: fx.GraphModule, start: fx.Node, hidden: int, site_nodes: 
             heapq.heappush(heap, (index[user], user))
     if len(downs) != 1 or not acts:
         return None
-    return downs[0], acts, region, squeezes
+    return _Region(downs[0], acts, region, squeezes, partner)
 
 
 def block_nodes(gm: fx.GraphModule, sites: Mapping[str, Site], up: str) -> tuple[list[fx.Node], fx.Node]:
-    """The nodes between an MLP block's two layers (activations, arithmetic, reshapes), in
-    graph order, and the one whose value the down layer reads."""
+    """The nodes between an MLP block's layers (activations, arithmetic, reshapes; a gated
+    block's product and its partner's activations), in graph order, and the one whose value
+    the down layer reads."""
     site = sites[up]
     found = _region(gm, sites, up, site.spec.out_channels)
     if found is None:
         raise PlanMismatchError(f"{up!r} does not start an MLP block in this model's graph")
-    down_node, _, region, _ = found
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    down = next(s for s in sites.values() if s.nodes and s.nodes[0] is down_node)
-    return sorted(region - {site.nodes[0]}, key=order.__getitem__), down.input(down_node)
+    down = next(s for s in sites.values() if s.nodes and s.nodes[0] is found.down)
+    return sorted(found.nodes - {site.nodes[0]}, key=order.__getitem__), down.input(found.down)
 
 
 def _spatial(site: Site) -> int:
@@ -371,14 +443,14 @@ def _region(gm: fx.GraphModule, sites: Mapping[str, Site], up: str, hidden: int)
     return _hidden_region(gm, sites[up].nodes[0], hidden, by_node, sites, _spatial(sites[up]))
 
 
-def run_block_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], start: fx.Node, end: fx.Node,
-                    h: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Run ``nodes`` (from `block_nodes`) on hidden activations ``h`` given as rows (…, hidden):
-    the value at ``end`` when ``start`` (the up layer's output) is ``h``. Reshapes of the
-    leading dimensions are skipped: rows stay rows."""
+def run_block_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Mapping[fx.Node, torch.Tensor],
+                    end: fx.Node) -> torch.Tensor:  # fmt: skip
+    """Run ``nodes`` (from `block_nodes`) on hidden activations given as rows (…, hidden):
+    the value at ``end`` when ``inputs`` gives the up layer's output (and a gated block's
+    partner's). Reshapes of the leading dimensions are skipped: rows stay rows."""
     from .calibrate import _DROPOUTS
 
-    env = {start: h}
+    env = dict(inputs)
     for node in nodes:
         if _view_shape(node) is not None:
             env[node] = env[node.args[0]]
@@ -401,7 +473,7 @@ def _resize_views(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlock
     found = _region(gm, sites, block.up, block.hidden)
     if found is None:
         raise PlanMismatchError(f"{block.up!r} → {block.down!r} is not an MLP block of this model")
-    for node in found[2]:
+    for node in found.nodes:
         shape = _view_shape(node)
         if shape is None:
             continue
@@ -452,7 +524,8 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
     """The blocks ``linear → elementwise activation(s) → linear`` of ``gm`` whose hidden
     activations feed nothing else, each layer called once with weights of its own. Between
     the layers: activations, per-neuron arithmetic (a GELU written out) and reshapes that keep
-    the hidden dimension last (an export of GPT-2's ``Conv1D``).
+    the hidden dimension last (an export of GPT-2's ``Conv1D``). Gated blocks, ``down(act(gate(x))
+    ⊙ up(x))`` (`_gated`): the layer the graph runs first is ``up``, the other its ``partner``.
 
     Also convolutional ones, ``1×1 conv → per-channel operations → 1×1 conv`` (MobileNetV2's
     and EfficientNet-Lite's inverted residuals): between the convs, activations, arithmetic
@@ -476,7 +549,7 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         found = _hidden_region(gm, site.nodes[0], site.spec.out_channels, by_node, sites, _spatial(site))
         if found is None:
             continue
-        down_node, acts, region, squeezes = found
+        down_node, acts, region, squeezes, partner = found
         if _spatial(site) and not any(_nonlinear(gm, n, region) for n in region):
             continue  # (conv → norm → conv, a linear bottleneck between two blocks: no MLP, and it would take their convs)
         down = by_node[down_node]
@@ -487,22 +560,31 @@ def find_mlps(gm: fx.GraphModule, sites: Mapping[str, Site] | None = None) -> li
         if (d.reason or not same_kind or hidden_inputs != [d.input(down_node)]
                 or d.spec.in_channels != site.spec.out_channels):  # fmt: skip
             continue  # (the down layer must read the hidden activations as its input alone)
-        downs.add(down)
+        downs.update({down} | ({partner} if partner else set()))
         gates.update({n: name for pair in squeezes for n in pair})
         blocks.append(MLPBlock(up=name, down=down, activation=" → ".join(acts), hidden=site.spec.out_channels,
-                               squeeze=[list(pair) for pair in squeezes] or None, gate_of=gates.get(name)))  # fmt: skip
+                               squeeze=[list(pair) for pair in squeezes] or None, gate_of=gates.get(name),
+                               partner=partner))  # fmt: skip
     return blocks
 
 
-def _block_params(inp: int, hidden: int, out: int, up_bias: bool, down_bias: bool) -> int:
-    return hidden * inp + hidden * int(up_bias) + out * hidden + out * int(down_bias)
+def _layer_sizes(sites: Mapping[str, Site], block: MLPBlock) -> tuple[int, int]:
+    """The parameters of ``block``'s layers per hidden neuron (the up layer's row and bias, a
+    gated block's partner's, the down layer's column) and those that do not depend on the
+    width (the down layer's bias)."""
+    up, down = sites[block.up].spec, sites[block.down].spec
+    per_neuron = up.in_channels + int(bool(up.bias)) + down.out_channels
+    if block.partner is not None:
+        partner = sites[block.partner].spec
+        per_neuron += partner.in_channels + int(bool(partner.bias))
+    return per_neuron, down.out_channels * int(bool(down.bias))
 
 
-def narrowed_width(block: MLPBlock, inp: int, out: int, up_bias: bool, down_bias: bool, ratio: float, quantum: int) -> int:
-    """The width making the block ``ratio`` times smaller, rounded down to a multiple of
-    ``quantum`` (at least one quantum; the hidden width when that is no smaller)."""
-    per_neuron = inp + int(up_bias) + out
-    budget = _block_params(inp, block.hidden, out, up_bias, down_bias) / ratio - out * int(down_bias)
+def narrowed_width(block: MLPBlock, sites: Mapping[str, Site], ratio: float, quantum: int) -> int:
+    """The width making the block's layers ``ratio`` times smaller, rounded down to a multiple
+    of ``quantum`` (at least one quantum; the hidden width when that is no smaller)."""
+    per_neuron, fixed = _layer_sizes(sites, block)
+    budget = (per_neuron * block.hidden + fixed) / ratio - fixed
     k = int(budget // per_neuron)
     return min(block.hidden, max(quantum, k - k % quantum))
 
@@ -739,7 +821,6 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
         if reduce not in (squeeze_anchors or {}) and reduce not in (squeeze_stats or {}):
             raise ConfigError(f"no calibration statistics for {reduce!r}, the squeeze-and-excitation gate of "
                               f"{block.up!r} → {block.down!r}: pass its SiteStats in squeeze_stats")  # fmt: skip
-    w_up, b_up = _layer_tensors(gm, up)
     w, b = (t.detach().double().cpu() if t is not None else None for t in _layer_tensors(gm, down))
     kernel = tuple(w.shape[2:])  # a 1×1 conv's (1, 1): its weight as a matrix here
     w = w.reshape(w.shape[0], w.shape[1])
@@ -767,8 +848,9 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
     error = None if residual is None else residual if out_w is not None else residual / max(energy, 1e-300)
     if anchor is not None:  # measured on the calibration data
         error = _anchored_error(refit, anchor, idx, b is not None, lt, out_w is not None)
-    inp, out = w_up.shape[1], w.shape[0]
-    block.params_before = _block_params(inp, block.hidden, out, b_up is not None, b is not None)
+    out = w.shape[0]
+    per_neuron, fixed = _layer_sizes(sites, block)
+    block.params_before = per_neuron * block.hidden + fixed
     between = block_nodes(gm, sites, block.up)[0]
     _resize_views(gm, sites, block, len(keep))
     channelwise = (0, 0)  # a convolutional block's norms and depthwise conv shrink alike
@@ -777,13 +859,15 @@ def narrow_block(gm: fx.GraphModule, block: MLPBlock, stats: Any, width: int, *,
         _narrow_channelwise(gm, sites, between, idx)
         channelwise = (before, _channelwise_params(gm, sites, between))
     gates = _narrow_squeeze(gm, sites, block, idx, squeeze_stats or {}, squeeze_anchors or {}, ridge)
-    _write(gm, up, w_up[idx], None if b_up is None else b_up[idx])
+    for layer in (up, sites[block.partner]) if block.partner else (up,):  # (a gated block's partner: its rows too)
+        w_in, b_in = _layer_tensors(gm, layer)
+        _write(gm, layer, w_in[idx], None if b_in is None else b_in[idx])
     _write(gm, down, refit[:, : len(keep)].reshape(out, len(keep), *kernel), None if b is None else refit[:, -1])
     block.width, block.keep = len(keep), keep
     inside = set(between)
     block.depthwise = [name for name, site in sites.items() if site.nodes and site.nodes[0] in inside] if kernel else None
     block.params_before += channelwise[0] + gates[0]
-    block.params_after = _block_params(inp, block.width, out, b_up is not None, b is not None) + channelwise[1] + gates[1]
+    block.params_after = per_neuron * block.width + fixed + channelwise[1] + gates[1]
     block.error = error
     gm.recompile()
     return block
@@ -1015,8 +1099,7 @@ def narrow_mlps(
     else:
         blocks = [b for b in found if select is None or select(b)]
     if ratio is not None:  # blocks the ratio would not make smaller stay as they are
-        blocks = [b for b in blocks if narrowed_width(b, sites[b.up].spec.in_channels, sites[b.down].spec.out_channels,
-                                                      sites[b.up].spec.bias, sites[b.down].spec.bias, ratio, quantum) < b.hidden]
+        blocks = [b for b in blocks if narrowed_width(b, sites, ratio, quantum) < b.hidden]
     narrowed_ups = {b.up for b in blocks}
     blocks = [b for b in blocks if b.gate_of not in narrowed_ups]  # (a gated block narrowed refits its gate's convs)
     if not blocks:
@@ -1058,8 +1141,7 @@ def narrow_mlps(
             if keep is not None:
                 width = len(keep[block.up])
             else:
-                up, down = sites[block.up], sites[block.down]
-                width = narrowed_width(block, up.spec.in_channels, down.spec.out_channels, up.spec.bias, down.spec.bias, ratio, quantum)
+                width = narrowed_width(block, sites, ratio, quantum)
             done = narrow_block(gm, block, stats[block.down], width, keep=None if keep is None else keep[block.up],
                                 anchor=anchor, squeeze_stats=squeeze, squeeze_anchors=gates)  # fmt: skip
             if gates:  # the gates of the kept channels moved: refit the down layer on what they now give
@@ -1095,5 +1177,12 @@ def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> 
                     w_r, b_r = _layer_tensors(gm, sites[reduce])
                     _write(gm, sites[reduce], w_r.new_zeros(w_r.shape[0], k, *w_r.shape[2:]), b_r)
             _write(gm, up, w_up.new_zeros(k, *w_up.shape[1:]), None if b_up is None else b_up.new_zeros(k))
+            if rec.get("partner"):  # a gated block's second input layer
+                partner = sites.get(rec["partner"])
+                if partner is None:
+                    raise PlanMismatchError(f"the saved model narrows the gated block of {rec['up']!r} with "
+                                            f"{rec['partner']!r}, which this model lacks")  # fmt: skip
+                w_p, b_p = _layer_tensors(gm, partner)
+                _write(gm, partner, w_p.new_zeros(k, *w_p.shape[1:]), None if b_p is None else b_p.new_zeros(k))
             _write(gm, down, w.new_zeros(w.shape[0], k, *w.shape[2:]), None if b is None else b.new_zeros(b.shape[0]))
     gm.recompile()

@@ -136,6 +136,8 @@ class Plan:
         hidden = {}
         for block in self.settings.get("narrowed") or []:
             hidden[block["up"]], hidden[block["down"]] = ("out", block["hidden"]), ("in", block["hidden"])
+            if block.get("partner"):  # a gated block's second input layer
+                hidden[block["partner"]] = ("out", block["hidden"])
             hidden |= {name: ("both", block["hidden"]) for name in block.get("depthwise") or ()}
             for reduce, expand in block.get("squeeze") or ():
                 hidden[reduce], hidden[expand] = ("in", block["hidden"]), ("out", block["hidden"])

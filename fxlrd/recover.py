@@ -716,7 +716,7 @@ def reconstruct_mlps(
 
     `fxlrd.narrow` keeps ``k`` of a block's hidden neurons and refits the down layer in
     closed form; the up layer stays as it was. This trains both layers of the narrowed
-    block (weights and biases), one block at a time, so that on ``batches`` it reproduces
+    block (weights and biases; a gated block's partner layer too), one block at a time, so that on ``batches`` it reproduces
     what the original block computes on the same inputs:
     ``min ‖down′(act(up′(x))) − down(act(up(x)))‖²`` over the block inputs ``x`` of the
     compressed model. Blocks go in graph order, each on the inputs produced by the blocks
@@ -801,10 +801,15 @@ def reconstruct_mlps(
     blocks = []
     for rec in records:
         up, down = sites.get(rec["up"]), sites.get(rec["down"])
-        if up is None or down is None or len(up.nodes) != 1 or len(down.nodes) != 1:
+        partner = sites.get(rec["partner"]) if rec.get("partner") else None
+        if (up is None or down is None or len(up.nodes) != 1 or len(down.nodes) != 1
+                or (rec.get("partner") and (partner is None or len(partner.nodes) != 1))):  # fmt: skip
             raise PlanMismatchError(f"the narrowed block {rec['up']!r} → {rec['down']!r} is not in this model's graph")
+        if partner is not None and partner.input(partner.nodes[0]) is not up.input(up.nodes[0]):
+            raise PlanMismatchError(f"the gated block of {rec['up']!r}: its partner {rec['partner']!r} reads another input")
+        layers = (up, down, partner) if partner is not None else (up, down)  # (a gated block's partner: trained too)
         teacher_tensors = []
-        for site in (up, down):
+        for site in layers:
             for path in (site.weight_path, site.bias_path):
                 if path is None:
                     teacher_tensors.append(None)
@@ -816,18 +821,18 @@ def reconstruct_mlps(
                         f"the teacher has no tensor {path!r}: pass the original model that was compressed"
                     ) from None
                 teacher_tensors.append(t.T if site.transposed_weight and path == site.weight_path else t)
-        tw_up, tb_up, tw_down, tb_down = teacher_tensors
+        tw_up, tw_down = teacher_tensors[0], teacher_tensors[2]
         if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"]:
             raise PlanMismatchError(
                 f"the teacher's {rec['up']!r} has {tw_up.shape[0]} hidden neurons, the plan {rec['hidden']}: "
                 "pass the original model that was compressed"
             )
-        blocks.append((rec, up, down, (tw_up, tb_up, tw_down, tb_down)))
-    blocks.sort(key=lambda b: order[b[1].nodes[0]])
+        blocks.append((rec, layers, teacher_tensors))
+    blocks.sort(key=lambda b: order[b[1][0].nodes[0]])
     weighting: dict[str, torch.Tensor] = {}
     if sensitivity is not False:
-        stats = collect_stats(gm, raw, names=[b[2].name for b in blocks], sensitivity=sensitivity, progress=progress)
-        for _, _, down, _ in blocks:
+        stats = collect_stats(gm, raw, names=[b[1][1].name for b in blocks], sensitivity=sensitivity, progress=progress)
+        for _, (_, down, *_), _ in blocks:
             w = stats[down.name].output_weights() if down.name in stats else None
             if w is not None:  # L with L Lᵀ = the weighting: errors are measured as ‖(y′ − y) L‖²
                 weighting[down.name] = (torch.linalg.cholesky(w) if w.dim() == 2 else torch.diag(w.sqrt())).float()
@@ -838,9 +843,11 @@ def reconstruct_mlps(
     report: dict[str, dict[str, Any]] = {}
     bar = tqdm(blocks, desc="reconstruct MLPs", unit="block", disable=None if progress else True, file=sys.stderr, leave=False)
     try:
-        for rec, up, down, (tw_up, tb_up, tw_down, tb_down) in bar:
+        for rec, layers, teacher_tensors in bar:
+            up, down = layers[:2]
             up_node = up.nodes[0]
             x_node = up.input(up_node)
+            partner_node = layers[2].nodes[0] if len(layers) > 2 else None
             between, end = block_nodes(gm, sites, rec["up"])
             rows = []
             with torch.no_grad():
@@ -855,11 +862,14 @@ def reconstruct_mlps(
 
             lower = weighting.get(down.name)
 
-            def block(x_: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-                out = F.linear(run_block_nodes(gm, between, up_node, end, F.linear(x_, w1, b1)), w2, b2)
+            def block(x_: torch.Tensor, w1, b1, w2, b2, w3=None, b3=None) -> torch.Tensor:
+                hidden = {up_node: F.linear(x_, w1, b1)}
+                if partner_node is not None:
+                    hidden[partner_node] = F.linear(x_, w3, b3)
+                out = F.linear(run_block_nodes(gm, between, hidden, end), w2, b2)
                 return out if lower is None else out @ lower
 
-            teacher_params = [None if t is None else t.float() for t in (tw_up, tb_up, tw_down, tb_down)]
+            teacher_params = [None if t is None else t.float() for t in teacher_tensors]
             with torch.no_grad():
                 y = torch.cat([block(x[i : i + 8192], *teacher_params) for i in range(0, len(x), 8192)])
             perm = torch.randperm(len(x), generator=generator)
@@ -867,7 +877,7 @@ def reconstruct_mlps(
             held, train = perm[:n_held], perm[n_held:]
             if len(train) == 0:
                 raise ConfigError(f"no positions to train {rec['up']!r} on: pass more batches or a smaller holdout")
-            current = [None if t is None else t.detach().float() for t in (up.weight(gm), up.bias(gm), down.weight(gm), down.bias(gm))]
+            current = [None if t is None else t.detach().float() for site in layers for t in (site.weight(gm), site.bias(gm))]
 
             @torch.no_grad()
             def error(params, idx, x=x, y=y) -> float:  # x, y bound now: the loop deletes them after each block
@@ -906,7 +916,7 @@ def reconstruct_mlps(
             applied = after[1] < before[1] if n_held else after[0] < before[0]
             if applied:
                 with torch.no_grad():
-                    for site, w, b in ((up, params[0], params[1]), (down, params[2], params[3])):
+                    for site, w, b in zip(layers, params[0::2], params[1::2]):
                         target = _get_attr(gm, site.weight_path)
                         target.copy_(w.T if site.transposed_weight else w)
                         if b is not None:

@@ -11,6 +11,7 @@ import torch
 from conftest import rel_err, tiny_bert
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 import fxlrd
@@ -1152,3 +1153,167 @@ def test_hardsigmoid_gates_of_mobilenet_v3_are_gates(mode):
     narrow_mlps(gm, cal, keep={block.up: list(range(24))}, progress=False, anchored=True)
     with torch.no_grad():
         assert rel_err(gm(cal[1]), model(cal[1])) < 1e-5
+
+
+# -- gated MLPs: down(act(gate(x)) ⊙ up(x)) (Llama, Mistral, Qwen, Gemma, T5 v1.1) -------------------------
+class GatedMLP(nn.Module):
+    def __init__(self, inp=12, hidden=24, out=10, act="silu", bias=False, swap=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gate, self.up = nn.Linear(inp, hidden, bias=bias), nn.Linear(inp, hidden, bias=bias)
+        self.down = nn.Linear(hidden, out, bias=bias)
+        self.act, self.swap = {"silu": F.silu, "gelu": F.gelu, "relu": torch.relu}[act], swap
+
+    def forward(self, x):
+        h = self.up(x) * self.act(self.gate(x)) if self.swap else self.act(self.gate(x)) * self.up(x)
+        return self.down(h)
+
+
+class NotGated(nn.Module):
+    """Products that are no gated block: the partner's output read elsewhere too, a partner
+    reading another input, two hidden values multiplied after the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.g1, self.u1, self.d1 = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.g2, self.u2, self.d2 = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        u = self.u1(x)
+        y = self.d1(F.silu(self.g1(x)) * u) + u.sum(-1, keepdim=True)  # the partner's output read elsewhere
+        return self.d2(F.silu(self.g2(y)) * self.u2(x))  # the partner reads x, the gate y
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+@pytest.mark.parametrize("swap", [False, True])
+def test_gated_blocks_are_found_with_their_partner_and_only_where_the_product_is_private(mode, swap):
+    x = torch.randn(3, 12)
+    (block,) = find_mlps(capture(GatedMLP(swap=swap), x, mode=mode).gm)
+    first, second = ("up", "gate") if swap else ("gate", "up")  # (the block starts at the layer the graph runs first)
+    assert (block.up, block.partner, block.down, block.hidden) == (first, second, "down", 24)
+    assert "silu" in block.activation and f"⊙ {second}" in block.activation
+    assert find_mlps(capture(NotGated(), torch.randn(3, 8), mode=mode).gm) == []
+
+
+def _narrowed_gated(model, cal, width, shrink=False):
+    gm = capture(model, cal[0], mode="fx").gm
+    (block,) = find_mlps(gm)
+    stats = collect_stats(gm, cal, names=[block.down], sensitivity=False, progress=False)
+    stats[block.down].inputs.shrink = shrink
+    return gm, narrow_block(gm, block, stats[block.down], width)
+
+
+@settings(max_examples=20, deadline=None)
+@given(inp=st.integers(2, 10), hidden=st.integers(2, 20), out=st.integers(1, 8), bias=st.booleans(),
+       act=st.sampled_from(["silu", "gelu", "relu"]), swap=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
+def test_gated_blocks_are_exact_at_full_width_and_errors_shrink_with_width(inp, hidden, out, bias, act, swap, seed):
+    model = GatedMLP(inp, hidden, out, act, bias=bias, swap=swap, seed=seed).eval()
+    cal = _cal(inp, n=3, rows=max(20, 3 * hidden), seed=seed)
+    x = torch.randn(7, inp)
+    gm, block = _narrowed_gated(model, cal, hidden)
+    assert block.width == hidden and block.error < 1e-6
+    assert rel_err(gm(x), model(x)) < 1e-4
+    errors = [_narrowed_gated(model, cal, k)[1].error for k in range(1, hidden + 1)]
+    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:]))
+    k = max(1, hidden // 2)
+    gm, block = _narrowed_gated(model, cal, k)
+    per_neuron = 2 * (inp + bias) + out  # the gate's and the partner's rows, the down layer's column
+    assert (block.params_before, block.params_after) == (per_neuron * hidden + out * bias, per_neuron * k + out * bias)
+    assert block.params_after == sum(p.numel() for p in gm.parameters())
+    assert gm.gate.weight.shape == gm.up.weight.shape == (k, inp) and gm.down.weight.shape == (out, k)
+
+
+def test_gated_refit_is_the_least_squares_map_on_the_products_and_duplicates_drop_exactly():
+    model = GatedMLP(10, 32, 7, "silu", bias=True).eval()
+    cal = _cal(10, correlated=True)
+    gm, block = _narrowed_gated(model, cal, 12)
+    keep = block.keep
+    assert torch.equal(gm.gate.weight, model.gate.weight[keep]) and torch.equal(gm.up.weight, model.up.weight[keep])
+    with torch.no_grad():
+        a = torch.cat([F.silu(model.gate(x)) * model.up(x) for x in cal]).double()
+        y = torch.cat([model(x) for x in cal]).double()
+        feats = torch.cat([a[:, keep], torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        solution = torch.linalg.lstsq(feats, y).solution.T  # independent: QR least squares
+        assert rel_err(torch.cat([gm.down.weight, gm.down.bias[:, None]], 1).double(), solution) < 1e-3
+        fitted = torch.cat([gm(x) for x in cal]).double()
+    assert block.error == pytest.approx(float((fitted - y).pow(2).sum() / y.pow(2).sum()), rel=1e-3, abs=1e-9)
+    with torch.no_grad():  # 8 distinct neurons (gate and partner rows together), each four times
+        for layer in (model.gate, model.up):
+            layer.weight[8:] = layer.weight[:8].repeat(3, 1)
+            layer.bias[8:] = layer.bias[:8].repeat(3)
+    gm, block = _narrowed_gated(model, cal, 8)
+    x = torch.randn(50, 10)
+    assert block.error < 1e-8 and rel_err(gm(x), model(x)) < 1e-4  # (float32 sums of four columns)
+
+
+def test_llama_gated_mlps_are_narrowed_planned_saved_loaded_reapplied_exported_and_reconstructed(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ort = pytest.importorskip("onnxruntime")
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda b, s: {"input_ids": torch.randint(0, 100, (b, s), generator=g),  # noqa: E731
+                           "attention_mask": torch.ones(b, s, dtype=torch.long)}  # fmt: skip
+    cal, x = [tokens(4, 16) for _ in range(8)], tokens(3, 11)
+    before = copy.deepcopy(model.state_dict())
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, mlp="narrow", allocation="global", rank_quantum=8),
+                         example_inputs=cal[0], calibration=cal)  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plan = gm.fxlrd_plan
+    narrowed = plan.settings["narrowed"]
+    assert [(b["up"], b["partner"], b["down"]) for b in narrowed] == [
+        (f"layers.{i}.mlp.gate_proj", f"layers.{i}.mlp.up_proj", f"layers.{i}.mlp.down_proj") for i in range(2)]
+    # 96 neurons of 3 × 32 params each: 96 / 1.5 = 64, a multiple of 8
+    assert all(b["width"] == 64 and b["params_before"] == 3 * 32 * 96 and b["params_after"] == 3 * 32 * 64 for b in narrowed)
+    assert plan.params_after_model() == fxlrd.count_params(gm)
+    layers = {lp.name: lp for lp in fxlrd.plan(model, LRDConfig(rank_quantum=8), example_inputs=cal[0])}
+    rows = {line.split()[0]: line.split()[2] for line in plan.table().splitlines()[2:] if line.startswith("layers")}
+    for b in narrowed:
+        for name in (b["up"], b["partner"], b["down"]):
+            assert plan[name].method == "keep" and "narrowed MLP block (96 -> 64 neurons)" in plan[name].reason
+            assert plan[name].params_before == layers[name].params_before
+            assert plan[name].params_after == gm.get_parameter(name + ".weight").numel()
+            assert rows[name] == f"{layers[name].in_channels}->{layers[name].out_channels}"
+    with torch.no_grad():
+        out = gm(**x).last_hidden_state
+        assert rel_err(out, model(**x).last_hidden_state) < 0.5
+    fxlrd.save(gm, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(fxlrd.load(model, tmp_path / "m")(**x).last_hidden_state, out)
+    again = fxlrd.apply(model, fxlrd.Plan.from_json(plan.to_json()), example_inputs=cal[0], calibration=cal)
+    for b in narrowed:  # the recorded neurons, both input layers' rows
+        for name in (b["up"], b["partner"]):
+            assert torch.equal(again.get_parameter(name + ".weight"), gm.get_parameter(name + ".weight"))
+    fxlrd.export_onnx(gm, x, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in x.items()})[0]
+    assert rel_err(torch.from_numpy(got), out) < 1e-4
+    partner = narrowed[0]["partner"] + ".weight"
+    start = gm.get_parameter(partner).detach().clone()
+    report = fxlrd.recover.reconstruct_mlps(gm, model, cal, steps=40, lr=1e-3, tokens_per_step=64, holdout=0,
+                                            progress=False)  # fmt: skip
+    assert set(report) == {b["up"] for b in narrowed}
+    assert all(r["applied"] and r["train_after"] < r["train_before"] for r in report.values())
+    assert not torch.equal(gm.get_parameter(partner), start)  # the partner trained with its block
+
+
+@pytest.mark.parametrize("arch", ["t5_v1_1", "gemma"])
+def test_gated_mlps_of_t5_v1_1_and_gemma_are_found(arch):
+    """T5 v1.1's gated-gelu writes its tanh-GELU out and drops out after the product; Gemma
+    gates with a tanh-GELU operator."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "t5_v1_1":
+        cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                    feed_forward_proj="gated-gelu")  # fmt: skip
+        model, names = transformers.T5EncoderModel(cfg), ("wi_0", "wi_1", "wo")
+        prefix = "encoder.block.0.layer.1.DenseReluDense."
+    else:
+        cfg = transformers.GemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_cache=False)  # fmt: skip
+        model, names, prefix = transformers.GemmaModel(cfg), ("gate_proj", "up_proj", "down_proj"), "layers.0.mlp."
+    x = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    (block,) = find_mlps(capture(model.eval(), x).gm)
+    assert (block.up, block.partner, block.down, block.hidden) == (*(prefix + n for n in names), 64)
