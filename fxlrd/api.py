@@ -237,16 +237,16 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
     """Narrow the MLP blocks (``mlp="narrow"``), collect the calibration statistics and plan the
     other layers: ``(plan, stats)``. The plan records the narrowed blocks and the parameters of
     the model before them."""
-    params = count_params(captured.gm)
+    # a speed target counts from the model before narrowing
+    before = copy.deepcopy(captured.gm) if config.mlp == "narrow" and config.target_speedup is not None else None
     config, narrowed = _narrow(captured, config, calibration, inputs)
     config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
-    plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats)
+    plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats, narrowed=narrowed,
+                      before_narrowing=before if narrowed else None)  # fmt: skip
     if fused:
         plan_.settings["fused"] = fused
     if narrowed:
-        plan_.settings["narrowed"] = narrowed
-        plan_.model_params = params
         for block in narrowed:  # kept from factorization because narrowed, not because the user excluded them
             for name in (block["up"], block["down"], block.get("partner")):
                 if name in plan_.layers:

@@ -1194,8 +1194,9 @@ def _config(args: argparse.Namespace, **overrides: Any):
         if wanted and not getattr(args, "calibration", None):
             where = "add --calibration PATH" if "calibration" in vars(args) else "use fxlrd compress --calibration PATH"
             raise UsageError(f"{option} fits the layers on data: {where}")
-    if args.ratio is not None and args.target_params is not None:
-        raise UsageError(f"--ratio {args.ratio:g} and --target-params both set the model's size: give one of them")
+    if args.ratio is not None and args.target_params is not None and getattr(args, "mlp", None) != "narrow":
+        raise UsageError(f"--ratio {args.ratio:g} and --target-params both set the model's size: give one of them "
+                         "(with --mlp narrow, --ratio narrows the MLP blocks and --target-params sizes the model)")  # fmt: skip
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     variants = getattr(args, "variants", None) or ()
@@ -1892,7 +1893,8 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
     from .latency import BACKENDS
 
     g = p.add_argument_group("decomposition")
-    g.add_argument("--ratio", type=float, metavar="A", help="compression ratio per layer, > 1 (default 2)")
+    g.add_argument("--ratio", type=float, metavar="A", help="compression ratio per layer, > 1 (default 2); where MLP blocks are "
+                                                                    "narrowed and --target-params sizes the model, the blocks' ratio")
     g.add_argument("--rank-rule", choices=("ratio", "fixed", "energy", "vbmf"), default="ratio",
                    help="how ranks are chosen (default ratio)")  # fmt: skip
     g.add_argument("--rank", type=_rank, metavar="R[,R2]", help="rank for --rank-rule fixed: R or R1,R2")

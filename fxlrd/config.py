@@ -127,13 +127,17 @@ class LRDConfig:
             ``C_out × C_out`` matrix, so correlated output channels are weighed together
             (float64, ``8·C_out²`` bytes per layer during planning); ``"diagonal"``: only its
             diagonal, for models too large for that.
-        mlp: how MLP blocks (``linear → elementwise activation → linear``, or gated, ``down(act(gate(x))
-            ⊙ up(x))``; hidden activations used nowhere else) are compressed. ``"factorize"`` (default): their two layers
-            like any other. ``"narrow"``: the block keeps fewer hidden neurons, chosen on the
-            calibration data, and its second layer is refitted by least squares
-            (`fxlrd.narrow`): ``ratio`` times fewer parameters, two dense layers instead of
-            four factors. Needs calibration data; with ``allocation="global"`` the blocks are
-            narrowed at ``ratio`` and the budget of the other layers is allocated.
+        mlp: how MLP blocks (``linear → elementwise activation → linear``, or gated,
+            ``down(act(gate(x)) ⊙ up(x))``; hidden activations used nowhere else) are
+            compressed. ``"factorize"`` (default): their layers like any other. ``"narrow"``:
+            the block keeps fewer hidden neurons, chosen on the calibration data, and its last
+            layer is refitted by least squares (`fxlrd.narrow`): ``ratio`` times fewer
+            parameters, dense layers instead of factors. Needs calibration data; with
+            ``allocation="global"`` or ``target_params`` the blocks are narrowed at ``ratio``
+            and the other layers' ranks allocated to the budget that is left (``target_params``
+            counts the whole model, the narrowed blocks at their narrowed size; a
+            ``target_speedup`` counts from the model before narrowing: what narrowing gained
+            is measured, and the other layers are chosen for the rest).
         siblings: ``"separate"`` (default): linear layers that read the same input (attention's
             query, key and value; a gated MLP's gate and up) are decomposed one by one.
             ``"fuse"``: they are first fused into one layer (outputs stacked, then split;
@@ -297,11 +301,6 @@ class LRDConfig:
                 raise ConfigError(f"siblings must be 'separate', 'fuse' (linear layers reading one input decomposed as one), "
                                   f"or glob patterns of the layers to fuse (['*.query', '*.key']), got {self.siblings!r}")  # fmt: skip
             set_("siblings", patterns)
-        if self.mlp == "narrow" and (self.target_params is not None or self.target_speedup is not None):
-            raise ConfigError(
-                "mlp='narrow' narrows each MLP block by ratio; it cannot yet share a target_params or target_speedup "
-                "budget: use ratio=... (with allocation='global' for the other layers) or mlp='factorize'"
-            )
         if self.latency is not None and self.target_speedup is None and (
                 self.target_params is not None or self.allocation == "global"):  # fmt: skip
             raise ConfigError(

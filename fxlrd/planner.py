@@ -17,7 +17,7 @@ import fnmatch
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -195,6 +195,8 @@ def _make_plan(
     *,
     capture: Mapping[str, Any] | None = None,
     stats: Mapping[str, Any] | None = None,
+    narrowed: Sequence[Mapping[str, Any]] = (),
+    before_narrowing: fx.GraphModule | None = None,
 ) -> Plan:
     """Plan every conv/linear site of ``gm`` under ``config``.
 
@@ -205,6 +207,12 @@ def _make_plan(
             MACs are recorded; latency searches need them.
         capture: how ``gm`` was captured (recorded in the plan).
         stats: calibration statistics by site name: data-aware ranks and errors.
+        narrowed: the MLP blocks narrowed in ``gm`` (`fxlrd.narrow.MLPBlock` records): the
+            plan's model size is the one before narrowing, and a parameter budget counts the
+            narrowed blocks at their narrowed size.
+        before_narrowing: ``gm`` before its MLP blocks were narrowed: a ``target_speedup``
+            counts from its time (what narrowing gained is measured first, and the other
+            layers are chosen for the rest).
 
     Raises:
         ConfigError: an include pattern matches no layer, or a latency search lacks inputs.
@@ -240,7 +248,9 @@ def _make_plan(
         settings["capture"] = dict(capture)
     if inputs is not None:
         settings["inputs"] = input_signature(inputs)
-    plan = Plan(settings=settings, model_params=count_params(gm))
+    if narrowed:
+        settings["narrowed"] = [dict(b) for b in narrowed]
+    plan = Plan(settings=settings, model_params=count_params(gm) + _narrowing_saved(settings))
     tasks: list[LayerTask] = []
     for name, site in sites.items():
         spec = site.spec
@@ -280,7 +290,7 @@ def _make_plan(
 
     fill = lambda task, ranks, why="": _fill(task, ranks, config, why)  # noqa: E731
     if config.target_speedup is not None:
-        _plan_for_speed(gm, tasks, config, inputs, plan, fill)
+        _plan_for_speed(gm, tasks, config, inputs, plan, fill, before_narrowing)
     elif config.latency is not None:
         _search(gm, tasks, config, fill)
     elif config.target_params is not None or config.allocation == "global":
@@ -349,8 +359,14 @@ def _options(task: LayerTask, quantum: int, cost: Callable[[tuple[int, ...] | No
     return opts
 
 
+def _narrowing_saved(settings: Mapping[str, Any]) -> int:
+    """The parameters the narrowed MLP blocks of a plan's settings gave up."""
+    return sum(b["params_before"] - b["params_after"] for b in settings.get("narrowed") or ())
+
+
 def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tuple[float, str]:
-    """Parameters the decomposable layers may keep, from ``target_params`` or a global ``ratio``."""
+    """Parameters the decomposable layers may keep, from ``target_params`` (the whole model,
+    narrowed MLP blocks at their narrowed size) or a global ``ratio``."""
     layers = sum(t.lp.params_before for t in tasks)
     if config.target_params is not None:
         target = config.target_params
@@ -360,7 +376,8 @@ def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tupl
                 f"target_params={target!r} is not below the model's {plan.model_params} parameters, so nothing would be "
                 f"compressed: ask for fewer, as a count (e.g. {plan.model_params // 2}) or a fraction below 1 (0.5)"
             )
-        return whole - (plan.model_params - layers), f"model params <= {whole:.0f}"
+        fixed = plan.model_params - _narrowing_saved(plan.settings) - layers  # (narrowed blocks: as they are now)
+        return whole - fixed, f"model params <= {whole:.0f}"
     return layers / config.ratio, f"decomposable layers' params <= 1/{config.ratio:g} of {layers}"
 
 
@@ -368,6 +385,13 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
     """Global allocation under a parameter budget with the least total (data-aware) error."""
     quantum = config.rank_quantum
     budget, what = _layer_budget(tasks, config, plan)
+    layers = sum(t.lp.params_before for t in tasks)
+    if config.target_params is not None and plan.settings.get("narrowed") and budget >= layers:
+        warnings.warn(
+            f"target_params={config.target_params!r}: narrowing the MLP blocks at ratio={config.ratio:g} alone leaves "
+            f"{plan.params_after_model()} parameters, within the budget ({what}), so the other layers are kept: "
+            "narrow less (a lower ratio) to spend the budget", FxlrdWarning, stacklevel=5,
+        )  # fmt: skip
     _centre_on_budget(tasks, config, plan)  # (methods offering ranks around their target: CP)
     options = []
     for task in tasks:
@@ -424,9 +448,11 @@ def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> 
 
 
 def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,
-                    fill: Callable) -> None:  # fmt: skip
+                    fill: Callable, before_narrowing: fx.GraphModule | None = None) -> None:  # fmt: skip
     """Global mode: every layer's ranks (or keep) for ``config.target_speedup``, least total
-    error, closed loop on the measured whole-model speed-up."""
+    error, closed loop on the measured whole-model speed-up. ``before_narrowing``: the model
+    before its MLP blocks were narrowed; the speed-up counts from it, and the layers are
+    chosen for what narrowing left of the target."""
     from fxlrd.passes import DecomposePass
 
     from .ranks.search import RankSearcher
@@ -439,7 +465,21 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
     window_of = _windows(gm, config)
+    narrowing = 1.0
     try:
+        if before_narrowing is not None:
+            narrowing = searcher.timer.speedup_model(copy.deepcopy(before_narrowing), copy.deepcopy(gm), inputs)
+            if narrowing >= config.target_speedup:
+                for task in tasks:
+                    fill(task, None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
+                plan.settings["global_search"] = {"target_speedup": config.target_speedup, "narrowing_speedup": narrowing,
+                                                  "measured_speedup": narrowing, "met": True, "rounds": []}  # fmt: skip
+                warnings.warn(
+                    f"target_speedup={config.target_speedup:g}: narrowing the MLP blocks at ratio={config.ratio:g} alone "
+                    f"measured {narrowing:.2f}x, so the other layers are kept: narrow less (a lower ratio) for a model "
+                    "closer to the target, with less error", FxlrdWarning, stacklevel=5,
+                )  # fmt: skip
+                return
         model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
         options = []
         for task in tasks:
@@ -476,8 +516,11 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         return searcher.timer.speedup_model(copy.deepcopy(gm), trial.graph_module, inputs)
 
     params = [{c: (t.lp.params_before if c is None else _params_of(t, c)) for c in opts} for t, opts in zip(tasks, options)]
-    choices, record = closed_loop(options, config.target_speedup, model_s, measure, params=params,
+    choices, record = closed_loop(options, config.target_speedup / narrowing, model_s, measure, params=params,
                                   param_budget=budget_params)  # fmt: skip
+    if before_narrowing is not None:  # the rounds' speed-ups count from the narrowed model; the record's, from the original
+        record.update(target_speedup=config.target_speedup, narrowing_speedup=narrowing,
+                      measured_speedup=record["measured_speedup"] * narrowing, rounds_from="the narrowed model")
     if budget_params is not None:
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
@@ -490,7 +533,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         kept = " every layer is kept: each model tried was slower than the original," if record.get("kept_all") else ""
         other = record.get("other_fraction")
         ceiling = (f" The layers took {1 - other:.0%} of the model's time, so no ranks give more than "
-                   f"{1 / other:.2f}x." if other and 0 < other < 1 else "")  # fmt: skip
+                   f"{narrowing / other:.2f}x." if other and 0 < other < 1 else "")  # fmt: skip
         warnings.warn(
             f"target_speedup={config.target_speedup:g} was not reached:{kept} the model chosen measured "
             f"{record['measured_speedup']:.2f}x (plan.settings['global_search'] has every round).{ceiling} Lower the target, "

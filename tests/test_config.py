@@ -134,12 +134,6 @@ def test_a_whole_number_target_params_given_as_a_float_is_a_parameter_count():
     assert type(LRDConfig(target_params=0.25).target_params) is float
 
 
-@pytest.mark.parametrize("budget", [{"target_params": 0.5}, {"target_speedup": 1.5}])
-def test_narrowing_mlps_cannot_share_a_budget(budget):
-    with pytest.raises(ConfigError, match="mlp='narrow' narrows each MLP block by ratio; it cannot yet share"):
-        LRDConfig(mlp="narrow", **budget)
-
-
 def test_pointwise_layers_are_decomposed_unless_merging():
     assert LRDConfig().decompose_pointwise is True
     assert LRDConfig(merge="exact").decompose_pointwise is False

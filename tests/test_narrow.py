@@ -262,8 +262,6 @@ def test_narrowing_mistakes_get_clear_errors():
         fxlrd.transform(model, LRDConfig(mlp="narrow"), example_inputs=cal[0])
     with pytest.raises(ConfigError, match="inplace"):
         fxlrd.transform(model, LRDConfig(mlp="narrow"), example_inputs=cal[0], calibration=cal, inplace=True)
-    with pytest.raises(ConfigError, match="target_params"):
-        fxlrd.transform(model, LRDConfig(mlp="narrow", target_params=0.5), example_inputs=cal[0], calibration=cal)
     with pytest.raises(ConfigError, match="mlp must be"):
         LRDConfig(mlp="prune")
     gm = capture(MLP(), torch.randn(3, 12), mode="fx").gm
@@ -1317,3 +1315,61 @@ def test_gated_mlps_of_t5_v1_1_and_gemma_are_found(arch):
     x = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     (block,) = find_mlps(capture(model.eval(), x).gm)
     assert (block.up, block.partner, block.down, block.hidden) == (*(prefix + n for n in names), 64)
+
+
+# -- a budget shared with narrowing: target_params counts the whole model, target_speedup starts from it ----
+def test_target_params_counts_the_narrowed_blocks_and_allocates_the_rest():
+    model, cal = _bert()
+    whole = fxlrd.count_params(model)
+    for target in (whole - 9000, 0.62):
+        config = LRDConfig(target_params=target, mlp="narrow", rank_quantum=4)
+        gm = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+        budget = target if isinstance(target, int) else target * whole  # a fraction of the model before narrowing
+        plan = gm.fxlrd_plan
+        assert plan.model_params == whole and plan.params_after_model() == fxlrd.count_params(gm)
+        narrowed_size = whole - sum(b["params_before"] - b["params_after"] for b in plan.settings["narrowed"])
+        assert fxlrd.count_params(gm) <= budget < narrowed_size  # the factorized layers took the rest...
+        assert budget - fxlrd.count_params(gm) < 0.02 * whole  # ...and spent nearly all of it
+        assert plan.settings["allocation_result"]["met"] and plan.decomposed
+    with pytest.warns(fxlrd.FxlrdWarning, match="narrowing the MLP blocks at ratio=2 alone leaves .* narrow less"):
+        gm = fxlrd.transform(model, LRDConfig(target_params=whole - 1000, mlp="narrow", rank_quantum=4),
+                             example_inputs=cal[0], calibration=cal)  # fmt: skip
+    assert not gm.fxlrd_plan.decomposed
+
+
+class _Stack(nn.Module):
+    """Three linears and an MLP block: narrowing can make it only so much faster."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.mid = nn.Linear(32, 128), nn.Linear(128, 128)
+        self.mlp, self.head = MLP(128, 256, 128, nn.GELU()), nn.Linear(128, 16)
+
+    def forward(self, x):
+        return self.head(self.mlp(self.mid(self.stem(x))))
+
+
+def test_target_speedup_counts_from_the_model_before_narrowing(monkeypatch, tmp_path):
+    """With a timer whose time is the parameter count, narrowing's speed-up is known exactly:
+    the layers are chosen for the rest of the target, and the record counts from the original."""
+    from fxlrd.latency import LatencyConfig
+    from test_rank_search import CostTimer, install_timer
+
+    install_timer(monkeypatch, CostTimer())
+    model, cal = _Stack().eval(), _cal(32, n=4, rows=64)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=16)
+    config = LRDConfig(target_speedup=1.6, mlp="narrow", ratio=1.5, rank_quantum=16, min_rank=16, latency=lat)
+    gm = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+    plan = gm.fxlrd_plan
+    record = plan.settings["global_search"]
+    whole = fxlrd.count_params(model)
+    narrowed = whole - sum(b["params_before"] - b["params_after"] for b in plan.settings["narrowed"])
+    assert record["narrowing_speedup"] == pytest.approx(whole / narrowed)
+    assert record["target_speedup"] == 1.6 and record["met"]
+    assert record["measured_speedup"] == pytest.approx(whole / fxlrd.count_params(gm))  # from the original
+    assert record["measured_speedup"] >= 1.6 > record["narrowing_speedup"] and plan.decomposed
+    with pytest.warns(fxlrd.FxlrdWarning, match=r"narrowing the MLP blocks at ratio=4 alone measured \d.*kept"):
+        gm = fxlrd.transform(model, LRDConfig(target_speedup=1.2, mlp="narrow", ratio=4, rank_quantum=16, latency=lat),
+                             example_inputs=cal[0], calibration=cal)  # fmt: skip
+    assert not gm.fxlrd_plan.decomposed and gm.fxlrd_plan.settings["global_search"]["met"]
