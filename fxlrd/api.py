@@ -100,6 +100,7 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
         if any(not b.get("keep") for b in recorded):
             raise PlanMismatchError("the plan narrows MLP blocks but does not record their neurons; make the plan again")
         keep = {b["up"]: b["keep"] for b in recorded}
+        _check_recorded_blocks(gm, sites, recorded)
     blocks = narrow_mlps(gm, calibration, ratio=None if keep else config.ratio, keep=keep,
                          quantum=config.rank_quantum,
                          select=lambda b: all(map(chosen, _block_layers(b))),
@@ -115,6 +116,20 @@ def _narrow(captured: Captured, config: LRDConfig, calibration: Iterable | None,
         )  # fmt: skip
     names = tuple(n for b in blocks for n in _block_layers(b))
     return dataclasses.replace(config, exclude=(*config.exclude, *names)), [b.to_dict() for b in blocks]
+
+
+def _check_recorded_blocks(gm: fx.GraphModule, sites: Mapping[str, Any], recorded: list[dict[str, Any]]) -> None:
+    """A plan's narrowed blocks are the model's: the same down layer (and a gated block's partner)."""
+    from .narrow import find_mlps
+
+    found = {b.up: b for b in find_mlps(gm, sites)}
+    for rec in recorded:
+        block = found.get(rec["up"])
+        if block is not None and (block.down, block.partner) != (rec["down"], rec.get("partner")):
+            recorded_as = rec["down"] + (f" with {rec['partner']!r}" if rec.get("partner") else "")
+            here = block.down + (f" with {block.partner!r}" if block.partner else "")
+            raise PlanMismatchError(f"the plan narrows the block of {rec['up']!r} into {recorded_as!r}; in this model that "
+                                    f"block goes into {here!r}: apply the plan to the model it was made for")  # fmt: skip
 
 
 def _block_layers(block: Any) -> tuple[str, ...]:
@@ -238,6 +253,7 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
     other layers: ``(plan, stats)``. The plan records the narrowed blocks and the parameters of
     the model before them."""
     # a speed target counts from the model before narrowing
+    # (what this copy's time is compared with, the narrowed graph, has its sibling linears fused too, as built)
     before = copy.deepcopy(captured.gm) if config.mlp == "narrow" and config.target_speedup is not None else None
     config, narrowed = _narrow(captured, config, calibration, inputs)
     config, fused = _fuse(captured, config)
@@ -294,6 +310,8 @@ def _warn_budget_unspent(gm: fx.GraphModule, plan_: Plan, branches: int) -> None
     then free parameters the allocation never spends: say so when the model ends well below it."""
     target = plan_.settings.get("target_params")
     if target is None or not (branches > 1 or plan_.settings.get("merge")):
+        return
+    if plan_.settings.get("narrowed") and not plan_.decomposed:  # narrowing alone met the budget (its own warning said so)
         return
     whole = target * plan_.model_params if isinstance(target, float) and target < 1 else float(target)
     built = count_params(gm)

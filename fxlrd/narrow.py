@@ -1164,6 +1164,10 @@ def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> 
         if up is None or down is None:
             raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which this model lacks")
         k = int(rec["width"])
+        found = _region(gm, sites, rec["up"], int(rec["hidden"])) if up.spec is not None else None
+        if found is None or sites[rec["down"]].nodes[0] is not found.down or found.partner != rec.get("partner"):
+            raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which is no such MLP "
+                                    "block of this model: load it onto the model it was made from")  # fmt: skip
         between = block_nodes(gm, sites, rec["up"])[0]
         _resize_views(gm, sites, MLPBlock(up=rec["up"], down=rec["down"], activation="", hidden=int(rec["hidden"])), k)
         w_up, b_up = _layer_tensors(gm, up)

@@ -207,7 +207,7 @@ def _make_plan(
             MACs are recorded; latency searches need them.
         capture: how ``gm`` was captured (recorded in the plan).
         stats: calibration statistics by site name: data-aware ranks and errors.
-        narrowed: the MLP blocks narrowed in ``gm`` (`fxlrd.narrow.MLPBlock` records): the
+        narrowed: the MLP blocks narrowed in ``gm`` (`fxlrd.narrow.MLPBlock.to_dict` records): the
             plan's model size is the one before narrowing, and a parameter budget counts the
             narrowed blocks at their narrowed size.
         before_narrowing: ``gm`` before its MLP blocks were narrowed: a ``target_speedup``
@@ -372,9 +372,11 @@ def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tupl
         target = config.target_params
         whole = target * plan.model_params if isinstance(target, float) and target < 1 else float(target)
         if whole >= plan.model_params and config.target_speedup is None:  # (with a speed target: a cap that does not bind)
+            what = "it sizes the whole model, narrowed MLP blocks included" if plan.settings.get("narrowed") else \
+                "so nothing would be compressed"  # fmt: skip
             raise ConfigError(
-                f"target_params={target!r} is not below the model's {plan.model_params} parameters, so nothing would be "
-                f"compressed: ask for fewer, as a count (e.g. {plan.model_params // 2}) or a fraction below 1 (0.5)"
+                f"target_params={target!r} is not below the model's {plan.model_params} parameters ({what}): ask for "
+                f"fewer, as a count (e.g. {plan.model_params // 2}) or a fraction below 1 (0.5)"
             )
         fixed = plan.model_params - _narrowing_saved(plan.settings) - layers  # (narrowed blocks: as they are now)
         return whole - fixed, f"model params <= {whole:.0f}"
@@ -416,11 +418,12 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
                   min_rank: int = 1) -> ConfigError:  # fmt: skip
     """The error for a parameter budget no choice of ranks meets."""
     if budget <= 0:
-        fixed = plan.model_params - sum(t.lp.params_before for t in tasks)
+        fixed = plan.model_params - _narrowing_saved(plan.settings) - sum(t.lp.params_before for t in tasks)
+        narrowed = ", narrowed MLP blocks at their narrowed size" if plan.settings.get("narrowed") else ""
         return ConfigError(
             f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
-            "(embeddings, norms, layers left out), which decomposition does not touch: ask for a larger target_params "
-            "or decompose more layers"
+            f"(embeddings, norms, layers left out{narrowed}), which decomposition does not touch: ask for a larger "
+            "target_params or decompose more layers"
         )
     smallest = f"min_rank={min_rank}" if min_rank > 1 else "the smallest ranks tried"
     fix = "lower min_rank (the smallest ranks allowed), ask for fewer savings" if min_rank > 1 else "ask for fewer savings"
@@ -433,12 +436,14 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
 def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> None:
     """The speed search (and CP under any budget) offers ranks around each layer's target (R/4
     to 2R): with a size budget that asks for more than ``ratio``, centre them on the budget's
-    ratio instead, or budgets that other ranks meet had no candidate small enough."""
+    ratio instead, or budgets that other ranks meet had no candidate small enough. With
+    narrowed MLP blocks, ``ratio`` is the blocks': centre on any budget that compresses."""
     if config.target_params is None:
         return
     budget, _ = _layer_budget(tasks, config, plan)
     layers = sum(t.lp.params_before for t in tasks)
-    if not 0 < budget < layers / config.ratio:
+    most = layers if plan.settings.get("narrowed") else layers / config.ratio
+    if not 0 < budget < most:
         return
     centred = dataclasses.replace(config, ratio=layers / budget)
     for task in tasks:
@@ -467,17 +472,22 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     window_of = _windows(gm, config)
     narrowing = 1.0
     try:
-        if before_narrowing is not None:
-            narrowing = searcher.timer.speedup_model(copy.deepcopy(before_narrowing), copy.deepcopy(gm), inputs)
-            if narrowing >= config.target_speedup:
-                for task in tasks:
-                    fill(task, None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
+        if before_narrowing is not None:  # (a private copy: timed as it is)
+            narrowing = searcher.timer.speedup_model(before_narrowing, copy.deepcopy(gm), inputs)
+            if narrowing >= config.target_speedup:  # fast enough: the other layers are kept, or sized to the budget
+                sized = config.target_params is not None or config.allocation == "global"
+                if sized:
+                    _plan_for_size(tasks, config, plan, fill)
+                else:
+                    for task in tasks:
+                        fill(task, None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
                 plan.settings["global_search"] = {"target_speedup": config.target_speedup, "narrowing_speedup": narrowing,
                                                   "measured_speedup": narrowing, "met": True, "rounds": []}  # fmt: skip
+                then = "the other layers are sized to the parameter budget alone" if sized else "the other layers are kept"
                 warnings.warn(
                     f"target_speedup={config.target_speedup:g}: narrowing the MLP blocks at ratio={config.ratio:g} alone "
-                    f"measured {narrowing:.2f}x, so the other layers are kept: narrow less (a lower ratio) for a model "
-                    "closer to the target, with less error", FxlrdWarning, stacklevel=5,
+                    f"measured {narrowing:.2f}x, so {then}: narrow less (a lower ratio) for a model closer to the "
+                    "target, with less error", FxlrdWarning, stacklevel=5,
                 )  # fmt: skip
                 return
         model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
@@ -520,7 +530,8 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
                                   param_budget=budget_params)  # fmt: skip
     if before_narrowing is not None:  # the rounds' speed-ups count from the narrowed model; the record's, from the original
         record.update(target_speedup=config.target_speedup, narrowing_speedup=narrowing,
-                      measured_speedup=record["measured_speedup"] * narrowing, rounds_from="the narrowed model")
+                      measured_speedup=record["measured_speedup"] * narrowing, rounds_from="the narrowed model",
+                      narrowed_model_ms=record.pop("model_original_ms"))  # (the product of the two measured ratios)
     if budget_params is not None:
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
@@ -530,7 +541,8 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
     plan.settings["global_search"] = record
     if not record["met"]:
-        kept = " every layer is kept: each model tried was slower than the original," if record.get("kept_all") else ""
+        baseline = "the narrowed model" if before_narrowing is not None else "the original"
+        kept = f" every layer is kept: each model tried was slower than {baseline}," if record.get("kept_all") else ""
         other = record.get("other_fraction")
         ceiling = (f" The layers took {1 - other:.0%} of the model's time, so no ranks give more than "
                    f"{narrowing / other:.2f}x." if other and 0 < other < 1 else "")  # fmt: skip

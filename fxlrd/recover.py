@@ -10,7 +10,7 @@ narrow side; the moved norm has no statistics yet. Two tools, both on calibratio
   its actual input to what the unmerged model computed at that point (the output of the
   second layer of the pair), in graph order so each refit sees the earlier ones.
 
-`reconstruct_mlps` trains each narrowed MLP block (`fxlrd.narrow`) alone, both its layers, to
+`reconstruct_mlps` trains each narrowed MLP block (`fxlrd.narrow`) alone, all its layers, to
 reproduce the original block's output on the compressed model's own block inputs: local
 gradient steps, no backward pass through the model. `distill` then trains the compressed
 model toward the original's outputs (and optionally its decomposed layers' outputs) for a
@@ -716,10 +716,10 @@ def reconstruct_mlps(
 
     `fxlrd.narrow` keeps ``k`` of a block's hidden neurons and refits the down layer in
     closed form; the up layer stays as it was. This trains both layers of the narrowed
-    block (weights and biases; a gated block's partner layer too), one block at a time, so that on ``batches`` it reproduces
-    what the original block computes on the same inputs:
-    ``min ‖down′(act(up′(x))) − down(act(up(x)))‖²`` over the block inputs ``x`` of the
-    compressed model. Blocks go in graph order, each on the inputs produced by the blocks
+    block (weights and biases; a gated block's partner layer too), one block at a time, so
+    that on ``batches`` it reproduces what the original block computes on the same inputs:
+    ``min ‖down′(act(up′(x))) − down(act(up(x)))‖²`` (gated: ``down′(act(up′(x)) ⊙
+    partner′(x))``) over the block inputs ``x`` of the compressed model. Blocks go in graph order, each on the inputs produced by the blocks
     refitted before it. No full-model backward pass runs; each block needs its inputs and
     targets in memory (2 × positions × width floats).
 
@@ -822,7 +822,8 @@ def reconstruct_mlps(
                     ) from None
                 teacher_tensors.append(t.T if site.transposed_weight and path == site.weight_path else t)
         tw_up, tw_down = teacher_tensors[0], teacher_tensors[2]
-        if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"]:
+        tw_partner = teacher_tensors[4] if partner is not None else tw_up
+        if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"] or tw_partner.shape[0] != rec["hidden"]:
             raise PlanMismatchError(
                 f"the teacher's {rec['up']!r} has {tw_up.shape[0]} hidden neurons, the plan {rec['hidden']}: "
                 "pass the original model that was compressed"

@@ -1373,3 +1373,47 @@ def test_target_speedup_counts_from_the_model_before_narrowing(monkeypatch, tmp_
         gm = fxlrd.transform(model, LRDConfig(target_speedup=1.2, mlp="narrow", ratio=4, rank_quantum=16, latency=lat),
                              example_inputs=cal[0], calibration=cal)  # fmt: skip
     assert not gm.fxlrd_plan.decomposed and gm.fxlrd_plan.settings["global_search"]["met"]
+
+
+def test_a_speed_target_narrowing_alone_meets_still_keeps_the_size_budget(monkeypatch, tmp_path):
+    from fxlrd.latency import LatencyConfig
+    from test_rank_search import CostTimer, install_timer
+
+    install_timer(monkeypatch, CostTimer())
+    model, cal = _Stack().eval(), _cal(32, n=4, rows=64)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=16)
+    budget = int(0.3 * fxlrd.count_params(model))
+    config = LRDConfig(target_speedup=1.2, target_params=budget, mlp="narrow", ratio=4, rank_quantum=16, latency=lat)
+    with pytest.warns(fxlrd.FxlrdWarning, match="alone measured .* sized to the parameter budget"):
+        gm = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+    assert fxlrd.count_params(gm) <= budget and gm.fxlrd_plan.decomposed
+
+
+def test_a_budget_below_the_fixed_parameters_names_them_with_the_narrowed_blocks_at_their_size():
+    model, cal = _bert()
+    config = LRDConfig(mlp="narrow", rank_quantum=4)
+    narrowed = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal).fxlrd_plan.settings["narrowed"]
+    linears = sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    fixed = fxlrd.count_params(model) - linears + sum(b["params_after"] for b in narrowed)
+    with pytest.raises(ConfigError, match=f"below the {fixed} parameters outside the decomposable layers"):
+        fxlrd.transform(model, LRDConfig(mlp="narrow", rank_quantum=4, target_params=0.05), example_inputs=cal[0],
+                        calibration=cal)  # fmt: skip
+
+
+def test_a_plan_or_save_whose_gated_blocks_are_not_the_model_s_is_refused(tmp_path):
+    model, cal = GatedMLP(12, 48, 10).eval(), _cal(12, n=4, rows=64)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow", rank_quantum=4, sensitivity=False), example_inputs=cal[0],
+                         calibration=cal)  # fmt: skip
+    plan = fxlrd.Plan.from_json(gm.fxlrd_plan.to_json())
+    plan.settings["narrowed"][0]["partner"] = None  # (as if made for an ungated block)
+    with pytest.raises(PlanMismatchError, match="model it was made for"):
+        fxlrd.apply(model, plan, example_inputs=cal[0], calibration=cal)
+    fxlrd.save(gm, tmp_path / "m")
+
+    class Summed(GatedMLP):  # the same layers, added instead of multiplied: no gated block
+        def forward(self, x):
+            return self.down(self.act(self.gate(x)) + self.up(x))
+
+    with pytest.raises(PlanMismatchError, match="no such MLP block"):
+        fxlrd.load(Summed(12, 48, 10).eval(), tmp_path / "m")
+    assert rel_err(fxlrd.load(model, tmp_path / "m")(cal[0]), gm(cal[0])) == 0
