@@ -1,6 +1,6 @@
 """The models the suite times, with their inputs and calibration data.
 
-Zoo models and BERT-base start from seeded random weights (latency depends only on shapes, and
+Zoo models, BERT-base and the small Llama start from seeded random weights (latency depends only on shapes, and
 every run rebuilds the same weights); EfficientNet-Lite1 and all-MiniLM-L6-v2 are the real
 pretrained models of `benchmarks._real`, calibrated on real images and sentences.
 """
@@ -76,6 +76,17 @@ def _bert_base() -> nn.Module:
     return BertModel(BertConfig())
 
 
+# SmolLM-135M's shape (HuggingFaceTB/SmolLM-135M's config): a small Llama, its MLPs gated (SwiGLU)
+LLAMA_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)  # fmt: skip
+
+
+def _llama_small() -> nn.Module:
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(**LLAMA_SHAPE, use_cache=False))
+
+
 def _efficientnet() -> nn.Module:
     from ._real import efficientnet_lite1
 
@@ -138,6 +149,10 @@ MODELS: dict[str, ModelSpec] = {
         _zoo_spec("vit_b_16", "ViT-B/16 (fxlrd.zoo, random weights), 224×224"),
         ModelSpec("bert_base", f"BERT-base (transformers BertModel(BertConfig()), random weights), sequence {SEQUENCE}",
                   _seeded(_bert_base), _random_tokens,
+                  lambda: [_random_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],
+                  tokens=True),  # fmt: skip
+        ModelSpec("llama_small", f"Llama of SmolLM-135M's shape (transformers LlamaModel, 30 layers, 576 wide, gated "
+                  f"MLPs of 1536, random weights), sequence {SEQUENCE}", _seeded(_llama_small), _random_tokens,
                   lambda: [_random_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],
                   tokens=True),  # fmt: skip
         ModelSpec("efficientnet_lite1", "EfficientNet-Lite1 (ImageNet weights), 240×240, real images",
