@@ -1548,3 +1548,24 @@ def test_the_default_sequence_fits_the_models_position_table():
     assert _default_seq_len(transformers.RobertaModel(transformers.RobertaConfig(**small, max_position_embeddings=64))) == 62
     assert _default_seq_len(transformers.BertModel(transformers.BertConfig(**small))) == 128  # 512 positions
     assert _default_seq_len(nn.Linear(2, 2)) == 128
+
+
+def test_compress_a_llama_directory_narrows_its_gated_mlps_under_a_size_budget(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(config)
+    model.save_pretrained(tmp_path / "llama")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (24, 16), generator=g)
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "tokens.pt")
+    budget = int(0.7 * fxlrd.count_params(model))
+    code, out, err = _run(capsys, "compress", tmp_path / "llama", "--seq-len", 16, "--batch", 4, "--calibration",
+                          tmp_path / "tokens.pt", "--mlp", "narrow", "--ratio", "1.5", "--target-params", budget,
+                          "--repeats", 0, "--eval-batches", 1, "--save", tmp_path / "saved")  # fmt: skip
+    assert code == 0, err
+    assert "layers.0.mlp.up_proj" in out and "narrowed MLP block (96 -> 64 neurons)" in out
+    loaded = fxlrd.load(transformers.AutoModel.from_pretrained(tmp_path / "llama"), tmp_path / "saved")
+    assert [b["partner"] for b in loaded.fxlrd_plan.settings["narrowed"]] == [f"layers.{i}.mlp.up_proj" for i in range(2)]
+    assert fxlrd.count_params(loaded) <= budget
