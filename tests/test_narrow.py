@@ -79,7 +79,11 @@ def test_finds_only_blocks_with_an_elementwise_activation_and_private_hidden_val
        act=st.sampled_from(["gelu", "relu", "tanh", "silu"]), seed=st.integers(0, 1000))  # fmt: skip
 def test_full_width_reproduces_the_block_and_errors_shrink_with_width(inp, hidden, out, bias, act, seed):
     acts = {"gelu": nn.GELU(), "relu": nn.ReLU(), "tanh": nn.Tanh(), "silu": nn.SiLU()}
-    model = MLP(inp, hidden, out, acts[act], bias=bias, seed=seed).eval()
+    _check_exact_at_full_width_and_monotone(MLP(inp, hidden, out, acts[act], bias=bias, seed=seed).eval(), inp, hidden, seed)
+
+
+def _check_exact_at_full_width_and_monotone(model, inp, hidden, seed):
+    """Narrowed to its full width, ``model`` (one block) is reproduced; its error falls with the width."""
     cal = _cal(inp, n=3, rows=max(20, 3 * hidden), seed=seed)
     x = torch.randn(7, inp)
     gm, block = _narrowed(model, cal, hidden)
@@ -87,6 +91,7 @@ def test_full_width_reproduces_the_block_and_errors_shrink_with_width(inp, hidde
     assert rel_err(gm(x), model(x)) < 1e-4
     errors = [_narrowed(model, cal, k)[1].error for k in range(1, hidden + 1)]
     assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:]))
+    return cal
 
 
 def test_duplicated_neurons_are_dropped_exactly():
@@ -1193,28 +1198,14 @@ def test_gated_blocks_are_found_with_their_partner_and_only_where_the_product_is
     assert find_mlps(capture(NotGated(), torch.randn(3, 8), mode=mode).gm) == []
 
 
-def _narrowed_gated(model, cal, width, shrink=False):
-    gm = capture(model, cal[0], mode="fx").gm
-    (block,) = find_mlps(gm)
-    stats = collect_stats(gm, cal, names=[block.down], sensitivity=False, progress=False)
-    stats[block.down].inputs.shrink = shrink
-    return gm, narrow_block(gm, block, stats[block.down], width)
-
-
 @settings(max_examples=20, deadline=None)
 @given(inp=st.integers(2, 10), hidden=st.integers(2, 20), out=st.integers(1, 8), bias=st.booleans(),
        act=st.sampled_from(["silu", "gelu", "relu"]), swap=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
 def test_gated_blocks_are_exact_at_full_width_and_errors_shrink_with_width(inp, hidden, out, bias, act, swap, seed):
     model = GatedMLP(inp, hidden, out, act, bias=bias, swap=swap, seed=seed).eval()
-    cal = _cal(inp, n=3, rows=max(20, 3 * hidden), seed=seed)
-    x = torch.randn(7, inp)
-    gm, block = _narrowed_gated(model, cal, hidden)
-    assert block.width == hidden and block.error < 1e-6
-    assert rel_err(gm(x), model(x)) < 1e-4
-    errors = [_narrowed_gated(model, cal, k)[1].error for k in range(1, hidden + 1)]
-    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:]))
+    cal = _check_exact_at_full_width_and_monotone(model, inp, hidden, seed)
     k = max(1, hidden // 2)
-    gm, block = _narrowed_gated(model, cal, k)
+    gm, block = _narrowed(model, cal, k)
     per_neuron = 2 * (inp + bias) + out  # the gate's and the partner's rows, the down layer's column
     assert (block.params_before, block.params_after) == (per_neuron * hidden + out * bias, per_neuron * k + out * bias)
     assert block.params_after == sum(p.numel() for p in gm.parameters())
@@ -1224,7 +1215,7 @@ def test_gated_blocks_are_exact_at_full_width_and_errors_shrink_with_width(inp, 
 def test_gated_refit_is_the_least_squares_map_on_the_products_and_duplicates_drop_exactly():
     model = GatedMLP(10, 32, 7, "silu", bias=True).eval()
     cal = _cal(10, correlated=True)
-    gm, block = _narrowed_gated(model, cal, 12)
+    gm, block = _narrowed(model, cal, 12)
     keep = block.keep
     assert torch.equal(gm.gate.weight, model.gate.weight[keep]) and torch.equal(gm.up.weight, model.up.weight[keep])
     with torch.no_grad():
@@ -1239,7 +1230,7 @@ def test_gated_refit_is_the_least_squares_map_on_the_products_and_duplicates_dro
         for layer in (model.gate, model.up):
             layer.weight[8:] = layer.weight[:8].repeat(3, 1)
             layer.bias[8:] = layer.bias[:8].repeat(3)
-    gm, block = _narrowed_gated(model, cal, 8)
+    gm, block = _narrowed(model, cal, 8)
     x = torch.randn(50, 10)
     assert block.error < 1e-8 and rel_err(gm(x), model(x)) < 1e-4  # (float32 sums of four columns)
 
