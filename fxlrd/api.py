@@ -126,10 +126,10 @@ def _check_recorded_blocks(gm: fx.GraphModule, sites: Mapping[str, Any], recorde
     for rec in recorded:
         block = found.get(rec["up"])
         if block is not None and (block.down, block.partner) != (rec["down"], rec.get("partner")):
-            recorded_as = rec["down"] + (f" with {rec['partner']!r}" if rec.get("partner") else "")
-            here = block.down + (f" with {block.partner!r}" if block.partner else "")
-            raise PlanMismatchError(f"the plan narrows the block of {rec['up']!r} into {recorded_as!r}; in this model that "
-                                    f"block goes into {here!r}: apply the plan to the model it was made for")  # fmt: skip
+            recorded_as = repr(rec["down"]) + (f" with {rec['partner']!r}" if rec.get("partner") else "")
+            here = repr(block.down) + (f" with {block.partner!r}" if block.partner else "")
+            raise PlanMismatchError(f"the plan narrows the block of {rec['up']!r} into {recorded_as}; in this model that "
+                                    f"block goes into {here}: apply the plan to the model it was made for")  # fmt: skip
 
 
 def _block_layers(block: Any) -> tuple[str, ...]:
@@ -311,7 +311,7 @@ def _warn_budget_unspent(gm: fx.GraphModule, plan_: Plan, branches: int) -> None
     target = plan_.settings.get("target_params")
     if target is None or not (branches > 1 or plan_.settings.get("merge")):
         return
-    if plan_.settings.get("narrowed") and not plan_.decomposed:  # narrowing alone met the budget (its own warning said so)
+    if plan_.settings.get("narrowed") and not plan_.decomposed:  # (nothing decomposed: nothing branched or merged freed any)
         return
     whole = target * plan_.model_params if isinstance(target, float) and target < 1 else float(target)
     built = count_params(gm)

@@ -1159,13 +1159,14 @@ def narrow_skeleton(gm: fx.GraphModule, blocks: Sequence[Mapping[str, Any]]) -> 
     """Give ``gm``'s recorded blocks their narrowed shapes, zero-filled (loading a saved model
     fills the values)."""
     sites = find_sites(gm)
+    found = {b.up: b for b in find_mlps(gm, sites)}  # (the blocks `apply` would narrow)
     for rec in blocks:
         up, down = sites.get(rec["up"]), sites.get(rec["down"])
         if up is None or down is None:
             raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which this model lacks")
         k = int(rec["width"])
-        found = _region(gm, sites, rec["up"], int(rec["hidden"])) if up.spec is not None else None
-        if found is None or sites[rec["down"]].nodes[0] is not found.down or found.partner != rec.get("partner"):
+        block = found.get(rec["up"])
+        if block is None or (block.down, block.partner, block.hidden) != (rec["down"], rec.get("partner"), int(rec["hidden"])):
             raise PlanMismatchError(f"the saved model narrows {rec['up']!r} → {rec['down']!r}, which is no such MLP "
                                     "block of this model: load it onto the model it was made from")  # fmt: skip
         between = block_nodes(gm, sites, rec["up"])[0]

@@ -392,7 +392,7 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
         warnings.warn(
             f"target_params={config.target_params!r}: narrowing the MLP blocks at ratio={config.ratio:g} alone leaves "
             f"{plan.params_after_model()} parameters, within the budget ({what}), so the other layers are kept: "
-            "narrow less (a lower ratio) to spend the budget", FxlrdWarning, stacklevel=5,
+            "narrow less (a lower ratio) to spend the budget", FxlrdWarning, stacklevel=6,
         )  # fmt: skip
     _centre_on_budget(tasks, config, plan)  # (methods offering ranks around their target: CP)
     options = []
@@ -474,22 +474,21 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     try:
         if before_narrowing is not None:  # (a private copy: timed as it is)
             narrowing = searcher.timer.speedup_model(before_narrowing, copy.deepcopy(gm), inputs)
-            if narrowing >= config.target_speedup:  # fast enough: the other layers are kept, or sized to the budget
+            if narrowing >= config.target_speedup:  # fast enough: the other layers are kept, or searched for the size
                 sized = config.target_params is not None or config.allocation == "global"
-                if sized:
-                    _plan_for_size(tasks, config, plan, fill)
-                else:
-                    for task in tasks:
-                        fill(task, None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
-                plan.settings["global_search"] = {"target_speedup": config.target_speedup, "narrowing_speedup": narrowing,
-                                                  "measured_speedup": narrowing, "met": True, "rounds": []}  # fmt: skip
-                then = "the other layers are sized to the parameter budget alone" if sized else "the other layers are kept"
+                then = "chosen for the parameter budget alone" if sized else "kept"
                 warnings.warn(
                     f"target_speedup={config.target_speedup:g}: narrowing the MLP blocks at ratio={config.ratio:g} alone "
-                    f"measured {narrowing:.2f}x, so {then}: narrow less (a lower ratio) for a model closer to the "
-                    "target, with less error", FxlrdWarning, stacklevel=5,
+                    f"measured {narrowing:.2f}x, so the other layers are {then}: narrow less (a lower ratio) for a model "
+                    "closer to the target, with less error", FxlrdWarning, stacklevel=6,
                 )  # fmt: skip
-                return
+                if not sized:  # (with a size budget, the closed loop below finds the least-error model of that size)
+                    for task in tasks:
+                        fill(task, None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
+                    plan.settings["global_search"] = {
+                        "target_speedup": config.target_speedup, "narrowing_speedup": narrowing,
+                        "measured_speedup": narrowing, "met": True, "rounds": []}  # fmt: skip
+                    return
         model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
         options = []
         for task in tasks:

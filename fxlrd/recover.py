@@ -822,8 +822,12 @@ def reconstruct_mlps(
                     ) from None
                 teacher_tensors.append(t.T if site.transposed_weight and path == site.weight_path else t)
         tw_up, tw_down = teacher_tensors[0], teacher_tensors[2]
-        tw_partner = teacher_tensors[4] if partner is not None else tw_up
-        if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"] or tw_partner.shape[0] != rec["hidden"]:
+        if partner is not None and teacher_tensors[4].shape[0] != rec["hidden"]:
+            raise PlanMismatchError(
+                f"the teacher's {rec['partner']!r} has {teacher_tensors[4].shape[0]} hidden neurons, the plan "
+                f"{rec['hidden']}: pass the original model that was compressed"
+            )
+        if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"]:
             raise PlanMismatchError(
                 f"the teacher's {rec['up']!r} has {tw_up.shape[0]} hidden neurons, the plan {rec['hidden']}: "
                 "pass the original model that was compressed"

@@ -1375,9 +1375,13 @@ def test_a_speed_target_narrowing_alone_meets_still_keeps_the_size_budget(monkey
     lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=16)
     budget = int(0.3 * fxlrd.count_params(model))
     config = LRDConfig(target_speedup=1.2, target_params=budget, mlp="narrow", ratio=4, rank_quantum=16, latency=lat)
-    with pytest.warns(fxlrd.FxlrdWarning, match="alone measured .* sized to the parameter budget"):
+    with pytest.warns(fxlrd.FxlrdWarning, match="alone measured .* chosen for the parameter budget alone") as caught:
         gm = fxlrd.transform(model, config, example_inputs=cal[0], calibration=cal)
+    assert sum("narrowing the MLP blocks" in str(w.message) for w in caught) == 1  # (one warning, not two)
     assert fxlrd.count_params(gm) <= budget and gm.fxlrd_plan.decomposed
+    record = gm.fxlrd_plan.settings["global_search"]  # the model built was timed, from the original
+    assert record["rounds"] and record["met"]
+    assert record["measured_speedup"] == pytest.approx(CostTimer().time(model, None) / CostTimer().time(gm, None))
 
 
 def test_a_budget_below_the_fixed_parameters_names_them_with_the_narrowed_blocks_at_their_size():
@@ -1408,3 +1412,7 @@ def test_a_plan_or_save_whose_gated_blocks_are_not_the_model_s_is_refused(tmp_pa
     with pytest.raises(PlanMismatchError, match="no such MLP block"):
         fxlrd.load(Summed(12, 48, 10).eval(), tmp_path / "m")
     assert rel_err(fxlrd.load(model, tmp_path / "m")(cal[0]), gm(cal[0])) == 0
+    other = copy.deepcopy(model)
+    other.up = nn.Linear(12, 40, bias=False)  # a teacher whose partner is another width
+    with pytest.raises(PlanMismatchError, match="teacher's 'up' has 40 hidden neurons, the plan 48"):
+        fxlrd.recover.reconstruct_mlps(gm, other, cal, steps=1, progress=False)
