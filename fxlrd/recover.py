@@ -715,12 +715,12 @@ def reconstruct_mlps(
     """Refit each narrowed MLP block of ``gm`` by gradient steps on its own output error.
 
     `fxlrd.narrow` keeps ``k`` of a block's hidden neurons and refits the down layer in
-    closed form; the up layer stays as it was. This trains both layers of the narrowed
+    closed form; the up layer stays as it was. This trains every layer of the narrowed
     block (weights and biases; a gated block's partner layer too), one block at a time, so
     that on ``batches`` it reproduces what the original block computes on the same inputs:
     ``min ‖down′(act(up′(x))) − down(act(up(x)))‖²`` (gated: ``down′(act(up′(x)) ⊙
-    partner′(x))``) over the block inputs ``x`` of the compressed model. Blocks go in graph order, each on the inputs produced by the blocks
-    refitted before it. No full-model backward pass runs; each block needs its inputs and
+    partner′(x))``) over the block inputs ``x`` of the compressed model. Blocks go in graph
+    order, each on the inputs produced by the blocks refitted before it. No full-model backward pass runs; each block needs its inputs and
     targets in memory (2 × positions × width floats).
 
     A share ``holdout`` of the positions is kept out of training: their error is checked
@@ -821,17 +821,14 @@ def reconstruct_mlps(
                         f"the teacher has no tensor {path!r}: pass the original model that was compressed"
                     ) from None
                 teacher_tensors.append(t.T if site.transposed_weight and path == site.weight_path else t)
-        tw_up, tw_down = teacher_tensors[0], teacher_tensors[2]
-        if partner is not None and teacher_tensors[4].shape[0] != rec["hidden"]:
-            raise PlanMismatchError(
-                f"the teacher's {rec['partner']!r} has {teacher_tensors[4].shape[0]} hidden neurons, the plan "
-                f"{rec['hidden']}: pass the original model that was compressed"
-            )
-        if tw_up.shape[0] != rec["hidden"] or tw_down.shape[1] != rec["hidden"]:
-            raise PlanMismatchError(
-                f"the teacher's {rec['up']!r} has {tw_up.shape[0]} hidden neurons, the plan {rec['hidden']}: "
-                "pass the original model that was compressed"
-            )
+        # the hidden width as the teacher's up (and partner) rows and down columns give it
+        widths = [(rec["up"], teacher_tensors[0].shape[0]), (rec["down"], teacher_tensors[2].shape[1])]
+        if partner is not None:
+            widths.append((rec["partner"], teacher_tensors[4].shape[0]))
+        for name, width in widths:
+            if width != rec["hidden"]:
+                raise PlanMismatchError(f"the teacher's {name!r} has {width} hidden neurons, the plan {rec['hidden']}: "
+                                        "pass the original model that was compressed")  # fmt: skip
         blocks.append((rec, layers, teacher_tensors))
     blocks.sort(key=lambda b: order[b[1][0].nodes[0]])
     weighting: dict[str, torch.Tensor] = {}
