@@ -960,7 +960,8 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
                 raise CaptureError(_fx_message(model, exc)) from exc
         else:  # (notes outside the try: a warning turned into an error is not a tracing failure)
             return Captured(gm, "fx", "symbolic_trace succeeded",
-                            notes + _unused_parameters(model, gm) + _unseen_layers(model, gm))  # fmt: skip
+                            notes + _unused_parameters(model, gm) + _unseen_layers(model, gm)
+                            + _stacked_weights(model, gm))  # fmt: skip
     if inputs is None:
         raise CaptureError(
             _fx_message(model, fx_error)
@@ -976,7 +977,8 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
     _keep_non_persistent(original, gm)
     reason = "requested" if mode == "export" else f"symbolic_trace failed ({_one_line(fx_error)})"
     log.info("fxlrd: captured %s with torch.export: %s", type(model).__name__, reason)
-    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm) + _unseen_layers(model, gm),
+    return Captured(gm, "export", reason, notes + export_notes + _unused_parameters(model, gm) + _unseen_layers(model, gm)
+                    + _stacked_weights(model, gm),
                     training=model.training,
                     dynamic_shapes_given=dynamic_shapes is not None)
 
@@ -1045,6 +1047,24 @@ def _unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     return [message]
 
 
+def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """A note, and a warning, when the graph computes with 3-D weights (a mixture of experts'
+    stacked expert matrices, `fxlrd.sites.stacked_weights`): fxlrd keeps them whole."""
+    from .sites import stacked_weights
+
+    stacked = stacked_weights(model, gm)
+    if not stacked:
+        return []
+    n = sum(s[0] * s[1] * s[2] for _, s in stacked)
+    total = max(sum(p.numel() for p in gm.parameters()), 1)
+    shown = ", ".join(f"{path} ({'×'.join(map(str, shape))})" for path, shape in stacked[:2]) + (", ..." if len(stacked) > 2 else "")
+    message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (one matrix per expert, as a mixture of "
+               f"experts holds them: {shown}) hold {n} parameters, {100 * n / total:.0f}% of the model: fxlrd does not "
+               "decompose stacked weights, so they are kept whole and the model shrinks less than its layers' ratio says")  # fmt: skip
+    warnings.warn(message, FxlrdWarning, stacklevel=4)
+    return [message]
+
+
 def _unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     """A note when the graph holds fewer parameters than the model: modules its forward never
     calls (an auxiliary head) are not in a capture, so neither in the result nor its counts."""
@@ -1097,6 +1117,10 @@ def _both_message(model: nn.Module, fx_error: BaseException | None, export_error
         "values), mark the submodule holding it as a leaf for fx (LRDConfig(leaf_modules=[...]); its layers are then "
         "kept), or pass dynamic_shapes=... / other example_inputs if export failed on shapes."
     )
+    if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager":
+        lines.append('Its mixture of experts runs a Python loop over the experts its tokens are routed to '
+                     '(experts_implementation="eager"), which export cannot capture: build the model with '
+                     'experts_implementation="batched_mm" (from_pretrained / from_config), which it can.')  # fmt: skip
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from .metrics import count_params, layer_macs
 from .plan import LayerPlan, Plan
 from .ranks.allocate import closed_loop, solve_budget
 from .ranks.rules import bottleneck
-from .sites import Site, find_sites
+from .sites import Site, find_sites, routes
 
 __all__ = ["make_plan", "input_shapes", "LayerTask"]
 
@@ -137,6 +137,8 @@ def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | No
     why = unselected_reason(name, site, gm, config)
     if why:
         return why
+    if routes(site):
+        return "router (its output picks experts by topk): kept, as a low-rank router changes which experts run"
     if spec.pointwise and not config.decompose_pointwise:
         return "pointwise layer kept (decompose_pointwise=False)"
     why = handler.applies(spec) if handler is not None else "no method"

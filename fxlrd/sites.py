@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from .factorized import ROLES, Factorized, LayerSpec, layer_spec
 
-__all__ = ["Site", "find_sites", "unseen_layers", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
+__all__ = ["Site", "find_sites", "unseen_layers", "stacked_weights", "routes", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
 
 aten = torch.ops.aten
 
@@ -453,6 +453,57 @@ def unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, str]]
             op = str(target) if isinstance(target, (str, torch._ops.OpOverload)) else getattr(target, "__name__", str(target))
             out.append((path, op))
     return out
+
+
+_TOPK = (torch.topk, aten.topk.default)
+
+
+def _runs_layer(node: fx.Node) -> bool:
+    return node.op == "call_module" or (node.op == "call_function" and (
+        node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS or node.target in _MM_FUNCTIONS
+        or node.target in _MATMUL_FUNCTIONS or node.target is aten.convolution.default))  # fmt: skip
+
+
+def routes(site: Site, depth: int = 6) -> str:
+    """The operation through which the layer's output picks among alternatives ("" if none):
+    a ``topk`` at most ``depth`` operations downstream, not through another layer. A mixture
+    of experts' router runs so (softmax or sigmoid, then top-k): a low-rank router changes
+    which experts run, for a saving of almost nothing (it has one row per expert)."""
+    frontier, seen = list(site.nodes), set(site.nodes)
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target in _TOPK or (user.op == "call_method" and user.target == "topk"):
+                    return "topk"
+                if not _runs_layer(user):
+                    following.append(user)
+        frontier = following
+    return ""
+
+
+def stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, tuple[int, ...]]]:
+    """The 3-D parameters ``gm`` computes with that are not layer weights: ``(path, shape)``.
+    A mixture of experts stores its experts' matrices so (``experts.gate_up_proj``, one
+    ``out × in`` matrix per expert) and computes them by ``bmm``, ``grouped_mm`` or an indexed
+    ``F.linear``; fxlrd does not decompose them. Conv1d weights (3-D too) are left out."""
+    layer_weights = {site.weight_path for site in find_sites(gm).values()}
+    layer_weights |= {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+                      if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}  # fmt: skip
+    out: dict[str, tuple[int, ...]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in layer_weights or not any(u.target is not getattr for u in node.users):
+            continue
+        try:
+            value = _get_attr(gm, node.target)
+        except AttributeError:
+            continue
+        if isinstance(value, nn.Parameter) and value.dim() == 3:
+            out[node.target] = tuple(value.shape)
+    return list(out.items())
 
 
 def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
