@@ -315,9 +315,11 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_runs(model: nn.Module, inputs: Args) -> None:
+def _check_runs(model: nn.Module, inputs: Args, fx_error: BaseException | None = None) -> None:
     """Run the model once on fake copies of the inputs (no compute, nothing of the model
-    changes); a model that cannot take them gets `inputs_error`."""
+    changes); a model that cannot take them gets `inputs_error`. One that fails on fake
+    tensors but runs on the real inputs (an operation whose fake kernel refuses what the real
+    one takes) gets a `CaptureError` saying so, not a blame on the inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     unsupported = []
@@ -337,21 +339,66 @@ def _check_runs(model: nn.Module, inputs: Args) -> None:
     # A tensor a forward stores on its modules (a rotary embedding's frequencies, recomputed for
     # the length it sees) would be a fake tensor afterwards: each is put back as it was.
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    failed: Exception | None = None
     try:
         with quiet_fake_tensors(), mode, torch.no_grad():
             model(*args, **kwargs)
     except tuple(unsupported):
         return  # fake tensors cannot say; capture will
     except Exception as exc:  # noqa: BLE001
-        raise inputs_error(model, inputs, exc) from exc
+        failed = exc
     finally:  # tensors put back (flags a forward sets, such as the swapped attention's cross_attention, stay)
-        for m, attributes, parameters, buffers in saved:
-            for kept, now in ((attributes, vars(m)), (parameters, m._parameters), (buffers, m._buffers)):
-                for key in [k for k, v in now.items() if isinstance(v, torch.Tensor) and kept.get(k) is not v]:
-                    if key in kept:
-                        now[key] = kept[key]
-                    else:
-                        del now[key]
+        _put_back(saved)
+    if failed is None:
+        return
+    if _runs_for_real(model, inputs):
+        raise CaptureError(_fake_message(model, fx_error, failed)) from failed
+    raise inputs_error(model, inputs, failed) from failed
+
+
+def _put_back(saved: list[tuple[nn.Module, dict, dict, dict]]) -> None:
+    """The tensors of ``saved`` (module, attributes, parameters, buffers) put back in place."""
+    for m, attributes, parameters, buffers in saved:
+        for kept, now in ((attributes, vars(m)), (parameters, m._parameters), (buffers, m._buffers)):
+            for key in [k for k, v in now.items() if isinstance(v, torch.Tensor) and kept.get(k) is not v]:
+                if key in kept:
+                    now[key] = kept[key]
+                else:
+                    del now[key]
+
+
+def _runs_for_real(model: nn.Module, inputs: Args) -> bool:
+    """Whether ``model`` runs on ``inputs`` (a real forward without gradients; the buffers it
+    updates, such as batch-norm statistics in training mode, are restored)."""
+    args, kwargs = inputs
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+        return True
+    except Exception:  # noqa: BLE001  (any failure: the inputs' error stands)
+        return False
+    finally:
+        _put_back(saved)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+
+
+def _fake_message(model: nn.Module, fx_error: BaseException | None, exc: BaseException) -> str:
+    """`_check_runs`'s message for a model that runs for real but not on fake tensors."""
+    frame = _user_frame(exc)
+    lines = [f"fxlrd could not capture {type(model).__name__}: it runs on example_inputs, but not on the fake "
+             f"tensors torch.export traces it with: {_one_line(_innermost(exc))}" + (f"\n    {frame}" if frame else "")]  # fmt: skip
+    if fx_error is not None:
+        lines.append(f"torch.fx.symbolic_trace failed before it: {_one_line(fx_error)}")
+    lines.append("An operation's fake (shape-only) kernel refuses what its real kernel takes, often a dtype. Ways out: "
+                 "another implementation of that operation, another dtype, or capture=\"fx\" where the model traces.")  # fmt: skip
+    if getattr(getattr(model, "config", None), "_experts_implementation", None) == "grouped_mm":
+        lines.append('Its mixture of experts runs transformers\' grouped_mm: build the model with '
+                     'experts_implementation="batched_mm" (from_pretrained / from_config), which export can trace.')  # fmt: skip
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -967,7 +1014,7 @@ def _capture_once(model: nn.Module, original: nn.Module, inputs: Args | None, mo
             _fx_message(model, fx_error)
             + "\nWith example_inputs=... (a tensor, tuple or dict of one batch) fxlrd captures it with torch.export instead."
         ) from fx_error
-    _check_runs(model, inputs)
+    _check_runs(model, inputs, fx_error)
     try:
         with warnings.catch_warnings():  # torch's own pytree deprecation notices
             warnings.simplefilter("ignore", FutureWarning)

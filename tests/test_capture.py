@@ -973,3 +973,49 @@ def test_a_frozen_hook_normed_layer_stays_frozen(wrap):
     gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(2, 4, 8, 8))
     assert isinstance(gm.get_submodule("0"), Factorized)
     assert not any(p.requires_grad for p in gm.parameters())
+
+
+@torch.library.custom_op("fxlrd_test::picky", mutates_args=())
+def _picky(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_picky.register_fake
+def _(x):
+    if x.dtype == torch.float32:
+        raise RuntimeError("picky's fake kernel takes bfloat16 only")
+    return torch.empty_like(x)
+
+
+class _UsesPicky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return _picky(self.bn(self.fc(x)))
+
+
+def test_a_model_that_runs_but_not_on_fake_tensors_is_not_blamed_on_its_inputs():
+    """An operation whose fake kernel refuses what its real kernel takes used to be reported
+    as "example_inputs do not run through the model", which they do."""
+    model, x = _UsesPicky().train(), torch.randn(4, 8)
+    model(x)  # it runs
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxlrd.CaptureError, match=r"(?s)_UsesPicky: it runs on example_inputs, but not on the fake tensors "
+                                                   r"torch.export traces it with: RuntimeError: picky's fake kernel takes "
+                                                   r"bfloat16 only.*another dtype"):
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, capture="export")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics as they were
+    with pytest.raises(ValueError, match="do not run through _UsesPicky"):  # inputs that fail for real still do
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(4, 5), capture="export")
+
+
+def test_running_for_real_restores_the_buffers_it_updates():
+    from fxlrd.capture import _runs_for_real
+
+    model, x = _UsesPicky().train(), torch.randn(4, 8)
+    mean = model.bn.running_mean.clone()
+    assert _runs_for_real(model, ((x,), {})) and torch.equal(model.bn.running_mean, mean)
+    assert not _runs_for_real(model, ((torch.randn(4, 5),), {}))

@@ -163,3 +163,16 @@ def test_a_mixtral_looping_over_its_experts_gets_the_implementation_export_can_c
     model, x = _mixtral("eager")
     with pytest.raises(fxlrd.CaptureError, match='experts_implementation="batched_mm"'):
         fxlrd.plan(model, LRDConfig(ratio=2), example_inputs=x)
+
+
+def test_a_mixtral_on_grouped_mm_gets_the_implementation_export_can_trace():
+    """transformers' default grouped_mm experts run in float32 on this CPU, but torch's fake
+    kernel for grouped_mm takes bfloat16 only (torch 2.13), so export cannot trace them."""
+    model, x = _mixtral("grouped_mm")
+    with torch.no_grad():
+        model(**x)  # it runs
+    try:
+        fxlrd.plan(model, LRDConfig(ratio=2), example_inputs=x)
+    except fxlrd.CaptureError as exc:  # (a torch whose fake kernel takes float32 captures it)
+        assert "runs on example_inputs, but not on the fake tensors" in str(exc)
+        assert 'experts_implementation="batched_mm"' in str(exc)
