@@ -351,9 +351,10 @@ def _check_runs(model: nn.Module, inputs: Args, fx_error: BaseException | None =
         _put_back(saved)
     if failed is None:
         return
-    if _runs_for_real(model, inputs):
+    real = _real_run_error(model, inputs)
+    if real is None:
         raise CaptureError(_fake_message(model, fx_error, failed)) from failed
-    raise inputs_error(model, inputs, failed) from failed
+    raise inputs_error(model, inputs, real) from real
 
 
 def _put_back(saved: list[tuple[nn.Module, dict, dict, dict]]) -> None:
@@ -367,18 +368,20 @@ def _put_back(saved: list[tuple[nn.Module, dict, dict, dict]]) -> None:
                     del now[key]
 
 
-def _runs_for_real(model: nn.Module, inputs: Args) -> bool:
-    """Whether ``model`` runs on ``inputs`` (a real forward without gradients; the buffers it
-    updates, such as batch-norm statistics in training mode, are restored)."""
+def _real_run_error(model: nn.Module, inputs: Args) -> Exception | None:
+    """What ``model`` raises on ``inputs``, None when it runs: a real forward without
+    gradients, run only after a fake run failed (it costs one forward). The buffers it
+    updates (batch-norm statistics in training mode) and the random state are restored;
+    objects among the inputs that a forward changes (a KV cache) are not."""
     args, kwargs = inputs
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             model(*args, **kwargs)
-        return True
-    except Exception:  # noqa: BLE001  (any failure: the inputs' error stands)
-        return False
+        return None
+    except Exception as exc:  # noqa: BLE001  (any failure is the inputs' error)
+        return exc
     finally:
         _put_back(saved)
         with torch.no_grad():
@@ -389,16 +392,15 @@ def _runs_for_real(model: nn.Module, inputs: Args) -> bool:
 def _fake_message(model: nn.Module, fx_error: BaseException | None, exc: BaseException) -> str:
     """`_check_runs`'s message for a model that runs for real but not on fake tensors."""
     frame = _user_frame(exc)
-    lines = [f"fxlrd could not capture {type(model).__name__}: it runs on example_inputs, but not on the fake "
+    lines = [f"fxlrd could not capture {type(model).__name__}: it runs on the inputs given, but not on the fake "
              f"tensors torch.export traces it with: {_one_line(_innermost(exc))}" + (f"\n    {frame}" if frame else "")]  # fmt: skip
     if fx_error is not None:
         lines.append(f"torch.fx.symbolic_trace failed before it: {_one_line(fx_error)}")
     lines.append("An operation's fake (shape-only) kernel refuses what its real kernel takes, often a dtype. Ways out: "
-                 "another implementation of that operation, another dtype, or capture=\"fx\" where the model traces.")  # fmt: skip
-    if getattr(getattr(model, "config", None), "_experts_implementation", None) == "grouped_mm":
-        lines.append('Its mixture of experts runs transformers\' grouped_mm: build the model with '
-                     'experts_implementation="batched_mm" (from_pretrained / from_config), which export can trace.')  # fmt: skip
-    return "\n".join(lines)
+                 "another implementation of that operation, or another dtype"
+                 + (', or capture="fx" if the model traces.' if fx_error is None else "."))  # fmt: skip
+    trace = "".join(traceback.format_exception(exc))
+    return "\n".join(lines + (_experts_hint(model, "grouped_mm") if "grouped_mm" in trace else []))
 
 
 @contextlib.contextmanager
@@ -1105,9 +1107,10 @@ def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     n = sum(s[0] * s[1] * s[2] for _, s in stacked)
     total = max(sum(p.numel() for p in gm.parameters()), 1)
     shown = ", ".join(f"{path} ({'×'.join(map(str, shape))})" for path, shape in stacked[:2]) + (", ..." if len(stacked) > 2 else "")
+    share = f"{100 * n / total:.0f}%" if n >= total / 100 else "under 1%"
     message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (one matrix per expert, as a mixture of "
-               f"experts holds them: {shown}) hold {n} parameters, {100 * n / total:.0f}% of the model: fxlrd does not "
-               "decompose stacked weights, so they are kept whole and the model shrinks less than its layers' ratio says")  # fmt: skip
+               f"experts holds them: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model: "
+               "fxlrd does not decompose stacked weights, so they are kept whole and the model shrinks less than its layers' ratio says")  # fmt: skip
     warnings.warn(message, FxlrdWarning, stacklevel=4)
     return [message]
 
@@ -1164,11 +1167,22 @@ def _both_message(model: nn.Module, fx_error: BaseException | None, export_error
         "values), mark the submodule holding it as a leaf for fx (LRDConfig(leaf_modules=[...]); its layers are then "
         "kept), or pass dynamic_shapes=... / other example_inputs if export failed on shapes."
     )
-    if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager":
-        lines.append('Its mixture of experts runs a Python loop over the experts its tokens are routed to '
-                     '(experts_implementation="eager"), which export cannot capture: build the model with '
-                     'experts_implementation="batched_mm" (from_pretrained / from_config), which it can.')  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(lines + _experts_hint(model, "eager"))
+
+
+def _experts_hint(model: nn.Module, failing: str) -> list[str]:
+    """The way out for a transformers mixture of experts whose ``experts_implementation`` is
+    ``failing`` (``"eager"``: a Python loop over the experts hit; ``"grouped_mm"``: an
+    operation whose fake kernel takes bfloat16 only in torch 2.13); [] for other models."""
+    if getattr(getattr(model, "config", None), "_experts_implementation", None) != failing:
+        return []  # (transformers sets "eager" on every model without grouped_mm experts: the modules tell)
+    if not any("Experts" in type(m).__name__ for m in model.modules()):
+        return []
+    how = ("a Python loop over the experts its tokens are routed to" if failing == "eager"
+           else "transformers' grouped_mm")  # fmt: skip
+    return [f'Its mixture of experts runs {how} (experts_implementation="{failing}"), which export cannot trace: '
+            'build the model with experts_implementation="batched_mm" (from_pretrained / from_config; on the '
+            "command line, with a package.module:factory that does), which it can."]
 
 
 # -- input signatures (save/load, plans) ----------------------------------------------------------

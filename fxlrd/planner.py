@@ -137,8 +137,9 @@ def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | No
     why = unselected_reason(name, site, gm, config)
     if why:
         return why
-    if routes(site):
-        return "router (its output picks experts by topk): kept, as a low-rank router changes which experts run"
+    if routes(gm, site) and name not in (config.include or ()):
+        return ("router (topk of its output picks what runs next): kept, as a low-rank router changes which experts "
+                "run; name it in include to decompose it")  # fmt: skip
     if spec.pointwise and not config.decompose_pointwise:
         return "pointwise layer kept (decompose_pointwise=False)"
     why = handler.applies(spec) if handler is not None else "no method"

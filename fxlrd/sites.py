@@ -456,52 +456,113 @@ def unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, str]]
 
 
 _TOPK = (torch.topk, aten.topk.default)
+_SHAPE_READS = (getattr, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.dim.default)
+# what a stacked weight passes through on its way to a product (selecting an expert, a view, a cast) ...
+_SELECTS = {"index", "index_select", "select", "getitem", "view", "reshape", "_unsafe_view", "transpose", "permute",
+            "t", "numpy_T", "mT", "expand", "_to_copy", "to", "contiguous", "clone", "unsqueeze", "squeeze", "slice",
+            "float", "half", "bfloat16", "type_as", "alias", "chunk", "split", "split_with_sizes", "narrow", "unbind"}  # fmt: skip
+# ... and the products that compute with it
+_PRODUCTS = {"bmm", "baddbmm", "matmul", "mm", "addmm", "linear", "einsum", "_grouped_mm", "grouped_mm",
+             "grouped_mm_fallback"}  # fmt: skip
 
 
-def _runs_layer(node: fx.Node) -> bool:
-    return node.op == "call_module" or (node.op == "call_function" and (
+def _op_name(node: fx.Node) -> str:
+    """The operation's bare name: ``"bmm"`` for ``torch.bmm``, ``aten.bmm.default`` and ``x.bmm``."""
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return getattr(target, "__name__", str(target))
+
+
+def _shape_read(node: fx.Node) -> bool:
+    return node.target in _SHAPE_READS or (node.op == "call_method" and node.target in ("size", "dim", "numel"))
+
+
+def _runs_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` runs a layer of its own: a module holding parameters (not an
+    ``nn.Softmax`` or ``nn.Dropout``), or a linear, convolution or matrix product."""
+    if node.op == "call_module":
+        return any(True for _ in gm.get_submodule(node.target).parameters())
+    return node.op == "call_function" and (
         node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS or node.target in _MM_FUNCTIONS
-        or node.target in _MATMUL_FUNCTIONS or node.target is aten.convolution.default))  # fmt: skip
+        or node.target in _MATMUL_FUNCTIONS or node.target is aten.convolution.default)  # fmt: skip
 
 
-def routes(site: Site, depth: int = 6) -> str:
-    """The operation through which the layer's output picks among alternatives ("" if none):
-    a ``topk`` at most ``depth`` operations downstream, not through another layer. A mixture
-    of experts' router runs so (softmax or sigmoid, then top-k): a low-rank router changes
-    which experts run, for a saving of almost nothing (it has one row per expert)."""
+def _selects_inside(topk: fx.Node) -> bool:
+    """Whether what ``topk`` picked is computed with inside the graph, not only returned."""
+    for user in topk.users:
+        if user.target in (operator.getitem, getattr):  # the values or the indices
+            if any(v.op != "output" for v in user.users):
+                return True
+        elif user.op != "output":
+            return True
+    return False
+
+
+def routes(gm: fx.GraphModule, site: Site, depth: int = 6) -> str:
+    """``"topk"`` when the layer is a router, else "": a linear layer with at most half as
+    many outputs as inputs whose output ``topk`` ranks at most ``depth`` operations downstream
+    (through no other layer), the picks then computed with inside the graph — a mixture of
+    experts' router (softmax or sigmoid, then top-k). A low-rank router changes which experts
+    run, for a saving of almost nothing (it has one row per expert). A head whose top-k the
+    model only returns is no router."""
+    spec = site.spec
+    if spec is None or spec.kind != "linear" or 2 * spec.out_channels > spec.in_channels:
+        return ""
     frontier, seen = list(site.nodes), set(site.nodes)
     for _ in range(depth):
         following = []
         for node in frontier:
             for user in node.users:
-                if user in seen:
+                if user in seen or _shape_read(user):
                     continue
                 seen.add(user)
                 if user.target in _TOPK or (user.op == "call_method" and user.target == "topk"):
-                    return "topk"
-                if not _runs_layer(user):
+                    if user.args and user.args[0] is node and _selects_inside(user):
+                        return "topk"
+                elif not _runs_layer(gm, user):
                     following.append(user)
         frontier = following
     return ""
 
 
+def _feeds_product(node: fx.Node, depth: int = 4) -> bool:
+    """Whether ``node``'s value reaches a matrix product through selections, views and casts only."""
+    frontier = [node]
+    for _ in range(depth):
+        following = []
+        for n in frontier:
+            for user in n.users:
+                name = _op_name(user)
+                if name in _PRODUCTS:
+                    return True
+                if name in _SELECTS:
+                    following.append(user)
+        frontier = following
+    return False
+
+
 def stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, tuple[int, ...]]]:
-    """The 3-D parameters ``gm`` computes with that are not layer weights: ``(path, shape)``.
-    A mixture of experts stores its experts' matrices so (``experts.gate_up_proj``, one
-    ``out × in`` matrix per expert) and computes them by ``bmm``, ``grouped_mm`` or an indexed
-    ``F.linear``; fxlrd does not decompose them. Conv1d weights (3-D too) are left out."""
+    """The stacked weights ``gm`` computes with: ``(path, shape)`` of each 3-D parameter (every
+    dimension above 1) that reaches a matrix product (``bmm``, ``grouped_mm``, ``einsum``, an
+    ``F.linear`` of one slice...) through selections, views and casts, and is no layer's weight.
+    A mixture of experts stores its experts so (``experts.gate_up_proj``, one ``out × in``
+    matrix per expert); fxlrd does not decompose them. Conv1d weights (3-D too), a ViT's class
+    token and position embeddings (added, not multiplied) are not listed."""
     layer_weights = {site.weight_path for site in find_sites(gm).values()}
     layer_weights |= {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
                       if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}  # fmt: skip
     out: dict[str, tuple[int, ...]] = {}
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in layer_weights or not any(u.target is not getattr for u in node.users):
+        if node.op != "get_attr" or node.target in layer_weights or node.target in out:
             continue
         try:
             value = _get_attr(gm, node.target)
         except AttributeError:
             continue
-        if isinstance(value, nn.Parameter) and value.dim() == 3:
+        if isinstance(value, nn.Parameter) and value.dim() == 3 and min(value.shape) > 1 and _feeds_product(node):
             out[node.target] = tuple(value.shape)
     return list(out.items())
 

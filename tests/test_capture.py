@@ -435,7 +435,7 @@ def test_wrong_shape_is_named():
     handler.emit = records.append
     fake_log.addHandler(handler)
     try:
-        with pytest.raises(ValueError, match=r"float32\[2, 7\]\) do not run through Linear: .*same reduction dim"):
+        with pytest.raises(ValueError, match=r"float32\[2, 7\]\) do not run through Linear: .*mat1 and mat2 shapes cannot be multiplied"):
             fxlrd.transform(nn.Linear(16, 4), LOW, example_inputs=torch.randn(2, 7), capture="export")
     finally:
         fake_log.removeHandler(handler)
@@ -977,6 +977,8 @@ def test_a_frozen_hook_normed_layer_stays_frozen(wrap):
 
 @torch.library.custom_op("fxlrd_test::picky", mutates_args=())
 def _picky(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] == 3:
+        raise RuntimeError("the real picky kernel refuses a batch of 3")
     return x * 2
 
 
@@ -990,10 +992,10 @@ def _(x):
 class _UsesPicky(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.fc, self.bn, self.drop = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)
 
     def forward(self, x):
-        return _picky(self.bn(self.fc(x)))
+        return _picky(self.drop(self.bn(self.fc(x))))
 
 
 def test_a_model_that_runs_but_not_on_fake_tensors_is_not_blamed_on_its_inputs():
@@ -1001,21 +1003,22 @@ def test_a_model_that_runs_but_not_on_fake_tensors_is_not_blamed_on_its_inputs()
     as "example_inputs do not run through the model", which they do."""
     model, x = _UsesPicky().train(), torch.randn(4, 8)
     model(x)  # it runs
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(fxlrd.CaptureError, match=r"(?s)_UsesPicky: it runs on example_inputs, but not on the fake tensors "
-                                                   r"torch.export traces it with: RuntimeError: picky's fake kernel takes "
-                                                   r"bfloat16 only.*another dtype"):
+    with pytest.raises(fxlrd.CaptureError, match=r"(?s)_UsesPicky: it runs on the inputs given, but not on the fake "
+                                                   r"tensors torch.export traces it with: RuntimeError: picky's fake "
+                                                   r"kernel takes bfloat16 only.*another dtype, or capture=\"fx\""):
         fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, capture="export")
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics as they were
-    with pytest.raises(ValueError, match="do not run through _UsesPicky"):  # inputs that fail for real still do
+    # inputs that fail for real are the inputs' error, with the real run's reason
+    with pytest.raises(ValueError, match="do not run through _UsesPicky: RuntimeError: the real picky kernel refuses"):
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(3, 8), capture="export")
+    with pytest.raises(ValueError, match="do not run through _UsesPicky: RuntimeError: mat1 and mat2 shapes"):
         fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(4, 5), capture="export")
 
 
-def test_running_for_real_restores_the_buffers_it_updates():
-    from fxlrd.capture import _runs_for_real
+def test_the_real_run_restores_the_buffers_and_random_state_it_changes():
+    from fxlrd.capture import _real_run_error
 
     model, x = _UsesPicky().train(), torch.randn(4, 8)
-    mean = model.bn.running_mean.clone()
-    assert _runs_for_real(model, ((x,), {})) and torch.equal(model.bn.running_mean, mean)
-    assert not _runs_for_real(model, ((torch.randn(4, 5),), {}))
+    mean, rng = model.bn.running_mean.clone(), torch.get_rng_state()
+    assert _real_run_error(model, ((x,), {})) is None
+    assert torch.equal(model.bn.running_mean, mean) and torch.equal(torch.get_rng_state(), rng)
+    assert "refuses a batch of 3" in str(_real_run_error(model, ((torch.randn(3, 8),), {})))

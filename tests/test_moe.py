@@ -15,7 +15,7 @@ from fxlrd.sites import find_sites, routes, stacked_weights
 from conftest import rel_err
 
 FULL = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
-ROUTER_NOTE = "router (its output picks experts by topk)"
+ROUTER_NOTE = "router (topk of its output picks what runs next)"
 
 
 class ToyMoE(nn.Module):
@@ -62,38 +62,83 @@ def test_a_router_is_kept_and_named_and_the_experts_are_decomposed(capture, scor
 class _LayerBeforeTopk(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(8, 4)
 
     def forward(self, x):
         h = self.b(torch.relu(self.a(x)))
-        return h + torch.zeros_like(h).scatter(-1, h.topk(3, dim=-1).indices, 1.0)
+        return h * torch.zeros_like(h).scatter(-1, h.topk(2, dim=-1).indices, 1.0)
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_only_the_layer_whose_output_reaches_topk_routes_not_one_further_up(capture):
+def test_only_the_layer_whose_output_topk_ranks_routes_not_one_further_up(capture):
     model, x = _LayerBeforeTopk().eval(), torch.randn(2, 16)
     gm = capture_graph(model, x, mode=capture).gm
     sites = find_sites(gm)
-    assert routes(sites["b"]) == "topk" and routes(sites["a"]) == ""  # a's output reaches topk only through b
+    assert routes(gm, sites["b"]) == "topk" and routes(gm, sites["a"]) == ""  # a's output reaches topk only through b
     plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x, capture=capture)
     assert [lp.name for lp in plan.decomposed] == ["a"]
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1, include=["a", "b"]), example_inputs=x, capture=capture)
+    assert [lp.name for lp in plan.decomposed] == ["a", "b"]  # named in include: decomposed all the same
 
 
 def test_routes_stops_at_its_depth():
     class Far(nn.Module):
         def __init__(self, steps):
             super().__init__()
-            self.fc, self.steps = nn.Linear(8, 8), steps
+            self.fc, self.steps = nn.Linear(8, 4), steps
 
         def forward(self, x):
             h = self.fc(x)
             for _ in range(self.steps):
                 h = torch.tanh(h)
-            return h.topk(2, dim=-1).values
+            return h * torch.zeros_like(h).scatter(-1, h.topk(2, dim=-1).indices, 1.0)
 
     for steps, expected in [(0, "topk"), (5, "topk"), (6, "")]:
         gm = capture_graph(Far(steps).eval(), torch.randn(2, 8), mode="fx").gm
-        assert routes(find_sites(gm)["fc"]) == expected, steps
+        assert routes(gm, find_sites(gm)["fc"]) == expected, steps
+
+
+class _NotRouters(nn.Module):
+    """Layers whose output meets a topk without routing: a head whose top-k the model only
+    returns; a layer whose output only sets k (its size); a layer as wide as its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.sizer, self.wide = nn.Linear(16, 4), nn.Linear(16, 6), nn.Linear(16, 16)
+
+    def forward(self, x):
+        w = self.wide(x)
+        picked = w * torch.zeros_like(w).scatter(-1, w.topk(2, dim=-1).indices, 1.0)
+        k = self.sizer(x).shape[-1] // 2
+        return self.head(x + picked).topk(2, dim=-1), x.topk(k, dim=-1).values
+
+
+class _SoftmaxModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.softmax, self.out = nn.Linear(16, 4, bias=False), nn.Softmax(dim=-1), nn.Linear(16, 16)
+
+    def forward(self, x):
+        probs = self.softmax(self.gate(x))
+        top, idx = probs.topk(2, dim=-1)
+        return self.out(x) * torch.zeros_like(probs).scatter(-1, idx, top).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_heads_whose_topk_is_returned_and_wide_or_sizing_layers_are_no_routers(capture):
+    model, x = _NotRouters().eval(), torch.randn(3, 16)
+    gm = capture_graph(model, x, mode=capture).gm
+    found = {name: routes(gm, site) for name, site in find_sites(gm).items()}
+    assert set(found.values()) == {""} and {"head", "wide"} <= set(found)
+    assert "sizer" in found or capture == "export"  # (export drops a layer whose value only its size is read of)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_router_behind_a_softmax_module_is_found_in_both_captures(capture):
+    model, x = _SoftmaxModule().eval(), torch.randn(3, 16)
+    gm = capture_graph(model, x, mode=capture).gm
+    sites = find_sites(gm)
+    assert routes(gm, sites["gate"]) == "topk" and routes(gm, sites["out"]) == ""
 
 
 class _StackedExperts(nn.Module):
@@ -115,17 +160,47 @@ class _StackedExperts(nn.Module):
 def test_stacked_expert_weights_are_named_in_a_warning_and_the_capture_notes(capture):
     model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
     with pytest.warns(fxlrd.FxlrdWarning, match=r"1 stacked 3-D weight \(one matrix per expert, as a mixture of experts "
-                                                 r"holds them: up \(4×12×8\)\) hold 384 parameters, \d+% of the model"):
+                                                 r"holds them: up \(4×12×8\)\) holds 384 parameters, \d+% of the model"):
         gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture=capture)
     assert any("stacked 3-D weight" in note for note in gm.fxlrd_capture["notes"])
     assert stacked_weights(model, gm) == [("up", (4, 12, 8))]  # the Conv1d's 3-D weight is a layer, not listed
     assert {lp.name for lp in gm.fxlrd_plan.decomposed} >= {"fc"}
 
 
-def test_no_stacked_weight_no_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fxlrd.FxlrdWarning)
-        fxlrd.transform(ToyMoE().eval(), LRDConfig(ratio=2), example_inputs=torch.randn(2, 5, 16), capture="fx")
+def test_a_model_with_stacked_weights_is_still_transformed_in_place():
+    model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
+    with pytest.warns(fxlrd.FxlrdWarning, match="stacked 3-D weight"):
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="fx", inplace=True)
+    assert isinstance(model.fc, fxlrd.Factorized) and gm.fxlrd_plan.decomposed
+
+
+class _ThreeDButNotExperts(nn.Module):
+    """3-D parameters that are no stacked weights: a ViT's class token and position
+    embeddings (added), one only read for its shape, one with a dimension of 1; and a
+    Conv1d whose weight an einsum reads (an unseen layer, named as such, not as experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, 8)), nn.Parameter(torch.zeros(1, 5, 8))
+        self.sized, self.thin = nn.Parameter(torch.zeros(4, 8, 8)), nn.Parameter(torch.randn(4, 1, 8))
+        self.conv, self.fc = nn.Conv1d(8, 8, 1), nn.Linear(8, 8)
+
+    def forward(self, x):  # x: (batch, 4, 8)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        h = h * self.sized.shape[0] + torch.einsum("oik,bti->bto", self.conv.weight, h)
+        return self.fc(h) + torch.bmm(self.thin, h[:4, :1].transpose(1, 2)).sum()
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_three_dimensional_parameters_that_are_no_experts_are_not_named(capture):
+    model, x = _ThreeDButNotExperts().eval(), torch.randn(4, 4, 8)
+    gm = capture_graph(model, x, mode=capture).gm
+    assert stacked_weights(model, gm) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, capture=capture)
+    assert not [w for w in caught if "stacked" in str(w.message)]
+    assert [w for w in caught if "conv.weight (read by" in str(w.message)]
 
 
 transformers = pytest.importorskip("transformers")
@@ -173,6 +248,30 @@ def test_a_mixtral_on_grouped_mm_gets_the_implementation_export_can_trace():
         model(**x)  # it runs
     try:
         fxlrd.plan(model, LRDConfig(ratio=2), example_inputs=x)
-    except fxlrd.CaptureError as exc:  # (a torch whose fake kernel takes float32 captures it)
-        assert "runs on example_inputs, but not on the fake tensors" in str(exc)
+    except fxlrd.CaptureError as exc:
+        assert "runs on the inputs given, but not on the fake tensors" in str(exc)
         assert 'experts_implementation="batched_mm"' in str(exc)
+    else:
+        pytest.skip("this torch's fake kernel for grouped_mm takes float32: the model is captured")
+
+
+def test_a_transformers_model_without_experts_gets_no_experts_hint():
+    """transformers sets experts_implementation "eager" on every model without grouped_mm
+    experts: a BERT that neither capture can take must not be told about experts."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                                       num_attention_heads=4, intermediate_size=64))  # fmt: skip
+            self.config = self.bert.config
+
+        def forward(self, input_ids):
+            h = self.bert(input_ids=input_ids).last_hidden_state
+            return h if h.sum() > 0 else -h  # a Python branch on a value: neither capture takes it
+
+    model = Branchy().eval()
+    assert model.config._experts_implementation == "eager"
+    with pytest.raises(fxlrd.CaptureError) as raised:
+        fxlrd.plan(model, LRDConfig(ratio=2), example_inputs={"input_ids": torch.randint(3, 100, (2, 7))})
+    assert "could not capture Branchy" in str(raised.value) and "experts" not in str(raised.value)
