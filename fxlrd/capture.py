@@ -376,8 +376,10 @@ def _real_run_error(model: nn.Module, inputs: Args) -> Exception | None:
     args, kwargs = inputs
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    tensors = [*model.parameters(), *model.buffers(), *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             model(*args, **kwargs)
         return None
     except Exception as exc:  # noqa: BLE001  (any failure is the inputs' error)
@@ -1108,8 +1110,8 @@ def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     total = max(sum(p.numel() for p in gm.parameters()), 1)
     shown = ", ".join(f"{path} ({'×'.join(map(str, shape))})" for path, shape in stacked[:2]) + (", ..." if len(stacked) > 2 else "")
     share = f"{100 * n / total:.0f}%" if n >= total / 100 else "under 1%"
-    message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (one matrix per expert, as a mixture of "
-               f"experts holds them: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model: "
+    message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (matrices stacked in one tensor, as a "
+               f"mixture of experts holds its experts: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model: "
                "fxlrd does not decompose stacked weights, so they are kept whole and the model shrinks less than its layers' ratio says")  # fmt: skip
     warnings.warn(message, FxlrdWarning, stacklevel=4)
     return [message]
@@ -1176,7 +1178,7 @@ def _experts_hint(model: nn.Module, failing: str) -> list[str]:
     operation whose fake kernel takes bfloat16 only in torch 2.13); [] for other models."""
     if getattr(getattr(model, "config", None), "_experts_implementation", None) != failing:
         return []  # (transformers sets "eager" on every model without grouped_mm experts: the modules tell)
-    if not any("Experts" in type(m).__name__ for m in model.modules()):
+    if not any("Expert" in type(m).__name__ for m in model.modules()):
         return []
     how = ("a Python loop over the experts its tokens are routed to" if failing == "eager"
            else "transformers' grouped_mm")  # fmt: skip

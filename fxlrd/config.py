@@ -77,7 +77,8 @@ class LRDConfig:
         min_rank: smallest rank allowed on a mode the decomposition cuts (a mode kept whole, as a
             3-channel input under Tucker-2, is not held to it); a layer needing less is kept.
         beta: r2 / r1 for Tucker-2 (paper eq. 7).
-        include: glob patterns on qualified names; only matching layers are decomposed.
+        include: glob patterns on qualified names; only matching layers are decomposed. A
+            router (`fxlrd.sites.routes`) is kept unless its exact name is one of them.
         exclude: glob patterns on qualified names never decomposed.
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; False keeps the layer.
         layer_types: module types to decompose (subclasses included).

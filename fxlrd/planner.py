@@ -138,8 +138,9 @@ def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | No
     if why:
         return why
     if routes(gm, site) and name not in (config.include or ()):
-        return ("router (topk of its output picks what runs next): kept, as a low-rank router changes which experts "
-                "run; name it in include to decompose it")  # fmt: skip
+        return ("router (topk of its output picks what runs next: experts, queries, tokens): kept, as a low-rank "
+                "router changes the picks; to decompose it, give its exact name in include (a glob does not count), "
+                f"beside the others: include=['*', {name!r}]")  # fmt: skip
     if spec.pointwise and not config.decompose_pointwise:
         return "pointwise layer kept (decompose_pointwise=False)"
     why = handler.applies(spec) if handler is not None else "no method"

@@ -456,19 +456,27 @@ def unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, str]]
 
 
 _TOPK = (torch.topk, aten.topk.default)
-_SHAPE_READS = (getattr, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.dim.default)
+_SHAPE_READS = (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.dim.default)
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 # what a stacked weight passes through on its way to a product (selecting an expert, a view, a cast) ...
 _SELECTS = {"index", "index_select", "select", "getitem", "view", "reshape", "_unsafe_view", "transpose", "permute",
-            "t", "numpy_T", "mT", "expand", "_to_copy", "to", "contiguous", "clone", "unsqueeze", "squeeze", "slice",
-            "float", "half", "bfloat16", "type_as", "alias", "chunk", "split", "split_with_sizes", "narrow", "unbind"}  # fmt: skip
-# ... and the products that compute with it
+            "t", "numpy_T", "T", "mT", "H", "mH", "expand", "_to_copy", "to", "contiguous", "clone", "unsqueeze",
+            "squeeze", "slice", "float", "half", "bfloat16", "type_as", "alias", "chunk", "split", "split_with_sizes",
+            "narrow", "unbind"}  # fmt: skip
+# ... and the products that compute with it (a router's output passes through none of them)
 _PRODUCTS = {"bmm", "baddbmm", "matmul", "mm", "addmm", "linear", "einsum", "_grouped_mm", "grouped_mm",
-             "grouped_mm_fallback"}  # fmt: skip
+             "grouped_mm_fallback", "conv1d", "conv2d", "conv3d", "convolution"}  # fmt: skip
 
 
 def _op_name(node: fx.Node) -> str:
-    """The operation's bare name: ``"bmm"`` for ``torch.bmm``, ``aten.bmm.default`` and ``x.bmm``."""
+    """The operation's bare name: ``"bmm"`` for ``torch.bmm``, ``aten.bmm.default`` and
+    ``x.bmm``; the attribute for an attribute read (``"mT"`` for ``x.mT`` under fx); "" for a
+    module call."""
     target = node.target
+    if node.op == "call_module":
+        return ""
+    if target is getattr and len(node.args) > 1 and isinstance(node.args[1], str):
+        return node.args[1]
     if isinstance(target, str):
         return target
     if isinstance(target, torch._ops.OpOverload):
@@ -477,17 +485,25 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _shape_read(node: fx.Node) -> bool:
+    """Whether ``node`` reads only its input's size, dtype or device (no values)."""
+    if node.target is getattr:
+        return _op_name(node) in _SHAPE_ATTRIBUTES
     return node.target in _SHAPE_READS or (node.op == "call_method" and node.target in ("size", "dim", "numel"))
 
 
 def _runs_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` runs a layer of its own: a module holding parameters (not an
-    ``nn.Softmax`` or ``nn.Dropout``), or a linear, convolution or matrix product."""
+    """Whether ``node`` runs a layer: a module that is or holds a linear or convolution (not
+    an ``nn.Softmax`` or ``nn.LayerNorm``, looked through alike in both captures), or a linear,
+    convolution or matrix product."""
     if node.op == "call_module":
-        return any(True for _ in gm.get_submodule(node.target).parameters())
-    return node.op == "call_function" and (
-        node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS or node.target in _MM_FUNCTIONS
-        or node.target in _MATMUL_FUNCTIONS or node.target is aten.convolution.default)  # fmt: skip
+        try:
+            module = gm.get_submodule(node.target)
+        except AttributeError:
+            return True
+        return any(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, Factorized)) for m in module.modules())
+    return node.op in ("call_function", "call_method") and (
+        _op_name(node) in _PRODUCTS or node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS
+        or node.target in _MM_FUNCTIONS or node.target in _MATMUL_FUNCTIONS)  # fmt: skip
 
 
 def _selects_inside(topk: fx.Node) -> bool:
@@ -505,9 +521,9 @@ def routes(gm: fx.GraphModule, site: Site, depth: int = 6) -> str:
     """``"topk"`` when the layer is a router, else "": a linear layer with at most half as
     many outputs as inputs whose output ``topk`` ranks at most ``depth`` operations downstream
     (through no other layer), the picks then computed with inside the graph — a mixture of
-    experts' router (softmax or sigmoid, then top-k). A low-rank router changes which experts
-    run, for a saving of almost nothing (it has one row per expert). A head whose top-k the
-    model only returns is no router."""
+    experts' router (softmax or sigmoid, then top-k), or a head choosing queries or tokens for
+    what follows. A low-rank router changes which experts run, for a saving of almost nothing
+    (it has one row per expert). A head whose top-k the model only returns is no router."""
     spec = site.spec
     if spec is None or spec.kind != "linear" or 2 * spec.out_channels > spec.in_channels:
         return ""
@@ -520,7 +536,8 @@ def routes(gm: fx.GraphModule, site: Site, depth: int = 6) -> str:
                     continue
                 seen.add(user)
                 if user.target in _TOPK or (user.op == "call_method" and user.target == "topk"):
-                    if user.args and user.args[0] is node and _selects_inside(user):
+                    ranked = user.args[0] if user.args else user.kwargs.get("input", user.kwargs.get("self"))
+                    if ranked is node and _selects_inside(user):
                         return "topk"
                 elif not _runs_layer(gm, user):
                     following.append(user)

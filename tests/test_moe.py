@@ -15,7 +15,7 @@ from fxlrd.sites import find_sites, routes, stacked_weights
 from conftest import rel_err
 
 FULL = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
-ROUTER_NOTE = "router (topk of its output picks what runs next)"
+ROUTER_NOTE = "router (topk of its output picks what runs next: experts, queries, tokens)"
 
 
 class ToyMoE(nn.Module):
@@ -77,8 +77,10 @@ def test_only_the_layer_whose_output_topk_ranks_routes_not_one_further_up(captur
     assert routes(gm, sites["b"]) == "topk" and routes(gm, sites["a"]) == ""  # a's output reaches topk only through b
     plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x, capture=capture)
     assert [lp.name for lp in plan.decomposed] == ["a"]
-    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1, include=["a", "b"]), example_inputs=x, capture=capture)
-    assert [lp.name for lp in plan.decomposed] == ["a", "b"]  # named in include: decomposed all the same
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1, include=["*"]), example_inputs=x, capture=capture)
+    assert [lp.name for lp in plan.decomposed] == ["a"] and "include=['*', 'b']" in plan.layers["b"].reason
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1, include=["*", "b"]), example_inputs=x, capture=capture)
+    assert [lp.name for lp in plan.decomposed] == ["a", "b"]  # named exactly in include: decomposed all the same
 
 
 def test_routes_stops_at_its_depth():
@@ -133,12 +135,53 @@ def test_heads_whose_topk_is_returned_and_wide_or_sizing_layers_are_no_routers(c
     assert "sizer" in found or capture == "export"  # (export drops a layer whose value only its size is read of)
 
 
+class _NormedKeywordRouter(nn.Module):
+    """Routers written other ways: a LayerNorm module between the router and its topk, topk
+    called with keywords, and a selection head ranked by its maximum (``.values``) whose picks
+    gather the queries, as RT-DETR's encoder head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.norm = nn.Linear(16, 4), nn.LayerNorm(4)
+        self.keyword, self.score = nn.Linear(16, 4), nn.Linear(16, 3)
+
+    def forward(self, x):  # x: (batch, tokens, 16)
+        _, a = self.norm(self.gate(x)).topk(2, dim=-1)
+        _, b = torch.topk(input=self.keyword(x).softmax(-1), k=2, dim=-1)
+        picks = torch.topk(self.score(x).max(-1).values, 2, dim=1).indices
+        chosen = x.gather(1, picks[..., None].expand(-1, -1, 16))
+        return chosen.sum() + a.sum() + b.sum()
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_a_router_behind_a_softmax_module_is_found_in_both_captures(capture):
+def test_routers_are_found_the_same_in_both_captures(capture):
     model, x = _SoftmaxModule().eval(), torch.randn(3, 16)
     gm = capture_graph(model, x, mode=capture).gm
     sites = find_sites(gm)
     assert routes(gm, sites["gate"]) == "topk" and routes(gm, sites["out"]) == ""
+    model, x = _NormedKeywordRouter().eval(), torch.randn(2, 5, 16)
+    gm = capture_graph(model, x, mode=capture).gm
+    assert {name: routes(gm, site) for name, site in find_sites(gm).items()} == {
+        "gate": "topk", "keyword": "topk", "score": "topk"}  # fmt: skip
+
+
+class _SizedTopk(nn.Module):
+    """A layer whose output only sets k, of a topk whose picks are used inside: no router."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizer, self.fc = nn.Linear(16, 6), nn.Linear(16, 16)
+
+    def forward(self, x):
+        k = self.sizer(x).shape[-1] // 2
+        h = self.fc(x)
+        return h * torch.zeros_like(x).scatter(-1, x.topk(k, dim=-1).indices, 1.0)
+
+
+def test_a_layer_that_only_sets_k_is_no_router():
+    model, x = _SizedTopk().eval(), torch.randn(3, 16)
+    gm = capture_graph(model, x, mode="fx").gm
+    assert routes(gm, find_sites(gm)["sizer"]) == ""
 
 
 class _StackedExperts(nn.Module):
@@ -159,12 +202,28 @@ class _StackedExperts(nn.Module):
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_stacked_expert_weights_are_named_in_a_warning_and_the_capture_notes(capture):
     model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
-    with pytest.warns(fxlrd.FxlrdWarning, match=r"1 stacked 3-D weight \(one matrix per expert, as a mixture of experts "
-                                                 r"holds them: up \(4×12×8\)\) holds 384 parameters, \d+% of the model"):
+    with pytest.warns(fxlrd.FxlrdWarning, match=r"1 stacked 3-D weight \(matrices stacked in one tensor, as a mixture "
+                                                 r"of experts holds its experts: up \(4×12×8\)\) holds 384 parameters, \d+% of the model"):
         gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture=capture)
     assert any("stacked 3-D weight" in note for note in gm.fxlrd_capture["notes"])
     assert stacked_weights(model, gm) == [("up", (4, 12, 8))]  # the Conv1d's 3-D weight is a layer, not listed
     assert {lp.name for lp in gm.fxlrd_plan.decomposed} >= {"fc"}
+
+
+class _TransposedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x, idx):  # one expert per token, its matrix stored (in, out): x @ Wᵀ via .mT
+        return torch.bmm(x.unsqueeze(1), self.w[idx].mT).squeeze(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_stacked_weights_read_through_an_attribute_transpose_are_named(capture):
+    model, inputs = _TransposedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
+    gm = capture_graph(model, inputs, mode=capture).gm
+    assert stacked_weights(model, gm) == [("w", (4, 8, 8))]
 
 
 def test_a_model_with_stacked_weights_is_still_transformed_in_place():
