@@ -334,3 +334,17 @@ def test_a_transformers_model_without_experts_gets_no_experts_hint():
     with pytest.raises(fxlrd.CaptureError) as raised:
         fxlrd.plan(model, LRDConfig(ratio=2), example_inputs={"input_ids": torch.randint(3, 100, (2, 7))})
     assert "could not capture Branchy" in str(raised.value) and "experts" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_mixtral_on_grouped_mm_is_captured_with_its_routers_and_experts_named():
+    """In bfloat16 torch's fake kernel takes grouped_mm: the experts reach the product
+    through transformers' grouped_mm and are named as stacked weights there too."""
+    model, x = _mixtral("grouped_mm")
+    model = model.to(torch.bfloat16)
+    with pytest.warns(fxlrd.FxlrdWarning, match=r"4 stacked 3-D weights .*experts\.gate_up_proj \(4×128×32\)"):
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    rows = gm.fxlrd_plan.layers
+    assert [n for n in rows if rows[n].reason.startswith(ROUTER_NOTE)] == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
+    with torch.no_grad():
+        assert gm(**x).last_hidden_state.dtype == torch.bfloat16
