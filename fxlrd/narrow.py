@@ -785,7 +785,11 @@ def _least_squares(w: torch.Tensor, b: torch.Tensor | None, moments: tuple, anch
     # ridge toward the layer's own weights on the kept neurons (exact at full width)
     prior = w[:, idx] if b is None else torch.cat([w[:, idx], b[:, None]], 1)
     damp = ridge * max(float(g.diagonal().mean()), 1e-300)
-    return torch.linalg.solve(g + damp * torch.eye(g.shape[0], dtype=g.dtype), (cross + damp * prior).T).T
+    system, rhs = g + damp * torch.eye(g.shape[0], dtype=g.dtype), (cross + damp * prior).T
+    try:
+        return torch.linalg.solve(system, rhs).T
+    except torch.linalg.LinAlgError:  # kept neurons dependent on the data, no ridge: the least-norm optimum
+        return torch.linalg.lstsq(system, rhs, driver="gelsd").solution.T
 
 
 @torch.no_grad()
