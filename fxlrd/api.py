@@ -50,7 +50,7 @@ def _capture_inplace(model: nn.Module, config: LRDConfig, inputs: Args | None, m
     change the user's model before `_check_inplace` could refuse)."""
     trial = _capture(model, config, inputs, mode, dynamic_shapes, copy_model=True)
     informational = ("the forward never uses", "export fixed", "export bounded", "compute their weight", "training mode",
-                     "stacked 3-D weight")  # fmt: skip
+                     "stacked 3-D weight", "fxlrd does not take as layers")  # fmt: skip
     rewrites = [n for n in trial.notes if not any(k in n for k in informational)]  # what the capture changed
     if trial.mode != "fx" or rewrites:
         why = f"torch.fx cannot trace it, it needs torch.{trial.mode}" if trial.mode != "fx" else "; ".join(rewrites)

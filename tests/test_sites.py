@@ -455,6 +455,15 @@ def test_a_layer_module_whose_weight_no_site_reads_is_named_not_silently_kept(ca
         ("0.weight", "einsum" if capture == "fx" else "aten.einsum.default")]  # fmt: skip
 
 
+def test_a_layer_module_no_site_reads_does_not_stop_inplace():
+    """The unseen-layer note is information, not a rewrite: inplace=True used to be refused."""
+    model = nn.Sequential(_Einsum(16, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    with pytest.warns(fxlrd.FxlrdWarning, match="read by einsum"):
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=torch.randn(2, 16), capture="fx",
+                             inplace=True)  # fmt: skip
+    assert isinstance(model[2], fxlrd.Factorized) and [lp.name for lp in gm.fxlrd_plan.decomposed] == ["2"]
+
+
 class _TransposeAsInput(nn.Module):
     def __init__(self):
         super().__init__()
