@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, ConfigError, FxlrdWarning
+from .errors import CaptureError, ConfigError, FxlrdWarning, caller_stacklevel
 
 __all__ = ["capture", "check_module", "Captured", "FxlrdTracer", "normalize_inputs", "flat_inputs", "CAPTURE_MODES",
            "input_signature", "inputs_from_signature"]  # fmt: skip
@@ -1094,7 +1094,7 @@ def _unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     which = "1 Linear/conv module's weight is" if len(unseen) == 1 else f"{len(unseen)} Linear/conv modules' weights are"
     message = (f"{which} read by operations fxlrd does not take as layers: {shown}; kept whole. To decompose such a "
                "layer, compute it with F.linear / F.conv*d, an nn.Linear/nn.Conv*d forward, or x @ W.T")  # fmt: skip
-    warnings.warn(message, FxlrdWarning, stacklevel=4)
+    warnings.warn(message, FxlrdWarning, stacklevel=caller_stacklevel())
     return [message]
 
 
@@ -1113,7 +1113,7 @@ def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (matrices stacked in one tensor, as a "
                f"mixture of experts holds its experts: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model: "
                "fxlrd does not decompose stacked weights, so they are kept whole and the model shrinks less than its layers' ratio says")  # fmt: skip
-    warnings.warn(message, FxlrdWarning, stacklevel=4)
+    warnings.warn(message, FxlrdWarning, stacklevel=caller_stacklevel())
     return [message]
 
 

@@ -1022,3 +1022,20 @@ def test_the_real_run_restores_the_buffers_and_random_state_it_changes():
     assert _real_run_error(model, ((x,), {})) is None
     assert torch.equal(model.bn.running_mean, mean) and torch.equal(torch.get_rng_state(), rng)
     assert "refuses a batch of 3" in str(_real_run_error(model, ((torch.randn(3, 8),), {})))
+
+
+def test_an_fx_captured_model_whose_fake_kernel_refuses_its_dtype_is_planned_from_a_real_run():
+    """fx needs no fake tensors to capture, only to record the layers' input shapes: those come
+    from one real forward instead (eval mode, nothing of the model changed), and inputs that
+    fail for real are still the inputs' error."""
+    model, x = _UsesPicky().train(), torch.randn(4, 8)
+    model(x)
+    mean, rng = model.bn.running_mean.clone(), torch.get_rng_state()
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    assert plan.settings["capture"]["mode"] == "fx" and plan.layers["fc"].input_shape == (4, 8)
+    assert model.training and torch.equal(model.bn.running_mean, mean) and torch.equal(torch.get_rng_state(), rng)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x, capture="fx", inplace=True)
+    assert isinstance(model.fc, Factorized) and gm.fxlrd_plan.decomposed and model.training
+    assert torch.equal(model.bn.running_mean, mean)
+    with pytest.raises(ValueError, match="do not run through .*: RuntimeError: the real picky kernel refuses a batch of 3"):
+        fxlrd.plan(_UsesPicky(), LRDConfig(ratio=2), example_inputs=torch.randn(3, 8), capture="fx")

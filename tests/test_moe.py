@@ -226,6 +226,15 @@ def test_stacked_weights_read_through_an_attribute_transpose_are_named(capture):
     assert stacked_weights(model, gm) == [("w", (4, 8, 8))]
 
 
+def test_the_stacked_weight_warning_points_at_the_callers_line():
+    model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
+    for call in (lambda: fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs),
+                 lambda: fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="export")):
+        with pytest.warns(fxlrd.FxlrdWarning, match="stacked 3-D weight") as caught:
+            call()
+        assert {w.filename for w in caught if "stacked" in str(w.message)} == {__file__}
+
+
 def test_a_model_with_stacked_weights_is_still_transformed_in_place():
     model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
     with pytest.warns(fxlrd.FxlrdWarning, match="stacked 3-D weight"):
