@@ -368,27 +368,39 @@ def _put_back(saved: list[tuple[nn.Module, dict, dict, dict]]) -> None:
                     del now[key]
 
 
-def _real_run_error(model: nn.Module, inputs: Args) -> Exception | None:
-    """What ``model`` raises on ``inputs``, None when it runs: a real forward without
-    gradients, run only after a fake run failed (it costs one forward). The buffers it
-    updates (batch-norm statistics in training mode) and the random state are restored;
-    objects among the inputs that a forward changes (a KV cache) are not."""
-    args, kwargs = inputs
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+@contextlib.contextmanager
+def state_kept(model: nn.Module, inputs: Any = ()) -> Iterator[None]:
+    """Run real forwards of ``model`` inside and have nothing of it change: its modules'
+    modes, the tensors its forward stores on them, its buffers' values (batch-norm statistics)
+    and the random state (CPU, and the CUDA devices of ``model`` and ``inputs``) are put back
+    on exit. Objects among the inputs that a forward changes (a KV cache) are not."""
+    modes = [(m, m.training) for m in model.modules()]
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     tensors = [*model.parameters(), *model.buffers(), *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            yield
+    finally:
+        _put_back(saved)
+        for module, training in modes:
+            module.training = training
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+
+
+def _real_run_error(model: nn.Module, inputs: Args) -> Exception | None:
+    """What ``model`` raises on ``inputs``, None when it runs: a real forward without
+    gradients (`state_kept`), run only after a fake run failed (it costs one forward)."""
+    args, kwargs = inputs
+    try:
+        with state_kept(model, inputs):
             model(*args, **kwargs)
         return None
     except Exception as exc:  # noqa: BLE001  (any failure is the inputs' error)
         return exc
-    finally:
-        _put_back(saved)
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
 
 
 def _fake_message(model: nn.Module, fx_error: BaseException | None, exc: BaseException) -> str:

@@ -44,79 +44,29 @@ def input_shapes(gm: fx.GraphModule, inputs: Args) -> None:
 
     Runs ShapeProp under a FakeTensorMode: no real compute, and the model's buffers (batch
     norm running statistics) are not touched. Where fake tensors fail, one real forward records
-    the shapes instead (in eval mode, the model's state put back): code that branches on values
-    (inside a leaf module), an operation whose fake kernel refuses what its real one takes.
+    the shapes instead (in eval mode, `fxlrd.capture.state_kept`: nothing of the model changes):
+    code that branches on values (inside a leaf module), an operation whose fake kernel refuses
+    what its real one takes.
     Inputs that fail that too raise `fxlrd.capture.inputs_error` with the real failure.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .capture import inputs_error, quiet_fake_tensors
+    from .capture import inputs_error, quiet_fake_tensors, state_kept
 
     values = flat_inputs(gm, inputs)
-    failed: Exception | None = None
     try:
         with contextlib.redirect_stderr(io.StringIO()), quiet_fake_tensors():  # ShapeProp prints a traceback before raising
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
-    except Exception as exc:  # noqa: BLE001  (the inputs do not fit the model, or its fake kernels refuse them)
-        failed = exc
-    if failed is None:
         return
-    # (the real runs below happen outside the handler, so that their errors do not chain to the fake one)
-    if not _data_dependent(failed):
-        real_error = _real_shapes(gm, values)  # an operation whose fake kernel refuses what its real one takes
-        if real_error is not None:
-            raise inputs_error(gm, inputs, real_error) from real_error
-        return
-    # Fake tensors cannot run code that branches on values (inside a leaf module): run a
-    # copy for real, in eval mode, so nothing of the model changes.
+    except Exception:  # noqa: BLE001  (the inputs do not fit the model, or fake tensors cannot run it)
+        pass
+    # (outside the handler, so that the real run's error does not chain to the fake one)
     try:
-        with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
-            real = copy.deepcopy(gm).eval()
-            ShapeProp(real).propagate(*values)
-    except Exception as exc2:  # noqa: BLE001
-        raise inputs_error(gm, inputs, exc2) from exc2
-    by_name = {n.name: n for n in real.graph.nodes}
-    for node in gm.graph.nodes:
-        if node.name in by_name and "tensor_meta" in by_name[node.name].meta:
-            node.meta["tensor_meta"] = by_name[node.name].meta["tensor_meta"]
-
-
-def _real_shapes(gm: fx.GraphModule, values: Sequence[Any]) -> Exception | None:
-    """Record the shapes by one real forward of ``gm`` (eval mode, no gradients), None when it
-    runs, else what it raised. Its modules' modes, buffers and attributes, and the random
-    state, are put back: nothing of the model changes."""
-    from .capture import _put_back
-
-    modes = [(m, m.training) for m in gm.modules()]
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
-    tensors = [*gm.parameters(), *(v for v in values if isinstance(v, torch.Tensor))]
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in gm.modules()]
-    try:
-        gm.eval()
-        with contextlib.redirect_stderr(io.StringIO()), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with contextlib.redirect_stderr(io.StringIO()), state_kept(gm, values):
+            gm.eval()
             ShapeProp(gm).propagate(*values)
-        return None
-    except Exception as exc:  # noqa: BLE001  (any failure is the inputs' error)
-        return exc
-    finally:
-        _put_back(saved)
-        for module, training in modes:
-            module.training = training
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
-
-
-def _data_dependent(exc: BaseException) -> bool:
-    """Whether a fake-tensor failure comes from code that needs real values."""
-    names = {"DataDependentOutputException", "DynamicOutputShapeException", "GuardOnDataDependentSymNode",
-             "UnsupportedOperatorException"}  # fmt: skip
-    while exc is not None:
-        if type(exc).__name__ in names or "data-dependent" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    except Exception as exc:  # noqa: BLE001  (fails for real too: the inputs' error)
+        raise inputs_error(gm, inputs, exc) from exc
 
 
 def _shape_of(node: fx.Node | None) -> tuple[int, ...] | None:
