@@ -16,7 +16,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, inputs_from_signature, normalize_inputs, widens
 from .config import LRDConfig
 from .errors import ConfigError, FxlrdWarning, PlanMismatchError
-from .factorized import Factorized
+from .factorized import Factorized, module_weight, reference_weight
 from .metrics import count_params
 from .plan import LayerPlan, Plan
 from .planner import make_plan
@@ -573,7 +573,7 @@ def _sync_branched(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None 
         if lp.error is None:  # (data-free layers report none outside the allocation modes)
             continue
         try:
-            weight = reference.get_submodule(lp.name).weight if reference is not None else None
+            weight = reference_weight(reference.get_submodule(lp.name), fact.core) if reference is not None else None
         except AttributeError:
             weight = None
         site_stats = (stats or {}).get(lp.name) if lp.data_aware else None
@@ -588,7 +588,7 @@ def _branched_error(fact: Factorized, weight: torch.Tensor, stats: Any) -> float
 
     n = fact.core.groups
     v = fact.in_proj.weight.detach().double().cpu().reshape(fact.in_proj.out_channels, -1)  # (n·r1, C)
-    g = fact.core.weight.detach().double().cpu()  # (n·r2, r1, *k)
+    g = module_weight(fact.core).detach().double().cpu()  # (n·r2, r1, *k), a transposed core's too
     u = fact.out_proj.weight.detach().double().cpu().reshape(fact.out_proj.out_channels, -1)  # (S, n·r2)
     r1, r2 = v.shape[0] // n, g.shape[0] // n
     blocks = BlockTerms(in_factors=[v[i * r1 : (i + 1) * r1].T for i in range(n)],

@@ -200,7 +200,7 @@ def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None,
         x = _real_tokens(site, x, mask, layouts)
         return x.reshape(-1, x.shape[-1])
     x = _batched(site, x)
-    if spec.pointwise and any(s > 1 for s in spec.stride) and spec.padding != "same":
+    if spec.pointwise and any(s > 1 for s in spec.stride) and spec.padding != "same" and not spec.transposed:
         # a strided 1×1 conv reads every s-th position of its padded input: those are its samples
         pad = (0,) * len(spec.stride) if spec.padding == "valid" else tuple(spec.padding)
         if any(pad):

@@ -16,7 +16,7 @@ __all__ = ["LRDConfig", "RankRule", "DEFAULT_LAYER_TYPES"]
 
 RankRule = Literal["ratio", "fixed", "energy", "vbmf"]
 RANK_RULES: tuple[str, ...] = ("ratio", "fixed", "energy", "vbmf")
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
 def _as_patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...] | None:

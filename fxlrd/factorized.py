@@ -31,10 +31,15 @@ __all__ = [
     "fill",
     "balance",
     "ROLES",
+    "conv_layout",
+    "to_module_layout",
+    "module_weight",
+    "reference_weight",
 ]
 
 ROLES = ("in_proj", "core", "out_proj")
 _CONV_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 class Factorized(nn.Sequential):
@@ -63,8 +68,16 @@ class Factorized(nn.Sequential):
 class LayerSpec:
     """What the decomposition needs to know of a linear or convolution layer.
 
-    Built from an ``nn.Linear``/``nn.ConvNd`` module, or from the arguments of a functional
-    call (``F.linear``, ``aten.convolution``...), so module and functional layers are one thing.
+    Built from an ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd`` module, or from the
+    arguments of a functional call (``F.linear``, ``aten.convolution``...), so module and
+    functional layers are one thing.
+
+    A transposed convolution (``transposed=True``) is described, and its weight read and
+    written by fxlrd, in the layout of an ordinary convolution, ``(out, in, *kernel)``, as
+    every other layer: its channel modes decompose the same way, and only the factor that
+    carries the kernel (`make_layer` with ``spatial=True``) is a transposed convolution, with
+    the layer's stride, padding, output padding and dilation (`to_module_layout` turns a
+    weight into the module's own ``(in, out, *kernel)``).
     """
 
     kind: str  # "linear" or "conv"
@@ -77,7 +90,8 @@ class LayerSpec:
     padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
     padding_mode: str = "zeros"
-    transposed: bool = False  # a transposed convolution (never decomposed)
+    transposed: bool = False  # a transposed convolution
+    output_padding: tuple[int, ...] = ()  # a transposed convolution's (its spatial factor carries it)
 
     @property
     def kernel_numel(self) -> int:
@@ -107,7 +121,8 @@ def _as_tuple(value: Any, n: int) -> tuple[int, ...]:
 
 
 def layer_spec(layer: nn.Module) -> LayerSpec:
-    """The `LayerSpec` of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (subclasses included)."""
+    """The `LayerSpec` of an ``nn.Linear``, ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d``
+    (subclasses included)."""
     if isinstance(layer, nn.Linear):
         return LayerSpec("linear", layer.in_features, layer.out_features, (), 1, layer.bias is not None)
     if isinstance(layer, nn.modules.conv._ConvNd):
@@ -117,8 +132,45 @@ def layer_spec(layer: nn.Module) -> LayerSpec:
             "conv", layer.in_channels, layer.out_channels, tuple(layer.kernel_size), layer.groups,
             layer.bias is not None, _as_tuple(layer.stride, dims), padding, _as_tuple(layer.dilation, dims),
             layer.padding_mode, bool(layer.transposed),
+            _as_tuple(layer.output_padding, dims) if layer.transposed else (),
         )  # fmt: skip
-    raise TypeError(f"{type(layer).__name__} is neither nn.Linear nor nn.Conv1d/2d/3d")
+    raise TypeError(f"{type(layer).__name__} is neither nn.Linear nor nn.Conv1d/2d/3d nor nn.ConvTranspose1d/2d/3d")
+
+
+def conv_layout(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A transposed convolution's weight ``(in, out/groups, *k)`` in the layout of the
+    convolution it equals channel-wise, ``(out, in/groups, *k)``, group by group (a view)."""
+    c, s_g = weight.shape[:2]
+    w = weight.reshape(groups, c // groups, s_g, *weight.shape[2:]).transpose(1, 2)
+    return w.reshape(groups * s_g, c // groups, *weight.shape[2:])
+
+
+def to_module_layout(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``weight`` given in convolution layout ``(out, in/groups, *k)`` (or flattened), in
+    ``module``'s own layout: the same for a Linear or convolution, ``(in, out/groups, *k)``
+    for a transposed convolution."""
+    shape = module.weight.shape
+    if not getattr(module, "transposed", False):
+        return weight.reshape(shape)
+    g = module.groups
+    conv_shape = (shape[1] * g, shape[0] // g, *shape[2:])
+    w = weight.reshape(g, conv_shape[0] // g, conv_shape[1], *shape[2:]).transpose(1, 2)
+    return w.reshape(shape)
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear's, convolution's or transposed convolution's weight in convolution layout
+    ``(out, in/groups, *k)`` (a view for a transposed one)."""
+    w = module.weight
+    return conv_layout(w, module.groups) if getattr(module, "transposed", False) else w
+
+
+def reference_weight(layer: nn.Module, core: nn.Module) -> torch.Tensor | None:
+    """The original ``layer``'s weight in convolution layout, float64; None when the layer is
+    not a convolution of the core's kind (transposed or not), whose layout is then unknown."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or bool(layer.transposed) != bool(getattr(core, "transposed", False)):
+        return None
+    return module_weight(layer).detach().double()
 
 
 def make_layer(
@@ -136,13 +188,21 @@ def make_layer(
 ) -> nn.Module:
     """One factor module for a layer of ``spec``'s kind.
 
-    ``spatial=True`` carries the layer's kernel, stride, padding, dilation and padding mode;
-    otherwise a conv factor is 1×1 (unless ``kernel_size`` and ``conv`` keywords say more).
+    ``spatial=True`` carries the layer's kernel, stride, padding, dilation and padding mode
+    (of a transposed convolution: a transposed convolution with its kernel, stride, padding,
+    output padding and dilation); otherwise a conv factor is an ordinary 1×1 convolution
+    (unless ``kernel_size`` and ``conv`` keywords say more).
     """
     kw = {"device": device, "dtype": dtype}
     if spec.kind == "linear":
         return nn.Linear(in_channels, out_channels, bias=bias, **kw)
     conv_cls = _CONV_BY_DIMS[spec.dims]
+    if spatial and spec.transposed:
+        args = {"stride": spec.stride, "padding": spec.padding, "output_padding": spec.output_padding or 0,
+                "dilation": spec.dilation}  # fmt: skip
+        args.update(conv)
+        return _CONV_TRANSPOSE_BY_DIMS[spec.dims](in_channels, out_channels, kernel_size or spec.kernel_size,
+                                                  groups=groups, bias=bias, **args, **kw)  # fmt: skip
     if spatial:
         args = {"stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation, "padding_mode": spec.padding_mode}
         kernel = spec.kernel_size
@@ -176,7 +236,7 @@ def _add_bias(module: nn.Module, *, device, dtype) -> None:
     if isinstance(module, nn.Sequential):
         target = module[-1]
     if getattr(target, "bias", None) is None:
-        out = target.weight.shape[0]
+        out = getattr(target, "out_channels", None) or target.weight.shape[0]  # a transposed conv's weight is (in, out)
         target.bias = nn.Parameter(torch.empty(out, device=device if device is not None else target.weight.device,
                                                dtype=dtype or target.weight.dtype))  # fmt: skip
 
@@ -191,7 +251,8 @@ def fill(fact: Factorized, weights: dict[str, torch.Tensor], bias: torch.Tensor 
     for name, value in weights.items():
         if name not in params:
             raise KeyError(f"the method produced a weight {name!r} that its factors do not have: {sorted(params)}")
-        params[name].copy_(value.reshape(params[name].shape))
+        owner = fact.get_submodule(name.rpartition(".")[0]) if name.endswith(".weight") else None
+        params[name].copy_(to_module_layout(value, owner) if owner is not None else value.reshape(params[name].shape))
     if bias is not None:
         last = list(fact.children())[-1]
         last = last[-1] if isinstance(last, nn.Sequential) else last
@@ -200,7 +261,7 @@ def fill(fact: Factorized, weights: dict[str, torch.Tensor], bias: torch.Tensor 
 
 
 def _weight_and_spec(layer: nn.Module) -> tuple[torch.Tensor, LayerSpec]:
-    return layer.weight.detach(), layer_spec(layer)
+    return module_weight(layer).detach(), layer_spec(layer)
 
 
 def factorized_like(
@@ -215,7 +276,7 @@ def factorized_like(
 
 
 def _dense(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and getattr(module, "groups", 1) == 1
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and getattr(module, "groups", 1) == 1
 
 
 @torch.no_grad()
@@ -235,17 +296,19 @@ def balance(fact: Factorized) -> Factorized:
     for _ in range(50):
         moved = 0.0
         for a, b in zip(chain, chain[1:]):
-            if not (_dense(a) and _dense(b)) or a.weight.shape[0] != b.weight.shape[1]:
+            if not (_dense(a) and _dense(b)):
                 continue
-            wa, wb = a.weight.double(), b.weight.double()
+            wa, wb = module_weight(a).double(), module_weight(b).double()  # (out, in, *k), transposed ones too
+            if wa.shape[0] != wb.shape[1]:
+                continue
             na = wa.reshape(wa.shape[0], -1).norm(dim=1)
             nb = wb.transpose(0, 1).reshape(wb.shape[1], -1).norm(dim=1)
             ok = (na > 0) & (nb > 0)
             d = torch.where(ok, (nb / na.where(ok, torch.ones_like(na))).sqrt(), torch.ones_like(na))
-            a.weight.copy_(wa * d.reshape(-1, *([1] * (wa.dim() - 1))))
+            a.weight.copy_(to_module_layout(wa * d.reshape(-1, *([1] * (wa.dim() - 1))), a))
             if a.bias is not None:
                 a.bias.copy_(a.bias.double() * d)
-            b.weight.copy_(wb / d.reshape(1, -1, *([1] * (wb.dim() - 2))))
+            b.weight.copy_(to_module_layout(wb / d.reshape(1, -1, *([1] * (wb.dim() - 2))), b))
             moved = max(moved, float((d - 1).abs().max()))
         if moved < 1e-3:
             break

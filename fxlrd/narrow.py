@@ -162,7 +162,7 @@ _GROUPS_ARG = {_aten.convolution.default: 8}  # the functional convs' groups: ar
 def _depthwise(site: Site | None, hidden: int) -> bool:
     """A conv filtering each of the ``hidden`` channels on its own (one filter per channel)."""
     spec = site.spec if site is not None else None
-    return (spec is not None and spec.kind == "conv" and not site.reason and len(site.nodes) == 1
+    return (spec is not None and spec.kind == "conv" and not spec.transposed and not site.reason and len(site.nodes) == 1
             and spec.groups == spec.in_channels == spec.out_channels == hidden)  # fmt: skip
 
 
@@ -486,8 +486,8 @@ def _resize_views(gm: fx.GraphModule, sites: Mapping[str, Site], block: MLPBlock
 
 
 def _plain_pointwise(site: Site) -> bool:
-    """A 1×1 conv mixing all channels (no groups)."""
-    return site.spec.kind == "conv" and site.spec.pointwise and site.spec.groups == 1
+    """A 1×1 conv mixing all channels (no groups; not a transposed one, whose weight is laid out otherwise)."""
+    return site.spec.kind == "conv" and site.spec.pointwise and site.spec.groups == 1 and not site.spec.transposed
 
 
 def _unpadded(site: Site) -> bool:

@@ -37,6 +37,7 @@ from .sites import Site, find_sites, routes
 __all__ = ["make_plan", "input_shapes", "LayerTask"]
 
 _LAYER_TYPE_OF_SPEC = {0: nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED_TYPE_OF_SPEC = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 def input_shapes(gm: fx.GraphModule, inputs: Args) -> None:
@@ -97,7 +98,7 @@ class LayerTask:
 
 
 def _equivalent_type(spec: LayerSpec) -> type[nn.Module]:
-    return _LAYER_TYPE_OF_SPEC.get(spec.dims, nn.Module)
+    return (_TRANSPOSED_TYPE_OF_SPEC if spec.transposed else _LAYER_TYPE_OF_SPEC).get(spec.dims, nn.Module)
 
 
 def unselected_reason(name: str, site: Site, gm: fx.GraphModule, config: LRDConfig) -> str:
@@ -117,8 +118,6 @@ def _keep_reason(name: str, site: Site, gm: fx.GraphModule, handler: Method | No
         return site.reason
     if spec is None:
         return f"{site.op}: not supported"
-    if spec.transposed:
-        return "transposed convolution: not supported"
     layer_type = type(gm.get_submodule(name)) if site.kind == "module" else _equivalent_type(spec)
     if not issubclass(layer_type, tuple(config.layer_types)):
         return f"{layer_type.__name__} not in layer_types"

@@ -2,11 +2,14 @@
 
 A site is where a conv/linear layer runs in a captured graph:
 
-- a ``call_module`` of an ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (fx capture);
-- a ``call_function`` of ``F.linear`` / ``F.conv1d/2d/3d`` whose weight (and bias) are
+- a ``call_module`` of an ``nn.Linear`` / ``nn.Conv1d/2d/3d`` / ``nn.ConvTranspose1d/2d/3d``
+  (fx capture);
+- a ``call_function`` of ``F.linear`` / ``F.conv1d/2d/3d`` / ``F.conv_transpose1d/2d/3d``
+  whose weight (and bias) are
   ``get_attr`` nodes (a module calling the functional form: EfficientNet's static-same-padding
   convs, the attention rewrite of `fxlrd.attention`);
-- in graphs from ``torch.export``: ``aten.linear``, ``aten.conv1d/2d/3d``, ``aten.convolution``,
+- in graphs from ``torch.export``: ``aten.linear``, ``aten.conv1d/2d/3d``,
+  ``aten.conv_transpose1d/2d/3d``, ``aten.convolution`` (transposed or not),
   and ``aten.addmm`` / ``aten.mm`` with a weight stored transposed (GPT-2's ``Conv1D``) or
   transposed in the graph;
 - ``x @ W`` / ``x @ W.T`` (``aten.matmul``, ``torch.matmul``, ``operator.matmul``) with a 2-D
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .factorized import ROLES, Factorized, LayerSpec, layer_spec
+from .factorized import ROLES, Factorized, LayerSpec, conv_layout, layer_spec, to_module_layout
 
 __all__ = ["Site", "find_sites", "unseen_layers", "stacked_weights", "routes", "replace_site", "materialize", "set_submodule", "factor_modules", "is_factor_target"]
 
@@ -44,14 +47,16 @@ _CONV_FUNCTIONS = {
     aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
     aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3,
 }  # fmt: skip
-_CONV_TRANSPOSE_FUNCTIONS = {  # listed as kept (not supported), as a ConvTranspose module is
-    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d, torch.conv_transpose2d,
-    torch.conv_transpose3d, aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+_CONV_TRANSPOSE_FUNCTIONS = {
+    F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3, torch.conv_transpose1d: 1,
+    torch.conv_transpose2d: 2, torch.conv_transpose3d: 3, aten.conv_transpose1d.default: 1,
+    aten.conv_transpose2d.input: 2, aten.conv_transpose3d.input: 3,
 }  # fmt: skip
 _MM_FUNCTIONS = {aten.addmm.default: True, aten.mm.default: False, torch.addmm: True, torch.mm: False}
 _MATMUL_FUNCTIONS = {aten.matmul.default: "aten.matmul", torch.matmul: "torch.matmul", operator.matmul: "@"}
 _TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default, aten.mT.default}
-_STANDARD_FORWARD = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+_STANDARD_FORWARD = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+                     nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward}  # fmt: skip
 
 
 @dataclass
@@ -97,8 +102,11 @@ class Site:
         return arg if isinstance(arg, fx.Node) else None
 
     def weight(self, gm: nn.Module) -> torch.Tensor:
-        """The weight in PyTorch's layout, ``(out, in, *kernel)``."""
+        """The weight in a convolution's layout, ``(out, in, *kernel)`` (a transposed
+        convolution's too: a view of its ``(in, out, *kernel)``)."""
         w = gm.get_parameter(self.weight_path) if _is_param(gm, self.weight_path) else _get_attr(gm, self.weight_path)
+        if self.spec is not None and self.spec.transposed:
+            return conv_layout(w, self.spec.groups)
         return w.T if self.transposed_weight else w
 
     def bias(self, gm: nn.Module) -> torch.Tensor | None:
@@ -114,10 +122,19 @@ class Site:
         """An ``nn.Linear``/``nn.ConvNd`` computing the same as this site.
 
         For a module site, the module itself; otherwise a new module whose parameters are the
-        site's own (``share=True``, a transposed weight excepted) or copies of them.
+        site's own (``share=True``, a weight stored transposed excepted) or copies of them.
         """
         if self.kind == "module":
             return gm.get_submodule(self.name)
+        if self.spec.transposed:  # stored as the module holds it, (in, out, *k): shared as it is
+            stored = gm.get_parameter(self.weight_path) if _is_param(gm, self.weight_path) else None
+            layer = build_layer(self.spec, self.weight(gm), self.bias(gm))
+            if share and stored is not None:
+                layer.weight = stored
+                bias = self.bias(gm)
+                if bias is not None:
+                    layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
+            return layer
         return build_layer(self.spec, self.weight(gm), self.bias(gm), share=share and not self.transposed_weight)
 
 
@@ -133,7 +150,9 @@ def _is_param(root: nn.Module, path: str) -> bool:
 
 
 def build_layer(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None, *, share: bool = False) -> nn.Module:
-    """An ``nn.Linear``/``nn.ConvNd`` of ``spec`` holding ``weight`` and ``bias``."""
+    """An ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd`` of ``spec`` holding ``weight``
+    (in convolution layout, `Site.weight`'s) and ``bias``; ``share`` only for a weight in the
+    module's own layout (not a transposed convolution's)."""
     from .factorized import make_layer
 
     layer = make_layer(spec, spec.in_channels, spec.out_channels, spatial=True, groups=spec.groups,
@@ -145,7 +164,7 @@ def build_layer(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None
             if bias is not None:
                 layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
         else:
-            layer.weight.copy_(weight)
+            layer.weight.copy_(to_module_layout(weight, layer))
             if bias is not None:
                 layer.bias.copy_(bias)
     return layer
@@ -213,21 +232,27 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         op = ("aten." if str(target).startswith("aten") else "F.") + f"conv{dims}d"
         return _Use(node, op, spec, wp, bp, False, w)
     if target in _CONV_TRANSPOSE_FUNCTIONS:
+        dims = _CONV_TRANSPOSE_FUNCTIONS[target]
         w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
         wp, bp = _param_path(w), _param_path(b)
         if wp is None or (b is not None and bp is None):
             return None
-        op = ("aten." if str(target).startswith("aten") else "F.") + str(getattr(target, "__name__", target)).split(".")[0]
-        return _Use(node, op, None, wp, bp, False, w, "transposed convolution: not supported")
+        weight = _get_attr(gm, wp)
+        groups = int(_arg(node, 6, "groups", 1))
+        spec = _transposed_spec(weight, groups, b is not None, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                                _arg(node, 7, "dilation", 1), _arg(node, 5, "output_padding", 0))  # fmt: skip
+        op = ("aten." if str(target).startswith("aten") else "F.") + f"conv_transpose{dims}d"
+        return _Use(node, op, spec, wp, bp, False, w)
     if target is aten.convolution.default:
-        x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+        x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args[:9]
         wp, bp = _param_path(w), _param_path(b)
         if wp is None or (b is not None and bp is None):
             return None
         weight = _get_attr(gm, wp)
         dims = weight.dim() - 2
         if transposed:
-            return _Use(node, "aten.convolution", None, wp, bp, False, w, "transposed convolution: not supported")
+            spec = _transposed_spec(weight, groups, b is not None, stride, padding, dilation, output_padding)
+            return _Use(node, "aten.convolution", spec, wp, bp, False, w)
         spec = LayerSpec("conv", weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups,
                          b is not None, _tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims))  # fmt: skip
         return _Use(node, "aten.convolution", spec, wp, bp, False, w)
@@ -323,12 +348,21 @@ def _module_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         spec = layer_spec(module)
     except TypeError:
         reason = f"{type(module).__name__}: not supported"
-    if not reason and type(module).forward not in _STANDARD_FORWARD and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if not reason and type(module).forward not in _STANDARD_FORWARD:
         reason = f"{type(module).__name__} has its own forward: trace into it (not a leaf) to decompose its layer"
     if not reason and (len(node.args) != 1 or node.kwargs):
         reason = "called with other than one positional input"
     bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
     return _Use(node, type(module).__name__, spec, f"{node.target}.weight", bias, False, node, reason)
+
+
+def _transposed_spec(weight: torch.Tensor, groups: Any, bias: bool, stride: Any, padding: Any, dilation: Any,
+                     output_padding: Any) -> LayerSpec:  # fmt: skip
+    """The `LayerSpec` of a transposed convolution of ``weight`` ``(in, out/groups, *k)``."""
+    dims, groups = weight.dim() - 2, int(groups)
+    return LayerSpec("conv", weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]), groups, bias,
+                     _tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims), "zeros", True,
+                     _tuple(output_padding, dims))  # fmt: skip
 
 
 def is_factor_target(gm: nn.Module, target: str) -> bool:

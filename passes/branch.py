@@ -9,7 +9,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxlrd.branch import BlockTerms, fit_btd, truncate_blocks
-from fxlrd.factorized import Factorized
+from fxlrd.factorized import Factorized, module_weight, reference_weight, to_module_layout
 from fxlrd.methods.base import data_aware_weight, unweigh_output, unwhiten_input, weigh_output, whiten_input
 
 from fxlrd.sites import set_submodule
@@ -55,13 +55,13 @@ class BranchPass(PassBase):
         inp, core, out = fact.in_proj, fact.core, fact.out_proj
         v = inp.weight.reshape(inp.out_channels, -1).T.double()  # C × r1
         u = out.weight.reshape(out.out_channels, -1).double()  # S × r2
-        g = core.weight.double()
+        g = module_weight(core).double()  # (r2, r1, *k), a transposed core's too
         blocks = truncate_blocks(v, g, u, n)
         if self.init == "btd":
             target = None
             if self.reference is not None:
                 try:
-                    target = self.reference.get_submodule(name).weight.detach().double()
+                    target = reference_weight(self.reference.get_submodule(name), core)
                 except AttributeError:
                     target = None
             if target is None or target.shape[:2] != (u.shape[0], v.shape[0]):
@@ -73,13 +73,17 @@ class BranchPass(PassBase):
                 blocks = self._fit_on_data(target.cpu(), v.cpu(), g.cpu(), u.cpu(), stats)
         r1, r2 = blocks.cores[0].shape[1], blocks.cores[0].shape[0]
         kw = {"device": core.weight.device, "dtype": core.weight.dtype}
-        conv = type(core) if type(core) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else nn.Conv2d
+        conv = type(inp) if type(inp) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else nn.Conv2d
         new_in = conv(inp.in_channels, n * r1, 1, bias=False, **kw)
-        new_core = conv(n * r1, n * r2, core.kernel_size, stride=core.stride, padding=core.padding, dilation=core.dilation,
-                        groups=n, padding_mode=core.padding_mode, bias=False, **kw)  # fmt: skip
+        if core.transposed:
+            new_core = type(core)(n * r1, n * r2, core.kernel_size, stride=core.stride, padding=core.padding,
+                                  output_padding=core.output_padding, dilation=core.dilation, groups=n, bias=False, **kw)  # fmt: skip
+        else:
+            new_core = conv(n * r1, n * r2, core.kernel_size, stride=core.stride, padding=core.padding,
+                            dilation=core.dilation, groups=n, padding_mode=core.padding_mode, bias=False, **kw)  # fmt: skip
         new_out = conv(n * r2, out.out_channels, 1, bias=out.bias is not None, **kw)
         new_in.weight.copy_(torch.cat(blocks.in_factors, 1).T.reshape(new_in.weight.shape))
-        new_core.weight.copy_(torch.cat(blocks.cores, 0).reshape(new_core.weight.shape))
+        new_core.weight.copy_(to_module_layout(torch.cat(blocks.cores, 0), new_core))
         new_out.weight.copy_(torch.cat(blocks.out_factors, 1).reshape(new_out.weight.shape))
         if out.bias is not None:
             new_out.bias.copy_(out.bias)

@@ -191,7 +191,7 @@ def test_kept_layers_say_why():
     plan = fxlrd.plan(Small(), LRDConfig(exclude=["head"]))
     assert plan["body.2"].method == "keep" and "grouped convolution (groups=4)" in plan["body.2"].reason
     assert "depthwise" in plan["dw"].reason
-    assert "transposed" in plan["up"].reason
+    assert plan["up"].method == "tucker2" and plan["up"].layer_type == "ConvTranspose2d"  # decomposed like a conv
     assert plan["head"].reason == "matched by exclude"
     table = plan.table()
     assert "depthwise" in table and "stem" in table
@@ -461,7 +461,7 @@ def test_energy_and_fixed_rules_end_to_end(cfg):
     model = Small().eval()
     plan = fxlrd.plan(model, cfg)
     done = {lp.name for lp in plan.decomposed}
-    assert done and done <= {"stem", "body.0", "head"}
+    assert done and done <= {"stem", "body.0", "up", "head"}
     gm = fxlrd.apply(model, plan)
     with torch.no_grad():
         assert gm(torch.randn(1, 3, 8, 8)).shape == (1, 10)

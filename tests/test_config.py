@@ -68,7 +68,7 @@ def test_to_dict_is_json_ready():
 
     d = LRDConfig(filter_fn=lambda m, n: True).to_dict()
     json.dumps(d)
-    assert d["layer_types"] == ["Linear", "Conv1d", "Conv2d"]
+    assert d["layer_types"] == ["Linear", "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d"]
     assert d["ratio"] == 2.0
 
 

@@ -49,6 +49,8 @@ class CP(Method):
             return "cp needs a convolution with a kernel larger than 1x1"
         if spec.dims not in (1, 2):
             return f"cp supports Conv1d and Conv2d, not a {spec.dims}-d convolution"
+        if spec.transposed:
+            return "cp does not decompose a transposed convolution (use tucker2)"
         if spec.groups != 1:
             kind = "depthwise" if spec.groups == spec.in_channels else "grouped"
             return f"{kind} convolution (groups={spec.groups})"

@@ -1,7 +1,9 @@
 """SVD of Linear and 1×1 conv layers: ``W ≈ (U_r √Σ_r)(√Σ_r V_rᵀ)``, two layers for one.
 
 ``in_proj = √Σ_r V_rᵀ`` (C→r, carries the stride and padding), ``out_proj = U_r √Σ_r`` (r→S,
-carries the bias). With calibration statistics the SVD is of the whitened weight ``W S``
+carries the bias). Of a 1×1 transposed convolution, ``out_proj`` is the transposed one, with
+its stride, padding and output padding: ``in_proj`` runs at the input's resolution, not at the
+(strided, larger) output's. With calibration statistics the SVD is of the whitened weight ``W S``
 (SVD-LLM): at rank r it minimises the output error ``‖(W − W′)X‖_F`` on the calibration
 inputs instead of the weight error.
 """
@@ -60,6 +62,8 @@ class SVD(Method):
         (r,) = ranks
         c, s = spec.in_channels, spec.out_channels
         kw = {"device": device, "dtype": dtype}
+        if r < c and r < s and spec.transposed:  # the stride on the last factor, which widens the output
+            return OrderedDict(in_proj=make_layer(spec, c, r, **kw), out_proj=make_layer(spec, r, s, spatial=True, **kw))
         if r < c and r < s:
             return OrderedDict(in_proj=make_layer(spec, c, r, spatial=True, **kw), out_proj=make_layer(spec, r, s, **kw))
         return OrderedDict(out_proj=make_layer(spec, c, s, spatial=True, **kw))  # a full-rank side: one C→S layer
