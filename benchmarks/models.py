@@ -1,6 +1,6 @@
 """The models the suite times, with their inputs and calibration data.
 
-Zoo models, BERT-base and the small Llama start from seeded random weights (latency depends only on shapes, and
+Zoo models (the DCGAN generator too), BERT-base and the small Llama start from seeded random weights (latency depends only on shapes, and
 every run rebuilds the same weights); EfficientNet-Lite1 and all-MiniLM-L6-v2 are the real
 pretrained models of `benchmarks._real`, calibrated on real images and sentences.
 """
@@ -136,6 +136,11 @@ def _minilm_calibration() -> list[dict[str, torch.Tensor]]:
     return token_batches(_minilm_tokenizer(), sentences, batch=CALIBRATION_BATCH, max_length=SEQUENCE)
 
 
+def _latents(batch: int, seed: int = 0) -> torch.Tensor:
+    """The DCGAN generator's inputs: standard normal latent vectors, as it is fed (its real data)."""
+    return torch.randn(batch, 100, 1, 1, generator=torch.Generator().manual_seed(seed))
+
+
 def _zoo_spec(name: str, describe: str) -> ModelSpec:
     return ModelSpec(name, describe, _seeded(lambda: zoo.get(name)), _images(224), _random_images(224))
 
@@ -147,6 +152,9 @@ MODELS: dict[str, ModelSpec] = {
         _zoo_spec("resnet101", "ResNet-101 (fxlrd.zoo, random weights), 224×224"),
         _zoo_spec("resnet152", "ResNet-152 (fxlrd.zoo, random weights), 224×224"),
         _zoo_spec("vit_b_16", "ViT-B/16 (fxlrd.zoo, random weights), 224×224"),
+        ModelSpec("dcgan", "DCGAN generator (fxlrd.zoo, random weights): five transposed convs, 100-d latent to 64×64",
+                  _seeded(zoo.dcgan_generator), _latents,
+                  lambda: [_latents(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)]),  # fmt: skip
         ModelSpec("bert_base", f"BERT-base (transformers BertModel(BertConfig()), random weights), sequence {SEQUENCE}",
                   _seeded(_bert_base), _random_tokens,
                   lambda: [_random_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],

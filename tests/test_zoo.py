@@ -122,3 +122,14 @@ def test_full_rank_reproduces_a_timm_model():
     with torch.no_grad():
         want, got = model(x), gm(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_dcgan_generator_has_the_papers_shape():
+    """Latent (N, 100, 1, 1) → (N, 3, 64, 64) in [-1, 1] through five 4×4 transposed convs
+    (512, 256, 128, 64, 3 channels, no biases), 3.58 M parameters."""
+    model = zoo.get("dcgan_generator").eval()
+    out = model(torch.randn(2, 100, 1, 1))
+    assert out.shape == (2, 3, 64, 64) and out.abs().max() <= 1
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.out_channels for c in convs] == [512, 256, 128, 64, 3] and all(c.bias is None for c in convs)
+    assert count_params(model) == 3_576_704

@@ -1,19 +1,24 @@
 """Reference models in torchvision's layout and parameter names, for tests and benchmarks.
 
 torchvision does not install beside the CPU torch of every machine, so fxlrd carries its own
-definitions; a torchvision state dict loads into them with ``strict=True``.
+definitions; a torchvision state dict loads into them with ``strict=True``. The DCGAN
+generator, which torchvision does not have, is the paper's architecture (transposed
+convolutions only).
 """
 
+from .dcgan import DCGANGenerator, dcgan_generator
 from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet152
 from .vit import VisionTransformer, vit_b_16
 
-__all__ = ["ResNet", "Bottleneck", "VisionTransformer", "resnet50", "resnet101", "resnet152", "vit_b_16", "get"]
+__all__ = ["ResNet", "Bottleneck", "VisionTransformer", "DCGANGenerator", "resnet50", "resnet101", "resnet152", "vit_b_16",
+           "dcgan_generator", "get"]  # fmt: skip
 
-_MODELS = {"resnet50": resnet50, "resnet101": resnet101, "resnet152": resnet152, "vit_b_16": vit_b_16}
+_MODELS = {"resnet50": resnet50, "resnet101": resnet101, "resnet152": resnet152, "vit_b_16": vit_b_16,
+           "dcgan_generator": dcgan_generator}  # fmt: skip
 
 
 def get(name: str, **kwargs):
-    """A zoo model by name (``resnet50``, ``resnet101``, ``resnet152``, ``vit_b_16``)."""
+    """A zoo model by name (``resnet50``, ``resnet101``, ``resnet152``, ``vit_b_16``, ``dcgan_generator``)."""
     try:
         return _MODELS[name](**kwargs)
     except KeyError:
