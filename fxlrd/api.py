@@ -576,6 +576,9 @@ def _sync_branched(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None 
             weight = reference_weight(reference.get_submodule(lp.name), fact.core) if reference is not None else None
         except AttributeError:
             weight = None
+        shape = (fact.out_proj.out_channels, fact.in_proj.in_channels, *fact.core.kernel_size)
+        if weight is not None and tuple(weight.shape) != shape:  # not the layer's weight after all
+            weight = None
         site_stats = (stats or {}).get(lp.name) if lp.data_aware else None
         lp.error = _branched_error(fact, weight, site_stats) if weight is not None else None
 

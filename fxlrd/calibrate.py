@@ -208,6 +208,13 @@ def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None,
             x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=mode)
         index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)
         x = x[index]
+    if spec.pointwise and spec.transposed and any(spec.padding):
+        # a padded 1×1 transposed conv crops its output: the input positions it maps into the crop never reach it
+        index = [slice(None), slice(None)]
+        for size, s, p, extra in zip(x.shape[2:], spec.stride, spec.padding, spec.output_padding or (0,) * len(spec.stride)):
+            full = (size - 1) * s + 1 + extra
+            index.append(slice(-(-p // s), (full - p - 1) // s + 1))
+        x = x[tuple(index)]
     return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 

@@ -139,7 +139,8 @@ def layer_spec(layer: nn.Module) -> LayerSpec:
 
 def conv_layout(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A transposed convolution's weight ``(in, out/groups, *k)`` in the layout of the
-    convolution it equals channel-wise, ``(out, in/groups, *k)``, group by group (a view)."""
+    convolution it equals channel-wise, ``(out, in/groups, *k)``, group by group (a view
+    without groups, a copy with them)."""
     c, s_g = weight.shape[:2]
     w = weight.reshape(groups, c // groups, s_g, *weight.shape[2:]).transpose(1, 2)
     return w.reshape(groups * s_g, c // groups, *weight.shape[2:])
@@ -160,17 +161,24 @@ def to_module_layout(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 def module_weight(module: nn.Module) -> torch.Tensor:
     """A Linear's, convolution's or transposed convolution's weight in convolution layout
-    ``(out, in/groups, *k)`` (a view for a transposed one)."""
+    ``(out, in/groups, *k)`` (for a transposed one, a view without groups, else a copy)."""
     w = module.weight
     return conv_layout(w, module.groups) if getattr(module, "transposed", False) else w
 
 
 def reference_weight(layer: nn.Module, core: nn.Module) -> torch.Tensor | None:
-    """The original ``layer``'s weight in convolution layout, float64; None when the layer is
-    not a convolution of the core's kind (transposed or not), whose layout is then unknown."""
-    if not isinstance(layer, nn.modules.conv._ConvNd) or bool(layer.transposed) != bool(getattr(core, "transposed", False)):
+    """The original ``layer``'s weight in convolution layout, float64, for a decomposed layer
+    whose core is ``core``: a convolution module's (None if it is not of the core's kind,
+    transposed or not), or the ``weight`` of a module calling ``F.conv*``/``F.conv_transpose*``
+    on it (read as a transposed one's when the core is transposed); None when there is none
+    with the core's number of dimensions."""
+    transposed = bool(getattr(core, "transposed", False))
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return module_weight(layer).detach().double() if bool(layer.transposed) == transposed else None
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != core.weight.dim():
         return None
-    return module_weight(layer).detach().double()
+    return (conv_layout(w) if transposed else w).detach().double()
 
 
 def make_layer(
@@ -345,7 +353,8 @@ def decompose_layer(
 ) -> Factorized:
     """Decompose ``layer`` (Linear or ConvNd) into a `Factorized` at ``ranks``.
 
-    ``method="svd"``: ``ranks=(r,)``, the √Σ split, stride and padding on the first factor.
+    ``method="svd"``: ``ranks=(r,)``, the √Σ split, stride and padding on the first factor (on
+    the last for a transposed convolution).
     ``method="tucker2"``: ``ranks=(r1, r2)`` (input side, output side); kernel, stride,
     padding, dilation and padding mode on ``core``. ``method="cp"``: ``ranks=(r,)``. The bias
     always goes on the last factor.

@@ -103,7 +103,7 @@ class Site:
 
     def weight(self, gm: nn.Module) -> torch.Tensor:
         """The weight in a convolution's layout, ``(out, in, *kernel)`` (a transposed
-        convolution's too: a view of its ``(in, out, *kernel)``)."""
+        convolution's too, from its ``(in, out, *kernel)``: a view without groups)."""
         w = gm.get_parameter(self.weight_path) if _is_param(gm, self.weight_path) else _get_attr(gm, self.weight_path)
         if self.spec is not None and self.spec.transposed:
             return conv_layout(w, self.spec.groups)
@@ -178,6 +178,19 @@ def _tuple(value: Any, n: int) -> tuple[int, ...]:
     return value * n if len(value) == 1 and n > 1 else value
 
 
+def _static(*values: Any) -> bool:
+    """Whether convolution settings are plain values (ints, lists of ints, a padding string),
+    not computed in the graph (an output padding from the input's shape is an ``fx.Node``)."""
+    for v in values:
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in items):
+            return False
+    return True
+
+
+_COMPUTED_SETTINGS = "settings computed in the graph (an output size from the input's shape): not supported"
+
+
 def _param_path(node: Any) -> str | None:
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
@@ -223,13 +236,15 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
             return None
         weight = _get_attr(gm, wp)
         padding = _arg(node, 4, "padding", 0)
+        op = ("aten." if str(target).startswith("aten") else "F.") + f"conv{dims}d"
+        if not _static(padding, *(_arg(node, i, n, 1) for i, n in ((3, "stride"), (5, "dilation"), (6, "groups")))):
+            return _Use(node, op, None, wp, bp, False, w, _COMPUTED_SETTINGS)
         padding = padding if isinstance(padding, str) else _tuple(padding, dims)
         groups = int(_arg(node, 6, "groups", 1))
         spec = LayerSpec(
             "conv", weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups, b is not None,
             _tuple(_arg(node, 3, "stride", 1), dims), padding, _tuple(_arg(node, 5, "dilation", 1), dims),
         )  # fmt: skip
-        op = ("aten." if str(target).startswith("aten") else "F.") + f"conv{dims}d"
         return _Use(node, op, spec, wp, bp, False, w)
     if target in _CONV_TRANSPOSE_FUNCTIONS:
         dims = _CONV_TRANSPOSE_FUNCTIONS[target]
@@ -238,10 +253,14 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
         if wp is None or (b is not None and bp is None):
             return None
         weight = _get_attr(gm, wp)
+        op = ("aten." if str(target).startswith("aten") else "F.") + f"conv_transpose{dims}d"
+        settings = [_arg(node, i, n, d) for i, n, d in ((3, "stride", 1), (4, "padding", 0), (5, "output_padding", 0),
+                                                        (6, "groups", 1), (7, "dilation", 1))]  # fmt: skip
+        if not _static(*settings):
+            return _Use(node, op, None, wp, bp, False, w, _COMPUTED_SETTINGS)
         groups = int(_arg(node, 6, "groups", 1))
         spec = _transposed_spec(weight, groups, b is not None, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
                                 _arg(node, 7, "dilation", 1), _arg(node, 5, "output_padding", 0))  # fmt: skip
-        op = ("aten." if str(target).startswith("aten") else "F.") + f"conv_transpose{dims}d"
         return _Use(node, op, spec, wp, bp, False, w)
     if target is aten.convolution.default:
         x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args[:9]
@@ -250,6 +269,8 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
             return None
         weight = _get_attr(gm, wp)
         dims = weight.dim() - 2
+        if not _static(stride, padding, dilation, output_padding, groups):
+            return _Use(node, "aten.convolution", None, wp, bp, False, w, _COMPUTED_SETTINGS)
         if transposed:
             spec = _transposed_spec(weight, groups, b is not None, stride, padding, dilation, output_padding)
             return _Use(node, "aten.convolution", spec, wp, bp, False, w)
@@ -457,6 +478,7 @@ def computed_weight_layers(gm: fx.GraphModule) -> int:
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or not (node.target in _LINEAR_FUNCTIONS or node.target in _CONV_FUNCTIONS
+                                              or node.target in _CONV_TRANSPOSE_FUNCTIONS
                                               or node.target is aten.convolution.default):  # fmt: skip
             continue
         weight = _arg(node, 1, "weight")
@@ -499,7 +521,8 @@ _SELECTS = {"index", "index_select", "select", "getitem", "view", "reshape", "_u
             "narrow", "unbind"}  # fmt: skip
 # ... and the products that compute with it (a router's output passes through none of them)
 _PRODUCTS = {"bmm", "baddbmm", "matmul", "mm", "addmm", "linear", "einsum", "_grouped_mm", "grouped_mm",
-             "grouped_mm_fallback", "conv1d", "conv2d", "conv3d", "convolution"}  # fmt: skip
+             "grouped_mm_fallback", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+             "conv_transpose3d"}  # fmt: skip
 
 
 def _op_name(node: fx.Node) -> str:

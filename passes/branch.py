@@ -64,7 +64,7 @@ class BranchPass(PassBase):
                     target = reference_weight(self.reference.get_submodule(name), core)
                 except AttributeError:
                     target = None
-            if target is None or target.shape[:2] != (u.shape[0], v.shape[0]):
+            if target is None or tuple(target.shape) != (u.shape[0], v.shape[0], *g.shape[2:]):
                 target = torch.einsum("rq...,sr,cq->sc...", g, u, v)
             stats = self.stats.get(name)
             if stats is None:

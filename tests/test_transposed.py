@@ -335,3 +335,147 @@ def test_a_functional_transposed_conv_made_a_module_keeps_its_parameter():
     layer = gm.get_submodule(site.name)
     assert isinstance(layer, nn.ConvTranspose2d) and layer.weight is model.weight and layer.bias is model.bias
     assert layer.output_padding == (1, 1) and torch.equal(gm(x), want)
+
+
+def test_settings_computed_in_the_graph_keep_the_layer_with_the_reason():
+    """An output padding computed from a shape (a U-Net matching its skip connection) is a
+    graph value, not a number: the layer is kept with the reason (the capture crashed, or was
+    blamed), under fx for a functional call and under export with a dynamic size."""
+    from torch.export import Dim
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 12, 3, 3) / 10)
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x, skip):
+            extra = skip.shape[-1] - (2 * x.shape[-1] - 1)
+            return F.conv_transpose2d(self.conv(x), self.weight, stride=2, padding=1, output_padding=extra) + skip[:, :12]
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1)
+
+        def forward(self, x, skip):
+            return self.up(x, output_size=skip.shape[-2:]) + skip
+
+    why = "settings computed in the graph (an output size from the input's shape): not supported"
+    plan = fxlrd.plan(Functional(), LRDConfig(ratio=2), example_inputs=(torch.randn(1, 16, 5, 5), torch.randn(1, 16, 10, 10)))
+    assert plan["weight_lrd"].reason == why and plan["conv"].method == "tucker2"
+    h = Dim("h", min=2, max=64)
+    inputs = (torch.randn(2, 16, 5, 5), torch.randn(2, 8, 10, 10))
+    model = Up().eval()
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=inputs, capture="export",
+                         dynamic_shapes={"x": {2: h}, "skip": {2: 2 * h}})  # fmt: skip
+    assert gm.fxlrd_plan["up"].reason == why
+    other = (torch.randn(2, 16, 7, 7), torch.randn(2, 8, 14, 14))
+    torch.testing.assert_close(gm(*other), model(*other))
+    # with static shapes export fixes the output padding at capture: decomposed, and exact at full rank
+    gm = fxlrd.transform(model.double(), FULL, example_inputs=tuple(t.double() for t in inputs), capture="export")
+    assert gm.fxlrd_plan["up"].decomposed
+    assert rel_err(gm(*(t.double() for t in inputs)), model(*(t.double() for t in inputs))) < 1e-10
+
+
+def test_branching_a_functional_layer_fits_its_original_weight():
+    """``branches=2`` fits the blocks to the layer's original weight and reports that error,
+    for a module holding its weight and calling ``F.conv2d`` / ``F.conv_transpose2d`` on it as
+    for a conv module (its weight was taken for unknown: the blocks were fitted to the Tucker
+    approximation, the plan's error None)."""
+
+    class Holder(nn.Module):
+        def __init__(self, transposed):
+            super().__init__()
+            self.transposed = transposed
+            self.weight = nn.Parameter(torch.randn(24 if transposed else 32, 32 if transposed else 24, 3, 3) / 10)
+
+        def forward(self, x):
+            return (F.conv_transpose2d if self.transposed else F.conv2d)(x, self.weight, padding=1)
+
+    class ConvT(nn.Module):  # the same layer as a module
+        def __init__(self, weight):
+            super().__init__()
+            self.layer = nn.ConvTranspose2d(24, 32, 3, padding=1, bias=False)
+            with torch.no_grad():
+                self.layer.weight.copy_(weight)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    torch.manual_seed(9)
+    x = torch.randn(2, 24, 8, 8, dtype=torch.float64)
+    cfg = LRDConfig(branches=2, allocation="global", ratio=2.5)  # (data-free errors are reported by allocation)
+    plain = fxlrd.transform(nn.Sequential(Holder(False)).double().eval(), cfg, example_inputs=x)
+    assert plain.fxlrd_plan.decomposed[0].error is not None and plain.get_submodule("0").core.groups == 2
+    holder = nn.Sequential(Holder(True)).double().eval()
+    module = ConvT(holder[0].weight.detach()).double().eval()
+    as_module = fxlrd.transform(module, cfg, example_inputs=x)
+    as_function = fxlrd.transform(holder, cfg, example_inputs=x)
+    assert as_function.get_submodule("0").core.groups == 2
+    assert as_function.fxlrd_plan["0"].error == pytest.approx(as_module.fxlrd_plan["layer"].error, rel=1e-6)
+    assert rel_err(as_function(x), as_module(x)) < 1e-8
+
+
+def test_capture_notes_count_transposed_convs():
+    """Under export, transposed convs count among the layers whose weight the graph computes
+    (weight_norm: a vocoder's upsampling) and among those inside no_grad regions."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Vocoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = weight_norm(nn.Conv1d(16, 16, 7, padding=3))
+            self.up = weight_norm(nn.ConvTranspose1d(16, 8, 16, stride=8, padding=4))
+
+        def forward(self, x):
+            return self.up(torch.relu(self.pre(x)))
+
+    class Regions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.c = nn.ConvTranspose2d(16, 16, 3, stride=2), nn.Conv2d(16, 16, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                y = self.up(x)
+            with torch.no_grad():
+                z = self.c(x)
+            return y, z
+
+    gm = fxlrd.transform(Vocoder().eval(), LRDConfig(ratio=2), example_inputs=torch.randn(1, 16, 20), capture="export")
+    assert any(n.startswith("2 linear/conv operations compute their weight") for n in gm.fxlrd_capture["notes"])
+    gm = fxlrd.transform(Regions().eval(), LRDConfig(ratio=2), example_inputs=torch.randn(1, 16, 6, 6), capture="export")
+    assert any(n.startswith("2 linear/conv operations run inside torch.no_grad()") for n in gm.fxlrd_capture["notes"])
+
+
+def test_a_decomposed_export_graph_of_transposed_aten_convolution():
+    """A graph from ``run_decompositions()`` runs every conv as ``aten.convolution`` (transposed
+    or not): given to fxlrd as a GraphModule, its transposed convs are sites, exact at full rank."""
+    torch.manual_seed(10)
+    model, x = Decoder().double().eval(), torch.randn(2, 16, 12, 12, dtype=torch.float64)
+    graph = torch.export.export(model, (x,)).run_decompositions().module()
+    assert any(n.target is torch.ops.aten.convolution.default and n.args[6] for n in graph.graph.nodes)
+    gm = fxlrd.transform(graph, FULL, example_inputs=x)
+    assert sum(lp.layer_type == "aten.convolution" for lp in gm.fxlrd_plan.decomposed) == 5
+    for got, want in zip(_outputs(gm, x), _outputs(model, x)):
+        assert rel_err(got, want) < 1e-10
+
+
+def test_a_padded_pointwise_transposed_conv_calibrates_on_the_positions_it_keeps():
+    """A 1×1 transposed conv with padding crops its output: the input's border positions never
+    reach it. Calibration leaves them out, so inputs whose inner positions span 2 channels are
+    reproduced at rank 2 whatever the border holds."""
+    torch.manual_seed(11)
+    basis = torch.randn(12, 2, dtype=torch.float64)
+
+    def batch():
+        x = torch.randn(4, 12, 7, 7, dtype=torch.float64) * 5  # the border: anything
+        x[:, :, 1:-1, 1:-1] = torch.einsum("ca,nahw->nchw", basis, torch.randn(4, 2, 5, 5, dtype=torch.float64))
+        return x
+
+    model = nn.Sequential(nn.ConvTranspose2d(12, 16, 1, stride=2, padding=1)).double().eval()
+    x = batch()
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=2, decompose_pointwise=True), example_inputs=x,
+                         calibration=[batch() for _ in range(3)])  # fmt: skip
+    assert rel_err(gm(x), model(x)) < 2e-3
