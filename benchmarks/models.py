@@ -1,6 +1,6 @@
 """The models the suite times, with their inputs and calibration data.
 
-Zoo models (the DCGAN generator too), BERT-base and the small Llama start from seeded random weights (latency depends only on shapes, and
+Zoo models (the DCGAN generator and U-Net too), BERT-base and the small Llama start from seeded random weights (latency depends only on shapes, and
 every run rebuilds the same weights); EfficientNet-Lite1 and all-MiniLM-L6-v2 are the real
 pretrained models of `benchmarks._real`, calibrated on real images and sentences.
 """
@@ -155,6 +155,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("dcgan", "DCGAN generator (fxlrd.zoo, random weights): five transposed convs, 100-d latent to 64×64",
                   _seeded(zoo.dcgan_generator), _latents,
                   lambda: [_latents(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)]),  # fmt: skip
+        ModelSpec("unet", "U-Net (fxlrd.zoo: the paper's 64–1024 channels, padded convs, four 2×2 transposed-conv "
+                  "upsamplings; random weights), 128×128", _seeded(zoo.unet), _images(128), _random_images(128)),  # fmt: skip
         ModelSpec("bert_base", f"BERT-base (transformers BertModel(BertConfig()), random weights), sequence {SEQUENCE}",
                   _seeded(_bert_base), _random_tokens,
                   lambda: [_random_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],

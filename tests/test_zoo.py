@@ -133,3 +133,24 @@ def test_dcgan_generator_has_the_papers_shape():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [c.out_channels for c in convs] == [512, 256, 128, 64, 3] and all(c.bias is None for c in convs)
     assert count_params(model) == 3_576_704
+
+
+def test_unet_has_the_papers_shape_and_decomposes_exactly_at_full_rank():
+    """Padded U-Net: (N, 3, H, W) → (N, 2, H, W), 64–1024 channels, four 2×2 stride-2
+    transposed convs, 31.04 M parameters; its transposed convs and skip concatenations
+    survive capture (full rank reproduces it, fx and export)."""
+    import fxlrd
+
+    model = zoo.get("unet").eval()
+    assert count_params(model) == 31_037_698
+    ups = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(u.in_channels, u.out_channels, u.stride) for u in ups] == [(128, 64, (2, 2)), (256, 128, (2, 2)),
+                                                                        (512, 256, (2, 2)), (1024, 512, (2, 2))]  # fmt: skip
+    small = zoo.unet(width=4).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert small(x).shape == (1, 2, 32, 32)
+    full = fxlrd.LRDConfig(rank_rule="fixed", rank=100_000, allow_larger=True)
+    for capture in ("fx", "export"):
+        gm = fxlrd.transform(small, full, example_inputs=x, capture=capture)
+        assert sum(lp.layer_type.endswith(("ConvTranspose2d", "conv_transpose2d")) for lp in gm.fxlrd_plan.decomposed) == 4
+        torch.testing.assert_close(gm(x), small(x), rtol=1e-10, atol=1e-10)

@@ -2,23 +2,24 @@
 
 torchvision does not install beside the CPU torch of every machine, so fxlrd carries its own
 definitions; a torchvision state dict loads into them with ``strict=True``. The DCGAN
-generator, which torchvision does not have, is the paper's architecture (transposed
-convolutions only).
+generator and the U-Net, which torchvision does not have, follow their papers (the models
+with transposed convolutions).
 """
 
 from .dcgan import DCGANGenerator, dcgan_generator
 from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet152
+from .unet import UNet, unet
 from .vit import VisionTransformer, vit_b_16
 
-__all__ = ["ResNet", "Bottleneck", "VisionTransformer", "DCGANGenerator", "resnet50", "resnet101", "resnet152", "vit_b_16",
-           "dcgan_generator", "get"]  # fmt: skip
+__all__ = ["ResNet", "Bottleneck", "VisionTransformer", "DCGANGenerator", "UNet", "resnet50", "resnet101", "resnet152",
+           "vit_b_16", "dcgan_generator", "unet", "get"]  # fmt: skip
 
 _MODELS = {"resnet50": resnet50, "resnet101": resnet101, "resnet152": resnet152, "vit_b_16": vit_b_16,
-           "dcgan_generator": dcgan_generator}  # fmt: skip
+           "dcgan_generator": dcgan_generator, "unet": unet}  # fmt: skip
 
 
 def get(name: str, **kwargs):
-    """A zoo model by name (``resnet50``, ``resnet101``, ``resnet152``, ``vit_b_16``, ``dcgan_generator``)."""
+    """A zoo model by name (``resnet50``, ``resnet101``, ``resnet152``, ``vit_b_16``, ``dcgan_generator``, ``unet``)."""
     try:
         return _MODELS[name](**kwargs)
     except KeyError:
