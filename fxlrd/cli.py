@@ -399,7 +399,9 @@ def load_model(spec: str, *, weights: str | None = None, quiet: bool = False) ->
         CommandError: the model or its weights cannot be loaded.
     """
     if spec in zoo._MODELS:
-        source = ModelSource(zoo.get(spec), spec, "zoo", notes=["random weights"] if weights is None else [])
+        shape = zoo.input_shape(spec)
+        source = ModelSource(zoo.get(spec), spec, "zoo", "vision" if shape[1] == 3 else "tensor", shape,
+                             notes=["random weights"] if weights is None else [])  # fmt: skip
     elif Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise UsageError(f"model {spec!r} is a directory without config.json: not a Hugging Face model directory")

@@ -1569,3 +1569,16 @@ def test_compress_a_llama_directory_narrows_its_gated_mlps_under_a_size_budget(t
     loaded = fxlrd.load(transformers.AutoModel.from_pretrained(tmp_path / "llama"), tmp_path / "saved")
     assert [b["partner"] for b in loaded.fxlrd_plan.settings["narrowed"]] == [f"layers.{i}.mlp.up_proj" for i in range(2)]
     assert fxlrd.count_params(loaded) <= budget
+
+
+def test_zoo_models_get_their_own_default_input(capsys):
+    """A zoo model is planned at the input it takes without --input-shape: the DCGAN generator
+    a latent vector (1×100×1×1, a tensor model), the others an image."""
+    from fxlrd import zoo
+
+    assert zoo.input_shape("dcgan_generator") == (1, 100, 1, 1) and zoo.input_shape("unet") == (1, 3, 224, 224)
+    code, out, err = _run(capsys, "plan", "dcgan_generator", "-q")
+    assert code == 0, err
+    assert "ConvTranspose2d" in out and "100->512" in out
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        zoo.input_shape("resnet18")
