@@ -85,8 +85,7 @@ class LRDConfig:
         tucker_iters: HOOI iterations after the HOSVD initialisation of Tucker-2.
         cp_iters: ALS iterations of the CP fit (``conv_method="cp"``).
         allow_larger: decompose even when the factors would hold at least as many
-            parameters as the layer (useful for exactness checks), or, under a per-layer rank
-            rule, would run more MACs than it; otherwise such a layer is kept.
+            parameters as the layer (useful for exactness checks); otherwise such a layer is kept.
         leaf_modules: module types or qualified names that tracing keeps opaque; the way
             around code inside them that torch.fx cannot trace.
         latency: choose ranks by measured latency on a backend (`LatencyConfig`); needs

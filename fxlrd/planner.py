@@ -166,27 +166,6 @@ def _fill(task: LayerTask, ranks: tuple[int, ...] | None, config: LRDConfig, rea
         lp.macs_after = _macs(task.spec, meta, task.calls, task.weight.dtype)
 
 
-def _keep_if_costlier(task: LayerTask, config: LRDConfig) -> None:
-    """Keep a layer whose factors would run more MACs than it does (a transposed conv's last
-    factor runs at its larger output resolution: the DCGAN generator's first layer, 1×1 in,
-    4×4 out), unless ``allow_larger``. Ranks given per layer only: a budget or a speed target
-    weighs each layer's cost itself."""
-    lp = task.lp
-    if lp.decomposed and not config.allow_larger and None not in (lp.macs_before, lp.macs_after) \
-            and lp.macs_after > lp.macs_before:  # fmt: skip
-        before, after = lp.macs_before, lp.macs_after
-        _fill(task, None, config, f"would cost more MACs ({_si(before)} -> {_si(after)}): kept, as its factors would "
-                                  "run slower than it (allow_larger=True decomposes it)")  # fmt: skip
-        lp.ranks = task.ranks
-
-
-def _si(n: int) -> str:
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
-
-
 def _params_of(task: LayerTask, ranks: tuple[int, ...]) -> int:
     return count_params(skeleton(task.spec, task.handler.name, ranks, device="meta", dtype=task.weight.dtype))
 
@@ -310,7 +289,6 @@ def _make_plan(
     else:
         for task in tasks:
             fill(task, task.ranks)
-            _keep_if_costlier(task, config)
     for task in tasks:  # data-aware layers report their output error (data-free ones: allocation modes only)
         if task.lp.decomposed and task.lp.error is None and task.lp.data_aware:
             task.lp.error = _error_curve(task)(task.lp.ranks)
