@@ -539,6 +539,7 @@ def _static_dims(gm: fx.GraphModule, asked: Sequence[str]) -> list[str]:
 
 _aten = torch.ops.aten
 _REGION_LAYER_OPS = {_aten.linear.default, _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
+                     _aten.conv1d.padding, _aten.conv2d.padding, _aten.conv3d.padding,
                      _aten.conv_transpose1d.default, _aten.conv_transpose2d.input, _aten.conv_transpose3d.input,
                      _aten.convolution.default, _aten.addmm.default, _aten.mm.default, _aten.matmul.default}  # fmt: skip
 

@@ -643,8 +643,9 @@ class _Inputs:
             if shape is None:
                 shape = source.input_shape
                 if size is not None:
-                    if len(shape) != 4:
-                        raise UsageError("--size is for image models; give --input-shape")
+                    if len(shape) != 4 or self.kind != "vision":
+                        raise UsageError(f"--size is for image models; {source.spec} takes {'x'.join(map(str, shape))} "
+                                         "tensors: give --input-shape")  # fmt: skip
                     shape = (shape[0], shape[1], size, size)
                 if batch is not None:
                     shape = (batch, *shape[1:])

@@ -188,7 +188,8 @@ def _static(*values: Any) -> bool:
     return True
 
 
-_COMPUTED_SETTINGS = "settings computed in the graph (an output size from the input's shape): not supported"
+_COMPUTED_SETTINGS = ("settings computed in the graph (from a tensor's shape): not supported; capture='export' fixes "
+                      "them where the shapes they come from are static")  # fmt: skip
 
 
 def _param_path(node: Any) -> str | None:

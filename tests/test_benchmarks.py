@@ -1176,3 +1176,13 @@ def test_demo_log_appends_every_run(tmp_path):
     assert "| – | 90 | 1.20× | 0.9000 |" in rows[0]
     with pytest.raises(ValueError, match="not an fxlrd compress report"):
         demo_log.record({"format": "other"})
+
+
+def test_the_suites_dcgan_is_fed_what_the_zoo_says_it_takes():
+    from benchmarks import models
+
+    from fxlrd import zoo
+
+    spec = models.get("dcgan")
+    assert tuple(spec.inputs(1).shape) == zoo.input_shape("dcgan_generator")
+    assert spec.build()(spec.inputs(2)).shape == (2, 3, 64, 64)

@@ -1582,3 +1582,5 @@ def test_zoo_models_get_their_own_default_input(capsys):
     assert "ConvTranspose2d" in out and "100->512" in out
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.input_shape("resnet18")
+    code, out, err = _run(capsys, "plan", "dcgan_generator", "--size", 64, "-q")  # an image size for a latent
+    assert code != 0 and "--size is for image models; dcgan_generator takes 1x100x1x1 tensors" in err

@@ -361,7 +361,8 @@ def test_settings_computed_in_the_graph_keep_the_layer_with_the_reason():
         def forward(self, x, skip):
             return self.up(x, output_size=skip.shape[-2:]) + skip
 
-    why = "settings computed in the graph (an output size from the input's shape): not supported"
+    why = ("settings computed in the graph (from a tensor's shape): not supported; capture='export' fixes them where the "
+           "shapes they come from are static")  # fmt: skip
     plan = fxlrd.plan(Functional(), LRDConfig(ratio=2), example_inputs=(torch.randn(1, 16, 5, 5), torch.randn(1, 16, 10, 10)))
     assert plan["weight_lrd"].reason == why and plan["conv"].method == "tucker2"
     h = Dim("h", min=2, max=64)
@@ -434,7 +435,7 @@ def test_capture_notes_count_transposed_convs():
     class Regions(nn.Module):
         def __init__(self):
             super().__init__()
-            self.up, self.c = nn.ConvTranspose2d(16, 16, 3, stride=2), nn.Conv2d(16, 16, 3)
+            self.up, self.c = nn.ConvTranspose2d(16, 16, 3, stride=2), nn.Conv2d(16, 16, 3, padding="same")
 
         def forward(self, x):
             with torch.no_grad():
