@@ -153,10 +153,8 @@ def to_module_layout(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
     shape = module.weight.shape
     if not getattr(module, "transposed", False):
         return weight.reshape(shape)
-    g = module.groups
-    conv_shape = (shape[1] * g, shape[0] // g, *shape[2:])
-    w = weight.reshape(g, conv_shape[0] // g, conv_shape[1], *shape[2:]).transpose(1, 2)
-    return w.reshape(shape)
+    g = module.groups  # the per-group transpose is its own inverse
+    return conv_layout(weight.reshape(shape[1] * g, shape[0] // g, *shape[2:]), g)
 
 
 def module_weight(module: nn.Module) -> torch.Tensor:
