@@ -259,9 +259,8 @@ def _function_use(gm: fx.GraphModule, node: fx.Node) -> _Use | None:
                                                         (6, "groups", 1), (7, "dilation", 1))]  # fmt: skip
         if not _static(*settings):
             return _Use(node, op, None, wp, bp, False, w, _COMPUTED_SETTINGS)
-        groups = int(_arg(node, 6, "groups", 1))
-        spec = _transposed_spec(weight, groups, b is not None, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
-                                _arg(node, 7, "dilation", 1), _arg(node, 5, "output_padding", 0))  # fmt: skip
+        stride, padding, output_padding, groups, dilation = settings
+        spec = _transposed_spec(weight, groups, b is not None, stride, padding, dilation, output_padding)
         return _Use(node, op, spec, wp, bp, False, w)
     if target is aten.convolution.default:
         x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args[:9]
