@@ -16,6 +16,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from .capture import CAPTURE_MODES, Args, Captured, capture, check_module, inputs_from_signature, normalize_inputs, widens
 from .config import LRDConfig
 from .errors import ConfigError, FxlrdWarning, PlanMismatchError
+from .experts import factorize_experts, plan_experts
 from .factorized import Factorized, module_weight, reference_weight
 from .metrics import count_params
 from .plan import LayerPlan, Plan
@@ -213,7 +214,7 @@ def plan(
     model = uncompiled(check_module(model))  # a torch.compile wrapper: its module (run under fake tensors, inductor code crashed)
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
-    plan_, stats = _plan_captured(captured, config, _reusable(calibration), inputs)
+    plan_, stats = _plan_captured(model, captured, config, _reusable(calibration), inputs)
     if int(plan_.settings.get("branches", 1) or 1) > 1 or plan_.settings.get("merge"):
         # branching rounds ranks and merging changes sizes: build on the copy so the plan says what transform builds
         _apply_to_graph(captured.gm, plan_, model, stats=stats)
@@ -249,20 +250,25 @@ def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool, within: boo
         lp.macs_before = lp.macs_before * hidden // width
 
 
-def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable | None, inputs: Args | None):
+def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, calibration: Iterable | None,
+                   inputs: Args | None):  # fmt: skip
     """Narrow the MLP blocks (``mlp="narrow"``), collect the calibration statistics and plan the
-    other layers: ``(plan, stats)``. The plan records the narrowed blocks and the parameters of
-    the model before them."""
+    other layers and the stacked expert weights: ``(plan, stats)``. The plan records the
+    narrowed blocks and the parameters of the model before them."""
     # a speed target counts from the model before narrowing
     # (what this copy's time is compared with, the narrowed graph, has its sibling linears fused too, as built)
     before = copy.deepcopy(captured.gm) if config.mlp == "narrow" and config.target_speedup is not None else None
     config, narrowed = _narrow(captured, config, calibration, inputs)
     config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
+    stacked = plan_experts(model, captured.gm, config)
+    _warn_experts_kept(stacked, config)
     plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats, narrowed=narrowed,
-                      before_narrowing=before if narrowed else None)  # fmt: skip
+                      before_narrowing=before if narrowed else None, stacked=[r["weight"] for r in stacked])  # fmt: skip
     if fused:
         plan_.settings["fused"] = fused
+    if stacked:
+        plan_.settings["stacked_experts"] = stacked
     if narrowed:
         for block in narrowed:  # kept from factorization because narrowed, not because the user excluded them
             for name in (block["up"], block["down"], block.get("partner")):
@@ -276,6 +282,24 @@ def _plan_captured(captured: Captured, config: LRDConfig, calibration: Iterable 
                     if name in plan_.layers:
                         _narrowed_row(plan_.layers[name], block, up=up, within=True)
     return plan_, stats
+
+
+def _warn_experts_kept(stacked: list[dict[str, Any]], config: LRDConfig) -> None:
+    """A warning when the config's mode keeps stacked experts that could be factorized (the
+    bulk of a mixture's parameters): the model then shrinks far less than asked."""
+    kept = [r for r in stacked if r["rank"] is None and r["reason"].startswith("stacked experts take")]
+    if kept:
+        n = sum(r["params_before"] for r in kept)
+        warnings.warn(f"{len(kept)} stacked expert weights ({n} parameters, first {kept[0]['weight']!r}) are kept whole: "
+                      f"{kept[0]['reason']}", FxlrdWarning, stacklevel=4)  # fmt: skip
+
+
+def _factorize_experts(model: nn.Module, captured: Captured, plan_: Plan) -> None:
+    """Factorize the stacked expert weights the plan records (before any sequential fitting,
+    so the layers after them are fitted to what the factorized experts give)."""
+    records = plan_.settings.get("stacked_experts")
+    if records and any(r.get("rank") is not None for r in records):
+        factorize_experts(model, captured.gm, records)
 
 
 def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, *, stats=None,
@@ -351,6 +375,14 @@ def _check_inplace(plan_: Plan) -> None:
             f"inplace=True cannot decompose functional layers ({functional[0]!r} calls F.linear/F.conv directly): "
             "the model's own forward would still use the dense weight; use inplace=False and the returned GraphModule"
         )
+    stacked = [r for r in plan_.settings.get("stacked_experts") or () if r.get("rank") is not None]
+    for rec in stacked:  # the model's own forward reads them: kept, as with layers it computes itself
+        rec.update(rank=None, params_after=rec["params_before"], error=None,
+                   reason="inplace=True: the model's own forward reads the stacked weight; use inplace=False to factorize it")
+    if stacked:
+        warnings.warn(f"inplace=True keeps the {len(stacked)} stacked expert weights whole (first {stacked[0]['weight']!r}): "
+                      "the model's own forward reads them; use inplace=False and the returned GraphModule to factorize "
+                      "them", FxlrdWarning, stacklevel=3)  # fmt: skip
 
 
 _HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
@@ -503,6 +535,7 @@ def apply(
     if plan.settings.get("fused"):
         _fuse(captured, config, recorded=plan.settings["fused"])
     stats = _calibration_stats(captured, config, calibration, inputs)
+    _factorize_experts(model, captured, plan)
     factors = None
     if config.sequential and calibration is not None and any(lp.data_aware for lp in plan.decomposed):
         from .calibrate import sequential_factors
@@ -649,9 +682,10 @@ def transform(
     captured = _capture_inplace(model, config, inputs, capture, dynamic_shapes) if inplace else \
         _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)  # fmt: skip
     calibration = _reusable(calibration)
-    plan_, stats = _plan_captured(captured, config, calibration, inputs)
+    plan_, stats = _plan_captured(model, captured, config, calibration, inputs)
     if inplace:
         _check_inplace(plan_)
+    _factorize_experts(model, captured, plan_)
     factors = None
     if config.sequential:
         from .calibrate import sequential_factors

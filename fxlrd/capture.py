@@ -1114,19 +1114,22 @@ def _unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[str]:
 
 def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     """A note, and a warning, when the graph computes with 3-D weights (a mixture of experts'
-    stacked expert matrices, `fxlrd.sites.stacked_weights`): fxlrd keeps them whole."""
-    from .sites import stacked_weights
+    stacked expert matrices, `fxlrd.sites.stacked_weights`) read in a way `fxlrd.experts`
+    cannot factorize (anything but ``bmm(P[ids], x)``): fxlrd keeps them whole."""
+    from .experts import find_stacked
 
-    stacked = stacked_weights(model, gm)
+    stacked = [s for s in find_stacked(model, gm).values() if s.reason]
     if not stacked:
         return []
-    n = sum(s[0] * s[1] * s[2] for _, s in stacked)
+    n = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in stacked)
     total = max(sum(p.numel() for p in gm.parameters()), 1)
-    shown = ", ".join(f"{path} ({'×'.join(map(str, shape))})" for path, shape in stacked[:2]) + (", ..." if len(stacked) > 2 else "")
+    shown = ", ".join(f"{s.path} ({'×'.join(map(str, s.shape))})" for s in stacked[:2]) + (", ..." if len(stacked) > 2 else "")
     share = f"{100 * n / total:.0f}%" if n >= total / 100 else "under 1%"
     message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (matrices stacked in one tensor, as a "
-               f"mixture of experts holds its experts: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model: "
-               "fxlrd does not decompose stacked weights, so they are kept whole and the model shrinks less than its layers' ratio says")  # fmt: skip
+               f"mixture of experts holds its experts: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model, "
+               f"read in a way fxlrd cannot factorize ({stacked[0].path}: {stacked[0].reason}; fxlrd factorizes "
+               "torch.bmm(P[ids], x), transformers' experts_implementation='batched_mm'), so they are kept whole and "
+               "the model shrinks less than its layers' ratio says")  # fmt: skip
     warnings.warn(message, FxlrdWarning, stacklevel=caller_stacklevel())
     return [message]
 

@@ -149,6 +149,11 @@ class LRDConfig:
             decomposed are fused; the fused layer is named after its members
             (``…self.query_key_value``). Or glob patterns: only the layers they match are
             fused (``["*.query", "*.key"]``: the values keep their own factors).
+        experts: stacked expert weights (a mixture of experts' ``(E, m, n)`` parameters, read as
+            ``bmm(P[ids], x)``; `fxlrd.experts`): ``"factorize"`` (default) factorizes each
+            expert's matrix at the stack's rank by the per-layer rule (``ratio``, ``fixed``,
+            ``energy``; data-free), the graph multiplying by the selected factors; ``"keep"``
+            leaves them whole. Under a global or latency mode they are kept (the plan says so).
     """
 
     ratio: float = 2.0
@@ -182,6 +187,7 @@ class LRDConfig:
     sensitivity_matrix: str = "full"
     mlp: str = "factorize"
     siblings: str | Sequence[str] = "separate"
+    experts: str = "factorize"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -294,6 +300,8 @@ class LRDConfig:
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
         check_sensitivity(self.sensitivity, self.sensitivity_matrix)
+        if self.experts not in ("factorize", "keep"):
+            raise ConfigError(f"experts must be 'factorize' (stacked expert weights factorized per expert) or 'keep', got {self.experts!r}")
         if self.mlp not in ("factorize", "narrow"):
             raise ConfigError(f"mlp must be 'factorize' or 'narrow' (fewer hidden neurons; needs calibration data), got {self.mlp!r}")
         if not (isinstance(self.siblings, str) and self.siblings in ("separate", "fuse")):

@@ -520,6 +520,10 @@ def _rebuild(
         from .siblings import fuse_siblings
 
         fuse_siblings(gm, plan.settings["fused"])
+    if plan.settings.get("stacked_experts"):
+        from .experts import factorize_experts
+
+        factorize_experts(model, gm, plan.settings["stacked_experts"], skeleton=True)
     gm = DecomposePass(plan, factors=_skeletons(gm, plan))(gm).graph_module
     branches = int(plan.settings.get("branches", 1) or 1)
     if branches > 1:  # the saved values replace the truncated blocks: no fitting needed

@@ -118,7 +118,8 @@ class Plan:
             return None
         narrowed = sum(b["params_before"] - b["params_after"] for b in self.settings.get("narrowed") or ())
         merged = int(self.settings.get("merge_params_change") or 0)  # what merging added (< 0: removed)
-        return self.model_params - narrowed - sum(lp.params_before - lp.params_after for lp in self.decomposed) + merged
+        stacked = sum(r["params_before"] - r["params_after"] for r in self.settings.get("stacked_experts") or ())
+        return self.model_params - narrowed - stacked - sum(lp.params_before - lp.params_after for lp in self.decomposed) + merged
 
     def totals(self) -> dict[str, int | None]:
         """Sums over all planned layers (kept layers count the same before and after)."""
@@ -184,6 +185,18 @@ class Plan:
             leaves = sorted({"+".join(m.rpartition(".")[2] for m in g["members"]) for g in fused})
             out.append(f"{len(fused)} groups of sibling linears fused before decomposition ({', '.join(leaves)}): "
                        "each row above named after its members")  # fmt: skip
+        stacked = self.settings.get("stacked_experts") or []
+        if stacked:
+            before, after = sum(r["params_before"] for r in stacked), sum(r["params_after"] for r in stacked)
+            n = sum(r["rank"] is not None for r in stacked)
+            out.append(f"{len(stacked)} stacked expert weights, not in the rows above ({n} factorized per expert, data-free; "
+                       f"{len(stacked) - n} kept): params {_count(before)} -> {_count(after)} ({_ratio(before, after)})")  # fmt: skip
+            width = max(len(r["weight"]) for r in stacked)
+            for r in stacked:
+                shape = f"{r['experts']}x{r['shape'][0]}x{r['shape'][1]}"
+                what = (f"rank {r['rank']}, params {_count(r['params_before'])}->{_count(r['params_after'])}, "
+                        f"error {r['error']:.3f}" if r["rank"] is not None else f"kept: {r['reason']}")  # fmt: skip
+                out.append(f"  {r['weight'].ljust(width)}  {shape}  {what}")
         change = self.settings.get("merge_params_change")
         if change:
             out.append(f"merging ({self.settings.get('merge')}) then changed the model's params by {change:+,}; the rows "

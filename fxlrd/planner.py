@@ -188,6 +188,7 @@ def _make_plan(
     stats: Mapping[str, Any] | None = None,
     narrowed: Sequence[Mapping[str, Any]] = (),
     before_narrowing: fx.GraphModule | None = None,
+    stacked: Sequence[str] = (),
 ) -> Plan:
     """Plan every conv/linear site of ``gm`` under ``config``.
 
@@ -204,6 +205,8 @@ def _make_plan(
         before_narrowing: ``gm`` before its MLP blocks were narrowed: a ``target_speedup``
             counts from its time (what narrowing gained is measured first, and the other
             layers are chosen for the rest).
+        stacked: the paths of the stacked expert weights (`fxlrd.experts`), planned apart:
+            names ``include`` and ``exclude`` patterns may match too.
 
     Raises:
         ConfigError: an include pattern matches no layer, or a latency search lacks inputs.
@@ -219,14 +222,14 @@ def _make_plan(
         input_shapes(gm, inputs)
     if config.include is not None:
         for pattern in config.include:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in sites):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in [*sites, *stacked]):
                 sample = ", ".join(repr(n) for n in list(sites)[:4])
                 raise ConfigError(
                     f"include pattern {pattern!r} matches no conv/linear layer of the model; "
                     f"names look like {sample} (print fxlrd.plan(model) to see them all)"
                 )
     for pattern in config.exclude:  # a typo would exclude nothing, silently
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in sites):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in [*sites, *stacked]):
             sample = ", ".join(repr(n) for n in list(sites)[:4])
             warnings.warn(
                 f"exclude pattern {pattern!r} matches no conv/linear layer of the model, so it excludes nothing; "

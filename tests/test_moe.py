@@ -186,16 +186,21 @@ def test_a_layer_that_only_sets_k_is_no_router():
 
 class _StackedExperts(nn.Module):
     """Experts stored as one 3-D weight and computed by an indexed bmm, as transformers' MoEs
-    hold theirs; beside them a Conv1d (3-D too, but a layer) and a Linear."""
+    hold theirs (``read="bmm"``, which `fxlrd.experts` factorizes), or by an einsum, which it
+    does not; beside them a Conv1d (3-D too, but a layer) and a Linear."""
 
-    def __init__(self, e=4, d=8, hidden=12):
+    def __init__(self, e=4, d=8, hidden=12, read="einsum"):
         super().__init__()
+        self.read = read
         self.up = nn.Parameter(torch.randn(e, hidden, d) / 3)
         self.conv = nn.Conv1d(d, d, 3, padding=1)
         self.fc = nn.Linear(hidden, d)
 
     def forward(self, x, idx):  # x: (tokens, d), idx: (tokens,) the expert of each token
-        h = torch.bmm(self.up[idx], x.unsqueeze(-1)).squeeze(-1)
+        if self.read == "bmm":
+            h = torch.bmm(self.up[idx], x.unsqueeze(-1)).squeeze(-1)
+        else:
+            h = torch.einsum("thd,td->th", self.up[idx], x)
         return self.fc(F.gelu(h)) + self.conv(x.T.unsqueeze(0))[0].T
 
 
@@ -203,11 +208,24 @@ class _StackedExperts(nn.Module):
 def test_stacked_expert_weights_are_named_in_a_warning_and_the_capture_notes(capture):
     model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
     with pytest.warns(fxlrd.FxlrdWarning, match=r"1 stacked 3-D weight \(matrices stacked in one tensor, as a mixture "
-                                                 r"of experts holds its experts: up \(4×12×8\)\) holds 384 parameters, \d+% of the model"):
+                                                 r"of experts holds its experts: up \(4×12×8\)\) holds 384 parameters, \d+% of the model, "
+                                                 r"read in a way fxlrd cannot factorize \(up: P\[ids\] used by "):
         gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture=capture)
     assert any("stacked 3-D weight" in note for note in gm.fxlrd_capture["notes"])
     assert stacked_weights(model, gm) == [("up", (4, 12, 8))]  # the Conv1d's 3-D weight is a layer, not listed
     assert {lp.name for lp in gm.fxlrd_plan.decomposed} >= {"fc"}
+    assert gm.fxlrd_plan.settings["stacked_experts"][0]["rank"] is None and torch.equal(gm.up, model.up)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_stacked_expert_weights_read_by_an_indexed_bmm_are_factorized_without_a_warning(capture):
+    model, inputs = _StackedExperts(read="bmm").eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxlrd.FxlrdWarning)
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture=capture)
+    assert not any("stacked 3-D weight" in note for note in gm.fxlrd_capture["notes"])
+    assert [(r["weight"], r["rank"]) for r in gm.fxlrd_plan.settings["stacked_experts"]] == [("up", 2)]  # 96 / 40
+    assert isinstance(gm.get_submodule("up"), fxlrd.experts.ExpertFactors)
 
 
 class _TransposedExperts(nn.Module):
@@ -235,11 +253,13 @@ def test_the_stacked_weight_warning_points_at_the_callers_line():
         assert {w.filename for w in caught if "stacked" in str(w.message)} == {__file__}
 
 
-def test_a_model_with_stacked_weights_is_still_transformed_in_place():
-    model, inputs = _StackedExperts().eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
-    with pytest.warns(fxlrd.FxlrdWarning, match="stacked 3-D weight"):
+@pytest.mark.parametrize("read, warning", [("einsum", "stacked 3-D weight"), ("bmm", "inplace=True keeps the 1 stacked")])
+def test_a_model_with_stacked_weights_is_still_transformed_in_place(read, warning):
+    model, inputs = _StackedExperts(read=read).eval(), (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 1, 0]))
+    with pytest.warns(fxlrd.FxlrdWarning, match=warning):
         gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="fx", inplace=True)
     assert isinstance(model.fc, fxlrd.Factorized) and gm.fxlrd_plan.decomposed
+    assert isinstance(model.up, nn.Parameter) and gm.fxlrd_plan.settings["stacked_experts"][0]["rank"] is None
 
 
 class _ThreeDButNotExperts(nn.Module):
@@ -285,10 +305,12 @@ def _mixtral(implementation):
 
 
 @pytest.mark.slow
-def test_a_transformers_mixtral_keeps_its_routers_and_names_its_experts():
+def test_a_transformers_mixtral_keeps_its_routers_and_factorizes_its_experts():
     model, x = _mixtral("batched_mm")
-    with pytest.warns(fxlrd.FxlrdWarning, match=r"4 stacked 3-D weights .*layers\.0\.mlp\.experts\.gate_up_proj \(4×128×32\)"):
-        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    stacked = gm.fxlrd_plan.settings["stacked_experts"]
+    assert [r["weight"] for r in stacked if r["rank"]] == [f"layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                           for p in ("gate_up_proj", "down_proj")]  # fmt: skip
     rows = gm.fxlrd_plan.layers
     routers = [n for n in rows if n.endswith("mlp.gate")]
     assert len(routers) == 2 and all(rows[n].reason.startswith(ROUTER_NOTE) for n in routers)

@@ -1,0 +1,311 @@
+"""Stacked expert weights: a mixture of experts' ``(E, m, n)`` parameter, factorized per expert.
+
+transformers 5 stores a mixture's experts as one 3-D parameter per projection
+(``experts.gate_up_proj``, ``experts.down_proj``: one ``m × n`` matrix per expert) and runs
+them by selecting each token's expert matrix and multiplying, ``torch.bmm(P[ids], x)``
+(``experts_implementation="batched_mm"``). Each expert's matrix is factorized by a truncated
+SVD at one rank ``r`` for the stack, ``P[e] ≈ L[e] @ R[e]`` with ``L: (E, m, r)`` and
+``R: (E, r, n)`` (√Σ on each side), and the graph selects and multiplies the factors instead::
+
+    bmm(P[ids], x)  ->  bmm(L[ids], bmm(R[ids], x))        bmm(x, P[ids])  ->  bmm(bmm(x, L[ids]), R[ids])
+
+so a token gathers and multiplies ``r·(m + n)`` numbers where it gathered ``m·n``: the
+factors' saving is the speed-up, as for a linear layer. ``P[ids].mT`` (a weight stored
+``(in, out)``) is read as the product ``R[ids].mT @ L[ids].mT``.
+
+A stacked weight is factorized only where every read of it is such a selection feeding a
+batched product (``bmm``/``matmul``) as one operand, directly or through a transpose of its
+last two dimensions; any other read (``grouped_mm``, ``einsum``, a slice) keeps it whole, with
+the reason. The ranks follow the per-layer rules (``ratio``, ``fixed``, ``energy``); the
+factors are data-free (the experts' calibration inputs are not gathered per expert).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import LRDConfig
+from .errors import PlanMismatchError
+from .ranks.rules import energy_rank, quantize_rank, svd_rank_for_ratio
+from .sites import _drop_param, _get_attr, _op_name, set_submodule, stacked_weights
+
+__all__ = ["ExpertFactors", "StackedWeight", "find_stacked", "plan_experts", "factorize_experts", "experts_saved"]
+
+aten = torch.ops.aten
+
+_PRODUCTS = {aten.bmm.default, torch.bmm, aten.matmul.default, torch.matmul, operator.matmul}
+_TRANSPOSE_LAST = "transpose of the last two dimensions"
+# (the per-layer rules; the others need every layer's error curve or timing, which the stacks have no part in)
+_GLOBAL_SETTINGS = ("target_params", "target_speedup", "latency")
+
+
+class ExpertFactors(nn.Module):
+    """A stack of ``E`` factorized matrices: ``weight()[e] = left[e] @ right[e]``.
+
+    ``left`` is ``(E, m, r)``, ``right`` ``(E, r, n)``; the graph multiplies by them in turn.
+    """
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        super().__init__()
+        if left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0] or left.shape[2] != right.shape[1]:
+            raise ValueError(f"ExpertFactors needs left (E, m, r) and right (E, r, n), got {tuple(left.shape)} and {tuple(right.shape)}")
+        self.left = nn.Parameter(left)
+        self.right = nn.Parameter(right)
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[2]
+
+    def weight(self) -> torch.Tensor:
+        """The ``(E, m, n)`` stack the factors stand for."""
+        return self.left @ self.right
+
+    def extra_repr(self) -> str:
+        e, m, r = self.left.shape
+        return f"experts={e}, {m}×{self.right.shape[2]}, rank={r}"
+
+
+@dataclass
+class StackedWeight:
+    """A 3-D parameter the graph computes with as stacked matrices, and how it is read.
+
+    Attributes:
+        path: the parameter's qualified name.
+        shape: ``(E, m, n)``.
+        reads: the selection nodes (``P[ids]``), when every read fits (else empty).
+        reason: why it cannot be factorized here ("" when it can).
+    """
+
+    path: str
+    shape: tuple[int, int, int]
+    reads: list[fx.Node] = field(default_factory=list)
+    reason: str = ""
+
+
+def _is_selection(node: fx.Node, param: fx.Node) -> bool:
+    """``P[ids]``: ``aten.index.Tensor(P, [ids])`` or ``operator.getitem(P, ids)`` with one index tensor."""
+    if node.op != "call_function" or not node.args or node.args[0] is not param or node.kwargs:
+        return False
+    if node.target is aten.index.Tensor:
+        index = node.args[1]
+        return isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node)
+    return node.target is operator.getitem and len(node.args) == 2 and isinstance(node.args[1], fx.Node)
+
+
+def _is_last_transpose(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` swaps the last two dimensions of the 3-D ``source`` (and does nothing else)."""
+    if not node.args or node.args[0] is not source or node.kwargs:
+        return False
+    name, args = _op_name(node), node.args[1:]
+    if node.target is getattr:
+        return name == "mT"
+    if name == "mT":  # aten.mT in an export graph
+        return not args
+    if name == "transpose" and len(args) == 2 and all(isinstance(d, int) for d in args):
+        return sorted(d % 3 for d in args) == [1, 2]
+    if name == "permute":
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+        return [d % 3 for d in dims] == [0, 2, 1]
+    return False
+
+
+def _product_side(node: fx.Node, operand: fx.Node) -> int | None:
+    """0 when ``operand`` is the left factor of the batched product ``node``, 1 when the right; else None."""
+    if node.op != "call_function" or node.target not in _PRODUCTS or len(node.args) != 2 or node.kwargs:
+        return None
+    sides = [i for i, a in enumerate(node.args) if a is operand]
+    return sides[0] if len(sides) == 1 else None
+
+
+def _why_not(node: fx.Node, param: fx.Node) -> str:
+    """Why a read of a stacked weight is not one the factors can replace ("" when it is)."""
+    if not _is_selection(node, param):
+        return f"read by {_op_name(node) or node.op} ({node.name}), not selected as P[ids]"
+    for user in node.users:
+        if _product_side(user, node) is not None:
+            continue
+        if _is_last_transpose(user, node) and user.users and all(_product_side(u, user) is not None for u in user.users):
+            continue
+        return f"P[ids] used by {_op_name(user) or user.op} ({user.name}), not a bmm/matmul operand"
+    return ""
+
+
+def find_stacked(model: nn.Module, gm: fx.GraphModule) -> dict[str, StackedWeight]:
+    """The stacked 3-D weights of ``gm`` (`fxlrd.sites.stacked_weights`) by path, each with its
+    reads when the factors can replace them all and the reason when not."""
+    out: dict[str, StackedWeight] = {}
+    for path, shape in stacked_weights(model, gm):
+        nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == path]
+        reads = [u for n in nodes for u in n.users]
+        reason = next((why for n in nodes for u in n.users if (why := _why_not(u, n))), "")
+        out[path] = StackedWeight(path, tuple(shape), [] if reason else reads, reason)
+    return out
+
+
+def _selected(path: str, config: LRDConfig, module: nn.Module) -> str:
+    if config.include is not None and not any(fnmatch.fnmatchcase(path, p) for p in config.include):
+        return "not matched by include"
+    if any(fnmatch.fnmatchcase(path, p) for p in config.exclude):
+        return "matched by exclude"
+    if config.filter_fn is not None and not config.filter_fn(module, path):
+        return "filter_fn returned False"
+    return ""
+
+
+def _rank(weight: torch.Tensor, config: LRDConfig) -> tuple[int | None, str]:
+    """The stack's rank by the config's per-layer rule, or None and why it is kept."""
+    e, m, n = weight.shape
+    if any(getattr(config, s) is not None for s in _GLOBAL_SETTINGS) or config.allocation == "global":
+        given = next((s for s in _GLOBAL_SETTINGS if getattr(config, s) is not None), "allocation='global'")
+        return None, (f"stacked experts take the per-layer rank rules only (ratio, fixed, energy), not {given}: kept; "
+                      "decompose them with a per-layer rule, or leave them whole")  # fmt: skip
+    if config.rank_rule == "ratio":
+        rank = svd_rank_for_ratio(n, m, config.ratio)
+    elif config.rank_rule == "fixed":
+        rank = config.rank if isinstance(config.rank, int) else config.rank[0]
+    elif config.rank_rule == "energy":  # one rank for the stack: the energy kept over all experts together
+        values = torch.linalg.svdvals(weight.detach().double()).T.reshape(-1, e)  # rank-major, expert-minor
+        rank = energy_rank(values.pow(2).sum(1).sqrt(), config.energy)
+    else:
+        return None, f"rank_rule={config.rank_rule!r} does not apply to stacked experts (use ratio, fixed or energy): kept"
+    cap = min(m, n)
+    rank = min(rank, cap)
+    if rank < cap:
+        rank = quantize_rank(rank, config.rank_quantum)
+    if rank < config.min_rank:
+        return None, f"rank {rank} below min_rank={config.min_rank}: kept"
+    if rank * (m + n) >= m * n and not config.allow_larger:
+        return None, f"rank {rank} factors would hold at least the weight's {m * n} parameters per expert: kept"
+    return rank, ""
+
+
+def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig) -> list[dict[str, Any]]:
+    """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
+    ``rank`` (None when kept), ``reason``, ``params_before``/``params_after`` and, when
+    factorized, ``error`` (the relative Frobenius error of the stack's truncation)."""
+    if config.experts == "keep":
+        return [dict(weight=s.path, experts=s.shape[0], shape=list(s.shape[1:]), rank=None, params_before=_numel(s.shape),
+                     params_after=_numel(s.shape), reason="experts='keep'") for s in find_stacked(model, gm).values()]  # fmt: skip
+    out = []
+    for s in find_stacked(model, gm).values():
+        e, m, n = s.shape
+        rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
+                                   params_after=e * m * n, reason=s.reason)  # fmt: skip
+        out.append(rec)
+        if s.reason:
+            continue
+        weight = _get_attr(gm, s.path)
+        owner = s.path.rpartition(".")[0]
+        why = _selected(s.path, config, gm.get_submodule(owner) if owner else gm)
+        if not why and weight.is_meta:
+            why = "weights on the meta device (not loaded): kept"
+        if not why and not torch.isfinite(weight).all():
+            raise ValueError(f"stacked weight {s.path!r} has NaN or infinite values; decomposing it would spread them. "
+                             f"Fix the weights or leave it out with LRDConfig(exclude=[{s.path!r}])")  # fmt: skip
+        rank, why = (None, why) if why else _rank(weight, config)
+        if rank is None:
+            rec["reason"] = why
+            continue
+        values = torch.linalg.svdvals(weight.detach().double())
+        kept = values[:, :rank].pow(2).sum()
+        rec.update(rank=rank, params_after=e * rank * (m + n),
+                   error=float((1 - kept / values.pow(2).sum().clamp_min(1e-300)).clamp_min(0).sqrt()))  # fmt: skip
+    return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    e, m, n = shape
+    return e * m * n
+
+
+def experts_saved(records: Sequence[Mapping[str, Any]] | None) -> int:
+    """Parameters the factorized stacks save."""
+    return sum(r["params_before"] - r["params_after"] for r in records or () if r.get("rank") is not None)
+
+
+def _factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's truncated SVD at ``rank``, √Σ on each side: ``(E, m, r)`` and ``(E, r, n)``."""
+    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    root = s[:, :rank].sqrt()
+    left = u[:, :, :rank] * root[:, None, :]
+    right = root[:, :, None] * vh[:, :rank, :]
+    return left.to(weight.dtype), right.to(weight.dtype)
+
+
+def _transposed(graph: fx.Graph, node: fx.Node, export: bool) -> fx.Node:
+    return graph.call_function(aten.transpose.int if export else torch.transpose, (node, -2, -1))
+
+
+def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
+    """Replace each ``P[ids]`` product by the two products of the selected factors."""
+    graph = gm.graph
+    for sel in reads:
+        export = isinstance(sel.target, torch._ops.OpOverload)
+        with graph.inserting_before(sel):
+            picks = []
+            for part in ("left", "right"):
+                attr = graph.get_attr(f"{path}.{part}")
+                pick = graph.call_function(sel.target, (attr, *sel.args[1:]))
+                pick.meta = {k: v for k, v in sel.meta.items() if k not in ("val", "tensor_meta", "example_value")}
+                picks.append(pick)
+        uses = [(u, picks) for u in sel.users if u.op == "call_function" and u.target in _PRODUCTS]
+        for t in [u for u in sel.users if not (u.op == "call_function" and u.target in _PRODUCTS)]:  # P[ids].mT
+            with graph.inserting_before(t):
+                flipped = [_transposed(graph, picks[1], export), _transposed(graph, picks[0], export)]
+            uses += [(u, flipped) for u in t.users]
+        for product, (first, second) in uses:  # first @ second stands for the selected matrices
+            side = 0 if product.args[0] in (sel, *sel.users) else 1
+            other = product.args[1 - side]
+            with graph.inserting_before(product):
+                if side == 0:
+                    inner = graph.call_function(product.target, (second, other))
+                    new = graph.call_function(product.target, (first, inner))
+                else:
+                    inner = graph.call_function(product.target, (other, first))
+                    new = graph.call_function(product.target, (inner, second))
+            inner.meta = {k: v for k, v in product.meta.items() if k not in ("val", "tensor_meta", "example_value")}
+            new.meta = dict(product.meta)
+            product.replace_all_uses_with(new)
+            graph.erase_node(product)
+        for t in [u for u in sel.users]:  # the transposes, now unused
+            graph.erase_node(t)
+        graph.erase_node(sel)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.target == path]:
+        graph.erase_node(node)
+
+
+def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Mapping[str, Any]], *,
+                      skeleton: bool = False) -> None:  # fmt: skip
+    """Factorize ``gm``'s stacked weights as ``records`` (`plan_experts`) say, in place.
+    ``skeleton``: zeros of the recorded ranks (`fxlrd.load` then reads the saved values)."""
+    found = find_stacked(model, gm)
+    for rec in records:
+        if rec.get("rank") is None:
+            continue
+        path, rank = rec["weight"], int(rec["rank"])
+        s = found.get(path)
+        if s is None or list(s.shape) != [rec["experts"], *rec["shape"]] or s.reason:
+            here = "not here" if s is None else (s.reason or f"of shape {tuple(s.shape)}")
+            raise PlanMismatchError(f"the plan factorizes the stacked weight {path!r} ({rec['experts']}×"
+                                    f"{'×'.join(map(str, rec['shape']))}); in this model it is {here}: apply the plan "
+                                    "to the model it was made for")  # fmt: skip
+        weight = _get_attr(gm, path)
+        if skeleton:
+            e, m, n = weight.shape
+            left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)
+            right = torch.zeros(e, rank, n, dtype=weight.dtype, device=weight.device)
+        else:
+            left, right = _factors(weight, rank)
+        module = ExpertFactors(left, right).requires_grad_(weight.requires_grad)
+        _drop_param(gm, path)
+        set_submodule(gm, path, module)
+        _rewrite(gm, path, s.reads)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,294 @@
+"""Stacked expert weights factorized per expert (`fxlrd.experts`)."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxlrd
+from fxlrd import LRDConfig
+from fxlrd.capture import capture as capture_graph
+from fxlrd.errors import ConfigError, PlanMismatchError
+from fxlrd.experts import ExpertFactors, find_stacked
+
+from conftest import rel_err
+
+FULL = LRDConfig(rank_rule="fixed", rank=10**6, allow_larger=True)
+
+
+class Experts(nn.Module):
+    """``e`` experts stored ``(e, m, n)``, each token through its own expert, read as
+    ``bmm(W[ids], x)`` ("left"), ``bmm(x, W[ids])`` ("right", the matrix stored (in, out)) or
+    ``bmm(x, W[ids].mT)`` ("mT"); then a second stack (``down``) as transformers' MoEs do."""
+
+    def __init__(self, e=4, d=8, hidden=12, read="left", rank=None):
+        super().__init__()
+        self.read = read
+        shape = (e, hidden, d) if read == "left" else (e, d, hidden) if read == "right" else (e, hidden, d)
+        if rank is None:
+            self.up = nn.Parameter(torch.randn(shape) / 3)
+        else:  # exactly rank `rank` per expert
+            self.up = nn.Parameter(torch.randn(e, shape[1], rank) @ torch.randn(e, rank, shape[2]) / 3)
+        self.down = nn.Parameter(torch.randn(e, d, hidden) / 3)
+
+    def forward(self, x, idx):  # x: (tokens, d), idx: (tokens,)
+        if self.read == "left":
+            h = torch.bmm(self.up[idx], x.unsqueeze(-1)).squeeze(-1)
+        elif self.read == "right":
+            h = torch.bmm(x.unsqueeze(1), self.up[idx]).squeeze(1)
+        else:
+            h = torch.bmm(x.unsqueeze(1), self.up[idx].mT).squeeze(1)
+        return torch.bmm(self.down[idx], torch.relu(h).unsqueeze(-1)).squeeze(-1)
+
+
+def _inputs(e=4, d=8, tokens=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, d, generator=g), torch.randint(0, e, (tokens,), generator=g)
+
+
+def _no_dense_gather(gm, paths):
+    """The graph reads none of the dense stacks any more."""
+    return all(not (n.op == "get_attr" and n.target in paths) for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("read", ["left", "right", "mT"])
+def test_full_rank_reproduces_the_experts(capture, read):
+    torch.manual_seed(0)
+    model, inputs = Experts(read=read).eval(), _inputs()
+    gm = fxlrd.transform(model, FULL, example_inputs=inputs, capture=capture)
+    assert rel_err(gm(*inputs), model(*inputs)) < 1e-5
+    assert isinstance(gm.get_submodule("up"), ExpertFactors) and isinstance(gm.get_submodule("down"), ExpertFactors)
+    assert _no_dense_gather(gm, {"up", "down"})
+    assert isinstance(model.up, nn.Parameter) and model.up.shape[0] == 4  # the user's model untouched
+
+
+@settings(max_examples=20, deadline=None)
+@given(e=st.integers(2, 5), m=st.integers(2, 12), n=st.integers(2, 12), rank=st.integers(1, 12),
+       read=st.sampled_from(["left", "right", "mT"]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_a_stack_of_rank_r_experts_is_reproduced_at_rank_r(e, m, n, rank, read, seed):
+    torch.manual_seed(seed)
+    rank = min(rank, m, n)
+    model = Experts(e=e, d=n, hidden=m, read=read, rank=rank).eval()
+    with torch.no_grad():  # `down` exactly rank-r too, so the whole model is reproduced
+        model.down.copy_(torch.randn(e, n, rank) @ torch.randn(e, rank, m))
+    inputs = _inputs(e=e, d=n, tokens=7, seed=seed)
+    config = LRDConfig(rank_rule="fixed", rank=rank, allow_larger=True)
+    gm = fxlrd.transform(model, config, example_inputs=inputs, capture="fx")
+    records = {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}
+    assert records["up"]["rank"] == rank and records["up"]["error"] < 1e-6
+    assert gm.get_submodule("up").left.shape == (e, model.up.shape[1], rank)
+    assert rel_err(gm(*inputs), model(*inputs)) < 1e-4
+
+
+def test_the_factors_are_each_experts_truncated_svd():
+    """At rank r the stack's error is each expert's best rank-r error (Eckart–Young), checked
+    against an SVD per expert computed here, and the recorded error is the stack's relative
+    Frobenius error."""
+    torch.manual_seed(1)
+    model = Experts(e=3, d=10, hidden=14).eval()
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=_inputs(e=3, d=10), capture="fx")
+    approx = gm.get_submodule("up").weight().detach().double()
+    w = model.up.detach().double()
+    for e in range(3):
+        u, s, vh = torch.linalg.svd(w[e])
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        assert torch.allclose(approx[e], best, atol=1e-5)
+    rec = {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}["up"]
+    assert rec["error"] == pytest.approx(((approx - w).norm() / w.norm()).item(), rel=1e-4)
+
+
+def test_the_ratio_rule_gives_the_linear_layers_rank_and_sizes_add_up():
+    torch.manual_seed(0)
+    model, inputs = Experts(e=4, d=32, hidden=64).eval(), _inputs(d=32)
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=4), example_inputs=inputs, capture="fx")
+    rec = {r["weight"]: r for r in plan.settings["stacked_experts"]}
+    assert rec["up"]["rank"] == 8  # 64·32 / (2·96) = 10.7 → 10, down to a multiple of 4
+    assert rec["up"]["params_after"] == 4 * 8 * (64 + 32) and rec["up"]["params_before"] == 4 * 64 * 32
+    assert plan.params_after_model() == plan.model_params - sum(r["params_before"] - r["params_after"] for r in rec.values())
+    gm = fxlrd.apply(model, plan, example_inputs=inputs)
+    assert sum(p.numel() for p in gm.parameters()) == plan.params_after_model()
+    table = plan.table()
+    assert "2 stacked expert weights, not in the rows above (2 factorized per expert, data-free; 0 kept)" in table
+    assert "up    4x64x32  rank 8, params 8.19K->3.07K" in table
+
+
+def test_the_energy_rule_keeps_that_energy_over_the_stack():
+    torch.manual_seed(0)
+    model = Experts(e=3, d=16, hidden=16).eval()
+    plan = fxlrd.plan(model, LRDConfig(rank_rule="energy", energy=0.8), example_inputs=_inputs(e=3, d=16), capture="fx")
+    rank = {r["weight"]: r for r in plan.settings["stacked_experts"]}["up"]["rank"]
+    s2 = torch.linalg.svdvals(model.up.detach().double()).pow(2)
+    kept = lambda r: (s2[:, :r].sum() / s2.sum()).item()  # noqa: E731
+    assert kept(rank) >= 0.8 > kept(rank - 1)
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (LRDConfig(experts="keep"), "experts='keep'"),
+        (LRDConfig(exclude=["up"]), "matched by exclude"),
+        (LRDConfig(include=["down"]), "not matched by include"),
+        (LRDConfig(filter_fn=lambda module, name: name != "up"), "filter_fn returned False"),
+        (LRDConfig(rank_rule="vbmf"), "rank_rule='vbmf' does not apply to stacked experts"),
+        (LRDConfig(rank_rule="fixed", rank=7), "factors would hold at least the weight's 96 parameters"),
+        (LRDConfig(min_rank=20), "below min_rank=20"),
+    ],
+)
+def test_a_stack_the_settings_leave_out_is_kept_with_the_reason(config, reason):
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxlrd.FxlrdWarning)  # (patterns matching no conv/linear layer)
+        gm = fxlrd.transform(model, config, example_inputs=inputs, capture="fx")
+    rec = {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}["up"]
+    assert rec["rank"] is None and reason in rec["reason"] and rec["params_after"] == rec["params_before"]
+    assert torch.equal(gm.up, model.up) and f"kept: {rec['reason']}" in gm.fxlrd_plan.table()
+
+
+def test_a_global_budget_keeps_the_stacks_and_says_so():
+    torch.manual_seed(0)
+
+    class WithLayer(Experts):
+        def __init__(self):
+            super().__init__(d=32, hidden=64)
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x, idx):
+            return self.fc(super().forward(x, idx))
+
+    model, inputs = WithLayer().eval(), _inputs(d=32)
+    with pytest.warns(fxlrd.FxlrdWarning, match=r"2 stacked expert weights \(16384 parameters, first 'up'\) are kept whole: "
+                                                 r"stacked experts take the per-layer rank rules only"):
+        plan = fxlrd.plan(model, LRDConfig(allocation="global", ratio=2), example_inputs=inputs, capture="fx")
+    assert all(r["rank"] is None for r in plan.settings["stacked_experts"])
+
+
+def test_inplace_keeps_the_stacks_the_models_forward_reads():
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    before = model(*inputs)
+    with pytest.warns(fxlrd.FxlrdWarning, match="inplace=True keeps the 2 stacked expert weights whole"):
+        gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=inputs, capture="fx", inplace=True)
+    assert isinstance(model.up, nn.Parameter) and torch.equal(model(*inputs), before)
+    assert all(r["rank"] is None for r in gm.fxlrd_plan.settings["stacked_experts"])
+
+
+def test_other_reads_keep_the_stack_with_the_reason():
+    class Einsum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 12, 8))
+
+        def forward(self, x, idx):
+            return torch.einsum("toi,ti->to", self.w[idx], x)
+
+    model, inputs = Einsum().eval(), _inputs()
+    gm = capture_graph(model, inputs, mode="fx").gm
+    found = find_stacked(model, gm)
+    assert list(found) == ["w"] and "not a bmm/matmul operand" in found["w"].reason and not found["w"].reads
+
+
+def test_factors_train_and_keep_the_stacks_requires_grad():
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    model.down.requires_grad_(False)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="fx")
+    up, down = gm.get_submodule("up"), gm.get_submodule("down")
+    assert up.left.requires_grad and not down.left.requires_grad and not down.right.requires_grad
+    gm(*inputs).square().sum().backward()
+    assert up.left.grad is not None and up.right.grad is not None and up.left.grad.abs().sum() > 0
+
+
+def test_save_load_and_a_plan_applied_to_another_model():
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="export")
+    gm = fxlrd.apply(model, plan, example_inputs=inputs)
+    assert rel_err(gm(*inputs), fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs,
+                                                capture="export")(*inputs)) < 1e-6  # fmt: skip
+    with pytest.raises(PlanMismatchError, match=r"stacked weight 'up' \(4×12×8\); in this model it is of shape \(6, 12, 8\)"):
+        fxlrd.apply(Experts(e=6).eval(), plan, example_inputs=_inputs(e=6))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="export")
+    fxlrd.save(gm, tmp_path / "m")
+    loaded = fxlrd.load(Experts().eval(), tmp_path / "m")
+    assert torch.equal(loaded(*inputs), gm(*inputs))
+
+
+def test_bad_settings_and_weights_are_refused():
+    with pytest.raises(ConfigError, match="experts must be 'factorize'"):
+        LRDConfig(experts="lowrank")
+    model, inputs = Experts().eval(), _inputs()
+    with torch.no_grad():
+        model.up[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"stacked weight 'up' has NaN or infinite values.*exclude=\['up'\]"):
+        fxlrd.plan(model, LRDConfig(ratio=2), example_inputs=inputs, capture="fx")
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _mixtral():
+    cfg = transformers.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralModel._from_config(cfg, experts_implementation="batched_mm").eval()
+    ids = torch.randint(3, 100, (2, 9))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.slow
+def test_a_mixtral_runs_its_factorized_experts_in_onnx_and_compiled(tmp_path):
+    model, x = _mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxlrd.FxlrdWarning)  # no stacked weight is left whole, so no warning
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+    recs = gm.fxlrd_plan.settings["stacked_experts"]
+    assert [r["rank"] for r in recs] == [12, 10, 12, 10]  # gate_up 128×32, down 32×64 at α = 2
+    assert _no_dense_gather(gm, {r["weight"] for r in recs})
+    with torch.no_grad():
+        out = gm(**x).last_hidden_state
+        assert rel_err(out, model(**x).last_hidden_state) < 1.0
+        fxlrd.export_onnx(gm, x, tmp_path / "m.onnx")  # checks the ONNX model against gm
+        assert rel_err(torch.compile(gm)(**x).last_hidden_state, out) < 1e-5
+        full = fxlrd.transform(model, FULL, example_inputs=x)
+        assert rel_err(full(**x).last_hidden_state, model(**x).last_hidden_state) < 1e-5
+
+
+_COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_FAMILIES = {  # small configs of transformers' MoE models whose experts are stacked
+    "Qwen3Moe": dict(moe_intermediate_size=48, intermediate_size=64, num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "Olmoe": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2, eos_token_id=None),
+    "GptOss": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                   layer_types=["full_attention"] * 2),  # (in, out) storage, biases: bmm(x, P[ids])
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_transformers_moe_families_factorize_their_experts(family):
+    cfg = getattr(transformers, f"{family}Config")(**_COMMON, **_FAMILIES[family])
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}Model")._from_config(cfg, experts_implementation="batched_mm").eval()
+    ids = torch.randint(3, 100, (2, 9))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
+        full = fxlrd.transform(model, FULL, example_inputs=x)
+    recs = gm.fxlrd_plan.settings["stacked_experts"]
+    assert len(recs) == 4 and all(r["rank"] is not None for r in recs)
+    assert _no_dense_gather(gm, {r["weight"] for r in recs})
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+        assert rel_err(full(**x).last_hidden_state, ref) < 1e-5
+        assert rel_err(gm(**x).last_hidden_state, ref) < 1.0
