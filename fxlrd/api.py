@@ -214,7 +214,7 @@ def plan(
     model = uncompiled(check_module(model))  # a torch.compile wrapper: its module (run under fake tensors, inductor code crashed)
     inputs = normalize_inputs(example_inputs)
     captured = _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)
-    plan_, stats = _plan_captured(model, captured, config, _reusable(calibration), inputs)
+    plan_, stats, _ = _plan_captured(model, captured, config, _reusable(calibration), inputs)
     if int(plan_.settings.get("branches", 1) or 1) > 1 or plan_.settings.get("merge"):
         # branching rounds ranks and merging changes sizes: build on the copy so the plan says what transform builds
         _apply_to_graph(captured.gm, plan_, model, stats=stats)
@@ -253,15 +253,15 @@ def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool, within: boo
 def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, calibration: Iterable | None,
                    inputs: Args | None):  # fmt: skip
     """Narrow the MLP blocks (``mlp="narrow"``), collect the calibration statistics and plan the
-    other layers and the stacked expert weights: ``(plan, stats)``. The plan records the
-    narrowed blocks and the parameters of the model before them."""
+    other layers and the stacked expert weights: ``(plan, stats, experts' stats)``. The plan
+    records the narrowed blocks and the parameters of the model before them."""
     # a speed target counts from the model before narrowing
     # (what this copy's time is compared with, the narrowed graph, has its sibling linears fused too, as built)
     before = copy.deepcopy(captured.gm) if config.mlp == "narrow" and config.target_speedup is not None else None
     config, narrowed = _narrow(captured, config, calibration, inputs)
     config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
-    stacked = plan_experts(model, captured.gm, config)
+    stacked, experts_stats = plan_experts(model, captured.gm, config, calibration)
     _warn_experts_kept(stacked, config)
     plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats, narrowed=narrowed,
                       before_narrowing=before if narrowed else None, stacked=[r["weight"] for r in stacked])  # fmt: skip
@@ -281,7 +281,7 @@ def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, cali
                 for name, up in ((reduce, False), (expand, True)):
                     if name in plan_.layers:
                         _narrowed_row(plan_.layers[name], block, up=up, within=True)
-    return plan_, stats
+    return plan_, stats, experts_stats
 
 
 def _warn_experts_kept(stacked: list[dict[str, Any]], config: LRDConfig) -> None:
@@ -294,12 +294,21 @@ def _warn_experts_kept(stacked: list[dict[str, Any]], config: LRDConfig) -> None
                       f"{kept[0]['reason']}", FxlrdWarning, stacklevel=4)  # fmt: skip
 
 
-def _factorize_experts(model: nn.Module, captured: Captured, plan_: Plan) -> None:
+def _factorize_experts(model: nn.Module, captured: Captured, plan_: Plan, stats: Any = None,
+                       calibration: Iterable | None = None) -> None:  # fmt: skip
     """Factorize the stacked expert weights the plan records (before any sequential fitting,
-    so the layers after them are fitted to what the factorized experts give)."""
-    records = plan_.settings.get("stacked_experts")
-    if records and any(r.get("rank") is not None for r in records):
-        factorize_experts(model, captured.gm, records)
+    so the layers after them are fitted to what the factorized experts give); data-aware ones
+    from ``stats``, or from ``calibration`` (`fxlrd.apply`)."""
+    records = [r for r in plan_.settings.get("stacked_experts") or () if r.get("rank") is not None]
+    if not records:
+        return
+    aware = [r["weight"] for r in records if r.get("data_aware")]
+    if aware and stats is None:
+        from .experts import expert_stats, find_stacked
+
+        stacks = find_stacked(model, captured.gm)
+        stats = expert_stats(captured.gm, {p: stacks[p] for p in aware if p in stacks}, calibration)
+    factorize_experts(model, captured.gm, records, stats=stats)
 
 
 def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None = None, *, stats=None,
@@ -516,7 +525,8 @@ def apply(
                        sensitivity=_plan_sensitivity(plan, sensitivity),
                        sensitivity_matrix=plan.settings.get("sensitivity_matrix", "full"),
                        sequential=bool(plan.settings.get("sequential", False)))  # fmt: skip
-    data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed"))
+    data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed")) \
+        or any(r.get("data_aware") for r in plan.settings.get("stacked_experts") or ())
     if data_aware and calibration is None:
         raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
     if not inplace:
@@ -535,7 +545,7 @@ def apply(
     if plan.settings.get("fused"):
         _fuse(captured, config, recorded=plan.settings["fused"])
     stats = _calibration_stats(captured, config, calibration, inputs)
-    _factorize_experts(model, captured, plan)
+    _factorize_experts(model, captured, plan, calibration=calibration)
     factors = None
     if config.sequential and calibration is not None and any(lp.data_aware for lp in plan.decomposed):
         from .calibrate import sequential_factors
@@ -682,10 +692,10 @@ def transform(
     captured = _capture_inplace(model, config, inputs, capture, dynamic_shapes) if inplace else \
         _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)  # fmt: skip
     calibration = _reusable(calibration)
-    plan_, stats = _plan_captured(model, captured, config, calibration, inputs)
+    plan_, stats, experts_stats = _plan_captured(model, captured, config, calibration, inputs)
     if inplace:
         _check_inplace(plan_)
-    _factorize_experts(model, captured, plan_)
+    _factorize_experts(model, captured, plan_, experts_stats)
     factors = None
     if config.sequential:
         from .calibrate import sequential_factors

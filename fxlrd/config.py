@@ -152,7 +152,8 @@ class LRDConfig:
         experts: stacked expert weights (a mixture of experts' ``(E, m, n)`` parameters, read as
             ``bmm(P[ids], x)``; `fxlrd.experts`): ``"factorize"`` (default) factorizes each
             expert's matrix at the stack's rank by the per-layer rule (``ratio``, ``fixed``,
-            ``energy``; data-free), the graph multiplying by the selected factors; ``"keep"``
+            ``energy``; whitened per expert when calibration data is given), the graph
+            multiplying by the selected factors; ``"keep"``
             leaves them whole. Under a global or latency mode they are kept (the plan says so).
     """
 

@@ -16,8 +16,14 @@ factors' saving is the speed-up, as for a linear layer. ``P[ids].mT`` (a weight 
 A stacked weight is factorized only where every read of it is such a selection feeding a
 batched product (``bmm``/``matmul``) as one operand, directly or through a transpose of its
 last two dimensions; any other read (``grouped_mm``, ``einsum``, a slice) keeps it whole, with
-the reason. The ranks follow the per-layer rules (``ratio``, ``fixed``, ``energy``); the
-factors are data-free (the experts' calibration inputs are not gathered per expert).
+the reason. The ranks follow the per-layer rules (``ratio``, ``fixed``, ``energy``).
+
+With calibration data the factors are data-aware: each expert's inputs (the tokens routed to
+it) are gathered into its own Gram matrix, and its matrix is factorized by whitened SVD
+(SVD-LLM's truncation-aware whitening, as for a linear layer), so at rank ``r`` it keeps the
+least output error on the tokens it sees. An expert no calibration token reached keeps its
+data-free SVD. Memory: one ``d × d`` float64 matrix per expert of each stack (``d`` its input
+size).
 """
 
 from __future__ import annotations
@@ -25,18 +31,18 @@ from __future__ import annotations
 import fnmatch
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .config import LRDConfig
-from .errors import PlanMismatchError
+from .errors import ConfigError, PlanMismatchError
 from .ranks.rules import energy_rank, quantize_rank, svd_rank_for_ratio
 from .sites import _drop_param, _get_attr, _op_name, set_submodule, stacked_weights
 
-__all__ = ["ExpertFactors", "StackedWeight", "find_stacked", "plan_experts", "factorize_experts", "experts_saved"]
+__all__ = ["ExpertFactors", "StackedWeight", "find_stacked", "expert_stats", "plan_experts", "factorize_experts"]
 
 aten = torch.ops.aten
 
@@ -149,6 +155,94 @@ def find_stacked(model: nn.Module, gm: fx.GraphModule) -> dict[str, StackedWeigh
     return out
 
 
+@dataclass
+class _Read:
+    """One batched product reading a stack: the expert ids, the other operand ``x`` and how."""
+
+    product: fx.Node
+    selection: fx.Node
+    ids: fx.Node
+    x: fx.Node
+    x_left: bool  # x is the product's left operand (x @ P[ids] or x @ P[ids].mT)
+    rows: bool  # the stack's input mode is its rows, m (x @ P, Pᵀ @ x), else its columns, n
+
+
+def _reads(s: StackedWeight) -> list[_Read]:
+    out = []
+    for sel in s.reads:
+        ids = sel.args[1][0] if sel.target is aten.index.Tensor else sel.args[1]
+        for user in sel.users:
+            side = _product_side(user, sel)
+            if side is not None:
+                out.append(_Read(user, sel, ids, user.args[1 - side], x_left=side == 1, rows=side == 1))
+                continue
+            for product in user.users:  # through P[ids].mT
+                side = _product_side(product, user)
+                out.append(_Read(product, sel, ids, product.args[1 - side], x_left=side == 1, rows=side == 0))
+    return out
+
+
+def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibration: Iterable, *,
+                 progress: bool = True) -> dict[str, list[Any]]:  # fmt: skip
+    """Per stack, one `fxlrd.calibrate.InputStats` per expert (None where no calibration token
+    was routed to it): the Gram matrix of the inputs each expert multiplies, over its input
+    mode. A stack whose reads disagree on that mode is left out (its factors stay data-free).
+    The graph runs in eval mode, without gradients; its mode is left as it was."""
+    from .calibrate import EvalInterpreter, InputStats, _as_args, _batches, inputs_error
+    from .capture import flat_inputs
+    from .modes import saved_modes
+
+    watched: dict[fx.Node, tuple[str, _Read]] = {}
+    for path, s in stacks.items():
+        reads = _reads(s)
+        if reads and len({r.rows for r in reads}) == 1:
+            watched.update({r.product: (path, r) for r in reads})
+    grams: dict[str, list[Any]] = {path: [None] * stacks[path].shape[0] for path, _ in watched.values()}
+
+    selections = {r.selection: r.ids for _, r in watched.values()}
+    picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
+
+    class Recorder(EvalInterpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            if node in selections:
+                picked[node] = self.env[selections[node]]
+            if node in watched:
+                path, read = watched[node]
+                ids, x = picked[read.selection], self.env[read.x]
+                x = x if read.x_left else x.mT  # (S, samples, d)
+                ids = ids.reshape(-1)
+                if x.dim() == 3 and x.shape[0] == ids.numel():
+                    for e in ids.unique().tolist():
+                        rows = x[ids == e].reshape(-1, x.shape[-1])
+                        if grams[path][e] is None:
+                            grams[path][e] = InputStats(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+                        grams[path][e].add(rows)
+            return super().run_node(node)
+
+    restore = saved_modes(gm)
+    gm.eval()
+    recorder, n = Recorder(gm), 0
+    try:
+        with torch.no_grad():
+            for index, item in enumerate(_batches(calibration, progress, "expert calibration")):
+                inputs = _as_args(item, index)
+                flat = flat_inputs(gm, inputs, f"calibration batch {index}")
+                try:
+                    recorder.run(*flat)
+                except Exception as exc:  # noqa: BLE001  (the item does not fit the model)
+                    raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
+                n += 1
+    finally:
+        restore()
+    if n == 0:
+        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
+    return grams
+
+
+def _stack_rows(s: StackedWeight) -> bool:
+    return _reads(s)[0].rows
+
+
 def _selected(path: str, config: LRDConfig, module: nn.Module) -> str:
     if config.include is not None and not any(fnmatch.fnmatchcase(path, p) for p in config.include):
         return "not matched by include"
@@ -186,20 +280,24 @@ def _rank(weight: torch.Tensor, config: LRDConfig) -> tuple[int | None, str]:
     return rank, ""
 
 
-def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig) -> list[dict[str, Any]]:
+def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibration: Iterable | None = None, *,
+                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:  # fmt: skip
     """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
     ``rank`` (None when kept), ``reason``, ``params_before``/``params_after`` and, when
-    factorized, ``error`` (the relative Frobenius error of the stack's truncation)."""
-    if config.experts == "keep":
-        return [dict(weight=s.path, experts=s.shape[0], shape=list(s.shape[1:]), rank=None, params_before=_numel(s.shape),
-                     params_after=_numel(s.shape), reason="experts='keep'") for s in find_stacked(model, gm).values()]  # fmt: skip
-    out = []
-    for s in find_stacked(model, gm).values():
+    factorized, ``data_aware``, ``error`` (the relative error of the stack's truncation: of its
+    outputs on the calibration inputs when data-aware, else of its weights) and, data-aware,
+    ``calibrated_experts`` (how many experts calibration tokens reached). Also the experts'
+    input statistics (`expert_stats`) of the stacks to factorize, when ``calibration`` is given."""
+    stacks = find_stacked(model, gm)
+    out, ranks = [], {}
+    for s in stacks.values():
         e, m, n = s.shape
         rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
                                    params_after=e * m * n, reason=s.reason)  # fmt: skip
         out.append(rec)
-        if s.reason:
+        if config.experts == "keep":
+            rec["reason"] = "experts='keep'"
+        if rec["reason"]:
             continue
         weight = _get_attr(gm, s.path)
         owner = s.path.rpartition(".")[0]
@@ -212,31 +310,62 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig) -> lis
         rank, why = (None, why) if why else _rank(weight, config)
         if rank is None:
             rec["reason"] = why
+        else:
+            ranks[s.path] = rank
+    stats = {}
+    if calibration is not None and ranks:
+        stats = expert_stats(gm, {p: stacks[p] for p in ranks}, calibration, progress=progress)
+    for rec in out:
+        rank = ranks.get(rec["weight"])
+        if rank is None:
             continue
-        values = torch.linalg.svdvals(weight.detach().double())
-        kept = values[:, :rank].pow(2).sum()
-        rec.update(rank=rank, params_after=e * rank * (m + n),
-                   error=float((1 - kept / values.pow(2).sum().clamp_min(1e-300)).clamp_min(0).sqrt()))  # fmt: skip
-    return out
+        e, (m, n) = rec["experts"], rec["shape"]
+        st = stats.get(rec["weight"])
+        *_, error = _factors(_get_attr(gm, rec["weight"]), rank, st, st is not None and _stack_rows(stacks[rec["weight"]]))
+        rec.update(rank=rank, params_after=e * rank * (m + n), data_aware=st is not None, error=error)
+        if st is not None:
+            rec["calibrated_experts"] = sum(x is not None and x.count > 0 for x in st)
+    return out, stats
 
 
-def _numel(shape: Sequence[int]) -> int:
-    e, m, n = shape
-    return e * m * n
+def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None,
+             rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
+    """Each expert's factors at ``rank``, √Σ on each side: ``(E, m, r)``, ``(E, r, n)``, and the
+    stack's relative error: of the weights (truncated SVD), or with ``stats`` (one per expert,
+    None for an expert without calibration inputs) of the outputs on the calibration inputs
+    (whitened SVD over the input mode: ``rows``, the stack's rows, else its columns), each
+    expert's error weighed by its share of the samples."""
+    from .decompose import svd_factors
+    from .methods.base import tail_sums, unwhiten_input, whiten_input
 
-
-def experts_saved(records: Sequence[Mapping[str, Any]] | None) -> int:
-    """Parameters the factorized stacks save."""
-    return sum(r["params_before"] - r["params_after"] for r in records or () if r.get("rank") is not None)
-
-
-def _factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each expert's truncated SVD at ``rank``, √Σ on each side: ``(E, m, r)`` and ``(E, r, n)``."""
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    root = s[:, :rank].sqrt()
-    left = u[:, :, :rank] * root[:, None, :]
-    right = root[:, :, None] * vh[:, :rank, :]
-    return left.to(weight.dtype), right.to(weight.dtype)
+    if stats is None:
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        root = s[:, :rank].sqrt()
+        left = u[:, :, :rank] * root[:, None, :]
+        right = root[:, :, None] * vh[:, :rank, :]
+        total = s.pow(2).sum()
+        error = float((1 - s[:, :rank].pow(2).sum() / total.clamp_min(1e-300)).clamp_min(0).sqrt())
+        return left.to(weight.dtype), right.to(weight.dtype), error
+    lefts, rights, lost, whole = [], [], 0.0, 0.0
+    for e in range(weight.shape[0]):
+        w = weight[e].detach().double()
+        w = w.T if rows else w  # as a layer: (out, in), the input mode last
+        st = stats[e]
+        if st is None or st.count == 0:
+            f = svd_factors(w, rank)
+            out_f, in_f = f.out_factor, f.in_factor
+        else:
+            white = st.whitening()
+            m = whiten_input(w, white)
+            f = svd_factors(m, rank)
+            out_f, in_f = f.out_factor, unwhiten_input(f.in_factor, white)
+            tail = tail_sums(torch.linalg.svdvals(m))
+            lost, whole = lost + st.count * float(tail[rank]), whole + st.count * float(tail[0])
+        left, right = (in_f.T, out_f.T) if rows else (out_f, in_f)
+        lefts.append(left)
+        rights.append(right)
+    error = (lost / whole) ** 0.5 if whole > 0 else float("nan")
+    return torch.stack(lefts).to(weight.dtype), torch.stack(rights).to(weight.dtype), error
 
 
 def _transposed(graph: fx.Graph, node: fx.Node, export: bool) -> fx.Node:
@@ -282,9 +411,10 @@ def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
 
 
 def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Mapping[str, Any]], *,
-                      skeleton: bool = False) -> None:  # fmt: skip
-    """Factorize ``gm``'s stacked weights as ``records`` (`plan_experts`) say, in place.
-    ``skeleton``: zeros of the recorded ranks (`fxlrd.load` then reads the saved values)."""
+                      stats: Mapping[str, Sequence[Any]] | None = None, skeleton: bool = False) -> None:  # fmt: skip
+    """Factorize ``gm``'s stacked weights as ``records`` (`plan_experts`) say, in place:
+    data-aware where ``stats`` (`expert_stats`) has the stack's experts. ``skeleton``: zeros of
+    the recorded ranks (`fxlrd.load` then reads the saved values)."""
     found = find_stacked(model, gm)
     for rec in records:
         if rec.get("rank") is None:
@@ -302,7 +432,9 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
             left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)
             right = torch.zeros(e, rank, n, dtype=weight.dtype, device=weight.device)
         else:
-            left, right = _factors(weight, rank)
+            st = (stats or {}).get(path)
+            left, right, _ = _factors(weight, rank, st, st is not None and _stack_rows(s))
+            left, right = left.to(weight.device), right.to(weight.device)
         module = ExpertFactors(left, right).requires_grad_(weight.requires_grad)
         _drop_param(gm, path)
         set_submodule(gm, path, module)

@@ -112,7 +112,7 @@ def test_the_ratio_rule_gives_the_linear_layers_rank_and_sizes_add_up():
     gm = fxlrd.apply(model, plan, example_inputs=inputs)
     assert sum(p.numel() for p in gm.parameters()) == plan.params_after_model()
     table = plan.table()
-    assert "2 stacked expert weights, not in the rows above (2 factorized per expert, data-free; 0 kept)" in table
+    assert "2 stacked expert weights, not in the rows above (2 factorized per expert, 0 of them data-aware; 0 kept)" in table
     assert "up    4x64x32  rank 8, params 8.19K->3.07K" in table
 
 
@@ -292,3 +292,104 @@ def test_transformers_moe_families_factorize_their_experts(family):
         ref = model(**x).last_hidden_state
         assert rel_err(full(**x).last_hidden_state, ref) < 1e-5
         assert rel_err(gm(**x).last_hidden_state, ref) < 1.0
+
+
+def _subspace_batches(e, d, k, n_batches=4, tokens=64, seed=0):
+    """Batches whose tokens for expert i lie in a k-dimensional subspace of its own."""
+    g = torch.Generator().manual_seed(seed)
+    bases = torch.randn(e, k, d, generator=g)
+    out = []
+    for _ in range(n_batches):
+        idx = torch.randint(0, e, (tokens,), generator=g)
+        x = torch.einsum("tk,tkd->td", torch.randn(tokens, k, generator=g), bases[idx])
+        out.append((x, idx))
+    return out
+
+
+@pytest.mark.parametrize("read", ["left", "right", "mT"])
+def test_with_calibration_inputs_in_a_subspace_are_reproduced_at_its_dimension(read):
+    """Each expert's tokens span k dimensions: whitened factors of rank k reproduce its
+    outputs on them (up to the statistics' shrinkage toward the identity, small with 512
+    tokens per expert in 16 dimensions); data-free truncation at rank k loses most of them."""
+    torch.manual_seed(0)
+    e, d, k = 4, 16, 3
+    model = Experts(e=e, d=d, hidden=20, read=read).eval()
+    batches = _subspace_batches(e, d, k, tokens=512)
+    config = LRDConfig(rank_rule="fixed", rank=k, include=["up"])
+    aware = fxlrd.transform(model, config, example_inputs=batches[0], capture="fx", calibration=batches)
+    free = fxlrd.transform(model, config, example_inputs=batches[0], capture="fx")
+    x, idx = _subspace_batches(e, d, k, n_batches=5, tokens=512, seed=0)[4]  # the same subspaces, a batch not calibrated on
+    ref = model(x, idx)
+    assert rel_err(aware(x, idx), ref) < 5e-3
+    assert rel_err(free(x, idx), ref) > 0.3
+    rec = {r["weight"]: r for r in aware.fxlrd_plan.settings["stacked_experts"]}["up"]
+    # (the recorded error is under the shrunk statistics, which give unseen directions some weight)
+    assert rec["data_aware"] and rec["calibrated_experts"] == e and rec["error"] < 0.1
+
+
+def test_whitened_factors_reach_the_output_error_optimum():
+    """At rank r the data-aware stack's output error on the calibration tokens equals, per
+    expert, the optimum min ‖(W − W′)X‖ = ‖W X − [W X]_r‖ computed here independently (3 000
+    tokens per expert in 10 dimensions: the statistics' shrinkage is negligible)."""
+    torch.manual_seed(2)
+    e, d, hidden, r = 3, 10, 12, 4
+    model = Experts(e=e, d=d, hidden=hidden).eval()
+    g = torch.Generator().manual_seed(5)
+    scales = torch.logspace(0, -2, d)  # correlated, anisotropic inputs
+    batches = [(torch.randn(3000, d, generator=g) * scales @ torch.randn(d, d, generator=g), torch.randint(0, e, (3000,), generator=g))
+               for _ in range(3)]  # fmt: skip
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=r, include=["up"]), example_inputs=batches[0],
+                         capture="fx", calibration=batches)  # fmt: skip
+    approx = gm.get_submodule("up").weight().detach().double()
+    x = torch.cat([b[0] for b in batches]).double()
+    idx = torch.cat([b[1] for b in batches])
+    lost = whole = 0.0
+    for i in range(e):
+        w, xi = model.up[i].detach().double(), x[idx == i].T  # (hidden, d), (d, samples)
+        s = torch.linalg.svdvals(w @ xi)
+        optimum = s[r:].pow(2).sum()
+        got = ((w - approx[i]) @ xi).pow(2).sum()
+        assert got == pytest.approx(float(optimum), rel=1e-3, abs=1e-9)
+        lost, whole = lost + float(optimum), whole + float(s.pow(2).sum())
+    rec = {rr["weight"]: rr for rr in gm.fxlrd_plan.settings["stacked_experts"]}["up"]
+    assert rec["error"] == pytest.approx((lost / whole) ** 0.5, rel=1e-2)  # (estimated under the shrunk statistics)
+
+
+def test_an_expert_no_calibration_token_reaches_keeps_its_data_free_factors():
+    torch.manual_seed(0)
+    model = Experts(e=4).eval()
+    batches = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(2)]  # expert 3 never picked
+    config = LRDConfig(rank_rule="fixed", rank=3, include=["up"])
+    aware = fxlrd.transform(model, config, example_inputs=batches[0], capture="fx", calibration=batches)
+    free = fxlrd.transform(model, config, example_inputs=batches[0], capture="fx")
+    assert torch.allclose(aware.get_submodule("up").weight()[3], free.get_submodule("up").weight()[3], atol=1e-6)
+    assert not torch.allclose(aware.get_submodule("up").weight()[0], free.get_submodule("up").weight()[0], atol=1e-3)
+    rec = {r["weight"]: r for r in aware.fxlrd_plan.settings["stacked_experts"]}["up"]
+    assert rec["calibrated_experts"] == 3 and "(3 of 4 experts calibrated)" in aware.fxlrd_plan.table()
+
+
+def test_a_data_aware_plan_needs_the_calibration_to_be_applied_and_calibration_changes_nothing():
+    torch.manual_seed(0)
+    model = Experts().eval().train()  # in training mode: calibration runs in eval and restores it
+    batches = [_inputs(tokens=32, seed=s) for s in range(3)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=batches[0], capture="fx",
+                      calibration=batches)  # fmt: skip
+    assert all(r["data_aware"] for r in plan.settings["stacked_experts"])
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="calibration"):
+        fxlrd.apply(model, plan, example_inputs=batches[0])
+    gm = fxlrd.apply(model, plan, example_inputs=batches[0], calibration=batches)
+    direct = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=batches[0], capture="fx",
+                             calibration=batches)  # fmt: skip
+    gm.eval(), direct.eval()
+    assert torch.allclose(gm(*batches[0]), direct(*batches[0]), atol=1e-6)
+
+
+def test_calibration_items_that_do_not_fit_get_a_clear_error():
+    model, inputs = Experts().eval(), _inputs()
+    with pytest.raises(ValueError, match="calibration"):
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=inputs, capture="fx",
+                        calibration=[(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))])  # fmt: skip
+    with pytest.raises(ConfigError, match="calibration is empty"):
+        fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=inputs, capture="fx", calibration=[])
