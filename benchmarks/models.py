@@ -1,6 +1,6 @@
 """The models the suite times, with their inputs and calibration data.
 
-Zoo models (the DCGAN generator and U-Net too), BERT-base and the small Llama start from seeded random weights (latency depends only on shapes, and
+Zoo models (the DCGAN generator and U-Net too), BERT-base, the small Llama and the mixture of experts start from seeded random weights (latency depends only on shapes, and
 every run rebuilds the same weights); EfficientNet-Lite1 and all-MiniLM-L6-v2 are the real
 pretrained models of `benchmarks._real`, calibrated on real images and sentences.
 """
@@ -87,6 +87,25 @@ def _llama_small() -> nn.Module:
     return LlamaModel(LlamaConfig(**LLAMA_SHAPE, use_cache=False))
 
 
+# a mixture of experts of Qwen3-MoE's design, scaled to a 2-core CPU: 8 experts per layer, 2 per token, stacked
+# expert weights run as transformers' batched_mm (the implementation torch.export captures and fxlrd factorizes)
+MOE_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, moe_intermediate_size=768,
+                 num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=8,
+                 num_experts_per_tok=2, norm_topk_prob=True, use_cache=False)  # fmt: skip
+MOE_SEQUENCE = 32
+
+
+def _moe() -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeModel
+
+    return Qwen3MoeModel._from_config(Qwen3MoeConfig(**MOE_SHAPE), experts_implementation="batched_mm")
+
+
+def _moe_tokens(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, MOE_SHAPE["vocab_size"], (batch, MOE_SEQUENCE), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def _efficientnet() -> nn.Module:
     from ._real import efficientnet_lite1
 
@@ -164,6 +183,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama_small", f"Llama of SmolLM-135M's shape (transformers LlamaModel, 30 layers, 576 wide, gated "
                   f"MLPs of 1536, random weights), sequence {SEQUENCE}", _seeded(_llama_small), _random_tokens,
                   lambda: [_random_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],
+                  tokens=True),  # fmt: skip
+        ModelSpec("moe", f"mixture of experts (transformers Qwen3MoeModel, 8 layers, 512 wide, 8 stacked experts of 768 "
+                  f"per layer, 2 per token, batched_mm; random weights), sequence {MOE_SEQUENCE}", _seeded(_moe), _moe_tokens,
+                  lambda: [_moe_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],
                   tokens=True),  # fmt: skip
         ModelSpec("efficientnet_lite1", "EfficientNet-Lite1 (ImageNet weights), 240×240, real images",
                   _efficientnet, _real_views, _real_calibration_views),  # fmt: skip

@@ -87,6 +87,7 @@ class Variant:
         decomposes: it must decompose at least one layer, else it is skipped for that model.
         needs_method: skipped unless some layer is decomposed with this method (e.g. ``tucker2``).
         narrows: it narrows MLP blocks (``mlp="narrow"``): skipped for a model without any.
+        needs_experts: skipped for a model without stacked expert weights (`fxlrd.experts`).
         base: for an int8 variant, the float variant whose model it quantizes (built once
             and shared; its config must be this one's).
         int8: exported in int8, ``export_onnx``'s quantize mode: ``"int8"`` (onnxruntime static
@@ -105,6 +106,7 @@ class Variant:
     narrows: bool = False
     base: str | None = None
     int8: str | None = None
+    needs_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.base is not None and not self.int8:
@@ -126,6 +128,8 @@ class Variant:
             return "no MLP block to narrow (linear or 1x1 conv, per-neuron operations, linear or 1x1 conv)"
         if self.decomposes and not (decomposed or narrowed):
             return "no layer decomposed with this config"
+        if self.needs_experts and not gm.fxlrd_plan.settings.get("stacked_experts"):
+            return "no stacked expert weights (the variant is the quantized one)"
         if self.needs_method and not any(lp.method == self.needs_method for lp in decomposed):
             return f"no layer decomposed with {self.needs_method}"
         return None
@@ -261,6 +265,9 @@ VARIANTS: dict[str, Variant] = {
         Variant("vanilla", "α = 2, the paper's exact ranks (rank_quantum=1)", lambda ctx: VANILLA),
         Variant("quantized", "α = 2, ranks rounded down to the machine's rank quantum (the default: 16 with "
                 "AVX-512, 8 with AVX2)", lambda ctx: LRDConfig(ratio=2)),  # fmt: skip
+        Variant("quantized_dense_experts", "quantized, a mixture's stacked expert weights kept whole "
+                "(experts='keep': fxlrd before it factorized them)", lambda ctx: LRDConfig(ratio=2, experts="keep"),
+                needs_experts=True),  # fmt: skip
         Variant("quantized_q8", "quantized, ranks in multiples of 8 (the AVX2 width: is 16 worth it here?)",
                 lambda ctx: LRDConfig(ratio=2, rank_quantum=8)),  # fmt: skip
         Variant("quantized_q32", "quantized, ranks in multiples of 32", lambda ctx: LRDConfig(ratio=2, rank_quantum=32)),

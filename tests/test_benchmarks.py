@@ -1186,3 +1186,25 @@ def test_the_suites_dcgan_is_fed_what_the_zoo_says_it_takes():
     spec = models.get("dcgan")
     assert tuple(spec.inputs(1).shape) == zoo.input_shape("dcgan_generator")
     assert spec.build()(spec.inputs(2)).shape == (2, 3, 64, 64)
+
+
+def test_the_suites_mixture_of_experts_runs_stacked_experts_that_fxlrd_factorizes():
+    """The suite's MoE is built with batched_mm experts (what export captures and fxlrd
+    factorizes); its dense-experts variant keeps them, and is skipped where there are none."""
+    import warnings
+
+    import torch
+
+    import fxlrd
+    from benchmarks import models, variants
+
+    spec = models.get("moe")
+    assert spec.tokens and tuple(spec.inputs(2)["input_ids"].shape) == (2, models.MOE_SEQUENCE)
+    cfg = variants.get("quantized_dense_experts").config(None)
+    assert cfg.experts == "keep" and cfg.ratio == 2
+    small = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fxlrd.transform(small, cfg, example_inputs=torch.randn(2, 4))
+    assert "no stacked expert weights" in variants.get("quantized_dense_experts").skip_reason(gm)
+    assert variants.get("quantized").skip_reason(gm) is None
