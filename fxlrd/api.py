@@ -386,7 +386,9 @@ def _check_inplace(plan_: Plan) -> None:
         )
     stacked = [r for r in plan_.settings.get("stacked_experts") or () if r.get("rank") is not None]
     for rec in stacked:  # the model's own forward reads them: kept, as with layers it computes itself
-        rec.update(rank=None, params_after=rec["params_before"], error=None,
+        for key in ("error", "data_aware", "calibrated_experts", "note"):
+            rec.pop(key, None)
+        rec.update(rank=None, params_after=rec["params_before"],
                    reason="inplace=True: the model's own forward reads the stacked weight; use inplace=False to factorize it")
     if stacked:
         warnings.warn(f"inplace=True keeps the {len(stacked)} stacked expert weights whole (first {stacked[0]['weight']!r}): "
@@ -525,8 +527,8 @@ def apply(
                        sensitivity=_plan_sensitivity(plan, sensitivity),
                        sensitivity_matrix=plan.settings.get("sensitivity_matrix", "full"),
                        sequential=bool(plan.settings.get("sequential", False)))  # fmt: skip
-    data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed")) \
-        or any(r.get("data_aware") for r in plan.settings.get("stacked_experts") or ())
+    data_aware = any(lp.data_aware for lp in plan.decomposed) or bool(plan.settings.get("narrowed")) or (
+        not inplace and any(r.get("data_aware") and r.get("rank") is not None for r in plan.settings.get("stacked_experts") or ()))
     if data_aware and calibration is None:
         raise ConfigError("the plan decomposes layers data-aware: pass the calibration data (calibration=...) to apply it")
     if not inplace:

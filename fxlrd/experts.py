@@ -14,7 +14,7 @@ factors' saving is the speed-up, as for a linear layer. ``P[ids].mT`` (a weight 
 ``(in, out)``) is read as the product ``R[ids].mT @ L[ids].mT``.
 
 A stacked weight is factorized only where every read of it is such a selection feeding a
-batched product (``bmm``/``matmul``) as one operand, directly or through a transpose of its
+batched product (``bmm``) as one operand, directly or through a transpose of its
 last two dimensions; any other read (``grouped_mm``, ``einsum``, a slice) keeps it whole, with
 the reason. The ranks follow the per-layer rules (``ratio``, ``fixed``, ``energy``).
 
@@ -46,8 +46,7 @@ __all__ = ["ExpertFactors", "StackedWeight", "find_stacked", "expert_stats", "pl
 
 aten = torch.ops.aten
 
-_PRODUCTS = {aten.bmm.default, torch.bmm, aten.matmul.default, torch.matmul, operator.matmul}
-_TRANSPOSE_LAST = "transpose of the last two dimensions"
+_BMM = {aten.bmm.default, torch.bmm}
 # (the per-layer rules; the others need every layer's error curve or timing, which the stacks have no part in)
 _GLOBAL_SETTINGS = ("target_params", "target_speedup", "latency")
 
@@ -122,25 +121,50 @@ def _is_last_transpose(node: fx.Node, source: fx.Node) -> bool:
     return False
 
 
-def _product_side(node: fx.Node, operand: fx.Node) -> int | None:
-    """0 when ``operand`` is the left factor of the batched product ``node``, 1 when the right; else None."""
-    if node.op != "call_function" or node.target not in _PRODUCTS or len(node.args) != 2 or node.kwargs:
-        return None
-    sides = [i for i, a in enumerate(node.args) if a is operand]
-    return sides[0] if len(sides) == 1 else None
+def _is_bmm(node: fx.Node) -> bool:
+    """``torch.bmm(a, b)``, ``aten.bmm`` or ``a.bmm(b)``: a product of two 3-D batches."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    return (node.op == "call_function" and node.target in _BMM) or (node.op == "call_method" and node.target == "bmm")
+
+
+@dataclass
+class _Use:
+    """One batched product of a selected stack: ``product`` multiplies ``operand`` (the
+    selection, or its transpose when ``transposed``) as its left (``side`` 0) or right factor."""
+
+    product: fx.Node
+    operand: fx.Node
+    transposed: bool
+    side: int
+
+
+def _uses(sel: fx.Node) -> tuple[list[_Use], str]:
+    """The products of a selection ``P[ids]``, directly or through a transpose of its last two
+    dimensions, and why they cannot be rewritten ("" when they can): each must be a ``bmm``
+    taking the stack once, beside an operand of its own."""
+    uses = []
+    for user in sel.users:
+        if _is_last_transpose(user, sel) and user.users:
+            operands = [(user, True, p) for p in user.users]
+        else:
+            operands = [(sel, False, user)]
+        for operand, transposed, product in operands:
+            if not _is_bmm(product):
+                what = f"{_op_name(product) or product.op} ({product.name})"
+                return [], f"P[ids] used by {what}, not as an operand of torch.bmm"
+            mine = [i for i, a in enumerate(product.args) if a is sel or (isinstance(a, fx.Node) and a in sel.users)]
+            if len(mine) != 1:
+                return [], f"{product.name} multiplies the selected stack by itself"
+            uses.append(_Use(product, operand, transposed, mine[0]))
+    return uses, ""
 
 
 def _why_not(node: fx.Node, param: fx.Node) -> str:
     """Why a read of a stacked weight is not one the factors can replace ("" when it is)."""
     if not _is_selection(node, param):
         return f"read by {_op_name(node) or node.op} ({node.name}), not selected as P[ids]"
-    for user in node.users:
-        if _product_side(user, node) is not None:
-            continue
-        if _is_last_transpose(user, node) and user.users and all(_product_side(u, user) is not None for u in user.users):
-            continue
-        return f"P[ids] used by {_op_name(user) or user.op} ({user.name}), not a bmm/matmul operand"
-    return ""
+    return _uses(node)[1]
 
 
 def find_stacked(model: nn.Module, gm: fx.GraphModule) -> dict[str, StackedWeight]:
@@ -171,36 +195,41 @@ def _reads(s: StackedWeight) -> list[_Read]:
     out = []
     for sel in s.reads:
         ids = sel.args[1][0] if sel.target is aten.index.Tensor else sel.args[1]
-        for user in sel.users:
-            side = _product_side(user, sel)
-            if side is not None:
-                out.append(_Read(user, sel, ids, user.args[1 - side], x_left=side == 1, rows=side == 1))
-                continue
-            for product in user.users:  # through P[ids].mT
-                side = _product_side(product, user)
-                out.append(_Read(product, sel, ids, product.args[1 - side], x_left=side == 1, rows=side == 0))
+        for use in _uses(sel)[0]:
+            x_left = use.side == 1
+            out.append(_Read(use.product, sel, ids, use.product.args[1 - use.side], x_left, rows=x_left != use.transposed))
     return out
 
 
+def _input_size(s: StackedWeight, rows: bool) -> int:
+    return s.shape[1] if rows else s.shape[2]
+
+
 def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibration: Iterable, *,
-                 progress: bool = True) -> dict[str, list[Any]]:  # fmt: skip
+                 progress: bool = True, distributed: bool | None = None, group: Any = None) -> dict[str, list[Any]]:  # fmt: skip
     """Per stack, one `fxlrd.calibrate.InputStats` per expert (None where no calibration token
     was routed to it): the Gram matrix of the inputs each expert multiplies, over its input
-    mode. A stack whose reads disagree on that mode is left out (its factors stay data-free).
-    The graph runs in eval mode, without gradients; its mode is left as it was."""
-    from .calibrate import EvalInterpreter, InputStats, _as_args, _batches, inputs_error
-    from .capture import flat_inputs
+    mode. Tokens an ``attention_mask`` marks as padding are left out (the selections taken as
+    token-major, ``tokens × top_k``, as transformers orders them). A stack whose reads
+    disagree on that mode, or that no token reached, is left out (its factors stay data-free).
+    The graph runs in eval mode, without gradients; its mode is left as it was. Under
+    ``torch.distributed`` (default: when a process group is initialised) the statistics are
+    summed over the processes, so each can see its own shard of the data."""
+    from .calibrate import EvalInterpreter, InputStats, _as_args, _batches, all_reduce_stats, inputs_error
+    from .capture import flat_inputs, padding_mask
     from .modes import saved_modes
 
     watched: dict[fx.Node, tuple[str, _Read]] = {}
+    grams: dict[str, list[Any]] = {}
     for path, s in stacks.items():
         reads = _reads(s)
         if reads and len({r.rows for r in reads}) == 1:
             watched.update({r.product: (path, r) for r in reads})
-    grams: dict[str, list[Any]] = {path: [None] * stacks[path].shape[0] for path, _ in watched.values()}
-
+            d = _input_size(s, reads[0].rows)
+            grams[path] = [InputStats(torch.zeros(d, d, dtype=torch.float64)) for _ in range(s.shape[0])]
     selections = {r.selection: r.ids for _, r in watched.values()}
     picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
+    mask: list[torch.Tensor | None] = [None]
 
     class Recorder(EvalInterpreter):
         def run_node(self, node: fx.Node) -> Any:
@@ -208,15 +237,15 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 picked[node] = self.env[selections[node]]
             if node in watched:
                 path, read = watched[node]
-                ids, x = picked[read.selection], self.env[read.x]
+                ids, x = picked[read.selection].reshape(-1), self.env[read.x]
                 x = x if read.x_left else x.mT  # (S, samples, d)
-                ids = ids.reshape(-1)
-                if x.dim() == 3 and x.shape[0] == ids.numel():
+                if x.shape[0] == ids.numel():
+                    real = mask[0]
+                    if real is not None and ids.numel() % real.numel() == 0:
+                        keep = real.reshape(-1).repeat_interleave(ids.numel() // real.numel()).to(ids.device)
+                        ids, x = ids[keep], x[keep]
                     for e in ids.unique().tolist():
-                        rows = x[ids == e].reshape(-1, x.shape[-1])
-                        if grams[path][e] is None:
-                            grams[path][e] = InputStats(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
-                        grams[path][e].add(rows)
+                        grams[path][e].add(x[ids == e].reshape(-1, x.shape[-1]))
             return super().run_node(node)
 
     restore = saved_modes(gm)
@@ -226,6 +255,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         with torch.no_grad():
             for index, item in enumerate(_batches(calibration, progress, "expert calibration")):
                 inputs = _as_args(item, index)
+                mask[0] = padding_mask(inputs)
                 flat = flat_inputs(gm, inputs, f"calibration batch {index}")
                 try:
                     recorder.run(*flat)
@@ -236,35 +266,55 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         restore()
     if n == 0:
         raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
-    return grams
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        all_reduce_stats([st for path in sorted(grams) for st in grams[path]], group=group)
+    out = {path: [st if st.count else None for st in stats] for path, stats in grams.items()}
+    return {path: stats for path, stats in out.items() if any(st is not None for st in stats)}
 
 
 def _stack_rows(s: StackedWeight) -> bool:
     return _reads(s)[0].rows
 
 
-def _selected(path: str, config: LRDConfig, module: nn.Module) -> str:
+def _selected(path: str, config: LRDConfig, model: nn.Module, gm: fx.GraphModule) -> str:
     if config.include is not None and not any(fnmatch.fnmatchcase(path, p) for p in config.include):
         return "not matched by include"
     if any(fnmatch.fnmatchcase(path, p) for p in config.exclude):
         return "matched by exclude"
-    if config.filter_fn is not None and not config.filter_fn(module, path):
-        return "filter_fn returned False"
+    if not issubclass(nn.Linear, tuple(config.layer_types)):
+        return "Linear not in layer_types (a stack of experts is one linear layer per expert)"
+    if config.filter_fn is not None:
+        owner = path.rpartition(".")[0]
+        module = None
+        for root in (model, gm):  # the user's own module where it has one (an export graph's are plain modules)
+            try:
+                module = root.get_submodule(owner) if owner else root
+                break
+            except AttributeError:
+                continue
+        if not config.filter_fn(module, path):
+            return "filter_fn returned False"
+    return ""
+
+
+def _global_reason(config: LRDConfig) -> str:
+    if any(getattr(config, s) is not None for s in _GLOBAL_SETTINGS) or config.allocation == "global":
+        given = next((s for s in _GLOBAL_SETTINGS if getattr(config, s) is not None), "allocation='global'")
+        return (f"stacked experts take the per-layer rank rules only (ratio, fixed, energy), not {given}: kept whole; "
+                "for them to shrink, use a per-layer rule (LRDConfig(ratio=...)), or experts='keep' to leave them")  # fmt: skip
     return ""
 
 
 def _rank(weight: torch.Tensor, config: LRDConfig) -> tuple[int | None, str]:
     """The stack's rank by the config's per-layer rule, or None and why it is kept."""
     e, m, n = weight.shape
-    if any(getattr(config, s) is not None for s in _GLOBAL_SETTINGS) or config.allocation == "global":
-        given = next((s for s in _GLOBAL_SETTINGS if getattr(config, s) is not None), "allocation='global'")
-        return None, (f"stacked experts take the per-layer rank rules only (ratio, fixed, energy), not {given}: kept; "
-                      "decompose them with a per-layer rule, or leave them whole")  # fmt: skip
     if config.rank_rule == "ratio":
         rank = svd_rank_for_ratio(n, m, config.ratio)
     elif config.rank_rule == "fixed":
         rank = config.rank if isinstance(config.rank, int) else config.rank[0]
-    elif config.rank_rule == "energy":  # one rank for the stack: the energy kept over all experts together
+    elif config.rank_rule == "energy":  # one rank for the stack: the energy of its weights kept over all experts together
         values = torch.linalg.svdvals(weight.detach().double()).T.reshape(-1, e)  # rank-major, expert-minor
         rank = energy_rank(values.pow(2).sum(1).sqrt(), config.energy)
     else:
@@ -285,9 +335,10 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
     ``rank`` (None when kept), ``reason``, ``params_before``/``params_after`` and, when
     factorized, ``data_aware``, ``error`` (the relative error of the stack's truncation: of its
-    outputs on the calibration inputs when data-aware, else of its weights) and, data-aware,
-    ``calibrated_experts`` (how many experts calibration tokens reached). Also the experts'
-    input statistics (`expert_stats`) of the stacks to factorize, when ``calibration`` is given."""
+    outputs on the calibration inputs when data-aware, else of its weights), ``note`` (why a
+    stack stays data-free despite calibration) and, data-aware, ``calibrated_experts`` (how
+    many experts calibration tokens reached). Also the experts' input statistics
+    (`expert_stats`) of the stacks to factorize, when ``calibration`` is given."""
     stacks = find_stacked(model, gm)
     out, ranks = [], {}
     for s in stacks.values():
@@ -295,13 +346,12 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
                                    params_after=e * m * n, reason=s.reason)  # fmt: skip
         out.append(rec)
-        if config.experts == "keep":
+        if not rec["reason"] and config.experts == "keep":
             rec["reason"] = "experts='keep'"
         if rec["reason"]:
             continue
         weight = _get_attr(gm, s.path)
-        owner = s.path.rpartition(".")[0]
-        why = _selected(s.path, config, gm.get_submodule(owner) if owner else gm)
+        why = _selected(s.path, config, model, gm) or _global_reason(config)
         if not why and weight.is_meta:
             why = "weights on the meta device (not loaded): kept"
         if not why and not torch.isfinite(weight).all():
@@ -324,7 +374,11 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         *_, error = _factors(_get_attr(gm, rec["weight"]), rank, st, st is not None and _stack_rows(stacks[rec["weight"]]))
         rec.update(rank=rank, params_after=e * rank * (m + n), data_aware=st is not None, error=error)
         if st is not None:
-            rec["calibrated_experts"] = sum(x is not None and x.count > 0 for x in st)
+            rec["calibrated_experts"] = sum(x is not None for x in st)
+        elif calibration is not None:
+            reads = _reads(stacks[rec["weight"]])
+            rec["note"] = ("data-free: its products take their inputs on different modes of the stack"
+                           if len({r.rows for r in reads}) > 1 else "data-free: no calibration token reached its experts")  # fmt: skip
     return out, stats
 
 
@@ -348,7 +402,7 @@ def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None
         return left.to(weight.dtype), right.to(weight.dtype), error
     lefts, rights, lost, whole = [], [], 0.0, 0.0
     for e in range(weight.shape[0]):
-        w = weight[e].detach().double()
+        w = weight[e].detach().double().cpu()  # (the statistics live on the CPU)
         w = w.T if rows else w  # as a layer: (out, in), the input mode last
         st = stats[e]
         if st is None or st.count == 0:
@@ -368,42 +422,52 @@ def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None
     return torch.stack(lefts).to(weight.dtype), torch.stack(rights).to(weight.dtype), error
 
 
-def _transposed(graph: fx.Graph, node: fx.Node, export: bool) -> fx.Node:
-    return graph.call_function(aten.transpose.int if export else torch.transpose, (node, -2, -1))
+_NO_VALUE = ("val", "tensor_meta", "example_value")  # meta describing a node's value: not the new inner nodes'
+
+
+def _product(graph: fx.Graph, like: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
+    """``bmm(a, b)`` in the form of ``like`` (an aten, torch or method call)."""
+    if like.op == "call_method":
+        return graph.call_method("bmm", (a, b))
+    return graph.call_function(like.target, (a, b))
 
 
 def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
-    """Replace each ``P[ids]`` product by the two products of the selected factors."""
+    """Replace each product of ``P[ids]`` (or of its transpose) by the two products of the
+    selected factors: ``P[ids] = L[ids] @ R[ids]`` and ``P[ids]ᵀ = R[ids]ᵀ @ L[ids]ᵀ``."""
     graph = gm.graph
     for sel in reads:
+        uses, _ = _uses(sel)
         export = isinstance(sel.target, torch._ops.OpOverload)
         with graph.inserting_before(sel):
             picks = []
             for part in ("left", "right"):
-                attr = graph.get_attr(f"{path}.{part}")
-                pick = graph.call_function(sel.target, (attr, *sel.args[1:]))
-                pick.meta = {k: v for k, v in sel.meta.items() if k not in ("val", "tensor_meta", "example_value")}
+                pick = graph.call_function(sel.target, (graph.get_attr(f"{path}.{part}"), *sel.args[1:]))
+                pick.meta = {k: v for k, v in sel.meta.items() if k not in _NO_VALUE}
                 picks.append(pick)
-        uses = [(u, picks) for u in sel.users if u.op == "call_function" and u.target in _PRODUCTS]
-        for t in [u for u in sel.users if not (u.op == "call_function" and u.target in _PRODUCTS)]:  # P[ids].mT
-            with graph.inserting_before(t):
-                flipped = [_transposed(graph, picks[1], export), _transposed(graph, picks[0], export)]
-            uses += [(u, flipped) for u in t.users]
-        for product, (first, second) in uses:  # first @ second stands for the selected matrices
-            side = 0 if product.args[0] in (sel, *sel.users) else 1
-            other = product.args[1 - side]
+        flipped: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+        for use in uses:
+            if use.transposed and use.operand not in flipped:
+                with graph.inserting_before(use.operand):
+                    flipped[use.operand] = tuple(
+                        graph.call_function(aten.transpose.int if export else torch.transpose, (p, -2, -1))
+                        for p in (picks[1], picks[0])
+                    )  # fmt: skip
+            first, second = flipped[use.operand] if use.transposed else picks  # first @ second is the operand
+            product = use.product
+            other = product.args[1 - use.side]
             with graph.inserting_before(product):
-                if side == 0:
-                    inner = graph.call_function(product.target, (second, other))
-                    new = graph.call_function(product.target, (first, inner))
+                if use.side == 0:
+                    inner = _product(graph, product, second, other)
+                    new = _product(graph, product, first, inner)
                 else:
-                    inner = graph.call_function(product.target, (other, first))
-                    new = graph.call_function(product.target, (inner, second))
-            inner.meta = {k: v for k, v in product.meta.items() if k not in ("val", "tensor_meta", "example_value")}
+                    inner = _product(graph, product, other, first)
+                    new = _product(graph, product, inner, second)
+            inner.meta = {k: v for k, v in product.meta.items() if k not in _NO_VALUE}
             new.meta = dict(product.meta)
             product.replace_all_uses_with(new)
             graph.erase_node(product)
-        for t in [u for u in sel.users]:  # the transposes, now unused
+        for t in flipped:  # the transposes of the dense selection, now unused
             graph.erase_node(t)
         graph.erase_node(sel)
     for node in [n for n in graph.nodes if n.op == "get_attr" and n.target == path]:
@@ -419,7 +483,7 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
     for rec in records:
         if rec.get("rank") is None:
             continue
-        path, rank = rec["weight"], int(rec["rank"])
+        path = rec["weight"]
         s = found.get(path)
         if s is None or list(s.shape) != [rec["experts"], *rec["shape"]] or s.reason:
             here = "not here" if s is None else (s.reason or f"of shape {tuple(s.shape)}")
@@ -427,6 +491,7 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
                                     f"{'×'.join(map(str, rec['shape']))}); in this model it is {here}: apply the plan "
                                     "to the model it was made for")  # fmt: skip
         weight = _get_attr(gm, path)
+        rank = min(int(rec["rank"]), *weight.shape[1:])  # (a plan edited by hand: at most full rank)
         if skeleton:
             e, m, n = weight.shape
             left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)

@@ -189,7 +189,7 @@ class Plan:
         if stacked:
             before, after = sum(r["params_before"] for r in stacked), sum(r["params_after"] for r in stacked)
             n = sum(r["rank"] is not None for r in stacked)
-            aware = sum(bool(r.get("data_aware")) for r in stacked)
+            aware = sum(bool(r.get("data_aware")) and r["rank"] is not None for r in stacked)
             out.append(f"{len(stacked)} stacked expert weights, not in the rows above ({n} factorized per expert, {aware} "
                        f"of them data-aware; {len(stacked) - n} kept): params {_count(before)} -> {_count(after)} "
                        f"({_ratio(before, after)})")  # fmt: skip
@@ -202,6 +202,7 @@ class Plan:
                     error = (f"output error {r['error']:.3f} ({r.get('calibrated_experts')} of {r['experts']} experts "
                              "calibrated)" if r.get("data_aware") else f"weight error {r['error']:.3f}")
                     what = f"rank {r['rank']}, params {_count(r['params_before'])}->{_count(r['params_after'])}, {error}"
+                    what += f"; {r['note']}" if r.get("note") else ""
                 out.append(f"  {r['weight'].ljust(width)}  {shape}  {what}")
         change = self.settings.get("merge_params_change")
         if change:

@@ -623,9 +623,14 @@ def stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, tup
     dimension above 1) that reaches a matrix product (``bmm``, ``grouped_mm``, ``einsum``, an
     ``F.linear`` of one slice...) through selections, views and casts, and is no layer's weight.
     A mixture of experts stores its experts so (``experts.gate_up_proj``, one ``out × in``
-    matrix per expert); fxlrd does not decompose them. Conv1d weights (3-D too), a ViT's class
+    matrix per expert; `fxlrd.experts` factorizes those read as ``bmm(P[ids], x)``); the
+    factors of a stack already factorized (`fxlrd.experts.ExpertFactors`) are not listed. Conv1d weights (3-D too), a ViT's class
     token and position embeddings (added, not multiplied) are not listed."""
+    from .experts import ExpertFactors
+
     layer_weights = {site.weight_path for site in find_sites(gm).values()}
+    layer_weights |= {f"{name}.{part}" for name, module in gm.named_modules() if isinstance(module, ExpertFactors)
+                      for part in ("left", "right")}  # already factorized stacks  # fmt: skip
     layer_weights |= {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
                       if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}  # fmt: skip
     out: dict[str, tuple[int, ...]] = {}
