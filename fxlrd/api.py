@@ -251,7 +251,7 @@ def _narrowed_row(lp: LayerPlan, block: Mapping[str, Any], up: bool, within: boo
 
 
 def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, calibration: Iterable | None,
-                   inputs: Args | None):  # fmt: skip
+                   inputs: Args | None, inplace: bool = False):  # fmt: skip
     """Narrow the MLP blocks (``mlp="narrow"``), collect the calibration statistics and plan the
     other layers and the stacked expert weights: ``(plan, stats, experts' stats)``. The plan
     records the narrowed blocks and the parameters of the model before them."""
@@ -261,7 +261,8 @@ def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, cali
     config, narrowed = _narrow(captured, config, calibration, inputs)
     config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
-    stacked, experts_stats = plan_experts(model, captured.gm, config, calibration)
+    # (in place, the stacks are kept: no statistics gathered for them)
+    stacked, experts_stats = plan_experts(model, captured.gm, config, None if inplace else calibration)
     _warn_experts_kept(stacked, config)
     plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats, narrowed=narrowed,
                       before_narrowing=before if narrowed else None, stacked=[r["weight"] for r in stacked])  # fmt: skip
@@ -308,6 +309,10 @@ def _factorize_experts(model: nn.Module, captured: Captured, plan_: Plan, stats:
 
         stacks = find_stacked(model, captured.gm)
         stats = expert_stats(captured.gm, {p: stacks[p] for p in aware if p in stacks}, calibration)
+        for rec in records:  # this calibration reached none of the stack's experts: data-free, and said so
+            if rec["weight"] in aware and rec["weight"] not in stats and isinstance(rec, dict):
+                rec.update(data_aware=False, note="data-free: no calibration token reached its experts")
+                rec.pop("calibrated_experts", None)
     factorize_experts(model, captured.gm, records, stats=stats)
 
 
@@ -694,7 +699,7 @@ def transform(
     captured = _capture_inplace(model, config, inputs, capture, dynamic_shapes) if inplace else \
         _capture(model, config, inputs, capture, dynamic_shapes, copy_model=True)  # fmt: skip
     calibration = _reusable(calibration)
-    plan_, stats, experts_stats = _plan_captured(model, captured, config, calibration, inputs)
+    plan_, stats, experts_stats = _plan_captured(model, captured, config, calibration, inputs, inplace=inplace)
     if inplace:
         _check_inplace(plan_)
     _factorize_experts(model, captured, plan_, experts_stats)

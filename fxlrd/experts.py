@@ -144,20 +144,29 @@ def _uses(sel: fx.Node) -> tuple[list[_Use], str]:
     dimensions, and why they cannot be rewritten ("" when they can): each must be a ``bmm``
     taking the stack once, beside an operand of its own."""
     uses = []
+    flips = {u for u in sel.users if _is_last_transpose(u, sel) and u.users}
     for user in sel.users:
-        if _is_last_transpose(user, sel) and user.users:
-            operands = [(user, True, p) for p in user.users]
-        else:
-            operands = [(sel, False, user)]
+        operands = [(user, True, p) for p in user.users] if user in flips else [(sel, False, user)]
         for operand, transposed, product in operands:
             if not _is_bmm(product):
                 what = f"{_op_name(product) or product.op} ({product.name})"
                 return [], f"P[ids] used by {what}, not as an operand of torch.bmm"
-            mine = [i for i, a in enumerate(product.args) if a is sel or (isinstance(a, fx.Node) and a in sel.users)]
+            mine = [i for i, a in enumerate(product.args) if a is sel or a in flips]
             if len(mine) != 1:
                 return [], f"{product.name} multiplies the selected stack by itself"
+            other = product.args[1 - mine[0]]
+            if _selects_a_stack(other):
+                return [], f"{product.name} multiplies two selected stacks"
             uses.append(_Use(product, operand, transposed, mine[0]))
     return uses, ""
+
+
+def _selects_a_stack(node: Any) -> bool:
+    """Whether ``node`` is (a transpose of) a selection from a parameter: another stack."""
+    if isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node) and _is_last_transpose(node, node.args[0]):
+        node = node.args[0]
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in (aten.index.Tensor, operator.getitem)
+            and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr")  # fmt: skip
 
 
 def _why_not(node: fx.Node, param: fx.Node) -> str:
@@ -330,6 +339,12 @@ def _rank(weight: torch.Tensor, config: LRDConfig) -> tuple[int | None, str]:
     return rank, ""
 
 
+def _check_finite(weight: torch.Tensor, path: str) -> None:
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"stacked weight {path!r} has NaN or infinite values; decomposing it would spread them. "
+                         f"Fix the weights or leave it out with LRDConfig(exclude=[{path!r}])")  # fmt: skip
+
+
 def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibration: Iterable | None = None, *,
                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:  # fmt: skip
     """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
@@ -354,10 +369,11 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         why = _selected(s.path, config, model, gm) or _global_reason(config)
         if not why and weight.is_meta:
             why = "weights on the meta device (not loaded): kept"
-        if not why and not torch.isfinite(weight).all():
-            raise ValueError(f"stacked weight {s.path!r} has NaN or infinite values; decomposing it would spread them. "
-                             f"Fix the weights or leave it out with LRDConfig(exclude=[{s.path!r}])")  # fmt: skip
+        if not why and config.rank_rule == "energy":  # (its rank reads the spectrum)
+            _check_finite(weight, s.path)
         rank, why = (None, why) if why else _rank(weight, config)
+        if rank is not None:
+            _check_finite(weight, s.path)
         if rank is None:
             rec["reason"] = why
         else:
@@ -492,6 +508,8 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
                                     "to the model it was made for")  # fmt: skip
         weight = _get_attr(gm, path)
         rank = min(int(rec["rank"]), *weight.shape[1:])  # (a plan edited by hand: at most full rank)
+        if rank != rec["rank"] and isinstance(rec, dict):  # the record says what was built
+            rec.update(rank=rank, params_after=rec["experts"] * rank * sum(rec["shape"]))
         if skeleton:
             e, m, n = weight.shape
             left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)

@@ -629,8 +629,8 @@ def stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[tuple[str, tup
     from .experts import ExpertFactors
 
     layer_weights = {site.weight_path for site in find_sites(gm).values()}
-    layer_weights |= {f"{name}.{part}" for name, module in gm.named_modules() if isinstance(module, ExpertFactors)
-                      for part in ("left", "right")}  # already factorized stacks  # fmt: skip
+    layer_weights |= {f"{name}.{part}" for root in (gm, model) for name, module in root.named_modules()
+                      if isinstance(module, ExpertFactors) for part in ("left", "right")}  # already factorized stacks  # fmt: skip
     layer_weights |= {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
                       if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}  # fmt: skip
     out: dict[str, tuple[int, ...]] = {}

@@ -523,3 +523,79 @@ def test_distributed_expert_statistics_equal_one_process_on_the_union(tmp_path):
         state = torch.load(f"{out}.{r}")
         for k, v in single.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_transformed_model_wrapped_and_traced_again_keeps_its_expert_factors():
+    """Traced again inside another module (fx rebuilds the path with plain modules), the
+    factors are still no stacks."""
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="fx")
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, idx):
+            return self.inner(x, idx)
+
+    wrapped = Wrapper(gm)
+    again = fxlrd.transform(wrapped, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="fx")
+    assert not again.fxlrd_plan.settings.get("stacked_experts")
+    assert torch.allclose(again(*inputs), gm(*inputs))
+
+
+class _BothWays(nn.Module):
+    """One selection used as P[ids] @ x, then Pᵀ[ids] @ h: two input modes of one stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 12, 8))
+
+    def forward(self, x, idx):
+        sel = self.w[idx]
+        h = torch.bmm(sel, x.unsqueeze(-1))
+        return torch.bmm(sel.mT, torch.relu(h)).squeeze(-1)
+
+
+def test_a_stack_read_on_both_modes_is_factorized_data_free_with_a_note():
+    torch.manual_seed(0)
+    model, batches = _BothWays().eval(), [_inputs(tokens=32, seed=s) for s in range(2)]
+    full = fxlrd.transform(model, FULL, example_inputs=batches[0], capture="fx")
+    assert rel_err(full(*batches[0]), model(*batches[0])) < 1e-5
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=3), example_inputs=batches[0], capture="fx",
+                         calibration=batches)  # fmt: skip
+    rec = gm.fxlrd_plan.settings["stacked_experts"][0]
+    assert rec["rank"] == 3 and not rec["data_aware"] and "different modes" in rec["note"]
+    assert "different modes" in gm.fxlrd_plan.table()
+
+
+def test_filter_fn_sees_the_users_module_and_layer_types_apply():
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    seen = []
+    fxlrd.plan(model, LRDConfig(ratio=2, filter_fn=lambda m, n: seen.append((type(m), n)) or True),
+               example_inputs=inputs, capture="export")  # fmt: skip
+    assert (Experts, "up") in seen  # the model itself owns the stack (an export graph's modules are plain)
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, layer_types=[nn.Conv2d]), example_inputs=inputs, capture="fx")
+    assert all("Linear not in layer_types" in r["reason"] for r in plan.settings["stacked_experts"])
+
+
+def test_a_hand_edited_rank_above_full_is_capped_and_recorded():
+    torch.manual_seed(0)
+    model, inputs = Experts().eval(), _inputs()
+    plan = fxlrd.plan(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=inputs, capture="fx")
+    plan.settings["stacked_experts"][0]["rank"] = 100
+    gm = fxlrd.apply(model, plan, example_inputs=inputs)
+    rec = gm.fxlrd_plan.settings["stacked_experts"][0]
+    assert rec["rank"] == 8 and rec["params_after"] == 4 * 8 * 20 and gm.get_submodule("up").rank == 8
+    assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
+
+
+def test_nan_weights_of_a_stack_the_settings_keep_are_no_error():
+    model, inputs = Experts().eval(), _inputs()
+    with torch.no_grad():
+        model.up[0, 0, 0] = float("nan")
+    plan = fxlrd.plan(model, LRDConfig(rank_rule="vbmf"), example_inputs=inputs, capture="fx")
+    assert all(r["rank"] is None for r in plan.settings["stacked_experts"])
