@@ -1218,7 +1218,7 @@ def _config(args: argparse.Namespace, **overrides: Any):
         "include": args.include, "exclude": args.exclude or (),
         "allocation": getattr(args, "allocation", "uniform"), "sequential": getattr(args, "sequential", False),
         **_SENSITIVITY[getattr(args, "sensitivity", None) or "output"], "mlp": getattr(args, "mlp", "factorize"),
-        "siblings": _siblings(getattr(args, "siblings", "separate")),
+        "siblings": _siblings(getattr(args, "siblings", "separate")), "experts": getattr(args, "experts", "factorize"),
     }  # fmt: skip
     values.update(overrides)
     return LRDConfig(**values)
@@ -1925,6 +1925,10 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
                    help="linear layers reading one input (attention's query, key, value): decompose each on its own "
                         "(default), or fuse them first so they share one input factor (fewer GEMMs); GLOB,...: "
                         "fuse only the layers these patterns match (e.g. '*.query,*.key')")  # fmt: skip
+    g.add_argument("--experts", choices=("factorize", "keep"), default="factorize",
+                   help="a mixture of experts' stacked expert weights (torch.bmm(P[ids], x), transformers' "
+                        "experts_implementation='batched_mm'): factorize each expert (default; data-aware with "
+                        "--calibration) or keep them whole")  # fmt: skip
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
     g.add_argument("--conv-method", choices=_conv_methods(), default="tucker2",
                    help="method for k×k convs (default tucker2)")  # fmt: skip

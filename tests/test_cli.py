@@ -66,6 +66,22 @@ MODELS_PY = textwrap.dedent(
     def qkv():
         torch.manual_seed(0)
         return QKV()
+
+
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(16, 4)
+            self.up = nn.Parameter(torch.randn(4, 32, 16) / 4)
+
+        def forward(self, x):
+            idx = self.router(x).argmax(-1)
+            return torch.bmm(self.up[idx], x.unsqueeze(-1)).squeeze(-1)
+
+
+    def moe():
+        torch.manual_seed(0)
+        return MoE()
     """
 )
 
@@ -900,6 +916,15 @@ def test_siblings_option_fuses_the_layers_reading_one_input(capsys, factory):
     assert code == 0 and "q_k_v" not in out
     code, out, err = _run(capsys, "plan", "fxlrd_cli_models:qkv", "--input-shape", "8,16", "--quantum", 1, "--siblings", "q,k")
     assert code == 0 and "q_k " in out and "q_k_v" not in out
+
+
+def test_experts_option_factorizes_or_keeps_stacked_experts(capsys, factory):
+    code, out, err = _run(capsys, "plan", "fxlrd_cli_models:moe", "--input-shape", "8,16", "--quantum", 1)
+    assert code == 0, err
+    assert "1 stacked expert weights, not in the rows above (1 factorized per expert" in out and "up  4x32x16  rank 5," in out
+    code, out, err = _run(capsys, "plan", "fxlrd_cli_models:moe", "--input-shape", "8,16", "--quantum", 1,
+                          "--experts", "keep")  # fmt: skip
+    assert code == 0 and "up  4x32x16  kept: experts='keep'" in out, err
 
 
 class _MergeBlock(nn.Module):
