@@ -3,10 +3,11 @@
     gm = fxlrd.transform(model, fxlrd.LRDConfig(ratio=2))
 """
 
-from . import narrow, recover, zoo
+from . import experts, narrow, recover, zoo
 from .api import apply, plan, transform
 from .config import LRDConfig
 from .errors import CaptureError, ConfigError, ExportError, ExportMismatchError, FxlrdError, FxlrdWarning, PlanMismatchError
+from .experts import ExpertFactors
 from .export import export_onnx
 from .factorized import Factorized
 from .freeze import SequentialFreezer, freeze, param_groups
@@ -23,6 +24,7 @@ __all__ = [
     "Plan",
     "LayerPlan",
     "Factorized",
+    "ExpertFactors",
     "plan",
     "apply",
     "transform",
@@ -35,6 +37,7 @@ __all__ = [
     "count_params",
     "count_macs",
     "zoo",
+    "experts",
     "narrow",
     "recover",
     "FxlrdError",
