@@ -671,20 +671,14 @@ def collect_stats(
             n += 1
     finally:
         restore_modes()
-    if n == 0:
-        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
-        all_reduce_stats(list(inputs_stats.values()), group=group)
-        if sensitivity:
-            import torch.distributed as dist
+    if finish_pass(n, list(inputs_stats.values()), distributed, group) and sensitivity:
+        import torch.distributed as dist
 
-            for name in sorted(sens):
-                dist.all_reduce(sens[name], op=dist.ReduceOp.SUM, group=group)
-            e = torch.tensor([energy], dtype=torch.float64)
-            dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
-            energy = float(e.item())
+        for name in sorted(sens):
+            dist.all_reduce(sens[name], op=dist.ReduceOp.SUM, group=group)
+        e = torch.tensor([energy], dtype=torch.float64)
+        dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
+        energy = float(e.item())
     calls: dict[str, list[InputStats]] = {}  # a site called more than once (shared across depth) reads several inputs
     for node, names_ in by_input.items():
         if node in inputs_stats:
@@ -713,6 +707,19 @@ def _unflatten_outputs(gm: fx.GraphModule, flat: Any) -> Any:
     if out_spec is None:
         return flat
     return pytree.tree_unflatten(pytree.tree_leaves(flat), out_spec)
+
+
+def finish_pass(batches: int, stats: list[InputStats], distributed: bool | None, group: Any = None) -> bool:
+    """After a calibration pass of ``batches`` batches: refuse an empty one, and sum ``stats``
+    over the processes (``distributed``; None: when a process group is initialised). Returns
+    whether they were summed."""
+    if batches == 0:
+        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        all_reduce_stats(stats, group=group)
+    return distributed
 
 
 def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:

@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from .config import LRDConfig
-from .errors import ConfigError, PlanMismatchError
+from .errors import PlanMismatchError
 from .ranks.rules import energy_rank, quantize_rank, svd_rank_for_ratio
 from .sites import _drop_param, _get_attr, _op_name, set_submodule, stacked_weights
 
@@ -224,7 +224,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     The graph runs in eval mode, without gradients; its mode is left as it was. Under
     ``torch.distributed`` (default: when a process group is initialised) the statistics are
     summed over the processes, so each can see its own shard of the data."""
-    from .calibrate import EvalInterpreter, InputStats, _as_args, _batches, all_reduce_stats, inputs_error
+    from .calibrate import EvalInterpreter, InputStats, _as_args, _batches, finish_pass, inputs_error
     from .capture import flat_inputs, padding_mask
     from .modes import saved_modes
 
@@ -273,12 +273,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 n += 1
     finally:
         restore()
-    if n == 0:
-        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
-        all_reduce_stats([st for path in sorted(grams) for st in grams[path]], group=group)
+    finish_pass(n, [st for path in sorted(grams) for st in grams[path]], distributed, group)
     out = {path: [st if st.count else None for st in stats] for path, stats in grams.items()}
     return {path: stats for path, stats in out.items() if any(st is not None for st in stats)}
 
