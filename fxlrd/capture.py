@@ -1115,7 +1115,7 @@ def _unseen_layers(model: nn.Module, gm: fx.GraphModule) -> list[str]:
 def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     """A note, and a warning, when the graph computes with 3-D weights (a mixture of experts'
     stacked expert matrices, `fxlrd.sites.stacked_weights`) read in a way `fxlrd.experts`
-    cannot factorize (anything but ``bmm(P[ids], x)``): fxlrd keeps them whole."""
+    cannot factorize (anything but ``bmm(P[ids], x)`` or ``grouped_mm(x, P, offs)``): fxlrd keeps them whole."""
     from .experts import find_stacked
 
     stacked = [s for s in find_stacked(model, gm).values() if s.reason]
@@ -1128,7 +1128,8 @@ def _stacked_weights(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     message = (f"{len(stacked)} stacked 3-D weight{'s' if len(stacked) > 1 else ''} (matrices stacked in one tensor, as a "
                f"mixture of experts holds its experts: {shown}) hold{'s' if len(stacked) == 1 else ''} {n} parameters, {share} of the model, "
                f"read in a way fxlrd cannot factorize ({stacked[0].path}: {stacked[0].reason}; fxlrd factorizes "
-               "torch.bmm(P[ids], x), transformers' experts_implementation='batched_mm'), so they are kept whole and "
+               "torch.bmm(P[ids], x) and grouped_mm(x, P, offs), transformers' 'batched_mm' and 'grouped_mm' experts), so they "
+               "are kept whole and "
                "the model shrinks less than its layers' ratio says")  # fmt: skip
     warnings.warn(message, FxlrdWarning, stacklevel=caller_stacklevel())
     return [message]
@@ -1201,7 +1202,8 @@ def _experts_hint(model: nn.Module, failing: str) -> list[str]:
            else "transformers' grouped_mm")  # fmt: skip
     return [f'Its mixture of experts runs {how} (experts_implementation="{failing}"), which export cannot trace: '
             'build the model with experts_implementation="batched_mm" (from_pretrained / from_config; on the '
-            "command line, with a package.module:factory that does), which it can."]
+            "command line, with a package.module:factory that does), which it can"
+            + (", or cast it to bfloat16, where export traces grouped_mm." if failing == "grouped_mm" else ".")]
 
 
 # -- input signatures (save/load, plans) ----------------------------------------------------------

@@ -1926,8 +1926,8 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
                         "(default), or fuse them first so they share one input factor (fewer GEMMs); GLOB,...: "
                         "fuse only the layers these patterns match (e.g. '*.query,*.key')")  # fmt: skip
     g.add_argument("--experts", choices=("factorize", "keep"), default="factorize",
-                   help="a mixture of experts' stacked expert weights (torch.bmm(P[ids], x), transformers' "
-                        "experts_implementation='batched_mm'): factorize each expert (default; data-aware with "
+                   help="a mixture of experts' stacked expert weights (torch.bmm(P[ids], x) or grouped_mm, "
+                        "transformers' 'batched_mm' and 'grouped_mm' experts): factorize each expert (default; data-aware with "
                         "--calibration) or keep them whole")  # fmt: skip
     g.add_argument("--beta", type=float, default=1.0, metavar="B", help="Tucker r2/r1 (default 1)")
     g.add_argument("--conv-method", choices=_conv_methods(), default="tucker2",

@@ -13,10 +13,20 @@ so a token gathers and multiplies ``r·(m + n)`` numbers where it gathered ``m·
 factors' saving is the speed-up, as for a linear layer. ``P[ids].mT`` (a weight stored
 ``(in, out)``) is read as the product ``R[ids].mT @ L[ids].mT``.
 
+transformers' default experts (``grouped_mm``) sort the tokens by expert and multiply each
+group by its expert's matrix in one call, ``grouped_mm(x, P, offs)`` (or ``P.mT``; ``offs``: where
+each expert's rows end). The factors take the same groups in turn::
+
+    grouped_mm(x, P, offs)  ->  grouped_mm(grouped_mm(x, L, offs), R, offs)
+
+(``P.mT`` as ``R.mT`` then ``L.mT``). grouped_mm wants each matrix's rows at multiples of 16
+bytes, so there the rank is rounded up to a multiple of 8 in bfloat16 (4 in float32).
+
 A stacked weight is factorized only where every read of it is such a selection feeding a
-batched product (``bmm``) as one operand, directly or through a transpose of its
-last two dimensions; any other read (``grouped_mm``, ``einsum``, a slice) keeps it whole, with
-the reason. The ranks follow the per-layer rules (``ratio``, ``fixed``, ``energy``).
+batched product (``bmm``) as one operand, or the stack itself as ``grouped_mm``'s second
+operand, directly or through a transpose of its last two dimensions; any other read (an
+``einsum``, a slice) keeps it whole, with the reason. The ranks follow the per-layer rules
+(``ratio``, ``fixed``, ``energy``).
 
 With calibration data the factors are data-aware: each expert's inputs (the tokens routed to
 it) are gathered into its own Gram matrix, and its matrix is factorized by whitened SVD
@@ -137,6 +147,52 @@ class _Use:
     operand: fx.Node
     transposed: bool
     side: int
+    offs: fx.Node | None = None  # grouped_mm's group ends (None: a bmm)
+
+
+_GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")  # (the last: transformers' own loop)
+
+
+def _grouped_operands(node: fx.Node) -> tuple[Any, Any, Any] | None:
+    """``(x, w, offs)`` of ``grouped_mm(x, w, offs=offs)`` (aten, ``torch._grouped_mm`` or
+    ``F.grouped_mm``) with a 2-D ``x`` grouped by ``offs`` and no bias or output dtype, else None."""
+    if node.op != "call_function" or _op_name(node) not in _GROUPED:
+        return None
+    names = ("x", "w", "offs", "bias", "out_dtype")
+    given = dict(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        given[{"self": "x", "mat_a": "x", "mat2": "w", "mat_b": "w"}.get(key, key)] = value
+    if set(given) - set(names) or given.get("bias") is not None or given.get("out_dtype") is not None:
+        return None
+    x, w, offs = given.get("x"), given.get("w"), given.get("offs")
+    if not all(isinstance(v, fx.Node) for v in (x, w, offs)) or len(_shape(x) or (0, 0)) != 2:
+        return None
+    return x, w, offs
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("val", node.meta.get("tensor_meta"))
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _grouped_uses(user: fx.Node, param: fx.Node) -> tuple[list[_Use], str]:
+    """The grouped products reading the stack ``param`` through ``user`` (the product itself,
+    or a transpose of the stack's last two dimensions feeding products), and why they cannot be
+    rewritten ("" when they can): each must take it as ``grouped_mm``'s second operand, beside
+    a 2-D first operand that is no stack."""
+    transposed = _is_last_transpose(user, param)
+    products = list(user.users) if transposed else [user]
+    operand = user if transposed else param
+    uses = []
+    for product in products:
+        parts = _grouped_operands(product)
+        if parts is None or parts[1] is not operand:
+            what = f"{_op_name(product) or product.op} ({product.name})"
+            return [], f"read by {what}, not as grouped_mm's grouped matrices beside 2-D tokens"
+        if _selects_a_stack(parts[0]) or parts[0] is operand or parts[0] is param:
+            return [], f"{product.name} multiplies the stack by another stack"
+        uses.append(_Use(product, operand, transposed, 1, offs=parts[2]))
+    return uses, ""
 
 
 def _uses(sel: fx.Node) -> tuple[list[_Use], str]:
@@ -169,11 +225,27 @@ def _selects_a_stack(node: Any) -> bool:
             and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr")  # fmt: skip
 
 
+def _is_grouped_read(node: fx.Node, param: fx.Node) -> bool:
+    """Whether ``node`` reads the stack ``param`` for grouped products: one itself, or a
+    transpose of the stack's last two dimensions."""
+    if _is_last_transpose(node, param):
+        return bool(node.users) and all(_grouped_operands(u) is not None for u in node.users)
+    return _grouped_operands(node) is not None
+
+
+def _read_uses(node: fx.Node, param: fx.Node) -> tuple[list[_Use], str]:
+    """The products one read of the stack ``param`` (a user of its ``get_attr``) feeds, and why
+    the factors cannot replace them ("" when they can)."""
+    if _is_selection(node, param):
+        return _uses(node)
+    if _is_grouped_read(node, param):
+        return _grouped_uses(node, param)
+    return [], f"read by {_op_name(node) or node.op} ({node.name}), neither selected as P[ids] nor grouped_mm's operand"
+
+
 def _why_not(node: fx.Node, param: fx.Node) -> str:
     """Why a read of a stacked weight is not one the factors can replace ("" when it is)."""
-    if not _is_selection(node, param):
-        return f"read by {_op_name(node) or node.op} ({node.name}), not selected as P[ids]"
-    return _uses(node)[1]
+    return _read_uses(node, param)[1]
 
 
 def find_stacked(model: nn.Module, gm: fx.GraphModule) -> dict[str, StackedWeight]:
@@ -193,21 +265,41 @@ class _Read:
     """One batched product reading a stack: the expert ids, the other operand ``x`` and how."""
 
     product: fx.Node
-    selection: fx.Node
-    ids: fx.Node
+    selection: fx.Node  # P[ids] (a bmm), or the read of P (a grouped_mm)
+    ids: fx.Node | None  # (a bmm: the experts picked)
     x: fx.Node
     x_left: bool  # x is the product's left operand (x @ P[ids] or x @ P[ids].mT)
     rows: bool  # the stack's input mode is its rows, m (x @ P, Pᵀ @ x), else its columns, n
+    offs: fx.Node | None = None  # (a grouped_mm: where each expert's rows of x end)
 
 
 def _reads(s: StackedWeight) -> list[_Read]:
     out = []
-    for sel in s.reads:
-        ids = sel.args[1][0] if sel.target is aten.index.Tensor else sel.args[1]
-        for use in _uses(sel)[0]:
+    for read in s.reads:
+        param = _param_of(read)
+        if _is_selection(read, param):
+            ids = read.args[1][0] if read.target is aten.index.Tensor else read.args[1]
+            uses = _uses(read)[0]
+        else:
+            ids, uses = None, _grouped_uses(read, param)[0]
+        for use in uses:
             x_left = use.side == 1
-            out.append(_Read(use.product, sel, ids, use.product.args[1 - use.side], x_left, rows=x_left != use.transposed))
+            x = _grouped_operands(use.product)[0] if use.offs is not None else use.product.args[1 - use.side]
+            out.append(_Read(use.product, read, ids, x, x_left, rows=x_left != use.transposed, offs=use.offs))
     return out
+
+
+def _param_of(read: fx.Node) -> fx.Node:
+    """The stack's ``get_attr`` node a read reads (a selection's or transpose's input, a grouped product's matrices)."""
+    grouped = _grouped_operands(read)
+    return grouped[1] if grouped is not None else read.args[0]
+
+
+def alignment(s: StackedWeight, dtype: torch.dtype) -> int:
+    """The multiple a stack's rank must be: 16 bytes of ``dtype`` when grouped_mm reads it
+    (its kernels want each matrix's rows at multiples of 16 bytes), else 1."""
+    grouped = any(not _is_selection(r, _param_of(r)) for r in s.reads)
+    return max(1, 16 // torch.empty((), dtype=dtype).element_size()) if grouped else 1
 
 
 def _input_size(s: StackedWeight, rows: bool) -> int:
@@ -215,11 +307,14 @@ def _input_size(s: StackedWeight, rows: bool) -> int:
 
 
 def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibration: Iterable, *,
-                 progress: bool = True, distributed: bool | None = None, group: Any = None) -> dict[str, list[Any]]:  # fmt: skip
+                 progress: bool = True, distributed: bool | None = None, group: Any = None,
+                 notes: dict[str, str] | None = None) -> dict[str, list[Any]]:  # fmt: skip
     """Per stack, one `fxlrd.calibrate.InputStats` per expert (None where no calibration token
     was routed to it): the Gram matrix of the inputs each expert multiplies, over its input
     mode. Tokens an ``attention_mask`` marks as padding are left out (the selections taken as
-    token-major, ``tokens × top_k``, as transformers orders them). A stack whose reads
+    token-major, ``tokens × top_k``, as transformers orders them); a grouped_mm's rows, sorted
+    by expert, cannot be told apart and are all counted (``notes``, when given, says so for
+    the stack). A stack whose reads
     disagree on that mode, or that no token reached, is left out (its factors stay data-free).
     The graph runs in eval mode, without gradients; its mode is left as it was. Under
     ``torch.distributed`` (default: when a process group is initialised) the statistics are
@@ -236,15 +331,24 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
             watched.update({r.product: (path, r) for r in reads})
             d = _input_size(s, reads[0].rows)
             grams[path] = [InputStats(torch.zeros(d, d, dtype=torch.float64)) for _ in range(s.shape[0])]
-    selections = {r.selection: r.ids for _, r in watched.values()}
+    selections = {r.selection: r.ids for _, r in watched.values() if r.ids is not None}
     picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
+    padded: set[str] = set()  # grouped stacks whose calibration had padding (counted)
     mask: list[torch.Tensor | None] = [None]
 
     class Recorder(EvalInterpreter):
         def run_node(self, node: fx.Node) -> Any:
             if node in selections:
                 picked[node] = self.env[selections[node]]
-            if node in watched:
+            if node in watched and watched[node][1].offs is not None:  # grouped: rows sorted by expert, offs their ends
+                path, read = watched[node]
+                x, ends = self.env[read.x], self.env[read.offs].tolist()
+                if mask[0] is not None and not bool(mask[0].all()):
+                    padded.add(path)  # (which rows are padding, the sorting hides: they are counted)
+                for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+                    if end > start:
+                        grams[path][e].add(x[start:end].reshape(-1, x.shape[-1]))
+            elif node in watched:
                 path, read = watched[node]
                 ids, x = picked[read.selection].reshape(-1), self.env[read.x]
                 x = x if read.x_left else x.mT  # (S, samples, d)
@@ -275,6 +379,8 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         restore()
     finish_pass(n, [st for path in sorted(grams) for st in grams[path]], distributed, group)
     out = {path: [st if st.count else None for st in stats] for path, stats in grams.items()}
+    if notes is not None:
+        notes.update({path: "padding tokens counted (grouped_mm sorts the tokens by expert)" for path in padded})
     return {path: stats for path, stats in out.items() if any(st is not None for st in stats)}
 
 
@@ -311,8 +417,14 @@ def _global_reason(config: LRDConfig) -> str:
     return ""
 
 
-def _rank(weight: torch.Tensor, config: LRDConfig) -> tuple[int | None, str]:
-    """The stack's rank by the config's per-layer rule, or None and why it is kept."""
+def _aligned(rank: int, align: int, cap: int) -> int:
+    """``rank`` rounded up to a multiple of ``align``, at most ``cap`` (full rank)."""
+    return min(cap, -(-rank // align) * align)
+
+
+def _rank(weight: torch.Tensor, config: LRDConfig, align: int = 1) -> tuple[int | None, str]:
+    """The stack's rank by the config's per-layer rule (a multiple of ``align`` below full
+    rank, `alignment`), or None and why it is kept."""
     e, m, n = weight.shape
     if config.rank_rule == "ratio":
         rank = svd_rank_for_ratio(n, m, config.ratio)
@@ -326,7 +438,7 @@ def _rank(weight: torch.Tensor, config: LRDConfig) -> tuple[int | None, str]:
     cap = min(m, n)
     rank = min(rank, cap)
     if rank < cap:
-        rank = quantize_rank(rank, config.rank_quantum)
+        rank = _aligned(quantize_rank(rank, config.rank_quantum), align, cap)
     if rank < config.min_rank:
         return None, f"rank {rank} below min_rank={config.min_rank}: kept"
     if rank * (m + n) >= m * n and not config.allow_larger:
@@ -366,16 +478,16 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
             why = "weights on the meta device (not loaded): kept"
         if not why and config.rank_rule == "energy":  # (its rank reads the spectrum)
             _check_finite(weight, s.path)
-        rank, why = (None, why) if why else _rank(weight, config)
+        rank, why = (None, why) if why else _rank(weight, config, alignment(s, weight.dtype))
         if rank is not None:
             _check_finite(weight, s.path)
         if rank is None:
             rec["reason"] = why
         else:
             ranks[s.path] = rank
-    stats = {}
+    stats, notes = {}, {}
     if calibration is not None and ranks:
-        stats = expert_stats(gm, {p: stacks[p] for p in ranks}, calibration, progress=progress)
+        stats = expert_stats(gm, {p: stacks[p] for p in ranks}, calibration, progress=progress, notes=notes)
     for rec in out:
         rank = ranks.get(rec["weight"])
         if rank is None:
@@ -386,6 +498,8 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         rec.update(rank=rank, params_after=e * rank * (m + n), data_aware=st is not None, error=error)
         if st is not None:
             rec["calibrated_experts"] = sum(x is not None for x in st)
+            if rec["weight"] in notes:
+                rec["note"] = notes[rec["weight"]]
         elif calibration is not None:
             reads = _reads(stacks[rec["weight"]])
             rec["note"] = ("data-free: its products take their inputs on different modes of the stack"
@@ -448,6 +562,9 @@ def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
     selected factors: ``P[ids] = L[ids] @ R[ids]`` and ``P[ids]ᵀ = R[ids]ᵀ @ L[ids]ᵀ``."""
     graph = gm.graph
     for sel in reads:
+        if not _is_selection(sel, _param_of(sel)):
+            _rewrite_grouped(gm, path, sel)
+            continue
         uses, _ = _uses(sel)
         export = isinstance(sel.target, torch._ops.OpOverload)
         with graph.inserting_before(sel):
@@ -485,6 +602,37 @@ def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
         graph.erase_node(node)
 
 
+def _rewrite_grouped(gm: fx.GraphModule, path: str, read: fx.Node) -> None:
+    """Replace each ``grouped_mm(x, P, offs)`` a read of the stack feeds (``read``: the product,
+    or a transpose of P) by ``grouped_mm(grouped_mm(x, L, offs), R, offs)``, and ``P.mT`` by
+    ``R.mT`` then ``L.mT``."""
+    graph = gm.graph
+    param = _param_of(read)
+    uses, _ = _grouped_uses(read, param)
+    flipped = _is_last_transpose(read, param)  # (read: a transpose of P, erased after its products)
+    for use in uses:
+        product = use.product
+        x, _, offs = _grouped_operands(product)
+        export = isinstance(product.target, torch._ops.OpOverload)
+        with graph.inserting_before(product):
+            left, right = graph.get_attr(f"{path}.left"), graph.get_attr(f"{path}.right")
+            if use.transposed:
+                flip = aten.transpose.int if export else torch.transpose
+                first, second = graph.call_function(flip, (right, -2, -1)), graph.call_function(flip, (left, -2, -1))
+            else:
+                first, second = left, right
+            call = (lambda a, b: graph.call_function(product.target, (a, b, offs))) if export else \
+                (lambda a, b: graph.call_function(product.target, (a, b), {"offs": offs}))  # noqa: E731
+            inner = call(x, first)
+            new = call(inner, second)
+        inner.meta = {k: v for k, v in product.meta.items() if k not in _NO_VALUE}
+        new.meta = dict(product.meta)
+        product.replace_all_uses_with(new)
+        graph.erase_node(product)
+    if flipped:
+        graph.erase_node(read)
+
+
 def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Mapping[str, Any]], *,
                       stats: Mapping[str, Sequence[Any]] | None = None, skeleton: bool = False) -> None:  # fmt: skip
     """Factorize ``gm``'s stacked weights as ``records`` (`plan_experts`) say, in place:
@@ -502,7 +650,8 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
                                     f"{'×'.join(map(str, rec['shape']))}); in this model it is {here}: apply the plan "
                                     "to the model it was made for")  # fmt: skip
         weight = _get_attr(gm, path)
-        rank = min(int(rec["rank"]), *weight.shape[1:])  # (a plan edited by hand: at most full rank)
+        # (a plan edited by hand: at most full rank, and aligned for grouped_mm)
+        rank = _aligned(min(int(rec["rank"]), *weight.shape[1:]), alignment(s, weight.dtype), min(weight.shape[1:]))
         if rank != rec["rank"] and isinstance(rec, dict):  # the record says what was built
             rec.update(rank=rank, params_after=rec["experts"] * rank * sum(rec["shape"]))
         if skeleton:

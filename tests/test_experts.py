@@ -23,12 +23,15 @@ class Experts(nn.Module):
     """``e`` experts stored ``(e, m, n)``, each token through its own expert, read as
     ``bmm(W[ids], x)`` ("left", or "method": ``W[ids].bmm(x)``), ``bmm(x, W[ids])`` ("right",
     the matrix stored (in, out)), ``bmm(x, W[ids].mT)`` ("mT") or ``bmm(W[ids].mT, x)``
-    ("mT_left", stored (in, out)); then a second stack (``down``) as transformers' MoEs do."""
+    ("mT_left", stored (in, out)); then a second stack (``down``) as transformers' MoEs do.
+    "grouped" (stored (out, in)) and "grouped_in_out" sort the tokens by expert and multiply
+    each expert's group, ``F.grouped_mm(x, W.mT, offs=...)`` or ``torch._grouped_mm(x, W, offs)``,
+    as transformers' default experts do (``down`` then too)."""
 
     def __init__(self, e=4, d=8, hidden=12, read="left", rank=None):
         super().__init__()
-        self.read = read
-        shape = (e, d, hidden) if read in ("right", "mT_left") else (e, hidden, d)
+        self.read, self.e = read, e
+        shape = (e, d, hidden) if read in ("right", "mT_left", "grouped_in_out") else (e, hidden, d)
         if rank is None:
             self.up = nn.Parameter(torch.randn(shape) / 3)
         else:  # exactly rank `rank` per expert
@@ -36,6 +39,16 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.randn(e, d, hidden) / 3)
 
     def forward(self, x, idx):  # x: (tokens, d), idx: (tokens,)
+        if self.read.startswith("grouped"):
+            order = torch.argsort(idx, stable=True)
+            offs = torch.cumsum(torch.bincount(idx, minlength=self.e), 0).to(torch.int32)
+            xs = x[order]
+            if self.read == "grouped":
+                h = torch.nn.functional.grouped_mm(xs, self.up.mT, offs=offs)
+            else:
+                h = torch._grouped_mm(xs, self.up, offs)
+            y = torch._grouped_mm(torch.relu(h), self.down.mT, offs)
+            return y[torch.argsort(order)]
         if self.read == "left":
             h = torch.bmm(self.up[idx], x.unsqueeze(-1)).squeeze(-1)
         elif self.read == "method":  # P[ids].bmm(x)
@@ -60,12 +73,16 @@ def _no_dense_gather(gm, paths):
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("read", ["left", "method", "right", "mT", "mT_left"])
+@pytest.mark.parametrize("read", ["left", "method", "right", "mT", "mT_left", "grouped", "grouped_in_out"])
 def test_full_rank_reproduces_the_experts(capture, read):
     torch.manual_seed(0)
     model, inputs = Experts(read=read).eval(), _inputs()
+    tol = 1e-5
+    if capture == "export" and read.startswith("grouped"):  # torch's fake grouped_mm takes bfloat16 only
+        model = Experts(read=read, hidden=16).eval().to(torch.bfloat16)  # (rows of 16 bytes)
+        inputs, tol = (inputs[0].to(torch.bfloat16), inputs[1]), 2e-2
     gm = fxlrd.transform(model, FULL, example_inputs=inputs, capture=capture)
-    assert rel_err(gm(*inputs), model(*inputs)) < 1e-5
+    assert rel_err(gm(*inputs).float(), model(*inputs).float()) < tol
     assert isinstance(gm.get_submodule("up"), ExpertFactors) and isinstance(gm.get_submodule("down"), ExpertFactors)
     assert _no_dense_gather(gm, {"up", "down"})
     assert isinstance(model.up, nn.Parameter) and model.up.shape[0] == 4  # the user's model untouched
@@ -73,9 +90,12 @@ def test_full_rank_reproduces_the_experts(capture, read):
 
 @settings(max_examples=20, deadline=None)
 @given(e=st.integers(2, 5), m=st.integers(2, 12), n=st.integers(2, 12), rank=st.integers(1, 12),
-       read=st.sampled_from(["left", "method", "right", "mT", "mT_left"]), seed=st.integers(0, 2**16))  # fmt: skip
+       read=st.sampled_from(["left", "method", "right", "mT", "mT_left", "grouped", "grouped_in_out"]),
+       seed=st.integers(0, 2**16))  # fmt: skip
 def test_a_stack_of_rank_r_experts_is_reproduced_at_rank_r(e, m, n, rank, read, seed):
     torch.manual_seed(seed)
+    if read.startswith("grouped"):  # (grouped_mm: rows of 16 bytes, so sizes and ranks multiples of 4 in float32)
+        m, n = 4 * -(-m // 4), 4 * -(-n // 4)
     rank = min(rank, m, n)
     model = Experts(e=e, d=n, hidden=m, read=read, rank=rank).eval()
     with torch.no_grad():  # `down` exactly rank-r too, so the whole model is reproduced
@@ -84,8 +104,9 @@ def test_a_stack_of_rank_r_experts_is_reproduced_at_rank_r(e, m, n, rank, read, 
     config = LRDConfig(rank_rule="fixed", rank=rank, allow_larger=True)
     gm = fxlrd.transform(model, config, example_inputs=inputs, capture="fx")
     records = {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}
-    assert records["up"]["rank"] == rank and records["up"]["error"] < 1e-6
-    assert gm.get_submodule("up").left.shape == (e, model.up.shape[1], rank)
+    built = min(4 * -(-rank // 4), m, n) if read.startswith("grouped") else rank  # (rounded up for grouped_mm)
+    assert records["up"]["rank"] == built and records["up"]["error"] < 1e-6
+    assert gm.get_submodule("up").left.shape == (e, model.up.shape[1], built)
     assert rel_err(gm(*inputs), model(*inputs)) < 1e-4
 
 
@@ -346,7 +367,7 @@ def _subspace_batches(e, d, k, n_batches=4, tokens=64, seed=0):
     return out
 
 
-@pytest.mark.parametrize("read", ["left", "right", "mT", "mT_left"])
+@pytest.mark.parametrize("read", ["left", "right", "mT", "mT_left", "grouped", "grouped_in_out"])
 def test_with_calibration_inputs_in_a_subspace_are_reproduced_at_its_dimension(read):
     """Each expert's tokens span k dimensions: whitened factors of rank k reproduce its
     outputs on them (up to the statistics' shrinkage toward the identity, small with 512
@@ -591,6 +612,56 @@ def test_a_hand_edited_rank_above_full_is_capped_and_recorded():
     rec = gm.fxlrd_plan.settings["stacked_experts"][0]
     assert rec["rank"] == 8 and rec["params_after"] == 4 * 8 * 20 and gm.get_submodule("up").rank == 8
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
+
+
+@pytest.mark.parametrize("read", ["grouped", "grouped_in_out"])
+def test_grouped_mm_ranks_are_rounded_up_to_rows_of_16_bytes_also_when_edited_by_hand(read):
+    """grouped_mm wants each matrix's rows at multiples of 16 bytes: a float32 stack it reads
+    gets ranks that are multiples of 4 (rank 5 -> 8; a bmm stack keeps 5), and a rank edited
+    by hand in the plan is rounded up too and recorded."""
+    torch.manual_seed(0)
+    model, inputs = Experts(read=read, d=16, hidden=20).eval(), _inputs(d=16)
+    config = LRDConfig(rank_rule="fixed", rank=5)
+    gm = fxlrd.transform(model, config, example_inputs=inputs, capture="fx")
+    assert [r["rank"] for r in gm.fxlrd_plan.settings["stacked_experts"]] == [8, 8]
+    assert gm.get_submodule("up").rank == 8 and gm(*inputs).shape == (10, 16)
+    bmm = fxlrd.plan(Experts(d=16, hidden=20).eval(), config, example_inputs=inputs, capture="fx")
+    assert [r["rank"] for r in bmm.settings["stacked_experts"]] == [5, 5]
+    plan = fxlrd.plan(model, config, example_inputs=inputs, capture="fx")
+    plan.settings["stacked_experts"][0]["rank"] = 6
+    gm = fxlrd.apply(model, plan, example_inputs=inputs)
+    rec = gm.fxlrd_plan.settings["stacked_experts"][0]
+    assert rec["rank"] == 8 and rec["params_after"] == 4 * 8 * 36 and gm.get_submodule("up").rank == 8
+    assert gm(*inputs).shape == (10, 16)
+
+
+class _FallbackExperts(nn.Module):
+    """Experts run by transformers' own grouped loop (``torch.ops.transformers.grouped_mm_fallback``,
+    what it runs where torch's grouped_mm cannot), weights stored ``(E, in, out)``."""
+
+    def __init__(self, e=4, d=8, hidden=12):
+        super().__init__()
+        self.e = e
+        self.up = nn.Parameter(torch.randn(e, d, hidden) / 3)
+
+    def forward(self, x, idx):
+        order = torch.argsort(idx, stable=True)
+        offs = torch.cumsum(torch.bincount(idx, minlength=self.e), 0).to(torch.int32)
+        return torch.ops.transformers.grouped_mm_fallback(x[order], self.up, offs)[torch.argsort(order)]
+
+
+def test_transformers_grouped_fallback_is_factorized_too():
+    pytest.importorskip("transformers.integrations.moe")  # (registers the operator)
+    torch.manual_seed(0)
+    model, inputs = _FallbackExperts().eval(), _inputs()
+    full = fxlrd.transform(model, FULL, example_inputs=inputs, capture="fx")
+    assert rel_err(full(*inputs), model(*inputs)) < 1e-5 and _no_dense_gather(full, {"up"})
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=inputs, capture="fx")
+    approx = gm.get_submodule("up").weight().detach()
+    assert [r["rank"] for r in gm.fxlrd_plan.settings["stacked_experts"]] == [4]
+    x, idx = inputs
+    ref = torch.stack([x[t] @ approx[idx[t]] for t in range(len(idx))])  # each token through its factorized expert
+    assert rel_err(gm(*inputs), ref) < 1e-5
 
 
 def test_nan_weights_of_a_stack_the_settings_keep_are_no_error():

@@ -340,7 +340,7 @@ def test_a_mixtral_on_grouped_mm_gets_the_implementation_export_can_trace():
         fxlrd.plan(model, LRDConfig(ratio=2), example_inputs=x)
     except fxlrd.CaptureError as exc:
         assert "runs on the inputs given, but not on the fake tensors" in str(exc)
-        assert 'experts_implementation="batched_mm"' in str(exc)
+        assert 'experts_implementation="batched_mm"' in str(exc) and "cast it to bfloat16" in str(exc)
     else:
         pytest.skip("this torch's fake kernel for grouped_mm takes float32: the model is captured")
 
@@ -368,14 +368,37 @@ def test_a_transformers_model_without_experts_gets_no_experts_hint():
 
 
 @pytest.mark.slow
-def test_a_bfloat16_mixtral_on_grouped_mm_is_captured_with_its_routers_and_experts_named():
-    """In bfloat16 torch's fake kernel takes grouped_mm: the experts reach the product
-    through transformers' grouped_mm and are named as stacked weights there too."""
+def test_a_bfloat16_mixtral_on_grouped_mm_keeps_its_routers_and_factorizes_its_experts():
+    """In bfloat16 torch's fake kernel takes grouped_mm, transformers' default: the experts are
+    factorized there as under batched_mm (the same factors), each grouped product becoming two
+    of the same groups, at ranks that are multiples of 8 (rows of 16 bytes); full rank
+    reproduces the model, and calibration with padding makes them data-aware, with a note
+    that the padding was counted (grouped_mm's sorted rows hide it)."""
     model, x = _mixtral("grouped_mm")
     model = model.to(torch.bfloat16)
-    with pytest.warns(fxlrd.FxlrdWarning, match=r"4 stacked 3-D weights .*experts\.gate_up_proj \(4×128×32\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxlrd.FxlrdWarning)  # (no stack kept whole)
         gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=1), example_inputs=x)
     rows = gm.fxlrd_plan.layers
     assert [n for n in rows if rows[n].reason.startswith(ROUTER_NOTE)] == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
+    recs = gm.fxlrd_plan.settings["stacked_experts"]
+    assert [r["rank"] for r in recs] == [16] * 4  # (ratio 2's 12 and 10, rounded up)
+    assert sum(n.target is torch.ops.aten._grouped_mm.default for n in gm.graph.nodes) == 8
+    batched, _ = _mixtral("batched_mm")
+    batched.load_state_dict(model.state_dict())
+    batched = batched.to(torch.bfloat16)
+    ref = fxlrd.transform(batched, LRDConfig(rank_rule="fixed", rank=16), example_inputs=x)
+    for r in recs:
+        assert torch.equal(gm.get_submodule(r["weight"]).left, ref.get_submodule(r["weight"]).left)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxlrd.FxlrdWarning)
+        full = fxlrd.transform(model, FULL, example_inputs=x)
     with torch.no_grad():
-        assert gm(**x).last_hidden_state.dtype == torch.bfloat16
+        out, want = gm(**x).last_hidden_state, model(**x).last_hidden_state
+        assert out.dtype == torch.bfloat16
+        assert rel_err(full(**x).last_hidden_state.float(), want.float()) < 1e-2
+    padded = dict(x, attention_mask=torch.ones_like(x["attention_mask"]))
+    padded["attention_mask"][1, 6:] = 0
+    aware = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=x, calibration=[padded, x])
+    recs = aware.fxlrd_plan.settings["stacked_experts"]
+    assert all(r["data_aware"] and "padding tokens counted" in r["note"] for r in recs)
