@@ -101,6 +101,14 @@ def _moe() -> nn.Module:
     return Qwen3MoeModel._from_config(Qwen3MoeConfig(**MOE_SHAPE), experts_implementation="batched_mm")
 
 
+def _moe_grouped() -> nn.Module:
+    """The same mixture in bfloat16 on transformers' default experts (grouped_mm, which export
+    traces in bfloat16 only)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeModel
+
+    return Qwen3MoeModel._from_config(Qwen3MoeConfig(**MOE_SHAPE), experts_implementation="grouped_mm").to(torch.bfloat16)
+
+
 def _moe_tokens(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, MOE_SHAPE["vocab_size"], (batch, MOE_SEQUENCE), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -187,6 +195,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("moe", f"mixture of experts (transformers Qwen3MoeModel, 8 layers, 512 wide, 8 stacked experts of 768 "
                   f"per layer, 2 per token, batched_mm; random weights), sequence {MOE_SEQUENCE}", _seeded(_moe), _moe_tokens,
                   lambda: [_moe_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],
+                  tokens=True),  # fmt: skip
+        ModelSpec("moe_grouped", f"the mixture of experts above in bfloat16 on transformers' default grouped_mm experts "
+                  f"(random weights), sequence {MOE_SEQUENCE}; torch.onnx cannot export grouped_mm", _seeded(_moe_grouped),
+                  _moe_tokens, lambda: [_moe_tokens(CALIBRATION_BATCH, seed=100 + i) for i in range(CALIBRATION_BATCHES)],
                   tokens=True),  # fmt: skip
         ModelSpec("efficientnet_lite1", "EfficientNet-Lite1 (ImageNet weights), 240×240, real images",
                   _efficientnet, _real_views, _real_calibration_views),  # fmt: skip
