@@ -545,6 +545,50 @@ def _logits_of(outputs: Any) -> torch.Tensor:
     )
 
 
+def sensitivity_grads(gm: fx.GraphModule, result: Any, inputs: Args, sensitivity: bool | Callable[[Any, Any], Any],
+                      wrt: Sequence[torch.Tensor], masks: TokenMasks, streams: Mapping[fx.Node, str],
+                      generator: torch.Generator) -> tuple[list[torch.Tensor | None], float]:  # fmt: skip
+    """One batch's sensitivity sample: the gradients, with respect to ``wrt`` (values the graph
+    computed), of the model's outputs (``result``; with a callable ``sensitivity``, what it
+    picks of them) projected on a random vector at their real tokens (``E[(Jᵀv)(Jᵀv)ᵀ] = JᵀJ``),
+    and the energy of those outputs on their real tokens (the unit of relative error)."""
+    if callable(sensitivity):
+        with torch.enable_grad():
+            result = sensitivity(_unflatten_outputs(gm, result), inputs)
+    leaves = pytree.tree_leaves(result)
+    output_leaves = _output_leaves(gm)
+    # the graph's own outputs: each one's node tells whether it runs over the tokens
+    nodes = output_leaves if not callable(sensitivity) and len(output_leaves) == len(leaves) else [None] * len(leaves)
+    kept = [(t, x) for t, x in zip(leaves, nodes) if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and t.requires_grad]  # fmt: skip
+    outs = [t for t, _ in kept]
+    out_masks = [None if streams.get(x) == "other" else masks.for_output(t) for t, x in kept]
+    if callable(sensitivity) and not outs:
+        raise ConfigError(
+            f"the sensitivity function returned {type(result).__name__}, with no tensor computed from the "
+            "model's outputs (none that is floating point and not detached): return, e.g., the "
+            "normalized embedding or the logits it is given, or use sensitivity=False"
+        )
+    if not outs:
+        return [None] * len(wrt), 0.0
+    vs = [_projection(t, m, generator) for t, m in zip(outs, out_masks)]
+    grads = torch.autograd.grad(outs, list(wrt), grad_outputs=vs, allow_unused=True)
+    energy = sum(float(_on_real_tokens(t.detach().double(), m).pow(2).sum()) for t, m in zip(outs, out_masks))
+    return list(grads), energy
+
+
+def _output_leaves(gm: fx.GraphModule) -> list[Any]:
+    """The graph's output values, flat (nodes, and constants)."""
+    output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return pytree.tree_leaves(output_node.args[0]) if output_node.args else []
+
+
+def output_streams(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> dict[fx.Node, str]:
+    """`token_streams` of ``nodes`` and of the graph's outputs (which of them run over the tokens)."""
+    output_leaves = _output_leaves(gm)
+    return token_streams(gm, [*nodes, *(x for x in output_leaves if isinstance(x, fx.Node))])
+
+
 def collect_stats(
     gm: fx.GraphModule,
     calibration: Iterable,
@@ -601,10 +645,7 @@ def collect_stats(
     energy = 0.0
     site_outputs: list[tuple[str, torch.Tensor]] = []
     layouts: dict[str, bool | None] = {}  # linear site → its values are sequence-first (see _real_tokens)
-    output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    output_leaves = pytree.tree_leaves(output_node.args[0]) if output_node.args else []
-    streams = token_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values())),
-                                 *(x for x in output_leaves if isinstance(x, fx.Node))])  # fmt: skip
+    streams = output_streams(gm, [*by_input, *(sites[n].input(sites[n].nodes[0]) for n in set(by_output.values()))])
 
     overwritten = {node for node in by_output if _overwritten(gm, node)}
 
@@ -642,31 +683,14 @@ def collect_stats(
             except Exception as exc:  # noqa: BLE001  (the item does not fit the model: a number for a tensor, too)
                 raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
             if sensitivity and site_outputs:
-                if callable(sensitivity):
-                    with torch.enable_grad():
-                        result = sensitivity(_unflatten_outputs(gm, result), inputs)
-                leaves = pytree.tree_leaves(result)
-                # the graph's own outputs: each one's node tells whether it runs over the tokens
-                nodes = output_leaves if not callable(sensitivity) and len(output_leaves) == len(leaves) else [None] * len(leaves)
-                kept = [(t, x) for t, x in zip(leaves, nodes) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                        and t.requires_grad]  # fmt: skip
-                outs = [t for t, _ in kept]
-                out_masks = [None if streams.get(x) == "other" else masks.for_output(t) for t, x in kept]
-                if callable(sensitivity) and not outs:
-                    raise ConfigError(
-                        f"the sensitivity function returned {type(result).__name__}, with no tensor computed from the "
-                        "model's outputs (none that is floating point and not detached): return, e.g., the "
-                        "normalized embedding or the logits it is given, or use sensitivity=False"
-                    )
-                if outs:
-                    vs = [_projection(t, m, generator) for t, m in zip(outs, out_masks)]
-                    grads = torch.autograd.grad(outs, [t for _, t in site_outputs], grad_outputs=vs, allow_unused=True)
-                    for (name, _), g in zip(site_outputs, grads):
-                        if g is not None:
-                            site = sites[name]
-                            ch = _output_moments(site, g, full, masks.for_node(site.input(site.nodes[0])), layouts)
-                            sens[name] = sens[name] + ch if name in sens else ch
-                    energy += sum(float(_on_real_tokens(t.detach().double(), m).pow(2).sum()) for t, m in zip(outs, out_masks))
+                grads, batch_energy = sensitivity_grads(gm, result, inputs, sensitivity, [t for _, t in site_outputs],
+                                                        masks, streams, generator)  # fmt: skip
+                for (name, _), g in zip(site_outputs, grads):
+                    if g is not None:
+                        site = sites[name]
+                        ch = _output_moments(site, g, full, masks.for_node(site.input(site.nodes[0])), layouts)
+                        sens[name] = sens[name] + ch if name in sens else ch
+                energy += batch_energy
             site_outputs.clear()
             n += 1
     finally:
