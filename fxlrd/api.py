@@ -262,10 +262,15 @@ def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, cali
     config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
     # (in place, the stacks are kept: no statistics gathered for them)
-    stacked, experts_stats = plan_experts(model, captured.gm, config, None if inplace else calibration)
+    stacked, experts_stats, stack_tasks = plan_experts(model, captured.gm, config, None if inplace else calibration)
+    if inplace:  # (kept, see _check_inplace: a budget must not count them)
+        for task in stack_tasks:
+            task.record["reason"] = _INPLACE_STACK
+        stack_tasks = []
     _warn_experts_kept(stacked, config)
     plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats, narrowed=narrowed,
-                      before_narrowing=before if narrowed else None, stacked=[r["weight"] for r in stacked])  # fmt: skip
+                      before_narrowing=before if narrowed else None, stacked=[r["weight"] for r in stacked],
+                      stack_tasks=stack_tasks)  # fmt: skip
     if fused:
         plan_.settings["fused"] = fused
     if stacked:
@@ -296,7 +301,7 @@ def _warn_experts_kept(stacked: list[dict[str, Any]], config: LRDConfig) -> None
 
 
 def _factorize_experts(model: nn.Module, captured: Captured, plan_: Plan, stats: Any = None,
-                       calibration: Iterable | None = None) -> None:  # fmt: skip
+                       calibration: Iterable | None = None, config: LRDConfig | None = None) -> None:  # fmt: skip
     """Factorize the stacked expert weights the plan records (before any sequential fitting,
     so the layers after them are fitted to what the factorized experts give); data-aware ones
     from ``stats``, or from ``calibration`` (`fxlrd.apply`)."""
@@ -308,7 +313,9 @@ def _factorize_experts(model: nn.Module, captured: Captured, plan_: Plan, stats:
         from .experts import expert_stats, find_stacked
 
         stacks = find_stacked(model, captured.gm)
-        stats = expert_stats(captured.gm, {p: stacks[p] for p in aware if p in stacks}, calibration)
+        sensitivity = (config.sensitivity, config.sensitivity_matrix) if config is not None else (False, "full")
+        stats = expert_stats(captured.gm, {p: stacks[p] for p in aware if p in stacks}, calibration,
+                             sensitivity=sensitivity[0], sensitivity_matrix=sensitivity[1])  # fmt: skip
         for rec in records:  # this calibration reached none of the stack's experts: data-free, and said so
             if rec["weight"] in aware and rec["weight"] not in stats and isinstance(rec, dict):
                 rec.update(data_aware=False, note="data-free: no calibration token reached its experts")
@@ -381,6 +388,9 @@ def _mirror_into(model: nn.Module, gm: fx.GraphModule) -> None:
                 set_submodule(model, alias, module)
 
 
+_INPLACE_STACK = "inplace=True: the model's own forward reads the stacked weight; use inplace=False to factorize it"
+
+
 def _check_inplace(plan_: Plan) -> None:
     """After `_capture_inplace`: the layers to decompose must be modules the model calls."""
     functional = [lp.name for lp in plan_.decomposed if lp.site != "module"]
@@ -389,12 +399,14 @@ def _check_inplace(plan_: Plan) -> None:
             f"inplace=True cannot decompose functional layers ({functional[0]!r} calls F.linear/F.conv directly): "
             "the model's own forward would still use the dense weight; use inplace=False and the returned GraphModule"
         )
-    stacked = [r for r in plan_.settings.get("stacked_experts") or () if r.get("rank") is not None]
-    for rec in stacked:  # the model's own forward reads them: kept, as with layers it computes itself
+    records = plan_.settings.get("stacked_experts") or ()
+    for rec in records:  # the model's own forward reads them: kept, as with layers it computes itself
+        if rec.get("rank") is None:
+            continue
         for key in ("error", "data_aware", "calibrated_experts", "note"):
             rec.pop(key, None)
-        rec.update(rank=None, params_after=rec["params_before"],
-                   reason="inplace=True: the model's own forward reads the stacked weight; use inplace=False to factorize it")
+        rec.update(rank=None, params_after=rec["params_before"], reason=_INPLACE_STACK)
+    stacked = [r for r in records if r["reason"] == _INPLACE_STACK]
     if stacked:
         warnings.warn(f"inplace=True keeps the {len(stacked)} stacked expert weights whole (first {stacked[0]['weight']!r}): "
                       "the model's own forward reads them; use inplace=False and the returned GraphModule to factorize "
@@ -552,7 +564,7 @@ def apply(
     if plan.settings.get("fused"):
         _fuse(captured, config, recorded=plan.settings["fused"])
     stats = _calibration_stats(captured, config, calibration, inputs)
-    _factorize_experts(model, captured, plan, calibration=calibration)
+    _factorize_experts(model, captured, plan, calibration=calibration, config=config)
     factors = None
     if config.sequential and calibration is not None and any(lp.data_aware for lp in plan.decomposed):
         from .calibrate import sequential_factors
@@ -594,7 +606,8 @@ def _plan_sensitivity(plan: Plan, given: Callable[[Any, Any], Any] | None) -> bo
     recorded = plan.settings.get("sensitivity", True)
     if isinstance(recorded, bool) or recorded == "kl":
         return recorded
-    if any(lp.data_aware for lp in plan.decomposed) or plan.settings.get("narrowed"):
+    stacks = any(r.get("data_aware") and r.get("rank") is not None for r in plan.settings.get("stacked_experts") or ())
+    if any(lp.data_aware for lp in plan.decomposed) or plan.settings.get("narrowed") or stacks:
         raise ConfigError(
             f"the plan was made with a sensitivity function ({recorded!r}), which a plan records only by name: "
             "pass it again, fxlrd.apply(model, plan, calibration=..., sensitivity=fn)"

@@ -52,13 +52,12 @@ from .errors import PlanMismatchError
 from .ranks.rules import energy_rank, quantize_rank, svd_rank_for_ratio
 from .sites import _drop_param, _get_attr, _op_name, set_submodule, stacked_weights
 
-__all__ = ["ExpertFactors", "StackedWeight", "find_stacked", "expert_stats", "plan_experts", "factorize_experts"]
+__all__ = ["ExpertFactors", "StackedWeight", "StackTask", "find_stacked", "expert_stats", "plan_experts", "factorize_experts",
+           "error_curve"]
 
 aten = torch.ops.aten
 
 _BMM = {aten.bmm.default, torch.bmm}
-# (the per-layer rules; the others need every layer's error curve or timing, which the stacks have no part in)
-_GLOBAL_SETTINGS = ("target_params", "target_speedup", "latency")
 
 
 class ExpertFactors(nn.Module):
@@ -308,21 +307,30 @@ def _input_size(s: StackedWeight, rows: bool) -> int:
 
 def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibration: Iterable, *,
                  progress: bool = True, distributed: bool | None = None, group: Any = None,
-                 notes: dict[str, str] | None = None) -> dict[str, list[Any]]:  # fmt: skip
-    """Per stack, one `fxlrd.calibrate.InputStats` per expert (None where no calibration token
+                 notes: dict[str, str] | None = None, sensitivity: Any = False,
+                 sensitivity_matrix: str = "full", seed: int = 0) -> dict[str, list[Any]]:  # fmt: skip
+    """Per stack, one `fxlrd.calibrate.SiteStats` per expert (None where no calibration token
     was routed to it): the Gram matrix of the inputs each expert multiplies, over its input
-    mode. Tokens an ``attention_mask`` marks as padding are left out (the selections taken as
-    token-major, ``tokens × top_k``, as transformers orders them); a grouped_mm's rows, sorted
-    by expert, cannot be told apart and are all counted (``notes``, when given, says so for
-    the stack). A stack whose reads
-    disagree on that mode, or that no token reached, is left out (its factors stay data-free).
-    The graph runs in eval mode, without gradients; its mode is left as it was. Under
+    mode, and with ``sensitivity`` (as `fxlrd.calibrate.collect_stats` takes it: one backward
+    pass per batch) how much the model's outputs care about each of its output channels, in
+    the units a linear layer's are (relative squared model-output error). Tokens an
+    ``attention_mask`` marks as padding are left out (the selections taken as token-major,
+    ``tokens × top_k``, as transformers orders them); a grouped_mm's rows, sorted by expert,
+    cannot be told apart and are all counted (``notes``, when given, says so for the stack). A
+    stack whose reads disagree on that mode, or that no token reached, is left out (its
+    factors stay data-free). The graph runs in eval mode; its mode is left as it was. Under
     ``torch.distributed`` (default: when a process group is initialised) the statistics are
     summed over the processes, so each can see its own shard of the data."""
-    from .calibrate import EvalInterpreter, InputStats, _as_args, _batches, finish_pass, inputs_error
+    from .calibrate import (EvalInterpreter, InputStats, SiteStats, TokenMasks, _as_args, _batches, _overwritten,
+                            finish_pass, inputs_error, kl_outputs, output_streams, sensitivity_grads)  # fmt: skip
     from .capture import flat_inputs, padding_mask
+    from .config import check_sensitivity
     from .modes import saved_modes
 
+    check_sensitivity(sensitivity, sensitivity_matrix)
+    if isinstance(sensitivity, str):  # "kl"
+        sensitivity = kl_outputs
+    full = sensitivity_matrix == "full"
     watched: dict[fx.Node, tuple[str, _Read]] = {}
     grams: dict[str, list[Any]] = {}
     for path, s in stacks.items():
@@ -335,50 +343,91 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
     padded: set[str] = set()  # grouped stacks whose calibration had padding (counted)
     mask: list[torch.Tensor | None] = [None]
+    outputs: list[tuple[str, _Read, torch.Tensor, Any]] = []  # (the products' outputs, for their sensitivity)
+    sens: dict[tuple[str, int], torch.Tensor] = {}
 
     class Recorder(EvalInterpreter):
         def run_node(self, node: fx.Node) -> Any:
             if node in selections:
                 picked[node] = self.env[selections[node]]
-            if node in watched and watched[node][1].offs is not None:  # grouped: rows sorted by expert, offs their ends
-                path, read = watched[node]
-                x, ends = self.env[read.x], self.env[read.offs].tolist()
+            if node not in watched:
+                return super().run_node(node)
+            path, read = watched[node]
+            x = self.env[read.x]
+            if read.offs is not None:  # grouped: rows sorted by expert, offs their ends
+                ends = self.env[read.offs].tolist()
                 if mask[0] is not None and not bool(mask[0].all()):
                     padded.add(path)  # (which rows are padding, the sorting hides: they are counted)
-                for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
-                    if end > start:
-                        grams[path][e].add(x[start:end].reshape(-1, x.shape[-1]))
-            elif node in watched:
-                path, read = watched[node]
-                ids, x = picked[read.selection].reshape(-1), self.env[read.x]
+                groups = [(e, slice(start, end)) for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end > start]
+                rows = lambda t: [(e, t[g]) for e, g in groups]  # noqa: E731
+            else:
+                ids = picked[read.selection].reshape(-1)
                 x = x if read.x_left else x.mT  # (S, samples, d)
-                if x.shape[0] == ids.numel():
-                    real = mask[0]
-                    if real is not None and ids.numel() % real.numel() == 0:
-                        keep = real.reshape(-1).repeat_interleave(ids.numel() // real.numel()).to(ids.device)
-                        ids, x = ids[keep], x[keep]
-                    for e in ids.unique().tolist():
-                        grams[path][e].add(x[ids == e].reshape(-1, x.shape[-1]))
-            return super().run_node(node)
+                keep = None
+                real = mask[0]
+                if real is not None and ids.numel() % real.numel() == 0:
+                    keep = real.reshape(-1).repeat_interleave(ids.numel() // real.numel()).to(ids.device)
+                    ids = ids[keep]
+                experts = ids.unique().tolist() if x.shape[0] == (ids.numel() if keep is None else keep.numel()) else []
+                rows = lambda t: [(e, (t if keep is None else t[keep])[ids == e]) for e in experts]  # noqa: E731
+            for e, xe in rows(x):
+                grams[path][e].add(xe.reshape(-1, xe.shape[-1]))
+            out = super().run_node(node)
+            if sensitivity and isinstance(out, torch.Tensor) and out.requires_grad:
+                outputs.append((path, read, out, rows))
+                if node in overwritten:  # the gradient is taken at ``out``: the graph changes a copy (a bias added in place)
+                    out = out.clone()
+            return out
 
+    overwritten = {node for node in watched if sensitivity and _overwritten(gm, node)}
     restore = saved_modes(gm)
     gm.eval()
     recorder, n = Recorder(gm), 0
+    streams = output_streams(gm, []) if sensitivity else {}
+    generator = torch.Generator().manual_seed(seed)
+    energy = 0.0
     try:
-        with torch.no_grad():
-            for index, item in enumerate(_batches(calibration, progress, "expert calibration")):
-                inputs = _as_args(item, index)
-                mask[0] = padding_mask(inputs)
-                flat = flat_inputs(gm, inputs, f"calibration batch {index}")
-                try:
-                    recorder.run(*flat)
-                except Exception as exc:  # noqa: BLE001  (the item does not fit the model)
-                    raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
-                n += 1
+        for index, item in enumerate(_batches(calibration, progress, "expert calibration")):
+            inputs = _as_args(item, index)
+            mask[0] = padding_mask(inputs)
+            flat = flat_inputs(gm, inputs, f"calibration batch {index}")
+            outputs.clear()
+            try:
+                with torch.set_grad_enabled(bool(sensitivity)):
+                    result = recorder.run(*flat)
+            except Exception as exc:  # noqa: BLE001  (the item does not fit the model)
+                raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
+            if outputs:
+                grads, batch_energy = sensitivity_grads(gm, result, inputs, sensitivity, [o[2] for o in outputs],
+                                                        TokenMasks(inputs, streams), streams, generator)  # fmt: skip
+                for (path, read, _, rows), g in zip(outputs, grads):
+                    if g is None:
+                        continue
+                    g = g.detach().double() if read.offs is not None or read.x_left else g.detach().double().mT
+                    for e, ge in rows(g):  # (channels last)
+                        ge = ge.reshape(-1, ge.shape[-1])
+                        moment = ge.T @ ge if full else ge.pow(2).sum(0)
+                        sens[path, e] = sens[path, e] + moment if (path, e) in sens else moment
+                energy += batch_energy
+            outputs.clear()
+            n += 1
     finally:
         restore()
-    finish_pass(n, [st for path in sorted(grams) for st in grams[path]], distributed, group)
-    out = {path: [st if st.count else None for st in stats] for path, stats in grams.items()}
+    paths = sorted(grams)
+    if finish_pass(n, [st for path in paths for st in grams[path]], distributed, group) and sensitivity:
+        import torch.distributed as dist
+
+        for path in paths:  # (every expert's, in one order on every process: zeros where no token came)
+            size = stacks[path].shape[2 if _stack_rows(stacks[path]) else 1]
+            for e in range(len(grams[path])):
+                moment = sens.get((path, e), torch.zeros((size, size) if full else (size,), dtype=torch.float64))
+                dist.all_reduce(moment, op=dist.ReduceOp.SUM, group=group)
+                sens[path, e] = moment
+        total = torch.tensor([energy], dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        energy = float(total.item())
+    out = {path: [SiteStats(st, sens.get((path, e)), energy) if st.count else None for e, st in enumerate(stats)]
+           for path, stats in grams.items()}  # fmt: skip
     if notes is not None:
         notes.update({path: "padding tokens counted (grouped_mm sorts the tokens by expert)" for path in padded})
     return {path: stats for path, stats in out.items() if any(st is not None for st in stats)}
@@ -410,11 +459,13 @@ def _selected(path: str, config: LRDConfig, model: nn.Module, gm: fx.GraphModule
 
 
 def _global_reason(config: LRDConfig) -> str:
-    if any(getattr(config, s) is not None for s in _GLOBAL_SETTINGS) or config.allocation == "global":
-        given = next((s for s in _GLOBAL_SETTINGS if getattr(config, s) is not None), "allocation='global'")
-        return (f"stacked experts take the per-layer rank rules only (ratio, fixed, energy), not {given}: kept whole; "
-                "for them to shrink, use a per-layer rule (LRDConfig(ratio=...)), or experts='keep' to leave them")  # fmt: skip
-    return ""
+    """Why a speed mode keeps the stacks ("" for the other modes)."""
+    given = next((s for s in ("target_speedup", "latency") if getattr(config, s) is not None), None)
+    if given is None:
+        return ""
+    return (f"stacked experts take the per-layer rank rules (ratio, fixed, energy) or a parameter budget (target_params, "
+            f"allocation='global'), not {given}, which times the layers alone: kept whole; for them to shrink, use one of "
+            "those, or experts='keep' to leave them")  # fmt: skip
 
 
 def _aligned(rank: int, align: int, cap: int) -> int:
@@ -452,17 +503,68 @@ def _check_finite(weight: torch.Tensor, path: str) -> None:
                          f"Fix the weights or leave it out with LRDConfig(exclude=[{path!r}])")  # fmt: skip
 
 
+def _allocated(config: LRDConfig) -> bool:
+    """Whether the config sizes the model by a parameter budget alone (``target_params`` or
+    ``allocation="global"``, no speed target or latency search): the stacks are then
+    allocated beside the layers (`StackTask`)."""
+    sized = config.target_params is not None or config.allocation == "global"
+    return sized and config.target_speedup is None and config.latency is None
+
+
+@dataclass
+class StackTask:
+    """A stacked weight the global allocation sizes beside the layers (`fxlrd.planner`): keep
+    it, or factorize it at a rank, each option with its parameters and its error in the units
+    the allocation weighs a layer's (`error_curve`)."""
+
+    record: dict[str, Any]
+    weight: torch.Tensor
+    stats: list[Any] | None
+    rows: bool
+    align: int
+
+    def options(self, quantum: int, min_rank: int = 1) -> dict[int | None, tuple[float, float]]:
+        """Keep (``None``), or each rank (the ranks below ``quantum`` and its multiples, rounded
+        up to `alignment`) that shrinks the stack and is at least ``min_rank``: ``(params, error)``."""
+        e, (m, n) = self.record["experts"], self.record["shape"]
+        cap, curve = min(m, n), error_curve(self.weight, self.stats, self.rows)
+        opts: dict[int | None, tuple[float, float]] = {None: (float(e * m * n), 0.0)}
+        for r in sorted({*range(1, min(quantum, cap + 1)), *range(quantum, cap + 1, quantum)}):
+            r = _aligned(r, self.align, cap)
+            if r >= min_rank and r * (m + n) < m * n and r not in opts:
+                opts[r] = (float(e * r * (m + n)), curve(r))
+        return opts
+
+    def fill(self, rank: int | None) -> None:
+        """Record the allocation's choice (None: kept)."""
+        if rank is None:
+            self.record["reason"] = "global allocation: kept (least error for the budget)"
+            return
+        _record_rank(self.record, self.weight, rank, self.stats, self.rows)
+
+
+def _record_rank(rec: dict[str, Any], weight: torch.Tensor, rank: int, stats: list[Any] | None, rows: bool) -> None:
+    e, (m, n) = rec["experts"], rec["shape"]
+    *_, error = _factors(weight, rank, stats, rows)
+    rec.update(rank=rank, params_after=e * rank * (m + n), data_aware=stats is not None, error=error)
+    if stats is not None:
+        rec["calibrated_experts"] = sum(x is not None for x in stats)
+
+
 def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibration: Iterable | None = None, *,
-                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:  # fmt: skip
+                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, list[Any]], list[StackTask]]:  # fmt: skip
     """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
     ``rank`` (None when kept), ``reason``, ``params_before``/``params_after`` and, when
     factorized, ``data_aware``, ``error`` (the relative error of the stack's truncation: of its
     outputs on the calibration inputs when data-aware, else of its weights), ``note`` (why a
     stack stays data-free despite calibration) and, data-aware, ``calibrated_experts`` (how
-    many experts calibration tokens reached). Also the experts' input statistics
-    (`expert_stats`) of the stacks to factorize, when ``calibration`` is given."""
+    many experts calibration tokens reached). Also the experts' statistics (`expert_stats`,
+    with the config's output sensitivity) of the stacks to factorize, when ``calibration`` is
+    given, and, under a parameter budget (`_allocated`), the `StackTask` of each stack the
+    allocation sizes (its record's rank is then set by `StackTask.fill`)."""
     stacks = find_stacked(model, gm)
-    out, ranks = [], {}
+    allocate = _allocated(config)
+    out, ranks, chosen = [], {}, []
     for s in stacks.values():
         e, m, n = s.shape
         rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
@@ -473,11 +575,14 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if rec["reason"]:
             continue
         weight = _get_attr(gm, s.path)
-        why = _selected(s.path, config, model, gm) or _global_reason(config)
+        why = _selected(s.path, config, model, gm) or ("" if allocate else _global_reason(config))
         if not why and weight.is_meta:
             why = "weights on the meta device (not loaded): kept"
-        if not why and config.rank_rule == "energy":  # (its rank reads the spectrum)
+        if not why and (allocate or config.rank_rule == "energy"):  # (its rank reads the spectrum)
             _check_finite(weight, s.path)
+        if allocate and not why:
+            chosen.append(rec)
+            continue
         rank, why = (None, why) if why else _rank(weight, config, alignment(s, weight.dtype))
         if rank is not None:
             _check_finite(weight, s.path)
@@ -486,25 +591,54 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         else:
             ranks[s.path] = rank
     stats, notes = {}, {}
-    if calibration is not None and ranks:
-        stats = expert_stats(gm, {p: stacks[p] for p in ranks}, calibration, progress=progress, notes=notes)
+    wanted = [*ranks, *(r["weight"] for r in chosen)]
+    if calibration is not None and wanted:
+        stats = expert_stats(gm, {p: stacks[p] for p in wanted}, calibration, progress=progress, notes=notes,
+                             sensitivity=config.sensitivity, sensitivity_matrix=config.sensitivity_matrix)  # fmt: skip
+    tasks = []
     for rec in out:
-        rank = ranks.get(rec["weight"])
-        if rank is None:
+        path = rec["weight"]
+        if path not in wanted:
             continue
-        e, (m, n) = rec["experts"], rec["shape"]
-        st = stats.get(rec["weight"])
-        *_, error = _factors(_get_attr(gm, rec["weight"]), rank, st, st is not None and _stack_rows(stacks[rec["weight"]]))
-        rec.update(rank=rank, params_after=e * rank * (m + n), data_aware=st is not None, error=error)
-        if st is not None:
-            rec["calibrated_experts"] = sum(x is not None for x in st)
-            if rec["weight"] in notes:
-                rec["note"] = notes[rec["weight"]]
-        elif calibration is not None:
-            reads = _reads(stacks[rec["weight"]])
+        st, rows = stats.get(path), path in stats and _stack_rows(stacks[path])
+        weight = _get_attr(gm, path)
+        if path in ranks:
+            _record_rank(rec, weight, ranks[path], st, rows)
+        else:
+            tasks.append(StackTask(rec, weight, st, rows, alignment(stacks[path], weight.dtype)))
+        if st is not None and path in notes:
+            rec["note"] = notes[path]
+        elif st is None and calibration is not None:
+            reads = _reads(stacks[path])
             rec["note"] = ("data-free: its products take their inputs on different modes of the stack"
                            if len({r.rows for r in reads}) > 1 else "data-free: no calibration token reached its experts")  # fmt: skip
-    return out, stats
+    return out, stats, tasks
+
+
+def _expert_matrix(weight: torch.Tensor, e: int, st: Any, rows: bool) -> tuple[torch.Tensor, Any, Any]:
+    """Expert ``e``'s matrix as a layer, ``(out, in)`` in float64 (``rows``: the stack's rows are
+    its input mode), as data-aware methods decompose it with its statistics ``st`` (None: as it
+    is): ``(matrix, whitening, output weights)`` (`fxlrd.methods.base.data_aware_weight`)."""
+    from .methods.base import data_aware_weight
+
+    w = weight[e].detach().double().cpu()  # (the statistics live on the CPU)
+    return data_aware_weight(w.T if rows else w, st if st is not None and st.count else None)
+
+
+def _weighted(stats: Sequence[Any] | None) -> bool:
+    """Whether the experts' errors are in the units of the model's output (sensitivity known)."""
+    from .methods.base import output_weights
+
+    return stats is not None and any(st is not None and st.count and output_weights(st) is not None for st in stats)
+
+
+def _scale(st: Any, weighted: bool, out_w: Any) -> float:
+    """An expert's tail energies, as they sum over the stack: in the model's output units when
+    ``weighted`` (an expert the model's outputs do not reach costs nothing), else per sample,
+    times its samples."""
+    if weighted:
+        return 1.0 if out_w is not None else 0.0
+    return float(st.count)
 
 
 def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None,
@@ -512,10 +646,11 @@ def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None
     """Each expert's factors at ``rank``, √Σ on each side: ``(E, m, r)``, ``(E, r, n)``, and the
     stack's relative error: of the weights (truncated SVD), or with ``stats`` (one per expert,
     None for an expert without calibration inputs) of the outputs on the calibration inputs
-    (whitened SVD over the input mode: ``rows``, the stack's rows, else its columns), each
-    expert's error weighed by its share of the samples."""
+    (whitened SVD over the input mode: ``rows``, the stack's rows, else its columns; output
+    channels weighed by the model's sensitivity where known), each expert's error weighed by
+    its share of the samples (or, with sensitivity, by what it costs the model's output)."""
     from .decompose import svd_factors
-    from .methods.base import tail_sums, unwhiten_input, whiten_input
+    from .methods.base import tail_sums, unweigh_output, unwhiten_input
 
     if stats is None:
         u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
@@ -526,25 +661,46 @@ def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None
         error = float((1 - s[:, :rank].pow(2).sum() / total.clamp_min(1e-300)).clamp_min(0).sqrt())
         return left.to(weight.dtype), right.to(weight.dtype), error
     lefts, rights, lost, whole = [], [], 0.0, 0.0
+    weighted = _weighted(stats)
     for e in range(weight.shape[0]):
-        w = weight[e].detach().double().cpu()  # (the statistics live on the CPU)
-        w = w.T if rows else w  # as a layer: (out, in), the input mode last
         st = stats[e]
-        if st is None or st.count == 0:
-            f = svd_factors(w, rank)
-            out_f, in_f = f.out_factor, f.in_factor
-        else:
-            white = st.whitening()
-            m = whiten_input(w, white)
-            f = svd_factors(m, rank)
-            out_f, in_f = f.out_factor, unwhiten_input(f.in_factor, white)
-            tail = tail_sums(torch.linalg.svdvals(m))
-            lost, whole = lost + st.count * float(tail[rank]), whole + st.count * float(tail[0])
+        m, white, out_w = _expert_matrix(weight, e, st, rows)
+        f = svd_factors(m, rank)
+        out_f, in_f = unweigh_output(f.out_factor, out_w), f.in_factor
+        if white is not None:
+            in_f = unwhiten_input(in_f, white)
+            tail, scale = tail_sums(torch.linalg.svdvals(m)), _scale(st, weighted, out_w)
+            lost, whole = lost + scale * float(tail[rank]), whole + scale * float(tail[0])
         left, right = (in_f.T, out_f.T) if rows else (out_f, in_f)
         lefts.append(left)
         rights.append(right)
     error = (lost / whole) ** 0.5 if whole > 0 else float("nan")
     return torch.stack(lefts).to(weight.dtype), torch.stack(rights).to(weight.dtype), error
+
+
+def error_curve(weight: torch.Tensor, stats: Sequence[Any] | None = None, rows: bool = False) -> Any:
+    """``rank -> squared error`` of the stack factorized at that rank, in the units the global
+    allocation weighs a linear layer's (`fxlrd.methods.base.Method.error_curve`): relative to
+    the stack's weights (data-free) or its outputs on the calibration inputs (data-aware), or,
+    with the model's output sensitivity, in units of its relative squared output error."""
+    from .methods.base import tail_sums
+
+    if stats is None:
+        tails = torch.stack([tail_sums(v) for v in torch.linalg.svdvals(weight.detach().double())]).sum(0)
+        total = float(tails[0]) or 1.0
+        return lambda r: float(tails[min(r, len(tails) - 1)]) / total
+    weighted = _weighted(stats)
+    tails, total = None, 0.0
+    for e, st in enumerate(stats):
+        if st is None or not st.count:
+            continue  # (no calibration output: nothing to lose on the calibration data)
+        m, _, out_w = _expert_matrix(weight, e, st, rows)
+        t = tail_sums(torch.linalg.svdvals(m)) * _scale(st, weighted, out_w)
+        tails = t if tails is None else tails + t
+    if tails is None:
+        return lambda r: 0.0
+    total = 1.0 if weighted else (float(tails[0]) or 1.0)
+    return lambda r: float(tails[min(r, len(tails) - 1)]) / total
 
 
 _NO_VALUE = ("val", "tensor_meta", "example_value")  # meta describing a node's value: not the new inner nodes'

@@ -34,12 +34,25 @@ def _countable_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``grouped_mm(a, b, offs)``, which torch's counter does not know: each row of a
+    2-D ``a`` times one of the matrices of a 3-D ``b`` (a mixture's experts), a 3-D batch of
+    products, or (2-D by 2-D) one product whose inner dimension is split into groups."""
+    if len(b_shape) == 3:  # (rows, k) × (G, k, n), or (G, m, k) × (G, k, n)
+        rows = a_shape[0] if len(a_shape) == 2 else a_shape[0] * a_shape[1]
+        return 2 * rows * a_shape[-1] * b_shape[2]
+    if len(a_shape) == 3:  # (G, m, k) × (k, n): the rows of b split over the groups
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # (m, K) × (K, n), K split over the groups
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of one forward pass on ``example_inputs`` — a tensor, a tuple of positional inputs
     or a dict of keyword inputs (FLOPs / 2, as FlopCounterMode counts them; attention included,
-    see `_countable_attention`). The model runs in eval mode (a training batch norm would update
-    its statistics) and is given back in the modes it had."""
+    see `_countable_attention`; a mixture's ``grouped_mm`` experts too, see `_grouped_mm_flop`). The model
+    runs in eval mode (a training batch norm would update its statistics) and is given back in
+    the modes it had."""
     from .capture import normalize_inputs
     from .errors import ConfigError
     from .modes import eval_mode
@@ -48,7 +61,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         raise ConfigError("count_macs needs example_inputs: one batch the model accepts (a tensor, tuple or dict)")
     args, kwargs = normalize_inputs(example_inputs)
     modes = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()  # (a plain function too)
-    with modes, _countable_attention(), FlopCounterMode(display=False) as counter:
+    counted = {torch.ops.aten._grouped_mm: _grouped_mm_flop} if hasattr(torch.ops.aten, "_grouped_mm") else {}
+    with modes, _countable_attention(), FlopCounterMode(display=False, custom_mapping=counted) as counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
 

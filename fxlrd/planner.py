@@ -189,6 +189,7 @@ def _make_plan(
     narrowed: Sequence[Mapping[str, Any]] = (),
     before_narrowing: fx.GraphModule | None = None,
     stacked: Sequence[str] = (),
+    stack_tasks: Sequence[Any] = (),
 ) -> Plan:
     """Plan every conv/linear site of ``gm`` under ``config``.
 
@@ -207,6 +208,8 @@ def _make_plan(
             layers are chosen for the rest).
         stacked: the paths of the stacked expert weights (`fxlrd.experts`), planned apart:
             names ``include`` and ``exclude`` patterns may match too.
+        stack_tasks: the stacked weights a parameter budget sizes beside the layers
+            (`fxlrd.experts.StackTask`): each is kept or given a rank by the allocation.
 
     Raises:
         ConfigError: an include pattern matches no layer, or a latency search lacks inputs.
@@ -288,7 +291,7 @@ def _make_plan(
     elif config.latency is not None:
         _search(gm, tasks, config, fill)
     elif config.target_params is not None or config.allocation == "global":
-        _plan_for_size(tasks, config, plan, fill)
+        _plan_for_size(tasks, config, plan, fill, stack_tasks)
     else:
         for task in tasks:
             fill(task, task.ranks)
@@ -358,10 +361,11 @@ def _narrowing_saved(settings: Mapping[str, Any]) -> int:
     return sum(b["params_before"] - b["params_after"] for b in settings.get("narrowed") or ())
 
 
-def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tuple[float, str]:
-    """Parameters the decomposable layers may keep, from ``target_params`` (the whole model,
-    narrowed MLP blocks at their narrowed size) or a global ``ratio``."""
-    layers = sum(t.lp.params_before for t in tasks)
+def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, stacks: Sequence[Any] = ()) -> tuple[float, str]:
+    """Parameters the decomposable layers (and the stacked weights the budget sizes, ``stacks``)
+    may keep, from ``target_params`` (the whole model, narrowed MLP blocks at their narrowed
+    size) or a global ``ratio``."""
+    layers = sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
     if config.target_params is not None:
         target = config.target_params
         whole = target * plan.model_params if isinstance(target, float) and target < 1 else float(target)
@@ -374,45 +378,55 @@ def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> tupl
             )
         fixed = plan.model_params - _narrowing_saved(plan.settings) - layers  # (narrowed blocks: as they are now)
         return whole - fixed, f"model params <= {whole:.0f}"
-    return layers / config.ratio, f"decomposable layers' params <= 1/{config.ratio:g} of {layers}"
+    what = "decomposable layers' and stacked experts'" if stacks else "decomposable layers'"
+    return layers / config.ratio, f"{what} params <= 1/{config.ratio:g} of {layers}"
 
 
-def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: Callable) -> None:
-    """Global allocation under a parameter budget with the least total (data-aware) error."""
+def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: Callable,
+                   stacks: Sequence[Any] = ()) -> None:  # fmt: skip
+    """Global allocation under a parameter budget with the least total (data-aware) error,
+    over the layers and the stacked expert weights ``stacks`` (`fxlrd.experts.StackTask`)."""
     quantum = config.rank_quantum
-    budget, what = _layer_budget(tasks, config, plan)
-    layers = sum(t.lp.params_before for t in tasks)
+    budget, what = _layer_budget(tasks, config, plan, stacks)
+    layers = sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
     if config.target_params is not None and plan.settings.get("narrowed") and budget >= layers:
         warnings.warn(
             f"target_params={config.target_params!r}: narrowing the MLP blocks at ratio={config.ratio:g} alone leaves "
             f"{plan.params_after_model()} parameters, within the budget ({what}), so the other layers are kept: "
             "narrow less (a lower ratio) to spend the budget", FxlrdWarning, stacklevel=6,
         )  # fmt: skip
-    _centre_on_budget(tasks, config, plan)  # (methods offering ranks around their target: CP)
+    _centre_on_budget(tasks, config, plan, stacks)  # (methods offering ranks around their target: CP)
     options = []
     for task in tasks:
         curve = _error_curve(task)
         options.append(_options(task, quantum, lambda r, t=task: t.lp.params_before if r is None else _params_of(t, r), curve,
                                 every=True, min_rank=config.min_rank))  # fmt: skip
+    options += [stack.options(quantum, config.min_rank) for stack in stacks]
     choices, met = solve_budget(options, budget)
     for task, opts, choice in zip(tasks, options, choices):
         fill(task, choice, "" if choice is not None else "global allocation: kept (least error for the budget)")
         if choice is not None:
             task.lp.error = opts[choice][1]
+    for stack, choice in zip(stacks, choices[len(tasks):]):
+        stack.fill(choice)
     used = sum(opts[c][0] for opts, c in zip(options, choices))
+    aware = any(t.stats is not None for t in tasks) or any(s.stats is not None for s in stacks)
     plan.settings["allocation_result"] = {
         "budget": what, "layer_params_budget": budget, "layer_params_chosen": used, "met": met,
-        "objective": "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error",
+        "objective": "output error on calibration data" if aware else "weight error",
     }  # fmt: skip
+    if stacks:
+        plan.settings["allocation_result"]["stacked_experts"] = len(stacks)
     if not met:
-        raise _budget_error(what, used, budget, tasks, plan, config.min_rank)
+        raise _budget_error(what, used, budget, tasks, plan, config.min_rank, stacks)
 
 
 def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask], plan: Plan,
-                  min_rank: int = 1) -> ConfigError:  # fmt: skip
+                  min_rank: int = 1, stacks: Sequence[Any] = ()) -> ConfigError:  # fmt: skip
     """The error for a parameter budget no choice of ranks meets."""
     if budget <= 0:
-        fixed = plan.model_params - _narrowing_saved(plan.settings) - sum(t.lp.params_before for t in tasks)
+        fixed = plan.model_params - _narrowing_saved(plan.settings) - sum(t.lp.params_before for t in tasks) \
+            - sum(s.record["params_before"] for s in stacks)
         narrowed = ", narrowed MLP blocks at their narrowed size" if plan.settings.get("narrowed") else ""
         return ConfigError(
             f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
@@ -427,15 +441,15 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
     )
 
 
-def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan) -> None:
+def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, stacks: Sequence[Any] = ()) -> None:
     """The speed search (and CP under any budget) offers ranks around each layer's target (R/4
     to 2R): with a size budget that asks for more than ``ratio``, centre them on the budget's
     ratio instead, or budgets that other ranks meet had no candidate small enough. With
     narrowed MLP blocks, ``ratio`` is the blocks': centre on any budget that compresses."""
     if config.target_params is None:
         return
-    budget, _ = _layer_budget(tasks, config, plan)
-    layers = sum(t.lp.params_before for t in tasks)
+    budget, _ = _layer_budget(tasks, config, plan, stacks)
+    layers = sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
     most = layers if plan.settings.get("narrowed") else layers / config.ratio
     if not 0 < budget < most:
         return

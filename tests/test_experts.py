@@ -88,6 +88,18 @@ def test_full_rank_reproduces_the_experts(capture, read):
     assert isinstance(model.up, nn.Parameter) and model.up.shape[0] == 4  # the user's model untouched
 
 
+def test_grouped_products_count_the_macs_of_the_same_products_under_bmm():
+    """torch's FLOP counter does not know grouped_mm: fxlrd.count_macs counts it as the rows it
+    multiplies, so the same experts count alike however they are read, and factorized too."""
+    inputs = _inputs()
+    counts = {read: fxlrd.count_macs(Experts(read=read), inputs) for read in ("left", "grouped", "grouped_in_out")}
+    assert len(set(counts.values())) == 1 and counts["left"] == 10 * 2 * 8 * 12
+    config = LRDConfig(rank_rule="fixed", rank=4)
+    factorized = [fxlrd.count_macs(fxlrd.transform(Experts(read=read), config, example_inputs=inputs, capture="fx"), inputs)
+                  for read in ("left", "grouped")]  # fmt: skip
+    assert factorized == [10 * 2 * 4 * (8 + 12)] * 2
+
+
 @settings(max_examples=20, deadline=None)
 @given(e=st.integers(2, 5), m=st.integers(2, 12), n=st.integers(2, 12), rank=st.integers(1, 12),
        read=st.sampled_from(["left", "method", "right", "mT", "mT_left", "grouped", "grouped_in_out"]),
@@ -175,32 +187,98 @@ def test_a_stack_the_settings_leave_out_is_kept_with_the_reason(config, reason):
     assert torch.equal(gm.up, model.up) and f"kept: {rec['reason']}" in gm.fxlrd_plan.table()
 
 
-def test_a_global_budget_keeps_the_stacks_and_says_so():
+class _WithLayer(Experts):
+    """The experts, then a linear layer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"d": 32, "hidden": 64, **kwargs})
+        self.fc = nn.Linear(self.down.shape[1], self.down.shape[1])
+
+    def forward(self, x, idx):
+        return self.fc(super().forward(x, idx))
+
+
+@pytest.mark.parametrize("config", [LRDConfig(allocation="global", ratio=2), LRDConfig(target_params=0.5)])
+def test_a_parameter_budget_sizes_the_stacks_beside_the_layers(config):
+    """allocation='global' or target_params allocate the budget over the layers and the stacks
+    together (a stack's options: keep, or each rank in steps of the quantum), and meet it."""
     torch.manual_seed(0)
+    model, inputs = _WithLayer().eval(), _inputs(d=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxlrd.FxlrdWarning)  # (no "kept whole" warning)
+        gm = fxlrd.transform(model, config, example_inputs=inputs, capture="fx")
+    plan = gm.fxlrd_plan
+    recs = plan.settings["stacked_experts"]
+    q = plan.settings["rank_quantum"]  # (as for a layer: the ranks below the quantum, and its multiples)
+    assert all(r["rank"] is not None and (r["rank"] < q or r["rank"] % q == 0) for r in recs)
+    result = plan.settings["allocation_result"]
+    assert result["met"] and result["stacked_experts"] == 2
+    stacks = sum(r["params_before"] for r in recs)
+    layers = sum(lp.params_before for lp in plan.layers.values())
+    assert result["layer_params_chosen"] <= result["layer_params_budget"]
+    if config.target_params is None:
+        assert result["layer_params_budget"] == pytest.approx((stacks + layers) / 2)
+    else:
+        assert plan.params_after_model() <= 0.5 * plan.model_params
+    assert sum(p.numel() for p in gm.parameters()) == plan.params_after_model()
+    assert rel_err(gm(*inputs), model(*inputs)) < 1
 
-    class WithLayer(Experts):
-        def __init__(self):
-            super().__init__(d=32, hidden=64)
-            self.fc = nn.Linear(32, 32)
 
-        def forward(self, x, idx):
-            return self.fc(super().forward(x, idx))
+def test_the_allocation_gives_rank_where_it_lowers_the_error_most():
+    """A nearly low-rank stack (rank 4 plus a little noise) beside a full-rank one: at the uniform
+    ratio's size the allocation takes rank from the first and gives it to the second, so its total
+    error (each stack's relative squared error, as the allocation counts it, computed here
+    from each expert's singular values) is below the uniform ratio's."""
+    from fxlrd.experts import error_curve
 
-    model, inputs = WithLayer().eval(), _inputs(d=32)
-    with pytest.warns(fxlrd.FxlrdWarning, match=r"2 stacked expert weights \(16384 parameters, first 'up'\) are kept whole: "
-                                                 r"stacked experts take the per-layer rank rules only"):
-        plan = fxlrd.plan(model, LRDConfig(allocation="global", ratio=2), example_inputs=inputs, capture="fx")
-    assert all(r["rank"] is None for r in plan.settings["stacked_experts"])
-
-
-def test_inplace_keeps_the_stacks_the_models_forward_reads():
     torch.manual_seed(0)
-    model, inputs = Experts().eval(), _inputs()
-    before = model(*inputs)
+    model, inputs = _WithLayer().eval(), _inputs(d=32)
+    with torch.no_grad():
+        model.up.copy_(torch.randn(4, 64, 4) @ torch.randn(4, 4, 32) + 0.01 * torch.randn(4, 64, 32))
+    config = dict(rank_quantum=4, include=["up", "down"])
+    uniform = fxlrd.plan(model, LRDConfig(ratio=2, **config), example_inputs=inputs, capture="fx")
+    budget = LRDConfig(target_params=uniform.params_after_model(), **config)  # (the uniform ratio's size)
+    allocated = fxlrd.plan(model, budget, example_inputs=inputs, capture="fx")
+
+    def total(plan):
+        recs = plan.settings["stacked_experts"]
+        size = sum(r["params_after"] for r in recs)
+        return sum(error_curve(getattr(model, r["weight"]))(r["rank"]) for r in recs), size, {r["weight"]: r["rank"] for r in recs}
+
+    u_err, u_size, _ = total(uniform)
+    a_err, a_size, ranks = total(allocated)
+    assert a_size <= u_size and a_err < 0.75 * u_err  # (0.32 against 0.49)
+    assert ranks["up"] < 8 < ranks["down"]  # (uniform: 8 and 8)
+    w = model.down.detach().double()  # the curve: each expert's tail energy over the stack's
+    s = torch.linalg.svdvals(w)
+    want = float(s[:, ranks["down"]:].pow(2).sum() / s.pow(2).sum())
+    assert error_curve(model.down)(ranks["down"]) == pytest.approx(want, rel=1e-9)
+
+
+def test_speed_modes_keep_the_stacks_and_say_so():
+    from fxlrd.experts import plan_experts
+
+    model, inputs = _WithLayer().eval(), _inputs(d=32)
+    gm = capture_graph(model, inputs, mode="fx").gm
+    for config in (LRDConfig(target_speedup=1.5), LRDConfig(target_speedup=1.5, target_params=0.5)):
+        records, _, tasks = plan_experts(model, gm, config)
+        assert not tasks and all(r["rank"] is None and "not target_speedup, which times the layers alone" in r["reason"]
+                                 for r in records)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [LRDConfig(ratio=2), LRDConfig(ratio=2, allocation="global")])
+def test_inplace_keeps_the_stacks_the_models_forward_reads(config):
+    """Kept, and under a budget not counted as savings: the layers are allocated for it alone."""
+    torch.manual_seed(0)
+    model, inputs = _WithLayer().eval(), _inputs(d=32)
+    up = model.up.detach().clone()
     with pytest.warns(fxlrd.FxlrdWarning, match="inplace=True keeps the 2 stacked expert weights whole"):
-        gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=inputs, capture="fx", inplace=True)
-    assert isinstance(model.up, nn.Parameter) and torch.equal(model(*inputs), before)
-    assert all(r["rank"] is None for r in gm.fxlrd_plan.settings["stacked_experts"])
+        gm = fxlrd.transform(model, config, example_inputs=inputs, capture="fx", inplace=True)
+    assert isinstance(model.up, nn.Parameter) and torch.equal(model.up, up) and model(*inputs).shape == (10, 32)
+    recs = gm.fxlrd_plan.settings["stacked_experts"]
+    assert all(r["rank"] is None and r["reason"].startswith("inplace=True") for r in recs)
+    if config.allocation == "global":
+        assert "stacked_experts" not in gm.fxlrd_plan.settings["allocation_result"]
 
 
 class _OtherReads(nn.Module):
@@ -388,6 +466,34 @@ def test_with_calibration_inputs_in_a_subspace_are_reproduced_at_its_dimension(r
     assert rec["data_aware"] and rec["calibrated_experts"] == e and rec["error"] < 0.1
 
 
+class _MaskedOutput(Experts):
+    """The experts, their output's last half of channels multiplied by zero: the model's
+    output does not depend on those channels of ``down``'s output."""
+
+    def forward(self, x, idx):
+        y = super().forward(x, idx)
+        return y * torch.cat([torch.ones(y.shape[-1] // 2), torch.zeros(y.shape[-1] - y.shape[-1] // 2)])
+
+
+@pytest.mark.parametrize("matrix", ["full", "diagonal"])
+@pytest.mark.parametrize("read", ["left", "grouped"])
+def test_output_sensitivity_spends_the_rank_on_the_channels_the_model_output_sees(matrix, read):
+    """With the model's output sensitivity (the default with calibration) a stack's output
+    channels weigh what they cost the output: ``down`` at rank 4 of 8 output channels, half of
+    them masked out, keeps the 4 that count (plain whitening spreads its rank over all 8)."""
+    torch.manual_seed(0)
+    model = _MaskedOutput(read=read).eval()
+    batches = [_inputs(tokens=64, seed=s) for s in range(3)]
+    config = dict(rank_rule="fixed", rank=4, include=["down"], sensitivity_matrix=matrix)
+    aware = fxlrd.transform(model, LRDConfig(**config), example_inputs=batches[0], capture="fx", calibration=batches)
+    plain = fxlrd.transform(model, LRDConfig(sensitivity=False, **config), example_inputs=batches[0], capture="fx",
+                            calibration=batches)  # fmt: skip
+    x, idx = _inputs(tokens=64, seed=9)
+    ref = model(x, idx)
+    assert rel_err(aware(x, idx), ref) < 0.05 < 0.5 * rel_err(plain(x, idx), ref)
+    assert {r["weight"]: r for r in aware.fxlrd_plan.settings["stacked_experts"]}["down"]["data_aware"]
+
+
 def test_whitened_factors_reach_the_output_error_optimum():
     """At rank r the data-aware stack's output error on the calibration tokens equals, per
     expert, the optimum min ‖(W − W′)X‖ = ‖W X − [W X]_r‖ computed here independently (3 000
@@ -399,8 +505,8 @@ def test_whitened_factors_reach_the_output_error_optimum():
     scales = torch.logspace(0, -2, d)  # correlated, anisotropic inputs
     batches = [(torch.randn(3000, d, generator=g) * scales @ torch.randn(d, d, generator=g), torch.randint(0, e, (3000,), generator=g))
                for _ in range(3)]  # fmt: skip
-    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=r, include=["up"]), example_inputs=batches[0],
-                         capture="fx", calibration=batches)  # fmt: skip
+    config = LRDConfig(rank_rule="fixed", rank=r, include=["up"], sensitivity=False)  # (whitening alone)
+    gm = fxlrd.transform(model, config, example_inputs=batches[0], capture="fx", calibration=batches)
     approx = gm.get_submodule("up").weight().detach().double()
     x = torch.cat([b[0] for b in batches]).double()
     idx = torch.cat([b[1] for b in batches])
@@ -520,9 +626,13 @@ def _distributed_worker(rank, world, init, out):  # pragma: no cover  (a subproc
         torch.manual_seed(0)
         model = Experts(d=8, hidden=12).eval()
         batches = [_inputs(tokens=40, seed=s) for s in range(4)]
-        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=3), example_inputs=batches[0], capture="fx",
-                             calibration=batches[rank::world], )  # fmt: skip
+        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=3, sensitivity=False), example_inputs=batches[0],
+                             capture="fx", calibration=batches[rank::world])  # fmt: skip
         torch.save({k: v.clone() for k, v in gm.state_dict().items()}, f"{out}.{rank}")
+        # with sensitivity (random projections: no one-process twin) every process gets the same summed statistics
+        gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=3), example_inputs=batches[0], capture="fx",
+                             calibration=batches[rank::world])  # fmt: skip
+        torch.save({k: v.clone() for k, v in gm.state_dict().items()}, f"{out}.sens.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -535,8 +645,8 @@ def test_distributed_expert_statistics_equal_one_process_on_the_union(tmp_path):
     torch.manual_seed(0)
     model = Experts(d=8, hidden=12).eval()
     batches = [_inputs(tokens=40, seed=s) for s in range(4)]
-    single = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=3), example_inputs=batches[0], capture="fx",
-                             calibration=batches)  # fmt: skip
+    single = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=3, sensitivity=False), example_inputs=batches[0],
+                             capture="fx", calibration=batches)  # fmt: skip
     assert all(r["data_aware"] for r in single.fxlrd_plan.settings["stacked_experts"])
     init, out = f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "state")
     mp.spawn(_distributed_worker, args=(2, init, out), nprocs=2, join=True)
@@ -544,6 +654,9 @@ def test_distributed_expert_statistics_equal_one_process_on_the_union(tmp_path):
         state = torch.load(f"{out}.{r}")
         for k, v in single.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6)
+    first, second = torch.load(f"{out}.sens.0"), torch.load(f"{out}.sens.1")
+    for k, v in first.items():
+        torch.testing.assert_close(second[k], v, rtol=1e-6, atol=1e-7)
 
 
 def test_a_transformed_model_wrapped_and_traced_again_keeps_its_expert_factors():
