@@ -539,6 +539,13 @@ def apply(
         raise ConfigError("inplace=True cannot be combined with a plan that narrows MLP blocks; use inplace=False")
     if inplace and plan.settings.get("fused"):
         raise ConfigError("inplace=True cannot be combined with a plan that fuses sibling layers; use inplace=False")
+    if inplace and (plan.settings.get("allocation_result") or {}).get("stacked_experts") and any(
+            r.get("rank") is not None for r in plan.settings.get("stacked_experts") or ()):  # fmt: skip
+        raise ConfigError(
+            "the plan's parameter budget counts its factorized stacked experts, which inplace=True keeps whole (the "
+            "model's own forward reads them), so the budget would not be met: apply it with inplace=False, or make the "
+            "plan with experts='keep' for the budget to fall on the layers alone"
+        )
     calibration = _reusable(calibration)
     config = LRDConfig(leaf_modules=leaf_modules, attention=plan.settings.get("attention", "packed"),
                        sensitivity=_plan_sensitivity(plan, sensitivity),

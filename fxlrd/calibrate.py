@@ -688,7 +688,7 @@ def collect_stats(
                 for (name, _), g in zip(site_outputs, grads):
                     if g is not None:
                         site = sites[name]
-                        ch = _output_moments(site, g, full, masks.for_node(site.input(site.nodes[0])), layouts)
+                        ch = _output_moments(site, g, full, masks.for_node(site.input(site.nodes[0])), layouts).cpu()
                         sens[name] = sens[name] + ch if name in sens else ch
                 energy += batch_energy
             site_outputs.clear()

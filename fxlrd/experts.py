@@ -26,14 +26,18 @@ A stacked weight is factorized only where every read of it is such a selection f
 batched product (``bmm``) as one operand, or the stack itself as ``grouped_mm``'s second
 operand, directly or through a transpose of its last two dimensions; any other read (an
 ``einsum``, a slice) keeps it whole, with the reason. The ranks follow the per-layer rules
-(``ratio``, ``fixed``, ``energy``).
+(``ratio``, ``fixed``, ``energy``) or, under a parameter budget (``target_params``,
+``allocation="global"``), the global allocation, where each stack is one more choice beside
+the layers (`StackTask`, its error in a layer's units: `error_curve`).
 
 With calibration data the factors are data-aware: each expert's inputs (the tokens routed to
 it) are gathered into its own Gram matrix, and its matrix is factorized by whitened SVD
 (SVD-LLM's truncation-aware whitening, as for a linear layer), so at rank ``r`` it keeps the
-least output error on the tokens it sees. An expert no calibration token reached keeps its
-data-free SVD. Memory: one ``d × d`` float64 matrix per expert of each stack (``d`` its input
-size).
+least output error on the tokens it sees; with the model's output sensitivity (the config's
+``sensitivity``) its output channels are weighed by what they cost the model's output, as a
+layer's are. An expert no calibration token reached keeps its data-free SVD. Memory: one
+``d × d`` float64 matrix per expert of each stack (``d`` its input size), and with a full
+sensitivity matrix one ``d_out × d_out``.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ def _grouped_operands(node: fx.Node) -> tuple[Any, Any, Any] | None:
     names = ("x", "w", "offs", "bias", "out_dtype")
     given = dict(zip(names, node.args))
     for key, value in node.kwargs.items():
-        given[{"self": "x", "mat_a": "x", "mat2": "w", "mat_b": "w"}.get(key, key)] = value
+        given[{"self": "x", "mat_a": "x", "input": "x", "mat2": "w", "mat_b": "w", "weight": "w"}.get(key, key)] = value
     if set(given) - set(names) or given.get("bias") is not None or given.get("out_dtype") is not None:
         return None
     x, w, offs = given.get("x"), given.get("w"), given.get("offs")
@@ -330,15 +334,21 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     check_sensitivity(sensitivity, sensitivity_matrix)
     if isinstance(sensitivity, str):  # "kl"
         sensitivity = kl_outputs
-    full = sensitivity_matrix == "full"
     watched: dict[fx.Node, tuple[str, _Read]] = {}
     grams: dict[str, list[Any]] = {}
+    full: set[str] = set()  # the stacks whose experts keep a full output-sensitivity matrix
     for path, s in stacks.items():
         reads = _reads(s)
         if reads and len({r.rows for r in reads}) == 1:
             watched.update({r.product: (path, r) for r in reads})
             d = _input_size(s, reads[0].rows)
             grams[path] = [InputStats(torch.zeros(d, d, dtype=torch.float64)) for _ in range(s.shape[0])]
+            out = s.shape[1] + s.shape[2] - d
+            if sensitivity and sensitivity_matrix == "full" and s.shape[0] * out * out <= _FULL_SENSITIVITY:
+                full.add(path)
+            elif sensitivity and sensitivity_matrix == "full" and notes is not None:
+                gb = s.shape[0] * out * out * 8 / 2**30
+                notes[path] = f"output sensitivity as its diagonal (the full matrices would take {gb:.1f} GiB)"
     selections = {r.selection: r.ids for _, r in watched.values() if r.ids is not None}
     picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
     padded: set[str] = set()  # grouped stacks whose calibration had padding (counted)
@@ -406,7 +416,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                     g = g.detach().double() if read.offs is not None or read.x_left else g.detach().double().mT
                     for e, ge in rows(g):  # (channels last)
                         ge = ge.reshape(-1, ge.shape[-1])
-                        moment = ge.T @ ge if full else ge.pow(2).sum(0)
+                        moment = (ge.T @ ge if path in full else ge.pow(2).sum(0)).cpu()  # (beside the input statistics)
                         sens[path, e] = sens[path, e] + moment if (path, e) in sens else moment
                 energy += batch_energy
             outputs.clear()
@@ -420,16 +430,22 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         for path in paths:  # (every expert's, in one order on every process: zeros where no token came)
             size = stacks[path].shape[2 if _stack_rows(stacks[path]) else 1]
             for e in range(len(grams[path])):
-                moment = sens.get((path, e), torch.zeros((size, size) if full else (size,), dtype=torch.float64))
+                moment = sens.get((path, e), torch.zeros((size, size) if path in full else (size,), dtype=torch.float64))
                 dist.all_reduce(moment, op=dist.ReduceOp.SUM, group=group)
                 sens[path, e] = moment
         total = torch.tensor([energy], dtype=torch.float64)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         energy = float(total.item())
-    out = {path: [SiteStats(st, sens.get((path, e)), energy) if st.count else None for e, st in enumerate(stats)]
-           for path, stats in grams.items()}  # fmt: skip
+    measured = bool(sensitivity) and energy > 0
+
+    def site(path: str, e: int, st: Any) -> Any:
+        moment = sens.get((path, e))
+        return SiteStats(st, moment, energy, unreached=measured and (moment is None or not bool(moment.any())))
+
+    out = {path: [site(path, e, st) if st.count else None for e, st in enumerate(stats)] for path, stats in grams.items()}
     if notes is not None:
-        notes.update({path: "padding tokens counted (grouped_mm sorts the tokens by expert)" for path in padded})
+        for path in padded:
+            notes[path] = "; ".join(filter(None, [notes.get(path), "padding tokens counted (grouped_mm sorts the tokens by expert)"]))
     return {path: stats for path, stats in out.items() if any(st is not None for st in stats)}
 
 
@@ -556,7 +572,8 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
     ``rank`` (None when kept), ``reason``, ``params_before``/``params_after`` and, when
     factorized, ``data_aware``, ``error`` (the relative error of the stack's truncation: of its
-    outputs on the calibration inputs when data-aware, else of its weights), ``note`` (why a
+    outputs on the calibration inputs when data-aware, weighed by the model's output
+    sensitivity where known, else of its weights), ``note`` (why a
     stack stays data-free despite calibration) and, data-aware, ``calibrated_experts`` (how
     many experts calibration tokens reached). Also the experts' statistics (`expert_stats`,
     with the config's output sensitivity) of the stacks to factorize, when ``calibration`` is
@@ -606,7 +623,9 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
             _record_rank(rec, weight, ranks[path], st, rows)
         else:
             tasks.append(StackTask(rec, weight, st, rows, alignment(stacks[path], weight.dtype)))
-        if st is not None and path in notes:
+        if st is not None and all(x is None or x.unreached for x in st):
+            rec["note"] = "the sensitivity target does not depend on its output: its error costs nothing there"
+        elif st is not None and path in notes:
             rec["note"] = notes[path]
         elif st is None and calibration is not None:
             reads = _reads(stacks[path])
@@ -626,10 +645,12 @@ def _expert_matrix(weight: torch.Tensor, e: int, st: Any, rows: bool) -> tuple[t
 
 
 def _weighted(stats: Sequence[Any] | None) -> bool:
-    """Whether the experts' errors are in the units of the model's output (sensitivity known)."""
+    """Whether the experts' errors are in the units of the model's output (sensitivity measured:
+    known, or found to be nothing where the model's outputs do not depend on an expert)."""
     from .methods.base import output_weights
 
-    return stats is not None and any(st is not None and st.count and output_weights(st) is not None for st in stats)
+    return stats is not None and any(st is not None and st.count and (output_weights(st) is not None or st.unreached)
+                                     for st in stats)  # fmt: skip
 
 
 def _scale(st: Any, weighted: bool, out_w: Any) -> float:
@@ -660,7 +681,7 @@ def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None
         total = s.pow(2).sum()
         error = float((1 - s[:, :rank].pow(2).sum() / total.clamp_min(1e-300)).clamp_min(0).sqrt())
         return left.to(weight.dtype), right.to(weight.dtype), error
-    lefts, rights, lost, whole = [], [], 0.0, 0.0
+    lefts, rights, lost, whole = [], [], [0.0, 0.0], [0.0, 0.0]  # (in the allocation's units, and per sample)
     weighted = _weighted(stats)
     for e in range(weight.shape[0]):
         st = stats[e]
@@ -669,12 +690,14 @@ def _factors(weight: torch.Tensor, rank: int, stats: Sequence[Any] | None = None
         out_f, in_f = unweigh_output(f.out_factor, out_w), f.in_factor
         if white is not None:
             in_f = unwhiten_input(in_f, white)
-            tail, scale = tail_sums(torch.linalg.svdvals(m)), _scale(st, weighted, out_w)
-            lost, whole = lost + scale * float(tail[rank]), whole + scale * float(tail[0])
+            tail = tail_sums(torch.linalg.svdvals(m))
+            for i, scale in enumerate((_scale(st, weighted, out_w), float(st.count))):
+                lost[i], whole[i] = lost[i] + scale * float(tail[rank]), whole[i] + scale * float(tail[0])
         left, right = (in_f.T, out_f.T) if rows else (out_f, in_f)
         lefts.append(left)
         rights.append(right)
-    error = (lost / whole) ** 0.5 if whole > 0 else float("nan")
+    i = 0 if whole[0] > 0 else 1  # (no expert the model's outputs depend on: the whitened error, per sample)
+    error = (lost[i] / whole[i]) ** 0.5 if whole[i] > 0 else float("nan")
     return torch.stack(lefts).to(weight.dtype), torch.stack(rights).to(weight.dtype), error
 
 
@@ -697,12 +720,13 @@ def error_curve(weight: torch.Tensor, stats: Sequence[Any] | None = None, rows: 
         m, _, out_w = _expert_matrix(weight, e, st, rows)
         t = tail_sums(torch.linalg.svdvals(m)) * _scale(st, weighted, out_w)
         tails = t if tails is None else tails + t
-    if tails is None:
+    if tails is None or (weighted and not float(tails[0])):  # (nothing calibrated, or nothing the outputs depend on)
         return lambda r: 0.0
     total = 1.0 if weighted else (float(tails[0]) or 1.0)
     return lambda r: float(tails[min(r, len(tails) - 1)]) / total
 
 
+_FULL_SENSITIVITY = 2**26  # numbers (512 MiB in float64): a stack's full output-sensitivity matrices beyond it are diagonal
 _NO_VALUE = ("val", "tensor_meta", "example_value")  # meta describing a node's value: not the new inner nodes'
 
 

@@ -46,6 +46,16 @@ def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # (m, K) × (K, n), K split over the groups
 
 
+def _grouped_ops() -> list[Any]:
+    """aten's grouped_mm, and transformers' own loop for it where transformers registered it."""
+    ops = [torch.ops.aten._grouped_mm] if hasattr(torch.ops.aten, "_grouped_mm") else []
+    try:
+        ops.append(torch.ops.transformers.grouped_mm_fallback)
+    except (AttributeError, RuntimeError):
+        pass
+    return ops
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of one forward pass on ``example_inputs`` — a tensor, a tuple of positional inputs
@@ -61,7 +71,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         raise ConfigError("count_macs needs example_inputs: one batch the model accepts (a tensor, tuple or dict)")
     args, kwargs = normalize_inputs(example_inputs)
     modes = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()  # (a plain function too)
-    counted = {torch.ops.aten._grouped_mm: _grouped_mm_flop} if hasattr(torch.ops.aten, "_grouped_mm") else {}
+    counted = {op: _grouped_mm_flop for op in _grouped_ops()}
     with modes, _countable_attention(), FlopCounterMode(display=False, custom_mapping=counted) as counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2

@@ -1,5 +1,6 @@
 """Stacked expert weights factorized per expert (`fxlrd.experts`)."""
 
+import copy
 import warnings
 
 import pytest
@@ -255,6 +256,48 @@ def test_the_allocation_gives_rank_where_it_lowers_the_error_most():
     assert error_curve(model.down)(ranks["down"]) == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.parametrize("sensitivity", [False, True])
+def test_a_stacks_error_curve_is_in_a_linear_layers_units(sensitivity):
+    """The allocation weighs a stack's error against the layers': one expert with the same
+    statistics has the error curve of the linear layer of its matrix, data-free and data-aware,
+    with and without output sensitivity (an (out, in) stack read on its columns)."""
+    from fxlrd.calibrate import InputStats, SiteStats
+    from fxlrd.experts import error_curve
+    from fxlrd.factorized import LayerSpec
+    from fxlrd.methods import get_method
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 8, generator=g)
+    x = torch.randn(200, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    inputs = InputStats(torch.zeros(8, 8, dtype=torch.float64))
+    inputs.add(x)
+    grads = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    st = SiteStats(inputs, grads.T @ grads if sensitivity else None, 50.0)
+    spec = LayerSpec("linear", 8, 12)
+    for stats, stack_stats in ((None, None), (st, [st])):
+        layer = get_method("svd").error_curve(w, spec, stats)
+        stack = error_curve(w[None], stack_stats, rows=False)
+        assert [stack(r) for r in range(9)] == pytest.approx([layer((r,)) for r in range(9)], rel=1e-9, abs=1e-12)
+
+
+class _Unreached(_WithLayer):
+    """The experts' output multiplied by zero: the model's output does not depend on them."""
+
+    def forward(self, x, idx):
+        return self.fc(x) + 0 * Experts.forward(self, x, idx)
+
+
+def test_a_stack_the_output_does_not_depend_on_costs_nothing_in_the_allocation():
+    torch.manual_seed(0)
+    model = _Unreached().eval()
+    batches = [_inputs(d=32, tokens=64, seed=s) for s in range(2)]
+    plan = fxlrd.plan(model, LRDConfig(allocation="global", ratio=2), example_inputs=batches[0], capture="fx",
+                      calibration=batches)  # fmt: skip
+    for rec in plan.settings["stacked_experts"]:
+        assert "does not depend on its output" in rec["note"] and rec["error"] == rec["error"]  # (not NaN)
+        assert rec["rank"] == 1  # (free to cut)
+
+
 def test_speed_modes_keep_the_stacks_and_say_so():
     from fxlrd.experts import plan_experts
 
@@ -279,6 +322,12 @@ def test_inplace_keeps_the_stacks_the_models_forward_reads(config):
     assert all(r["rank"] is None and r["reason"].startswith("inplace=True") for r in recs)
     if config.allocation == "global":
         assert "stacked_experts" not in gm.fxlrd_plan.settings["allocation_result"]
+        # a plan made for a copy counts the stacks in its budget: applied in place it would not meet it
+        fresh = _WithLayer().eval()
+        plan, state = fxlrd.plan(fresh, config, example_inputs=inputs, capture="fx"), copy.deepcopy(fresh.state_dict())
+        with pytest.raises(ConfigError, match="the plan's parameter budget counts its factorized stacked experts"):
+            fxlrd.apply(fresh, plan, example_inputs=inputs, inplace=True)
+        assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
 
 
 class _OtherReads(nn.Module):
@@ -767,6 +816,7 @@ def test_transformers_grouped_fallback_is_factorized_too():
     pytest.importorskip("transformers.integrations.moe")  # (registers the operator)
     torch.manual_seed(0)
     model, inputs = _FallbackExperts().eval(), _inputs()
+    assert fxlrd.count_macs(model, inputs) == 10 * 8 * 12  # (one expert's product per token)
     full = fxlrd.transform(model, FULL, example_inputs=inputs, capture="fx")
     assert rel_err(full(*inputs), model(*inputs)) < 1e-5 and _no_dense_gather(full, {"up"})
     gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=4), example_inputs=inputs, capture="fx")
