@@ -124,9 +124,10 @@ class Variant:
     def skip_reason(self, gm: fx.GraphModule) -> str | None:
         """Why this variant is not worth timing on this model (nothing it changes), or None."""
         decomposed, narrowed = gm.fxlrd_plan.decomposed, gm.fxlrd_plan.settings.get("narrowed")
+        stacks = any(r.get("rank") is not None for r in gm.fxlrd_plan.settings.get("stacked_experts") or ())
         if self.narrows and not narrowed:
             return "no MLP block to narrow (linear or 1x1 conv, per-neuron operations, linear or 1x1 conv)"
-        if self.decomposes and not (decomposed or narrowed):
+        if self.decomposes and not (decomposed or narrowed or stacks):  # (a budget may fall on the experts alone)
             return "no layer decomposed with this config"
         if self.needs_experts and not gm.fxlrd_plan.settings.get("stacked_experts"):
             return "no stacked expert weights (the variant is the quantized one)"

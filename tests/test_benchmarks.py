@@ -1208,3 +1208,11 @@ def test_the_suites_mixture_of_experts_runs_stacked_experts_that_fxlrd_factorize
         gm = fxlrd.transform(small, cfg, example_inputs=torch.randn(2, 4))
     assert "no stacked expert weights" in variants.get("quantized_dense_experts").skip_reason(gm)
     assert variants.get("quantized").skip_reason(gm) is None
+    from test_experts import _WithLayer, _inputs  # a budget spent on the experts alone is a variant to time
+
+    from fxlrd import LRDConfig
+
+    model, x = _WithLayer().eval(), _inputs(d=32)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=8, include=["up", "down"], target_params=0.6), example_inputs=x,
+                         capture="fx")  # fmt: skip
+    assert not gm.fxlrd_plan.decomposed and variants.get("allocated@vanilla").skip_reason(gm) is None
