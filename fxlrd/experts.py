@@ -737,6 +737,15 @@ def _product(graph: fx.Graph, like: fx.Node, a: fx.Node, b: fx.Node) -> fx.Node:
     return graph.call_function(like.target, (a, b))
 
 
+def _replace_product(graph: fx.Graph, product: fx.Node, inner: fx.Node, new: fx.Node) -> None:
+    """``product`` replaced by ``new`` (which multiplies by ``inner``): ``new`` takes its meta,
+    ``inner`` all of it but what describes the value."""
+    inner.meta = {k: v for k, v in product.meta.items() if k not in _NO_VALUE}
+    new.meta = dict(product.meta)
+    product.replace_all_uses_with(new)
+    graph.erase_node(product)
+
+
 def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
     """Replace each product of ``P[ids]`` (or of its transpose) by the two products of the
     selected factors: ``P[ids] = L[ids] @ R[ids]`` and ``P[ids]ᵀ = R[ids]ᵀ @ L[ids]ᵀ``."""
@@ -771,10 +780,7 @@ def _rewrite(gm: fx.GraphModule, path: str, reads: list[fx.Node]) -> None:
                 else:
                     inner = _product(graph, product, other, first)
                     new = _product(graph, product, inner, second)
-            inner.meta = {k: v for k, v in product.meta.items() if k not in _NO_VALUE}
-            new.meta = dict(product.meta)
-            product.replace_all_uses_with(new)
-            graph.erase_node(product)
+            _replace_product(graph, product, inner, new)
         for t in flipped:  # the transposes of the dense selection, now unused
             graph.erase_node(t)
         graph.erase_node(sel)
@@ -805,10 +811,7 @@ def _rewrite_grouped(gm: fx.GraphModule, path: str, read: fx.Node) -> None:
                 (lambda a, b: graph.call_function(product.target, (a, b), {"offs": offs}))  # noqa: E731
             inner = call(x, first)
             new = call(inner, second)
-        inner.meta = {k: v for k, v in product.meta.items() if k not in _NO_VALUE}
-        new.meta = dict(product.meta)
-        product.replace_all_uses_with(new)
-        graph.erase_node(product)
+        _replace_product(graph, product, inner, new)
     if flipped:
         graph.erase_node(read)
 

@@ -361,11 +361,16 @@ def _narrowing_saved(settings: Mapping[str, Any]) -> int:
     return sum(b["params_before"] - b["params_after"] for b in settings.get("narrowed") or ())
 
 
+def _sized(tasks: Sequence[LayerTask], stacks: Sequence[Any] = ()) -> int:
+    """The parameters a budget sizes: the decomposable layers' and the stacked weights' (`fxlrd.experts.StackTask`)."""
+    return sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
+
+
 def _layer_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, stacks: Sequence[Any] = ()) -> tuple[float, str]:
     """Parameters the decomposable layers (and the stacked weights the budget sizes, ``stacks``)
     may keep, from ``target_params`` (the whole model, narrowed MLP blocks at their narrowed
     size) or a global ``ratio``."""
-    layers = sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
+    layers = _sized(tasks, stacks)
     if config.target_params is not None:
         target = config.target_params
         whole = target * plan.model_params if isinstance(target, float) and target < 1 else float(target)
@@ -388,7 +393,7 @@ def _plan_for_size(tasks: list[LayerTask], config: LRDConfig, plan: Plan, fill: 
     over the layers and the stacked expert weights ``stacks`` (`fxlrd.experts.StackTask`)."""
     quantum = config.rank_quantum
     budget, what = _layer_budget(tasks, config, plan, stacks)
-    layers = sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
+    layers = _sized(tasks, stacks)
     if config.target_params is not None and plan.settings.get("narrowed") and budget >= layers:
         warnings.warn(
             f"target_params={config.target_params!r}: narrowing the MLP blocks at ratio={config.ratio:g} alone leaves "
@@ -425,8 +430,7 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
                   min_rank: int = 1, stacks: Sequence[Any] = ()) -> ConfigError:  # fmt: skip
     """The error for a parameter budget no choice of ranks meets."""
     if budget <= 0:
-        fixed = plan.model_params - _narrowing_saved(plan.settings) - sum(t.lp.params_before for t in tasks) \
-            - sum(s.record["params_before"] for s in stacks)
+        fixed = plan.model_params - _narrowing_saved(plan.settings) - _sized(tasks, stacks)
         narrowed = ", narrowed MLP blocks at their narrowed size" if plan.settings.get("narrowed") else ""
         return ConfigError(
             f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
@@ -449,7 +453,7 @@ def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, sta
     if config.target_params is None:
         return
     budget, _ = _layer_budget(tasks, config, plan, stacks)
-    layers = sum(t.lp.params_before for t in tasks) + sum(s.record["params_before"] for s in stacks)
+    layers = _sized(tasks, stacks)
     most = layers if plan.settings.get("narrowed") else layers / config.ratio
     if not 0 < budget < most:
         return
