@@ -1481,11 +1481,12 @@ MAKE = "from torch import nn\ndef make():\n    return nn.Linear(4, 4)\n"
     ("import argparse\nargparse.ArgumentParser().parse_args()\n" + MAKE, "importing"),  # parsing fxlrd's argv
     ("import sys\ndef make():\n    sys.exit(3)\n", "calling"),
 ])
-def test_a_model_file_that_exits_is_a_failure_not_the_commands_exit(tmp_path, capsys, source, where):
+def test_a_model_file_that_exits_is_a_failure_not_the_commands_exit(tmp_path, capsys, monkeypatch, source, where):
     (tmp_path / "script_net.py").write_text(source)
     out_dir = tmp_path / "out"
-    code, _, err = _run(capsys, "compress", f"{tmp_path / 'script_net.py'}:make", "--input-shape", "1,4",
-                        "--repeats", 0, "--save", out_dir)  # fmt: skip
+    argv = ["compress", f"{tmp_path / 'script_net.py'}:make", "--input-shape", "1,4", "--repeats", 0, "--save", out_dir]
+    monkeypatch.setattr(sys, "argv", ["fxlrd", *map(str, argv)])  # what a script parsing its argv sees from the command
+    code, _, err = _run(capsys, *argv)
     assert code == 1, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("fxlrd: error: ") and where in line and "SystemExit" in line, err
