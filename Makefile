@@ -2,13 +2,14 @@
 #   FFN blocks narrowed, queries and keys sharing one input factor, attention ranks allocated over the model), then print the per-layer plan, speed-up and fidelity on
 #   held-out sentences; writes the ONNX file in dynamic int8 (its speed-up and fidelity printed too), the saved model
 #   and a JSON report under build/demo, and appends the run's figures to benchmarks/results/demo.jsonl (demo.md).
-# make test: the test suite. Both create their own virtual environment in .venv.
+# make test: the test suite, in one pytest-xdist worker per core (TEST_WORKERS=0: one process). Both create their own virtual environment in .venv.
 # make bench: the speed benchmark suite, all of it (hours: run it on a quiet machine);
 #   a piece: make bench BENCH="speed --models resnet50 --backends onnxruntime --batch 1"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH ?=
+TEST_WORKERS ?= auto
 STAMP := $(VENV)/.fxlrd-installed
 
 .PHONY: demo test bench venv clean
@@ -32,7 +33,7 @@ demo: $(STAMP)
 	       || echo "make demo: the demo ran, but its figures were not logged (see above)"; }
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH)
