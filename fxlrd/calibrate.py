@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -382,13 +383,41 @@ class EvalInterpreter(fx.Interpreter):
     training=True)`` or an attention's ``dropout_p`` from a ``self.training`` read at fx trace
     time. Calibration reads no dropout noise and leaves running statistics alone: dropouts are
     the identity (attention's too), batch norms use their running statistics and leave them
-    and their step counters alone."""
+    and their step counters alone.
+
+    Run with gradients (the sensitivity's backward pass), a stack of weights gathered by a
+    tensor of indices (``P[ids]``: a mixture's experts as ``batched_mm`` picks them, one matrix
+    per token) is not kept for the backward pass: autograd would keep every layer's gathered
+    copy, tokens × top-k matrices each, until the backward pass; it keeps the indices instead
+    and gathers again when the backward pass needs the matrices, one product at a time."""
 
     def __init__(self, module: fx.GraphModule, **kwargs: Any):
         super().__init__(module, **kwargs)
         # a batch norm's step counter, which a training-mode export graph increments in a node of
         # its own (other buffers a forward writes, a cache it reads back, are written as before)
         self._counters = {id(b) for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] == "num_batches_tracked"}
+        self._gathers = {node for node in module.graph.nodes if _is_gather(node)}
+        self._recipes: dict[int, tuple[Any, tuple]] = {}  # id of a gathered stack → how to gather it again
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self._gathers and torch.is_grad_enabled()):
+            return super().run(*args, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack_gathered):
+            return super().run(*args, **kwargs)
+
+    def run_node(self, node: fx.Node) -> Any:
+        out = super().run_node(node)
+        if node in self._gathers and isinstance(out, torch.Tensor) and out._base is None and torch.is_grad_enabled():
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            if not isinstance(args[0], nn.Parameter):  # (a buffer the forward may write before the backward reads it)
+                return out
+            self._recipes[id(out)] = (node.target, args)
+            weakref.finalize(out, self._recipes.pop, id(out), None)  # (its id may be reused once it is gone)
+        return out
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        recipe = self._recipes.get(id(t if t._base is None else t._base))
+        return t if recipe is None else (recipe, t.size(), t.stride(), t.storage_offset())
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         schema = getattr(target, "_schema", None)
@@ -411,6 +440,28 @@ class EvalInterpreter(fx.Interpreter):
             elif kwargs.get("dropout_p"):
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return super().call_function(target, args, kwargs)
+
+
+def _is_gather(node: fx.Node) -> bool:
+    """``P[ids]`` of a module's own tensor ``P`` by one index tensor (``aten.index.Tensor(P, [ids])``
+    or ``operator.getitem(P, ids)``)."""
+    if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+        return False
+    source, index = node.args
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        return False
+    if node.target is _aten.index.Tensor:
+        return isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node)
+    return node.target is operator.getitem and isinstance(index, fx.Node)
+
+
+def _unpack_gathered(packed: Any) -> torch.Tensor:
+    """A saved tensor back: as it was, or gathered again (`EvalInterpreter`)."""
+    if isinstance(packed, torch.Tensor):
+        return packed
+    (target, (source, index)), size, stride, offset = packed
+    with torch.no_grad():
+        return target(source.detach(), index).as_strided(size, stride, offset)
 
 
 class TokenMasks:

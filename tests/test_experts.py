@@ -833,3 +833,60 @@ def test_nan_weights_of_a_stack_the_settings_keep_are_no_error():
         model.up[0, 0, 0] = float("nan")
     plan = fxlrd.plan(model, LRDConfig(rank_rule="vbmf"), example_inputs=inputs, capture="fx")
     assert all(r["rank"] is None for r in plan.settings["stacked_experts"])
+
+
+# -- calibration memory: the sensitivity's backward pass does not keep gathered stacks ---------------
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("read", ["left", "method", "right", "mT", "mT_left"])
+def test_the_sensitivity_backward_gathers_expert_stacks_again_instead_of_keeping_them(capture, read):
+    """``P[ids]`` (one matrix per token: batched_mm's memory) is freed after its product; the
+    backward pass gathers it again, and its gradients are autograd's own."""
+    import weakref
+
+    from fxlrd.calibrate import EvalInterpreter
+
+    model, (x, idx) = Experts(read=read).eval(), _inputs(tokens=12)
+    gm = capture_graph(model, (x, idx), mode=capture).gm
+    gathered = []
+
+    class Watch(EvalInterpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node in self._gathers:
+                gathered.append(weakref.ref(out))
+            return out
+
+    xg = x.clone().requires_grad_()
+    with torch.enable_grad():
+        out = Watch(gm).run(xg, idx)
+        assert len(gathered) == 2 and all(ref() is None for ref in gathered)  # up's and down's: not kept
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), xg)
+        xr = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(model(xr, idx).pow(2).sum(), xr)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+def test_expert_and_layer_statistics_with_the_sensitivity_equal_those_of_kept_stacks(monkeypatch):
+    """A Mixtral on batched_mm calibrated with the output sensitivity: the same statistics, bit
+    for bit, as when autograd keeps the gathered stacks."""
+    from fxlrd.calibrate import EvalInterpreter, collect_stats
+    from fxlrd.experts import expert_stats
+
+    model, inputs = _mixtral()
+    gm = capture_graph(model, inputs, mode="export").gm
+    stacks = find_stacked(model, gm)
+    batches = [inputs] * 2
+
+    def both():
+        return (expert_stats(gm, stacks, batches, progress=False, sensitivity=True),
+                collect_stats(gm, batches, progress=False, sensitivity=True))  # fmt: skip
+
+    experts, layers = both()
+    monkeypatch.setattr(EvalInterpreter, "_pack", lambda self, t: t)  # autograd keeps what it saves
+    kept_experts, kept_layers = both()
+    assert experts.keys() == kept_experts.keys() and len(experts) == 2 * 2 and layers.keys() == kept_layers.keys()
+    pairs = [(a, b) for p in experts for a, b in zip(experts[p], kept_experts[p]) if a is not None]
+    pairs += [(layers[n], kept_layers[n]) for n in layers]
+    for a, b in pairs:
+        assert torch.equal(a.output_sensitivity, b.output_sensitivity) and a.output_energy == b.output_energy
+        assert torch.equal(a.inputs.gram, b.inputs.gram)
