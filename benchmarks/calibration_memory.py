@@ -1,6 +1,12 @@
 """Peak memory of calibration for a BERT-base-sized model, measured, and what it means at 7B.
 
     .venv/bin/python benchmarks/calibration_memory.py [--batches 8 --batch 8 --seq 128]
+    .venv/bin/python benchmarks/calibration_memory.py --model moe [--batches 1 --batch 8 --kept-batch 2]
+
+``--model moe``: the suite's mixture of experts (``batched_mm``), calibrated with the output
+sensitivity (experts and layers): its backward pass as fxlrd runs it (gathered expert stacks
+gathered again) and, at ``--kept-batch`` sequences, as autograd runs it by default (every
+gathered stack kept until the backward pass).
 
 Each measurement runs in a fresh process: the peak resident memory (``ru_maxrss``) after the
 model is built is compared with the peak after calibration (the Gram matrices, the model's
@@ -72,6 +78,38 @@ def llama7b_estimate() -> dict:
             "calibration_tokens": tokens, "one_hidden_state_all_tokens_GiB": activation / 2**30}  # fmt: skip
 
 
+def measure_moe(batches: int, batch: int, mode: str) -> dict:
+    """In this process: build the suite's moe model, calibrate its experts and layers with the
+    output sensitivity (``mode``: "kept", autograd keeps the gathered stacks), report memory."""
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.models import MOE_SEQUENCE, _moe_tokens, get
+    from fxlrd.calibrate import EvalInterpreter, collect_stats
+    from fxlrd.capture import capture
+    from fxlrd.experts import expert_stats, find_stacked
+
+    warnings.simplefilter("ignore")
+    if mode == "kept":
+        EvalInterpreter._pack = lambda self, t: t  # what autograd saves, it keeps
+    model = get("moe").build()
+    data = [_moe_tokens(batch, seed=100 + i) for i in range(batches)]
+    gm = capture(model, data[0], mode="export").gm
+    stacks = find_stacked(model, gm)
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    experts = expert_stats(gm, stacks, data, progress=False, sensitivity=True)
+    layers = collect_stats(gm, data, progress=False, sensitivity=True)
+    seconds = time.perf_counter() - t0
+    after = _rss_mb()
+    return {"params_M": sum(p.numel() for p in gm.parameters()) / 1e6, "stacks": len(experts), "sites": len(layers),
+            "tokens_per_batch": batch * MOE_SEQUENCE, "peak_before_MiB": before, "peak_after_MiB": after,
+            "calibration_peak_increase_MiB": after - before, "seconds": seconds}  # fmt: skip
+
+
+MOE_ROWS = {"kept": "gathered stacks kept for the backward pass (autograd's default)",
+            "regathered": "gathered again in the backward pass (fxlrd)"}  # fmt: skip
+
 ROWS = {"inputs only": "off", "with sensitivity (diagonal)": "diagonal", "with sensitivity (full matrix)": "full"}
 
 
@@ -80,15 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--model", choices=("bert_base", "moe"), default="bert_base")
+    parser.add_argument("--kept-batch", type=int, default=2,
+                        help="moe: the batch at which autograd's default (stacks kept) is measured too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sensitivity", choices=tuple(ROWS.values()), default="off", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=tuple(MOE_ROWS), default="regathered", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(args.batches, args.batch, args.seq, args.sensitivity)))
+        measured = (measure_moe(args.batches, args.batch, args.mode) if args.model == "moe"
+                    else measure(args.batches, args.batch, args.seq, args.sensitivity))  # fmt: skip
+        print(json.dumps(measured))
         return 0
     from fxlrd.timing import environment
 
     env = environment()
+    if args.model == "moe":
+        return _main_moe(args, env)
     rows = {}
     for name, sensitivity in ROWS.items():
         cmd = [sys.executable, __file__, "--worker", "--batches", str(args.batches), "--batch", str(args.batch),
@@ -101,9 +147,58 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "calibration_memory.jsonl", "a") as f:
         f.write(json.dumps(run) + "\n")
+    _write_markdown()
+    print(f"appended to {RESULTS / 'calibration_memory.jsonl'}")
+    return 0
+
+
+def _main_moe(args: argparse.Namespace, env: dict) -> int:
+    rows = []
+    for mode, batch in (("kept", args.kept_batch), ("regathered", args.kept_batch), ("regathered", args.batch)):
+        cmd = [sys.executable, __file__, "--worker", "--model", "moe", "--batches", str(args.batches), "--batch",
+               str(batch), "--mode", mode]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"mode": mode, "batch": batch, "returncode": done.returncode}
+        if done.returncode == 0:
+            row |= json.loads(done.stdout.strip().splitlines()[-1])
+        else:  # (killed for memory, say: kept as it is)
+            row["error"] = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        rows.append(row)
+        print(row, flush=True)
+    run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": vars(args) | {"worker": None},
+           "moe": rows}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "calibration_memory.jsonl", "a") as f:
+        f.write(json.dumps(run) + "\n")
+    _write_markdown()
+    print(f"appended to {RESULTS / 'calibration_memory.jsonl'}")
+    return 0
+
+
+def _moe_markdown(r: dict) -> list[str]:
+    s = r["settings"]
+    e = r["environment"]
+    md = [f"## {r['date']} — {e['processor']} ({e['vector_extensions']}; {e['cpus']} cores), torch {e['torch']}", "",
+          f"The suite's `moe` model (transformers Qwen3MoeModel on batched_mm, random weights), {s['batches']} "
+          "batch(es), calibrated with the output sensitivity (full matrices), experts and layers:", "",
+          "| backward pass | batch | tokens | stacks | layer sites | peak RSS increase (MiB) | time (s) |",
+          "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for v in r["moe"]:
+        if "error" in v:
+            md.append(f"| {MOE_ROWS[v['mode']]} | {v['batch']} | | | | failed: {v['error']} | |")
+        else:
+            md.append(f"| {MOE_ROWS[v['mode']]} | {v['batch']} | {v['tokens_per_batch']} | {v['stacks']} | {v['sites']} | "
+                      f"{v['calibration_peak_increase_MiB']:.0f} | {v['seconds']:.1f} |")  # fmt: skip
+    return md + [""]
+
+
+def _write_markdown() -> None:
     runs = [json.loads(line) for line in (RESULTS / "calibration_memory.jsonl").read_text().splitlines() if line.strip()]
     md = ["# Calibration memory", "", "`benchmarks/calibration_memory.py`; every run kept, newest first.", ""]
     for r in reversed(runs):
+        if "moe" in r:
+            md += _moe_markdown(r)
+            continue
         s = r["settings"]
         md += [f"## {r['date']} — {r['environment']['processor']}", "",
                f"BERT-base (random weights), {s['batches']} batches of {s['batch']}×{s['seq']} tokens:", "",
@@ -132,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
                    "blocks in groups."]  # fmt: skip
         md.append("")
     (RESULTS / "calibration_memory.md").write_text("\n".join(md) + "\n")
-    print(f"appended to {RESULTS / 'calibration_memory.jsonl'}")
-    return 0
 
 
 if __name__ == "__main__":
