@@ -319,8 +319,10 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     pass per batch) how much the model's outputs care about each of its output channels, in
     the units a linear layer's are (relative squared model-output error). Tokens an
     ``attention_mask`` marks as padding are left out (the selections taken as token-major,
-    ``tokens × top_k``, as transformers orders them); a grouped_mm's rows, sorted by expert,
-    cannot be told apart and are all counted (``notes``, when given, says so for the stack). A
+    ``tokens × top_k``, as transformers orders them), and from a grouped_mm's rows, sorted by
+    expert, where they were gathered from the tokens by an index (``hidden_states[perm //
+    top_k]``, as transformers does); where that cannot be told, they are all counted (``notes``,
+    when given, says so for the stack). A
     stack whose reads disagree on that mode, or that no token reached, is left out (its
     factors stay data-free). The graph runs in eval mode; its mode is left as it was. Under
     ``torch.distributed`` (default: when a process group is initialised) the statistics are
@@ -351,7 +353,13 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 notes[path] = f"output sensitivity as its diagonal (the full matrices would take {gb:.1f} GiB)"
     selections = {r.selection: r.ids for _, r in watched.values() if r.ids is not None}
     picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
-    padded: set[str] = set()  # grouped stacks whose calibration had padding (counted)
+    # a grouped product's rows gathered from the tokens (transformers: ``hidden_states[perm // top_k]``): that gather's
+    # token index, and the rows it gathers from, tell which sorted rows are padding
+    row_gathers = {g: g.args[1][0] if g.target is aten.index.Tensor else g.args[1]
+                   for g in (_row_gather(r.x) for _, r in watched.values() if r.offs is not None) if g is not None}  # fmt: skip
+    gathered: dict[fx.Node, tuple[torch.Tensor, int]] = {}  # row gather → (token index, rows gathered from)
+    real_rows: dict[fx.Node, torch.Tensor | None] = {}  # a grouped product's offs → which of its sorted rows are real
+    padded: set[str] = set()  # grouped stacks whose calibration had padding that could not be told apart (counted)
     mask: list[torch.Tensor | None] = [None]
     outputs: list[tuple[str, _Read, torch.Tensor, Any]] = []  # (the products' outputs, for their sensitivity)
     sens: dict[tuple[str, int], torch.Tensor] = {}
@@ -360,16 +368,26 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         def run_node(self, node: fx.Node) -> Any:
             if node in selections:
                 picked[node] = self.env[selections[node]]
+            if node in row_gathers:
+                source = self.env[node.args[0]]
+                gathered[node] = (self.env[row_gathers[node]], source.shape[0] if isinstance(source, torch.Tensor) else -1)
             if node not in watched:
                 return super().run_node(node)
             path, read = watched[node]
             x = self.env[read.x]
             if read.offs is not None:  # grouped: rows sorted by expert, offs their ends
                 ends = self.env[read.offs].tolist()
-                if mask[0] is not None and not bool(mask[0].all()):
-                    padded.add(path)  # (which rows are padding, the sorting hides: they are counted)
                 groups = [(e, slice(start, end)) for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end > start]
-                rows = lambda t: [(e, t[g]) for e, g in groups]  # noqa: E731
+                real = None
+                if mask[0] is not None and not bool(mask[0].all()):
+                    if read.offs not in real_rows:  # (the products of one layer share its offs and its row order)
+                        real_rows[read.offs] = _real_rows(gathered.get(_row_gather(read.x)), mask[0])
+                    real = real_rows[read.offs]
+                    if real is None:
+                        padded.add(path)  # (which rows are padding, the sorting hides: they are counted)
+                    else:
+                        groups = [(e, g) for e, g in groups if bool(real[g].any())]
+                rows = lambda t: [(e, t[g] if real is None else t[g][real[g]]) for e, g in groups]  # noqa: E731
             else:
                 ids = picked[read.selection].reshape(-1)
                 x = x if read.x_left else x.mT  # (S, samples, d)
@@ -402,6 +420,8 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
             mask[0] = padding_mask(inputs)
             flat = flat_inputs(gm, inputs, f"calibration batch {index}")
             outputs.clear()
+            gathered.clear()
+            real_rows.clear()
             try:
                 with torch.set_grad_enabled(bool(sensitivity)):
                     result = recorder.run(*flat)
@@ -447,6 +467,33 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         for path in padded:
             notes[path] = "; ".join(filter(None, [notes.get(path), "padding tokens counted (grouped_mm sorts the tokens by expert)"]))
     return {path: stats for path, stats in out.items() if any(st is not None for st in stats)}
+
+
+_SAME_ROWS = {"to", "_to_copy", "alias", "contiguous", "clone", "type", "float", "bfloat16", "half"}
+
+
+def _row_gather(x: fx.Node) -> fx.Node | None:
+    """The node gathering ``x``'s rows by one index tensor (``h[tok]``), through casts and copies."""
+    while x.op in ("call_function", "call_method") and x.args and isinstance(x.args[0], fx.Node) and _op_name(x) in _SAME_ROWS:
+        x = x.args[0]
+    if x.op != "call_function" or x.kwargs or len(x.args) != 2 or not isinstance(x.args[0], fx.Node):
+        return None
+    index = x.args[1]
+    if x.target is aten.index.Tensor:
+        return x if isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node) else None
+    return x if x.target is operator.getitem and isinstance(index, fx.Node) else None
+
+
+def _real_rows(gathered: tuple[torch.Tensor, int] | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """Which rows of a grouped product are real tokens: the token index its rows were gathered
+    by, read in the flattened (token-major) mask; None where that cannot be told."""
+    if gathered is None:
+        return None
+    index, source_rows = gathered
+    if not (isinstance(index, torch.Tensor) and index.dim() == 1 and not index.is_floating_point()
+            and index.dtype != torch.bool and source_rows == mask.numel()):  # fmt: skip
+        return None
+    return mask.reshape(-1).to(index.device)[index]
 
 
 def _stack_rows(s: StackedWeight) -> bool:

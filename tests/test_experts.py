@@ -627,31 +627,51 @@ def test_inplace_with_calibration_keeps_the_stacks_without_asking_for_calibratio
 
 
 class _PaddedExperts(nn.Module):
-    """Token batches (batch, sequence, d) with an attention mask, flattened to tokens × top-1."""
+    """Token batches (batch, sequence, d) with an attention mask, flattened to tokens × top-1;
+    "bmm" reads ``up[ids]``, "grouped" sorts the tokens by expert (``x[order]``, as
+    transformers gathers them) for a grouped_mm, "index_select" gathers them another way."""
 
-    def __init__(self, e=3, d=6, hidden=10):
+    def __init__(self, e=3, d=8, hidden=12, read="bmm"):  # (grouped_mm: rows of 16 bytes)
         super().__init__()
+        self.e, self.read = e, read
         self.up = nn.Parameter(torch.randn(e, hidden, d))
 
     def forward(self, x, idx, attention_mask):
-        h = torch.bmm(self.up[idx.reshape(-1)], x.reshape(-1, x.shape[-1], 1)).squeeze(-1)
+        flat, ids = x.reshape(-1, x.shape[-1]), idx.reshape(-1)
+        if self.read == "bmm":
+            h = torch.bmm(self.up[ids], flat.unsqueeze(-1)).squeeze(-1)
+        else:
+            order = torch.argsort(ids, stable=True)
+            offs = torch.cumsum(torch.bincount(ids, minlength=self.e), 0).to(torch.int32)
+            xs = flat[order].contiguous() if self.read == "grouped" else flat.index_select(0, order)
+            h = torch.nn.functional.grouped_mm(xs, self.up.mT, offs=offs)[torch.argsort(order)]
         return h.reshape(x.shape[0], x.shape[1], -1) * attention_mask[..., None]
 
 
-def test_padding_tokens_are_left_out_of_the_experts_statistics():
+@pytest.mark.parametrize("read", ["bmm", "grouped", "index_select"])
+def test_padding_tokens_are_left_out_of_the_experts_statistics(read):
+    """Padding left out: the factors of padded batches are those of their real tokens alone; a
+    grouped product whose rows are not gathered by a token index counts them, and says so."""
     torch.manual_seed(0)
-    model = _PaddedExperts().eval()
+    model = _PaddedExperts(read=read).eval()
     g = torch.Generator().manual_seed(1)
-    real = [(torch.randn(2, 5, 6, generator=g), torch.randint(0, 3, (2, 5), generator=g)) for _ in range(3)]
+    real = [(torch.randn(2, 5, 8, generator=g), torch.randint(0, 3, (2, 5), generator=g)) for _ in range(3)]
     short = [{"x": x, "idx": i, "attention_mask": torch.ones(2, 5)} for x, i in real]
     padded = []
     for x, i in real:  # three padding tokens each, of huge values
         mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], 1)
-        padded.append({"x": torch.cat([x, 1e3 * torch.randn(2, 3, 6, generator=g)], 1),
+        padded.append({"x": torch.cat([x, 1e3 * torch.randn(2, 3, 8, generator=g)], 1),
                        "idx": torch.cat([i, torch.randint(0, 3, (2, 3), generator=g)], 1), "attention_mask": mask})  # fmt: skip
     config = LRDConfig(rank_rule="fixed", rank=2)
     a = fxlrd.transform(model, config, example_inputs=short[0], calibration=short, capture="fx")
     b = fxlrd.transform(model, config, example_inputs=padded[0], calibration=padded, capture="fx")
+    (rec,) = b.fxlrd_plan.settings["stacked_experts"]
+    assert rec["data_aware"]
+    if read == "index_select":
+        assert "padding tokens counted" in rec["note"]
+        assert rel_err(b.get_submodule("up").weight(), a.get_submodule("up").weight()) > 0.01
+        return
+    assert "padding" not in rec.get("note", "")
     torch.testing.assert_close(b.get_submodule("up").weight(), a.get_submodule("up").weight(), rtol=1e-5, atol=1e-6)
 
 
