@@ -883,7 +883,12 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
         # (a plan edited by hand: at most full rank, and aligned for grouped_mm)
         rank = _aligned(min(int(rec["rank"]), *weight.shape[1:]), alignment(s, weight.dtype), min(weight.shape[1:]))
         if rank != rec["rank"] and isinstance(rec, dict):  # the record says what was built
-            rec.update(rank=rank, params_after=rec["experts"] * rank * sum(rec["shape"]))
+            why = (f"the plan's rank {rec['rank']} built as {rank} ("
+                   + ("above full rank" if int(rec["rank"]) > min(weight.shape[1:]) else
+                      f"grouped_mm wants rows of 16 bytes: ranks in multiples of {alignment(s, weight.dtype)} "
+                      f"in {str(weight.dtype).replace('torch.', '')}") + ")")  # fmt: skip
+            rec.update(rank=rank, params_after=rec["experts"] * rank * sum(rec["shape"]),
+                       note="; ".join(filter(None, [rec.get("note"), why])))  # fmt: skip
         if skeleton:
             e, m, n = weight.shape
             left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)

@@ -793,6 +793,7 @@ def test_a_hand_edited_rank_above_full_is_capped_and_recorded():
     gm = fxlrd.apply(model, plan, example_inputs=inputs)
     rec = gm.fxlrd_plan.settings["stacked_experts"][0]
     assert rec["rank"] == 8 and rec["params_after"] == 4 * 8 * 20 and gm.get_submodule("up").rank == 8
+    assert "the plan's rank 100 built as 8 (above full rank)" in rec["note"]
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
 
 
@@ -814,7 +815,13 @@ def test_grouped_mm_ranks_are_rounded_up_to_rows_of_16_bytes_also_when_edited_by
     gm = fxlrd.apply(model, plan, example_inputs=inputs)
     rec = gm.fxlrd_plan.settings["stacked_experts"][0]
     assert rec["rank"] == 8 and rec["params_after"] == 4 * 8 * 36 and gm.get_submodule("up").rank == 8
+    assert "the plan's rank 6 built as 8 (grouped_mm wants rows of 16 bytes: ranks in multiples of 4 in float32)" in rec["note"]
     assert gm(*inputs).shape == (10, 16)
+    plan.settings["stacked_experts"][0]["rank"] = 12  # a float32 plan's rank, applied in bfloat16: multiples of 8
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    gm = fxlrd.apply(half, plan, example_inputs=(inputs[0].to(torch.bfloat16), inputs[1]))
+    rec = gm.fxlrd_plan.settings["stacked_experts"][0]
+    assert rec["rank"] == 16 and "ranks in multiples of 8 in bfloat16" in rec["note"]
 
 
 class _FallbackExperts(nn.Module):
