@@ -85,13 +85,14 @@ def measure_moe(batches: int, batch: int, mode: str) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.models import MOE_SEQUENCE, _moe_tokens, get
-    from fxlrd.calibrate import EvalInterpreter, collect_stats
+    from fxlrd import calibrate
+    from fxlrd.calibrate import collect_stats
     from fxlrd.capture import capture
     from fxlrd.experts import expert_stats, find_stacked
 
     warnings.simplefilter("ignore")
     if mode == "kept":
-        EvalInterpreter._pack = lambda self, t: t  # what autograd saves, it keeps
+        calibrate._is_gather = lambda node: False  # no stack gathered again: autograd keeps what it saves
     model = get("moe").build()
     data = [_moe_tokens(batch, seed=100 + i) for i in range(batches)]
     gm = capture(model, data[0], mode="export").gm
@@ -165,8 +166,12 @@ def _main_moe(args: argparse.Namespace, env: dict) -> int:
             row["error"] = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         rows.append(row)
         print(row, flush=True)
-    run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": vars(args) | {"worker": None},
-           "moe": rows}  # fmt: skip
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.models import MOE_SEQUENCE
+
+    settings = {"model": "moe", "batches": args.batches, "batch": args.batch, "kept_batch": args.kept_batch,
+                "seq": MOE_SEQUENCE, "sensitivity": "full"}  # fmt: skip
+    run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": settings, "moe": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "calibration_memory.jsonl", "a") as f:
         f.write(json.dumps(run) + "\n")
@@ -181,6 +186,8 @@ def _moe_markdown(r: dict) -> list[str]:
     md = [f"## {r['date']} — {e['processor']} ({e['vector_extensions']}; {e['cpus']} cores), torch {e['torch']}", "",
           f"The suite's `moe` model (transformers Qwen3MoeModel on batched_mm, random weights), {s['batches']} "
           "batch(es), calibrated with the output sensitivity (full matrices), experts and layers:", "",
+          "(peak RSS increase: the process's high-water mark after calibration less the one after building and "
+          "capturing the model)", "",
           "| backward pass | batch | tokens | stacks | layer sites | peak RSS increase (MiB) | time (s) |",
           "|---|---|---|---|---|---|---|"]  # fmt: skip
     for v in r["moe"]:

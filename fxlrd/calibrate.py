@@ -411,13 +411,20 @@ class EvalInterpreter(fx.Interpreter):
             args, _ = self.fetch_args_kwargs_from_env(node)
             if not isinstance(args[0], nn.Parameter):  # (a buffer the forward may write before the backward reads it)
                 return out
-            self._recipes[id(out)] = (node.target, args)
+            index = args[1][0] if isinstance(args[1], (list, tuple)) else args[1]
+            self._recipes[id(out)] = _Gather(node.target, args, out._version, args[0]._version, index._version)
             weakref.finalize(out, self._recipes.pop, id(out), None)  # (its id may be reused once it is gone)
         return out
 
     def _pack(self, t: torch.Tensor) -> Any:
-        recipe = self._recipes.get(id(t if t._base is None else t._base))
-        return t if recipe is None else (recipe, t.size(), t.stride(), t.storage_offset())
+        """A saved tensor: a gathered stack as its recipe (unchanged since gathered, and saved as
+        itself or a view of the same dtype), any other with its version, which the unpacking
+        checks as autograd does without hooks (hooks turn its own check off)."""
+        base = t if t._base is None else t._base
+        recipe = self._recipes.get(id(base))
+        if recipe is None or base._version != recipe.version or t.dtype != base.dtype or t.is_conj() or t.is_neg():
+            return _Saved(t, t._version)
+        return recipe, t.size(), t.stride(), t.storage_offset()
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         schema = getattr(target, "_schema", None)
@@ -455,13 +462,42 @@ def _is_gather(node: fx.Node) -> bool:
     return node.target is operator.getitem and isinstance(index, fx.Node)
 
 
+@dataclass
+class _Gather:
+    """How `EvalInterpreter` gathers a stack again: ``target(*args)``, and the versions of the
+    gathered tensor, the stack and the indices when it was gathered."""
+
+    target: Any
+    args: tuple
+    version: int
+    source_version: int
+    index_version: int
+
+
+@dataclass
+class _Saved:
+    tensor: torch.Tensor
+    version: int
+
+
+_MODIFIED = ("one of the variables needed for gradient computation has been modified by an inplace operation "
+             "during fxlrd's calibration (the sensitivity's backward pass): {what}")  # fmt: skip
+
+
 def _unpack_gathered(packed: Any) -> torch.Tensor:
-    """A saved tensor back: as it was, or gathered again (`EvalInterpreter`)."""
-    if isinstance(packed, torch.Tensor):
-        return packed
-    (target, (source, index)), size, stride, offset = packed
+    """A saved tensor back: as it was (checked unchanged), or gathered again (`EvalInterpreter`)."""
+    if isinstance(packed, _Saved):
+        if packed.tensor._version != packed.version:
+            raise RuntimeError(_MODIFIED.format(what=f"a {tuple(packed.tensor.shape)} tensor, at version "
+                                                f"{packed.tensor._version}, saved at {packed.version}"))  # fmt: skip
+        return packed.tensor
+    recipe, size, stride, offset = packed
+    source, index = recipe.args
+    flat_index = index[0] if isinstance(index, (list, tuple)) else index
+    if source._version != recipe.source_version or flat_index._version != recipe.index_version:
+        raise RuntimeError(_MODIFIED.format(what=f"the stack {tuple(source.shape)} or the indices it was gathered by"))
     with torch.no_grad():
-        return target(source.detach(), index).as_strided(size, stride, offset)
+        return recipe.target(source.detach(), index).as_strided(size, stride, offset)
 
 
 class TokenMasks:

@@ -355,8 +355,13 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     picked: dict[fx.Node, torch.Tensor] = {}  # (the ids, kept here: the interpreter frees values after their last use)
     # a grouped product's rows gathered from the tokens (transformers: ``hidden_states[perm // top_k]``): that gather's
     # token index, and the rows it gathers from, tell which sorted rows are padding
-    row_gathers = {g: g.args[1][0] if g.target is aten.index.Tensor else g.args[1]
-                   for g in (_row_gather(r.x) for _, r in watched.values() if r.offs is not None) if g is not None}  # fmt: skip
+    # (every grouped product's, calibrated or not: one whose stack is kept may be the one gathering a layer's rows)
+    offs_gathers: dict[fx.Node, fx.Node] = {}
+    for operands in (_grouped_operands(node) for node in gm.graph.nodes):
+        gather = _row_gather(operands[0]) if operands is not None else None
+        if gather is not None:
+            offs_gathers.setdefault(operands[2], gather)
+    row_gathers = {g: g.args[1][0] if g.target is aten.index.Tensor else g.args[1] for g in offs_gathers.values()}
     gathered: dict[fx.Node, tuple[torch.Tensor, int]] = {}  # row gather → (token index, rows gathered from)
     real_rows: dict[fx.Node, torch.Tensor | None] = {}  # a grouped product's offs → which of its sorted rows are real
     padded: set[str] = set()  # grouped stacks whose calibration had padding that could not be told apart (counted)
@@ -381,8 +386,10 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 real = None
                 if mask[0] is not None and not bool(mask[0].all()):
                     if read.offs not in real_rows:  # (the products of one layer share its offs and its row order)
-                        real_rows[read.offs] = _real_rows(gathered.get(_row_gather(read.x)), mask[0])
+                        real_rows[read.offs] = _real_rows(gathered.get(offs_gathers.get(read.offs)), mask[0])
                     real = real_rows[read.offs]
+                    if real is not None and real.numel() != x.shape[0]:  # (rows not in the gathered order)
+                        real = None
                     if real is None:
                         padded.add(path)  # (which rows are padding, the sorting hides: they are counted)
                     else:

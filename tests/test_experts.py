@@ -635,6 +635,7 @@ class _PaddedExperts(nn.Module):
         super().__init__()
         self.e, self.read = e, read
         self.up = nn.Parameter(torch.randn(e, hidden, d))
+        self.down = nn.Parameter(torch.randn(e, d, hidden) / 3)  # ("grouped_down": after up, over the same offs)
 
     def forward(self, x, idx, attention_mask):
         flat, ids = x.reshape(-1, x.shape[-1]), idx.reshape(-1)
@@ -643,15 +644,20 @@ class _PaddedExperts(nn.Module):
         else:
             order = torch.argsort(ids, stable=True)
             offs = torch.cumsum(torch.bincount(ids, minlength=self.e), 0).to(torch.int32)
-            xs = flat[order].contiguous() if self.read == "grouped" else flat.index_select(0, order)
-            h = torch.nn.functional.grouped_mm(xs, self.up.mT, offs=offs)[torch.argsort(order)]
+            xs = flat.index_select(0, order) if self.read == "index_select" else flat[order].contiguous()
+            h = torch.nn.functional.grouped_mm(xs, self.up.mT, offs=offs)
+            if self.read == "grouped_down":
+                h = torch._grouped_mm(torch.relu(h), self.down.mT, offs)
+            h = h[torch.argsort(order)]
         return h.reshape(x.shape[0], x.shape[1], -1) * attention_mask[..., None]
 
 
-@pytest.mark.parametrize("read", ["bmm", "grouped", "index_select"])
+@pytest.mark.parametrize("read", ["bmm", "grouped", "grouped_down", "index_select"])
 def test_padding_tokens_are_left_out_of_the_experts_statistics(read):
-    """Padding left out: the factors of padded batches are those of their real tokens alone; a
-    grouped product whose rows are not gathered by a token index counts them, and says so."""
+    """Padding left out: the factors of padded batches are those of their real tokens alone (a
+    grouped product after the one that gathered the tokens, over the same groups, too, with
+    that one kept whole); a grouped product whose rows are not gathered by a token index
+    counts them, and says so."""
     torch.manual_seed(0)
     model = _PaddedExperts(read=read).eval()
     g = torch.Generator().manual_seed(1)
@@ -662,17 +668,18 @@ def test_padding_tokens_are_left_out_of_the_experts_statistics(read):
         mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], 1)
         padded.append({"x": torch.cat([x, 1e3 * torch.randn(2, 3, 8, generator=g)], 1),
                        "idx": torch.cat([i, torch.randint(0, 3, (2, 3), generator=g)], 1), "attention_mask": mask})  # fmt: skip
-    config = LRDConfig(rank_rule="fixed", rank=2)
+    stack = "down" if read == "grouped_down" else "up"
+    config = LRDConfig(rank_rule="fixed", rank=2, include=[stack])
     a = fxlrd.transform(model, config, example_inputs=short[0], calibration=short, capture="fx")
     b = fxlrd.transform(model, config, example_inputs=padded[0], calibration=padded, capture="fx")
-    (rec,) = b.fxlrd_plan.settings["stacked_experts"]
-    assert rec["data_aware"]
+    (rec,) = [r for r in b.fxlrd_plan.settings["stacked_experts"] if r.get("rank")]
+    assert rec["weight"] == stack and rec["data_aware"]
     if read == "index_select":
         assert "padding tokens counted" in rec["note"]
-        assert rel_err(b.get_submodule("up").weight(), a.get_submodule("up").weight()) > 0.01
+        assert rel_err(b.get_submodule(stack).weight(), a.get_submodule(stack).weight()) > 0.01
         return
     assert "padding" not in rec.get("note", "")
-    torch.testing.assert_close(b.get_submodule("up").weight(), a.get_submodule("up").weight(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.get_submodule(stack).weight(), a.get_submodule(stack).weight(), rtol=1e-5, atol=1e-6)
 
 
 def test_expert_statistics_report_calibration_items_that_do_not_fit():
@@ -896,6 +903,7 @@ def test_the_sensitivity_backward_gathers_expert_stacks_again_instead_of_keeping
 def test_expert_and_layer_statistics_with_the_sensitivity_equal_those_of_kept_stacks(monkeypatch):
     """A Mixtral on batched_mm calibrated with the output sensitivity: the same statistics, bit
     for bit, as when autograd keeps the gathered stacks."""
+    from fxlrd import calibrate
     from fxlrd.calibrate import EvalInterpreter, collect_stats
     from fxlrd.experts import expert_stats
 
@@ -908,8 +916,17 @@ def test_expert_and_layer_statistics_with_the_sensitivity_equal_those_of_kept_st
         return (expert_stats(gm, stacks, batches, progress=False, sensitivity=True),
                 collect_stats(gm, batches, progress=False, sensitivity=True))  # fmt: skip
 
+    pack, substituted = EvalInterpreter._pack, []
+
+    def counting(self, t):
+        packed = pack(self, t)
+        substituted.append(isinstance(packed, tuple))
+        return packed
+
+    monkeypatch.setattr(EvalInterpreter, "_pack", counting)
     experts, layers = both()
-    monkeypatch.setattr(EvalInterpreter, "_pack", lambda self, t: t)  # autograd keeps what it saves
+    assert sum(substituted) >= 2 * 2 * 2  # (each layer's two stacks, both passes, at least once each)
+    monkeypatch.setattr(calibrate, "_is_gather", lambda node: False)  # autograd's default: it keeps what it saves
     kept_experts, kept_layers = both()
     assert experts.keys() == kept_experts.keys() and len(experts) == 2 * 2 and layers.keys() == kept_layers.keys()
     pairs = [(a, b) for p in experts for a, b in zip(experts[p], kept_experts[p]) if a is not None]
@@ -917,3 +934,40 @@ def test_expert_and_layer_statistics_with_the_sensitivity_equal_those_of_kept_st
     for a, b in pairs:
         assert torch.equal(a.output_sensitivity, b.output_sensitivity) and a.output_energy == b.output_energy
         assert torch.equal(a.inputs.gram, b.inputs.gram)
+
+
+class _InPlace(nn.Module):
+    """A gathered stack changed in place before its product ("gathered"), or a saved value
+    changed in place after it was saved ("saved": autograd's error)."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
+        self.up = nn.Parameter(torch.randn(4, 8, 12) / 3)
+
+    def forward(self, x, idx):
+        w = self.up[idx]
+        if self.change == "gathered":
+            w.mul_(2)
+        h = torch.bmm(x.unsqueeze(1), w).squeeze(1).exp()
+        if self.change == "saved":
+            h.mul_(2)  # (exp saved its output for the backward pass)
+        return h
+
+
+@pytest.mark.parametrize("change", ["gathered", "saved"])
+def test_values_changed_in_place_are_not_gathered_again_and_autograd_still_checks_them(change):
+    from fxlrd.calibrate import EvalInterpreter
+
+    model, (x, idx) = _InPlace(change).eval(), _inputs(tokens=6)
+    gm = capture_graph(model, (x, idx), mode="fx").gm
+    with torch.enable_grad():
+        xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, want = EvalInterpreter(gm).run(xg, idx), model(xr, idx)
+        if change == "saved":
+            for value, leaf in ((out, xg), (want, xr)):
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    torch.autograd.grad(value.sum(), leaf)
+            return
+        (grad,), (expected,) = torch.autograd.grad(out.sum(), xg), torch.autograd.grad(want.sum(), xr)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
