@@ -16,7 +16,8 @@ settings.load_profile("fxlrd")
 # `make test` runs the suite in pytest-xdist workers, one per core: each worker takes its share
 # of the cores for torch's threads, so the workers do not oversubscribe the machine.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)
