@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows[name] = json.loads(out)
         print(name, rows[name], flush=True)
-    run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": vars(args) | {"worker": None},
-           "bert_base": rows, "llama7b_estimate": llama7b_estimate()}  # fmt: skip
+    return _append({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env,
+                    "settings": vars(args) | {"worker": None}, "bert_base": rows, "llama7b_estimate": llama7b_estimate()})
+
+
+def _append(run: dict) -> int:
+    """Append ``run`` to the results (every run kept) and render them all again."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "calibration_memory.jsonl", "a") as f:
         f.write(json.dumps(run) + "\n")
@@ -171,13 +175,7 @@ def _main_moe(args: argparse.Namespace, env: dict) -> int:
 
     settings = {"model": "moe", "batches": args.batches, "batch": args.batch, "kept_batch": args.kept_batch,
                 "seq": MOE_SEQUENCE, "sensitivity": "full"}  # fmt: skip
-    run = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": settings, "moe": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "calibration_memory.jsonl", "a") as f:
-        f.write(json.dumps(run) + "\n")
-    _write_markdown()
-    print(f"appended to {RESULTS / 'calibration_memory.jsonl'}")
-    return 0
+    return _append({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env, "settings": settings, "moe": rows})
 
 
 def _moe_markdown(r: dict) -> list[str]:
