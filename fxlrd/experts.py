@@ -318,7 +318,8 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     mode, and with ``sensitivity`` (as `fxlrd.calibrate.collect_stats` takes it: one backward
     pass per batch) how much the model's outputs care about each of its output channels, in
     the units a linear layer's are (relative squared model-output error). Tokens an
-    ``attention_mask`` marks as padding are left out (the selections taken as token-major,
+    ``attention_mask`` marks as padding are left out (an encoder-decoder's decoder tokens by
+    their own mask, as `fxlrd.calibrate.TokenMasks` tells them; the selections taken as token-major,
     ``tokens × top_k``, as transformers orders them), and from a grouped_mm's rows, sorted by
     expert, where they were gathered from the tokens by an index (``hidden_states[perm //
     top_k]``, as transformers does); where that cannot be told, they are all counted (``notes``,
@@ -329,7 +330,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     summed over the processes, so each can see its own shard of the data."""
     from .calibrate import (EvalInterpreter, InputStats, SiteStats, TokenMasks, _as_args, _batches, _overwritten,
                             finish_pass, inputs_error, kl_outputs, output_streams, sensitivity_grads)  # fmt: skip
-    from .capture import flat_inputs, padding_mask
+    from .capture import flat_inputs
     from .config import check_sensitivity
     from .modes import saved_modes
 
@@ -365,7 +366,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     gathered: dict[fx.Node, tuple[torch.Tensor, int]] = {}  # row gather → (token index, rows gathered from)
     real_rows: dict[fx.Node, torch.Tensor | None] = {}  # a grouped product's offs → which of its sorted rows are real
     padded: set[str] = set()  # grouped stacks whose calibration had padding that could not be told apart (counted)
-    mask: list[torch.Tensor | None] = [None]
+    masks: list[Any] = [None]  # (this batch's TokenMasks)
     outputs: list[tuple[str, _Read, torch.Tensor, Any]] = []  # (the products' outputs, for their sensitivity)
     sens: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -384,9 +385,10 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 ends = self.env[read.offs].tolist()
                 groups = [(e, slice(start, end)) for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end > start]
                 real = None
-                if mask[0] is not None and not bool(mask[0].all()):
+                mask = masks[0].for_node(read.x)
+                if mask is not None and not bool(mask.all()):
                     if read.offs not in real_rows:  # (the products of one layer share its offs and its row order)
-                        real_rows[read.offs] = _real_rows(gathered.get(offs_gathers.get(read.offs)), mask[0])
+                        real_rows[read.offs] = _real_rows(gathered.get(offs_gathers.get(read.offs)), mask)
                     real = real_rows[read.offs]
                     if real is not None and real.numel() != x.shape[0]:  # (rows not in the gathered order)
                         real = None
@@ -399,7 +401,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 ids = picked[read.selection].reshape(-1)
                 x = x if read.x_left else x.mT  # (S, samples, d)
                 keep = None
-                real = mask[0]
+                real = masks[0].for_node(read.x)  # (an encoder-decoder's decoder rows: its own mask, or none)
                 if real is not None and ids.numel() % real.numel() == 0:
                     keep = real.reshape(-1).repeat_interleave(ids.numel() // real.numel()).to(ids.device)
                     ids = ids[keep]
@@ -418,13 +420,13 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     restore = saved_modes(gm)
     gm.eval()
     recorder, n = Recorder(gm), 0
-    streams = output_streams(gm, []) if sensitivity else {}
+    streams = output_streams(gm, [r.x for _, r in watched.values()])
     generator = torch.Generator().manual_seed(seed)
     energy = 0.0
     try:
         for index, item in enumerate(_batches(calibration, progress, "expert calibration")):
             inputs = _as_args(item, index)
-            mask[0] = padding_mask(inputs)
+            masks[0] = TokenMasks(inputs, streams)
             flat = flat_inputs(gm, inputs, f"calibration batch {index}")
             outputs.clear()
             gathered.clear()
@@ -436,7 +438,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
                 raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
             if outputs:
                 grads, batch_energy = sensitivity_grads(gm, result, inputs, sensitivity, [o[2] for o in outputs],
-                                                        TokenMasks(inputs, streams), streams, generator)  # fmt: skip
+                                                        masks[0], streams, generator)  # fmt: skip
                 for (path, read, _, rows), g in zip(outputs, grads):
                     if g is None:
                         continue

@@ -971,3 +971,38 @@ def test_values_changed_in_place_are_not_gathered_again_and_autograd_still_check
             return
         (grad,), (expected,) = torch.autograd.grad(out.sum(), xg), torch.autograd.grad(want.sum(), xr)
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+class _DecoderExperts(nn.Module):
+    """Experts over an encoder-decoder's decoder tokens (as long as the encoder's): the
+    encoder's ``attention_mask`` says nothing of them."""
+
+    def __init__(self, e=3, d=8, hidden=12, read="bmm"):
+        super().__init__()
+        self.experts = _PaddedExperts(e, d, hidden, read)
+        self.encoder = nn.Embedding(50, d)
+        self.decoder = nn.Embedding(50, d)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        memory = self.encoder(input_ids).mean(1, keepdim=True)  # (the mask changes no decoder value here)
+        y = self.decoder(decoder_input_ids) + memory
+        return self.experts(y, decoder_input_ids % self.experts.e, torch.ones_like(decoder_input_ids))
+
+
+@pytest.mark.parametrize("read", ["bmm", "grouped"])
+def test_an_encoder_decoders_padding_mask_is_not_applied_to_its_decoder_tokens(read):
+    """The decoder's tokens all count (no ``decoder_attention_mask``): the experts' factors are
+    those of every decoder token, whatever the encoder's mask (it used to fall on the decoder's
+    tokens where the two sequences had one length)."""
+    torch.manual_seed(0)
+    model = _DecoderExperts(read=read).eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=g), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+                "decoder_input_ids": torch.randint(0, 50, (2, 6), generator=g)} for _ in range(3)]  # fmt: skip
+    masked = [dict(b, attention_mask=torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])) for b in batches]
+    config = LRDConfig(rank_rule="fixed", rank=4, include=["experts.up"], sensitivity=False)
+    a, b = (fxlrd.transform(model, config, example_inputs=batches[0], calibration=c, capture="fx") for c in (batches, masked))
+    torch.testing.assert_close(b.get_submodule("experts.up").weight(), a.get_submodule("experts.up").weight(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    (rec,) = [r for r in b.fxlrd_plan.settings["stacked_experts"] if r.get("rank")]
+    assert rec["data_aware"] and "padding" not in rec.get("note", "")
