@@ -262,7 +262,8 @@ def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, cali
     config, fused = _fuse(captured, config)
     stats = _calibration_stats(captured, config, calibration, inputs)
     # (in place, the stacks are kept: no statistics gathered for them)
-    stacked, experts_stats, stack_tasks = plan_experts(model, captured.gm, config, None if inplace else calibration)
+    stacked, experts_stats, stack_tasks = plan_experts(model, captured.gm, config, None if inplace else calibration,
+                                                       example=inputs)
     if inplace:  # (kept, see _check_inplace: a budget must not count them)
         for task in stack_tasks:
             task.record["reason"] = _INPLACE_STACK

@@ -43,6 +43,7 @@ sensitivity matrix one ``d_out × d_out``.
 from __future__ import annotations
 
 import fnmatch
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -530,14 +531,108 @@ def _selected(path: str, config: LRDConfig, model: nn.Module, gm: fx.GraphModule
     return ""
 
 
-def _global_reason(config: LRDConfig) -> str:
-    """Why a speed mode keeps the stacks ("" for the other modes)."""
-    given = next((s for s in ("target_speedup", "latency") if getattr(config, s) is not None), None)
-    if given is None:
+def _global_reason(config: LRDConfig, s: StackedWeight | None = None, rows: Mapping[fx.Node, int] | None = None) -> str:
+    """Why a speed mode keeps the stack ``s`` ("" for the other modes, and for a stack the
+    `latency` search times: `_probe_size`)."""
+    given = next((k for k in ("target_speedup", "latency") if getattr(config, k) is not None), None)
+    if given is None or (given == "latency" and s is not None and _probe_size(s, rows) is not None):
         return ""
+    what = ("which times the layers alone" if given == "target_speedup" else
+            "which times only stacks read by a gather per token (batched_mm) at a known number of rows")  # fmt: skip
     return (f"stacked experts take the per-layer rank rules (ratio, fixed, energy) or a parameter budget (target_params, "
-            f"allocation='global'), not {given}, which times the layers alone: kept whole; for them to shrink, use one of "
+            f"allocation='global'), not {given}, {what}: kept whole; for them to shrink, use one of "
             "those, or experts='keep' to leave them")  # fmt: skip
+
+
+def _probe_size(s: StackedWeight, rows: Mapping[fx.Node, int] | None = None) -> tuple[int, int, int] | None:
+    """``(rows, d_in, d_out)`` of the stack's product as the example ran it (``rows``:
+    `_example_rows`, else the capture's shapes), when the latency search can time it
+    (`_StackProbe`: every read a gather per row, ``bmm``), else None."""
+    reads = _reads(s)
+    if not reads or any(r.offs is not None for r in reads) or len({r.rows for r in reads}) != 1:
+        return None
+    size = (rows or {}).get(reads[0].x) or (_shape(reads[0].x) or (None,))[0]
+    if not isinstance(size, int):  # a symbolic size: the example's value, where export recorded it
+        size = getattr(getattr(size, "node", None), "hint", None)
+    if size is None or int(size) < 1:
+        return None
+    d_in = _input_size(s, reads[0].rows)
+    return int(size), d_in, s.shape[1] + s.shape[2] - d_in
+
+
+class _StackProbe(nn.Module):
+    """A stack's product as ``batched_mm`` runs it, for the latency search: ``rows`` token rows
+    spread evenly over the experts, each multiplied by its expert's ``(d_in, d_out)`` matrix
+    gathered per row, or by its two factors at ``rank`` (random values: the time depends on
+    the shapes)."""
+
+    def __init__(self, experts: int, d_in: int, d_out: int, rows: int, rank: int | None, dtype: torch.dtype):
+        super().__init__()
+        self.sizes = (experts, d_in, d_out, rows, rank)
+        g = torch.Generator().manual_seed(0)
+        dims = [d_in, d_out] if rank is None else [d_in, rank, d_out]
+        self.mats = nn.ParameterList(nn.Parameter((torch.randn(experts, a, b, generator=g) / a**0.5).to(dtype))
+                                     for a, b in zip(dims, dims[1:]))  # fmt: skip
+        self.register_buffer("ids", torch.arange(rows) % experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.unsqueeze(1)
+        for mat in self.mats:
+            h = torch.bmm(h, mat[self.ids])
+        return h.squeeze(1)
+
+    def extra_repr(self) -> str:
+        e, d_in, d_out, rows, rank = self.sizes
+        return f"experts={e}, {d_in}->{d_out}, rows={rows}, rank={rank}, gathered per row"
+
+
+def _example_rows(gm: fx.GraphModule, stacks: Iterable[StackedWeight], example: Any) -> dict[fx.Node, int]:
+    """How many rows each stacked product's other operand has when ``example`` runs (one
+    forward pass, as in eval mode; the graph's mode is left as it was)."""
+    from .calibrate import EvalInterpreter
+    from .capture import flat_inputs
+    from .modes import saved_modes
+
+    operands = {r.x for s in stacks for r in _reads(s)}
+    rows: dict[fx.Node, int] = {}
+
+    class Rows(EvalInterpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            out = super().run_node(node)
+            if node in operands and isinstance(out, torch.Tensor) and out.dim():
+                rows[node] = int(out.shape[0])
+            return out
+
+    restore = saved_modes(gm)
+    gm.eval()
+    try:
+        with torch.no_grad():
+            Rows(gm).run(*flat_inputs(gm, example, "example_inputs"))
+    finally:
+        restore()
+    return rows
+
+
+def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any,
+                   rows: Mapping[fx.Node, int]) -> tuple[int | None, dict]:  # fmt: skip
+    """Algorithm 1 for a stack (`fxlrd.ranks.search`): its product and each candidate rank in
+    ``[ceil((1 - window)·rank), rank]`` (multiples of the search's quantum, and ``rank``)
+    timed alone; the largest as fast as the fastest, or None where the dense stack is faster.
+    Also the search's record."""
+    from .ranks.search import SearchResult, select_ranks
+
+    cfg = config.latency
+    rows, d_in, d_out = _probe_size(s, rows)
+    low = max(1, math.ceil((1 - cfg.window) * rank))
+    candidates = sorted({r for r in range(low, rank + 1) if r % cfg.quantum == 0} | {rank})
+    probe = lambda r: _StackProbe(s.shape[0], d_in, d_out, rows, r, weight.dtype)  # noqa: E731
+    original = searcher.time_module(probe(None), (rows, d_in))
+    timings = {(r,): searcher.time_module(probe(r), (rows, d_in)) for r in candidates}
+    chosen = select_ranks(original, timings, cfg.tolerance)
+    note = f"its product timed alone ({rows} rows, gathered per row)" + (
+        "" if chosen is not None else f"; the dense stack is faster ({original * 1e3:.3f} ms vs "
+        f"{min(timings.values()) * 1e3:.3f} ms): kept")  # fmt: skip
+    return (None if chosen is None else chosen[0]), SearchResult(chosen, original, timings, note).record(cfg.backend)
 
 
 def _aligned(rank: int, align: int, cap: int) -> int:
@@ -624,7 +719,7 @@ def _record_rank(rec: dict[str, Any], weight: torch.Tensor, rank: int, stats: li
 
 
 def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibration: Iterable | None = None, *,
-                 progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, list[Any]], list[StackTask]]:  # fmt: skip
+                 progress: bool = True, example: Any = None) -> tuple[list[dict[str, Any]], dict[str, list[Any]], list[StackTask]]:  # fmt: skip
     """One record per stacked weight: ``weight`` (path), ``experts``, ``shape`` ``[m, n]``,
     ``rank`` (None when kept), ``reason``, ``params_before``/``params_after`` and, when
     factorized, ``data_aware``, ``error`` (the relative error of the stack's truncation: of its
@@ -638,6 +733,9 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     stacks = find_stacked(model, gm)
     allocate = _allocated(config)
     out, ranks, chosen = [], {}, []
+    searcher = None  # (the latency search's, made for the first stack it times)
+    searched = config.latency is not None and config.target_speedup is None and not allocate and config.experts != "keep"
+    rows = _example_rows(gm, stacks.values(), example) if searched and example is not None and stacks else {}
     for s in stacks.values():
         e, m, n = s.shape
         rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
@@ -648,7 +746,7 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if rec["reason"]:
             continue
         weight = _get_attr(gm, s.path)
-        why = _selected(s.path, config, model, gm) or ("" if allocate else _global_reason(config))
+        why = _selected(s.path, config, model, gm) or ("" if allocate else _global_reason(config, s, rows))
         if not why and weight.is_meta:
             why = "weights on the meta device (not loaded): kept"
         if not why and (allocate or config.rank_rule == "energy"):  # (its rank reads the spectrum)
@@ -657,6 +755,13 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
             chosen.append(rec)
             continue
         rank, why = (None, why) if why else _rank(weight, config, alignment(s, weight.dtype))
+        if rank is not None and config.latency is not None:  # (latency mode: `_global_reason` let it through)
+            from .ranks.search import RankSearcher
+
+            searcher = searcher or RankSearcher(config.latency)
+            rank, rec["latency"] = _searched_rank(s, weight, rank, config, searcher, rows)
+            searcher.cache.flush()
+            why = "" if rank is not None else rec["latency"]["note"]
         if rank is not None:
             _check_finite(weight, s.path)
         if rank is None:

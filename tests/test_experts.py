@@ -14,6 +14,7 @@ from fxlrd import LRDConfig
 from fxlrd.capture import capture as capture_graph
 from fxlrd.errors import ConfigError, PlanMismatchError
 from fxlrd.experts import ExpertFactors, find_stacked
+from fxlrd.latency import LayerTimer
 
 from conftest import rel_err
 
@@ -1006,3 +1007,60 @@ def test_an_encoder_decoders_padding_mask_is_not_applied_to_its_decoder_tokens(r
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     (rec,) = [r for r in b.fxlrd_plan.settings["stacked_experts"] if r.get("rank")]
     assert rec["data_aware"] and "padding" not in rec.get("note", "")
+
+
+# -- latency mode: a stack's product timed alone, as a layer is (Algorithm 1) ------------------------
+class _StackTimer(LayerTimer):
+    """A stack's product: flat up to rank 32, slower above it; the dense stack ``dense`` long."""
+
+    backend, context = "synthetic", "stacks"
+
+    def __init__(self, dense):
+        self.dense, self.timed = dense, []
+
+    def time(self, module, input_shape):
+        experts, d_in, d_out, rows, rank = module.sizes
+        self.timed.append((rank, tuple(input_shape)))
+        return self.dense if rank is None else 1.0 + (rank > 32)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_latency_mode_times_each_stacks_product_and_takes_the_largest_rank_as_fast_as_the_fastest(monkeypatch, capture):
+    from fxlrd.latency import LatencyConfig
+
+    """The ratio rule's rank 40 and the multiples of 8 down to half of it are timed; ranks above
+    32 are slower, so 32 is chosen (the largest as fast as the fastest)."""
+    timer = _StackTimer(dense=3.0)
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
+    model, inputs = Experts(e=4, d=64, hidden=128, read="right").eval(), _inputs(d=64, tokens=24)
+    latency = LatencyConfig(backend="eager", cache=False, progress=False, quantum=8, window=0.5)
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.01, rank_quantum=8, latency=latency), example_inputs=inputs, capture=capture)
+    for path, rec in {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}.items():
+        assert [r for r, _ in rec["latency"]["candidates_ms"]] == [[24], [32], [40]]
+        assert rec["rank"] == 32 and gm.get_submodule(path).rank == 32
+        assert rec["latency"]["original_ms"] == 3000.0 and "timed alone (24 rows" in rec["latency"]["note"]
+    assert {shape for _, shape in timer.timed} == {(24, 64), (24, 128)}  # (up reads 64 inputs, down 128)
+    assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
+
+
+def test_latency_mode_keeps_a_stack_whose_dense_product_is_faster(monkeypatch):
+    from fxlrd.latency import LatencyConfig
+
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: _StackTimer(dense=0.5))
+    model, inputs = Experts(e=4, d=32, hidden=64, read="right").eval(), _inputs(d=32, tokens=24)
+    latency = LatencyConfig(backend="eager", cache=False, progress=False, quantum=8)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=8, latency=latency), example_inputs=inputs, capture="fx")
+    for rec in gm.fxlrd_plan.settings["stacked_experts"]:
+        assert rec["rank"] is None and "the dense stack is faster (500.000 ms" in rec["reason"]
+    assert not any(isinstance(m, ExpertFactors) for m in gm.modules())
+
+
+def test_latency_mode_keeps_grouped_stacks_with_the_reason():
+    from fxlrd.latency import LatencyConfig
+
+    model, inputs = Experts(read="grouped", d=16, hidden=20).eval(), _inputs(d=16)
+    config = LRDConfig(latency=LatencyConfig(backend="eager", cache=False, progress=False))
+    with pytest.warns(fxlrd.FxlrdWarning, match="kept whole"):
+        records = fxlrd.plan(model, config, example_inputs=inputs, capture="fx").settings["stacked_experts"]
+    assert all(r["rank"] is None and "not latency, which times only stacks read by a gather per token" in r["reason"]
+               for r in records)  # fmt: skip
