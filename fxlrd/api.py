@@ -294,7 +294,7 @@ def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, cali
 def _warn_experts_kept(stacked: list[dict[str, Any]], config: LRDConfig) -> None:
     """A warning when the config's mode keeps stacked experts that could be factorized (the
     bulk of a mixture's parameters): the model then shrinks far less than asked."""
-    kept = [r for r in stacked if r["rank"] is None and r["reason"].startswith("stacked experts take")]
+    kept = [r for r in stacked if r["rank"] is None and r["reason"].startswith("stacked experts ") and "kept whole" in r["reason"]]
     if kept:
         n = sum(r["params_before"] for r in kept)
         warnings.warn(f"{len(kept)} stacked expert weights ({n} parameters, first {kept[0]['weight']!r}) are kept whole: "
@@ -404,7 +404,7 @@ def _check_inplace(plan_: Plan) -> None:
     for rec in records:  # the model's own forward reads them: kept, as with layers it computes itself
         if rec.get("rank") is None:
             continue
-        for key in ("error", "data_aware", "calibrated_experts", "note"):
+        for key in ("error", "data_aware", "calibrated_experts", "note", "latency"):
             rec.pop(key, None)
         rec.update(rank=None, params_after=rec["params_before"], reason=_INPLACE_STACK)
     stacked = [r for r in records if r["reason"] == _INPLACE_STACK]

@@ -154,7 +154,9 @@ class LRDConfig:
             expert's matrix at the stack's rank by the per-layer rule (``ratio``, ``fixed``,
             ``energy``; whitened per expert when calibration data is given), the graph
             multiplying by the selected factors; ``"keep"``
-            leaves them whole. Under a global or latency mode they are kept (the plan says so).
+            leaves them whole. Under ``target_speedup`` they are kept (the plan says so); under
+            ``latency`` a ``bmm`` stack's rank is searched by timing its product alone, as a
+            layer's, and a ``grouped_mm`` stack is kept.
     """
 
     ratio: float = 2.0

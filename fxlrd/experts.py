@@ -28,7 +28,9 @@ operand, directly or through a transpose of its last two dimensions; any other r
 ``einsum``, a slice) keeps it whole, with the reason. The ranks follow the per-layer rules
 (``ratio``, ``fixed``, ``energy``) or, under a parameter budget (``target_params``,
 ``allocation="global"``), the global allocation, where each stack is one more choice beside
-the layers (`StackTask`, its error in a layer's units: `error_curve`).
+the layers (`StackTask`, its error in a layer's units: `error_curve`), or, under ``latency``,
+the latency search: a ``bmm`` stack's product is timed alone (`_StackProbe`), dense and at
+each candidate rank, as a layer is.
 
 With calibration data the factors are data-aware: each expert's inputs (the tokens routed to
 it) are gathered into its own Gram matrix, and its matrix is factorized by whitened SVD
@@ -42,6 +44,7 @@ sensitivity matrix one ``d_out × d_out``.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import operator
@@ -531,105 +534,126 @@ def _selected(path: str, config: LRDConfig, model: nn.Module, gm: fx.GraphModule
     return ""
 
 
-def _global_reason(config: LRDConfig, s: StackedWeight | None = None, rows: Mapping[fx.Node, int] | None = None) -> str:
+def _global_reason(config: LRDConfig, s: StackedWeight | None = None) -> str:
     """Why a speed mode keeps the stack ``s`` ("" for the other modes, and for a stack the
-    `latency` search times: `_probe_size`)."""
+    `latency` search can time: `_probe_size`)."""
     given = next((k for k in ("target_speedup", "latency") if getattr(config, k) is not None), None)
-    if given is None or (given == "latency" and s is not None and _probe_size(s, rows) is not None):
+    if given is None:
         return ""
-    what = ("which times the layers alone" if given == "target_speedup" else
-            "which times only stacks read by a gather per token (batched_mm) at a known number of rows")  # fmt: skip
-    return (f"stacked experts take the per-layer rank rules (ratio, fixed, energy) or a parameter budget (target_params, "
-            f"allocation='global'), not {given}, {what}: kept whole; for them to shrink, use one of "
-            "those, or experts='keep' to leave them")  # fmt: skip
+    if given == "target_speedup":
+        return ("stacked experts take the per-layer rank rules (ratio, fixed, energy), latency, or a parameter budget "
+                "(target_params, allocation='global'), not target_speedup, whose global search times the layers: kept "
+                "whole; for them to shrink, use one of those, or experts='keep' to leave them")  # fmt: skip
+    if s is not None and _probe_size(s) is None:
+        return ("stacked experts read other than by a gather per token (batched_mm), or at sizes the example does not "
+                "tell, are not timed by the latency search: kept whole; for them to shrink, use a per-layer rank rule "
+                "(ratio, fixed, energy) or a parameter budget (target_params), or experts='keep' to leave them")  # fmt: skip
+    return ""
 
 
-def _probe_size(s: StackedWeight, rows: Mapping[fx.Node, int] | None = None) -> tuple[int, int, int] | None:
-    """``(rows, d_in, d_out)`` of the stack's product as the example ran it (``rows``:
-    `_example_rows`, else the capture's shapes), when the latency search can time it
-    (`_StackProbe`: every read a gather per row, ``bmm``), else None."""
+def _concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """``node``'s shape as the example ran it: `fxlrd.planner.input_shapes`' record, else the
+    capture's (a symbolic size by its hint, where export recorded one)."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(d) for d in meta.shape)
+    shape = _shape(node)
+    if shape is None:
+        return None
+    sizes = [d if isinstance(d, int) else getattr(getattr(d, "node", None), "hint", None) for d in shape]
+    return None if any(d is None for d in sizes) else tuple(int(d) for d in sizes)
+
+
+def _probe_size(s: StackedWeight) -> tuple[int, int, int, bool, bool] | None:
+    """``(rows, d_in, d_out, x_left, transposed)`` of the stack's product as the example ran it,
+    when the latency search can time it (`_StackProbe`: every read a gather per row, ``bmm``,
+    of one vector per row, all at one size), else None."""
     reads = _reads(s)
-    if not reads or any(r.offs is not None for r in reads) or len({r.rows for r in reads}) != 1:
+    if not reads or any(r.offs is not None for r in reads):
         return None
-    size = (rows or {}).get(reads[0].x) or (_shape(reads[0].x) or (None,))[0]
-    if not isinstance(size, int):  # a symbolic size: the example's value, where export recorded it
-        size = getattr(getattr(size, "node", None), "hint", None)
-    if size is None or int(size) < 1:
+    forms = set()
+    for r in reads:
+        shape = _concrete_shape(r.x)
+        if shape is None or len(shape) != 3 or shape[1 if r.x_left else 2] != 1 or shape[0] < 1:
+            return None
+        forms.add((shape[0], r.rows, r.x_left, r.x_left != r.rows))
+    if len(forms) != 1:
         return None
-    d_in = _input_size(s, reads[0].rows)
-    return int(size), d_in, s.shape[1] + s.shape[2] - d_in
+    ((rows, input_rows, x_left, transposed),) = forms
+    d_in = _input_size(s, input_rows)
+    return rows, d_in, s.shape[1] + s.shape[2] - d_in, x_left, transposed
 
 
 class _StackProbe(nn.Module):
-    """A stack's product as ``batched_mm`` runs it, for the latency search: ``rows`` token rows
-    spread evenly over the experts, each multiplied by its expert's ``(d_in, d_out)`` matrix
-    gathered per row, or by its two factors at ``rank`` (random values: the time depends on
-    the shapes)."""
+    """A stack's product as ``batched_mm`` runs it, for the latency search: ``x`` (rows, d_in)
+    by the stack ``(E, m, n)`` gathered per row by ``ids`` (a forward input, so that no
+    backend folds the gather away), read as the model reads it (``x_left``, ``transposed``),
+    dense or as its two factors at ``rank``, as `factorize_experts` rewrites it (random
+    values: the time depends on the shapes)."""
 
-    def __init__(self, experts: int, d_in: int, d_out: int, rows: int, rank: int | None, dtype: torch.dtype):
+    def __init__(self, experts: int, m: int, n: int, rank: int | None, x_left: bool, transposed: bool,
+                 dtype: torch.dtype, device: str = "cpu"):  # fmt: skip
         super().__init__()
-        self.sizes = (experts, d_in, d_out, rows, rank)
+        self.form = (experts, m, n, rank, x_left, transposed)
+        dims = [m, n] if rank is None else [m, rank, n]
         g = torch.Generator().manual_seed(0)
-        dims = [d_in, d_out] if rank is None else [d_in, rank, d_out]
-        self.mats = nn.ParameterList(nn.Parameter((torch.randn(experts, a, b, generator=g) / a**0.5).to(dtype))
-                                     for a, b in zip(dims, dims[1:]))  # fmt: skip
-        self.register_buffer("ids", torch.arange(rows) % experts)
+        make = ((lambda a, b: torch.empty(experts, a, b, dtype=dtype, device=device)) if device == "meta" else
+                (lambda a, b: (torch.randn(experts, a, b, generator=g) / a**0.5).to(dtype)))  # fmt: skip
+        self.mats = nn.ParameterList(nn.Parameter(make(a, b)) for a, b in zip(dims, dims[1:]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.unsqueeze(1)
-        for mat in self.mats:
-            h = torch.bmm(h, mat[self.ids])
-        return h.squeeze(1)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        mats = [mat[ids] for mat in self.mats]
+        if self.form[5]:  # (P.mT = Rᵀ Lᵀ)
+            mats = [mat.transpose(1, 2) for mat in reversed(mats)]
+        if self.form[4]:  # x @ P
+            h = x.unsqueeze(1)
+            for mat in mats:
+                h = torch.bmm(h, mat)
+            return h.squeeze(1)
+        h = x.unsqueeze(-1)  # P @ x
+        for mat in reversed(mats):
+            h = torch.bmm(mat, h)
+        return h.squeeze(-1)
 
     def extra_repr(self) -> str:
-        e, d_in, d_out, rows, rank = self.sizes
-        return f"experts={e}, {d_in}->{d_out}, rows={rows}, rank={rank}, gathered per row"
+        e, m, n, rank, x_left, transposed = self.form
+        read = ("x @ " if x_left else "") + ("P[ids].mT" if transposed else "P[ids]") + ("" if x_left else " @ x")
+        return f"experts={e}, {m}x{n}, rank={rank}, {read}, ids an input"
 
 
-def _example_rows(gm: fx.GraphModule, stacks: Iterable[StackedWeight], example: Any) -> dict[fx.Node, int]:
-    """How many rows each stacked product's other operand has when ``example`` runs (one
-    forward pass, as in eval mode; the graph's mode is left as it was)."""
-    from .calibrate import EvalInterpreter
-    from .capture import flat_inputs
-    from .modes import saved_modes
-
-    operands = {r.x for s in stacks for r in _reads(s)}
-    rows: dict[fx.Node, int] = {}
-
-    class Rows(EvalInterpreter):
-        def run_node(self, node: fx.Node) -> Any:
-            out = super().run_node(node)
-            if node in operands and isinstance(out, torch.Tensor) and out.dim():
-                rows[node] = int(out.shape[0])
-            return out
-
-    restore = saved_modes(gm)
-    gm.eval()
-    try:
-        with torch.no_grad():
-            Rows(gm).run(*flat_inputs(gm, example, "example_inputs"))
-    finally:
-        restore()
-    return rows
-
-
-def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any,
-                   rows: Mapping[fx.Node, int]) -> tuple[int | None, dict]:  # fmt: skip
+def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any) -> tuple[int | None, dict]:
     """Algorithm 1 for a stack (`fxlrd.ranks.search`): its product and each candidate rank in
-    ``[ceil((1 - window)·rank), rank]`` (multiples of the search's quantum, and ``rank``)
-    timed alone; the largest as fast as the fastest, or None where the dense stack is faster.
-    Also the search's record."""
+    ``[ceil((1 - window)·rank), rank]`` (multiples of the search's quantum, and ``rank``, at
+    least ``min_rank``) timed alone at the example's rows, spread evenly over the experts; the
+    largest as fast as the fastest, or None where the dense stack is faster. Past the search's
+    time budget, ``rank`` quantized. Also the search's record."""
     from .ranks.search import SearchResult, select_ranks
 
     cfg = config.latency
-    rows, d_in, d_out = _probe_size(s, rows)
-    low = max(1, math.ceil((1 - cfg.window) * rank))
+    rows, d_in, d_out, x_left, transposed = _probe_size(s)
+    e, m, n = s.shape
+    if searcher.over_budget:
+        quantized = max(1, quantize_rank(rank, cfg.quantum))
+        note = f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized rank"
+        return quantized, SearchResult((quantized,), None, note=note).record(cfg.backend)
+    low = max(1, config.min_rank, math.ceil((1 - cfg.window) * rank))
     candidates = sorted({r for r in range(low, rank + 1) if r % cfg.quantum == 0} | {rank})
-    probe = lambda r: _StackProbe(s.shape[0], d_in, d_out, rows, r, weight.dtype)  # noqa: E731
-    original = searcher.time_module(probe(None), (rows, d_in))
-    timings = {(r,): searcher.time_module(probe(r), (rows, d_in)) for r in candidates}
+    experts = min(e, rows)  # (only these are gathered: the timing is the same with fewer stored)
+    inputs = lambda: (torch.randn(rows, d_in).to(weight.dtype), torch.arange(rows) % experts)  # noqa: E731
+
+    def timed(r: int | None) -> float:
+        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta")
+        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype)  # noqa: E731
+        return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs()))
+
+    try:
+        original = timed(None)
+        timings = {(r,): timed(r) for r in candidates}
+    except Exception as exc:  # noqa: BLE001  (the backend cannot run the product: kept, and said why)
+        return None, SearchResult(None, None, note=f"the latency search could not time its product on "
+                                  f"{cfg.backend} ({type(exc).__name__}: {exc}): kept").record(cfg.backend)  # fmt: skip
     chosen = select_ranks(original, timings, cfg.tolerance)
-    note = f"its product timed alone ({rows} rows, gathered per row)" + (
+    note = f"its product timed alone ({rows} rows over {experts} experts, {d_in}->{d_out})" + (
         "" if chosen is not None else f"; the dense stack is faster ({original * 1e3:.3f} ms vs "
         f"{min(timings.values()) * 1e3:.3f} ms): kept")  # fmt: skip
     return (None if chosen is None else chosen[0]), SearchResult(chosen, original, timings, note).record(cfg.backend)
@@ -735,7 +759,10 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     out, ranks, chosen = [], {}, []
     searcher = None  # (the latency search's, made for the first stack it times)
     searched = config.latency is not None and config.target_speedup is None and not allocate and config.experts != "keep"
-    rows = _example_rows(gm, stacks.values(), example) if searched and example is not None and stacks else {}
+    if searched and example is not None and any(not s.reason for s in stacks.values()):
+        from .planner import input_shapes
+
+        input_shapes(gm, example)  # (each product's rows, for the latency search: no compute)
     for s in stacks.values():
         e, m, n = s.shape
         rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
@@ -746,7 +773,7 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if rec["reason"]:
             continue
         weight = _get_attr(gm, s.path)
-        why = _selected(s.path, config, model, gm) or ("" if allocate else _global_reason(config, s, rows))
+        why = _selected(s.path, config, model, gm) or ("" if allocate else _global_reason(config, s))
         if not why and weight.is_meta:
             why = "weights on the meta device (not loaded): kept"
         if not why and (allocate or config.rank_rule == "energy"):  # (its rank reads the spectrum)
@@ -754,14 +781,19 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if allocate and not why:
             chosen.append(rec)
             continue
-        rank, why = (None, why) if why else _rank(weight, config, alignment(s, weight.dtype))
-        if rank is not None and config.latency is not None:  # (latency mode: `_global_reason` let it through)
+        if not why and searched:  # (`_global_reason` let it through: the search's target, unquantized as a layer's)
             from .ranks.search import RankSearcher
 
-            searcher = searcher or RankSearcher(config.latency)
-            rank, rec["latency"] = _searched_rank(s, weight, rank, config, searcher, rows)
-            searcher.cache.flush()
-            why = "" if rank is not None else rec["latency"]["note"]
+            rank, why = _rank(weight, dataclasses.replace(config, rank_quantum=1), alignment(s, weight.dtype))
+            if rank is not None:
+                searcher = searcher or RankSearcher(config.latency)
+                rank, rec["latency"] = _searched_rank(s, weight, rank, config, searcher)
+                searcher.cache.flush()
+                why = "" if rank is not None else rec["latency"]["note"]
+        elif not why:
+            rank, why = _rank(weight, config, alignment(s, weight.dtype))
+        else:
+            rank = None
         if rank is not None:
             _check_finite(weight, s.path)
         if rank is None:

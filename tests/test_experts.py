@@ -306,7 +306,7 @@ def test_speed_modes_keep_the_stacks_and_say_so():
     gm = capture_graph(model, inputs, mode="fx").gm
     for config in (LRDConfig(target_speedup=1.5), LRDConfig(target_speedup=1.5, target_params=0.5)):
         records, _, tasks = plan_experts(model, gm, config)
-        assert not tasks and all(r["rank"] is None and "not target_speedup, which times the layers alone" in r["reason"]
+        assert not tasks and all(r["rank"] is None and "not target_speedup, whose global search times the layers" in r["reason"]
                                  for r in records)  # fmt: skip
 
 
@@ -1011,35 +1011,39 @@ def test_an_encoder_decoders_padding_mask_is_not_applied_to_its_decoder_tokens(r
 
 # -- latency mode: a stack's product timed alone, as a layer is (Algorithm 1) ------------------------
 class _StackTimer(LayerTimer):
-    """A stack's product: flat up to rank 32, slower above it; the dense stack ``dense`` long."""
+    """A stack's product (run once, to check it runs): flat up to rank 32, slower above it;
+    the dense stack ``dense`` long."""
 
     backend, context = "synthetic", "stacks"
 
     def __init__(self, dense):
         self.dense, self.timed = dense, []
 
-    def time(self, module, input_shape):
-        experts, d_in, d_out, rows, rank = module.sizes
-        self.timed.append((rank, tuple(input_shape)))
+    def time_inputs(self, module, inputs):
+        rank = module.form[3]
+        self.timed.append((rank, tuple(inputs[0].shape), module(*inputs).shape))
         return self.dense if rank is None else 1.0 + (rank > 32)
 
 
-@pytest.mark.parametrize("capture", ["fx", "export"])
-def test_latency_mode_times_each_stacks_product_and_takes_the_largest_rank_as_fast_as_the_fastest(monkeypatch, capture):
+@pytest.mark.parametrize("capture, read", [("fx", "right"), ("export", "right"), ("fx", "left"), ("fx", "mT"),
+                                           ("fx", "mT_left")])  # fmt: skip
+def test_latency_mode_times_each_stacks_product_and_takes_the_largest_rank_as_fast_as_the_fastest(monkeypatch, capture,
+                                                                                                  read):  # fmt: skip
     from fxlrd.latency import LatencyConfig
 
-    """The ratio rule's rank 40 and the multiples of 8 down to half of it are timed; ranks above
-    32 are slower, so 32 is chosen (the largest as fast as the fastest)."""
+    """The ratio rule's rank 42 (not quantized: the search's target, as a layer's) and the
+    multiples of 8 down to half of it are timed; ranks above 32 are slower, so 32 is chosen
+    (the largest as fast as the fastest). Each probe runs in the read's form."""
     timer = _StackTimer(dense=3.0)
     monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
-    model, inputs = Experts(e=4, d=64, hidden=128, read="right").eval(), _inputs(d=64, tokens=24)
+    model, inputs = Experts(e=4, d=64, hidden=128, read=read).eval(), _inputs(d=64, tokens=24)
     latency = LatencyConfig(backend="eager", cache=False, progress=False, quantum=8, window=0.5)
-    gm = fxlrd.transform(model, LRDConfig(ratio=1.01, rank_quantum=8, latency=latency), example_inputs=inputs, capture=capture)
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.01, rank_quantum=16, latency=latency), example_inputs=inputs, capture=capture)
     for path, rec in {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}.items():
-        assert [r for r, _ in rec["latency"]["candidates_ms"]] == [[24], [32], [40]]
+        assert [r for r, _ in rec["latency"]["candidates_ms"]] == [[24], [32], [40], [42]]
         assert rec["rank"] == 32 and gm.get_submodule(path).rank == 32
-        assert rec["latency"]["original_ms"] == 3000.0 and "timed alone (24 rows" in rec["latency"]["note"]
-    assert {shape for _, shape in timer.timed} == {(24, 64), (24, 128)}  # (up reads 64 inputs, down 128)
+        assert rec["latency"]["original_ms"] == 3000.0 and "timed alone (24 rows over 4 experts" in rec["latency"]["note"]
+    assert {(x, y) for _, x, y in timer.timed} == {((24, 64), (24, 128)), ((24, 128), (24, 64))}  # (up, then down)
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
 
 
@@ -1052,6 +1056,7 @@ def test_latency_mode_keeps_a_stack_whose_dense_product_is_faster(monkeypatch):
     gm = fxlrd.transform(model, LRDConfig(ratio=2, rank_quantum=8, latency=latency), example_inputs=inputs, capture="fx")
     for rec in gm.fxlrd_plan.settings["stacked_experts"]:
         assert rec["rank"] is None and "the dense stack is faster (500.000 ms" in rec["reason"]
+        assert rec["latency"]["chosen"] is None
     assert not any(isinstance(m, ExpertFactors) for m in gm.modules())
 
 
@@ -1062,5 +1067,34 @@ def test_latency_mode_keeps_grouped_stacks_with_the_reason():
     config = LRDConfig(latency=LatencyConfig(backend="eager", cache=False, progress=False))
     with pytest.warns(fxlrd.FxlrdWarning, match="kept whole"):
         records = fxlrd.plan(model, config, example_inputs=inputs, capture="fx").settings["stacked_experts"]
-    assert all(r["rank"] is None and "not latency, which times only stacks read by a gather per token" in r["reason"]
+    assert all(r["rank"] is None and "are not timed by the latency search: kept whole" in r["reason"]
                for r in records)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_a_stack_probe_runs_on_the_backend_and_keeps_its_gather(backend, tmp_path):
+    """The probe gives the stack's product and, exported, still gathers per row (its ids are an
+    input: nothing folds the gather into a constant the real model does not have)."""
+    from fxlrd.experts import _StackProbe
+
+    torch.manual_seed(0)
+    ids = torch.arange(6) % 3
+    x = torch.randn(6, 8)
+    for rank, x_left, transposed in [(None, True, False), (4, True, True), (4, False, False), (None, False, True)]:
+        probe = _StackProbe(3, 8 if x_left != transposed else 5, 5 if x_left != transposed else 8, rank, x_left,
+                            transposed, torch.float32)  # fmt: skip
+        weight = probe.mats[0] if rank is None else probe.mats[0] @ probe.mats[1]
+        weight = weight.mT if transposed else weight
+        want = torch.bmm(x.unsqueeze(1), weight[ids]).squeeze(1) if x_left else torch.bmm(weight[ids], x.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(probe(x, ids), want)
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        path = tmp_path / "probe.onnx"
+        torch.onnx.export(probe, (x, ids), str(path), dynamo=False)
+        import onnx
+
+        assert "Gather" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    from fxlrd.latency import LatencyConfig, make_timer
+
+    timer = make_timer(LatencyConfig(backend=backend, repeats=1, warmup=0, cache=False, progress=False))
+    assert timer.time_inputs(probe, (x, ids)) > 0
