@@ -155,8 +155,8 @@ class LRDConfig:
             ``energy``; whitened per expert when calibration data is given), the graph
             multiplying by the selected factors; ``"keep"``
             leaves them whole. Under ``target_speedup`` they are kept (the plan says so); under
-            ``latency`` a ``bmm`` stack's rank is searched by timing its product alone, as a
-            layer's, and a ``grouped_mm`` stack is kept.
+            ``latency`` a stack's rank is searched by timing its product alone, as a layer's
+            (a ``grouped_mm`` stack on onnxruntime, which cannot run it, is kept).
     """
 
     ratio: float = 2.0

@@ -29,8 +29,8 @@ operand, directly or through a transpose of its last two dimensions; any other r
 (``ratio``, ``fixed``, ``energy``) or, under a parameter budget (``target_params``,
 ``allocation="global"``), the global allocation, where each stack is one more choice beside
 the layers (`StackTask`, its error in a layer's units: `error_curve`), or, under ``latency``,
-the latency search: a ``bmm`` stack's product is timed alone (`_StackProbe`), dense and at
-each candidate rank, as a layer is.
+the latency search: a stack's product is timed alone (`_StackProbe`), dense and at each
+candidate rank, as a layer is.
 
 With calibration data the factors are data-aware: each expert's inputs (the tokens routed to
 it) are gathered into its own Gram matrix, and its matrix is factorized by whitened SVD
@@ -545,9 +545,9 @@ def _global_reason(config: LRDConfig, s: StackedWeight | None = None) -> str:
                 "(target_params, allocation='global'), not target_speedup, whose global search times the layers: kept "
                 "whole; for them to shrink, use one of those, or experts='keep' to leave them")  # fmt: skip
     if s is not None and _probe_size(s) is None:
-        return ("stacked experts read other than by a gather per token (batched_mm), or at sizes the example does not "
-                "tell, are not timed by the latency search: kept whole; for them to shrink, use a per-layer rank rule "
-                "(ratio, fixed, energy) or a parameter budget (target_params), or experts='keep' to leave them")  # fmt: skip
+        return ("stacked experts read in more than one form, or at sizes the example does not tell, are not timed by "
+                "the latency search: kept whole; for them to shrink, use a per-layer rank rule (ratio, fixed, energy) or "
+                "a parameter budget (target_params), or experts='keep' to leave them")  # fmt: skip
     return ""
 
 
@@ -564,47 +564,55 @@ def _concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
     return None if any(d is None for d in sizes) else tuple(int(d) for d in sizes)
 
 
-def _probe_size(s: StackedWeight) -> tuple[int, int, int, bool, bool] | None:
-    """``(rows, d_in, d_out, x_left, transposed)`` of the stack's product as the example ran it,
-    when the latency search can time it (`_StackProbe`: every read a gather per row, ``bmm``,
-    of one vector per row, all at one size), else None."""
+def _probe_size(s: StackedWeight) -> tuple[int, int, int, bool, bool, bool] | None:
+    """``(rows, d_in, d_out, x_left, transposed, grouped)`` of the stack's product as the
+    example ran it, when the latency search can time it (`_StackProbe`: every read one form,
+    at one size: a gather per row, ``bmm``, of one vector per row, or a ``grouped_mm``), else
+    None."""
     reads = _reads(s)
-    if not reads or any(r.offs is not None for r in reads):
-        return None
     forms = set()
     for r in reads:
         shape = _concrete_shape(r.x)
-        if shape is None or len(shape) != 3 or shape[1 if r.x_left else 2] != 1 or shape[0] < 1:
+        grouped = r.offs is not None
+        if shape is None or len(shape) != (2 if grouped else 3) or shape[0] < 1:
             return None
-        forms.add((shape[0], r.rows, r.x_left, r.x_left != r.rows))
+        if not grouped and shape[1 if r.x_left else 2] != 1:
+            return None
+        forms.add((shape[0], r.rows, r.x_left, r.x_left != r.rows, grouped))
     if len(forms) != 1:
         return None
-    ((rows, input_rows, x_left, transposed),) = forms
+    ((rows, input_rows, x_left, transposed, grouped),) = forms
     d_in = _input_size(s, input_rows)
-    return rows, d_in, s.shape[1] + s.shape[2] - d_in, x_left, transposed
+    return rows, d_in, s.shape[1] + s.shape[2] - d_in, x_left, transposed, grouped
 
 
 class _StackProbe(nn.Module):
-    """A stack's product as ``batched_mm`` runs it, for the latency search: ``x`` (rows, d_in)
-    by the stack ``(E, m, n)`` gathered per row by ``ids`` (a forward input, so that no
-    backend folds the gather away), read as the model reads it (``x_left``, ``transposed``),
-    dense or as its two factors at ``rank``, as `factorize_experts` rewrites it (random
-    values: the time depends on the shapes)."""
+    """A stack's product as a mixture runs it, for the latency search: ``x`` (rows, d_in) by the
+    stack ``(E, m, n)`` read as the model reads it (``x_left``, ``transposed``), dense or as its
+    two factors at ``rank``, as `factorize_experts` rewrites it: gathered per row by ``index``
+    (``batched_mm``), or by expert groups ending at ``index`` (``grouped_mm``). The index is a
+    forward input, so that no backend folds the gather away; the values are random (the time
+    depends on the shapes)."""
 
     def __init__(self, experts: int, m: int, n: int, rank: int | None, x_left: bool, transposed: bool,
-                 dtype: torch.dtype, device: str = "cpu"):  # fmt: skip
+                 dtype: torch.dtype, device: str = "cpu", grouped: bool = False):  # fmt: skip
         super().__init__()
-        self.form = (experts, m, n, rank, x_left, transposed)
+        self.form = (experts, m, n, rank, x_left, transposed, grouped)
         dims = [m, n] if rank is None else [m, rank, n]
         g = torch.Generator().manual_seed(0)
         make = ((lambda a, b: torch.empty(experts, a, b, dtype=dtype, device=device)) if device == "meta" else
                 (lambda a, b: (torch.randn(experts, a, b, generator=g) / a**0.5).to(dtype)))  # fmt: skip
         self.mats = nn.ParameterList(nn.Parameter(make(a, b)) for a, b in zip(dims, dims[1:]))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        mats = [mat[ids] for mat in self.mats]
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        grouped = self.form[6]
+        mats = list(self.mats) if grouped else [mat[index] for mat in self.mats]
         if self.form[5]:  # (P.mT = Rᵀ Lᵀ)
             mats = [mat.transpose(1, 2) for mat in reversed(mats)]
+        if grouped:  # (x @ P, each expert's rows)
+            for mat in mats:
+                x = torch.nn.functional.grouped_mm(x, mat, offs=index)
+            return x
         if self.form[4]:  # x @ P
             h = x.unsqueeze(1)
             for mat in mats:
@@ -616,34 +624,46 @@ class _StackProbe(nn.Module):
         return h.squeeze(-1)
 
     def extra_repr(self) -> str:
-        e, m, n, rank, x_left, transposed = self.form
-        read = ("x @ " if x_left else "") + ("P[ids].mT" if transposed else "P[ids]") + ("" if x_left else " @ x")
-        return f"experts={e}, {m}x{n}, rank={rank}, {read}, ids an input"
+        e, m, n, rank, x_left, transposed, grouped = self.form
+        stack = "P.mT" if transposed else "P"
+        read = (f"grouped_mm(x, {stack}, offs)" if grouped else
+                ("x @ " if x_left else "") + f"{stack}[ids]" + ("" if x_left else " @ x"))  # fmt: skip
+        return f"experts={e}, {m}x{n}, rank={rank}, {read}, its index an input"
+
+    @staticmethod
+    def index(rows: int, experts: int, grouped: bool) -> torch.Tensor:
+        """The rows spread evenly over the experts: each row's expert, or where each expert's rows end."""
+        if not grouped:
+            return torch.arange(rows) % experts
+        sizes = torch.full((experts,), rows // experts) + (torch.arange(experts) < rows % experts)
+        return torch.cumsum(sizes, 0).to(torch.int32)
 
 
 def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any) -> tuple[int | None, dict]:
     """Algorithm 1 for a stack (`fxlrd.ranks.search`): its product and each candidate rank in
     ``[ceil((1 - window)·rank), rank]`` (multiples of the search's quantum, and ``rank``, at
-    least ``min_rank``) timed alone at the example's rows, spread evenly over the experts; the
-    largest as fast as the fastest, or None where the dense stack is faster. Past the search's
-    time budget, ``rank`` quantized. Also the search's record."""
+    least ``min_rank``, aligned for grouped_mm) timed alone at the example's rows, spread evenly
+    over the experts; the largest as fast as the fastest, or None where the dense stack is
+    faster, or where the backend cannot run the product (torch.onnx cannot export grouped_mm).
+    Past the search's time budget, ``rank`` quantized. Also the search's record."""
     from .ranks.search import SearchResult, select_ranks
 
     cfg = config.latency
-    rows, d_in, d_out, x_left, transposed = _probe_size(s)
+    rows, d_in, d_out, x_left, transposed, grouped = _probe_size(s)
     e, m, n = s.shape
+    align = alignment(s, weight.dtype)
     if searcher.over_budget:
-        quantized = max(1, quantize_rank(rank, cfg.quantum))
+        quantized = _aligned(max(1, quantize_rank(rank, cfg.quantum)), align, min(m, n))
         note = f"time budget of {cfg.time_budget_s:g} s spent: data-free quantized rank"
         return quantized, SearchResult((quantized,), None, note=note).record(cfg.backend)
     low = max(1, config.min_rank, math.ceil((1 - cfg.window) * rank))
-    candidates = sorted({r for r in range(low, rank + 1) if r % cfg.quantum == 0} | {rank})
-    experts = min(e, rows)  # (only these are gathered: the timing is the same with fewer stored)
-    inputs = lambda: (torch.randn(rows, d_in).to(weight.dtype), torch.arange(rows) % experts)  # noqa: E731
+    candidates = sorted({_aligned(r, align, min(m, n)) for r in range(low, rank + 1) if r % cfg.quantum == 0} | {rank})
+    experts = min(e, rows)  # (only these are read: the timing is the same with fewer stored)
+    inputs = lambda: (torch.randn(rows, d_in).to(weight.dtype), _StackProbe.index(rows, experts, grouped))  # noqa: E731
 
     def timed(r: int | None) -> float:
-        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta")
-        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype)  # noqa: E731
+        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta", grouped=grouped)
+        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, grouped=grouped)  # noqa: E731
         return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs()))
 
     try:

@@ -1026,24 +1026,26 @@ class _StackTimer(LayerTimer):
 
 
 @pytest.mark.parametrize("capture, read", [("fx", "right"), ("export", "right"), ("fx", "left"), ("fx", "mT"),
-                                           ("fx", "mT_left")])  # fmt: skip
+                                           ("fx", "mT_left"), ("fx", "grouped"), ("fx", "grouped_in_out")])  # fmt: skip
 def test_latency_mode_times_each_stacks_product_and_takes_the_largest_rank_as_fast_as_the_fastest(monkeypatch, capture,
                                                                                                   read):  # fmt: skip
     from fxlrd.latency import LatencyConfig
 
-    """The ratio rule's rank 42 (not quantized: the search's target, as a layer's) and the
-    multiples of 8 down to half of it are timed; ranks above 32 are slower, so 32 is chosen
-    (the largest as fast as the fastest). Each probe runs in the read's form."""
+    """The rule's rank 42 (not quantized: the search's target, as a layer's; 44 for grouped_mm,
+    rows of 16 bytes) and the multiples of 8 down to half of it are timed; ranks above 32 are
+    slower, so 32 is chosen (the largest as fast as the fastest). Each probe runs in the
+    read's form."""
     timer = _StackTimer(dense=3.0)
     monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
-    model, inputs = Experts(e=4, d=64, hidden=128, read=read).eval(), _inputs(d=64, tokens=24)
+    model, inputs = Experts(e=4, d=64, hidden=160, read=read).eval(), _inputs(d=64, tokens=24)
     latency = LatencyConfig(backend="eager", cache=False, progress=False, quantum=8, window=0.5)
-    gm = fxlrd.transform(model, LRDConfig(ratio=1.01, rank_quantum=16, latency=latency), example_inputs=inputs, capture=capture)
+    config = LRDConfig(rank_rule="fixed", rank=42, rank_quantum=16, latency=latency)
+    gm = fxlrd.transform(model, config, example_inputs=inputs, capture=capture)
     for path, rec in {r["weight"]: r for r in gm.fxlrd_plan.settings["stacked_experts"]}.items():
-        assert [r for r, _ in rec["latency"]["candidates_ms"]] == [[24], [32], [40], [42]]
+        assert [r for r, _ in rec["latency"]["candidates_ms"]] == [[24], [32], [40], [44 if "grouped" in read else 42]]
         assert rec["rank"] == 32 and gm.get_submodule(path).rank == 32
         assert rec["latency"]["original_ms"] == 3000.0 and "timed alone (24 rows over 4 experts" in rec["latency"]["note"]
-    assert {(x, y) for _, x, y in timer.timed} == {((24, 64), (24, 128)), ((24, 128), (24, 64))}  # (up, then down)
+    assert {(x, y) for _, x, y in timer.timed} == {((24, 64), (24, 160)), ((24, 160), (24, 64))}  # (up, then down)
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
 
 
@@ -1060,15 +1062,14 @@ def test_latency_mode_keeps_a_stack_whose_dense_product_is_faster(monkeypatch):
     assert not any(isinstance(m, ExpertFactors) for m in gm.modules())
 
 
-def test_latency_mode_keeps_grouped_stacks_with_the_reason():
+def test_latency_mode_on_onnxruntime_keeps_grouped_stacks_it_cannot_export_and_says_so():
     from fxlrd.latency import LatencyConfig
 
-    model, inputs = Experts(read="grouped", d=16, hidden=20).eval(), _inputs(d=16)
-    config = LRDConfig(latency=LatencyConfig(backend="eager", cache=False, progress=False))
-    with pytest.warns(fxlrd.FxlrdWarning, match="kept whole"):
+    model, inputs = Experts(read="grouped", d=16, hidden=32).eval(), _inputs(d=16)
+    config = LRDConfig(latency=LatencyConfig(backend="onnxruntime", cache=False, progress=False, repeats=1, warmup=0))
+    with pytest.warns(fxlrd.FxlrdWarning, match="could not time its product on onnxruntime"):
         records = fxlrd.plan(model, config, example_inputs=inputs, capture="fx").settings["stacked_experts"]
-    assert all(r["rank"] is None and "are not timed by the latency search: kept whole" in r["reason"]
-               for r in records)  # fmt: skip
+    assert all(r["rank"] is None and "could not time its product on onnxruntime" in r["reason"] for r in records)
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
@@ -1087,6 +1088,15 @@ def test_a_stack_probe_runs_on_the_backend_and_keeps_its_gather(backend, tmp_pat
         weight = weight.mT if transposed else weight
         want = torch.bmm(x.unsqueeze(1), weight[ids]).squeeze(1) if x_left else torch.bmm(weight[ids], x.unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(probe(x, ids), want)
+    offs = _StackProbe.index(6, 3, grouped=True)
+    assert offs.tolist() == [2, 4, 6]
+    for rank, transposed in [(None, False), (4, True)]:  # (grouped_mm: rows of 16 bytes)
+        grouped = _StackProbe(3, 8 if not transposed else 12, 12 if not transposed else 8, rank, True, transposed,
+                              torch.float32, grouped=True)  # fmt: skip
+        weight = grouped.mats[0] if rank is None else grouped.mats[0] @ grouped.mats[1]
+        weight = weight.mT if transposed else weight
+        want = torch.cat([x[2 * e:2 * e + 2] @ weight[e] for e in range(3)])
+        torch.testing.assert_close(grouped(x, offs), want)
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
         path = tmp_path / "probe.onnx"
