@@ -45,7 +45,7 @@ from .config import check_sensitivity
 from .decompose import Whitening, whitening
 from .errors import ConfigError
 from .modes import saved_modes
-from .sites import Site, find_sites
+from .sites import Site, find_sites, tensor_index
 
 __all__ = ["InputStats", "SiteStats", "collect_stats", "kl_outputs", "sequential_factors", "all_reduce_stats"]
 
@@ -450,16 +450,8 @@ class EvalInterpreter(fx.Interpreter):
 
 
 def _is_gather(node: fx.Node) -> bool:
-    """``P[ids]`` of a module's own tensor ``P`` by one index tensor (``aten.index.Tensor(P, [ids])``
-    or ``operator.getitem(P, ids)``)."""
-    if node.op != "call_function" or node.kwargs or len(node.args) != 2:
-        return False
-    source, index = node.args
-    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
-        return False
-    if node.target is _aten.index.Tensor:
-        return isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node)
-    return node.target is operator.getitem and isinstance(index, fx.Node)
+    """``P[ids]`` of a module's own tensor ``P`` by one index tensor (`fxlrd.sites.tensor_index`)."""
+    return tensor_index(node) is not None and node.args[0].op == "get_attr"
 
 
 @dataclass

@@ -58,7 +58,7 @@ from torch import nn
 from .config import LRDConfig
 from .errors import PlanMismatchError
 from .ranks.rules import energy_rank, quantize_rank, svd_rank_for_ratio
-from .sites import _drop_param, _get_attr, _op_name, set_submodule, stacked_weights
+from .sites import _drop_param, _get_attr, _op_name, set_submodule, stacked_weights, tensor_index
 
 __all__ = ["ExpertFactors", "StackedWeight", "StackTask", "find_stacked", "expert_stats", "plan_experts", "factorize_experts",
            "error_curve"]
@@ -113,12 +113,7 @@ class StackedWeight:
 
 def _is_selection(node: fx.Node, param: fx.Node) -> bool:
     """``P[ids]``: ``aten.index.Tensor(P, [ids])`` or ``operator.getitem(P, ids)`` with one index tensor."""
-    if node.op != "call_function" or not node.args or node.args[0] is not param or node.kwargs:
-        return False
-    if node.target is aten.index.Tensor:
-        index = node.args[1]
-        return isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node)
-    return node.target is operator.getitem and len(node.args) == 2 and isinstance(node.args[1], fx.Node)
+    return tensor_index(node) is not None and node.args[0] is param
 
 
 def _is_last_transpose(node: fx.Node, source: fx.Node) -> bool:
@@ -285,7 +280,7 @@ def _reads(s: StackedWeight) -> list[_Read]:
     for read in s.reads:
         param = _param_of(read)
         if _is_selection(read, param):
-            ids = read.args[1][0] if read.target is aten.index.Tensor else read.args[1]
+            ids = tensor_index(read)
             uses = _uses(read)[0]
         else:
             ids, uses = None, _grouped_uses(read, param)[0]
@@ -366,7 +361,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         gather = _row_gather(operands[0]) if operands is not None else None
         if gather is not None:
             offs_gathers.setdefault(operands[2], gather)
-    row_gathers = {g: g.args[1][0] if g.target is aten.index.Tensor else g.args[1] for g in offs_gathers.values()}
+    row_gathers = {g: tensor_index(g) for g in offs_gathers.values()}
     gathered: dict[fx.Node, tuple[torch.Tensor, int]] = {}  # row gather → (token index, rows gathered from)
     real_rows: dict[fx.Node, torch.Tensor | None] = {}  # a grouped product's offs → which of its sorted rows are real
     padded: set[str] = set()  # grouped stacks whose calibration had padding that could not be told apart (counted)
@@ -489,12 +484,7 @@ def _row_gather(x: fx.Node) -> fx.Node | None:
     """The node gathering ``x``'s rows by one index tensor (``h[tok]``), through casts and copies."""
     while x.op in ("call_function", "call_method") and x.args and isinstance(x.args[0], fx.Node) and _op_name(x) in _SAME_ROWS:
         x = x.args[0]
-    if x.op != "call_function" or x.kwargs or len(x.args) != 2 or not isinstance(x.args[0], fx.Node):
-        return None
-    index = x.args[1]
-    if x.target is aten.index.Tensor:
-        return x if isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node) else None
-    return x if x.target is operator.getitem and isinstance(index, fx.Node) else None
+    return x if tensor_index(x) is not None else None
 
 
 def _real_rows(gathered: tuple[torch.Tensor, int] | None, mask: torch.Tensor) -> torch.Tensor | None:

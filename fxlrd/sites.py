@@ -525,6 +525,17 @@ _PRODUCTS = {"bmm", "baddbmm", "matmul", "mm", "addmm", "linear", "einsum", "_gr
              "conv_transpose3d"}  # fmt: skip
 
 
+def tensor_index(node: fx.Node) -> fx.Node | None:
+    """The index of ``source[index]`` by one index tensor (``aten.index.Tensor(source, [index])``
+    or ``operator.getitem(source, index)``, ``source`` a node), else None."""
+    if node.op != "call_function" or node.kwargs or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+        return None
+    index = node.args[1]
+    if node.target is torch.ops.aten.index.Tensor:
+        return index[0] if isinstance(index, (list, tuple)) and len(index) == 1 and isinstance(index[0], fx.Node) else None
+    return index if node.target is operator.getitem and isinstance(index, fx.Node) else None
+
+
 def _op_name(node: fx.Node) -> str:
     """The operation's bare name: ``"bmm"`` for ``torch.bmm``, ``aten.bmm.default`` and
     ``x.bmm``; the attribute for an attribute read (``"mT"`` for ``x.mT`` under fx); "" for a
