@@ -268,10 +268,10 @@ def _plan_captured(model: nn.Module, captured: Captured, config: LRDConfig, cali
         for task in stack_tasks:
             task.record["reason"] = _INPLACE_STACK
         stack_tasks = []
-    _warn_experts_kept(stacked, config)
     plan_ = make_plan(captured.gm, config, inputs, capture=captured.record(), stats=stats, narrowed=narrowed,
                       before_narrowing=before if narrowed else None, stacked=[r["weight"] for r in stacked],
                       stack_tasks=stack_tasks)  # fmt: skip
+    _warn_experts_kept(stacked, config)  # (after the plan: the global speed search may keep stacks it cannot time)
     if fused:
         plan_.settings["fused"] = fused
     if stacked:

@@ -154,9 +154,10 @@ class LRDConfig:
             expert's matrix at the stack's rank by the per-layer rule (``ratio``, ``fixed``,
             ``energy``; whitened per expert when calibration data is given), the graph
             multiplying by the selected factors; ``"keep"``
-            leaves them whole. Under ``target_speedup`` they are kept (the plan says so); under
-            ``latency`` a stack's rank is searched by timing its product alone, as a layer's
-            (a ``grouped_mm`` stack on onnxruntime, which cannot run it, is kept).
+            leaves them whole. Under ``latency`` a stack's rank is searched by timing its
+            product alone, as a layer's; under ``target_speedup`` each stack is kept or given a
+            rank beside the layers, its options priced the same way (a ``grouped_mm`` stack on
+            onnxruntime, which cannot run it, is kept, the plan says why).
     """
 
     ratio: float = 2.0

@@ -525,20 +525,15 @@ def _selected(path: str, config: LRDConfig, model: nn.Module, gm: fx.GraphModule
 
 
 def _global_reason(config: LRDConfig, s: StackedWeight | None = None) -> str:
-    """Why a speed mode keeps the stack ``s`` ("" for the other modes, and for a stack the
-    `latency` search can time: `_probe_size`)."""
+    """Why a speed mode (``latency``, ``target_speedup``) keeps the stack ``s`` ("" for the
+    other modes, and for a stack the search can time: `_probe_size`)."""
     given = next((k for k in ("target_speedup", "latency") if getattr(config, k) is not None), None)
-    if given is None:
+    if given is None or s is None or _probe_size(s) is not None:
         return ""
-    if given == "target_speedup":
-        return ("stacked experts take the per-layer rank rules (ratio, fixed, energy), latency, or a parameter budget "
-                "(target_params, allocation='global'), not target_speedup, whose global search times the layers: kept "
-                "whole; for them to shrink, use one of those, or experts='keep' to leave them")  # fmt: skip
-    if s is not None and _probe_size(s) is None:
-        return ("stacked experts read in more than one form, or at sizes the example does not tell, are not timed by "
-                "the latency search: kept whole; for them to shrink, use a per-layer rank rule (ratio, fixed, energy) or "
-                "a parameter budget (target_params), or experts='keep' to leave them")  # fmt: skip
-    return ""
+    search = "global speed search (target_speedup)" if given == "target_speedup" else "latency search"
+    return (f"stacked experts read in more than one form, or at sizes the example does not tell, are not timed by the "
+            f"{search}: kept whole; for them to shrink, use a per-layer rank rule (ratio, fixed, energy) or a parameter "
+            "budget (target_params), or experts='keep' to leave them")  # fmt: skip
 
 
 def _concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -629,6 +624,27 @@ class _StackProbe(nn.Module):
         return torch.cumsum(sizes, 0).to(torch.int32)
 
 
+def _probe_timer(s: StackedWeight, weight: torch.Tensor, searcher: Any) -> tuple[Any, str]:
+    """``rank -> seconds`` of one product of the stack ``s`` (None: dense) timed alone on the
+    search's backend (`_StackProbe`, cached) at the example's rows spread evenly over the
+    experts, and what was timed, for the record."""
+    rows, d_in, d_out, x_left, transposed, grouped = _probe_size(s)
+    e, m, n = s.shape
+    experts = min(e, rows)  # (only these are read: the timing is the same with fewer stored)
+    inputs = lambda: (torch.randn(rows, d_in).to(weight.dtype), _StackProbe.index(rows, experts, grouped))  # noqa: E731
+
+    def timed(r: int | None) -> float:
+        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta", grouped=grouped)
+        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, grouped=grouped)  # noqa: E731
+        return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs()))
+
+    return timed, f"its product timed alone ({rows} rows over {experts} experts, {d_in}->{d_out})"
+
+
+def _untimed(exc: Exception, backend: str) -> str:
+    return f"the latency search could not time its product on {backend} ({type(exc).__name__}: {exc}): kept"
+
+
 def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any) -> tuple[int | None, dict]:
     """Algorithm 1 for a stack (`fxlrd.ranks.search`): its product and each candidate rank in
     ``[ceil((1 - window)·rank), rank]`` (multiples of the search's quantum, and ``rank``, at
@@ -639,7 +655,6 @@ def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LR
     from .ranks.search import SearchResult, select_ranks
 
     cfg = config.latency
-    rows, d_in, d_out, x_left, transposed, grouped = _probe_size(s)
     e, m, n = s.shape
     align = alignment(s, weight.dtype)
     if searcher.over_budget:
@@ -648,24 +663,15 @@ def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LR
         return quantized, SearchResult((quantized,), None, note=note).record(cfg.backend)
     low = max(1, config.min_rank, math.ceil((1 - cfg.window) * rank))
     candidates = sorted({_aligned(r, align, min(m, n)) for r in range(low, rank + 1) if r % cfg.quantum == 0} | {rank})
-    experts = min(e, rows)  # (only these are read: the timing is the same with fewer stored)
-    inputs = lambda: (torch.randn(rows, d_in).to(weight.dtype), _StackProbe.index(rows, experts, grouped))  # noqa: E731
-
-    def timed(r: int | None) -> float:
-        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta", grouped=grouped)
-        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, grouped=grouped)  # noqa: E731
-        return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs()))
-
+    timed, what = _probe_timer(s, weight, searcher)
     try:
         original = timed(None)
         timings = {(r,): timed(r) for r in candidates}
     except Exception as exc:  # noqa: BLE001  (the backend cannot run the product: kept, and said why)
-        return None, SearchResult(None, None, note=f"the latency search could not time its product on "
-                                  f"{cfg.backend} ({type(exc).__name__}: {exc}): kept").record(cfg.backend)  # fmt: skip
+        return None, SearchResult(None, None, note=_untimed(exc, cfg.backend)).record(cfg.backend)
     chosen = select_ranks(original, timings, cfg.tolerance)
-    note = f"its product timed alone ({rows} rows over {experts} experts, {d_in}->{d_out})" + (
-        "" if chosen is not None else f"; the dense stack is faster ({original * 1e3:.3f} ms vs "
-        f"{min(timings.values()) * 1e3:.3f} ms): kept")  # fmt: skip
+    note = what + ("" if chosen is not None else f"; the dense stack is faster ({original * 1e3:.3f} ms vs "
+                   f"{min(timings.values()) * 1e3:.3f} ms): kept")  # fmt: skip
     return (None if chosen is None else chosen[0]), SearchResult(chosen, original, timings, note).record(cfg.backend)
 
 
@@ -705,24 +711,26 @@ def _check_finite(weight: torch.Tensor, path: str) -> None:
 
 
 def _allocated(config: LRDConfig) -> bool:
-    """Whether the config sizes the model by a parameter budget alone (``target_params`` or
-    ``allocation="global"``, no speed target or latency search): the stacks are then
-    allocated beside the layers (`StackTask`)."""
+    """Whether the config sizes the stacks beside the layers (`StackTask`): by a parameter
+    budget alone (``target_params`` or ``allocation="global"``, no latency search), or in the
+    global speed mode (``target_speedup``), which times them too."""
     sized = config.target_params is not None or config.allocation == "global"
-    return sized and config.target_speedup is None and config.latency is None
+    return config.target_speedup is not None or (sized and config.latency is None)
 
 
 @dataclass
 class StackTask:
     """A stacked weight the global allocation sizes beside the layers (`fxlrd.planner`): keep
     it, or factorize it at a rank, each option with its parameters and its error in the units
-    the allocation weighs a layer's (`error_curve`)."""
+    the allocation weighs a layer's (`error_curve`); under a speed target, with its time too
+    (`speed_options`)."""
 
     record: dict[str, Any]
     weight: torch.Tensor
     stats: list[Any] | None
     rows: bool
     align: int
+    stack: StackedWeight | None = None  # (the speed search times its product)
 
     def options(self, quantum: int, min_rank: int = 1) -> dict[int | None, tuple[float, float]]:
         """Keep (``None``), or each rank (the ranks below ``quantum`` and its multiples, rounded
@@ -736,12 +744,52 @@ class StackTask:
                 opts[r] = (float(e * r * (m + n)), curve(r))
         return opts
 
-    def fill(self, rank: int | None) -> None:
-        """Record the allocation's choice (None: kept)."""
+    def speed_options(self, ratio: float, quantum: int, searcher: Any, min_rank: int = 1) -> dict[int | None, tuple[float, float]]:
+        """For the global speed search: keep (``None``), or each of a dozen ranks around the
+        rank ``ratio`` gives (R/4 to 2R, as a layer's, rounded up to `alignment`) that shrinks
+        the stack and is at least ``min_rank``: ``(seconds, error)``, the seconds those of its
+        products timed alone (`_probe_timer`). Where the backend cannot run them, keep alone
+        (its time unknown, counted as 0), the reason in the record."""
+        from .methods.base import _scaled
+
+        m, n = self.record["shape"]
+        cap, calls = min(m, n), len(_reads(self.stack))
+        timed, what = _probe_timer(self.stack, self.weight, searcher)
+        try:
+            opts: dict[int | None, tuple[float, float]] = {None: (timed(None) * calls, 0.0)}
+            curve = error_curve(self.weight, self.stats, self.rows)
+            for r in _scaled(min(cap, svd_rank_for_ratio(n, m, ratio)), cap, quantum):
+                r = _aligned(r, self.align, cap)
+                if r >= min_rank and r * (m + n) < m * n and r not in opts:
+                    opts[r] = (timed(r) * calls, curve(r))
+        except Exception as exc:  # noqa: BLE001  (the backend cannot run the product: kept, and said why)
+            self.record["reason"] = _untimed(exc, searcher.timer.backend)
+            return {None: (0.0, 0.0)}
+        self.record["latency"] = {"backend": searcher.timer.backend, "original_ms": opts[None][0] * 1e3,
+                                  "candidates_ms": [[[r], t * 1e3, err] for r, (t, err) in opts.items() if r is not None],
+                                  "note": f"{what}{f', {calls} calls' if calls > 1 else ''}"}  # fmt: skip
+        return opts
+
+    def params(self, rank: int | None) -> int:
+        e, (m, n) = self.record["experts"], self.record["shape"]
+        return e * m * n if rank is None else e * rank * (m + n)
+
+    def fill(self, rank: int | None, why: str = "global allocation: kept (least error for the budget)") -> None:
+        """Record the allocation's choice (None: kept, for ``why``)."""
+        if "latency" in self.record:
+            self.record["latency"]["chosen"] = None if rank is None else [rank]
         if rank is None:
-            self.record["reason"] = "global allocation: kept (least error for the budget)"
+            self.record["reason"] = self.record["reason"] or why
             return
         _record_rank(self.record, self.weight, rank, self.stats, self.rows)
+
+
+def skeleton_stacks(gm: fx.GraphModule, tasks: Sequence[StackTask], ranks: Sequence[int | None]) -> None:
+    """Factorize ``gm``'s stacks of ``tasks`` at ``ranks`` (None: kept) as zeros, in place: a
+    trial of the global speed search, timed and thrown away (the time depends on the shapes)."""
+    records = [{**t.record, "rank": r} for t, r in zip(tasks, ranks) if r is not None]
+    if records:
+        factorize_experts(gm, gm, records, skeleton=True)  # (gm as the model: no user module is needed to find them)
 
 
 def _record_rank(rec: dict[str, Any], weight: torch.Tensor, rank: int, stats: list[Any] | None, rows: bool) -> None:
@@ -762,14 +810,15 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     stack stays data-free despite calibration) and, data-aware, ``calibrated_experts`` (how
     many experts calibration tokens reached). Also the experts' statistics (`expert_stats`,
     with the config's output sensitivity) of the stacks to factorize, when ``calibration`` is
-    given, and, under a parameter budget (`_allocated`), the `StackTask` of each stack the
-    allocation sizes (its record's rank is then set by `StackTask.fill`)."""
+    given, and, under a parameter budget or a speed target (`_allocated`), the `StackTask` of
+    each stack the allocation sizes (its record's rank is then set by `StackTask.fill`)."""
     stacks = find_stacked(model, gm)
     allocate = _allocated(config)
     out, ranks, chosen = [], {}, []
     searcher = None  # (the latency search's, made for the first stack it times)
-    searched = config.latency is not None and config.target_speedup is None and not allocate and config.experts != "keep"
-    if searched and example is not None and any(not s.reason for s in stacks.values()):
+    searched = config.latency is not None and not allocate and config.experts != "keep"
+    timed = (searched or config.target_speedup is not None) and config.experts != "keep"
+    if timed and example is not None and any(not s.reason for s in stacks.values()):
         from .planner import input_shapes
 
         input_shapes(gm, example)  # (each product's rows, for the latency search: no compute)
@@ -783,7 +832,7 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if rec["reason"]:
             continue
         weight = _get_attr(gm, s.path)
-        why = _selected(s.path, config, model, gm) or ("" if allocate else _global_reason(config, s))
+        why = _selected(s.path, config, model, gm) or _global_reason(config, s)
         if not why and weight.is_meta:
             why = "weights on the meta device (not loaded): kept"
         if not why and (allocate or config.rank_rule == "energy"):  # (its rank reads the spectrum)
@@ -825,7 +874,7 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if path in ranks:
             _record_rank(rec, weight, ranks[path], st, rows)
         else:
-            tasks.append(StackTask(rec, weight, st, rows, alignment(stacks[path], weight.dtype)))
+            tasks.append(StackTask(rec, weight, st, rows, alignment(stacks[path], weight.dtype), stacks[path]))
         if st is not None and all(x is None or x.unreached for x in st):
             rec["note"] = "the sensitivity target does not depend on its output: its error costs nothing there"
         elif st is not None and path in notes:

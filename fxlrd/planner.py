@@ -287,7 +287,7 @@ def _make_plan(
 
     fill = lambda task, ranks, why="": _fill(task, ranks, config, why)  # noqa: E731
     if config.target_speedup is not None:
-        _plan_for_speed(gm, tasks, config, inputs, plan, fill, before_narrowing)
+        _plan_for_speed(gm, tasks, config, inputs, plan, fill, before_narrowing, stack_tasks)
     elif config.latency is not None:
         _search(gm, tasks, config, fill)
     elif config.target_params is not None or config.allocation == "global":
@@ -445,42 +445,46 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
     )
 
 
-def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, stacks: Sequence[Any] = ()) -> None:
+def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, stacks: Sequence[Any] = ()) -> float:
     """The speed search (and CP under any budget) offers ranks around each layer's target (R/4
     to 2R): with a size budget that asks for more than ``ratio``, centre them on the budget's
     ratio instead, or budgets that other ranks meet had no candidate small enough. With
-    narrowed MLP blocks, ``ratio`` is the blocks': centre on any budget that compresses."""
+    narrowed MLP blocks, ``ratio`` is the blocks': centre on any budget that compresses.
+    Returns the ratio the targets are centred on."""
     if config.target_params is None:
-        return
+        return config.ratio
     budget, _ = _layer_budget(tasks, config, plan, stacks)
     layers = _sized(tasks, stacks)
     most = layers if plan.settings.get("narrowed") else layers / config.ratio
     if not 0 < budget < most:
-        return
+        return config.ratio
     centred = dataclasses.replace(config, ratio=layers / budget)
     for task in tasks:
         ranks = task.handler.target_ranks(task.weight, task.spec, centred, task.stats)
         ranks = task.handler.quantize(tuple(ranks), task.caps, 1)
         task.ranks = tuple(max(1, min(r, c)) for r, c in zip(ranks, task.caps))
+    return layers / budget
 
 
 def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,
-                    fill: Callable, before_narrowing: fx.GraphModule | None = None) -> None:  # fmt: skip
+                    fill: Callable, before_narrowing: fx.GraphModule | None = None, stacks: Sequence[Any] = ()) -> None:  # fmt: skip
     """Global mode: every layer's ranks (or keep) for ``config.target_speedup``, least total
     error, closed loop on the measured whole-model speed-up. ``before_narrowing``: the model
     before its MLP blocks were narrowed; the speed-up counts from it, and the layers are
-    chosen for what narrowing left of the target."""
+    chosen for what narrowing left of the target. ``stacks``: stacked expert weights
+    (`fxlrd.experts.StackTask`) chosen beside the layers, each timed by its products alone."""
     from fxlrd.passes import DecomposePass
 
+    from .experts import skeleton_stacks
     from .ranks.search import RankSearcher
 
-    _centre_on_budget(tasks, config, plan)
+    stack_ratio = _centre_on_budget(tasks, config, plan, stacks)
     if config.target_params is not None:  # a size budget below the fixed parameters: before any timing
-        budget, what = _layer_budget(tasks, config, plan)
+        budget, what = _layer_budget(tasks, config, plan, stacks)
         if budget <= 0:
             raise _budget_error(what, 0.0, budget, tasks, plan, config.min_rank)
     searcher = RankSearcher(config.latency)
-    searcher.progress(len(tasks))
+    searcher.progress(len(tasks) + len(stacks))
     window_of = _windows(gm, config)
     narrowing = 1.0
     try:
@@ -497,6 +501,8 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
                 if not sized:  # (with a size budget, the closed loop below finds the least-error model of that size)
                     for task in tasks:
                         fill(task, None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
+                    for stack in stacks:
+                        stack.fill(None, f"global: kept (narrowing alone measured {narrowing:.2f}x)")
                     plan.settings["global_search"] = {
                         "target_speedup": config.target_speedup, "narrowing_speedup": narrowing,
                         "measured_speedup": narrowing, "met": True, "rounds": []}  # fmt: skip
@@ -521,11 +527,15 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             options.append(_options(task, config.latency.quantum, cost, curve, min_rank=config.min_rank))
             searcher.cache.flush()
             searcher._tick()
+        for stack in stacks:
+            options.append(stack.speed_options(stack_ratio, config.latency.quantum, searcher, config.min_rank))
+            searcher.cache.flush()
+            searcher._tick()
     finally:
         searcher.close()
     budget_params = None
     if config.target_params is not None or config.allocation == "global":  # the global ratio is a size budget too
-        budget_params, budget_what = _layer_budget(tasks, config, plan)
+        budget_params, budget_what = _layer_budget(tasks, config, plan, stacks)
 
     def apply_choices(choices) -> None:
         for task, choice in zip(tasks, choices):
@@ -534,9 +544,11 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     def measure(choices) -> float:
         apply_choices(choices)
         trial = DecomposePass(plan, stats={t.lp.name: t.stats for t in tasks if t.stats is not None})(copy.deepcopy(gm))
+        skeleton_stacks(trial.graph_module, stacks, choices[len(tasks):])  # (their time depends on the shapes alone)
         return searcher.timer.speedup_model(copy.deepcopy(gm), trial.graph_module, inputs)
 
     params = [{c: (t.lp.params_before if c is None else _params_of(t, c)) for c in opts} for t, opts in zip(tasks, options)]
+    params += [{c: stack.params(c) for c in opts} for stack, opts in zip(stacks, options[len(tasks):])]
     choices, record = closed_loop(options, config.target_speedup / narrowing, model_s, measure, params=params,
                                   param_budget=budget_params)  # fmt: skip
     if before_narrowing is not None:  # the rounds' speed-ups count from the narrowed model; the record's, from the original
@@ -547,9 +559,15 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         record["layer_params_budget"] = budget_params
         record["layer_params_chosen"] = sum(p[c] for p, c in zip(params, choices))
         if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
-            raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan, config.min_rank)
+            raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan, config.min_rank,
+                                stacks)  # fmt: skip
     apply_choices(choices)
-    record["objective"] = "output error on calibration data" if any(t.stats is not None for t in tasks) else "weight error"
+    for stack, choice in zip(stacks, choices[len(tasks):]):
+        stack.fill(choice, "global: kept (least error for the target)")
+    aware = any(t.stats is not None for t in tasks) or any(s.stats is not None for s in stacks)
+    record["objective"] = "output error on calibration data" if aware else "weight error"
+    if stacks:
+        record["stacked_experts"] = len(stacks)
     plan.settings["global_search"] = record
     if not record["met"]:
         baseline = "the narrowed model" if before_narrowing is not None else "the original"
@@ -564,7 +582,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             FxlrdWarning,
             stacklevel=3,
         )
-    for task, opts, choice in zip(tasks, options, choices):
+    for task, opts, choice in zip(tasks, options, choices):  # (zip: the layers', the stacks' follow)
         task.lp.latency = {
             "backend": config.latency.backend, "original_ms": opts[None][0] * 1e3,
             "candidates_ms": [[list(r), t * 1e3, e] for r, (t, e) in opts.items() if r is not None],

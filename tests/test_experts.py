@@ -299,15 +299,28 @@ def test_a_stack_the_output_does_not_depend_on_costs_nothing_in_the_allocation()
         assert rec["rank"] == 1  # (free to cut)
 
 
-def test_speed_modes_keep_the_stacks_and_say_so():
-    from fxlrd.experts import plan_experts
+class _TwoForms(Experts):
+    """One square stack read twice, on either side: ``bmm(P[ids], x)``, then ``bmm(h, P[ids])``."""
 
-    model, inputs = _WithLayer().eval(), _inputs(d=32)
-    gm = capture_graph(model, inputs, mode="fx").gm
-    for config in (LRDConfig(target_speedup=1.5), LRDConfig(target_speedup=1.5, target_params=0.5)):
-        records, _, tasks = plan_experts(model, gm, config)
-        assert not tasks and all(r["rank"] is None and "not target_speedup, whose global search times the layers" in r["reason"]
-                                 for r in records)  # fmt: skip
+    def __init__(self):
+        super().__init__(d=16, hidden=16)
+
+    def forward(self, x, idx):
+        h = torch.bmm(self.up[idx], x.unsqueeze(-1)).squeeze(-1)
+        return torch.bmm(torch.relu(h).unsqueeze(1), self.up[idx]).squeeze(1)
+
+
+@pytest.mark.parametrize("target_speedup", [None, 1.5])
+def test_speed_modes_keep_a_stack_they_cannot_time_and_say_so(monkeypatch, target_speedup):
+    """A stack read in two forms has no one product to time: kept, the reason naming the search."""
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: _ParamTimer())
+    model, inputs = _TwoForms().eval(), _inputs(d=16)
+    with pytest.warns(fxlrd.FxlrdWarning, match="1 stacked expert weights .* are kept whole"):
+        plan = fxlrd.plan(model, _speed_config(target_speedup=target_speedup), example_inputs=inputs, capture="fx")
+    (rec,) = plan.settings["stacked_experts"]
+    search = "global speed search (target_speedup)" if target_speedup else "latency search"
+    assert rec["rank"] is None and "latency" not in rec
+    assert f"read in more than one form, or at sizes the example does not tell, are not timed by the {search}" in rec["reason"]
 
 
 @pytest.mark.parametrize("config", [LRDConfig(ratio=2), LRDConfig(ratio=2, allocation="global")])
@@ -1070,6 +1083,86 @@ def test_latency_mode_on_onnxruntime_keeps_grouped_stacks_it_cannot_export_and_s
     with pytest.warns(fxlrd.FxlrdWarning, match="could not time its product on onnxruntime"):
         records = fxlrd.plan(model, config, example_inputs=inputs, capture="fx").settings["stacked_experts"]
     assert all(r["rank"] is None and "could not time its product on onnxruntime" in r["reason"] for r in records)
+
+
+# -- global speed mode (target_speedup): the stacks chosen beside the layers ------------------------
+class _ParamTimer(LayerTimer):
+    """Time = parameters of whatever runs (a whole model, a layer, a stack's probe, which it runs
+    once to check it runs); a grouped_mm probe ``fails`` if asked (as onnxruntime's export does)."""
+
+    backend, context = "synthetic", "params"
+
+    def __init__(self, fail_grouped=False):
+        self.fail_grouped, self.probes = fail_grouped, []
+
+    def time(self, module, input_shape):
+        return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
+
+    def time_inputs(self, module, inputs):
+        if self.fail_grouped and module.form[6]:
+            raise RuntimeError("grouped_mm cannot be exported")
+        self.probes.append((module.form[3], module(*inputs).shape))
+        return self.time(module, None)
+
+    def time_model(self, model, inputs):
+        return self.time(model, None)
+
+    def speedup_model(self, original, other, inputs):
+        return self.time(original, None) / self.time(other, None)
+
+
+def _speed_config(**kwargs):
+    from fxlrd.latency import LatencyConfig
+
+    return LRDConfig(latency=LatencyConfig(backend="eager", cache=False, progress=False, quantum=8), **kwargs)
+
+
+@pytest.mark.parametrize("capture, read", [("fx", "left"), ("export", "right"), ("fx", "grouped")])
+def test_global_speed_mode_chooses_the_stacks_beside_the_layers_on_the_measured_model(monkeypatch, capture, read):
+    """Time is parameters here, and the stacks hold most of them: a 2x target is met only by
+    factorizing them. Each stack's candidates are timed as its product alone; each trial is
+    measured whole, its stacks built at the trial's ranks; the model returned is that trial
+    with real factors."""
+    timer = _ParamTimer()
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
+    torch.manual_seed(0)
+    model, inputs = _WithLayer(read=read).eval(), _inputs(d=32, tokens=24)
+    gm = fxlrd.transform(model, _speed_config(target_speedup=2), example_inputs=inputs, capture=capture)
+    g, recs = gm.fxlrd_plan.settings["global_search"], gm.fxlrd_plan.settings["stacked_experts"]
+    assert g["met"] and g["measured_speedup"] >= 2 and g["stacked_experts"] == 2
+    assert timer.time(model, None) / timer.time(gm, None) == pytest.approx(g["measured_speedup"])
+    for rec in recs:
+        assert rec["rank"] is not None and rec["latency"]["chosen"] == [rec["rank"]] and rec["rank"] % 8 == 0
+        assert "its product timed alone (24 rows over 4 experts" in rec["latency"]["note"]
+        ranks = [r for (r,), _, _ in rec["latency"]["candidates_ms"]]
+        assert len(ranks) >= 3 and all(r * 96 < 32 * 64 for r in ranks)  # (around the ratio's rank, each a saving)
+        assert isinstance(gm.get_submodule(rec["weight"]), ExpertFactors)
+        assert gm.get_submodule(rec["weight"]).weight().abs().sum() > 0  # (the real factors, not the trial's zeros)
+    assert {rank for rank, _ in timer.probes} >= {None, *(r["rank"] for r in recs)}
+    assert rel_err(gm(*inputs), model(*inputs)) < 1  # (an approximation of the model, not zeros)
+    assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
+
+
+def test_global_speed_mode_counts_the_stacks_in_its_size_budget(monkeypatch):
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: _ParamTimer())
+    torch.manual_seed(0)
+    model, inputs = _WithLayer().eval(), _inputs(d=32, tokens=24)
+    budget = int(0.3 * fxlrd.count_params(model))
+    gm = fxlrd.transform(model, _speed_config(target_speedup=1.2, target_params=budget), example_inputs=inputs,
+                         capture="fx")  # fmt: skip
+    g = gm.fxlrd_plan.settings["global_search"]
+    assert g["layer_params_chosen"] <= g["layer_params_budget"] and fxlrd.count_params(gm) <= budget
+    assert all(r["rank"] is not None for r in gm.fxlrd_plan.settings["stacked_experts"])  # (the budget needs them)
+
+
+def test_global_speed_mode_keeps_a_stack_the_backend_cannot_time_and_warns(monkeypatch):
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: _ParamTimer(fail_grouped=True))
+    model, inputs = _WithLayer(read="grouped").eval(), _inputs(d=32, tokens=24)
+    with pytest.warns(fxlrd.FxlrdWarning, match="could not time its product on synthetic"):
+        plan = fxlrd.plan(model, _speed_config(target_speedup=1.2), example_inputs=inputs, capture="fx")
+    for rec in plan.settings["stacked_experts"]:
+        assert rec["rank"] is None and "could not time its product on synthetic (RuntimeError: grouped_mm" in rec["reason"]
+    assert plan["fc"].decomposed or plan["fc"].reason.startswith("global")  # (the layers are still chosen)
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
