@@ -389,7 +389,9 @@ class EvalInterpreter(fx.Interpreter):
     tensor of indices (``P[ids]``: a mixture's experts as ``batched_mm`` picks them, one matrix
     per token) is not kept for the backward pass: autograd would keep every layer's gathered
     copy, tokens × top-k matrices each, until the backward pass; it keeps the indices instead
-    and gathers again when the backward pass needs the matrices, one product at a time."""
+    and gathers again when the backward pass needs the matrices, one product at a time. Not
+    under saved-tensor hooks of the caller's own (``torch.autograd.graph.save_on_cpu()``),
+    which then apply as they would, nor where they are disabled: autograd keeps the copies."""
 
     def __init__(self, module: fx.GraphModule, **kwargs: Any):
         super().__init__(module, **kwargs)
@@ -400,7 +402,7 @@ class EvalInterpreter(fx.Interpreter):
         self._recipes: dict[int, tuple[Any, tuple]] = {}  # id of a gathered stack → how to gather it again
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        if not (self._gathers and torch.is_grad_enabled()):
+        if not (self._gathers and torch.is_grad_enabled()) or _caller_hooks():
             return super().run(*args, **kwargs)
         with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack_gathered):
             return super().run(*args, **kwargs)
@@ -447,6 +449,13 @@ class EvalInterpreter(fx.Interpreter):
             elif kwargs.get("dropout_p"):
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return super().call_function(target, args, kwargs)
+
+
+def _caller_hooks() -> bool:
+    """Whether saved-tensor hooks are the caller's to choose here: some are set (they would be
+    replaced by `EvalInterpreter`'s inside it), or they are disabled (setting any raises)."""
+    autograd = torch._C._autograd
+    return not autograd._saved_tensors_hooks_is_enabled() or autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _is_gather(node: fx.Node) -> bool:

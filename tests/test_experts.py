@@ -914,6 +914,30 @@ def test_the_sensitivity_backward_gathers_expert_stacks_again_instead_of_keeping
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("outer", ["pack_hooks", "disabled"])
+def test_the_callers_saved_tensor_hooks_are_kept_and_disabled_hooks_are_no_error(outer):
+    """Under the caller's own saved-tensor hooks, those apply (fxlrd's would replace them inside
+    its run); where hooks are disabled, setting any raises: autograd keeps the gathered stacks
+    then, and the gradients are the same."""
+    from fxlrd.calibrate import EvalInterpreter
+
+    model, (x, idx) = Experts().eval(), _inputs(tokens=12)
+    gm = capture_graph(model, (x, idx), mode="fx").gm
+    packed = []
+    if outer == "pack_hooks":
+        context = torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t)
+    else:
+        context = torch.autograd.graph.disable_saved_tensors_hooks("the caller's")
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.enable_grad():
+        (expected,) = torch.autograd.grad(model(xr, idx).pow(2).sum(), xr)
+        with context:
+            out = EvalInterpreter(gm).run(xg, idx)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), xg)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    assert (len(packed) > 0) == (outer == "pack_hooks")  # (the caller's pack hook saw the saved tensors)
+
+
 def test_expert_and_layer_statistics_with_the_sensitivity_equal_those_of_kept_stacks(monkeypatch):
     """A Mixtral on batched_mm calibrated with the output sensitivity: the same statistics, bit
     for bit, as when autograd keeps the gathered stacks."""
