@@ -577,12 +577,14 @@ class _StackProbe(nn.Module):
     two factors at ``rank``, as `factorize_experts` rewrites it: gathered per row by ``index``
     (``batched_mm``), or by expert groups ending at ``index`` (``grouped_mm``). The index is a
     forward input, so that no backend folds the gather away; the values are random (the time
-    depends on the shapes)."""
+    depends on the shapes, and on the routing: ``routing`` names the index it is timed with, for
+    the cache key)."""
 
     def __init__(self, experts: int, m: int, n: int, rank: int | None, x_left: bool, transposed: bool,
-                 dtype: torch.dtype, device: str = "cpu", grouped: bool = False):  # fmt: skip
+                 dtype: torch.dtype, device: str = "cpu", grouped: bool = False, routing: str = "even"):  # fmt: skip
         super().__init__()
         self.form = (experts, m, n, rank, x_left, transposed, grouped)
+        self.routing = routing
         dims = [m, n] if rank is None else [m, rank, n]
         g = torch.Generator().manual_seed(0)
         make = ((lambda a, b: torch.empty(experts, a, b, dtype=dtype, device=device)) if device == "meta" else
@@ -613,7 +615,7 @@ class _StackProbe(nn.Module):
         stack = "P.mT" if transposed else "P"
         read = (f"grouped_mm(x, {stack}, offs)" if grouped else
                 ("x @ " if x_left else "") + f"{stack}[ids]" + ("" if x_left else " @ x"))  # fmt: skip
-        return f"experts={e}, {m}x{n}, rank={rank}, {read}, its index an input"
+        return f"experts={e}, {m}x{n}, rank={rank}, {read}, its index an input, routed {self.routing}"
 
     @staticmethod
     def index(rows: int, experts: int, grouped: bool) -> torch.Tensor:
@@ -624,32 +626,97 @@ class _StackProbe(nn.Module):
         return torch.cumsum(sizes, 0).to(torch.int32)
 
 
-def _probe_timer(s: StackedWeight, weight: torch.Tensor, searcher: Any) -> tuple[Any, str]:
+def _probe_timer(s: StackedWeight, weight: torch.Tensor, searcher: Any, routing: torch.Tensor | None = None) -> tuple[Any, str]:
     """``rank -> seconds`` of one product of the stack ``s`` (None: dense) timed alone on the
-    search's backend (`_StackProbe`, cached) at the example's rows spread evenly over the
-    experts, and what was timed, for the record."""
+    search's backend (`_StackProbe`, cached) at the example's rows, routed as the example routed
+    them (``routing``, `example_routing`) or else spread evenly over the experts; and what was
+    timed, for the record."""
     rows, d_in, d_out, x_left, transposed, grouped = _probe_size(s)
     e, m, n = s.shape
-    experts = min(e, rows)  # (only these are read: the timing is the same with fewer stored)
-    inputs = lambda: (torch.randn(rows, d_in).to(weight.dtype), _StackProbe.index(rows, experts, grouped))  # noqa: E731
+    index, experts, how = _probe_index(routing, rows, e, grouped)
 
     def timed(r: int | None) -> float:
-        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta", grouped=grouped)
-        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, grouped=grouped)  # noqa: E731
-        return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs()))
+        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta", grouped=grouped, routing=how)
+        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, grouped=grouped, routing=how)  # noqa: E731
+        inputs = (torch.randn(rows, d_in).to(weight.dtype), index)
+        return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs))
 
-    return timed, f"its product timed alone ({rows} rows over {experts} experts, {d_in}->{d_out})"
+    spread = "spread evenly" if how == "even" else f"as the example routed them, {how.split(' #')[0]}"
+    return timed, f"its product timed alone ({rows} rows over {experts} experts, {spread}, {d_in}->{d_out})"
+
+
+def _probe_index(routing: torch.Tensor | None, rows: int, e: int, grouped: bool) -> tuple[torch.Tensor, int, str]:
+    """The probe's index, its number of experts and how it routes: the example's ``routing``
+    (each row's expert, or where each expert's rows end) over the experts it reached, renumbered
+    (the experts no row reached are not read: the time is the same without them), else the rows
+    spread evenly over ``min(e, rows)`` experts."""
+    if routing is not None:
+        if grouped:
+            sizes = torch.diff(routing.long(), prepend=routing.new_zeros(1).long())
+            sizes = sizes[sizes > 0]
+            if len(sizes) and int(sizes.sum()) <= rows:
+                index, counts = torch.cumsum(sizes, 0).to(torch.int32), sizes
+                return index, len(sizes), _routing_name(counts, index)
+        elif routing.numel() == rows:
+            used, index = torch.unique(routing.flatten(), return_inverse=True)
+            return index, len(used), _routing_name(torch.bincount(index), index)
+    experts = min(e, rows)
+    return _StackProbe.index(rows, experts, grouped), experts, "even"
+
+
+def _routing_name(counts: torch.Tensor, index: torch.Tensor) -> str:
+    """``"1-19 rows each #<hash>"``: the spread for the record, the hash of the exact index for the cache key."""
+    import hashlib
+
+    digest = hashlib.sha1(index.to(torch.int64).numpy().tobytes()).hexdigest()[:12]
+    return f"{int(counts.min())}-{int(counts.max())} rows each #{digest}"
+
+
+def example_routing(gm: fx.GraphModule, stacks: Iterable[StackedWeight], inputs: Any) -> dict[str, torch.Tensor]:
+    """Per stack, how the example routed the rows of its (first) product: each row's expert
+    (``batched_mm``), or where each expert's rows end (``grouped_mm``), from one real forward
+    in eval mode without gradients (`fxlrd.capture.state_kept`: nothing of the model changes).
+    Empty where that forward fails: the searches then spread the rows evenly."""
+    from .capture import flat_inputs, state_kept
+
+    wanted: dict[fx.Node, list[str]] = {}  # (stacks may share their index: a layer's up and down)
+    for s in stacks:
+        reads = _reads(s)
+        if reads:
+            wanted.setdefault(reads[0].offs if reads[0].offs is not None else reads[0].ids, []).append(s.path)
+    wanted.pop(None, None)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            out = super().run_node(node)
+            if node in wanted and isinstance(out, torch.Tensor):
+                for path in wanted[node]:
+                    seen.setdefault(path, out.detach().flatten().cpu().clone())
+            return out
+
+    if not wanted:
+        return {}
+    try:
+        values = flat_inputs(gm, inputs)
+        with state_kept(gm, values):
+            gm.eval()
+            Recorder(gm).run(*values)
+    except Exception:  # noqa: BLE001  (the example does not run for real here: even routing, as before)
+        return {}
+    return seen
 
 
 def _untimed(exc: Exception, backend: str) -> str:
     return f"the latency search could not time its product on {backend} ({type(exc).__name__}: {exc}): kept"
 
 
-def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any) -> tuple[int | None, dict]:
+def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any,
+                   routing: torch.Tensor | None = None) -> tuple[int | None, dict]:  # fmt: skip
     """Algorithm 1 for a stack (`fxlrd.ranks.search`): its product and each candidate rank in
     ``[ceil((1 - window)·rank), rank]`` (multiples of the search's quantum, and ``rank``, at
-    least ``min_rank``, aligned for grouped_mm) timed alone at the example's rows, spread evenly
-    over the experts; the largest as fast as the fastest, or None where the dense stack is
+    least ``min_rank``, aligned for grouped_mm) timed alone at the example's rows, routed as the
+    example routed them (`_probe_timer`); the largest as fast as the fastest, or None where the dense stack is
     faster, or where the backend cannot run the product (torch.onnx cannot export grouped_mm).
     Past the search's time budget, ``rank`` quantized. Also the search's record."""
     from .ranks.search import SearchResult, select_ranks
@@ -663,7 +730,7 @@ def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LR
         return quantized, SearchResult((quantized,), None, note=note).record(cfg.backend)
     low = max(1, config.min_rank, math.ceil((1 - cfg.window) * rank))
     candidates = sorted({_aligned(r, align, min(m, n)) for r in range(low, rank + 1) if r % cfg.quantum == 0} | {rank})
-    timed, what = _probe_timer(s, weight, searcher)
+    timed, what = _probe_timer(s, weight, searcher, routing)
     try:
         original = timed(None)
         timings = {(r,): timed(r) for r in candidates}
@@ -731,6 +798,7 @@ class StackTask:
     rows: bool
     align: int
     stack: StackedWeight | None = None  # (the speed search times its product)
+    routing: torch.Tensor | None = None  # (routed so: `example_routing`)
 
     def options(self, quantum: int, min_rank: int = 1) -> dict[int | None, tuple[float, float]]:
         """Keep (``None``), or each rank (the ranks below ``quantum`` and its multiples, rounded
@@ -754,7 +822,7 @@ class StackTask:
 
         m, n = self.record["shape"]
         cap, calls = min(m, n), len(_reads(self.stack))
-        timed, what = _probe_timer(self.stack, self.weight, searcher)
+        timed, what = _probe_timer(self.stack, self.weight, searcher, self.routing)
         try:
             opts: dict[int | None, tuple[float, float]] = {None: (timed(None) * calls, 0.0)}
             curve = error_curve(self.weight, self.stats, self.rows)
@@ -818,10 +886,12 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     searcher = None  # (the latency search's, made for the first stack it times)
     searched = config.latency is not None and not allocate and config.experts != "keep"
     timed = (searched or config.target_speedup is not None) and config.experts != "keep"
+    routing: dict[str, torch.Tensor] = {}
     if timed and example is not None and any(not s.reason for s in stacks.values()):
         from .planner import input_shapes
 
         input_shapes(gm, example)  # (each product's rows, for the latency search: no compute)
+        routing = example_routing(gm, [s for s in stacks.values() if not s.reason and _probe_size(s)], example)
     for s in stacks.values():
         e, m, n = s.shape
         rec: dict[str, Any] = dict(weight=s.path, experts=e, shape=[m, n], rank=None, params_before=e * m * n,
@@ -846,7 +916,7 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
             rank, why = _rank(weight, dataclasses.replace(config, rank_quantum=1), alignment(s, weight.dtype))
             if rank is not None:
                 searcher = searcher or RankSearcher(config.latency)
-                rank, rec["latency"] = _searched_rank(s, weight, rank, config, searcher)
+                rank, rec["latency"] = _searched_rank(s, weight, rank, config, searcher, routing.get(s.path))
                 searcher.cache.flush()
                 why = "" if rank is not None else rec["latency"]["note"]
         elif not why:
@@ -874,7 +944,8 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
         if path in ranks:
             _record_rank(rec, weight, ranks[path], st, rows)
         else:
-            tasks.append(StackTask(rec, weight, st, rows, alignment(stacks[path], weight.dtype), stacks[path]))
+            tasks.append(StackTask(rec, weight, st, rows, alignment(stacks[path], weight.dtype), stacks[path],
+                                   routing.get(path)))  # fmt: skip
         if st is not None and all(x is None or x.unreached for x in st):
             rec["note"] = "the sensitivity target does not depend on its output: its error costs nothing there"
         elif st is not None and path in notes:

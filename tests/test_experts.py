@@ -1086,6 +1086,42 @@ def test_latency_mode_times_each_stacks_product_and_takes_the_largest_rank_as_fa
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
 
 
+class _RoutingTimer(_StackTimer):
+    """`_StackTimer`, keeping each probe's experts and index."""
+
+    def time_inputs(self, module, inputs):
+        self.routed = getattr(self, "routed", [])
+        self.routed.append((module.form[0], inputs[1].tolist()))
+        return super().time_inputs(module, inputs)
+
+
+@pytest.mark.parametrize("read", ["left", "grouped"])
+def test_latency_mode_times_a_stack_routed_as_the_example_routed_it_and_caches_by_routing(monkeypatch, tmp_path, read):
+    """The example sends its 24 tokens to 3 of 8 experts (12, 8 and 4): each probe reads those 3,
+    renumbered, in the example's order (batched_mm) or groups (grouped_mm). Another routing is
+    timed anew, not read from the cache; the same one is read from it."""
+    from fxlrd.latency import LatencyConfig
+
+    timer = _RoutingTimer(dense=3.0)
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
+    model = Experts(e=8, d=64, hidden=160, read=read).eval()
+    x = torch.randn(24, 64)
+    skewed = torch.tensor([5] * 4 + [0] * 12 + [3] * 8)[torch.randperm(24, generator=torch.Generator().manual_seed(0))]
+    latency = LatencyConfig(backend="eager", cache_path=tmp_path / "cache.json", progress=False, quantum=8, window=0.5)
+    config = LRDConfig(rank_rule="fixed", rank=40, latency=latency)
+    plan = fxlrd.plan(model, config, example_inputs=(x, skewed), capture="fx")
+    renumbered = {0: 0, 3: 1, 5: 2}
+    want = [12, 20, 24] if read == "grouped" else [renumbered[int(i)] for i in skewed]
+    assert timer.routed and all(experts == 3 and index == want for experts, index in timer.routed)
+    for rec in plan.settings["stacked_experts"]:
+        assert "(24 rows over 3 experts, as the example routed them, 4-12 rows each" in rec["latency"]["note"]
+    calls = len(timer.routed)
+    fxlrd.plan(model, config, example_inputs=(x, skewed), capture="fx")
+    assert len(timer.routed) == calls  # (the same routing: from the cache)
+    fxlrd.plan(model, config, example_inputs=(x, torch.arange(24) % 8), capture="fx")
+    assert len(timer.routed) > calls and all(experts == 8 for experts, _ in timer.routed[calls:])
+
+
 def test_latency_mode_keeps_a_stack_whose_dense_product_is_faster(monkeypatch):
     from fxlrd.latency import LatencyConfig
 
