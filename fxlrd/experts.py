@@ -657,8 +657,8 @@ def _probe_index(routing: torch.Tensor | None, rows: int, e: int, grouped: bool)
             if len(sizes) and int(sizes.sum()) <= rows:
                 index, counts = torch.cumsum(sizes, 0).to(torch.int32), sizes
                 return index, len(sizes), _routing_name(counts, index)
-        elif routing.numel() == rows:
-            used, index = torch.unique(routing.flatten(), return_inverse=True)
+        elif routing.numel() == rows:  # (a negative id picks from the end, as P[ids] reads it)
+            used, index = torch.unique(routing.flatten() % e, return_inverse=True)
             return index, len(used), _routing_name(torch.bincount(index), index)
     experts = min(e, rows)
     return _StackProbe.index(rows, experts, grouped), experts, "even"
@@ -677,6 +677,7 @@ def example_routing(gm: fx.GraphModule, stacks: Iterable[StackedWeight], inputs:
     (``batched_mm``), or where each expert's rows end (``grouped_mm``), from one real forward
     in eval mode without gradients (`fxlrd.capture.state_kept`: nothing of the model changes).
     Empty where that forward fails: the searches then spread the rows evenly."""
+    from .calibrate import EvalInterpreter
     from .capture import flat_inputs, state_kept
 
     wanted: dict[fx.Node, list[str]] = {}  # (stacks may share their index: a layer's up and down)
@@ -687,7 +688,7 @@ def example_routing(gm: fx.GraphModule, stacks: Iterable[StackedWeight], inputs:
     wanted.pop(None, None)
     seen: dict[str, torch.Tensor] = {}
 
-    class Recorder(fx.Interpreter):
+    class Recorder(EvalInterpreter):  # (an export graph captured in training mode: no dropout noise)
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
             if node in wanted and isinstance(out, torch.Tensor):
@@ -707,8 +708,8 @@ def example_routing(gm: fx.GraphModule, stacks: Iterable[StackedWeight], inputs:
     return seen
 
 
-def _untimed(exc: Exception, backend: str) -> str:
-    return f"the latency search could not time its product on {backend} ({type(exc).__name__}: {exc}): kept"
+def _untimed(exc: Exception, backend: str, search: str = "latency search") -> str:
+    return f"the {search} could not time its product on {backend} ({type(exc).__name__}: {exc}): kept"
 
 
 def _searched_rank(s: StackedWeight, weight: torch.Tensor, rank: int, config: LRDConfig, searcher: Any,
@@ -799,18 +800,21 @@ class StackTask:
     align: int
     stack: StackedWeight | None = None  # (the speed search times its product)
     routing: torch.Tensor | None = None  # (routed so: `example_routing`)
+    _svd: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
 
     def options(self, quantum: int, min_rank: int = 1) -> dict[int | None, tuple[float, float]]:
         """Keep (``None``), or each rank (the ranks below ``quantum`` and its multiples, rounded
         up to `alignment`) that shrinks the stack and is at least ``min_rank``: ``(params, error)``."""
-        e, (m, n) = self.record["experts"], self.record["shape"]
+        m, n = self.record["shape"]
         cap, curve = min(m, n), error_curve(self.weight, self.stats, self.rows)
-        opts: dict[int | None, tuple[float, float]] = {None: (float(e * m * n), 0.0)}
-        for r in sorted({*range(1, min(quantum, cap + 1)), *range(quantum, cap + 1, quantum)}):
-            r = _aligned(r, self.align, cap)
-            if r >= min_rank and r * (m + n) < m * n and r not in opts:
-                opts[r] = (float(e * r * (m + n)), curve(r))
-        return opts
+        ranks = self._ranks(sorted({*range(1, min(quantum, cap + 1)), *range(quantum, cap + 1, quantum)}), min_rank)
+        return {None: (float(self.params(None)), 0.0), **{r: (float(self.params(r)), curve(r)) for r in ranks}}
+
+    def _ranks(self, ranks: Iterable[int], min_rank: int) -> list[int]:
+        """``ranks`` rounded up to `alignment`, those that shrink the stack and are at least ``min_rank``."""
+        m, n = self.record["shape"]
+        aligned = dict.fromkeys(_aligned(r, self.align, min(m, n)) for r in ranks)
+        return [r for r in aligned if r >= min_rank and r * (m + n) < m * n]
 
     def speed_options(self, ratio: float, quantum: int, searcher: Any, min_rank: int = 1) -> dict[int | None, tuple[float, float]]:
         """For the global speed search: keep (``None``), or each of a dozen ranks around the
@@ -823,16 +827,14 @@ class StackTask:
         m, n = self.record["shape"]
         cap, calls = min(m, n), len(_reads(self.stack))
         timed, what = _probe_timer(self.stack, self.weight, searcher, self.routing)
+        ranks = self._ranks(_scaled(min(cap, svd_rank_for_ratio(n, m, ratio)), cap, quantum), min_rank)
         try:
-            opts: dict[int | None, tuple[float, float]] = {None: (timed(None) * calls, 0.0)}
-            curve = error_curve(self.weight, self.stats, self.rows)
-            for r in _scaled(min(cap, svd_rank_for_ratio(n, m, ratio)), cap, quantum):
-                r = _aligned(r, self.align, cap)
-                if r >= min_rank and r * (m + n) < m * n and r not in opts:
-                    opts[r] = (timed(r) * calls, curve(r))
+            times = {r: timed(r) * calls for r in [None, *ranks]}
         except Exception as exc:  # noqa: BLE001  (the backend cannot run the product: kept, and said why)
-            self.record["reason"] = _untimed(exc, searcher.timer.backend)
+            self.record["reason"] = _untimed(exc, searcher.timer.backend, "global speed search")
             return {None: (0.0, 0.0)}
+        curve = error_curve(self.weight, self.stats, self.rows)
+        opts = {r: (t, 0.0 if r is None else curve(r)) for r, t in times.items()}
         self.record["latency"] = {"backend": searcher.timer.backend, "original_ms": opts[None][0] * 1e3,
                                   "candidates_ms": [[[r], t * 1e3, err] for r, (t, err) in opts.items() if r is not None],
                                   "note": f"{what}{f', {calls} calls' if calls > 1 else ''}"}  # fmt: skip
@@ -841,6 +843,15 @@ class StackTask:
     def params(self, rank: int | None) -> int:
         e, (m, n) = self.record["experts"], self.record["shape"]
         return e * m * n if rank is None else e * rank * (m + n)
+
+    def trial_factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data-free factors at ``rank`` for a trial of the speed search (one SVD per stack, each
+        rank a slice of it): the trial's routers then route about as the model's will."""
+        if self._svd is None:
+            self._svd = torch.linalg.svd(self.weight.detach().float(), full_matrices=False)
+        u, s, vh = self._svd
+        root = s[:, :rank].sqrt()
+        return (u[:, :, :rank] * root[:, None, :]).to(self.weight.dtype), (root[:, :, None] * vh[:, :rank]).to(self.weight.dtype)
 
     def fill(self, rank: int | None, why: str = "global allocation: kept (least error for the budget)") -> None:
         """Record the allocation's choice (None: kept, for ``why``)."""
@@ -852,12 +863,14 @@ class StackTask:
         _record_rank(self.record, self.weight, rank, self.stats, self.rows)
 
 
-def skeleton_stacks(gm: fx.GraphModule, tasks: Sequence[StackTask], ranks: Sequence[int | None]) -> None:
-    """Factorize ``gm``'s stacks of ``tasks`` at ``ranks`` (None: kept) as zeros, in place: a
-    trial of the global speed search, timed and thrown away (the time depends on the shapes)."""
-    records = [{**t.record, "rank": r} for t, r in zip(tasks, ranks) if r is not None]
-    if records:
-        factorize_experts(gm, gm, records, skeleton=True)  # (gm as the model: no user module is needed to find them)
+def trial_stacks(gm: fx.GraphModule, tasks: Sequence[StackTask], ranks: Sequence[int | None]) -> None:
+    """Factorize ``gm``'s stacks of ``tasks`` at ``ranks`` (None: kept), in place, data-free
+    (`StackTask.trial_factors`): a trial of the global speed search, timed and thrown away. Not
+    zeros: the time depends on the routing too, which the experts' outputs steer."""
+    chosen = [(t, r) for t, r in zip(tasks, ranks) if r is not None]
+    if chosen:  # (gm as the model: no user module is needed to find them)
+        factorize_experts(gm, gm, [{**t.record, "rank": r} for t, r in chosen],
+                          factors={t.record["weight"]: t.trial_factors(r) for t, r in chosen})  # fmt: skip
 
 
 def _record_rank(rec: dict[str, Any], weight: torch.Tensor, rank: int, stats: list[Any] | None, rows: bool) -> None:
@@ -1140,10 +1153,11 @@ def _rewrite_grouped(gm: fx.GraphModule, path: str, read: fx.Node) -> None:
 
 
 def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Mapping[str, Any]], *,
-                      stats: Mapping[str, Sequence[Any]] | None = None, skeleton: bool = False) -> None:  # fmt: skip
+                      stats: Mapping[str, Sequence[Any]] | None = None, skeleton: bool = False,
+                      factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:  # fmt: skip
     """Factorize ``gm``'s stacked weights as ``records`` (`plan_experts`) say, in place:
     data-aware where ``stats`` (`expert_stats`) has the stack's experts. ``skeleton``: zeros of
-    the recorded ranks (`fxlrd.load` then reads the saved values)."""
+    the recorded ranks (`fxlrd.load` then reads the saved values); ``factors``: these, by path."""
     found = find_stacked(model, gm)
     for rec in records:
         if rec.get("rank") is None:
@@ -1165,7 +1179,9 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
                       f"in {str(weight.dtype).replace('torch.', '')}") + ")")  # fmt: skip
             rec.update(rank=rank, params_after=rec["experts"] * rank * sum(rec["shape"]),
                        note="; ".join(filter(None, [rec.get("note"), why])))  # fmt: skip
-        if skeleton:
+        if factors is not None and path in factors:
+            left, right = factors[path]
+        elif skeleton:
             e, m, n = weight.shape
             left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)
             right = torch.zeros(e, rank, n, dtype=weight.dtype, device=weight.device)

@@ -475,14 +475,14 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     (`fxlrd.experts.StackTask`) chosen beside the layers, each timed by its products alone."""
     from fxlrd.passes import DecomposePass
 
-    from .experts import skeleton_stacks
+    from .experts import trial_stacks
     from .ranks.search import RankSearcher
 
     stack_ratio = _centre_on_budget(tasks, config, plan, stacks)
     if config.target_params is not None:  # a size budget below the fixed parameters: before any timing
         budget, what = _layer_budget(tasks, config, plan, stacks)
         if budget <= 0:
-            raise _budget_error(what, 0.0, budget, tasks, plan, config.min_rank)
+            raise _budget_error(what, 0.0, budget, tasks, plan, config.min_rank, stacks)
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks) + len(stacks))
     window_of = _windows(gm, config)
@@ -544,7 +544,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     def measure(choices) -> float:
         apply_choices(choices)
         trial = DecomposePass(plan, stats={t.lp.name: t.stats for t in tasks if t.stats is not None})(copy.deepcopy(gm))
-        skeleton_stacks(trial.graph_module, stacks, choices[len(tasks):])  # (their time depends on the shapes alone)
+        trial_stacks(trial.graph_module, stacks, choices[len(tasks):])
         return searcher.timer.speedup_model(copy.deepcopy(gm), trial.graph_module, inputs)
 
     params = [{c: (t.lp.params_before if c is None else _params_of(t, c)) for c in opts} for t, opts in zip(tasks, options)]

@@ -1118,8 +1118,29 @@ def test_latency_mode_times_a_stack_routed_as_the_example_routed_it_and_caches_b
     calls = len(timer.routed)
     fxlrd.plan(model, config, example_inputs=(x, skewed), capture="fx")
     assert len(timer.routed) == calls  # (the same routing: from the cache)
-    fxlrd.plan(model, config, example_inputs=(x, torch.arange(24) % 8), capture="fx")
-    assert len(timer.routed) > calls and all(experts == 8 for experts, _ in timer.routed[calls:])
+    other = torch.tensor([0, 3, 5] * 8)  # the same experts, 8 rows each
+    fxlrd.plan(model, config, example_inputs=(x, other), capture="fx")
+    assert len(timer.routed) > calls and all(experts == 3 and index != want for experts, index in timer.routed[calls:])
+
+
+def test_a_search_whose_example_does_not_run_for_real_spreads_the_rows_evenly(monkeypatch):
+    from fxlrd import calibrate
+    from fxlrd.latency import LatencyConfig
+
+    class Failing(calibrate.EvalInterpreter):
+        def run_node(self, node):
+            raise RuntimeError("no real forward here")
+
+    monkeypatch.setattr(calibrate, "EvalInterpreter", Failing)
+    timer = _RoutingTimer(dense=3.0)
+    monkeypatch.setattr("fxlrd.ranks.search.make_timer", lambda config: timer)
+    model, x = Experts(e=8, d=64, hidden=160).eval(), torch.randn(24, 64)
+    latency = LatencyConfig(backend="eager", cache=False, progress=False, quantum=8, window=0.5)
+    plan = fxlrd.plan(model, LRDConfig(rank_rule="fixed", rank=40, latency=latency), example_inputs=(x, torch.zeros(24).long()),
+                      capture="fx")  # fmt: skip
+    assert all(experts == 8 and index == [i % 8 for i in range(24)] for experts, index in timer.routed)
+    for rec in plan.settings["stacked_experts"]:
+        assert "(24 rows over 8 experts, spread evenly" in rec["latency"]["note"]
 
 
 def test_latency_mode_keeps_a_stack_whose_dense_product_is_faster(monkeypatch):
@@ -1153,7 +1174,7 @@ class _ParamTimer(LayerTimer):
     backend, context = "synthetic", "params"
 
     def __init__(self, fail_grouped=False):
-        self.fail_grouped, self.probes = fail_grouped, []
+        self.fail_grouped, self.probes, self.trials = fail_grouped, [], []
 
     def time(self, module, input_shape):
         return sum(p.numel() for p in module.parameters()) * 1e-9 + 1e-6
@@ -1168,6 +1189,7 @@ class _ParamTimer(LayerTimer):
         return self.time(model, None)
 
     def speedup_model(self, original, other, inputs):
+        self.trials.append({n: (m.weight().detach(), m.rank) for n, m in other.named_modules() if isinstance(m, ExpertFactors)})
         return self.time(original, None) / self.time(other, None)
 
 
@@ -1199,6 +1221,13 @@ def test_global_speed_mode_chooses_the_stacks_beside_the_layers_on_the_measured_
         assert isinstance(gm.get_submodule(rec["weight"]), ExpertFactors)
         assert gm.get_submodule(rec["weight"]).weight().abs().sum() > 0  # (the real factors, not the trial's zeros)
     assert {rank for rank, _ in timer.probes} >= {None, *(r["rank"] for r in recs)}
+    assert all("as the example routed them" in r["latency"]["note"] for r in recs)
+    for trial in timer.trials:  # each trial's stacks: the data-free truncation (so its routers route as the model's)
+        for path, (weight, r) in trial.items():
+            u, s, vh = torch.linalg.svd(getattr(model, path).detach().double(), full_matrices=False)
+            want = (u[:, :, :r] * s[:, None, :r]) @ vh[:, :r]
+            assert 0 < r < 32 and rel_err(weight.double(), want) < 1e-4
+    assert timer.trials and any(timer.trials)
     assert rel_err(gm(*inputs), model(*inputs)) < 1  # (an approximation of the model, not zeros)
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
 
@@ -1221,8 +1250,9 @@ def test_global_speed_mode_keeps_a_stack_the_backend_cannot_time_and_warns(monke
     with pytest.warns(fxlrd.FxlrdWarning, match="could not time its product on synthetic"):
         plan = fxlrd.plan(model, _speed_config(target_speedup=1.2), example_inputs=inputs, capture="fx")
     for rec in plan.settings["stacked_experts"]:
-        assert rec["rank"] is None and "could not time its product on synthetic (RuntimeError: grouped_mm" in rec["reason"]
-    assert plan["fc"].decomposed or plan["fc"].reason.startswith("global")  # (the layers are still chosen)
+        assert rec["rank"] is None and "the global speed search could not time its product on synthetic (RuntimeError: " \
+            "grouped_mm" in rec["reason"]  # fmt: skip
+    assert plan["fc"].latency["candidates_ms"]  # (the layers are still timed and chosen)
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
