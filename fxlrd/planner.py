@@ -537,9 +537,11 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
     if config.target_params is not None or config.allocation == "global":  # the global ratio is a size budget too
         budget_params, budget_what = _layer_budget(tasks, config, plan, stacks)
 
+    kept_why = "global: kept (least error for the target)"
+
     def apply_choices(choices) -> None:
         for task, choice in zip(tasks, choices):
-            fill(task, choice, "" if choice is not None else "global: kept (least error for the target)")
+            fill(task, choice, "" if choice is not None else kept_why)
 
     def measure(choices) -> float:
         apply_choices(choices)
@@ -561,9 +563,11 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
             raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan, config.min_rank,
                                 stacks)  # fmt: skip
+    if record.get("kept_all"):
+        kept_why = "global: kept (every model tried measured slower than the original)"
     apply_choices(choices)
     for stack, choice in zip(stacks, choices[len(tasks):]):
-        stack.fill(choice, "global: kept (least error for the target)")
+        stack.fill(choice, kept_why)
     aware = any(t.stats is not None for t in tasks) or any(s.stats is not None for s in stacks)
     record["objective"] = "output error on calibration data" if aware else "weight error"
     if stacks:

@@ -259,6 +259,19 @@ def test_global_mode_keeps_the_model_when_every_trial_is_slower():
     assert sized != [None, None]  # a size budget is a hard limit: the fastest model within it, not the original
 
 
+def test_global_mode_says_why_it_kept_every_layer(monkeypatch, tmp_path):
+    class Slower(CostTimer):
+        def speedup_model(self, original, other, inputs):
+            return 0.8  # every decomposed model measured slower than the original
+
+    install_timer(monkeypatch, Slower())
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False)
+    with pytest.warns(UserWarning, match="every layer is kept: each model tried was slower than the original"):
+        plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.5, latency=lat), example_inputs=torch.randn(1, 3, 8, 8))
+    assert plan.settings["global_search"]["kept_all"] and not plan.decomposed
+    assert {lp.reason for lp in plan.layers.values()} == {"global: kept (every model tried measured slower than the original)"}
+
+
 def test_global_mode_with_a_size_budget(cost_timer, tmp_path):
     x = torch.randn(1, 3, 8, 8)
     lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8)
