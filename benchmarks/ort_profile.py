@@ -9,7 +9,8 @@ arithmetic intensity (FLOPs per byte of activations and weights moved): thin low
 have low intensity and run far below the machine's peak, which is where the time the FLOP count
 promises is lost.
 
-Run: .venv/bin/python benchmarks/ort_profile.py [--runs 30] [--threads 2] [--variants original quantized merged]
+Run: .venv/bin/python benchmarks/ort_profile.py [--runs 30] [--threads 2]
+     [--variants original quantized merged merged_optimized_ctx]  (the last searches its ranks: minutes)
 Appends to benchmarks/results/ort_profile.jsonl and writes ort_profile.md (from every run).
 """
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxlrd  # noqa: E402
 from fxlrd import LRDConfig, zoo  # noqa: E402
+from fxlrd.latency import LatencyConfig  # noqa: E402
 
 from benchmarks.machine import machine, machine_kind, versions  # noqa: E402
 from benchmarks.records import append, now, read  # noqa: E402
@@ -39,6 +41,9 @@ VARIANTS = {
     "original": None,
     "quantized": LRDConfig(ratio=2),
     "merged": LRDConfig(ratio=2, merge="approximate"),
+    # the suite's merged_optimized_ctx: ranks searched on onnxruntime inside each layer's neighbours (torch's threads)
+    "merged_optimized_ctx": LRDConfig(ratio=2, merge="approximate",
+                                      latency=LatencyConfig(backend="onnxruntime", context="neighbours", progress=False)),
 }
 
 
@@ -172,7 +177,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["original", "quantized", "merged"], choices=list(VARIANTS))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
