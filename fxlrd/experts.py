@@ -30,7 +30,10 @@ operand, directly or through a transpose of its last two dimensions; any other r
 ``allocation="global"``), the global allocation, where each stack is one more choice beside
 the layers (`StackTask`, its error in a layer's units: `error_curve`), or, under ``latency``,
 the latency search: a stack's product is timed alone (`_StackProbe`), dense and at each
-candidate rank, as a layer is.
+candidate rank, as a layer is, its rows routed as the example routed them (`example_routing`).
+Under ``target_speedup`` each stack is one more choice of the global speed search, priced by
+the same timings (`StackTask.speed_options`), every trial built with its stacks factorized
+(`trial_stacks`) and timed whole.
 
 With calibration data the factors are data-aware: each expert's inputs (the tokens routed to
 it) are gathered into its own Gram matrix, and its matrix is factorized by whitened SVD
