@@ -1082,6 +1082,7 @@ def test_latency_mode_times_each_stacks_product_and_takes_the_largest_rank_as_fa
         assert [r for r, _ in rec["latency"]["candidates_ms"]] == [[24], [32], [40], [44 if "grouped" in read else 42]]
         assert rec["rank"] == 32 and gm.get_submodule(path).rank == 32
         assert rec["latency"]["original_ms"] == 3000.0 and "timed alone (24 rows over 4 experts" in rec["latency"]["note"]
+    assert gm.fxlrd_plan.table().count("its product 1000.000 ms (dense 3000.000 ms)") == 2  # (the table's stack rows)
     assert {(x, y) for _, x, y in timer.timed} == {((24, 64), (24, 160)), ((24, 160), (24, 64))}  # (up, then down)
     assert sum(p.numel() for p in gm.parameters()) == gm.fxlrd_plan.params_after_model()
 
