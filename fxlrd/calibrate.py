@@ -455,10 +455,10 @@ def _caller_hooks() -> bool:
     """Whether saved-tensor hooks are the caller's to choose here: some are set (they would be
     replaced by `EvalInterpreter`'s inside it), or they are disabled (setting any raises)."""
     autograd = torch._C._autograd
-    try:  # (private: a torch without them sets fxlrd's hooks, as before)
+    try:  # (private: where they fail, autograd's default, which keeps the copies but is always right)
         return not autograd._saved_tensors_hooks_is_enabled() or autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError):
-        return False
+    except (AttributeError, TypeError, RuntimeError):
+        return True
 
 
 def _is_gather(node: fx.Node) -> bool:

@@ -838,8 +838,8 @@ class StackTask:
             return {None: (0.0, 0.0)}
         curve = error_curve(self.weight, self.stats, self.rows)
         opts = {r: (t, 0.0 if r is None else curve(r)) for r, t in times.items()}
-        self.record["latency"] = {"backend": searcher.timer.backend, "original_ms": opts[None][0] * 1e3,
-                                  "candidates_ms": [[[r], t * 1e3, err] for r, (t, err) in opts.items() if r is not None],
+        self.record["latency"] = {"backend": searcher.timer.backend, "original_ms": times[None] / calls * 1e3,  # (one call's)
+                                  "candidates_ms": [[[r], t / calls * 1e3, err] for r, (t, err) in opts.items() if r is not None],
                                   "note": f"{what}{f', {calls} calls' if calls > 1 else ''}"}  # fmt: skip
         return opts
 
@@ -850,8 +850,9 @@ class StackTask:
     def trial_factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Data-free factors at ``rank`` for a trial of the speed search (one SVD per stack, each
         rank a slice of it): the trial's routers then route about as the model's will."""
-        if self._svd is None:
-            self._svd = torch.linalg.svd(self.weight.detach().float(), full_matrices=False)
+        if self._svd is None:  # (freed by the search when it is done: `trial_stacks` callers)
+            self._svd = torch.linalg.svd(self.weight.detach().to(torch.promote_types(self.weight.dtype, torch.float32)),
+                                         full_matrices=False)  # fmt: skip
         u, s, vh = self._svd
         root = s[:, :rank].sqrt()
         return (u[:, :, :rank] * root[:, None, :]).to(self.weight.dtype), (root[:, :, None] * vh[:, :rank]).to(self.weight.dtype)
@@ -1184,6 +1185,11 @@ def factorize_experts(model: nn.Module, gm: fx.GraphModule, records: Sequence[Ma
                        note="; ".join(filter(None, [rec.get("note"), why])))  # fmt: skip
         if factors is not None and path in factors:
             left, right = factors[path]
+            e, m, n = weight.shape
+            if tuple(left.shape) != (e, m, rank) or tuple(right.shape) != (e, rank, n):
+                raise ValueError(f"factors for {path!r} of shapes {tuple(left.shape)} and {tuple(right.shape)} do not "
+                                 f"match its rank {rank} ({e}x{m}x{rank} and {e}x{rank}x{n}): pass factors at that rank")  # fmt: skip
+            left, right = left.to(weight.dtype), right.to(weight.dtype)
         elif skeleton:
             e, m, n = weight.shape
             left = torch.zeros(e, m, rank, dtype=weight.dtype, device=weight.device)

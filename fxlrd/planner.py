@@ -551,8 +551,12 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
 
     params = [{c: (t.lp.params_before if c is None else _params_of(t, c)) for c in opts} for t, opts in zip(tasks, options)]
     params += [{c: stack.params(c) for c in opts} for stack, opts in zip(stacks, options[len(tasks):])]
-    choices, record = closed_loop(options, config.target_speedup / narrowing, model_s, measure, params=params,
-                                  param_budget=budget_params)  # fmt: skip
+    try:
+        choices, record = closed_loop(options, config.target_speedup / narrowing, model_s, measure, params=params,
+                                      param_budget=budget_params)  # fmt: skip
+    finally:
+        for stack in stacks:  # (the trials' SVDs: as large as the stacks)
+            stack._svd = None
     if before_narrowing is not None:  # the rounds' speed-ups count from the narrowed model; the record's, from the original
         record.update(target_speedup=config.target_speedup, narrowing_speedup=narrowing,
                       measured_speedup=record["measured_speedup"] * narrowing, rounds_from="the narrowed model",
@@ -563,8 +567,9 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         if record["layer_params_chosen"] > budget_params * (1 + 1e-12):
             raise _budget_error(budget_what, record["layer_params_chosen"], budget_params, tasks, plan, config.min_rank,
                                 stacks)  # fmt: skip
+    baseline = "the narrowed model" if before_narrowing is not None else "the original"
     if record.get("kept_all"):
-        kept_why = "global: kept (every model tried measured slower than the original)"
+        kept_why = f"global: kept (every model tried measured slower than {baseline})"
     apply_choices(choices)
     for stack, choice in zip(stacks, choices[len(tasks):]):
         stack.fill(choice, kept_why)
@@ -574,7 +579,6 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         record["stacked_experts"] = len(stacks)
     plan.settings["global_search"] = record
     if not record["met"]:
-        baseline = "the narrowed model" if before_narrowing is not None else "the original"
         kept = f" every layer is kept: each model tried was slower than {baseline}," if record.get("kept_all") else ""
         other = record.get("other_fraction")
         ceiling = (f" The layers took {1 - other:.0%} of the model's time, so no ranks give more than "

@@ -1194,6 +1194,24 @@ class _ParamTimer(LayerTimer):
         return self.time(original, None) / self.time(other, None)
 
 
+def _probe_of(rec):
+    """The probe `_StackProbe` the search timed for ``rec`` at its rank (only its parameters count here)."""
+    from fxlrd.experts import _StackProbe
+
+    e, (m, n) = rec["experts"], rec["shape"]
+    return _StackProbe(e, m, n, rec["rank"], True, False, torch.float32, device="meta")
+
+
+def test_factors_passed_at_another_rank_are_refused():
+    from fxlrd.experts import factorize_experts
+
+    model, inputs = Experts().eval(), _inputs()
+    gm = capture_graph(model, inputs, mode="fx").gm
+    rec = {"weight": "up", "experts": 4, "shape": [12, 8], "rank": 4}
+    with pytest.raises(ValueError, match=r"factors for 'up' of shapes \(4, 12, 3\) and \(4, 3, 8\) do not match its rank 4"):
+        factorize_experts(gm, gm, [rec], factors={"up": (torch.zeros(4, 12, 3), torch.zeros(4, 3, 8))})
+
+
 def _speed_config(**kwargs):
     from fxlrd.latency import LatencyConfig
 
@@ -1220,9 +1238,13 @@ def test_global_speed_mode_chooses_the_stacks_beside_the_layers_on_the_measured_
         ranks = [r for (r,), _, _ in rec["latency"]["candidates_ms"]]
         assert len(ranks) >= 3 and all(r * 96 < 32 * 64 for r in ranks)  # (around the ratio's rank, each a saving)
         assert isinstance(gm.get_submodule(rec["weight"]), ExpertFactors)
-        assert gm.get_submodule(rec["weight"]).weight().abs().sum() > 0  # (the real factors, not the trial's zeros)
+        assert gm.get_submodule(rec["weight"]).weight().abs().sum() > 0
     assert {rank for rank, _ in timer.probes} >= {None, *(r["rank"] for r in recs)}
     assert all("as the example routed them" in r["latency"]["note"] for r in recs)
+    for rec in recs:  # (one call's time, as the latency search records it, and in the plan's table)
+        probe = next(t for (r,), t, _ in rec["latency"]["candidates_ms"] if r == rec["rank"])
+        assert probe == pytest.approx(timer.time(_probe_of(rec), None) * 1e3)
+        assert f"its product {probe:.3f} ms (dense {rec['latency']['original_ms']:.3f} ms)" in gm.fxlrd_plan.table()
     for trial in timer.trials:  # each trial's stacks: the data-free truncation (so its routers route as the model's)
         for path, (weight, r) in trial.items():
             u, s, vh = torch.linalg.svd(getattr(model, path).detach().double(), full_matrices=False)
