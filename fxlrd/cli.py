@@ -408,7 +408,13 @@ def load_model(spec: str, *, weights: str | None = None, quiet: bool = False) ->
         source = _load_huggingface(Path(spec), quiet)
     elif ":" in spec:
         notes = [f"weights as {spec.rpartition(':')[2]}() made them (no --weights)"] if weights is None else []
-        source = ModelSource(_import_factory(spec), spec, "factory", kind="tensor", notes=notes)
+        model = _import_factory(spec)
+        source = ModelSource(model, spec, "factory", kind="tensor", notes=notes)
+        config = getattr(model, "config", None)
+        if getattr(model, "main_input_name", None) == "input_ids" and config is not None:  # a transformers model: token ids
+            source.kind = "text"
+            source.vocab_size = int(getattr(config, "vocab_size", 0) or 0) or None
+            source.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     else:
         raise UsageError(
             f"unknown model {spec!r}: give a zoo name ({', '.join(_zoo_names())}), a package.module:factory, "

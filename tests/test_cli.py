@@ -317,6 +317,28 @@ def test_compress_hugging_face_directory_with_text_calibration(tmp_path, capsys)
     assert code == 2 and "--size is for image models; for a text model use --seq-len" in err
 
 
+def test_a_factory_returning_a_hugging_face_model_takes_token_ids(tmp_path, capsys, monkeypatch):
+    """``module:factory`` returning a transformers model (a mixture of experts here) is a text
+    model, as its directory would be: --seq-len, random token ids below its vocabulary."""
+    pytest.importorskip("transformers")
+    (tmp_path / "fxlrd_cli_moe.py").write_text(
+        "import torch, transformers\n"
+        "def build():\n"
+        "    cfg = transformers.Qwen3MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,\n"
+        "        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)\n"
+        "    torch.manual_seed(0)\n"
+        "    return transformers.Qwen3MoeModel._from_config(cfg, experts_implementation='batched_mm')\n"
+    )  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fxlrd_cli_moe", None)
+    code, out, err = _run(capsys, "compress", "fxlrd_cli_moe:build", "--seq-len", 8, "--batch", 2, "--backend", "eager",
+                          "--repeats", 1, "--eval-batches", 1, "--quantum", 1)  # fmt: skip
+    assert code == 0, err
+    assert "input_ids" in out and "int64[2, 8]" in out and "stacked expert weights" in out
+    code, _, err = _run(capsys, "compress", "fxlrd_cli_moe:build", "--input-shape", "1,3,8,8")
+    assert code == 2 and "--input-shape is for tensor inputs; for a text model use --batch and --seq-len" in err
+
+
 # -- plan, inspect, bench, demo ------------------------------------------------------------------
 def test_plan_command_prints_the_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "plan.json"
