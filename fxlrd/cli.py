@@ -761,7 +761,7 @@ class _Inputs:
         tokenizer = self.source.tokenizer
         if tokenizer is None:
             raise UsageError(
-                f"--calibration {path}: the model directory has no tokenizer; "
+                f"--calibration {path}: the model has no tokenizer (a model directory can hold one); "
                 "give token ids as a .pt/.safetensors tensor"
             )
         try:

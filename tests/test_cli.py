@@ -337,6 +337,9 @@ def test_a_factory_returning_a_hugging_face_model_takes_token_ids(tmp_path, caps
     assert "input_ids" in out and "int64[2, 8]" in out and "stacked expert weights" in out
     code, _, err = _run(capsys, "compress", "fxlrd_cli_moe:build", "--input-shape", "1,3,8,8")
     assert code == 2 and "--input-shape is for tensor inputs; for a text model use --batch and --seq-len" in err
+    (tmp_path / "lines.txt").write_text("some text\nmore text\n")
+    code, _, err = _run(capsys, "compress", "fxlrd_cli_moe:build", "--calibration", tmp_path / "lines.txt")
+    assert code == 2 and "the model has no tokenizer (a model directory can hold one); give token ids as a" in err
 
 
 # -- plan, inspect, bench, demo ------------------------------------------------------------------
