@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import importlib
 import importlib.util
@@ -1125,7 +1126,16 @@ def _ort_runner(
         try:
             export_onnx_file(model.eval(), inputs, path)
         except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)
-            raise _TimingExportError(name, exc) from exc
+            if isinstance(model, torch.fx.GraphModule):
+                raise _TimingExportError(name, exc) from exc
+            # a model torch.onnx's own torch.export fails on (a transformers mixture of experts) can still
+            # export as fxlrd's capture of it, the graph the compressed model is made from: the same function
+            from .capture import capture
+
+            try:
+                export_onnx_file(capture(copy.deepcopy(model).eval(), batch, mode="export").gm, inputs, path)
+            except Exception:  # noqa: BLE001  (neither: the first failure is the one to report)
+                raise _TimingExportError(name, exc) from exc
     session = onnx_session(path, threads=threads)
     feed = onnx_feed(session, inputs)
     return lambda: session.run(None, feed)
