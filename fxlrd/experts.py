@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -638,11 +639,13 @@ def _probe_timer(s: StackedWeight, weight: torch.Tensor, searcher: Any, routing:
     e, m, n = s.shape
     index, experts, how = _probe_index(routing, rows, e, grouped)
 
+    probe = functools.partial(_StackProbe, experts, m, n, x_left=x_left, transposed=transposed, dtype=weight.dtype,
+                              grouped=grouped, routing=how)  # fmt: skip
+
     def timed(r: int | None) -> float:
-        meta = _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, device="meta", grouped=grouped, routing=how)
-        make = lambda: _StackProbe(experts, m, n, r, x_left, transposed, weight.dtype, grouped=grouped, routing=how)  # noqa: E731
         inputs = (torch.randn(rows, d_in).to(weight.dtype), index)
-        return searcher.cache.timed(searcher._key(meta, (rows, d_in)), lambda: searcher.timer.time_inputs(make(), inputs))
+        return searcher.cache.timed(searcher._key(probe(r, device="meta"), (rows, d_in)),
+                                    lambda: searcher.timer.time_inputs(probe(r), inputs))  # fmt: skip
 
     spread = "spread evenly" if how == "even" else f"as the example routed them, {how.split(' #')[0]}"
     return timed, f"its product timed alone ({rows} rows over {experts} experts, {spread}, {d_in}->{d_out})"
@@ -902,7 +905,7 @@ def plan_experts(model: nn.Module, gm: fx.GraphModule, config: LRDConfig, calibr
     out, ranks, chosen = [], {}, []
     searcher = None  # (the latency search's, made for the first stack it times)
     searched = config.latency is not None and not allocate and config.experts != "keep"
-    timed = (searched or config.target_speedup is not None) and config.experts != "keep"
+    timed = searched or (config.target_speedup is not None and config.experts != "keep")
     routing: dict[str, torch.Tensor] = {}
     if timed and example is not None and any(not s.reason for s in stacks.values()):
         from .planner import input_shapes
