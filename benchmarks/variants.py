@@ -292,7 +292,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("merged_optimized@vanilla_ctx", "merged_optimized_ctx at vanilla's parameters (its ratio bisected)",
                 _merged_optimized_at_vanilla, searched=True),  # fmt: skip
         Variant("merged_global@vanilla_ctx", "merged, ranks by global mode in context (target_speedup="
-                f"{TARGET_SPEEDUP} before merging) at most vanilla's parameters",
+                f"{TARGET_SPEEDUP}, its trials timed merged) at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, merge="approximate",
                                       latency=ctx.latency("neighbours")), searched=True),  # fmt: skip
         Variant("merged_global@vanilla_size_ctx", "merged, ranks by global mode in context, the speed target "

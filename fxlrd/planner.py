@@ -466,6 +466,20 @@ def _centre_on_budget(tasks: list[LayerTask], config: LRDConfig, plan: Plan, sta
     return layers / budget
 
 
+def _as_built(trial: fx.GraphModule, config: LRDConfig) -> fx.GraphModule:
+    """A global-mode trial in the form the model is built in: branched and merged as ``config``
+    asks, so the closed loop times what `transform` returns. Only the structure matters for
+    its time: branches start as the cores' diagonal blocks (no block-term fit), and the trial
+    is merged in eval mode (the deployed form; an exact merge refuses training-mode norms)."""
+    from fxlrd.passes import BranchPass, MergePass
+
+    if config.branches > 1:
+        trial = BranchPass(config.branches, "truncate")(trial).graph_module
+    if config.merge is not None:
+        trial = MergePass(config.merge)(trial.eval()).graph_module
+    return trial
+
+
 def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, inputs: Args, plan: Plan,
                     fill: Callable, before_narrowing: fx.GraphModule | None = None, stacks: Sequence[Any] = ()) -> None:  # fmt: skip
     """Global mode: every layer's ranks (or keep) for ``config.target_speedup``, least total
@@ -547,7 +561,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         apply_choices(choices)
         trial = DecomposePass(plan, stats={t.lp.name: t.stats for t in tasks if t.stats is not None})(copy.deepcopy(gm))
         trial_stacks(trial.graph_module, stacks, choices[len(tasks):])
-        return searcher.timer.speedup_model(copy.deepcopy(gm), trial.graph_module, inputs)
+        return searcher.timer.speedup_model(copy.deepcopy(gm), _as_built(trial.graph_module, config), inputs)
 
     params = [{c: (t.lp.params_before if c is None else _params_of(t, c)) for c in opts} for t, opts in zip(tasks, options)]
     params += [{c: stack.params(c) for c in opts} for stack, opts in zip(stacks, options[len(tasks):])]
@@ -575,6 +589,10 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
         stack.fill(choice, kept_why)
     aware = any(t.stats is not None for t in tasks) or any(s.stats is not None for s in stacks)
     record["objective"] = "output error on calibration data" if aware else "weight error"
+    built = [w for w, on in ((f"branched ({config.branches})", config.branches > 1), (f"merged ({config.merge})", config.merge))
+             if on]  # fmt: skip
+    if built:
+        record["trials_timed"] = " and ".join(built)
     if stacks:
         record["stacked_experts"] = len(stacks)
     plan.settings["global_search"] = record

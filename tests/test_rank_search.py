@@ -1,5 +1,6 @@
 """Latency-quantized ranks: the selection rule, candidates, global solver, search in the planner."""
 
+import copy
 import itertools
 
 import pytest
@@ -507,3 +508,29 @@ def test_closed_loop_counts_the_time_outside_the_layers_against_the_model_s_time
     layers = sum(o[k][0] for o, k in zip(options, choices))
     assert record["rounds"][record["chosen_round"]]["predicted_speedup"] == pytest.approx(1 / (0.5 + 0.5 * layers / 2))
     assert record["met"]
+
+
+def _bottleneck():
+    return nn.Sequential(nn.Conv2d(16, 64, 1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                         nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 32, 1)).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("built", [{"merge": "approximate"}, {"branches": 2, "conv_method": "tucker2"}])
+def test_global_mode_times_its_trials_merged_and_branched_as_built(cost_timer, tmp_path, built):
+    """The closed loop measures the model `transform` returns: with ``merge``/``branches`` the
+    trials are merged/branched before they are timed (they were timed as decomposed, and the
+    returned model's speed-up was another than the one recorded)."""
+    x = torch.randn(1, 16, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=16)
+    plan = fxlrd.plan(_bottleneck(), LRDConfig(target_speedup=1.3, latency=lat, **built), example_inputs=x)
+    g = plan.settings["global_search"]
+    assert plan.decomposed and g["trials_timed"].startswith("merged" if "merge" in built else "branched")
+    gm = fxlrd.apply(_bottleneck(), plan)
+    decomposed_only = copy.deepcopy(plan)
+    decomposed_only.settings.update(merge=None, branches=1)
+    unbuilt = fxlrd.apply(_bottleneck(), decomposed_only)
+    timer = CostTimer()
+    original = timer.time(_bottleneck(), None)
+    assert fxlrd.count_params(gm) != fxlrd.count_params(unbuilt)  # what is built is not the decomposed model
+    assert original / timer.time(gm, None) == pytest.approx(g["measured_speedup"])
+    assert g["met"] and g["measured_speedup"] >= 1.3
