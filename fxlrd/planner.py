@@ -301,15 +301,29 @@ def _make_plan(
     return plan
 
 
-def _windows(gm: fx.GraphModule, config: LRDConfig) -> Callable[[LayerTask], Any]:
+def _windows(gm: fx.GraphModule, config: LRDConfig, tasks: Sequence[LayerTask]) -> Callable[[LayerTask], Any]:
     """Each task's timing window (`fxlrd.ranks.context`) when the search times layers in
-    context, else None."""
+    context, else None. With ``config.merge``, a window takes in the kept pointwise layers
+    next to its layer (those no task decomposes), and times candidates merged into them."""
     from .ranks.context import neighbourhood
 
     if config.latency.context != "neighbours":
         return lambda task: None
-    site_nodes = {n for site in find_sites(gm).values() for n in site.nodes}
-    return lambda task: neighbourhood(gm, task.site, site_nodes, config.latency.depth)
+    sites = find_sites(gm)
+    site_nodes = {n for site in sites.values() for n in site.nodes}
+    through: set[fx.Node] = set()
+    if config.merge is not None:
+        searched = {task.site.name for task in tasks}
+        through = {n for name, site in sites.items() if name not in searched and not site.reason
+                   and site.spec is not None and site.spec.pointwise for n in site.nodes}  # fmt: skip
+
+    def window(task: LayerTask) -> Any:
+        w = neighbourhood(gm, task.site, site_nodes, config.latency.depth, merge=config.merge, through=frozenset(through))
+        if w is not None:  # a pointwise layer between two searched layers is one window's (the first's)
+            through.difference_update(w.taken)
+        return w
+
+    return window
 
 
 def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill: Callable) -> None:
@@ -317,7 +331,7 @@ def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill:
 
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks))
-    window_of = _windows(gm, config)
+    window_of = _windows(gm, config, tasks)
     try:
         for task in tasks:
             window = window_of(task)
@@ -499,7 +513,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             raise _budget_error(what, 0.0, budget, tasks, plan, config.min_rank, stacks)
     searcher = RankSearcher(config.latency)
     searcher.progress(len(tasks) + len(stacks))
-    window_of = _windows(gm, config)
+    window_of = _windows(gm, config, tasks)
     narrowing = 1.0
     try:
         if before_narrowing is not None:  # (a private copy: timed as it is)
@@ -535,6 +549,10 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             else:
                 # The layer's own time, changed by what each option changes in its window: the
                 # costs stay additive over layers (windows overlap; their differences do not).
+                # Pointwise layers the factors merge into are the layer's to spend: their time
+                # joins its own (it would otherwise count as fixed, and merging save nothing).
+                t0 += sum(searcher.time_layer(window.graph_module.get_submodule(name), shape)
+                          for name, shape in window.through)  # fmt: skip
                 w0 = searcher.time_in_window(window, layer)
                 cost = lambda r, t=task, lay=layer, t0=t0, w=window, w0=w0: t0 if r is None else max(
                     t0 + (searcher.time_in_window(w, lay, t.handler.name, r, t.spec) - w0) * calls, 0.05 * t0)  # noqa: E731

@@ -1,5 +1,7 @@
 """Timing layers in context: windows of neighbouring operations cut out of the graph."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -153,3 +155,89 @@ def test_search_in_context_on_onnxruntime_builds_a_working_model(tmp_path):
 def test_bad_context_settings(kwargs):
     with pytest.raises(ConfigError):
         LatencyConfig(**kwargs)
+
+
+class Bottleneck(nn.Module):
+    """A pointwise layer, a k×k conv, a pointwise layer: with ``act`` a ReLU after each norm."""
+
+    def __init__(self, act=True):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 32, 1)
+        self.act = nn.ReLU() if act else None
+        self.head = nn.Linear(32, 10)
+        for bn in (self.bn1, self.bn2):  # (statistics that are not the identity: folding them is tested)
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+
+    def forward(self, x):
+        act = self.act or (lambda t: t)
+        y = act(self.bn1(self.conv1(torch.relu(self.stem(x)))))
+        y = self.conv3(act(self.bn2(self.conv2(y))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_merging_window_takes_in_the_pointwise_layers_and_times_candidates_merged():
+    from fxlrd.factorized import decompose_weight
+
+    model = Bottleneck(act=False).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm, sites, nodes = _captured(model, x)
+    site = sites["conv2"]
+    through = frozenset(n for name in ("conv1", "conv3") for n in sites[name].nodes)
+    plain = neighbourhood(gm, site, nodes)
+    merging = neighbourhood(gm, site, nodes, merge="exact", through=through)
+    assert plain.size == 2 and plain.merge is None  # bn1 | bn2: stops at the other layers
+    assert merging.size == 4 and merging.merge == "exact"  # conv1, bn1 | bn2, conv3
+    assert merging.key != neighbourhood(gm, site, nodes, merge=None, through=through).key  # merged is timed apart
+    fact, _ = decompose_weight(model.conv2.weight, model.conv2.bias, site.spec, "tucker2", (24, 24))
+    merged = merging.with_site(fact)
+    convs = [m for m in merged.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and any(getattr(m, "fxlrd_merge", None) for m in convs)  # in_proj and out_proj merged away
+    unmerged = dataclasses.replace(merging, merge=None).with_site(fact)  # the same window and factors, not merged
+    assert len([m for m in unmerged.modules() if isinstance(m, nn.Conv2d)]) == 5
+    with torch.no_grad():
+        inputs = merging.example()
+        torch.testing.assert_close(merged(*inputs), unmerged(*inputs), rtol=1e-4, atol=1e-5)  # an exact merge computes the same
+    assert isinstance(merging.graph_module.get_submodule("site"), nn.Identity)  # the window itself is unchanged
+    assert merging.with_site(model.conv2) is not None  # the original layer: nothing to merge, timed as it runs
+
+
+class MergeSeeingTimer(CostTimer):
+    """Time = parameters exactly (no per-call constant: a merged price adds one more layer's time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.merged = 0
+
+    def time(self, module, input_shape):
+        self.calls += 1
+        return sum(p.numel() for p in module.parameters()) * 1e-9
+
+    def time_inputs(self, module, inputs):
+        self.merged += any(getattr(m, "fxlrd_merge", None) for m in module.modules())
+        return super().time_inputs(module, inputs)
+
+
+@pytest.mark.parametrize("target", [None, 1.3])
+def test_search_in_context_with_merge_prices_candidates_merged(monkeypatch, tmp_path, target):
+    timer = rank_search.install_timer(monkeypatch, MergeSeeingTimer())
+    x = torch.randn(1, 3, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    config = dict(ratio=2, merge="approximate", latency=lat, target_speedup=target)
+    plan = fxlrd.plan(Bottleneck().eval(), LRDConfig(**config), example_inputs=x)
+    assert timer.merged > 0
+    lp = plan["conv2"]
+    if target is None:  # conv1 sits between the stem and conv2: it is the first window's, the stem's (relu, conv1)
+        assert "window of 2 " in plan["stem"].latency["note"]
+        assert "window of 5 " in lp.latency["note"]  # relu, bn1 | bn2, relu, conv3
+    # Time = parameters: each candidate costs its merged window, where conv1 and conv3 absorb the
+    # factors (fewer parameters than the factors beside them), so the merged prices are lower.
+    unmerged = fxlrd.plan(Bottleneck().eval(), LRDConfig(**{**config, "merge": None, "decompose_pointwise": False}),
+                          example_inputs=x)  # fmt: skip
+    ours = {tuple(c[0]): c[1] for c in lp.latency["candidates_ms"]}
+    theirs = {tuple(c[0]): c[1] for c in unmerged["conv2"].latency["candidates_ms"]}
+    common = ours.keys() & theirs.keys()
+    common = {r for r in common if r[0] >= 16}  # (global mode floors a price at 5 % of the layer's time: rank 8 is there)
+    assert common and all(ours[r] < theirs[r] for r in common)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
+from ..factorized import Factorized
 from ..sites import Site
 
 __all__ = ["Window", "neighbourhood"]
@@ -41,19 +42,45 @@ class Window:
         inputs: shape and dtype of each input of the window, in order.
         key: a canonical text of everything in the window but the site (cache key part).
         size: how many operations besides the site the window holds.
+        merge: how candidates are merged into the window's pointwise layers (None: not merged).
+        through: the window's pointwise layers a candidate merges into, as (submodule name,
+            input shape): their time is the site's to spend (`fxlrd.planner` adds it to the
+            site's own time when it prices options in context).
     """
 
     graph_module: fx.GraphModule
     inputs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
     key: str
     size: int
+    merge: str | None = None
+    through: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    taken: frozenset[fx.Node] = field(default=frozenset(), repr=False, compare=False)  # the model's nodes of `through`
 
     def with_site(self, layer: nn.Module) -> fx.GraphModule:
-        """The window running ``layer`` in the site's place (the window itself is not changed)."""
+        """The window running ``layer`` in the site's place (the window itself is not changed).
+        With ``merge``, a `Factorized` layer runs factor by factor and its factors are merged
+        into the pointwise layers around it (`fxlrd.passes.MergePass`), as the model will be."""
+        if self.merge is not None and isinstance(layer, Factorized):
+            return self._merged(layer)
         gm = copy.copy(self.graph_module)  # shares the neighbours' modules and buffers
         gm._modules = dict(self.graph_module._modules)
         gm._modules["site"] = layer
         return gm
+
+    def _merged(self, layer: Factorized) -> fx.GraphModule:
+        from fxlrd.passes import MergePass
+
+        gm = copy.deepcopy(self.graph_module).eval()  # (merging replaces neighbours; exact merging needs eval norms)
+        gm.site = copy.deepcopy(layer)  # (and factors: the caller's layer stays as it is)
+        (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "site"]
+        value = node.args[0]
+        with gm.graph.inserting_before(node):
+            for role in layer.roles():
+                value = gm.graph.call_module(f"site.{role}", (value,))
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+        gm.recompile()
+        return MergePass(self.merge)(gm).graph_module
 
     def example(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Random inputs of the window's shapes (latency depends only on shapes)."""
@@ -84,10 +111,16 @@ def _outside_users(node: fx.Node, members: set[fx.Node]) -> bool:
     return any(user not in members for user in node.users)
 
 
-def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], depth: int = 3) -> Window | None:
+def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], depth: int = 3, *,
+                  merge: str | None = None, through: frozenset[fx.Node] = frozenset()) -> Window | None:  # fmt: skip
     """The window around ``site``'s first call: ``depth`` operations at most before it (its
     input's single-use producers) and after it (its output's single-use consumers), stopping
     at other layers (``site_nodes``), graph inputs and branches.
+
+    ``merge``: the model's factors will be merged (``"exact"``/``"approximate"``): a layer in
+    ``through`` (a kept pointwise layer a factor may merge into; module layers only) is taken
+    into the window, as its last operation on that side, and candidates are timed merged
+    (`Window.with_site`).
 
     Returns None when a value flowing into the window has no recorded static shape (the plan
     propagates shapes from the example inputs; without them there is no window).
@@ -96,19 +129,25 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
     x = site.input(node)
     if x is None:
         return None
+    through = frozenset(n for n in through if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)
+                        and _tensor_meta(n.args[0]) is not None) if merge is not None else frozenset()  # fmt: skip
     before: list[fx.Node] = []
     cur: fx.Node | None = x
-    while (len(before) < depth and cur is not None and cur.op in _CALLS and cur not in site_nodes
+    while (len(before) < depth and cur is not None and cur.op in _CALLS and (cur not in site_nodes or cur in through)
            and len(cur.users) == 1):  # fmt: skip
         before.append(cur)
+        if cur in through:
+            break
         cur = _first_input(cur)
     after: list[fx.Node] = []
     cur = node
     while len(after) < depth and len(cur.users) == 1:
         (user,) = cur.users
-        if user.op not in _CALLS or user in site_nodes:
+        if user.op not in _CALLS or (user in site_nodes and user not in through):
             break
         after.append(user)
+        if user in through:
+            break
         cur = user
     members = [*reversed(before), node, *after]
     member_set = set(members)
@@ -167,9 +206,13 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
     graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     root.add_module("site", nn.Identity())  # a placeholder until `with_site`
     window = fx.GraphModule(root, graph, class_name="Window")
+    merged = tuple((f"m{i}", _tensor_meta(m.args[0])[0]) for i, m in enumerate(members) if m in through)
+    if merged:
+        parts.append(f"merge={merge}")
     text = window.code + "\n" + "\n".join(parts)
     key = hashlib.sha1(text.encode()).hexdigest()[:16]
-    return Window(window, tuple(inputs), key, len(members) - 1)
+    return Window(window, tuple(inputs), key, len(members) - 1, merge if merged else None, merged,
+                  frozenset(m for m in members if m in through))  # fmt: skip
 
 
 class _NoWindow(Exception):
