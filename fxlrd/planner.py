@@ -446,10 +446,15 @@ def _budget_error(what: str, used: float, budget: float, tasks: list[LayerTask],
     if budget <= 0:
         fixed = plan.model_params - _narrowing_saved(plan.settings) - _sized(tasks, stacks)
         narrowed = ", narrowed MLP blocks at their narrowed size" if plan.settings.get("narrowed") else ""
+        merged = ""
+        if plan.settings.get("merge") and not plan.settings.get("decompose_pointwise"):
+            merged = ("; with merge the pointwise layers are not decomposed, and count whole here although merging "
+                      "shrinks them later (the budget is allocated before merging): size a merged model by "
+                      "target_speedup or ratio instead, or set decompose_pointwise=True")  # fmt: skip
         return ConfigError(
             f"the parameter budget ({what}) is below the {fixed:.0f} parameters outside the decomposable layers "
             f"(embeddings, norms, layers left out{narrowed}), which decomposition does not touch: ask for a larger "
-            "target_params or decompose more layers"
+            f"target_params or decompose more layers{merged}"
         )
     smallest = f"min_rank={min_rank}" if min_rank > 1 else "the smallest ranks tried"
     fix = "lower min_rank (the smallest ranks allowed), ask for fewer savings" if min_rank > 1 else "ask for fewer savings"

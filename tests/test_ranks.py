@@ -142,6 +142,16 @@ def test_a_parameter_cap_beside_a_speed_target_is_checked_before_any_timing(monk
                    example_inputs=x)  # fmt: skip
 
 
+def test_a_budget_below_the_pointwise_layers_a_merge_keeps_says_how_to_size_a_merged_model():
+    model = nn.Sequential(nn.Conv2d(8, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1))
+    pointwise = sum(p.numel() for i in (0, 4) for p in model[i].parameters())
+    with pytest.raises(ConfigError, match="with merge the pointwise layers are not decomposed.*target_speedup or ratio"):
+        fxlrd.plan(model, LRDConfig(merge="approximate", target_params=pointwise - 1), example_inputs=torch.randn(1, 8, 6, 6))
+    with pytest.raises(ConfigError, match="outside the decomposable layers") as plain:  # without merge: no such hint
+        fxlrd.plan(model, LRDConfig(target_params=10, exclude=["0"]), example_inputs=torch.randn(1, 8, 6, 6))
+    assert "merge" not in str(plain.value)
+
+
 def test_a_mode_kept_whole_is_no_bottleneck():
     """``min_rank`` applies to the modes a decomposition cuts: a rank at its cap keeps that mode
     whole, so a 3-channel stem's Tucker-1 (r_in = 3) is not refused by min_rank=4."""
