@@ -304,24 +304,24 @@ def _make_plan(
 def _windows(gm: fx.GraphModule, config: LRDConfig, tasks: Sequence[LayerTask]) -> Callable[[LayerTask], Any]:
     """Each task's timing window (`fxlrd.ranks.context`) when the search times layers in
     context, else None. With ``config.merge``, a window takes in the kept pointwise layers
-    next to its layer (those no task decomposes), and times candidates merged into them."""
+    next to its layer that merging will absorb its factors into, and times candidates merged
+    (a layer called more than once is not merged, as `fxlrd.passes.MergePass` leaves it)."""
+    from .fusion import is_pointwise
     from .ranks.context import neighbourhood
 
     if config.latency.context != "neighbours":
         return lambda task: None
     sites = find_sites(gm)
     site_nodes = {n for site in sites.values() for n in site.nodes}
-    through: set[fx.Node] = set()
+    through: frozenset[fx.Node] = frozenset()
     if config.merge is not None:
         searched = {task.site.name for task in tasks}
-        through = {n for name, site in sites.items() if name not in searched and not site.reason
-                   and site.spec is not None and site.spec.pointwise for n in site.nodes}  # fmt: skip
+        through = frozenset(site.nodes[0] for name, site in sites.items() if name not in searched and not site.reason
+                            and site.kind == "module" and len(site.nodes) == 1 and is_pointwise(site.layer(gm)))  # fmt: skip
 
     def window(task: LayerTask) -> Any:
-        w = neighbourhood(gm, task.site, site_nodes, config.latency.depth, merge=config.merge, through=frozenset(through))
-        if w is not None:  # a pointwise layer between two searched layers is one window's (the first's)
-            through.difference_update(w.taken)
-        return w
+        merge = config.merge if len(task.site.nodes) == 1 else None
+        return neighbourhood(gm, task.site, site_nodes, config.latency.depth, merge=merge, through=through)
 
     return window
 
@@ -489,13 +489,13 @@ def _as_built(trial: fx.GraphModule, config: LRDConfig) -> fx.GraphModule:
     """A global-mode trial in the form the model is built in: branched and merged as ``config``
     asks, so the closed loop times what `transform` returns. Only the structure matters for
     its time: branches start as the cores' diagonal blocks (no block-term fit), and the trial
-    is merged in eval mode (the deployed form; an exact merge refuses training-mode norms)."""
+    is merged in its own mode, as `transform` merges."""
     from fxlrd.passes import BranchPass, MergePass
 
     if config.branches > 1:
         trial = BranchPass(config.branches, "truncate")(trial).graph_module
     if config.merge is not None:
-        trial = MergePass(config.merge)(trial.eval()).graph_module
+        trial = MergePass(config.merge)(trial).graph_module
     return trial
 
 
@@ -542,6 +542,7 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
                     return
         model_s = searcher.timer.time_model(copy.deepcopy(gm), inputs)
         options = []
+        priced: dict[fx.Node, LayerTask] = {}  # pointwise layers a merge absorbs: whose time each is
         for task in tasks:
             layer = task.layer(gm)
             calls = len(task.site.nodes)
@@ -556,8 +557,10 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
                 # costs stay additive over layers (windows overlap; their differences do not).
                 # Pointwise layers the factors merge into are the layer's to spend: their time
                 # joins its own (it would otherwise count as fixed, and merging save nothing).
-                t0 += sum(searcher.time_layer(window.graph_module.get_submodule(name), shape)
-                          for name, shape in window.through)  # fmt: skip
+                for (name, shape), node in zip(window.through, window.taken):
+                    if node not in priced:  # (one between two searched layers: the first's; both windows merge it)
+                        priced[node] = task
+                        t0 += searcher.time_layer(window.graph_module.get_submodule(name), shape)
                 w0 = searcher.time_in_window(window, layer)
                 cost = lambda r, t=task, lay=layer, t0=t0, w=window, w0=w0: t0 if r is None else max(
                     t0 + (searcher.time_in_window(w, lay, t.handler.name, r, t.spec) - w0) * calls, 0.05 * t0)  # noqa: E731
@@ -637,5 +640,8 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
             "candidates_ms": [[list(r), t * 1e3, e] for r, (t, e) in opts.items() if r is not None],
             "chosen": None if choice is None else list(choice), "note": "" if choice is not None else "global: kept",
         }  # fmt: skip
+        merged_into = [str(node.target) for node, owner in priced.items() if owner is task]
+        if merged_into:  # (their time is in original_ms and every candidate's: the layer's to spend)
+            task.lp.latency["merged_into"] = merged_into
         if choice is not None:
             task.lp.error = opts[choice][1]

@@ -29,7 +29,7 @@ from fxlrd.factorized import Factorized
 from fxlrd.fusion import ACTIVATIONS, compose_pointwise, fold_norm, is_pointwise
 from fxlrd.sites import Site, find_sites, materialize, materialize_norm, set_submodule
 
-__all__ = ["MergePass"]
+__all__ = ["MergePass", "merges_across"]
 
 aten = torch.ops.aten
 _ACT_FUNCTIONS = {
@@ -128,6 +128,26 @@ def _same_family(a: nn.Module, b: nn.Module) -> bool:
     return isinstance(a, nn.Conv2d) == isinstance(b, nn.Conv2d)
 
 
+def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return _is_foldable_norm(_module(gm, node))
+    return node.op == "call_function" and node.target in _FUNCTIONAL_NORMS
+
+
+def merges_across(gm: fx.GraphModule, between: list[fx.Node], mode: str) -> bool:
+    """Whether `MergePass` merges two layers with ``between`` (in graph order, ``nn.Identity``
+    left out) between them: an optional norm, then an optional activation (``"approximate"``
+    only). What a merge-aware timing window (`fxlrd.ranks.context`) takes in."""
+    chain = [n for n in between if not isinstance(_module(gm, n), nn.Identity)]
+    if chain and _is_activation(gm, chain[-1]):
+        if mode != "approximate":
+            return False
+        chain = chain[:-1]
+    if chain and _is_norm(gm, chain[-1]):
+        chain = chain[:-1]
+    return not chain
+
+
 class MergePass(PassBase):
     """Merge pointwise layers with adjacent decomposed factors; see the module docstring."""
 
@@ -166,10 +186,6 @@ class MergePass(PassBase):
         layer = site.layer(gm)
         return layer if is_pointwise(layer) else None
 
-    def _is_norm(self, gm: fx.GraphModule, node: fx.Node) -> bool:
-        if node.op == "call_module":
-            return _is_foldable_norm(_module(gm, node))
-        return node.op == "call_function" and node.target in _FUNCTIONAL_NORMS
 
     @staticmethod
     def _called_once(node: fx.Node, calls: Counter, sites: dict[fx.Node, Site]) -> bool:
@@ -201,7 +217,7 @@ class MergePass(PassBase):
         cur, act, norm = self._skip_identity(gm, sites[b].input(b) if b in sites else _single_input(b)), None, None
         if cur is not None and _is_activation(gm, cur) and len(cur.users) == 1:
             act, cur = cur, self._skip_identity(gm, _single_input(cur))
-        if cur is not None and self._is_norm(gm, cur) and len(cur.users) == 1:
+        if cur is not None and _is_norm(gm, cur) and len(cur.users) == 1:
             norm, cur = cur, self._skip_identity(gm, _single_input(cur))
         if cur is None or len(cur.users) != 1:
             return None

@@ -229,9 +229,9 @@ def test_search_in_context_with_merge_prices_candidates_merged(monkeypatch, tmp_
     plan = fxlrd.plan(Bottleneck().eval(), LRDConfig(**config), example_inputs=x)
     assert timer.merged > 0
     lp = plan["conv2"]
-    if target is None:  # conv1 sits between the stem and conv2: it is the first window's, the stem's (relu, conv1)
-        assert "window of 2 " in plan["stem"].latency["note"]
-        assert "window of 5 " in lp.latency["note"]  # relu, bn1 | bn2, relu, conv3
+    if target is None:  # conv1 sits between the stem and conv2: both windows merge into it, as MergePass does
+        assert "window of 2 " in plan["stem"].latency["note"]  # relu, conv1
+        assert "window of 6 " in lp.latency["note"]  # relu, bn1, conv1 | bn2, relu, conv3
     # Time = parameters: each candidate costs its merged window, where conv1 and conv3 absorb the
     # factors (fewer parameters than the factors beside them), so the merged prices are lower.
     unmerged = fxlrd.plan(Bottleneck().eval(), LRDConfig(**{**config, "merge": None, "decompose_pointwise": False}),
@@ -241,3 +241,73 @@ def test_search_in_context_with_merge_prices_candidates_merged(monkeypatch, tmp_
     common = ours.keys() & theirs.keys()
     common = {r for r in common if r[0] >= 16}  # (global mode floors a price at 5 % of the layer's time: rank 8 is there)
     assert common and all(ours[r] < theirs[r] for r in common)
+
+
+def test_a_window_takes_in_only_what_merging_will_absorb():
+    """The window takes a pointwise layer where `MergePass` merges across what lies between:
+    not across a ReLU under an exact merge, nor a layer that runs twice; exact and approximate
+    windows are timed apart."""
+    model = Bottleneck(act=True).eval()
+    gm, sites, nodes = _captured(model, torch.randn(1, 3, 8, 8))
+    through = frozenset(n for name in ("conv1", "conv3") for n in sites[name].nodes)
+    exact = neighbourhood(gm, sites["conv2"], nodes, merge="exact", through=through)
+    approximate = neighbourhood(gm, sites["conv2"], nodes, merge="approximate", through=through)
+    assert exact.merge is None and exact.through == () and exact.size == 4  # relu, bn1 | bn2, relu: stops at the layers
+    assert approximate.merge == "approximate" and [s for _, s in approximate.through] == [(1, 32, 8, 8), (1, 64, 8, 8)]
+    assert approximate.key != exact.key
+
+
+class Shared(nn.Module):
+    """A pointwise layer run twice (``proj``) and a k×k conv run twice (``conv``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.conv, self.head = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        x = self.conv(torch.relu(self.proj(x)))
+        x = self.conv(torch.relu(self.proj(x)))
+        return self.head(torch.relu(x))
+
+
+def test_layers_called_twice_are_not_timed_merged(monkeypatch, tmp_path):
+    timer = rank_search.install_timer(monkeypatch, MergeSeeingTimer())
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    fxlrd.plan(Shared().eval(), LRDConfig(ratio=1.5, merge="approximate", latency=lat), example_inputs=torch.randn(1, 16, 8, 8))
+    assert timer.windows > 0 and timer.merged == 0  # MergePass merges neither: the windows do not either
+
+
+class TwoConvs(nn.Module):
+    """Two k×k convs with a pointwise layer between them that both could merge into."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.mid, self.bn_mid = nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_mid(self.mid(torch.relu(self.bn_a(self.a(x))))))
+        return self.b(x).mean((2, 3))
+
+
+def test_global_mode_prices_a_shared_pointwise_layer_once(monkeypatch, tmp_path):
+    timer = rank_search.install_timer(monkeypatch, MergeSeeingTimer())
+    x = torch.randn(1, 8, 8, 8)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    plan = fxlrd.plan(TwoConvs().eval(), LRDConfig(target_speedup=1.2, merge="approximate", latency=lat), example_inputs=x)
+    assert plan["a"].latency["merged_into"] == ["mid"] and "merged_into" not in plan["b"].latency
+    mid = sum(p.numel() for p in TwoConvs().mid.parameters()) * 1e-9
+    alone = {name: sum(p.numel() for p in getattr(TwoConvs(), name).parameters()) * 1e-9 for name in ("a", "b")}
+    assert plan["a"].latency["original_ms"] == pytest.approx((alone["a"] + mid) * 1e3)  # its time, and mid's
+    assert plan["b"].latency["original_ms"] == pytest.approx(alone["b"] * 1e3)
+    assert timer.merged > 0
+
+
+def test_an_export_capture_with_merge_is_timed_in_plain_windows(monkeypatch, tmp_path):
+    timer = rank_search.install_timer(monkeypatch, MergeSeeingTimer())
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    plan = fxlrd.plan(Bottleneck().eval(), LRDConfig(ratio=2, merge="approximate", latency=lat),
+                      example_inputs=torch.randn(1, 3, 8, 8), capture="export")  # fmt: skip
+    assert timer.windows > 0 and timer.merged == 0  # functional convs: not taken in (module layers only)
+    assert plan.decomposed

@@ -233,6 +233,7 @@ def test_global_mode_meets_its_predicted_target(cost_timer, tmp_path):
     plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.5, latency=lat), example_inputs=x)
     g = plan.settings["global_search"]
     assert g["met"] and g["measured_speedup"] >= 1.5 and 1 <= len(g["rounds"]) <= 3
+    assert "trials_timed" not in g  # neither merged nor branched
     # The synthetic timer's time is the parameter count: check the measurement against it.
     gm = fxlrd.apply(_model(), plan)
     timer = CostTimer()

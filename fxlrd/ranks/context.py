@@ -54,7 +54,7 @@ class Window:
     size: int
     merge: str | None = None
     through: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    taken: frozenset[fx.Node] = field(default=frozenset(), repr=False, compare=False)  # the model's nodes of `through`
+    taken: tuple[fx.Node, ...] = field(default=(), repr=False, compare=False)  # the model's nodes of `through`, in order
 
     def with_site(self, layer: nn.Module) -> fx.GraphModule:
         """The window running ``layer`` in the site's place (the window itself is not changed).
@@ -70,7 +70,7 @@ class Window:
     def _merged(self, layer: Factorized) -> fx.GraphModule:
         from fxlrd.passes import MergePass
 
-        gm = copy.deepcopy(self.graph_module).eval()  # (merging replaces neighbours; exact merging needs eval norms)
+        gm = copy.deepcopy(self.graph_module)  # (merging replaces neighbours, in their own mode as transform does)
         gm.site = copy.deepcopy(layer)  # (and factors: the caller's layer stays as it is)
         (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "site"]
         value = node.args[0]
@@ -118,9 +118,10 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
     at other layers (``site_nodes``), graph inputs and branches.
 
     ``merge``: the model's factors will be merged (``"exact"``/``"approximate"``): a layer in
-    ``through`` (a kept pointwise layer a factor may merge into; module layers only) is taken
-    into the window, as its last operation on that side, and candidates are timed merged
-    (`Window.with_site`).
+    ``through`` (a kept pointwise module layer) is taken into the window, as its last
+    operation on that side, where `MergePass` merges across what lies between (a norm, then
+    an activation if approximate: `fxlrd.passes.merge.merges_across`), and candidates are
+    timed merged into it (`Window.with_site`).
 
     Returns None when a value flowing into the window has no recorded static shape (the plan
     propagates shapes from the example inputs; without them there is no window).
@@ -131,23 +132,33 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
         return None
     through = frozenset(n for n in through if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)
                         and _tensor_meta(n.args[0]) is not None) if merge is not None else frozenset()  # fmt: skip
+
+    def takes(layer: fx.Node, between: list[fx.Node]) -> bool:
+        """A pointwise layer the site's factors merge into, across ``between`` (graph order)."""
+        from fxlrd.passes.merge import merges_across
+
+        return layer in through and merges_across(gm, between, merge)
+
     before: list[fx.Node] = []
     cur: fx.Node | None = x
-    while (len(before) < depth and cur is not None and cur.op in _CALLS and (cur not in site_nodes or cur in through)
-           and len(cur.users) == 1):  # fmt: skip
-        before.append(cur)
-        if cur in through:
+    while len(before) < depth and cur is not None and cur.op in _CALLS and len(cur.users) == 1:
+        if cur in site_nodes:
+            if takes(cur, before[::-1]):
+                before.append(cur)
             break
+        before.append(cur)
         cur = _first_input(cur)
     after: list[fx.Node] = []
     cur = node
     while len(after) < depth and len(cur.users) == 1:
         (user,) = cur.users
-        if user.op not in _CALLS or (user in site_nodes and user not in through):
+        if user.op not in _CALLS:
+            break
+        if user in site_nodes:
+            if takes(user, after):
+                after.append(user)
             break
         after.append(user)
-        if user in through:
-            break
         cur = user
     members = [*reversed(before), node, *after]
     member_set = set(members)
@@ -206,13 +217,15 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
     graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     root.add_module("site", nn.Identity())  # a placeholder until `with_site`
     window = fx.GraphModule(root, graph, class_name="Window")
-    merged = tuple((f"m{i}", _tensor_meta(m.args[0])[0]) for i, m in enumerate(members) if m in through)
-    if merged:
-        parts.append(f"merge={merge}")
+    taken = tuple(m for m in members if m in through)
+    if taken:
+        from fxlrd.passes import MergePass
+
+        parts.append(f"merge={merge} rule={MergePass.RULE}")
     text = window.code + "\n" + "\n".join(parts)
     key = hashlib.sha1(text.encode()).hexdigest()[:16]
-    return Window(window, tuple(inputs), key, len(members) - 1, merge if merged else None, merged,
-                  frozenset(m for m in members if m in through))  # fmt: skip
+    return Window(window, tuple(inputs), key, len(members) - 1, merge if taken else None,
+                  tuple((f"m{members.index(m)}", _tensor_meta(m.args[0])[0]) for m in taken), taken)  # fmt: skip
 
 
 class _NoWindow(Exception):
