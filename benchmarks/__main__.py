@@ -30,7 +30,8 @@ from .report import MIN_RUNS, readme_table, replace_region, write_reports
 from .suite import Invocation, cuda_available, run_gpu, run_speed, run_training, run_transform
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "speed": {"models": list(models.MODELS), "variants": list(variants.VARIANTS), "backends": list(speed.CPU_BACKENDS),
+    "speed": {"models": list(models.MODELS), "variants": [n for n, v in variants.VARIANTS.items() if not v.retired],
+              "backends": list(speed.CPU_BACKENDS),
               "batch": [1, 8], "repeats": 20, "warmup": 3},  # fmt: skip
     "training": {"models": list(models.MODELS), "variants": ["quantized"], "backends": list(training.BACKENDS),
                  "batch": [8], "repeats": 10, "warmup": 3},  # fmt: skip
