@@ -346,6 +346,9 @@ def _apply_to_graph(gm: fx.GraphModule, plan_: Plan, reference: nn.Module | None
                           f"unbranched (first: {narrow[0]!r})", FxlrdWarning, stacklevel=3)  # fmt: skip
     if plan_.settings.get("merge"):
         plan_.settings["merge_rule"] = MergePass.RULE
+        # which norms merging saw training (an approximate merge keeps those it would fold): load replays it
+        plan_.settings["merge_training_norms"] = [name for name, m in gm.named_modules()
+                                                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]  # fmt: skip
         before = count_params(gm)
         gm = MergePass(plan_.settings["merge"])(gm).graph_module
         plan_.settings["merge_params_change"] = count_params(gm) - before  # the plan's model size is what was built

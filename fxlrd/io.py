@@ -20,6 +20,7 @@ The result equals the saved model bitwise.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -544,6 +545,9 @@ def _rebuild(
             except Exception:  # noqa: BLE001  (best effort: without shapes no norm folds into a linear layer)
                 pass
         with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
+            for name in plan.settings.get("merge_training_norms") or ():  # but as merging saw each norm
+                with contextlib.suppress(AttributeError):
+                    gm.get_submodule(name).training = True
             gm = MergePass(plan.settings["merge"], rule=int(plan.settings.get("merge_rule", 1)))(gm).graph_module
     return gm, recorded or captured.record()
 

@@ -615,6 +615,23 @@ def test_a_linear_with_its_batch_norm_folded_by_an_exact_merge_loads(tmp_path):
     assert torch.equal(loaded(x), gm(x))
 
 
+@pytest.mark.parametrize("loaded_in", ["train", "eval"])
+def test_a_model_merged_in_training_mode_loads_with_the_norms_it_kept(tmp_path, loaded_in):
+    """An approximate merge keeps a training-mode norm it would have to fold (nothing between to
+    move it past): load merged in eval mode, folded it, and refused its own save."""
+    make = lambda: nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.Conv2d(32, 32, 3, padding=1),  # noqa: E731
+                                 nn.BatchNorm2d(32), nn.Conv2d(32, 8, 1))  # fmt: skip
+    torch.manual_seed(0)
+    model, x = make().train(), torch.randn(2, 8, 6, 6)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, merge="approximate", rank_quantum=1), example_inputs=x)
+    assert {"1", "3"} <= dict(gm.named_modules()).keys()  # the norms kept: nothing merged
+    fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(make().train(loaded_in == "train"), tmp_path / "s")
+    assert loaded.code == gm.code
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), gm.eval()(x))
+
+
 def test_a_merged_fx_save_loads_into_a_model_built_on_the_meta_device(tmp_path):
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 48), nn.Linear(48, 16))  # noqa: E731
