@@ -17,6 +17,8 @@ Pure functions of numbers; the planner measures and builds, this module only cho
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Hashable, Sequence
 
 __all__ = ["solve_budget", "solve_global", "solve_two_budgets", "closed_loop"]
@@ -171,6 +173,32 @@ def solve_two_budgets(options: Sequence[dict[Choice, tuple[float, float, float]]
     return best, True
 
 
+AIM = 1.02  # rounds after the first aim this far above the target
+
+
+def _next_target(rounds: Sequence[dict], target: float) -> float:
+    """The next round's internal target. After one round, scaled by how far the measurement
+    fell from the target; after two, along the secant through the last two rounds (log
+    measured against log internal target): where the model gains less than predicted (on
+    ResNet-50, onnxruntime: 4 % measured for 12 % predicted) scaling creeps toward the target
+    over many rounds, the secant goes there. Its step is at most twice the scaled one's, and
+    a secant that is flat or falling (noise) is not used. Both aim 2 % above the target,
+    inside the band a round is accepted in (up to 5 % above), not at its edge."""
+    target *= AIM
+    last = rounds[-1]
+    scaled = last["internal_target"] * target / last["measured_speedup"]
+    if len(rounds) < 2:
+        return scaled
+    prev = rounds[-2]
+    dx = math.log(last["internal_target"] / prev["internal_target"])
+    dy = math.log(last["measured_speedup"] / prev["measured_speedup"])
+    if abs(dx) < 1e-6 or dy / dx < 0.1:
+        return scaled
+    step = math.log(target / last["measured_speedup"]) / (dy / dx)
+    bound = 2 * abs(math.log(scaled / last["internal_target"]))
+    return last["internal_target"] * math.exp(max(-bound, min(bound, step)))
+
+
 def closed_loop(
     options: Sequence[Options],
     target: float,
@@ -226,7 +254,7 @@ def closed_loop(
             best = len(rounds) - 1
         if target <= measured <= target * 1.05:
             break
-        internal = max(1.0 + 1e-3, internal * target / measured)
+        internal = max(1.0 + 1e-3, _next_target(rounds, target))
     if best is None:  # never reached: the fastest measured (of those within the size budget, if any is)
         sized = [k for k in range(len(rounds)) if rounds[k]["within_extra_budget"]]
         best = max(sized or range(len(rounds)), key=lambda k: rounds[k]["measured_speedup"])
