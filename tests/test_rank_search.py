@@ -233,7 +233,7 @@ def test_global_mode_meets_its_predicted_target(cost_timer, tmp_path):
     lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False)
     plan = fxlrd.plan(_model(), LRDConfig(target_speedup=1.5, latency=lat), example_inputs=x)
     g = plan.settings["global_search"]
-    assert g["met"] and g["measured_speedup"] >= 1.5 and 1 <= len(g["rounds"]) <= 3
+    assert g["met"] and g["measured_speedup"] >= 1.5 and 1 <= len(g["rounds"]) <= 4
     assert "trials_timed" not in g  # neither merged nor branched
     # The synthetic timer's time is the parameter count: check the measurement against it.
     gm = fxlrd.apply(_model(), plan)
@@ -497,9 +497,9 @@ def test_closed_loop_does_not_follow_a_falling_secant():
     from fxlrd.ranks.allocate import closed_loop
 
     options = _speed_options(6)
-    measured = iter([1.2, 1.1, 1.3])
+    measured = iter([1.2, 1.1, 1.3, 1.4])
     record = closed_loop(options, 1.5, 6.0, lambda c: next(measured))[1]
-    second, third = record["rounds"][1:]
+    second, third = record["rounds"][1:3]
     assert third["internal_target"] == pytest.approx(second["internal_target"] * 1.5 * 1.02 / 1.1)
 
 

@@ -205,7 +205,7 @@ def closed_loop(
     model_s: float,
     measure: Callable[[list[Choice]], float],
     *,
-    max_rounds: int = 3,
+    max_rounds: int = 4,
     params: Sequence[dict[Choice, float]] | None = None,
     param_budget: float | None = None,
 ) -> tuple[list[Choice], dict]:
