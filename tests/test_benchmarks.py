@@ -592,6 +592,23 @@ def test_merged_global_at_vanilla_size_meets_the_size_after_merging(tmp_path, mo
     assert variant.config(ctx) is config  # found once per case
 
 
+@pytest.mark.parametrize("name", ["merged_global@vanilla_size_ctx", "merged_fastest@vanilla_size_ctx",
+                                  "merged_optimized@vanilla_ctx"])
+def test_a_bisected_variant_returns_the_model_its_bisection_sized(tmp_path, monkeypatch, name):
+    """Global mode's closed loop times whole models, which no cache holds: building the config
+    again may give another model than the one the bisection sized (ResNet-50 came back 8 %
+    above vanilla's size). The variant returns the bisection's own model."""
+    import fxlrd
+    from benchmarks.variants import get
+
+    _, _, ctx = _merge_case(tmp_path, monkeypatch, first_kernel=3)
+    variant = get(name)
+    variant.config(ctx)
+    monkeypatch.setattr(fxlrd, "transform", lambda *a, **k: pytest.fail("built again"))
+    gm = variant.build(ctx)
+    assert fxlrd.count_params(gm) <= ctx.vanilla_params
+
+
 def test_merged_fastest_at_vanilla_size_is_faster_than_the_least_error_model_of_that_size(tmp_path, monkeypatch):
     """At vanilla LRD's size after merging, the fastest model global mode finds is at least as
     fast (synthetic cost timer) as the least-error one, and no larger than vanilla."""
