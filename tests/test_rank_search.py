@@ -488,8 +488,31 @@ def test_closed_loop_follows_the_secant_where_the_model_gains_less_than_predicte
     slope = math.log(y2 / y1) / math.log(x2 / x1)
     scaled = x2 * 1.02 * target / y2
     step = min(math.log(1.02 * target / y2) / slope, 2 * math.log(scaled / x2))  # (at most twice scaling's step)
+    step = max(step, 0.5 * math.log(scaled / x2))  # (at least half of it)
     assert rounds[2]["internal_target"] == pytest.approx(x2 * math.exp(step))
     assert rounds[2]["internal_target"] > scaled  # further than scaling would go
+
+
+def test_closed_loop_scales_where_two_rounds_chose_the_same_model():
+    """Two rounds with the same choices measured apart by noise alone: no secant through them."""
+    from fxlrd.ranks.allocate import closed_loop
+
+    options = [{None: (1.0, 0.0), (8,): (0.5, 1.0)}, {None: (1.0, 0.0), (8,): (0.5, 1.0)}]
+    measured = iter([1.5, 1.62, 1.7, 1.75])  # every internal target picks both layers' only option
+    seen = []
+    record = closed_loop(options, 1.9, 2.0, lambda c: seen.append(c) or next(measured))[1]
+    rounds = record["rounds"]
+    assert len(seen) >= 3 and all(c == seen[0] for c in seen)
+    # (a secant through rounds 1 and 2 would be followed: slope log(1.62/1.5) / log(x2/x1) ≈ 0.3)
+    assert rounds[2]["internal_target"] == pytest.approx(rounds[1]["internal_target"] * 1.9 * 1.02 / 1.62)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_closed_loop_refuses_a_timer_that_gives_no_speed(bad):
+    from fxlrd.ranks.allocate import closed_loop
+
+    with pytest.raises(ValueError, match="a timer must give positive, finite times"):
+        closed_loop(_speed_options(), 1.5, 2.0, lambda c: bad)
 
 
 def test_closed_loop_does_not_follow_a_falling_secant():

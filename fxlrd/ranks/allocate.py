@@ -9,8 +9,9 @@ over the budget, the better of the two kept (`solve_budget`).
 
 Latency budgets need one more step (`closed_loop`): layers timed alone do not add up to the
 model's time (fixed per-run costs, no fusion), so the chosen model is built and timed whole,
-the internal target is corrected by ``target / measured`` (up to 3 rounds), and the
-least-error choice that *measured* at or above the target is kept.
+the internal target is corrected (scaled by ``target / measured``, then along the secant of
+the last two rounds; up to 4 rounds), and the least-error choice that *measured* at or above
+the target is kept.
 
 Pure functions of numbers; the planner measures and builds, this module only chooses.
 """
@@ -181,13 +182,14 @@ def _next_target(rounds: Sequence[dict], target: float) -> float:
     fell from the target; after two, along the secant through the last two rounds (log
     measured against log internal target): where the model gains less than predicted (on
     ResNet-50, onnxruntime: 4 % measured for 12 % predicted) scaling creeps toward the target
-    over many rounds, the secant goes there. Its step is at most twice the scaled one's, and
-    a secant that is flat or falling (noise) is not used. Both aim 2 % above the target,
-    inside the band a round is accepted in (up to 5 % above), not at its edge."""
+    over many rounds, the secant goes there. Its step is half to twice the scaled one's; a
+    secant that is flat or falling, or between two rounds that chose the same model (their
+    difference is noise), is not used. Both aim 2 % above the target, inside the band a round
+    is accepted in (up to 5 % above), not at its edge."""
     target *= AIM
     last = rounds[-1]
     scaled = last["internal_target"] * target / last["measured_speedup"]
-    if len(rounds) < 2:
+    if len(rounds) < 2 or rounds[-2]["choices"] == last["choices"]:
         return scaled
     prev = rounds[-2]
     dx = math.log(last["internal_target"] / prev["internal_target"])
@@ -195,8 +197,8 @@ def _next_target(rounds: Sequence[dict], target: float) -> float:
     if abs(dx) < 1e-6 or dy / dx < 0.1:
         return scaled
     step = math.log(target / last["measured_speedup"]) / (dy / dx)
-    bound = 2 * abs(math.log(scaled / last["internal_target"]))
-    return last["internal_target"] * math.exp(max(-bound, min(bound, step)))
+    lo, hi = sorted(k * math.log(scaled / last["internal_target"]) for k in (0.5, 2.0))
+    return last["internal_target"] * math.exp(max(lo, min(hi, step)))
 
 
 def closed_loop(
@@ -246,6 +248,9 @@ def closed_loop(
         choices, predicted = solve(internal)
         # every layer kept is the original model: 1.0x, whatever the timing noise says
         measured = 1.0 if all(c is None for c in choices) else measure(choices)
+        if not (math.isfinite(measured) and measured > 0):
+            raise ValueError(f"the whole model measured a speed-up of {measured!r}: a timer must give positive, finite "
+                             "times (check the LayerTimer's time_model/speedup_model)")  # fmt: skip
         error = sum(opt[c][1] for opt, c in zip(options, choices))
         allowed = within_size(choices)
         rounds.append({"internal_target": internal, "predicted_speedup": predicted, "measured_speedup": measured,
