@@ -153,12 +153,22 @@ def _built(ctx: BuildContext, config: LRDConfig) -> nn.Module:
     models they built, and the variant returns the one its step measured. Building the same
     config again can give another model where global mode chose it (its closed loop times
     whole models, which no cache holds): ResNet-50's `merged_global@vanilla_size_ctx`, sized
-    at vanilla's 12.39 M, came back at 13.36 M so."""
+    at most vanilla's 12.75 M, came back at 13.36 M so. Once a bisection has chosen, only its
+    model is kept (`_keep_only`)."""
     models = ctx.memo.setdefault("built", {})
     key = _config_key(config)
     if key not in models:
         models[key] = fxlrd.transform(ctx.model, config, example_inputs=ctx.example)
     return models[key]
+
+
+def _keep_only(ctx: BuildContext, config: LRDConfig) -> LRDConfig:
+    """Drop the models a bisection built but did not choose (each a whole model), keeping every
+    bisection's chosen one; returns ``config``."""
+    chosen = ctx.memo.setdefault("chosen", set())
+    chosen.add(_config_key(config))
+    ctx.memo["built"] = {k: v for k, v in ctx.memo.get("built", {}).items() if k in chosen}
+    return config
 
 
 def _bisect(lo: float, hi: float, too_big: Callable[[float], bool], steps: int) -> float:
@@ -201,7 +211,8 @@ def _merged_global_at_vanilla(ctx: BuildContext) -> LRDConfig:
         lo, hi = 1.05, 3.0
         if params(hi) > ctx.vanilla_params:
             raise ValueError(f"no speed target up to {hi} gives a merged model of at most {ctx.vanilla_params} params")
-        ctx.memo["merged_global_at_vanilla"] = config(_bisect(lo, hi, lambda t: params(t) > ctx.vanilla_params, 7))
+        chosen = _bisect(lo, hi, lambda t: params(t) > ctx.vanilla_params, 7)
+        ctx.memo["merged_global_at_vanilla"] = _keep_only(ctx, config(chosen))
     return ctx.memo["merged_global_at_vanilla"]
 
 
@@ -242,11 +253,12 @@ def _merged_optimized_at_vanilla(ctx: BuildContext) -> LRDConfig:
         lo, hi = 1.2, 2.0
         at_two = build(hi)
         if not at_two.fxlrd_plan.decomposed:
-            ctx.memo["merged_optimized_at_vanilla"] = config(hi)
+            ctx.memo["merged_optimized_at_vanilla"] = _keep_only(ctx, config(hi))
             return config(hi)
         if fxlrd.count_params(at_two) > ctx.vanilla_params:
             raise ValueError(f"merged_optimized_ctx at ratio {hi} has more than vanilla's {ctx.vanilla_params} params")
-        ctx.memo["merged_optimized_at_vanilla"] = config(_bisect(lo, hi, lambda r: params(r) > ctx.vanilla_params, 7))
+        chosen = _bisect(lo, hi, lambda r: params(r) > ctx.vanilla_params, 7)
+        ctx.memo["merged_optimized_at_vanilla"] = _keep_only(ctx, config(chosen))
     return ctx.memo["merged_optimized_at_vanilla"]
 
 
@@ -262,7 +274,7 @@ def _merged_fastest_at_vanilla(ctx: BuildContext) -> LRDConfig:
     removes parameters that budget counts, so the budget (before merging) is bisected: the
     largest whose merged model has at most vanilla's parameters. Every step re-plans from the
     same latency cache. Not an equal-size comparison: the fastest choice does not spend the
-    budget (ResNet-50, onnxruntime batch 1: 3.65× with 6.24 M of vanilla's 12.39 M), since
+    budget (ResNet-50, onnxruntime batch 1: 3.65× with 6.24 M of vanilla's 12.75 M), since
     fewer parameters are never slower; `merged_global@vanilla_size_ctx` is the one of
     vanilla's size.
     """
@@ -284,7 +296,7 @@ def _merged_fastest_at_vanilla(ctx: BuildContext) -> LRDConfig:
                 lo = mid
             else:
                 hi = mid
-        ctx.memo["merged_fastest_at_vanilla"] = config(lo)
+        ctx.memo["merged_fastest_at_vanilla"] = _keep_only(ctx, config(lo))
     return ctx.memo["merged_fastest_at_vanilla"]
 
 
