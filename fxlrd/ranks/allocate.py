@@ -19,7 +19,6 @@ Pure functions of numbers; the planner measures and builds, this module only cho
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Hashable, Sequence
 
 __all__ = ["solve_budget", "solve_global", "solve_two_budgets", "closed_loop"]
