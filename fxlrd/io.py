@@ -478,8 +478,11 @@ def _rebuild(
     example_inputs: Any,
     leaf_modules: Sequence[type[nn.Module] | str] | None,
     dynamic_shapes: Any = None,
+    norms_training: bool = False,
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Capture ``model`` as the plan records and give it the saved structure (values: zeros)."""
+    """Capture ``model`` as the plan records and give it the saved structure (values: zeros).
+    ``norms_training``: merge as if every batch norm was in training mode (for saves from
+    before the plan recorded which were)."""
     from fxlrd.passes import BranchPass, DecomposePass, MergePass
 
     recorded = plan.settings.get("capture") or meta.get("capture") or {}
@@ -548,6 +551,10 @@ def _rebuild(
             for name in plan.settings.get("merge_training_norms") or ():  # but as merging saw each norm
                 with contextlib.suppress(AttributeError):
                     gm.get_submodule(name).training = True
+            if norms_training:
+                for m in gm.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.training = True
             gm = MergePass(plan.settings["merge"], rule=int(plan.settings.get("merge_rule", 1)))(gm).graph_module
     return gm, recorded or captured.record()
 
@@ -685,7 +692,19 @@ def load(
     # as persistent): the rebuilt model makes its own, as the model does.
     unsaved = {f"{name}.{b}" if name else b for name, m in gm.named_modules() for b in m._non_persistent_buffers_set}
     tensors = {k: v for k, v in tensors.items() if k not in unsaved}
-    _check_fits(gm, tensors, meta)
+    try:
+        _check_fits(gm, tensors, meta)
+    except PlanMismatchError as mismatch:
+        # A save from before plans recorded which norms merging saw in training mode, merged
+        # approximately in training mode, kept norms that an eval-mode merge folds: try that.
+        if not plan.settings.get("merge") or "merge_training_norms" in plan.settings:
+            raise
+        retry, record = _rebuild(model, plan, meta, example_inputs, leaf_modules, dynamic_shapes, norms_training=True)
+        try:
+            _check_fits(retry, tensors, meta)
+        except PlanMismatchError:
+            raise mismatch from None  # the mismatch as the plan records it
+        gm, capture_record = retry, record
     with torch.no_grad():
         replaced: dict[int, torch.Tensor] = {}  # meta tensors given a real one in their place (ties kept)
         for key, current in gm.state_dict(keep_vars=True).items():

@@ -632,6 +632,44 @@ def test_a_model_merged_in_training_mode_loads_with_the_norms_it_kept(tmp_path, 
         assert torch.equal(loaded.eval()(x), gm.eval()(x))
 
 
+def test_an_older_save_merged_in_training_mode_still_loads(tmp_path):
+    """Saves from before plans recorded ``merge_training_norms``: load rebuilds as if every norm
+    was in training mode when the eval-mode merge does not fit the tensors; a save that fits
+    neither way is still the plan's mismatch."""
+    make = lambda: nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.Conv2d(32, 32, 3, padding=1),  # noqa: E731
+                                 nn.BatchNorm2d(32), nn.Conv2d(32, 8, 1))  # fmt: skip
+    torch.manual_seed(0)
+    model, x = make().train(), torch.randn(2, 8, 6, 6)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, merge="approximate", rank_quantum=1), example_inputs=x)
+    path = fxlrd.save(gm, tmp_path / "s")
+    plan = path / "plan.json"
+    data = json.loads(plan.read_text())
+    assert data["settings"].pop("merge_training_norms") == ["1", "3"]
+    plan.write_text(json.dumps(data))
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["files"]["plan.json"] = {"sha256": fio._sha256(plan), "bytes": plan.stat().st_size}
+    (path / "metadata.json").write_text(json.dumps(meta))
+    loaded = fxlrd.load(make().eval(), path)
+    assert loaded.code == gm.code
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), gm.eval()(x))
+    other = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.Conv2d(32, 16, 3, padding=1),
+                          nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1))  # fmt: skip
+    with pytest.raises(PlanMismatchError, match="the plan has Conv2d 32->32 .* the model has Conv2d 32->16"):
+        fxlrd.load(other, path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = path / "model.safetensors"  # a tensor gone: it fits neither way; the error is the plan's own build's
+    saved = load_file(tensors)
+    dropped = sorted(saved)[-1]
+    save_file({k: v for k, v in saved.items() if k != dropped}, tensors)
+    meta["files"]["model.safetensors"] = {"sha256": fio._sha256(tensors), "bytes": tensors.stat().st_size}
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(PlanMismatchError, match=r"saved but not in the model \(1\.num_batches_tracked") as caught:
+        fxlrd.load(make().eval(), path)
+    assert dropped not in str(caught.value)
+
+
 def test_a_merged_fx_save_loads_into_a_model_built_on_the_meta_device(tmp_path):
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 48), nn.Linear(48, 16))  # noqa: E731
