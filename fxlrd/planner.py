@@ -303,9 +303,11 @@ def _make_plan(
 
 def _windows(gm: fx.GraphModule, config: LRDConfig, tasks: Sequence[LayerTask]) -> Callable[[LayerTask], Any]:
     """Each task's timing window (`fxlrd.ranks.context`) when the search times layers in
-    context, else None. With ``config.merge``, a window takes in the kept pointwise layers
-    next to its layer that merging will absorb its factors into, and times candidates merged
-    (a layer called more than once is not merged, as `fxlrd.passes.MergePass` leaves it)."""
+    context, else None. With ``config.merge``, a window takes in the pointwise layers next to
+    its layer that are not searched and that merging absorbs its factors into (checked by
+    merging a candidate in the window), and times candidates merged (a layer called more than
+    once is not merged, as `fxlrd.passes.MergePass` leaves it). A pointwise layer between two
+    searched layers joins the first one's window only: `MergePass` merges it with that one."""
     from .fusion import is_pointwise
     from .ranks.context import neighbourhood
 
@@ -319,11 +321,26 @@ def _windows(gm: fx.GraphModule, config: LRDConfig, tasks: Sequence[LayerTask]) 
         through = frozenset(site.nodes[0] for name, site in sites.items() if name not in searched and not site.reason
                             and site.kind == "module" and len(site.nodes) == 1 and is_pointwise(site.layer(gm)))  # fmt: skip
 
-    def window(task: LayerTask) -> Any:
+    windows: dict[int, Any] = {}
+    claimed: set[fx.Node] = set()  # a pointwise layer between two searched layers is the first's (MergePass's order)
+    for task in tasks:
         merge = config.merge if len(task.site.nodes) == 1 else None
-        return neighbourhood(gm, task.site, site_nodes, config.latency.depth, merge=merge, through=through)
+        window = neighbourhood(gm, task.site, site_nodes, config.latency.depth, merge=merge, through=through - claimed)
+        if window is not None and window.taken:  # only what merging a candidate's factors really absorbs
+            absorbed = set(window.absorbs(_probe(task)))
+            if absorbed != {name for name, _ in window.through}:
+                kept = frozenset(n for (name, _), n in zip(window.through, window.taken) if name in absorbed)
+                window = neighbourhood(gm, task.site, site_nodes, config.latency.depth, merge=merge, through=kept)
+            claimed.update(window.taken if window is not None else ())
+        windows[id(task)] = window
+    return lambda task: windows[id(task)]
 
-    return window
+
+def _probe(task: LayerTask) -> nn.Module:
+    """A candidate of ``task``'s method at its rule's ranks (random values: for its structure)."""
+    from .ranks.search import _random_skeleton
+
+    return _random_skeleton(task.spec, task.handler.name, tuple(task.ranks), task.weight.dtype)
 
 
 def _search(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfig, fill: Callable) -> None:
@@ -557,10 +574,10 @@ def _plan_for_speed(gm: fx.GraphModule, tasks: list[LayerTask], config: LRDConfi
                 # costs stay additive over layers (windows overlap; their differences do not).
                 # Pointwise layers the factors merge into are the layer's to spend: their time
                 # joins its own (it would otherwise count as fixed, and merging save nothing).
+                # (One between two searched layers is taken into the first's window only.)
                 for (name, shape), node in zip(window.through, window.taken):
-                    if node not in priced:  # (one between two searched layers: the first's; both windows merge it)
-                        priced[node] = task
-                        t0 += searcher.time_layer(window.graph_module.get_submodule(name), shape)
+                    priced[node] = task
+                    t0 += searcher.time_layer(window.graph_module.get_submodule(name), shape)
                 w0 = searcher.time_in_window(window, layer)
                 cost = lambda r, t=task, lay=layer, t0=t0, w=window, w0=w0: t0 if r is None else max(
                     t0 + (searcher.time_in_window(w, lay, t.handler.name, r, t.spec) - w0) * calls, 0.05 * t0)  # noqa: E731

@@ -201,7 +201,65 @@ def test_a_merging_window_takes_in_the_pointwise_layers_and_times_candidates_mer
         inputs = merging.example()
         torch.testing.assert_close(merged(*inputs), unmerged(*inputs), rtol=1e-4, atol=1e-5)  # an exact merge computes the same
     assert isinstance(merging.graph_module.get_submodule("site"), nn.Identity)  # the window itself is unchanged
-    assert merging.with_site(model.conv2) is not None  # the original layer: nothing to merge, timed as it runs
+    original = merging.with_site(model.conv2)  # the original layer: nothing to merge, timed as it runs
+    assert not any(getattr(m, "fxlrd_merge", None) for m in original.modules())
+    assert len([m for m in original.modules() if isinstance(m, nn.Conv2d)]) == 3
+    assert merging.absorbs(fact) == ("m0", "m4")  # conv1 and conv3, by their places in the window
+
+
+def test_a_merging_window_merges_a_candidate_where_its_neighbours_are():
+    """Candidates are made on the CPU; a window whose neighbours are elsewhere (a model on a
+    GPU; here the meta device) merges the candidate there instead of mixing devices."""
+    from fxlrd.factorized import decompose_weight
+
+    model = Bottleneck(act=False).eval()
+    gm, sites, nodes = _captured(model, torch.randn(1, 3, 8, 8))
+    through = frozenset(n for name in ("conv1", "conv3") for n in sites[name].nodes)
+    window = neighbourhood(gm, sites["conv2"], nodes, merge="exact", through=through)
+    window.graph_module.to("meta")
+    fact, _ = decompose_weight(model.conv2.weight, model.conv2.bias, sites["conv2"].spec, "tucker2", (24, 24))
+    assert window.absorbs(fact) == ("m0", "m4")
+    assert all(p.is_meta for p in window.with_site(fact).parameters())
+
+
+def test_a_merging_windows_key_says_its_norms_mode():
+    """What merging builds depends on the norms' mode (an approximate merge keeps a training
+    norm it would fold): a cached merged price of one mode is not the other's."""
+    keys = {}
+    for mode in ("train", "eval"):
+        model = Bottleneck(act=True).train(mode == "train")
+        gm, sites, nodes = _captured(model, torch.randn(2, 3, 8, 8))
+        through = frozenset(n for name in ("conv1", "conv3") for n in sites[name].nodes)
+        keys[mode] = neighbourhood(gm, sites["conv2"], nodes, merge="approximate", through=through).key
+    assert keys["train"] != keys["eval"]
+
+
+class MLP(nn.Module):
+    """Linear layers with batch norms between (2-D inputs: a norm folds into a linear layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn1 = nn.Linear(16, 64), nn.BatchNorm1d(64)
+        self.mid, self.bn2 = nn.Linear(64, 64), nn.BatchNorm1d(64)
+        self.down = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.bn2(self.mid(torch.relu(self.bn1(self.up(x)))))))
+
+
+def test_a_window_of_linear_layers_merges_across_batch_norms_as_the_model_does(monkeypatch, tmp_path):
+    """A linear layer merges across a batch norm only on 2-D inputs, which MergePass reads off
+    the graph's shapes: the window carries them, so its candidates merge as the model's do."""
+    timer = rank_search.install_timer(monkeypatch, MergeSeeingTimer())
+    x = torch.randn(4, 16)
+    lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
+    config = LRDConfig(target_speedup=1.1, merge="approximate", decompose_pointwise=True, exclude=["up", "down"],
+                       latency=lat)  # fmt: skip
+    plan = fxlrd.plan(MLP().eval(), config, example_inputs=x)
+    assert plan["mid"].latency["merged_into"] == ["up", "down"] and timer.merged > 0
+    built = fxlrd.transform(MLP().eval(), config, example_inputs=x)
+    merged = {n for m in built.modules() for n in (getattr(m, "fxlrd_merge", None) or {}).get("merged_from", ())}
+    assert {"up", "down"} <= merged  # what the plan priced merged, the model merged
 
 
 class MergeSeeingTimer(CostTimer):
@@ -216,7 +274,11 @@ class MergeSeeingTimer(CostTimer):
         return sum(p.numel() for p in module.parameters()) * 1e-9
 
     def time_inputs(self, module, inputs):
-        self.merged += any(getattr(m, "fxlrd_merge", None) for m in module.modules())
+        merged = any(getattr(m, "fxlrd_merge", None) for m in module.modules())
+        self.merged += merged
+        if merged:  # (a site whose every factor merged away is gone from the window)
+            self.windows += 1
+            return self.time(module, None)
         return super().time_inputs(module, inputs)
 
 
@@ -229,9 +291,9 @@ def test_search_in_context_with_merge_prices_candidates_merged(monkeypatch, tmp_
     plan = fxlrd.plan(Bottleneck().eval(), LRDConfig(**config), example_inputs=x)
     assert timer.merged > 0
     lp = plan["conv2"]
-    if target is None:  # conv1 sits between the stem and conv2: both windows merge into it, as MergePass does
+    if target is None:  # conv1 sits between the stem and conv2: the stem's window takes it (MergePass merges it there first)
         assert "window of 2 " in plan["stem"].latency["note"]  # relu, conv1
-        assert "window of 6 " in lp.latency["note"]  # relu, bn1, conv1 | bn2, relu, conv3
+        assert "window of 5 " in lp.latency["note"]  # relu, bn1 | bn2, relu, conv3
     # Time = parameters: each candidate costs its merged window, where conv1 and conv3 absorb the
     # factors (fewer parameters than the factors beside them), so the merged prices are lower.
     unmerged = fxlrd.plan(Bottleneck().eval(), LRDConfig(**{**config, "merge": None, "decompose_pointwise": False}),
@@ -280,9 +342,9 @@ def test_layers_called_twice_are_not_timed_merged(monkeypatch, tmp_path):
 class TwoConvs(nn.Module):
     """Two k×k convs with a pointwise layer between them that both could merge into."""
 
-    def __init__(self):
+    def __init__(self, width=8):
         super().__init__()
-        self.a, self.bn_a = nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.a, self.bn_a = nn.Conv2d(width, 32, 3, padding=1), nn.BatchNorm2d(32)
         self.mid, self.bn_mid = nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32)
         self.b = nn.Conv2d(32, 32, 3, padding=1)
 
@@ -292,6 +354,9 @@ class TwoConvs(nn.Module):
 
 
 def test_global_mode_prices_a_shared_pointwise_layer_once(monkeypatch, tmp_path):
+    """``mid`` between two searched convs is priced as the first one's, which MergePass merges
+    it with first; the second's window stops at it (when both are decomposed, MergePass goes on
+    to merge the result into the second's first factor: a saving priced low, never twice)."""
     timer = rank_search.install_timer(monkeypatch, MergeSeeingTimer())
     x = torch.randn(1, 8, 8, 8)
     lat = LatencyConfig(cache_path=tmp_path / "c.json", progress=False, quantum=8, context="neighbours")
@@ -302,6 +367,15 @@ def test_global_mode_prices_a_shared_pointwise_layer_once(monkeypatch, tmp_path)
     assert plan["a"].latency["original_ms"] == pytest.approx((alone["a"] + mid) * 1e3)  # its time, and mid's
     assert plan["b"].latency["original_ms"] == pytest.approx(alone["b"] * 1e3)
     assert timer.merged > 0
+    gm, sites, nodes = _captured(TwoConvs().eval(), x)
+    alone = neighbourhood(gm, sites["b"], nodes, merge="approximate", through=frozenset(sites["mid"].nodes))
+    assert alone.size == 4 and alone.through  # relu, bn_mid, mid | mean: alone, b's window would take mid in
+    searched = fxlrd.plan(TwoConvs().eval(), LRDConfig(merge="approximate", latency=lat), example_inputs=x)
+    assert "window of 3 " in searched["a"].latency["note"]  # bn_a, relu, mid
+    assert "window of 3 " in searched["b"].latency["note"]  # relu, bn_mid | mean: beside a, not
+    built = fxlrd.transform(TwoConvs().eval(), LRDConfig(ratio=2, merge="approximate"), example_inputs=x)
+    (merge,) = [m.fxlrd_merge for m in built.modules() if getattr(m, "fxlrd_merge", None)]
+    assert merge["sources"] == ["a", "b"] and "mid" not in dict(built.named_modules())  # merged with a's, then b's
 
 
 def test_an_export_capture_with_merge_is_timed_in_plain_windows(monkeypatch, tmp_path):

@@ -71,16 +71,29 @@ class Window:
         from fxlrd.passes import MergePass
 
         gm = copy.deepcopy(self.graph_module)  # (merging replaces neighbours, in their own mode as transform does)
-        gm.site = copy.deepcopy(layer)  # (and factors: the caller's layer stays as it is)
+        # (and factors: the caller's layer stays as it is), where the neighbours are: a candidate is made on the CPU
+        anchor = next(gm.parameters(), None)
+        gm.site = copy.deepcopy(layer) if anchor is None else copy.deepcopy(layer).to(anchor.device)
         (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "site"]
         value = node.args[0]
         with gm.graph.inserting_before(node):
             for role in layer.roles():
                 value = gm.graph.call_module(f"site.{role}", (value,))
+        if "tensor_meta" in node.meta:  # the chain's output is the site's (a linear layer merges across a norm by it)
+            value.meta["tensor_meta"] = node.meta["tensor_meta"]
         node.replace_all_uses_with(value)
         gm.graph.erase_node(node)
         gm.recompile()
         return MergePass(self.merge)(gm).graph_module
+
+    def absorbs(self, layer: Factorized) -> tuple[str, ...]:
+        """The names in `through` that merging ``layer``'s factors absorbs (`MergePass`
+        checks more than the operations between: the layers' kinds, shapes, calls)."""
+        if self.merge is None:
+            return ()
+        merged = {name for m in self._merged(layer).modules()
+                  for name in (getattr(m, "fxlrd_merge", None) or {}).get("merged_from", ())}  # fmt: skip
+        return tuple(name for name, _ in self.through if name in merged)
 
     def example(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Random inputs of the window's shapes (latency depends only on shapes)."""
@@ -211,6 +224,8 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
             else:  # fresh node names: the window's code must not name the block it came from
                 env[member] = graph.create_node(member.op, member.target, fx.map_arg(member.args, outer),
                                                 fx.map_arg(member.kwargs, outer))  # fmt: skip
+            if "tensor_meta" in member.meta:  # (merging reads shapes: a norm folds into a linear layer on 2-D inputs)
+                env[member].meta["tensor_meta"] = member.meta["tensor_meta"]
     except _NoWindow:
         return None
     outputs = [env[m] for m in members if _outside_users(m, member_set) or m is members[-1]]
@@ -222,6 +237,8 @@ def neighbourhood(gm: fx.GraphModule, site: Site, site_nodes: set[fx.Node], dept
         from fxlrd.passes import MergePass
 
         parts.append(f"merge={merge} rule={MergePass.RULE}")
+        # what merging builds depends on the norms' mode (a training-mode norm with nothing between is kept)
+        parts.extend(f"{name}:training={module.training}" for name, module in root.named_children())
     text = window.code + "\n" + "\n".join(parts)
     key = hashlib.sha1(text.encode()).hexdigest()[:16]
     return Window(window, tuple(inputs), key, len(members) - 1, merge if taken else None,
