@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .errors import ConfigError
 from .modes import eval_mode, saved_modes
 
 if TYPE_CHECKING:
@@ -131,49 +132,87 @@ def refit_merged(
     A norm moved after M is then re-estimated and set to pass M's output through unchanged.
 
     Returns per merged layer the relative error ``‖T − M X‖ / ‖T‖`` before and after.
+
+    Raises:
+        ConfigError: ``reference`` is not the decomposed model before merging (it lacks a
+            merged layer's second half as a module of its own, or that module never runs).
+            Nothing in ``gm`` is changed then, nor when a batch fails.
     """
     batches = _batches(batches)
-    report = {}
-    with eval_mode(gm, reference):
-        for node in merged_nodes(gm):
-            info = gm.get_submodule(node.target).fxlrd_merge
-            if info.get("exact"):
-                continue
-            layer = gm.get_submodule(node.target)
+    pairs = []
+    for node in merged_nodes(gm):
+        layer = gm.get_submodule(node.target)
+        info = layer.fxlrd_merge
+        if info.get("exact"):
+            continue
+        try:
             source = reference.get_submodule(info["merged_from"][1])
-            conv = not isinstance(layer, nn.Linear)
-            xs, ts = [], []
-            h1 = layer.register_forward_hook(lambda m, i, o: xs.append(_flatten_channels(i[0], conv).double()))
-            h2 = source.register_forward_hook(lambda m, i, o: ts.append(_flatten_channels(o, conv).double()))
-            try:
-                for args, kwargs in batches:
-                    gm(*args, **kwargs)
-                    reference(*args, **kwargs)
-            finally:
-                h1.remove(), h2.remove()
-            x, t = torch.cat(xs, 1), torch.cat(ts, 1)
-            xa = torch.cat([x, torch.ones(1, x.shape[1], dtype=x.dtype)], 0)  # bias row
-            w_old = torch.cat([layer.weight.reshape(layer.weight.shape[0], -1).double(),
-                               (layer.bias.double() if layer.bias is not None else torch.zeros(layer.weight.shape[0], dtype=x.dtype))[:, None]], 1)  # fmt: skip
-            gram = xa @ xa.T
-            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-            w_new = torch.linalg.solve(gram, xa @ t.T).T
-            err = lambda w: (torch.linalg.norm(t - w @ xa) / torch.linalg.norm(t)).item()  # noqa: E731
-            before, after = err(w_old), err(w_new)
-            report[node.target] = {"before": before, "after": after}
-            if after >= before:
-                continue
-            layer.weight.copy_(w_new[:, :-1].reshape(layer.weight.shape))
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
-            layer.bias.copy_(w_new[:, -1])
-            norm_name = info.get("norm")
-            if info.get("placement") == "after" and norm_name and gm.get_submodule(norm_name).affine:
-                bn = gm.get_submodule(norm_name)
-                _reestimate(gm, [norm_name], batches)
-                bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
-                bn.bias.copy_(bn.running_mean)
+        except AttributeError:
+            source = None
+        if source is None or any(True for _ in source.children()):
+            raise ConfigError(
+                f"refit_merged: the reference has no layer {info['merged_from'][1]!r} (the second of the pair merged "
+                f"into {node.target!r}) as a module of its own; pass the decomposed model before merging: "
+                "fxlrd.transform(model, LRDConfig(<the same settings>, merge=None, decompose_pointwise=False))"
+            )
+        pairs.append((node.target, layer, info, source))
+    report = {}
+    before_state = {k: v.clone() for k, v in gm.state_dict(keep_vars=False).items()}
+    biases = {name: layer.bias for name, layer, _, _ in pairs}
+    try:
+        with eval_mode(gm, reference):
+            for name, layer, info, source in pairs:
+                report[name] = _refit_one(gm, reference, layer, info, source, batches, ridge)
+    except BaseException:
+        with torch.no_grad():  # a failed call leaves gm as it was
+            for name, layer, _, _ in pairs:
+                layer.bias = biases[name]
+            gm.load_state_dict(before_state)
+        raise
     return report
+
+
+def _refit_one(gm: fx.GraphModule, reference: nn.Module, layer: nn.Module, info: dict, source: nn.Module,
+               batches: Sequence, ridge: float) -> dict[str, float]:  # fmt: skip
+    """`refit_merged` of one merged layer: its errors before and after."""
+    conv = not isinstance(layer, nn.Linear)
+    xs, ts = [], []
+    h1 = layer.register_forward_hook(lambda m, i, o: xs.append(_flatten_channels(i[0], conv).double()))
+    h2 = source.register_forward_hook(lambda m, i, o: ts.append(_flatten_channels(o, conv).double()))
+    try:
+        for args, kwargs in batches:
+            gm(*args, **kwargs)
+            reference(*args, **kwargs)
+    finally:
+        h1.remove(), h2.remove()
+    if not xs or not ts or sum(x.shape[1] for x in xs) != sum(t.shape[1] for t in ts):
+        raise ConfigError(
+            f"refit_merged: {info['merged_from'][1]!r} of the reference ran on {sum(t.shape[1] for t in ts)} "
+            f"positions where the merged layer ran on {sum(x.shape[1] for x in xs)}; pass the decomposed "
+            "model before merging, made from the same model with the same settings but merge=None"
+        )
+    x, t = torch.cat(xs, 1), torch.cat(ts, 1)
+    xa = torch.cat([x, torch.ones(1, x.shape[1], dtype=x.dtype)], 0)  # bias row
+    w_old = torch.cat([layer.weight.reshape(layer.weight.shape[0], -1).double(),
+                       (layer.bias.double() if layer.bias is not None else torch.zeros(layer.weight.shape[0], dtype=x.dtype))[:, None]], 1)  # fmt: skip
+    gram = xa @ xa.T
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w_new = torch.linalg.solve(gram, xa @ t.T).T
+    err = lambda w: (torch.linalg.norm(t - w @ xa) / torch.linalg.norm(t)).item()  # noqa: E731
+    before, after = err(w_old), err(w_new)
+    if after >= before:
+        return {"before": before, "after": after}
+    layer.weight.copy_(w_new[:, :-1].reshape(layer.weight.shape))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
+    layer.bias.copy_(w_new[:, -1])
+    norm_name = info.get("norm")
+    if info.get("placement") == "after" and norm_name and gm.get_submodule(norm_name).affine:
+        bn = gm.get_submodule(norm_name)
+        _reestimate(gm, [norm_name], batches)
+        bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
+        bn.bias.copy_(bn.running_mean)
+    return {"before": before, "after": after}
 
 
 # -- distillation -----------------------------------------------------------------------------------

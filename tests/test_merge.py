@@ -150,6 +150,44 @@ def test_refit_recovers_output_error():
     assert after_refit < after_bn and after_refit < naive
 
 
+@pytest.mark.parametrize("which", ["original", "pointwise decomposed"])
+def test_refit_merged_refuses_a_reference_that_is_not_the_unmerged_model(which):
+    """The natural wrong references (the original model; the same settings without merge, which
+    then decompose the 1×1 convs too) are refused before anything changes, naming the fix."""
+    model = _bottleneck_model()
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, merge="approximate"))
+    reference = model if which == "original" else fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(fxlrd.ConfigError, match=r"no layer '\d.*as a module of its own.*merge=None, decompose_pointwise=False"):
+        refit_merged(gm, reference, [torch.randn(4, 8, 6, 6)])
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+def test_refit_merged_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch):
+    model = _bottleneck_model()
+    reference = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, decompose_pointwise=False))
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, merge="approximate"))
+    for layer in (gm.get_submodule(n.target) for n in merged_nodes(gm)):
+        layer.bias = None  # (a refit adds a bias: the failed call must take it away again)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    calls, forward = [0], reference.forward
+
+    def failing(*args, **kwargs):  # the reference fails in the second layer's pass, after the first refit
+        calls[0] += 1
+        if calls[0] > 2:
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "forward", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        refit_merged(gm, reference, [torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)])
+    after = gm.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.undo()
+    assert set(refit_merged(gm, reference, [torch.randn(4, 8, 6, 6)])) == {"0", "6"}  # (and the first did refit)
+    assert gm.state_dict().keys() != before.keys()
+
+
 def test_refit_merged_restores_both_models_modes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
