@@ -749,7 +749,9 @@ def collect_stats(
                 if node not in inputs_stats:
                     inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
                 inputs_stats[node].add(x)
-            if sensitivity and node in by_output and isinstance(out, torch.Tensor) and out.requires_grad:
+            if sensitivity and node in by_output and isinstance(out, torch.Tensor) and out.is_floating_point():
+                if not out.requires_grad:  # frozen up to here: no path before it to lose
+                    out = out.detach().requires_grad_()
                 site_outputs.append((by_output[node], out))
                 if node in overwritten:  # the gradient is taken at ``out``: the graph changes a copy
                     out = out.clone()

@@ -1540,3 +1540,22 @@ def test_calibration_leaves_the_running_statistics_of_a_functional_norm_traced_i
     before = {k: v.clone() for k, v in captured.state_dict().items()}
     collect_stats(captured, cal, progress=False)
     assert all(torch.equal(before[k], v) for k, v in captured.state_dict().items())
+
+
+@pytest.mark.parametrize("frozen", ["first", "all"])
+def test_frozen_parameters_do_not_change_the_sensitivity(frozen):
+    """Sensitivity is the model's, whatever requires gradients: a frozen first layer (or a
+    model frozen whole, as for inference) gets the same statistics as a trainable one, not
+    "unreached" (which cut such a layer to rank 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = [torch.randn(8, 16) for _ in range(3)]
+    want = collect_stats(capture(model, batches[0]).gm, batches, sensitivity=True, progress=False)
+    (model[0] if frozen == "first" else model).requires_grad_(False)
+    got = collect_stats(capture(model, batches[0]).gm, batches, sensitivity=True, progress=False)
+    assert want.keys() == got.keys() == {"0", "2", "4"}
+    for name in want:
+        assert not got[name].unreached
+        torch.testing.assert_close(got[name].output_sensitivity, want[name].output_sensitivity)
+        assert got[name].output_energy == pytest.approx(want[name].output_energy)
+    assert all(not p.requires_grad for p in model[0].parameters())  # (left as it was)
