@@ -259,7 +259,10 @@ def _batches(calibration: Iterable, progress: bool, what: str):
     from tqdm.auto import tqdm
 
     check_calibration(calibration)
-    total = len(calibration) if hasattr(calibration, "__len__") else None
+    try:
+        total = len(calibration)
+    except TypeError:  # no length (a generator; a DataLoader over an IterableDataset has __len__ and raises)
+        total = None
     return tqdm(calibration, desc=what, unit="batch", total=total, disable=None if progress else True, file=sys.stderr, leave=False)
 
 
@@ -746,6 +749,7 @@ def collect_stats(
             if node in by_input and isinstance(out, torch.Tensor):
                 site = sites[by_input[node][0]]
                 x = _samples(site, out, masks.for_node(node), layouts)
+                check_finite(x, by_input[node][0], index)  # (raised past the interpreter, which would add its node)
                 if node not in inputs_stats:
                     inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
                 inputs_stats[node].add(x)
@@ -771,7 +775,9 @@ def collect_stats(
             try:
                 with torch.set_grad_enabled(bool(sensitivity)):
                     result = recorder.run(*flat)
-            except ConfigError:
+            except ConfigError as exc:  # ours, from inside the graph: without the node the interpreter appends
+                if exc.args and isinstance(exc.args[0], str):
+                    exc.args = (exc.args[0].split("\n\nWhile executing")[0], *exc.args[1:])
                 raise
             except Exception as exc:  # noqa: BLE001  (the item does not fit the model: a number for a tensor, too)
                 raise inputs_error(gm, inputs, exc, "calibration item").with_traceback(None) from exc
@@ -806,6 +812,18 @@ def collect_stats(
     return {name: SiteStats(stats[0] if len(stats) == 1 else _pooled(stats), sens.get(name), energy,
                             unreached=measured and (name not in sens or not bool(sens[name].any())))
             for name, stats in calls.items()}  # fmt: skip
+
+
+def check_finite(x: torch.Tensor, layer: str, batch: int | None) -> None:
+    """A `ConfigError` when a layer's calibration inputs hold NaN or infinite values (they
+    would make its statistics, and every factor or refit fitted on them, NaN)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        where = f"calibration batch {batch}" if batch is not None else "the calibration data"
+        raise ConfigError(
+            f"{where}: the input of layer {layer!r} holds NaN or infinite values (in the batch itself, or computed "
+            "by the model from it: an overflow in a low-precision dtype); leave such batches out of the calibration "
+            "data, or calibrate the model in float32"
+        )
 
 
 def _pooled(stats: Sequence[InputStats]) -> InputStats:
@@ -988,6 +1006,7 @@ def sequential_factors(
                     for i in _square_last(masks):
                         x_c = _samples(site, comp[x_node][i], masks[i], layouts)
                         x_o = _samples(site, orig[x_node][i], masks[i], layouts)
+                        check_finite(x_c, name, i), check_finite(x_o, name, i)
                         if local is None:
                             local = InputStats(torch.zeros(x_c.shape[1], x_c.shape[1], dtype=torch.float64))
                         local.add(x_c, x_o)

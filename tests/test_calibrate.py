@@ -1559,3 +1559,39 @@ def test_frozen_parameters_do_not_change_the_sensitivity(frozen):
         torch.testing.assert_close(got[name].output_sensitivity, want[name].output_sensitivity)
         assert got[name].output_energy == pytest.approx(want[name].output_energy)
     assert all(not p.requires_grad for p in model[0].parameters())  # (left as it was)
+
+
+@pytest.mark.parametrize("settings", [{}, {"sequential": True}, {"mlp": "narrow"}])
+def test_a_calibration_batch_with_nan_is_refused_naming_it(settings):
+    """One NaN in one batch made every statistic of the layers after it NaN: narrowing wrote
+    NaN weights without a word. Refused, naming the batch and the layer; the model unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    batches = [torch.randn(16, 32) for _ in range(3)]
+    batches[2][3, 5] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"calibration batch 2: the input of layer '[02]' holds NaN or infinite values \(in the batch itself.*float32$"):
+        fxlrd.transform(model, LRDConfig(ratio=2, **settings), example_inputs=batches[0], calibration=batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibration_from_a_loader_over_an_iterable_dataset():
+    """A DataLoader over an IterableDataset has ``__len__``, which raises: a streaming dataset
+    calibrates as any iterable does (no total on the progress bar)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            return iter([torch.randn(32, generator=g) for _ in range(48)])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    loader = DataLoader(Stream(), batch_size=16)
+    with pytest.raises(TypeError):
+        len(loader)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(4, 32), calibration=loader)
+    same = fxlrd.transform(model, LRDConfig(ratio=2), example_inputs=torch.randn(4, 32), calibration=list(loader))
+    assert all(lp.data_aware for lp in gm.fxlrd_plan.decomposed)
+    x = torch.randn(4, 32)
+    assert torch.equal(gm(x), same(x))
