@@ -216,6 +216,25 @@ def _refit_one(gm: fx.GraphModule, reference: nn.Module, layer: nn.Module, info:
 
 
 # -- distillation -----------------------------------------------------------------------------------
+def _runner(model: nn.Module, train_mode: bool) -> Callable[..., Any]:
+    """How distillation calls ``model``: itself, or, for a graph torch.export captured in
+    training mode (its dropout and batch norms run as in training whatever ``model.eval()``
+    says) outside ``train_mode``, an `EvalInterpreter` over it (no dropout noise, running
+    statistics left alone; slower: node by node)."""
+    from .capture import flat_inputs, training_ops
+
+    if train_mode or not isinstance(model, fx.GraphModule) or not training_ops(model):
+        return model
+    from .calibrate import EvalInterpreter, _unflatten_outputs
+
+    interpreter = EvalInterpreter(model)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return _unflatten_outputs(model, interpreter.run(*flat_inputs(model, (args, kwargs), "batch")))
+
+    return run
+
+
 def _leaves(out) -> list[torch.Tensor]:
     from torch.utils import _pytree as pytree
 
@@ -603,6 +622,7 @@ def distill(
     restore_modes = saved_modes(teacher, gm)
     teacher.eval()
     gm.train(train_mode)
+    student, teacher_run, student_eval = _runner(gm, train_mode), _runner(teacher, False), _runner(gm, False)
 
     def batch_loss(out, target, args, kwargs) -> torch.Tensor:
         if callable(loss):
@@ -614,7 +634,7 @@ def distill(
     def held_out_loss() -> float:  # in eval mode (no dropout), whatever train_mode is
         gm.eval()
         try:
-            return sum(float(batch_loss(gm(*a, **k), teacher(*a, **k), a, k)) for a, k in held) / len(held)
+            return sum(float(batch_loss(student_eval(*a, **k), teacher_run(*a, **k), a, k)) for a, k in held) / len(held)
         finally:
             gm.train(train_mode)
 
@@ -645,8 +665,8 @@ def distill(
                         hooks.append(mod.register_forward_hook(lambda m, a, o, i=i, j=j: captured[i].__setitem__(j, o)))
                 try:
                     with torch.no_grad():
-                        target = teacher(*args, **kwargs)
-                    out = gm(*args, **kwargs)
+                        target = teacher_run(*args, **kwargs)
+                    out = student(*args, **kwargs)
                 finally:
                     for h in hooks:
                         h.remove()
@@ -723,7 +743,9 @@ def _capture_input(gm: fx.GraphModule, node: fx.Node, flat: list[Any]) -> torch.
     """The value of ``node`` when ``gm`` runs on the placeholder values ``flat`` (the graph is
     run only up to it)."""
 
-    class Until(fx.Interpreter):
+    from .calibrate import EvalInterpreter
+
+    class Until(EvalInterpreter):  # (an export graph captured in training mode: no dropout, statistics left alone)
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
             if n is node:

@@ -315,3 +315,44 @@ def test_distill_steps_a_sequential_freezer_once_per_step():
     assert freezer.steps == 3 and freezer.phase == 1
     phase1 = {n: p.requires_grad for n, p in gm.named_parameters()}
     assert phase1 != phase0
+
+
+class _TrainsAtCapture(nn.Module):
+    """A conv, its batch norm, a dropout and an MLP block, exported in training mode (as a model
+    straight from its constructor is): torch.export bakes the training-mode ops in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Dropout(0.5)
+        self.up, self.act, self.down, self.head = nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.bn.running_mean.normal_(), self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+        return self.head(self.down(self.act(self.up(h))))
+
+
+@pytest.mark.parametrize("how", ["distill", "reconstruct_mlps"])
+def test_recovery_of_a_graph_exported_in_training_mode_runs_it_as_in_eval_mode(how):
+    """Outside ``train_mode`` the student runs without dropout noise and its batch norms keep
+    their statistics, as the docstrings say, also where torch.export baked training in."""
+    from fxlrd.capture import training_ops
+    from fxlrd.recover import reconstruct_mlps
+
+    torch.manual_seed(0)
+    model = _TrainsAtCapture().train()
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(4)]
+    settings = LRDConfig(ratio=2, mlp="narrow", exclude=["conv", "head"]) if how == "reconstruct_mlps" else LRDConfig(ratio=2)
+    with pytest.warns(UserWarning, match="training mode"):
+        gm = fxlrd.transform(model, settings, example_inputs=batches[0], calibration=batches, capture="export")
+    assert training_ops(gm) == 2  # the batch norm and the dropout
+    statistics = {k: v.clone() for k, v in gm.named_buffers() if k.startswith("bn.")}
+    assert len(statistics) == 3  # running mean and variance, step counter
+    teacher = copy.deepcopy(model).eval()
+    if how == "distill":
+        curve = distill(gm, teacher, [batches[0]] * 3, steps=3, lr=1e-12, progress=False)
+        assert curve[0] > 0 and curve == pytest.approx([curve[0]] * 3, rel=1e-6)  # one batch, no dropout noise
+    else:
+        reconstruct_mlps(gm, teacher, batches, steps=6, progress=False)
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in statistics.items())
