@@ -219,6 +219,19 @@ def _samples(site: Site, x: torch.Tensor, mask: torch.Tensor | None = None,
     return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
+def _sampling(site: Site) -> tuple:
+    """Which positions of its input `_samples` reads for ``site``: layers reading one input
+    alike (a ResNet's 3×3 conv reads every position, the strided 1×1 downsample beside it
+    every other) share its statistics."""
+    spec = site.spec
+    if spec.kind == "linear":
+        return ("linear",)  # (their real tokens: one input, one layout)
+    strided = spec.pointwise and any(s > 1 for s in spec.stride) and spec.padding != "same" and not spec.transposed
+    cropped = spec.pointwise and spec.transposed and any(spec.padding)
+    return ("conv", (tuple(spec.stride), str(spec.padding), spec.padding_mode) if strided else None,
+            (tuple(spec.stride), tuple(spec.padding), tuple(spec.output_padding or ())) if cropped else None)  # fmt: skip
+
+
 def _as_args(item: Any, index: int | None = None) -> Args:
     """One calibration batch as ``(args, kwargs)``, or an error naming the batch and the fix."""
     where = "calibration batch" + ("" if index is None else f" {index}")
@@ -747,12 +760,15 @@ def collect_stats(
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
             if node in by_input and isinstance(out, torch.Tensor):
-                site = sites[by_input[node][0]]
-                x = _samples(site, out, masks.for_node(node), layouts)
-                check_finite(x, by_input[node][0], index)  # (raised past the interpreter, which would add its node)
-                if node not in inputs_stats:
-                    inputs_stats[node] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
-                inputs_stats[node].add(x)
+                read = {}  # sites reading this input the same way share one InputStats
+                for name in by_input[node]:
+                    read.setdefault(_sampling(sites[name]), name)
+                for how, name in read.items():
+                    x = _samples(sites[name], out, masks.for_node(node), layouts)
+                    check_finite(x, name, index)  # (raised past the interpreter, which would add its node)
+                    if (node, how) not in inputs_stats:
+                        inputs_stats[node, how] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
+                    inputs_stats[node, how].add(x)
             if sensitivity and node in by_output and isinstance(out, torch.Tensor) and out.is_floating_point():
                 if not out.requires_grad:  # frozen up to here: no path before it to lose
                     out = out.detach().requires_grad_()
@@ -804,9 +820,9 @@ def collect_stats(
         energy = float(e.item())
     calls: dict[str, list[InputStats]] = {}  # a site called more than once (shared across depth) reads several inputs
     for node, names_ in by_input.items():
-        if node in inputs_stats:
-            for name in names_:
-                calls.setdefault(name, []).append(inputs_stats[node])
+        for name in names_:
+            if (node, _sampling(sites[name])) in inputs_stats:
+                calls.setdefault(name, []).append(inputs_stats[node, _sampling(sites[name])])
     # one object per input node (sites reading the same input share it), pooled over a site's calls
     measured = bool(sensitivity) and energy > 0
     return {name: SiteStats(stats[0] if len(stats) == 1 else _pooled(stats), sens.get(name), energy,

@@ -1595,3 +1595,29 @@ def test_calibration_from_a_loader_over_an_iterable_dataset():
     assert all(lp.data_aware for lp in gm.fxlrd_plan.decomposed)
     x = torch.randn(4, 32)
     assert torch.equal(gm(x), same(x))
+
+
+@pytest.mark.parametrize("downsample_first", [False, True])
+def test_layers_sharing_an_input_each_read_their_own_positions(downsample_first):
+    """A ResNet's strided 1×1 downsample reads every other position of the input its 3×3 conv
+    reads whole: each gets statistics of its own positions, whichever runs first (they were
+    sampled as the first one was)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.down = nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(8, 16, 1, 2)
+
+        def forward(self, x):
+            if downsample_first:
+                d = self.down(x)
+                return self.conv(x) + d
+            return self.conv(x) + self.down(x)
+
+    x = torch.randn(2, 8, 8, 8)
+    x[:, :, ::2, ::2] += 5  # the positions the downsample reads
+    stats = collect_stats(capture(Block(), x).gm, [x], progress=False)
+    assert (stats["conv"].inputs.count, stats["down"].inputs.count) == (2 * 8 * 8, 2 * 4 * 4)
+    for name, seen in (("conv", x), ("down", x[:, :, ::2, ::2])):
+        rows = seen.movedim(1, -1).reshape(-1, 8).double()
+        torch.testing.assert_close(stats[name].inputs.gram, rows.T @ rows)
