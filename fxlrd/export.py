@@ -302,7 +302,9 @@ def export_onnx(
             every input when all share that size, else of those whose size there is the
             commonest among inputs of 2 or more dimensions (the others are side inputs, kept at
             their size).
-        dynamic_sequence: make dimension 1 of integer (token) inputs dynamic (``sequence``).
+        dynamic_sequence: make dimension 1 of integer (token) inputs dynamic (``sequence``);
+            where the model fixes that size (integer features reshaped to a fixed width), the
+            export is made again without it, with a warning.
         dynamic_shapes: torch.export dynamic shapes, instead of the two flags above.
         opset_version: ONNX opset; the exporter's default when None.
         check: run onnxruntime on ``example_inputs`` and compare with PyTorch.
@@ -329,6 +331,31 @@ def export_onnx(
         ConfigError: ``quantize`` unknown, or calibration missing or empty; an export capture
             made in training mode.
     """
+    options = dict(dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes, opset_version=opset_version, check=check,
+                   rtol=rtol, quantize=quantize, calibration=calibration)  # fmt: skip
+    try:
+        return _export_onnx(gm, example_inputs, path, dynamic_sequence=dynamic_sequence, **options)
+    except _SizeFixed as fixed:
+        warnings.warn(f"export_onnx: {type(gm).__name__} fixes the size of dimension 1 of its integer inputs, so it "
+                      f"cannot export with that dimension dynamic ({fixed}); exported with dynamic_sequence=False (pass "
+                      "it to say so)", stacklevel=2)  # fmt: skip
+        return _export_onnx(gm, example_inputs, path, dynamic_sequence=False, **options)
+
+
+_TEXT_FORMATS = (".json", ".textproto", ".txtpb", ".onnxtxt", ".txt")
+
+
+class _SizeFixed(Exception):
+    """torch.export found the model fixing a size that ``dynamic_sequence`` made dynamic."""
+
+
+_FIXED_SIZE = re.compile(r"[Cc]onstraints? violated|conflicts between user-specified ranges|specialized|"
+                         r"ConstraintViolation|inferred to be a constant")  # fmt: skip
+
+
+def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_batch: bool,
+                 dynamic_sequence: bool, dynamic_shapes: Any, opset_version: int | None, check: bool, rtol: float | None,
+                 quantize: Any, calibration: Any) -> Path:  # fmt: skip
     from .capture import normalize_inputs, training_ops
 
     inputs = normalize_inputs(example_inputs)
@@ -348,6 +375,9 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory: give the ONNX file's path, e.g. {path / 'model.onnx'}")
+    if path.suffix.lower() in _TEXT_FORMATS:
+        raise ConfigError(f"{path}: onnx writes a {path.suffix} file as text, which onnxruntime cannot load; name the "
+                          f"file {path.with_suffix('.onnx').name}")  # fmt: skip
     if quantize is not None:
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in gm.parameters() if p.is_floating_point()} - {"float32"})
         if dtypes:
@@ -375,6 +405,9 @@ def export_onnx(
             except FxlrdError:
                 raise
             except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)
+                integers = any(not t.is_floating_point() and t.dim() >= 2 for t in _tensors(inputs))
+                if dynamic_shapes is None and dynamic_sequence and integers and _FIXED_SIZE.search(str(exc)):
+                    raise _SizeFixed(exporter_failure(exc)[:160]) from exc
                 raise ExportError(
                     f"torch.onnx could not export {type(gm).__name__} to ONNX ({exporter_failure(exc)}); {path} was not "
                     "written. An operation the exporter cannot convert is a limit of torch.onnx, not of the "

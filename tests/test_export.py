@@ -421,3 +421,35 @@ def test_outputs_named_like_an_input_or_of_keyless_types_still_export(tmp_path):
         assert output_names(Pair(torch.ones(1), torch.ones(1))) is None
     finally:
         pytree._deregister_pytree_node(Pair)
+
+
+class _Categorical(nn.Module):
+    """Integer features of a fixed width (not a token sequence): dimension 1 cannot be dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.a, self.b = nn.Embedding(20, 8), nn.Linear(24, 32), nn.Linear(32, 4)
+
+    def forward(self, cats):
+        return self.b(torch.relu(self.a(self.embed(cats).reshape(cats.shape[0], 24))))
+
+
+def test_integer_inputs_of_a_fixed_width_export_with_that_size_static(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Categorical().eval(), torch.randint(0, 20, (4, 3))
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5), example_inputs=x)
+    with pytest.warns(UserWarning, match="fixes the size of dimension 1 .* exported with dynamic_sequence=False"):
+        path = fxlrd.export_onnx(gm, x, tmp_path / "c.onnx")
+    session = onnx_session(path)
+    assert [i.shape for i in session.get_inputs()] == [["batch", 3]]
+    more = torch.randint(0, 20, (7, 3))
+    (out,) = session.run(None, {session.get_inputs()[0].name: more.numpy()})
+    assert max_relative_error(out, gm(more).detach().numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("suffix", [".json", ".textproto"])
+def test_an_onnx_path_onnx_would_write_as_text_is_refused(tmp_path, suffix):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(fxlrd.ConfigError, match=rf"onnx writes a \{suffix} file as text.*name the file m\.onnx"):
+        fxlrd.export_onnx(model, torch.randn(2, 8), tmp_path / f"m{suffix}")
+    assert not any(tmp_path.iterdir())
