@@ -342,6 +342,19 @@ def export_onnx(
         return _export_onnx(gm, example_inputs, path, dynamic_sequence=False, **options)
 
 
+def _check_flat(inputs: "Args") -> None:
+    """A `ConfigError` for an input holding tensors inside a container: the file's inputs are
+    tensors (positional or keyword), each named and fed on its own."""
+    args, kwargs = inputs
+    for name, value in [*((f"input {i}", a) for i, a in enumerate(args)), *((repr(k), v) for k, v in kwargs.items())]:
+        if not isinstance(value, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(value)):
+            raise ConfigError(
+                f"export_onnx: {name} is a {type(value).__name__} holding tensors; an ONNX file takes tensors as its "
+                "inputs: pass them as inputs of their own (a wrapper module whose forward takes them one by one and "
+                "calls the model) and export that"
+            )
+
+
 _TEXT_FORMATS = (".json", ".textproto", ".txtpb", ".onnxtxt", ".txt")
 
 
@@ -360,6 +373,7 @@ def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
 
     inputs = normalize_inputs(example_inputs)
     args, kwargs = inputs
+    _check_flat(inputs)
     trained = training_ops(gm) if isinstance(gm, torch.fx.GraphModule) else 0
     if trained:  # (its reference forward would also update the batch-norm statistics)
         raise ConfigError(

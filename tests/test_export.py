@@ -453,3 +453,18 @@ def test_an_onnx_path_onnx_would_write_as_text_is_refused(tmp_path, suffix):
     with pytest.raises(fxlrd.ConfigError, match=rf"onnx writes a \{suffix} file as text.*name the file m\.onnx"):
         fxlrd.export_onnx(model, torch.randn(2, 8), tmp_path / f"m{suffix}")
     assert not any(tmp_path.iterdir())
+
+
+def test_inputs_nested_in_a_container_are_refused_naming_the_input(tmp_path):
+    class WithExtra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x, extra=None):
+            return self.b(torch.relu(self.a(x)) + extra["bias"])
+
+    model, x, extra = WithExtra().eval(), torch.randn(3, 16), {"bias": torch.randn(3, 32)}
+    with pytest.raises(fxlrd.ConfigError, match="'extra' is a dict holding tensors; an ONNX file takes tensors"):
+        fxlrd.export_onnx(model, {"x": x, "extra": extra}, tmp_path / "m.onnx")
+    assert not any(tmp_path.iterdir())
