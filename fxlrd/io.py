@@ -495,7 +495,7 @@ def _rebuild(
                 "the saved model was captured with torch.export but records no input signature; "
                 "pass example_inputs=... (one batch the model accepts)"
             )
-        inputs = _on_model_device(inputs_from_signature(signature), model)
+        inputs = _like_model(inputs_from_signature(signature), model)
     leaves = leaf_modules
     if leaves is None:
         leaves = _resolve_leaves(model, plan.settings.get("leaf_modules") or [])
@@ -542,7 +542,7 @@ def _rebuild(
         norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
         if norms and shapes_from is not None and not any("tensor_meta" in n.meta or "val" in n.meta
                                                          for n in gm.graph.nodes if n.op == "call_module"):  # fmt: skip
-            shapes_from = _on_model_device(shapes_from, gm)  # the recorded signature's inputs are made on the CPU
+            shapes_from = _like_model(shapes_from, gm)  # the recorded signature's inputs are made on the CPU
             try:
                 input_shapes(gm, shapes_from)
             except Exception:  # noqa: BLE001  (best effort: without shapes no norm folds into a linear layer)
@@ -573,6 +573,17 @@ def _on_model_device(inputs: Any, model: nn.Module) -> Any:
     if device is None or device.type == "cpu":
         return inputs
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def _like_model(inputs: Any, model: nn.Module) -> Any:
+    """`_on_model_device`, and floating inputs in the model's floating dtype where it has one
+    (a model cast after the save captures as it runs; the save's dtype comes back on load)."""
+    inputs = _on_model_device(inputs, model)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return inputs
+    (dtype,) = dtypes
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, inputs)
 
 
 def _check_dtype(gm: fx.GraphModule, mode: str, model_dtypes: set[torch.dtype], signature: Any) -> None:

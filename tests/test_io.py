@@ -796,3 +796,18 @@ def test_a_save_with_a_tensor_the_model_lacks_is_a_plan_mismatch_naming_it(tmp_p
     with pytest.raises(PlanMismatchError, match=r"1 saved but not in the model \(offset\)"):
         fxlrd.load(other, path)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+@pytest.mark.parametrize("capture_mode", ["fx", "export"])
+def test_a_save_loads_into_the_same_model_cast_to_another_dtype(tmp_path, capture_mode):
+    """The model given is only the structure: cast after the save (float64 here), it loads
+    the saved float32 model under either capture (an export capture was refused as "another
+    model": its recorded inputs, float32, did not run through the cast model)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxlrd.transform(_tiny().eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture=capture_mode)
+    path = fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(_tiny().eval().double(), path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
