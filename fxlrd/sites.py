@@ -445,6 +445,15 @@ def factor_modules(gm: nn.Module) -> Iterator[tuple[str, str, Factorized, nn.Mod
 
 
 # -- finding sites --------------------------------------------------------------------------------
+def _owner_buffers(gm: nn.Module, path: str) -> set[str]:
+    """The buffer names of the module owning ``path``."""
+    owner = path.rpartition(".")[0]
+    try:
+        return set((gm.get_submodule(owner) if owner else gm)._buffers)
+    except AttributeError:
+        return set()
+
+
 def _owner_holds_only(gm: fx.GraphModule, owner: str, paths: set[str]) -> bool:
     """Whether the module ``owner`` holds nothing but ``paths`` (its weight and bias) that the
     graph or the state dict would miss if it were replaced."""
@@ -710,6 +719,10 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
         if kind == "module" and len({u.node.target for u in group}) > 1:
             reason = reason or "the weight is shared by several modules (tied weights)"
         param = _get_attr(gm, weight_path)
+        if not reason and isinstance(param, torch.Tensor) and not isinstance(param, nn.Parameter) \
+                and weight_path.rpartition(".")[2] in _owner_buffers(gm, weight_path):  # fmt: skip
+            reason = ("the weight is a buffer, not a parameter (the model does not train it; its factors would be "
+                      "trained): kept; register it as an nn.Parameter to decompose it")  # fmt: skip
         names = aliases.get(id(param), {weight_path})
         if not reason and (weight_path in other_reads or len(names) > 1):
             others = sorted(names - {weight_path})

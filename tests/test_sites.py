@@ -588,3 +588,25 @@ def test_scaled_addmm_is_no_linear_site_and_the_model_is_unchanged(scales):
     if scales:
         with torch.no_grad():
             assert rel_err(gm(x), model(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_a_weight_held_as_a_buffer_is_kept_with_the_reason(mode):
+    """A buffer is a tensor the model does not train (a fixed projection): decomposed, its
+    factors became trainable parameters, which freezing policies then trained."""
+
+    class FixedProjection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+            self.register_buffer("proj", torch.randn(32, 32))
+
+        def forward(self, x):
+            return F.linear(self.lin(x), self.proj)
+
+    model, x = FixedProjection().eval(), torch.randn(4, 32)
+    gm = fxlrd.transform(model, LRDConfig(ratio=1.5, rank_quantum=1), example_inputs=x, capture=mode)
+    lp = gm.fxlrd_plan["proj_lrd"]  # (a functional site on a weight its owner holds with others)
+    assert not lp.decomposed and "the weight is a buffer" in lp.reason
+    assert gm.fxlrd_plan["lin"].decomposed
+    assert "proj" in dict(gm.named_buffers()) and not any(n.startswith("proj") for n, _ in gm.named_parameters())
