@@ -978,6 +978,16 @@ def capture(
         gm = copy.deepcopy(model) if copy_model else model
         previous = getattr(model, "fxlrd_capture", None) or {}
         return Captured(gm, previous.get("mode", "fx"), "already a GraphModule")
+    names = {name for name, _ in model.named_modules()}
+    unknown = [n for n in leaf_modules if isinstance(n, str) and n not in names]
+    if unknown:
+        raise ConfigError(
+            f"leaf_modules: {unknown[0]!r} is no submodule of this {type(model).__name__}: give qualified names as "
+            "model.named_modules() lists them (e.g. 'encoder.layer.0'), or module types (the class itself, not its name)"
+        )
+    if leaf_modules and mode == "export":
+        warnings.warn("leaf_modules apply to fx tracing; capture='export' traces into every module (they are ignored)",
+                      FxlrdWarning, stacklevel=caller_stacklevel())  # fmt: skip
     if inputs is not None:
         bind_inputs(model, inputs)
     elif mode == "export":

@@ -499,6 +499,8 @@ def _rebuild(
     leaves = leaf_modules
     if leaves is None:
         leaves = _resolve_leaves(model, plan.settings.get("leaf_modules") or [])
+    if mode == "export":  # (torch.export traces into every module)
+        leaves = ()
     try:
         # an export graph runs as the model ran at capture: capture the copy in the recorded mode
         # (eval for saves from before it was recorded), whatever mode the model given is in

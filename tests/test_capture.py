@@ -1039,3 +1039,13 @@ def test_an_fx_captured_model_whose_fake_kernel_refuses_its_dtype_is_planned_fro
     assert torch.equal(model.bn.running_mean, mean)
     with pytest.raises(ValueError, match="do not run through .*: RuntimeError: the real picky kernel refuses a batch of 3"):
         fxlrd.plan(_UsesPicky(), LRDConfig(ratio=2), example_inputs=torch.randn(3, 8), capture="fx")
+
+
+def test_leaf_modules_naming_no_submodule_are_refused_and_ignored_by_export_with_a_warning():
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(2, 8)
+    with pytest.raises(ConfigError, match=r"leaf_modules: 'nope' is no submodule of this Sequential: give qualified names"):
+        fxlrd.transform(model, LRDConfig(leaf_modules=["nope"]), example_inputs=x)
+    with pytest.warns(FxlrdWarning, match="leaf_modules apply to fx tracing; capture='export' traces into every module"):
+        gm = fxlrd.transform(model, LRDConfig(leaf_modules=["0"]), example_inputs=x, capture="export")
+    assert gm.fxlrd_plan.decomposed
+    assert fxlrd.transform(model, LRDConfig(leaf_modules=["0"]), example_inputs=x, capture="fx").fxlrd_plan.decomposed
