@@ -126,6 +126,10 @@ def freeze(gm: nn.Module, policy: Policy = "paper") -> nn.Module:
     from fxlrd.passes import FreezePass
 
     inner = uncompiled(gm)  # a compiled model: its own module is frozen in place, the wrapper returned
+    if not isinstance(inner, fx.GraphModule) and getattr(inner, "fxlrd_plan", None) is None \
+            and not any(isinstance(m, Factorized) for m in inner.modules()):  # fmt: skip
+        raise ConfigError(f"freeze: this {type(inner).__name__} has no decomposed factors to freeze; freeze the model "
+                          "fxlrd.transform returns")  # fmt: skip
     if isinstance(inner, fx.GraphModule):
         out = FreezePass(policy)(inner).graph_module
         return gm if inner is not gm else out

@@ -298,3 +298,13 @@ def test_fused_siblings_keep_the_members_requires_grad():
     flags = {n: p.requires_grad for n, p in gm.named_parameters()}
     assert any(n.startswith("q_k_v.") for n in flags), flags
     assert not any(v for n, v in flags.items() if n.startswith("q_k_v.")) and all(v for n, v in flags.items() if n.startswith("o."))
+
+
+def test_freezing_a_model_that_was_never_decomposed_is_refused():
+    """A plain model has no factors: freeze changed nothing without a word (the freezer refused)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(fxlrd.ConfigError, match="this Sequential has no decomposed factors to freeze; freeze the model"):
+        fxlrd.freeze(model, "paper")
+    assert all(p.requires_grad for p in model.parameters())
+    kept = fxlrd.transform(model, fxlrd.LRDConfig(exclude=["0", "2"]), example_inputs=torch.randn(2, 8))  # nothing decomposed
+    assert not kept.fxlrd_plan.decomposed and fxlrd.freeze(kept, "paper") is kept  # what transform returned: a no-op
