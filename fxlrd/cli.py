@@ -2179,6 +2179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxlrd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped (fxlrd inspect DIR | head): not an error of ours
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush must not fail again)
+        except (OSError, ValueError, AttributeError):  # (no file descriptor: nothing to flush there)
+            pass
+        return 0
     except Exception as exc:  # noqa: BLE001  (every failure: one line; the traceback with --debug)
         if debug:
             import traceback

@@ -1,5 +1,7 @@
 """The fxlrd command: each subcommand's happy path, and errors as one line with the right exit status."""
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -377,6 +379,14 @@ def test_inspect_a_save_a_report_and_a_corrupt_save(tmp_path, capsys, factory):
     assert "fxlrd.saved-model/1" in out and "integrity   ok" in out and "captured with fx" in out and "conv3" in out
     code, out, _ = _run(capsys, "inspect", tmp_path / "r.json")
     assert code == 0 and "params" in out and "fidelity" in out and "conv3" in out
+
+    class ClosedPipe(io.StringIO):  # `fxlrd inspect DIR | head`: the reader went away
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with contextlib.redirect_stdout(ClosedPipe()):
+        code = main(["inspect", str(tmp_path / "s")])
+    assert code == 0 and "error" not in capsys.readouterr().err
     weights = tmp_path / "s" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     code, out, _ = _run(capsys, "inspect", tmp_path / "s")
