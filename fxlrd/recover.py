@@ -820,7 +820,7 @@ def reconstruct_mlps(
 
     from tqdm.auto import tqdm
 
-    from .calibrate import collect_stats
+    from .calibrate import TokenMasks, _real_tokens, collect_stats, token_streams
     from .capture import flat_inputs, normalize_inputs
     from .config import check_sensitivity
     from .errors import ConfigError, FxlrdWarning, PlanMismatchError
@@ -913,12 +913,13 @@ def reconstruct_mlps(
             partner_node = layers[2].nodes[0] if len(layers) > 2 else None
             between, end = block_nodes(gm, sites, rec["up"])
             rows = []
+            streams = token_streams(gm, [x_node])
+            layouts: dict[str, bool | None] = {}
             with torch.no_grad():
                 for args, kwargs in data:
                     x = _capture_input(gm, x_node, flat_inputs(gm, (args, kwargs), "batches"))
-                    mask = kwargs.get("attention_mask") if skip_padding else None
-                    if isinstance(mask, torch.Tensor) and x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
-                        x = x[mask.to(torch.bool)]
+                    if skip_padding:  # the real tokens, as calibration reads them (a flattened input, a decoder's own mask)
+                        x = _real_tokens(up, x, TokenMasks((args, kwargs), streams).for_node(x_node), layouts)
                     rows.append(x.reshape(-1, x.shape[-1]).float())
             x = torch.cat(rows)
             del rows

@@ -1416,3 +1416,37 @@ def test_a_plan_or_save_whose_gated_blocks_are_not_the_model_s_is_refused(tmp_pa
     other.up = nn.Linear(12, 40, bias=False)  # a teacher whose partner is another width
     with pytest.raises(PlanMismatchError, match="teacher's 'up' has 40 hidden neurons, the plan 48"):
         fxlrd.recover.reconstruct_mlps(gm, other, cal, steps=1, progress=False)
+
+
+def test_reconstruct_mlps_trains_on_the_real_tokens_of_a_flattened_input():
+    """GPT-2's Conv1D reads its input flattened to (batch·sequence, channels): reconstruction
+    left the padding in there (128 positions for 64 real tokens), where calibration reads the
+    real tokens only."""
+
+    class Conv1D(nn.Module):
+        def __init__(self, nx, nf):
+            super().__init__()
+            self.nf, self.weight, self.bias = nf, nn.Parameter(torch.randn(nx, nf) * 0.1), nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.size()[:-1] + (self.nf,))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.up, self.act, self.down = nn.Embedding(50, 16), Conv1D(16, 64), nn.GELU(), Conv1D(64, 16)
+
+        def forward(self, input_ids, attention_mask):
+            return self.down(self.act(self.up(self.emb(input_ids) * attention_mask[..., None])))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    batches = []
+    for _ in range(4):
+        mask = torch.ones(4, 8, dtype=torch.long)
+        mask[:, 4:] = 0
+        batches.append({"input_ids": torch.randint(0, 50, (4, 8)), "attention_mask": mask})
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, mlp="narrow"), example_inputs=batches[0], calibration=batches,
+                         capture="export")  # fmt: skip
+    report = fxlrd.recover.reconstruct_mlps(gm, model, batches, steps=5, progress=False)
+    assert {name: r["positions"] for name, r in report.items()} == {"up": 4 * 4 * 4}
