@@ -780,7 +780,7 @@ def collect_stats(
     restore_modes = saved_modes(gm)
     gm.eval()
     recorder = Recorder(gm)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(process_seed(seed, distributed, group))
     n = 0
     try:
         for index, item in enumerate(_batches(calibration, progress, "calibration")):
@@ -811,12 +811,10 @@ def collect_stats(
     finally:
         restore_modes()
     if finish_pass(n, list(inputs_stats.values()), distributed, group) and sensitivity:
-        import torch.distributed as dist
-
         for name in sorted(sens):
-            dist.all_reduce(sens[name], op=dist.ReduceOp.SUM, group=group)
+            all_reduce_sum(sens[name], group)
         e = torch.tensor([energy], dtype=torch.float64)
-        dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum(e, group)
         energy = float(e.item())
     calls: dict[str, list[InputStats]] = {}  # a site called more than once (shared across depth) reads several inputs
     for node, names_ in by_input.items():
@@ -863,31 +861,58 @@ def _unflatten_outputs(gm: fx.GraphModule, flat: Any) -> Any:
 def finish_pass(batches: int, stats: list[InputStats], distributed: bool | None, group: Any = None) -> bool:
     """After a calibration pass of ``batches`` batches: refuse an empty one, and sum ``stats``
     over the processes (``distributed``; None: when a process group is initialised). Returns
-    whether they were summed."""
-    if batches == 0:
-        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
+    whether they were summed. A process with no batch is refused on every process (the others
+    would wait for it in the sums)."""
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        empty = torch.tensor([float(batches == 0)], dtype=torch.float64)
+        all_reduce_sum(empty, group)
+        if empty.item() > 0:
+            raise ConfigError(f"calibration is empty on {int(empty.item())} of the processes: every process needs at "
+                              "least one batch of its own (shard the data so that each gets some)")  # fmt: skip
+    if batches == 0:
+        raise ConfigError("calibration is empty: pass at least one batch of inputs (calibration=[batch, ...])")
     if distributed:
         all_reduce_stats(stats, group=group)
     return distributed
 
 
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> None:
+    """Sum ``tensor`` over the processes of ``group`` in place, where the backend can: NCCL
+    reduces CUDA tensors only, so a CPU statistic goes through the process's GPU."""
+    import torch.distributed as dist
+
+    if tensor.device.type != "cuda" and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group)
+        tensor.copy_(on_gpu)
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def process_seed(seed: int, distributed: bool | None, group: Any = None) -> int:
+    """``seed``, offset by the process's rank when statistics are summed over processes: each
+    shard's random projections (sensitivity) are then drawn apart, as one process's batches are."""
+    dist = torch.distributed
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        return seed
+    return seed + dist.get_rank(group)
+
+
 def all_reduce_stats(stats: list[InputStats], group: Any = None) -> None:
     """Sum Gram matrices and counts over the processes of ``group`` (in place), so every
     process holds the statistics of the union of their data."""
-    import torch.distributed as dist
-
     for s in stats:
-        dist.all_reduce(s.gram, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum(s.gram, group)
         count = torch.tensor([s.count], dtype=torch.float64)
-        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum(count, group)
         s.count = int(count.item())
         if s.cross is not None:  # the cross moments (sequential compensation)
-            dist.all_reduce(s.cross, op=dist.ReduceOp.SUM, group=group)
+            all_reduce_sum(s.cross, group)
         if s.total is None:  # the sum (narrowing's mean); every process reduces the same tensors
             s.total = torch.zeros(s.channels, dtype=s.gram.dtype)
-        dist.all_reduce(s.total, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum(s.total, group)
         s._whitening = None
 
 

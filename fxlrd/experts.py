@@ -332,7 +332,8 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     ``torch.distributed`` (default: when a process group is initialised) the statistics are
     summed over the processes, so each can see its own shard of the data."""
     from .calibrate import (EvalInterpreter, InputStats, SiteStats, TokenMasks, _as_args, _batches, _overwritten,
-                            finish_pass, inputs_error, kl_outputs, output_streams, sensitivity_grads)  # fmt: skip
+                            all_reduce_sum, finish_pass, inputs_error, kl_outputs, output_streams, process_seed,
+                            sensitivity_grads)  # fmt: skip
     from .capture import flat_inputs
     from .config import check_sensitivity
     from .modes import saved_modes
@@ -424,7 +425,7 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
     gm.eval()
     recorder, n = Recorder(gm), 0
     streams = output_streams(gm, [r.x for _, r in watched.values()])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(process_seed(seed, distributed, group))
     energy = 0.0
     try:
         for index, item in enumerate(_batches(calibration, progress, "expert calibration")):
@@ -457,16 +458,14 @@ def expert_stats(gm: fx.GraphModule, stacks: Mapping[str, StackedWeight], calibr
         restore()
     paths = sorted(grams)
     if finish_pass(n, [st for path in paths for st in grams[path]], distributed, group) and sensitivity:
-        import torch.distributed as dist
-
         for path in paths:  # (every expert's, in one order on every process: zeros where no token came)
             size = stacks[path].shape[2 if _stack_rows(stacks[path]) else 1]
             for e in range(len(grams[path])):
                 moment = sens.get((path, e), torch.zeros((size, size) if path in full else (size,), dtype=torch.float64))
-                dist.all_reduce(moment, op=dist.ReduceOp.SUM, group=group)
+                all_reduce_sum(moment, group)
                 sens[path, e] = moment
         total = torch.tensor([energy], dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum(total, group)
         energy = float(total.item())
     measured = bool(sensitivity) and energy > 0
 

@@ -1041,11 +1041,11 @@ def _anchor(mine: _Stream, theirs: _Stream, block: MLPBlock, sites: Mapping[str,
         total += y.sum(0)
         outer += y.T @ y
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # every process: the union's sums
-        from .calibrate import all_reduce_stats
+        from .calibrate import all_reduce_stats, all_reduce_sum
 
         all_reduce_stats([inputs])
         for t in (cross, total, outer):
-            torch.distributed.all_reduce(t)
+            all_reduce_sum(t)
     return Anchor(inputs, cross, total, outer)
 
 

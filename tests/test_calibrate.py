@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -861,6 +862,39 @@ def test_distributed_statistics_equal_one_process_on_the_union(settings):
         assert state.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def _empty_shard_worker(rank: int, world: int, init: str, out: str) -> None:  # pragma: no cover  (a subprocess)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, x = _deep_mlp(width=16, depth=2), _correlated(32, 16, seed=3)
+        try:
+            fxlrd.transform(model, LRDConfig(sensitivity=False), calibration=[x] if rank == 0 else [], example_inputs=x[:2])
+            message = "no error"
+        except ConfigError as exc:
+            message = str(exc)
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_process_without_calibration_batches_is_refused_on_every_process():
+    """One process with no batch refused alone, while the others waited for it in the sums."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init, out = f"file://{os.path.join(tmp, 'rendezvous')}", os.path.join(tmp, "message")
+        context = mp.start_processes(_empty_shard_worker, args=(2, init, out), nprocs=2, join=False, start_method="spawn")
+        end = time.monotonic() + 120
+        while not context.join(timeout=max(0.0, end - time.monotonic())):
+            if time.monotonic() >= end:
+                for p in context.processes:
+                    p.kill()
+                pytest.fail("the processes hung in the statistics' sums")
+        messages = [open(f"{out}.{r}").read() for r in range(2)]
+    assert all("calibration is empty on 1 of the processes: every process needs at least one batch" in m for m in messages)
 
 
 def test_distill_refuses_bad_calls_before_touching_the_model():
