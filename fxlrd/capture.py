@@ -985,6 +985,9 @@ def capture(
             f"leaf_modules: {unknown[0]!r} is no submodule of this {type(model).__name__}: give qualified names as "
             "model.named_modules() lists them (e.g. 'encoder.layer.0'), or module types (the class itself, not its name)"
         )
+    if dynamic_shapes is not None and mode == "fx":
+        warnings.warn("dynamic_shapes apply to torch.export; capture='fx' traces no shapes (the graph runs at any size "
+                      "the model does): they are ignored", FxlrdWarning, stacklevel=caller_stacklevel())  # fmt: skip
     if leaf_modules and mode == "export":
         warnings.warn("leaf_modules apply to fx tracing; capture='export' traces into every module (they are ignored)",
                       FxlrdWarning, stacklevel=caller_stacklevel())  # fmt: skip

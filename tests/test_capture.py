@@ -1049,3 +1049,11 @@ def test_leaf_modules_naming_no_submodule_are_refused_and_ignored_by_export_with
         gm = fxlrd.transform(model, LRDConfig(leaf_modules=["0"]), example_inputs=x, capture="export")
     assert gm.fxlrd_plan.decomposed
     assert fxlrd.transform(model, LRDConfig(leaf_modules=["0"]), example_inputs=x, capture="fx").fxlrd_plan.decomposed
+
+
+def test_dynamic_shapes_given_to_an_fx_capture_are_ignored_with_a_warning():
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(2, 8)
+    with pytest.warns(FxlrdWarning, match="dynamic_shapes apply to torch.export; capture='fx' traces no shapes"):
+        gm = fxlrd.transform(model, LRDConfig(), example_inputs=x, capture="fx",
+                             dynamic_shapes={"input": {0: torch.export.Dim("batch")}})  # fmt: skip
+    assert gm(torch.randn(5, 8)).shape == (5, 4)
