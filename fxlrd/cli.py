@@ -662,14 +662,16 @@ class _Inputs:
             self.batch = self.shape[0]
 
     def segments(self) -> bool:
-        """Whether text batches carry ``token_type_ids``: the tokenizer returns them and the
-        model takes them (so the saved model can be called with the tokenizer's output)."""
-        names = getattr(self.source.tokenizer, "model_input_names", None) or ()
+        """Whether text batches carry ``token_type_ids``: the model takes them and the tokenizer
+        returns them, or there is no tokenizer (so the saved model can be called with a
+        tokenizer's output, a BERT's holding them)."""
+        tokenizer = self.source.tokenizer
+        names = getattr(tokenizer, "model_input_names", None) or ()
         try:
             takes = "token_type_ids" in inspect.signature(self.source.model.forward).parameters
         except (TypeError, ValueError):
             takes = False
-        return self.kind == "text" and "token_type_ids" in names and takes
+        return self.kind == "text" and takes and (tokenizer is None or "token_type_ids" in names)
 
     def describe(self) -> str:
         if self.example is not None:

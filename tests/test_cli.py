@@ -670,6 +670,25 @@ def test_hugging_face_directory_keeps_its_task_head_and_takes_the_tokenizers_ten
     assert fxlrd.io.verify(tmp_path / "s")["model_class"] == "BertForSequenceClassification"
 
 
+def test_a_bert_directory_without_a_tokenizer_is_captured_with_token_type_ids(tmp_path, capsys):
+    """Without a tokenizer to say which inputs it returns, a model taking token_type_ids gets
+    them (zeros): the saved model then takes a BERT tokenizer's output (it refused them)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    code, out, err = _run(capsys, "compress", tmp_path / "bert", "--seq-len", 8, "--batch", 2, "--backend", "eager",
+                          "--repeats", 1, "--eval-batches", 1, "--save", tmp_path / "s")  # fmt: skip
+    assert code == 0, err
+    assert "token_type_ids" in out
+    model = transformers.BertModel(config).eval()
+    loaded = fxlrd.load(model, tmp_path / "s")
+    ids = torch.randint(5, 100, (3, 8))
+    out = loaded(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids))
+    assert out["last_hidden_state"].shape == (3, 8, 32)
+
+
 def test_fidelity_counts_top1_agreement_per_real_token_for_token_logits():
     # token classification / language-model logits (batch, tokens, classes): agreement over real tokens
     from fxlrd.cli import fidelity
