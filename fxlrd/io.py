@@ -116,7 +116,10 @@ def _check_target(target: Path, overwrite: bool) -> None:
             f"{target} already exists; pass overwrite=True to replace it (--overwrite on the command line) "
             "or choose another directory"
         )
-    if not target.is_dir() or target.is_symlink():
+    if target.is_symlink():
+        raise FileExistsError(f"{target} is a symbolic link; refusing to replace it with a saved model (save to the "
+                              f"directory it points to, {target.resolve()}, or to another path)")  # fmt: skip
+    if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; refusing to replace it with a saved model")
     if any(target.iterdir()) and not _is_saved_model(target):
         raise FileExistsError(

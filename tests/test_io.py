@@ -811,3 +811,16 @@ def test_a_save_loads_into_the_same_model_cast_to_another_dtype(tmp_path, captur
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.equal(loaded(x), gm(x))
+
+
+def test_save_refuses_to_replace_a_symbolic_link_or_a_file_saying_which(tmp_path, x):
+    gm = fxlrd.transform(_tiny(), LRDConfig(rank_quantum=1), example_inputs=x)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    with pytest.raises(FileExistsError, match=r"link is a symbolic link; refusing to replace it .*save to the directory it points to"):
+        fxlrd.save(gm, tmp_path / "link", overwrite=True)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="file exists and is not a directory"):
+        fxlrd.save(gm, tmp_path / "file", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "file").read_text() == "mine"
+    assert not any((tmp_path / "real").iterdir())
