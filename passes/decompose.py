@@ -95,7 +95,8 @@ class DecomposePass(PassBase):
         if len(lp.ranks) != len(caps) or not all(1 <= r <= c for r, c in zip(lp.ranks, caps)):
             raise PlanMismatchError(
                 f"the plan gives {site.name!r} ranks {tuple(lp.ranks)}, outside what its {lp.method} takes "
-                f"(each in [1, {', '.join(map(str, caps))}] for this {site.spec.in_channels}->{site.spec.out_channels} "
+                f"({len(caps)} rank{'s' if len(caps) > 1 else ''}, "
+                f"{' and '.join(f'1 to {c}' for c in caps)} for this {site.spec.in_channels}->{site.spec.out_channels} "
                 "layer): edit the ranks, or keep the layer (method 'keep')"
             )
         fact, report = decompose_weight(site.weight(gm), site.bias(gm), site.spec, lp.method, lp.ranks,
