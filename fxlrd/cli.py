@@ -663,15 +663,19 @@ class _Inputs:
 
     def segments(self) -> bool:
         """Whether text batches carry ``token_type_ids``: the model takes them and the tokenizer
-        returns them, or there is no tokenizer (so the saved model can be called with a
-        tokenizer's output, a BERT's holding them)."""
+        returns them; without a tokenizer, where the model's configuration has more than one
+        token type (a BERT's: its tokenizer returns them; not GPT-2, whose token types are
+        embeddings of its vocabulary, nor RoBERTa, whose tokenizer does not return them)."""
         tokenizer = self.source.tokenizer
         names = getattr(tokenizer, "model_input_names", None) or ()
         try:
             takes = "token_type_ids" in inspect.signature(self.source.model.forward).parameters
         except (TypeError, ValueError):
             takes = False
-        return self.kind == "text" and takes and (tokenizer is None or "token_type_ids" in names)
+        if tokenizer is None:
+            types = getattr(getattr(self.source.model, "config", None), "type_vocab_size", 0)
+            return self.kind == "text" and takes and isinstance(types, int) and types > 1
+        return self.kind == "text" and takes and "token_type_ids" in names
 
     def describe(self) -> str:
         if self.example is not None:

@@ -687,6 +687,15 @@ def test_a_bert_directory_without_a_tokenizer_is_captured_with_token_type_ids(tm
     ids = torch.randint(5, 100, (3, 8))
     out = loaded(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids))
     assert out["last_hidden_state"].shape == (3, 8, 32)
+    # GPT-2 takes token_type_ids too, as embeddings of its vocabulary: zeros would change it; none are given
+    gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64)
+    transformers.GPT2Model(gpt2).save_pretrained(tmp_path / "gpt2")
+    code, out, err = _run(capsys, "compress", tmp_path / "gpt2", "--seq-len", 8, "--batch", 2, "--backend", "eager",
+                          "--repeats", 1, "--eval-batches", 1, "--save", tmp_path / "g")  # fmt: skip
+    assert code == 0, err
+    assert "token_type_ids" not in out
+    loaded = fxlrd.load(transformers.GPT2Model(gpt2).eval(), tmp_path / "g")
+    assert loaded(input_ids=ids, attention_mask=torch.ones_like(ids))["last_hidden_state"].shape == (3, 8, 32)
 
 
 def test_fidelity_counts_top1_agreement_per_real_token_for_token_logits():
