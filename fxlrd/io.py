@@ -498,20 +498,30 @@ def _rebuild(
                 "the saved model was captured with torch.export but records no input signature; "
                 "pass example_inputs=... (one batch the model accepts)"
             )
-        inputs = _like_model(inputs_from_signature(signature), model)
+        inputs = _on_model_device(inputs_from_signature(signature), model)
     leaves = leaf_modules
     if leaves is None:
         leaves = _resolve_leaves(model, plan.settings.get("leaf_modules") or [])
     if mode == "export":  # (torch.export traces into every module)
         leaves = ()
+    # an export graph runs as the model ran at capture: capture the copy in the recorded mode
+    # (eval for saves from before it was recorded), whatever mode the model given is in
+    training = bool(recorded.get("training", False)) if mode == "export" else None
+    warn_dynamic_shapes(recorded, dynamic_shapes, "fxlrd.load(model, directory, dynamic_shapes=...)")
+
+    def captured_with(inputs_: Any) -> Any:
+        return capture(model, inputs=inputs_, mode=mode, leaf_modules=leaves, dynamic_shapes=dynamic_shapes,
+                       attention=plan.settings.get("attention", "packed"), copy_model=True,
+                       training=training, widen=widens(recorded))  # fmt: skip
+
     try:
-        # an export graph runs as the model ran at capture: capture the copy in the recorded mode
-        # (eval for saves from before it was recorded), whatever mode the model given is in
-        training = bool(recorded.get("training", False)) if mode == "export" else None
-        warn_dynamic_shapes(recorded, dynamic_shapes, "fxlrd.load(model, directory, dynamic_shapes=...)")
-        captured = capture(model, inputs=inputs, mode=mode, leaf_modules=leaves, dynamic_shapes=dynamic_shapes,
-                           attention=plan.settings.get("attention", "packed"), copy_model=True,
-                           training=training, widen=widens(recorded))  # fmt: skip
+        try:
+            captured = captured_with(inputs)
+        except ValueError:
+            cast = _like_model(inputs, model) if example_inputs is None and inputs is not None else inputs
+            if _same_dtypes(cast, inputs):
+                raise
+            captured = captured_with(cast)  # the model cast after the save: its inputs in its dtype
     except ValueError as exc:  # the recorded inputs do not fit: the save is of another model
         if example_inputs is not None:
             raise
@@ -547,11 +557,13 @@ def _rebuild(
         norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
         if norms and shapes_from is not None and not any("tensor_meta" in n.meta or "val" in n.meta
                                                          for n in gm.graph.nodes if n.op == "call_module"):  # fmt: skip
-            shapes_from = _like_model(shapes_from, gm)  # the recorded signature's inputs are made on the CPU
-            try:
-                input_shapes(gm, shapes_from)
-            except Exception:  # noqa: BLE001  (best effort: without shapes no norm folds into a linear layer)
-                pass
+            # (the recorded signature's inputs are made on the CPU; a model cast after the save takes its dtype)
+            for attempt in (_on_model_device(shapes_from, gm), _like_model(shapes_from, gm)):
+                try:
+                    input_shapes(gm, attempt)
+                    break
+                except Exception:  # noqa: BLE001  (best effort: without shapes no norm folds into a linear layer)
+                    continue
         with eval_mode(gm):  # the structure only (the saved values replace the folded ones), in any mode
             for name in plan.settings.get("merge_training_norms") or ():  # but as merging saw each norm
                 with contextlib.suppress(AttributeError):
@@ -589,6 +601,12 @@ def _like_model(inputs: Any, model: nn.Module) -> Any:
         return inputs
     (dtype,) = dtypes
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, inputs)
+
+
+def _same_dtypes(a: Any, b: Any) -> bool:
+    """Whether two input structures hold tensors of the same dtypes."""
+    dtypes = lambda x: [t.dtype for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]  # noqa: E731
+    return dtypes(a) == dtypes(b)
 
 
 def _check_dtype(gm: fx.GraphModule, mode: str, model_dtypes: set[torch.dtype], signature: Any) -> None:

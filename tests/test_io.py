@@ -803,11 +803,16 @@ def test_a_save_loads_into_the_same_model_cast_to_another_dtype(tmp_path, captur
     """The model given is only the structure: cast after the save (float64 here), it loads
     the saved float32 model under either capture (an export capture was refused as "another
     model": its recorded inputs, float32, did not run through the cast model)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_context import Bottleneck
+
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 16, 16)
-    gm = fxlrd.transform(_tiny().eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture=capture_mode)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxlrd.transform(Bottleneck().eval(), LRDConfig(rank_quantum=1), example_inputs=x, capture=capture_mode)
     path = fxlrd.save(gm, tmp_path / "s")
-    loaded = fxlrd.load(_tiny().eval().double(), path)
+    loaded = fxlrd.load(Bottleneck().eval().double(), path)
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.equal(loaded(x), gm(x))
@@ -824,3 +829,25 @@ def test_save_refuses_to_replace_a_symbolic_link_or_a_file_saying_which(tmp_path
         fxlrd.save(gm, tmp_path / "file", overwrite=True)
     assert (tmp_path / "link").is_symlink() and (tmp_path / "file").read_text() == "mine"
     assert not any((tmp_path / "real").iterdir())
+
+
+def test_a_save_loads_bitwise_into_the_model_in_its_own_dtype_taking_inputs_of_another(tmp_path):
+    """A bfloat16 model taking float32 inputs (it casts them itself, and keeps a float32
+    residual): its recorded float32 inputs capture it as saved; cast to its dtype, they
+    changed the loaded graph's residual."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.to(torch.bfloat16)))).float() + x
+
+    torch.manual_seed(0)
+    model, x = Mixed().eval().to(torch.bfloat16), torch.randn(4, 16)
+    gm = fxlrd.transform(model, LRDConfig(rank_quantum=1), example_inputs=x, capture="export")
+    path = fxlrd.save(gm, tmp_path / "s")
+    loaded = fxlrd.load(Mixed().eval().to(torch.bfloat16), path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
