@@ -770,11 +770,12 @@ def collect_stats(
                         inputs_stats[node, how] = InputStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
                     inputs_stats[node, how].add(x)
             if sensitivity and node in by_output and isinstance(out, torch.Tensor) and out.is_floating_point():
-                if not out.requires_grad:  # frozen up to here: no path before it to lose
+                leaf = not out.requires_grad
+                if leaf:  # frozen up to here: no path before it to lose
                     out = out.detach().requires_grad_()
                 site_outputs.append((by_output[node], out))
-                if node in overwritten:  # the gradient is taken at ``out``: the graph changes a copy
-                    out = out.clone()
+                if leaf or node in overwritten:  # the gradient is taken at ``out``: the graph goes on with a copy
+                    out = out.clone()  # (a leaf: whatever writes in place, a leaf may not be written)
             return out
 
     restore_modes = saved_modes(gm)

@@ -1655,3 +1655,21 @@ def test_layers_sharing_an_input_each_read_their_own_positions(downsample_first)
     for name, seen in (("conv", x), ("down", x[:, :, ::2, ::2])):
         rows = seen.movedim(1, -1).reshape(-1, 8).double()
         torch.testing.assert_close(stats[name].inputs.gram, rows.T @ rows)
+
+
+def test_a_frozen_layers_output_written_in_place_downstream_still_calibrates():
+    """The sensitivity's gradient is taken at a frozen layer's output as a leaf of its own; a
+    module that writes its input in place (unseen by the graph: a leaf module) must not write
+    that leaf."""
+
+    class Doubling(nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), Doubling(), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    gm = capture(model, batches[0], leaf_modules=[Doubling]).gm
+    stats = collect_stats(gm, batches, sensitivity=True, progress=False)
+    assert not stats["0"].unreached and stats["0"].output_sensitivity is not None
