@@ -157,19 +157,36 @@ def refit_merged(
             )
         pairs.append((node.target, layer, info, source))
     report = {}
-    before_state = {k: v.clone() for k, v in gm.state_dict(keep_vars=False).items()}
-    biases = {name: layer.bias for name, layer, _, _ in pairs}
+    # what a refit changes: the merged layers, and the norms moved beside them (copies on the CPU)
+    changed = [layer for _, layer, _, _ in pairs]
+    changed += [gm.get_submodule(info["norm"]) for _, _, info, _ in pairs if info.get("norm")]
+    saved = [({k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}, getattr(m, "bias", None))
+             for m in changed]  # fmt: skip
     try:
         with eval_mode(gm, reference):
             for name, layer, info, source in pairs:
                 report[name] = _refit_one(gm, reference, layer, info, source, batches, ridge)
     except BaseException:
         with torch.no_grad():  # a failed call leaves gm as it was
-            for name, layer, _, _ in pairs:
-                layer.bias = biases[name]
-            gm.load_state_dict(before_state)
+            for m, (state, bias) in zip(changed, saved):
+                if "bias" in m._parameters:
+                    m.bias = bias
+                m.load_state_dict(state)
         raise
     return report
+
+
+def _positions_read(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input positions a strided 1×1 conv reads (a merged layer taking a strided conv's
+    place reads its input at full resolution, and writes every s-th position)."""
+    stride = getattr(layer, "stride", (1,))
+    if not isinstance(layer, nn.modules.conv._ConvNd) or all(s == 1 for s in stride):
+        return x
+    padding = layer.padding if isinstance(layer.padding, tuple) else (0,) * len(stride)
+    if any(padding):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)], mode=mode)
+    return x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
 
 
 def _refit_one(gm: fx.GraphModule, reference: nn.Module, layer: nn.Module, info: dict, source: nn.Module,
@@ -177,7 +194,7 @@ def _refit_one(gm: fx.GraphModule, reference: nn.Module, layer: nn.Module, info:
     """`refit_merged` of one merged layer: its errors before and after."""
     conv = not isinstance(layer, nn.Linear)
     xs, ts = [], []
-    h1 = layer.register_forward_hook(lambda m, i, o: xs.append(_flatten_channels(i[0], conv).double()))
+    h1 = layer.register_forward_hook(lambda m, i, o: xs.append(_flatten_channels(_positions_read(m, i[0]), conv).double()))
     h2 = source.register_forward_hook(lambda m, i, o: ts.append(_flatten_channels(o, conv).double()))
     try:
         for args, kwargs in batches:
@@ -189,7 +206,8 @@ def _refit_one(gm: fx.GraphModule, reference: nn.Module, layer: nn.Module, info:
         raise ConfigError(
             f"refit_merged: {info['merged_from'][1]!r} of the reference ran on {sum(t.shape[1] for t in ts)} "
             f"positions where the merged layer ran on {sum(x.shape[1] for x in xs)}; pass the decomposed "
-            "model before merging, made from the same model with the same settings but merge=None"
+            "model before merging: fxlrd.transform(model, LRDConfig(<the same settings>, merge=None, "
+            "decompose_pointwise=False))"
         )
     x, t = torch.cat(xs, 1), torch.cat(ts, 1)
     xa = torch.cat([x, torch.ones(1, x.shape[1], dtype=x.dtype)], 0)  # bias row

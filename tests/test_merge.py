@@ -565,3 +565,18 @@ def test_a_sequential_freezer_trains_merged_layers_in_every_phase():
         flags.append({n: p.requires_grad for n, p in gm.named_parameters()})
         freezer.step()
     assert flags[0] != flags[1]
+
+
+def test_refit_merged_reads_a_strided_merged_layers_input_where_it_reads_it():
+    """A strided 1×1 conv merged with the next factor: the merged layer takes its input at full
+    resolution and writes every other position, which the reference's factor computes."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(
+        nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))).eval()  # fmt: skip
+    x = torch.randn(4, 8, 12, 12)
+    gm = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, merge="approximate"), example_inputs=x)
+    reference = fxlrd.transform(model, LRDConfig(rank_rule="fixed", rank=8, decompose_pointwise=False), example_inputs=x)
+    assert gm.get_submodule("0").stride == (2, 2)
+    report = refit_merged(gm, reference, [x, torch.randn(4, 8, 12, 12)])
+    assert set(report) == {"0", "3.out_proj"} and all(r["after"] < r["before"] for r in report.values())
