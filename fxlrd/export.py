@@ -331,27 +331,33 @@ def export_onnx(
         ConfigError: ``quantize`` unknown, or calibration missing or empty; an export capture
             made in training mode.
     """
+    if quantize is not None or calibration is not None:  # (once: a one-shot calibration iterable is read here)
+        from .quantize import prepare_quantization
+
+        quantize, calibration = prepare_quantization(quantize, calibration)
     options = dict(dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes, opset_version=opset_version, check=check,
                    rtol=rtol, quantize=quantize, calibration=calibration)  # fmt: skip
     try:
         return _export_onnx(gm, example_inputs, path, dynamic_sequence=dynamic_sequence, **options)
     except _SizeFixed as fixed:
+        written = _export_onnx(gm, example_inputs, path, dynamic_sequence=False, **options)  # (its own errors, if any)
         warnings.warn(f"export_onnx: {type(gm).__name__} fixes the size of dimension 1 of its integer inputs, so it "
                       f"cannot export with that dimension dynamic ({fixed}); exported with dynamic_sequence=False (pass "
                       "it to say so)", stacklevel=2)  # fmt: skip
-        return _export_onnx(gm, example_inputs, path, dynamic_sequence=False, **options)
+        return written
 
 
 def _check_flat(inputs: "Args") -> None:
-    """A `ConfigError` for an input holding tensors inside a container: the file's inputs are
-    tensors (positional or keyword), each named and fed on its own."""
+    """A `ConfigError` for an input holding tensors inside a container: the check feeds, and
+    the dynamic sizes name, the file's inputs as tensors (positional or keyword), each on its own."""
     args, kwargs = inputs
     for name, value in [*((f"input {i}", a) for i, a in enumerate(args)), *((repr(k), v) for k, v in kwargs.items())]:
         if not isinstance(value, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(value)):
             raise ConfigError(
-                f"export_onnx: {name} is a {type(value).__name__} holding tensors; an ONNX file takes tensors as its "
-                "inputs: pass them as inputs of their own (a wrapper module whose forward takes them one by one and "
-                "calls the model) and export that"
+                f"export_onnx: {name} is a {type(value).__name__} holding tensors, which fxlrd's check with "
+                "onnxruntime and its dynamic sizes cannot feed: pass them as inputs of their own (a wrapper module "
+                "whose forward takes them one by one and calls the model) and export that, or export unchecked at "
+                "the example's sizes (check=False, dynamic_batch=False, dynamic_sequence=False)"
             )
 
 
@@ -373,7 +379,8 @@ def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
 
     inputs = normalize_inputs(example_inputs)
     args, kwargs = inputs
-    _check_flat(inputs)
+    if check or (dynamic_shapes is None and (dynamic_batch or dynamic_sequence)):  # (what cannot take nesting)
+        _check_flat(inputs)
     trained = training_ops(gm) if isinstance(gm, torch.fx.GraphModule) else 0
     if trained:  # (its reference forward would also update the batch-norm statistics)
         raise ConfigError(
@@ -382,10 +389,6 @@ def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
             "(fxlrd.transform(model.eval(), ...), or fxlrd.apply(model.eval(), gm.fxlrd_plan, ...) and "
             "load_state_dict(gm.state_dict()) to keep trained weights)"
         )
-    if quantize is not None or calibration is not None:
-        from .quantize import prepare_quantization
-
-        quantize, calibration = prepare_quantization(quantize, calibration)
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory: give the ONNX file's path, e.g. {path / 'model.onnx'}")
@@ -420,7 +423,9 @@ def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 raise
             except Exception as exc:  # noqa: BLE001  (torch.onnx's own error types)
                 integers = any(not t.is_floating_point() and t.dim() >= 2 for t in _tensors(inputs))
-                if dynamic_shapes is None and dynamic_sequence and integers and _FIXED_SIZE.search(str(exc)):
+                text = str(exc)
+                if dynamic_shapes is None and dynamic_sequence and integers and _FIXED_SIZE.search(text) \
+                        and re.search(r"\.shape\[1\]", text):  # fmt: skip
                     raise _SizeFixed(exporter_failure(exc)[:160]) from exc
                 raise ExportError(
                     f"torch.onnx could not export {type(gm).__name__} to ONNX ({exporter_failure(exc)}); {path} was not "
