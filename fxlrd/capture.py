@@ -978,7 +978,7 @@ def capture(
         gm = copy.deepcopy(model) if copy_model else model
         previous = getattr(model, "fxlrd_capture", None) or {}
         return Captured(gm, previous.get("mode", "fx"), "already a GraphModule")
-    names = {name for name, _ in model.named_modules()}
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}  # (a module under each of its names)
     unknown = [n for n in leaf_modules if isinstance(n, str) and n not in names]
     if unknown:
         raise ConfigError(

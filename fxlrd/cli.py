@@ -2164,6 +2164,21 @@ def _for_the_command_line(text: str) -> str:
     return text
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone (a pipe closed early); if so, it is pointed
+    at the null device, so Python's flush at exit does not fail again."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # (no file descriptor: nothing left to flush there)
+        pass
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fxlrd`` command; returns the exit status (0 ok, 1 failure, 2 bad usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -2185,13 +2200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxlrd: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader stopped (fxlrd inspect DIR | head): not an error of ours
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush must not fail again)
-        except (OSError, ValueError, AttributeError):  # (no file descriptor: nothing to flush there)
-            pass
-        return 0
     except Exception as exc:  # noqa: BLE001  (every failure: one line; the traceback with --debug)
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():  # the reader stopped (fxlrd inspect DIR | head)
+            return 0
         if debug:
             import traceback
 

@@ -369,7 +369,7 @@ def test_plan_with_latency_search_in_context(tmp_path, capsys, factory, monkeypa
     assert (tmp_path / "cache" / "fxlrd" / "latency.json").exists()
 
 
-def test_inspect_a_save_a_report_and_a_corrupt_save(tmp_path, capsys, factory):
+def test_inspect_a_save_a_report_and_a_corrupt_save(tmp_path, capsys, factory, monkeypatch):
     spec, _, _ = factory
     code, _, err = _run(capsys, "compress", spec, "--input-shape", "1,3,32,32", "--repeats", 0, "--eval-batches", 1,
                         "--save", tmp_path / "s", "--report", tmp_path / "r.json")  # fmt: skip
@@ -384,9 +384,23 @@ def test_inspect_a_save_a_report_and_a_corrupt_save(tmp_path, capsys, factory):
         def write(self, text):
             raise BrokenPipeError(32, "Broken pipe")
 
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
     with contextlib.redirect_stdout(ClosedPipe()):
         code = main(["inspect", str(tmp_path / "s")])
     assert code == 0 and "error" not in capsys.readouterr().err
+    import fxlrd.cli as cli  # a broken pipe elsewhere (stdout still open) is an error like any other
+
+    @contextlib.contextmanager
+    def elsewhere(debug):
+        raise BrokenPipeError(32, "Broken pipe")
+        yield
+
+    monkeypatch.setattr(cli, "_library_noise", elsewhere)
+    code = main(["inspect", str(tmp_path / "s")])
+    assert code == 1 and "Broken pipe" in capsys.readouterr().err
+    monkeypatch.undo()
     weights = tmp_path / "s" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     code, out, _ = _run(capsys, "inspect", tmp_path / "s")
