@@ -978,13 +978,16 @@ def capture(
         gm = copy.deepcopy(model) if copy_model else model
         previous = getattr(model, "fxlrd_capture", None) or {}
         return Captured(gm, previous.get("mode", "fx"), "already a GraphModule")
-    names = {name for name, _ in model.named_modules(remove_duplicate=False)}  # (a module under each of its names)
+    names = dict(model.named_modules(remove_duplicate=False))  # (a module under each of its names)
     unknown = [n for n in leaf_modules if isinstance(n, str) and n not in names]
     if unknown:
         raise ConfigError(
             f"leaf_modules: {unknown[0]!r} is no submodule of this {type(model).__name__}: give qualified names as "
             "model.named_modules() lists them (e.g. 'encoder.layer.0'), or module types (the class itself, not its name)"
         )
+    # fx names a module registered twice by its first name only: a leaf given by another is that one
+    first = {id(m): n for n, m in reversed(list(names.items()))}
+    leaf_modules = [first[id(names[n])] if isinstance(n, str) else n for n in leaf_modules]
     if dynamic_shapes is not None and mode == "fx":
         warnings.warn("dynamic_shapes apply to torch.export; capture='fx' traces no shapes (the graph runs at any size "
                       "the model does): they are ignored", FxlrdWarning, stacklevel=caller_stacklevel())  # fmt: skip

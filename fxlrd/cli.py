@@ -2167,16 +2167,28 @@ def _for_the_command_line(text: str) -> str:
 def _stdout_closed() -> bool:
     """Whether standard output's reader has gone (a pipe closed early); if so, it is pointed
     at the null device, so Python's flush at exit does not fail again."""
+    closed = False
     try:
-        sys.stdout.flush()
-        return False
-    except BrokenPipeError:
+        import select
+
+        poll = select.poll()  # a pipe without a reader reports an error (Linux), whatever a flush says
+        poll.register(sys.stdout.fileno(), 0)
+        closed = any(event & select.POLLERR for _, event in poll.poll(0))
+    except (OSError, ValueError, AttributeError, ImportError):  # (no descriptor, no poll: the flush decides)
         pass
+    if not closed:
+        try:
+            sys.stdout.flush()
+            return False
+        except BrokenPipeError:
+            closed = True
+        except (OSError, ValueError, AttributeError):
+            return False
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # (no file descriptor: nothing left to flush there)
         pass
-    return True
+    return closed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -379,7 +379,8 @@ def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
 
     inputs = normalize_inputs(example_inputs)
     args, kwargs = inputs
-    if check or (dynamic_shapes is None and (dynamic_batch or dynamic_sequence)):  # (what cannot take nesting)
+    static_int8 = quantize is not None and not getattr(quantize, "dynamic", False)  # (its calibration reader feeds tensors)
+    if check or static_int8 or (dynamic_shapes is None and (dynamic_batch or dynamic_sequence)):  # (what cannot take nesting)
         _check_flat(inputs)
     trained = training_ops(gm) if isinstance(gm, torch.fx.GraphModule) else 0
     if trained:  # (its reference forward would also update the batch-norm statistics)
@@ -425,7 +426,7 @@ def _export_onnx(gm: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 integers = any(not t.is_floating_point() and t.dim() >= 2 for t in _tensors(inputs))
                 text = str(exc)
                 if dynamic_shapes is None and dynamic_sequence and integers and _FIXED_SIZE.search(text) \
-                        and re.search(r"\.shape\[1\]", text):  # fmt: skip
+                        and re.search(r"(\.shape|\.size\(\))\[1\]", text):  # fmt: skip
                     raise _SizeFixed(exporter_failure(exc)[:160]) from exc
                 raise ExportError(
                     f"torch.onnx could not export {type(gm).__name__} to ONNX ({exporter_failure(exc)}); {path} was not "

@@ -1057,3 +1057,30 @@ def test_dynamic_shapes_given_to_an_fx_capture_are_ignored_with_a_warning():
         gm = fxlrd.transform(model, LRDConfig(), example_inputs=x, capture="fx",
                              dynamic_shapes={"input": {0: torch.export.Dim("batch")}})  # fmt: skip
     assert gm(torch.randn(5, 8)).shape == (5, 4)
+
+
+def test_a_leaf_named_by_the_second_name_of_a_module_registered_twice():
+    """fx names a module registered under two names by its first one: a leaf given by the
+    other name is the same module (it was accepted, then traced into)."""
+
+    class Branchy(nn.Module):  # data-dependent control flow: fx traces it only as a leaf
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = Branchy()
+            self.second = self.first
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.second(x))
+
+    x = torch.randn(2, 8).abs()
+    gm = fxlrd.transform(Twice().eval(), LRDConfig(leaf_modules=["second"]), example_inputs=x, capture="fx")
+    assert gm.fxlrd_capture["mode"] == "fx" and "head" in gm.fxlrd_plan.layers

@@ -473,3 +473,7 @@ def test_inputs_nested_in_a_container_are_refused_naming_the_input(tmp_path):
     session = onnx_session(path)
     (out,) = session.run(None, dict(zip([i.name for i in session.get_inputs()], [x.numpy(), extra["bias"].numpy()])))
     assert max_relative_error(out, model(x, extra).detach().numpy()) < 1e-5
+    with pytest.raises(fxlrd.ConfigError, match="'extra' is a dict holding tensors"):  # int8's calibration feeds tensors too
+        fxlrd.export_onnx(model, {"x": x, "extra": extra}, tmp_path / "q.onnx", quantize="int8",
+                          calibration=[{"x": x, "extra": extra}], **unchecked)  # fmt: skip
+    assert not (tmp_path / "q.onnx").exists()
