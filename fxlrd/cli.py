@@ -49,7 +49,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VARIANTS = ("original", "vanilla", "quantized", "optimized", "merged", "branched")
 DEFAULT_VARIANTS = ("original", "vanilla", "quantized", "merged")
 TIMING_BACKENDS = ("onnxruntime", "eager", "compile")
-INT8_SCHEMES = ("static", "dynamic")  # --int8: export_onnx(quantize="int8" / "int8-dynamic")
+INT8_SCHEMES = ("static", "dynamic")  # --int8, --timing-int8
+QUANTIZE_OF = {"static": "int8", "dynamic": "int8-dynamic"}  # a scheme's export_onnx(quantize=...)
 
 
 class UsageError(Exception):
@@ -1228,10 +1229,14 @@ def _config(args: argparse.Namespace, **overrides: Any):
     if getattr(args, "timing_context", "layer") != "layer" and not (args.latency or target_speedup or "optimized" in variants):
         raise UsageError(f"--timing-context {args.timing_context} applies to the latency search: add --latency BACKEND"
                          " (or --target-speedup)")  # fmt: skip
+    timing_int8 = QUANTIZE_OF.get(getattr(args, "timing_int8", None))
+    if timing_int8 and not (args.latency or target_speedup or "optimized" in variants):
+        raise UsageError(f"--timing-int8 {args.timing_int8} applies to the latency search: add --latency onnxruntime"
+                         " (or --target-speedup)")  # fmt: skip
     if args.latency or target_speedup:
         latency = LatencyConfig(backend=args.latency or getattr(args, "backend", "onnxruntime"),
                                 threads=getattr(args, "threads", None), progress=not args.quiet,
-                                context=getattr(args, "timing_context", "layer"))  # fmt: skip
+                                context=getattr(args, "timing_context", "layer"), quantize=timing_int8)  # fmt: skip
     values: dict[str, Any] = {
         "ratio": 2.0 if args.ratio is None else args.ratio, "rank_rule": args.rank_rule, "rank": args.rank, "energy": args.energy,
         "rank_quantum": args.quantum, "beta": args.beta, "latency": latency, "target_speedup": target_speedup,
@@ -1413,7 +1418,7 @@ def _compress_outputs(
     int8_report = None
     if onnx_tmp is not None:
         console.step(f"exporting {args.onnx}" + (f" in int8 ({int8})" if int8 else "") + " (checked against onnxruntime)")
-        quantize = {"static": "int8", "dynamic": "int8-dynamic"}.get(int8)
+        quantize = QUANTIZE_OF.get(int8)
         try:
             export_onnx(gm, data.example, onnx_tmp, quantize=quantize,
                         calibration=data.calibration if int8 == "static" else None)  # fmt: skip
@@ -1700,7 +1705,8 @@ def _variant_config(args: argparse.Namespace, variant: str):
         return _config(args, latency=None)
     if variant == "optimized":
         return _config(args, latency=LatencyConfig(backend=args.latency or args.backend, threads=args.threads,
-                                                   progress=not args.quiet, context=args.timing_context))  # fmt: skip
+                                                   progress=not args.quiet, context=args.timing_context,
+                                                   quantize=QUANTIZE_OF.get(args.timing_int8)))  # fmt: skip
     if variant == "merged":
         return _config(args, merge="approximate", latency=None)
     if variant == "branched":
@@ -1961,6 +1967,10 @@ def _add_config(p: argparse.ArgumentParser, variants: bool = False, data: bool =
     g.add_argument("--timing-context", choices=("layer", "neighbours"), default="layer",
                    help="time each layer alone, or inside its neighbouring operations (batch norm, activation, "
                         "residual add, up to the next layers) as the deployed model runs it (default layer)")  # fmt: skip
+    g.add_argument("--timing-int8", choices=INT8_SCHEMES, metavar="SCHEME",
+                   help="time layers (and global mode's whole models) after onnxruntime's int8 quantization, "
+                        f"{' or '.join(INT8_SCHEMES)} as --int8, to choose ranks for an int8 deployment (onnxruntime "
+                        "timing only)")  # fmt: skip
     g.add_argument("--target-params", type=_target_params, metavar="N",
                    help="parameter budget for the whole model: a count (5M) or a fraction (0.5)")  # fmt: skip
     if not variants:

@@ -79,6 +79,13 @@ class LatencyConfig:
             the model will be deployed in, since the fastest ranks differ (bfloat16 tensor
             cores want dimensions in multiples of 8). None: as the model is (float32).
             onnxruntime times the exported float32 model and takes none.
+        quantize: onnxruntime only: ``"int8"`` or ``"int8-dynamic"`` times every layer, window
+            and whole model after onnxruntime's int8 quantization, with `export_onnx`'s
+            settings for that mode (static: calibrated on the random timing inputs; speed does
+            not depend on the values), so ranks are chosen for the int8 model you deploy: int8
+            kernels reward ranks differently, and each factor adds a requantization, so a
+            factor chain gains less over its layer in int8 than in float32. Its timings are
+            cached apart from float32's. None: float32.
     """
 
     backend: Backend = "onnxruntime"
@@ -95,6 +102,7 @@ class LatencyConfig:
     context: Literal["layer", "neighbours"] = "layer"
     depth: int = 3
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    quantize: Literal["int8", "int8-dynamic"] | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -108,6 +116,14 @@ class LatencyConfig:
         if self.dtype is not None and self.backend == "onnxruntime":
             raise ConfigError(f"dtype={self.dtype!r} applies to the torch backends (eager, compile, cuda); onnxruntime "
                               "times the exported float32 model: leave dtype unset or choose another backend")  # fmt: skip
+        if self.quantize is not None:
+            from .quantize import QUANTIZE_MODES
+
+            if self.quantize not in QUANTIZE_MODES:
+                raise ConfigError(f"latency quantize must be one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
+            if self.backend != "onnxruntime":
+                raise ConfigError(f"quantize={self.quantize!r} times layers in onnxruntime's int8: use "
+                                  f"backend='onnxruntime' (got {self.backend!r}), or leave quantize unset")  # fmt: skip
         if not isinstance(self.depth, int) or self.depth < 0:
             raise ConfigError(f"depth must be an int >= 0, got {self.depth!r}")
         if not isinstance(self.window, (int, float)) or not 0 <= self.window < 1:
@@ -303,7 +319,8 @@ class TorchTimer(LayerTimer):
 
 
 class OnnxRuntimeTimer(LayerTimer):
-    """onnxruntime (CUDA execution provider when present, else CPU): export the layer alone, time it."""
+    """onnxruntime (CUDA execution provider when present, else CPU): export the layer alone, time
+    it; with ``config.quantize``, time its int8 quantization instead (`_int8`)."""
 
     def __init__(self, config: LatencyConfig):
         import onnxruntime as ort
@@ -317,6 +334,9 @@ class OnnxRuntimeTimer(LayerTimer):
         where = torch.cuda.get_device_name() if self.providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available() \
             else "cuda" if self.providers[0] == "CUDAExecutionProvider" else _cpu_name()  # fmt: skip
         self.context = f"{where}|ort={ort.__version__}|{self.providers[0]}|threads={self.threads}"
+        self.quantize = config.quantize
+        if self.quantize is not None:
+            self.context += f"|{self.quantize}"
 
     def inputs_runner(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
         from .export import onnx_session
@@ -324,6 +344,8 @@ class OnnxRuntimeTimer(LayerTimer):
         module = _on_cpu(module)
         with eval_mode(module):  # exported in eval mode; the caller's module keeps its own
             data = onnx_bytes(module, *inputs)
+        if self.quantize is not None:
+            data = self._int8(data, (tuple(inputs), {}))
         session = onnx_session(data, threads=self.threads, providers=self.providers)
         feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
         return lambda: session.run(None, feed)
@@ -335,9 +357,26 @@ class OnnxRuntimeTimer(LayerTimer):
         with tempfile.TemporaryDirectory() as tmp, eval_mode(model):  # the caller's model keeps its mode
             path = Path(tmp) / "model.onnx"
             export_onnx_file(model, inputs, path)
-            session = onnx_session(path.read_bytes(), threads=self.threads, providers=self.providers)
+            data = path.read_bytes() if self.quantize is None else self._int8(path.read_bytes(), inputs)
+            session = onnx_session(data, threads=self.threads, providers=self.providers)
         feed = onnx_feed(session, inputs)
         return lambda: session.run(None, feed)
+
+    def _int8(self, data: bytes, inputs: "Args") -> bytes:
+        """The float ONNX model ``data`` quantized as ``export_onnx(quantize=self.quantize)``
+        quantizes it; static int8 is calibrated on ``inputs`` (``(args, kwargs)``: the timing
+        inputs themselves, random for a layer; kernel speed does not depend on the values)."""
+        from .export import onnx_feed, onnx_session
+        from .quantize import quantize_onnx_file
+
+        calibration = None
+        if self.quantize == "int8":  # one batch, by the float model's input names
+            calibration = [{k: torch.from_numpy(v) for k, v in onnx_feed(onnx_session(data), inputs).items()}]
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(data)
+            quantize_onnx_file(src, dst, calibration, self.quantize)
+            return dst.read_bytes()
 
 
 def _on_cpu(module: nn.Module) -> nn.Module:

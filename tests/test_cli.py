@@ -481,6 +481,8 @@ def test_demo_writes_onnx_save_and_report(tmp_path, capsys):
         (["compress", "{spec}", "--size", "32", "--input-shape", "1,3,32,32"], 2, "--size 32 and --input-shape 1,3,32"),
         (["compress", "{spec}", "--target-params", "1.5"], 2, "expected a parameter count .* got '1.5'"),
         (["compress", "{spec}", "--timing-context", "neighbours"], 2, "--timing-context neighbours applies to the latency"),
+        (["compress", "{spec}", "--timing-int8", "static"], 2, "--timing-int8 static applies to the latency search"),
+        (["compress", "{spec}", "--timing-int8", "static", "--latency", "eager"], 2, "times layers in onnxruntime's int8"),
         (["compress", "{spec}", "--target-params", "1.0"], 2, "1 is neither a fraction of the model below 1"),
         (["compress", "{spec}", "--target-params", "1"], 2, "1 is neither a fraction of the model below 1"),
         (["compress", "{spec}", "--target-params", "inf"], 2, "expected a parameter count .* got 'inf'"),
@@ -1468,6 +1470,9 @@ def test_command_line_options_reach_the_config(factory):
     spec, _, _ = factory
     config = _config(_parsed("compress", spec, "--latency", "eager", "--threads", 3, "--timing-context", "neighbours"))
     assert config.latency.backend == "eager" and config.latency.threads == 3 and config.latency.context == "neighbours"
+    assert config.latency.quantize is None
+    config = _config(_parsed("compress", spec, "--latency", "onnxruntime", "--timing-int8", "dynamic"))
+    assert config.latency.quantize == "int8-dynamic"
     cal = ("--calibration", "cal.pt")  # --sensitivity needs calibration data (the file is read later)
     config = _config(_parsed("compress", spec, *cal, "--sensitivity", "diagonal"))
     assert config.sensitivity is True and config.sensitivity_matrix == "diagonal"

@@ -283,3 +283,100 @@ def test_median_times_takes_turns_after_warmup_and_reports_the_median(monkeypatc
     assert order == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
     assert out["a"] == {"median": 2.0, "min": 1.0, "max": 30.0, "n": 3}
     assert out["b"] == {"median": 5.0, "min": 5.0, "max": 6.0, "n": 3}
+
+
+def _ops_run(monkeypatch) -> list[set[str]]:
+    """The operator types of every model a timing session runs (recorded; sessions made
+    without ``threads`` read a model's inputs or calibrate it, and are not timed)."""
+    import onnx
+
+    import fxlrd.export
+
+    made, real = [], fxlrd.export.onnx_session
+
+    def spy(path, **kwargs):
+        if "threads" in kwargs:
+            data = path if isinstance(path, bytes) else open(path, "rb").read()
+            made.append({n.op_type for n in onnx.load_from_string(data).graph.node})
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(fxlrd.export, "onnx_session", spy)
+    return made
+
+
+@pytest.mark.parametrize("quantize,int8_ops", [("int8", {"QuantizeLinear", "DequantizeLinear"}),
+                                                ("int8-dynamic", {"DynamicQuantizeLinear"})])  # fmt: skip
+def test_int8_timing_runs_the_quantized_layer_and_model(monkeypatch, quantize, int8_ops):
+    made = _ops_run(monkeypatch)
+    timer = OnnxRuntimeTimer(LatencyConfig(quantize=quantize, repeats=2, warmup=1, threads=1))
+    plain = OnnxRuntimeTimer(LatencyConfig(repeats=2, warmup=1, threads=1))
+    assert timer.context == f"{plain.context}|{quantize}"  # cached apart from float32
+    layer = nn.Linear(64, 32)
+    assert timer.time(layer, (4, 64)) > 0
+    assert int8_ops <= made[-1], made[-1]
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).train()
+    x = torch.randn(4, 64)
+    timer.model_runner(model, ((x,), {}))()
+    assert int8_ops <= made[-1] and model.training  # the caller's model keeps its mode
+    made.clear()
+    plain.time(layer, (4, 64))
+    assert not made[-1] & {"QuantizeLinear", "DynamicQuantizeLinear"}
+
+
+def test_int8_timing_of_a_window_with_several_inputs(monkeypatch):
+    """A window takes every value flowing in (a residual add's two inputs): calibrated by name."""
+    made = _ops_run(monkeypatch)
+
+    class Add(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x, skip):
+            return torch.relu(self.conv(x) + skip)
+
+    timer = OnnxRuntimeTimer(LatencyConfig(quantize="int8", repeats=2, warmup=1, threads=1))
+    assert timer.time_inputs(Add(), (torch.randn(1, 8, 6, 6), torch.randn(1, 8, 6, 6))) > 0
+    assert "QuantizeLinear" in made[-1]
+
+
+def test_latency_quantize_is_checked():
+    from fxlrd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backend='onnxruntime'"):
+        LatencyConfig(backend="eager", quantize="int8")
+    with pytest.raises(ConfigError, match="latency quantize must be one of"):
+        LatencyConfig(quantize="int4")
+    assert LatencyConfig(quantize="int8").to_dict()["quantize"] == "int8"
+
+
+def test_a_search_timed_in_int8_caches_int8_entries_and_keeps_the_layers_float(tmp_path):
+    import fxlrd
+    from fxlrd import LRDConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1)).eval()  # fmt: skip
+    latency = LatencyConfig(quantize="int8", context="neighbours", repeats=2, warmup=1, threads=1,
+                            cache_path=tmp_path / "c.json", progress=False)  # fmt: skip
+    x = torch.randn(1, 16, 12, 12)
+    gm = fxlrd.transform(model, LRDConfig(ratio=2, latency=latency), example_inputs=x)
+    keys = json.loads((tmp_path / "c.json").read_text())["entries"]
+    assert keys and all("|int8|" in k for k in keys)
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
+    assert gm.fxlrd_plan.settings["latency"]["quantize"] == "int8"
+
+
+def test_global_mode_timed_in_int8_measures_int8_models(tmp_path, monkeypatch):
+    import fxlrd
+    from fxlrd import LRDConfig
+
+    made = _ops_run(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    latency = LatencyConfig(quantize="int8", repeats=2, warmup=1, threads=1, cache_path=tmp_path / "c.json",
+                            progress=False)  # fmt: skip
+    gm = fxlrd.transform(model, LRDConfig(target_speedup=1.3, latency=latency), example_inputs=torch.randn(4, 256))
+    record = gm.fxlrd_plan.settings["global_search"]
+    assert record["rounds"] and made
+    assert all("QuantizeLinear" in ops for ops in made)  # layers and whole models alike
