@@ -208,6 +208,9 @@ def prepare(task: Mapping[str, Any]) -> Path:
         if variant.int8 and backend != "onnxruntime":
             entries[variant.name] = {"skipped": "int8 variants run in onnxruntime only (PyTorch: the PT2E chain in the README)"}
             continue
+        if variant.times_int8 and backend != "onnxruntime":
+            entries[variant.name] = {"skipped": "its ranks are timed in onnxruntime's int8: onnxruntime only"}
+            continue
         if variant.int8 == "int8-dynamic" and not spec.tokens:
             entries[variant.name] = {"skipped": "dynamic int8 quantizes the matrix products only: for transformers"}
             continue

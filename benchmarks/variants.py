@@ -51,14 +51,15 @@ class BuildContext:
     threads: int
     cache: Path
 
-    def latency(self, context: str = "layer") -> LatencyConfig:
+    def latency(self, context: str = "layer", quantize: str | None = None) -> LatencyConfig:
         """The latency search settings for this case's backend (``context``: how layers are
-        timed). The GPU backends time layers eagerly on the GPU in the backend's dtype."""
+        timed; ``quantize``: in onnxruntime's int8). The GPU backends time layers eagerly on the
+        GPU in the backend's dtype."""
         backend, dtype = self.backend, None
         if is_gpu_backend(backend):
             backend, dtype = "cuda", ("bfloat16" if backend.endswith("_bf16") else None)
         return LatencyConfig(backend=backend, threads=self.threads, cache_path=self.cache, progress=False,
-                             context=context, dtype=dtype)  # fmt: skip
+                             context=context, dtype=dtype, quantize=quantize)  # fmt: skip
 
     @functools.cached_property
     def calibration(self) -> list[Any]:
@@ -96,6 +97,8 @@ class Variant:
             quantization, QDQ, per-channel weights, calibrated on the model's calibration batches)
             or ``"int8-dynamic"`` (the matrix products' weights in int8, their inputs scaled per
             call: the usual recipe for BERTs on CPU); onnxruntime backend only.
+        times_int8: its ranks are timed in onnxruntime's int8 (``LatencyConfig(quantize="int8")``):
+            onnxruntime backend only, as the int8 variants.
         retired: no longer built (its build fails with the reason) and left out of the
             default run; kept so that its name in older results and commands is understood.
     """
@@ -111,6 +114,7 @@ class Variant:
     base: str | None = None
     int8: str | None = None
     needs_experts: bool = False
+    times_int8: bool = False
     retired: bool = False
 
     def __post_init__(self) -> None:
@@ -376,6 +380,22 @@ VARIANTS: dict[str, Variant] = {
         Variant("global@vanilla+int8", "global@vanilla, then int8",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True, base="global@vanilla", int8="int8"),  # fmt: skip
+        Variant("optimized_int8_ctx", "optimized_ctx with every layer and window timed in int8 (onnxruntime static "
+                "quantization: ranks chosen for an int8 deployment; timed here in float32)",
+                lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
+                times_int8=True),  # fmt: skip
+        Variant("optimized_int8_ctx+int8", "optimized_int8_ctx, then int8 like int8",
+                lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
+                base="optimized_int8_ctx", int8="int8", times_int8=True),  # fmt: skip
+        Variant("global_int8@vanilla", f"global@vanilla with layers and whole-model trials timed in int8: "
+                f"target_speedup={TARGET_SPEEDUP} over the int8 original, at most vanilla's parameters (timed here "
+                "in float32)", lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
+                                                     latency=ctx.latency(quantize="int8")), searched=True,
+                times_int8=True),  # fmt: skip
+        Variant("global_int8@vanilla+int8", "global_int8@vanilla, then int8 like int8",
+                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
+                                      latency=ctx.latency(quantize="int8")), searched=True, base="global_int8@vanilla",
+                int8="int8", times_int8=True),  # fmt: skip
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip
