@@ -374,9 +374,32 @@ class OnnxRuntimeTimer(LayerTimer):
             calibration = [{k: torch.from_numpy(v) for k, v in onnx_feed(onnx_session(data), inputs).items()}]
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-            src.write_bytes(data)
+            src.write_bytes(_shared_initializers_copied(data))
             quantize_onnx_file(src, dst, calibration, self.quantize)
             return dst.read_bytes()
+
+
+def _shared_initializers_copied(data: bytes) -> bytes:
+    """``data`` with every ``Identity`` of an initializer replaced by a copy of it under the
+    Identity's output name. The TorchScript exporter keeps one copy of equal weights and reads
+    it through Identity nodes (a window's random layers fold equal batch-norm biases), and the
+    quantizer then leaves such a conv's bias unquantized ("Expected bias ... to be an
+    initializer"), which the deployed model, whose weights differ, does not."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    inits, outputs = {i.name: i for i in graph.initializer}, {o.name for o in graph.output}
+    copies = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs]
+    if not copies:
+        return data
+    for node in copies:
+        copy_ = onnx.TensorProto()
+        copy_.CopyFrom(inits[node.input[0]])
+        copy_.name = node.output[0]
+        graph.initializer.append(copy_)
+        graph.node.remove(node)
+    return model.SerializeToString()
 
 
 def _on_cpu(module: nn.Module) -> nn.Module:
