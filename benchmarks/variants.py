@@ -27,6 +27,7 @@ __all__ = ["BuildContext", "Variant", "VARIANTS", "get", "TARGET_SPEEDUP"]
 
 TARGET_SPEEDUP = 2.0
 MERGED_TARGET = 2.3  # the issue's target for merged + optimized on ResNet-50
+INT8_TARGET = 1.5  # the issue's target for LRD + int8 over int8 alone on ResNet-50
 VANILLA = LRDConfig(ratio=2, rank_quantum=1)
 NARROWED = LRDConfig(ratio=2, mlp="narrow", allocation="global")
 
@@ -304,6 +305,22 @@ def _merged_fastest_at_vanilla(ctx: BuildContext) -> LRDConfig:
     return ctx.memo["merged_fastest_at_vanilla"]
 
 
+def _global_in_int8(ctx: BuildContext) -> LRDConfig:
+    """Global mode timed in int8: its target is a speed-up over the int8 original (every layer,
+    window and trial is timed quantized), at most vanilla LRD's parameters."""
+    return LRDConfig(target_speedup=INT8_TARGET, target_params=ctx.vanilla_params,
+                     latency=ctx.latency("neighbours", "int8"))  # fmt: skip
+
+
+def _retired_int8_timed(ctx: BuildContext) -> LRDConfig:
+    """The first int8-timed variants (2026-12-08, git 9d53fbe): their timing left the biases of
+    convs whose equal weights the layer exporter shared in float, which onnxruntime ran about
+    3x slower than deployed; global_int8@vanilla also aimed at 2.0x over int8, out of reach at
+    that size, and returned a 2.83 M model. Replaced by the ``*_in_int8*`` variants."""
+    raise ValueError("this int8-timed variant is retired: its timings left some conv biases unquantized; use "
+                     "optimized_in_int8_ctx or global_in_int8@vanilla (and their +int8 twins)")  # fmt: skip
+
+
 def _vanilla_size(ctx: BuildContext) -> LRDConfig:
     """A global parameter budget: vanilla LRD's parameter count."""
     return LRDConfig(target_params=ctx.vanilla_params)
@@ -380,22 +397,27 @@ VARIANTS: dict[str, Variant] = {
         Variant("global@vanilla+int8", "global@vanilla, then int8",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True, base="global@vanilla", int8="int8"),  # fmt: skip
-        Variant("optimized_int8_ctx", "optimized_ctx with every layer and window timed in int8 (onnxruntime static "
+        Variant("optimized_int8_ctx", "retired 2026-12-08 (its build fails with the reason): optimized_ctx timed in "
+                "int8, before int8 timing quantized every conv's bias", _retired_int8_timed, searched=True,
+                times_int8=True, retired=True),  # fmt: skip
+        Variant("optimized_int8_ctx+int8", "retired 2026-12-08: optimized_int8_ctx, then int8", _retired_int8_timed,
+                searched=True, base="optimized_int8_ctx", int8="int8", times_int8=True, retired=True),  # fmt: skip
+        Variant("global_int8@vanilla", "retired 2026-12-08: global_in_int8@vanilla at target_speedup=2.0, before int8 "
+                "timing quantized every conv's bias", _retired_int8_timed, searched=True, times_int8=True, retired=True),  # fmt: skip
+        Variant("global_int8@vanilla+int8", "retired 2026-12-08: global_int8@vanilla, then int8", _retired_int8_timed,
+                searched=True, base="global_int8@vanilla", int8="int8", times_int8=True, retired=True),  # fmt: skip
+        Variant("optimized_in_int8_ctx", "optimized_ctx with every layer and window timed in int8 (onnxruntime static "
                 "quantization: ranks chosen for an int8 deployment; timed here in float32)",
                 lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
                 times_int8=True),  # fmt: skip
-        Variant("optimized_int8_ctx+int8", "optimized_int8_ctx, then int8 like int8",
+        Variant("optimized_in_int8_ctx+int8", "optimized_in_int8_ctx, then int8 like int8",
                 lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
-                base="optimized_int8_ctx", int8="int8", times_int8=True),  # fmt: skip
-        Variant("global_int8@vanilla", f"global@vanilla with layers and whole-model trials timed in int8: "
-                f"target_speedup={TARGET_SPEEDUP} over the int8 original, at most vanilla's parameters (timed here "
-                "in float32)", lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
-                                                     latency=ctx.latency(quantize="int8")), searched=True,
-                times_int8=True),  # fmt: skip
-        Variant("global_int8@vanilla+int8", "global_int8@vanilla, then int8 like int8",
-                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
-                                      latency=ctx.latency(quantize="int8")), searched=True, base="global_int8@vanilla",
-                int8="int8", times_int8=True),  # fmt: skip
+                base="optimized_in_int8_ctx", int8="int8", times_int8=True),  # fmt: skip
+        Variant("global_in_int8@vanilla", f"global mode with layers and whole-model trials timed in int8: the "
+                f"least-error model measured target_speedup={INT8_TARGET} over the int8 original, at most vanilla's "
+                "parameters (timed here in float32)", _global_in_int8, searched=True, times_int8=True),  # fmt: skip
+        Variant("global_in_int8@vanilla+int8", "global_in_int8@vanilla, then int8 like int8", _global_in_int8,
+                searched=True, base="global_in_int8@vanilla", int8="int8", times_int8=True),  # fmt: skip
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip
