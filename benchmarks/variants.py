@@ -413,11 +413,15 @@ VARIANTS: dict[str, Variant] = {
         Variant("optimized_in_int8_ctx+int8", "optimized_in_int8_ctx, then int8 like int8",
                 lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
                 base="optimized_in_int8_ctx", int8="int8", times_int8=True),  # fmt: skip
-        Variant("global_in_int8@vanilla", f"global mode with layers and whole-model trials timed in int8: the "
+        Variant("global_in_int8@vanilla", f"global mode with layers (in context) and whole-model trials timed in int8: the "
                 f"least-error model measured target_speedup={INT8_TARGET} over the int8 original, at most vanilla's "
                 "parameters (timed here in float32)", _global_in_int8, searched=True, times_int8=True),  # fmt: skip
         Variant("global_in_int8@vanilla+int8", "global_in_int8@vanilla, then int8 like int8", _global_in_int8,
                 searched=True, base="global_in_int8@vanilla", int8="int8", times_int8=True),  # fmt: skip
+        Variant("global@vanilla_ctx+int8", "global@vanilla_ctx (timed in float32, in context), then int8: the float "
+                "twin of global_in_int8@vanilla+int8", lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP,
+                target_params=ctx.vanilla_params, latency=ctx.latency("neighbours")), searched=True,
+                base="global@vanilla_ctx", int8="int8"),  # fmt: skip
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip
