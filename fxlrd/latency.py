@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
@@ -81,11 +82,13 @@ class LatencyConfig:
             onnxruntime times the exported float32 model and takes none.
         quantize: onnxruntime only: ``"int8"`` or ``"int8-dynamic"`` times every layer, window
             and whole model after onnxruntime's int8 quantization, with `export_onnx`'s
-            settings for that mode (static: calibrated on the random timing inputs; speed does
-            not depend on the values), so ranks are chosen for the int8 model you deploy: int8
+            settings for that mode (static: calibrated on the timing inputs, random for a layer
+            or window and the example inputs for a whole model; speed does not depend on the
+            values), on the CPU, so ranks are chosen for the int8 model you deploy: int8
             kernels reward ranks differently, and each factor adds a requantization, so a
-            factor chain gains less over its layer in int8 than in float32. Its timings are
-            cached apart from float32's. None: float32.
+            factor chain gains less over its layer in int8 than in float32. What the mode does
+            not quantize (a transposed conv; convs under dynamic int8) is timed in float, as it
+            runs deployed. Its timings are cached apart from float32's. None: float32.
     """
 
     backend: Backend = "onnxruntime"
@@ -320,13 +323,14 @@ class TorchTimer(LayerTimer):
 
 class OnnxRuntimeTimer(LayerTimer):
     """onnxruntime (CUDA execution provider when present, else CPU): export the layer alone, time
-    it; with ``config.quantize``, time its int8 quantization instead (`_int8`)."""
+    it; with ``config.quantize``, time its int8 quantization instead (`_int8`), on the CPU (the
+    CUDA provider runs most of a QDQ model dequantized)."""
 
     def __init__(self, config: LatencyConfig):
         import onnxruntime as ort
 
         self.config = config
-        available = ort.get_available_providers()
+        available = ort.get_available_providers() if config.quantize is None else ["CPUExecutionProvider"]
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.threads = config.threads or user_threads()
         self.backend = "onnxruntime"
@@ -344,8 +348,8 @@ class OnnxRuntimeTimer(LayerTimer):
         module = _on_cpu(module)
         with eval_mode(module):  # exported in eval mode; the caller's module keeps its own
             data = onnx_bytes(module, *inputs)
-        if self.quantize is not None:
-            data = self._int8(data, (tuple(inputs), {}))
+        if self.quantize is not None:  # (the layer exporter shares equal weights; the deployed model's differ)
+            data = self._int8(_shared_initializers_copied(data), (tuple(inputs), {}))
         session = onnx_session(data, threads=self.threads, providers=self.providers)
         feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
         return lambda: session.run(None, feed)
@@ -365,41 +369,52 @@ class OnnxRuntimeTimer(LayerTimer):
     def _int8(self, data: bytes, inputs: "Args") -> bytes:
         """The float ONNX model ``data`` quantized as ``export_onnx(quantize=self.quantize)``
         quantizes it; static int8 is calibrated on ``inputs`` (``(args, kwargs)``: the timing
-        inputs themselves, random for a layer; kernel speed does not depend on the values)."""
-        from .export import onnx_feed, onnx_session
+        inputs themselves — random for a layer or window, the example inputs for a whole model;
+        kernel speed does not depend on the values). A model with nothing the mode quantizes (a
+        transposed conv; a conv under dynamic int8, which quantizes matrix products only) is
+        timed as it is, in float, as the deployed int8 model runs it."""
+        import onnx
+
+        from .export import onnx_feed
         from .quantize import quantize_onnx_file
 
         calibration = None
-        if self.quantize == "int8":  # one batch, by the float model's input names
-            calibration = [{k: torch.from_numpy(v) for k, v in onnx_feed(onnx_session(data), inputs).items()}]
+        if self.quantize == "int8":  # one batch, by the model's input names
+            graph = onnx.load_from_string(data).graph
+            constants = {i.name for i in graph.initializer}
+            names = [i.name for i in graph.input if i.name not in constants]
+            reader = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n) for n in names])
+            calibration = [{k: torch.from_numpy(v) for k, v in onnx_feed(reader, inputs).items()}]
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-            src.write_bytes(_shared_initializers_copied(data))
-            quantize_onnx_file(src, dst, calibration, self.quantize)
+            src.write_bytes(data)
+            quantize_onnx_file(src, dst, calibration, self.quantize, require_quantized=False)
             return dst.read_bytes()
 
 
 def _shared_initializers_copied(data: bytes) -> bytes:
-    """``data`` with every ``Identity`` of an initializer replaced by a copy of it under the
-    Identity's output name. The TorchScript exporter keeps one copy of equal weights and reads
-    it through Identity nodes (a window's random layers fold equal batch-norm biases), and the
-    quantizer then leaves such a conv's bias unquantized ("Expected bias ... to be an
-    initializer"), which the deployed model, whose weights differ, does not."""
+    """``data`` with every ``Identity`` of an initializer (or of such an Identity) replaced by a
+    copy of it under the Identity's output name. The TorchScript layer exporter keeps one copy
+    of equal weights and reads it through Identity nodes (a window's random layers fold equal
+    batch-norm biases), and the quantizer then leaves such a conv's bias unquantized ("Expected
+    bias ... to be an initializer"), a conv onnxruntime ran about 3x slower than the deployed
+    model's, whose weights differ."""
     import onnx
 
     model = onnx.load_from_string(data)
     graph = model.graph
     inits, outputs = {i.name: i for i in graph.initializer}, {o.name for o in graph.output}
-    copies = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs]
-    if not copies:
-        return data
-    for node in copies:
-        copy_ = onnx.TensorProto()
-        copy_.CopyFrom(inits[node.input[0]])
-        copy_.name = node.output[0]
-        graph.initializer.append(copy_)
-        graph.node.remove(node)
-    return model.SerializeToString()
+    changed = False
+    for node in list(graph.node):  # graph order: a chain's first Identity comes first
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            copy_ = onnx.TensorProto()
+            copy_.CopyFrom(inits[node.input[0]])
+            copy_.name = node.output[0]
+            graph.initializer.append(copy_)
+            inits[copy_.name] = copy_
+            graph.node.remove(node)
+            changed = True
+    return model.SerializeToString() if changed else data
 
 
 def _on_cpu(module: nn.Module) -> nn.Module:

@@ -324,7 +324,7 @@ def test_int8_timing_runs_the_quantized_layer_and_model(monkeypatch, quantize, i
 
 
 def test_int8_timing_of_a_window_with_several_inputs(monkeypatch):
-    """A window takes every value flowing in (a residual add's two inputs): calibrated by name."""
+    """A window takes every value flowing in (a residual add's two inputs), each calibrated."""
     made = _ops_run(monkeypatch)
 
     class Add(nn.Module):
@@ -350,7 +350,7 @@ def test_latency_quantize_is_checked():
     assert LatencyConfig(quantize="int8").to_dict()["quantize"] == "int8"
 
 
-def test_a_search_timed_in_int8_caches_int8_entries_and_keeps_the_layers_float(tmp_path):
+def test_a_search_timed_in_int8_caches_int8_entries(tmp_path):
     import fxlrd
     from fxlrd import LRDConfig
 
@@ -363,8 +363,36 @@ def test_a_search_timed_in_int8_caches_int8_entries_and_keeps_the_layers_float(t
     gm = fxlrd.transform(model, LRDConfig(ratio=2, latency=latency), example_inputs=x)
     keys = json.loads((tmp_path / "c.json").read_text())["entries"]
     assert keys and all("|int8|" in k for k in keys)
-    assert all(p.dtype == torch.float32 for p in gm.parameters())
     assert gm.fxlrd_plan.settings["latency"]["quantize"] == "int8"
+
+
+@pytest.mark.parametrize("quantize,layer,shape", [
+    ("int8", nn.ConvTranspose2d(8, 8, 3), (1, 8, 6, 6)),  # static int8 leaves transposed convs in float
+    ("int8-dynamic", nn.Conv2d(8, 8, 3), (1, 8, 6, 6)),  # dynamic int8 quantizes matrix products only
+])  # fmt: skip
+def test_int8_timing_times_what_the_mode_does_not_quantize_in_float(monkeypatch, quantize, layer, shape):
+    made = _ops_run(monkeypatch)
+    timer = OnnxRuntimeTimer(LatencyConfig(quantize=quantize, repeats=2, warmup=1, threads=1))
+    assert timer.time(layer, shape) > 0  # (no "quantized no weight" error: the deployed model runs it in float)
+    assert not made[-1] & {"QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear"}, made[-1]
+
+
+def test_shared_initializers_are_copied_through_chains_of_identities():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fxlrd.latency import _shared_initializers_copied
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 2.0, 3.0, 4.0])
+    nodes = [helper.make_node("Identity", ["w"], ["w1"]), helper.make_node("Identity", ["w1"], ["w2"]),
+             helper.make_node("MatMul", ["x", "w2"], ["y"]), helper.make_node("Identity", ["w"], ["out"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+                               helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 2])], [w])  # fmt: skip
+    model = onnx.load_from_string(_shared_initializers_copied(helper.make_model(graph).SerializeToString()))
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Identity"]  # a graph output stays an Identity
+    assert sorted(i.name for i in model.graph.initializer) == ["w", "w1", "w2"]
+    onnx.checker.check_model(model)
 
 
 def test_global_mode_timed_in_int8_measures_int8_models(tmp_path, monkeypatch):
@@ -372,6 +400,15 @@ def test_global_mode_timed_in_int8_measures_int8_models(tmp_path, monkeypatch):
     from fxlrd import LRDConfig
 
     made = _ops_run(monkeypatch)
+    whole, runner = [], OnnxRuntimeTimer.model_runner
+
+    def model_runner(self, model, inputs):  # the sessions each whole-model trial made
+        before = len(made)
+        run = runner(self, model, inputs)
+        whole.extend(made[before:])
+        return run
+
+    monkeypatch.setattr(OnnxRuntimeTimer, "model_runner", model_runner)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
     latency = LatencyConfig(quantize="int8", repeats=2, warmup=1, threads=1, cache_path=tmp_path / "c.json",
@@ -379,26 +416,33 @@ def test_global_mode_timed_in_int8_measures_int8_models(tmp_path, monkeypatch):
     with warnings.catch_warnings():  # (a layer this small may not reach the target in int8: not the point here)
         warnings.simplefilter("ignore", fxlrd.FxlrdWarning)
         gm = fxlrd.transform(model, LRDConfig(target_speedup=1.3, latency=latency), example_inputs=torch.randn(4, 256))
-    record = gm.fxlrd_plan.settings["global_search"]
-    assert record["rounds"] and made
+    assert gm.fxlrd_plan.settings["global_search"]["rounds"]
+    assert whole and len(whole) < len(made)  # whole models, and the layers before them
     assert all("QuantizeLinear" in ops for ops in made)  # layers and whole models alike
 
 
-def test_int8_timing_quantizes_convs_whose_equal_biases_the_exporter_shared():
+def test_int8_timing_quantizes_convs_whose_equal_biases_the_exporter_shared(monkeypatch):
     """Batch norms at their initial values fold to equal conv biases, which the TorchScript
     exporter stores once and reads through Identity nodes; the quantizer then left those convs'
     biases in float and onnxruntime ran them about 3x slower than the deployed model would."""
     import onnx
 
+    import fxlrd.export
     from fxlrd.latency import onnx_bytes
 
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)).eval()  # fmt: skip
     x = torch.randn(1, 16, 8, 8)
-    data = onnx_bytes(model, x)
-    assert "Identity" in {n.op_type for n in onnx.load_from_string(data).graph.node}  # the case this guards
-    timer = OnnxRuntimeTimer(LatencyConfig(quantize="int8", threads=1))
-    graph = onnx.load_from_string(timer._int8(data, ((x,), {}))).graph
+    assert "Identity" in {n.op_type for n in onnx.load_from_string(onnx_bytes(model, x)).graph.node}  # the case
+    timed, real = [], fxlrd.export.onnx_session
+
+    def spy(path, **kwargs):
+        timed.append(path) if "threads" in kwargs else None
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(fxlrd.export, "onnx_session", spy)
+    OnnxRuntimeTimer(LatencyConfig(quantize="int8", repeats=2, warmup=1, threads=1)).time(model, tuple(x.shape))
+    graph = onnx.load_from_string(timed[-1]).graph
     made_by = {o: n.op_type for n in graph.node for o in n.output}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert len(convs) == 2 and all(made_by.get(n.input[2]) == "DequantizeLinear" for n in convs)
