@@ -1226,15 +1226,18 @@ def _config(args: argparse.Namespace, **overrides: Any):
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     variants = getattr(args, "variants", None) or ()
-    if getattr(args, "timing_context", "layer") != "layer" and not (args.latency or target_speedup or "optimized" in variants):
-        raise UsageError(f"--timing-context {args.timing_context} applies to the latency search: add --latency BACKEND"
-                         " (or --target-speedup)")  # fmt: skip
+    searching = args.latency or target_speedup or "optimized" in variants
+    timing_backend = args.latency or getattr(args, "backend", "onnxruntime")
+    for option, value, needs in (("--timing-context", getattr(args, "timing_context", "layer"), "BACKEND"),
+                                 ("--timing-int8", getattr(args, "timing_int8", None), "onnxruntime")):  # fmt: skip
+        if value not in (None, "layer") and not searching:
+            raise UsageError(f"{option} {value} applies to the latency search: add --latency {needs} (or --target-speedup)")
     timing_int8 = QUANTIZE_OF.get(getattr(args, "timing_int8", None))
-    if timing_int8 and not (args.latency or target_speedup or "optimized" in variants):
-        raise UsageError(f"--timing-int8 {args.timing_int8} applies to the latency search: add --latency onnxruntime"
-                         " (or --target-speedup)")  # fmt: skip
+    if timing_int8 and timing_backend != "onnxruntime":
+        raise UsageError(f"--timing-int8 {args.timing_int8} times layers in onnxruntime's int8, not on {timing_backend}: "
+                         "use --latency onnxruntime" + ("" if args.latency else " (or --backend onnxruntime)"))  # fmt: skip
     if args.latency or target_speedup:
-        latency = LatencyConfig(backend=args.latency or getattr(args, "backend", "onnxruntime"),
+        latency = LatencyConfig(backend=timing_backend,
                                 threads=getattr(args, "threads", None), progress=not args.quiet,
                                 context=getattr(args, "timing_context", "layer"), quantize=timing_int8)  # fmt: skip
     values: dict[str, Any] = {
