@@ -208,7 +208,7 @@ def prepare(task: Mapping[str, Any]) -> Path:
         if variant.int8 and backend != "onnxruntime":
             entries[variant.name] = {"skipped": "int8 variants run in onnxruntime only (PyTorch: the PT2E chain in the README)"}
             continue
-        if variant.times_int8 and backend != "onnxruntime":
+        if variant.times_int8 and not variant.retired and ctx.backend != "onnxruntime":
             entries[variant.name] = {"skipped": "its ranks are timed in onnxruntime's int8: onnxruntime only"}
             continue
         if variant.int8 == "int8-dynamic" and not spec.tokens:

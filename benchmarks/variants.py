@@ -305,6 +305,16 @@ def _merged_fastest_at_vanilla(ctx: BuildContext) -> LRDConfig:
     return ctx.memo["merged_fastest_at_vanilla"]
 
 
+def _optimized_in_int8(ctx: BuildContext) -> LRDConfig:
+    """α = 2, ranks searched in context with every layer and window timed in int8."""
+    return LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8"))
+
+
+def _global_at_vanilla_ctx(ctx: BuildContext) -> LRDConfig:
+    """Global mode at `TARGET_SPEEDUP`, layers timed in context, at most vanilla's parameters."""
+    return LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency("neighbours"))
+
+
 def _global_in_int8(ctx: BuildContext) -> LRDConfig:
     """Global mode timed in int8: its target is a speed-up over the int8 original (every layer,
     window and trial is timed quantized), at most vanilla LRD's parameters."""
@@ -407,27 +417,23 @@ VARIANTS: dict[str, Variant] = {
         Variant("global_int8@vanilla+int8", "retired 2026-12-08: global_int8@vanilla, then int8", _retired_int8_timed,
                 searched=True, base="global_int8@vanilla", int8="int8", times_int8=True, retired=True),  # fmt: skip
         Variant("optimized_in_int8_ctx", "optimized_ctx with every layer and window timed in int8 (onnxruntime static "
-                "quantization: ranks chosen for an int8 deployment; timed here in float32)",
-                lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
-                times_int8=True),  # fmt: skip
-        Variant("optimized_in_int8_ctx+int8", "optimized_in_int8_ctx, then int8 like int8",
-                lambda ctx: LRDConfig(ratio=2, latency=ctx.latency("neighbours", "int8")), searched=True,
-                base="optimized_in_int8_ctx", int8="int8", times_int8=True),  # fmt: skip
+                "quantization: ranks chosen for an int8 deployment; timed here in float32)", _optimized_in_int8,
+                searched=True, times_int8=True),  # fmt: skip
+        Variant("optimized_in_int8_ctx+int8", "optimized_in_int8_ctx, then int8 like int8", _optimized_in_int8,
+                searched=True, base="optimized_in_int8_ctx", int8="int8", times_int8=True),  # fmt: skip
         Variant("global_in_int8@vanilla", f"global mode with layers (in context) and whole-model trials timed in int8: the "
                 f"least-error model measured target_speedup={INT8_TARGET} over the int8 original, at most vanilla's "
                 "parameters (timed here in float32)", _global_in_int8, searched=True, times_int8=True),  # fmt: skip
         Variant("global_in_int8@vanilla+int8", "global_in_int8@vanilla, then int8 like int8", _global_in_int8,
                 searched=True, base="global_in_int8@vanilla", int8="int8", times_int8=True),  # fmt: skip
         Variant("global@vanilla_ctx+int8", "global@vanilla_ctx (timed in float32, in context), then int8: the float "
-                "twin of global_in_int8@vanilla+int8", lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP,
-                target_params=ctx.vanilla_params, latency=ctx.latency("neighbours")), searched=True,
-                base="global@vanilla_ctx", int8="int8"),  # fmt: skip
+                "twin of global_in_int8@vanilla+int8", _global_at_vanilla_ctx, searched=True, base="global@vanilla_ctx",
+                int8="int8"),  # fmt: skip
         Variant("global@vanilla", f"global mode, target_speedup={TARGET_SPEEDUP}, at most vanilla's parameters",
                 lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params, latency=ctx.latency()),
                 searched=True),  # fmt: skip
-        Variant("global@vanilla_ctx", "global@vanilla, layers timed inside their neighbours",
-                lambda ctx: LRDConfig(target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
-                                      latency=ctx.latency("neighbours")), searched=True),  # fmt: skip
+        Variant("global@vanilla_ctx", "global@vanilla, layers timed inside their neighbours", _global_at_vanilla_ctx,
+                searched=True),  # fmt: skip
         Variant("quantized@vanilla", "quantized ranks, one ratio for all layers chosen so that the model has "
                 "vanilla's parameters", _quantized_at_vanilla),  # fmt: skip
         Variant("allocated@vanilla", "ranks allocated globally by weight error at vanilla's parameters",

@@ -693,16 +693,23 @@ def test_narrowed_variant_narrows_mlp_blocks_and_is_skipped_without_them(tmp_pat
     assert variant.skip_reason(variant.build(ctx)).startswith("no MLP block to narrow")
 
 
-def test_int8_twins_quantize_their_base_variant_s_model():
-    from benchmarks.variants import VARIANTS, get
+def test_int8_twins_quantize_their_base_variant_s_model(tmp_path):
+    import torch
+    from torch import nn
+
+    from benchmarks.variants import VARIANTS, BuildContext, get
 
     twins = [v for v in VARIANTS.values() if v.base]
-    assert {v.name for v in twins} >= {"quantized+int8", "narrowed+int8", "narrowed+int8_dynamic", "global@vanilla+int8"}
+    assert {v.name for v in twins} >= {"quantized+int8", "narrowed+int8", "narrowed+int8_dynamic", "global@vanilla+int8",
+                                       "global_in_int8@vanilla+int8", "global@vanilla_ctx+int8"}  # fmt: skip
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    ctx = BuildContext(None, model, torch.randn(2, 32), "onnxruntime", 1, tmp_path / "latency.json")
     for v in twins:
         base = get(v.base)
         assert v.int8 and not base.int8 and (v.searched, v.data_aware, v.narrows) == (base.searched, base.data_aware, base.narrows)
-        if not v.searched:  # (a searched config needs a case to search in)
-            assert repr(v.config(None)) == repr(base.config(None)), v.name
+        assert (v.times_int8, v.retired) == (base.times_int8, base.retired), v.name
+        if not v.retired:  # (a retired one's config raises its reason)
+            assert repr(v.config(ctx)) == repr(base.config(ctx)), v.name
 
 
 
