@@ -86,9 +86,9 @@ class LatencyConfig:
             or window and the example inputs for a whole model; speed does not depend on the
             values), on the CPU, so ranks are chosen for the int8 model you deploy: int8
             kernels reward ranks differently, and each factor adds a requantization, so a
-            factor chain gains less over its layer in int8 than in float32. What the mode does
-            not quantize (a transposed conv; convs under dynamic int8) is timed in float, as it
-            runs deployed. Its timings are cached apart from float32's. None: float32.
+            factor chain gains less over its layer in int8 than in float32. Weights the mode does
+            not quantize (a transposed conv's; convs' under dynamic int8) stay in float, as they
+            run deployed. Its timings are cached apart from float32's. None: float32.
     """
 
     backend: Backend = "onnxruntime"
@@ -370,9 +370,9 @@ class OnnxRuntimeTimer(LayerTimer):
         """The float ONNX model ``data`` quantized as ``export_onnx(quantize=self.quantize)``
         quantizes it; static int8 is calibrated on ``inputs`` (``(args, kwargs)``: the timing
         inputs themselves — random for a layer or window, the example inputs for a whole model;
-        kernel speed does not depend on the values). A model with nothing the mode quantizes (a
+        kernel speed does not depend on the values). A model with no weight the mode quantizes (a
         transposed conv; a conv under dynamic int8, which quantizes matrix products only) is
-        timed as it is, in float, as the deployed int8 model runs it."""
+        timed as the quantizer leaves it, its weights in float, as the deployed model runs it."""
         import onnx
 
         from .export import onnx_feed

@@ -45,7 +45,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,8 +465,9 @@ def quantize_onnx_file(
         expected: PyTorch's outputs (flattened tensors) for ``inputs``.
         label: how to name the destination in error messages (default ``dst``).
         require_quantized: a model none of whose weights ``config.op_types`` reaches is an error
-            (the default: a misspelt operator name); False writes it as it is, in float (layer
-            timing: the deployed model leaves such an operator, a transposed conv, in float too).
+            (the default: a misspelt operator name); False writes what the quantizer made of it,
+            its weights in float (layer timing: the deployed model leaves such an operator, a
+            transposed conv, in float too).
 
     Returns:
         The `Fidelity` on ``inputs``, or None when no check was asked for.
@@ -510,8 +510,6 @@ def quantize_onnx_file(
                 )  # fmt: skip
         if require_quantized:
             _check_something_quantized(source, quantized, config, label)
-        elif not _stores_int8_weights(quantized):  # nothing this config quantizes: the model stays float
-            shutil.copyfile(source, quantized)
         fidelity = None
         if inputs is not None and expected is not None:
             session = onnx_session(quantized)
