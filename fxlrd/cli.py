@@ -1226,12 +1226,14 @@ def _config(args: argparse.Namespace, **overrides: Any):
     latency = None
     target_speedup = getattr(args, "target_speedup", None)
     variants = getattr(args, "variants", None) or ()
-    searching = args.latency or target_speedup or "optimized" in variants
+    bench = "variants" in vars(args)  # (bench searches ranks for its optimized variant only)
+    searching = "optimized" in variants if bench else args.latency or target_speedup
     timing_backend = args.latency or getattr(args, "backend", "onnxruntime")
     for option, value, needs in (("--timing-context", getattr(args, "timing_context", "layer"), "BACKEND"),
                                  ("--timing-int8", getattr(args, "timing_int8", None), "onnxruntime")):  # fmt: skip
         if value not in (None, "layer") and not searching:
-            raise UsageError(f"{option} {value} applies to the latency search: add --latency {needs} (or --target-speedup)")
+            fix = "add optimized to --variants" if bench else f"add --latency {needs} (or --target-speedup)"
+            raise UsageError(f"{option} {value} applies to the latency search: {fix}")
     timing_int8 = QUANTIZE_OF.get(getattr(args, "timing_int8", None))
     if timing_int8 and timing_backend != "onnxruntime":
         raise UsageError(f"--timing-int8 {args.timing_int8} times layers in onnxruntime's int8, not on {timing_backend}: "
