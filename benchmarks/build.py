@@ -215,7 +215,7 @@ def prepare(task: Mapping[str, Any]) -> Path:
             entries[variant.name] = {"skipped": "dynamic int8 quantizes the matrix products only: for transformers"}
             continue
         info_path = where.with_suffix(".json")
-        if info_path.exists():
+        if info_path.exists() and not variant.retired:  # (a retired one fails with its reason, even built before)
             info = json.loads(info_path.read_text())
         elif variant.base:  # an int8 twin: its float variant's model, built (or found) and saved once
             info = _built(variants.get(variant.base), ctx, workdir, name, backend, batch, per_sample)
