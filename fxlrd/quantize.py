@@ -416,19 +416,13 @@ def _compare(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: S
     return Fidelity(tuple(outputs), qtol)
 
 
-def _stores_int8_weights(quantized: Path) -> bool:
-    import onnx
-
-    weights = [t for t in onnx.load(str(quantized)).graph.initializer if len(t.dims) >= 2]
-    return any(t.data_type == onnx.TensorProto.INT8 for t in weights)
-
-
 def _check_something_quantized(source: Path, quantized: Path, config: QuantizeConfig, label: Any) -> None:
     """A `ConfigError` when the int8 file stores no weight in int8: ``op_types`` matched none
     of the model's operators (a misspelt name), and the "int8" model would be the float one."""
     import onnx
 
-    if _stores_int8_weights(quantized):
+    weights = [t for t in onnx.load(str(quantized)).graph.initializer if len(t.dims) >= 2]
+    if any(t.data_type == onnx.TensorProto.INT8 for t in weights):
         return
     present = sorted({n.op_type for n in onnx.load(str(source)).graph.node})
     raise ConfigError(
