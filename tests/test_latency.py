@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxlrd.latency import LatencyCache, LatencyConfig, OnnxRuntimeTimer, TorchTimer, median_call_time
+from fxlrd.latency import LatencyCache, LatencyConfig, OnnxRuntimeTimer, TorchTimer, make_timer, median_call_time
 
 
 def test_median_call_time_is_positive_and_ordered():
@@ -446,3 +446,38 @@ def test_int8_timing_quantizes_convs_whose_equal_biases_the_exporter_shared(monk
     made_by = {o: n.op_type for n in graph.node for o in n.output}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert len(convs) == 2 and all(made_by.get(n.input[2]) == "DequantizeLinear" for n in convs)
+
+
+@pytest.mark.parametrize("model_repeats,expected", [(None, 12), (5, 5)])
+def test_whole_models_are_timed_with_model_repeats_samples(monkeypatch, model_repeats, expected):
+    """Global mode's trials (`speedup_model`, `time_model`) take ``model_repeats`` samples,
+    4 × ``repeats`` by default; a layer's timing keeps ``repeats``."""
+    import fxlrd.timing as timing
+
+    seen = []
+    real = timing.median_times
+    monkeypatch.setattr(timing, "median_times", lambda runs, *, repeats, warmup: seen.append(repeats) or real(
+        runs, repeats=repeats, warmup=warmup))
+    calls = {"n": 0}
+
+    def count():
+        calls["n"] += 1
+
+    timer = make_timer(LatencyConfig(backend="eager", repeats=3, model_repeats=model_repeats, warmup=0, threads=1))
+    monkeypatch.setattr(type(timer), "model_runner", lambda self, model, inputs: count)
+    timer.speedup_model(nn.Linear(2, 2), nn.Linear(2, 2), ((torch.randn(1, 2),), {}))
+    assert seen == [expected] and calls["n"] == 2 * expected
+    calls["n"] = 0
+    timer.time_model(nn.Linear(2, 2), ((torch.randn(1, 2),), {}))
+    assert calls["n"] >= expected  # (each sample lasts at least min_sample_s: several calls of a fast model)
+    seen.clear()
+    timer.speedup(nn.Linear(2, 2), nn.Linear(2, 2), (1, 2))
+    assert seen == [3]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "60"])
+def test_model_repeats_is_checked(bad):
+    from fxlrd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model_repeats must be a positive int"):
+        LatencyConfig(model_repeats=bad)
