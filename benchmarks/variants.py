@@ -322,6 +322,19 @@ def _global_in_int8(ctx: BuildContext) -> LRDConfig:
                      latency=ctx.latency("neighbours", "int8"))  # fmt: skip
 
 
+def _narrowed_optimized_ctx(ctx: BuildContext) -> LRDConfig:
+    """MLP blocks narrowed at α = 2, the other layers' ranks searched in context at α = 2."""
+    return LRDConfig(ratio=2, mlp="narrow", latency=ctx.latency("neighbours"))
+
+
+def _narrowed_global_at_vanilla_ctx(ctx: BuildContext) -> LRDConfig:
+    """MLP blocks narrowed at α = 2; the other layers chosen by global mode in context for
+    `TARGET_SPEEDUP` over the original (narrowing's own speed-up measured first), the whole
+    model at most vanilla LRD's parameters."""
+    return LRDConfig(ratio=2, mlp="narrow", target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
+                     latency=ctx.latency("neighbours"))  # fmt: skip
+
+
 def _retired_int8_timed(ctx: BuildContext) -> LRDConfig:
     """The first int8-timed variants (2026-12-08, git 9d53fbe): their timing left the biases of
     convs whose equal weights the layer exporter shared in float, which onnxruntime ran about
@@ -392,6 +405,12 @@ VARIANTS: dict[str, Variant] = {
         Variant("narrowed", "data-aware: MLP blocks and inverted residuals narrowed (mlp='narrow': 1/α of the hidden "
                 "neurons, two dense layers), the other layers allocated globally, α = 2",
                 lambda ctx: NARROWED, data_aware=True, narrows=True),  # fmt: skip
+        Variant("narrowed_optimized_ctx", "narrowed, the other layers' ranks searched inside their neighbours at α = 2 "
+                "(latency search) instead of allocated by error", _narrowed_optimized_ctx, searched=True, data_aware=True,
+                narrows=True),  # fmt: skip
+        Variant("narrowed_global@vanilla_ctx", f"narrowed, the other layers by global mode in context: "
+                f"target_speedup={TARGET_SPEEDUP} counted from the original, at most vanilla's parameters",
+                _narrowed_global_at_vanilla_ctx, searched=True, data_aware=True, narrows=True),  # fmt: skip
         Variant("int8", "the original, int8 (onnxruntime static quantization, QDQ, per-channel weights)", None,
                 decomposes=False, int8="int8"),  # fmt: skip
         Variant("quantized+int8", "quantized, then int8 like the original's int8", lambda ctx: LRDConfig(ratio=2),

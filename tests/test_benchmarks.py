@@ -693,6 +693,29 @@ def test_narrowed_variant_narrows_mlp_blocks_and_is_skipped_without_them(tmp_pat
     assert variant.skip_reason(variant.build(ctx)).startswith("no MLP block to narrow")
 
 
+def test_searched_narrowed_variants_narrow_and_search_the_other_layers(tmp_path):
+    """`narrowed_optimized_ctx` times the other layers' ranks in context; `narrowed_global@vanilla_ctx`
+    runs global mode after narrowing, within vanilla's parameters."""
+    import torch
+    from torch import nn
+
+    from benchmarks.models import ModelSpec
+    from benchmarks.variants import BuildContext, get
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    spec = ModelSpec("mlp", "test", lambda: model, lambda b: torch.randn(b, 64), lambda: [torch.randn(32, 64) for _ in range(4)])
+    ctx = BuildContext(spec, model, torch.randn(8, 64), "eager", 1, tmp_path / "latency.json")
+    for name in ("narrowed_optimized_ctx", "narrowed_global@vanilla_ctx"):
+        gm = get(name).build(ctx)
+        plan = gm.fxlrd_plan
+        assert [(b["up"], b["down"]) for b in plan.settings["narrowed"]] == [("1", "3")], name
+        assert plan.settings["latency"]["context"] == "neighbours", name
+        assert plan["0"].latency is not None, name  # the layer that is not in a block was timed
+    assert fxlrd_params(gm) <= ctx.vanilla_params  # global mode's size budget
+    assert plan.settings["global_search"]["narrowing_speedup"] > 0
+
+
 def test_int8_twins_quantize_their_base_variant_s_model(tmp_path):
     import torch
     from torch import nn
