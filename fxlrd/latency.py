@@ -62,11 +62,6 @@ class LatencyConfig:
         tolerance: the chosen rank is the largest whose time is within ``(1 + tolerance)``
             of the fastest candidate.
         repeats: timed samples per measurement (the median is used).
-        model_repeats: timed samples per whole-model measurement (global mode's trials, each
-            taking turns with the original). Default: 4 × ``repeats``. A search times whole
-            models a few times, and their ratio decides it, so more samples cost little there
-            and steady it: ResNet-50 in int8 against a factorized copy (onnxruntime, a 2-core
-            Xeon) measured 1.24–1.42× in six measurements of 15 samples, 1.32–1.36× of 60.
         warmup: untimed calls before measuring.
         threads: intra-op threads of the backend (default: torch's current setting).
         cache_path: the timing cache file (default: ``$XDG_CACHE_HOME/fxlrd/latency.json``).
@@ -94,6 +89,12 @@ class LatencyConfig:
             factor chain gains less over its layer in int8 than in float32. Weights the mode does
             not quantize (a transposed conv's; convs' under dynamic int8) stay in float, as they
             run deployed. Its timings are cached apart from float32's. None: float32.
+        model_repeats: timed samples per whole-model measurement: global mode's original,
+            its trials (each taking turns with the original) and narrowing's speed-up.
+            Default: 4 × ``repeats``. A search times a few whole models, and their ratio
+            decides it, so more samples cost little there and steady it: ResNet-50 in int8
+            against a factorized copy (onnxruntime, a 2-core Xeon, scratch run) measured
+            1.24–1.42× in six measurements of 15 samples, 1.32–1.36× of 60.
     """
 
     backend: Backend = "onnxruntime"
@@ -101,7 +102,6 @@ class LatencyConfig:
     quantum: int | None = None
     tolerance: float = 0.02
     repeats: int = 15
-    model_repeats: int | None = None
     warmup: int = 3
     threads: int | None = None
     cache_path: str | os.PathLike | None = None
@@ -112,6 +112,7 @@ class LatencyConfig:
     depth: int = 3
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     quantize: Literal["int8", "int8-dynamic"] | None = None
+    model_repeats: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
