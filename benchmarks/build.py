@@ -63,16 +63,19 @@ def _global_search(gm: nn.Module) -> dict[str, Any] | None:
 def _config_summary(config: fxlrd.LRDConfig) -> dict[str, Any]:
     """The settings that differ from `LRDConfig`'s defaults, and the rank quantum always (its
     default depends on the CPU); the latency search by backend, threads, quantum, and the
-    timing context and dtype where set (the batch it timed at is the case's, or the first
-    batch size of a gpu suite command)."""
+    timing context, dtype and int8 mode where set, and a global search's samples per
+    whole-model measurement (the batch it timed at is the case's, or the first batch size of
+    a gpu suite command)."""
     defaults = fxlrd.LRDConfig().to_dict()
     out = {k: v for k, v in config.to_dict().items() if v != defaults[k] or k == "rank_quantum"}
     if out.get("latency"):
         latency = out["latency"]
         out["latency"] = {k: latency[k] for k in ("backend", "threads", "quantum")}
-        out["latency"] |= {k: latency[k] for k in ("context", "dtype") if latency.get(k) not in (None, "layer")}
+        out["latency"] |= {k: latency[k] for k in ("context", "dtype", "quantize") if latency.get(k) not in (None, "layer")}
         if latency.get("context") == "neighbours":
             out["latency"]["depth"] = latency.get("depth")
+        if config.target_speedup is not None:  # the closed loop's samples per whole-model measurement
+            out["latency"]["model_repeats"] = config.latency.whole_model_repeats
     return out
 
 

@@ -73,6 +73,15 @@ class BuildContext:
         return {}
 
     @functools.cached_property
+    def has_mlp_blocks(self) -> bool:
+        """Whether the model has MLP blocks ``mlp="narrow"`` would narrow (its capture read,
+        nothing calibrated or timed)."""
+        from fxlrd.capture import capture
+        from fxlrd.narrow import find_mlps
+
+        return bool(find_mlps(capture(self.model, self.example).gm))
+
+    @functools.cached_property
     def vanilla_params(self) -> int:
         """Parameters of the whole model after vanilla LRD (α = 2, the paper's exact ranks)."""
         return fxlrd.plan(self.model, VANILLA, example_inputs=self.example).params_after_model()
@@ -323,14 +332,19 @@ def _global_in_int8(ctx: BuildContext) -> LRDConfig:
 
 
 def _narrowed_optimized_ctx(ctx: BuildContext) -> LRDConfig:
-    """MLP blocks narrowed at α = 2, the other layers' ranks searched in context at α = 2."""
+    """MLP blocks narrowed at α = 2, the other layers' ranks searched in context at α = 2. A
+    model without MLP blocks gets `NARROWED` (no search), whose build is then skipped."""
+    if not ctx.has_mlp_blocks:
+        return NARROWED
     return LRDConfig(ratio=2, mlp="narrow", latency=ctx.latency("neighbours"))
 
 
 def _narrowed_global_at_vanilla_ctx(ctx: BuildContext) -> LRDConfig:
     """MLP blocks narrowed at α = 2; the other layers chosen by global mode in context for
     `TARGET_SPEEDUP` over the original (narrowing's own speed-up measured first), the whole
-    model at most vanilla LRD's parameters."""
+    model at most vanilla LRD's parameters. Without MLP blocks: `NARROWED`, as above."""
+    if not ctx.has_mlp_blocks:
+        return NARROWED
     return LRDConfig(ratio=2, mlp="narrow", target_speedup=TARGET_SPEEDUP, target_params=ctx.vanilla_params,
                      latency=ctx.latency("neighbours"))  # fmt: skip
 

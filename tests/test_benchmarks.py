@@ -712,8 +712,17 @@ def test_searched_narrowed_variants_narrow_and_search_the_other_layers(tmp_path)
         assert [(b["up"], b["down"]) for b in plan.settings["narrowed"]] == [("1", "3")], name
         assert plan.settings["latency"]["context"] == "neighbours", name
         assert plan["0"].latency is not None, name  # the layer that is not in a block was timed
-    assert fxlrd_params(gm) <= ctx.vanilla_params  # global mode's size budget
+        if name == "narrowed_optimized_ctx":
+            assert "timed in a window" in plan["0"].latency["note"]
+    assert name == "narrowed_global@vanilla_ctx" and fxlrd_params(gm) <= ctx.vanilla_params  # global mode's size budget
     assert plan.settings["global_search"]["narrowing_speedup"] > 0
+
+    plain = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).eval()  # no MLP block: skipped without a search
+    ctx = BuildContext(spec, plain, torch.randn(8, 64), "eager", 1, tmp_path / "latency.json")
+    for name in ("narrowed_optimized_ctx", "narrowed_global@vanilla_ctx"):
+        variant = get(name)
+        assert variant.config(ctx).latency is None and variant.config(ctx).target_speedup is None, name
+        assert variant.skip_reason(variant.build(ctx)).startswith("no MLP block to narrow"), name
 
 
 def test_int8_twins_quantize_their_base_variant_s_model(tmp_path):
@@ -1264,3 +1273,14 @@ def test_the_suites_mixture_of_experts_runs_stacked_experts_that_fxlrd_factorize
     gm = fxlrd.transform(model, LRDConfig(rank_quantum=8, include=["up", "down"], target_params=0.6), example_inputs=x,
                          capture="fx")  # fmt: skip
     assert not gm.fxlrd_plan.decomposed and variants.get("allocated@vanilla").skip_reason(gm) is None
+
+
+def test_build_records_name_int8_timing_and_a_global_search_s_samples():
+    from benchmarks.build import _config_summary
+    from fxlrd import LatencyConfig, LRDConfig
+
+    latency = LatencyConfig(threads=1, quantum=16, context="neighbours", quantize="int8", repeats=10, progress=False)
+    summary = _config_summary(LRDConfig(target_speedup=1.5, latency=latency))
+    assert summary["latency"] == {"backend": "onnxruntime", "threads": 1, "quantum": 16, "context": "neighbours",
+                                  "quantize": "int8", "depth": 3, "model_repeats": 40}  # fmt: skip
+    assert "model_repeats" not in _config_summary(LRDConfig(ratio=2, latency=LatencyConfig(threads=1)))["latency"]
